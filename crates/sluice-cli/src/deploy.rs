@@ -1,0 +1,123 @@
+//! `sluice deploy NAME FILE.wasm`: upload the component, then create a version (the node
+//! validates and compiles it; a spinner shows while that runs).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use reqwest::Method;
+use serde_json::json;
+use sluice_core::FunctionConfig;
+use sluice_core::units::{parse_bytes, parse_duration};
+
+use crate::client::{Client, Target};
+
+#[derive(clap::Args, Debug)]
+pub struct DeployArgs {
+    /// Function name: 1-63 characters of a-z, 0-9 and '-'.
+    pub name: String,
+    /// The component: a .wasm file exporting wasi:http/incoming-handler.
+    pub file: PathBuf,
+    /// Memory limit of one instance, e.g. 128MiB.
+    #[arg(long, default_value = "128MiB", value_parser = parse_bytes)]
+    pub memory: u64,
+    /// Wall-clock limit of a synchronous call, e.g. 30s.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Environment variable for the guest (repeatable), K=V.
+    #[arg(long = "env", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Host (or host:port) the guest may call over HTTP (repeatable). Default: none.
+    #[arg(long = "allow-outbound")]
+    pub allow_outbound: Vec<String>,
+    /// Serve the function's /fn URL without an API key.
+    #[arg(long)]
+    pub public: bool,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected K=V, got {s:?}"))?;
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// Progress goes to stderr only when it is a terminal, so scripts and CI logs stay clean.
+fn draw_target() -> ProgressDrawTarget {
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    }
+}
+
+/// Upload chunk size: also the granularity of the progress bar.
+const UPLOAD_CHUNK_BYTES: usize = 64 * 1024;
+
+pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.target)?;
+    let bytes =
+        std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let config = FunctionConfig {
+        memory_bytes: args.memory,
+        timeout_ms: args.timeout.as_millis() as u64,
+        env: args.env,
+        allow_outbound: args.allow_outbound,
+        public: args.public,
+        ..FunctionConfig::default()
+    };
+
+    let bar = ProgressBar::with_draw_target(Some(bytes.len() as u64), draw_target());
+    bar.set_style(ProgressStyle::with_template(
+        "uploading {bytes}/{total_bytes} {wide_bar}",
+    )?);
+    let total = bytes.len();
+    let chunks: Vec<bytes::Bytes> = bytes
+        .chunks(UPLOAD_CHUNK_BYTES)
+        .map(bytes::Bytes::copy_from_slice)
+        .collect();
+    let progress = bar.clone();
+    let stream = futures::stream::iter(chunks).map(move |c| {
+        progress.inc(c.len() as u64);
+        Ok::<_, std::io::Error>(c)
+    });
+    let upload = client
+        .request(Method::POST, &client.tenant_path("/blobs"))
+        .header("content-type", "application/wasm")
+        .header("content-length", total)
+        .body(reqwest::Body::wrap_stream(stream));
+    let blob = client.json(upload).await;
+    bar.finish_and_clear();
+    let blob = blob?;
+    let digest = blob["digest"].as_str().unwrap_or_default().to_string();
+
+    let spinner = ProgressBar::with_draw_target(None, draw_target());
+    spinner.set_message(format!("validating and compiling {} ...", args.name));
+    spinner.enable_steady_tick(Duration::from_millis(100));
+    let create = client
+        .request(
+            Method::POST,
+            &client.tenant_path(&format!("/functions/{}/versions", args.name)),
+        )
+        .json(&json!({ "digest": digest, "config": config }));
+    let version = client.json(create).await;
+    spinner.finish_and_clear();
+    let version = version?;
+    let compiled = if version["artifact_cached"].as_bool() == Some(true) {
+        "artifact cached".to_string()
+    } else {
+        format!("compiled in {} ms", version["compile_ms"])
+    };
+    println!(
+        "deployed {}/{} version {} ({compiled})\n{}",
+        version["tenant"].as_str().unwrap_or_default(),
+        version["function"].as_str().unwrap_or_default(),
+        version["version"],
+        version["url"].as_str().unwrap_or_default()
+    );
+    Ok(())
+}

@@ -1,0 +1,62 @@
+//! `sluice`: one binary that runs a node (`serve`) and talks to one (every other subcommand).
+#![forbid(unsafe_code)]
+
+mod client;
+mod deploy;
+mod functions;
+mod invoke;
+mod logs;
+mod serve;
+
+use clap::{Parser, Subcommand};
+
+/// sluice: serverless WebAssembly functions on one binary.
+#[derive(Parser)]
+#[command(name = "sluice", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node: serve functions over HTTP from an embedded store.
+    Serve(serve::ServeArgs),
+    /// Upload a component and create a new version of a function.
+    Deploy(deploy::DeployArgs),
+    /// List or delete functions.
+    #[command(subcommand)]
+    Functions(functions::FunctionsCommand),
+    /// Call a function, like curl would.
+    Invoke(invoke::InvokeArgs),
+    /// Show a function's (or one invocation's) guest log lines.
+    Logs(logs::LogsArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve::run(args),
+        other => client_runtime().and_then(|rt| {
+            rt.block_on(async move {
+                match other {
+                    Command::Deploy(a) => deploy::run(a).await,
+                    Command::Functions(c) => functions::run(c).await,
+                    Command::Invoke(a) => invoke::run(a).await,
+                    Command::Logs(a) => logs::run(a).await,
+                    Command::Serve(_) => unreachable!("handled above"),
+                }
+            })
+        }),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}

@@ -1,0 +1,164 @@
+//! `sluice serve`: run a node on the embedded store in `--data-dir`.
+//!
+//! Configuration is checked before the socket is bound; the one line a script or test waits for
+//! is `listening on http://ADDR/` on stderr, with the real address (also for `--listen` port 0).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use sluice_core::Limits;
+use sluice_core::units::{parse_bytes, parse_duration};
+use sluice_gateway::{Node, NodeConfig, Server};
+use sluice_store::{SqliteStore, Store};
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on; port 0 picks a free port.
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Directory of the embedded store, the artifact cache and admin.token.
+    #[arg(long, env = "SLUICE_DATA_DIR", default_value = "./.sluice")]
+    pub data_dir: PathBuf,
+    /// HTTP worker threads, each with its own runtime and socket. Default: one per core.
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Let guests call loopback and private addresses that are in their allow list (off:
+    /// such addresses are refused even when allowed by name).
+    #[arg(long)]
+    pub outbound_allow_private: bool,
+    /// Largest request head (all header bytes), e.g. 64KiB.
+    #[arg(long, default_value = "64KiB", value_parser = parse_bytes)]
+    pub header_bytes_max: u64,
+    /// Most request header fields.
+    #[arg(long, default_value_t = 100)]
+    pub header_count_max: usize,
+    /// Time a client has to send the whole request head, e.g. 10s.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+    /// Largest body of a synchronous call, e.g. 6MiB.
+    #[arg(long, default_value = "6MiB", value_parser = parse_bytes)]
+    pub sync_body_max: u64,
+    /// Largest component upload, e.g. 64MiB.
+    #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
+    pub upload_max: u64,
+    /// Component instances alive at once on this node (sizes the instance pool).
+    #[arg(long, default_value_t = 1000)]
+    pub instances_max: u32,
+    /// Time in-flight calls get to finish on shutdown, e.g. 30s.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+impl ServeArgs {
+    fn limits(&self) -> anyhow::Result<Limits> {
+        anyhow::ensure!(
+            self.header_count_max >= 1,
+            "--header-count-max must be at least 1"
+        );
+        anyhow::ensure!(
+            self.header_bytes_max >= 1024,
+            "--header-bytes-max must be at least 1KiB"
+        );
+        anyhow::ensure!(
+            self.instances_max >= 1,
+            "--instances-max must be at least 1"
+        );
+        anyhow::ensure!(
+            !self.header_read_timeout.is_zero(),
+            "--header-read-timeout must be positive"
+        );
+        Ok(Limits {
+            header_bytes_max: self.header_bytes_max as usize,
+            header_count_max: self.header_count_max,
+            header_read_timeout: self.header_read_timeout,
+            sync_body_bytes_max: self.sync_body_max,
+            upload_bytes_max: self.upload_max,
+            instances_max: self.instances_max,
+            shutdown_grace: self.shutdown_grace,
+            ..Limits::default()
+        })
+    }
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    init_tracing();
+    let limits = args.limits()?;
+    let workers = args
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    anyhow::ensure!(
+        (1..=256).contains(&workers),
+        "--workers must be between 1 and 256"
+    );
+    let control = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("sluice-control")
+        .enable_all()
+        .build()?;
+    control.block_on(serve(args, limits, workers))
+}
+
+async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
+    let db = args.data_dir.join("sluice.db");
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&db)
+            .await
+            .with_context(|| format!("opening {}", db.display()))?,
+    );
+    if let Some(key) = sluice_gateway::bootstrap(&store, &args.data_dir).await? {
+        eprintln!(
+            "created tenant `default` and an admin API key (saved to {}):\n  {key}",
+            args.data_dir
+                .join(sluice_gateway::ADMIN_TOKEN_FILE)
+                .display()
+        );
+    }
+    let config = NodeConfig {
+        data_dir: args.data_dir.clone(),
+        limits,
+        outbound_allow_private: args.outbound_allow_private,
+    };
+    let node = Node::open(config, store).await?;
+    let server = Server::start(node.clone(), args.listen, workers)
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let addr = server.local_addr();
+    *node.public_url.write().expect("public url lock") = format!("http://{addr}");
+    eprintln!(
+        "sluice {} listening on http://{addr}/ (data: {}, {workers} workers)",
+        env!("CARGO_PKG_VERSION"),
+        args.data_dir.display()
+    );
+
+    shutdown_signal().await;
+    eprintln!(
+        "sluice: shutting down; in-flight calls get up to {}",
+        sluice_core::units::format_duration(node.config.limits.shutdown_grace)
+    );
+    server.shutdown().await;
+    node.recorder.flush().await;
+    eprintln!("sluice: stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,232 @@
+//! Starts a node, waits for its `listening on http://ADDR/` line, and offers a few helpers.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_sluice");
+
+/// Paths of the built guests, built once per test process.
+pub struct Guests {
+    pub hello: PathBuf,
+    pub testguest: PathBuf,
+}
+
+pub fn guests() -> &'static Guests {
+    static GUESTS: OnceLock<Guests> = OnceLock::new();
+    GUESTS.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let out = Command::new(root.join("scripts/build-guests.sh"))
+            .output()
+            .expect("running build-guests.sh");
+        assert!(
+            out.status.success(),
+            "building guests failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let paths: Vec<PathBuf> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(PathBuf::from)
+            .collect();
+        Guests {
+            hello: paths[0].clone(),
+            testguest: paths[1].clone(),
+        }
+    })
+}
+
+pub struct Node {
+    pub child: Option<Child>,
+    pub url: String,
+    pub token: String,
+    pub dir: tempfile::TempDir,
+    pub stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    args: Vec<String>,
+}
+
+impl Node {
+    pub fn start(extra: &[&str]) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let mut node = Node {
+            child: None,
+            url: String::new(),
+            token: String::new(),
+            dir,
+            stderr: Default::default(),
+            args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        node.spawn();
+        node
+    }
+
+    /// Starts (or restarts) the process on the same data directory.
+    pub fn spawn(&mut self) {
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .args(&self.args)
+            .env_remove("RUST_BACKTRACE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting sluice");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let lines = self.stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let url = rest
+                        .split_whitespace()
+                        .next()
+                        .unwrap()
+                        .trim_end_matches('/')
+                        .to_string();
+                    let _ = tx.send(url);
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let url = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("sluice did not start: {:?}", self.stderr.lock().unwrap()));
+        self.url = url;
+        self.token = std::fs::read_to_string(self.dir.path().join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_string();
+        self.child = Some(child);
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("node running");
+        let pid = child.id() as i32;
+        // SAFETY-free: sending a signal through the `kill` command keeps this test crate free of
+        // unsafe code.
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sluice did not stop after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs the CLI against this node; returns (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(BIN)
+            .args(args)
+            .env("SLUICE_URL", &self.url)
+            .env("SLUICE_TOKEN", &self.token)
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Deploys through the CLI and panics with its output if that fails.
+    pub fn deploy(&self, name: &str, wasm: &Path, flags: &[&str]) -> String {
+        let mut args = vec!["deploy", name, wasm.to_str().unwrap()];
+        args.extend_from_slice(flags);
+        let (ok, out, err) = self.cli(&args);
+        assert!(ok, "deploy failed: {out}{err}");
+        out
+    }
+
+    pub fn client(&self) -> reqwest::blocking::Client {
+        reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap()
+    }
+
+    pub fn get(&self, path: &str) -> reqwest::blocking::Response {
+        self.client()
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(&self.token)
+            .send()
+            .unwrap()
+    }
+
+    /// Polls `path` until `pred` holds (records are written in batches, off the request path).
+    pub fn wait_json(&self, path: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let res = self.get(path);
+            if res.status().is_success() {
+                let v: Value = res.json().unwrap();
+                if pred(&v) {
+                    return v;
+                }
+            }
+            assert!(Instant::now() < deadline, "timed out waiting on {path}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Asserts a sluice error response: status, JSON code, and the sluice-error header.
+pub fn assert_error(res: reqwest::blocking::Response, status: u16, code: &str) -> String {
+    assert_eq!(res.status().as_u16(), status, "unexpected status");
+    assert_eq!(
+        res.headers()
+            .get("sluice-error")
+            .map(|v| v.to_str().unwrap()),
+        Some(code)
+    );
+    let v: Value = res.json().expect("error body is JSON");
+    assert_eq!(v["error"]["code"], code, "{v}");
+    v["error"]["message"].as_str().unwrap().to_string()
+}
+
+/// A minimal component binary that imports one empty instance under each name and exports
+/// nothing: enough for the deploy-time import check, written out by hand so the tests need no
+/// wasm toolchain. Layout: preamble, a type section with one empty instance type, an import
+/// section naming it once per import.
+pub fn component_importing(names: &[&str]) -> Vec<u8> {
+    let mut out = b"\0asm\x0d\0\x01\0".to_vec();
+    out.extend_from_slice(&[0x07, 0x03, 0x01, 0x42, 0x00]);
+    let mut imports = vec![names.len() as u8];
+    for name in names {
+        imports.push(0x00);
+        imports.push(name.len() as u8);
+        imports.extend_from_slice(name.as_bytes());
+        imports.extend_from_slice(&[0x05, 0x00]);
+    }
+    out.push(0x0a);
+    out.push(imports.len() as u8);
+    out.extend_from_slice(&imports);
+    out
+}

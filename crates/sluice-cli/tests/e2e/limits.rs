@@ -1,0 +1,287 @@
+//! Every limit fires within its bound, answers with its kind, and leaves the node (and other
+//! functions) serving.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use crate::harness::{Node, assert_error, guests};
+
+fn node_with_testguest(flags: &[&str]) -> Node {
+    let node = Node::start(&["--outbound-allow-private", "--header-read-timeout", "1s"]);
+    node.deploy("tg", &guests().testguest, flags);
+    node.deploy("hello", &guests().hello, &[]);
+    node
+}
+
+#[test]
+fn guest_failures_map_to_their_kinds_within_their_limits() {
+    let node = node_with_testguest(&["--timeout", "1s", "--memory", "32MiB"]);
+
+    let msg = assert_error(node.get("/fn/default/tg/panic"), 500, "trap");
+    assert!(
+        msg.contains("/logs"),
+        "the message points at the logs: {msg}"
+    );
+
+    let started = Instant::now();
+    assert_error(node.get("/fn/default/tg/spin"), 504, "timeout");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "spin stopped after {took:?}"
+    );
+
+    let started = Instant::now();
+    assert_error(node.get("/fn/default/tg/sleep?ms=10000"), 504, "timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a sleeping guest is stopped at its timeout too"
+    );
+
+    assert_error(
+        node.get("/fn/default/tg/alloc?bytes=67108864"),
+        500,
+        "memory_limit",
+    );
+    assert_eq!(
+        node.get("/fn/default/tg/alloc?bytes=1048576").status(),
+        200,
+        "within the limit is fine"
+    );
+
+    assert_error(node.get("/fn/default/tg/no-response"), 500, "no_response");
+    assert_eq!(node.get("/fn/default/tg/sleep?ms=10").status(), 200);
+}
+
+#[test]
+fn a_spinning_function_does_not_stall_its_neighbours() {
+    let node = node_with_testguest(&["--timeout", "3s"]);
+    let url = node.url.clone();
+    let token = node.token.clone();
+    // Occupy every worker core with spinning guests.
+    let spinners: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, token) = (url.clone(), token.clone());
+            std::thread::spawn(move || {
+                let c = reqwest::blocking::Client::builder()
+                    .timeout(Duration::from_secs(30))
+                    .build()
+                    .unwrap();
+                c.get(format!("{url}/fn/default/tg/spin"))
+                    .bearer_auth(token)
+                    .send()
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let client = node.client();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        let started = Instant::now();
+        let res = client
+            .get(format!("{url}/fn/default/hello/"))
+            .bearer_auth(&token)
+            .send()
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        slowest = slowest.max(started.elapsed());
+    }
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a neighbour call took {slowest:?} while guests spun"
+    );
+    for s in spinners {
+        assert_eq!(s.join().unwrap(), 504);
+    }
+}
+
+#[test]
+fn outbound_http_only_to_allowed_hosts() {
+    let downstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = downstream.local_addr().unwrap().port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = hits.clone();
+    std::thread::spawn(move || {
+        for stream in downstream.incoming() {
+            let mut stream = stream.unwrap();
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let _ = stream.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nconnection: close\r\n\r\npong",
+            );
+        }
+    });
+    let node = node_with_testguest(&[]);
+    let target = format!("http://127.0.0.1:{port}/x");
+
+    // Not in the allow list: fails inside the guest, never reaches the network, is logged.
+    let res = node.get(&format!("/fn/default/tg/fetch?url={target}"));
+    let id = res.headers()["sluice-invocation-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(res.status(), 502);
+    let body = res.text().unwrap();
+    assert!(
+        body.contains("fetch error") && body.contains("denied"),
+        "{body}"
+    );
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let logs = node.wait_json(&format!("/v1/invocations/{id}/logs"), |v| {
+        !v["lines"].as_array().unwrap().is_empty()
+    });
+    assert!(
+        logs.to_string()
+            .contains("not in this function's allow list"),
+        "{logs}"
+    );
+
+    // Allowed by host and port: goes through.
+    node.deploy(
+        "allowed",
+        &guests().testguest,
+        &["--allow-outbound", &format!("127.0.0.1:{port}")],
+    );
+    let res = node.get(&format!("/fn/default/allowed/fetch?url={target}"));
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.text().unwrap(), "status=200\npong");
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[test]
+fn private_addresses_need_the_operator_flag_even_when_allowed() {
+    let node = Node::start(&[]);
+    node.deploy(
+        "tg",
+        &guests().testguest,
+        &["--allow-outbound", "127.0.0.1:9"],
+    );
+    let res = node.get("/fn/default/tg/fetch?url=http://127.0.0.1:9/");
+    assert_eq!(res.status(), 502);
+    let body = res.text().unwrap();
+    assert!(body.contains("fetch error"), "{body}");
+}
+
+/// Sends raw bytes and returns what the server answered (until it closes or 5 s pass).
+fn raw(node: &Node, request: &[u8]) -> String {
+    let addr = node.url.trim_start_matches("http://");
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn gateway_limits_reject_abuse_and_keep_serving() {
+    let node = node_with_testguest(&[]);
+    let auth = format!("authorization: Bearer {}\r\n", node.token);
+
+    // Oversized head (64 KiB default) and too many fields: 431.
+    let big = format!(
+        "GET /fn/default/hello/ HTTP/1.1\r\nhost: x\r\n{auth}x-big: {}\r\n\r\n",
+        "a".repeat(70 * 1024)
+    );
+    assert!(raw(&node, big.as_bytes()).starts_with("HTTP/1.1 431"));
+    let many: String = (0..150).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let many = format!("GET /fn/default/hello/ HTTP/1.1\r\nhost: x\r\n{auth}{many}\r\n");
+    assert!(raw(&node, many.as_bytes()).starts_with("HTTP/1.1 431"));
+
+    // Both framings: 400 from sluice, before the body is read.
+    let smuggle = format!(
+        "POST /fn/default/tg/echo HTTP/1.1\r\nhost: x\r\n{auth}content-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+    );
+    let res = raw(&node, smuggle.as_bytes());
+    assert!(
+        res.starts_with("HTTP/1.1 400") && res.contains("Transfer-Encoding"),
+        "{res}"
+    );
+    // Two different Content-Lengths: hyper refuses to parse it.
+    let dup = format!(
+        "POST /fn/default/tg/echo HTTP/1.1\r\nhost: x\r\n{auth}content-length: 4\r\ncontent-length: 5\r\n\r\nabcd"
+    );
+    assert!(raw(&node, dup.as_bytes()).starts_with("HTTP/1.1 400"));
+
+    // Slowloris: a head that never completes is cut off at the header-read deadline (1 s here).
+    let addr = node.url.trim_start_matches("http://").to_string();
+    let started = Instant::now();
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /fn/default/hello/ HTTP/1.1\r\nhost: x\r\n")
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "slow head held the connection {:?}",
+        started.elapsed()
+    );
+
+    // Body over the sync limit: 413 whether declared or streamed.
+    let client = node.client();
+    let res = client
+        .post(format!("{}/fn/default/tg/echo", node.url))
+        .bearer_auth(&node.token)
+        .body(vec![0u8; 7 * 1024 * 1024])
+        .send()
+        .unwrap();
+    assert_error(res, 413, "payload_too_large");
+    // Streamed without a length, the limit fires while the body flows. If the guest has not
+    // answered yet that is a 413; an echoing guest has already sent its head, so the response is
+    // cut off instead. Either way the full oversized body never comes back as a success.
+    let res = client
+        .post(format!("{}/fn/default/tg/echo", node.url))
+        .bearer_auth(&node.token)
+        .body(reqwest::blocking::Body::new(unsized_body(7 * 1024 * 1024)))
+        .send();
+    match res {
+        Ok(res) if res.status() == 413 => assert_error(res, 413, "payload_too_large").len(),
+        Ok(res) => {
+            let status = res.status();
+            let body = res.bytes();
+            assert!(
+                body.is_err() || body.unwrap().len() < 7 * 1024 * 1024,
+                "status {status}: oversized body passed"
+            );
+            0
+        }
+        Err(_) => 0,
+    };
+
+    // Keys and names.
+    let res = client
+        .get(format!("{}/fn/default/hello/", node.url))
+        .send()
+        .unwrap();
+    assert_error(res, 401, "unauthorized");
+    let res = client
+        .get(format!("{}/fn/default/hello/", node.url))
+        .bearer_auth("sk_wrong")
+        .send()
+        .unwrap();
+    assert_error(res, 401, "unauthorized");
+    assert_error(node.get("/fn/default/missing/"), 404, "not_found");
+    assert_error(node.get("/fn/nobody/hello/"), 404, "not_found");
+    assert_error(
+        node.get("/v1/tenants/default/functions/missing"),
+        404,
+        "not_found",
+    );
+    assert_error(node.get("/v1/nothing-here"), 404, "not_found");
+
+    assert_eq!(
+        node.get("/fn/default/hello/").text().unwrap(),
+        "hello from sluice\n"
+    );
+}
+
+/// A reader of `len` bytes with no declared length, so reqwest sends it chunked.
+fn unsized_body(len: usize) -> impl Read + Send + 'static {
+    std::io::repeat(7).take(len as u64)
+}

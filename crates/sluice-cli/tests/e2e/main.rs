@@ -1,0 +1,9 @@
+//! End-to-end tests: the real `sluice` binary on 127.0.0.1:0, driven over HTTP and through its
+//! CLI, as a user would. One test binary, one module per area (wasmtime's `tests/all` layout).
+
+mod harness;
+
+mod deploy;
+mod limits;
+mod logs;
+mod serve;

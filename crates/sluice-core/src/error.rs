@@ -1,0 +1,199 @@
+//! Errors are classified once, here: every error sluice reports has a stable [`ErrorKind`] that
+//! decides the HTTP status, the JSON `code`, the metric label, whether an async attempt is retried
+//! and who is at fault. The gateway has one function that turns a [`SluiceError`] into a response.
+
+use http::StatusCode;
+
+/// Who caused an error: decides whether it counts against the platform's reliability.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorSource {
+    /// The caller sent something wrong (bad header, too large, no key).
+    Client,
+    /// The function misbehaved (trap, timeout, memory, no response).
+    Guest,
+    /// sluice itself or its store failed.
+    Platform,
+}
+
+/// A short, stable error kind. The string form is the JSON `code`, the `sluice-error` header
+/// value and the `error_kind` recorded for an invocation; renaming one is a breaking change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    BadRequest,
+    InvalidComponent,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    MethodNotAllowed,
+    Conflict,
+    PayloadTooLarge,
+    HeadersTooLarge,
+    RateLimited,
+    ConcurrencyLimited,
+    Overloaded,
+    Unavailable,
+    Timeout,
+    Trap,
+    MemoryLimit,
+    NoResponse,
+    Internal,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 18] = [
+        Self::BadRequest,
+        Self::InvalidComponent,
+        Self::Unauthorized,
+        Self::Forbidden,
+        Self::NotFound,
+        Self::MethodNotAllowed,
+        Self::Conflict,
+        Self::PayloadTooLarge,
+        Self::HeadersTooLarge,
+        Self::RateLimited,
+        Self::ConcurrencyLimited,
+        Self::Overloaded,
+        Self::Unavailable,
+        Self::Timeout,
+        Self::Trap,
+        Self::MemoryLimit,
+        Self::NoResponse,
+        Self::Internal,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::InvalidComponent => "invalid_component",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::Conflict => "conflict",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::HeadersTooLarge => "headers_too_large",
+            Self::RateLimited => "rate_limited",
+            Self::ConcurrencyLimited => "concurrency_limited",
+            Self::Overloaded => "overloaded",
+            Self::Unavailable => "unavailable",
+            Self::Timeout => "timeout",
+            Self::Trap => "trap",
+            Self::MemoryLimit => "memory_limit",
+            Self::NoResponse => "no_response",
+            Self::Internal => "internal",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::BadRequest | Self::InvalidComponent => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Conflict => StatusCode::CONFLICT,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::RateLimited | Self::ConcurrencyLimited => StatusCode::TOO_MANY_REQUESTS,
+            Self::Overloaded | Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::Trap | Self::MemoryLimit | Self::NoResponse | Self::Internal => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        }
+    }
+
+    pub fn source(self) -> ErrorSource {
+        match self {
+            Self::Timeout | Self::Trap | Self::MemoryLimit | Self::NoResponse => ErrorSource::Guest,
+            Self::Overloaded | Self::Unavailable | Self::Internal => ErrorSource::Platform,
+            _ => ErrorSource::Client,
+        }
+    }
+
+    /// Whether an async attempt that ended with this kind is tried again (while attempts remain).
+    pub fn retryable(self) -> bool {
+        matches!(
+            self,
+            Self::Timeout
+                | Self::Trap
+                | Self::MemoryLimit
+                | Self::NoResponse
+                | Self::Internal
+                | Self::Overloaded
+                | Self::Unavailable
+        )
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An error sluice reports to a client: a kind plus a message a person can act on.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct SluiceError {
+    pub kind: ErrorKind,
+    pub message: String,
+    /// Seconds a client should wait before trying again (429 and 503).
+    pub retry_after_secs: Option<u64>,
+}
+
+impl SluiceError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            retry_after_secs: None,
+        }
+    }
+
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after_secs = Some(secs.max(1));
+        self
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::BadRequest, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::NotFound, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Internal, message)
+    }
+
+    /// The JSON body of DESIGN.md section 5.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({ "error": { "code": self.kind.as_str(), "message": self.message } })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_round_trips_and_guest_kinds_are_retryable() {
+        for kind in ErrorKind::ALL {
+            assert_eq!(ErrorKind::parse(kind.as_str()), Some(kind));
+            if kind.source() == ErrorSource::Guest {
+                assert!(kind.retryable(), "{kind} should be retried");
+                assert!(kind.status().is_server_error());
+            }
+            if kind.source() == ErrorSource::Client {
+                assert!(!kind.retryable(), "{kind} is the caller's fault");
+                assert!(kind.status().is_client_error());
+            }
+        }
+    }
+}

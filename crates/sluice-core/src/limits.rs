@@ -1,0 +1,62 @@
+//! Every bound a node enforces, with its default from DESIGN.md section 6. A limit is a named
+//! setting here, never a literal at the point of use.
+
+use std::time::Duration;
+
+/// Node-wide limits. Per-function limits (memory, timeout) live in [`crate::FunctionConfig`] and
+/// are checked against the `*_max` values here at deploy time.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Total bytes of request headers a client may send.
+    pub header_bytes_max: usize,
+    /// Number of request header fields a client may send.
+    pub header_count_max: usize,
+    /// Time a client has to send the complete request head (slowloris bound).
+    pub header_read_timeout: Duration,
+    /// Largest request body of a synchronous call.
+    pub sync_body_bytes_max: u64,
+    /// Largest request body of an async call (stored whole in the queue).
+    pub async_body_bytes_max: u64,
+    /// Largest component upload.
+    pub upload_bytes_max: u64,
+    /// Largest memory limit a function version may ask for.
+    pub function_memory_bytes_max: u64,
+    /// Longest timeout a function version may ask for.
+    pub function_timeout_max: Duration,
+    /// Guest log bytes kept per invocation (stdout and stderr together); the rest is dropped and
+    /// the truncation noted.
+    pub log_bytes_per_invocation_max: usize,
+    /// Concurrent instances on this node: sizes the pooling allocator.
+    pub instances_max: u32,
+    /// Time in-flight calls get to finish on graceful shutdown.
+    pub shutdown_grace: Duration,
+    /// Log records waiting to be written; beyond this they are dropped and counted.
+    pub log_queue_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_bytes_max: 64 * 1024,
+            header_count_max: 100,
+            header_read_timeout: Duration::from_secs(10),
+            sync_body_bytes_max: 6 * 1024 * 1024,
+            async_body_bytes_max: 1024 * 1024,
+            upload_bytes_max: 64 * 1024 * 1024,
+            function_memory_bytes_max: 1024 * 1024 * 1024,
+            function_timeout_max: Duration::from_secs(15 * 60),
+            log_bytes_per_invocation_max: 64 * 1024,
+            instances_max: 1000,
+            shutdown_grace: Duration::from_secs(30),
+            log_queue_max: 65_536,
+        }
+    }
+}
+
+/// Defaults of a function version.
+pub const FUNCTION_MEMORY_BYTES_DEFAULT: u64 = 128 * 1024 * 1024;
+pub const FUNCTION_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+pub const ASYNC_TIMEOUT_MS_DEFAULT: u64 = 15 * 60 * 1000;
+pub const WASM_STACK_BYTES: usize = 512 * 1024;
+pub const ATTEMPTS_MAX_DEFAULT: u32 = 3;
+pub const MAX_AGE_MS_DEFAULT: u64 = 6 * 60 * 60 * 1000;

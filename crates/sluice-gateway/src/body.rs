@@ -1,0 +1,88 @@
+//! Body types of the gateway: every response is boxed into one type, and request bodies are
+//! bounded while they stream.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+pub fn empty() -> Body {
+    full(Bytes::new())
+}
+
+/// A request body that fails once more than `max_bytes` arrive, and remembers that it did so the
+/// caller can answer 413 rather than blame the function.
+pub struct Limited<B> {
+    inner: B,
+    remaining: u64,
+    max_bytes: u64,
+    exceeded: Arc<AtomicBool>,
+}
+
+impl<B> Limited<B> {
+    pub fn new(inner: B, max_bytes: u64) -> (Self, Arc<AtomicBool>) {
+        let exceeded = Arc::new(AtomicBool::new(false));
+        (
+            Self {
+                inner,
+                remaining: max_bytes,
+                max_bytes,
+                exceeded: exceeded.clone(),
+            },
+            exceeded,
+        )
+    }
+}
+
+impl<B> http_body::Body for Limited<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<sluice_runtime::BodyError>,
+{
+    type Data = Bytes;
+    type Error = sluice_runtime::BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let len = data.len() as u64;
+                    if len > self.remaining {
+                        self.exceeded.store(true, Ordering::Relaxed);
+                        return Poll::Ready(Some(Err(
+                            sluice_runtime::BodyError::HttpRequestBodySize(Some(self.max_bytes)),
+                        )));
+                    }
+                    self.remaining -= len;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            other => other.map(|_| None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,67 @@
+//! sluice-gateway: the node's HTTP front. It owns the request path from socket to runtime — hard
+//! limits, authentication, routing — the `/v1` control API, and the node state those share.
+//!
+//! It must not import wasmtime (that is `sluice-runtime`) or a database driver (`sluice-store`).
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod body;
+pub mod error;
+pub mod invoke;
+pub mod node;
+pub mod recorder;
+pub mod server;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use sluice_core::Scope;
+use sluice_store::{KeyRecord, Store};
+
+pub use node::{Node, NodeConfig};
+pub use server::Server;
+
+/// The tenant every new store starts with.
+pub const DEFAULT_TENANT: &str = "default";
+/// File in the data directory holding the first admin key.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// Prepares an empty store: creates tenant `default` and, when there are no keys at all, an admin
+/// key, written to `<data-dir>/admin.token` with mode 0600. Returns the new key so the caller can
+/// print it once.
+pub async fn bootstrap(store: &Arc<dyn Store>, data_dir: &Path) -> anyhow::Result<Option<String>> {
+    if store.get_tenant(DEFAULT_TENANT).await?.is_none() && store.list_tenants().await?.is_empty() {
+        store.create_tenant(DEFAULT_TENANT).await?;
+    }
+    if !store.list_keys(None).await?.is_empty() {
+        return Ok(None);
+    }
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret)
+        .map_err(|e| anyhow::anyhow!("no randomness for the admin key: {e}"))?;
+    let key = sluice_core::ids::api_key_from_secret(&secret);
+    let record = KeyRecord {
+        id: sluice_core::ids::short_id("key"),
+        tenant: None,
+        scopes: vec![Scope::Admin],
+        hash: sluice_core::ids::hash_api_key(&key),
+        created_at: sluice_core::Clock::now_ms(&sluice_core::SystemClock),
+        revoked: false,
+    };
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    write_secret(&path, &key)?;
+    store.create_key(&record).await?;
+    Ok(Some(key))
+}
+
+fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    writeln!(f, "{secret}")
+}

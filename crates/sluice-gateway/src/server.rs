@@ -1,0 +1,179 @@
+//! The HTTP front: one current-thread runtime per core, each accepting on its own
+//! `SO_REUSEPORT` socket bound to the same address, so a connection and the guest calls it makes
+//! stay on one core with no work-stealing (notes/sync-path-perf.md: ~25% faster than a
+//! work-stealing runtime with a spawn per request).
+//!
+//! Hard limits are applied by hyper before any handler runs: the header-read deadline
+//! (slowloris), the header buffer size and the header count. Shutdown stops accepting, lets open
+//! connections finish their in-flight calls within the grace period, then closes them.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use sluice_core::SluiceError;
+use tokio::sync::watch;
+
+use crate::body::{Body, full};
+use crate::error::error_response;
+use crate::node::Node;
+
+/// How long an accept loop pauses after an accept error (e.g. out of file descriptors).
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+pub struct Server {
+    addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Binds `listen` once per worker and starts the workers. Binding happens here, before
+    /// anything else, so a bad address fails the start instead of a worker.
+    pub fn start(node: Arc<Node>, listen: SocketAddr, workers: usize) -> std::io::Result<Self> {
+        let workers = workers.max(1);
+        let first = bind(listen)?;
+        // With port 0 the kernel picks a port for the first socket; the others join it.
+        let addr = first.local_addr()?;
+        let mut listeners = vec![first];
+        for _ in 1..workers {
+            listeners.push(bind(addr)?);
+        }
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut handles = Vec::with_capacity(workers);
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let node = node.clone();
+            let shutdown_rx = shutdown_rx.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("sluice-http-{i}"))
+                .spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("building a worker runtime");
+                    rt.block_on(accept_loop(node, listener, shutdown_rx));
+                })?;
+            handles.push(handle);
+        }
+        Ok(Self {
+            addr,
+            shutdown,
+            workers: handles,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting and waits for the workers to drain (each bounded by the grace period).
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let workers = self.workers;
+        let _ = tokio::task::spawn_blocking(move || {
+            for w in workers {
+                let _ = w.join();
+            }
+        })
+        .await;
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+async fn accept_loop(
+    node: Arc<Node>,
+    listener: std::net::TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let listener = tokio::net::TcpListener::from_std(listener).expect("registering the listener");
+    let limits = node.config.limits.clone();
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .header_read_timeout(limits.header_read_timeout)
+        // hyper's read buffer bounds the request head: a head that does not fit is answered
+        // with 431. (The floor hyper accepts is 8 KiB.)
+        .max_buf_size(limits.header_bytes_max.max(8192));
+    // hyper parses up to 100 headers on the stack; setting any value moves them to the heap
+    // (~5% per request), so only do it when the limit differs from that default.
+    if limits.header_count_max != 100 {
+        builder.max_headers(limits.header_count_max);
+    }
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                        continue;
+                    }
+                };
+                // Responses are written in one go; Nagle would only delay the last segment.
+                let _ = stream.set_nodelay(true);
+                let node = node.clone();
+                let service = hyper::service::service_fn(move |req| {
+                    let node = node.clone();
+                    async move { Ok::<_, Infallible>(route(&node, req).await) }
+                });
+                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown grace period over; closing remaining connections");
+    }
+}
+
+/// The top of the request path: `/fn` calls go straight to the invoke path on this core; the
+/// control API runs on the control runtime, next to the store.
+async fn route(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path();
+    if path.starts_with("/fn/") {
+        return crate::invoke::handle(node, req).await;
+    }
+    if path == "/healthz" {
+        return Response::new(full("ok\n"));
+    }
+    if path == "/v1" || path.starts_with("/v1/") {
+        let fut = crate::api::handle(node.clone(), req);
+        return match node.control.spawn(fut).await {
+            Ok(res) => res,
+            Err(e) => error_response(
+                &SluiceError::internal(format!("API task failed: {e}")),
+                None,
+            ),
+        };
+    }
+    error_response(
+        &SluiceError::not_found(format!("no route for {path}: use /fn/... or /v1/...")),
+        None,
+    )
+}

@@ -1,0 +1,662 @@
+//! sluice-runtime: the only crate that imports wasmtime. It owns the node's one `Engine`
+//! (pooling allocator, epoch interruption), turns uploaded bytes into validated, compiled and
+//! pre-instantiated components (with the native artifact cached on disk), and runs one
+//! invocation in a fresh `Store` with its own memory limit, deadline, log capture and outbound
+//! policy.
+//!
+//! It knows nothing of tenants, keys, the store or HTTP routing: callers hand it a request and a
+//! [`FunctionConfig`] and get back a response head, a streaming body and, when the guest is done,
+//! an [`Outcome`].
+
+mod logs;
+mod outbound;
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sluice_core::limits::WASM_STACK_BYTES;
+use sluice_core::{Clock, ErrorKind, FunctionConfig, LogStream, SluiceError, SystemClock, UnixMs};
+use tokio::sync::oneshot;
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{
+    Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter,
+    Store, Trap, UpdateDeadline,
+};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+pub use logs::LogCapture;
+pub use outbound::is_private;
+pub use wasmtime_wasi_http::Error as BodyError;
+
+/// The response body a guest streams back.
+pub type GuestBody = HyperOutgoingBody;
+
+/// How often the epoch advances. A running guest is interrupted at this granularity: to check its
+/// deadline and to yield the thread to other calls, so a spinning guest gets at most one tick of
+/// the core at a time.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Host-side resources (streams, bodies, pollables) a guest may hold at once.
+const RESOURCE_TABLE_CAPACITY_MAX: usize = 10_000;
+/// Table elements a guest table may grow to.
+const TABLE_ELEMENTS_MAX: usize = 100_000;
+
+/// Node-level settings of the runtime.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Component instances alive at once: sizes every pool of the allocator.
+    pub instances_max: u32,
+    /// Largest linear memory any function may be given.
+    pub function_memory_bytes_max: u64,
+    /// Bytes of each freed linear memory kept resident and reset in place instead of `madvise`d
+    /// away (see notes/sync-path-perf.md: with pagemap scan this removes the TLB shootdowns).
+    pub memory_keep_resident_bytes: usize,
+    /// The same for tables.
+    pub table_keep_resident_bytes: usize,
+    /// Directory of compiled artifacts (`<digest>-<engine>.cwasm`).
+    pub artifact_dir: PathBuf,
+    /// Guest log bytes kept per invocation.
+    pub log_bytes_per_invocation_max: usize,
+    /// Let guests reach loopback and private addresses (still only hosts in their allow list).
+    pub outbound_allow_private: bool,
+}
+
+impl RuntimeConfig {
+    pub fn new(artifact_dir: PathBuf) -> Self {
+        let limits = sluice_core::Limits::default();
+        Self {
+            instances_max: limits.instances_max,
+            function_memory_bytes_max: limits.function_memory_bytes_max,
+            memory_keep_resident_bytes: 4 << 20,
+            table_keep_resident_bytes: 1 << 20,
+            artifact_dir,
+            log_bytes_per_invocation_max: limits.log_bytes_per_invocation_max,
+            outbound_allow_private: false,
+        }
+    }
+}
+
+/// The per-store state a guest's host calls see.
+struct Host {
+    table: ResourceTable,
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    hooks: outbound::OutboundPolicy,
+    limiter: Limiter,
+    deadline: Instant,
+}
+
+impl WasiView for Host {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for Host {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
+    }
+}
+
+/// Enforces the function's memory limit and records that it fired, so a memory kill is reported
+/// as `memory_limit` without parsing the trap message (Spin's approach).
+struct Limiter {
+    memory_bytes_max: usize,
+    memory_limit_hit: bool,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory_bytes_max {
+            self.memory_limit_hit = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= TABLE_ELEMENTS_MAX)
+    }
+}
+
+/// A component that is validated, compiled, linked and pre-instantiated: ready to serve.
+pub struct Prepared {
+    pre: ProxyPre<Host>,
+    pub digest: String,
+}
+
+/// What compiling a component at deploy produced.
+#[derive(Debug, Clone)]
+pub struct CompileReport {
+    pub compile_ms: u64,
+    pub artifact_bytes: u64,
+    /// The artifact was already on disk; nothing was compiled.
+    pub cached: bool,
+}
+
+/// The node's wasm runtime.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<Host>,
+    config: RuntimeConfig,
+    engine_fingerprint: String,
+}
+
+impl Runtime {
+    pub fn new(config: RuntimeConfig) -> anyhow::Result<Self> {
+        let n = config.instances_max;
+        let mut pool = PoolingAllocationConfig::default();
+        // A Rust wasip2 component instantiates a few core instances (the program plus shims)
+        // with one memory and a few tables, hence the multipliers.
+        pool.total_component_instances(n)
+            .total_core_instances(n.saturating_mul(4))
+            .total_memories(n.saturating_mul(2))
+            .total_tables(n.saturating_mul(4))
+            .total_stacks(n)
+            .max_memory_size(config.function_memory_bytes_max as usize)
+            .table_elements(TABLE_ELEMENTS_MAX)
+            .linear_memory_keep_resident(config.memory_keep_resident_bytes)
+            .table_keep_resident(config.table_keep_resident_bytes)
+            // Resets only the pages a guest dirtied (Linux >= 6.7); without it keep-resident
+            // would rewrite the whole kept region on every free.
+            .pagemap_scan(Enabled::Auto);
+        let mut wasm = Config::new();
+        wasm.wasm_component_model(true)
+            .epoch_interruption(true)
+            .max_wasm_stack(WASM_STACK_BYTES)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&wasm)?;
+
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        let engine_fingerprint = format!("{:016x}", hasher.finish());
+
+        let mut linker: Linker<Host> = Linker::new(&engine);
+        // The full WASI 0.2 set, as `wasmtime serve` links it: Rust's std imports
+        // wasi:cli/environment, exit and terminal-* even in a pure HTTP handler. Filesystem
+        // calls find no preopens and sockets are denied in the context below.
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+
+        std::fs::create_dir_all(&config.artifact_dir)?;
+        spawn_epoch_ticker(&engine);
+        Ok(Self {
+            engine,
+            linker,
+            config,
+            engine_fingerprint,
+        })
+    }
+
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.config
+    }
+
+    /// Identifies the engine's code generation settings; part of every artifact's file name.
+    pub fn engine_fingerprint(&self) -> &str {
+        &self.engine_fingerprint
+    }
+
+    fn artifact_path(&self, digest: &str) -> PathBuf {
+        self.config
+            .artifact_dir
+            .join(format!("{digest}-{}.cwasm", self.engine_fingerprint))
+    }
+
+    /// Validates and compiles uploaded bytes, writes the native artifact to the cache and returns
+    /// the ready component. Every rejection is `invalid_component` with a message naming what is
+    /// wrong.
+    pub fn compile(
+        &self,
+        digest: &str,
+        bytes: &[u8],
+    ) -> Result<(Arc<Prepared>, CompileReport), SluiceError> {
+        let invalid = |m: String| SluiceError::new(ErrorKind::InvalidComponent, m);
+        check_header(bytes).map_err(invalid)?;
+        let path = self.artifact_path(digest);
+        if path.exists()
+            && let Ok(prepared) = self.load_artifact(digest, &path)
+        {
+            let artifact_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            return Ok((
+                prepared,
+                CompileReport {
+                    compile_ms: 0,
+                    artifact_bytes,
+                    cached: true,
+                },
+            ));
+        }
+        let started = Instant::now();
+        let artifact = self
+            .engine
+            .precompile_component(bytes)
+            .map_err(|e| invalid(format!("not a valid WebAssembly component: {e:#}")))?;
+        let compile_ms = started.elapsed().as_millis() as u64;
+        // SAFETY: the bytes were produced just above by this engine's `precompile_component`.
+        #[allow(unsafe_code)]
+        let component =
+            unsafe { Component::deserialize(&self.engine, &artifact) }.map_err(|e| {
+                SluiceError::internal(format!("loading a fresh artifact failed: {e:#}"))
+            })?;
+        let prepared = self.prepare(digest, &component)?;
+        write_atomically(&path, &artifact).map_err(|e| {
+            SluiceError::internal(format!("writing artifact {}: {e}", path.display()))
+        })?;
+        let report = CompileReport {
+            compile_ms,
+            artifact_bytes: artifact.len() as u64,
+            cached: false,
+        };
+        Ok((prepared, report))
+    }
+
+    /// Loads a component that was compiled before: from the on-disk artifact if it is there and
+    /// matches this engine, otherwise by compiling `bytes()` again.
+    pub fn load(
+        &self,
+        digest: &str,
+        bytes: impl FnOnce() -> Option<Vec<u8>>,
+    ) -> Result<Arc<Prepared>, SluiceError> {
+        let path = self.artifact_path(digest);
+        if path.exists() {
+            match self.load_artifact(digest, &path) {
+                Ok(prepared) => return Ok(prepared),
+                Err(e) => {
+                    tracing::warn!(digest, error = %e, "cached artifact unusable; recompiling")
+                }
+            }
+        }
+        let bytes =
+            bytes().ok_or_else(|| SluiceError::internal(format!("blob {digest} is missing")))?;
+        self.compile(digest, &bytes).map(|(p, _)| p)
+    }
+
+    fn load_artifact(&self, digest: &str, path: &Path) -> Result<Arc<Prepared>, SluiceError> {
+        // SAFETY: artifacts in this directory are written only by `compile` above, named by the
+        // engine fingerprint, and wasmtime checks the engine compatibility header again.
+        #[allow(unsafe_code)]
+        let component = unsafe { Component::deserialize_file(&self.engine, path) }
+            .map_err(|e| SluiceError::internal(format!("artifact {}: {e:#}", path.display())))?;
+        self.prepare(digest, &component)
+    }
+
+    fn prepare(&self, digest: &str, component: &Component) -> Result<Arc<Prepared>, SluiceError> {
+        let invalid = |m: String| SluiceError::new(ErrorKind::InvalidComponent, m);
+        let ty = component.component_type();
+        let unsupported: Vec<String> = ty
+            .imports(&self.engine)
+            .map(|(n, _)| n.to_string())
+            .filter(|n| !import_supported(n))
+            .collect();
+        if !unsupported.is_empty() {
+            return Err(invalid(format!(
+                "component imports interfaces sluice does not provide: {}",
+                unsupported.join(", ")
+            )));
+        }
+        let exports: Vec<String> = ty
+            .exports(&self.engine)
+            .map(|(n, _)| n.to_string())
+            .collect();
+        if !exports
+            .iter()
+            .any(|e| e.starts_with("wasi:http/incoming-handler@0.2"))
+        {
+            return Err(invalid(format!(
+                "component does not export wasi:http/incoming-handler@0.2.x (it exports: {}); \
+                 build it against the wasi:http/proxy world",
+                if exports.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    exports.join(", ")
+                }
+            )));
+        }
+        let pre = self
+            .linker
+            .instantiate_pre(component)
+            .map_err(|e| invalid(format!("component cannot be linked: {e:#}")))?;
+        let pre = ProxyPre::new(pre)
+            .map_err(|e| invalid(format!("component is not a wasi:http proxy: {e:#}")))?;
+        Ok(Arc::new(Prepared {
+            pre,
+            digest: digest.to_string(),
+        }))
+    }
+
+    /// Starts one invocation in a fresh store. The guest runs in its own task on the current
+    /// runtime so that a streamed response body keeps flowing after the head is returned.
+    pub fn invoke<B>(
+        &self,
+        prepared: &Arc<Prepared>,
+        call: Call,
+        request: http::Request<B>,
+    ) -> Running
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BodyError>,
+    {
+        let started_at = SystemClock.now_ms();
+        let deadline = Instant::now() + call.timeout;
+        let logs = LogCapture::new(self.config.log_bytes_per_invocation_max);
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.stdout(logs.stream(LogStream::Stdout))
+            .stderr(logs.stream(LogStream::Stderr))
+            .envs(&call.config.env)
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(RESOURCE_TABLE_CAPACITY_MAX);
+        let host = Host {
+            table,
+            wasi: wasi.build(),
+            http: WasiHttpCtx::new(),
+            hooks: outbound::OutboundPolicy {
+                config: call.config.clone(),
+                allow_private: self.config.outbound_allow_private,
+                logs: logs.clone(),
+            },
+            limiter: Limiter {
+                memory_bytes_max: call.config.memory_bytes as usize,
+                memory_limit_hit: false,
+            },
+            deadline,
+        };
+        let mut store = Store::new(&self.engine, host);
+        store.limiter(|h| &mut h.limiter);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|ctx| {
+            if Instant::now() >= ctx.data().deadline {
+                return Ok(UpdateDeadline::Interrupt);
+            }
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(tokio::task::yield_now()),
+            ))
+        });
+
+        let (head_tx, head_rx) = oneshot::channel();
+        let (done_tx, done_rx) = oneshot::channel();
+        let status = Arc::new(AtomicU16::new(0));
+        let status_seen = status.clone();
+        let prepared = prepared.clone();
+        let invocation_id = call.invocation_id.clone();
+        let memory_bytes = call.config.memory_bytes;
+        tokio::spawn(async move {
+            let run = async {
+                let req = store
+                    .data_mut()
+                    .http()
+                    .new_incoming_request(Scheme::Http, request)?;
+                let out = store
+                    .data_mut()
+                    .http()
+                    .new_response_outparam_from_callback(move |res| {
+                        if let Ok(r) = &res {
+                            status_seen.store(r.status().as_u16(), Ordering::Relaxed);
+                        }
+                        let _ = head_tx.send(res);
+                    })?;
+                let proxy = prepared.pre.instantiate_async(&mut store).await?;
+                proxy
+                    .wasi_http_incoming_handler()
+                    .call_handle(&mut store, req, out)
+                    .await
+            };
+            // The epoch callback stops a guest that computes past its deadline; this outer bound
+            // stops one that waits in a host call (a sleep, a slow downstream).
+            let result = tokio::time::timeout_at(deadline.into(), run).await;
+            let memory_hit = store.data().limiter.memory_limit_hit;
+            // Dropping the store drops an unset response outparam, which tells the waiting
+            // caller that no response is coming.
+            drop(store);
+            let status_code = match status.load(Ordering::Relaxed) {
+                0 => None,
+                s => Some(s),
+            };
+            let error = match result {
+                Err(_elapsed) => Some(timeout_error(call.timeout)),
+                Ok(Ok(())) if status_code.is_none() => Some(SluiceError::new(
+                    ErrorKind::NoResponse,
+                    "the function returned without setting a response",
+                )),
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(classify(&e, memory_hit, memory_bytes, call.timeout)),
+            };
+            if let Some(e) = &error {
+                logs.system(format!("invocation failed ({}): {}", e.kind, e.message));
+            }
+            let outcome = Outcome {
+                invocation_id,
+                error,
+                status_code,
+                logs: logs.take(),
+                started_at,
+                finished_at: SystemClock.now_ms(),
+            };
+            if let Some(recorder) = call.recorder {
+                recorder(&outcome);
+            }
+            let _ = done_tx.send(outcome);
+        });
+        Running {
+            head: head_rx,
+            done: done_rx,
+        }
+    }
+}
+
+/// What a caller asks of one invocation.
+pub struct Call {
+    pub invocation_id: String,
+    pub config: Arc<FunctionConfig>,
+    pub timeout: Duration,
+    /// Called with the outcome when the guest is done, before the outcome is sent to
+    /// [`Running`]; the place to record it without keeping a task per call.
+    pub recorder: Option<Box<dyn FnOnce(&Outcome) + Send>>,
+}
+
+/// How an invocation ended.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub invocation_id: String,
+    /// `None` when the guest returned normally after setting a response.
+    pub error: Option<SluiceError>,
+    /// The status of the response the guest set, if it set one.
+    pub status_code: Option<u16>,
+    pub logs: Vec<(LogStream, String, UnixMs)>,
+    pub started_at: UnixMs,
+    pub finished_at: UnixMs,
+}
+
+/// An invocation in flight.
+pub struct Running {
+    head: oneshot::Receiver<Result<http::Response<GuestBody>, ErrorCode>>,
+    done: oneshot::Receiver<Outcome>,
+}
+
+impl Running {
+    /// Waits for the response head. On success the body streams while the guest keeps running
+    /// and the returned receiver yields the outcome once it is done; on failure the outcome says
+    /// why there is no response.
+    pub async fn response(
+        self,
+    ) -> Result<(http::Response<GuestBody>, oneshot::Receiver<Outcome>), Outcome> {
+        match self.head.await {
+            Ok(Ok(response)) => Ok((response, self.done)),
+            Ok(Err(code)) => {
+                let mut outcome = self.done.await.unwrap_or_else(|_| lost_outcome());
+                outcome.error.get_or_insert_with(|| {
+                    SluiceError::new(
+                        ErrorKind::Trap,
+                        format!("the function answered with error {code:?}"),
+                    )
+                });
+                Err(outcome)
+            }
+            Err(_) => Err(self.done.await.unwrap_or_else(|_| lost_outcome())),
+        }
+    }
+}
+
+fn lost_outcome() -> Outcome {
+    Outcome {
+        invocation_id: String::new(),
+        error: Some(SluiceError::internal(
+            "the invocation task ended without an outcome",
+        )),
+        status_code: None,
+        logs: Vec::new(),
+        started_at: 0,
+        finished_at: 0,
+    }
+}
+
+fn timeout_error(timeout: Duration) -> SluiceError {
+    SluiceError::new(
+        ErrorKind::Timeout,
+        format!(
+            "the function did not finish within its timeout of {}",
+            sluice_core::units::format_duration(timeout)
+        ),
+    )
+}
+
+/// Classifies a failed guest call once, by type, never by message text.
+fn classify(
+    err: &wasmtime::Error,
+    memory_hit: bool,
+    memory_bytes: u64,
+    timeout: Duration,
+) -> SluiceError {
+    if memory_hit {
+        return SluiceError::new(
+            ErrorKind::MemoryLimit,
+            format!("the function exceeded its memory limit of {memory_bytes} bytes"),
+        );
+    }
+    if err
+        .downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+        .is_some()
+    {
+        return SluiceError::new(ErrorKind::Overloaded, "no free instance slot on this node")
+            .retry_after(1);
+    }
+    match err.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => timeout_error(timeout),
+        Some(trap) => SluiceError::new(
+            ErrorKind::Trap,
+            format!("the function trapped: {trap}; {err:#}"),
+        ),
+        None => SluiceError::new(ErrorKind::Trap, format!("the function failed: {err:#}")),
+    }
+}
+
+/// Rejects bytes that are not a component before handing them to the compiler, so the message
+/// says what the bytes are rather than where parsing stopped.
+fn check_header(bytes: &[u8]) -> Result<(), String> {
+    if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+        return Err("not a WebAssembly binary (it does not start with the \\0asm magic)".into());
+    }
+    // Bytes 4..8 are a version and a layer: layer 0 is a core module, layer 1 a component.
+    if bytes[6..8] == [0, 0] {
+        return Err(
+            "this is a core WebAssembly module, not a component: build it for the \
+                    wasm32-wasip2 target (or wrap it with `wasm-tools component new`)"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// The WASI 0.2 packages sluice links. Anything else a component imports is refused at deploy.
+fn import_supported(name: &str) -> bool {
+    const PACKAGES: [&str; 7] = [
+        "wasi:io/",
+        "wasi:clocks/",
+        "wasi:random/",
+        "wasi:cli/",
+        "wasi:filesystem/",
+        "wasi:sockets/",
+        "wasi:http/",
+    ];
+    PACKAGES.iter().any(|p| name.starts_with(p)) && name.contains("@0.2.")
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] from a plain thread. The thread holds only a
+/// weak reference, so it ends when the engine is dropped (Spin's pattern).
+fn spawn_epoch_ticker(engine: &Engine) {
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("sluice-epoch".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        })
+        .expect("spawning the epoch thread");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_check_names_the_problem() {
+        assert!(
+            check_header(b"hello world")
+                .unwrap_err()
+                .contains("not a WebAssembly binary")
+        );
+        assert!(
+            check_header(b"\0asm\x01\0\0\0")
+                .unwrap_err()
+                .contains("core WebAssembly module")
+        );
+        assert!(check_header(b"\0asm\x0d\0\x01\0").is_ok());
+    }
+
+    #[test]
+    fn supported_imports() {
+        assert!(import_supported("wasi:http/types@0.2.4"));
+        assert!(import_supported("wasi:cli/environment@0.2.0"));
+        assert!(!import_supported("fermyon:spin/key-value@2.0.0"));
+        assert!(!import_supported("wasi:keyvalue/store@0.2.0-draft"));
+        assert!(!import_supported("wasi:http/types@0.3.0"));
+    }
+}

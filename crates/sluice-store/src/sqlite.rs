@@ -1,0 +1,915 @@
+//! [`SqliteStore`]: the embedded [`Store`] of a single node, one SQLite file in WAL mode.
+//!
+//! This module owns the connection options, the schema (an append-only list of numbered
+//! migrations, applied at open) and the one mapping from SQLite result codes to [`StoreError`].
+//! It must not decide policy: what a limit is, who may see what, or how an error becomes an HTTP
+//! status belongs to the callers.
+//!
+//! Concurrency: every transaction that writes starts with `BEGIN IMMEDIATE`, so it takes SQLite's
+//! single write lock before it reads anything. A deferred transaction that reads and then tries to
+//! write fails at once with `SQLITE_BUSY` when another connection committed in between (the busy
+//! timeout does not help it), which would turn two concurrent deploys into a spurious 503.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_core::{Clock, FunctionConfig, Scope, SystemClock, UnixMs};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+
+use crate::{
+    FunctionSummary, Invocation, InvocationStatus, KeyRecord, LogLine, LogStream, Store,
+    StoreError, StoreResult, SyncRecord, Tenant, VersionRecord,
+};
+
+/// Connections in the pool. SQLite has one writer at a time anyway; the extra connections let
+/// reads (auth cache loads, `GET /v1/invocations`, log tails) proceed beside a write in WAL mode.
+pub const POOL_CONNECTIONS_MAX: u32 = 4;
+/// How long a statement waits for another connection's write lock before failing with
+/// `SQLITE_BUSY` (which the store reports as [`StoreError::Unavailable`]).
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a caller waits for a free pooled connection. Longer than [`BUSY_TIMEOUT`], so that a
+/// caller queued behind a slow writer sees the writer's own outcome first.
+pub const POOL_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Prepared statements kept per connection. The store issues a few dozen distinct statements, so
+/// every one stays prepared.
+pub const STATEMENT_CACHE_CAPACITY: usize = 100;
+/// Most log lines one `function_logs` call returns, whatever `limit` the caller asks for.
+pub const FUNCTION_LOGS_LIMIT_MAX: u32 = 10_000;
+
+/// One step of the schema. The list is append-only: a migration that has shipped is never edited
+/// (databases in the field have already applied it); a change is a new, higher-numbered entry.
+struct Migration {
+    version: i64,
+    name: &'static str,
+    sql: &'static str,
+}
+
+/// Every migration, in order; versions are 1, 2, 3, ... without gaps (a unit test checks this).
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "initial schema",
+    sql: include_str!("../migrations/sqlite/0001_initial.sql"),
+}];
+
+/// The SQLite implementation of [`Store`]. Cloning is cheap and shares the pool.
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    clock: Arc<dyn Clock>,
+    path: PathBuf,
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database at `path` and brings its schema up to date, with
+    /// timestamps from the wall clock.
+    pub async fn open(path: &Path) -> StoreResult<Self> {
+        Self::open_with_clock(path, Arc::new(SystemClock)).await
+    }
+
+    /// Like [`SqliteStore::open`], with timestamps taken from `clock`.
+    pub async fn open_with_clock(path: &Path, clock: Arc<dyn Clock>) -> StoreResult<Self> {
+        // Every option that matters is stated, even where it equals today's sqlx or SQLite
+        // default: a default that changes under us must not change durability.
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .read_only(false)
+            // WAL: readers never block the writer, and a commit is one sequential append.
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a commit is on disk before it returns. A 202 for an async call promises this.
+            .synchronous(SqliteSynchronous::Full)
+            // SQLite leaves foreign keys off unless asked, per connection.
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT)
+            .statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(POOL_CONNECTIONS_MAX)
+            .min_connections(0)
+            .acquire_timeout(POOL_ACQUIRE_TIMEOUT)
+            // A SQLite connection is a file handle: nothing goes stale, so nothing is recycled,
+            // and the ping sqlx would send before each checkout is a wasted round trip.
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .test_before_acquire(false)
+            .connect_with(options)
+            .await
+            .map_err(classify)?;
+        migrate(&pool, clock.now_ms()).await?;
+        Ok(Self {
+            pool,
+            clock,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Closes every connection, waiting for checked-out ones to come back. The last connection
+    /// to close checkpoints the WAL into the main file.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Starts a transaction that holds the write lock from its first statement (see the module
+    /// documentation for why every writing transaction must).
+    async fn begin_write(&self) -> StoreResult<Transaction<'static, Sqlite>> {
+        self.pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(classify)
+    }
+}
+
+/// Applies every migration the database has not seen yet, each in its own write transaction.
+async fn migrate(pool: &SqlitePool, now: UnixMs) -> StoreResult<()> {
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS schema_version (
+            version    INTEGER NOT NULL PRIMARY KEY,
+            name       TEXT    NOT NULL,
+            applied_at INTEGER NOT NULL
+        ) STRICT",
+    )
+    .execute(pool)
+    .await
+    .map_err(classify)?;
+
+    let known = MIGRATIONS.last().map_or(0, |m| m.version);
+    for migration in MIGRATIONS {
+        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(classify)?;
+        // Read under the write lock: another process may have opened the same file and applied
+        // this migration since we started.
+        let current: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(classify)?;
+        if current > known {
+            return Err(StoreError::Other(format!(
+                "database schema version {current} is newer than this sluice knows ({known}); \
+                 upgrade sluice or restore a matching backup"
+            )));
+        }
+        if current < migration.version {
+            assert_eq!(
+                current,
+                migration.version - 1,
+                "migrations are applied in order"
+            );
+            sqlx::raw_sql(migration.sql)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+            sqlx::query("INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)")
+                .bind(migration.version)
+                .bind(migration.name)
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+            tracing::info!(
+                version = migration.version,
+                name = migration.name,
+                "applied migration"
+            );
+        }
+        tx.commit().await.map_err(classify)?;
+    }
+    Ok(())
+}
+
+// SQLite primary result codes (https://www.sqlite.org/rescode.html). sqlx reports the extended
+// code, which keeps the primary code in its low byte.
+const SQLITE_BUSY: i32 = 5;
+const SQLITE_READONLY: i32 = 8;
+const SQLITE_IOERR: i32 = 10;
+const SQLITE_FULL: i32 = 13;
+const SQLITE_CANTOPEN: i32 = 14;
+
+/// The one place a database error is classified. `Unavailable` means "the write may succeed
+/// later, nothing was stored": the disk is full or read-only, the file cannot be opened or read,
+/// or another writer held the lock past [`BUSY_TIMEOUT`].
+fn classify(error: sqlx::Error) -> StoreError {
+    match &error {
+        sqlx::Error::Database(db) => {
+            if db.is_unique_violation() {
+                return StoreError::Conflict(db.message().to_owned());
+            }
+            let primary = db
+                .code()
+                .and_then(|code| code.parse::<i32>().ok())
+                .map(|code| code & 0xff);
+            match primary {
+                Some(
+                    SQLITE_BUSY | SQLITE_READONLY | SQLITE_IOERR | SQLITE_FULL | SQLITE_CANTOPEN,
+                ) => StoreError::Unavailable(error.to_string()),
+                _ => StoreError::Other(error.to_string()),
+            }
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => StoreError::Unavailable(error.to_string()),
+        _ => StoreError::Other(error.to_string()),
+    }
+}
+
+/// A row the store wrote but cannot read back: a bug or a hand-edited database.
+fn corrupt(what: impl fmt::Display) -> StoreError {
+    StoreError::Other(format!("corrupt row: {what}"))
+}
+
+fn get<'r, T>(row: &'r SqliteRow, column: &str) -> StoreResult<T>
+where
+    T: sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>,
+{
+    row.try_get(column).map_err(classify)
+}
+
+fn tenant_from_row(row: &SqliteRow) -> StoreResult<Tenant> {
+    Ok(Tenant {
+        name: get(row, "name")?,
+        created_at: get(row, "created_at")?,
+    })
+}
+
+fn scopes_to_text(scopes: &[Scope]) -> String {
+    scopes
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn scopes_from_text(text: &str) -> StoreResult<Vec<Scope>> {
+    text.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| Scope::parse(s).ok_or_else(|| corrupt(format_args!("unknown scope {s:?}"))))
+        .collect()
+}
+
+fn key_from_row(row: &SqliteRow) -> StoreResult<KeyRecord> {
+    Ok(KeyRecord {
+        id: get(row, "id")?,
+        tenant: get(row, "tenant")?,
+        scopes: scopes_from_text(&get::<String>(row, "scopes")?)?,
+        hash: get(row, "hash")?,
+        created_at: get(row, "created_at")?,
+        revoked: get(row, "revoked")?,
+    })
+}
+
+fn version_from_row(row: &SqliteRow) -> StoreResult<VersionRecord> {
+    let config: String = get(row, "config")?;
+    Ok(VersionRecord {
+        tenant: get(row, "tenant")?,
+        function: get(row, "function")?,
+        version: get(row, "version")?,
+        blob_digest: get(row, "blob_digest")?,
+        config: serde_json::from_str(&config)
+            .map_err(|e| corrupt(format_args!("version config: {e}")))?,
+        created_at: get(row, "created_at")?,
+    })
+}
+
+fn summary_from_row(row: &SqliteRow) -> StoreResult<FunctionSummary> {
+    Ok(FunctionSummary {
+        tenant: get(row, "tenant")?,
+        name: get(row, "name")?,
+        latest_version: get(row, "latest_version")?,
+        created_at: get(row, "created_at")?,
+        updated_at: get(row, "updated_at")?,
+    })
+}
+
+fn invocation_from_row(row: &SqliteRow) -> StoreResult<Invocation> {
+    let status: String = get(row, "status")?;
+    let attempts: i64 = get(row, "attempts")?;
+    let status_code: Option<i64> = get(row, "status_code")?;
+    Ok(Invocation {
+        id: get(row, "id")?,
+        tenant: get(row, "tenant")?,
+        function: get(row, "function")?,
+        version: get(row, "version")?,
+        mode: get(row, "mode")?,
+        status: InvocationStatus::parse(&status)
+            .ok_or_else(|| corrupt(format_args!("invocation status {status:?}")))?,
+        attempts: u32::try_from(attempts)
+            .map_err(|_| corrupt(format_args!("invocation attempts {attempts}")))?,
+        created_at: get(row, "created_at")?,
+        started_at: get(row, "started_at")?,
+        finished_at: get(row, "finished_at")?,
+        status_code: status_code
+            .map(|c| u16::try_from(c).map_err(|_| corrupt(format_args!("status code {c}"))))
+            .transpose()?,
+        error_kind: get(row, "error_kind")?,
+    })
+}
+
+fn log_line_from_row(row: &SqliteRow) -> StoreResult<LogLine> {
+    let stream: String = get(row, "stream")?;
+    Ok(LogLine {
+        seq: get(row, "seq")?,
+        invocation_id: get(row, "invocation_id")?,
+        stream: LogStream::parse(&stream)
+            .ok_or_else(|| corrupt(format_args!("log stream {stream:?}")))?,
+        line: get(row, "line")?,
+        at: get(row, "at")?,
+    })
+}
+
+fn rows<T>(
+    rows: Vec<SqliteRow>,
+    from_row: fn(&SqliteRow) -> StoreResult<T>,
+) -> StoreResult<Vec<T>> {
+    rows.iter().map(from_row).collect()
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    async fn create_tenant(&self, name: &str) -> StoreResult<Tenant> {
+        let tenant = Tenant {
+            name: name.to_owned(),
+            created_at: self.clock.now_ms(),
+        };
+        sqlx::query("INSERT INTO tenants (name, created_at) VALUES (?, ?)")
+            .bind(&tenant.name)
+            .bind(tenant.created_at)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| match classify(e) {
+                StoreError::Conflict(_) => StoreError::Conflict(format!("tenant {name} exists")),
+                other => other,
+            })?;
+        Ok(tenant)
+    }
+
+    async fn get_tenant(&self, name: &str) -> StoreResult<Option<Tenant>> {
+        sqlx::query("SELECT name, created_at FROM tenants WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?
+            .as_ref()
+            .map(tenant_from_row)
+            .transpose()
+    }
+
+    async fn list_tenants(&self) -> StoreResult<Vec<Tenant>> {
+        let found = sqlx::query("SELECT name, created_at FROM tenants ORDER BY name")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+        rows(found, tenant_from_row)
+    }
+
+    async fn create_key(&self, key: &KeyRecord) -> StoreResult<()> {
+        // The tenant check and the insert share the write lock, so the answer cannot go stale.
+        let mut tx = self.begin_write().await?;
+        if let Some(tenant) = &key.tenant {
+            let exists: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tenants WHERE name = ?)")
+                    .bind(tenant)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(classify)?;
+            if !exists {
+                return Err(StoreError::NotFound(format!("tenant {tenant}")));
+            }
+        }
+        sqlx::query(
+            "INSERT INTO api_keys (id, tenant, scopes, hash, created_at, revoked)
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&key.id)
+        .bind(&key.tenant)
+        .bind(scopes_to_text(&key.scopes))
+        .bind(&key.hash)
+        .bind(key.created_at)
+        .bind(key.revoked)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| match classify(e) {
+            StoreError::Conflict(_) => {
+                StoreError::Conflict(format!("a key with id {} or the same hash exists", key.id))
+            }
+            other => other,
+        })?;
+        tx.commit().await.map_err(classify)
+    }
+
+    async fn list_keys(&self, tenant: Option<&str>) -> StoreResult<Vec<KeyRecord>> {
+        let found = match tenant {
+            Some(tenant) => {
+                sqlx::query(
+                    "SELECT id, tenant, scopes, hash, created_at, revoked FROM api_keys
+                 WHERE tenant = ? ORDER BY created_at, id",
+                )
+                .bind(tenant)
+                .fetch_all(&self.pool)
+                .await
+            }
+            None => {
+                sqlx::query(
+                    "SELECT id, tenant, scopes, hash, created_at, revoked FROM api_keys
+                 ORDER BY created_at, id",
+                )
+                .fetch_all(&self.pool)
+                .await
+            }
+        }
+        .map_err(classify)?;
+        rows(found, key_from_row)
+    }
+
+    async fn revoke_key(&self, id: &str) -> StoreResult<bool> {
+        let done = sqlx::query("UPDATE api_keys SET revoked = 1 WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn get_key(&self, id: &str) -> StoreResult<Option<KeyRecord>> {
+        sqlx::query(
+            "SELECT id, tenant, scopes, hash, created_at, revoked FROM api_keys WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?
+        .as_ref()
+        .map(key_from_row)
+        .transpose()
+    }
+
+    async fn active_keys(&self) -> StoreResult<Vec<KeyRecord>> {
+        let found = sqlx::query(
+            "SELECT id, tenant, scopes, hash, created_at, revoked FROM api_keys
+             WHERE revoked = 0 ORDER BY created_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        rows(found, key_from_row)
+    }
+
+    async fn put_blob(&self, digest: &str, bytes: &[u8]) -> StoreResult<()> {
+        let size = i64::try_from(bytes.len()).expect("a blob in memory fits in i64 bytes");
+        // Content-addressed: the same digest always names the same bytes, so a second put keeps
+        // the first row (and its created_at) and does not rewrite megabytes.
+        sqlx::query(
+            "INSERT INTO blobs (digest, bytes, size, created_at) VALUES (?, ?, ?, ?)
+             ON CONFLICT (digest) DO NOTHING",
+        )
+        .bind(digest)
+        .bind(bytes)
+        .bind(size)
+        .bind(self.clock.now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn get_blob(&self, digest: &str) -> StoreResult<Option<Vec<u8>>> {
+        sqlx::query_scalar("SELECT bytes FROM blobs WHERE digest = ?")
+            .bind(digest)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)
+    }
+
+    /// Numbering restarts at 1 after [`Store::delete_function`]: the function row that carries
+    /// the counter is gone, and a redeployed function is a new function. (Old invocation records
+    /// naming `version 1` then refer to the deleted function's version 1.)
+    async fn create_version(
+        &self,
+        tenant: &str,
+        function: &str,
+        blob_digest: &str,
+        config: &FunctionConfig,
+    ) -> StoreResult<VersionRecord> {
+        let config_json = serde_json::to_string(config)
+            .map_err(|e| StoreError::Other(format!("serializing function config: {e}")))?;
+        let now = self.clock.now_ms();
+
+        // One write transaction from the existence checks to the version insert: concurrent
+        // deploys of the same function queue on the write lock, each sees the previous one's
+        // counter, so numbers are neither duplicated nor skipped.
+        let mut tx = self.begin_write().await?;
+        let tenant_exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tenants WHERE name = ?)")
+                .bind(tenant)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(classify)?;
+        if !tenant_exists {
+            return Err(StoreError::NotFound(format!("tenant {tenant}")));
+        }
+        let blob_exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM blobs WHERE digest = ?)")
+                .bind(blob_digest)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(classify)?;
+        if !blob_exists {
+            return Err(StoreError::NotFound(format!("blob {blob_digest}")));
+        }
+        let version: i64 = sqlx::query_scalar(
+            "INSERT INTO functions (tenant, name, created_at, updated_at, latest_version)
+             VALUES (?1, ?2, ?3, ?3, 1)
+             ON CONFLICT (tenant, name) DO UPDATE
+                 SET latest_version = latest_version + 1, updated_at = excluded.updated_at
+             RETURNING latest_version",
+        )
+        .bind(tenant)
+        .bind(function)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(classify)?;
+        sqlx::query(
+            "INSERT INTO versions (tenant, function, version, blob_digest, config, created_at)
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(tenant)
+        .bind(function)
+        .bind(version)
+        .bind(blob_digest)
+        .bind(&config_json)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+
+        Ok(VersionRecord {
+            tenant: tenant.to_owned(),
+            function: function.to_owned(),
+            version,
+            blob_digest: blob_digest.to_owned(),
+            config: config.clone(),
+            created_at: now,
+        })
+    }
+
+    async fn latest_version(
+        &self,
+        tenant: &str,
+        function: &str,
+    ) -> StoreResult<Option<VersionRecord>> {
+        sqlx::query(
+            "SELECT v.tenant, v.function, v.version, v.blob_digest, v.config, v.created_at
+             FROM functions f
+             JOIN versions v
+               ON v.tenant = f.tenant AND v.function = f.name AND v.version = f.latest_version
+             WHERE f.tenant = ? AND f.name = ?",
+        )
+        .bind(tenant)
+        .bind(function)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?
+        .as_ref()
+        .map(version_from_row)
+        .transpose()
+    }
+
+    async fn get_version(
+        &self,
+        tenant: &str,
+        function: &str,
+        version: i64,
+    ) -> StoreResult<Option<VersionRecord>> {
+        sqlx::query(
+            "SELECT tenant, function, version, blob_digest, config, created_at FROM versions
+             WHERE tenant = ? AND function = ? AND version = ?",
+        )
+        .bind(tenant)
+        .bind(function)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?
+        .as_ref()
+        .map(version_from_row)
+        .transpose()
+    }
+
+    async fn list_functions(&self, tenant: &str) -> StoreResult<Vec<FunctionSummary>> {
+        let found = sqlx::query(
+            "SELECT tenant, name, latest_version, created_at, updated_at FROM functions
+             WHERE tenant = ? ORDER BY name",
+        )
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        rows(found, summary_from_row)
+    }
+
+    async fn delete_function(&self, tenant: &str, function: &str) -> StoreResult<bool> {
+        // Versions go with the function through `ON DELETE CASCADE`.
+        let done = sqlx::query("DELETE FROM functions WHERE tenant = ? AND name = ?")
+            .bind(tenant)
+            .bind(function)
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn all_latest_versions(&self) -> StoreResult<Vec<VersionRecord>> {
+        let found = sqlx::query(
+            "SELECT v.tenant, v.function, v.version, v.blob_digest, v.config, v.created_at
+             FROM functions f
+             JOIN versions v
+               ON v.tenant = f.tenant AND v.function = f.name AND v.version = f.latest_version
+             ORDER BY f.tenant, f.name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        rows(found, version_from_row)
+    }
+
+    async fn record_sync(&self, batch: &[SyncRecord]) -> StoreResult<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        // One transaction for the whole batch: one fsync instead of one per record. The
+        // statements are prepared once per connection and reused from sqlx's cache.
+        let mut tx = self.begin_write().await?;
+        for record in batch {
+            debug_assert!(
+                matches!(
+                    record.status,
+                    InvocationStatus::Succeeded | InvocationStatus::Dead
+                ),
+                "a sync invocation ends succeeded or dead, not {:?}",
+                record.status
+            );
+            sqlx::query(
+                "INSERT INTO invocations (id, tenant, function, version, mode, status, attempts,
+                     created_at, started_at, finished_at, status_code, error_kind)
+                 VALUES (?1, ?2, ?3, ?4, 'sync', ?5, 1, ?6, ?6, ?7, ?8, ?9)",
+            )
+            .bind(&record.id)
+            .bind(&record.tenant)
+            .bind(&record.function)
+            .bind(record.version)
+            .bind(record.status.as_str())
+            .bind(record.started_at)
+            .bind(record.finished_at)
+            .bind(record.status_code.map(i64::from))
+            .bind(&record.error_kind)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| match classify(e) {
+                StoreError::Conflict(_) => {
+                    StoreError::Conflict(format!("invocation {} already recorded", record.id))
+                }
+                other => other,
+            })?;
+            for (stream, line, at) in &record.logs {
+                sqlx::query(
+                    "INSERT INTO log_lines (invocation_id, tenant, function, stream, line, at)
+                     VALUES (?, ?, ?, ?, ?, ?)",
+                )
+                .bind(&record.id)
+                .bind(&record.tenant)
+                .bind(&record.function)
+                .bind(stream.as_str())
+                .bind(line)
+                .bind(*at)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+            }
+        }
+        tx.commit().await.map_err(classify)
+    }
+
+    async fn get_invocation(&self, id: &str) -> StoreResult<Option<Invocation>> {
+        sqlx::query(
+            "SELECT id, tenant, function, version, mode, status, attempts, created_at,
+                    started_at, finished_at, status_code, error_kind
+             FROM invocations WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?
+        .as_ref()
+        .map(invocation_from_row)
+        .transpose()
+    }
+
+    async fn invocation_logs(&self, id: &str) -> StoreResult<Vec<LogLine>> {
+        let found = sqlx::query(
+            "SELECT seq, invocation_id, stream, line, at FROM log_lines
+             WHERE invocation_id = ? ORDER BY seq",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        rows(found, log_line_from_row)
+    }
+
+    async fn function_logs(
+        &self,
+        tenant: &str,
+        function: &str,
+        after_seq: Option<i64>,
+        limit: u32,
+    ) -> StoreResult<Vec<LogLine>> {
+        let limit = i64::from(limit.min(FUNCTION_LOGS_LIMIT_MAX));
+        let found = match after_seq {
+            Some(after_seq) => {
+                sqlx::query(
+                    "SELECT seq, invocation_id, stream, line, at FROM log_lines
+                     WHERE tenant = ? AND function = ? AND seq > ?
+                     ORDER BY seq LIMIT ?",
+                )
+                .bind(tenant)
+                .bind(function)
+                .bind(after_seq)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await
+            }
+            // The newest `limit` lines, walked backwards on the index, then put oldest first.
+            None => {
+                sqlx::query(
+                    "SELECT seq, invocation_id, stream, line, at FROM (
+                         SELECT seq, invocation_id, stream, line, at FROM log_lines
+                         WHERE tenant = ? AND function = ?
+                         ORDER BY seq DESC LIMIT ?
+                     ) ORDER BY seq",
+                )
+                .bind(tenant)
+                .bind(function)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await
+            }
+        }
+        .map_err(classify)?;
+        rows(found, log_line_from_row)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn open_temp() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(&dir.path().join("sluice.db"))
+            .await
+            .expect("open");
+        (dir, store)
+    }
+
+    #[test]
+    fn migrations_are_numbered_without_gaps() {
+        for (i, migration) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(
+                migration.version,
+                i as i64 + 1,
+                "migration {:?}",
+                migration.name
+            );
+            assert!(!migration.sql.trim().is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn connection_options_are_in_effect() {
+        let (_dir, store) = open_temp().await;
+        let mut conn = store.pool.acquire().await.unwrap();
+        let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        let foreign_keys: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        let busy_timeout_ms: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        assert_eq!(journal, "wal");
+        assert_eq!(synchronous, 2, "2 is FULL");
+        assert_eq!(foreign_keys, 1);
+        assert_eq!(busy_timeout_ms, BUSY_TIMEOUT.as_millis() as i64);
+    }
+
+    #[tokio::test]
+    async fn migrations_apply_once_and_a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sluice.db");
+        let store = SqliteStore::open(&path).await.unwrap();
+        store.close().await;
+        let store = SqliteStore::open(&path).await.unwrap();
+        let applied: Vec<i64> =
+            sqlx::query_scalar("SELECT version FROM schema_version ORDER BY version")
+                .fetch_all(&store.pool)
+                .await
+                .unwrap();
+        let expected: Vec<i64> = MIGRATIONS.iter().map(|m| m.version).collect();
+        assert_eq!(applied, expected);
+
+        // A database written by a newer sluice: opening it must fail rather than guess.
+        sqlx::query(
+            "INSERT INTO schema_version (version, name, applied_at) VALUES (?, 'future', 0)",
+        )
+        .bind(expected.len() as i64 + 1)
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        store.close().await;
+        let err = SqliteStore::open(&path).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Other(m) if m.contains("newer")),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_read_only_database_is_unavailable() {
+        let (dir, store) = open_temp().await;
+        store.close().await;
+        let options = SqliteConnectOptions::new()
+            .filename(dir.path().join("sluice.db"))
+            .read_only(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await
+            .unwrap();
+        let err = sqlx::query("INSERT INTO tenants (name, created_at) VALUES ('a', 0)")
+            .execute(&pool)
+            .await
+            .unwrap_err();
+        assert!(matches!(classify(err), StoreError::Unavailable(_)));
+    }
+
+    #[tokio::test]
+    async fn a_lock_held_past_the_busy_timeout_is_unavailable() {
+        let (dir, store) = open_temp().await;
+        let _writer = store.begin_write().await.unwrap();
+        let options = SqliteConnectOptions::new()
+            .filename(dir.path().join("sluice.db"))
+            .busy_timeout(Duration::from_millis(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await
+            .unwrap();
+        let err = pool.begin_with("BEGIN IMMEDIATE").await.unwrap_err();
+        assert!(matches!(classify(err), StoreError::Unavailable(_)));
+    }
+
+    #[tokio::test]
+    async fn a_file_that_cannot_be_opened_is_unavailable() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = SqliteStore::open(&dir.path().join("missing-dir").join("sluice.db"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_unique_violation_is_a_conflict_and_other_errors_are_other() {
+        let (_dir, store) = open_temp().await;
+        let insert = "INSERT INTO tenants (name, created_at) VALUES ('a', 0)";
+        sqlx::query(insert).execute(&store.pool).await.unwrap();
+        let err = sqlx::query(insert).execute(&store.pool).await.unwrap_err();
+        assert!(matches!(classify(err), StoreError::Conflict(_)));
+        let err = sqlx::query("SELECT nope FROM tenants")
+            .execute(&store.pool)
+            .await
+            .unwrap_err();
+        assert!(matches!(classify(err), StoreError::Other(_)));
+    }
+}

@@ -1,0 +1,258 @@
+//! Multi-mode test guest for sluice's limit/chaos tests.
+//!
+//! Exports `wasi:http/incoming-handler` (the `wasi:http/proxy` world). The mode
+//! is chosen by the LAST path segment, so `/fn/default/tg/sleep?ms=5` and
+//! `/sleep?ms=5` behave the same. Modes are listed in `route`.
+
+use std::hint::black_box;
+use std::io::Write as _;
+
+use wasip2::exports::http::incoming_handler::Guest;
+use wasip2::http::types::{IncomingRequest, ResponseOutparam};
+use wstd::http::{Body, Client, Error, Request, Response, StatusCode};
+use wstd::http::server::Responder;
+
+struct TestGuest;
+
+impl Guest for TestGuest {
+    fn handle(request: IncomingRequest, response_out: ResponseOutparam) {
+        let path_q = request.path_with_query().unwrap_or_default();
+        if mode_of(&path_q) == "no-response" {
+            // Deliberately never call `ResponseOutparam::set`: dropping the
+            // outparam and returning is the genuine "no response" case.
+            drop(response_out);
+            drop(request);
+            return;
+        }
+
+        let responder = Responder::new(response_out);
+        wstd::runtime::block_on(async move {
+            match wstd::http::request::try_from_incoming(request) {
+                Ok(req) => match route(req).await {
+                    Ok(resp) => responder.respond(resp).await.unwrap(),
+                    Err(err) => responder.fail(err),
+                },
+                Err(err) => responder.fail(err),
+            }
+        })
+    }
+}
+
+wasip2::http::proxy::export!(TestGuest with_types_in wasip2);
+
+/// Path part (before `?`) of a path-with-query.
+fn path_of(path_q: &str) -> &str {
+    path_q.split('?').next().unwrap_or("")
+}
+
+/// The last non-empty path segment.
+fn mode_of(path_q: &str) -> &str {
+    path_of(path_q)
+        .rsplit('/')
+        .find(|s| !s.is_empty())
+        .unwrap_or("")
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// application/x-www-form-urlencoded decoding of one component.
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                match (hex(b[i + 1]), hex(b[i + 2])) {
+                    (Some(h), Some(l)) => {
+                        out.push(h * 16 + l);
+                        i += 2;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn query_param(req: &Request<Body>, name: &str) -> Option<String> {
+    let q = req.uri().query()?;
+    q.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (decode(k) == name).then(|| decode(v))
+    })
+}
+
+fn text(status: u16, body: impl Into<String>) -> Result<Response<Body>, Error> {
+    Ok(Response::builder()
+        .status(status)
+        .header("content-type", "text/plain")
+        .body(Body::from(body.into()))?)
+}
+
+fn parse_u64(req: &Request<Body>, name: &str) -> Result<u64, String> {
+    let v = query_param(req, name).ok_or_else(|| format!("missing query parameter {name}"))?;
+    v.trim()
+        .parse::<u64>()
+        .map_err(|e| format!("bad {name}={v:?}: {e}"))
+}
+
+async fn route(req: Request<Body>) -> Result<Response<Body>, Error> {
+    let full_path = req.uri().path().to_string();
+    let mode = mode_of(&full_path).to_string();
+    match mode.as_str() {
+        "ok" => text(200, "ok"),
+
+        "echo" => {
+            let ct = req.headers().get("content-type").cloned();
+            let mut b = Response::builder().status(200);
+            if let Some(ct) = ct {
+                b = b.header("content-type", ct);
+            }
+            // The incoming body is spliced straight into the outgoing one.
+            Ok(b.body(req.into_body())?)
+        }
+
+        "sleep" => {
+            let ms = match parse_u64(&req, "ms") {
+                Ok(v) => v,
+                Err(e) => return text(400, e),
+            };
+            // monotonic-clock subscribe-duration + poll: a real host wait.
+            wstd::task::sleep(wstd::time::Duration::from_millis(ms)).await;
+            text(200, format!("slept {ms}"))
+        }
+
+        "spin" => {
+            let mut x: u64 = 0;
+            loop {
+                x = black_box(x.wrapping_add(1));
+            }
+        }
+
+        "alloc" => {
+            let n = match parse_u64(&req, "bytes") {
+                Ok(v) => v as usize,
+                Err(e) => return text(400, e),
+            };
+            let v = black_box(vec![1u8; n]);
+            let mut sum: u64 = 0;
+            let mut i = 0;
+            while i < v.len() {
+                sum += v[i] as u64;
+                i += 4096;
+            }
+            if let Some(last) = v.last() {
+                sum += *last as u64;
+            }
+            black_box(sum);
+            drop(v);
+            text(200, format!("allocated {n}"))
+        }
+
+        "panic" => panic!("testguest panicked on purpose"),
+
+        "env" => {
+            let mut lines: Vec<String> = std::env::vars_os()
+                .map(|(k, v)| format!("{}={}\n", k.to_string_lossy(), v.to_string_lossy()))
+                .collect();
+            lines.sort();
+            text(200, lines.concat())
+        }
+
+        "stdout" => {
+            println!("stdout line 1");
+            println!("stdout line 2");
+            let _ = std::io::stdout().flush();
+            eprintln!("stderr line 1");
+            text(200, "logged")
+        }
+
+        "fetch" => {
+            let url = match query_param(&req, "url") {
+                Some(u) => u,
+                None => return text(400, "missing query parameter url"),
+            };
+            let result: Result<(u16, Vec<u8>), Error> = async {
+                let out = Request::get(url.as_str()).body(Body::empty())?;
+                let mut resp = Client::new().send(out).await?;
+                let status = resp.status().as_u16();
+                let body = resp.body_mut().contents().await?.to_vec();
+                Ok((status, body))
+            }
+            .await;
+            match result {
+                Ok((status, body)) => {
+                    let mut out = format!("status={status}\n").into_bytes();
+                    out.extend_from_slice(&body);
+                    Ok(Response::builder()
+                        .status(200)
+                        .header("content-type", "text/plain")
+                        .body(Body::from(out))?)
+                }
+                Err(e) => text(502, format!("fetch error: {e:#}")),
+            }
+        }
+
+        "status" => {
+            let code = match parse_u64(&req, "code") {
+                Ok(v) => v,
+                Err(e) => return text(400, e),
+            };
+            match u16::try_from(code).ok().and_then(|c| StatusCode::from_u16(c).ok()) {
+                Some(sc) => text(sc.as_u16(), format!("status {code}")),
+                None => text(400, format!("invalid status code {code}")),
+            }
+        }
+
+        "headers" => {
+            let mut lines: Vec<String> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| format!("{}: {}\n", k.as_str(), String::from_utf8_lossy(v.as_bytes())))
+                .collect();
+            lines.sort();
+            text(200, lines.concat())
+        }
+
+        "report" => {
+            let url = match query_param(&req, "url") {
+                Some(u) => u,
+                None => return text(400, "missing query parameter url"),
+            };
+            let id = req
+                .headers()
+                .get("sluice-invocation-id")
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .unwrap_or_default();
+            let result: Result<u16, Error> = async {
+                let out = Request::post(url.as_str())
+                    .header("content-type", "text/plain")
+                    .body(Body::from(id.clone()))?;
+                let mut resp = Client::new().send(out).await?;
+                // Drain the downstream body so the exchange completes cleanly.
+                let _ = resp.body_mut().contents().await?;
+                Ok(resp.status().as_u16())
+            }
+            .await;
+            match result {
+                Ok(s) if (200..300).contains(&s) => text(200, format!("reported {id}")),
+                Ok(s) => text(500, format!("report failed: downstream status {s}")),
+                Err(e) => text(500, format!("report failed: {e:#}")),
+            }
+        }
+
+        _ => text(404, format!("unknown mode: {full_path}")),
+    }
+}
