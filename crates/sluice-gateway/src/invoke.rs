@@ -1,6 +1,6 @@
 //! `ANY /fn/{tenant}/{function}/{*path}`: the synchronous call path, in the order its checks run.
 //!
-//! 1. framing checks that need no state (CL+TE smuggling, declared body size),
+//! 1. the declared body size (CL+TE smuggling and header limits were refused in `server`),
 //! 2. function lookup (in memory) and authentication — a private function needs an `invoke` key
 //!    of its tenant; an unknown function and another tenant's function both answer 404, and a
 //!    caller without a valid key learns nothing (401) about what exists,

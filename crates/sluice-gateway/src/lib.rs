@@ -11,6 +11,7 @@ pub mod invoke;
 pub mod node;
 pub mod recorder;
 pub mod server;
+pub mod sniff;
 
 use std::path::Path;
 use std::sync::Arc;

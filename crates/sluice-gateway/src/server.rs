@@ -10,6 +10,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -23,6 +24,7 @@ use tokio::sync::watch;
 use crate::body::{Body, full};
 use crate::error::error_response;
 use crate::node::Node;
+use crate::sniff::SniffIo;
 
 /// How long an accept loop pauses after an accept error (e.g. out of file descriptors).
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
@@ -108,9 +110,10 @@ async fn accept_loop(
         .timer(TokioTimer::new())
         .keep_alive(true)
         .header_read_timeout(limits.header_read_timeout)
-        // hyper's read buffer bounds the request head: a head that does not fit is answered
-        // with 431. (The floor hyper accepts is 8 KiB.)
-        .max_buf_size(limits.header_bytes_max.max(8192));
+        // hyper's read buffer is the backstop for the request head (a head that cannot fit is
+        // answered 431 and the connection closed); the exact limit is `check_head`. Twice the
+        // limit leaves room for the request line and a pipelined request. (hyper's floor: 8 KiB.)
+        .max_buf_size((limits.header_bytes_max * 2).max(8192));
     // hyper parses up to 100 headers on the stack; setting any value moves them to the heap
     // (~5% per request), so only do it when the limit differs from that default.
     if limits.header_count_max != 100 {
@@ -130,10 +133,14 @@ async fn accept_loop(
                 };
                 // Responses are written in one go; Nagle would only delay the last segment.
                 let _ = stream.set_nodelay(true);
+                let (stream, framing_conflict) = SniffIo::new(stream);
                 let node = node.clone();
                 let service = hyper::service::service_fn(move |req| {
                     let node = node.clone();
-                    async move { Ok::<_, Infallible>(route(&node, req).await) }
+                    // Read and cleared per request: set by the sniffer when this head (or one
+                    // read with it) had both framings; hyper closes such a connection after.
+                    let conflict = framing_conflict.swap(false, Ordering::Relaxed);
+                    async move { Ok::<_, Infallible>(route(&node, req, conflict).await) }
                 });
                 let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
                 tokio::spawn(async move {
@@ -152,9 +159,48 @@ async fn accept_loop(
     }
 }
 
+/// The exact header limits, checked before anything else looks at the request. Size counts each
+/// field as it travels on the wire: `name: value\r\n`.
+fn check_head(req: &Request<Incoming>, limits: &sluice_core::Limits) -> Result<(), SluiceError> {
+    let headers = req.headers();
+    if headers.len() > limits.header_count_max {
+        return Err(SluiceError::new(
+            sluice_core::ErrorKind::HeadersTooLarge,
+            format!(
+                "request has {} header fields; the limit is {}",
+                headers.len(),
+                limits.header_count_max
+            ),
+        ));
+    }
+    let bytes: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if bytes > limits.header_bytes_max {
+        return Err(SluiceError::new(
+            sluice_core::ErrorKind::HeadersTooLarge,
+            format!(
+                "request headers are {bytes} bytes; the limit is {}",
+                limits.header_bytes_max
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The top of the request path: `/fn` calls go straight to the invoke path on this core; the
 /// control API runs on the control runtime, next to the store.
-async fn route(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
+async fn route(node: &Arc<Node>, req: Request<Incoming>, framing_conflict: bool) -> Response<Body> {
+    if framing_conflict {
+        let e = SluiceError::bad_request(
+            "request has both Content-Length and Transfer-Encoding; send exactly one",
+        );
+        return error_response(&e, None);
+    }
+    if let Err(e) = check_head(&req, &node.config.limits) {
+        return error_response(&e, None);
+    }
     let path = req.uri().path();
     if path.starts_with("/fn/") {
         return crate::invoke::handle(node, req).await;

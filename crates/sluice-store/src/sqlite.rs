@@ -336,6 +336,47 @@ fn rows<T>(
     rows.iter().map(from_row).collect()
 }
 
+/// One invocation of a [`SyncRecord`] batch, as a JSON object for `json_each`.
+#[derive(serde::Serialize)]
+struct SyncInvocationRow<'a> {
+    id: &'a str,
+    tenant: &'a str,
+    function: &'a str,
+    version: i64,
+    status: &'static str,
+    started_at: UnixMs,
+    finished_at: UnixMs,
+    status_code: Option<u16>,
+    error_kind: Option<&'a str>,
+}
+
+impl<'a> From<&'a SyncRecord> for SyncInvocationRow<'a> {
+    fn from(r: &'a SyncRecord) -> Self {
+        Self {
+            id: &r.id,
+            tenant: &r.tenant,
+            function: &r.function,
+            version: r.version,
+            status: r.status.as_str(),
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+            status_code: r.status_code,
+            error_kind: r.error_kind.as_deref(),
+        }
+    }
+}
+
+/// One log line of a [`SyncRecord`] batch, as a JSON object for `json_each`.
+#[derive(serde::Serialize)]
+struct SyncLogRow<'a> {
+    invocation_id: &'a str,
+    tenant: &'a str,
+    function: &'a str,
+    stream: &'static str,
+    line: &'a str,
+    at: UnixMs,
+}
+
 #[async_trait::async_trait]
 impl Store for SqliteStore {
     async fn create_tenant(&self, name: &str) -> StoreResult<Tenant> {
@@ -650,9 +691,6 @@ impl Store for SqliteStore {
         if batch.is_empty() {
             return Ok(());
         }
-        // One transaction for the whole batch: one fsync instead of one per record. The
-        // statements are prepared once per connection and reused from sqlx's cache.
-        let mut tx = self.begin_write().await?;
         for record in batch {
             debug_assert!(
                 matches!(
@@ -662,44 +700,61 @@ impl Store for SqliteStore {
                 "a sync invocation ends succeeded or dead, not {:?}",
                 record.status
             );
-            sqlx::query(
-                "INSERT INTO invocations (id, tenant, function, version, mode, status, attempts,
-                     created_at, started_at, finished_at, status_code, error_kind)
-                 VALUES (?1, ?2, ?3, ?4, 'sync', ?5, 1, ?6, ?6, ?7, ?8, ?9)",
-            )
-            .bind(&record.id)
-            .bind(&record.tenant)
-            .bind(&record.function)
-            .bind(record.version)
-            .bind(record.status.as_str())
-            .bind(record.started_at)
-            .bind(record.finished_at)
-            .bind(record.status_code.map(i64::from))
-            .bind(&record.error_kind)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| match classify(e) {
-                StoreError::Conflict(_) => {
-                    StoreError::Conflict(format!("invocation {} already recorded", record.id))
-                }
-                other => other,
-            })?;
-            for (stream, line, at) in &record.logs {
-                sqlx::query(
-                    "INSERT INTO log_lines (invocation_id, tenant, function, stream, line, at)
-                     VALUES (?, ?, ?, ?, ?, ?)",
-                )
-                .bind(&record.id)
-                .bind(&record.tenant)
-                .bind(&record.function)
-                .bind(stream.as_str())
-                .bind(line)
-                .bind(*at)
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?;
-            }
         }
+        // The batch goes in as two JSON arrays and two statements, not one statement per row:
+        // each sqlx statement is a round trip to the connection's worker thread, and a batch of
+        // 1000 calls with a few log lines each would otherwise cost thousands of them.
+        let invocations: Vec<SyncInvocationRow<'_>> =
+            batch.iter().map(SyncInvocationRow::from).collect();
+        let logs: Vec<SyncLogRow<'_>> = batch
+            .iter()
+            .flat_map(|r| {
+                r.logs.iter().map(move |(stream, line, at)| SyncLogRow {
+                    invocation_id: &r.id,
+                    tenant: &r.tenant,
+                    function: &r.function,
+                    stream: stream.as_str(),
+                    line,
+                    at: *at,
+                })
+            })
+            .collect();
+        let invocations = serde_json::to_string(&invocations)
+            .map_err(|e| StoreError::Other(format!("encoding invocations: {e}")))?;
+        let logs = serde_json::to_string(&logs)
+            .map_err(|e| StoreError::Other(format!("encoding log lines: {e}")))?;
+
+        // One transaction for the whole batch: one fsync, and all of it or none of it.
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO invocations (id, tenant, function, version, mode, status, attempts,
+                 created_at, started_at, finished_at, status_code, error_kind)
+             SELECT value ->> 'id', value ->> 'tenant', value ->> 'function',
+                    value ->> 'version', 'sync', value ->> 'status', 1,
+                    value ->> 'started_at', value ->> 'started_at', value ->> 'finished_at',
+                    value ->> 'status_code', value ->> 'error_kind'
+             FROM json_each(?) ORDER BY key",
+        )
+        .bind(invocations)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| match classify(e) {
+            StoreError::Conflict(m) => StoreError::Conflict(format!(
+                "an invocation of the batch is already recorded: {m}"
+            )),
+            other => other,
+        })?;
+        // `ORDER BY key` (the array index) makes `seq` follow the order of the lines.
+        sqlx::query(
+            "INSERT INTO log_lines (invocation_id, tenant, function, stream, line, at)
+             SELECT value ->> 'invocation_id', value ->> 'tenant', value ->> 'function',
+                    value ->> 'stream', value ->> 'line', value ->> 'at'
+             FROM json_each(?) ORDER BY key",
+        )
+        .bind(logs)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
         tx.commit().await.map_err(classify)
     }
 
