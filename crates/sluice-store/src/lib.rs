@@ -153,6 +153,121 @@ pub struct Invocation {
     pub error_kind: Option<String>,
 }
 
+/// How urgently a queued invocation should run; leased in this order (high first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Criticality {
+    High = 0,
+    Normal = 1,
+    Low = 2,
+}
+
+impl Criticality {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::High => "high",
+            Self::Normal => "normal",
+            Self::Low => "low",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "high" => Some(Self::High),
+            "normal" => Some(Self::Normal),
+            "low" => Some(Self::Low),
+            _ => None,
+        }
+    }
+}
+
+/// An HTTP request or response as stored for an async invocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRequest {
+    pub method: String,
+    /// Path below the function, with the query: `/sub/path?x=1`.
+    pub path_and_query: String,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    pub status: u16,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+}
+
+/// An async invocation to enqueue.
+#[derive(Debug, Clone)]
+pub struct NewInvocation {
+    pub id: String,
+    pub tenant: String,
+    pub function: String,
+    pub version: i64,
+    pub request: StoredRequest,
+    /// Same key + tenant + function within the idempotency window returns the first invocation.
+    pub idempotency_key: Option<String>,
+    pub criticality: Criticality,
+    /// Not leased before this time (`sluice-start-after`, or now).
+    pub run_after: UnixMs,
+    /// Not started by this time: `expired` (`sluice-deadline`).
+    pub deadline: Option<UnixMs>,
+    pub attempts_max: u32,
+    /// After `created_at + max_age_ms` a failed attempt is not retried: `dead`.
+    pub max_age_ms: u64,
+}
+
+/// What `enqueue` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enqueued {
+    /// Durably stored (committed) under the new id.
+    Created,
+    /// The idempotency key was seen within the window: the first invocation's id. Nothing stored.
+    Existing(String),
+}
+
+/// A leased invocation: the scheduler runs it and reports back with `lease_owner` + `attempt`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Leased {
+    pub id: String,
+    pub tenant: String,
+    pub function: String,
+    pub version: i64,
+    pub request: StoredRequest,
+    /// 1 for the first attempt; the fencing token of this lease.
+    pub attempt: u32,
+    pub attempts_max: u32,
+    pub created_at: UnixMs,
+    pub max_age_ms: u64,
+    pub criticality: Criticality,
+    pub deadline: Option<UnixMs>,
+}
+
+/// The result of one attempt, recorded together with the state change.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttemptResult {
+    /// The guest answered (any status below 500): `succeeded`.
+    Succeeded { response: StoredResponse },
+    /// The attempt failed. With `retry_at` it goes back to the queue (`failed`, leased again from
+    /// then on); without, it is `dead`.
+    Failed {
+        error_kind: String,
+        status_code: Option<u16>,
+        response: Option<StoredResponse>,
+        retry_at: Option<UnixMs>,
+    },
+}
+
+/// Filter and page of `list_invocations`, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct InvocationFilter {
+    pub tenant: String,
+    pub function: Option<String>,
+    pub status: Option<InvocationStatus>,
+    /// Only ids less than this (ids sort by creation time): the cursor of the next page.
+    pub before_id: Option<String>,
+    pub limit: u32,
+}
+
 /// The single interface to durable state. Implementations must be safe to share across tasks.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -219,4 +334,41 @@ pub trait Store: Send + Sync + 'static {
         after_seq: Option<i64>,
         limit: u32,
     ) -> StoreResult<Vec<LogLine>>;
+
+    // --- the async queue (DESIGN.md section 3) ---
+    /// Stores an async invocation with status `queued`. Returns only after the row is durably
+    /// committed (`synchronous=FULL`); concurrent calls share commits (group commit).
+    async fn enqueue(&self, inv: &NewInvocation) -> StoreResult<Enqueued>;
+    /// Leases up to `limit` runnable invocations for `owner` until `now + lease_ms`: `queued` or
+    /// `failed` ones whose `run_after <= now`, and `running` ones whose lease expired (their owner
+    /// died). Order: criticality, then deadline (none last), then `run_after`. Each leased row
+    /// becomes `running` with `attempts + 1`. Rows whose deadline passed before they started
+    /// become `expired` instead; rows past `created_at + max_age` become `dead`.
+    async fn lease(&self, owner: &str, now: UnixMs, lease_ms: u64, limit: u32) -> StoreResult<Vec<Leased>>;
+    /// Extends the leases `owner` still holds on `ids` to `until`. Returns the ids it no longer
+    /// holds (reclaimed by someone else).
+    async fn heartbeat(&self, owner: &str, ids: &[String], until: UnixMs) -> StoreResult<Vec<String>>;
+    /// Records an attempt's result and its guest log lines in the same transaction as its state
+    /// change, if `owner` still holds the lease for `attempt`; `false` (and nothing written)
+    /// otherwise. Concurrent completions share commits.
+    async fn complete(
+        &self,
+        id: &str,
+        owner: &str,
+        attempt: u32,
+        result: &AttemptResult,
+        logs: &[(LogStream, String, UnixMs)],
+        now: UnixMs,
+    ) -> StoreResult<bool>;
+    /// Gives leases back without counting the attempt (graceful shutdown): `queued` again.
+    async fn release(&self, owner: &str, ids: &[String]) -> StoreResult<()>;
+    /// The stored response of an invocation (the last attempt's), if any.
+    async fn get_response(&self, id: &str) -> StoreResult<Option<StoredResponse>>;
+    async fn list_invocations(&self, filter: &InvocationFilter) -> StoreResult<Vec<Invocation>>;
+    /// Re-drives a `dead` or `expired` invocation: `queued` again with its attempts reset and its
+    /// deadline cleared. `false` if it is not in such a state (or does not exist).
+    async fn retry_dead(&self, id: &str, now: UnixMs) -> StoreResult<bool>;
+    /// Deletes up to `limit` finished invocations (and their logs and responses) that finished
+    /// before `cutoff`, and idempotency keys older than the window. Returns rows deleted.
+    async fn purge(&self, cutoff: UnixMs, limit: u32) -> StoreResult<u64>;
 }
