@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use sluice_core::Limits;
 use sluice_core::units::{parse_bytes, parse_duration};
+use sluice_gateway::admission::Rate;
 use sluice_gateway::{Node, NodeConfig, Server};
 use sluice_store::{SqliteStore, Store};
 
@@ -41,6 +42,21 @@ pub struct ServeArgs {
     /// Largest body of a synchronous call, e.g. 6MiB.
     #[arg(long, default_value = "6MiB", value_parser = parse_bytes)]
     pub sync_body_max: u64,
+    /// Largest body of an async call (stored whole in the queue), e.g. 1MiB.
+    #[arg(long, default_value = "1MiB", value_parser = parse_bytes)]
+    pub async_body_max: u64,
+    /// Every tenant's rate limit in calls per second (0: unlimited).
+    #[arg(long, default_value_t = 0.0)]
+    pub tenant_rate: f64,
+    /// Every tenant's burst (default: the rate, rounded up).
+    #[arg(long)]
+    pub tenant_burst: Option<u32>,
+    /// Sync calls running at once on this node; beyond it new calls get 503 at once.
+    #[arg(long, default_value_t = 512)]
+    pub sync_inflight_max: usize,
+    /// Async invocations running at once on this node.
+    #[arg(long, default_value_t = 256)]
+    pub async_inflight_max: usize,
     /// Largest component upload, e.g. 64MiB.
     #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
     pub upload_max: u64,
@@ -75,6 +91,7 @@ impl ServeArgs {
             header_count_max: self.header_count_max,
             header_read_timeout: self.header_read_timeout,
             sync_body_bytes_max: self.sync_body_max,
+            async_body_bytes_max: self.async_body_max,
             upload_bytes_max: self.upload_max,
             instances_max: self.instances_max,
             shutdown_grace: self.shutdown_grace,
@@ -118,14 +135,16 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
                 .display()
         );
     }
-    let config = NodeConfig {
-        data_dir: args.data_dir.clone(),
-        limits,
-        outbound_allow_private: args.outbound_allow_private,
-    };
+    let mut config = NodeConfig::new(args.data_dir.clone());
+    config.limits = limits;
+    config.outbound_allow_private = args.outbound_allow_private;
+    config.tenant_rate = (args.tenant_rate > 0.0).then(|| Rate::of(Some(args.tenant_rate), args.tenant_burst)).flatten();
+    config.sync_inflight_max = args.sync_inflight_max;
+    config.async_inflight_max = args.async_inflight_max;
     let node = Node::open(config, store).await?;
     let server = Server::start(node.clone(), args.listen, workers)
         .with_context(|| format!("listening on {}", args.listen))?;
+    node.start_scheduler();
     let addr = server.local_addr();
     *node.public_url.write().expect("public url lock") = format!("http://{addr}");
     eprintln!(
@@ -139,7 +158,10 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
         "sluice: shutting down; in-flight calls get up to {}",
         sluice_core::units::format_duration(node.config.limits.shutdown_grace)
     );
+    // HTTP first (no new calls, in-flight ones finish), then the scheduler (running async calls
+    // finish or go back to the queue), then the last log records.
     server.shutdown().await;
+    node.stop_scheduler().await;
     node.recorder.flush().await;
     eprintln!("sluice: stopped");
     Ok(())

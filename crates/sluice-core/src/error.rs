@@ -144,6 +144,8 @@ pub struct SluiceError {
     pub message: String,
     /// Seconds a client should wait before trying again (429 and 503).
     pub retry_after_secs: Option<u64>,
+    /// Further response headers that explain the error (e.g. the IETF `RateLimit` fields).
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl SluiceError {
@@ -152,11 +154,17 @@ impl SluiceError {
             kind,
             message: message.into(),
             retry_after_secs: None,
+            headers: Vec::new(),
         }
     }
 
     pub fn retry_after(mut self, secs: u64) -> Self {
         self.retry_after_secs = Some(secs.max(1));
+        self
+    }
+
+    pub fn header(mut self, name: &'static str, value: String) -> Self {
+        self.headers.push((name, value));
         self
     }
 

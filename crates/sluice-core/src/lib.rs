@@ -9,6 +9,7 @@ pub mod error;
 pub mod function;
 pub mod ids;
 pub mod limits;
+pub mod retry;
 pub mod units;
 
 pub use error::{ErrorKind, ErrorSource, SluiceError};

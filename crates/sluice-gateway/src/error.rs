@@ -24,6 +24,11 @@ pub fn error_response(err: &SluiceError, invocation_id: Option<&str>) -> Respons
     if let Some(secs) = err.retry_after_secs {
         h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
+    for (name, value) in &err.headers {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            h.insert(*name, v);
+        }
+    }
     if let Some(id) = invocation_id.and_then(|id| HeaderValue::from_str(id).ok()) {
         h.insert(INVOCATION_ID, id);
     }

@@ -1,29 +1,36 @@
-//! `ANY /fn/{tenant}/{function}/{*path}`: the synchronous call path, in the order its checks run.
+//! `ANY /fn/{tenant}/{function}/{*path}`: the call path, in the order its checks run.
 //!
-//! 1. the declared body size (CL+TE smuggling and header limits were refused in `server`),
-//! 2. function lookup (in memory) and authentication — a private function needs an `invoke` key
+//! 1. the declared body size (CL+TE smuggling and the header limits were refused in `server`),
+//! 2. function lookup (in memory) and authentication: a private function needs an `invoke` key
 //!    of its tenant; an unknown function and another tenant's function both answer 404, and a
 //!    caller without a valid key learns nothing (401) about what exists,
-//! 3. the guest request is built (path below the function, `sluice-invocation-id` added, the
-//!    platform's `Authorization` removed for private functions), the body bounded while it
-//!    streams, and the runtime runs it in a fresh instance,
-//! 4. the response head is returned as soon as the guest sets it; the outcome is recorded off the
-//!    request path.
+//! 3. admission: the tenant's and the function's token buckets (429), then — sync only — the
+//!    function's concurrency cap (429) and the node's load-shedding bound (503). No work is done
+//!    for a refused call,
+//! 4. async (`Prefer: respond-async`): the whole request is stored durably and answered 202;
+//!    sync: the guest request is built (path below the function, `sluice-invocation-id` added,
+//!    the platform's `Authorization` removed for private functions), the body bounded while it
+//!    streams, and the runtime runs it in a fresh instance. The response head is returned as soon
+//!    as the guest sets it; the outcome is recorded off the request path.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use http::{HeaderValue, Request, Response, Uri, header};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use sluice_core::{ErrorKind, Scope, SluiceError};
+use sluice_core::{Clock, ErrorKind, Scope, SluiceError, SystemClock};
 use sluice_runtime::{Call, Outcome};
-use sluice_store::{InvocationStatus, SyncRecord};
+use sluice_store::{Criticality, Enqueued, InvocationStatus, NewInvocation, StoredRequest, SyncRecord};
 
-use crate::body::{Body, BoxError, Limited};
-use crate::error::{INVOCATION_ID, error_response};
+use crate::admission::Slot;
+use crate::body::{Body, BoxError, Limited, full};
+use crate::error::{INVOCATION_ID, error_response, store_error};
 use crate::node::{Deployed, Node, bearer};
+
+/// Longest accepted `Idempotency-Key`.
+const IDEMPOTENCY_KEY_BYTES_MAX: usize = 255;
 
 /// Splits `/fn/{tenant}/{function}/{rest}` into its parts; `rest` keeps its leading slash.
 pub fn split_fn_path(path: &str) -> Option<(&str, &str, &str)> {
@@ -51,18 +58,12 @@ async fn call(
 ) -> Result<Response<Body>, SluiceError> {
     let limits = &node.config.limits;
     let headers = req.headers();
-    // A request with both framings can be read two ways by two parsers (request smuggling).
-    if headers.contains_key(header::TRANSFER_ENCODING)
-        && headers.contains_key(header::CONTENT_LENGTH)
-    {
-        return Err(SluiceError::bad_request(
-            "request has both Content-Length and Transfer-Encoding; send exactly one",
-        ));
-    }
+    let is_async = prefers_async(headers);
+    let body_max = if is_async { limits.async_body_bytes_max } else { limits.sync_body_bytes_max };
     if let Some(len) = content_length(headers)?
-        && len > limits.sync_body_bytes_max
+        && len > body_max
     {
-        return Err(too_large(limits.sync_body_bytes_max));
+        return Err(too_large(body_max));
     }
 
     let (tenant, function, sub) = split_fn_path(req.uri().path())
@@ -71,47 +72,41 @@ async fn call(
     let public = deployed.as_ref().is_some_and(|d| d.config.public);
     if !public {
         let key = bearer(headers).ok_or_else(|| {
-            SluiceError::new(
-                ErrorKind::Unauthorized,
-                "missing API key: send Authorization: Bearer <key>",
-            )
+            SluiceError::new(ErrorKind::Unauthorized, "missing API key: send Authorization: Bearer <key>")
         })?;
-        let principal = node.principal_for_key(key).ok_or_else(|| {
-            SluiceError::new(ErrorKind::Unauthorized, "invalid or revoked API key")
-        })?;
+        let principal = node
+            .principal_for_key(key)
+            .ok_or_else(|| SluiceError::new(ErrorKind::Unauthorized, "invalid or revoked API key"))?;
         if deployed.is_none() || !principal.sees(tenant) {
-            return Err(SluiceError::not_found(format!(
-                "no function {function} in tenant {tenant}"
-            )));
+            return Err(no_function(tenant, function));
         }
         if !principal.may(tenant, Scope::Invoke) {
-            return Err(SluiceError::new(
-                ErrorKind::Forbidden,
-                "this key may not invoke functions",
-            ));
+            return Err(SluiceError::new(ErrorKind::Forbidden, "this key may not invoke functions"));
         }
     }
-    let deployed = deployed.ok_or_else(|| {
-        SluiceError::not_found(format!("no function {function} in tenant {tenant}"))
-    })?;
+    let deployed = deployed.ok_or_else(|| no_function(tenant, function))?;
 
+    node.admission.tenant(tenant)?;
+    deployed.admission.check_rate(function)?;
     let path_and_query = match req.uri().query() {
         Some(q) => format!("{sub}?{q}"),
         None => sub.to_string(),
     };
+    if is_async {
+        return enqueue(node, &deployed, req, path_and_query, public, invocation_id).await;
+    }
+    let function_slot = deployed.admission.acquire(function)?;
+    let node_slot = node.admission.shed()?;
+
     let (mut parts, body) = req.into_parts();
     parts.uri = Uri::try_from(path_and_query)
         .map_err(|e| SluiceError::bad_request(format!("bad path: {e}")))?;
     if !public {
         parts.headers.remove(header::AUTHORIZATION);
     }
-    parts
-        .headers
-        .insert(INVOCATION_ID, header_value(invocation_id));
+    parts.headers.insert(INVOCATION_ID, header_value(invocation_id));
     if !parts.headers.contains_key(header::HOST) {
-        parts
-            .headers
-            .insert(header::HOST, HeaderValue::from_static("localhost"));
+        parts.headers.insert(header::HOST, HeaderValue::from_static("localhost"));
     }
     let (body, body_exceeded) = Limited::new(body, limits.sync_body_bytes_max);
 
@@ -119,42 +114,177 @@ async fn call(
         invocation_id: invocation_id.to_string(),
         config: deployed.config.clone(),
         timeout: Duration::from_millis(deployed.config.timeout_ms),
-        recorder: Some(recorder(node, &deployed)),
+        recorder: Some(recorder(node, &deployed, [function_slot, Some(node_slot)])),
     };
-    let running = node
-        .runtime
-        .invoke(&deployed.prepared, call, Request::from_parts(parts, body));
+    let running = node.runtime.invoke(&deployed.prepared, call, Request::from_parts(parts, body));
     match running.response().await {
         Ok((res, _done)) => {
             let mut res = res.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync());
-            res.headers_mut()
-                .insert(INVOCATION_ID, header_value(invocation_id));
+            res.headers_mut().insert(INVOCATION_ID, header_value(invocation_id));
             Ok(res)
         }
-        Err(_) if body_exceeded.load(Ordering::Relaxed) => {
-            Err(too_large(limits.sync_body_bytes_max))
-        }
+        Err(_) if body_exceeded.load(Ordering::Relaxed) => Err(too_large(limits.sync_body_bytes_max)),
         Err(outcome) => {
-            let mut err = outcome
-                .error
-                .unwrap_or_else(|| SluiceError::internal("the invocation failed"));
+            let mut err =
+                outcome.error.unwrap_or_else(|| SluiceError::internal("the invocation failed"));
             if err.kind.source() == sluice_core::ErrorSource::Guest {
-                err.message = format!(
-                    "{}; logs: GET /v1/invocations/{invocation_id}/logs",
-                    err.message
-                );
+                err.message =
+                    format!("{}; logs: GET /v1/invocations/{invocation_id}/logs", err.message);
             }
             Err(err)
         }
     }
 }
 
+fn no_function(tenant: &str, function: &str) -> SluiceError {
+    SluiceError::not_found(format!("no function {function} in tenant {tenant}"))
+}
+
+/// RFC 7240: `Prefer` may list several preferences, separated by commas.
+fn prefers_async(headers: &HeaderMap) -> bool {
+    headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()).any(|v| {
+        v.split(',').any(|p| p.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("respond-async"))
+    })
+}
+
+/// Headers that describe one hop, not the request: not stored for a later replay.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-connection",
+    "content-length",
+];
+
+/// The async path: store the whole request durably, then answer 202. Nothing is acknowledged
+/// before the store says the commit is on disk.
+async fn enqueue(
+    node: &Arc<Node>,
+    deployed: &Arc<Deployed>,
+    req: Request<Incoming>,
+    path_and_query: String,
+    public: bool,
+    invocation_id: &str,
+) -> Result<Response<Body>, SluiceError> {
+    let now = SystemClock.now_ms();
+    let headers = req.headers();
+    let idempotency_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => {
+            let key = v.to_str().map_err(|_| header_error("Idempotency-Key", "must be visible ASCII"))?;
+            if key.is_empty() || key.len() > IDEMPOTENCY_KEY_BYTES_MAX {
+                return Err(header_error(
+                    "Idempotency-Key",
+                    &format!("must be 1 to {IDEMPOTENCY_KEY_BYTES_MAX} bytes, got {}", key.len()),
+                ));
+            }
+            Some(key.to_string())
+        }
+    };
+    let start_after = time_header(headers, "sluice-start-after")?;
+    let deadline = time_header(headers, "sluice-deadline")?;
+    if let (Some(s), Some(d)) = (start_after, deadline)
+        && d < s
+    {
+        return Err(header_error("sluice-deadline", "is before sluice-start-after"));
+    }
+    let criticality = match headers.get("sluice-criticality") {
+        None => Criticality::Normal,
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| Criticality::parse(s.trim()))
+            .ok_or_else(|| header_error("sluice-criticality", "must be high, normal or low"))?,
+    };
+
+    let (parts, body) = req.into_parts();
+    let max = node.config.limits.async_body_bytes_max;
+    let body = http_body_util::Limited::new(body, max as usize).collect().await.map_err(|e| {
+        if e.is::<http_body_util::LengthLimitError>() {
+            too_large(max)
+        } else {
+            SluiceError::bad_request(format!("reading the request body: {e}"))
+        }
+    })?;
+    let stored_headers = parts
+        .headers
+        .iter()
+        .filter(|(k, _)| !HOP_BY_HOP.contains(&k.as_str()))
+        .filter(|(k, _)| public || *k != header::AUTHORIZATION)
+        .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
+        .collect();
+    let inv = NewInvocation {
+        id: invocation_id.to_string(),
+        tenant: deployed.record.tenant.clone(),
+        function: deployed.record.function.clone(),
+        version: deployed.record.version,
+        request: StoredRequest {
+            method: parts.method.to_string(),
+            path_and_query,
+            headers: stored_headers,
+            body: body.to_bytes().to_vec(),
+        },
+        idempotency_key,
+        criticality,
+        run_after: start_after.unwrap_or(now),
+        deadline,
+        attempts_max: deployed.config.attempts_max,
+        max_age_ms: deployed.config.max_age_ms,
+    };
+    let (id, replay) = match node.store.enqueue(&inv).await.map_err(store_error)? {
+        Enqueued::Created => {
+            node.notify_scheduler();
+            (inv.id, false)
+        }
+        Enqueued::Existing(first) => (first, true),
+    };
+    let location = format!("/v1/invocations/{id}");
+    let body = serde_json::json!({ "id": id, "status": "queued", "location": location });
+    let mut res = Response::new(full(body.to_string()));
+    *res.status_mut() = StatusCode::ACCEPTED;
+    let h = res.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(header::LOCATION, header_value(&location));
+    h.insert(INVOCATION_ID, header_value(&id));
+    h.insert("preference-applied", HeaderValue::from_static("respond-async"));
+    if replay {
+        h.insert("sluice-idempotent-replay", HeaderValue::from_static("true"));
+    }
+    Ok(res)
+}
+
+fn header_error(name: &str, problem: &str) -> SluiceError {
+    SluiceError::bad_request(format!("header {name} {problem}"))
+}
+
+fn time_header(headers: &HeaderMap, name: &str) -> Result<Option<i64>, SluiceError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(sluice_core::parse_rfc3339)
+            .map(Some)
+            .ok_or_else(|| header_error(name, "is not an RFC 3339 time (e.g. 2026-11-21T20:00:00Z)")),
+    }
+}
+
 /// Hands the outcome to the recorder when there is something to look at later (log lines or a
-/// failure); a silent success is only counted, which keeps recording off the hot path.
-fn recorder(node: &Arc<Node>, deployed: &Arc<Deployed>) -> Box<dyn FnOnce(&Outcome) + Send> {
+/// failure); a silent success is only counted, which keeps recording off the hot path. The
+/// admission slots live in the closure, so they are given back when the guest is done — after
+/// a streamed body too.
+fn recorder(
+    node: &Arc<Node>,
+    deployed: &Arc<Deployed>,
+    slots: [Option<Slot>; 2],
+) -> Box<dyn FnOnce(&Outcome) + Send> {
     let recorder = node.recorder.clone();
     let deployed = deployed.clone();
     Box::new(move |o: &Outcome| {
+        drop(slots);
         if o.error.is_none() && o.logs.is_empty() {
             return;
         }
@@ -163,14 +293,8 @@ fn recorder(node: &Arc<Node>, deployed: &Arc<Deployed>) -> Box<dyn FnOnce(&Outco
             tenant: deployed.record.tenant.clone(),
             function: deployed.record.function.clone(),
             version: deployed.record.version,
-            status: if o.error.is_some() {
-                InvocationStatus::Dead
-            } else {
-                InvocationStatus::Succeeded
-            },
-            status_code: o
-                .status_code
-                .or(o.error.as_ref().map(|e| e.kind.status().as_u16())),
+            status: if o.error.is_some() { InvocationStatus::Dead } else { InvocationStatus::Succeeded },
+            status_code: o.status_code.or(o.error.as_ref().map(|e| e.kind.status().as_u16())),
             error_kind: o.error.as_ref().map(|e| e.kind.as_str().to_string()),
             started_at: o.started_at,
             finished_at: o.finished_at,
@@ -208,17 +332,21 @@ mod tests {
 
     #[test]
     fn fn_paths() {
-        assert_eq!(
-            split_fn_path("/fn/default/hello"),
-            Some(("default", "hello", "/"))
-        );
-        assert_eq!(
-            split_fn_path("/fn/default/hello/"),
-            Some(("default", "hello", "/"))
-        );
+        assert_eq!(split_fn_path("/fn/default/hello"), Some(("default", "hello", "/")));
+        assert_eq!(split_fn_path("/fn/default/hello/"), Some(("default", "hello", "/")));
         assert_eq!(split_fn_path("/fn/t/f/a/b"), Some(("t", "f", "/a/b")));
         assert_eq!(split_fn_path("/fn/t"), None);
         assert_eq!(split_fn_path("/fn//f"), None);
         assert_eq!(split_fn_path("/v1/x"), None);
+    }
+
+    #[test]
+    fn prefer_header_lists() {
+        let mut h = HeaderMap::new();
+        assert!(!prefers_async(&h));
+        h.insert("prefer", HeaderValue::from_static("return=minimal, respond-async; wait=10"));
+        assert!(prefers_async(&h));
+        h.insert("prefer", HeaderValue::from_static("respond-asynchronously"));
+        assert!(!prefers_async(&h));
     }
 }

@@ -4,12 +4,15 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use sluice_core::{FunctionConfig, Limits, Scope, SluiceError};
 use sluice_runtime::{Prepared, Runtime};
 use sluice_store::{KeyRecord, Store, VersionRecord};
 
+use sluice_scheduler::{Functions, Ready, Scheduler, SchedulerConfig};
+
+use crate::admission::{Admission, FunctionAdmission, Rate};
 use crate::error::store_error;
 use crate::recorder::Recorder;
 
@@ -20,6 +23,25 @@ pub struct NodeConfig {
     pub limits: Limits,
     /// Let guests call loopback and private addresses that are in their allow list.
     pub outbound_allow_private: bool,
+    /// Every tenant's rate unless it has its own; `None`: unlimited.
+    pub tenant_rate: Option<Rate>,
+    /// Sync calls running at once on this node; beyond it calls are shed with 503.
+    pub sync_inflight_max: usize,
+    /// Async invocations running at once on this node.
+    pub async_inflight_max: usize,
+}
+
+impl NodeConfig {
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            limits: Limits::default(),
+            outbound_allow_private: false,
+            tenant_rate: None,
+            sync_inflight_max: 512,
+            async_inflight_max: 256,
+        }
+    }
 }
 
 /// A deployed function version, ready to run.
@@ -27,6 +49,16 @@ pub struct Deployed {
     pub record: VersionRecord,
     pub config: Arc<FunctionConfig>,
     pub prepared: Arc<Prepared>,
+    pub admission: FunctionAdmission,
+}
+
+impl Deployed {
+    pub fn new(record: VersionRecord, prepared: Arc<Prepared>) -> Self {
+        let config = Arc::new(record.config.clone());
+        let rate = Rate::of(config.rate_per_sec, config.burst);
+        let admission = FunctionAdmission::new(rate, config.max_concurrency, Default::default());
+        Self { record, config, prepared, admission }
+    }
 }
 
 /// Who is calling: the key's tenant (none for admin keys) and scopes.
@@ -60,6 +92,8 @@ pub struct Node {
     pub store: Arc<dyn Store>,
     pub runtime: Arc<Runtime>,
     pub recorder: Recorder,
+    pub admission: Admission,
+    scheduler: Mutex<Option<Scheduler>>,
     functions: RwLock<FunctionMap>,
     keys: RwLock<HashMap<String, Arc<Principal>>>,
     /// The runtime that owns the store's connections and background tasks; API calls run here
@@ -79,11 +113,14 @@ impl Node {
         rt.outbound_allow_private = config.outbound_allow_private;
         let runtime = Arc::new(Runtime::new(rt)?);
         let recorder = Recorder::start(store.clone(), config.limits.log_queue_max);
+        let admission = Admission::new(Default::default(), config.sync_inflight_max, config.tenant_rate);
         let node = Arc::new(Self {
             config,
             store,
             runtime,
             recorder,
+            admission,
+            scheduler: Mutex::new(None),
             functions: RwLock::default(),
             keys: RwLock::default(),
             control: tokio::runtime::Handle::current(),
@@ -103,6 +140,39 @@ impl Node {
             }
         }
         Ok(node)
+    }
+
+    /// Starts this node's scheduler of async invocations (on the current runtime).
+    pub fn start_scheduler(self: &Arc<Self>) {
+        let owner = format!("{}-{}", std::process::id(), sluice_core::ids::short_id("node"));
+        let mut config = SchedulerConfig::new(owner);
+        config.inflight_max = self.config.async_inflight_max;
+        config.shutdown_grace = self.config.limits.shutdown_grace;
+        let functions: Arc<dyn Functions> = Arc::new(NodeFunctions(Arc::downgrade(self)));
+        let scheduler = Scheduler::start(
+            config,
+            self.store.clone(),
+            self.runtime.clone(),
+            functions,
+            Arc::new(sluice_core::SystemClock),
+        );
+        *self.scheduler.lock().expect("scheduler lock") = Some(scheduler);
+    }
+
+    /// Wakes the scheduler: an invocation was just queued.
+    pub fn notify_scheduler(&self) {
+        if let Some(s) = self.scheduler.lock().expect("scheduler lock").as_ref() {
+            s.notify();
+        }
+    }
+
+    /// Stops the scheduler: running invocations finish within the grace period, the rest go back
+    /// to the queue.
+    pub async fn stop_scheduler(&self) {
+        let scheduler = self.scheduler.lock().expect("scheduler lock").take();
+        if let Some(s) = scheduler {
+            s.shutdown().await;
+        }
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -145,12 +215,7 @@ impl Node {
         })
         .await
         .map_err(|e| SluiceError::internal(format!("loading task failed: {e}")))??;
-        let config = Arc::new(record.config.clone());
-        Ok(Deployed {
-            record,
-            config,
-            prepared,
-        })
+        Ok(Deployed::new(record, prepared))
     }
 
     /// Rebuilds the API-key cache from the store.
@@ -173,6 +238,37 @@ impl Node {
             .expect("key cache lock")
             .get(&hash)
             .cloned()
+    }
+}
+
+/// The scheduler's view of the registry: the installed latest version, or an older version
+/// loaded from the store (an async call runs the version it was queued for).
+struct NodeFunctions(Weak<Node>);
+
+impl Functions for NodeFunctions {
+    fn get(
+        &self,
+        tenant: &str,
+        function: &str,
+        version: i64,
+    ) -> futures::future::BoxFuture<'static, Result<Option<Ready>, SluiceError>> {
+        let node = self.0.upgrade();
+        let (tenant, function) = (tenant.to_string(), function.to_string());
+        Box::pin(async move {
+            let node = node.ok_or_else(|| SluiceError::internal("the node is shutting down"))?;
+            if let Some(d) = node.function(&tenant, &function)
+                && d.record.version == version
+            {
+                return Ok(Some(Ready { config: d.config.clone(), prepared: d.prepared.clone() }));
+            }
+            match node.store.get_version(&tenant, &function, version).await.map_err(store_error)? {
+                None => Ok(None),
+                Some(record) => {
+                    let d = node.load_version(record).await?;
+                    Ok(Some(Ready { config: d.config, prepared: d.prepared }))
+                }
+            }
+        })
     }
 }
 

@@ -1,0 +1,348 @@
+//! sluice-scheduler: runs async invocations. Every node runs one; together they drain the shared
+//! queue (DESIGN.md sections 2 and 3).
+//!
+//! The loop leases runnable invocations in batches (the store orders them by criticality, then
+//! deadline), runs each on the same runtime as synchronous calls, renews its leases by heartbeat,
+//! and records each attempt's outcome through `Store::complete`, which changes the state in the
+//! same transaction. A failed attempt is retried with backoff or becomes `dead`
+//! ([`sluice_core::retry`]); an attempt whose lease was lost is fenced off by the store.
+//!
+//! It knows nothing of HTTP serving or tenants' keys; it finds functions through [`Functions`].
+#![forbid(unsafe_code)]
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use sluice_core::retry::{Next, RetryPolicy};
+use sluice_core::{Clock, ErrorKind, FunctionConfig, LogStream, UnixMs};
+use sluice_runtime::{BodyError, Call, Prepared, Runtime};
+use sluice_store::{AttemptResult, Leased, Store, StoredResponse};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
+
+/// A function version ready to run.
+pub struct Ready {
+    pub config: Arc<FunctionConfig>,
+    pub prepared: Arc<Prepared>,
+}
+
+/// Where the scheduler finds the code of a version (the node's registry).
+pub trait Functions: Send + Sync + 'static {
+    fn get(
+        &self,
+        tenant: &str,
+        function: &str,
+        version: i64,
+    ) -> futures::future::BoxFuture<'static, Result<Option<Ready>, sluice_core::SluiceError>>;
+}
+
+/// Bounds and periods of the scheduler; each a named setting.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// This node's identity in leases; must be unique per process.
+    pub owner: String,
+    /// How long a lease lasts without a heartbeat (DESIGN.md: 30 s).
+    pub lease_ms: u64,
+    /// How often held leases are renewed (DESIGN.md: 10 s).
+    pub heartbeat: Duration,
+    /// Invocations leased per store round trip at most.
+    pub batch_max: u32,
+    /// Async invocations running at once on this node.
+    pub inflight_max: usize,
+    /// Sleep between polls when the queue looked empty (an enqueue on this node wakes it sooner).
+    pub poll_idle: Duration,
+    /// Largest response body stored for an invocation.
+    pub response_body_bytes_max: usize,
+    /// Time running invocations get to finish on shutdown before their leases are given back.
+    pub shutdown_grace: Duration,
+}
+
+impl SchedulerConfig {
+    pub fn new(owner: String) -> Self {
+        Self {
+            owner,
+            lease_ms: 30_000,
+            heartbeat: Duration::from_secs(10),
+            batch_max: 128,
+            inflight_max: 256,
+            poll_idle: Duration::from_millis(200),
+            response_body_bytes_max: 6 * 1024 * 1024,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+struct Ctx {
+    config: SchedulerConfig,
+    store: Arc<dyn Store>,
+    runtime: Arc<Runtime>,
+    functions: Arc<dyn Functions>,
+    clock: Arc<dyn Clock>,
+    /// Ids of the invocations this node is running: what heartbeats renew and shutdown releases.
+    running: Mutex<HashSet<String>>,
+}
+
+pub struct Scheduler {
+    notify: Arc<Notify>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Scheduler {
+    /// Starts the loop on the current runtime.
+    pub fn start(
+        config: SchedulerConfig,
+        store: Arc<dyn Store>,
+        runtime: Arc<Runtime>,
+        functions: Arc<dyn Functions>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        let notify = Arc::new(Notify::new());
+        let (stop, stop_rx) = watch::channel(false);
+        let ctx = Arc::new(Ctx { config, store, runtime, functions, clock, running: Mutex::default() });
+        let task = tokio::spawn(run_loop(ctx, notify.clone(), stop_rx));
+        Self { notify, stop, task }
+    }
+
+    /// Tells the loop that something was queued, so it leases now rather than at its next poll.
+    pub fn notify(&self) {
+        self.notify.notify_one();
+    }
+
+    /// Stops leasing, lets running invocations finish within the grace period, and gives the
+    /// leases of the rest back to the queue.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+async fn run_loop(ctx: Arc<Ctx>, notify: Arc<Notify>, mut stop: watch::Receiver<bool>) {
+    let mut tasks = JoinSet::new();
+    let mut heartbeat = tokio::time::interval(ctx.config.heartbeat);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut store_backoff = Duration::from_millis(100);
+    loop {
+        while tasks.try_join_next().is_some() {}
+        let room = ctx.config.inflight_max.saturating_sub(tasks.len());
+        let mut full_batch = false;
+        if room > 0 {
+            let want = (room as u32).min(ctx.config.batch_max);
+            match ctx.store.lease(&ctx.config.owner, ctx.clock.now_ms(), ctx.config.lease_ms, want).await {
+                Ok(batch) => {
+                    store_backoff = Duration::from_millis(100);
+                    full_batch = batch.len() as u32 == want;
+                    for inv in batch {
+                        ctx.running.lock().expect("running set").insert(inv.id.clone());
+                        tasks.spawn(run_one(ctx.clone(), inv));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "leasing failed; backing off");
+                    tokio::time::sleep(store_backoff).await;
+                    store_backoff = (store_backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        if full_batch && tasks.len() < ctx.config.inflight_max {
+            // More may be waiting: lease again at once instead of sleeping.
+            tokio::task::yield_now().await;
+            continue;
+        }
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = notify.notified() => {}
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            _ = heartbeat.tick() => renew(&ctx).await,
+            _ = tokio::time::sleep(ctx.config.poll_idle) => {}
+        }
+    }
+    drain(&ctx, tasks).await;
+}
+
+async fn renew(ctx: &Ctx) {
+    let ids: Vec<String> = ctx.running.lock().expect("running set").iter().cloned().collect();
+    if ids.is_empty() {
+        return;
+    }
+    let until = ctx.clock.now_ms() + ctx.config.lease_ms as i64;
+    match ctx.store.heartbeat(&ctx.config.owner, &ids, until).await {
+        Ok(lost) if !lost.is_empty() => {
+            tracing::warn!(count = lost.len(), "leases lost; their results will be discarded by the store")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+    }
+}
+
+async fn drain(ctx: &Ctx, mut tasks: JoinSet<()>) {
+    let deadline = tokio::time::Instant::now() + ctx.config.shutdown_grace;
+    let mut renew_at = tokio::time::Instant::now() + ctx.config.heartbeat;
+    while !tasks.is_empty() {
+        tokio::select! {
+            _ = tasks.join_next() => {}
+            _ = tokio::time::sleep_until(renew_at) => {
+                renew(ctx).await;
+                renew_at += ctx.config.heartbeat;
+            }
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    let rest: Vec<String> = ctx.running.lock().expect("running set").drain().collect();
+    if !rest.is_empty() {
+        match ctx.store.release(&ctx.config.owner, &rest).await {
+            Ok(()) => tracing::info!(count = rest.len(), "returned unfinished invocations to the queue"),
+            Err(e) => tracing::warn!(error = %e, "releasing leases failed; they expire on their own"),
+        }
+    }
+}
+
+async fn run_one(ctx: Arc<Ctx>, inv: Leased) {
+    let (result, logs) = execute(&ctx, &inv).await;
+    // The outcome must reach the store: retry a few times if it is briefly unavailable. If it
+    // never does, the lease expires and the invocation runs again (at-least-once).
+    let mut pause = Duration::from_millis(50);
+    for _ in 0..5 {
+        match ctx.store.complete(&inv.id, &ctx.config.owner, inv.attempt, &result, &logs, ctx.clock.now_ms()).await {
+            Ok(true) => break,
+            Ok(false) => {
+                tracing::info!(id = %inv.id, "attempt finished after its lease was taken over; result discarded");
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(id = %inv.id, error = %e, "recording the outcome failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+        }
+    }
+    ctx.running.lock().expect("running set").remove(&inv.id);
+}
+
+type Logs = Vec<(LogStream, String, UnixMs)>;
+
+/// Runs one attempt and turns what happened into an [`AttemptResult`].
+async fn execute(ctx: &Ctx, inv: &Leased) -> (AttemptResult, Logs) {
+    let ready = match ctx.functions.get(&inv.tenant, &inv.function, inv.version).await {
+        Ok(Some(ready)) => ready,
+        Ok(None) => {
+            let line = format!("function {}/{} version {} no longer exists", inv.tenant, inv.function, inv.version);
+            return (failed(ctx, inv, ErrorKind::NotFound.as_str(), None, None, false), system(line));
+        }
+        Err(e) => return (failed(ctx, inv, e.kind.as_str(), None, None, true), system(e.message)),
+    };
+    let request = match build_request(inv) {
+        Ok(r) => r,
+        Err(e) => return (failed(ctx, inv, ErrorKind::BadRequest.as_str(), None, None, false), system(e)),
+    };
+    let call = Call {
+        invocation_id: inv.id.clone(),
+        config: ready.config.clone(),
+        timeout: Duration::from_millis(ready.config.async_timeout_ms),
+        recorder: None,
+    };
+    let running = ctx.runtime.invoke(&ready.prepared, call, request);
+    let (response, done) = match running.response().await {
+        Ok(ok) => ok,
+        Err(outcome) => {
+            let kind = outcome.error.as_ref().map_or(ErrorKind::Internal, |e| e.kind);
+            return (failed(ctx, inv, kind.as_str(), None, None, kind.retryable()), outcome.logs);
+        }
+    };
+    let (parts, body) = response.into_parts();
+    let limited = http_body_util::Limited::new(body, ctx.config.response_body_bytes_max);
+    let body = limited.collect().await.map(|c| c.to_bytes());
+    let outcome = done.await.ok();
+    let logs = outcome.as_ref().map(|o| o.logs.clone()).unwrap_or_default();
+    let guest_error = outcome.and_then(|o| o.error);
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => {
+            let (kind, retry) = match &guest_error {
+                Some(err) => (err.kind.as_str(), err.kind.retryable()),
+                None => ("response_too_large", false),
+            };
+            let mut logs = logs;
+            logs.push((LogStream::System, format!("reading the response failed: {e}"), ctx.clock.now_ms()));
+            return (failed(ctx, inv, kind, Some(parts.status.as_u16()), None, retry), logs);
+        }
+    };
+    let response = StoredResponse {
+        status: parts.status.as_u16(),
+        headers: parts.headers.iter().map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec())).collect(),
+        body: body.to_vec(),
+    };
+    if let Some(err) = guest_error {
+        let retry = err.kind.retryable();
+        return (failed(ctx, inv, err.kind.as_str(), Some(response.status), Some(response), retry), logs);
+    }
+    // A 5xx from the guest is a failure worth retrying; a 4xx is an answer, not a retry.
+    if parts.status.is_server_error() {
+        return (failed(ctx, inv, "server_error", Some(response.status), Some(response), true), logs);
+    }
+    (AttemptResult::Succeeded { response }, logs)
+}
+
+fn failed(
+    ctx: &Ctx,
+    inv: &Leased,
+    kind: &str,
+    status_code: Option<u16>,
+    response: Option<StoredResponse>,
+    retryable: bool,
+) -> AttemptResult {
+    let retry_at = if retryable {
+        let policy = RetryPolicy::new(inv.attempts_max, inv.max_age_ms);
+        match policy.after_failure(inv.attempt, inv.created_at, ctx.clock.now_ms(), jitter()) {
+            Next::RetryAt(at) => Some(at),
+            Next::Dead => None,
+        }
+    } else {
+        None
+    };
+    AttemptResult::Failed { error_kind: kind.to_string(), status_code, response, retry_at }
+}
+
+fn system(line: String) -> Logs {
+    vec![(LogStream::System, line, sluice_core::SystemClock.now_ms())]
+}
+
+/// Uniform in [0, 1).
+fn jitter() -> f64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        return 0.5;
+    }
+    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+type GuestRequestBody = http_body_util::combinators::MapErr<Full<Bytes>, fn(Infallible) -> BodyError>;
+
+fn never(e: Infallible) -> BodyError {
+    match e {}
+}
+
+/// Rebuilds the stored request. wasi:http needs an authority, so a `Host` is always present.
+fn build_request(inv: &Leased) -> Result<http::Request<GuestRequestBody>, String> {
+    let r = &inv.request;
+    let mut builder = http::Request::builder()
+        .method(r.method.as_str())
+        .uri(r.path_and_query.as_str());
+    let mut has_host = false;
+    for (k, v) in &r.headers {
+        has_host |= k.eq_ignore_ascii_case("host");
+        builder = builder.header(k.as_str(), v.as_slice());
+    }
+    if !has_host {
+        builder = builder.header(http::header::HOST, "localhost");
+    }
+    builder = builder.header("sluice-invocation-id", inv.id.as_str());
+    let body: GuestRequestBody = Full::new(Bytes::from(r.body.clone())).map_err(never as fn(Infallible) -> BodyError);
+    builder.body(body).map_err(|e| format!("the stored request is not valid HTTP: {e}"))
+}
