@@ -32,11 +32,45 @@ pub struct DeployArgs {
     /// Host (or host:port) the guest may call over HTTP (repeatable). Default: none.
     #[arg(long = "allow-outbound")]
     pub allow_outbound: Vec<String>,
+    /// Wall-clock limit of one async attempt, e.g. 15min.
+    #[arg(long, default_value = "15min", value_parser = parse_duration)]
+    pub async_timeout: Duration,
+    /// Attempts of an async invocation before it is dead.
+    #[arg(long, default_value_t = sluice_core::limits::ATTEMPTS_MAX_DEFAULT)]
+    pub attempts: u32,
+    /// Age after which a failing async invocation is not retried any more, e.g. 6h.
+    #[arg(long, default_value = "6h", value_parser = parse_duration)]
+    pub max_age: Duration,
+    /// Rate limit of this function, e.g. 100/s (also 6000/min).
+    #[arg(long, value_parser = parse_rate)]
+    pub rate: Option<f64>,
+    /// Burst of the rate limit (default: the rate per second, rounded up).
+    #[arg(long, requires = "rate")]
+    pub burst: Option<u32>,
+    /// Calls of this function running at once on a node.
+    #[arg(long)]
+    pub max_concurrency: Option<u32>,
     /// Serve the function's /fn URL without an API key.
     #[arg(long)]
     pub public: bool,
     #[command(flatten)]
     pub target: Target,
+}
+
+/// `100/s`, `6000/min`, `10/h` or a bare number per second.
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let (n, unit) = s.split_once('/').unwrap_or((s, "s"));
+    let n: f64 = n.trim().parse().map_err(|_| format!("invalid rate {s:?}: expected e.g. 100/s"))?;
+    let per = match unit.trim() {
+        "s" | "sec" => 1.0,
+        "m" | "min" => 60.0,
+        "h" | "hour" => 3600.0,
+        other => return Err(format!("invalid rate unit {other:?}: use /s, /min or /h")),
+    };
+    if !(n.is_finite() && n > 0.0) {
+        return Err(format!("invalid rate {s:?}: must be positive"));
+    }
+    Ok(n / per)
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -68,7 +102,12 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
         env: args.env,
         allow_outbound: args.allow_outbound,
         public: args.public,
-        ..FunctionConfig::default()
+        async_timeout_ms: args.async_timeout.as_millis() as u64,
+        attempts_max: args.attempts,
+        max_age_ms: args.max_age.as_millis() as u64,
+        rate_per_sec: args.rate,
+        burst: args.burst,
+        max_concurrency: args.max_concurrency,
     };
 
     let bar = ProgressBar::with_draw_target(Some(bytes.len() as u64), draw_target());

@@ -57,6 +57,10 @@ pub struct ServeArgs {
     /// Async invocations running at once on this node.
     #[arg(long, default_value_t = 256)]
     pub async_inflight_max: usize,
+    /// Lease of an async invocation; renewed every third of it while it runs, reclaimed by
+    /// another node (or this one after a restart) when it lapses, e.g. 30s.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub lease: Duration,
     /// Largest component upload, e.g. 64MiB.
     #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
     pub upload_max: u64,
@@ -141,6 +145,7 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
     config.tenant_rate = (args.tenant_rate > 0.0).then(|| Rate::of(Some(args.tenant_rate), args.tenant_burst)).flatten();
     config.sync_inflight_max = args.sync_inflight_max;
     config.async_inflight_max = args.async_inflight_max;
+    config.lease_ms = args.lease.as_millis() as u64;
     let node = Node::open(config, store).await?;
     let server = Server::start(node.clone(), args.listen, workers)
         .with_context(|| format!("listening on {}", args.listen))?;

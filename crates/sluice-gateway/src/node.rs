@@ -29,6 +29,8 @@ pub struct NodeConfig {
     pub sync_inflight_max: usize,
     /// Async invocations running at once on this node.
     pub async_inflight_max: usize,
+    /// Lease of an async invocation (renewed every third of it).
+    pub lease_ms: u64,
 }
 
 impl NodeConfig {
@@ -40,6 +42,7 @@ impl NodeConfig {
             tenant_rate: None,
             sync_inflight_max: 512,
             async_inflight_max: 256,
+            lease_ms: 30_000,
         }
     }
 }
@@ -147,6 +150,8 @@ impl Node {
         let owner = format!("{}-{}", std::process::id(), sluice_core::ids::short_id("node"));
         let mut config = SchedulerConfig::new(owner);
         config.inflight_max = self.config.async_inflight_max;
+        config.lease_ms = self.config.lease_ms;
+        config.heartbeat = std::time::Duration::from_millis(self.config.lease_ms / 3);
         config.shutdown_grace = self.config.limits.shutdown_grace;
         let functions: Arc<dyn Functions> = Arc::new(NodeFunctions(Arc::downgrade(self)));
         let scheduler = Scheduler::start(

@@ -47,6 +47,9 @@ pub struct Node {
     pub dir: tempfile::TempDir,
     pub stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     args: Vec<String>,
+    /// `--listen` of every (re)start: port 0 by default; a fixed port keeps the URL across
+    /// restarts.
+    pub listen: String,
 }
 
 impl Node {
@@ -59,6 +62,7 @@ impl Node {
             dir,
             stderr: Default::default(),
             args: extra.iter().map(|s| s.to_string()).collect(),
+            listen: "127.0.0.1:0".to_string(),
         };
         node.spawn();
         node
@@ -69,7 +73,7 @@ impl Node {
         let mut child = Command::new(BIN)
             .arg("serve")
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(&self.listen)
             .arg("--data-dir")
             .arg(self.dir.path())
             .args(&self.args)
@@ -105,6 +109,13 @@ impl Node {
             .trim()
             .to_string();
         self.child = Some(child);
+    }
+
+    /// Kills the process with SIGKILL: no shutdown at all.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("node running");
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     /// Sends SIGTERM and waits for the exit status.

@@ -1,0 +1,229 @@
+//! The chaos test of the durable queue: a load of async calls to a function that reports every
+//! invocation id it runs to a recorder on loopback, while the node is killed with SIGKILL and
+//! restarted at random intervals. At the end it drains and reports
+//! `acknowledged, completed, lost, duplicated, unexpected`. Lost and unexpected must be 0.
+//!
+//! Clients behave as at-least-once clients should: each logical call has an `Idempotency-Key`,
+//! and a call whose 202 did not arrive (node down, connection cut) is sent again with the same
+//! key, so an enqueue that was committed just before a kill is acknowledged on the retry.
+//! Duplicates are expected: a guest that ran but whose completion was not committed before the
+//! kill runs again once its lease is reclaimed (at-least-once execution).
+//!
+//! Short form (CI): `cargo test -p sluice-cli --test e2e chaos::short`.
+//! Long form: `scripts/chaos.sh [SECONDS]`.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::harness::{Node, guests};
+
+/// Counts each invocation id POSTed to it.
+fn recorder() -> (u16, Arc<Mutex<HashMap<String, u32>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let seen2 = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let seen = seen2.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut len = 0usize;
+                let mut chunked = false;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let l = line.trim_end();
+                    if l.is_empty() {
+                        break;
+                    }
+                    let lower = l.to_ascii_lowercase();
+                    if let Some(v) = lower.strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                    chunked |= lower.starts_with("transfer-encoding:") && lower.contains("chunked");
+                }
+                let body = if chunked { read_chunked(&mut reader) } else { read_exact(&mut reader, len) };
+                let Some(body) = body else { return };
+                let id = String::from_utf8_lossy(&body).trim().to_string();
+                *seen.lock().unwrap().entry(id).or_default() += 1;
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            });
+        }
+    });
+    (port, seen)
+}
+
+fn read_exact(reader: &mut impl Read, len: usize) -> Option<Vec<u8>> {
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body).ok().map(|_| body)
+}
+
+/// Decodes a chunked body (the guest's HTTP client streams its request body).
+fn read_chunked(reader: &mut impl BufRead) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let mut size = String::new();
+        reader.read_line(&mut size).ok()?;
+        let size = usize::from_str_radix(size.trim().split(';').next()?, 16).ok()?;
+        if size == 0 {
+            let mut end = String::new();
+            reader.read_line(&mut end).ok()?;
+            return Some(body);
+        }
+        body.extend(read_exact(reader, size)?);
+        let mut crlf = [0u8; 2];
+        reader.read_exact(&mut crlf).ok()?;
+    }
+}
+
+struct Report {
+    acknowledged: usize,
+    completed: usize,
+    lost: usize,
+    duplicated: usize,
+    unexpected: usize,
+    kills: usize,
+}
+
+fn run(seconds: u64, clients: usize) -> Report {
+    let (port, seen) = recorder();
+    let free = TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = free.local_addr().unwrap().to_string();
+    drop(free);
+    let mut node = Node::start(&["--outbound-allow-private", "--lease", "1s", "--shutdown-grace", "1s"]);
+    // Restart once on a fixed port so clients keep one URL across the kills.
+    node.kill9();
+    node.listen = listen;
+    node.spawn();
+    node.deploy("rec", &guests().testguest, &["--allow-outbound", &format!("127.0.0.1:{port}"), "--attempts", "10"]);
+
+    let url = Arc::new(RwLock::new(node.url.clone()));
+    let token = node.token.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let sent = Arc::new(AtomicUsize::new(0));
+    let threads: Vec<_> = (0..clients)
+        .map(|c| {
+            let (url, token, stop, acked, sent) = (url.clone(), token.clone(), stop.clone(), acked.clone(), sent.clone());
+            std::thread::spawn(move || {
+                let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let key = format!("c{c}-{n}");
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    // Retry the same logical call until it is acknowledged.
+                    let give_up = Instant::now() + Duration::from_secs(30);
+                    while Instant::now() < give_up {
+                        let base = url.read().unwrap().clone();
+                        let res = client
+                            .post(format!("{base}/fn/default/rec/report?url=http%3A%2F%2F127.0.0.1%3A{port}%2Fseen"))
+                            .bearer_auth(&token)
+                            .header("prefer", "respond-async")
+                            .header("idempotency-key", &key)
+                            .send();
+                        if let Ok(res) = res
+                            && res.status() == 202
+                            && let Ok(v) = res.json::<serde_json::Value>()
+                        {
+                            acked.lock().unwrap().insert(v["id"].as_str().unwrap().to_string());
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            })
+        })
+        .collect();
+
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ std::process::id() as u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let mut kills = 0;
+    while Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(300 + next() % 900));
+        node.kill9();
+        kills += 1;
+        std::thread::sleep(Duration::from_millis(next() % 300));
+        node.spawn();
+        *url.write().unwrap() = node.url.clone();
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+
+    // Drain: every acknowledged invocation must reach a final state and be seen.
+    let acked = acked.lock().unwrap().clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done = acked.iter().all(|id| seen.lock().unwrap().contains_key(id));
+        if done || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let completed = acked
+        .iter()
+        .filter(|id| {
+            let v = node.wait_json(&format!("/v1/invocations/{id}"), |v| {
+                matches!(v["status"].as_str(), Some("succeeded" | "dead" | "expired"))
+            });
+            v["status"] == "succeeded"
+        })
+        .count();
+    let seen = seen.lock().unwrap().clone();
+    let report = Report {
+        acknowledged: acked.len(),
+        completed,
+        lost: acked.iter().filter(|id| !seen.contains_key(*id)).count(),
+        duplicated: seen.values().map(|&n| n.saturating_sub(1) as usize).sum(),
+        unexpected: seen.keys().filter(|id| !acked.contains(*id)).count(),
+        kills,
+    };
+    eprintln!(
+        "chaos: {seconds}s, {clients} clients, {} kills, {} calls sent\n\
+         | acknowledged | completed | lost | duplicated | unexpected |\n\
+         | {:>12} | {:>9} | {:>4} | {:>10} | {:>10} |",
+        report.kills,
+        sent.load(Ordering::Relaxed),
+        report.acknowledged,
+        report.completed,
+        report.lost,
+        report.duplicated,
+        report.unexpected
+    );
+    report
+}
+
+fn check(r: &Report) {
+    assert!(r.kills >= 1 && r.acknowledged > 0, "the run did nothing");
+    assert_eq!(r.lost, 0, "acknowledged invocations were lost");
+    assert_eq!(r.unexpected, 0, "ran invocations nobody acknowledged");
+    assert_eq!(r.completed, r.acknowledged, "every acknowledged invocation succeeded");
+}
+
+#[test]
+fn short() {
+    check(&run(6, 4));
+}
+
+#[test]
+#[ignore = "long form: scripts/chaos.sh [SECONDS]"]
+fn long() {
+    let seconds = std::env::var("CHAOS_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(120);
+    check(&run(seconds, 16));
+}
