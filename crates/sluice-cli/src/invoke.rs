@@ -26,6 +26,21 @@ pub struct InvokeArgs {
     /// Print the response status and headers to stderr.
     #[arg(short = 'i', long)]
     pub include: bool,
+    /// Queue the call (Prefer: respond-async) and print its invocation id instead of waiting.
+    #[arg(long = "async")]
+    pub queue: bool,
+    /// With --async: the same key within 24 h returns the first invocation.
+    #[arg(long, requires = "queue")]
+    pub idempotency_key: Option<String>,
+    /// With --async: do not start before this RFC 3339 time.
+    #[arg(long, requires = "queue")]
+    pub start_after: Option<String>,
+    /// With --async: expire if not started by this RFC 3339 time.
+    #[arg(long, requires = "queue")]
+    pub deadline: Option<String>,
+    /// With --async: high, normal or low.
+    #[arg(long, requires = "queue")]
+    pub criticality: Option<String>,
     #[command(flatten)]
     pub target: Target,
 }
@@ -53,6 +68,19 @@ pub async fn run(args: InvokeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("header {h:?} is not 'K: V'"))?;
         req = req.header(k.trim(), v.trim());
     }
+    if args.queue {
+        req = req.header("prefer", "respond-async");
+        for (name, value) in [
+            ("idempotency-key", &args.idempotency_key),
+            ("sluice-start-after", &args.start_after),
+            ("sluice-deadline", &args.deadline),
+            ("sluice-criticality", &args.criticality),
+        ] {
+            if let Some(v) = value {
+                req = req.header(name, v.as_str());
+            }
+        }
+    }
     if let Some(data) = args.data {
         let body = match data.strip_prefix('@') {
             Some(file) => std::fs::read(file).with_context(|| format!("reading {file}"))?,
@@ -72,6 +100,13 @@ pub async fn run(args: InvokeArgs) -> anyhow::Result<()> {
     if platform_error {
         crate::client::check(res).await?;
         bail!("HTTP {status}");
+    }
+    if args.queue {
+        let v: serde_json::Value = res.json().await?;
+        let replay = if status == reqwest::StatusCode::ACCEPTED { "" } else { " (unexpected status)" };
+        println!("{}", v["id"].as_str().unwrap_or_default());
+        eprintln!("queued{replay}: sluice invocations get {}", v["id"].as_str().unwrap_or_default());
+        return Ok(());
     }
     let mut out = std::io::stdout().lock();
     let mut res = res;
