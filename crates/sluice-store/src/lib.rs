@@ -102,16 +102,9 @@ impl InvocationStatus {
         }
     }
     pub fn parse(s: &str) -> Option<Self> {
-        [
-            Self::Queued,
-            Self::Running,
-            Self::Succeeded,
-            Self::Failed,
-            Self::Dead,
-            Self::Expired,
-        ]
-        .into_iter()
-        .find(|st| st.as_str() == s)
+        [Self::Queued, Self::Running, Self::Succeeded, Self::Failed, Self::Dead, Self::Expired]
+            .into_iter()
+            .find(|st| st.as_str() == s)
     }
     pub fn is_final(self) -> bool {
         matches!(self, Self::Succeeded | Self::Dead | Self::Expired)
@@ -196,6 +189,11 @@ pub struct StoredResponse {
     pub body: Vec<u8>,
 }
 
+/// How long an idempotency key keeps answering with its first invocation (DESIGN.md section 3):
+/// an `enqueue` with the same key, tenant and function within this span of the first one's
+/// creation returns [`Enqueued::Existing`].
+pub const IDEMPOTENCY_WINDOW_MS: UnixMs = 24 * 60 * 60 * 1000;
+
 /// An async invocation to enqueue.
 #[derive(Debug, Clone)]
 pub struct NewInvocation {
@@ -237,6 +235,9 @@ pub struct Leased {
     pub attempt: u32,
     pub attempts_max: u32,
     pub created_at: UnixMs,
+    /// `created_at + max_age_ms` is when the invocation becomes too old to start again. After a
+    /// re-drive ([`Store::retry_dead`]) the age counts from the re-drive, so this is longer than
+    /// the `max_age_ms` it was enqueued with.
     pub max_age_ms: u64,
     pub criticality: Criticality,
     pub deadline: Option<UnixMs>,
@@ -302,11 +303,7 @@ pub trait Store: Send + Sync + 'static {
         blob_digest: &str,
         config: &FunctionConfig,
     ) -> StoreResult<VersionRecord>;
-    async fn latest_version(
-        &self,
-        tenant: &str,
-        function: &str,
-    ) -> StoreResult<Option<VersionRecord>>;
+    async fn latest_version(&self, tenant: &str, function: &str) -> StoreResult<Option<VersionRecord>>;
     async fn get_version(
         &self,
         tenant: &str,
@@ -337,20 +334,24 @@ pub trait Store: Send + Sync + 'static {
 
     // --- the async queue (DESIGN.md section 3) ---
     /// Stores an async invocation with status `queued`. Returns only after the row is durably
-    /// committed (`synchronous=FULL`); concurrent calls share commits (group commit).
+    /// committed (`synchronous=FULL`); concurrent calls share commits (group commit). An id that
+    /// is already stored is a `Conflict` (for that call alone); `attempts_max` 0 is refused.
     async fn enqueue(&self, inv: &NewInvocation) -> StoreResult<Enqueued>;
     /// Leases up to `limit` runnable invocations for `owner` until `now + lease_ms`: `queued` or
     /// `failed` ones whose `run_after <= now`, and `running` ones whose lease expired (their owner
     /// died). Order: criticality, then deadline (none last), then `run_after`. Each leased row
     /// becomes `running` with `attempts + 1`. Rows whose deadline passed before they started
-    /// become `expired` instead; rows past `created_at + max_age` become `dead`.
+    /// become `expired` instead; rows past `created_at + max_age` become `dead`. A reclaimed row
+    /// keeps its lost attempt: with none left it becomes `dead` (error kind of its last failure,
+    /// else `lease_lost`), so `attempts` never exceeds `attempts_max`.
     async fn lease(&self, owner: &str, now: UnixMs, lease_ms: u64, limit: u32) -> StoreResult<Vec<Leased>>;
     /// Extends the leases `owner` still holds on `ids` to `until`. Returns the ids it no longer
     /// holds (reclaimed by someone else).
     async fn heartbeat(&self, owner: &str, ids: &[String], until: UnixMs) -> StoreResult<Vec<String>>;
     /// Records an attempt's result and its guest log lines in the same transaction as its state
     /// change, if `owner` still holds the lease for `attempt`; `false` (and nothing written)
-    /// otherwise. Concurrent completions share commits.
+    /// otherwise. Concurrent completions share commits. A failure with `retry_at` becomes `dead`
+    /// at once if no attempt is left or `retry_at` is past `created_at + max_age`.
     async fn complete(
         &self,
         id: &str,
@@ -365,10 +366,12 @@ pub trait Store: Send + Sync + 'static {
     /// The stored response of an invocation (the last attempt's), if any.
     async fn get_response(&self, id: &str) -> StoreResult<Option<StoredResponse>>;
     async fn list_invocations(&self, filter: &InvocationFilter) -> StoreResult<Vec<Invocation>>;
-    /// Re-drives a `dead` or `expired` invocation: `queued` again with its attempts reset and its
-    /// deadline cleared. `false` if it is not in such a state (or does not exist).
+    /// Re-drives a `dead` or `expired` async invocation: `queued` again from `now`, with its
+    /// attempts reset, its deadline, error and response cleared, and its max age counted from
+    /// `now`. `false` if it is not in such a state (or does not exist, or is a sync record).
     async fn retry_dead(&self, id: &str, now: UnixMs) -> StoreResult<bool>;
-    /// Deletes up to `limit` finished invocations (and their logs and responses) that finished
-    /// before `cutoff`, and idempotency keys older than the window. Returns rows deleted.
+    /// Deletes up to `limit` finished invocations, sync or async (and their logs and responses),
+    /// that finished before `cutoff`, oldest first, and up to `limit` idempotency keys older than
+    /// the window. Returns the rows deleted, invocations plus keys: 0 once nothing is left.
     async fn purge(&self, cutoff: UnixMs, limit: u32) -> StoreResult<u64>;
 }

@@ -9,6 +9,9 @@
 //! single write lock before it reads anything. A deferred transaction that reads and then tries to
 //! write fails at once with `SQLITE_BUSY` when another connection committed in between (the busy
 //! timeout does not help it), which would turn two concurrent deploys into a spurious 503.
+//!
+//! The async queue's writes do not use the pool: they go to one writer task with its own
+//! connection, which commits them in groups (see [`queue`]). Reads of the queue use the pool.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -17,15 +20,19 @@ use std::time::Duration;
 
 use sluice_core::{Clock, FunctionConfig, Scope, SystemClock, UnixMs};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 
 use crate::{
-    FunctionSummary, Invocation, InvocationStatus, KeyRecord, LogLine, LogStream, Store,
-    StoreError, StoreResult, SyncRecord, Tenant, VersionRecord,
+    AttemptResult, Enqueued, FunctionSummary, IDEMPOTENCY_WINDOW_MS, Invocation, InvocationFilter,
+    InvocationStatus, KeyRecord, Leased, LogLine, LogStream, NewInvocation, Store, StoreError, StoreResult,
+    StoredResponse, SyncRecord, Tenant, VersionRecord,
 };
+
+mod queue;
+
+use queue::{Done, Op, Writer};
 
 /// Connections in the pool. SQLite has one writer at a time anyway; the extra connections let
 /// reads (auth cache loads, `GET /v1/invocations`, log tails) proceed beside a write in WAL mode.
@@ -41,6 +48,8 @@ pub const POOL_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const STATEMENT_CACHE_CAPACITY: usize = 100;
 /// Most log lines one `function_logs` call returns, whatever `limit` the caller asks for.
 pub const FUNCTION_LOGS_LIMIT_MAX: u32 = 10_000;
+/// Most invocations one `list_invocations` call returns, whatever `limit` the caller asks for.
+pub const LIST_INVOCATIONS_LIMIT_MAX: u32 = 1_000;
 
 /// One step of the schema. The list is append-only: a migration that has shipped is never edited
 /// (databases in the field have already applied it); a change is a new, higher-numbered entry.
@@ -51,25 +60,32 @@ struct Migration {
 }
 
 /// Every migration, in order; versions are 1, 2, 3, ... without gaps (a unit test checks this).
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial schema",
-    sql: include_str!("../migrations/sqlite/0001_initial.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial schema",
+        sql: include_str!("../migrations/sqlite/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "async queue",
+        sql: include_str!("../migrations/sqlite/0002_async_queue.sql"),
+    },
+];
 
 /// The SQLite implementation of [`Store`]. Cloning is cheap and shares the pool.
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// The one writer of the async queue, shared by every clone.
+    writer: Writer,
     clock: Arc<dyn Clock>,
     path: PathBuf,
 }
 
 impl fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SqliteStore")
-            .field("path", &self.path)
-            .finish_non_exhaustive()
+        f.debug_struct("SqliteStore").field("path", &self.path).finish_non_exhaustive()
     }
 }
 
@@ -82,6 +98,14 @@ impl SqliteStore {
 
     /// Like [`SqliteStore::open`], with timestamps taken from `clock`.
     pub async fn open_with_clock(path: &Path, clock: Arc<dyn Clock>) -> StoreResult<Self> {
+        Self::open_with_options(path, clock, BUSY_TIMEOUT).await
+    }
+
+    async fn open_with_options(
+        path: &Path,
+        clock: Arc<dyn Clock>,
+        busy_timeout: Duration,
+    ) -> StoreResult<Self> {
         // Every option that matters is stated, even where it equals today's sqlx or SQLite
         // default: a default that changes under us must not change durability.
         let options = SqliteConnectOptions::new()
@@ -94,7 +118,7 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             // SQLite leaves foreign keys off unless asked, per connection.
             .foreign_keys(true)
-            .busy_timeout(BUSY_TIMEOUT)
+            .busy_timeout(busy_timeout)
             .statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
         let pool = SqlitePoolOptions::new()
             .max_connections(POOL_CONNECTIONS_MAX)
@@ -105,35 +129,44 @@ impl SqliteStore {
             .idle_timeout(None)
             .max_lifetime(None)
             .test_before_acquire(false)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(classify)?;
-        migrate(&pool, clock.now_ms()).await?;
-        Ok(Self {
-            pool,
-            clock,
-            path: path.to_path_buf(),
-        })
+        migrate(&pool, MIGRATIONS, clock.now_ms()).await?;
+        // Same options as the pool: the writer's commits must be exactly as durable.
+        let writer = Writer::start(options).await?;
+        Ok(Self { pool, writer, clock, path: path.to_path_buf() })
     }
 
-    /// Closes every connection, waiting for checked-out ones to come back. The last connection
-    /// to close checkpoints the WAL into the main file.
+    /// Closes every connection, waiting for checked-out ones to come back, after the queue writer
+    /// has committed the batch it holds; queue writes still waiting then fail as `Unavailable`.
+    /// The last connection to close checkpoints the WAL into the main file.
     pub async fn close(&self) {
+        self.writer.close().await;
         self.pool.close().await;
+    }
+
+    /// How many group commits the queue writer has made: tests use it to show that concurrent
+    /// queue writes share transactions.
+    #[doc(hidden)]
+    pub fn commits(&self) -> u64 {
+        self.writer.commits()
+    }
+
+    async fn queue_write(&self, op: Op) -> StoreResult<Done> {
+        self.writer.call(op).await
     }
 
     /// Starts a transaction that holds the write lock from its first statement (see the module
     /// documentation for why every writing transaction must).
     async fn begin_write(&self) -> StoreResult<Transaction<'static, Sqlite>> {
-        self.pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(classify)
+        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(classify)
     }
 }
 
-/// Applies every migration the database has not seen yet, each in its own write transaction.
-async fn migrate(pool: &SqlitePool, now: UnixMs) -> StoreResult<()> {
+/// Applies every one of `migrations` the database has not seen yet, each in its own write
+/// transaction.
+async fn migrate(pool: &SqlitePool, migrations: &[Migration], now: UnixMs) -> StoreResult<()> {
     sqlx::query(
         "CREATE TABLE IF NOT EXISTS schema_version (
             version    INTEGER NOT NULL PRIMARY KEY,
@@ -145,16 +178,15 @@ async fn migrate(pool: &SqlitePool, now: UnixMs) -> StoreResult<()> {
     .await
     .map_err(classify)?;
 
-    let known = MIGRATIONS.last().map_or(0, |m| m.version);
-    for migration in MIGRATIONS {
+    let known = migrations.last().map_or(0, |m| m.version);
+    for migration in migrations {
         let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(classify)?;
         // Read under the write lock: another process may have opened the same file and applied
         // this migration since we started.
-        let current: i64 =
-            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_version")
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(classify)?;
+        let current: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(classify)?;
         if current > known {
             return Err(StoreError::Other(format!(
                 "database schema version {current} is newer than this sluice knows ({known}); \
@@ -162,15 +194,8 @@ async fn migrate(pool: &SqlitePool, now: UnixMs) -> StoreResult<()> {
             )));
         }
         if current < migration.version {
-            assert_eq!(
-                current,
-                migration.version - 1,
-                "migrations are applied in order"
-            );
-            sqlx::raw_sql(migration.sql)
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?;
+            assert_eq!(current, migration.version - 1, "migrations are applied in order");
+            sqlx::raw_sql(migration.sql).execute(&mut *tx).await.map_err(classify)?;
             sqlx::query("INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)")
                 .bind(migration.version)
                 .bind(migration.name)
@@ -178,11 +203,7 @@ async fn migrate(pool: &SqlitePool, now: UnixMs) -> StoreResult<()> {
                 .execute(&mut *tx)
                 .await
                 .map_err(classify)?;
-            tracing::info!(
-                version = migration.version,
-                name = migration.name,
-                "applied migration"
-            );
+            tracing::info!(version = migration.version, name = migration.name, "applied migration");
         }
         tx.commit().await.map_err(classify)?;
     }
@@ -206,14 +227,11 @@ fn classify(error: sqlx::Error) -> StoreError {
             if db.is_unique_violation() {
                 return StoreError::Conflict(db.message().to_owned());
             }
-            let primary = db
-                .code()
-                .and_then(|code| code.parse::<i32>().ok())
-                .map(|code| code & 0xff);
+            let primary = db.code().and_then(|code| code.parse::<i32>().ok()).map(|code| code & 0xff);
             match primary {
-                Some(
-                    SQLITE_BUSY | SQLITE_READONLY | SQLITE_IOERR | SQLITE_FULL | SQLITE_CANTOPEN,
-                ) => StoreError::Unavailable(error.to_string()),
+                Some(SQLITE_BUSY | SQLITE_READONLY | SQLITE_IOERR | SQLITE_FULL | SQLITE_CANTOPEN) => {
+                    StoreError::Unavailable(error.to_string())
+                }
                 _ => StoreError::Other(error.to_string()),
             }
         }
@@ -238,18 +256,11 @@ where
 }
 
 fn tenant_from_row(row: &SqliteRow) -> StoreResult<Tenant> {
-    Ok(Tenant {
-        name: get(row, "name")?,
-        created_at: get(row, "created_at")?,
-    })
+    Ok(Tenant { name: get(row, "name")?, created_at: get(row, "created_at")? })
 }
 
 fn scopes_to_text(scopes: &[Scope]) -> String {
-    scopes
-        .iter()
-        .map(|s| s.as_str())
-        .collect::<Vec<_>>()
-        .join(",")
+    scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",")
 }
 
 fn scopes_from_text(text: &str) -> StoreResult<Vec<Scope>> {
@@ -277,8 +288,7 @@ fn version_from_row(row: &SqliteRow) -> StoreResult<VersionRecord> {
         function: get(row, "function")?,
         version: get(row, "version")?,
         blob_digest: get(row, "blob_digest")?,
-        config: serde_json::from_str(&config)
-            .map_err(|e| corrupt(format_args!("version config: {e}")))?,
+        config: serde_json::from_str(&config).map_err(|e| corrupt(format_args!("version config: {e}")))?,
         created_at: get(row, "created_at")?,
     })
 }
@@ -322,17 +332,13 @@ fn log_line_from_row(row: &SqliteRow) -> StoreResult<LogLine> {
     Ok(LogLine {
         seq: get(row, "seq")?,
         invocation_id: get(row, "invocation_id")?,
-        stream: LogStream::parse(&stream)
-            .ok_or_else(|| corrupt(format_args!("log stream {stream:?}")))?,
+        stream: LogStream::parse(&stream).ok_or_else(|| corrupt(format_args!("log stream {stream:?}")))?,
         line: get(row, "line")?,
         at: get(row, "at")?,
     })
 }
 
-fn rows<T>(
-    rows: Vec<SqliteRow>,
-    from_row: fn(&SqliteRow) -> StoreResult<T>,
-) -> StoreResult<Vec<T>> {
+fn rows<T>(rows: Vec<SqliteRow>, from_row: fn(&SqliteRow) -> StoreResult<T>) -> StoreResult<Vec<T>> {
     rows.iter().map(from_row).collect()
 }
 
@@ -380,10 +386,7 @@ struct SyncLogRow<'a> {
 #[async_trait::async_trait]
 impl Store for SqliteStore {
     async fn create_tenant(&self, name: &str) -> StoreResult<Tenant> {
-        let tenant = Tenant {
-            name: name.to_owned(),
-            created_at: self.clock.now_ms(),
-        };
+        let tenant = Tenant { name: name.to_owned(), created_at: self.clock.now_ms() };
         sqlx::query("INSERT INTO tenants (name, created_at) VALUES (?, ?)")
             .bind(&tenant.name)
             .bind(tenant.created_at)
@@ -419,12 +422,11 @@ impl Store for SqliteStore {
         // The tenant check and the insert share the write lock, so the answer cannot go stale.
         let mut tx = self.begin_write().await?;
         if let Some(tenant) = &key.tenant {
-            let exists: bool =
-                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tenants WHERE name = ?)")
-                    .bind(tenant)
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(classify)?;
+            let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tenants WHERE name = ?)")
+                .bind(tenant)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(classify)?;
             if !exists {
                 return Err(StoreError::NotFound(format!("tenant {tenant}")));
             }
@@ -484,16 +486,14 @@ impl Store for SqliteStore {
     }
 
     async fn get_key(&self, id: &str) -> StoreResult<Option<KeyRecord>> {
-        sqlx::query(
-            "SELECT id, tenant, scopes, hash, created_at, revoked FROM api_keys WHERE id = ?",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(classify)?
-        .as_ref()
-        .map(key_from_row)
-        .transpose()
+        sqlx::query("SELECT id, tenant, scopes, hash, created_at, revoked FROM api_keys WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?
+            .as_ref()
+            .map(key_from_row)
+            .transpose()
     }
 
     async fn active_keys(&self) -> StoreResult<Vec<KeyRecord>> {
@@ -551,21 +551,19 @@ impl Store for SqliteStore {
         // deploys of the same function queue on the write lock, each sees the previous one's
         // counter, so numbers are neither duplicated nor skipped.
         let mut tx = self.begin_write().await?;
-        let tenant_exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tenants WHERE name = ?)")
-                .bind(tenant)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(classify)?;
+        let tenant_exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tenants WHERE name = ?)")
+            .bind(tenant)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(classify)?;
         if !tenant_exists {
             return Err(StoreError::NotFound(format!("tenant {tenant}")));
         }
-        let blob_exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM blobs WHERE digest = ?)")
-                .bind(blob_digest)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(classify)?;
+        let blob_exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM blobs WHERE digest = ?)")
+            .bind(blob_digest)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(classify)?;
         if !blob_exists {
             return Err(StoreError::NotFound(format!("blob {blob_digest}")));
         }
@@ -607,11 +605,7 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn latest_version(
-        &self,
-        tenant: &str,
-        function: &str,
-    ) -> StoreResult<Option<VersionRecord>> {
+    async fn latest_version(&self, tenant: &str, function: &str) -> StoreResult<Option<VersionRecord>> {
         sqlx::query(
             "SELECT v.tenant, v.function, v.version, v.blob_digest, v.config, v.created_at
              FROM functions f
@@ -693,10 +687,7 @@ impl Store for SqliteStore {
         }
         for record in batch {
             debug_assert!(
-                matches!(
-                    record.status,
-                    InvocationStatus::Succeeded | InvocationStatus::Dead
-                ),
+                matches!(record.status, InvocationStatus::Succeeded | InvocationStatus::Dead),
                 "a sync invocation ends succeeded or dead, not {:?}",
                 record.status
             );
@@ -704,8 +695,7 @@ impl Store for SqliteStore {
         // The batch goes in as two JSON arrays and two statements, not one statement per row:
         // each sqlx statement is a round trip to the connection's worker thread, and a batch of
         // 1000 calls with a few log lines each would otherwise cost thousands of them.
-        let invocations: Vec<SyncInvocationRow<'_>> =
-            batch.iter().map(SyncInvocationRow::from).collect();
+        let invocations: Vec<SyncInvocationRow<'_>> = batch.iter().map(SyncInvocationRow::from).collect();
         let logs: Vec<SyncLogRow<'_>> = batch
             .iter()
             .flat_map(|r| {
@@ -739,9 +729,9 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(|e| match classify(e) {
-            StoreError::Conflict(m) => StoreError::Conflict(format!(
-                "an invocation of the batch is already recorded: {m}"
-            )),
+            StoreError::Conflict(m) => {
+                StoreError::Conflict(format!("an invocation of the batch is already recorded: {m}"))
+            }
             other => other,
         })?;
         // `ORDER BY key` (the array index) makes `seq` follow the order of the lines.
@@ -826,6 +816,126 @@ impl Store for SqliteStore {
         .map_err(classify)?;
         rows(found, log_line_from_row)
     }
+
+    async fn enqueue(&self, inv: &NewInvocation) -> StoreResult<Enqueued> {
+        let op = queue::EnqueueOp::new(inv, self.clock.now_ms())?;
+        match self.queue_write(Op::Enqueue(op)).await? {
+            Done::Enqueued(enqueued) => Ok(enqueued),
+            other => unreachable!("the writer answered an enqueue with {other:?}"),
+        }
+    }
+
+    async fn lease(&self, owner: &str, now: UnixMs, lease_ms: u64, limit: u32) -> StoreResult<Vec<Leased>> {
+        let op = queue::LeaseOp {
+            owner: owner.to_owned(),
+            now,
+            until: now.saturating_add(i64::try_from(lease_ms).unwrap_or(i64::MAX)),
+            limit: i64::from(limit),
+        };
+        match self.queue_write(Op::Lease(op)).await? {
+            Done::Leased(leased) => Ok(leased),
+            other => unreachable!("the writer answered a lease with {other:?}"),
+        }
+    }
+
+    async fn heartbeat(&self, owner: &str, ids: &[String], until: UnixMs) -> StoreResult<Vec<String>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let op = queue::HeartbeatOp {
+            owner: owner.to_owned(),
+            ids: queue::ids_json(ids)?,
+            until,
+            asked: ids.to_vec(),
+        };
+        match self.queue_write(Op::Heartbeat(op)).await? {
+            Done::Heartbeat(not_held) => Ok(not_held),
+            other => unreachable!("the writer answered a heartbeat with {other:?}"),
+        }
+    }
+
+    async fn complete(
+        &self,
+        id: &str,
+        owner: &str,
+        attempt: u32,
+        result: &AttemptResult,
+        logs: &[(LogStream, String, UnixMs)],
+        now: UnixMs,
+    ) -> StoreResult<bool> {
+        let op = queue::CompleteOp::new(id, owner, attempt, result, logs, now)?;
+        match self.queue_write(Op::Complete(op)).await? {
+            Done::Completed(applied) => Ok(applied),
+            other => unreachable!("the writer answered a completion with {other:?}"),
+        }
+    }
+
+    async fn release(&self, owner: &str, ids: &[String]) -> StoreResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let op = queue::ReleaseOp { owner: owner.to_owned(), ids: queue::ids_json(ids)? };
+        match self.queue_write(Op::Release(op)).await? {
+            Done::Released => Ok(()),
+            other => unreachable!("the writer answered a release with {other:?}"),
+        }
+    }
+
+    async fn get_response(&self, id: &str) -> StoreResult<Option<StoredResponse>> {
+        sqlx::query("SELECT status, headers, body FROM responses WHERE invocation_id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?
+            .as_ref()
+            .map(queue::response_from_row)
+            .transpose()
+    }
+
+    async fn list_invocations(&self, filter: &InvocationFilter) -> StoreResult<Vec<Invocation>> {
+        let limit = i64::from(filter.limit.min(LIST_INVOCATIONS_LIMIT_MAX));
+        // Built from fixed pieces, so there are only a handful of distinct statements and each
+        // stays prepared; optional filters are left out rather than written as `? IS NULL OR`,
+        // which would keep SQLite from seeking `invocations_tenant` / `invocations_function`.
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "SELECT id, tenant, function, version, mode, status, attempts, created_at,
+                    started_at, finished_at, status_code, error_kind
+             FROM invocations WHERE tenant = ",
+        );
+        query.push_bind(&filter.tenant);
+        if let Some(function) = &filter.function {
+            query.push(" AND function = ").push_bind(function);
+        }
+        if let Some(status) = filter.status {
+            query.push(" AND status = ").push_bind(status.as_str());
+        }
+        if let Some(before_id) = &filter.before_id {
+            query.push(" AND id < ").push_bind(before_id);
+        }
+        query.push(" ORDER BY id DESC LIMIT ").push_bind(limit);
+        let found = query.build().fetch_all(&self.pool).await.map_err(classify)?;
+        rows(found, invocation_from_row)
+    }
+
+    async fn retry_dead(&self, id: &str, now: UnixMs) -> StoreResult<bool> {
+        let op = queue::RetryDeadOp { id: id.to_owned(), now };
+        match self.queue_write(Op::RetryDead(op)).await? {
+            Done::Retried(retried) => Ok(retried),
+            other => unreachable!("the writer answered a retry with {other:?}"),
+        }
+    }
+
+    async fn purge(&self, cutoff: UnixMs, limit: u32) -> StoreResult<u64> {
+        let op = queue::PurgeOp {
+            cutoff,
+            keys_cutoff: self.clock.now_ms().saturating_sub(IDEMPOTENCY_WINDOW_MS),
+            limit: i64::from(limit),
+        };
+        match self.queue_write(Op::Purge(op)).await? {
+            Done::Purged(deleted) => Ok(deleted),
+            other => unreachable!("the writer answered a purge with {other:?}"),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -834,21 +944,14 @@ mod tests {
 
     async fn open_temp() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().expect("temp dir");
-        let store = SqliteStore::open(&dir.path().join("sluice.db"))
-            .await
-            .expect("open");
+        let store = SqliteStore::open(&dir.path().join("sluice.db")).await.expect("open");
         (dir, store)
     }
 
     #[test]
     fn migrations_are_numbered_without_gaps() {
         for (i, migration) in MIGRATIONS.iter().enumerate() {
-            assert_eq!(
-                migration.version,
-                i as i64 + 1,
-                "migration {:?}",
-                migration.name
-            );
+            assert_eq!(migration.version, i as i64 + 1, "migration {:?}", migration.name);
             assert!(!migration.sql.trim().is_empty());
         }
     }
@@ -857,22 +960,12 @@ mod tests {
     async fn connection_options_are_in_effect() {
         let (_dir, store) = open_temp().await;
         let mut conn = store.pool.acquire().await.unwrap();
-        let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap();
-        let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous")
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap();
-        let foreign_keys: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap();
-        let busy_timeout_ms: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap();
+        let journal: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&mut *conn).await.unwrap();
+        let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous").fetch_one(&mut *conn).await.unwrap();
+        let foreign_keys: i64 =
+            sqlx::query_scalar("PRAGMA foreign_keys").fetch_one(&mut *conn).await.unwrap();
+        let busy_timeout_ms: i64 =
+            sqlx::query_scalar("PRAGMA busy_timeout").fetch_one(&mut *conn).await.unwrap();
         assert_eq!(journal, "wal");
         assert_eq!(synchronous, 2, "2 is FULL");
         assert_eq!(foreign_keys, 1);
@@ -886,42 +979,30 @@ mod tests {
         let store = SqliteStore::open(&path).await.unwrap();
         store.close().await;
         let store = SqliteStore::open(&path).await.unwrap();
-        let applied: Vec<i64> =
-            sqlx::query_scalar("SELECT version FROM schema_version ORDER BY version")
-                .fetch_all(&store.pool)
-                .await
-                .unwrap();
+        let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_version ORDER BY version")
+            .fetch_all(&store.pool)
+            .await
+            .unwrap();
         let expected: Vec<i64> = MIGRATIONS.iter().map(|m| m.version).collect();
         assert_eq!(applied, expected);
 
         // A database written by a newer sluice: opening it must fail rather than guess.
-        sqlx::query(
-            "INSERT INTO schema_version (version, name, applied_at) VALUES (?, 'future', 0)",
-        )
-        .bind(expected.len() as i64 + 1)
-        .execute(&store.pool)
-        .await
-        .unwrap();
+        sqlx::query("INSERT INTO schema_version (version, name, applied_at) VALUES (?, 'future', 0)")
+            .bind(expected.len() as i64 + 1)
+            .execute(&store.pool)
+            .await
+            .unwrap();
         store.close().await;
         let err = SqliteStore::open(&path).await.unwrap_err();
-        assert!(
-            matches!(&err, StoreError::Other(m) if m.contains("newer")),
-            "{err:?}"
-        );
+        assert!(matches!(&err, StoreError::Other(m) if m.contains("newer")), "{err:?}");
     }
 
     #[tokio::test]
     async fn a_read_only_database_is_unavailable() {
         let (dir, store) = open_temp().await;
         store.close().await;
-        let options = SqliteConnectOptions::new()
-            .filename(dir.path().join("sluice.db"))
-            .read_only(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options)
-            .await
-            .unwrap();
+        let options = SqliteConnectOptions::new().filename(dir.path().join("sluice.db")).read_only(true);
+        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await.unwrap();
         let err = sqlx::query("INSERT INTO tenants (name, created_at) VALUES ('a', 0)")
             .execute(&pool)
             .await
@@ -936,21 +1017,124 @@ mod tests {
         let options = SqliteConnectOptions::new()
             .filename(dir.path().join("sluice.db"))
             .busy_timeout(Duration::from_millis(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options)
-            .await
-            .unwrap();
+        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await.unwrap();
         let err = pool.begin_with("BEGIN IMMEDIATE").await.unwrap_err();
         assert!(matches!(classify(err), StoreError::Unavailable(_)));
     }
 
     #[tokio::test]
+    async fn lease_statements_walk_their_indexes() {
+        let (_dir, store) = open_temp().await;
+        for (statement, parameters, index) in queue::LEASE_STATEMENTS {
+            let explain = format!("EXPLAIN QUERY PLAN {statement}");
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(explain));
+            for _ in 0..parameters {
+                query = query.bind(0_i64);
+            }
+            let plan: Vec<String> = query
+                .fetch_all(&store.pool)
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| row.get::<String, _>("detail"))
+                .collect();
+            let shown = plan.join("\n");
+            assert!(shown.contains(index), "{statement}\n{shown}");
+            // A sort step would mean reading every runnable row to return `limit` of them.
+            assert!(!shown.contains("TEMP B-TREE"), "{statement}\n{shown}");
+            assert!(!plan.iter().any(|step| step == "SCAN invocations"), "{statement}\n{shown}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_failed_batch_acknowledges_nothing_and_the_writer_recovers() {
+        use crate::{Enqueued, NewInvocation, StoredRequest};
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_with_options(
+            &dir.path().join("sluice.db"),
+            Arc::new(SystemClock),
+            Duration::from_millis(10),
+        )
+        .await
+        .unwrap();
+        let invocation = |id: String| NewInvocation {
+            id,
+            tenant: "acme".into(),
+            function: "hello".into(),
+            version: 1,
+            request: StoredRequest {
+                method: "GET".into(),
+                path_and_query: "/".into(),
+                headers: vec![],
+                body: vec![],
+            },
+            idempotency_key: None,
+            criticality: crate::Criticality::Normal,
+            run_after: 0,
+            deadline: None,
+            attempts_max: 1,
+            max_age_ms: 1_000,
+        };
+        let blocked: Vec<NewInvocation> = (0..20).map(|i| invocation(format!("blocked-{i}"))).collect();
+
+        // Another connection holds the write lock past the writer's busy timeout.
+        let lock = store.begin_write().await.unwrap();
+        let results = futures::future::join_all(blocked.iter().map(|inv| store.enqueue(inv))).await;
+        for result in results {
+            assert!(matches!(result, Err(StoreError::Unavailable(_))), "{result:?}");
+        }
+        drop(lock);
+
+        let fine = invocation("fine".into());
+        assert_eq!(store.enqueue(&fine).await.unwrap(), Enqueued::Created);
+        for inv in &blocked {
+            assert_eq!(store.get_invocation(&inv.id).await.unwrap(), None, "{}", inv.id);
+        }
+        assert!(store.get_invocation("fine").await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn the_queue_migration_keeps_existing_sync_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sluice.db");
+        let options = SqliteConnectOptions::new().filename(&path).create_if_missing(true).foreign_keys(true);
+        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await.unwrap();
+        migrate(&pool, &MIGRATIONS[..1], 0).await.unwrap();
+        sqlx::query(
+            "INSERT INTO invocations (id, tenant, function, version, mode, status, attempts,
+                 created_at, started_at, finished_at, status_code, error_kind)
+             VALUES ('old', 'acme', 'hello', 1, 'sync', 'dead', 1, 10, 10, 20, 500, 'trap')",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO log_lines (invocation_id, tenant, function, stream, line, at)
+             VALUES ('old', 'acme', 'hello', 'stderr', 'it trapped', 15)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+
+        let store = SqliteStore::open(&path).await.unwrap();
+        let old = store.get_invocation("old").await.unwrap().unwrap();
+        assert_eq!(
+            (old.mode.as_str(), old.status, old.attempts, old.error_kind.as_deref()),
+            ("sync", InvocationStatus::Dead, 1, Some("trap"))
+        );
+        assert_eq!(store.invocation_logs("old").await.unwrap().len(), 1);
+        // Sync records are history, not work: never leased, never re-driven.
+        assert_eq!(store.lease("node", 1_000, 1_000, 10).await.unwrap(), vec![]);
+        assert!(!store.retry_dead("old", 1_000).await.unwrap());
+        assert_eq!(store.purge(21, 10).await.unwrap(), 1);
+        assert_eq!(store.invocation_logs("old").await.unwrap(), vec![]);
+    }
+
+    #[tokio::test]
     async fn a_file_that_cannot_be_opened_is_unavailable() {
         let dir = tempfile::tempdir().unwrap();
-        let err = SqliteStore::open(&dir.path().join("missing-dir").join("sluice.db"))
-            .await
-            .unwrap_err();
+        let err = SqliteStore::open(&dir.path().join("missing-dir").join("sluice.db")).await.unwrap_err();
         assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
     }
 
@@ -961,10 +1145,7 @@ mod tests {
         sqlx::query(insert).execute(&store.pool).await.unwrap();
         let err = sqlx::query(insert).execute(&store.pool).await.unwrap_err();
         assert!(matches!(classify(err), StoreError::Conflict(_)));
-        let err = sqlx::query("SELECT nope FROM tenants")
-            .execute(&store.pool)
-            .await
-            .unwrap_err();
+        let err = sqlx::query("SELECT nope FROM tenants").execute(&store.pool).await.unwrap_err();
         assert!(matches!(classify(err), StoreError::Other(_)));
     }
 }

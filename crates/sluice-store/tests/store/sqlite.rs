@@ -4,9 +4,12 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Instant;
 
 use sluice_core::{Clock, FunctionConfig, Scope};
-use sluice_store::{InvocationStatus, KeyRecord, LogStream, SqliteStore, Store, SyncRecord};
+use sluice_store::{
+    Enqueued, InvocationStatus, KeyRecord, LogStream, NewInvocation, SqliteStore, Store, SyncRecord,
+};
 
 use crate::suite::ManualClock;
 
@@ -31,12 +34,7 @@ async fn fresh() -> Harness {
     let store = SqliteStore::open_with_clock(&path, clock.clone() as Arc<dyn Clock>)
         .await
         .expect("open a fresh store");
-    Harness {
-        _dir: dir,
-        path,
-        clock,
-        store,
-    }
+    Harness { _dir: dir, path, clock, store }
 }
 
 crate::run_suite!(
@@ -52,7 +50,102 @@ crate::run_suite!(
     sync_records_and_their_logs_are_readable,
     function_logs_tail_and_page,
     large_sync_batches_are_recorded_whole,
+    async_invocations_run_and_keep_their_response,
+    idempotency_keys_return_the_first_invocation,
+    concurrent_enqueues_with_one_key_create_one_invocation,
+    leases_follow_criticality_then_deadline_then_run_after,
+    a_closed_start_window_expires_the_invocation,
+    an_expired_lease_is_reclaimed_and_its_old_owner_fenced,
+    concurrent_reports_of_one_attempt_are_recorded_once,
+    failed_attempts_are_retried_until_attempts_run_out,
+    attempts_never_exceed_attempts_max_when_leases_are_lost,
+    invocations_past_their_max_age_die,
+    released_leases_do_not_count_as_attempts,
+    dead_and_expired_invocations_can_be_redriven,
+    invocations_are_listed_newest_first_by_filter_and_page,
+    purge_deletes_finished_invocations_before_the_cutoff,
+    many_concurrent_enqueues_are_all_stored,
+    an_enqueue_with_a_taken_id_fails_alone,
 );
+
+proptest::proptest! {
+    // Each case opens a fresh database and commits a few dozen times: 64 cases keep the test at
+    // seconds, not minutes.
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
+    #[test]
+    fn queue_state_machine_keeps_its_invariants(ops in crate::suite::queue_ops()) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let harness = fresh().await;
+            crate::suite::queue_state_machine_keeps_its_invariants(harness.store(), &harness.clock, ops).await;
+        });
+    }
+}
+
+/// Group commit: concurrent queue writes share transactions. Without it, this would take one
+/// commit (and one fsync) per enqueue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_enqueues_share_commits() {
+    const CALLS: usize = 500;
+    const COMMITS_MAX: u64 = 50;
+    let harness = fresh().await;
+    let invocations: Vec<NewInvocation> =
+        (0..CALLS).map(|i| crate::suite::invocation(&format!("inv-{i:04}"))).collect();
+    let before = harness.store.commits();
+    let results = futures::future::join_all(invocations.iter().map(|inv| harness.store().enqueue(inv))).await;
+    let commits = harness.store.commits() - before;
+    assert!(results.into_iter().all(|r| r.unwrap() == Enqueued::Created));
+    assert!(commits <= COMMITS_MAX, "{CALLS} enqueues took {commits} commits");
+    eprintln!("{CALLS} concurrent enqueues: {commits} commits");
+    for inv in &invocations {
+        assert!(harness.store().get_invocation(&inv.id).await.unwrap().is_some());
+    }
+}
+
+/// Not a test: prints how fast the queue goes. Run it with
+/// `cargo test [--release] -p sluice-store --test store -- --ignored --nocapture queue_throughput`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore]
+async fn queue_throughput() {
+    const CALLS: usize = 5_000;
+    const LEASE_BATCH: u32 = 500;
+    let harness = fresh().await;
+    let store = harness.store();
+    let invocations: Vec<NewInvocation> =
+        (0..CALLS).map(|i| crate::suite::invocation(&format!("inv-{i:05}"))).collect();
+    let started = Instant::now();
+    let commits = harness.store.commits();
+    let results = futures::future::join_all(invocations.iter().map(|inv| store.enqueue(inv))).await;
+    let enqueued = started.elapsed();
+    assert!(results.into_iter().all(|r| r.is_ok()));
+    let enqueue_commits = harness.store.commits() - commits;
+
+    let started = Instant::now();
+    let mut done = 0;
+    loop {
+        let leased = store.lease("node-a", 0, 30_000, LEASE_BATCH).await.unwrap();
+        if leased.is_empty() {
+            break;
+        }
+        let result = crate::suite::success(200);
+        let completions = futures::future::join_all(
+            leased.iter().map(|l| store.complete(&l.id, "node-a", l.attempt, &result, &[], 1)),
+        )
+        .await;
+        done += completions.into_iter().filter(|c| *c.as_ref().unwrap()).count();
+    }
+    let drained = started.elapsed();
+    assert_eq!(done, CALLS);
+    let per_sec = |d: std::time::Duration| CALLS as f64 / d.as_secs_f64();
+    eprintln!(
+        "{CALLS} concurrent enqueues: {enqueued:?} ({:.0}/s, {enqueue_commits} commits); \
+         lease {LEASE_BATCH} + complete each until drained: {drained:?} ({:.0}/s); \
+         end to end {:.0} invocations/s",
+        per_sec(enqueued),
+        per_sec(drained),
+        per_sec(enqueued + drained),
+    );
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn data_survives_a_reopen() {
@@ -70,18 +163,9 @@ async fn data_survives_a_reopen() {
     };
     store.create_key(&key).await.unwrap();
     store.put_blob("d1", b"component").await.unwrap();
-    let config = FunctionConfig {
-        public: true,
-        ..FunctionConfig::default()
-    };
-    store
-        .create_version("acme", "hello", "d1", &config)
-        .await
-        .unwrap();
-    let version = store
-        .create_version("acme", "hello", "d1", &config)
-        .await
-        .unwrap();
+    let config = FunctionConfig { public: true, ..FunctionConfig::default() };
+    store.create_version("acme", "hello", "d1", &config).await.unwrap();
+    let version = store.create_version("acme", "hello", "d1", &config).await.unwrap();
     let record = SyncRecord {
         id: "inv-1".into(),
         tenant: "acme".into(),
@@ -100,31 +184,14 @@ async fn data_survives_a_reopen() {
     harness.store.close().await;
 
     let reopened = SqliteStore::open(&harness.path).await.unwrap();
-    assert_eq!(
-        reopened
-            .get_tenant("acme")
-            .await
-            .unwrap()
-            .unwrap()
-            .created_at,
-        1_000
-    );
+    assert_eq!(reopened.get_tenant("acme").await.unwrap().unwrap().created_at, 1_000);
     assert_eq!(reopened.get_key("k1").await.unwrap(), Some(key));
-    assert_eq!(
-        reopened.get_blob("d1").await.unwrap(),
-        Some(b"component".to_vec())
-    );
-    assert_eq!(
-        reopened.latest_version("acme", "hello").await.unwrap(),
-        Some(version)
-    );
+    assert_eq!(reopened.get_blob("d1").await.unwrap(), Some(b"component".to_vec()));
+    assert_eq!(reopened.latest_version("acme", "hello").await.unwrap(), Some(version));
     assert_eq!(reopened.get_invocation("inv-1").await.unwrap(), invocation);
     assert_eq!(reopened.invocation_logs("inv-1").await.unwrap(), logs);
     // The counter survived too: the next deploy is 3, not 1.
-    let next = reopened
-        .create_version("acme", "hello", "d1", &config)
-        .await
-        .unwrap();
+    let next = reopened.create_version("acme", "hello", "d1", &config).await.unwrap();
     assert_eq!(next.version, 3);
 }
 
@@ -137,17 +204,11 @@ async fn two_stores_on_one_file_number_versions_together() {
     harness.store().put_blob("d1", b"component").await.unwrap();
     let config = FunctionConfig::default();
     let stores: [&dyn Store; 2] = [harness.store(), &other];
-    let deploys = stores.iter().flat_map(|store| {
-        (0..DEPLOYS_EACH).map(|_| store.create_version("acme", "hello", "d1", &config))
-    });
-    let mut versions: Vec<i64> = futures::future::join_all(deploys)
-        .await
-        .into_iter()
-        .map(|r| r.unwrap().version)
-        .collect();
+    let deploys = stores
+        .iter()
+        .flat_map(|store| (0..DEPLOYS_EACH).map(|_| store.create_version("acme", "hello", "d1", &config)));
+    let mut versions: Vec<i64> =
+        futures::future::join_all(deploys).await.into_iter().map(|r| r.unwrap().version).collect();
     versions.sort_unstable();
-    assert_eq!(
-        versions,
-        (1..=(2 * DEPLOYS_EACH) as i64).collect::<Vec<_>>()
-    );
+    assert_eq!(versions, (1..=(2 * DEPLOYS_EACH) as i64).collect::<Vec<_>>());
 }

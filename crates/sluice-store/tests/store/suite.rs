@@ -9,6 +9,12 @@ use sluice_store::{
     Invocation, InvocationStatus, KeyRecord, LogLine, LogStream, Store, StoreError, SyncRecord,
 };
 
+mod queue;
+mod state_machine;
+
+pub use queue::*;
+pub use state_machine::*;
+
 /// A clock that only moves when told to.
 #[derive(Debug)]
 pub struct ManualClock(AtomicI64);
@@ -97,16 +103,9 @@ pub async fn keys_are_listed_revoked_and_filtered(store: &dyn Store, clock: &Man
 
     assert_eq!(store.get_key("k1").await.unwrap(), Some(k1.clone()));
     assert_eq!(store.get_key("k3").await.unwrap(), Some(k3.clone()));
-    assert_eq!(
-        store.get_key("k4").await.unwrap(),
-        Some(k4.clone()),
-        "empty scopes round-trip"
-    );
+    assert_eq!(store.get_key("k4").await.unwrap(), Some(k4.clone()), "empty scopes round-trip");
     assert_eq!(store.get_key("nope").await.unwrap(), None);
-    assert_eq!(
-        store.list_keys(Some("acme")).await.unwrap(),
-        vec![k1.clone(), k4.clone()]
-    );
+    assert_eq!(store.list_keys(Some("acme")).await.unwrap(), vec![k1.clone(), k4.clone()]);
     assert_eq!(store.list_keys(Some("nope")).await.unwrap(), vec![]);
     assert_eq!(store.list_keys(None).await.unwrap().len(), 4);
 
@@ -118,27 +117,15 @@ pub async fn keys_are_listed_revoked_and_filtered(store: &dyn Store, clock: &Man
     assert_eq!(ids(&active, |k| k.id.clone()), ["k2", "k3", "k4"]);
     assert!(active.iter().all(|k| !k.revoked));
     // Revoked keys stay listed, marked.
-    assert_eq!(
-        store.list_keys(Some("acme")).await.unwrap(),
-        vec![revoked, k4]
-    );
+    assert_eq!(store.list_keys(Some("acme")).await.unwrap(), vec![revoked, k4]);
 
-    let same_id = KeyRecord {
-        hash: "other".into(),
-        ..k2.clone()
-    };
+    let same_id = KeyRecord { hash: "other".into(), ..k2.clone() };
     let err = store.create_key(&same_id).await.unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
-    let same_hash = KeyRecord {
-        id: "k5".into(),
-        ..k2
-    };
+    let same_hash = KeyRecord { id: "k5".into(), ..k2 };
     let err = store.create_key(&same_hash).await.unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
-    let err = store
-        .create_key(&key("k6", Some("nope"), &[Scope::Read], 50))
-        .await
-        .unwrap_err();
+    let err = store.create_key(&key("k6", Some("nope"), &[Scope::Read], 50)).await.unwrap_err();
     assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
     assert_eq!(store.list_keys(None).await.unwrap().len(), 4);
 }
@@ -151,14 +138,8 @@ pub async fn blobs_are_content_addressed(store: &dyn Store, _clock: &ManualClock
     let small = blob(store, b"small").await;
 
     assert_eq!(store.get_blob(&digest).await.unwrap(), Some(bytes));
-    assert_eq!(
-        store.get_blob(&small).await.unwrap(),
-        Some(b"small".to_vec())
-    );
-    assert_eq!(
-        store.get_blob(&sha256_hex(b"never stored")).await.unwrap(),
-        None
-    );
+    assert_eq!(store.get_blob(&small).await.unwrap(), Some(b"small".to_vec()));
+    assert_eq!(store.get_blob(&sha256_hex(b"never stored")).await.unwrap(), None);
 }
 
 pub async fn versions_are_numbered_from_one(store: &dyn Store, clock: &ManualClock) {
@@ -177,81 +158,39 @@ pub async fn versions_are_numbered_from_one(store: &dyn Store, clock: &ManualClo
     };
 
     clock.set(1_000);
-    let v1 = store
-        .create_version("acme", "hello", &digest, &FunctionConfig::default())
-        .await
-        .unwrap();
+    let v1 = store.create_version("acme", "hello", &digest, &FunctionConfig::default()).await.unwrap();
     clock.set(2_000);
-    let v2 = store
-        .create_version("acme", "hello", &digest, &custom)
-        .await
-        .unwrap();
+    let v2 = store.create_version("acme", "hello", &digest, &custom).await.unwrap();
     clock.set(3_000);
-    let v3 = store
-        .create_version("acme", "hello", &digest, &FunctionConfig::default())
-        .await
-        .unwrap();
+    let v3 = store.create_version("acme", "hello", &digest, &FunctionConfig::default()).await.unwrap();
     assert_eq!([v1.version, v2.version, v3.version], [1, 2, 3]);
-    assert_eq!(
-        (v2.tenant.as_str(), v2.function.as_str(), v2.created_at),
-        ("acme", "hello", 2_000)
-    );
+    assert_eq!((v2.tenant.as_str(), v2.function.as_str(), v2.created_at), ("acme", "hello", 2_000));
     assert_eq!(v2.blob_digest, digest);
 
     // Numbering is per function and per tenant.
-    let other = store
-        .create_version("acme", "other", &digest, &custom)
-        .await
-        .unwrap();
-    let beta = store
-        .create_version("beta", "hello", &digest, &custom)
-        .await
-        .unwrap();
+    let other = store.create_version("acme", "other", &digest, &custom).await.unwrap();
+    let beta = store.create_version("beta", "hello", &digest, &custom).await.unwrap();
     assert_eq!((other.version, beta.version), (1, 1));
 
-    assert_eq!(
-        store.latest_version("acme", "hello").await.unwrap(),
-        Some(v3.clone())
-    );
-    assert_eq!(
-        store.get_version("acme", "hello", 2).await.unwrap(),
-        Some(v2.clone())
-    );
-    assert_eq!(
-        store.get_version("acme", "hello", 1).await.unwrap(),
-        Some(v1)
-    );
+    assert_eq!(store.latest_version("acme", "hello").await.unwrap(), Some(v3.clone()));
+    assert_eq!(store.get_version("acme", "hello", 2).await.unwrap(), Some(v2.clone()));
+    assert_eq!(store.get_version("acme", "hello", 1).await.unwrap(), Some(v1));
     assert_eq!(store.get_version("acme", "hello", 4).await.unwrap(), None);
     assert_eq!(store.get_version("beta", "nope", 1).await.unwrap(), None);
     assert_eq!(store.latest_version("acme", "nope").await.unwrap(), None);
     assert_eq!(store.latest_version("nope", "hello").await.unwrap(), None);
 
-    let err = store
-        .create_version("nope", "hello", &digest, &custom)
-        .await
-        .unwrap_err();
+    let err = store.create_version("nope", "hello", &digest, &custom).await.unwrap_err();
     assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
-    let err = store
-        .create_version("acme", "hello", &sha256_hex(b"missing"), &custom)
-        .await
-        .unwrap_err();
+    let err = store.create_version("acme", "hello", &sha256_hex(b"missing"), &custom).await.unwrap_err();
     assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
     // A refused deploy does not use up a number.
-    let v4 = store
-        .create_version("acme", "hello", &digest, &custom)
-        .await
-        .unwrap();
+    let v4 = store.create_version("acme", "hello", &digest, &custom).await.unwrap();
     assert_eq!(v4.version, 4);
-    assert_eq!(
-        store.latest_version("acme", "hello").await.unwrap(),
-        Some(v4)
-    );
+    assert_eq!(store.latest_version("acme", "hello").await.unwrap(), Some(v4));
 }
 
-pub async fn concurrent_deploys_get_distinct_consecutive_versions(
-    store: &dyn Store,
-    _clock: &ManualClock,
-) {
+pub async fn concurrent_deploys_get_distinct_consecutive_versions(store: &dyn Store, _clock: &ManualClock) {
     const DEPLOYS: i64 = 20;
     store.create_tenant("acme").await.unwrap();
     let digest = blob(store, b"component").await;
@@ -264,20 +203,10 @@ pub async fn concurrent_deploys_get_distinct_consecutive_versions(
         .collect();
     versions.sort_unstable();
     assert_eq!(versions, (1..=DEPLOYS).collect::<Vec<_>>());
-    let latest = store
-        .latest_version("acme", "hello")
-        .await
-        .unwrap()
-        .unwrap();
+    let latest = store.latest_version("acme", "hello").await.unwrap().unwrap();
     assert_eq!(latest.version, DEPLOYS);
     for version in 1..=DEPLOYS {
-        assert!(
-            store
-                .get_version("acme", "hello", version)
-                .await
-                .unwrap()
-                .is_some()
-        );
+        assert!(store.get_version("acme", "hello", version).await.unwrap().is_some());
     }
 }
 
@@ -288,88 +217,49 @@ pub async fn functions_are_listed_per_tenant(store: &dyn Store, clock: &ManualCl
     let digest = blob(store, b"component").await;
     let config = FunctionConfig::default();
     clock.set(1_000);
-    store
-        .create_version("acme", "zed", &digest, &config)
-        .await
-        .unwrap();
-    store
-        .create_version("acme", "alpha", &digest, &config)
-        .await
-        .unwrap();
-    store
-        .create_version("beta", "beta-only", &digest, &config)
-        .await
-        .unwrap();
+    store.create_version("acme", "zed", &digest, &config).await.unwrap();
+    store.create_version("acme", "alpha", &digest, &config).await.unwrap();
+    store.create_version("beta", "beta-only", &digest, &config).await.unwrap();
     clock.set(5_000);
-    store
-        .create_version("acme", "zed", &digest, &config)
-        .await
-        .unwrap();
+    store.create_version("acme", "zed", &digest, &config).await.unwrap();
 
     let listed = store.list_functions("acme").await.unwrap();
     assert_eq!(ids(&listed, |f| f.name.clone()), ["alpha", "zed"]);
     let zed = &listed[1];
     assert_eq!(zed.tenant, "acme");
-    assert_eq!(
-        (zed.latest_version, zed.created_at, zed.updated_at),
-        (2, 1_000, 5_000)
-    );
+    assert_eq!((zed.latest_version, zed.created_at, zed.updated_at), (2, 1_000, 5_000));
     assert_eq!((listed[0].latest_version, listed[0].updated_at), (1, 1_000));
     assert_eq!(store.list_functions("empty").await.unwrap(), vec![]);
     assert_eq!(store.list_functions("nope").await.unwrap(), vec![]);
 }
 
-pub async fn deleting_a_function_deletes_its_versions_only(
-    store: &dyn Store,
-    _clock: &ManualClock,
-) {
+pub async fn deleting_a_function_deletes_its_versions_only(store: &dyn Store, _clock: &ManualClock) {
     store.create_tenant("acme").await.unwrap();
     let digest = blob(store, b"component").await;
     let config = FunctionConfig::default();
     for _ in 0..3 {
-        store
-            .create_version("acme", "hello", &digest, &config)
-            .await
-            .unwrap();
+        store.create_version("acme", "hello", &digest, &config).await.unwrap();
     }
-    store
-        .create_version("acme", "keep", &digest, &config)
-        .await
-        .unwrap();
+    store.create_version("acme", "keep", &digest, &config).await.unwrap();
 
     assert!(store.delete_function("acme", "hello").await.unwrap());
     assert!(!store.delete_function("acme", "hello").await.unwrap());
     assert!(!store.delete_function("acme", "never").await.unwrap());
     assert_eq!(store.latest_version("acme", "hello").await.unwrap(), None);
     for version in 1..=3 {
-        assert_eq!(
-            store.get_version("acme", "hello", version).await.unwrap(),
-            None
-        );
+        assert_eq!(store.get_version("acme", "hello", version).await.unwrap(), None);
     }
     let listed = store.list_functions("acme").await.unwrap();
     assert_eq!(ids(&listed, |f| f.name.clone()), ["keep"]);
-    assert!(
-        store
-            .latest_version("acme", "keep")
-            .await
-            .unwrap()
-            .is_some()
-    );
+    assert!(store.latest_version("acme", "keep").await.unwrap().is_some());
     // Blobs are shared and content-addressed: they outlive the function.
     assert!(store.get_blob(&digest).await.unwrap().is_some());
     // A redeployed function is a new function: numbering starts again.
-    let again = store
-        .create_version("acme", "hello", &digest, &config)
-        .await
-        .unwrap();
+    let again = store.create_version("acme", "hello", &digest, &config).await.unwrap();
     assert_eq!(again.version, 1);
 }
 
-pub async fn all_latest_versions_has_one_entry_per_function(
-    store: &dyn Store,
-    clock: &ManualClock,
-) {
+pub async fn all_latest_versions_has_one_entry_per_function(store: &dyn Store, clock: &ManualClock) {
     assert_eq!(store.all_latest_versions().await.unwrap(), vec![]);
     store.create_tenant("acme").await.unwrap();
     store.create_tenant("beta").await.unwrap();
@@ -377,31 +267,13 @@ pub async fn all_latest_versions_has_one_entry_per_function(
     let two = blob(store, b"two").await;
     let config = FunctionConfig::default();
     clock.set(1_000);
-    store
-        .create_version("beta", "b", &one, &config)
-        .await
-        .unwrap();
-    store
-        .create_version("acme", "a", &one, &config)
-        .await
-        .unwrap();
+    store.create_version("beta", "b", &one, &config).await.unwrap();
+    store.create_version("acme", "a", &one, &config).await.unwrap();
     clock.set(2_000);
-    let acme_a = store
-        .create_version("acme", "a", &two, &config)
-        .await
-        .unwrap();
-    let acme_c = store
-        .create_version("acme", "c", &two, &config)
-        .await
-        .unwrap();
-    let beta_b = store
-        .create_version("beta", "b", &two, &config)
-        .await
-        .unwrap();
-    store
-        .create_version("beta", "gone", &one, &config)
-        .await
-        .unwrap();
+    let acme_a = store.create_version("acme", "a", &two, &config).await.unwrap();
+    let acme_c = store.create_version("acme", "c", &two, &config).await.unwrap();
+    let beta_b = store.create_version("beta", "b", &two, &config).await.unwrap();
+    store.create_version("beta", "gone", &one, &config).await.unwrap();
     store.delete_function("beta", "gone").await.unwrap();
 
     let latest = store.all_latest_versions().await.unwrap();
@@ -430,10 +302,7 @@ fn lines(logs: &[LogLine]) -> Vec<&str> {
 pub async fn sync_records_and_their_logs_are_readable(store: &dyn Store, _clock: &ManualClock) {
     store.record_sync(&[]).await.unwrap();
     let mut ok = record("inv-1", "hello", InvocationStatus::Succeeded, 1_000);
-    ok.logs = vec![
-        (LogStream::Stdout, "one".into(), 1_001),
-        (LogStream::Stderr, "two".into(), 1_002),
-    ];
+    ok.logs = vec![(LogStream::Stdout, "one".into(), 1_001), (LogStream::Stderr, "two".into(), 1_002)];
     let mut dead = record("inv-2", "hello", InvocationStatus::Dead, 2_000);
     dead.version = 7;
     dead.status_code = Some(500);
@@ -461,20 +330,14 @@ pub async fn sync_records_and_their_logs_are_readable(store: &dyn Store, _clock:
     };
     assert_eq!(got, expected);
     let got = store.get_invocation("inv-3").await.unwrap().unwrap();
-    assert_eq!(
-        (got.status, got.status_code, got.error_kind),
-        (InvocationStatus::Succeeded, None, None)
-    );
+    assert_eq!((got.status, got.status_code, got.error_kind), (InvocationStatus::Succeeded, None, None));
     assert_eq!(store.get_invocation("nope").await.unwrap(), None);
 
     let logs = store.invocation_logs("inv-1").await.unwrap();
     assert_eq!(lines(&logs), ["one", "two"]);
     assert_eq!(logs[0].stream, LogStream::Stdout);
     assert_eq!(logs[1].stream, LogStream::Stderr);
-    assert_eq!(
-        (logs[0].invocation_id.as_str(), logs[0].at, logs[1].at),
-        ("inv-1", 1_001, 1_002)
-    );
+    assert_eq!((logs[0].invocation_id.as_str(), logs[0].at, logs[1].at), ("inv-1", 1_001, 1_002));
     assert!(logs[0].seq < logs[1].seq);
     let logs = store.invocation_logs("inv-2").await.unwrap();
     assert_eq!(logs[0].stream, LogStream::System);
@@ -488,25 +351,15 @@ pub async fn sync_records_and_their_logs_are_readable(store: &dyn Store, _clock:
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
     assert_eq!(store.get_invocation("inv-4").await.unwrap(), None);
     assert_eq!(store.invocation_logs("inv-4").await.unwrap(), vec![]);
-    let all = store
-        .function_logs("acme", "hello", None, 100)
-        .await
-        .unwrap();
+    let all = store.function_logs("acme", "hello", None, 100).await.unwrap();
     assert_eq!(lines(&all), ["one", "two", "wasm trap: unreachable"]);
 }
 
 pub async fn function_logs_tail_and_page(store: &dyn Store, _clock: &ManualClock) {
     let mut batch = Vec::new();
     for i in 0..4 {
-        let mut r = record(
-            &format!("inv-{i}"),
-            "hello",
-            InvocationStatus::Succeeded,
-            i * 100,
-        );
-        r.logs = (0..3)
-            .map(|j| (LogStream::Stdout, format!("{i}.{j}"), i * 100 + j))
-            .collect();
+        let mut r = record(&format!("inv-{i}"), "hello", InvocationStatus::Succeeded, i * 100);
+        r.logs = (0..3).map(|j| (LogStream::Stdout, format!("{i}.{j}"), i * 100 + j)).collect();
         batch.push(r);
     }
     let mut other = record("inv-x", "other", InvocationStatus::Succeeded, 50);
@@ -517,36 +370,18 @@ pub async fn function_logs_tail_and_page(store: &dyn Store, _clock: &ManualClock
     // No cursor: the last `limit` lines, oldest first.
     let tail = store.function_logs("acme", "hello", None, 4).await.unwrap();
     assert_eq!(lines(&tail), ["2.2", "3.0", "3.1", "3.2"]);
-    let everything = store
-        .function_logs("acme", "hello", None, 1_000)
-        .await
-        .unwrap();
+    let everything = store.function_logs("acme", "hello", None, 1_000).await.unwrap();
     assert_eq!(everything.len(), 12);
     assert!(everything.windows(2).all(|w| w[0].seq < w[1].seq));
-    assert_eq!(
-        store.function_logs("acme", "hello", None, 0).await.unwrap(),
-        vec![]
-    );
-    assert_eq!(
-        store.function_logs("acme", "nope", None, 10).await.unwrap(),
-        vec![]
-    );
-    assert_eq!(
-        store
-            .function_logs("beta", "hello", None, 10)
-            .await
-            .unwrap(),
-        vec![]
-    );
+    assert_eq!(store.function_logs("acme", "hello", None, 0).await.unwrap(), vec![]);
+    assert_eq!(store.function_logs("acme", "nope", None, 10).await.unwrap(), vec![]);
+    assert_eq!(store.function_logs("beta", "hello", None, 10).await.unwrap(), vec![]);
 
     // With a cursor: pages of `limit` after it, oldest first, until caught up.
     let mut seen = Vec::new();
     let mut cursor = Some(0);
     loop {
-        let page = store
-            .function_logs("acme", "hello", cursor, 5)
-            .await
-            .unwrap();
+        let page = store.function_logs("acme", "hello", cursor, 5).await.unwrap();
         assert!(page.len() <= 5);
         let Some(last) = page.last() else { break };
         cursor = Some(last.seq);
@@ -558,10 +393,7 @@ pub async fn function_logs_tail_and_page(store: &dyn Store, _clock: &ManualClock
     let mut later = record("inv-9", "hello", InvocationStatus::Succeeded, 900);
     later.logs = vec![(LogStream::Stderr, "late".into(), 901)];
     store.record_sync(&[later]).await.unwrap();
-    let page = store
-        .function_logs("acme", "hello", cursor, 5)
-        .await
-        .unwrap();
+    let page = store.function_logs("acme", "hello", cursor, 5).await.unwrap();
     assert_eq!(lines(&page), ["late"]);
     assert_eq!(page[0].stream, LogStream::Stderr);
 }
@@ -571,33 +403,17 @@ pub async fn large_sync_batches_are_recorded_whole(store: &dyn Store, _clock: &M
     const LINES_PER_RECORD: i64 = 3;
     let batch: Vec<SyncRecord> = (0..RECORDS)
         .map(|i| {
-            let mut r = record(
-                &format!("inv-{i:04}"),
-                "hello",
-                InvocationStatus::Succeeded,
-                i,
-            );
-            r.logs = (0..LINES_PER_RECORD)
-                .map(|j| (LogStream::Stdout, format!("{i}.{j}"), i))
-                .collect();
+            let mut r = record(&format!("inv-{i:04}"), "hello", InvocationStatus::Succeeded, i);
+            r.logs = (0..LINES_PER_RECORD).map(|j| (LogStream::Stdout, format!("{i}.{j}"), i)).collect();
             r
         })
         .collect();
     let started = std::time::Instant::now();
     store.record_sync(&batch).await.unwrap();
     // Printed, not asserted: speed is measured in benchmarks, never in unit tests.
-    eprintln!(
-        "record_sync: {RECORDS} records x {LINES_PER_RECORD} lines in {:?}",
-        started.elapsed()
-    );
-    let logs = store
-        .function_logs("acme", "hello", None, 10_000)
-        .await
-        .unwrap();
+    eprintln!("record_sync: {RECORDS} records x {LINES_PER_RECORD} lines in {:?}", started.elapsed());
+    let logs = store.function_logs("acme", "hello", None, 10_000).await.unwrap();
     assert_eq!(logs.len() as i64, RECORDS * LINES_PER_RECORD);
-    assert_eq!(
-        logs.last().unwrap().line,
-        format!("{}.{}", RECORDS - 1, LINES_PER_RECORD - 1)
-    );
+    assert_eq!(logs.last().unwrap().line, format!("{}.{}", RECORDS - 1, LINES_PER_RECORD - 1));
     assert!(store.get_invocation("inv-0999").await.unwrap().is_some());
 }
