@@ -130,12 +130,10 @@ impl Node {
             public_url: RwLock::new(String::new()),
         });
         node.reload_keys().await?;
-        for record in node
-            .store
-            .all_latest_versions()
-            .await
-            .map_err(store_error)?
-        {
+        for (tenant, per_sec, burst) in node.store.tenant_rates().await.map_err(store_error)? {
+            node.admission.set_tenant_rate(&tenant, Some(Rate { per_sec, burst }));
+        }
+        for record in node.store.all_latest_versions().await.map_err(store_error)? {
             let (tenant, function) = (record.tenant.clone(), record.function.clone());
             match node.load_version(record).await {
                 Ok(d) => node.install(d),
@@ -195,9 +193,7 @@ impl Node {
         let mut map = self.functions.write().expect("function map lock");
         let tenant = deployed.record.tenant.clone();
         let function = deployed.record.function.clone();
-        map.entry(tenant)
-            .or_default()
-            .insert(function, Arc::new(deployed));
+        map.entry(tenant).or_default().insert(function, Arc::new(deployed));
     }
 
     pub fn uninstall(&self, tenant: &str, function: &str) {
@@ -214,9 +210,7 @@ impl Node {
         let digest = record.blob_digest.clone();
         let handle = tokio::runtime::Handle::current();
         let prepared = tokio::task::spawn_blocking(move || {
-            runtime.load(&digest, || {
-                handle.block_on(store.get_blob(&digest)).ok().flatten()
-            })
+            runtime.load(&digest, || handle.block_on(store.get_blob(&digest)).ok().flatten())
         })
         .await
         .map_err(|e| SluiceError::internal(format!("loading task failed: {e}")))??;
@@ -226,10 +220,7 @@ impl Node {
     /// Rebuilds the API-key cache from the store.
     pub async fn reload_keys(&self) -> Result<(), SluiceError> {
         let keys = self.store.active_keys().await.map_err(store_error)?;
-        let map = keys
-            .into_iter()
-            .map(|k| (k.hash.clone(), Arc::new(principal(&k))))
-            .collect();
+        let map = keys.into_iter().map(|k| (k.hash.clone(), Arc::new(principal(&k)))).collect();
         *self.keys.write().expect("key cache lock") = map;
         Ok(())
     }
@@ -238,11 +229,7 @@ impl Node {
     /// bad keys costs a hash and a map lookup, never a database query.
     pub fn principal_for_key(&self, key: &str) -> Option<Arc<Principal>> {
         let hash = sluice_core::ids::hash_api_key(key);
-        self.keys
-            .read()
-            .expect("key cache lock")
-            .get(&hash)
-            .cloned()
+        self.keys.read().expect("key cache lock").get(&hash).cloned()
     }
 }
 
@@ -278,11 +265,7 @@ impl Functions for NodeFunctions {
 }
 
 fn principal(k: &KeyRecord) -> Principal {
-    Principal {
-        key_id: k.id.clone(),
-        tenant: k.tenant.clone(),
-        scopes: k.scopes.clone(),
-    }
+    Principal { key_id: k.id.clone(), tenant: k.tenant.clone(), scopes: k.scopes.clone() }
 }
 
 /// The bearer token of a request, if any.

@@ -277,6 +277,11 @@ pub trait Store: Send + Sync + 'static {
     async fn create_tenant(&self, name: &str) -> StoreResult<Tenant>;
     async fn get_tenant(&self, name: &str) -> StoreResult<Option<Tenant>>;
     async fn list_tenants(&self) -> StoreResult<Vec<Tenant>>;
+    /// Sets a tenant's own rate limit `(calls per second, burst)`, or with `None` removes it (the
+    /// node default applies again). `NotFound` for an unknown tenant.
+    async fn set_tenant_rate(&self, tenant: &str, rate: Option<(f64, u32)>) -> StoreResult<()>;
+    /// Every tenant's own rate limit: `(tenant, calls per second, burst)`.
+    async fn tenant_rates(&self) -> StoreResult<Vec<(String, f64, u32)>>;
 
     // --- keys ---
     async fn create_key(&self, key: &KeyRecord) -> StoreResult<()>;

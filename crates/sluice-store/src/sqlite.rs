@@ -71,6 +71,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "async queue",
         sql: include_str!("../migrations/sqlite/0002_async_queue.sql"),
     },
+    Migration {
+        version: 3,
+        name: "tenant limits",
+        sql: include_str!("../migrations/sqlite/0003_tenant_limits.sql"),
+    },
 ];
 
 /// The SQLite implementation of [`Store`]. Cloning is cheap and shares the pool.
@@ -416,6 +421,55 @@ impl Store for SqliteStore {
             .await
             .map_err(classify)?;
         rows(found, tenant_from_row)
+    }
+
+    async fn set_tenant_rate(&self, tenant: &str, rate: Option<(f64, u32)>) -> StoreResult<()> {
+        let mut tx = self.begin_write().await?;
+        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tenants WHERE name = ?)")
+            .bind(tenant)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(classify)?;
+        if !exists {
+            return Err(StoreError::NotFound(format!("tenant {tenant}")));
+        }
+        match rate {
+            Some((per_sec, burst)) => {
+                sqlx::query(
+                    "INSERT INTO tenant_limits (tenant, rate_per_sec, burst) VALUES (?, ?, ?) \
+                     ON CONFLICT (tenant) DO UPDATE SET rate_per_sec = excluded.rate_per_sec, burst = excluded.burst",
+                )
+                .bind(tenant)
+                .bind(per_sec)
+                .bind(i64::from(burst))
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+            }
+            None => {
+                sqlx::query("DELETE FROM tenant_limits WHERE tenant = ?")
+                    .bind(tenant)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(classify)?;
+            }
+        }
+        tx.commit().await.map_err(classify)
+    }
+
+    async fn tenant_rates(&self) -> StoreResult<Vec<(String, f64, u32)>> {
+        let found = sqlx::query("SELECT tenant, rate_per_sec, burst FROM tenant_limits ORDER BY tenant")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+        rows(found, |r| {
+            let burst: i64 = r.try_get("burst").map_err(classify)?;
+            Ok((
+                r.try_get("tenant").map_err(classify)?,
+                r.try_get("rate_per_sec").map_err(classify)?,
+                u32::try_from(burst).map_err(|_| StoreError::Other(format!("burst {burst} out of range")))?,
+            ))
+        })
     }
 
     async fn create_key(&self, key: &KeyRecord) -> StoreResult<()> {

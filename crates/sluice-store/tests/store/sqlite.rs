@@ -40,6 +40,7 @@ async fn fresh() -> Harness {
 crate::run_suite!(
     fresh;
     tenants_are_unique_and_listed_by_name,
+    tenant_rates_are_set_replaced_and_cleared,
     keys_are_listed_revoked_and_filtered,
     blobs_are_content_addressed,
     versions_are_numbered_from_one,

@@ -71,6 +71,23 @@ fn ids<T>(items: &[T], id: impl Fn(&T) -> String) -> Vec<String> {
     items.iter().map(id).collect()
 }
 
+pub async fn tenant_rates_are_set_replaced_and_cleared(store: &dyn Store, _clock: &ManualClock) {
+    store.create_tenant("acme").await.unwrap();
+    store.create_tenant("beta").await.unwrap();
+    assert_eq!(store.tenant_rates().await.unwrap(), vec![]);
+    store.set_tenant_rate("acme", Some((10.0, 20))).await.unwrap();
+    store.set_tenant_rate("beta", Some((0.5, 1))).await.unwrap();
+    store.set_tenant_rate("acme", Some((100.0, 200))).await.unwrap();
+    assert_eq!(
+        store.tenant_rates().await.unwrap(),
+        vec![("acme".to_string(), 100.0, 200), ("beta".to_string(), 0.5, 1)]
+    );
+    store.set_tenant_rate("beta", None).await.unwrap();
+    assert_eq!(store.tenant_rates().await.unwrap(), vec![("acme".to_string(), 100.0, 200)]);
+    let err = store.set_tenant_rate("nobody", Some((1.0, 1))).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+}
+
 pub async fn tenants_are_unique_and_listed_by_name(store: &dyn Store, clock: &ManualClock) {
     assert_eq!(store.list_tenants().await.unwrap(), vec![]);
     clock.set(1_000);

@@ -1,0 +1,106 @@
+//! Rate limits, concurrency caps and load shedding against the live node: refusals are
+//! immediate, say when to come back, and do no work.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::{Node, assert_error, guests};
+
+#[test]
+fn function_rate_limit_answers_429_with_ratelimit_headers() {
+    let node = Node::start(&[]);
+    node.deploy("tg", &guests().testguest, &["--rate", "1/s", "--burst", "2"]);
+    assert_eq!(node.get("/fn/default/tg/stdout").status(), 200);
+    assert_eq!(node.get("/fn/default/tg/stdout").status(), 200);
+    let res = node.get("/fn/default/tg/stdout");
+    let id = res.headers()["sluice-invocation-id"].to_str().unwrap().to_string();
+    assert_eq!(res.headers()["retry-after"], "1");
+    assert_eq!(res.headers()["ratelimit-policy"], "\"function\";q=2;w=2");
+    assert_eq!(res.headers()["ratelimit"], "\"function\";r=0;t=1");
+    assert_error(res, 429, "rate_limited");
+    // No work was done: the refused call never ran, so it left no invocation or logs behind.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(node.get(&format!("/v1/invocations/{id}")).status(), 404);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(node.get("/fn/default/tg/ok").status(), 200, "the bucket refills");
+}
+
+#[test]
+fn tenant_rate_limit_covers_all_its_functions() {
+    let node = Node::start(&["--tenant-rate", "2", "--tenant-burst", "3"]);
+    node.deploy("a", &guests().hello, &[]);
+    node.deploy("b", &guests().hello, &[]);
+    let statuses: Vec<u16> = ["a", "b", "a", "b"]
+        .iter()
+        .map(|f| node.get(&format!("/fn/default/{f}/")).status().as_u16())
+        .collect();
+    assert_eq!(statuses, vec![200, 200, 200, 429]);
+    let res = node.get("/fn/default/a/");
+    assert_eq!(res.headers()["ratelimit-policy"], "\"tenant\";q=3;w=2");
+    assert_error(res, 429, "rate_limited");
+}
+
+#[test]
+fn concurrency_cap_refuses_at_once() {
+    let node = Node::start(&[]);
+    node.deploy("tg", &guests().testguest, &["--max-concurrency", "1"]);
+    let (url, token) = (node.url.clone(), node.token.clone());
+    let slow = std::thread::spawn(move || {
+        reqwest::blocking::Client::new()
+            .get(format!("{url}/fn/default/tg/sleep?ms=1500"))
+            .bearer_auth(token)
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let res = node.get("/fn/default/tg/ok");
+    assert!(started.elapsed() < Duration::from_millis(500), "the refusal waited");
+    assert_error(res, 429, "concurrency_limited");
+    assert_eq!(slow.join().unwrap(), 200);
+    assert_eq!(node.get("/fn/default/tg/ok").status(), 200, "the slot is given back");
+}
+
+#[test]
+fn flood_of_a_slow_function_is_shed_fast_and_admitted_calls_stay_bounded() {
+    let node = Node::start(&["--sync-inflight-max", "8"]);
+    node.deploy("tg", &guests().testguest, &[]);
+    let (url, token) = (node.url.clone(), node.token.clone());
+    let threads: Vec<_> = (0..40)
+        .map(|_| {
+            let (url, token) = (url.clone(), token.clone());
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                let res = reqwest::blocking::Client::new()
+                    .get(format!("{url}/fn/default/tg/sleep?ms=1000"))
+                    .bearer_auth(token)
+                    .send()
+                    .unwrap();
+                let retry_after = res.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+                (res.status().as_u16(), started.elapsed(), retry_after)
+            })
+        })
+        .collect();
+    let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let admitted: Vec<_> = results.iter().filter(|r| r.0 == 200).collect();
+    let shed: Vec<_> = results.iter().filter(|r| r.0 == 503).collect();
+    assert_eq!(admitted.len() + shed.len(), 40, "only 200 or 503: {results:?}");
+    assert!(admitted.len() >= 8 && !shed.is_empty(), "{} admitted, {} shed", admitted.len(), shed.len());
+    for (_, took, retry_after) in &shed {
+        assert!(*took < Duration::from_millis(500), "a shed call waited {took:?}");
+        assert_eq!(retry_after.as_deref(), Some("1"));
+    }
+    for (_, took, _) in &admitted {
+        assert!(*took < Duration::from_secs(3), "an admitted call took {took:?}");
+    }
+    // Async enqueues are still accepted while the sync side sheds: the queue absorbs bursts.
+    let res = node
+        .client()
+        .post(format!("{}/fn/default/tg/ok", node.url))
+        .bearer_auth(&node.token)
+        .header("prefer", "respond-async")
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 202);
+}
