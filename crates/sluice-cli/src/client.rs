@@ -33,9 +33,7 @@ impl Client {
     pub fn new(target: &Target) -> anyhow::Result<Self> {
         let token = match &target.token {
             Some(t) => Some(t.trim().to_string()),
-            None => std::fs::read_to_string(DEFAULT_TOKEN_FILE)
-                .ok()
-                .map(|t| t.trim().to_string()),
+            None => std::fs::read_to_string(DEFAULT_TOKEN_FILE).ok().map(|t| t.trim().to_string()),
         };
         let http = reqwest::Client::builder().build()?;
         Ok(Self {
@@ -65,12 +63,9 @@ impl Client {
     }
 
     pub async fn send(&self, req: RequestBuilder) -> anyhow::Result<Response> {
-        req.send().await.with_context(|| {
-            format!(
-                "cannot reach the node at {} (is `sluice serve` running?)",
-                self.base
-            )
-        })
+        req.send()
+            .await
+            .with_context(|| format!("cannot reach the node at {} (is `sluice serve` running?)", self.base))
     }
 
     pub fn tenant_path(&self, rest: &str) -> String {

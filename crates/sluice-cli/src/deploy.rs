@@ -58,7 +58,7 @@ pub struct DeployArgs {
 }
 
 /// `100/s`, `6000/min`, `10/h` or a bare number per second.
-fn parse_rate(s: &str) -> Result<f64, String> {
+pub fn parse_rate(s: &str) -> Result<f64, String> {
     let (n, unit) = s.split_once('/').unwrap_or((s, "s"));
     let n: f64 = n.trim().parse().map_err(|_| format!("invalid rate {s:?}: expected e.g. 100/s"))?;
     let per = match unit.trim() {
@@ -74,9 +74,7 @@ fn parse_rate(s: &str) -> Result<f64, String> {
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s
-        .split_once('=')
-        .ok_or_else(|| format!("expected K=V, got {s:?}"))?;
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("expected K=V, got {s:?}"))?;
     Ok((k.to_string(), v.to_string()))
 }
 
@@ -94,8 +92,7 @@ const UPLOAD_CHUNK_BYTES: usize = 64 * 1024;
 
 pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
     let client = Client::new(&args.target)?;
-    let bytes =
-        std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let bytes = std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
     let config = FunctionConfig {
         memory_bytes: args.memory,
         timeout_ms: args.timeout.as_millis() as u64,
@@ -111,14 +108,10 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
     };
 
     let bar = ProgressBar::with_draw_target(Some(bytes.len() as u64), draw_target());
-    bar.set_style(ProgressStyle::with_template(
-        "uploading {bytes}/{total_bytes} {wide_bar}",
-    )?);
+    bar.set_style(ProgressStyle::with_template("uploading {bytes}/{total_bytes} {wide_bar}")?);
     let total = bytes.len();
-    let chunks: Vec<bytes::Bytes> = bytes
-        .chunks(UPLOAD_CHUNK_BYTES)
-        .map(bytes::Bytes::copy_from_slice)
-        .collect();
+    let chunks: Vec<bytes::Bytes> =
+        bytes.chunks(UPLOAD_CHUNK_BYTES).map(bytes::Bytes::copy_from_slice).collect();
     let progress = bar.clone();
     let stream = futures::stream::iter(chunks).map(move |c| {
         progress.inc(c.len() as u64);
@@ -138,10 +131,7 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
     spinner.set_message(format!("validating and compiling {} ...", args.name));
     spinner.enable_steady_tick(Duration::from_millis(100));
     let create = client
-        .request(
-            Method::POST,
-            &client.tenant_path(&format!("/functions/{}/versions", args.name)),
-        )
+        .request(Method::POST, &client.tenant_path(&format!("/functions/{}/versions", args.name)))
         .json(&json!({ "digest": digest, "config": config }));
     let version = client.json(create).await;
     spinner.finish_and_clear();

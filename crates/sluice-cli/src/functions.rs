@@ -23,9 +23,7 @@ pub async fn run(cmd: FunctionsCommand) -> anyhow::Result<()> {
     match cmd {
         FunctionsCommand::List { target } => {
             let client = Client::new(&target)?;
-            let v = client
-                .json(client.request(Method::GET, &client.tenant_path("/functions")))
-                .await?;
+            let v = client.json(client.request(Method::GET, &client.tenant_path("/functions"))).await?;
             let functions = v["functions"].as_array().cloned().unwrap_or_default();
             if functions.is_empty() {
                 println!("no functions in tenant {}", client.tenant);
@@ -45,10 +43,7 @@ pub async fn run(cmd: FunctionsCommand) -> anyhow::Result<()> {
         FunctionsCommand::Delete { name, target } => {
             let client = Client::new(&target)?;
             client
-                .json(client.request(
-                    Method::DELETE,
-                    &client.tenant_path(&format!("/functions/{name}")),
-                ))
+                .json(client.request(Method::DELETE, &client.tenant_path(&format!("/functions/{name}"))))
                 .await?;
             println!("deleted {}/{name}", client.tenant);
         }

@@ -47,25 +47,12 @@ pub struct InvokeArgs {
 
 pub async fn run(args: InvokeArgs) -> anyhow::Result<()> {
     let client = Client::new(&args.target)?;
-    let method = if args.data.is_some() && args.method == "GET" {
-        "POST"
-    } else {
-        args.method.as_str()
-    };
+    let method = if args.data.is_some() && args.method == "GET" { "POST" } else { args.method.as_str() };
     let method = Method::from_bytes(method.as_bytes()).context("invalid method")?;
-    let path = if args.path.starts_with('/') {
-        args.path.clone()
-    } else {
-        format!("/{}", args.path)
-    };
-    let mut req = client.request(
-        method,
-        &format!("/fn/{}/{}{path}", client.tenant, args.name),
-    );
+    let path = if args.path.starts_with('/') { args.path.clone() } else { format!("/{}", args.path) };
+    let mut req = client.request(method, &format!("/fn/{}/{}{path}", client.tenant, args.name));
     for h in &args.headers {
-        let (k, v) = h
-            .split_once(':')
-            .with_context(|| format!("header {h:?} is not 'K: V'"))?;
+        let (k, v) = h.split_once(':').with_context(|| format!("header {h:?} is not 'K: V'"))?;
         req = req.header(k.trim(), v.trim());
     }
     if args.queue {

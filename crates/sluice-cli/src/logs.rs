@@ -31,34 +31,26 @@ pub struct LogsArgs {
 pub async fn run(args: LogsArgs) -> anyhow::Result<()> {
     let client = Client::new(&args.target)?;
     if let Some(id) = &args.invocation {
-        let v = client
-            .json(client.request(Method::GET, &format!("/v1/invocations/{id}/logs")))
-            .await?;
+        let v = client.json(client.request(Method::GET, &format!("/v1/invocations/{id}/logs"))).await?;
         print_lines(&v);
         return Ok(());
     }
     let name = args.name.as_deref().unwrap_or_default();
     let path = client.tenant_path(&format!("/functions/{name}/logs"));
-    let v = client
-        .json(
-            client
-                .request(Method::GET, &path)
-                .query(&[("limit", args.lines)]),
-        )
-        .await?;
+    let v = client.json(client.request(Method::GET, &path).query(&[("limit", args.lines)])).await?;
     print_lines(&v);
     // With no lines yet, everything after sequence 0 is new.
     let mut after = v["next_after"].as_i64().unwrap_or(0);
-    while args.follow {
+    if !args.follow {
+        return Ok(());
+    }
+    loop {
         tokio::time::sleep(FOLLOW_POLL).await;
-        let req = client
-            .request(Method::GET, &path)
-            .query(&[("limit", 1000), ("after", after)]);
+        let req = client.request(Method::GET, &path).query(&[("limit", 1000), ("after", after)]);
         let v = client.json(req).await?;
         print_lines(&v);
         after = v["next_after"].as_i64().unwrap_or(after);
     }
-    Ok(())
 }
 
 fn print_lines(v: &Value) {

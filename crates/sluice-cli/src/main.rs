@@ -4,9 +4,12 @@
 mod client;
 mod deploy;
 mod functions;
+mod invocations;
 mod invoke;
+mod keys;
 mod logs;
 mod serve;
+mod tenants;
 
 use clap::{Parser, Subcommand};
 
@@ -31,6 +34,15 @@ enum Command {
     Invoke(invoke::InvokeArgs),
     /// Show a function's (or one invocation's) guest log lines.
     Logs(logs::LogsArgs),
+    /// Create or list tenants.
+    #[command(subcommand)]
+    Tenants(tenants::TenantsCommand),
+    /// Mint, list or revoke API keys.
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
+    /// List invocations, show one or its stored response, or re-drive a dead one.
+    #[command(subcommand)]
+    Invocations(invocations::InvocationsCommand),
 }
 
 fn main() {
@@ -44,6 +56,9 @@ fn main() {
                     Command::Functions(c) => functions::run(c).await,
                     Command::Invoke(a) => invoke::run(a).await,
                     Command::Logs(a) => logs::run(a).await,
+                    Command::Tenants(c) => tenants::run(c).await,
+                    Command::Keys(c) => keys::run(c).await,
+                    Command::Invocations(c) => invocations::run(c).await,
                     Command::Serve(_) => unreachable!("handled above"),
                 }
             })
@@ -56,7 +71,5 @@ fn main() {
 }
 
 fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?)
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }

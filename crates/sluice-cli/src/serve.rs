@@ -74,22 +74,10 @@ pub struct ServeArgs {
 
 impl ServeArgs {
     fn limits(&self) -> anyhow::Result<Limits> {
-        anyhow::ensure!(
-            self.header_count_max >= 1,
-            "--header-count-max must be at least 1"
-        );
-        anyhow::ensure!(
-            self.header_bytes_max >= 1024,
-            "--header-bytes-max must be at least 1KiB"
-        );
-        anyhow::ensure!(
-            self.instances_max >= 1,
-            "--instances-max must be at least 1"
-        );
-        anyhow::ensure!(
-            !self.header_read_timeout.is_zero(),
-            "--header-read-timeout must be positive"
-        );
+        anyhow::ensure!(self.header_count_max >= 1, "--header-count-max must be at least 1");
+        anyhow::ensure!(self.header_bytes_max >= 1024, "--header-bytes-max must be at least 1KiB");
+        anyhow::ensure!(self.instances_max >= 1, "--instances-max must be at least 1");
+        anyhow::ensure!(!self.header_read_timeout.is_zero(), "--header-read-timeout must be positive");
         Ok(Limits {
             header_bytes_max: self.header_bytes_max as usize,
             header_count_max: self.header_count_max,
@@ -107,13 +95,8 @@ impl ServeArgs {
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_tracing();
     let limits = args.limits()?;
-    let workers = args
-        .workers
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    anyhow::ensure!(
-        (1..=256).contains(&workers),
-        "--workers must be between 1 and 256"
-    );
+    let workers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    anyhow::ensure!((1..=256).contains(&workers), "--workers must be between 1 and 256");
     let control = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("sluice-control")
@@ -126,23 +109,19 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
     let db = args.data_dir.join("sluice.db");
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&db)
-            .await
-            .with_context(|| format!("opening {}", db.display()))?,
-    );
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(&db).await.with_context(|| format!("opening {}", db.display()))?);
     if let Some(key) = sluice_gateway::bootstrap(&store, &args.data_dir).await? {
         eprintln!(
             "created tenant `default` and an admin API key (saved to {}):\n  {key}",
-            args.data_dir
-                .join(sluice_gateway::ADMIN_TOKEN_FILE)
-                .display()
+            args.data_dir.join(sluice_gateway::ADMIN_TOKEN_FILE).display()
         );
     }
     let mut config = NodeConfig::new(args.data_dir.clone());
     config.limits = limits;
     config.outbound_allow_private = args.outbound_allow_private;
-    config.tenant_rate = (args.tenant_rate > 0.0).then(|| Rate::of(Some(args.tenant_rate), args.tenant_burst)).flatten();
+    config.tenant_rate =
+        (args.tenant_rate > 0.0).then(|| Rate::of(Some(args.tenant_rate), args.tenant_burst)).flatten();
     config.sync_inflight_max = args.sync_inflight_max;
     config.async_inflight_max = args.async_inflight_max;
     config.lease_ms = args.lease.as_millis() as u64;
@@ -184,8 +163,5 @@ async fn shutdown_signal() {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }

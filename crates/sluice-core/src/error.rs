@@ -150,12 +150,7 @@ pub struct SluiceError {
 
 impl SluiceError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self {
-            kind,
-            message: message.into(),
-            retry_after_secs: None,
-            headers: Vec::new(),
-        }
+        Self { kind, message: message.into(), retry_after_secs: None, headers: Vec::new() }
     }
 
     pub fn retry_after(mut self, secs: u64) -> Self {

@@ -8,6 +8,12 @@ use crate::limits::{
 };
 use crate::{Limits, SluiceError};
 
+/// The slowest rate limit: one call a day. Slower rates are indistinguishable from "never" and
+/// their refill period would not fit the token bucket's clock.
+pub const RATE_PER_SEC_MIN: f64 = 1.0 / 86_400.0;
+/// The fastest rate limit: beyond it a limit is pointless (and the refill period rounds to 0).
+pub const RATE_PER_SEC_MAX: f64 = 1e9;
+
 /// The configuration of one immutable function version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -65,21 +71,13 @@ impl FunctionConfig {
             ));
         }
         let timeout_max = limits.function_timeout_max.as_millis() as u64;
-        for (name, v) in [
-            ("timeout", self.timeout_ms),
-            ("async timeout", self.async_timeout_ms),
-        ] {
+        for (name, v) in [("timeout", self.timeout_ms), ("async timeout", self.async_timeout_ms)] {
             if v == 0 || v > timeout_max {
-                return bad(format!(
-                    "{name} must be between 1ms and {timeout_max}ms, got {v}ms"
-                ));
+                return bad(format!("{name} must be between 1ms and {timeout_max}ms, got {v}ms"));
             }
         }
         if self.attempts_max == 0 || self.attempts_max > 100 {
-            return bad(format!(
-                "attempts must be between 1 and 100, got {}",
-                self.attempts_max
-            ));
+            return bad(format!("attempts must be between 1 and 100, got {}", self.attempts_max));
         }
         for (k, _) in &self.env {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
@@ -88,16 +86,14 @@ impl FunctionConfig {
         }
         for host in &self.allow_outbound {
             if host.is_empty() || host.contains('/') || host.contains(' ') {
-                return bad(format!(
-                    "invalid outbound host {host:?}: give a host or host:port"
-                ));
+                return bad(format!("invalid outbound host {host:?}: give a host or host:port"));
             }
         }
         if let Some(rate) = self.rate_per_sec
-            && (!rate.is_finite() || rate <= 0.0)
+            && !(RATE_PER_SEC_MIN..=RATE_PER_SEC_MAX).contains(&rate)
         {
             return bad(format!(
-                "rate must be a positive number per second, got {rate}"
+                "rate must be between {RATE_PER_SEC_MIN} and {RATE_PER_SEC_MAX} calls per second, got {rate}"
             ));
         }
         if self.max_concurrency == Some(0) || self.burst == Some(0) {
@@ -108,14 +104,12 @@ impl FunctionConfig {
 
     /// Whether the guest may call `host` (with `port`). An entry without a port allows any port.
     pub fn outbound_allowed(&self, host: &str, port: Option<u16>) -> bool {
-        self.allow_outbound
-            .iter()
-            .any(|entry| match entry.rsplit_once(':') {
-                Some((h, p)) if p.parse::<u16>().is_ok() => {
-                    h.eq_ignore_ascii_case(host) && p.parse::<u16>().ok() == port
-                }
-                _ => entry.eq_ignore_ascii_case(host),
-            })
+        self.allow_outbound.iter().any(|entry| match entry.rsplit_once(':') {
+            Some((h, p)) if p.parse::<u16>().is_ok() => {
+                h.eq_ignore_ascii_case(host) && p.parse::<u16>().ok() == port
+            }
+            _ => entry.eq_ignore_ascii_case(host),
+        })
     }
 }
 
@@ -173,38 +167,15 @@ mod tests {
     fn validation_names_the_field() {
         let limits = Limits::default();
         assert!(FunctionConfig::default().validate(&limits).is_ok());
-        let too_big = FunctionConfig {
-            memory_bytes: 1 << 40,
-            ..Default::default()
-        };
-        assert!(
-            too_big
-                .validate(&limits)
-                .unwrap_err()
-                .message
-                .contains("memory")
-        );
-        let no_attempts = FunctionConfig {
-            attempts_max: 0,
-            ..Default::default()
-        };
-        assert!(
-            no_attempts
-                .validate(&limits)
-                .unwrap_err()
-                .message
-                .contains("attempts")
-        );
-        let bad_env = FunctionConfig {
-            env: vec![("A=B".into(), "x".into())],
-            ..Default::default()
-        };
-        assert!(
-            bad_env
-                .validate(&limits)
-                .unwrap_err()
-                .message
-                .contains("environment")
-        );
+        let too_big = FunctionConfig { memory_bytes: 1 << 40, ..Default::default() };
+        assert!(too_big.validate(&limits).unwrap_err().message.contains("memory"));
+        let no_attempts = FunctionConfig { attempts_max: 0, ..Default::default() };
+        assert!(no_attempts.validate(&limits).unwrap_err().message.contains("attempts"));
+        for rate in [5e-324, 0.0, -1.0, f64::NAN, f64::INFINITY, 1e12] {
+            let cfg = FunctionConfig { rate_per_sec: Some(rate), ..Default::default() };
+            assert!(cfg.validate(&limits).unwrap_err().message.contains("rate"), "{rate}");
+        }
+        let bad_env = FunctionConfig { env: vec![("A=B".into(), "x".into())], ..Default::default() };
+        assert!(bad_env.validate(&limits).unwrap_err().message.contains("environment"));
     }
 }

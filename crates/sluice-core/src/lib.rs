@@ -69,17 +69,13 @@ impl Clock for SystemClock {
 pub fn rfc3339(ms: UnixMs) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    let t = t
-        .replace_nanosecond((ms.rem_euclid(1000) as u32) * 1_000_000)
-        .unwrap_or(t);
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| ms.to_string())
+    let t = t.replace_nanosecond((ms.rem_euclid(1000) as u32) * 1_000_000).unwrap_or(t);
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| ms.to_string())
 }
 
 /// Parses an RFC 3339 timestamp into unix milliseconds.
 pub fn parse_rfc3339(s: &str) -> Option<UnixMs> {
-    let t = time::OffsetDateTime::parse(s.trim(), &time::format_description::well_known::Rfc3339)
-        .ok()?;
+    let t = time::OffsetDateTime::parse(s.trim(), &time::format_description::well_known::Rfc3339).ok()?;
     i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
 }
 
@@ -93,10 +89,7 @@ mod tests {
         let s = rfc3339(ms);
         assert_eq!(s, "2025-11-21T20:00:00.123Z");
         assert_eq!(parse_rfc3339(&s), Some(ms));
-        assert_eq!(
-            parse_rfc3339("2025-11-21T21:00:00+01:00"),
-            Some(1_763_755_200_000)
-        );
+        assert_eq!(parse_rfc3339("2025-11-21T21:00:00+01:00"), Some(1_763_755_200_000));
         assert_eq!(parse_rfc3339("yesterday"), None);
     }
 }

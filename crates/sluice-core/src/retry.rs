@@ -17,7 +17,12 @@ pub struct RetryPolicy {
 
 impl RetryPolicy {
     pub fn new(attempts_max: u32, max_age_ms: u64) -> Self {
-        Self { attempts_max, max_age_ms, backoff_initial_ms: BACKOFF_INITIAL_MS, backoff_max_ms: BACKOFF_MAX_MS }
+        Self {
+            attempts_max,
+            max_age_ms,
+            backoff_initial_ms: BACKOFF_INITIAL_MS,
+            backoff_max_ms: BACKOFF_MAX_MS,
+        }
     }
 
     /// The delay before the attempt after `attempt` (1-based): `initial * 2^(attempt-1)`, capped,

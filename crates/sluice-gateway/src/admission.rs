@@ -11,8 +11,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
-use governor::state::{InMemoryState, NotKeyed};
 use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use sluice_core::{ErrorKind, SluiceError};
 
@@ -40,12 +40,14 @@ pub struct Bucket<C: Clock = DefaultClock> {
 }
 
 impl<C: Clock + Clone> Bucket<C> {
+    /// `None` for a rate that cannot be a bucket (not positive, or a refill period that does not
+    /// fit a `Duration`); callers validate rates first, this only keeps a bad one from panicking.
     pub fn new(name: &'static str, rate: Rate, clock: C) -> Option<Self> {
         if !(rate.per_sec.is_finite() && rate.per_sec > 0.0) {
             return None;
         }
-        let quota = Quota::with_period(Duration::from_secs_f64(1.0 / rate.per_sec))?
-            .allow_burst(std::num::NonZeroU32::new(rate.burst.max(1))?);
+        let period = Duration::try_from_secs_f64(1.0 / rate.per_sec).ok()?;
+        let quota = Quota::with_period(period)?.allow_burst(std::num::NonZeroU32::new(rate.burst.max(1))?);
         let limiter = RateLimiter::direct_with_clock(quota, clock.clone());
         Some(Self { name, rate, limiter, clock })
     }
@@ -61,7 +63,10 @@ impl<C: Clock + Clone> Bucket<C> {
                 let window = (f64::from(self.rate.burst) / self.rate.per_sec).ceil().max(1.0) as u64;
                 Err(SluiceError::new(
                     ErrorKind::RateLimited,
-                    format!("{what} is over its rate limit of {}/s (burst {}); retry in {secs}s", self.rate.per_sec, self.rate.burst),
+                    format!(
+                        "{what} is over its rate limit of {}/s (burst {}); retry in {secs}s",
+                        self.rate.per_sec, self.rate.burst
+                    ),
                 )
                 .retry_after(secs)
                 .header("ratelimit-policy", format!("\"{}\";q={};w={window}", self.name, self.rate.burst))
@@ -84,7 +89,12 @@ impl Gauge {
             if current >= max {
                 return None;
             }
-            match self.inflight.compare_exchange_weak(current, current + 1, Ordering::AcqRel, Ordering::Relaxed) {
+            match self.inflight.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => return Some(Slot(self.clone())),
                 Err(seen) => current = seen,
             }
@@ -118,7 +128,13 @@ pub struct Admission<C: Clock = DefaultClock> {
 
 impl<C: Clock + Clone> Admission<C> {
     pub fn new(clock: C, sync_inflight_max: usize, tenant_default: Option<Rate>) -> Self {
-        Self { clock, sync_inflight_max, sync_inflight: Arc::default(), tenant_default, tenants: RwLock::default() }
+        Self {
+            clock,
+            sync_inflight_max,
+            sync_inflight: Arc::default(),
+            tenant_default,
+            tenants: RwLock::default(),
+        }
     }
 
     pub fn clock(&self) -> &C {
@@ -218,13 +234,27 @@ mod tests {
         let err = b.check("f").unwrap_err();
         assert_eq!(err.kind, ErrorKind::RateLimited);
         assert_eq!(err.retry_after_secs, Some(1));
-        assert!(err.headers.contains(&("ratelimit-policy", "\"function\";q=3;w=2".to_string())), "{:?}", err.headers);
+        assert!(
+            err.headers.contains(&("ratelimit-policy", "\"function\";q=3;w=2".to_string())),
+            "{:?}",
+            err.headers
+        );
         assert!(err.headers.contains(&("ratelimit", "\"function\";r=0;t=1".to_string())));
         clock.advance(Duration::from_millis(499));
         assert!(b.check("f").is_err(), "not yet refilled");
         clock.advance(Duration::from_millis(1));
         b.check("f").unwrap();
         assert!(b.check("f").is_err());
+    }
+
+    #[test]
+    fn rates_that_cannot_be_buckets_are_refused_not_panicked_on() {
+        for per_sec in [5e-324, 0.0, -1.0, f64::NAN, f64::INFINITY, 1e300] {
+            assert!(
+                Bucket::new("f", Rate { per_sec, burst: 1 }, FakeRelativeClock::default()).is_none(),
+                "{per_sec}"
+            );
+        }
     }
 
     #[test]

@@ -1,35 +1,48 @@
-//! The `/v1` control API: deploy, list and delete functions, read invocations and logs.
+//! The `/v1` control API: the router, authentication and object-level access checks shared by
+//! every route, and the function routes (upload, deploy, list, delete, logs). Tenants and keys
+//! live in `api_tenants`, invocations in `api_invocations`, the OpenAPI document in `api_openapi`.
 //!
 //! Every route authenticates with an API key and checks object-level access: another tenant's
 //! objects answer 404 exactly like missing ones. Every error, including the router's own (unknown
 //! route, wrong method), leaves as the JSON of DESIGN.md section 5.
+//!
+//! Routes are registered only through `utoipa_axum::routes!`, which takes each path from the
+//! handler's `#[utoipa::path]`: the router and the OpenAPI document are built from the same
+//! annotations, so they cannot disagree.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use http::request::Parts;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 use sluice_core::{ErrorKind, FunctionConfig, Scope, SluiceError, rfc3339};
-use sluice_store::{Invocation, LogLine, VersionRecord};
+use sluice_store::{LogLine, VersionRecord};
 use tower::ServiceExt;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+// The error schema is defined beside the document; handlers name it in their annotations.
+pub(crate) use crate::api_openapi::ErrorBody;
+use crate::api_openapi::FunctionConfigSchema;
 use crate::body::{Body, BoxError};
 use crate::error::{error_response, kind_for_status, store_error};
 use crate::node::{Node, Principal, bearer};
 
 /// Log lines returned by one logs call at most.
 const LOG_LINES_PER_PAGE_MAX: u32 = 1000;
+/// Largest JSON request body of the control API (a deploy request with its configuration is the
+/// biggest). Component uploads have their own limit, `Limits::upload_bytes_max`.
+const JSON_BODY_BYTES_MAX: usize = 1024 * 1024;
 
 pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
-    let router = router(node);
+    let router = routes().0.clone().with_state(node);
     let res = match router.oneshot(req.map(axum::body::Body::new)).await {
         Ok(res) => res,
         Err(never) => match never {},
@@ -38,25 +51,39 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
     res.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync())
 }
 
-pub fn router(node: Arc<Node>) -> Router {
-    Router::new()
-        .route("/v1/tenants/{tenant}/blobs", post(upload_blob))
-        .route("/v1/tenants/{tenant}/functions", get(list_functions))
-        .route(
-            "/v1/tenants/{tenant}/functions/{function}",
-            get(get_function).delete(delete_function),
-        )
-        .route(
-            "/v1/tenants/{tenant}/functions/{function}/versions",
-            post(create_version),
-        )
-        .route(
-            "/v1/tenants/{tenant}/functions/{function}/logs",
-            get(function_logs),
-        )
-        .route("/v1/invocations/{id}", get(get_invocation))
-        .route("/v1/invocations/{id}/logs", get(invocation_logs))
-        .with_state(node)
+/// The router and its OpenAPI document (JSON), built once: both come from the same handler
+/// annotations.
+pub(crate) fn routes() -> &'static (Router<Arc<Node>>, String) {
+    static ROUTES: OnceLock<(Router<Arc<Node>>, String)> = OnceLock::new();
+    ROUTES.get_or_init(|| {
+        let (router, doc) = openapi_router().split_for_parts();
+        let doc = crate::api_openapi::finish(doc);
+        let json = doc.to_json().expect("the OpenAPI document serializes");
+        (router, json)
+    })
+}
+
+/// Every `/v1` route. Register routes here with `routes!` only (see the module docs); the
+/// `api_openapi` tests fail for a route the document does not list.
+pub(crate) fn openapi_router() -> OpenApiRouter<Arc<Node>> {
+    use crate::{api_invocations as inv, api_openapi as doc, api_tenants as ten};
+    OpenApiRouter::with_openapi(doc::base())
+        .routes(routes!(doc::openapi_json))
+        .routes(routes!(ten::create_tenant, ten::list_tenants))
+        .routes(routes!(ten::create_key, ten::list_keys))
+        .routes(routes!(ten::revoke_key))
+        .routes(routes!(ten::set_tenant_limits))
+        .routes(routes!(upload_blob))
+        .routes(routes!(list_functions))
+        .routes(routes!(get_function, delete_function))
+        .routes(routes!(create_version))
+        .routes(routes!(function_logs))
+        .routes(routes!(inv::list_invocations))
+        .routes(routes!(inv::get_invocation))
+        .routes(routes!(inv::invocation_response))
+        .routes(routes!(inv::invocation_logs))
+        .routes(routes!(inv::retry_invocation))
+        .layer(DefaultBodyLimit::max(JSON_BODY_BYTES_MAX))
 }
 
 /// Rewrites a non-JSON error response (from the router or an extractor) into sluice's error
@@ -67,7 +94,9 @@ async fn normalize_error(res: axum::response::Response) -> axum::response::Respo
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if status.as_u16() < 400 || is_json {
+    // A stored invocation response passes through as it was produced, whatever its status.
+    let is_stored = res.extensions().get::<crate::api_invocations::StoredResponseMark>().is_some();
+    if status.as_u16() < 400 || is_json || is_stored {
         return res;
     }
     let text = match axum::body::to_bytes(res.into_body(), 64 * 1024).await {
@@ -99,7 +128,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 /// The authenticated caller of an API route.
 pub struct Auth(pub Arc<Principal>);
@@ -107,55 +136,104 @@ pub struct Auth(pub Arc<Principal>);
 impl FromRequestParts<Arc<Node>> for Auth {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        node: &Arc<Node>,
-    ) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, node: &Arc<Node>) -> Result<Self, Self::Rejection> {
         let key = bearer(&parts.headers).ok_or_else(|| {
-            SluiceError::new(
-                ErrorKind::Unauthorized,
-                "missing API key: send Authorization: Bearer <key>",
-            )
+            SluiceError::new(ErrorKind::Unauthorized, "missing API key: send Authorization: Bearer <key>")
         })?;
-        let principal = node.principal_for_key(key).ok_or_else(|| {
-            SluiceError::new(ErrorKind::Unauthorized, "invalid or revoked API key")
-        })?;
+        let principal = node
+            .principal_for_key(key)
+            .ok_or_else(|| SluiceError::new(ErrorKind::Unauthorized, "invalid or revoked API key"))?;
         Ok(Auth(principal))
     }
 }
 
 impl Auth {
     /// Checks access to a tenant's objects: unseen tenants are 404, a missing scope is 403.
-    fn require(&self, tenant: &str, scope: Scope) -> Result<(), SluiceError> {
+    pub(crate) fn require(&self, tenant: &str, scope: Scope) -> Result<(), SluiceError> {
         if !self.0.sees(tenant) {
-            return Err(SluiceError::not_found(format!("no tenant {tenant}")));
+            return Err(no_tenant(tenant));
         }
         if !self.0.may(tenant, scope) {
             return Err(SluiceError::new(
                 ErrorKind::Forbidden,
-                format!(
-                    "this key lacks the {} scope for tenant {tenant}",
-                    scope.as_str()
-                ),
+                format!("this key lacks the {} scope for tenant {tenant}", scope.as_str()),
             ));
+        }
+        Ok(())
+    }
+
+    /// Checks an admin-only action on a tenant's objects: a tenant key sees its own tenant but may
+    /// not manage it (403); other tenants stay invisible (404).
+    pub(crate) fn require_admin(&self, tenant: &str, action: &str) -> Result<(), SluiceError> {
+        if !self.0.sees(tenant) {
+            return Err(no_tenant(tenant));
+        }
+        if !self.0.is_admin() {
+            return Err(admin_only(action));
         }
         Ok(())
     }
 }
 
-async fn require_tenant(node: &Node, tenant: &str) -> Result<(), ApiError> {
+pub(crate) fn no_tenant(tenant: &str) -> SluiceError {
+    SluiceError::not_found(format!("no tenant {tenant}"))
+}
+
+pub(crate) fn admin_only(action: &str) -> SluiceError {
+    SluiceError::new(ErrorKind::Forbidden, format!("only an admin key may {action}"))
+}
+
+pub(crate) async fn require_tenant(node: &Node, tenant: &str) -> Result<(), ApiError> {
     if node.store.get_tenant(tenant).await?.is_none() {
-        return Err(SluiceError::not_found(format!("no tenant {tenant}")).into());
+        return Err(no_tenant(tenant).into());
     }
     Ok(())
 }
 
-async fn upload_blob(
+fn no_function(tenant: &str, function: &str) -> SluiceError {
+    SluiceError::not_found(format!("no function {function} in tenant {tenant}"))
+}
+
+/// Parses a JSON request body into `T`, naming what was expected when it does not fit.
+pub(crate) fn json_body<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, SluiceError> {
+    serde_json::from_slice(body).map_err(|e| SluiceError::bad_request(format!("invalid {what}: {e}")))
+}
+
+/// A stored component: its address and size.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct BlobInfo {
+    /// Hex SHA-256 of the bytes: pass it to the versions route.
+    pub digest: String,
+    pub size: u64,
+}
+
+/// Upload a component.
+///
+/// Stores the bytes under their SHA-256 digest; uploading the same bytes again is a no-op. The
+/// component is validated when a version is created from it.
+#[utoipa::path(
+    post,
+    path = "/v1/tenants/{tenant}/blobs",
+    tag = "functions",
+    params(("tenant" = String, Path, description = "Tenant name", example = "default")),
+    request_body(description = "A WebAssembly component binary (the content type is not checked)",
+        content((crate::api_openapi::Binary = "application/wasm"),
+            (crate::api_openapi::Binary = "application/octet-stream"))),
+    responses(
+        (status = 201, description = "Stored", body = BlobInfo),
+        (status = 400, description = "Not a WebAssembly binary (`invalid_component`) or a bad request",
+            body = ErrorBody),
+        (status = 403, description = "The key lacks the `deploy` scope", body = ErrorBody),
+        (status = 404, description = "No such tenant (or another tenant's)", body = ErrorBody),
+        (status = 413, description = "Larger than the upload limit", body = ErrorBody),
+    )
+)]
+pub(crate) async fn upload_blob(
     State(node): State<Arc<Node>>,
     auth: Auth,
     Path(tenant): Path<String>,
     body: axum::body::Body,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<BlobInfo>)> {
     auth.require(&tenant, Scope::Deploy)?;
     require_tenant(&node, &tenant).await?;
     let max = node.config.limits.upload_bytes_max;
@@ -169,10 +247,7 @@ async fn upload_blob(
     }
     let digest = sluice_core::ids::sha256_hex(&bytes);
     node.store.put_blob(&digest, &bytes).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({ "digest": digest, "size": bytes.len() })),
-    ))
+    Ok((StatusCode::CREATED, Json(BlobInfo { digest, size: bytes.len() as u64 })))
 }
 
 async fn read_limited(body: axum::body::Body, max: u64) -> Result<Bytes, ApiError> {
@@ -188,20 +263,74 @@ async fn read_limited(body: axum::body::Body, max: u64) -> Result<Bytes, ApiErro
     }
 }
 
-#[derive(Deserialize)]
+/// A deploy request: a stored component and the version's configuration.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateVersion {
-    digest: String,
+pub struct CreateVersion {
+    /// Digest returned by the blob upload.
+    pub digest: String,
+    /// Omitted fields take their defaults.
     #[serde(default)]
-    config: FunctionConfig,
+    #[schema(value_type = FunctionConfigSchema)]
+    pub config: FunctionConfig,
 }
 
-async fn create_version(
+/// One immutable version of a function.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct VersionInfo {
+    pub tenant: String,
+    pub function: String,
+    pub version: i64,
+    /// The component's digest.
+    pub digest: String,
+    /// Where the function is served.
+    pub url: String,
+    #[schema(format = DateTime)]
+    pub created_at: String,
+    #[schema(value_type = FunctionConfigSchema)]
+    pub config: FunctionConfig,
+}
+
+/// A version just created, with what compiling it cost.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct DeployedVersion {
+    #[serde(flatten)]
+    pub version: VersionInfo,
+    pub compile_ms: u64,
+    /// The native artifact was already cached: nothing was compiled.
+    pub artifact_cached: bool,
+    pub artifact_bytes: u64,
+}
+
+/// Deploy: create the next version of a function.
+///
+/// Validates and compiles the component (it must export `wasi:http/incoming-handler` and import
+/// nothing sluice does not provide), then makes the new version the one `/fn` serves.
+#[utoipa::path(
+    post,
+    path = "/v1/tenants/{tenant}/functions/{function}/versions",
+    tag = "functions",
+    params(
+        ("tenant" = String, Path, description = "Tenant name", example = "default"),
+        ("function" = String, Path, description = "Function name: 1-63 characters of a-z, 0-9 and '-'",
+            example = "hello"),
+    ),
+    request_body = CreateVersion,
+    responses(
+        (status = 201, description = "Deployed", body = DeployedVersion),
+        (status = 400, description = "Bad name, bad configuration or not a usable component \
+            (`invalid_component`, naming the reason)", body = ErrorBody),
+        (status = 403, description = "The key lacks the `deploy` scope", body = ErrorBody),
+        (status = 404, description = "No such tenant or blob", body = ErrorBody),
+        (status = 413, description = "Request body too large", body = ErrorBody),
+    )
+)]
+pub(crate) async fn create_version(
     State(node): State<Arc<Node>>,
     auth: Auth,
     Path((tenant, function)): Path<(String, String)>,
     body: Bytes,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<DeployedVersion>)> {
     auth.require(&tenant, Scope::Deploy)?;
     require_tenant(&node, &tenant).await?;
     if !sluice_core::ids::valid_name(&function) {
@@ -210,198 +339,234 @@ async fn create_version(
         ))
         .into());
     }
-    let req: CreateVersion = serde_json::from_slice(&body)
-        .map_err(|e| SluiceError::bad_request(format!("invalid deploy request: {e}")))?;
+    let req: CreateVersion = json_body(&body, "deploy request")?;
     req.config.validate(&node.config.limits)?;
-    let bytes = node.store.get_blob(&req.digest).await?.ok_or_else(|| {
-        SluiceError::not_found(format!("no blob {}: upload it first", req.digest))
-    })?;
+    let bytes = node
+        .store
+        .get_blob(&req.digest)
+        .await?
+        .ok_or_else(|| SluiceError::not_found(format!("no blob {}: upload it first", req.digest)))?;
     // Compiling takes a core for up to seconds: keep it off the async threads.
     let runtime = node.runtime.clone();
     let digest = req.digest.clone();
     let (prepared, report) = tokio::task::spawn_blocking(move || runtime.compile(&digest, &bytes))
         .await
         .map_err(|e| SluiceError::internal(format!("compile task failed: {e}")))??;
-    let record = node
-        .store
-        .create_version(&tenant, &function, &req.digest, &req.config)
-        .await?;
-    let body = version_json(&node, &record);
-    node.install(crate::node::Deployed {
-        config: Arc::new(record.config.clone()),
-        record,
-        prepared,
-    });
-    let mut body = body;
-    body["compile_ms"] = json!(report.compile_ms);
-    body["artifact_cached"] = json!(report.cached);
-    body["artifact_bytes"] = json!(report.artifact_bytes);
-    Ok((StatusCode::CREATED, Json(body)))
+    let record = node.store.create_version(&tenant, &function, &req.digest, &req.config).await?;
+    let version = version_info(&node, &record);
+    node.install(crate::node::Deployed::new(record, prepared));
+    Ok((
+        StatusCode::CREATED,
+        Json(DeployedVersion {
+            version,
+            compile_ms: report.compile_ms,
+            artifact_cached: report.cached,
+            artifact_bytes: report.artifact_bytes,
+        }),
+    ))
 }
 
-fn version_json(node: &Node, v: &VersionRecord) -> Value {
-    let base = node.public_url.read().expect("public url lock").clone();
-    json!({
-        "tenant": v.tenant,
-        "function": v.function,
-        "version": v.version,
-        "digest": v.blob_digest,
-        "url": format!("{base}/fn/{}/{}/", v.tenant, v.function),
-        "created_at": rfc3339(v.created_at),
-        "config": v.config,
-    })
+fn public_url(node: &Node) -> String {
+    node.public_url.read().expect("public url lock").clone()
 }
 
-async fn list_functions(
+fn function_url(base: &str, tenant: &str, function: &str) -> String {
+    format!("{base}/fn/{tenant}/{function}/")
+}
+
+fn version_info(node: &Node, v: &VersionRecord) -> VersionInfo {
+    VersionInfo {
+        tenant: v.tenant.clone(),
+        function: v.function.clone(),
+        version: v.version,
+        digest: v.blob_digest.clone(),
+        url: function_url(&public_url(node), &v.tenant, &v.function),
+        created_at: rfc3339(v.created_at),
+        config: v.config.clone(),
+    }
+}
+
+/// A function: its latest version and where it is served.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct FunctionInfo {
+    pub name: String,
+    pub latest_version: i64,
+    #[schema(format = DateTime)]
+    pub created_at: String,
+    #[schema(format = DateTime)]
+    pub updated_at: String,
+    pub url: String,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct FunctionList {
+    pub functions: Vec<FunctionInfo>,
+}
+
+/// List a tenant's functions.
+#[utoipa::path(
+    get,
+    path = "/v1/tenants/{tenant}/functions",
+    tag = "functions",
+    params(("tenant" = String, Path, description = "Tenant name", example = "default")),
+    responses(
+        (status = 200, description = "The functions", body = FunctionList),
+        (status = 403, description = "The key lacks the `read` scope", body = ErrorBody),
+        (status = 404, description = "No such tenant (or another tenant's)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn list_functions(
     State(node): State<Arc<Node>>,
     auth: Auth,
     Path(tenant): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<FunctionList>> {
     auth.require(&tenant, Scope::Read)?;
     require_tenant(&node, &tenant).await?;
-    let base = node.public_url.read().expect("public url lock").clone();
-    let functions: Vec<Value> = node
+    let base = public_url(&node);
+    let functions = node
         .store
         .list_functions(&tenant)
         .await?
         .into_iter()
-        .map(|f| {
-            json!({
-                "name": f.name,
-                "latest_version": f.latest_version,
-                "created_at": rfc3339(f.created_at),
-                "updated_at": rfc3339(f.updated_at),
-                "url": format!("{base}/fn/{}/{}/", f.tenant, f.name),
-            })
+        .map(|f| FunctionInfo {
+            url: function_url(&base, &f.tenant, &f.name),
+            name: f.name,
+            latest_version: f.latest_version,
+            created_at: rfc3339(f.created_at),
+            updated_at: rfc3339(f.updated_at),
         })
         .collect();
-    Ok(Json(json!({ "functions": functions })))
+    Ok(Json(FunctionList { functions }))
 }
 
-async fn get_function(
+/// Show a function's latest version.
+#[utoipa::path(
+    get,
+    path = "/v1/tenants/{tenant}/functions/{function}",
+    tag = "functions",
+    params(
+        ("tenant" = String, Path, description = "Tenant name", example = "default"),
+        ("function" = String, Path, description = "Function name", example = "hello"),
+    ),
+    responses(
+        (status = 200, description = "The latest version", body = VersionInfo),
+        (status = 403, description = "The key lacks the `read` scope", body = ErrorBody),
+        (status = 404, description = "No such function (or another tenant's)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn get_function(
     State(node): State<Arc<Node>>,
     auth: Auth,
     Path((tenant, function)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<VersionInfo>> {
     auth.require(&tenant, Scope::Read)?;
     let record = node
         .store
         .latest_version(&tenant, &function)
         .await?
-        .ok_or_else(|| {
-            SluiceError::not_found(format!("no function {function} in tenant {tenant}"))
-        })?;
-    Ok(Json(version_json(&node, &record)))
+        .ok_or_else(|| no_function(&tenant, &function))?;
+    Ok(Json(version_info(&node, &record)))
 }
 
-async fn delete_function(
+/// Delete a function and all its versions.
+#[utoipa::path(
+    delete,
+    path = "/v1/tenants/{tenant}/functions/{function}",
+    tag = "functions",
+    params(
+        ("tenant" = String, Path, description = "Tenant name", example = "default"),
+        ("function" = String, Path, description = "Function name", example = "hello"),
+    ),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 403, description = "The key lacks the `deploy` scope", body = ErrorBody),
+        (status = 404, description = "No such function (or another tenant's)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn delete_function(
     State(node): State<Arc<Node>>,
     auth: Auth,
     Path((tenant, function)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
     auth.require(&tenant, Scope::Deploy)?;
     if !node.store.delete_function(&tenant, &function).await? {
-        return Err(
-            SluiceError::not_found(format!("no function {function} in tenant {tenant}")).into(),
-        );
+        return Err(no_function(&tenant, &function).into());
     }
     node.uninstall(&tenant, &function);
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// An invocation the caller may read, or 404 (also for another tenant's).
-async fn visible_invocation(node: &Node, auth: &Auth, id: &str) -> Result<Invocation, ApiError> {
-    let not_found = || SluiceError::not_found(format!("no invocation {id}"));
-    let inv = node.store.get_invocation(id).await?.ok_or_else(not_found)?;
-    if !auth.0.sees(&inv.tenant) {
-        return Err(not_found().into());
+/// A guest log line.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct LogLineInfo {
+    /// Orders the lines of one function across invocations: the cursor of `after`.
+    pub seq: i64,
+    pub invocation_id: String,
+    #[schema(schema_with = crate::api_openapi::log_stream_schema)]
+    pub stream: String,
+    pub line: String,
+    #[schema(format = DateTime)]
+    pub at: String,
+}
+
+impl LogLineInfo {
+    pub(crate) fn of(l: &LogLine) -> Self {
+        Self {
+            seq: l.seq,
+            invocation_id: l.invocation_id.clone(),
+            stream: l.stream.as_str().to_string(),
+            line: l.line.clone(),
+            at: rfc3339(l.at),
+        }
     }
-    auth.require(&inv.tenant, Scope::Read)?;
-    Ok(inv)
 }
 
-async fn get_invocation(
-    State(node): State<Arc<Node>>,
-    auth: Auth,
-    Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
-    let inv = visible_invocation(&node, &auth, &id).await?;
-    Ok(Json(invocation_json(&inv)))
+/// A page of a function's log lines, oldest first.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct LogPage {
+    pub lines: Vec<LogLineInfo>,
+    /// Pass as `after` to get the lines that follow; null when there are none yet.
+    pub next_after: Option<i64>,
 }
 
-pub fn invocation_json(inv: &Invocation) -> Value {
-    json!({
-        "id": inv.id,
-        "tenant": inv.tenant,
-        "function": inv.function,
-        "version": inv.version,
-        "mode": inv.mode,
-        "status": inv.status.as_str(),
-        "attempts": inv.attempts,
-        "created_at": rfc3339(inv.created_at),
-        "started_at": inv.started_at.map(rfc3339),
-        "finished_at": inv.finished_at.map(rfc3339),
-        "status_code": inv.status_code,
-        "error_kind": inv.error_kind,
-    })
-}
-
-fn log_json(l: &LogLine) -> Value {
-    json!({
-        "seq": l.seq,
-        "invocation_id": l.invocation_id,
-        "stream": l.stream.as_str(),
-        "line": l.line,
-        "at": rfc3339(l.at),
-    })
-}
-
-async fn invocation_logs(
-    State(node): State<Arc<Node>>,
-    auth: Auth,
-    Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
-    let inv = visible_invocation(&node, &auth, &id).await?;
-    let lines: Vec<Value> = node
-        .store
-        .invocation_logs(&inv.id)
-        .await?
-        .iter()
-        .map(log_json)
-        .collect();
-    Ok(Json(json!({ "invocation_id": inv.id, "lines": lines })))
-}
-
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
-struct LogsQuery {
+#[into_params(parameter_in = Query)]
+pub struct LogsQuery {
+    /// Only lines with a sequence number above this; omitted: the most recent lines.
     after: Option<i64>,
+    /// Lines to return, 1 to 1000 (values outside are clamped); default 100.
     limit: Option<u32>,
 }
 
-async fn function_logs(
+/// Read a function's log lines.
+#[utoipa::path(
+    get,
+    path = "/v1/tenants/{tenant}/functions/{function}/logs",
+    tag = "functions",
+    params(
+        ("tenant" = String, Path, description = "Tenant name", example = "default"),
+        ("function" = String, Path, description = "Function name", example = "hello"),
+        LogsQuery,
+    ),
+    responses(
+        (status = 200, description = "Log lines, oldest first", body = LogPage),
+        (status = 403, description = "The key lacks the `read` scope", body = ErrorBody),
+        (status = 404, description = "No such function (or another tenant's)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn function_logs(
     State(node): State<Arc<Node>>,
     auth: Auth,
     Path((tenant, function)): Path<(String, String)>,
     Query(q): Query<LogsQuery>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<LogPage>> {
     auth.require(&tenant, Scope::Read)?;
-    if node
-        .store
-        .latest_version(&tenant, &function)
-        .await?
-        .is_none()
-    {
-        return Err(
-            SluiceError::not_found(format!("no function {function} in tenant {tenant}")).into(),
-        );
+    if node.store.latest_version(&tenant, &function).await?.is_none() {
+        return Err(no_function(&tenant, &function).into());
     }
     let limit = q.limit.unwrap_or(100).clamp(1, LOG_LINES_PER_PAGE_MAX);
-    let lines = node
-        .store
-        .function_logs(&tenant, &function, q.after, limit)
-        .await?;
+    let lines = node.store.function_logs(&tenant, &function, q.after, limit).await?;
     let next_after = lines.last().map(|l| l.seq).or(q.after);
-    let lines: Vec<Value> = lines.iter().map(log_json).collect();
-    Ok(Json(json!({ "lines": lines, "next_after": next_after })))
+    Ok(Json(LogPage { lines: lines.iter().map(LogLineInfo::of).collect(), next_after }))
 }

@@ -14,9 +14,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
 }
 
 pub fn empty() -> Body {
@@ -35,15 +33,7 @@ pub struct Limited<B> {
 impl<B> Limited<B> {
     pub fn new(inner: B, max_bytes: u64) -> (Self, Arc<AtomicBool>) {
         let exceeded = Arc::new(AtomicBool::new(false));
-        (
-            Self {
-                inner,
-                remaining: max_bytes,
-                max_bytes,
-                exceeded: exceeded.clone(),
-            },
-            exceeded,
-        )
+        (Self { inner, remaining: max_bytes, max_bytes, exceeded: exceeded.clone() }, exceeded)
     }
 }
 
@@ -65,9 +55,9 @@ where
                     let len = data.len() as u64;
                     if len > self.remaining {
                         self.exceeded.store(true, Ordering::Relaxed);
-                        return Poll::Ready(Some(Err(
-                            sluice_runtime::BodyError::HttpRequestBodySize(Some(self.max_bytes)),
-                        )));
+                        return Poll::Ready(Some(Err(sluice_runtime::BodyError::HttpRequestBodySize(Some(
+                            self.max_bytes,
+                        )))));
                     }
                     self.remaining -= len;
                 }

@@ -16,10 +16,7 @@ pub fn error_response(err: &SluiceError, invocation_id: Option<&str>) -> Respons
     let mut res = Response::new(full(body));
     *res.status_mut() = err.kind.status();
     let h = res.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     h.insert(SLUICE_ERROR, HeaderValue::from_static(err.kind.as_str()));
     if let Some(secs) = err.retry_after_secs {
         h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
@@ -62,11 +59,8 @@ pub fn store_error(e: sluice_store::StoreError) -> SluiceError {
         StoreError::Conflict(m) => SluiceError::new(ErrorKind::Conflict, m),
         StoreError::Unavailable(m) => {
             tracing::warn!(error = %m, "store unavailable");
-            SluiceError::new(
-                ErrorKind::Unavailable,
-                "the store is unavailable; try again shortly",
-            )
-            .retry_after(2)
+            SluiceError::new(ErrorKind::Unavailable, "the store is unavailable; try again shortly")
+                .retry_after(2)
         }
         StoreError::Other(m) => {
             tracing::error!(error = %m, "store error");

@@ -99,8 +99,8 @@ async fn call(
     let node_slot = node.admission.shed()?;
 
     let (mut parts, body) = req.into_parts();
-    parts.uri = Uri::try_from(path_and_query)
-        .map_err(|e| SluiceError::bad_request(format!("bad path: {e}")))?;
+    parts.uri =
+        Uri::try_from(path_and_query).map_err(|e| SluiceError::bad_request(format!("bad path: {e}")))?;
     if !public {
         parts.headers.remove(header::AUTHORIZATION);
     }
@@ -125,11 +125,9 @@ async fn call(
         }
         Err(_) if body_exceeded.load(Ordering::Relaxed) => Err(too_large(limits.sync_body_bytes_max)),
         Err(outcome) => {
-            let mut err =
-                outcome.error.unwrap_or_else(|| SluiceError::internal("the invocation failed"));
+            let mut err = outcome.error.unwrap_or_else(|| SluiceError::internal("the invocation failed"));
             if err.kind.source() == sluice_core::ErrorSource::Guest {
-                err.message =
-                    format!("{}; logs: GET /v1/invocations/{invocation_id}/logs", err.message);
+                err.message = format!("{}; logs: GET /v1/invocations/{invocation_id}/logs", err.message);
             }
             Err(err)
         }
@@ -280,7 +278,7 @@ fn recorder(
     node: &Arc<Node>,
     deployed: &Arc<Deployed>,
     slots: [Option<Slot>; 2],
-) -> Box<dyn FnOnce(&Outcome) + Send> {
+) -> sluice_runtime::Recorder {
     let recorder = node.recorder.clone();
     let deployed = deployed.clone();
     Box::new(move |o: &Outcome| {

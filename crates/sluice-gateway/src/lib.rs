@@ -4,7 +4,11 @@
 //! It must not import wasmtime (that is `sluice-runtime`) or a database driver (`sluice-store`).
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod api;
+pub mod api_invocations;
+pub mod api_openapi;
+pub mod api_tenants;
 pub mod body;
 pub mod error;
 pub mod invoke;
@@ -38,8 +42,7 @@ pub async fn bootstrap(store: &Arc<dyn Store>, data_dir: &Path) -> anyhow::Resul
         return Ok(None);
     }
     let mut secret = [0u8; 32];
-    getrandom::fill(&mut secret)
-        .map_err(|e| anyhow::anyhow!("no randomness for the admin key: {e}"))?;
+    getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("no randomness for the admin key: {e}"))?;
     let key = sluice_core::ids::api_key_from_secret(&secret);
     let record = KeyRecord {
         id: sluice_core::ids::short_id("key"),
@@ -58,11 +61,6 @@ pub async fn bootstrap(store: &Arc<dyn Store>, data_dir: &Path) -> anyhow::Resul
 fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
     writeln!(f, "{secret}")
 }

@@ -27,10 +27,7 @@ impl Recorder {
     pub fn start(store: Arc<dyn Store>, queue_max: usize) -> Self {
         let (tx, rx) = mpsc::channel(queue_max.max(1));
         tokio::spawn(write_batches(store, rx));
-        Self {
-            tx,
-            dropped: Arc::default(),
-        }
+        Self { tx, dropped: Arc::default() }
     }
 
     pub fn record(&self, record: SyncRecord) {
@@ -47,8 +44,7 @@ impl Recorder {
     /// Waits until everything queued so far has been written (used at shutdown and in tests).
     pub async fn flush(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while self.tx.capacity() < self.tx.max_capacity() && tokio::time::Instant::now() < deadline
-        {
+        while self.tx.capacity() < self.tx.max_capacity() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         // The last batch may be in the writer's hands: give it one batch period.

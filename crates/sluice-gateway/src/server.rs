@@ -52,22 +52,16 @@ impl Server {
         for (i, listener) in listeners.into_iter().enumerate() {
             let node = node.clone();
             let shutdown_rx = shutdown_rx.clone();
-            let handle = std::thread::Builder::new()
-                .name(format!("sluice-http-{i}"))
-                .spawn(move || {
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .expect("building a worker runtime");
-                    rt.block_on(accept_loop(node, listener, shutdown_rx));
-                })?;
+            let handle = std::thread::Builder::new().name(format!("sluice-http-{i}")).spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("building a worker runtime");
+                rt.block_on(accept_loop(node, listener, shutdown_rx));
+            })?;
             handles.push(handle);
         }
-        Ok(Self {
-            addr,
-            shutdown,
-            workers: handles,
-        })
+        Ok(Self { addr, shutdown, workers: handles })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -98,11 +92,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-async fn accept_loop(
-    node: Arc<Node>,
-    listener: std::net::TcpListener,
-    mut shutdown: watch::Receiver<bool>,
-) {
+async fn accept_loop(node: Arc<Node>, listener: std::net::TcpListener, mut shutdown: watch::Receiver<bool>) {
     let listener = tokio::net::TcpListener::from_std(listener).expect("registering the listener");
     let limits = node.config.limits.clone();
     let mut builder = http1::Builder::new();
@@ -151,10 +141,7 @@ async fn accept_loop(
         }
     }
     drop(listener);
-    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown()).await.is_err() {
         tracing::warn!("shutdown grace period over; closing remaining connections");
     }
 }
@@ -166,24 +153,14 @@ fn check_head(req: &Request<Incoming>, limits: &sluice_core::Limits) -> Result<(
     if headers.len() > limits.header_count_max {
         return Err(SluiceError::new(
             sluice_core::ErrorKind::HeadersTooLarge,
-            format!(
-                "request has {} header fields; the limit is {}",
-                headers.len(),
-                limits.header_count_max
-            ),
+            format!("request has {} header fields; the limit is {}", headers.len(), limits.header_count_max),
         ));
     }
-    let bytes: usize = headers
-        .iter()
-        .map(|(k, v)| k.as_str().len() + v.len() + 4)
-        .sum();
+    let bytes: usize = headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
     if bytes > limits.header_bytes_max {
         return Err(SluiceError::new(
             sluice_core::ErrorKind::HeadersTooLarge,
-            format!(
-                "request headers are {bytes} bytes; the limit is {}",
-                limits.header_bytes_max
-            ),
+            format!("request headers are {bytes} bytes; the limit is {}", limits.header_bytes_max),
         ));
     }
     Ok(())
@@ -212,14 +189,8 @@ async fn route(node: &Arc<Node>, req: Request<Incoming>, framing_conflict: bool)
         let fut = crate::api::handle(node.clone(), req);
         return match node.control.spawn(fut).await {
             Ok(res) => res,
-            Err(e) => error_response(
-                &SluiceError::internal(format!("API task failed: {e}")),
-                None,
-            ),
+            Err(e) => error_response(&SluiceError::internal(format!("API task failed: {e}")), None),
         };
     }
-    error_response(
-        &SluiceError::not_found(format!("no route for {path}: use /fn/... or /v1/...")),
-        None,
-    )
+    error_response(&SluiceError::not_found(format!("no route for {path}: use /fn/... or /v1/...")), None)
 }

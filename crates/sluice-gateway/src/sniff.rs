@@ -23,13 +23,7 @@ pub struct SniffIo<S> {
 impl<S> SniffIo<S> {
     pub fn new(inner: S) -> (Self, Arc<AtomicBool>) {
         let conflict = Arc::new(AtomicBool::new(false));
-        (
-            Self {
-                inner,
-                conflict: conflict.clone(),
-            },
-            conflict,
-        )
+        (Self { inner, conflict: conflict.clone() }, conflict)
     }
 }
 
@@ -108,14 +102,8 @@ mod tests {
         assert!(has_both_framings(
             b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\ncontent-length: 4\r\n\r\n"
         ));
-        assert!(!has_both_framings(
-            b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\nabcd"
-        ));
-        assert!(!has_both_framings(
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
-        ));
-        assert!(!has_both_framings(
-            b"GET / HTTP/1.1\r\ncontent-type: x\r\ntrailer: y\r\n\r\n"
-        ));
+        assert!(!has_both_framings(b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\nabcd"));
+        assert!(!has_both_framings(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"));
+        assert!(!has_both_framings(b"GET / HTTP/1.1\r\ncontent-type: x\r\ntrailer: y\r\n\r\n"));
     }
 }

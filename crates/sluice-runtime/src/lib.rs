@@ -23,8 +23,8 @@ use sluice_core::{Clock, ErrorKind, FunctionConfig, LogStream, SluiceError, Syst
 use tokio::sync::oneshot;
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{
-    Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter,
-    Store, Trap, UpdateDeadline,
+    Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
+    Trap, UpdateDeadline,
 };
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
@@ -96,20 +96,13 @@ struct Host {
 
 impl WasiView for Host {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
     }
 }
 
 impl WasiHttpView for Host {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
-        WasiHttpCtxView {
-            ctx: &mut self.http,
-            table: &mut self.table,
-            hooks: &mut self.hooks,
-        }
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.hooks }
     }
 }
 
@@ -205,12 +198,7 @@ impl Runtime {
 
         std::fs::create_dir_all(&config.artifact_dir)?;
         spawn_epoch_ticker(&engine);
-        Ok(Self {
-            engine,
-            linker,
-            config,
-            engine_fingerprint,
-        })
+        Ok(Self { engine, linker, config, engine_fingerprint })
     }
 
     pub fn config(&self) -> &RuntimeConfig {
@@ -223,19 +211,13 @@ impl Runtime {
     }
 
     fn artifact_path(&self, digest: &str) -> PathBuf {
-        self.config
-            .artifact_dir
-            .join(format!("{digest}-{}.cwasm", self.engine_fingerprint))
+        self.config.artifact_dir.join(format!("{digest}-{}.cwasm", self.engine_fingerprint))
     }
 
     /// Validates and compiles uploaded bytes, writes the native artifact to the cache and returns
     /// the ready component. Every rejection is `invalid_component` with a message naming what is
     /// wrong.
-    pub fn compile(
-        &self,
-        digest: &str,
-        bytes: &[u8],
-    ) -> Result<(Arc<Prepared>, CompileReport), SluiceError> {
+    pub fn compile(&self, digest: &str, bytes: &[u8]) -> Result<(Arc<Prepared>, CompileReport), SluiceError> {
         let invalid = |m: String| SluiceError::new(ErrorKind::InvalidComponent, m);
         check_header(bytes).map_err(invalid)?;
         let path = self.artifact_path(digest);
@@ -243,14 +225,7 @@ impl Runtime {
             && let Ok(prepared) = self.load_artifact(digest, &path)
         {
             let artifact_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            return Ok((
-                prepared,
-                CompileReport {
-                    compile_ms: 0,
-                    artifact_bytes,
-                    cached: true,
-                },
-            ));
+            return Ok((prepared, CompileReport { compile_ms: 0, artifact_bytes, cached: true }));
         }
         let started = Instant::now();
         let artifact = self
@@ -260,19 +235,12 @@ impl Runtime {
         let compile_ms = started.elapsed().as_millis() as u64;
         // SAFETY: the bytes were produced just above by this engine's `precompile_component`.
         #[allow(unsafe_code)]
-        let component =
-            unsafe { Component::deserialize(&self.engine, &artifact) }.map_err(|e| {
-                SluiceError::internal(format!("loading a fresh artifact failed: {e:#}"))
-            })?;
+        let component = unsafe { Component::deserialize(&self.engine, &artifact) }
+            .map_err(|e| SluiceError::internal(format!("loading a fresh artifact failed: {e:#}")))?;
         let prepared = self.prepare(digest, &component)?;
-        write_atomically(&path, &artifact).map_err(|e| {
-            SluiceError::internal(format!("writing artifact {}: {e}", path.display()))
-        })?;
-        let report = CompileReport {
-            compile_ms,
-            artifact_bytes: artifact.len() as u64,
-            cached: false,
-        };
+        write_atomically(&path, &artifact)
+            .map_err(|e| SluiceError::internal(format!("writing artifact {}: {e}", path.display())))?;
+        let report = CompileReport { compile_ms, artifact_bytes: artifact.len() as u64, cached: false };
         Ok((prepared, report))
     }
 
@@ -292,8 +260,7 @@ impl Runtime {
                 }
             }
         }
-        let bytes =
-            bytes().ok_or_else(|| SluiceError::internal(format!("blob {digest} is missing")))?;
+        let bytes = bytes().ok_or_else(|| SluiceError::internal(format!("blob {digest} is missing")))?;
         self.compile(digest, &bytes).map(|(p, _)| p)
     }
 
@@ -309,55 +276,34 @@ impl Runtime {
     fn prepare(&self, digest: &str, component: &Component) -> Result<Arc<Prepared>, SluiceError> {
         let invalid = |m: String| SluiceError::new(ErrorKind::InvalidComponent, m);
         let ty = component.component_type();
-        let unsupported: Vec<String> = ty
-            .imports(&self.engine)
-            .map(|(n, _)| n.to_string())
-            .filter(|n| !import_supported(n))
-            .collect();
+        let unsupported: Vec<String> =
+            ty.imports(&self.engine).map(|(n, _)| n.to_string()).filter(|n| !import_supported(n)).collect();
         if !unsupported.is_empty() {
             return Err(invalid(format!(
                 "component imports interfaces sluice does not provide: {}",
                 unsupported.join(", ")
             )));
         }
-        let exports: Vec<String> = ty
-            .exports(&self.engine)
-            .map(|(n, _)| n.to_string())
-            .collect();
-        if !exports
-            .iter()
-            .any(|e| e.starts_with("wasi:http/incoming-handler@0.2"))
-        {
+        let exports: Vec<String> = ty.exports(&self.engine).map(|(n, _)| n.to_string()).collect();
+        if !exports.iter().any(|e| e.starts_with("wasi:http/incoming-handler@0.2")) {
             return Err(invalid(format!(
                 "component does not export wasi:http/incoming-handler@0.2.x (it exports: {}); \
                  build it against the wasi:http/proxy world",
-                if exports.is_empty() {
-                    "nothing".to_string()
-                } else {
-                    exports.join(", ")
-                }
+                if exports.is_empty() { "nothing".to_string() } else { exports.join(", ") }
             )));
         }
         let pre = self
             .linker
             .instantiate_pre(component)
             .map_err(|e| invalid(format!("component cannot be linked: {e:#}")))?;
-        let pre = ProxyPre::new(pre)
-            .map_err(|e| invalid(format!("component is not a wasi:http proxy: {e:#}")))?;
-        Ok(Arc::new(Prepared {
-            pre,
-            digest: digest.to_string(),
-        }))
+        let pre =
+            ProxyPre::new(pre).map_err(|e| invalid(format!("component is not a wasi:http proxy: {e:#}")))?;
+        Ok(Arc::new(Prepared { pre, digest: digest.to_string() }))
     }
 
     /// Starts one invocation in a fresh store. The guest runs in its own task on the current
     /// runtime so that a streamed response body keeps flowing after the head is returned.
-    pub fn invoke<B>(
-        &self,
-        prepared: &Arc<Prepared>,
-        call: Call,
-        request: http::Request<B>,
-    ) -> Running
+    pub fn invoke<B>(&self, prepared: &Arc<Prepared>, call: Call, request: http::Request<B>) -> Running
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BodyError>,
@@ -383,10 +329,7 @@ impl Runtime {
                 allow_private: self.config.outbound_allow_private,
                 logs: logs.clone(),
             },
-            limiter: Limiter {
-                memory_bytes_max: call.config.memory_bytes as usize,
-                memory_limit_hit: false,
-            },
+            limiter: Limiter { memory_bytes_max: call.config.memory_bytes as usize, memory_limit_hit: false },
             deadline,
         };
         let mut store = Store::new(&self.engine, host);
@@ -396,10 +339,7 @@ impl Runtime {
             if Instant::now() >= ctx.data().deadline {
                 return Ok(UpdateDeadline::Interrupt);
             }
-            Ok(UpdateDeadline::YieldCustom(
-                1,
-                Box::pin(tokio::task::yield_now()),
-            ))
+            Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now())))
         });
 
         let (head_tx, head_rx) = oneshot::channel();
@@ -411,24 +351,15 @@ impl Runtime {
         let memory_bytes = call.config.memory_bytes;
         tokio::spawn(async move {
             let run = async {
-                let req = store
-                    .data_mut()
-                    .http()
-                    .new_incoming_request(Scheme::Http, request)?;
-                let out = store
-                    .data_mut()
-                    .http()
-                    .new_response_outparam_from_callback(move |res| {
-                        if let Ok(r) = &res {
-                            status_seen.store(r.status().as_u16(), Ordering::Relaxed);
-                        }
-                        let _ = head_tx.send(res);
-                    })?;
+                let req = store.data_mut().http().new_incoming_request(Scheme::Http, request)?;
+                let out = store.data_mut().http().new_response_outparam_from_callback(move |res| {
+                    if let Ok(r) = &res {
+                        status_seen.store(r.status().as_u16(), Ordering::Relaxed);
+                    }
+                    let _ = head_tx.send(res);
+                })?;
                 let proxy = prepared.pre.instantiate_async(&mut store).await?;
-                proxy
-                    .wasi_http_incoming_handler()
-                    .call_handle(&mut store, req, out)
-                    .await
+                proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out).await
             };
             // The epoch callback stops a guest that computes past its deadline; this outer bound
             // stops one that waits in a host call (a sleep, a slow downstream).
@@ -466,12 +397,12 @@ impl Runtime {
             }
             let _ = done_tx.send(outcome);
         });
-        Running {
-            head: head_rx,
-            done: done_rx,
-        }
+        Running { head: head_rx, done: done_rx }
     }
 }
+
+/// Receives an invocation's outcome when the guest is done.
+pub type Recorder = Box<dyn FnOnce(&Outcome) + Send>;
 
 /// What a caller asks of one invocation.
 pub struct Call {
@@ -480,7 +411,7 @@ pub struct Call {
     pub timeout: Duration,
     /// Called with the outcome when the guest is done, before the outcome is sent to
     /// [`Running`]; the place to record it without keeping a task per call.
-    pub recorder: Option<Box<dyn FnOnce(&Outcome) + Send>>,
+    pub recorder: Option<Recorder>,
 }
 
 /// How an invocation ended.
@@ -496,6 +427,9 @@ pub struct Outcome {
     pub finished_at: UnixMs,
 }
 
+/// The response a guest set, and the receiver of its outcome once it is done.
+pub type Responded = (http::Response<GuestBody>, oneshot::Receiver<Outcome>);
+
 /// An invocation in flight.
 pub struct Running {
     head: oneshot::Receiver<Result<http::Response<GuestBody>, ErrorCode>>,
@@ -506,18 +440,13 @@ impl Running {
     /// Waits for the response head. On success the body streams while the guest keeps running
     /// and the returned receiver yields the outcome once it is done; on failure the outcome says
     /// why there is no response.
-    pub async fn response(
-        self,
-    ) -> Result<(http::Response<GuestBody>, oneshot::Receiver<Outcome>), Outcome> {
+    pub async fn response(self) -> Result<Responded, Outcome> {
         match self.head.await {
             Ok(Ok(response)) => Ok((response, self.done)),
             Ok(Err(code)) => {
                 let mut outcome = self.done.await.unwrap_or_else(|_| lost_outcome());
                 outcome.error.get_or_insert_with(|| {
-                    SluiceError::new(
-                        ErrorKind::Trap,
-                        format!("the function answered with error {code:?}"),
-                    )
+                    SluiceError::new(ErrorKind::Trap, format!("the function answered with error {code:?}"))
                 });
                 Err(outcome)
             }
@@ -529,9 +458,7 @@ impl Running {
 fn lost_outcome() -> Outcome {
     Outcome {
         invocation_id: String::new(),
-        error: Some(SluiceError::internal(
-            "the invocation task ended without an outcome",
-        )),
+        error: Some(SluiceError::internal("the invocation task ended without an outcome")),
         status_code: None,
         logs: Vec::new(),
         started_at: 0,
@@ -550,31 +477,19 @@ fn timeout_error(timeout: Duration) -> SluiceError {
 }
 
 /// Classifies a failed guest call once, by type, never by message text.
-fn classify(
-    err: &wasmtime::Error,
-    memory_hit: bool,
-    memory_bytes: u64,
-    timeout: Duration,
-) -> SluiceError {
+fn classify(err: &wasmtime::Error, memory_hit: bool, memory_bytes: u64, timeout: Duration) -> SluiceError {
     if memory_hit {
         return SluiceError::new(
             ErrorKind::MemoryLimit,
             format!("the function exceeded its memory limit of {memory_bytes} bytes"),
         );
     }
-    if err
-        .downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
-        .is_some()
-    {
-        return SluiceError::new(ErrorKind::Overloaded, "no free instance slot on this node")
-            .retry_after(1);
+    if err.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some() {
+        return SluiceError::new(ErrorKind::Overloaded, "no free instance slot on this node").retry_after(1);
     }
     match err.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => timeout_error(timeout),
-        Some(trap) => SluiceError::new(
-            ErrorKind::Trap,
-            format!("the function trapped: {trap}; {err:#}"),
-        ),
+        Some(trap) => SluiceError::new(ErrorKind::Trap, format!("the function trapped: {trap}; {err:#}")),
         None => SluiceError::new(ErrorKind::Trap, format!("the function failed: {err:#}")),
     }
 }
@@ -587,11 +502,9 @@ fn check_header(bytes: &[u8]) -> Result<(), String> {
     }
     // Bytes 4..8 are a version and a layer: layer 0 is a core module, layer 1 a component.
     if bytes[6..8] == [0, 0] {
-        return Err(
-            "this is a core WebAssembly module, not a component: build it for the \
+        return Err("this is a core WebAssembly module, not a component: build it for the \
                     wasm32-wasip2 target (or wrap it with `wasm-tools component new`)"
-                .into(),
-        );
+            .into());
     }
     Ok(())
 }
@@ -638,16 +551,8 @@ mod tests {
 
     #[test]
     fn header_check_names_the_problem() {
-        assert!(
-            check_header(b"hello world")
-                .unwrap_err()
-                .contains("not a WebAssembly binary")
-        );
-        assert!(
-            check_header(b"\0asm\x01\0\0\0")
-                .unwrap_err()
-                .contains("core WebAssembly module")
-        );
+        assert!(check_header(b"hello world").unwrap_err().contains("not a WebAssembly binary"));
+        assert!(check_header(b"\0asm\x01\0\0\0").unwrap_err().contains("core WebAssembly module"));
         assert!(check_header(b"\0asm\x0d\0\x01\0").is_ok());
     }
 

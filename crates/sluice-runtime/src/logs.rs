@@ -36,18 +36,12 @@ pub struct LogCapture {
 
 impl LogCapture {
     pub fn new(bytes_max: usize) -> Self {
-        Self {
-            state: Arc::default(),
-            bytes_max,
-        }
+        Self { state: Arc::default(), bytes_max }
     }
 
     /// A stream for the guest's stdout or stderr.
     pub fn stream(&self, stream: LogStream) -> LogWriter {
-        LogWriter {
-            capture: self.clone(),
-            stream,
-        }
+        LogWriter { capture: self.clone(), stream }
     }
 
     /// Adds a line written by sluice itself (a trap message, a denied outbound call).
@@ -69,8 +63,7 @@ impl LogCapture {
         for &b in bytes {
             if b == b'\n' || st.partial[idx].len() >= LINE_BYTES_MAX {
                 let line = std::mem::take(&mut st.partial[idx]);
-                st.lines
-                    .push((stream, String::from_utf8_lossy(&line).into_owned(), at));
+                st.lines.push((stream, String::from_utf8_lossy(&line).into_owned(), at));
                 if b == b'\n' {
                     continue;
                 }
@@ -86,8 +79,7 @@ impl LogCapture {
         for (idx, stream) in [(0, LogStream::Stdout), (1, LogStream::Stderr)] {
             let rest = std::mem::take(&mut st.partial[idx]);
             if !rest.is_empty() {
-                st.lines
-                    .push((stream, String::from_utf8_lossy(&rest).into_owned(), at));
+                st.lines.push((stream, String::from_utf8_lossy(&rest).into_owned(), at));
             }
         }
         if std::mem::take(&mut st.truncated) {
@@ -147,11 +139,7 @@ impl OutputStream for LogWriter {
 }
 
 impl tokio::io::AsyncWrite for LogWriter {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         self.capture.write(self.stream, buf);
         Poll::Ready(Ok(buf.len()))
     }

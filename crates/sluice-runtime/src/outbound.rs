@@ -23,10 +23,7 @@ pub struct OutboundPolicy {
 type SendFuture = Box<
     dyn Future<
             Output = Result<
-                (
-                    http::Response<WasiBody>,
-                    Box<dyn Future<Output = Result<(), HttpError>> + Send>,
-                ),
+                (http::Response<WasiBody>, Box<dyn Future<Output = Result<(), HttpError>> + Send>),
                 HttpError,
             >,
         > + Send,
@@ -41,11 +38,7 @@ impl WasiHttpHooks for OutboundPolicy {
     ) -> SendFuture {
         drop(fut);
         let uri = request.uri().clone();
-        let host = uri
-            .host()
-            .unwrap_or_default()
-            .trim_matches(['[', ']'])
-            .to_string();
+        let host = uri.host().unwrap_or_default().trim_matches(['[', ']']).to_string();
         let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
         let logs = self.logs.clone();
@@ -58,12 +51,9 @@ impl WasiHttpHooks for OutboundPolicy {
         let allow_private = self.allow_private;
         Box::new(async move {
             if !allow_private {
-                let addrs = tokio::net::lookup_host((host.as_str(), port))
-                    .await
-                    .map_err(|_| HttpError::DnsError {
-                        rcode: Some("lookup failed".into()),
-                        info_code: None,
-                    })?;
+                let addrs = tokio::net::lookup_host((host.as_str(), port)).await.map_err(|_| {
+                    HttpError::DnsError { rcode: Some("lookup failed".into()), info_code: None }
+                })?;
                 for addr in addrs {
                     if is_private(addr.ip()) {
                         logs.system(format!(

@@ -209,7 +209,11 @@ async fn run_one(ctx: Arc<Ctx>, inv: Leased) {
     // never does, the lease expires and the invocation runs again (at-least-once).
     let mut pause = Duration::from_millis(50);
     for _ in 0..5 {
-        match ctx.store.complete(&inv.id, &ctx.config.owner, inv.attempt, &result, &logs, ctx.clock.now_ms()).await {
+        match ctx
+            .store
+            .complete(&inv.id, &ctx.config.owner, inv.attempt, &result, &logs, ctx.clock.now_ms())
+            .await
+        {
             Ok(true) => break,
             Ok(false) => {
                 tracing::info!(id = %inv.id, "attempt finished after its lease was taken over; result discarded");
@@ -232,7 +236,8 @@ async fn execute(ctx: &Ctx, inv: &Leased) -> (AttemptResult, Logs) {
     let ready = match ctx.functions.get(&inv.tenant, &inv.function, inv.version).await {
         Ok(Some(ready)) => ready,
         Ok(None) => {
-            let line = format!("function {}/{} version {} no longer exists", inv.tenant, inv.function, inv.version);
+            let line =
+                format!("function {}/{} version {} no longer exists", inv.tenant, inv.function, inv.version);
             return (failed(ctx, inv, ErrorKind::NotFound.as_str(), None, None, false), system(line));
         }
         Err(e) => return (failed(ctx, inv, e.kind.as_str(), None, None, true), system(e.message)),
@@ -331,9 +336,7 @@ fn never(e: Infallible) -> BodyError {
 /// Rebuilds the stored request. wasi:http needs an authority, so a `Host` is always present.
 fn build_request(inv: &Leased) -> Result<http::Request<GuestRequestBody>, String> {
     let r = &inv.request;
-    let mut builder = http::Request::builder()
-        .method(r.method.as_str())
-        .uri(r.path_and_query.as_str());
+    let mut builder = http::Request::builder().method(r.method.as_str()).uri(r.path_and_query.as_str());
     let mut has_host = false;
     for (k, v) in &r.headers {
         has_host |= k.eq_ignore_ascii_case("host");
@@ -343,6 +346,7 @@ fn build_request(inv: &Leased) -> Result<http::Request<GuestRequestBody>, String
         builder = builder.header(http::header::HOST, "localhost");
     }
     builder = builder.header("sluice-invocation-id", inv.id.as_str());
-    let body: GuestRequestBody = Full::new(Bytes::from(r.body.clone())).map_err(never as fn(Infallible) -> BodyError);
+    let body: GuestRequestBody =
+        Full::new(Bytes::from(r.body.clone())).map_err(never as fn(Infallible) -> BodyError);
     builder.body(body).map_err(|e| format!("the stored request is not valid HTTP: {e}"))
 }

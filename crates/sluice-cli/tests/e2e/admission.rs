@@ -104,3 +104,30 @@ fn flood_of_a_slow_function_is_shed_fast_and_admitted_calls_stay_bounded() {
         .unwrap();
     assert_eq!(res.status(), 202);
 }
+
+#[test]
+fn a_tenants_own_limit_is_set_by_the_api_and_survives_a_restart() {
+    let mut node = Node::start(&[]);
+    node.deploy("hello", &guests().hello, &[]);
+    let put = |node: &Node, body: serde_json::Value| {
+        node.client()
+            .put(format!("{}/v1/tenants/default/limits", node.url))
+            .bearer_auth(&node.token)
+            .json(&body)
+            .send()
+            .unwrap()
+    };
+    let res = put(&node, serde_json::json!({ "rate_per_sec": 0.5, "burst": 2 }));
+    assert_eq!(res.status(), 200);
+    assert_error(put(&node, serde_json::json!({ "rate_per_sec": 5e-324 })), 400, "bad_request");
+    let statuses = |node: &Node| -> Vec<u16> {
+        (0..3).map(|_| node.get("/fn/default/hello/").status().as_u16()).collect()
+    };
+    assert_eq!(statuses(&node), vec![200, 200, 429]);
+
+    assert!(node.terminate().success());
+    node.spawn();
+    assert_eq!(statuses(&node), vec![200, 200, 429], "the limit was stored");
+    assert_eq!(put(&node, serde_json::json!({ "rate_per_sec": null })).status(), 200);
+    assert_eq!(statuses(&node), vec![200, 200, 200], "cleared");
+}

@@ -54,7 +54,8 @@ fn recorder() -> (u16, Arc<Mutex<HashMap<String, u32>>>) {
                 let Some(body) = body else { return };
                 let id = String::from_utf8_lossy(&body).trim().to_string();
                 *seen.lock().unwrap().entry(id).or_default() += 1;
-                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                let _ =
+                    stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
             });
         }
     });
@@ -103,7 +104,11 @@ fn run(seconds: u64, clients: usize) -> Report {
     node.kill9();
     node.listen = listen;
     node.spawn();
-    node.deploy("rec", &guests().testguest, &["--allow-outbound", &format!("127.0.0.1:{port}"), "--attempts", "10"]);
+    node.deploy(
+        "rec",
+        &guests().testguest,
+        &["--allow-outbound", &format!("127.0.0.1:{port}"), "--attempts", "10"],
+    );
 
     let url = Arc::new(RwLock::new(node.url.clone()));
     let token = node.token.clone();
@@ -112,9 +117,11 @@ fn run(seconds: u64, clients: usize) -> Report {
     let sent = Arc::new(AtomicUsize::new(0));
     let threads: Vec<_> = (0..clients)
         .map(|c| {
-            let (url, token, stop, acked, sent) = (url.clone(), token.clone(), stop.clone(), acked.clone(), sent.clone());
+            let (url, token, stop, acked, sent) =
+                (url.clone(), token.clone(), stop.clone(), acked.clone(), sent.clone());
             std::thread::spawn(move || {
-                let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+                let client =
+                    reqwest::blocking::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
                 let mut n = 0;
                 while !stop.load(Ordering::Relaxed) {
                     n += 1;
@@ -125,7 +132,9 @@ fn run(seconds: u64, clients: usize) -> Report {
                     while Instant::now() < give_up {
                         let base = url.read().unwrap().clone();
                         let res = client
-                            .post(format!("{base}/fn/default/rec/report?url=http%3A%2F%2F127.0.0.1%3A{port}%2Fseen"))
+                            .post(format!(
+                                "{base}/fn/default/rec/report?url=http%3A%2F%2F127.0.0.1%3A{port}%2Fseen"
+                            ))
                             .bearer_auth(&token)
                             .header("prefer", "respond-async")
                             .header("idempotency-key", &key)

@@ -7,17 +7,11 @@ fn deploy_then_invoke_with_curl_and_cli() {
     let node = Node::start(&[]);
     let out = node.deploy("hello", &guests().hello, &[]);
     assert!(out.contains("deployed default/hello version 1"), "{out}");
-    assert!(
-        out.contains(&format!("{}/fn/default/hello/", node.url)),
-        "{out}"
-    );
+    assert!(out.contains(&format!("{}/fn/default/hello/", node.url)), "{out}");
 
     let res = node.get("/fn/default/hello/");
     assert_eq!(res.status(), 200);
-    let id = res.headers()["sluice-invocation-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let id = res.headers()["sluice-invocation-id"].to_str().unwrap().to_string();
     assert_eq!(id.len(), 32);
     assert_eq!(res.text().unwrap(), "hello from sluice\n");
 
@@ -36,31 +30,15 @@ fn deploy_then_invoke_with_curl_and_cli() {
 #[test]
 fn guest_sees_path_query_env_and_invocation_id_but_not_the_key() {
     let node = Node::start(&[]);
-    node.deploy(
-        "tg",
-        &guests().testguest,
-        &["--env", "GREETING=hi there", "--env", "B=2"],
-    );
+    node.deploy("tg", &guests().testguest, &["--env", "GREETING=hi there", "--env", "B=2"]);
     let env = node.get("/fn/default/tg/env").text().unwrap();
-    assert!(
-        env.contains("GREETING=hi there\n") && env.contains("B=2\n"),
-        "{env}"
-    );
+    assert!(env.contains("GREETING=hi there\n") && env.contains("B=2\n"), "{env}");
 
     let res = node.get("/fn/default/tg/headers");
-    let id = res.headers()["sluice-invocation-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let id = res.headers()["sluice-invocation-id"].to_str().unwrap().to_string();
     let headers = res.text().unwrap();
-    assert!(
-        headers.contains(&format!("sluice-invocation-id: {id}")),
-        "{headers}"
-    );
-    assert!(
-        !headers.to_lowercase().contains("authorization"),
-        "the platform key leaked: {headers}"
-    );
+    assert!(headers.contains(&format!("sluice-invocation-id: {id}")), "{headers}");
+    assert!(!headers.to_lowercase().contains("authorization"), "the platform key leaked: {headers}");
 
     let res = node
         .client()
@@ -102,10 +80,7 @@ fn upload(node: &Node, bytes: Vec<u8>) -> reqwest::blocking::Response {
 
 fn create_version(node: &Node, name: &str, digest: &str) -> reqwest::blocking::Response {
     node.client()
-        .post(format!(
-            "{}/v1/tenants/default/functions/{name}/versions",
-            node.url
-        ))
+        .post(format!("{}/v1/tenants/default/functions/{name}/versions", node.url))
         .bearer_auth(&node.token)
         .json(&serde_json::json!({ "digest": digest }))
         .send()
@@ -115,11 +90,7 @@ fn create_version(node: &Node, name: &str, digest: &str) -> reqwest::blocking::R
 #[test]
 fn bad_uploads_are_rejected_with_a_reason() {
     let node = Node::start(&["--upload-max", "1MiB"]);
-    let msg = assert_error(
-        upload(&node, b"#!/bin/sh\necho hi\n".to_vec()),
-        400,
-        "invalid_component",
-    );
+    let msg = assert_error(upload(&node, b"#!/bin/sh\necho hi\n".to_vec()), 400, "invalid_component");
     assert!(msg.contains("not a WebAssembly binary"), "{msg}");
 
     // A core module (version 1, layer 0): uploaded, then refused at deploy.
@@ -130,10 +101,7 @@ fn bad_uploads_are_rejected_with_a_reason() {
         400,
         "invalid_component",
     );
-    assert!(
-        msg.contains("core WebAssembly module, not a component"),
-        "{msg}"
-    );
+    assert!(msg.contains("core WebAssembly module, not a component"), "{msg}");
 
     // An empty component exports nothing.
     let empty = b"\0asm\x0d\0\x01\0".to_vec();
@@ -143,10 +111,7 @@ fn bad_uploads_are_rejected_with_a_reason() {
         400,
         "invalid_component",
     );
-    assert!(
-        msg.contains("does not export wasi:http/incoming-handler"),
-        "{msg}"
-    );
+    assert!(msg.contains("does not export wasi:http/incoming-handler"), "{msg}");
 
     // Garbage after a valid header.
     let mut broken = b"\0asm\x0d\0\x01\0".to_vec();
@@ -159,18 +124,11 @@ fn bad_uploads_are_rejected_with_a_reason() {
     );
     assert!(msg.contains("not a valid WebAssembly component"), "{msg}");
 
-    assert_error(
-        upload(&node, vec![0; 2 * 1024 * 1024]),
-        413,
-        "payload_too_large",
-    );
+    assert_error(upload(&node, vec![0; 2 * 1024 * 1024]), 413, "payload_too_large");
     assert_error(create_version(&node, "x", "0000"), 404, "not_found");
     let res = node
         .client()
-        .post(format!(
-            "{}/v1/tenants/default/functions/Bad_Name/versions",
-            node.url
-        ))
+        .post(format!("{}/v1/tenants/default/functions/Bad_Name/versions", node.url))
         .bearer_auth(&node.token)
         .json(&serde_json::json!({ "digest": "0" }))
         .send()

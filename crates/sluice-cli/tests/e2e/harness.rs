@@ -20,23 +20,11 @@ pub fn guests() -> &'static Guests {
     static GUESTS: OnceLock<Guests> = OnceLock::new();
     GUESTS.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let out = Command::new(root.join("scripts/build-guests.sh"))
-            .output()
-            .expect("running build-guests.sh");
-        assert!(
-            out.status.success(),
-            "building guests failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let paths: Vec<PathBuf> = String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .map(PathBuf::from)
-            .collect();
-        Guests {
-            hello: paths[0].clone(),
-            testguest: paths[1].clone(),
-        }
+        let out =
+            Command::new(root.join("scripts/build-guests.sh")).output().expect("running build-guests.sh");
+        assert!(out.status.success(), "building guests failed: {}", String::from_utf8_lossy(&out.stderr));
+        let paths: Vec<PathBuf> = String::from_utf8(out.stdout).unwrap().lines().map(PathBuf::from).collect();
+        Guests { hello: paths[0].clone(), testguest: paths[1].clone() }
     })
 }
 
@@ -89,12 +77,7 @@ impl Node {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(rest) = line.split("listening on ").nth(1) {
-                    let url = rest
-                        .split_whitespace()
-                        .next()
-                        .unwrap()
-                        .trim_end_matches('/')
-                        .to_string();
+                    let url = rest.split_whitespace().next().unwrap().trim_end_matches('/').to_string();
                     let _ = tx.send(url);
                 }
                 lines.lock().unwrap().push(line);
@@ -104,10 +87,7 @@ impl Node {
             .recv_timeout(Duration::from_secs(60))
             .unwrap_or_else(|_| panic!("sluice did not start: {:?}", self.stderr.lock().unwrap()));
         self.url = url;
-        self.token = std::fs::read_to_string(self.dir.path().join("admin.token"))
-            .unwrap()
-            .trim()
-            .to_string();
+        self.token = std::fs::read_to_string(self.dir.path().join("admin.token")).unwrap().trim().to_string();
         self.child = Some(child);
     }
 
@@ -124,20 +104,13 @@ impl Node {
         let pid = child.id() as i32;
         // SAFETY-free: sending a signal through the `kill` command keeps this test crate free of
         // unsafe code.
-        Command::new("kill")
-            .arg("-TERM")
-            .arg(pid.to_string())
-            .status()
-            .unwrap();
+        Command::new("kill").arg("-TERM").arg(pid.to_string()).status().unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
                 return status;
             }
-            assert!(
-                Instant::now() < deadline,
-                "sluice did not stop after SIGTERM"
-            );
+            assert!(Instant::now() < deadline, "sluice did not stop after SIGTERM");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -168,18 +141,11 @@ impl Node {
     }
 
     pub fn client(&self) -> reqwest::blocking::Client {
-        reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(60))
-            .build()
-            .unwrap()
+        reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
     }
 
     pub fn get(&self, path: &str) -> reqwest::blocking::Response {
-        self.client()
-            .get(format!("{}{path}", self.url))
-            .bearer_auth(&self.token)
-            .send()
-            .unwrap()
+        self.client().get(format!("{}{path}", self.url)).bearer_auth(&self.token).send().unwrap()
     }
 
     /// Polls `path` until `pred` holds (records are written in batches, off the request path).
@@ -211,12 +177,7 @@ impl Drop for Node {
 /// Asserts a sluice error response: status, JSON code, and the sluice-error header.
 pub fn assert_error(res: reqwest::blocking::Response, status: u16, code: &str) -> String {
     assert_eq!(res.status().as_u16(), status, "unexpected status");
-    assert_eq!(
-        res.headers()
-            .get("sluice-error")
-            .map(|v| v.to_str().unwrap()),
-        Some(code)
-    );
+    assert_eq!(res.headers().get("sluice-error").map(|v| v.to_str().unwrap()), Some(code));
     let v: Value = res.json().expect("error body is JSON");
     assert_eq!(v["error"]["code"], code, "{v}");
     v["error"]["message"].as_str().unwrap().to_string()

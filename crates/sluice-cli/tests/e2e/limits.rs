@@ -19,10 +19,7 @@ fn guest_failures_map_to_their_kinds_within_their_limits() {
     let node = node_with_testguest(&["--timeout", "1s", "--memory", "32MiB"]);
 
     let msg = assert_error(node.get("/fn/default/tg/panic"), 500, "trap");
-    assert!(
-        msg.contains("/logs"),
-        "the message points at the logs: {msg}"
-    );
+    assert!(msg.contains("/logs"), "the message points at the logs: {msg}");
 
     let started = Instant::now();
     assert_error(node.get("/fn/default/tg/spin"), 504, "timeout");
@@ -34,21 +31,10 @@ fn guest_failures_map_to_their_kinds_within_their_limits() {
 
     let started = Instant::now();
     assert_error(node.get("/fn/default/tg/sleep?ms=10000"), 504, "timeout");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "a sleeping guest is stopped at its timeout too"
-    );
+    assert!(started.elapsed() < Duration::from_secs(5), "a sleeping guest is stopped at its timeout too");
 
-    assert_error(
-        node.get("/fn/default/tg/alloc?bytes=67108864"),
-        500,
-        "memory_limit",
-    );
-    assert_eq!(
-        node.get("/fn/default/tg/alloc?bytes=1048576").status(),
-        200,
-        "within the limit is fine"
-    );
+    assert_error(node.get("/fn/default/tg/alloc?bytes=67108864"), 500, "memory_limit");
+    assert_eq!(node.get("/fn/default/tg/alloc?bytes=1048576").status(), 200, "within the limit is fine");
 
     assert_error(node.get("/fn/default/tg/no-response"), 500, "no_response");
     assert_eq!(node.get("/fn/default/tg/sleep?ms=10").status(), 200);
@@ -64,10 +50,8 @@ fn a_spinning_function_does_not_stall_its_neighbours() {
         .map(|_| {
             let (url, token) = (url.clone(), token.clone());
             std::thread::spawn(move || {
-                let c = reqwest::blocking::Client::builder()
-                    .timeout(Duration::from_secs(30))
-                    .build()
-                    .unwrap();
+                let c =
+                    reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
                 c.get(format!("{url}/fn/default/tg/spin"))
                     .bearer_auth(token)
                     .send()
@@ -82,18 +66,11 @@ fn a_spinning_function_does_not_stall_its_neighbours() {
     let mut slowest = Duration::ZERO;
     for _ in 0..20 {
         let started = Instant::now();
-        let res = client
-            .get(format!("{url}/fn/default/hello/"))
-            .bearer_auth(&token)
-            .send()
-            .unwrap();
+        let res = client.get(format!("{url}/fn/default/hello/")).bearer_auth(&token).send().unwrap();
         assert_eq!(res.status(), 200);
         slowest = slowest.max(started.elapsed());
     }
-    assert!(
-        slowest < Duration::from_secs(1),
-        "a neighbour call took {slowest:?} while guests spun"
-    );
+    assert!(slowest < Duration::from_secs(1), "a neighbour call took {slowest:?} while guests spun");
     for s in spinners {
         assert_eq!(s.join().unwrap(), 504);
     }
@@ -111,9 +88,8 @@ fn outbound_http_only_to_allowed_hosts() {
             counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let mut buf = [0u8; 4096];
             let _ = stream.read(&mut buf);
-            let _ = stream.write_all(
-                b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nconnection: close\r\n\r\npong",
-            );
+            let _ =
+                stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nconnection: close\r\n\r\npong");
         }
     });
     let node = node_with_testguest(&[]);
@@ -121,29 +97,17 @@ fn outbound_http_only_to_allowed_hosts() {
 
     // Not in the allow list: fails inside the guest, never reaches the network, is logged.
     let res = node.get(&format!("/fn/default/tg/fetch?url={target}"));
-    let id = res.headers()["sluice-invocation-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let id = res.headers()["sluice-invocation-id"].to_str().unwrap().to_string();
     assert_eq!(res.status(), 502);
     let body = res.text().unwrap();
     assert!(body.contains("fetch error"), "{body}");
     assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
-    let logs = node.wait_json(&format!("/v1/invocations/{id}/logs"), |v| {
-        !v["lines"].as_array().unwrap().is_empty()
-    });
-    assert!(
-        logs.to_string()
-            .contains("not in this function's allow list"),
-        "{logs}"
-    );
+    let logs =
+        node.wait_json(&format!("/v1/invocations/{id}/logs"), |v| !v["lines"].as_array().unwrap().is_empty());
+    assert!(logs.to_string().contains("not in this function's allow list"), "{logs}");
 
     // Allowed by host and port: goes through.
-    node.deploy(
-        "allowed",
-        &guests().testguest,
-        &["--allow-outbound", &format!("127.0.0.1:{port}")],
-    );
+    node.deploy("allowed", &guests().testguest, &["--allow-outbound", &format!("127.0.0.1:{port}")]);
     let res = node.get(&format!("/fn/default/allowed/fetch?url={target}"));
     assert_eq!(res.status(), 200);
     assert_eq!(res.text().unwrap(), "status=200\npong");
@@ -153,11 +117,7 @@ fn outbound_http_only_to_allowed_hosts() {
 #[test]
 fn private_addresses_need_the_operator_flag_even_when_allowed() {
     let node = Node::start(&[]);
-    node.deploy(
-        "tg",
-        &guests().testguest,
-        &["--allow-outbound", "127.0.0.1:9"],
-    );
+    node.deploy("tg", &guests().testguest, &["--allow-outbound", "127.0.0.1:9"]);
     let res = node.get("/fn/default/tg/fetch?url=http://127.0.0.1:9/");
     assert_eq!(res.status(), 502);
     let body = res.text().unwrap();
@@ -189,10 +149,7 @@ fn gateway_limits_reject_abuse_and_keep_serving() {
         "a".repeat(70 * 1024)
     );
     let res = raw(&node, big.as_bytes());
-    assert!(
-        res.starts_with("HTTP/1.1 431") && res.contains("headers_too_large"),
-        "{res}"
-    );
+    assert!(res.starts_with("HTTP/1.1 431") && res.contains("headers_too_large"), "{res}");
     let huge = format!(
         "GET /fn/default/hello/ HTTP/1.1\r\nhost: x\r\n{auth}x-big: {}\r\n\r\n",
         "a".repeat(300 * 1024)
@@ -208,10 +165,7 @@ fn gateway_limits_reject_abuse_and_keep_serving() {
         "POST /fn/default/tg/echo HTTP/1.1\r\nhost: x\r\n{auth}content-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"
     );
     let res = raw(&node, smuggle.as_bytes());
-    assert!(
-        res.starts_with("HTTP/1.1 400") && res.contains("Transfer-Encoding"),
-        "{res}"
-    );
+    assert!(res.starts_with("HTTP/1.1 400") && res.contains("Transfer-Encoding"), "{res}");
     // Two different Content-Lengths: hyper refuses to parse it.
     let dup = format!(
         "POST /fn/default/tg/echo HTTP/1.1\r\nhost: x\r\n{auth}content-length: 4\r\ncontent-length: 5\r\n\r\nabcd"
@@ -223,8 +177,7 @@ fn gateway_limits_reject_abuse_and_keep_serving() {
     let started = Instant::now();
     let mut s = TcpStream::connect(&addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /fn/default/hello/ HTTP/1.1\r\nhost: x\r\n")
-        .unwrap();
+    s.write_all(b"GET /fn/default/hello/ HTTP/1.1\r\nhost: x\r\n").unwrap();
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
     assert!(
@@ -240,10 +193,7 @@ fn gateway_limits_reject_abuse_and_keep_serving() {
         7 * 1024 * 1024
     );
     let res = raw(&node, declared.as_bytes());
-    assert!(
-        res.starts_with("HTTP/1.1 413") && res.contains("payload_too_large"),
-        "{res}"
-    );
+    assert!(res.starts_with("HTTP/1.1 413") && res.contains("payload_too_large"), "{res}");
     let client = node.client();
     // Streamed without a length, the limit fires while the body flows. If the guest has not
     // answered yet that is a 413; an echoing guest has already sent its head, so the response is
@@ -268,30 +218,16 @@ fn gateway_limits_reject_abuse_and_keep_serving() {
     };
 
     // Keys and names.
-    let res = client
-        .get(format!("{}/fn/default/hello/", node.url))
-        .send()
-        .unwrap();
+    let res = client.get(format!("{}/fn/default/hello/", node.url)).send().unwrap();
     assert_error(res, 401, "unauthorized");
-    let res = client
-        .get(format!("{}/fn/default/hello/", node.url))
-        .bearer_auth("sk_wrong")
-        .send()
-        .unwrap();
+    let res = client.get(format!("{}/fn/default/hello/", node.url)).bearer_auth("sk_wrong").send().unwrap();
     assert_error(res, 401, "unauthorized");
     assert_error(node.get("/fn/default/missing/"), 404, "not_found");
     assert_error(node.get("/fn/nobody/hello/"), 404, "not_found");
-    assert_error(
-        node.get("/v1/tenants/default/functions/missing"),
-        404,
-        "not_found",
-    );
+    assert_error(node.get("/v1/tenants/default/functions/missing"), 404, "not_found");
     assert_error(node.get("/v1/nothing-here"), 404, "not_found");
 
-    assert_eq!(
-        node.get("/fn/default/hello/").text().unwrap(),
-        "hello from sluice\n"
-    );
+    assert_eq!(node.get("/fn/default/hello/").text().unwrap(), "hello from sluice\n");
 }
 
 /// A reader of `len` bytes with no declared length, so reqwest sends it chunked.

@@ -9,37 +9,19 @@ fn guest_output_is_kept_per_invocation_and_per_function() {
     node.deploy("tg", &guests().testguest, &[]);
     let res = node.get("/fn/default/tg/stdout");
     assert_eq!(res.status(), 200);
-    let id = res.headers()["sluice-invocation-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let id = res.headers()["sluice-invocation-id"].to_str().unwrap().to_string();
 
-    let v = node.wait_json(&format!("/v1/invocations/{id}/logs"), |v| {
-        v["lines"].as_array().unwrap().len() >= 3
-    });
+    let v =
+        node.wait_json(&format!("/v1/invocations/{id}/logs"), |v| v["lines"].as_array().unwrap().len() >= 3);
     let lines: Vec<(String, String)> = v["lines"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|l| {
-            (
-                l["stream"].as_str().unwrap().to_string(),
-                l["line"].as_str().unwrap().to_string(),
-            )
-        })
+        .map(|l| (l["stream"].as_str().unwrap().to_string(), l["line"].as_str().unwrap().to_string()))
         .collect();
-    assert!(
-        lines.contains(&("stdout".into(), "stdout line 1".into())),
-        "{lines:?}"
-    );
-    assert!(
-        lines.contains(&("stdout".into(), "stdout line 2".into())),
-        "{lines:?}"
-    );
-    assert!(
-        lines.contains(&("stderr".into(), "stderr line 1".into())),
-        "{lines:?}"
-    );
+    assert!(lines.contains(&("stdout".into(), "stdout line 1".into())), "{lines:?}");
+    assert!(lines.contains(&("stdout".into(), "stdout line 2".into())), "{lines:?}");
+    assert!(lines.contains(&("stderr".into(), "stderr line 1".into())), "{lines:?}");
 
     let inv = node.wait_json(&format!("/v1/invocations/{id}"), |_| true);
     assert_eq!(inv["status"], "succeeded");
@@ -48,10 +30,7 @@ fn guest_output_is_kept_per_invocation_and_per_function() {
 
     // A trap's message goes to the logs, not to the response.
     let res = node.get("/fn/default/tg/panic");
-    let trap_id = res.headers()["sluice-invocation-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let trap_id = res.headers()["sluice-invocation-id"].to_str().unwrap().to_string();
     let body = res.text().unwrap();
     assert!(!body.contains("panicked on purpose"), "{body}");
     let v = node.wait_json(&format!("/v1/invocations/{trap_id}/logs"), |v| {
@@ -63,23 +42,12 @@ fn guest_output_is_kept_per_invocation_and_per_function() {
 
     let (ok, out, err) = node.cli(&["logs", "tg"]);
     assert!(ok, "{err}");
-    assert!(
-        out.contains("stdout line 1") && out.contains("stderr line 1"),
-        "{out}"
-    );
+    assert!(out.contains("stdout line 1") && out.contains("stderr line 1"), "{out}");
     let (ok, out, _) = node.cli(&["logs", "--invocation", &id]);
     assert!(ok && out.contains("stdout line 2"), "{out}");
 
     // Another tenant's key cannot read them (here: no key at all, and a made-up id).
-    let res = node
-        .client()
-        .get(format!("{}/v1/invocations/{id}/logs", node.url))
-        .send()
-        .unwrap();
+    let res = node.client().get(format!("{}/v1/invocations/{id}/logs", node.url)).send().unwrap();
     assert_eq!(res.status(), 401);
-    assert_eq!(
-        node.get("/v1/invocations/00000000000000000000000000000000/logs")
-            .status(),
-        404
-    );
+    assert_eq!(node.get("/v1/invocations/00000000000000000000000000000000/logs").status(), 404);
 }

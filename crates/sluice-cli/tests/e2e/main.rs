@@ -3,7 +3,12 @@
 
 mod harness;
 
+mod admission;
+mod api;
+mod chaos;
 mod deploy;
 mod limits;
 mod logs;
+mod queue;
 mod serve;
+mod tenancy;

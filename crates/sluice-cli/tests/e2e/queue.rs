@@ -99,20 +99,37 @@ fn idempotency_key_returns_the_first_invocation() {
 fn bad_async_headers_name_the_header() {
     let node = Node::start(&[]);
     node.deploy("tg", &guests().testguest, &[]);
-    let msg = assert_error(post_async(&node, "/fn/default/tg/ok", &[("sluice-start-after", "tomorrow")], ""), 400, "bad_request");
+    let msg = assert_error(
+        post_async(&node, "/fn/default/tg/ok", &[("sluice-start-after", "tomorrow")], ""),
+        400,
+        "bad_request",
+    );
     assert!(msg.contains("sluice-start-after"), "{msg}");
-    let msg = assert_error(post_async(&node, "/fn/default/tg/ok", &[("sluice-criticality", "urgent")], ""), 400, "bad_request");
+    let msg = assert_error(
+        post_async(&node, "/fn/default/tg/ok", &[("sluice-criticality", "urgent")], ""),
+        400,
+        "bad_request",
+    );
     assert!(msg.contains("sluice-criticality"), "{msg}");
     let later = rfc3339_in(60_000);
     let sooner = rfc3339_in(30_000);
     let msg = assert_error(
-        post_async(&node, "/fn/default/tg/ok", &[("sluice-start-after", &later), ("sluice-deadline", &sooner)], ""),
+        post_async(
+            &node,
+            "/fn/default/tg/ok",
+            &[("sluice-start-after", &later), ("sluice-deadline", &sooner)],
+            "",
+        ),
         400,
         "bad_request",
     );
     assert!(msg.contains("sluice-deadline"), "{msg}");
     let long_key = "k".repeat(256);
-    let msg = assert_error(post_async(&node, "/fn/default/tg/ok", &[("idempotency-key", &long_key)], ""), 400, "bad_request");
+    let msg = assert_error(
+        post_async(&node, "/fn/default/tg/ok", &[("idempotency-key", &long_key)], ""),
+        400,
+        "bad_request",
+    );
     assert!(msg.contains("Idempotency-Key"), "{msg}");
     let big = "x".repeat(1024 * 1024 + 1);
     assert_error(post_async(&node, "/fn/default/tg/echo", &[], &big), 413, "payload_too_large");

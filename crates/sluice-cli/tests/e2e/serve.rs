@@ -12,10 +12,7 @@ fn first_start_creates_an_admin_key_file_readable_only_by_the_owner() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     assert!(node.token.starts_with("sk_"));
     let printed = node.stderr.lock().unwrap().join("\n");
-    assert!(
-        printed.contains(&node.token),
-        "the key is printed once on first start"
-    );
+    assert!(printed.contains(&node.token), "the key is printed once on first start");
 }
 
 #[test]
@@ -24,25 +21,14 @@ fn restart_serves_deployed_functions_from_the_artifact_cache() {
     node.deploy("hello", &guests().hello, &[]);
     let token = node.token.clone();
     assert!(node.terminate().success());
-    let artifacts: Vec<_> = std::fs::read_dir(node.dir.path().join("artifacts"))
-        .unwrap()
-        .collect();
+    let artifacts: Vec<_> = std::fs::read_dir(node.dir.path().join("artifacts")).unwrap().collect();
     assert_eq!(artifacts.len(), 1, "one cached artifact");
 
     node.spawn();
     assert_eq!(node.token, token, "the key survives a restart");
-    let created = node
-        .stderr
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|l| l.contains("admin API key"))
-        .count();
+    let created = node.stderr.lock().unwrap().iter().filter(|l| l.contains("admin API key")).count();
     assert_eq!(created, 1, "a restart does not create another admin key");
-    assert_eq!(
-        node.get("/fn/default/hello/").text().unwrap(),
-        "hello from sluice\n"
-    );
+    assert_eq!(node.get("/fn/default/hello/").text().unwrap(), "hello from sluice\n");
 }
 
 #[test]
@@ -60,9 +46,6 @@ fn sigterm_lets_in_flight_calls_finish() {
     let started = Instant::now();
     let status = node.terminate();
     assert!(status.success(), "exit status {status:?}");
-    assert!(
-        started.elapsed() >= Duration::from_millis(900),
-        "did not wait for the call"
-    );
+    assert!(started.elapsed() >= Duration::from_millis(900), "did not wait for the call");
     assert_eq!(call.join().unwrap(), (200, "slept 1500".to_string()));
 }

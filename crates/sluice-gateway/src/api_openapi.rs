@@ -1,0 +1,553 @@
+//! The OpenAPI document of sluice's HTTP API, served at `GET /v1/openapi.json`.
+//!
+//! It is generated from the code: every `/v1` route is registered through its handler's
+//! `#[utoipa::path]` (see `api::openapi_router`), and bodies are the handlers' own types. What no
+//! handler annotation can say is added here, in one place: the `/fn` route (served by the invoke
+//! path, not the router), the bearer security scheme, and the responses every route can give
+//! because of the layers in front of it (header limits, authentication, the store).
+
+use axum::response::IntoResponse;
+use http::{HeaderValue, header};
+use serde::{Deserialize, Serialize};
+use sluice_core::ErrorKind;
+use utoipa::ToSchema;
+use utoipa::openapi::content::ContentBuilder;
+use utoipa::openapi::header::HeaderBuilder;
+use utoipa::openapi::path::{Operation, PathItem};
+use utoipa::openapi::response::{Response, ResponseBuilder};
+use utoipa::openapi::schema::{ArrayBuilder, KnownFormat, ObjectBuilder, Schema, SchemaFormat, Type};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{InfoBuilder, OpenApi, Ref, RefOr};
+
+/// Name of the security scheme in the document.
+const BEARER: &str = "bearer";
+
+/// The error body of every error sluice makes (DESIGN.md section 5). Documentation only: the
+/// body itself is written by `SluiceError::to_json`; a test keeps the two in step.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorDetail {
+    /// A stable code a program can switch on; also in the `sluice-error` header.
+    #[schema(schema_with = error_code_schema)]
+    pub code: String,
+    /// What went wrong and what to do about it, for a person.
+    pub message: String,
+}
+
+/// The answer to an async call (`Prefer: respond-async`): the call is durably queued.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct AsyncAccepted {
+    pub id: String,
+    pub status: String,
+    /// `/v1/invocations/{id}`: where to follow it.
+    pub location: String,
+}
+
+/// Bytes passed as they are (a request body of any content).
+#[derive(ToSchema)]
+#[schema(value_type = String, format = Binary)]
+#[allow(dead_code)] // a schema only
+pub struct Binary(Vec<u8>);
+
+/// The configuration of a function version. Omitted fields take their defaults. This is the
+/// schema of `sluice_core::FunctionConfig`; a test checks that both have the same fields.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct FunctionConfigSchema {
+    /// Linear memory one instance may grow to, in bytes (64 KiB to 1 GiB).
+    #[schema(minimum = 65536, maximum = 1073741824)]
+    pub memory_bytes: u64,
+    /// Wall-clock limit of a synchronous call, in milliseconds (at most 15 minutes).
+    #[schema(minimum = 1, maximum = 900000)]
+    pub timeout_ms: u64,
+    /// Wall-clock limit of one async attempt, in milliseconds (at most 15 minutes).
+    #[schema(minimum = 1, maximum = 900000)]
+    pub async_timeout_ms: u64,
+    /// Environment variables the guest sees, in order, as `[name, value]` pairs.
+    #[schema(schema_with = env_schema)]
+    pub env: Vec<(String, String)>,
+    /// Hosts (`name` or `name:port`) the guest may call over outbound HTTP; empty: none.
+    #[schema(schema_with = outbound_schema)]
+    pub allow_outbound: Vec<String>,
+    /// A public function's `/fn` URL needs no API key.
+    pub public: bool,
+    /// Attempts of an async invocation before it is dead (1-100).
+    #[schema(minimum = 1, maximum = 100)]
+    pub attempts_max: u32,
+    /// Age in milliseconds after which an async invocation is not retried any more.
+    pub max_age_ms: u64,
+    /// Token-bucket rate (calls per second); null: unlimited.
+    #[schema(exclusive_minimum = 0)]
+    pub rate_per_sec: Option<f64>,
+    /// Token-bucket burst; null: the rate rounded up.
+    #[schema(minimum = 1)]
+    pub burst: Option<u32>,
+    /// Calls of this function running at once on a node; null: bounded by the node only.
+    #[schema(minimum = 1)]
+    pub max_concurrency: Option<u32>,
+}
+
+impl Default for FunctionConfigSchema {
+    fn default() -> Self {
+        let c = sluice_core::FunctionConfig::default();
+        Self {
+            memory_bytes: c.memory_bytes,
+            timeout_ms: c.timeout_ms,
+            async_timeout_ms: c.async_timeout_ms,
+            env: c.env,
+            allow_outbound: c.allow_outbound,
+            public: c.public,
+            attempts_max: c.attempts_max,
+            max_age_ms: c.max_age_ms,
+            rate_per_sec: c.rate_per_sec,
+            burst: c.burst,
+            max_concurrency: c.max_concurrency,
+        }
+    }
+}
+
+fn string_enum<'a>(values: impl IntoIterator<Item = &'a str>) -> ObjectBuilder {
+    ObjectBuilder::new().schema_type(Type::String).enum_values(Some(values))
+}
+
+/// Every error code: generated from [`ErrorKind::ALL`], so a new kind is documented at once.
+pub(crate) fn error_code_schema() -> Schema {
+    string_enum(ErrorKind::ALL.iter().map(|k| k.as_str())).into()
+}
+
+pub(crate) fn tenant_scopes_schema() -> Schema {
+    let scopes = crate::api_tenants::TENANT_SCOPES;
+    ArrayBuilder::new().items(string_enum(scopes.iter().map(|s| s.as_str()))).min_items(Some(1)).into()
+}
+
+pub(crate) fn key_scopes_schema() -> Schema {
+    let scopes = [sluice_core::Scope::Admin].into_iter().chain(crate::api_tenants::TENANT_SCOPES);
+    let names: Vec<&str> = scopes.map(|s| s.as_str()).collect();
+    ArrayBuilder::new().items(string_enum(names)).into()
+}
+
+/// The states of an invocation (DESIGN.md section 3), as `InvocationStatus` spells them.
+pub(crate) const INVOCATION_STATUSES: [&str; 6] =
+    ["queued", "running", "succeeded", "failed", "dead", "expired"];
+
+pub(crate) fn invocation_status_schema() -> Schema {
+    string_enum(INVOCATION_STATUSES).into()
+}
+
+pub(crate) fn log_stream_schema() -> Schema {
+    use sluice_core::LogStream;
+    string_enum([LogStream::Stdout, LogStream::Stderr, LogStream::System].map(LogStream::as_str)).into()
+}
+
+/// `[name, value]` pairs; `FunctionConfig::validate` refuses names that are empty or hold `=`
+/// or NUL.
+fn env_schema() -> Schema {
+    let name = ObjectBuilder::new().schema_type(Type::String).pattern(Some("^[^=\\u0000]+$"));
+    let value = ObjectBuilder::new().schema_type(Type::String);
+    let pair = ArrayBuilder::new()
+        .prefix_items([Schema::from(name), Schema::from(value)])
+        .items(utoipa::openapi::schema::ArrayItems::False)
+        .min_items(Some(2))
+        .max_items(Some(2));
+    ArrayBuilder::new().items(pair).into()
+}
+
+/// Hosts as `FunctionConfig::validate` accepts them: not empty, no '/' and no space.
+fn outbound_schema() -> Schema {
+    ArrayBuilder::new().items(ObjectBuilder::new().schema_type(Type::String).pattern(Some("^[^/ ]+$"))).into()
+}
+
+fn criticality_schema() -> Schema {
+    use sluice_store::Criticality;
+    string_enum([Criticality::High, Criticality::Normal, Criticality::Low].map(Criticality::as_str)).into()
+}
+
+fn rfc3339_schema() -> Schema {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .format(Some(SchemaFormat::KnownFormat(KnownFormat::DateTime)))
+        .into()
+}
+
+/// The request headers of an async call (`Prefer: respond-async`).
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)] // documentation only: `invoke` reads these headers
+pub struct AsyncHeaders {
+    /// `respond-async`: queue the call durably and answer 202.
+    prefer: Option<String>,
+    /// Async: the same key and function within 24 hours return the first invocation (at most
+    /// 255 bytes).
+    #[serde(rename = "idempotency-key")]
+    idempotency_key: Option<String>,
+    /// Async: not started before this RFC 3339 time.
+    #[serde(rename = "sluice-start-after")]
+    #[param(schema_with = rfc3339_schema)]
+    start_after: Option<String>,
+    /// Async: `expired` if not started by this RFC 3339 time.
+    #[serde(rename = "sluice-deadline")]
+    #[param(schema_with = rfc3339_schema)]
+    deadline: Option<String>,
+    /// Async: queued calls are leased in this order; default `normal`.
+    #[serde(rename = "sluice-criticality")]
+    #[param(schema_with = criticality_schema)]
+    criticality: Option<String>,
+}
+
+/// Call a function.
+///
+/// Any method is accepted (five are listed); the method, the path below the function, the query,
+/// the headers and the body are passed to the function, whose response comes back as it produces
+/// it, with `sluice-invocation-id` added. A private function needs a key with the `invoke` scope
+/// of its tenant; a public one needs none. Errors made by sluice carry the `sluice-error` header
+/// and a JSON body; everything else is the function's. With `Prefer: respond-async` the request is
+/// queued durably and answered 202.
+#[utoipa::path(
+    method(get, post, put, delete, patch),
+    path = "/fn/{tenant}/{function}/{path}",
+    tag = "invoke",
+    params(
+        ("tenant" = String, Path, description = "Tenant name", example = "default"),
+        ("function" = String, Path, description = "Function name", example = "hello"),
+        ("path" = String, Path, example = "greeting", description = "Path below the function (may contain '/'), passed to it \
+            with the query string"),
+        AsyncHeaders,
+    ),
+    request_body(content = Option<Binary>, content_type = "application/octet-stream",
+        description = "Passed to the function as it is (any content type)"),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 202, description = "Queued (async)", body = AsyncAccepted, headers(
+            ("location" = String, description = "`/v1/invocations/{id}`"),
+            ("sluice-invocation-id" = String, description = "The invocation's id"))),
+        (status = 400, description = "Bad request: framing, or an async header (named)", body = ErrorBody),
+        (status = 401, description = "A private function and no valid key", body = ErrorBody),
+        (status = 403, description = "The key lacks the `invoke` scope", body = ErrorBody),
+        (status = 404, description = "No such function (or another tenant's)", body = ErrorBody),
+        (status = 413, description = "Body larger than the sync or async limit", body = ErrorBody),
+        (status = 429, description = "Over the tenant's or function's rate or concurrency limit; \
+            no work was done", body = ErrorBody, headers(
+            ("retry-after" = u64, description = "Seconds to wait"),
+            ("ratelimit-policy" = String, description = "IETF RateLimit-Policy of the bucket (rate limits)"),
+            ("ratelimit" = String, description = "IETF RateLimit of the bucket (rate limits)"))),
+        (status = 500, description = "The function trapped, ran out of memory or gave no response \
+            (details in the invocation's logs)", body = ErrorBody),
+        (status = 503, description = "The node is overloaded or its store unavailable", body = ErrorBody,
+            headers(("retry-after" = u64, description = "Seconds to wait"))),
+        (status = 504, description = "The function timed out", body = ErrorBody),
+        (status = "default", description = "The function's response, as it produced it",
+            headers(("sluice-invocation-id" = String, description = "The invocation's id"))),
+    )
+)]
+#[allow(dead_code)] // documentation only: `/fn` is served by `invoke::handle`, not the router
+fn invoke_function() {}
+
+/// The document's base: what the router does not contribute.
+pub(crate) fn base() -> OpenApi {
+    #[derive(utoipa::OpenApi)]
+    #[openapi(paths(invoke_function), components(schemas(ErrorBody)))]
+    struct Base;
+    <Base as utoipa::OpenApi>::openapi()
+}
+
+/// Completes the document built from the router: info, the security scheme, and the responses
+/// every route can give because of what runs before its handler.
+pub(crate) fn finish(mut doc: OpenApi) -> OpenApi {
+    doc.info = InfoBuilder::new()
+        .title("sluice")
+        .version(env!("CARGO_PKG_VERSION"))
+        .description(Some(
+            "Serverless WebAssembly functions: the control API (`/v1`) and the call path (`/fn`). \
+             Authenticate with `Authorization: Bearer <API key>`. Another tenant's objects answer \
+             404 exactly like missing ones.",
+        ))
+        .build();
+    let components = doc.components.get_or_insert_with(Default::default);
+    components.add_security_scheme(
+        BEARER,
+        SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+    );
+    // Every operation needs a key unless it says otherwise (`security(())`).
+    doc.security = Some(vec![utoipa::openapi::security::SecurityRequirement::new::<_, _, &str>(BEARER, [])]);
+    for item in doc.paths.paths.values_mut() {
+        for op in operations(item) {
+            add_common_responses(op);
+        }
+    }
+    doc
+}
+
+fn operations(item: &mut PathItem) -> impl Iterator<Item = &mut Operation> {
+    [
+        &mut item.get,
+        &mut item.put,
+        &mut item.post,
+        &mut item.delete,
+        &mut item.options,
+        &mut item.head,
+        &mut item.patch,
+    ]
+    .into_iter()
+    .filter_map(Option::as_mut)
+}
+
+/// Whether an operation needs a key: it inherits the document's requirement or names the scheme.
+fn needs_key(op: &Operation) -> bool {
+    match &op.security {
+        None => true,
+        Some(reqs) => {
+            let json = serde_json::to_value(reqs).unwrap_or_default();
+            json.as_array().is_some_and(|a| a.iter().any(|r| r.get(BEARER).is_some()))
+        }
+    }
+}
+
+fn add_common_responses(op: &mut Operation) {
+    let needs_key = needs_key(op);
+    let responses = &mut op.responses.responses;
+    let mut add = |status: &str, response: Response| {
+        responses.entry(status.to_string()).or_insert(RefOr::T(response));
+    };
+    // The server checks framing and header limits before any route (`server::route`), and
+    // extractors refuse path segments that are not UTF-8.
+    add(
+        "400",
+        error_response("Bad request: both Content-Length and Transfer-Encoding, or a malformed parameter"),
+    );
+    add("431", error_response("Request headers over the node's size or count limit"));
+    if needs_key {
+        add("401", error_response("No API key, or an invalid or revoked one"));
+        // Every route that needs a key reads or writes the store, which may refuse for a while.
+        add("503", retry_after(error_response("The store is unavailable; retry after the given seconds")));
+    }
+}
+
+fn error_response(description: &str) -> Response {
+    ResponseBuilder::new()
+        .description(description)
+        .content(
+            "application/json",
+            ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build(),
+        )
+        .build()
+}
+
+fn retry_after(mut response: Response) -> Response {
+    let header = HeaderBuilder::new()
+        .schema(ObjectBuilder::new().schema_type(Type::Integer))
+        .description(Some("Seconds to wait before trying again"))
+        .build();
+    response.headers.insert("retry-after".to_string(), header);
+    response
+}
+
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/v1/openapi.json",
+    tag = "meta",
+    security(()),
+    responses((status = 200, description = "The OpenAPI document of this API", body = serde_json::Value))
+)]
+pub(crate) async fn openapi_json() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], crate::api::routes().1.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeSet, HashMap};
+    use std::sync::Arc;
+
+    use serde_json::Value;
+    use sluice_core::{FunctionConfig, SluiceError};
+
+    use super::*;
+    use crate::node::Node;
+
+    fn doc() -> Value {
+        serde_json::from_str(&crate::api::routes().1).expect("the document is JSON")
+    }
+
+    /// (METHOD, path) of every operation in the document.
+    fn documented(doc: &Value) -> BTreeSet<(String, String)> {
+        let mut out = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys() {
+                out.insert((method.to_uppercase(), path.clone()));
+            }
+        }
+        out
+    }
+
+    /// (METHOD, path) of every route the router serves, read from its `Debug` form: axum has no
+    /// API that lists routes. Should axum change that form, this finds nothing and the test
+    /// fails rather than passes. HEAD is left out: axum answers it for every GET.
+    fn served(router: &axum::Router<Arc<Node>>) -> BTreeSet<(String, String)> {
+        let debug = format!("{router:?}");
+        let main = debug.split("fallback_router:").next().unwrap();
+        let (routes, paths) = main.split_once("paths: {").expect("the router's Debug lists its paths");
+        let mut methods: HashMap<&str, Vec<&str>> = HashMap::new();
+        for chunk in routes.split("RouteId(").skip(1) {
+            let (id, rest) = chunk.split_once(')').unwrap();
+            let allow = rest.split("allow_header: Bytes(b\"").nth(1).expect("a route lists its methods");
+            methods.insert(id, allow.split('"').next().unwrap().split(',').collect());
+        }
+        let mut out = BTreeSet::new();
+        for chunk in paths.split("RouteId(").skip(1) {
+            let (id, rest) = chunk.split_once(')').unwrap();
+            let path = rest.split('"').nth(1).unwrap();
+            for m in methods[id].iter().filter(|m| **m != "HEAD") {
+                out.insert((m.to_string(), path.to_string()));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_document_is_openapi_3_1_and_every_reference_resolves() {
+        let doc = doc();
+        assert_eq!(doc["openapi"], "3.1.0");
+        // Every `{param}` of a path is declared, on every operation of that path.
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            let wanted: BTreeSet<&str> =
+                path.split('{').skip(1).map(|p| p.split('}').next().unwrap()).collect();
+            for (method, op) in item.as_object().unwrap() {
+                let declared: BTreeSet<&str> = op["parameters"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| p["in"] == "path")
+                    .map(|p| p["name"].as_str().unwrap())
+                    .collect();
+                assert_eq!(declared, wanted, "{method} {path}");
+                assert!(!op["responses"].as_object().unwrap().is_empty(), "{method} {path}");
+            }
+        }
+        let text = doc.to_string();
+        for r in text.split("\"$ref\":\"").skip(1) {
+            let name = r.split('"').next().unwrap().strip_prefix("#/components/schemas/").unwrap();
+            assert!(doc["components"]["schemas"][name].is_object(), "dangling reference {name}");
+        }
+        assert_eq!(doc["components"]["securitySchemes"][BEARER]["scheme"], "bearer");
+    }
+
+    #[test]
+    fn every_route_the_router_serves_is_documented_and_every_documented_route_is_served() {
+        let (router, _) = crate::api::routes();
+        let served = served(router);
+        assert!(served.len() >= 10, "could not read the routes from the router: {served:?}");
+        let doc = doc();
+        let documented: BTreeSet<_> =
+            documented(&doc).into_iter().filter(|(_, path)| !path.starts_with("/fn/")).collect();
+        assert_eq!(served, documented, "the router and the OpenAPI document differ");
+    }
+
+    #[test]
+    fn the_fn_route_is_documented_for_its_methods_with_optional_auth() {
+        let doc = doc();
+        let fn_path = "/fn/{tenant}/{function}/{path}";
+        for method in ["get", "post", "put", "delete", "patch"] {
+            let op = &doc["paths"][fn_path][method];
+            assert!(op.is_object(), "{method} {fn_path} is not documented");
+            assert_eq!(op["security"], serde_json::json!([{}, { BEARER: [] }]));
+            for status in ["202", "401", "403", "404", "413", "429", "503", "504", "default"] {
+                assert!(op["responses"][status].is_object(), "{method} /fn lacks {status}");
+            }
+        }
+        // `split_fn_path` serves exactly this shape.
+        assert_eq!(crate::invoke::split_fn_path("/fn/t/f/a/b"), Some(("t", "f", "/a/b")));
+    }
+
+    #[test]
+    fn every_error_response_has_the_error_schema_and_keyed_routes_document_401_and_503() {
+        let doc = doc();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                let responses = op["responses"].as_object().unwrap();
+                for (status, response) in responses {
+                    if status.starts_with('4') || status.starts_with('5') {
+                        assert_eq!(
+                            response["content"]["application/json"]["schema"]["$ref"],
+                            "#/components/schemas/ErrorBody",
+                            "{method} {path} {status}"
+                        );
+                    }
+                }
+                let public = path == "/v1/openapi.json";
+                for status in ["401", "503"] {
+                    assert_eq!(responses.contains_key(status), !public, "{method} {path} {status}");
+                }
+                for status in ["400", "431"] {
+                    assert!(responses.contains_key(status), "{method} {path} {status}");
+                }
+            }
+        }
+        let retry_after = &doc["paths"]["/v1/tenants"]["get"]["responses"]["503"]["headers"]["retry-after"];
+        assert!(retry_after.is_object(), "503 documents Retry-After");
+    }
+
+    #[test]
+    fn the_error_schema_is_what_sluice_sends() {
+        for kind in ErrorKind::ALL {
+            let json = SluiceError::new(kind, "m").to_json();
+            let body: ErrorBody = serde_json::from_value(json).expect("matches ErrorBody");
+            assert_eq!(body.error.code, kind.as_str());
+        }
+        let codes = doc()["components"]["schemas"]["ErrorDetail"]["properties"]["code"]["enum"].clone();
+        assert_eq!(codes.as_array().unwrap().len(), ErrorKind::ALL.len());
+    }
+
+    #[test]
+    fn the_function_config_schema_has_exactly_the_fields_of_function_config() {
+        // A field only FunctionConfig has fails here (unknown field); one only the schema has
+        // fails to compile (the Default impl reads every field from FunctionConfig).
+        let config = serde_json::to_value(FunctionConfig::default()).unwrap();
+        let schema: FunctionConfigSchema = serde_json::from_value(config.clone()).expect("same fields");
+        assert_eq!(serde_json::to_value(schema).unwrap(), config);
+        let documented = doc()["components"]["schemas"]["FunctionConfigSchema"]["properties"].clone();
+        let mut names: Vec<_> = documented.as_object().unwrap().keys().cloned().collect();
+        let mut fields: Vec<_> = config.as_object().unwrap().keys().cloned().collect();
+        names.sort();
+        fields.sort();
+        assert_eq!(names, fields);
+    }
+
+    #[test]
+    fn documented_function_limits_are_the_nodes() {
+        let limits = sluice_core::Limits::default();
+        let props = doc()["components"]["schemas"]["FunctionConfigSchema"]["properties"].clone();
+        assert_eq!(props["memory_bytes"]["maximum"], limits.function_memory_bytes_max);
+        let timeout_max = limits.function_timeout_max.as_millis() as u64;
+        assert_eq!(props["timeout_ms"]["maximum"], timeout_max);
+        assert_eq!(props["async_timeout_ms"]["maximum"], timeout_max);
+        // What the schema allows, validation accepts; one past it, validation refuses.
+        let at_max = FunctionConfig {
+            memory_bytes: limits.function_memory_bytes_max,
+            timeout_ms: timeout_max,
+            ..Default::default()
+        };
+        assert!(at_max.validate(&limits).is_ok());
+        let over =
+            FunctionConfig { memory_bytes: limits.function_memory_bytes_max + 1, ..Default::default() };
+        assert!(over.validate(&limits).is_err());
+    }
+
+    #[test]
+    fn enumerations_match_what_the_code_parses() {
+        for s in INVOCATION_STATUSES {
+            assert_eq!(sluice_store::InvocationStatus::parse(s).map(|st| st.as_str()), Some(s));
+        }
+        for s in ["high", "normal", "low"] {
+            assert!(sluice_store::Criticality::parse(s).is_some());
+        }
+        for s in crate::api_tenants::TENANT_SCOPES {
+            assert_eq!(sluice_core::Scope::parse(s.as_str()), Some(s));
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! `/v1/tenants` and `/v1/keys`: creating tenants and minting, listing and revoking API keys.
+//!
+//! Managing tenants and keys is for admin keys. A tenant key sees its own tenant and its keys but
+//! may not mint or revoke keys (403); other tenants and their keys answer 404 like missing ones.
+//! A key is shown once, in the answer that creates it, and stored only as its SHA-256. Every
+//! change reloads the node's key cache, so a new key works and a revoked key fails at once.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode, header};
+use serde::{Deserialize, Serialize};
+use sluice_core::{Clock, Scope, SluiceError, SystemClock, rfc3339};
+use sluice_store::{KeyRecord, Tenant};
+use utoipa::ToSchema;
+
+use crate::api::{ApiResult, Auth, ErrorBody, admin_only, json_body, require_tenant};
+use crate::api_openapi::{key_scopes_schema, tenant_scopes_schema};
+use crate::node::Node;
+
+/// The scopes a tenant key may hold; `admin` keys are not bound to a tenant and are not minted
+/// here.
+pub(crate) const TENANT_SCOPES: [Scope; 3] = [Scope::Deploy, Scope::Invoke, Scope::Read];
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTenant {
+    /// 1-63 characters of a-z, 0-9 and '-', not starting with '-'.
+    #[schema(pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
+    pub name: String,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct TenantInfo {
+    pub name: String,
+    #[schema(format = DateTime)]
+    pub created_at: String,
+}
+
+impl TenantInfo {
+    fn of(t: &Tenant) -> Self {
+        Self { name: t.name.clone(), created_at: rfc3339(t.created_at) }
+    }
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct TenantList {
+    pub tenants: Vec<TenantInfo>,
+}
+
+/// Create a tenant (admin only).
+#[utoipa::path(
+    post,
+    path = "/v1/tenants",
+    tag = "tenants",
+    request_body = CreateTenant,
+    responses(
+        (status = 201, description = "Created", body = TenantInfo),
+        (status = 400, description = "Invalid name or body", body = ErrorBody),
+        (status = 403, description = "Not an admin key", body = ErrorBody),
+        (status = 409, description = "The tenant exists", body = ErrorBody),
+        (status = 413, description = "Request body too large", body = ErrorBody),
+    )
+)]
+pub(crate) async fn create_tenant(
+    State(node): State<Arc<Node>>,
+    auth: Auth,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<TenantInfo>)> {
+    if !auth.0.is_admin() {
+        return Err(admin_only("create tenants").into());
+    }
+    let req: CreateTenant = json_body(&body, "tenant")?;
+    if !sluice_core::ids::valid_name(&req.name) {
+        return Err(SluiceError::bad_request(format!(
+            "invalid tenant name {:?}: use 1-63 characters of a-z, 0-9 and '-', not starting with '-'",
+            req.name
+        ))
+        .into());
+    }
+    let tenant = node.store.create_tenant(&req.name).await?;
+    Ok((StatusCode::CREATED, Json(TenantInfo::of(&tenant))))
+}
+
+/// List tenants: all of them for an admin key, the key's own tenant otherwise.
+#[utoipa::path(
+    get,
+    path = "/v1/tenants",
+    tag = "tenants",
+    responses((status = 200, description = "The tenants this key sees", body = TenantList))
+)]
+pub(crate) async fn list_tenants(State(node): State<Arc<Node>>, auth: Auth) -> ApiResult<Json<TenantList>> {
+    let tenants = node.store.list_tenants().await?;
+    let tenants = tenants.iter().filter(|t| auth.0.sees(&t.name)).map(TenantInfo::of).collect();
+    Ok(Json(TenantList { tenants }))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKey {
+    /// What the key may do in the tenant. Duplicates are ignored.
+    #[schema(schema_with = tenant_scopes_schema)]
+    pub scopes: Vec<String>,
+}
+
+/// An API key as listed: never the key itself or its hash.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct KeyInfo {
+    pub id: String,
+    /// Null for admin keys, which are not bound to a tenant.
+    pub tenant: Option<String>,
+    #[schema(schema_with = key_scopes_schema)]
+    pub scopes: Vec<Scope>,
+    #[schema(format = DateTime)]
+    pub created_at: String,
+    pub revoked: bool,
+}
+
+impl KeyInfo {
+    fn of(k: &KeyRecord) -> Self {
+        Self {
+            id: k.id.clone(),
+            tenant: k.tenant.clone(),
+            scopes: k.scopes.clone(),
+            created_at: rfc3339(k.created_at),
+            revoked: k.revoked,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct KeyList {
+    pub keys: Vec<KeyInfo>,
+}
+
+/// A key just minted: the only answer that ever contains it.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct CreatedKey {
+    #[serde(flatten)]
+    pub info: KeyInfo,
+    /// The API key. It is not stored and cannot be shown again.
+    pub key: String,
+}
+
+/// Mint an API key for a tenant (admin only).
+///
+/// The key is in this answer only; sluice keeps its SHA-256. It works at once.
+#[utoipa::path(
+    post,
+    path = "/v1/tenants/{tenant}/keys",
+    tag = "keys",
+    params(("tenant" = String, Path, description = "Tenant name", example = "default")),
+    request_body = CreateKey,
+    responses(
+        (status = 201, description = "Created; `key` is shown only here", body = CreatedKey),
+        (status = 400, description = "No scopes, or an unknown or admin scope", body = ErrorBody),
+        (status = 403, description = "Not an admin key (a tenant key cannot mint keys)", body = ErrorBody),
+        (status = 404, description = "No such tenant (or another tenant's)", body = ErrorBody),
+        (status = 413, description = "Request body too large", body = ErrorBody),
+    )
+)]
+pub(crate) async fn create_key(
+    State(node): State<Arc<Node>>,
+    auth: Auth,
+    Path(tenant): Path<String>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, [(header::HeaderName, HeaderValue); 1], Json<CreatedKey>)> {
+    auth.require_admin(&tenant, "mint keys")?;
+    require_tenant(&node, &tenant).await?;
+    let req: CreateKey = json_body(&body, "key request")?;
+    let mut scopes = Vec::with_capacity(req.scopes.len());
+    for name in &req.scopes {
+        match Scope::parse(name) {
+            Some(s) if TENANT_SCOPES.contains(&s) => scopes.push(s),
+            Some(_) => {
+                return Err(SluiceError::bad_request(format!(
+                    "scope {name:?} cannot be given to a tenant key; use deploy, invoke or read"
+                ))
+                .into());
+            }
+            None => {
+                return Err(SluiceError::bad_request(format!(
+                    "unknown scope {name:?}: use deploy, invoke or read"
+                ))
+                .into());
+            }
+        }
+    }
+    scopes.sort();
+    scopes.dedup();
+    if scopes.is_empty() {
+        return Err(SluiceError::bad_request("a key needs at least one scope: deploy, invoke or read").into());
+    }
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret)
+        .map_err(|e| SluiceError::internal(format!("no randomness for a key: {e}")))?;
+    let key = sluice_core::ids::api_key_from_secret(&secret);
+    let record = KeyRecord {
+        id: sluice_core::ids::short_id("key"),
+        tenant: Some(tenant),
+        scopes,
+        hash: sluice_core::ids::hash_api_key(&key),
+        created_at: SystemClock.now_ms(),
+        revoked: false,
+    };
+    node.store.create_key(&record).await?;
+    node.reload_keys().await?;
+    // The answer holds a secret: no cache along the way may keep it.
+    let no_store = [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))];
+    Ok((StatusCode::CREATED, no_store, Json(CreatedKey { info: KeyInfo::of(&record), key })))
+}
+
+/// List a tenant's keys, revoked ones included (never the keys themselves).
+#[utoipa::path(
+    get,
+    path = "/v1/tenants/{tenant}/keys",
+    tag = "keys",
+    params(("tenant" = String, Path, description = "Tenant name", example = "default")),
+    responses(
+        (status = 200, description = "The tenant's keys", body = KeyList),
+        (status = 403, description = "The key lacks the `read` scope", body = ErrorBody),
+        (status = 404, description = "No such tenant (or another tenant's)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn list_keys(
+    State(node): State<Arc<Node>>,
+    auth: Auth,
+    Path(tenant): Path<String>,
+) -> ApiResult<Json<KeyList>> {
+    auth.require(&tenant, Scope::Read)?;
+    require_tenant(&node, &tenant).await?;
+    let keys = node.store.list_keys(Some(&tenant)).await?;
+    Ok(Json(KeyList { keys: keys.iter().map(KeyInfo::of).collect() }))
+}
+
+/// Revoke a key (admin only). It stops working at once; revoking it again changes nothing.
+#[utoipa::path(
+    delete,
+    path = "/v1/keys/{id}",
+    tag = "keys",
+    params(("id" = String, Path, description = "Key id")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 403, description = "Not an admin key", body = ErrorBody),
+        (status = 404, description = "No such key (or another tenant's)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn revoke_key(
+    State(node): State<Arc<Node>>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let not_found = || SluiceError::not_found(format!("no key {id}"));
+    let key = node.store.get_key(&id).await?.ok_or_else(not_found)?;
+    // Admin keys belong to no tenant: only an admin sees them.
+    let visible = match &key.tenant {
+        Some(t) => auth.0.sees(t),
+        None => auth.0.is_admin(),
+    };
+    if !visible {
+        return Err(not_found().into());
+    }
+    if !auth.0.is_admin() {
+        return Err(admin_only("revoke keys").into());
+    }
+    if !node.store.revoke_key(&id).await? {
+        return Err(not_found().into());
+    }
+    node.reload_keys().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A tenant's own rate limit; `rate_per_sec: null` removes it (the node default applies).
+#[derive(Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TenantLimits {
+    /// Calls per second over all the tenant's functions (sync and async enqueues).
+    #[schema(minimum = 0.000011574074074074073, maximum = 1000000000.0)]
+    pub rate_per_sec: Option<f64>,
+    /// Calls allowed at once above the rate; default: the rate rounded up.
+    #[schema(minimum = 1)]
+    pub burst: Option<u32>,
+}
+
+/// Set or clear a tenant's rate limit (admin only). Over it, calls get 429 with `Retry-After`.
+#[utoipa::path(
+    put,
+    path = "/v1/tenants/{tenant}/limits",
+    tag = "tenants",
+    params(("tenant" = String, Path, description = "Tenant name")),
+    request_body = TenantLimits,
+    responses(
+        (status = 200, description = "The limits now in force", body = TenantLimits),
+        (status = 400, description = "Invalid rate or burst", body = ErrorBody),
+        (status = 403, description = "Not an admin key", body = ErrorBody),
+        (status = 404, description = "No such tenant", body = ErrorBody),
+        (status = 413, description = "Request body too large", body = ErrorBody),
+    )
+)]
+pub(crate) async fn set_tenant_limits(
+    State(node): State<Arc<Node>>,
+    auth: Auth,
+    Path(tenant): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<TenantLimits>> {
+    if !auth.0.sees(&tenant) {
+        return Err(SluiceError::not_found(format!("no tenant {tenant}")).into());
+    }
+    if !auth.0.is_admin() {
+        return Err(admin_only("set tenant limits").into());
+    }
+    let req: TenantLimits = json_body(&body, "limits")?;
+    let rate = match req.rate_per_sec {
+        None => None,
+        Some(per_sec) => {
+            use sluice_core::function::{RATE_PER_SEC_MAX, RATE_PER_SEC_MIN};
+            if !(RATE_PER_SEC_MIN..=RATE_PER_SEC_MAX).contains(&per_sec) {
+                return Err(SluiceError::bad_request(format!(
+                    "rate_per_sec must be between {RATE_PER_SEC_MIN} and {RATE_PER_SEC_MAX}, got {per_sec}"
+                ))
+                .into());
+            }
+            if req.burst == Some(0) {
+                return Err(SluiceError::bad_request("burst must be at least 1").into());
+            }
+            crate::admission::Rate::of(Some(per_sec), req.burst)
+        }
+    };
+    node.store.set_tenant_rate(&tenant, rate.map(|r| (r.per_sec, r.burst))).await?;
+    node.admission.set_tenant_rate(&tenant, rate);
+    Ok(Json(TenantLimits { rate_per_sec: rate.map(|r| r.per_sec), burst: rate.map(|r| r.burst) }))
+}
