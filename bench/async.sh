@@ -12,7 +12,7 @@ DURATION=${DURATION:-10s}
 CLIENTS=${CLIENTS:-"1 10 100"}
 command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk" >&2; exit 1; }
 cargo build --release -q -p sluice-cli
-HELLO=$(scripts/build-guests.sh | head -1)
+HELLO=$(scripts/build-guests.sh | sed -n 1p)
 data=$(mktemp -d)
 "target/release/sluice" serve --listen 127.0.0.1:0 --data-dir "$data" 2> "$data/log" &
 pid=$!

@@ -17,7 +17,7 @@ WASMTIME=${WASMTIME:-$(command -v wasmtime || echo /opt/wasmtime48/bin/wasmtime)
 
 command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk" >&2; exit 1; }
 cargo build --release -q -p sluice-cli
-HELLO=$(scripts/build-guests.sh | head -1)
+HELLO=$(scripts/build-guests.sh | sed -n 1p)
 SLUICE=target/release/sluice
 data=$(mktemp -d)
 pids=()
@@ -68,7 +68,7 @@ have_wasmtime=no
 if [ -x "$WASMTIME" ] && "$WASMTIME" --version | grep -q '^wasmtime 48\.0\.8'; then
   have_wasmtime=yes
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  "$WASMTIME" serve --addr "127.0.0.1:$port" -O pooling-allocator=y -O pooling-pagemap-scan=y \
+  "$WASMTIME" serve -Scli --addr "127.0.0.1:$port" -O pooling-allocator=y -O pooling-pagemap-scan=y \
     -O pooling-memory-keep-resident=4194304 -O pooling-table-keep-resident=1048576 "$HELLO" 2> "$data/wt.log" &
   WT_PID=$!; pids+=("$WT_PID")
   wait_200 "http://127.0.0.1:$port/"

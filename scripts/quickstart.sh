@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 LISTEN=${SLUICE_LISTEN:-127.0.0.1:8080}
 echo "building sluice and the example (first time: ~10 minutes on 2 cores) ..." >&2
 cargo build --release -q -p sluice-cli
-HELLO=$(scripts/build-guests.sh | head -1)
+HELLO=$(scripts/build-guests.sh | sed -n 1p)
 BIN=target/release/sluice
 log=$(mktemp)
 "$BIN" serve --listen "$LISTEN" 2> >(tee "$log" >&2) &

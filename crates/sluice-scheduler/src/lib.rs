@@ -55,6 +55,10 @@ pub struct SchedulerConfig {
     pub inflight_max: usize,
     /// Sleep between polls when the queue looked empty (an enqueue on this node wakes it sooner).
     pub poll_idle: Duration,
+    /// After a lease that came back short, wait at least this long before the next one even when
+    /// woken: under a stream of enqueues this turns one lease per enqueue into one per few
+    /// milliseconds, and every lease is a write on the store's single writer.
+    pub lease_linger: Duration,
     /// Largest response body stored for an invocation.
     pub response_body_bytes_max: usize,
     /// Time running invocations get to finish on shutdown before their leases are given back.
@@ -70,6 +74,7 @@ impl SchedulerConfig {
             batch_max: 128,
             inflight_max: 256,
             poll_idle: Duration::from_millis(200),
+            lease_linger: Duration::from_millis(2),
             response_body_bytes_max: 6 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(30),
         }
@@ -153,9 +158,10 @@ async fn run_loop(ctx: Arc<Ctx>, notify: Arc<Notify>, mut stop: watch::Receiver<
             tokio::task::yield_now().await;
             continue;
         }
+        let linger_until = tokio::time::Instant::now() + ctx.config.lease_linger;
         tokio::select! {
             _ = stop.changed() => break,
-            _ = notify.notified() => {}
+            _ = notify.notified() => tokio::time::sleep_until(linger_until).await,
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             _ = heartbeat.tick() => renew(&ctx).await,
             _ = tokio::time::sleep(ctx.config.poll_idle) => {}
