@@ -61,6 +61,9 @@ pub struct ServeArgs {
     /// another node (or this one after a restart) when it lapses, e.g. 30s.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub lease: Duration,
+    /// How long finished invocations (status, response, logs) are kept, e.g. 7days.
+    #[arg(long, default_value = "7days", value_parser = parse_duration)]
+    pub retention: Duration,
     /// Largest component upload, e.g. 64MiB.
     #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
     pub upload_max: u64,
@@ -129,6 +132,7 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
     let server = Server::start(node.clone(), args.listen, workers)
         .with_context(|| format!("listening on {}", args.listen))?;
     node.start_scheduler();
+    node.start_retention(args.retention);
     let addr = server.local_addr();
     *node.public_url.write().expect("public url lock") = format!("http://{addr}");
     eprintln!(

@@ -88,6 +88,9 @@ impl Principal {
     }
 }
 
+/// Rows removed per retention purge call at most.
+pub const PURGE_BATCH_MAX: u32 = 1000;
+
 type FunctionMap = HashMap<String, HashMap<String, Arc<Deployed>>>;
 
 pub struct Node {
@@ -160,6 +163,35 @@ impl Node {
             Arc::new(sluice_core::SystemClock),
         );
         *self.scheduler.lock().expect("scheduler lock") = Some(scheduler);
+    }
+
+    /// Starts the retention task: finished invocations, their responses and logs older than
+    /// `retention` are removed, at most [`PURGE_BATCH_MAX`] rows per store call, so a large
+    /// backlog is removed in bounded steps instead of one long write.
+    pub fn start_retention(self: &Arc<Self>, retention: std::time::Duration) {
+        let node = Arc::downgrade(self);
+        let period =
+            (retention / 2).clamp(std::time::Duration::from_millis(100), std::time::Duration::from_secs(60));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(node) = node.upgrade() else { return };
+                let cutoff =
+                    sluice_core::Clock::now_ms(&sluice_core::SystemClock) - retention.as_millis() as i64;
+                loop {
+                    match node.store.purge(cutoff, PURGE_BATCH_MAX).await {
+                        Ok(n) if n >= u64::from(PURGE_BATCH_MAX) => tokio::task::yield_now().await,
+                        Ok(_) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "retention purge failed; trying again later");
+                            break;
+                        }
+                    }
+                }
+            }
+        });
     }
 
     /// Wakes the scheduler: an invocation was just queued.

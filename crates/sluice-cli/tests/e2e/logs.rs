@@ -51,3 +51,20 @@ fn guest_output_is_kept_per_invocation_and_per_function() {
     assert_eq!(res.status(), 401);
     assert_eq!(node.get("/v1/invocations/00000000000000000000000000000000/logs").status(), 404);
 }
+
+#[test]
+fn finished_invocations_and_their_logs_are_removed_after_the_retention() {
+    let node = Node::start(&["--retention", "1s"]);
+    node.deploy("tg", &guests().testguest, &[]);
+    let res = node.get("/fn/default/tg/stdout");
+    let id = res.headers()["sluice-invocation-id"].to_str().unwrap().to_string();
+    node.wait_json(&format!("/v1/invocations/{id}"), |v| v["status"] == "succeeded");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while node.get(&format!("/v1/invocations/{id}")).status() != 404 {
+        assert!(std::time::Instant::now() < deadline, "the invocation outlived its retention");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(node.get(&format!("/v1/invocations/{id}/logs")).status(), 404);
+    let (ok, out, _) = node.cli(&["logs", "tg"]);
+    assert!(ok && !out.contains("stdout line 1"), "logs outlived the retention: {out}");
+}
