@@ -260,6 +260,20 @@ where
     row.try_get(column).map_err(classify)
 }
 
+/// `NotFound` unless the tenant exists; run inside the write transaction that depends on it, so
+/// the answer cannot go stale before the commit.
+async fn require_tenant(tx: &mut Transaction<'static, Sqlite>, tenant: &str) -> StoreResult<()> {
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tenants WHERE name = ?)")
+        .bind(tenant)
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(classify)?;
+    if !exists {
+        return Err(StoreError::NotFound(format!("tenant {tenant}")));
+    }
+    Ok(())
+}
+
 fn tenant_from_row(row: &SqliteRow) -> StoreResult<Tenant> {
     Ok(Tenant { name: get(row, "name")?, created_at: get(row, "created_at")? })
 }
@@ -425,14 +439,7 @@ impl Store for SqliteStore {
 
     async fn set_tenant_rate(&self, tenant: &str, rate: Option<(f64, u32)>) -> StoreResult<()> {
         let mut tx = self.begin_write().await?;
-        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tenants WHERE name = ?)")
-            .bind(tenant)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(classify)?;
-        if !exists {
-            return Err(StoreError::NotFound(format!("tenant {tenant}")));
-        }
+        require_tenant(&mut tx, tenant).await?;
         match rate {
             Some((per_sec, burst)) => {
                 sqlx::query(
@@ -476,14 +483,7 @@ impl Store for SqliteStore {
         // The tenant check and the insert share the write lock, so the answer cannot go stale.
         let mut tx = self.begin_write().await?;
         if let Some(tenant) = &key.tenant {
-            let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tenants WHERE name = ?)")
-                .bind(tenant)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(classify)?;
-            if !exists {
-                return Err(StoreError::NotFound(format!("tenant {tenant}")));
-            }
+            require_tenant(&mut tx, tenant).await?;
         }
         sqlx::query(
             "INSERT INTO api_keys (id, tenant, scopes, hash, created_at, revoked)
