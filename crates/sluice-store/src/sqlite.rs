@@ -777,7 +777,7 @@ impl Store for SqliteStore {
                     value ->> 'version', 'sync', value ->> 'status', 1,
                     value ->> 'started_at', value ->> 'started_at', value ->> 'finished_at',
                     value ->> 'status_code', value ->> 'error_kind'
-             FROM json_each(?) ORDER BY key",
+             FROM jsonb_each(?) ORDER BY key",
         )
         .bind(invocations)
         .execute(&mut *tx)
@@ -793,7 +793,7 @@ impl Store for SqliteStore {
             "INSERT INTO log_lines (invocation_id, tenant, function, stream, line, at)
              SELECT value ->> 'invocation_id', value ->> 'tenant', value ->> 'function',
                     value ->> 'stream', value ->> 'line', value ->> 'at'
-             FROM json_each(?) ORDER BY key",
+             FROM jsonb_each(?) ORDER BY key",
         )
         .bind(logs)
         .execute(&mut *tx)
