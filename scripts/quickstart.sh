@@ -22,9 +22,12 @@ sluice is serving the example. Call it:
 
   curl -H "Authorization: Bearer \$(cat .sluice/admin.token)" $URL/fn/default/hello/
 
-or queue a call and fetch its result later:
+or queue a call (202 with its Location) and fetch its result later:
 
   curl -i -X POST -H "Prefer: respond-async" -H "Authorization: Bearer \$(cat .sluice/admin.token)" $URL/fn/default/hello/
+  curl -H "Authorization: Bearer \$(cat .sluice/admin.token)" $URL/v1/invocations/<id>/response
+
+The CLI does the same: target/release/sluice invoke hello --async; target/release/sluice invocations list
 
 Ctrl-C stops the node.
 MSG
