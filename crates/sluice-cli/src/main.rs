@@ -34,7 +34,7 @@ enum Command {
     Invoke(invoke::InvokeArgs),
     /// Show a function's (or one invocation's) guest log lines.
     Logs(logs::LogsArgs),
-    /// Create or list tenants.
+    /// Create or list tenants, or set a tenant's rate limit.
     #[command(subcommand)]
     Tenants(tenants::TenantsCommand),
     /// Mint, list or revoke API keys.
