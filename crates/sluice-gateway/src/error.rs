@@ -9,7 +9,8 @@ use sluice_core::{ErrorKind, SluiceError};
 use crate::body::{Body, full};
 
 pub const SLUICE_ERROR: &str = "sluice-error";
-pub const INVOCATION_ID: &str = "sluice-invocation-id";
+/// The header naming the invocation, on the guest's request and on every `/fn` response.
+pub const INVOCATION_ID: &str = sluice_runtime::INVOCATION_ID_HEADER;
 
 pub fn error_response(err: &SluiceError, invocation_id: Option<&str>) -> Response<Body> {
     let body = Bytes::from(err.to_json().to_string());

@@ -8,7 +8,8 @@
 //!    function's concurrency cap (429) and the node's load-shedding bound (503). No work is done
 //!    for a refused call,
 //! 4. async (`Prefer: respond-async`): the whole request is stored durably and answered 202;
-//!    sync: the guest request is built (path below the function, `sluice-invocation-id` added,
+//!    sync: the guest request is built (path below the function, `sluice-invocation-id` added by
+//!    the runtime,
 //!    the platform's `Authorization` removed for private functions), the body bounded while it
 //!    streams, and the runtime runs it in a fresh instance. The response head is returned as soon
 //!    as the guest sets it; the outcome is recorded off the request path.
@@ -103,10 +104,6 @@ async fn call(
         Uri::try_from(path_and_query).map_err(|e| SluiceError::bad_request(format!("bad path: {e}")))?;
     if !public {
         parts.headers.remove(header::AUTHORIZATION);
-    }
-    parts.headers.insert(INVOCATION_ID, header_value(invocation_id));
-    if !parts.headers.contains_key(header::HOST) {
-        parts.headers.insert(header::HOST, HeaderValue::from_static("localhost"));
     }
     let (body, body_exceeded) = Limited::new(body, limits.sync_body_bytes_max);
 

@@ -36,6 +36,9 @@ pub use logs::LogCapture;
 pub use outbound::is_private;
 pub use wasmtime_wasi_http::Error as BodyError;
 
+/// The request header that carries the invocation id to the guest.
+pub const INVOCATION_ID_HEADER: &str = "sluice-invocation-id";
+
 /// The response body a guest streams back.
 pub type GuestBody = HyperOutgoingBody;
 
@@ -302,12 +305,22 @@ impl Runtime {
     }
 
     /// Starts one invocation in a fresh store. The guest runs in its own task on the current
-    /// runtime so that a streamed response body keeps flowing after the head is returned.
+    /// runtime so that a streamed response body keeps flowing after the head is returned. The
+    /// request gets `sluice-invocation-id` (and a `Host` if it has none) here, for every caller.
     pub fn invoke<B>(&self, prepared: &Arc<Prepared>, call: Call, request: http::Request<B>) -> Running
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BodyError>,
     {
+        let mut request = request;
+        let headers = request.headers_mut();
+        // The guest contract: every attempt sees the invocation id — sluice's, replacing any a
+        // client sent — and wasi:http needs an authority, so a request without `Host` gets one.
+        let id = http::HeaderValue::from_str(&call.invocation_id).expect("invocation ids are ASCII");
+        headers.insert(INVOCATION_ID_HEADER, id);
+        if !headers.contains_key(http::header::HOST) {
+            headers.insert(http::header::HOST, http::HeaderValue::from_static("localhost"));
+        }
         let started_at = SystemClock.now_ms();
         let deadline = Instant::now() + call.timeout;
         let logs = LogCapture::new(self.config.log_bytes_per_invocation_max);

@@ -339,19 +339,13 @@ fn never(e: Infallible) -> BodyError {
     match e {}
 }
 
-/// Rebuilds the stored request. wasi:http needs an authority, so a `Host` is always present.
+/// Rebuilds the stored request (the runtime adds `sluice-invocation-id` and a missing `Host`).
 fn build_request(inv: &Leased) -> Result<http::Request<GuestRequestBody>, String> {
     let r = &inv.request;
     let mut builder = http::Request::builder().method(r.method.as_str()).uri(r.path_and_query.as_str());
-    let mut has_host = false;
     for (k, v) in &r.headers {
-        has_host |= k.eq_ignore_ascii_case("host");
         builder = builder.header(k.as_str(), v.as_slice());
     }
-    if !has_host {
-        builder = builder.header(http::header::HOST, "localhost");
-    }
-    builder = builder.header("sluice-invocation-id", inv.id.as_str());
     let body: GuestRequestBody =
         Full::new(Bytes::from(r.body.clone())).map_err(never as fn(Infallible) -> BodyError);
     builder.body(body).map_err(|e| format!("the stored request is not valid HTTP: {e}"))

@@ -42,7 +42,9 @@ fn rfc3339_in(offset_ms: i64) -> String {
 fn async_call_is_accepted_run_and_its_response_kept() {
     let node = Node::start(&[]);
     node.deploy("tg", &guests().testguest, &[]);
-    let id = accepted(post_async(&node, "/fn/default/tg/headers?x=1", &[("x-custom", "yes")], ""));
+    // A client cannot choose the id the guest sees.
+    let forged = [("x-custom", "yes"), ("sluice-invocation-id", "forged")];
+    let id = accepted(post_async(&node, "/fn/default/tg/headers?x=1", &forged, ""));
     let inv = wait_status(&node, &id, "succeeded");
     assert_eq!(inv["attempts"], 1);
     assert_eq!(inv["mode"], "async");
@@ -53,6 +55,7 @@ fn async_call_is_accepted_run_and_its_response_kept() {
     assert_eq!(res.status(), 200);
     let body = res.text().unwrap();
     assert!(body.contains(&format!("sluice-invocation-id: {id}")), "the guest sees the id: {body}");
+    assert!(!body.contains("forged"), "the client's id reached the guest: {body}");
     assert!(body.contains("x-custom: yes"), "{body}");
     assert!(!body.to_lowercase().contains("authorization"), "{body}");
 
