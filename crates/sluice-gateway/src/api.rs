@@ -237,7 +237,7 @@ pub(crate) async fn upload_blob(
     auth.require(&tenant, Scope::Deploy)?;
     require_tenant(&node, &tenant).await?;
     let max = node.config.limits.upload_bytes_max;
-    let bytes = read_limited(body, max).await?;
+    let bytes = crate::body::collect_limited(body, max).await?;
     if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
         return Err(SluiceError::new(
             ErrorKind::InvalidComponent,
@@ -248,19 +248,6 @@ pub(crate) async fn upload_blob(
     let digest = sluice_core::ids::sha256_hex(&bytes);
     node.store.put_blob(&digest, &bytes).await?;
     Ok((StatusCode::CREATED, Json(BlobInfo { digest, size: bytes.len() as u64 })))
-}
-
-async fn read_limited(body: axum::body::Body, max: u64) -> Result<Bytes, ApiError> {
-    let limited = http_body_util::Limited::new(body, max as usize);
-    match limited.collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(SluiceError::new(
-            ErrorKind::PayloadTooLarge,
-            format!("upload is larger than the limit of {max} bytes"),
-        )
-        .into()),
-        Err(e) => Err(SluiceError::bad_request(format!("reading the request body: {e}")).into()),
-    }
 }
 
 /// A deploy request: a stored component and the version's configuration.

@@ -9,6 +9,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use sluice_core::{ErrorKind, SluiceError};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
@@ -19,6 +20,27 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 
 pub fn empty() -> Body {
     full(Bytes::new())
+}
+
+/// The error for a request body over its limit.
+pub fn too_large(max: u64) -> SluiceError {
+    SluiceError::new(
+        ErrorKind::PayloadTooLarge,
+        format!("request body is larger than the limit of {max} bytes"),
+    )
+}
+
+/// Reads a whole request body of at most `max` bytes: 413 beyond it, 400 if reading fails.
+pub async fn collect_limited<B>(body: B, max: u64) -> Result<Bytes, SluiceError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    match http_body_util::Limited::new(body, max as usize).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(max)),
+        Err(e) => Err(SluiceError::bad_request(format!("reading the request body: {e}"))),
+    }
 }
 
 /// A request body that fails once more than `max_bytes` arrive, and remembers that it did so the

@@ -26,7 +26,7 @@ use sluice_runtime::{Call, Outcome};
 use sluice_store::{Criticality, Enqueued, InvocationStatus, NewInvocation, StoredRequest, SyncRecord};
 
 use crate::admission::Slot;
-use crate::body::{Body, BoxError, Limited, full};
+use crate::body::{Body, BoxError, Limited, collect_limited, full, too_large};
 use crate::error::{INVOCATION_ID, error_response, store_error};
 use crate::node::{Deployed, Node, bearer};
 
@@ -197,13 +197,7 @@ async fn enqueue(
 
     let (parts, body) = req.into_parts();
     let max = node.config.limits.async_body_bytes_max;
-    let body = http_body_util::Limited::new(body, max as usize).collect().await.map_err(|e| {
-        if e.is::<http_body_util::LengthLimitError>() {
-            too_large(max)
-        } else {
-            SluiceError::bad_request(format!("reading the request body: {e}"))
-        }
-    })?;
+    let body = collect_limited(body, max).await?;
     let stored_headers = parts
         .headers
         .iter()
@@ -220,7 +214,7 @@ async fn enqueue(
             method: parts.method.to_string(),
             path_and_query,
             headers: stored_headers,
-            body: body.to_bytes().to_vec(),
+            body: body.to_vec(),
         },
         idempotency_key,
         criticality,
@@ -296,13 +290,6 @@ fn recorder(
             logs: o.logs.clone(),
         });
     })
-}
-
-pub fn too_large(max: u64) -> SluiceError {
-    SluiceError::new(
-        ErrorKind::PayloadTooLarge,
-        format!("request body is larger than the limit of {max} bytes"),
-    )
 }
 
 fn content_length(headers: &http::HeaderMap) -> Result<Option<u64>, SluiceError> {
