@@ -115,12 +115,17 @@ impl Node {
         }
     }
 
-    /// Runs the CLI against this node; returns (success, stdout, stderr).
+    /// Runs the CLI against this node with the admin key; returns (success, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        self.cli_as(&self.token, args)
+    }
+
+    /// Runs the CLI against this node with `key`; returns (success, stdout, stderr).
+    pub fn cli_as(&self, key: &str, args: &[&str]) -> (bool, String, String) {
         let out = Command::new(BIN)
             .args(args)
             .env("SLUICE_URL", &self.url)
-            .env("SLUICE_TOKEN", &self.token)
+            .env("SLUICE_TOKEN", key)
             .env_remove("RUST_BACKTRACE")
             .output()
             .unwrap();

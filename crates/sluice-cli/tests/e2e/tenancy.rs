@@ -3,13 +3,12 @@
 //! were.
 
 use std::collections::BTreeSet;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use reqwest::blocking::Response;
 use serde_json::{Value, json};
 
-use crate::harness::{BIN, Node, assert_error, guests};
+use crate::harness::{Node, assert_error, guests};
 
 /// A caller of the node: one API key.
 struct Caller<'a> {
@@ -40,18 +39,7 @@ impl<'a> Caller<'a> {
 
     /// Runs the CLI with this key.
     fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(BIN)
-            .args(args)
-            .env("SLUICE_URL", &self.node.url)
-            .env("SLUICE_TOKEN", &self.key)
-            .env_remove("RUST_BACKTRACE")
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        self.node.cli_as(&self.key, args)
     }
 }
 
