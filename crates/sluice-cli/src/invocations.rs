@@ -102,18 +102,19 @@ pub async fn run(cmd: InvocationsCommand) -> anyhow::Result<()> {
 
 fn print_list(v: &Value) {
     println!(
-        "{:<32} {:<20} {:>7} {:<9} {:>8} {:>6}  CREATED",
-        "ID", "FUNCTION", "VERSION", "STATUS", "ATTEMPTS", "CODE"
+        "{:<32} {:<20} {:>7} {:<9} {:>8} {:>6} {:>10}  CREATED",
+        "ID", "FUNCTION", "VERSION", "STATUS", "ATTEMPTS", "CODE", "CPU"
     );
     for i in v["invocations"].as_array().into_iter().flatten() {
         println!(
-            "{:<32} {:<20} {:>7} {:<9} {:>8} {:>6}  {}",
+            "{:<32} {:<20} {:>7} {:<9} {:>8} {:>6} {:>10}  {}",
             i["id"].as_str().unwrap_or_default(),
             i["function"].as_str().unwrap_or_default(),
             i["version"].as_i64().unwrap_or_default(),
             i["status"].as_str().unwrap_or_default(),
             i["attempts"].as_u64().unwrap_or_default(),
             i["status_code"].as_u64().map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+            i["cpu_ms"].as_f64().map(|ms| format!("{ms:.1}ms")).unwrap_or_else(|| "-".into()),
             i["created_at"].as_str().unwrap_or_default()
         );
     }

@@ -13,6 +13,7 @@ use sluice_core::Limits;
 use sluice_core::units::{parse_bytes, parse_duration};
 use sluice_gateway::admission::Rate;
 use sluice_gateway::{Node, NodeConfig, Server};
+use sluice_runtime::LaneConfig;
 use sluice_store::{SqliteStore, Store};
 
 #[derive(clap::Args, Debug)]
@@ -73,6 +74,20 @@ pub struct ServeArgs {
     /// Time in-flight calls get to finish on shutdown, e.g. 30s.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// Time a call may spend on a thread before it leaves the fast lane (its core's HTTP worker)
+    /// for the slow lane, whose threads run at the lowest OS priority, e.g. 2ms.
+    #[arg(long, default_value = "2ms", value_parser = parse_duration)]
+    pub fast_lane_slice: Duration,
+    /// Threads of the slow lane. Default: one per core.
+    #[arg(long)]
+    pub slow_lane_threads: Option<usize>,
+    /// Calls running on the slow lane at once on this node; more wait (the wait counts against
+    /// their timeout). Default: 4 per core.
+    #[arg(long)]
+    pub slow_lane_slots: Option<usize>,
+    /// Calls of one tenant running on the slow lane at once. Default: one per core.
+    #[arg(long)]
+    pub slow_lane_tenant_slots: Option<usize>,
 }
 
 impl ServeArgs {
@@ -81,6 +96,7 @@ impl ServeArgs {
         anyhow::ensure!(self.header_bytes_max >= 1024, "--header-bytes-max must be at least 1KiB");
         anyhow::ensure!(self.instances_max >= 1, "--instances-max must be at least 1");
         anyhow::ensure!(!self.header_read_timeout.is_zero(), "--header-read-timeout must be positive");
+        self.lanes()?;
         Ok(Limits {
             header_bytes_max: self.header_bytes_max as usize,
             header_count_max: self.header_count_max,
@@ -92,6 +108,24 @@ impl ServeArgs {
             shutdown_grace: self.shutdown_grace,
             ..Limits::default()
         })
+    }
+}
+
+impl ServeArgs {
+    fn lanes(&self) -> anyhow::Result<LaneConfig> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut lanes = LaneConfig::for_cores(cores);
+        lanes.fast_slice = self.fast_lane_slice;
+        lanes.slow_threads = self.slow_lane_threads.unwrap_or(lanes.slow_threads);
+        lanes.slow_slots_max = self.slow_lane_slots.unwrap_or(lanes.slow_slots_max);
+        lanes.slow_slots_per_group_max =
+            self.slow_lane_tenant_slots.unwrap_or(lanes.slow_slots_per_group_max);
+        lanes.validate().map_err(|e| {
+            anyhow::anyhow!(
+                "{e} (--fast-lane-slice, --slow-lane-threads, --slow-lane-slots, --slow-lane-tenant-slots)"
+            )
+        })?;
+        Ok(lanes)
     }
 }
 
@@ -128,6 +162,7 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
     config.sync_inflight_max = args.sync_inflight_max;
     config.async_inflight_max = args.async_inflight_max;
     config.lease_ms = args.lease.as_millis() as u64;
+    config.lanes = args.lanes()?;
     let node = Node::open(config, store).await?;
     let server = Server::start(node.clone(), args.listen, workers)
         .with_context(|| format!("listening on {}", args.listen))?;

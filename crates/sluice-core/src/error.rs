@@ -36,11 +36,13 @@ pub enum ErrorKind {
     Trap,
     MemoryLimit,
     NoResponse,
+    /// The client closed the connection before the response was complete; the guest was stopped.
+    ClientClosed,
     Internal,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 18] = [
+    pub const ALL: [ErrorKind; 19] = [
         Self::BadRequest,
         Self::InvalidComponent,
         Self::Unauthorized,
@@ -58,6 +60,7 @@ impl ErrorKind {
         Self::Trap,
         Self::MemoryLimit,
         Self::NoResponse,
+        Self::ClientClosed,
         Self::Internal,
     ];
 
@@ -80,6 +83,7 @@ impl ErrorKind {
             Self::Trap => "trap",
             Self::MemoryLimit => "memory_limit",
             Self::NoResponse => "no_response",
+            Self::ClientClosed => "client_closed",
             Self::Internal => "internal",
         }
     }
@@ -101,6 +105,8 @@ impl ErrorKind {
             Self::RateLimited | Self::ConcurrencyLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::Overloaded | Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            // nginx's "client closed request": nobody reads it, but the record says what happened.
+            Self::ClientClosed => StatusCode::from_u16(499).expect("499 is a valid status code"),
             Self::Trap | Self::MemoryLimit | Self::NoResponse | Self::Internal => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }

@@ -52,6 +52,10 @@ pub struct InvocationInfo {
     pub status_code: Option<u16>,
     /// Why the last attempt failed (an error code such as `timeout` or `trap`).
     pub error_kind: Option<String>,
+    /// Milliseconds the invocation spent on a thread (instantiation, guest code, the host calls
+    /// it made), summed over its attempts; null before an attempt finished. Recorded for every
+    /// async invocation, and for sync calls that are recorded (with logs or an error).
+    pub cpu_ms: Option<f64>,
 }
 
 impl InvocationInfo {
@@ -69,6 +73,7 @@ impl InvocationInfo {
             finished_at: inv.finished_at.map(rfc3339),
             status_code: inv.status_code,
             error_kind: inv.error_kind.clone(),
+            cpu_ms: inv.cpu_us.map(|us| us as f64 / 1000.0),
         }
     }
 }

@@ -22,7 +22,7 @@ use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use sluice_core::{Clock, ErrorKind, Scope, SluiceError, SystemClock};
-use sluice_runtime::{Call, Outcome};
+use sluice_runtime::{Call, Lane, Outcome};
 use sluice_store::{Criticality, Enqueued, InvocationStatus, NewInvocation, StoredRequest, SyncRecord};
 
 use crate::admission::Slot;
@@ -111,7 +111,9 @@ async fn call(
         invocation_id: invocation_id.to_string(),
         config: deployed.config.clone(),
         timeout: Duration::from_millis(deployed.config.timeout_ms),
-        recorder: Some(recorder(node, &deployed, [function_slot, Some(node_slot)])),
+        lane: Lane::Sync,
+        group: deployed.tenant_group.clone(),
+        on_done: Some(recorder(node, &deployed, [function_slot, Some(node_slot)])),
     };
     let running = node.runtime.invoke(&deployed.prepared, call, Request::from_parts(parts, body));
     match running.response().await {
@@ -265,11 +267,7 @@ fn time_header(headers: &HeaderMap, name: &str) -> Result<Option<i64>, SluiceErr
 /// failure); a silent success is only counted, which keeps recording off the hot path. The
 /// admission slots live in the closure, so they are given back when the guest is done — after
 /// a streamed body too.
-fn recorder(
-    node: &Arc<Node>,
-    deployed: &Arc<Deployed>,
-    slots: [Option<Slot>; 2],
-) -> sluice_runtime::Recorder {
+fn recorder(node: &Arc<Node>, deployed: &Arc<Deployed>, slots: [Option<Slot>; 2]) -> sluice_runtime::OnDone {
     let recorder = node.recorder.clone();
     let deployed = deployed.clone();
     Box::new(move |o: &Outcome| {
@@ -287,6 +285,7 @@ fn recorder(
             error_kind: o.error.as_ref().map(|e| e.kind.as_str().to_string()),
             started_at: o.started_at,
             finished_at: o.finished_at,
+            cpu_us: o.cpu_us,
             logs: o.logs.clone(),
         });
     })

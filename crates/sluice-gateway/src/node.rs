@@ -31,6 +31,8 @@ pub struct NodeConfig {
     pub async_inflight_max: usize,
     /// Lease of an async invocation (renewed every third of it).
     pub lease_ms: u64,
+    /// The runtime's fast and slow CPU lanes.
+    pub lanes: sluice_runtime::LaneConfig,
 }
 
 impl NodeConfig {
@@ -43,6 +45,9 @@ impl NodeConfig {
             sync_inflight_max: 512,
             async_inflight_max: 256,
             lease_ms: 30_000,
+            lanes: sluice_runtime::LaneConfig::for_cores(
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+            ),
         }
     }
 }
@@ -53,6 +58,8 @@ pub struct Deployed {
     pub config: Arc<FunctionConfig>,
     pub prepared: Arc<Prepared>,
     pub admission: FunctionAdmission,
+    /// The tenant, as the runtime's slow-lane group (slots are bounded per tenant).
+    pub tenant_group: Arc<str>,
 }
 
 impl Deployed {
@@ -60,7 +67,8 @@ impl Deployed {
         let config = Arc::new(record.config.clone());
         let rate = Rate::of(config.rate_per_sec, config.burst);
         let admission = FunctionAdmission::new(rate, config.max_concurrency, Default::default());
-        Self { record, config, prepared, admission }
+        let tenant_group = Arc::from(record.tenant.as_str());
+        Self { record, config, prepared, admission, tenant_group }
     }
 }
 
@@ -117,6 +125,7 @@ impl Node {
         rt.function_memory_bytes_max = config.limits.function_memory_bytes_max;
         rt.log_bytes_per_invocation_max = config.limits.log_bytes_per_invocation_max;
         rt.outbound_allow_private = config.outbound_allow_private;
+        rt.lanes = config.lanes.clone();
         let runtime = Arc::new(Runtime::new(rt)?);
         let recorder = Recorder::start(store.clone(), config.limits.log_queue_max);
         let admission = Admission::new(Default::default(), config.sync_inflight_max, config.tenant_rate);

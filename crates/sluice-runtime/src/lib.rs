@@ -8,6 +8,7 @@
 //! [`FunctionConfig`] and get back a response head, a streaming body and, when the guest is done,
 //! an [`Outcome`].
 
+mod lanes;
 mod logs;
 mod outbound;
 
@@ -32,6 +33,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+pub use lanes::{LaneConfig, LaneStats};
 pub use logs::LogCapture;
 pub use outbound::is_private;
 pub use wasmtime_wasi_http::Error as BodyError;
@@ -39,13 +41,12 @@ pub use wasmtime_wasi_http::Error as BodyError;
 /// The request header that carries the invocation id to the guest.
 pub const INVOCATION_ID_HEADER: &str = "sluice-invocation-id";
 
-/// The response body a guest streams back.
-pub type GuestBody = HyperOutgoingBody;
-
 /// How often the epoch advances. A running guest is interrupted at this granularity: to check its
-/// deadline and to yield the thread to other calls, so a spinning guest gets at most one tick of
-/// the core at a time.
-pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// deadline, to check whether it has used its fast-lane slice (see [`lanes`]), and to yield the
+/// thread to other calls, so a spinning guest holds a core for at most one tick at a time. One
+/// millisecond keeps a neighbour's wait for the core below the fast-lane target; the ticks cost
+/// a wake-up of one thread per millisecond and a callback per running guest (BENCHMARKS.md).
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 /// Host-side resources (streams, bodies, pollables) a guest may hold at once.
 const RESOURCE_TABLE_CAPACITY_MAX: usize = 10_000;
@@ -70,6 +71,8 @@ pub struct RuntimeConfig {
     pub log_bytes_per_invocation_max: usize,
     /// Let guests reach loopback and private addresses (still only hosts in their allow list).
     pub outbound_allow_private: bool,
+    /// The fast and slow CPU lanes.
+    pub lanes: LaneConfig,
 }
 
 impl RuntimeConfig {
@@ -83,6 +86,7 @@ impl RuntimeConfig {
             artifact_dir,
             log_bytes_per_invocation_max: limits.log_bytes_per_invocation_max,
             outbound_allow_private: false,
+            lanes: LaneConfig::for_cores(std::thread::available_parallelism().map_or(1, |n| n.get())),
         }
     }
 }
@@ -95,6 +99,9 @@ struct Host {
     hooks: outbound::OutboundPolicy,
     limiter: Limiter,
     deadline: Instant,
+    /// This call's time on threads, checked against `fast_slice` at every epoch tick.
+    meter: Arc<lanes::Meter>,
+    fast_slice: Duration,
 }
 
 impl WasiView for Host {
@@ -161,6 +168,7 @@ pub struct Runtime {
     linker: Linker<Host>,
     config: RuntimeConfig,
     engine_fingerprint: String,
+    lanes: Arc<lanes::Lanes>,
 }
 
 impl Runtime {
@@ -200,8 +208,14 @@ impl Runtime {
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
 
         std::fs::create_dir_all(&config.artifact_dir)?;
+        let lanes = Arc::new(lanes::Lanes::new(config.lanes.clone())?);
         spawn_epoch_ticker(&engine);
-        Ok(Self { engine, linker, config, engine_fingerprint })
+        Ok(Self { engine, linker, config, engine_fingerprint, lanes })
+    }
+
+    /// What the CPU lanes are doing.
+    pub fn lane_stats(&self) -> LaneStats {
+        self.lanes.stats()
     }
 
     pub fn config(&self) -> &RuntimeConfig {
@@ -304,9 +318,11 @@ impl Runtime {
         Ok(Arc::new(Prepared { pre, digest: digest.to_string() }))
     }
 
-    /// Starts one invocation in a fresh store. The guest runs in its own task on the current
-    /// runtime so that a streamed response body keeps flowing after the head is returned. The
-    /// request gets `sluice-invocation-id` (and a `Host` if it has none) here, for every caller.
+    /// Starts one invocation in a fresh store. A [`Lane::Sync`] call starts on the current
+    /// runtime (the HTTP worker of its core) so a short call never leaves it; a [`Lane::Async`]
+    /// call starts on the slow lane's threads. Either moves to a slow-lane slot once it has used
+    /// its fast-lane slice. The request gets `sluice-invocation-id` (and a `Host` if it has none)
+    /// here, for every caller.
     pub fn invoke<B>(&self, prepared: &Arc<Prepared>, call: Call, request: http::Request<B>) -> Running
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -333,6 +349,7 @@ impl Runtime {
             .allow_ip_name_lookup(false);
         let mut table = ResourceTable::new();
         table.set_max_capacity(RESOURCE_TABLE_CAPACITY_MAX);
+        let meter = Arc::new(lanes::Meter::new());
         let host = Host {
             table,
             wasi: wasi.build(),
@@ -344,26 +361,34 @@ impl Runtime {
             },
             limiter: Limiter { memory_bytes_max: call.config.memory_bytes as usize, memory_limit_hit: false },
             deadline,
+            meter: meter.clone(),
+            fast_slice: self.lanes.config().fast_slice,
         };
         let mut store = Store::new(&self.engine, host);
         store.limiter(|h| &mut h.limiter);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|ctx| {
-            if Instant::now() >= ctx.data().deadline {
+            let host = ctx.data();
+            if Instant::now() >= host.deadline {
                 return Ok(UpdateDeadline::Interrupt);
             }
+            host.meter.check_slice(host.fast_slice);
+            // The yield is where a call that used its slice leaves the fast lane (`LaneFuture`
+            // sees the request when this future returns pending), and where a call that did not
+            // lets its neighbours on this thread run.
             Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now())))
         });
 
         let (head_tx, head_rx) = oneshot::channel();
         let (done_tx, done_rx) = oneshot::channel();
+        let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
         let status = Arc::new(AtomicU16::new(0));
         let status_seen = status.clone();
         let prepared = prepared.clone();
-        let invocation_id = call.invocation_id.clone();
-        let memory_bytes = call.config.memory_bytes;
-        tokio::spawn(async move {
-            let run = async {
+        // The guest's part of the call, which may move between lanes: it owns the store, so
+        // wherever it ends (or is dropped) the instance is freed there.
+        let run = async move {
+            let result = async {
                 let req = store.data_mut().http().new_incoming_request(Scheme::Http, request)?;
                 let out = store.data_mut().http().new_response_outparam_from_callback(move |res| {
                     if let Ok(r) = &res {
@@ -373,27 +398,64 @@ impl Runtime {
                 })?;
                 let proxy = prepared.pre.instantiate_async(&mut store).await?;
                 proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out).await
-            };
-            // The epoch callback stops a guest that computes past its deadline; this outer bound
-            // stops one that waits in a host call (a sleep, a slow downstream).
-            let result = tokio::time::timeout_at(deadline.into(), run).await;
+            }
+            .await;
             let memory_hit = store.data().limiter.memory_limit_hit;
             // Dropping the store drops an unset response outparam, which tells the waiting
             // caller that no response is coming.
             drop(store);
+            (result, memory_hit)
+        };
+        let guest = lanes::LaneFuture::new(run, meter.clone(), self.lanes.clone(), call.group.clone());
+        let invocation_id = call.invocation_id.clone();
+        let memory_bytes = call.config.memory_bytes;
+        let fast_slice = self.lanes.config().fast_slice;
+        let lane = call.lane;
+        let task = async move {
+            // The epoch callback stops a guest that computes past its deadline; this outer bound
+            // stops one that waits in a host call (a sleep, a slow downstream) or for a slot.
+            let ended = tokio::select! {
+                biased;
+                () = cancelled(cancel_rx) => Ended::Cancelled,
+                r = tokio::time::timeout_at(deadline.into(), guest) => match r {
+                    Ok(ran) => Ended::Ran(ran),
+                    Err(_elapsed) => Ended::TimedOut,
+                },
+            };
             let status_code = match status.load(Ordering::Relaxed) {
                 0 => None,
                 s => Some(s),
             };
-            let error = match result {
-                Err(_elapsed) => Some(timeout_error(call.timeout)),
-                Ok(Ok(())) if status_code.is_none() => Some(SluiceError::new(
+            let error = match ended {
+                Ended::Cancelled => Some(SluiceError::new(
+                    ErrorKind::ClientClosed,
+                    "the client closed the connection before the response was complete",
+                )),
+                Ended::TimedOut => Some(timeout_error(call.timeout, meter.waited())),
+                Ended::Ran((Ok(()), _)) if status_code.is_none() => Some(SluiceError::new(
                     ErrorKind::NoResponse,
                     "the function returned without setting a response",
                 )),
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(classify(&e, memory_hit, memory_bytes, call.timeout)),
+                Ended::Ran((Ok(()), _)) => None,
+                Ended::Ran((Err(e), memory_hit)) => {
+                    Some(classify(&e, memory_hit, memory_bytes, call.timeout, meter.waited()))
+                }
             };
+            if meter.demoted() {
+                // Says why a call took longer than its neighbours, and what it waited for.
+                let waited = meter.waited();
+                let mut line = format!(
+                    "used its fast-lane slice of {}; moved to the slow lane",
+                    sluice_core::units::format_duration(fast_slice)
+                );
+                if waited >= Duration::from_millis(1) {
+                    line.push_str(&format!(
+                        ", where it waited {} for a slot",
+                        sluice_core::units::format_duration(Duration::from_millis(waited.as_millis() as u64))
+                    ));
+                }
+                logs.system(line);
+            }
             if let Some(e) = &error {
                 logs.system(format!("invocation failed ({}): {}", e.kind, e.message));
             }
@@ -404,27 +466,80 @@ impl Runtime {
                 logs: logs.take(),
                 started_at,
                 finished_at: SystemClock.now_ms(),
+                cpu_us: meter.busy().as_micros() as u64,
+                demoted: meter.demoted(),
             };
-            if let Some(recorder) = call.recorder {
-                recorder(&outcome);
+            if let Some(on_done) = call.on_done {
+                on_done(&outcome);
             }
             let _ = done_tx.send(outcome);
-        });
-        Running { head: head_rx, done: done_rx }
+        };
+        match lane {
+            Lane::Sync => drop(tokio::spawn(task)),
+            Lane::Async => drop(self.lanes.handle().spawn(task)),
+        }
+        Running { head: head_rx, done: done_rx, cancel: CancelOnDrop(Some(cancel_tx)) }
     }
 }
 
+/// How the guest's task ended.
+enum Ended {
+    Ran((wasmtime::Result<()>, bool)),
+    TimedOut,
+    Cancelled,
+}
+
+/// Resolves when the caller went away: the [`CancelOnDrop`] was dropped while armed. A disarmed
+/// guard (the response was delivered whole) never resolves it.
+async fn cancelled(rx: oneshot::Receiver<()>) {
+    if rx.await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Cancels the guest's task when dropped, unless disarmed first: held by [`Running`] until the
+/// response head arrives, then by the response body until its last frame.
+struct CancelOnDrop(Option<oneshot::Sender<()>>);
+
+impl CancelOnDrop {
+    fn disarm(&mut self) {
+        self.0.take();
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Where a call starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// On the current runtime: an HTTP worker, whose core the caller is waiting on.
+    Sync,
+    /// On the slow lane's threads: queued work that nobody waits on at the other end of a
+    /// socket, kept off the control runtime that hosts the queue writer and the API.
+    Async,
+}
+
 /// Receives an invocation's outcome when the guest is done.
-pub type Recorder = Box<dyn FnOnce(&Outcome) + Send>;
+pub type OnDone = Box<dyn FnOnce(&Outcome) + Send>;
 
 /// What a caller asks of one invocation.
 pub struct Call {
     pub invocation_id: String,
     pub config: Arc<FunctionConfig>,
     pub timeout: Duration,
+    /// Where the call starts.
+    pub lane: Lane,
+    /// Slow-lane slots are bounded per group: the caller passes the tenant.
+    pub group: Arc<str>,
     /// Called with the outcome when the guest is done, before the outcome is sent to
     /// [`Running`]; the place to record it without keeping a task per call.
-    pub recorder: Option<Recorder>,
+    pub on_done: Option<OnDone>,
 }
 
 /// How an invocation ended.
@@ -438,32 +553,87 @@ pub struct Outcome {
     pub logs: Vec<(LogStream, String, UnixMs)>,
     pub started_at: UnixMs,
     pub finished_at: UnixMs,
+    /// Time the call spent on a thread (instantiation, guest code and the host calls it made), in
+    /// microseconds: wall time inside its polls on the fast lane, thread CPU time on the slow.
+    pub cpu_us: u64,
+    /// The call used its fast-lane slice and finished on the slow lane.
+    pub demoted: bool,
+}
+
+/// The body of a guest's response. Dropping it before its last frame (the client went away)
+/// cancels the guest.
+pub struct GuestBody {
+    inner: HyperOutgoingBody,
+    cancel: CancelOnDrop,
+}
+
+impl http_body::Body for GuestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BodyError>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(None) = polled {
+            self.cancel.disarm();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The response a guest set, and the receiver of its outcome once it is done.
 pub type Responded = (http::Response<GuestBody>, oneshot::Receiver<Outcome>);
 
-/// An invocation in flight.
+/// An invocation in flight. Dropping it before the response head arrived cancels the guest.
 pub struct Running {
-    head: oneshot::Receiver<Result<http::Response<GuestBody>, ErrorCode>>,
+    head: oneshot::Receiver<Result<http::Response<HyperOutgoingBody>, ErrorCode>>,
     done: oneshot::Receiver<Outcome>,
+    cancel: CancelOnDrop,
 }
 
 impl Running {
     /// Waits for the response head. On success the body streams while the guest keeps running
     /// and the returned receiver yields the outcome once it is done; on failure the outcome says
     /// why there is no response.
-    pub async fn response(self) -> Result<Responded, Outcome> {
-        match self.head.await {
-            Ok(Ok(response)) => Ok((response, self.done)),
+    pub async fn response(mut self) -> Result<Responded, Outcome> {
+        // The outcome can come first: a call that timed out on the slow lane has its instance
+        // (and with it the unset response) freed there, possibly later.
+        let head = tokio::select! {
+            biased;
+            head = &mut self.head => head,
+            done = &mut self.done => {
+                self.cancel.disarm();
+                return Err(done.unwrap_or_else(|_| lost_outcome()));
+            }
+        };
+        match head {
+            Ok(Ok(response)) => {
+                let cancel = CancelOnDrop(self.cancel.0.take());
+                let response = response.map(|inner| GuestBody { inner, cancel });
+                Ok((response, self.done))
+            }
             Ok(Err(code)) => {
-                let mut outcome = self.done.await.unwrap_or_else(|_| lost_outcome());
+                self.cancel.disarm();
+                let mut outcome = (&mut self.done).await.unwrap_or_else(|_| lost_outcome());
                 outcome.error.get_or_insert_with(|| {
                     SluiceError::new(ErrorKind::Trap, format!("the function answered with error {code:?}"))
                 });
                 Err(outcome)
             }
-            Err(_) => Err(self.done.await.unwrap_or_else(|_| lost_outcome())),
+            Err(_) => {
+                self.cancel.disarm();
+                Err((&mut self.done).await.unwrap_or_else(|_| lost_outcome()))
+            }
         }
     }
 }
@@ -476,21 +646,33 @@ fn lost_outcome() -> Outcome {
         logs: Vec::new(),
         started_at: 0,
         finished_at: 0,
+        cpu_us: 0,
+        demoted: false,
     }
 }
 
-fn timeout_error(timeout: Duration) -> SluiceError {
-    SluiceError::new(
-        ErrorKind::Timeout,
-        format!(
-            "the function did not finish within its timeout of {}",
-            sluice_core::units::format_duration(timeout)
-        ),
-    )
+fn timeout_error(timeout: Duration, waited: Duration) -> SluiceError {
+    let mut message = format!(
+        "the function did not finish within its timeout of {}",
+        sluice_core::units::format_duration(timeout)
+    );
+    if waited >= Duration::from_millis(1) {
+        message.push_str(&format!(
+            " (of which it waited {} for a slow-lane slot)",
+            sluice_core::units::format_duration(Duration::from_millis(waited.as_millis() as u64))
+        ));
+    }
+    SluiceError::new(ErrorKind::Timeout, message)
 }
 
 /// Classifies a failed guest call once, by type, never by message text.
-fn classify(err: &wasmtime::Error, memory_hit: bool, memory_bytes: u64, timeout: Duration) -> SluiceError {
+fn classify(
+    err: &wasmtime::Error,
+    memory_hit: bool,
+    memory_bytes: u64,
+    timeout: Duration,
+    waited: Duration,
+) -> SluiceError {
     if memory_hit {
         return SluiceError::new(
             ErrorKind::MemoryLimit,
@@ -501,7 +683,7 @@ fn classify(err: &wasmtime::Error, memory_hit: bool, memory_bytes: u64, timeout:
         return SluiceError::new(ErrorKind::Overloaded, "no free instance slot on this node").retry_after(1);
     }
     match err.downcast_ref::<Trap>() {
-        Some(Trap::Interrupt) => timeout_error(timeout),
+        Some(Trap::Interrupt) => timeout_error(timeout, waited),
         Some(trap) => SluiceError::new(ErrorKind::Trap, format!("the function trapped: {trap}; {err:#}")),
         None => SluiceError::new(ErrorKind::Trap, format!("the function failed: {err:#}")),
     }

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use sluice_core::retry::{Next, RetryPolicy};
 use sluice_core::{Clock, ErrorKind, FunctionConfig, LogStream, UnixMs};
-use sluice_runtime::{BodyError, Call, Prepared, Runtime};
+use sluice_runtime::{BodyError, Call, Lane, Prepared, Runtime};
 use sluice_store::{AttemptResult, Leased, Store, StoredResponse};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
@@ -210,14 +210,14 @@ async fn drain(ctx: &Ctx, mut tasks: JoinSet<()>) {
 }
 
 async fn run_one(ctx: Arc<Ctx>, inv: Leased) {
-    let (result, logs) = execute(&ctx, &inv).await;
+    let Attempt { result, logs, cpu_us } = execute(&ctx, &inv).await;
     // The outcome must reach the store: retry a few times if it is briefly unavailable. If it
     // never does, the lease expires and the invocation runs again (at-least-once).
     let mut pause = Duration::from_millis(50);
     for _ in 0..5 {
         match ctx
             .store
-            .complete(&inv.id, &ctx.config.owner, inv.attempt, &result, &logs, ctx.clock.now_ms())
+            .complete(&inv.id, &ctx.config.owner, inv.attempt, &result, &logs, cpu_us, ctx.clock.now_ms())
             .await
         {
             Ok(true) => break,
@@ -237,33 +237,54 @@ async fn run_one(ctx: Arc<Ctx>, inv: Leased) {
 
 type Logs = Vec<(LogStream, String, UnixMs)>;
 
-/// Runs one attempt and turns what happened into an [`AttemptResult`].
-async fn execute(ctx: &Ctx, inv: &Leased) -> (AttemptResult, Logs) {
+/// What one attempt produced: its result, its log lines and its time on a thread.
+struct Attempt {
+    result: AttemptResult,
+    logs: Logs,
+    cpu_us: u64,
+}
+
+impl From<(AttemptResult, Logs)> for Attempt {
+    /// An attempt that never ran guest code.
+    fn from((result, logs): (AttemptResult, Logs)) -> Self {
+        Self { result, logs, cpu_us: 0 }
+    }
+}
+
+/// Runs one attempt and turns what happened into an [`Attempt`].
+async fn execute(ctx: &Ctx, inv: &Leased) -> Attempt {
     let ready = match ctx.functions.get(&inv.tenant, &inv.function, inv.version).await {
         Ok(Some(ready)) => ready,
         Ok(None) => {
             let line =
                 format!("function {}/{} version {} no longer exists", inv.tenant, inv.function, inv.version);
-            return (failed(ctx, inv, ErrorKind::NotFound.as_str(), None, None, false), system(line));
+            return (failed(ctx, inv, ErrorKind::NotFound.as_str(), None, None, false), system(line)).into();
         }
-        Err(e) => return (failed(ctx, inv, e.kind.as_str(), None, None, true), system(e.message)),
+        Err(e) => return (failed(ctx, inv, e.kind.as_str(), None, None, true), system(e.message)).into(),
     };
     let request = match build_request(inv) {
         Ok(r) => r,
-        Err(e) => return (failed(ctx, inv, ErrorKind::BadRequest.as_str(), None, None, false), system(e)),
+        Err(e) => {
+            return (failed(ctx, inv, ErrorKind::BadRequest.as_str(), None, None, false), system(e)).into();
+        }
     };
     let call = Call {
         invocation_id: inv.id.clone(),
         config: ready.config.clone(),
         timeout: Duration::from_millis(ready.config.async_timeout_ms),
-        recorder: None,
+        // Never on the control runtime, where this loop, the queue writer, the API and the
+        // heartbeats run: a flood of CPU-bound calls must not delay any of them.
+        lane: Lane::Async,
+        group: Arc::from(inv.tenant.as_str()),
+        on_done: None,
     };
     let running = ctx.runtime.invoke(&ready.prepared, call, request);
     let (response, done) = match running.response().await {
         Ok(ok) => ok,
         Err(outcome) => {
             let kind = outcome.error.as_ref().map_or(ErrorKind::Internal, |e| e.kind);
-            return (failed(ctx, inv, kind.as_str(), None, None, kind.retryable()), outcome.logs);
+            let result = failed(ctx, inv, kind.as_str(), None, None, kind.retryable());
+            return Attempt { result, logs: outcome.logs, cpu_us: outcome.cpu_us };
         }
     };
     let (parts, body) = response.into_parts();
@@ -271,6 +292,7 @@ async fn execute(ctx: &Ctx, inv: &Leased) -> (AttemptResult, Logs) {
     let body = limited.collect().await.map(|c| c.to_bytes());
     let outcome = done.await.ok();
     let logs = outcome.as_ref().map(|o| o.logs.clone()).unwrap_or_default();
+    let cpu_us = outcome.as_ref().map_or(0, |o| o.cpu_us);
     let guest_error = outcome.and_then(|o| o.error);
     let body = match body {
         Ok(b) => b,
@@ -281,7 +303,8 @@ async fn execute(ctx: &Ctx, inv: &Leased) -> (AttemptResult, Logs) {
             };
             let mut logs = logs;
             logs.push((LogStream::System, format!("reading the response failed: {e}"), ctx.clock.now_ms()));
-            return (failed(ctx, inv, kind, Some(parts.status.as_u16()), None, retry), logs);
+            let result = failed(ctx, inv, kind, Some(parts.status.as_u16()), None, retry);
+            return Attempt { result, logs, cpu_us };
         }
     };
     let response = StoredResponse {
@@ -291,13 +314,15 @@ async fn execute(ctx: &Ctx, inv: &Leased) -> (AttemptResult, Logs) {
     };
     if let Some(err) = guest_error {
         let retry = err.kind.retryable();
-        return (failed(ctx, inv, err.kind.as_str(), Some(response.status), Some(response), retry), logs);
+        let result = failed(ctx, inv, err.kind.as_str(), Some(response.status), Some(response), retry);
+        return Attempt { result, logs, cpu_us };
     }
     // A 5xx from the guest is a failure worth retrying; a 4xx is an answer, not a retry.
     if parts.status.is_server_error() {
-        return (failed(ctx, inv, "server_error", Some(response.status), Some(response), true), logs);
+        let result = failed(ctx, inv, "server_error", Some(response.status), Some(response), true);
+        return Attempt { result, logs, cpu_us };
     }
-    (AttemptResult::Succeeded { response }, logs)
+    Attempt { result: AttemptResult::Succeeded { response }, logs, cpu_us }
 }
 
 fn failed(

@@ -125,6 +125,8 @@ pub struct SyncRecord {
     pub error_kind: Option<String>,
     pub started_at: UnixMs,
     pub finished_at: UnixMs,
+    /// Microseconds the call spent on a thread.
+    pub cpu_us: u64,
     pub logs: Vec<(LogStream, String, UnixMs)>,
 }
 
@@ -144,6 +146,9 @@ pub struct Invocation {
     pub finished_at: Option<UnixMs>,
     pub status_code: Option<u16>,
     pub error_kind: Option<String>,
+    /// Microseconds on a thread, summed over attempts; `None` before any attempt finished (and
+    /// for rows recorded before CPU time was).
+    pub cpu_us: Option<u64>,
 }
 
 /// How urgently a queued invocation should run; leased in this order (high first).
@@ -355,8 +360,10 @@ pub trait Store: Send + Sync + 'static {
     async fn heartbeat(&self, owner: &str, ids: &[String], until: UnixMs) -> StoreResult<Vec<String>>;
     /// Records an attempt's result and its guest log lines in the same transaction as its state
     /// change, if `owner` still holds the lease for `attempt`; `false` (and nothing written)
-    /// otherwise. Concurrent completions share commits. A failure with `retry_at` becomes `dead`
-    /// at once if no attempt is left or `retry_at` is past `created_at + max_age`.
+    /// otherwise. `cpu_us`, the attempt's time on a thread, is added to the invocation's.
+    /// Concurrent completions share commits. A failure with `retry_at` becomes `dead` at once if
+    /// no attempt is left or `retry_at` is past `created_at + max_age`.
+    #[allow(clippy::too_many_arguments)]
     async fn complete(
         &self,
         id: &str,
@@ -364,6 +371,7 @@ pub trait Store: Send + Sync + 'static {
         attempt: u32,
         result: &AttemptResult,
         logs: &[(LogStream, String, UnixMs)],
+        cpu_us: u64,
         now: UnixMs,
     ) -> StoreResult<bool>;
     /// Gives leases back without counting the attempt (graceful shutdown): `queued` again.

@@ -76,6 +76,7 @@ const MIGRATIONS: &[Migration] = &[
         name: "tenant limits",
         sql: include_str!("../migrations/sqlite/0003_tenant_limits.sql"),
     },
+    Migration { version: 4, name: "cpu time", sql: include_str!("../migrations/sqlite/0004_cpu_time.sql") },
 ];
 
 /// The SQLite implementation of [`Store`]. Cloning is cheap and shares the pool.
@@ -326,6 +327,7 @@ fn invocation_from_row(row: &SqliteRow) -> StoreResult<Invocation> {
     let status: String = get(row, "status")?;
     let attempts: i64 = get(row, "attempts")?;
     let status_code: Option<i64> = get(row, "status_code")?;
+    let cpu_us: Option<i64> = get(row, "cpu_us")?;
     Ok(Invocation {
         id: get(row, "id")?,
         tenant: get(row, "tenant")?,
@@ -343,6 +345,9 @@ fn invocation_from_row(row: &SqliteRow) -> StoreResult<Invocation> {
             .map(|c| u16::try_from(c).map_err(|_| corrupt(format_args!("status code {c}"))))
             .transpose()?,
         error_kind: get(row, "error_kind")?,
+        cpu_us: cpu_us
+            .map(|c| u64::try_from(c).map_err(|_| corrupt(format_args!("cpu time {c}"))))
+            .transpose()?,
     })
 }
 
@@ -373,6 +378,7 @@ struct SyncInvocationRow<'a> {
     finished_at: UnixMs,
     status_code: Option<u16>,
     error_kind: Option<&'a str>,
+    cpu_us: u64,
 }
 
 impl<'a> From<&'a SyncRecord> for SyncInvocationRow<'a> {
@@ -387,6 +393,7 @@ impl<'a> From<&'a SyncRecord> for SyncInvocationRow<'a> {
             finished_at: r.finished_at,
             status_code: r.status_code,
             error_kind: r.error_kind.as_deref(),
+            cpu_us: r.cpu_us,
         }
     }
 }
@@ -772,11 +779,11 @@ impl Store for SqliteStore {
         let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO invocations (id, tenant, function, version, mode, status, attempts,
-                 created_at, started_at, finished_at, status_code, error_kind)
+                 created_at, started_at, finished_at, status_code, error_kind, cpu_us)
              SELECT value ->> 'id', value ->> 'tenant', value ->> 'function',
                     value ->> 'version', 'sync', value ->> 'status', 1,
                     value ->> 'started_at', value ->> 'started_at', value ->> 'finished_at',
-                    value ->> 'status_code', value ->> 'error_kind'
+                    value ->> 'status_code', value ->> 'error_kind', value ->> 'cpu_us'
              FROM jsonb_each(?) ORDER BY key",
         )
         .bind(invocations)
@@ -805,7 +812,7 @@ impl Store for SqliteStore {
     async fn get_invocation(&self, id: &str) -> StoreResult<Option<Invocation>> {
         sqlx::query(
             "SELECT id, tenant, function, version, mode, status, attempts, created_at,
-                    started_at, finished_at, status_code, error_kind
+                    started_at, finished_at, status_code, error_kind, cpu_us
              FROM invocations WHERE id = ?",
         )
         .bind(id)
@@ -915,9 +922,10 @@ impl Store for SqliteStore {
         attempt: u32,
         result: &AttemptResult,
         logs: &[(LogStream, String, UnixMs)],
+        cpu_us: u64,
         now: UnixMs,
     ) -> StoreResult<bool> {
-        let op = queue::CompleteOp::new(id, owner, attempt, result, logs, now)?;
+        let op = queue::CompleteOp::new(id, owner, attempt, result, logs, cpu_us, now)?;
         match self.queue_write(Op::Complete(op)).await? {
             Done::Completed(applied) => Ok(applied),
             other => unreachable!("the writer answered a completion with {other:?}"),
@@ -953,7 +961,7 @@ impl Store for SqliteStore {
         // which would keep SQLite from seeking `invocations_tenant` / `invocations_function`.
         let mut query = QueryBuilder::<Sqlite>::new(
             "SELECT id, tenant, function, version, mode, status, attempts, created_at,
-                    started_at, finished_at, status_code, error_kind
+                    started_at, finished_at, status_code, error_kind, cpu_us
              FROM invocations WHERE tenant = ",
         );
         query.push_bind(&filter.tenant);

@@ -253,6 +253,57 @@ async fn route(req: Request<Body>) -> Result<Response<Body>, Error> {
             }
         }
 
+        "burn" => {
+            // CPU-bound for `ms` milliseconds of wall time, then answers: a call that outgrows
+            // the fast lane but finishes.
+            let ms = match parse_u64(&req, "ms") {
+                Ok(v) => v,
+                Err(e) => return text(400, e),
+            };
+            let until = std::time::Instant::now() + std::time::Duration::from_millis(ms);
+            let mut x: u64 = 0;
+            while std::time::Instant::now() < until {
+                for _ in 0..1000 {
+                    x = black_box(x.wrapping_add(1));
+                }
+            }
+            text(200, format!("burned {ms}"))
+        }
+
+        "hog" => {
+            // Grows in 1 MiB steps, touching every page, until the memory limit refuses a grow:
+            // the whole limit is dirtied before the kill.
+            let mut held: Vec<Vec<u8>> = Vec::new();
+            loop {
+                held.push(black_box(vec![1u8; 1 << 20]));
+                black_box(&held);
+            }
+        }
+
+        "recurse" => {
+            // Unbounded recursion: a stack overflow trap.
+            #[allow(unconditional_recursion)]
+            fn down(n: u64) -> u64 {
+                black_box(down(black_box(n + 1))) + 1
+            }
+            text(200, format!("{}", down(0)))
+        }
+
+        "big" => {
+            // Streams `bytes` bytes in 64 KiB chunks.
+            let n = match parse_u64(&req, "bytes") {
+                Ok(v) => v,
+                Err(e) => return text(400, e),
+            };
+            const CHUNK: u64 = 64 * 1024;
+            let chunk = bytes::Bytes::from(vec![b'x'; CHUNK as usize]);
+            let chunks = (0..n.div_ceil(CHUNK)).map(move |i| chunk.slice(0..(CHUNK.min(n - i * CHUNK)) as usize));
+            Ok(Response::builder()
+                .status(200)
+                .header("content-type", "application/octet-stream")
+                .body(Body::from_stream(futures_lite::stream::iter(chunks)))?)
+        }
+
         _ => text(404, format!("unknown mode: {full_path}")),
     }
 }

@@ -7,6 +7,7 @@ mod admission;
 mod api;
 mod chaos;
 mod deploy;
+mod lanes;
 mod limits;
 mod logs;
 mod queue;

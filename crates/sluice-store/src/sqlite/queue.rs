@@ -267,6 +267,7 @@ impl CompleteOp {
         attempt: u32,
         result: &AttemptResult,
         logs: &[(LogStream, String, UnixMs)],
+        cpu_us: u64,
         now: UnixMs,
     ) -> StoreResult<Self> {
         #[derive(serde::Serialize)]
@@ -278,6 +279,7 @@ impl CompleteOp {
             status_code: Option<u16>,
             error_kind: Option<&'a str>,
             retry_at: Option<UnixMs>,
+            cpu_us: u64,
             now: UnixMs,
         }
         #[derive(serde::Serialize)]
@@ -297,6 +299,7 @@ impl CompleteOp {
                     status_code: Some(response.status),
                     error_kind: None,
                     retry_at: None,
+                    cpu_us,
                     now,
                 },
                 Some(response),
@@ -310,6 +313,7 @@ impl CompleteOp {
                     status_code: *status_code,
                     error_kind: Some(error_kind),
                     retry_at: *retry_at,
+                    cpu_us,
                     now,
                 },
                 response.as_ref(),
@@ -739,6 +743,7 @@ const COMPLETE_FENCED: &str = "
         error_kind = c.error_kind,
         run_after = CASE c.next_status WHEN 'failed' THEN c.retry_at ELSE invocations.run_after END,
         finished_at = CASE c.next_status WHEN 'failed' THEN NULL ELSE c.now END,
+        cpu_us = COALESCE(invocations.cpu_us, 0) + c.cpu_us,
         lease_owner = NULL,
         lease_expires_at = NULL
     FROM (
@@ -747,6 +752,7 @@ const COMPLETE_FENCED: &str = "
                j.value ->> 'error_kind' AS error_kind,
                j.value ->> 'retry_at' AS retry_at,
                j.value ->> 'now' AS now,
+               j.value ->> 'cpu_us' AS cpu_us,
                CASE
                    WHEN j.value ->> 'succeeded' THEN 'succeeded'
                    WHEN j.value ->> 'retry_at' IS NOT NULL

@@ -130,7 +130,7 @@ async fn queue_throughput() {
         }
         let result = crate::suite::success(200);
         let completions = futures::future::join_all(
-            leased.iter().map(|l| store.complete(&l.id, "node-a", l.attempt, &result, &[], 1)),
+            leased.iter().map(|l| store.complete(&l.id, "node-a", l.attempt, &result, &[], 0, 1)),
         )
         .await;
         done += completions.into_iter().filter(|c| *c.as_ref().unwrap()).count();
@@ -177,6 +177,7 @@ async fn data_survives_a_reopen() {
         error_kind: None,
         started_at: 1_000,
         finished_at: 1_010,
+        cpu_us: 0,
         logs: vec![(LogStream::Stdout, "hi".into(), 1_005)],
     };
     store.record_sync(&[record]).await.unwrap();

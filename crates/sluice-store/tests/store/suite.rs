@@ -308,6 +308,7 @@ fn record(id: &str, function: &str, status: InvocationStatus, started_at: UnixMs
         error_kind: None,
         started_at,
         finished_at: started_at + 5,
+        cpu_us: 250,
         logs: vec![],
     }
 }
@@ -344,6 +345,7 @@ pub async fn sync_records_and_their_logs_are_readable(store: &dyn Store, _clock:
         finished_at: Some(2_005),
         status_code: Some(500),
         error_kind: Some("trap".into()),
+        cpu_us: Some(250),
     };
     assert_eq!(got, expected);
     let got = store.get_invocation("inv-3").await.unwrap().unwrap();

@@ -208,7 +208,8 @@ pub async fn queue_state_machine_keeps_its_invariants(
                     Outcome::Retry { delay_ms } => failure("trap", Some(now + i64::from(*delay_ms))),
                     Outcome::Final => failure("trap", None),
                 };
-                let recorded = store.complete(&id, OWNERS[*owner], attempt, &result, &[], now).await.unwrap();
+                let recorded =
+                    store.complete(&id, OWNERS[*owner], attempt, &result, &[], 0, now).await.unwrap();
                 assert_eq!(
                     recorded,
                     expected,
@@ -262,7 +263,10 @@ pub async fn queue_state_machine_keeps_its_invariants(
         }
         for lease in &leased {
             assert!(
-                store.complete(&lease.id, OWNERS[0], lease.attempt, &success(200), &[], now).await.unwrap()
+                store
+                    .complete(&lease.id, OWNERS[0], lease.attempt, &success(200), &[], 0, now)
+                    .await
+                    .unwrap()
             );
         }
         let observed = observe(store).await;

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Noisy neighbours: how much a hostile function of another tenant costs a hello function.
+#
+# Measures hello's req/s and latency alone, then beside each hostile mode of the test guest
+# (deployed in tenant `mallory`, 64 MiB memory, 2 s timeout), with two hostile calls running back
+# to back the whole time (a second wrk, 2 connections). Prints a Markdown table.
+#
+# Usage: bench/neighbours.sh        (DURATION=5s CONNS=20 MODES="spin alloc ..." are optional)
+# Needs: wrk (apt-get install wrk). Extra `sluice serve` flags: SERVE_FLAGS="--workers 2 ...".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# Every error would capture a backtrace (every hostile call here is an error): benchmark without.
+unset RUST_BACKTRACE
+DURATION=${DURATION:-5s}
+CONNS=${CONNS:-20}
+MODES=${MODES:-"spin hog alloc recurse big panic no-response"}
+SERVE_FLAGS=${SERVE_FLAGS:-}
+
+command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk" >&2; exit 1; }
+cargo build --release -q -p sluice-cli
+mapfile -t guests < <(scripts/build-guests.sh)
+HELLO=${guests[0]}
+TESTGUEST=${guests[1]}
+SLUICE=target/release/sluice
+data=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$data"; }
+trap cleanup EXIT
+
+# shellcheck disable=SC2086
+"$SLUICE" serve --listen 127.0.0.1:0 --data-dir "$data/node" $SERVE_FLAGS 2> "$data/log" &
+SLUICE_PID=$!
+pids+=("$SLUICE_PID")
+for _ in $(seq 1 500); do
+  URL=$(grep -o 'listening on http://[0-9.:]*' "$data/log" | head -1 | sed 's/listening on //') && [ -n "$URL" ] && break
+  sleep 0.01
+done
+TOKEN=$(cat "$data/node/admin.token")
+export SLUICE_URL=$URL SLUICE_TOKEN=$TOKEN
+"$SLUICE" deploy hello "$HELLO" >/dev/null
+"$SLUICE" tenants create mallory >/dev/null
+"$SLUICE" deploy tg "$TESTGUEST" --tenant mallory --public --memory 64MiB --timeout 2s >/dev/null
+
+# The hostile request of each mode (the guest's mode is the last path segment).
+hostile_path() {
+  case $1 in
+    spin) echo "/spin" ;;
+    alloc) echo "/alloc?bytes=1000000000" ;;      # asks for 1 GB at once: refused, killed
+    hog) echo "/hog" ;;                           # dirties its whole 64 MiB, then is killed
+    recurse) echo "/recurse" ;;                   # stack overflow
+    big) echo "/big?bytes=200000000" ;;           # a 200 MB streamed response
+    panic) echo "/panic" ;;
+    no-response) echo "/no-response" ;;
+    burn) echo "/burn?ms=50" ;;                   # 50 ms of CPU, then an answer
+    *) echo "unknown mode $1" >&2; exit 1 ;;
+  esac
+}
+
+to_ms() { case $1 in *us) echo "${1%us}" | awk '{printf "%.2f", $1/1000}';; *ms) echo "${1%ms}";; *s) echo "${1%s}" | awk '{printf "%.2f", $1*1000}';; esac; }
+
+# Runs the measured wrk on hello; prints "req/s p50_ms p99_ms".
+measure() {
+  wrk -t1 -c"$CONNS" -d"$DURATION" --latency -H "Authorization: Bearer $TOKEN" "$URL/fn/default/hello/" > "$data/wrk.out"
+  if grep -q 'Non-2xx' "$data/wrk.out"; then echo "hello answered non-2xx:" >&2; cat "$data/wrk.out" >&2; exit 1; fi
+  echo "$(awk '/Requests\/sec/ {print $2}' "$data/wrk.out") \
+$(to_ms "$(awk '$1=="50%" {print $2}' "$data/wrk.out")") $(to_ms "$(awk '$1=="99%" {print $2}' "$data/wrk.out")")"
+}
+
+# Warm up, then hello alone.
+wrk -t1 -c"$CONNS" -d1s -H "Authorization: Bearer $TOKEN" "$URL/fn/default/hello/" > /dev/null
+read -r base_rps base_p50 base_p99 <<< "$(measure)"
+echo "alone: $base_rps req/s p50 $base_p50 ms p99 $base_p99 ms" >&2
+
+rows=()
+for mode in $MODES; do
+  path=$(hostile_path "$mode")
+  secs=${DURATION%s}
+  # Two hostile calls back to back for the whole measurement (and a little before and after).
+  wrk -t1 -c2 -d"$((secs + 3))s" --timeout 10s "$URL/fn/mallory/tg$path" > "$data/hostile.out" 2>&1 &
+  hostile=$!
+  sleep 1
+  read -r rps p50 p99 <<< "$(measure)"
+  wait "$hostile" || true
+  calls=$(awk '/requests in/ {print $1}' "$data/hostile.out")
+  echo "$mode: $rps req/s p50 $p50 ms p99 $p99 ms (hostile calls: $calls)" >&2
+  rows+=("| $mode | $rps | $(awk -v a="$rps" -v b="$base_rps" 'BEGIN{printf "%.0f%%", 100*a/b}') | $p50 | $p99 | $(awk -v a="$p99" -v b="$base_p99" 'BEGIN{printf "%.2fx", a/b}') | ${calls:-0} |")
+done
+
+echo
+echo "hello (tenant default) beside two back-to-back calls of each hostile mode (tenant mallory,"
+echo "64 MiB, 2 s timeout); wrk -t1 -c$CONNS -d$DURATION --latency; $(nproc) cores; RUST_BACKTRACE unset"
+echo
+echo "| beside | hello req/s | vs alone | p50 ms | p99 ms | p99 vs alone | hostile calls |"
+echo "| --- | --- | --- | --- | --- | --- | --- |"
+echo "| (alone) | $base_rps | 100% | $base_p50 | $base_p99 | 1.00x | - |"
+printf '%s\n' "${rows[@]}"

@@ -1,0 +1,131 @@
+//! CPU lanes: a call that outgrows the fast lane moves to the slow lane (and says so in its
+//! logs), a tenant's slow-lane slots are bounded and waiting for one counts against the timeout,
+//! CPU time is recorded, and a client that goes away cancels its call.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::harness::{Node, assert_error, guests};
+
+/// The hostile tenant's test guest, and hello in `default`.
+fn node_with_mallory(serve_flags: &[&str], tg_flags: &[&str]) -> Node {
+    let node = Node::start(serve_flags);
+    let (ok, out, err) = node.cli(&["tenants", "create", "mallory"]);
+    assert!(ok, "{out}{err}");
+    let mut flags = vec!["--tenant", "mallory"];
+    flags.extend_from_slice(tg_flags);
+    node.deploy("tg", &guests().testguest, &flags);
+    node.deploy("hello", &guests().hello, &[]);
+    node
+}
+
+fn logs_of(node: &Node, id: &str) -> String {
+    node.wait_json(&format!("/v1/invocations/{id}/logs"), |v| !v["lines"].as_array().unwrap().is_empty())
+        .to_string()
+}
+
+#[test]
+fn spinning_guests_move_to_the_slow_lane_and_wait_for_their_tenants_slots() {
+    // Two HTTP workers, pinned, and four spinners: enough to take every worker without lanes. The
+    // tenant may run one call on the slow lane at a time.
+    let node = node_with_mallory(&["--workers", "2", "--slow-lane-tenant-slots", "1"], &["--timeout", "3s"]);
+    let (url, token) = (node.url.clone(), node.token.clone());
+    let spinners: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, token) = (url.clone(), token.clone());
+            std::thread::spawn(move || {
+                let c =
+                    reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+                let res = c.get(format!("{url}/fn/mallory/tg/spin")).bearer_auth(token).send().unwrap();
+                let id = res.headers()["sluice-invocation-id"].to_str().unwrap().to_string();
+                let message = assert_error(res, 504, "timeout");
+                (id, message)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let client = node.client();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..50 {
+        let started = Instant::now();
+        let res = client.get(format!("{url}/fn/default/hello/")).bearer_auth(&token).send().unwrap();
+        assert_eq!(res.status(), 200);
+        slowest = slowest.max(started.elapsed());
+    }
+    assert!(slowest < Duration::from_secs(1), "a neighbour call took {slowest:?} while guests spun");
+    let done: Vec<(String, String)> = spinners.into_iter().map(|s| s.join().unwrap()).collect();
+    // One slot: while one spinner ran, the others waited, and their timeout says so.
+    let waited = done.iter().filter(|(_, m)| m.contains("waited")).count();
+    assert!(waited >= 3, "three spinners waited for mallory's only slot: {done:?}");
+    for (id, _) in &done {
+        let logs = logs_of(&node, id);
+        assert!(logs.contains("moved to the slow lane"), "{logs}");
+    }
+}
+
+#[test]
+fn cpu_time_is_recorded_for_sync_and_async_calls() {
+    let node = node_with_mallory(&[], &["--public"]);
+    // A sync call that computes for 100 ms of wall time: moved to the slow lane (a log line, so
+    // it is recorded). Its CPU time is at least the fast-lane slice and at most its wall time
+    // (other tests compete for the cores, so it may get less than all of it).
+    let res = node.get("/fn/mallory/tg/burn?ms=100");
+    assert_eq!(res.status(), 200);
+    let id = res.headers()["sluice-invocation-id"].to_str().unwrap().to_string();
+    let inv = node.wait_json(&format!("/v1/invocations/{id}"), |v| v["cpu_ms"].is_number());
+    assert_cpu_between(&inv, 2.0, 1_000.0);
+    assert!(logs_of(&node, &id).contains("moved to the slow lane"));
+
+    // The same, queued: the attempt's CPU time is in the invocation, also through the CLI.
+    let res = node
+        .client()
+        .post(format!("{}/fn/mallory/tg/burn?ms=100", node.url))
+        .header("prefer", "respond-async")
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 202);
+    let id = res.headers()["sluice-invocation-id"].to_str().unwrap().to_string();
+    node.wait_json(&format!("/v1/invocations/{id}"), |v| v["status"] == "succeeded");
+    let (ok, out, err) = node.cli(&["invocations", "get", &id]);
+    assert!(ok, "{err}");
+    let inv: Value = serde_json::from_str(&out).unwrap();
+    assert_cpu_between(&inv, 2.0, 1_000.0);
+
+    // A short call stays on the fast lane and costs little.
+    let res = node.get("/fn/mallory/tg/stdout");
+    let id = res.headers()["sluice-invocation-id"].to_str().unwrap().to_string();
+    let inv = node.wait_json(&format!("/v1/invocations/{id}"), |v| v["cpu_ms"].is_number());
+    assert_cpu_between(&inv, 0.001, 2.0);
+    assert!(!logs_of(&node, &id).contains("slow lane"));
+}
+
+fn assert_cpu_between(inv: &Value, low_ms: f64, high_ms: f64) {
+    let cpu = inv["cpu_ms"].as_f64().unwrap_or(-1.0);
+    assert!(cpu >= low_ms && cpu <= high_ms, "cpu_ms not in [{low_ms}, {high_ms}]: {inv}");
+}
+
+#[test]
+fn a_client_that_goes_away_cancels_its_call_and_frees_its_slot() {
+    let node = node_with_mallory(&[], &["--timeout", "20s", "--max-concurrency", "1", "--public"]);
+    let impatient = reqwest::blocking::Client::builder().timeout(Duration::from_millis(500)).build().unwrap();
+    let started = Instant::now();
+    let err = impatient.get(format!("{}/fn/mallory/tg/spin", node.url)).send().unwrap_err();
+    assert!(err.is_timeout(), "{err}");
+    // The only concurrency slot comes back once the guest is stopped, long before its timeout.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let res = node.client().get(format!("{}/fn/mallory/tg/ok", node.url)).send().unwrap();
+        if res.status() == 200 {
+            break;
+        }
+        assert_eq!(res.status(), 429, "only the concurrency cap may refuse");
+        assert!(Instant::now() < deadline, "the slot of a cancelled call was not freed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let page = node.wait_json("/v1/invocations?tenant=mallory&function=tg&status=dead", |v| {
+        v["invocations"].as_array().unwrap().iter().any(|i| i["error_kind"] == "client_closed")
+    });
+    assert!(page.to_string().contains("client_closed"), "{page}");
+}
