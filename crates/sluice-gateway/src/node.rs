@@ -33,6 +33,8 @@ pub struct NodeConfig {
     pub lease_ms: u64,
     /// The runtime's fast and slow CPU lanes.
     pub lanes: sluice_runtime::LaneConfig,
+    /// Bytes of a freed linear memory kept resident and reset in place.
+    pub memory_keep_resident_bytes: usize,
 }
 
 impl NodeConfig {
@@ -48,6 +50,7 @@ impl NodeConfig {
             lanes: sluice_runtime::LaneConfig::for_cores(
                 std::thread::available_parallelism().map_or(1, |n| n.get()),
             ),
+            memory_keep_resident_bytes: 4 << 20,
         }
     }
 }
@@ -126,6 +129,7 @@ impl Node {
         rt.log_bytes_per_invocation_max = config.limits.log_bytes_per_invocation_max;
         rt.outbound_allow_private = config.outbound_allow_private;
         rt.lanes = config.lanes.clone();
+        rt.memory_keep_resident_bytes = config.memory_keep_resident_bytes;
         let runtime = Arc::new(Runtime::new(rt)?);
         let recorder = Recorder::start(store.clone(), config.limits.log_queue_max);
         let admission = Admission::new(Default::default(), config.sync_inflight_max, config.tenant_rate);
