@@ -5,7 +5,11 @@
 # (deployed in tenant `mallory`, 64 MiB memory, 2 s timeout), with two hostile calls running back
 # to back the whole time (a second wrk, 2 connections). Prints a Markdown table.
 #
-# Usage: bench/neighbours.sh        (DURATION=5s CONNS=20 MODES="spin alloc ..." are optional)
+# Then the async path: new async calls of hello (wrk -c10, bench/async.lua) alone, and while
+# FLOOD (200) queued CPU-bound async calls of mallory's guest run; and whether any lease was
+# reclaimed from this live node during the flood.
+#
+# Usage: bench/neighbours.sh        (DURATION=5s CONNS=20 MODES="spin alloc ..." FLOOD=200 optional)
 # Needs: wrk (apt-get install wrk). Extra `sluice serve` flags: SERVE_FLAGS="--workers 2 ...".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +19,7 @@ DURATION=${DURATION:-5s}
 CONNS=${CONNS:-20}
 MODES=${MODES:-"spin hog alloc recurse big panic no-response"}
 SERVE_FLAGS=${SERVE_FLAGS:-}
+FLOOD=${FLOOD:-200}
 
 command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk" >&2; exit 1; }
 cargo build --release -q -p sluice-cli
@@ -40,6 +45,9 @@ export SLUICE_URL=$URL SLUICE_TOKEN=$TOKEN
 "$SLUICE" deploy hello "$HELLO" >/dev/null
 "$SLUICE" tenants create mallory >/dev/null
 "$SLUICE" deploy tg "$TESTGUEST" --tenant mallory --public --memory 64MiB --timeout 2s >/dev/null
+# The queued flood: one attempt of at most 2 s each, so a reclaimed lease would show as
+# `lease_lost` rather than hide behind a retry.
+"$SLUICE" deploy tgq "$TESTGUEST" --tenant mallory --public --async-timeout 2s --attempts 1 >/dev/null
 
 # The hostile request of each mode (the guest's mode is the last path segment).
 hostile_path() {
@@ -94,3 +102,36 @@ echo "| beside | hello req/s | vs alone | p50 ms | p99 ms | p99 vs alone | hosti
 echo "| --- | --- | --- | --- | --- | --- | --- |"
 echo "| (alone) | $base_rps | 100% | $base_p50 | $base_p99 | 1.00x | - |"
 printf '%s\n' "${rows[@]}"
+
+# --- the async path beside a flood of queued CPU-bound calls ---
+async_load() {
+  SLUICE_TOKEN=$TOKEN wrk -t1 -c10 -d"$DURATION" --latency -s bench/async.lua "$URL/fn/default/hello/" > "$data/wrk.out"
+  if grep -q 'Non-2xx' "$data/wrk.out"; then echo "async hello answered non-2xx:" >&2; cat "$data/wrk.out" >&2; exit 1; fi
+  echo "$(awk '/Requests\/sec/ {printf "%.0f", $2}' "$data/wrk.out") $(to_ms "$(awk '$1=="99%" {print $2}' "$data/wrk.out")")"
+}
+read -r idle_rps idle_p99 <<< "$(async_load)"
+echo "async alone: $idle_rps 202/s p99 $idle_p99 ms" >&2
+for _ in $(seq 1 "$FLOOD"); do
+  curl -s -o /dev/null -X POST -H 'prefer: respond-async' "$URL/fn/mallory/tgq/spin"
+done
+read -r flood_rps flood_p99 <<< "$(async_load)"
+echo "async beside $FLOOD queued spinners: $flood_rps 202/s p99 $flood_p99 ms" >&2
+# Wait for the flood to finish, then count how its invocations ended.
+for _ in $(seq 1 600); do
+  open=$(curl -s -H "Authorization: Bearer $TOKEN" "$URL/v1/invocations?tenant=mallory&function=tgq&status=queued&limit=1000" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["invocations"]))')
+  running=$(curl -s -H "Authorization: Bearer $TOKEN" "$URL/v1/invocations?tenant=mallory&function=tgq&status=running&limit=1000" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["invocations"]))')
+  [ "$open" = 0 ] && [ "$running" = 0 ] && break
+  sleep 1
+done
+kinds=$(curl -s -H "Authorization: Bearer $TOKEN" "$URL/v1/invocations?tenant=mallory&function=tgq&limit=1000" \
+  | python3 -c 'import collections,json,sys; c=collections.Counter(i["error_kind"] or i["status"] for i in json.load(sys.stdin)["invocations"]); print(", ".join(f"{k}: {v}" for k,v in sorted(c.items())))')
+echo
+echo "new async calls of hello (wrk -t1 -c10 -d$DURATION, 202 = durably queued) beside $FLOOD queued calls"
+echo "of a guest that spins until its 2 s timeout (tenant mallory, one attempt each)"
+echo
+echo "| async hello | 202/s | 202 p99 ms | p99 vs alone |"
+echo "| --- | --- | --- | --- |"
+echo "| alone | $idle_rps | $idle_p99 | 1.00x |"
+echo "| beside the flood | $flood_rps | $flood_p99 | $(awk -v a="$flood_p99" -v b="$idle_p99" 'BEGIN{printf "%.2fx", a/b}') |"
+echo
+echo "how the $FLOOD flooded invocations ended: $kinds (lease_lost would mean a lease was reclaimed from this live node)"

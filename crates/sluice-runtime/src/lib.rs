@@ -191,6 +191,11 @@ impl Runtime {
             .pagemap_scan(Enabled::Auto);
         let mut wasm = Config::new();
         wasm.wasm_component_model(true)
+            // No wasm backtraces: capturing one walks the guest's whole stack in host code that
+            // no epoch tick interrupts, on the core of the fast lane (a deep recursion that
+            // overflows its 512 KiB stack spent most of its time there, BENCHMARKS.md). The trap
+            // kind and the guest's own stderr (e.g. a Rust panic message) are still logged.
+            .wasm_backtrace_max_frames(None)
             .epoch_interruption(true)
             .max_wasm_stack(WASM_STACK_BYTES)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
@@ -426,6 +431,7 @@ impl Runtime {
                 0 => None,
                 s => Some(s),
             };
+            let mut detail = None;
             let error = match ended {
                 Ended::Cancelled => Some(SluiceError::new(
                     ErrorKind::ClientClosed,
@@ -438,6 +444,7 @@ impl Runtime {
                 )),
                 Ended::Ran((Ok(()), _)) => None,
                 Ended::Ran((Err(e), memory_hit)) => {
+                    detail = trap_detail(&e);
                     Some(classify(&e, memory_hit, memory_bytes, call.timeout, meter.waited()))
                 }
             };
@@ -457,7 +464,8 @@ impl Runtime {
                 logs.system(line);
             }
             if let Some(e) = &error {
-                logs.system(format!("invocation failed ({}): {}", e.kind, e.message));
+                let said = detail.as_deref().unwrap_or(&e.message);
+                logs.system(format!("invocation failed ({}): {said}", e.kind));
             }
             let outcome = Outcome {
                 invocation_id,
@@ -684,8 +692,18 @@ fn classify(
     }
     match err.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => timeout_error(timeout, waited),
-        Some(trap) => SluiceError::new(ErrorKind::Trap, format!("the function trapped: {trap}; {err:#}")),
-        None => SluiceError::new(ErrorKind::Trap, format!("the function failed: {err:#}")),
+        // The kind of trap only: the caller of a function learns that it failed and how, not
+        // its internals. The whole chain goes to the invocation's logs (`trap_detail`).
+        Some(trap) => SluiceError::new(ErrorKind::Trap, format!("the function trapped ({trap})")),
+        None => SluiceError::new(ErrorKind::Trap, "the function failed in a host call"),
+    }
+}
+
+/// What the logs say about a failed call beyond its [`SluiceError`]: the error chain of a trap.
+fn trap_detail(err: &wasmtime::Error) -> Option<String> {
+    match err.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => None,
+        _ => Some(format!("{err:#}")),
     }
 }
 

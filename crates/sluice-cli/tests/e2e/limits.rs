@@ -20,6 +20,9 @@ fn guest_failures_map_to_their_kinds_within_their_limits() {
 
     let msg = assert_error(node.get("/fn/default/tg/panic"), 500, "trap");
     assert!(msg.contains("/logs"), "the message points at the logs: {msg}");
+    let msg = assert_error(node.get("/fn/default/tg/recurse"), 500, "trap");
+    assert!(msg.contains("call stack exhausted"), "{msg}");
+    assert!(!msg.contains("testguest"), "the guest's internals stay in its logs: {msg}");
 
     let started = Instant::now();
     assert_error(node.get("/fn/default/tg/spin"), 504, "timeout");
