@@ -297,9 +297,11 @@ async fn execute(ctx: &Ctx, inv: &Leased) -> Attempt {
     let body = match body {
         Ok(b) => b,
         Err(e) => {
+            // Dropping the body part-way cancels the guest, so its own outcome then says
+            // `client_closed`: the reason is the response's size.
             let (kind, retry) = match &guest_error {
-                Some(err) => (err.kind.as_str(), err.kind.retryable()),
-                None => ("response_too_large", false),
+                Some(err) if err.kind != ErrorKind::ClientClosed => (err.kind.as_str(), err.kind.retryable()),
+                _ => ("response_too_large", false),
             };
             let mut logs = logs;
             logs.push((LogStream::System, format!("reading the response failed: {e}"), ctx.clock.now_ms()));
