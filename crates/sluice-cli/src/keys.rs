@@ -13,7 +13,9 @@ pub enum KeysCommand {
     /// Mint an API key for the tenant given with --tenant (needs an admin key).
     Create {
         /// What the key may do in the tenant (repeatable).
-        #[arg(long = "scope", required = true, value_parser = ["deploy", "invoke", "read"])]
+        #[arg(long = "scope", required = true, value_parser = clap::builder::PossibleValuesParser::new(
+            sluice_core::Scope::TENANT.map(|s| s.as_str())
+        ))]
         scopes: Vec<String>,
         #[command(flatten)]
         target: Target,

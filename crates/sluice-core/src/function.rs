@@ -113,38 +113,6 @@ impl FunctionConfig {
     }
 }
 
-/// What an API key may do. `Admin` may do everything in every tenant; the others are granted per
-/// tenant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
-#[serde(rename_all = "lowercase")]
-pub enum Scope {
-    Admin,
-    Deploy,
-    Invoke,
-    Read,
-}
-
-impl Scope {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Admin => "admin",
-            Self::Deploy => "deploy",
-            Self::Invoke => "invoke",
-            Self::Read => "read",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "admin" => Some(Self::Admin),
-            "deploy" => Some(Self::Deploy),
-            "invoke" => Some(Self::Invoke),
-            "read" => Some(Self::Read),
-            _ => None,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

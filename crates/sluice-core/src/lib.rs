@@ -11,10 +11,12 @@ pub mod ids;
 pub mod limits;
 pub mod retry;
 pub mod units;
+pub mod vocab;
 
 pub use error::{ErrorKind, ErrorSource, SluiceError};
-pub use function::{FunctionConfig, Scope};
+pub use function::FunctionConfig;
 pub use limits::Limits;
+pub use vocab::{Criticality, InvocationStatus, Scope};
 
 /// Which stream a guest log line came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

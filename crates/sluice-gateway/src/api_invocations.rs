@@ -16,7 +16,7 @@ use sluice_store::{Invocation, InvocationFilter, InvocationStatus};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::api::{ApiError, ApiResult, Auth, ErrorBody, LogLineInfo, require_tenant};
-use crate::api_openapi::{INVOCATION_STATUSES, invocation_status_schema};
+use crate::api_openapi::invocation_status_schema;
 use crate::error::INVOCATION_ID;
 use crate::node::Node;
 
@@ -132,7 +132,7 @@ pub(crate) async fn list_invocations(
         Some(s) => Some(InvocationStatus::parse(s).ok_or_else(|| {
             SluiceError::bad_request(format!(
                 "unknown status {s:?}: use one of {}",
-                INVOCATION_STATUSES.join(", ")
+                InvocationStatus::ALL.map(|s| s.as_str()).join(", ")
             ))
         })?),
     };

@@ -122,22 +122,17 @@ pub(crate) fn error_code_schema() -> Schema {
 }
 
 pub(crate) fn tenant_scopes_schema() -> Schema {
-    let scopes = crate::api_tenants::TENANT_SCOPES;
+    let scopes = sluice_core::Scope::TENANT;
     ArrayBuilder::new().items(string_enum(scopes.iter().map(|s| s.as_str()))).min_items(Some(1)).into()
 }
 
 pub(crate) fn key_scopes_schema() -> Schema {
-    let scopes = [sluice_core::Scope::Admin].into_iter().chain(crate::api_tenants::TENANT_SCOPES);
-    let names: Vec<&str> = scopes.map(|s| s.as_str()).collect();
+    let names = sluice_core::Scope::ALL.map(|s| s.as_str());
     ArrayBuilder::new().items(string_enum(names)).into()
 }
 
-/// The states of an invocation (DESIGN.md section 3), as `InvocationStatus` spells them.
-pub(crate) const INVOCATION_STATUSES: [&str; 6] =
-    ["queued", "running", "succeeded", "failed", "dead", "expired"];
-
 pub(crate) fn invocation_status_schema() -> Schema {
-    string_enum(INVOCATION_STATUSES).into()
+    string_enum(sluice_core::InvocationStatus::ALL.map(|s| s.as_str())).into()
 }
 
 pub(crate) fn log_stream_schema() -> Schema {
@@ -164,8 +159,8 @@ fn outbound_schema() -> Schema {
 }
 
 fn criticality_schema() -> Schema {
-    use sluice_store::Criticality;
-    string_enum([Criticality::High, Criticality::Normal, Criticality::Low].map(Criticality::as_str)).into()
+    use sluice_core::Criticality;
+    string_enum(Criticality::ALL.map(Criticality::as_str)).into()
 }
 
 fn rfc3339_schema() -> Schema {
@@ -536,18 +531,5 @@ mod tests {
         let over =
             FunctionConfig { memory_bytes: limits.function_memory_bytes_max + 1, ..Default::default() };
         assert!(over.validate(&limits).is_err());
-    }
-
-    #[test]
-    fn enumerations_match_what_the_code_parses() {
-        for s in INVOCATION_STATUSES {
-            assert_eq!(sluice_store::InvocationStatus::parse(s).map(|st| st.as_str()), Some(s));
-        }
-        for s in ["high", "normal", "low"] {
-            assert!(sluice_store::Criticality::parse(s).is_some());
-        }
-        for s in crate::api_tenants::TENANT_SCOPES {
-            assert_eq!(sluice_core::Scope::parse(s.as_str()), Some(s));
-        }
     }
 }

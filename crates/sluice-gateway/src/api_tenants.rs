@@ -22,7 +22,6 @@ use crate::node::Node;
 
 /// The scopes a tenant key may hold; `admin` keys are not bound to a tenant and are not minted
 /// here.
-pub(crate) const TENANT_SCOPES: [Scope; 3] = [Scope::Deploy, Scope::Invoke, Scope::Read];
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -173,7 +172,7 @@ pub(crate) async fn create_key(
     let mut scopes = Vec::with_capacity(req.scopes.len());
     for name in &req.scopes {
         match Scope::parse(name) {
-            Some(s) if TENANT_SCOPES.contains(&s) => scopes.push(s),
+            Some(s) if Scope::TENANT.contains(&s) => scopes.push(s),
             Some(_) => {
                 return Err(SluiceError::bad_request(format!(
                     "scope {name:?} cannot be given to a tenant key; use deploy, invoke or read"

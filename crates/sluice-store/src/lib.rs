@@ -10,7 +10,7 @@ mod sqlite;
 
 pub use sqlite::SqliteStore;
 
-pub use sluice_core::LogStream;
+pub use sluice_core::{Criticality, InvocationStatus, LogStream};
 use sluice_core::{FunctionConfig, Scope, UnixMs};
 
 /// Store failures, classified so the gateway can answer 404/409/503 without parsing strings.
@@ -78,39 +78,6 @@ pub struct LogLine {
     pub at: UnixMs,
 }
 
-/// The state of an invocation (DESIGN.md section 3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum InvocationStatus {
-    Queued,
-    Running,
-    Succeeded,
-    /// Failed an attempt, waiting for its retry.
-    Failed,
-    Dead,
-    Expired,
-}
-
-impl InvocationStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Queued => "queued",
-            Self::Running => "running",
-            Self::Succeeded => "succeeded",
-            Self::Failed => "failed",
-            Self::Dead => "dead",
-            Self::Expired => "expired",
-        }
-    }
-    pub fn parse(s: &str) -> Option<Self> {
-        [Self::Queued, Self::Running, Self::Succeeded, Self::Failed, Self::Dead, Self::Expired]
-            .into_iter()
-            .find(|st| st.as_str() == s)
-    }
-    pub fn is_final(self) -> bool {
-        matches!(self, Self::Succeeded | Self::Dead | Self::Expired)
-    }
-}
-
 /// A finished synchronous invocation, recorded in batches off the request path. Sync records are
 /// not acknowledged data: under pressure they may be dropped (and counted), never block a call.
 #[derive(Debug, Clone)]
@@ -149,32 +116,6 @@ pub struct Invocation {
     /// Microseconds on a thread, summed over attempts; `None` before any attempt finished (and
     /// for rows recorded before CPU time was).
     pub cpu_us: Option<u64>,
-}
-
-/// How urgently a queued invocation should run; leased in this order (high first).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Criticality {
-    High = 0,
-    Normal = 1,
-    Low = 2,
-}
-
-impl Criticality {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::High => "high",
-            Self::Normal => "normal",
-            Self::Low => "low",
-        }
-    }
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "high" => Some(Self::High),
-            "normal" => Some(Self::Normal),
-            "low" => Some(Self::Low),
-            _ => None,
-        }
-    }
 }
 
 /// An HTTP request or response as stored for an async invocation.
