@@ -10,11 +10,13 @@ pub mod function;
 pub mod ids;
 pub mod limits;
 pub mod retry;
+pub mod secret;
 pub mod units;
 
 pub use error::{ErrorKind, ErrorSource, SluiceError};
 pub use function::{FunctionConfig, Scope};
 pub use limits::Limits;
+pub use secret::Secrets;
 
 /// Which stream a guest log line came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
