@@ -29,6 +29,15 @@ pub struct DeployArgs {
     /// Environment variable for the guest (repeatable), K=V.
     #[arg(long = "env", value_parser = parse_env)]
     pub env: Vec<(String, String)>,
+    /// Secret environment variable for the guest (repeatable), K=V: set after the --env ones;
+    /// the node never shows its value again (versions list the names only).
+    #[arg(long = "secret", value_parser = parse_env)]
+    pub secrets: Vec<(String, String)>,
+    /// File of secrets, one K=V per line (dotenv style: blank lines and lines starting with #
+    /// are skipped; the value is everything after the first '=', taken literally — no quotes
+    /// or escapes). Combined with --secret; a name given twice is an error.
+    #[arg(long)]
+    pub secret_file: Option<PathBuf>,
     /// Host (or host:port) the guest may call over HTTP (repeatable). Default: none.
     #[arg(long = "allow-outbound")]
     pub allow_outbound: Vec<String>,
@@ -74,8 +83,26 @@ pub fn parse_rate(s: &str) -> Result<f64, String> {
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s.split_once('=').ok_or_else(|| format!("expected K=V, got {s:?}"))?;
+    // The value is left out of the message: this also parses --secret.
+    let (k, v) = s.split_once('=').ok_or_else(|| "expected K=V (no '=' found)".to_string())?;
     Ok((k.to_string(), v.to_string()))
+}
+
+/// Reads a `--secret-file`. Errors name the line, never its text: the text may be a secret.
+fn read_secret_file(path: &std::path::Path) -> anyhow::Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut secrets = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim_start();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (k, v) = line
+            .split_once('=')
+            .with_context(|| format!("{} line {}: expected K=V", path.display(), i + 1))?;
+        secrets.push((k.trim_end().to_string(), v.to_string()));
+    }
+    Ok(secrets)
 }
 
 /// Progress goes to stderr only when it is a terminal, so scripts and CI logs stay clean.
@@ -93,6 +120,10 @@ const UPLOAD_CHUNK_BYTES: usize = 64 * 1024;
 pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
     let client = Client::new(&args.target)?;
     let bytes = std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let mut secrets = args.secrets;
+    if let Some(path) = &args.secret_file {
+        secrets.extend(read_secret_file(path)?);
+    }
     let config = FunctionConfig {
         memory_bytes: args.memory,
         timeout_ms: args.timeout.as_millis() as u64,
@@ -105,6 +136,7 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
         rate_per_sec: args.rate,
         burst: args.burst,
         max_concurrency: args.max_concurrency,
+        secrets: Default::default(),
     };
 
     let bar = ProgressBar::with_draw_target(Some(bytes.len() as u64), draw_target());
@@ -132,7 +164,7 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
     spinner.enable_steady_tick(Duration::from_millis(100));
     let create = client
         .request(Method::POST, &client.tenant_path(&format!("/functions/{}/versions", args.name)))
-        .json(&json!({ "digest": digest, "config": config }));
+        .json(&json!({ "digest": digest, "config": config, "secrets": secrets }));
     let version = client.json(create).await;
     spinner.finish_and_clear();
     let version = version?;
@@ -148,5 +180,10 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
         version["version"],
         version["url"].as_str().unwrap_or_default()
     );
+    let names: Vec<&str> =
+        version["secrets"].as_array().into_iter().flatten().filter_map(|n| n.as_str()).collect();
+    if !names.is_empty() {
+        println!("secrets: {}", names.join(", "));
+    }
     Ok(())
 }

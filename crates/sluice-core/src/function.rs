@@ -6,7 +6,7 @@ use crate::limits::{
     ASYNC_TIMEOUT_MS_DEFAULT, ATTEMPTS_MAX_DEFAULT, FUNCTION_MEMORY_BYTES_DEFAULT,
     FUNCTION_TIMEOUT_MS_DEFAULT, MAX_AGE_MS_DEFAULT,
 };
-use crate::{Limits, SluiceError};
+use crate::{Limits, Secrets, SluiceError};
 
 /// The slowest rate limit: one call a day. Slower rates are indistinguishable from "never" and
 /// their refill period would not fit the token bucket's clock.
@@ -40,6 +40,11 @@ pub struct FunctionConfig {
     pub burst: Option<u32>,
     /// Calls of this function running at once on a node; `None`: bounded only by the node.
     pub max_concurrency: Option<u32>,
+    /// Environment variables the guest sees after `env`, whose values are never shown. Not part
+    /// of the serialized configuration: the store keeps the values beside it, and the API
+    /// shows only the names.
+    #[serde(skip)]
+    pub secrets: Secrets,
 }
 
 impl Default for FunctionConfig {
@@ -56,6 +61,7 @@ impl Default for FunctionConfig {
             rate_per_sec: None,
             burst: None,
             max_concurrency: None,
+            secrets: Secrets::default(),
         }
     }
 }
@@ -82,6 +88,19 @@ impl FunctionConfig {
         for (k, _) in &self.env {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
                 return bad(format!("invalid environment variable name {k:?}"));
+            }
+        }
+        // Messages name a secret, never its value.
+        let mut secret_names = std::collections::HashSet::new();
+        for name in self.secrets.names() {
+            if name.is_empty() || name.contains('=') || name.contains('\0') {
+                return bad(format!("invalid secret name {name:?}"));
+            }
+            if !secret_names.insert(name) {
+                return bad(format!("secret {name} is given twice"));
+            }
+            if self.env.iter().any(|(k, _)| k == name) {
+                return bad(format!("{name} is both an environment variable and a secret: choose one"));
             }
         }
         for host in &self.allow_outbound {
@@ -145,5 +164,19 @@ mod tests {
         }
         let bad_env = FunctionConfig { env: vec![("A=B".into(), "x".into())], ..Default::default() };
         assert!(bad_env.validate(&limits).unwrap_err().message.contains("environment"));
+        let secret = |name: &str| (name.to_string(), "hunter2".to_string());
+        for (secrets, problem) in [
+            (vec![secret("A=B")], "invalid secret name"),
+            (vec![secret("S"), secret("S")], "given twice"),
+            (vec![secret("GREETING")], "both an environment variable and a secret"),
+        ] {
+            let cfg = FunctionConfig {
+                env: vec![("GREETING".into(), "hi".into())],
+                secrets: Secrets::new(secrets),
+                ..Default::default()
+            };
+            let message = cfg.validate(&limits).unwrap_err().message;
+            assert!(message.contains(problem) && !message.contains("hunter2"), "{message}");
+        }
     }
 }

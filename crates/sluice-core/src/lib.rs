@@ -10,12 +10,14 @@ pub mod function;
 pub mod ids;
 pub mod limits;
 pub mod retry;
+pub mod secret;
 pub mod units;
 pub mod vocab;
 
 pub use error::{ErrorKind, ErrorSource, SluiceError};
 pub use function::FunctionConfig;
 pub use limits::Limits;
+pub use secret::Secrets;
 pub use vocab::{Criticality, InvocationStatus, Scope};
 
 /// Which stream a guest log line came from.

@@ -180,9 +180,10 @@ impl<C: Clock + Clone> Admission<C> {
     }
 }
 
-/// The admission state of one function version: its bucket and its concurrency gauge.
+/// The admission state of one function version: its bucket and its concurrency gauge, both shared
+/// with the versions before and after it (see [`FunctionAdmission::inherit`]).
 pub struct FunctionAdmission<C: Clock = DefaultClock> {
-    pub bucket: Option<Bucket<C>>,
+    pub bucket: Option<Arc<Bucket<C>>>,
     pub max_concurrency: Option<usize>,
     pub inflight: Arc<Gauge>,
 }
@@ -190,9 +191,22 @@ pub struct FunctionAdmission<C: Clock = DefaultClock> {
 impl<C: Clock + Clone> FunctionAdmission<C> {
     pub fn new(rate: Option<Rate>, max_concurrency: Option<u32>, clock: C) -> Self {
         Self {
-            bucket: rate.and_then(|r| Bucket::new("function", r, clock)),
+            bucket: rate.and_then(|r| Bucket::new("function", r, clock)).map(Arc::new),
             max_concurrency: max_concurrency.map(|m| m as usize),
             inflight: Arc::default(),
+        }
+    }
+
+    /// Takes over the function's state from the version this one replaces, so that a redeploy
+    /// resets nothing: calls still running on the old version count against the new cap, and the
+    /// bucket carries over unless the rate changed (tokens counted at another rate mean nothing
+    /// at the new one).
+    pub fn inherit(&mut self, previous: &Self) {
+        self.inflight = previous.inflight.clone();
+        if let (Some(new), Some(old)) = (&self.bucket, &previous.bucket)
+            && new.rate == old.rate
+        {
+            self.bucket = Some(old.clone());
         }
     }
 

@@ -21,7 +21,7 @@ use http::{Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
-use sluice_core::{ErrorKind, FunctionConfig, Scope, SluiceError, rfc3339};
+use sluice_core::{ErrorKind, FunctionConfig, Scope, Secrets, SluiceError, rfc3339};
 use sluice_store::{LogLine, VersionRecord};
 use tower::ServiceExt;
 use utoipa::{IntoParams, ToSchema};
@@ -260,6 +260,11 @@ pub struct CreateVersion {
     #[serde(default)]
     #[schema(value_type = FunctionConfigSchema)]
     pub config: FunctionConfig,
+    /// Secret environment variables, as `[name, value]` pairs: the guest sees them after
+    /// `config.env`; no response ever shows a value again (versions list the names only).
+    #[serde(default)]
+    #[schema(schema_with = crate::api_openapi::env_schema)]
+    pub secrets: Vec<(String, String)>,
 }
 
 /// One immutable version of a function.
@@ -276,6 +281,8 @@ pub struct VersionInfo {
     pub created_at: String,
     #[schema(value_type = FunctionConfigSchema)]
     pub config: FunctionConfig,
+    /// Names of the version's secret environment variables; their values are never returned.
+    pub secrets: Vec<String>,
 }
 
 /// A version just created, with what compiling it cost.
@@ -327,7 +334,8 @@ pub(crate) async fn create_version(
         .into());
     }
     let req: CreateVersion = json_body(&body, "deploy request")?;
-    req.config.validate(&node.config.limits)?;
+    let config = FunctionConfig { secrets: Secrets::new(req.secrets), ..req.config };
+    config.validate(&node.config.limits)?;
     let bytes = node
         .store
         .get_blob(&req.digest)
@@ -339,7 +347,7 @@ pub(crate) async fn create_version(
     let (prepared, report) = tokio::task::spawn_blocking(move || runtime.compile(&digest, &bytes))
         .await
         .map_err(|e| SluiceError::internal(format!("compile task failed: {e}")))??;
-    let record = node.store.create_version(&tenant, &function, &req.digest, &req.config).await?;
+    let record = node.store.create_version(&tenant, &function, &req.digest, &config).await?;
     let version = version_info(&node, &record);
     node.install(crate::node::Deployed::new(record, prepared));
     Ok((
@@ -370,6 +378,7 @@ fn version_info(node: &Node, v: &VersionRecord) -> VersionInfo {
         url: function_url(&public_url(node), &v.tenant, &v.function),
         created_at: rfc3339(v.created_at),
         config: v.config.clone(),
+        secrets: v.config.secrets.names().map(str::to_string).collect(),
     }
 }
 

@@ -142,7 +142,7 @@ pub(crate) fn log_stream_schema() -> Schema {
 
 /// `[name, value]` pairs; `FunctionConfig::validate` refuses names that are empty or hold `=`
 /// or NUL.
-fn env_schema() -> Schema {
+pub(crate) fn env_schema() -> Schema {
     let name = ObjectBuilder::new().schema_type(Type::String).pattern(Some("^[^=\\u0000]+$"));
     let value = ObjectBuilder::new().schema_type(Type::String);
     let pair = ArrayBuilder::new()

@@ -10,7 +10,7 @@
 //! 4. async (`Prefer: respond-async`): the whole request is stored durably and answered 202;
 //!    sync: the guest request is built (path below the function, `sluice-invocation-id` added by
 //!    the runtime,
-//!    the platform's `Authorization` removed for private functions), the body bounded while it
+//!    the platform's credentials removed, see `credentials`), the body bounded while it
 //!    streams, and the runtime runs it in a fresh instance. The response head is returned as soon
 //!    as the guest sets it; the outcome is recorded off the request path.
 
@@ -27,6 +27,7 @@ use sluice_store::{Criticality, Enqueued, InvocationStatus, NewInvocation, Store
 
 use crate::admission::Slot;
 use crate::body::{Body, BoxError, Limited, collect_limited, full, too_large};
+use crate::credentials::strip_platform_credentials;
 use crate::error::{INVOCATION_ID, error_response, store_error};
 use crate::node::{Deployed, Node, bearer};
 
@@ -102,9 +103,7 @@ async fn call(
     let (mut parts, body) = req.into_parts();
     parts.uri =
         Uri::try_from(path_and_query).map_err(|e| SluiceError::bad_request(format!("bad path: {e}")))?;
-    if !public {
-        parts.headers.remove(header::AUTHORIZATION);
-    }
+    strip_platform_credentials(&mut parts.headers, public);
     let (body, body_exceeded) = Limited::new(body, limits.sync_body_bytes_max);
 
     let call = Call {
@@ -197,14 +196,14 @@ async fn enqueue(
             .ok_or_else(|| header_error("sluice-criticality", "must be high, normal or low"))?,
     };
 
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    strip_platform_credentials(&mut parts.headers, public);
     let max = node.config.limits.async_body_bytes_max;
     let body = collect_limited(body, max).await?;
     let stored_headers = parts
         .headers
         .iter()
         .filter(|(k, _)| !HOP_BY_HOP.contains(&k.as_str()))
-        .filter(|(k, _)| public || *k != header::AUTHORIZATION)
         .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
         .collect();
     let inv = NewInvocation {

@@ -102,7 +102,75 @@ impl Principal {
 /// Rows removed per retention purge call at most.
 pub const PURGE_BATCH_MAX: u32 = 1000;
 
-type FunctionMap = HashMap<String, HashMap<String, Arc<Deployed>>>;
+/// Functions by tenant, then name: the installed (latest) version of each.
+type Registry<T> = HashMap<String, HashMap<String, Arc<T>>>;
+
+/// One version of one function, as the registry sees it.
+trait Registered {
+    fn tenant_and_function(&self) -> (&str, &str);
+    fn version(&self) -> i64;
+    /// Takes over what belongs to the function rather than to one version from the version it
+    /// replaces.
+    fn take_over(&mut self, previous: &Self);
+}
+
+impl Registered for Deployed {
+    fn tenant_and_function(&self) -> (&str, &str) {
+        (&self.record.tenant, &self.record.function)
+    }
+
+    fn version(&self) -> i64 {
+        self.record.version
+    }
+
+    fn take_over(&mut self, previous: &Self) {
+        self.admission.inherit(&previous.admission);
+    }
+}
+
+/// Installs `new` unless the registry already holds the same or a newer version of the function:
+/// concurrent deploys finish compiling in any order, and the last to finish must not put an older
+/// version back. Returns whether `new` was installed.
+fn install_newer<T: Registered>(registry: &mut Registry<T>, mut new: T) -> bool {
+    let (tenant, function) = new.tenant_and_function();
+    let (tenant, function) = (tenant.to_string(), function.to_string());
+    let functions = registry.entry(tenant).or_default();
+    if let Some(current) = functions.get(&function) {
+        if current.version() >= new.version() {
+            return false;
+        }
+        new.take_over(current);
+    }
+    functions.insert(function, Arc::new(new));
+    true
+}
+
+/// The API-key cache: principals by key hash.
+#[derive(Default)]
+struct KeyCache {
+    by_hash: RwLock<HashMap<String, Arc<Principal>>>,
+    /// Held from a reload's store read to its install. Without it a reload that read before a
+    /// revoke could install its snapshot after a later reload installed the revoke, and the
+    /// revoked key would work again.
+    reload: tokio::sync::Mutex<()>,
+}
+
+impl KeyCache {
+    async fn reload<E, F>(&self, read: impl FnOnce() -> F) -> Result<(), E>
+    where
+        F: std::future::Future<Output = Result<Vec<KeyRecord>, E>>,
+    {
+        let _serial = self.reload.lock().await;
+        let keys = read().await?;
+        let map = keys.into_iter().map(|k| (k.hash.clone(), Arc::new(principal(&k)))).collect();
+        *self.by_hash.write().expect("key cache lock") = map;
+        Ok(())
+    }
+
+    fn get(&self, hash: &str) -> Option<Arc<Principal>> {
+        self.by_hash.read().expect("key cache lock").get(hash).cloned()
+    }
+}
 
 pub struct Node {
     pub config: NodeConfig,
@@ -111,8 +179,8 @@ pub struct Node {
     pub recorder: Recorder,
     pub admission: Admission,
     scheduler: Mutex<Option<Scheduler>>,
-    functions: RwLock<FunctionMap>,
-    keys: RwLock<HashMap<String, Arc<Principal>>>,
+    functions: RwLock<Registry<Deployed>>,
+    keys: KeyCache,
     /// The runtime that owns the store's connections and background tasks; API calls run here
     /// rather than on the per-core HTTP workers.
     pub control: tokio::runtime::Handle,
@@ -141,7 +209,7 @@ impl Node {
             admission,
             scheduler: Mutex::new(None),
             functions: RwLock::default(),
-            keys: RwLock::default(),
+            keys: KeyCache::default(),
             control: tokio::runtime::Handle::current(),
             public_url: RwLock::new(String::new()),
         });
@@ -152,7 +220,9 @@ impl Node {
         for record in node.store.all_latest_versions().await.map_err(store_error)? {
             let (tenant, function) = (record.tenant.clone(), record.function.clone());
             match node.load_version(record).await {
-                Ok(d) => node.install(d),
+                Ok(d) => {
+                    node.install(d);
+                }
                 Err(e) => tracing::error!(%tenant, %function, error = %e, "cannot load function"),
             }
         }
@@ -233,12 +303,11 @@ impl Node {
         map.get(tenant)?.get(function).cloned()
     }
 
-    /// Makes a version the one `/fn` serves.
-    pub fn install(&self, deployed: Deployed) {
-        let mut map = self.functions.write().expect("function map lock");
-        let tenant = deployed.record.tenant.clone();
-        let function = deployed.record.function.clone();
-        map.entry(tenant).or_default().insert(function, Arc::new(deployed));
+    /// Makes a version the one `/fn` serves, unless a newer one already is; the new version
+    /// inherits the function's admission state (see [`FunctionAdmission::inherit`]). Returns
+    /// whether it was installed.
+    pub fn install(&self, deployed: Deployed) -> bool {
+        install_newer(&mut self.functions.write().expect("function map lock"), deployed)
     }
 
     pub fn uninstall(&self, tenant: &str, function: &str) {
@@ -262,19 +331,17 @@ impl Node {
         Ok(Deployed::new(record, prepared))
     }
 
-    /// Rebuilds the API-key cache from the store.
+    /// Rebuilds the API-key cache from the store. Reloads run one at a time, so the cache
+    /// always ends at the newest state read.
     pub async fn reload_keys(&self) -> Result<(), SluiceError> {
-        let keys = self.store.active_keys().await.map_err(store_error)?;
-        let map = keys.into_iter().map(|k| (k.hash.clone(), Arc::new(principal(&k)))).collect();
-        *self.keys.write().expect("key cache lock") = map;
-        Ok(())
+        self.keys.reload(|| self.store.active_keys()).await.map_err(store_error)
     }
 
     /// The principal of a presented key, by its hash. Only the cache is consulted, so a flood of
     /// bad keys costs a hash and a map lookup, never a database query.
     pub fn principal_for_key(&self, key: &str) -> Option<Arc<Principal>> {
         let hash = sluice_core::ids::hash_api_key(key);
-        self.keys.read().expect("key cache lock").get(&hash).cloned()
+        self.keys.get(&hash)
     }
 }
 
@@ -318,4 +385,118 @@ pub fn bearer(headers: &http::HeaderMap) -> Option<&str> {
     let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admission::{FunctionAdmission, Rate};
+    use governor::clock::FakeRelativeClock;
+    use sluice_core::ErrorKind;
+
+    fn key(id: &str) -> KeyRecord {
+        KeyRecord {
+            id: id.into(),
+            tenant: None,
+            scopes: vec![Scope::Admin],
+            hash: format!("hash-{id}"),
+            created_at: 0,
+            revoked: false,
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_slow_key_reload_never_brings_a_revoked_key_back() {
+        let cache = Arc::new(KeyCache::default());
+        cache.reload(|| async { Ok::<_, ()>(vec![key("a"), key("b")]) }).await.unwrap();
+        // Reload A read the store before key b was revoked and is slow to finish; reload B reads
+        // after the revoke. On this single-threaded runtime each `yield_now` lets every ready
+        // task run until it waits, so the interleaving is fixed, not timed.
+        let (release_a, gate_a) = tokio::sync::oneshot::channel::<()>();
+        let a = tokio::spawn({
+            let cache = cache.clone();
+            async move {
+                cache
+                    .reload(|| async {
+                        gate_a.await.unwrap();
+                        Ok::<_, ()>(vec![key("a"), key("b")])
+                    })
+                    .await
+            }
+        });
+        tokio::task::yield_now().await;
+        let b = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.reload(|| async { Ok::<_, ()>(vec![key("a")]) }).await }
+        });
+        tokio::task::yield_now().await;
+        release_a.send(()).unwrap();
+        a.await.unwrap().unwrap();
+        b.await.unwrap().unwrap();
+        assert!(cache.get("hash-a").is_some());
+        assert!(cache.get("hash-b").is_none(), "the revoked key is back");
+    }
+
+    struct Fake {
+        version: i64,
+        admission: FunctionAdmission<FakeRelativeClock>,
+    }
+
+    impl Registered for Fake {
+        fn tenant_and_function(&self) -> (&str, &str) {
+            ("t", "f")
+        }
+
+        fn version(&self) -> i64 {
+            self.version
+        }
+
+        fn take_over(&mut self, previous: &Self) {
+            self.admission.inherit(&previous.admission);
+        }
+    }
+
+    fn fake(
+        version: i64,
+        rate: Option<Rate>,
+        max_concurrency: Option<u32>,
+        clock: &FakeRelativeClock,
+    ) -> Fake {
+        Fake { version, admission: FunctionAdmission::new(rate, max_concurrency, clock.clone()) }
+    }
+
+    #[test]
+    fn an_older_version_finishing_last_is_not_installed() {
+        let clock = FakeRelativeClock::default();
+        let mut registry = Registry::default();
+        assert!(install_newer(&mut registry, fake(2, None, None, &clock)));
+        assert!(!install_newer(&mut registry, fake(1, None, None, &clock)));
+        assert!(!install_newer(&mut registry, fake(2, None, None, &clock)));
+        assert_eq!(registry["t"]["f"].version, 2);
+        assert!(install_newer(&mut registry, fake(3, None, None, &clock)));
+        assert_eq!(registry["t"]["f"].version, 3);
+    }
+
+    #[test]
+    fn a_new_version_inherits_the_functions_admission_state() {
+        let clock = FakeRelativeClock::default();
+        let rate = Some(Rate { per_sec: 1.0, burst: 1 });
+        let mut registry = Registry::default();
+        install_newer(&mut registry, fake(1, rate, Some(1), &clock));
+        let v1 = registry["t"]["f"].clone();
+        v1.admission.check_rate("f").unwrap();
+        let _running_on_v1 = v1.admission.acquire("f").unwrap();
+
+        install_newer(&mut registry, fake(2, rate, Some(1), &clock));
+        let v2 = &registry["t"]["f"];
+        assert_eq!(v2.admission.check_rate("f").unwrap_err().kind, ErrorKind::RateLimited);
+        assert_eq!(v2.admission.acquire("f").unwrap_err().kind, ErrorKind::ConcurrencyLimited);
+
+        // A new rate is a new bucket; the calls in flight still count.
+        let faster = Some(Rate { per_sec: 10.0, burst: 10 });
+        install_newer(&mut registry, fake(3, faster, Some(1), &clock));
+        let v3 = &registry["t"]["f"];
+        v3.admission.check_rate("f").unwrap();
+        assert_eq!(v3.admission.acquire("f").unwrap_err().kind, ErrorKind::ConcurrencyLimited);
+    }
 }

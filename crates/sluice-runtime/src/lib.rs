@@ -349,6 +349,7 @@ impl Runtime {
         wasi.stdout(logs.stream(LogStream::Stdout))
             .stderr(logs.stream(LogStream::Stderr))
             .envs(&call.config.env)
+            .envs(call.config.secrets.expose())
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false);

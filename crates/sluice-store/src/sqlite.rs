@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_core::{Clock, FunctionConfig, Scope, SystemClock, UnixMs};
+use sluice_core::{Clock, FunctionConfig, Scope, Secrets, SystemClock, UnixMs};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
@@ -301,6 +301,38 @@ fn key_from_row(row: &SqliteRow) -> StoreResult<KeyRecord> {
     })
 }
 
+/// Member of a version's stored configuration JSON that holds its secrets as `[name, value]`
+/// pairs. `FunctionConfig` does not serialize them (so nothing that shows a configuration can
+/// show a value); only the store writes and reads this member. Versions stored before secrets
+/// existed have no such member and load with none.
+const SECRETS_MEMBER: &str = "secrets";
+
+fn config_to_json(config: &FunctionConfig) -> StoreResult<String> {
+    let mut json = serde_json::to_value(config)
+        .map_err(|e| StoreError::Other(format!("serializing function config: {e}")))?;
+    if !config.secrets.is_empty()
+        && let Some(object) = json.as_object_mut()
+    {
+        object.insert(SECRETS_MEMBER.into(), serde_json::json!(config.secrets.expose()));
+    }
+    Ok(json.to_string())
+}
+
+fn config_from_json(text: &str) -> StoreResult<FunctionConfig> {
+    let mut json: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| corrupt(format_args!("version config: {e}")))?;
+    let secrets = json.as_object_mut().and_then(|o| o.remove(SECRETS_MEMBER));
+    let mut config: FunctionConfig =
+        serde_json::from_value(json).map_err(|e| corrupt(format_args!("version config: {e}")))?;
+    if let Some(secrets) = secrets {
+        // serde's message could quote a value: say only what is wrong.
+        let pairs = serde_json::from_value(secrets)
+            .map_err(|_| corrupt(format_args!("version secrets are not [name, value] pairs")))?;
+        config.secrets = Secrets::new(pairs);
+    }
+    Ok(config)
+}
+
 fn version_from_row(row: &SqliteRow) -> StoreResult<VersionRecord> {
     let config: String = get(row, "config")?;
     Ok(VersionRecord {
@@ -308,7 +340,7 @@ fn version_from_row(row: &SqliteRow) -> StoreResult<VersionRecord> {
         function: get(row, "function")?,
         version: get(row, "version")?,
         blob_digest: get(row, "blob_digest")?,
-        config: serde_json::from_str(&config).map_err(|e| corrupt(format_args!("version config: {e}")))?,
+        config: config_from_json(&config)?,
         created_at: get(row, "created_at")?,
     })
 }
@@ -604,8 +636,7 @@ impl Store for SqliteStore {
         blob_digest: &str,
         config: &FunctionConfig,
     ) -> StoreResult<VersionRecord> {
-        let config_json = serde_json::to_string(config)
-            .map_err(|e| StoreError::Other(format!("serializing function config: {e}")))?;
+        let config_json = config_to_json(config)?;
         let now = self.clock.now_ms();
 
         // One write transaction from the existence checks to the version insert: concurrent

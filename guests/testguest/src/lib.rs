@@ -2,7 +2,8 @@
 //!
 //! Exports `wasi:http/incoming-handler` (the `wasi:http/proxy` world). The mode
 //! is chosen by the LAST path segment, so `/fn/default/tg/sleep?ms=5` and
-//! `/sleep?ms=5` behave the same. Modes are listed in `route`.
+//! `/sleep?ms=5` behave the same. Modes are listed in `route`
+//! (`no-response` and `trickle` are handled before it, on the raw bindings).
 
 use std::hint::black_box;
 use std::io::Write as _;
@@ -24,6 +25,11 @@ impl Guest for TestGuest {
             drop(request);
             return;
         }
+        if mode_of(&path_q) == "trickle" {
+            drop(request);
+            trickle(response_out);
+            return;
+        }
 
         let responder = Responder::new(response_out);
         wstd::runtime::block_on(async move {
@@ -39,6 +45,27 @@ impl Guest for TestGuest {
 }
 
 wasip2::http::proxy::export!(TestGuest with_types_in wasip2);
+
+/// How long `trickle` pauses between its two chunks.
+const TRICKLE_PAUSE_NS: u64 = 1_000_000_000;
+
+/// Mode `trickle`: sends the head and `first\n`, waits `TRICKLE_PAUSE_NS`, then sends `rest\n`.
+/// A client that reads `first` well before the pause is over got a streamed body; a host that
+/// buffers the body would deliver both chunks together, after the pause. Written against the raw
+/// bindings so that each write is flushed to the host at once.
+fn trickle(response_out: ResponseOutparam) {
+    use wasip2::http::types::{Fields, OutgoingBody, OutgoingResponse};
+    let response = OutgoingResponse::new(Fields::new());
+    let body = response.body().expect("the body is taken once");
+    ResponseOutparam::set(response_out, Ok(response));
+    {
+        let out = body.write().expect("the stream is taken once");
+        out.blocking_write_and_flush(b"first\n").expect("writing the first chunk");
+        wasip2::clocks::monotonic_clock::subscribe_duration(TRICKLE_PAUSE_NS).block();
+        out.blocking_write_and_flush(b"rest\n").expect("writing the rest");
+    }
+    OutgoingBody::finish(body, None).expect("finishing the body");
+}
 
 /// Path part (before `?`) of a path-with-query.
 fn path_of(path_q: &str) -> &str {

@@ -131,3 +131,33 @@ fn a_tenants_own_limit_is_set_by_the_api_and_survives_a_restart() {
     assert_eq!(put(&node, serde_json::json!({ "rate_per_sec": null })).status(), 200);
     assert_eq!(statuses(&node), vec![200, 200, 200], "cleared");
 }
+
+#[test]
+fn redeploying_resets_neither_the_bucket_nor_the_calls_in_flight() {
+    let node = Node::start(&[]);
+    let flags = ["--rate", "1/min", "--burst", "1", "--max-concurrency", "1"];
+    node.deploy("tg", &guests().testguest, &flags);
+    let (url, token) = (node.url.clone(), node.token.clone());
+    let slow = std::thread::spawn(move || {
+        reqwest::blocking::Client::new()
+            .get(format!("{url}/fn/default/tg/sleep?ms=4000"))
+            .bearer_auth(token)
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let out = node.deploy("tg", &guests().testguest, &flags);
+    assert!(out.contains("version 2"), "{out}");
+    // The only token of the minute went to the slow call, which is still running on version 1.
+    assert_error(node.get("/fn/default/tg/ok"), 429, "rate_limited");
+    assert!(!slow.is_finished(), "the slow call ended before the check; the test proves nothing");
+
+    // A new rate starts a new bucket; the call in flight on version 1 still holds the only slot.
+    node.deploy("tg", &guests().testguest, &["--rate", "100/s", "--max-concurrency", "1"]);
+    assert_error(node.get("/fn/default/tg/ok"), 429, "concurrency_limited");
+    assert!(!slow.is_finished(), "the slow call ended before the check; the test proves nothing");
+    assert_eq!(slow.join().unwrap(), 200);
+    assert_eq!(node.get("/fn/default/tg/ok").status(), 200, "the slot is given back");
+}

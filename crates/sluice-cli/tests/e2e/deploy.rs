@@ -1,5 +1,8 @@
 //! Deploying components and calling them: the happy path and every bad upload.
 
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
 use crate::harness::{Node, assert_error, guests};
 
 #[test]
@@ -54,7 +57,7 @@ fn guest_sees_path_query_env_and_invocation_id_but_not_the_key() {
 }
 
 #[test]
-fn large_bodies_stream_both_ways() {
+fn large_bodies_pass_through_whole() {
     let node = Node::start(&[]);
     node.deploy("tg", &guests().testguest, &[]);
     let body: Vec<u8> = (0..5 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
@@ -67,6 +70,59 @@ fn large_bodies_stream_both_ways() {
         .unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(res.bytes().unwrap().as_ref(), body.as_slice());
+}
+
+/// Reads from `r` until what was read contains `want`, failing after the stream's read timeout.
+fn read_until(r: &mut impl Read, seen: &mut Vec<u8>, want: &[u8]) {
+    let mut buf = [0u8; 4096];
+    while !seen.windows(want.len()).any(|w| w == want) {
+        let n = r.read(&mut buf).unwrap_or_else(|e| panic!("waiting for {want:?}: {e}; got {seen:?}"));
+        assert!(n > 0, "closed before {want:?}; got {:?}", String::from_utf8_lossy(seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[test]
+fn bodies_stream_both_ways() {
+    let node = Node::start(&[]);
+    node.deploy("tg", &guests().testguest, &[]);
+
+    // Response: `trickle` sends a chunk, pauses a second, then sends the rest. Streamed, the
+    // first chunk arrives while the guest is still paused; buffered, both arrive together.
+    let started = Instant::now();
+    let mut res = node.get("/fn/default/tg/trickle");
+    assert_eq!(res.status(), 200);
+    let mut seen = Vec::new();
+    read_until(&mut res, &mut seen, b"first\n");
+    let first_at = started.elapsed();
+    read_until(&mut res, &mut seen, b"rest\n");
+    let done_at = started.elapsed();
+    assert_eq!(seen, b"first\nrest\n");
+    assert!(done_at >= Duration::from_secs(1), "the guest pauses a second: {done_at:?}");
+    assert!(
+        done_at - first_at >= Duration::from_millis(500),
+        "the first chunk came with the rest (at {first_at:?} of {done_at:?}): the body was buffered"
+    );
+
+    // Request: `echo` copies the body as it arrives, so the start of the echo comes back while
+    // the request body is still open. A node that read the whole body first would never answer
+    // and the read below would time out.
+    let addr = node.url.trim_start_matches("http://");
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let head = format!(
+        "POST /fn/default/tg/echo HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {}\r\n\
+         transfer-encoding: chunked\r\n\r\n",
+        node.token
+    );
+    conn.write_all(head.as_bytes()).unwrap();
+    conn.write_all(b"6\r\nfirst\n\r\n").unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut conn, &mut seen, b"first\n");
+    assert!(seen.starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&seen));
+    conn.write_all(b"5\r\nrest\n\r\n0\r\n\r\n").unwrap();
+    read_until(&mut conn, &mut seen, b"0\r\n\r\n");
+    assert!(String::from_utf8_lossy(&seen).contains("rest\n"), "{:?}", String::from_utf8_lossy(&seen));
 }
 
 fn upload(node: &Node, bytes: Vec<u8>) -> reqwest::blocking::Response {

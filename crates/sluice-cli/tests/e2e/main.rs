@@ -6,6 +6,7 @@ mod harness;
 mod admission;
 mod api;
 mod chaos;
+mod credentials;
 mod deploy;
 mod lanes;
 mod limits;

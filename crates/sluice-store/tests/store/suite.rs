@@ -171,6 +171,7 @@ pub async fn versions_are_numbered_from_one(store: &dyn Store, clock: &ManualClo
         rate_per_sec: Some(2.5),
         burst: Some(5),
         max_concurrency: Some(3),
+        secrets: sluice_core::Secrets::new(vec![("API_TOKEN".into(), "hunter2".into())]),
         ..FunctionConfig::default()
     };
 
