@@ -60,3 +60,12 @@ pub const ASYNC_TIMEOUT_MS_DEFAULT: u64 = 15 * 60 * 1000;
 pub const WASM_STACK_BYTES: usize = 512 * 1024;
 pub const ATTEMPTS_MAX_DEFAULT: u32 = 3;
 pub const MAX_AGE_MS_DEFAULT: u64 = 6 * 60 * 60 * 1000;
+/// Log lines kept per invocation (stdout, stderr and sluice's own lines together); the rest is
+/// dropped and the truncation noted. Each line is also charged against
+/// [`Limits::log_bytes_per_invocation_max`] for more than its text.
+pub const LOG_LINES_PER_INVOCATION_MAX: usize = 1000;
+/// What one log line costs beyond its text, charged against the per-invocation log budget and
+/// the recorder's queue: the `(LogStream, String, UnixMs)` tuple and the `String` header in memory
+/// (40 bytes), and the store's row (invocation id, stream, timestamp, rowid). An empty line is not
+/// free.
+pub const LOG_LINE_OVERHEAD_BYTES: usize = 64;
