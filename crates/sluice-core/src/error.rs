@@ -28,6 +28,8 @@ pub enum ErrorKind {
     Conflict,
     PayloadTooLarge,
     HeadersTooLarge,
+    /// The client did not send its request body within the read deadline.
+    RequestTimeout,
     RateLimited,
     ConcurrencyLimited,
     Overloaded,
@@ -40,7 +42,7 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 18] = [
+    pub const ALL: [ErrorKind; 19] = [
         Self::BadRequest,
         Self::InvalidComponent,
         Self::Unauthorized,
@@ -50,6 +52,7 @@ impl ErrorKind {
         Self::Conflict,
         Self::PayloadTooLarge,
         Self::HeadersTooLarge,
+        Self::RequestTimeout,
         Self::RateLimited,
         Self::ConcurrencyLimited,
         Self::Overloaded,
@@ -72,6 +75,7 @@ impl ErrorKind {
             Self::Conflict => "conflict",
             Self::PayloadTooLarge => "payload_too_large",
             Self::HeadersTooLarge => "headers_too_large",
+            Self::RequestTimeout => "request_timeout",
             Self::RateLimited => "rate_limited",
             Self::ConcurrencyLimited => "concurrency_limited",
             Self::Overloaded => "overloaded",
@@ -98,6 +102,7 @@ impl ErrorKind {
             Self::Conflict => StatusCode::CONFLICT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::RateLimited | Self::ConcurrencyLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::Overloaded | Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,

@@ -19,6 +19,9 @@ pub struct Limits {
     pub async_body_bytes_max: u64,
     /// Largest component upload.
     pub upload_bytes_max: u64,
+    /// Time a client has to send a whole request body that sluice reads before acting (uploads,
+    /// async calls): a client that trickles its body would otherwise hold a slot forever.
+    pub body_read_timeout: Duration,
     /// Largest memory limit a function version may ask for.
     pub function_memory_bytes_max: u64,
     /// Longest timeout a function version may ask for.
@@ -32,6 +35,10 @@ pub struct Limits {
     pub shutdown_grace: Duration,
     /// Log records waiting to be written; beyond this they are dropped and counted.
     pub log_queue_max: usize,
+    /// Bytes of log records waiting to be written (line text plus [`LOG_LINE_OVERHEAD_BYTES`] a
+    /// line); beyond this they are dropped and counted. Without it the record bound alone would
+    /// allow `log_queue_max` × the log budget of an invocation (4 GiB).
+    pub log_queue_bytes_max: usize,
 }
 
 impl Default for Limits {
@@ -43,12 +50,14 @@ impl Default for Limits {
             sync_body_bytes_max: 6 * 1024 * 1024,
             async_body_bytes_max: 1024 * 1024,
             upload_bytes_max: 64 * 1024 * 1024,
+            body_read_timeout: Duration::from_secs(30),
             function_memory_bytes_max: 1024 * 1024 * 1024,
             function_timeout_max: Duration::from_secs(15 * 60),
             log_bytes_per_invocation_max: 64 * 1024,
             instances_max: 1000,
             shutdown_grace: Duration::from_secs(30),
             log_queue_max: 65_536,
+            log_queue_bytes_max: 64 * 1024 * 1024,
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod node;
 pub mod recorder;
 pub mod server;
 pub mod sniff;
+pub mod supervisor;
 
 use std::path::Path;
 use std::sync::Arc;
