@@ -11,10 +11,10 @@ use std::time::Duration;
 use anyhow::Context;
 use sluice_core::Limits;
 use sluice_core::units::{parse_bytes, parse_duration};
+use sluice_gateway::LaneConfig;
 use sluice_gateway::admission::Rate;
 use sluice_gateway::{Node, NodeConfig, Server};
-use sluice_runtime::LaneConfig;
-use sluice_store::{SqliteStore, Store};
+use sluice_store::{STORE_CALL_TIMEOUT, SqliteStore, Store, Timed};
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
@@ -58,6 +58,10 @@ pub struct ServeArgs {
     /// Async invocations running at once on this node.
     #[arg(long, default_value_t = 256)]
     pub async_inflight_max: usize,
+    /// Async calls being accepted at once (each holds up to its body while it is read and
+    /// committed); beyond it new ones get 503 at once.
+    #[arg(long, default_value_t = 256)]
+    pub async_enqueue_inflight_max: usize,
     /// Lease of an async invocation; renewed every third of it while it runs, reclaimed by
     /// another node (or this one after a restart) when it lapses, e.g. 30s.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
@@ -68,6 +72,10 @@ pub struct ServeArgs {
     /// Largest component upload, e.g. 64MiB.
     #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
     pub upload_max: u64,
+    /// Time a client has to send the whole body of an upload or an async call, e.g. 30s; past
+    /// it the call gets 408.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub body_read_timeout: Duration,
     /// Component instances alive at once on this node (sizes the instance pool).
     #[arg(long, default_value_t = 1000)]
     pub instances_max: u32,
@@ -94,14 +102,58 @@ pub struct ServeArgs {
     /// Calls of one tenant running on the slow lane at once. Default: one per core.
     #[arg(long)]
     pub slow_lane_tenant_slots: Option<usize>,
+    /// For tests of the supervisor: a background task that panics this long after start.
+    #[arg(long, hide = true, value_parser = parse_duration)]
+    pub test_panic_task_after: Option<Duration>,
+}
+
+/// Shortest `--lease`: it is renewed every third of it, and a renewal is a store write.
+const LEASE_MIN: Duration = Duration::from_secs(1);
+/// Longest `--lease`: how long the invocations of a dead node wait before another takes them.
+const LEASE_MAX: Duration = Duration::from_secs(60 * 60);
+/// Shortest `--retention`: finished invocations must stay readable for at least a moment.
+const RETENTION_MIN: Duration = Duration::from_secs(1);
+/// Longest `--retention`, so that "now minus retention" stays a representable time.
+const RETENTION_MAX: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+/// Longest `--shutdown-grace`, `--body-read-timeout` and `--header-read-timeout`: far beyond any
+/// real use, but small enough that timers computed from them cannot overflow.
+const TIMEOUT_MAX: Duration = Duration::from_secs(60 * 60);
+
+/// Checks that `value` of `flag` lies in `min..=max`, naming the flag and the bounds if not.
+fn check_duration(flag: &str, value: Duration, min: Duration, max: Duration) -> anyhow::Result<()> {
+    use sluice_core::units::format_duration;
+    anyhow::ensure!(
+        (min..=max).contains(&value),
+        "{flag} must be between {} and {}, got {}",
+        format_duration(min),
+        format_duration(max),
+        format_duration(value)
+    );
+    Ok(())
 }
 
 impl ServeArgs {
+    /// Every duration flag, checked before anything starts: a zero or absurd duration would
+    /// otherwise surface later as a panicking timer in a background task.
+    fn check_durations(&self) -> anyhow::Result<()> {
+        let nanosecond = Duration::from_nanos(1);
+        check_duration("--lease", self.lease, LEASE_MIN, LEASE_MAX)?;
+        check_duration("--retention", self.retention, RETENTION_MIN, RETENTION_MAX)?;
+        check_duration("--shutdown-grace", self.shutdown_grace, Duration::ZERO, TIMEOUT_MAX)?;
+        check_duration("--header-read-timeout", self.header_read_timeout, nanosecond, TIMEOUT_MAX)?;
+        check_duration("--body-read-timeout", self.body_read_timeout, nanosecond, TIMEOUT_MAX)?;
+        Ok(())
+    }
+
     fn limits(&self) -> anyhow::Result<Limits> {
         anyhow::ensure!(self.header_count_max >= 1, "--header-count-max must be at least 1");
         anyhow::ensure!(self.header_bytes_max >= 1024, "--header-bytes-max must be at least 1KiB");
         anyhow::ensure!(self.instances_max >= 1, "--instances-max must be at least 1");
-        anyhow::ensure!(!self.header_read_timeout.is_zero(), "--header-read-timeout must be positive");
+        anyhow::ensure!(
+            self.async_enqueue_inflight_max >= 1,
+            "--async-enqueue-inflight-max must be at least 1"
+        );
+        self.check_durations()?;
         self.lanes()?;
         anyhow::ensure!(
             self.memory_keep_resident <= 1 << 30,
@@ -114,6 +166,7 @@ impl ServeArgs {
             sync_body_bytes_max: self.sync_body_max,
             async_body_bytes_max: self.async_body_max,
             upload_bytes_max: self.upload_max,
+            body_read_timeout: self.body_read_timeout,
             instances_max: self.instances_max,
             shutdown_grace: self.shutdown_grace,
             ..Limits::default()
@@ -156,8 +209,9 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
     let db = args.data_dir.join("sluice.db");
-    let store: Arc<dyn Store> =
-        Arc::new(SqliteStore::open(&db).await.with_context(|| format!("opening {}", db.display()))?);
+    let sqlite = SqliteStore::open(&db).await.with_context(|| format!("opening {}", db.display()))?;
+    let store_writer = sqlite.take_writer_task();
+    let store: Arc<dyn Store> = Arc::new(Timed::new(sqlite, STORE_CALL_TIMEOUT));
     if let Some(key) = sluice_gateway::bootstrap(&store, &args.data_dir).await? {
         eprintln!(
             "created tenant `default` and an admin API key (saved to {}):\n  {key}",
@@ -171,10 +225,14 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
         (args.tenant_rate > 0.0).then(|| Rate::of(Some(args.tenant_rate), args.tenant_burst)).flatten();
     config.sync_inflight_max = args.sync_inflight_max;
     config.async_inflight_max = args.async_inflight_max;
+    config.async_enqueue_inflight_max = args.async_enqueue_inflight_max;
     config.lease_ms = args.lease.as_millis() as u64;
     config.lanes = args.lanes()?;
     config.memory_keep_resident_bytes = args.memory_keep_resident as usize;
     let node = Node::open(config, store).await?;
+    if let Some(task) = store_writer {
+        node.supervisor.watch("store writer", task);
+    }
     let server = Server::start(node.clone(), args.listen, workers)
         .with_context(|| format!("listening on {}", args.listen))?;
     node.start_scheduler();
@@ -187,18 +245,37 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
         args.data_dir.display()
     );
 
-    shutdown_signal().await;
-    eprintln!(
-        "sluice: shutting down; in-flight calls get up to {}",
-        sluice_core::units::format_duration(node.config.limits.shutdown_grace)
-    );
+    if let Some(after) = args.test_panic_task_after {
+        node.supervisor.spawn("test-panic", async move {
+            tokio::time::sleep(after).await;
+            panic!("--test-panic-task-after fired");
+        });
+    }
+
+    let failure = tokio::select! {
+        () = shutdown_signal() => None,
+        failure = node.supervisor.failed() => Some(failure),
+    };
+    node.supervisor.stopping();
+    match &failure {
+        None => eprintln!(
+            "sluice: shutting down; in-flight calls get up to {}",
+            sluice_core::units::format_duration(node.config.limits.shutdown_grace)
+        ),
+        Some(failure) => eprintln!("sluice: {failure}; the node cannot run without it, stopping"),
+    }
     // HTTP first (no new calls, in-flight ones finish), then the scheduler (running async calls
     // finish or go back to the queue), then the last log records.
     server.shutdown().await;
     node.stop_scheduler().await;
     node.recorder.flush().await;
-    eprintln!("sluice: stopped");
-    Ok(())
+    match failure {
+        None => {
+            eprintln!("sluice: stopped");
+            Ok(())
+        }
+        Some(failure) => Err(anyhow::anyhow!("{failure}")),
+    }
 }
 
 async fn shutdown_signal() {

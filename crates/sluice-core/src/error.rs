@@ -28,6 +28,8 @@ pub enum ErrorKind {
     Conflict,
     PayloadTooLarge,
     HeadersTooLarge,
+    /// The client did not send its request body within the read deadline.
+    RequestTimeout,
     RateLimited,
     ConcurrencyLimited,
     Overloaded,
@@ -42,7 +44,7 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 19] = [
+    pub const ALL: [ErrorKind; 20] = [
         Self::BadRequest,
         Self::InvalidComponent,
         Self::Unauthorized,
@@ -52,6 +54,7 @@ impl ErrorKind {
         Self::Conflict,
         Self::PayloadTooLarge,
         Self::HeadersTooLarge,
+        Self::RequestTimeout,
         Self::RateLimited,
         Self::ConcurrencyLimited,
         Self::Overloaded,
@@ -75,6 +78,7 @@ impl ErrorKind {
             Self::Conflict => "conflict",
             Self::PayloadTooLarge => "payload_too_large",
             Self::HeadersTooLarge => "headers_too_large",
+            Self::RequestTimeout => "request_timeout",
             Self::RateLimited => "rate_limited",
             Self::ConcurrencyLimited => "concurrency_limited",
             Self::Overloaded => "overloaded",
@@ -102,6 +106,7 @@ impl ErrorKind {
             Self::Conflict => StatusCode::CONFLICT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::RateLimited | Self::ConcurrencyLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::Overloaded | Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,

@@ -19,6 +19,9 @@ pub struct Limits {
     pub async_body_bytes_max: u64,
     /// Largest component upload.
     pub upload_bytes_max: u64,
+    /// Time a client has to send a whole request body that sluice reads before acting (uploads,
+    /// async calls): a client that trickles its body would otherwise hold a slot forever.
+    pub body_read_timeout: Duration,
     /// Largest memory limit a function version may ask for.
     pub function_memory_bytes_max: u64,
     /// Longest timeout a function version may ask for.
@@ -32,6 +35,10 @@ pub struct Limits {
     pub shutdown_grace: Duration,
     /// Log records waiting to be written; beyond this they are dropped and counted.
     pub log_queue_max: usize,
+    /// Bytes of log records waiting to be written (line text plus [`LOG_LINE_OVERHEAD_BYTES`] a
+    /// line); beyond this they are dropped and counted. Without it the record bound alone would
+    /// allow `log_queue_max` × the log budget of an invocation (4 GiB).
+    pub log_queue_bytes_max: usize,
 }
 
 impl Default for Limits {
@@ -43,12 +50,14 @@ impl Default for Limits {
             sync_body_bytes_max: 6 * 1024 * 1024,
             async_body_bytes_max: 1024 * 1024,
             upload_bytes_max: 64 * 1024 * 1024,
+            body_read_timeout: Duration::from_secs(30),
             function_memory_bytes_max: 1024 * 1024 * 1024,
             function_timeout_max: Duration::from_secs(15 * 60),
             log_bytes_per_invocation_max: 64 * 1024,
             instances_max: 1000,
             shutdown_grace: Duration::from_secs(30),
             log_queue_max: 65_536,
+            log_queue_bytes_max: 64 * 1024 * 1024,
         }
     }
 }
@@ -60,3 +69,12 @@ pub const ASYNC_TIMEOUT_MS_DEFAULT: u64 = 15 * 60 * 1000;
 pub const WASM_STACK_BYTES: usize = 512 * 1024;
 pub const ATTEMPTS_MAX_DEFAULT: u32 = 3;
 pub const MAX_AGE_MS_DEFAULT: u64 = 6 * 60 * 60 * 1000;
+/// Log lines kept per invocation (stdout, stderr and sluice's own lines together); the rest is
+/// dropped and the truncation noted. Each line is also charged against
+/// [`Limits::log_bytes_per_invocation_max`] for more than its text.
+pub const LOG_LINES_PER_INVOCATION_MAX: usize = 1000;
+/// What one log line costs beyond its text, charged against the per-invocation log budget and
+/// the recorder's queue: the `(LogStream, String, UnixMs)` tuple and the `String` header in memory
+/// (40 bytes), and the store's row (invocation id, stream, timestamp, rowid). An empty line is not
+/// free.
+pub const LOG_LINE_OVERHEAD_BYTES: usize = 64;

@@ -237,7 +237,7 @@ pub(crate) async fn upload_blob(
     auth.require(&tenant, Scope::Deploy)?;
     require_tenant(&node, &tenant).await?;
     let max = node.config.limits.upload_bytes_max;
-    let bytes = crate::body::collect_limited(body, max).await?;
+    let bytes = crate::body::collect_limited(body, max, node.config.limits.body_read_timeout).await?;
     if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
         return Err(SluiceError::new(
             ErrorKind::InvalidComponent,

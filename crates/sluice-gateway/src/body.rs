@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
@@ -30,16 +31,26 @@ pub fn too_large(max: u64) -> SluiceError {
     )
 }
 
-/// Reads a whole request body of at most `max` bytes: 413 beyond it, 400 if reading fails.
-pub async fn collect_limited<B>(body: B, max: u64) -> Result<Bytes, SluiceError>
+/// Reads a whole request body of at most `max` bytes within `read_timeout`: 413 beyond the size,
+/// 408 past the deadline, 400 if reading fails. The deadline covers the whole body, not each
+/// read: a client sending one byte a second never times out a per-read deadline.
+pub async fn collect_limited<B>(body: B, max: u64, read_timeout: Duration) -> Result<Bytes, SluiceError>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    match http_body_util::Limited::new(body, max as usize).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(max)),
-        Err(e) => Err(SluiceError::bad_request(format!("reading the request body: {e}"))),
+    let collect = http_body_util::Limited::new(body, max as usize).collect();
+    match tokio::time::timeout(read_timeout, collect).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(max)),
+        Ok(Err(e)) => Err(SluiceError::bad_request(format!("reading the request body: {e}"))),
+        Err(_) => Err(SluiceError::new(
+            ErrorKind::RequestTimeout,
+            format!(
+                "the request body did not arrive within {}",
+                sluice_core::units::format_duration(read_timeout)
+            ),
+        )),
     }
 }
 

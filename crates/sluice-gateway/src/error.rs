@@ -41,6 +41,7 @@ pub fn kind_for_status(status: StatusCode) -> ErrorKind {
         403 => ErrorKind::Forbidden,
         404 => ErrorKind::NotFound,
         405 => ErrorKind::MethodNotAllowed,
+        408 => ErrorKind::RequestTimeout,
         409 => ErrorKind::Conflict,
         413 => ErrorKind::PayloadTooLarge,
         415 | 422 => ErrorKind::BadRequest,

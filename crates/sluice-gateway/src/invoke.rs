@@ -165,6 +165,9 @@ async fn enqueue(
     public: bool,
     invocation_id: &str,
 ) -> Result<Response<Body>, SluiceError> {
+    // Held until the 202 (or the error) is ready: while it waits for its body and then for the
+    // group commit, an enqueue holds up to a whole async body in memory.
+    let _slot = enqueue_slot(node)?;
     let now = SystemClock.now_ms();
     let headers = req.headers();
     let idempotency_key = match headers.get("idempotency-key") {
@@ -198,8 +201,8 @@ async fn enqueue(
 
     let (mut parts, body) = req.into_parts();
     strip_platform_credentials(&mut parts.headers, public);
-    let max = node.config.limits.async_body_bytes_max;
-    let body = collect_limited(body, max).await?;
+    let limits = &node.config.limits;
+    let body = collect_limited(body, limits.async_body_bytes_max, limits.body_read_timeout).await?;
     let stored_headers = parts
         .headers
         .iter()
@@ -244,6 +247,18 @@ async fn enqueue(
         h.insert("sluice-idempotent-replay", HeaderValue::from_static("true"));
     }
     Ok(res)
+}
+
+/// A slot for one more async enqueue on this node, or 503 at once.
+fn enqueue_slot(node: &Node) -> Result<Slot, SluiceError> {
+    let max = node.config.async_enqueue_inflight_max;
+    node.async_enqueues.try_acquire(max).ok_or_else(|| {
+        SluiceError::new(
+            ErrorKind::Overloaded,
+            format!("this node is already accepting {max} async calls; retry shortly"),
+        )
+        .retry_after(1)
+    })
 }
 
 fn header_error(name: &str, problem: &str) -> SluiceError {

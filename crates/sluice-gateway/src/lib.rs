@@ -17,6 +17,7 @@ pub mod node;
 pub mod recorder;
 pub mod server;
 pub mod sniff;
+pub mod supervisor;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use sluice_store::{KeyRecord, Store};
 
 pub use node::{Node, NodeConfig};
 pub use server::Server;
+pub use sluice_runtime::LaneConfig;
 
 /// The tenant every new store starts with.
 pub const DEFAULT_TENANT: &str = "default";

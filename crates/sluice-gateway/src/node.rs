@@ -12,9 +12,10 @@ use sluice_store::{KeyRecord, Store, VersionRecord};
 
 use sluice_scheduler::{Functions, Ready, Scheduler, SchedulerConfig};
 
-use crate::admission::{Admission, FunctionAdmission, Rate};
+use crate::admission::{Admission, FunctionAdmission, Gauge, Rate};
 use crate::error::store_error;
 use crate::recorder::Recorder;
+use crate::supervisor::Supervisor;
 
 /// Settings of a node, fixed at start.
 #[derive(Debug, Clone)]
@@ -29,6 +30,9 @@ pub struct NodeConfig {
     pub sync_inflight_max: usize,
     /// Async invocations running at once on this node.
     pub async_inflight_max: usize,
+    /// Async calls being accepted at once (reading their body, waiting for the commit); beyond
+    /// it new ones get 503 at once.
+    pub async_enqueue_inflight_max: usize,
     /// Lease of an async invocation (renewed every third of it).
     pub lease_ms: u64,
     /// The runtime's fast and slow CPU lanes.
@@ -46,6 +50,7 @@ impl NodeConfig {
             tenant_rate: None,
             sync_inflight_max: 512,
             async_inflight_max: 256,
+            async_enqueue_inflight_max: 256,
             lease_ms: 30_000,
             lanes: sluice_runtime::LaneConfig::for_cores(
                 std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -178,6 +183,10 @@ pub struct Node {
     pub runtime: Arc<Runtime>,
     pub recorder: Recorder,
     pub admission: Admission,
+    /// Watches the background tasks: one that dies stops the node.
+    pub supervisor: Supervisor,
+    /// Async calls being accepted now (see [`NodeConfig::async_enqueue_inflight_max`]).
+    pub async_enqueues: Arc<Gauge>,
     scheduler: Mutex<Option<Scheduler>>,
     functions: RwLock<Registry<Deployed>>,
     keys: KeyCache,
@@ -199,7 +208,10 @@ impl Node {
         rt.lanes = config.lanes.clone();
         rt.memory_keep_resident_bytes = config.memory_keep_resident_bytes;
         let runtime = Arc::new(Runtime::new(rt)?);
-        let recorder = Recorder::start(store.clone(), config.limits.log_queue_max);
+        let supervisor = Supervisor::default();
+        let (recorder, recorder_task) =
+            Recorder::start(store.clone(), config.limits.log_queue_max, config.limits.log_queue_bytes_max);
+        supervisor.watch("recorder", recorder_task);
         let admission = Admission::new(Default::default(), config.sync_inflight_max, config.tenant_rate);
         let node = Arc::new(Self {
             config,
@@ -207,6 +219,8 @@ impl Node {
             runtime,
             recorder,
             admission,
+            supervisor,
+            async_enqueues: Arc::default(),
             scheduler: Mutex::new(None),
             functions: RwLock::default(),
             keys: KeyCache::default(),
@@ -245,6 +259,7 @@ impl Node {
             functions,
             Arc::new(sluice_core::SystemClock),
         );
+        self.supervisor.watch_handle("scheduler", scheduler.task());
         *self.scheduler.lock().expect("scheduler lock") = Some(scheduler);
     }
 
@@ -255,7 +270,7 @@ impl Node {
         let node = Arc::downgrade(self);
         let period =
             (retention / 2).clamp(std::time::Duration::from_millis(100), std::time::Duration::from_secs(60));
-        tokio::spawn(async move {
+        self.supervisor.spawn("retention", async move {
             let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {

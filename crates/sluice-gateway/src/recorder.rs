@@ -1,13 +1,15 @@
 //! Records finished sync invocations (their outcome and log lines) off the request path.
 //!
-//! Calls hand records to a bounded queue without waiting; one background task writes them in
-//! batches, at its own pace. Sync records are not acknowledged data: when the queue is full a
-//! record is dropped and counted instead of slowing the call down.
+//! Calls hand records to a queue bounded in records and in bytes without waiting; one background
+//! task writes them in batches, at its own pace, and gives their bytes back once a batch is
+//! written. Sync records are not acknowledged data: when either bound is reached a record is
+//! dropped and counted instead of slowing the call down.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use sluice_core::limits::LOG_LINE_OVERHEAD_BYTES;
 use sluice_store::{Store, SyncRecord};
 use tokio::sync::mpsc;
 
@@ -15,23 +17,45 @@ use tokio::sync::mpsc;
 const BATCH_RECORDS_MAX: usize = 1000;
 /// How long a record may wait for its batch to fill.
 const BATCH_WAIT: Duration = Duration::from_millis(50);
+/// What a record costs in the queue beyond its strings and log lines (the struct itself and the
+/// channel slot).
+const RECORD_OVERHEAD_BYTES: usize = 256;
+/// How long `flush` waits for the queue to drain.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct Recorder {
     tx: mpsc::Sender<SyncRecord>,
     dropped: Arc<AtomicU64>,
+    /// Bytes of the records in the channel or in the writer's current batch.
+    queued_bytes: Arc<AtomicUsize>,
+    queue_bytes_max: usize,
 }
 
 impl Recorder {
-    /// Starts the writer task on the current runtime.
-    pub fn start(store: Arc<dyn Store>, queue_max: usize) -> Self {
+    /// Starts the writer task on the current runtime; returns the task so the node can watch it.
+    pub fn start(
+        store: Arc<dyn Store>,
+        queue_max: usize,
+        queue_bytes_max: usize,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(queue_max.max(1));
-        tokio::spawn(write_batches(store, rx));
-        Self { tx, dropped: Arc::default() }
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(write_batches(store, rx, queued_bytes.clone()));
+        (Self { tx, dropped: Arc::default(), queued_bytes, queue_bytes_max }, task)
     }
 
     pub fn record(&self, record: SyncRecord) {
+        let size = record_bytes(&record);
+        let reserved = self.queued_bytes.fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+            (queued + size <= self.queue_bytes_max).then_some(queued + size)
+        });
+        if reserved.is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         if self.tx.try_send(record).is_err() {
+            self.queued_bytes.fetch_sub(size, Ordering::AcqRel);
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -41,18 +65,38 @@ impl Recorder {
         self.dropped.load(Ordering::Relaxed)
     }
 
-    /// Waits until everything queued so far has been written (used at shutdown and in tests).
+    /// Bytes of records accepted and not yet written.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(Ordering::Acquire)
+    }
+
+    /// Waits until everything queued so far has been written (used at shutdown and in tests),
+    /// at most [`FLUSH_TIMEOUT`].
     pub async fn flush(&self) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while self.tx.capacity() < self.tx.max_capacity() && tokio::time::Instant::now() < deadline {
+        let deadline = tokio::time::Instant::now() + FLUSH_TIMEOUT;
+        while self.queued_bytes() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        // The last batch may be in the writer's hands: give it one batch period.
-        tokio::time::sleep(BATCH_WAIT * 2).await;
     }
 }
 
-async fn write_batches(store: Arc<dyn Store>, mut rx: mpsc::Receiver<SyncRecord>) {
+/// What a record holds on to while it waits: its strings, and each log line's text plus
+/// [`LOG_LINE_OVERHEAD_BYTES`].
+fn record_bytes(r: &SyncRecord) -> usize {
+    let lines: usize = r.logs.iter().map(|(_, line, _)| line.len() + LOG_LINE_OVERHEAD_BYTES).sum();
+    RECORD_OVERHEAD_BYTES
+        + r.id.len()
+        + r.tenant.len()
+        + r.function.len()
+        + r.error_kind.as_ref().map_or(0, String::len)
+        + lines
+}
+
+async fn write_batches(
+    store: Arc<dyn Store>,
+    mut rx: mpsc::Receiver<SyncRecord>,
+    queued_bytes: Arc<AtomicUsize>,
+) {
     let mut batch = Vec::with_capacity(BATCH_RECORDS_MAX);
     loop {
         if rx.recv_many(&mut batch, BATCH_RECORDS_MAX).await == 0 {
@@ -69,6 +113,55 @@ async fn write_batches(store: Arc<dyn Store>, mut rx: mpsc::Receiver<SyncRecord>
         if let Err(e) = store.record_sync(&batch).await {
             tracing::warn!(error = %e, records = batch.len(), "dropping sync invocation records");
         }
+        // Written or given up on: either way the batch no longer holds memory.
+        let written: usize = batch.iter().map(record_bytes).sum();
+        queued_bytes.fetch_sub(written, Ordering::AcqRel);
         batch.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sluice_core::LogStream;
+    use sluice_store::{InvocationStatus, SqliteStore};
+
+    use super::*;
+
+    fn record(id: &str, log_bytes: usize) -> SyncRecord {
+        SyncRecord {
+            id: id.to_string(),
+            tenant: "default".to_string(),
+            function: "f".to_string(),
+            version: 1,
+            status: InvocationStatus::Succeeded,
+            status_code: Some(200),
+            error_kind: None,
+            started_at: 1,
+            finished_at: 2,
+            cpu_us: 0,
+            logs: vec![(LogStream::Stdout, "x".repeat(log_bytes), 1)],
+        }
+    }
+
+    // A current-thread runtime: the writer runs only when the test awaits, so what `record`
+    // accepts before that is exactly what the bound allows.
+    #[tokio::test]
+    async fn the_queue_is_bounded_in_bytes_and_gives_them_back_once_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("db")).await.unwrap());
+        let one = record_bytes(&record("inv_1", 10_000));
+        let (recorder, _task) = Recorder::start(store, 1000, 2 * one);
+
+        recorder.record(record("inv_1", 10_000));
+        recorder.record(record("inv_2", 10_000));
+        assert_eq!(recorder.dropped(), 0);
+        recorder.record(record("inv_3", 10_000));
+        assert_eq!(recorder.dropped(), 1, "the third record is over the byte bound");
+        assert_eq!(recorder.queued_bytes(), 2 * one);
+
+        recorder.flush().await;
+        assert_eq!(recorder.queued_bytes(), 0, "written batches give their bytes back");
+        recorder.record(record("inv_4", 10_000));
+        assert_eq!(recorder.dropped(), 1, "room again after the batch was written");
     }
 }

@@ -113,6 +113,12 @@ impl Scheduler {
         Self { notify, stop, task }
     }
 
+    /// The loop's task, for the node's supervisor: it ends only after `shutdown`, unless it
+    /// panicked.
+    pub fn task(&self) -> tokio::task::AbortHandle {
+        self.task.abort_handle()
+    }
+
     /// Tells the loop that something was queued, so it leases now rather than at its next poll.
     pub fn notify(&self) {
         self.notify.notify_one();

@@ -7,8 +7,10 @@
 #![forbid(unsafe_code)]
 
 mod sqlite;
+mod timed;
 
 pub use sqlite::SqliteStore;
+pub use timed::{STORE_CALL_TIMEOUT, Timed};
 
 pub use sluice_core::{Criticality, InvocationStatus, LogStream};
 use sluice_core::{FunctionConfig, Scope, UnixMs};

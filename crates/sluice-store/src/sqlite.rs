@@ -152,6 +152,12 @@ impl SqliteStore {
         self.pool.close().await;
     }
 
+    /// The queue writer's task, for the node to watch: it ends only after [`SqliteStore::close`]
+    /// or when the last clone is dropped, unless it panicked. `None` after the first call.
+    pub fn take_writer_task(&self) -> Option<tokio::task::JoinHandle<()>> {
+        self.writer.take_task()
+    }
+
     /// How many group commits the queue writer has made: tests use it to show that concurrent
     /// queue writes share transactions.
     #[doc(hidden)]

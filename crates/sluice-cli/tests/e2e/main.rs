@@ -5,6 +5,7 @@ mod harness;
 
 mod admission;
 mod api;
+mod bounds;
 mod chaos;
 mod credentials;
 mod deploy;

@@ -379,6 +379,8 @@ enum Message {
 pub(super) struct Writer {
     sender: mpsc::Sender<Message>,
     commits: Arc<AtomicU64>,
+    /// The writer task, until someone takes it to watch it.
+    task: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 fn closed() -> StoreError {
@@ -394,8 +396,8 @@ impl Writer {
         let commits = Arc::new(AtomicU64::new(0));
         let task =
             Task { receiver, options, connection: Some(connection), commits: commits.clone(), carried: None };
-        tokio::spawn(task.run());
-        Ok(Self { sender, commits })
+        let task = tokio::spawn(task.run());
+        Ok(Self { sender, commits, task: Arc::new(std::sync::Mutex::new(Some(task))) })
     }
 
     /// Sends `op` to the writer and waits for its answer, which comes after its batch committed.
@@ -412,6 +414,10 @@ impl Writer {
             // An error here only means another clone closed the writer first.
             let _ = finished.await;
         }
+    }
+
+    pub(super) fn take_task(&self) -> Option<tokio::task::JoinHandle<()>> {
+        self.task.lock().expect("writer task lock").take()
     }
 
     pub(super) fn commits(&self) -> u64 {
