@@ -29,7 +29,8 @@ pub struct DeployArgs {
     /// Environment variable for the guest (repeatable), K=V.
     #[arg(long = "env", value_parser = parse_env)]
     pub env: Vec<(String, String)>,
-    /// Host (or host:port) the guest may call over HTTP (repeatable). Default: none.
+    /// Host the guest may call over HTTP (repeatable): host, host:port, [ipv6] or [ipv6]:port.
+    /// Default: none.
     #[arg(long = "allow-outbound")]
     pub allow_outbound: Vec<String>,
     /// Wall-clock limit of one async attempt, e.g. 15min.
