@@ -117,6 +117,7 @@ impl Node {
         rt.function_memory_bytes_max = config.limits.function_memory_bytes_max;
         rt.log_bytes_per_invocation_max = config.limits.log_bytes_per_invocation_max;
         rt.outbound_allow_private = config.outbound_allow_private;
+        rt.outbound = config.limits.outbound.clone();
         let runtime = Arc::new(Runtime::new(rt)?);
         let recorder = Recorder::start(store.clone(), config.limits.log_queue_max);
         let admission = Admission::new(Default::default(), config.sync_inflight_max, config.tenant_rate);

@@ -70,6 +70,8 @@ pub struct RuntimeConfig {
     pub log_bytes_per_invocation_max: usize,
     /// Let guests reach loopback and private addresses (still only hosts in their allow list).
     pub outbound_allow_private: bool,
+    /// Outbound requests per invocation and their timeouts.
+    pub outbound: sluice_core::limits::OutboundLimits,
 }
 
 impl RuntimeConfig {
@@ -83,6 +85,7 @@ impl RuntimeConfig {
             artifact_dir,
             log_bytes_per_invocation_max: limits.log_bytes_per_invocation_max,
             outbound_allow_private: false,
+            outbound: limits.outbound,
         }
     }
 }
@@ -337,11 +340,7 @@ impl Runtime {
             table,
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
-            hooks: outbound::OutboundPolicy {
-                config: call.config.clone(),
-                allow_private: self.config.outbound_allow_private,
-                logs: logs.clone(),
-            },
+            hooks: outbound::OutboundPolicy::new(call.config.clone(), &self.config, logs.clone()),
             limiter: Limiter { memory_bytes_max: call.config.memory_bytes as usize, memory_limit_hit: false },
             deadline,
         };
