@@ -3,6 +3,8 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::harness::{Node, assert_error, guests};
@@ -76,52 +78,100 @@ fn a_spinning_function_does_not_stall_its_neighbours() {
     }
 }
 
-#[test]
-fn outbound_http_only_to_allowed_hosts() {
+/// A downstream on 127.0.0.1 that answers every request with `pong`; returns its port and the
+/// number of connections it accepted.
+fn pong_server() -> (u16, Arc<AtomicUsize>) {
     let downstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = downstream.local_addr().unwrap().port();
-    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let hits = Arc::new(AtomicUsize::new(0));
     let counter = hits.clone();
     std::thread::spawn(move || {
         for stream in downstream.incoming() {
             let mut stream = stream.unwrap();
-            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            counter.fetch_add(1, Ordering::SeqCst);
             let mut buf = [0u8; 4096];
             let _ = stream.read(&mut buf);
             let _ =
                 stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nconnection: close\r\n\r\npong");
         }
     });
+    (port, hits)
+}
+
+/// The system lines of an invocation's log, once they are recorded.
+fn logs_of(node: &Node, res: &reqwest::blocking::Response) -> String {
+    let id = res.headers()["sluice-invocation-id"].to_str().unwrap();
+    let logs =
+        node.wait_json(&format!("/v1/invocations/{id}/logs"), |v| !v["lines"].as_array().unwrap().is_empty());
+    logs.to_string()
+}
+
+#[test]
+fn outbound_http_only_to_allowed_hosts() {
+    let (port, hits) = pong_server();
     let node = node_with_testguest(&[]);
     let target = format!("http://127.0.0.1:{port}/x");
 
     // Not in the allow list: fails inside the guest, never reaches the network, is logged.
     let res = node.get(&format!("/fn/default/tg/fetch?url={target}"));
-    let id = res.headers()["sluice-invocation-id"].to_str().unwrap().to_string();
     assert_eq!(res.status(), 502);
+    let logs = logs_of(&node, &res);
     let body = res.text().unwrap();
     assert!(body.contains("fetch error"), "{body}");
-    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
-    let logs =
-        node.wait_json(&format!("/v1/invocations/{id}/logs"), |v| !v["lines"].as_array().unwrap().is_empty());
-    assert!(logs.to_string().contains("not in this function's allow list"), "{logs}");
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+    assert!(logs.contains("not in this function's allow list"), "{logs}");
 
     // Allowed by host and port: goes through.
     node.deploy("allowed", &guests().testguest, &["--allow-outbound", &format!("127.0.0.1:{port}")]);
     let res = node.get(&format!("/fn/default/allowed/fetch?url={target}"));
     assert_eq!(res.status(), 200);
     assert_eq!(res.text().unwrap(), "status=200\npong");
-    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
 }
 
 #[test]
 fn private_addresses_need_the_operator_flag_even_when_allowed() {
+    // A listener that would answer: a refusal can only come from the policy, not the port.
+    let (port, hits) = pong_server();
+    let allow = format!("127.0.0.1:{port}");
+    let path = format!("/fn/default/tg/fetch?url=http://127.0.0.1:{port}/");
+
     let node = Node::start(&[]);
-    node.deploy("tg", &guests().testguest, &["--allow-outbound", "127.0.0.1:9"]);
-    let res = node.get("/fn/default/tg/fetch?url=http://127.0.0.1:9/");
+    node.deploy("tg", &guests().testguest, &["--allow-outbound", &allow]);
+    let res = node.get(&path);
     assert_eq!(res.status(), 502);
+    let logs = logs_of(&node, &res);
     let body = res.text().unwrap();
     assert!(body.contains("fetch error"), "{body}");
+    assert!(logs.contains("denied: 127.0.0.1 is a private address"), "{logs}");
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "the listener was never connected to");
+
+    // An allow list entry the parser cannot read is refused at deploy, naming the entry.
+    let (ok, out, err) =
+        node.cli(&["deploy", "bad", guests().testguest.to_str().unwrap(), "--allow-outbound", "[::1"]);
+    assert!(!ok && err.contains("invalid outbound host \"[::1\""), "{out}{err}");
+    drop(node);
+
+    let node = Node::start(&["--outbound-allow-private"]);
+    node.deploy("tg", &guests().testguest, &["--allow-outbound", &allow]);
+    let res = node.get(&path);
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.text().unwrap(), "status=200\npong");
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn an_invocation_makes_a_bounded_number_of_outbound_requests() {
+    let max = sluice_core::limits::OutboundLimits::default().requests_per_invocation_max;
+    let (port, hits) = pong_server();
+    let node = node_with_testguest(&["--allow-outbound", &format!("127.0.0.1:{port}")]);
+    let res = node.get(&format!("/fn/default/tg/fetch?url=http://127.0.0.1:{port}/&times={}", max + 1));
+    assert_eq!(res.status(), 502);
+    let logs = logs_of(&node, &res);
+    let body = res.text().unwrap();
+    assert!(body.contains(&format!("fetch error after {max} fetches")), "{body}");
+    assert!(logs.contains(&format!("already made its {max} outbound requests")), "{logs}");
+    assert_eq!(hits.load(Ordering::SeqCst), max as usize);
 }
 
 /// Sends raw bytes and returns what the server answered (until it closes or 5 s pass).
