@@ -184,37 +184,25 @@ async fn route(req: Request<Body>) -> Result<Response<Body>, Error> {
                 Some(u) => u,
                 None => return text(400, "missing query parameter url"),
             };
-            // `times=N` fetches N times in a row and answers with the last response; the first
-            // failure stops it and says how many fetches succeeded before it.
-            let times = match query_param(&req, "times") {
-                Some(_) => match parse_u64(&req, "times") {
-                    Ok(n) => n,
-                    Err(e) => return text(400, e),
-                },
-                None => 1,
-            };
-            let mut last = (0, Vec::new());
-            for done in 0..times {
-                let result: Result<(u16, Vec<u8>), Error> = async {
-                    let out = Request::get(url.as_str()).body(Body::empty())?;
-                    let mut resp = Client::new().send(out).await?;
-                    let status = resp.status().as_u16();
-                    let body = resp.body_mut().contents().await?.to_vec();
-                    Ok((status, body))
-                }
-                .await;
-                match result {
-                    Ok(ok) => last = ok,
-                    Err(e) => return text(502, format!("fetch error after {done} fetches: {e:#}")),
-                }
+            let result: Result<(u16, Vec<u8>), Error> = async {
+                let out = Request::get(url.as_str()).body(Body::empty())?;
+                let mut resp = Client::new().send(out).await?;
+                let status = resp.status().as_u16();
+                let body = resp.body_mut().contents().await?.to_vec();
+                Ok((status, body))
             }
-            let (status, body) = last;
-            let mut out = format!("status={status}\n").into_bytes();
-            out.extend_from_slice(&body);
-            Ok(Response::builder()
-                .status(200)
-                .header("content-type", "text/plain")
-                .body(Body::from(out))?)
+            .await;
+            match result {
+                Ok((status, body)) => {
+                    let mut out = format!("status={status}\n").into_bytes();
+                    out.extend_from_slice(&body);
+                    Ok(Response::builder()
+                        .status(200)
+                        .header("content-type", "text/plain")
+                        .body(Body::from(out))?)
+                }
+                Err(e) => text(502, format!("fetch error: {e:#}")),
+            }
         }
 
         "status" => {
