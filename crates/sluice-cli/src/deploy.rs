@@ -38,7 +38,8 @@ pub struct DeployArgs {
     /// or escapes). Combined with --secret; a name given twice is an error.
     #[arg(long)]
     pub secret_file: Option<PathBuf>,
-    /// Host (or host:port) the guest may call over HTTP (repeatable). Default: none.
+    /// Host the guest may call over HTTP (repeatable): host, host:port, [ipv6] or [ipv6]:port.
+    /// Default: none.
     #[arg(long = "allow-outbound")]
     pub allow_outbound: Vec<String>,
     /// Wall-clock limit of one async attempt, e.g. 15min.

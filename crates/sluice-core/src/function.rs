@@ -1,5 +1,7 @@
 //! What a deployed function version is configured with, and what an API key may do.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
 use serde::{Deserialize, Serialize};
 
 use crate::limits::{
@@ -26,7 +28,8 @@ pub struct FunctionConfig {
     pub async_timeout_ms: u64,
     /// Environment variables the guest sees, in order.
     pub env: Vec<(String, String)>,
-    /// Hosts (`name` or `name:port`) the guest may call over outbound HTTP. Empty: none.
+    /// Hosts the guest may call over outbound HTTP: `name`, `name:port`, `[ipv6]`, `[ipv6]:port`
+    /// (see [`OutboundHost::parse`]). Empty: none.
     pub allow_outbound: Vec<String>,
     /// A public function's `/fn` URL needs no API key.
     pub public: bool,
@@ -103,9 +106,11 @@ impl FunctionConfig {
                 return bad(format!("{name} is both an environment variable and a secret: choose one"));
             }
         }
-        for host in &self.allow_outbound {
-            if host.is_empty() || host.contains('/') || host.contains(' ') {
-                return bad(format!("invalid outbound host {host:?}: give a host or host:port"));
+        for entry in &self.allow_outbound {
+            if let Err(why) = OutboundHost::parse(entry) {
+                return bad(format!(
+                    "invalid outbound host {entry:?}: {why}; give host, host:port, [ipv6] or [ipv6]:port"
+                ));
             }
         }
         if let Some(rate) = self.rate_per_sec
@@ -122,13 +127,78 @@ impl FunctionConfig {
     }
 
     /// Whether the guest may call `host` (with `port`). An entry without a port allows any port.
+    /// `host` is the URI's host with any IPv6 brackets removed; IP literals match by value, so
+    /// `[2001:db8::1]` allows `2001:DB8:0::1`.
     pub fn outbound_allowed(&self, host: &str, port: Option<u16>) -> bool {
-        self.allow_outbound.iter().any(|entry| match entry.rsplit_once(':') {
-            Some((h, p)) if p.parse::<u16>().is_ok() => {
-                h.eq_ignore_ascii_case(host) && p.parse::<u16>().ok() == port
-            }
-            _ => entry.eq_ignore_ascii_case(host),
+        let ip = host.parse::<IpAddr>().ok();
+        self.allow_outbound.iter().filter_map(|entry| OutboundHost::parse(entry).ok()).any(|entry| {
+            let host_matches = match (&entry.host, ip) {
+                (HostPattern::Ip(allowed), Some(ip)) => *allowed == ip,
+                (HostPattern::Name(allowed), None) => allowed.eq_ignore_ascii_case(host),
+                _ => false,
+            };
+            host_matches && entry.port.is_none_or(|p| Some(p) == port)
         })
+    }
+}
+
+/// One parsed entry of a function's outbound allow list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboundHost {
+    pub host: HostPattern,
+    /// `None`: any port.
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    Name(String),
+    Ip(IpAddr),
+}
+
+impl OutboundHost {
+    /// Parses `host`, `host:port`, `[v6]`, `[v6]:port` or a bare IPv6 literal. A bare literal
+    /// never carries a port: in `2001:db8::1:8443` the last group is part of the address, so a
+    /// port on an IPv6 address needs the brackets (as in a URL).
+    pub fn parse(entry: &str) -> Result<Self, String> {
+        if let Some(rest) = entry.strip_prefix('[') {
+            let (inside, after) = rest.split_once(']').ok_or("a '[' without its ']'")?;
+            let v6: Ipv6Addr = inside.parse().map_err(|_| format!("{inside:?} is not an IPv6 address"))?;
+            let port = match after {
+                "" => None,
+                _ => Some(parse_port(after.strip_prefix(':').ok_or("expected ':port' after ']'")?)?),
+            };
+            return Ok(Self { host: HostPattern::Ip(IpAddr::V6(v6)), port });
+        }
+        if entry.matches(':').count() > 1 {
+            let v6: Ipv6Addr = entry
+                .parse()
+                .map_err(|_| "more than one ':' but not an IPv6 address (write [ipv6]:port)".to_string())?;
+            return Ok(Self { host: HostPattern::Ip(IpAddr::V6(v6)), port: None });
+        }
+        let (host, port) = match entry.split_once(':') {
+            Some((host, port)) => (host, Some(parse_port(port)?)),
+            None => (entry, None),
+        };
+        if let Ok(ip) = host.parse::<Ipv4Addr>() {
+            return Ok(Self { host: HostPattern::Ip(IpAddr::V4(ip)), port });
+        }
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if host.is_empty() || host.len() > 253 || !host.trim_end_matches('.').split('.').all(label_ok) {
+            return Err(format!("{host:?} is not a host name"));
+        }
+        Ok(Self { host: HostPattern::Name(host.trim_end_matches('.').to_string()), port })
+    }
+}
+
+fn parse_port(port: &str) -> Result<u16, String> {
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 && port.bytes().all(|b| b.is_ascii_digit()) => Ok(p),
+        _ => Err(format!("{port:?} is not a port (1-65535)")),
     }
 }
 
@@ -148,6 +218,65 @@ mod tests {
         assert!(!cfg.outbound_allowed("127.0.0.1", Some(9001)));
         assert!(!cfg.outbound_allowed("example.com", Some(443)));
         assert!(!FunctionConfig::default().outbound_allowed("api.example.com", Some(443)));
+    }
+
+    #[test]
+    fn outbound_allowlist_takes_ipv6_hosts() {
+        let cfg = FunctionConfig {
+            allow_outbound: vec!["::1".into(), "[2001:db8::1]:8443".into(), "[fd00::7]".into()],
+            ..Default::default()
+        };
+        // A bare literal allows every port; `rsplit_once(':')` used to read `::1` as host `:`
+        // and port 1.
+        assert!(cfg.outbound_allowed("::1", Some(80)));
+        assert!(cfg.outbound_allowed("::1", Some(1)));
+        assert!(cfg.outbound_allowed("2001:db8::1", Some(8443)));
+        assert!(cfg.outbound_allowed("2001:DB8:0:0::1", Some(8443)), "IP literals match by value");
+        assert!(!cfg.outbound_allowed("2001:db8::1", Some(443)));
+        assert!(cfg.outbound_allowed("fd00::7", Some(443)));
+        assert!(!cfg.outbound_allowed("fd00::8", Some(443)));
+        assert!(!cfg.outbound_allowed(":", Some(1)));
+    }
+
+    #[test]
+    fn outbound_hosts_parse_or_say_why_not() {
+        let ok = |entry: &str, host: HostPattern, port: Option<u16>| {
+            assert_eq!(OutboundHost::parse(entry), Ok(OutboundHost { host, port }), "{entry}");
+        };
+        let name = |n: &str| HostPattern::Name(n.into());
+        let ip = |i: &str| HostPattern::Ip(i.parse().unwrap());
+        ok("api.example.com", name("api.example.com"), None);
+        ok("api.example.com:8443", name("api.example.com"), Some(8443));
+        ok("localhost", name("localhost"), None);
+        ok("10.0.0.1:80", ip("10.0.0.1"), Some(80));
+        ok("::1", ip("::1"), None);
+        ok("2001:db8::1:8443", ip("2001:db8::1:8443"), None);
+        ok("[::1]", ip("::1"), None);
+        ok("[2001:db8::1]:8443", ip("2001:db8::1"), Some(8443));
+        for bad in [
+            "",
+            "host:",
+            "host:0",
+            "host:65536",
+            "host:+80",
+            "host:http",
+            "http://host",
+            "a b",
+            "host/path",
+            "[::1",
+            "[::1]8443",
+            "[::1]:",
+            "[10.0.0.1]",
+            "[not-v6]:80",
+            "fe80::1%eth0",
+            "a::b::c",
+            "bad..name",
+        ] {
+            assert!(OutboundHost::parse(bad).is_err(), "{bad:?} should be refused");
+        }
+        let cfg = FunctionConfig { allow_outbound: vec!["[::1".into()], ..Default::default() };
+        let msg = cfg.validate(&Limits::default()).unwrap_err().message;
+        assert!(msg.contains("invalid outbound host \"[::1\"") && msg.contains("']'"), "{msg}");
     }
 
     #[test]

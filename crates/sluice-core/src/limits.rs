@@ -39,6 +39,40 @@ pub struct Limits {
     /// line); beyond this they are dropped and counted. Without it the record bound alone would
     /// allow `log_queue_max` × the log budget of an invocation (4 GiB).
     pub log_queue_bytes_max: usize,
+    /// Bounds on a guest's outbound HTTP requests.
+    pub outbound: OutboundLimits,
+}
+
+/// Bounds on the outbound HTTP requests of one invocation. A guest that sets a timeout in its
+/// `request-options` gets it, capped at the `*_max`; one that sets none gets the `*_default`
+/// (wasmtime's own default is 600 s, longer than a sync call may run).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboundLimits {
+    /// Outbound requests one invocation may make; the next fails with `HTTP-request-denied`.
+    pub requests_per_invocation_max: u32,
+    /// Name resolution plus TCP connect plus TLS handshake, over all addresses tried.
+    pub connect_timeout_default: Duration,
+    pub connect_timeout_max: Duration,
+    /// From the request sent to the response head.
+    pub first_byte_timeout_default: Duration,
+    pub first_byte_timeout_max: Duration,
+    /// Between two frames of the response body.
+    pub between_bytes_timeout_default: Duration,
+    pub between_bytes_timeout_max: Duration,
+}
+
+impl Default for OutboundLimits {
+    fn default() -> Self {
+        Self {
+            requests_per_invocation_max: 100,
+            connect_timeout_default: Duration::from_secs(10),
+            connect_timeout_max: Duration::from_secs(60),
+            first_byte_timeout_default: Duration::from_secs(30),
+            first_byte_timeout_max: Duration::from_secs(5 * 60),
+            between_bytes_timeout_default: Duration::from_secs(30),
+            between_bytes_timeout_max: Duration::from_secs(5 * 60),
+        }
+    }
 }
 
 impl Default for Limits {
@@ -58,6 +92,7 @@ impl Default for Limits {
             shutdown_grace: Duration::from_secs(30),
             log_queue_max: 65_536,
             log_queue_bytes_max: 64 * 1024 * 1024,
+            outbound: OutboundLimits::default(),
         }
     }
 }

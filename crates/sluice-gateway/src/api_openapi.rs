@@ -72,7 +72,8 @@ pub struct FunctionConfigSchema {
     /// Environment variables the guest sees, in order, as `[name, value]` pairs.
     #[schema(schema_with = env_schema)]
     pub env: Vec<(String, String)>,
-    /// Hosts (`name` or `name:port`) the guest may call over outbound HTTP; empty: none.
+    /// Hosts (`name`, `name:port`, `[ipv6]`, `[ipv6]:port`) the guest may call over outbound
+    /// HTTP; empty: none.
     #[schema(schema_with = outbound_schema)]
     pub allow_outbound: Vec<String>,
     /// A public function's `/fn` URL needs no API key.
@@ -153,9 +154,12 @@ pub(crate) fn env_schema() -> Schema {
     ArrayBuilder::new().items(pair).into()
 }
 
-/// Hosts as `FunctionConfig::validate` accepts them: not empty, no '/' and no space.
+/// Hosts in the shapes `OutboundHost::parse` reads: `name[:port]`, `[ipv6][:port]`, bare `ipv6`.
+/// The pattern admits everything the parser accepts (and some it refuses, e.g. port 99999), so
+/// a request the document calls invalid is always refused.
 fn outbound_schema() -> Schema {
-    ArrayBuilder::new().items(ObjectBuilder::new().schema_type(Type::String).pattern(Some("^[^/ ]+$"))).into()
+    const HOST: &str = r"^([A-Za-z0-9_-]{1,63}(\.[A-Za-z0-9_-]{1,63})*\.?(:[0-9]+)?|\[[0-9A-Fa-f:.]+\](:[0-9]+)?|[0-9A-Fa-f.]*:[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*)$";
+    ArrayBuilder::new().items(ObjectBuilder::new().schema_type(Type::String).pattern(Some(HOST))).into()
 }
 
 fn criticality_schema() -> Schema {

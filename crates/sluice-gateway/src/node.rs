@@ -207,6 +207,7 @@ impl Node {
         rt.outbound_allow_private = config.outbound_allow_private;
         rt.lanes = config.lanes.clone();
         rt.memory_keep_resident_bytes = config.memory_keep_resident_bytes;
+        rt.outbound = config.limits.outbound.clone();
         let runtime = Arc::new(Runtime::new(rt)?);
         let supervisor = Supervisor::default();
         let (recorder, recorder_task) =

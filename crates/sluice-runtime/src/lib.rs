@@ -73,6 +73,8 @@ pub struct RuntimeConfig {
     pub outbound_allow_private: bool,
     /// The fast and slow CPU lanes.
     pub lanes: LaneConfig,
+    /// Outbound requests per invocation and their timeouts.
+    pub outbound: sluice_core::limits::OutboundLimits,
 }
 
 impl RuntimeConfig {
@@ -87,6 +89,7 @@ impl RuntimeConfig {
             log_bytes_per_invocation_max: limits.log_bytes_per_invocation_max,
             outbound_allow_private: false,
             lanes: LaneConfig::for_cores(std::thread::available_parallelism().map_or(1, |n| n.get())),
+            outbound: limits.outbound,
         }
     }
 }
@@ -360,11 +363,7 @@ impl Runtime {
             table,
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
-            hooks: outbound::OutboundPolicy {
-                config: call.config.clone(),
-                allow_private: self.config.outbound_allow_private,
-                logs: logs.clone(),
-            },
+            hooks: outbound::OutboundPolicy::new(call.config.clone(), &self.config, logs.clone()),
             limiter: Limiter { memory_bytes_max: call.config.memory_bytes as usize, memory_limit_hit: false },
             deadline,
             meter: meter.clone(),

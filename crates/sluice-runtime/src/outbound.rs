@@ -1,126 +1,725 @@
-//! The outbound HTTP policy: a guest reaches only the hosts in its version's allowlist, and never
-//! loopback, private, link-local or metadata addresses unless the operator allowed them.
+//! The outbound HTTP policy: a guest reaches only the hosts in its version's allow list, and never
+//! loopback, private, link-local or metadata addresses unless the operator allowed them. It also
+//! bounds how many requests one invocation makes and how long each may wait.
 //!
-//! A denied request fails inside the guest with the wasi:http error `HTTP-request-denied`, never
-//! touches the network, and leaves a `system` line in the invocation's log.
+//! The host is resolved once, every address is checked, and the connection goes to one of those
+//! checked addresses: handing the request to a client that resolves again would let a DNS answer
+//! that changes between the two lookups (rebinding) walk past the check. So this module is its
+//! own small HTTP/1.1 client, mirroring wasmtime-wasi-http's `default_send_request` (same TLS
+//! roots, same error codes, same three timeouts) except for where it connects.
+//!
+//! A denied request fails inside the guest with a wasi:http error (`HTTP-request-denied`, or
+//! `destination-IP-prohibited` for a private address), never touches the network beyond the
+//! name lookup, and leaves a `system` line in the invocation's log.
 
-use std::net::IpAddr;
-use std::sync::Arc;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::{Pin, pin};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
+use bytes::Bytes;
+use futures::future::BoxFuture;
 use http_body_util::BodyExt;
 use sluice_core::FunctionConfig;
+use sluice_core::limits::OutboundLimits;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout_at};
+use wasmtime_wasi_http::io::TokioIo;
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
 
+use crate::RuntimeConfig;
 use crate::logs::LogCapture;
+
+/// Where names are resolved and connections made. The system one in production; tests inject
+/// one that answers differently on every lookup and records where it was asked to connect.
+pub(crate) trait Network: Send + Sync {
+    fn resolve(&self, host: &str, port: u16) -> BoxFuture<'static, io::Result<Vec<SocketAddr>>>;
+    fn connect(&self, addr: SocketAddr) -> BoxFuture<'static, io::Result<TcpStream>>;
+}
+
+struct SystemNetwork;
+
+impl Network for SystemNetwork {
+    fn resolve(&self, host: &str, port: u16) -> BoxFuture<'static, io::Result<Vec<SocketAddr>>> {
+        let host = host.to_string();
+        Box::pin(async move { Ok(tokio::net::lookup_host((host.as_str(), port)).await?.collect()) })
+    }
+
+    fn connect(&self, addr: SocketAddr) -> BoxFuture<'static, io::Result<TcpStream>> {
+        Box::pin(TcpStream::connect(addr))
+    }
+}
 
 /// Per-invocation outbound policy; implements wasmtime-wasi-http's hooks.
 pub struct OutboundPolicy {
-    pub(crate) config: Arc<FunctionConfig>,
-    pub(crate) allow_private: bool,
-    pub(crate) logs: LogCapture,
+    config: Arc<FunctionConfig>,
+    allow_private: bool,
+    limits: OutboundLimits,
+    network: Arc<dyn Network>,
+    logs: LogCapture,
+    /// Requests the guest has asked for so far, denied ones included.
+    requests_made: u32,
 }
 
-type SendFuture = Box<
-    dyn Future<
-            Output = Result<
-                (http::Response<WasiBody>, Box<dyn Future<Output = Result<(), HttpError>> + Send>),
-                HttpError,
-            >,
-        > + Send,
->;
+impl OutboundPolicy {
+    pub(crate) fn new(config: Arc<FunctionConfig>, runtime: &RuntimeConfig, logs: LogCapture) -> Self {
+        Self::with_network(
+            config,
+            runtime.outbound_allow_private,
+            runtime.outbound.clone(),
+            Arc::new(SystemNetwork),
+            logs,
+        )
+    }
+
+    fn with_network(
+        config: Arc<FunctionConfig>,
+        allow_private: bool,
+        limits: OutboundLimits,
+        network: Arc<dyn Network>,
+        logs: LogCapture,
+    ) -> Self {
+        Self { config, allow_private, limits, network, logs, requests_made: 0 }
+    }
+}
+
+type IoFuture = Box<dyn Future<Output = Result<(), HttpError>> + Send>;
+type SendFuture = Box<dyn Future<Output = Result<(http::Response<WasiBody>, IoFuture), HttpError>> + Send>;
 
 impl WasiHttpHooks for OutboundPolicy {
     fn send_request(
         &mut self,
         request: http::Request<WasiBody>,
         options: Option<RequestOptions>,
-        fut: Box<dyn Future<Output = Result<(), HttpError>> + Send>,
+        fut: IoFuture,
     ) -> SendFuture {
         drop(fut);
-        let uri = request.uri().clone();
+        let uri = request.uri();
         let host = uri.host().unwrap_or_default().trim_matches(['[', ']']).to_string();
         let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
         let logs = self.logs.clone();
+        let max = self.limits.requests_per_invocation_max;
+        if self.requests_made >= max {
+            // One line, not one per refused request: a guest retrying in a loop would otherwise
+            // fill its log with the same sentence.
+            if self.requests_made == max {
+                logs.system(format!(
+                    "outbound request to {host}:{port} denied: this invocation already made its \
+                     {max} outbound requests (the limit per invocation); later ones are denied too"
+                ));
+            }
+            self.requests_made = self.requests_made.saturating_add(1);
+            return Box::new(async { Err(HttpError::HttpRequestDenied) });
+        }
+        self.requests_made += 1;
         if !self.config.outbound_allowed(&host, Some(port)) {
             logs.system(format!(
                 "outbound request to {host}:{port} denied: host is not in this function's allow list"
             ));
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
         }
+        let timeouts = Timeouts::of(options, &self.limits);
         let allow_private = self.allow_private;
+        let network = self.network.clone();
         Box::new(async move {
-            if !allow_private {
-                let addrs = tokio::net::lookup_host((host.as_str(), port)).await.map_err(|_| {
-                    HttpError::DnsError { rcode: Some("lookup failed".into()), info_code: None }
-                })?;
-                for addr in addrs {
-                    if is_private(addr.ip()) {
-                        logs.system(format!(
-                            "outbound request to {host}:{port} denied: {} is a private address",
-                            addr.ip()
-                        ));
-                        return Err(HttpError::DestinationIpProhibited);
-                    }
-                }
-            }
-            let (res, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
-            Ok((
-                res.map(BodyExt::boxed_unsync),
-                Box::new(io) as Box<dyn Future<Output = Result<(), HttpError>> + Send>,
-            ))
+            // One deadline for resolving, connecting and the TLS handshake, over every address
+            // tried: a per-address timeout would let a name with many dead addresses multiply it.
+            let deadline = Instant::now() + timeouts.connect;
+            let addrs = resolve_checked(&*network, &host, port, allow_private, deadline, &logs).await?;
+            let stream = connect_first(&*network, &addrs, deadline).await?;
+            let stream: Box<dyn Connection> = if https {
+                let name = tls_server_name(&host)?;
+                let tls = timeout_at(deadline, tls_connector().connect(name, stream))
+                    .await
+                    .map_err(|_| HttpError::ConnectionTimeout)?
+                    .map_err(HttpError::Tls)?;
+                Box::new(tls)
+            } else {
+                Box::new(stream)
+            };
+            let (res, io) = send(stream, request, deadline, timeouts).await?;
+            Ok((res.map(BodyExt::boxed_unsync), Box::new(io) as IoFuture))
         })
     }
 }
 
-/// Loopback, private (RFC 1918, ULA), link-local (which includes cloud metadata at
-/// 169.254.169.254), CGNAT, unspecified and multicast addresses.
+/// The three timeouts of one request: the guest's own where it set them (capped at the node's
+/// maximum), the node's defaults where it did not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Timeouts {
+    connect: Duration,
+    first_byte: Duration,
+    between_bytes: Duration,
+}
+
+impl Timeouts {
+    fn of(options: Option<RequestOptions>, limits: &OutboundLimits) -> Self {
+        let options = options.unwrap_or_default();
+        let pick = |set: Option<Duration>, default: Duration, max: Duration| set.unwrap_or(default).min(max);
+        Self {
+            connect: pick(
+                options.connect_timeout,
+                limits.connect_timeout_default,
+                limits.connect_timeout_max,
+            ),
+            first_byte: pick(
+                options.first_byte_timeout,
+                limits.first_byte_timeout_default,
+                limits.first_byte_timeout_max,
+            ),
+            between_bytes: pick(
+                options.between_bytes_timeout,
+                limits.between_bytes_timeout_default,
+                limits.between_bytes_timeout_max,
+            ),
+        }
+    }
+}
+
+/// Resolves `host` once (an IP literal is not resolved at all) and returns its addresses if
+/// every one of them may be reached. One private address refuses the whole name: which address a
+/// client ends up using is not something a policy should leave to chance.
+async fn resolve_checked(
+    network: &dyn Network,
+    host: &str,
+    port: u16,
+    allow_private: bool,
+    deadline: Instant,
+    logs: &LogCapture,
+) -> Result<Vec<SocketAddr>, HttpError> {
+    let addrs = match host.parse::<IpAddr>() {
+        Ok(ip) => vec![SocketAddr::new(ip, port)],
+        Err(_) => timeout_at(deadline, network.resolve(host, port))
+            .await
+            .map_err(|_| HttpError::DnsTimeout)?
+            .map_err(|_| HttpError::DnsError { rcode: Some("lookup failed".into()), info_code: None })?,
+    };
+    if addrs.is_empty() {
+        return Err(HttpError::DnsError { rcode: Some("no addresses".into()), info_code: None });
+    }
+    if !allow_private && let Some(private) = addrs.iter().find(|a| is_private(a.ip())) {
+        logs.system(format!(
+            "outbound request to {host}:{port} denied: {} is a private address",
+            private.ip()
+        ));
+        return Err(HttpError::DestinationIpProhibited);
+    }
+    Ok(addrs)
+}
+
+/// Connects to the first of the checked addresses that accepts, in the resolver's order.
+async fn connect_first(
+    network: &dyn Network,
+    addrs: &[SocketAddr],
+    deadline: Instant,
+) -> Result<TcpStream, HttpError> {
+    let attempts = async {
+        let mut last_error = None;
+        for addr in addrs {
+            match network.connect(*addr).await {
+                Ok(stream) => return Ok(stream),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(HttpError::Connect(last_error.expect("resolve_checked never returns an empty list")))
+    };
+    timeout_at(deadline, attempts).await.map_err(|_| HttpError::ConnectionTimeout)?
+}
+
+/// The name the server's certificate is checked against: the host the guest asked for, never
+/// the address it resolved to.
+fn tls_server_name(host: &str) -> Result<rustls::pki_types::ServerName<'static>, HttpError> {
+    use rustls::pki_types::ServerName;
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(ServerName::from(ip));
+    }
+    Ok(ServerName::try_from(host)?.to_owned())
+}
+
+/// The same rustls setup as wasmtime-wasi-http's default (webpki roots, no client auth), built
+/// once per process rather than once per request: the root store is ~150 certificates.
+fn tls_connector() -> tokio_rustls::TlsConnector {
+    static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+    let config = CONFIG.get_or_init(|| {
+        let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.into() };
+        Arc::new(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth())
+    });
+    tokio_rustls::TlsConnector::from(config.clone())
+}
+
+trait Connection: AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static {}
+impl<T> Connection for T where T: AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static {}
+
+/// Runs the HTTP/1.1 exchange on an open connection: from here on this is
+/// `wasmtime_wasi_http::default_send_request` (48.0.8), with its error mapping.
+async fn send(
+    stream: Box<dyn Connection>,
+    mut request: http::Request<WasiBody>,
+    deadline: Instant,
+    timeouts: Timeouts,
+) -> Result<(http::Response<ResponseBody>, impl Future<Output = Result<(), HttpError>> + Send), HttpError> {
+    let (mut sender, conn) =
+        timeout_at(deadline, hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(stream)))
+            .await
+            .map_err(|_| HttpError::ConnectionTimeout)??;
+
+    // The request carries the scheme and authority, but on the wire they belong only in a
+    // request to a proxy; hyper's `send_request` does not strip them.
+    let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    *request.uri_mut() =
+        http::Uri::builder().path_and_query(path).build().expect("comes from a valid request");
+
+    let between_bytes = timeouts.between_bytes;
+    let send = async move {
+        let res = tokio::time::timeout(timeouts.first_byte, sender.send_request(request))
+            .await
+            .map_err(|_| HttpError::ConnectionReadTimeout)?
+            .map_err(HttpError::from)?;
+        // Tokio panics on a zero interval; 1 ns is as good as zero.
+        let mut timeout = tokio::time::interval(between_bytes.max(Duration::from_nanos(1)));
+        timeout.reset();
+        Ok(res.map(|incoming| ResponseBody { incoming, timeout }))
+    };
+    let mut send = pin!(send);
+    let mut conn = Some(conn);
+    // Wait for the response head while driving the connection's I/O.
+    let res = std::future::poll_fn(|cx| match send.as_mut().poll(cx) {
+        Poll::Ready(result) => Poll::Ready(result),
+        Poll::Pending => {
+            let Some(fut) = conn.as_mut() else {
+                return Poll::Pending;
+            };
+            let res = ready!(Pin::new(fut).poll(cx));
+            conn = None;
+            match res {
+                Ok(()) => send.as_mut().poll(cx),
+                Err(err) => Poll::Ready(Err(HttpError::from(err))),
+            }
+        }
+    })
+    .await?;
+    Ok((res, async move {
+        let Some(conn) = conn.take() else {
+            return Ok(());
+        };
+        conn.await.map_err(|err| if err.is_timeout() { HttpError::HttpResponseTimeout } else { err.into() })
+    }))
+}
+
+/// A response body that fails with `connection-read-timeout` when no frame arrives within the
+/// between-bytes timeout.
+struct ResponseBody {
+    incoming: hyper::body::Incoming,
+    timeout: tokio::time::Interval,
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = HttpError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, HttpError>>> {
+        match Pin::new(&mut self.incoming).poll_frame(cx) {
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(if err.is_timeout() {
+                HttpError::HttpResponseTimeout
+            } else {
+                HttpError::from(err)
+            }))),
+            Poll::Ready(Some(Ok(frame))) => {
+                self.timeout.reset();
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Pending => {
+                ready!(self.timeout.poll_tick(cx));
+                Poll::Ready(Some(Err(HttpError::ConnectionReadTimeout)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.incoming.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.incoming.size_hint()
+    }
+}
+
+/// Whether a guest must not reach `ip` without `--outbound-allow-private`: every range that is
+/// not the public internet (RFC 6890's special-purpose registries, as far as they can reach
+/// something), and IPv6 addresses that embed an IPv4 address which is one of those.
 pub fn is_private(ip: IpAddr) -> bool {
     match ip {
-        IpAddr::V4(v4) => {
-            v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_multicast()
-                || (v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64)
-        }
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_private(IpAddr::V4(v4));
-            }
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (v6.segments()[0] & 0xfe00) == 0xfc00
-                || (v6.segments()[0] & 0xffc0) == 0xfe80
+        IpAddr::V4(v4) => is_private_v4(v4),
+        IpAddr::V6(v6) => is_private_v6(v6),
+    }
+}
+
+/// IPv4 special-purpose ranges a guest must not reach, as (network, prefix length).
+const PRIVATE_V4: [(Ipv4Addr, u8); 11] = [
+    (Ipv4Addr::new(0, 0, 0, 0), 8), // "this network"; Linux connects 0.0.0.0 to loopback
+    (Ipv4Addr::new(10, 0, 0, 0), 8), // RFC 1918
+    (Ipv4Addr::new(100, 64, 0, 0), 10), // carrier-grade NAT (RFC 6598)
+    (Ipv4Addr::new(127, 0, 0, 0), 8), // loopback
+    (Ipv4Addr::new(169, 254, 0, 0), 16), // link-local, including cloud metadata 169.254.169.254
+    (Ipv4Addr::new(172, 16, 0, 0), 12), // RFC 1918
+    (Ipv4Addr::new(192, 0, 0, 0), 24), // IETF protocol assignments (RFC 6890)
+    (Ipv4Addr::new(192, 168, 0, 0), 16), // RFC 1918
+    (Ipv4Addr::new(198, 18, 0, 0), 15), // benchmarking (RFC 2544)
+    (Ipv4Addr::new(224, 0, 0, 0), 4), // multicast
+    (Ipv4Addr::new(240, 0, 0, 0), 4), // reserved, including broadcast 255.255.255.255
+];
+
+fn is_private_v4(ip: Ipv4Addr) -> bool {
+    let ip = u32::from(ip);
+    PRIVATE_V4.iter().any(|&(net, len)| ip >> (32 - len) == u32::from(net) >> (32 - len))
+}
+
+fn is_private_v6(ip: Ipv6Addr) -> bool {
+    let s = ip.segments();
+    let o = ip.octets();
+    let v4 = |a: usize| Ipv4Addr::new(o[a], o[a + 1], o[a + 2], o[a + 3]);
+    match s {
+        // IPv4-mapped (::ffff:0:0/96) and IPv4-compatible (::/96, which holds :: and ::1 too:
+        // they embed 0.0.0.0 and 0.0.0.1, both in 0.0.0.0/8): the socket reaches the IPv4 host.
+        [0, 0, 0, 0, 0, 0xffff, _, _] | [0, 0, 0, 0, 0, 0, _, _] => is_private_v4(v4(12)),
+        // NAT64 (64:ff9b::/96): the translator connects to the embedded IPv4 address, so it is
+        // judged by that address rather than refused outright; on an IPv6-only network with
+        // NAT64 this prefix is how every public IPv4 host is reached.
+        [0x64, 0xff9b, 0, 0, 0, 0, _, _] => is_private_v4(v4(12)),
+        // Local-use NAT64 (64:ff9b:1::/48): its embedding depends on a local prefix length, so
+        // the IPv4 address cannot be read back; refused.
+        [0x64, 0xff9b, 1, ..] => true,
+        // 6to4 (2002::/16): the relay forwards to the IPv4 address in bits 16..48.
+        [0x2002, ..] => is_private_v4(v4(2)),
+        [first, ..] => {
+            first & 0xff00 == 0xff00 // multicast ff00::/8
+                || first & 0xfe00 == 0xfc00 // unique local fc00::/7
+                || first & 0xffc0 == 0xfe80 // link-local fe80::/10
+                || first & 0xffc0 == 0xfec0 // site-local fec0::/10 (deprecated, still routed by some)
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::Empty;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
     use super::*;
 
     #[test]
-    fn private_ranges() {
-        for ip in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "192.168.0.1",
-            "169.254.169.254",
-            "100.64.0.1",
-            "::1",
-            "fd00::1",
-            "fe80::1",
-            "::ffff:127.0.0.1",
-            "0.0.0.0",
-        ] {
-            assert!(is_private(ip.parse().unwrap()), "{ip}");
+    fn private_ranges_with_their_boundaries() {
+        // (address, private?): for each range its first and last address and, where the
+        // neighbour is public, the address just outside on each side.
+        let table = [
+            ("0.0.0.0", true),
+            ("0.255.255.255", true),
+            ("1.0.0.0", false),
+            ("9.255.255.255", false),
+            ("10.0.0.0", true),
+            ("10.255.255.255", true),
+            ("11.0.0.0", false),
+            ("100.63.255.255", false),
+            ("100.64.0.0", true),
+            ("100.127.255.255", true),
+            ("100.128.0.0", false),
+            ("126.255.255.255", false),
+            ("127.0.0.0", true),
+            ("127.255.255.255", true),
+            ("128.0.0.0", false),
+            ("169.253.255.255", false),
+            ("169.254.0.0", true),
+            ("169.254.169.254", true),
+            ("169.254.255.255", true),
+            ("169.255.0.0", false),
+            ("172.15.255.255", false),
+            ("172.16.0.0", true),
+            ("172.31.255.255", true),
+            ("172.32.0.0", false),
+            ("191.255.255.255", false),
+            ("192.0.0.0", true),
+            ("192.0.0.255", true),
+            ("192.0.1.0", false),
+            ("192.167.255.255", false),
+            ("192.168.0.0", true),
+            ("192.168.255.255", true),
+            ("192.169.0.0", false),
+            ("198.17.255.255", false),
+            ("198.18.0.0", true),
+            ("198.19.255.255", true),
+            ("198.20.0.0", false),
+            ("223.255.255.255", false),
+            ("224.0.0.0", true),
+            ("239.255.255.255", true),
+            ("240.0.0.0", true),
+            ("255.255.255.254", true),
+            ("255.255.255.255", true),
+            ("8.8.8.8", false),
+            ("93.184.216.34", false),
+            // IPv6
+            ("::", true),
+            ("::1", true),
+            ("2606:4700::1111", false),
+            ("2001:db8::1", false),
+            // IPv4-mapped and -compatible: judged by the embedded address.
+            ("::ffff:127.0.0.1", true),
+            ("::ffff:169.254.169.254", true),
+            ("::ffff:8.8.8.8", false),
+            ("::127.0.0.1", true),
+            ("::10.0.0.1", true),
+            ("::8.8.8.8", false),
+            ("::1:0:0:0", false), // outside ::/96
+            // NAT64
+            ("64:ff9b::127.0.0.1", true),
+            ("64:ff9b::10.1.2.3", true),
+            ("64:ff9b::8.8.8.8", false),
+            ("64:ff9b:1::8.8.8.8", true),
+            ("64:ff9a:ffff:ffff:ffff:ffff:ffff:ffff", false),
+            // 6to4: 2002:AABB:CCDD:: embeds AA.BB.CC.DD
+            ("2002:7f00:1::", true),
+            ("2002:a9fe:a9fe::1", true),
+            ("2002:0808:0808::1", false),
+            ("2001:ffff:ffff:ffff:ffff:ffff:ffff:ffff", false),
+            ("2003::", false),
+            // unique local fc00::/7
+            ("fbff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", false),
+            ("fc00::", true),
+            ("fd00::1", true),
+            ("fdff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", true),
+            ("fe00::", false),
+            // link-local fe80::/10 and site-local fec0::/10
+            ("fe7f:ffff:ffff:ffff:ffff:ffff:ffff:ffff", false),
+            ("fe80::", true),
+            ("febf:ffff:ffff:ffff:ffff:ffff:ffff:ffff", true),
+            ("fec0::1", true),
+            ("feff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", true),
+            // multicast ff00::/8
+            ("ff00::", true),
+            ("ff02::1", true),
+            ("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", true),
+        ];
+        let wrong: Vec<_> =
+            table.iter().filter(|(ip, private)| is_private(ip.parse().unwrap()) != *private).collect();
+        assert!(wrong.is_empty(), "misclassified (address, expected): {wrong:?}");
+    }
+
+    #[test]
+    fn timeouts_default_when_unset_and_are_capped_when_too_long() {
+        let limits = OutboundLimits::default();
+        let none = Timeouts::of(None, &limits);
+        assert_eq!(none.connect, limits.connect_timeout_default);
+        assert_eq!(none.first_byte, limits.first_byte_timeout_default);
+        assert_eq!(none.between_bytes, limits.between_bytes_timeout_default);
+        let hour = Duration::from_secs(3600);
+        let long = RequestOptions {
+            connect_timeout: Some(hour),
+            first_byte_timeout: Some(hour),
+            between_bytes_timeout: Some(hour),
+        };
+        let capped = Timeouts::of(Some(long), &limits);
+        assert_eq!(capped.connect, limits.connect_timeout_max);
+        assert_eq!(capped.first_byte, limits.first_byte_timeout_max);
+        assert_eq!(capped.between_bytes, limits.between_bytes_timeout_max);
+        let ms = Duration::from_millis(5);
+        let short = RequestOptions { connect_timeout: Some(ms), first_byte_timeout: None, ..long };
+        let kept = Timeouts::of(Some(short), &limits);
+        assert_eq!((kept.connect, kept.first_byte), (ms, limits.first_byte_timeout_default));
+    }
+
+    /// A resolver that gives a different answer on each lookup (the last one repeats), and a
+    /// connector that records every address it is asked for and connects to a local test
+    /// server instead, so a request to any address can complete.
+    struct FakeNetwork {
+        answers: Vec<Vec<SocketAddr>>,
+        lookups: AtomicUsize,
+        connects: Mutex<Vec<SocketAddr>>,
+        refuse: Vec<SocketAddr>,
+        server: SocketAddr,
+    }
+
+    impl FakeNetwork {
+        fn new(answers: &[&[&str]], server: SocketAddr) -> Arc<Self> {
+            let answers = answers.iter().map(|a| a.iter().map(|s| s.parse().unwrap()).collect()).collect();
+            Arc::new(Self {
+                answers,
+                lookups: AtomicUsize::new(0),
+                connects: Mutex::default(),
+                refuse: Vec::new(),
+                server,
+            })
         }
-        for ip in ["93.184.216.34", "8.8.8.8", "2606:4700::1111"] {
-            assert!(!is_private(ip.parse().unwrap()), "{ip}");
+
+        fn connects(&self) -> Vec<SocketAddr> {
+            self.connects.lock().unwrap().clone()
         }
+    }
+
+    impl Network for FakeNetwork {
+        fn resolve(&self, _host: &str, _port: u16) -> BoxFuture<'static, io::Result<Vec<SocketAddr>>> {
+            let n = self.lookups.fetch_add(1, Ordering::SeqCst);
+            let answer = self.answers[n.min(self.answers.len() - 1)].clone();
+            Box::pin(async move { Ok(answer) })
+        }
+
+        fn connect(&self, addr: SocketAddr) -> BoxFuture<'static, io::Result<TcpStream>> {
+            self.connects.lock().unwrap().push(addr);
+            if self.refuse.contains(&addr) {
+                return Box::pin(async { Err(io::ErrorKind::ConnectionRefused.into()) });
+            }
+            Box::pin(TcpStream::connect(self.server))
+        }
+    }
+
+    /// A local HTTP server answering every request with `pong` (or never, if `silent`).
+    async fn server(silent: bool) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf).await;
+                    if silent {
+                        std::future::pending::<()>().await;
+                    }
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nconnection: close\r\n\r\npong")
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    fn policy_for(
+        allow: &str,
+        allow_private: bool,
+        limits: OutboundLimits,
+        network: Arc<FakeNetwork>,
+    ) -> OutboundPolicy {
+        let config = FunctionConfig { allow_outbound: vec![allow.into()], ..Default::default() };
+        OutboundPolicy::with_network(
+            Arc::new(config),
+            allow_private,
+            limits,
+            network,
+            LogCapture::new(1 << 16),
+        )
+    }
+
+    /// Sends a GET through the policy and returns the response body, or the error.
+    async fn get(
+        policy: &mut OutboundPolicy,
+        url: &str,
+        options: Option<RequestOptions>,
+    ) -> Result<String, HttpError> {
+        let body = Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync();
+        let request = http::Request::get(url).body(body).unwrap();
+        let (res, io) = Pin::from(policy.send_request(request, options, Box::new(async { Ok(()) }))).await?;
+        tokio::spawn(Pin::from(io));
+        let body = res.into_body().collect().await?.to_bytes();
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+
+    fn system_lines(policy: &OutboundPolicy) -> String {
+        policy.logs.take().into_iter().map(|(_, line, _)| line).collect::<Vec<_>>().join("\n")
+    }
+
+    #[tokio::test]
+    async fn connects_only_to_the_address_that_was_checked() {
+        for allow_private in [false, true] {
+            let server = server(false).await;
+            // Rebinding: a public answer for the check, loopback for any later lookup.
+            let network = FakeNetwork::new(&[&["93.184.216.34:80"], &["127.0.0.1:80"]], server);
+            let mut policy =
+                policy_for("svc.example", allow_private, OutboundLimits::default(), network.clone());
+            assert_eq!(get(&mut policy, "http://svc.example/x", None).await.unwrap(), "pong");
+            assert_eq!(network.lookups.load(Ordering::SeqCst), 1, "resolved once");
+            assert_eq!(
+                network.connects(),
+                ["93.184.216.34:80".parse().unwrap()],
+                "allow_private={allow_private}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn one_private_address_refuses_the_name() {
+        let server = server(false).await;
+        let network = FakeNetwork::new(&[&["93.184.216.34:443", "10.0.0.1:443"]], server);
+        let mut policy = policy_for("svc.example", false, OutboundLimits::default(), network.clone());
+        let err = get(&mut policy, "https://svc.example/", None).await.unwrap_err();
+        assert!(matches!(err, HttpError::DestinationIpProhibited), "{err:?}");
+        assert!(network.connects().is_empty(), "nothing was connected to");
+        let logs = system_lines(&policy);
+        assert!(logs.contains("denied: 10.0.0.1 is a private address"), "{logs}");
+
+        // An IP literal is checked without a lookup.
+        let mut policy = policy_for("169.254.169.254", false, OutboundLimits::default(), network.clone());
+        let err = get(&mut policy, "http://169.254.169.254/latest/meta-data/", None).await.unwrap_err();
+        assert!(matches!(err, HttpError::DestinationIpProhibited), "{err:?}");
+        assert!(network.connects().is_empty());
+        assert_eq!(network.lookups.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_refused_address_falls_through_to_the_next_checked_one() {
+        let server = server(false).await;
+        let mut network = FakeNetwork::new(&[&["93.184.216.34:80", "93.184.216.35:80"]], server);
+        Arc::get_mut(&mut network).unwrap().refuse = vec!["93.184.216.34:80".parse().unwrap()];
+        let mut policy = policy_for("svc.example", false, OutboundLimits::default(), network.clone());
+        assert_eq!(get(&mut policy, "http://svc.example/", None).await.unwrap(), "pong");
+        let tried: Vec<SocketAddr> =
+            vec!["93.184.216.34:80".parse().unwrap(), "93.184.216.35:80".parse().unwrap()];
+        assert_eq!(network.connects(), tried);
+    }
+
+    #[tokio::test]
+    async fn an_invocation_makes_at_most_its_share_of_requests() {
+        let server = server(false).await;
+        let network = FakeNetwork::new(&[&["93.184.216.34:80"]], server);
+        let limits = OutboundLimits { requests_per_invocation_max: 2, ..Default::default() };
+        let mut policy = policy_for("svc.example", false, limits, network.clone());
+        for _ in 0..2 {
+            assert_eq!(get(&mut policy, "http://svc.example/", None).await.unwrap(), "pong");
+        }
+        for _ in 0..3 {
+            let err = get(&mut policy, "http://svc.example/", None).await.unwrap_err();
+            assert!(matches!(err, HttpError::HttpRequestDenied), "{err:?}");
+        }
+        assert_eq!(network.connects().len(), 2);
+        let logs = system_lines(&policy);
+        assert_eq!(logs.matches("already made its 2 outbound requests").count(), 1, "logged once: {logs}");
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_is_cut_off_at_the_capped_first_byte_timeout() {
+        let server = server(true).await;
+        let network = FakeNetwork::new(&[&["93.184.216.34:80"]], server);
+        let limits = OutboundLimits {
+            first_byte_timeout_default: Duration::from_secs(3600),
+            first_byte_timeout_max: Duration::from_millis(100),
+            ..Default::default()
+        };
+        let mut policy = policy_for("svc.example", false, limits, network);
+        let asks_an_hour =
+            RequestOptions { first_byte_timeout: Some(Duration::from_secs(3600)), ..Default::default() };
+        let started = std::time::Instant::now();
+        let err = get(&mut policy, "http://svc.example/", Some(asks_an_hour)).await.unwrap_err();
+        assert!(matches!(err, HttpError::ConnectionReadTimeout), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
     }
 }

@@ -3,6 +3,8 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::harness::{Node, assert_error, guests};
@@ -43,52 +45,101 @@ fn guest_failures_map_to_their_kinds_within_their_limits() {
     assert_eq!(node.get("/fn/default/tg/sleep?ms=10").status(), 200);
 }
 
-#[test]
-fn outbound_http_only_to_allowed_hosts() {
+/// A downstream on 127.0.0.1 that answers every request with `pong`; returns its port and the
+/// number of connections it accepted.
+fn pong_server() -> (u16, Arc<AtomicUsize>) {
     let downstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = downstream.local_addr().unwrap().port();
-    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let hits = Arc::new(AtomicUsize::new(0));
     let counter = hits.clone();
     std::thread::spawn(move || {
         for stream in downstream.incoming() {
             let mut stream = stream.unwrap();
-            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            counter.fetch_add(1, Ordering::SeqCst);
+            // Read the whole request head before answering, not just the first segment of it.
+            let mut request = Vec::new();
             let mut buf = [0u8; 4096];
-            let _ = stream.read(&mut buf);
+            while !request_complete(&request) {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
             let _ =
                 stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nconnection: close\r\n\r\npong");
         }
     });
+    (port, hits)
+}
+
+/// Whether `bytes` hold a whole request head (and the last chunk of a chunked body).
+fn request_complete(bytes: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(bytes).to_ascii_lowercase();
+    match text.split_once("\r\n\r\n") {
+        None => false,
+        Some((head, body)) => !head.contains("transfer-encoding: chunked") || body.ends_with("0\r\n\r\n"),
+    }
+}
+
+/// The status and body of a call, and its log once it is recorded (a call is recorded only when
+/// it has log lines or an error, so only ask for the log of one that should have them).
+fn call_with_logs(node: &Node, path: &str) -> (u16, String) {
+    let res = node.get(path);
+    let id = res.headers()["sluice-invocation-id"].to_str().unwrap().to_string();
+    let status = res.status().as_u16();
+    let body = res.text().unwrap();
+    assert!(body.contains("fetch error"), "{status} {body}");
+    let logs =
+        node.wait_json(&format!("/v1/invocations/{id}/logs"), |v| !v["lines"].as_array().unwrap().is_empty());
+    (status, logs.to_string())
+}
+
+#[test]
+fn outbound_http_only_to_allowed_hosts() {
+    let (port, hits) = pong_server();
     let node = node_with_testguest(&[]);
     let target = format!("http://127.0.0.1:{port}/x");
 
     // Not in the allow list: fails inside the guest, never reaches the network, is logged.
-    let res = node.get(&format!("/fn/default/tg/fetch?url={target}"));
-    let id = res.headers()["sluice-invocation-id"].to_str().unwrap().to_string();
-    assert_eq!(res.status(), 502);
-    let body = res.text().unwrap();
-    assert!(body.contains("fetch error"), "{body}");
-    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
-    let logs =
-        node.wait_json(&format!("/v1/invocations/{id}/logs"), |v| !v["lines"].as_array().unwrap().is_empty());
-    assert!(logs.to_string().contains("not in this function's allow list"), "{logs}");
+    let (status, logs) = call_with_logs(&node, &format!("/fn/default/tg/fetch?url={target}"));
+    assert_eq!(status, 502);
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+    assert!(logs.contains("not in this function's allow list"), "{logs}");
 
     // Allowed by host and port: goes through.
     node.deploy("allowed", &guests().testguest, &["--allow-outbound", &format!("127.0.0.1:{port}")]);
     let res = node.get(&format!("/fn/default/allowed/fetch?url={target}"));
     assert_eq!(res.status(), 200);
     assert_eq!(res.text().unwrap(), "status=200\npong");
-    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
 }
 
 #[test]
 fn private_addresses_need_the_operator_flag_even_when_allowed() {
+    // A listener that would answer: a refusal can only come from the policy, not the port.
+    let (port, hits) = pong_server();
+    let allow = format!("127.0.0.1:{port}");
+    let path = format!("/fn/default/tg/fetch?url=http://127.0.0.1:{port}/");
+
     let node = Node::start(&[]);
-    node.deploy("tg", &guests().testguest, &["--allow-outbound", "127.0.0.1:9"]);
-    let res = node.get("/fn/default/tg/fetch?url=http://127.0.0.1:9/");
-    assert_eq!(res.status(), 502);
-    let body = res.text().unwrap();
-    assert!(body.contains("fetch error"), "{body}");
+    node.deploy("tg", &guests().testguest, &["--allow-outbound", &allow]);
+    let (status, logs) = call_with_logs(&node, &path);
+    assert_eq!(status, 502);
+    assert!(logs.contains("denied: 127.0.0.1 is a private address"), "{logs}");
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "the listener was never connected to");
+
+    // An allow list entry the parser cannot read is refused at deploy, naming the entry.
+    let (ok, out, err) =
+        node.cli(&["deploy", "bad", guests().testguest.to_str().unwrap(), "--allow-outbound", "[::1"]);
+    assert!(!ok && err.contains("invalid outbound host \"[::1\""), "{out}{err}");
+    drop(node);
+
+    let node = Node::start(&["--outbound-allow-private"]);
+    node.deploy("tg", &guests().testguest, &["--allow-outbound", &allow]);
+    let res = node.get(&path);
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.text().unwrap(), "status=200\npong");
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
 }
 
 /// Sends raw bytes and returns what the server answered (until it closes or 5 s pass).
