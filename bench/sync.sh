@@ -5,7 +5,7 @@
 #
 # Usage: bench/sync.sh            (ROUNDS=3 DURATION=10s CONNS=50 WASMTIME=path are optional)
 # Needs: wrk (apt-get install wrk); wasmtime 48.0.8 for the comparison
-#        (cargo install wasmtime-cli@48.0.8 --locked --root /opt/wasmtime48), else sluice only.
+#        (cargo install wasmtime-cli@48.0.8 --locked --root ~/.cache/wasmtime48), else sluice only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Every error would capture a backtrace: it distorts both servers, so benchmark without it.
@@ -13,7 +13,7 @@ unset RUST_BACKTRACE
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10s}
 CONNS=${CONNS:-50}
-WASMTIME=${WASMTIME:-$(command -v wasmtime || echo /opt/wasmtime48/bin/wasmtime)}
+WASMTIME=${WASMTIME:-$(command -v wasmtime || { [ -x ~/.cache/wasmtime48/bin/wasmtime ] && echo ~/.cache/wasmtime48/bin/wasmtime; } || echo /opt/wasmtime48/bin/wasmtime)}
 
 command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk" >&2; exit 1; }
 cargo build --release -q -p sluice-cli
