@@ -212,10 +212,10 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
     let sqlite = SqliteStore::open(&db).await.with_context(|| format!("opening {}", db.display()))?;
     let store_writer = sqlite.take_writer_task();
     let store: Arc<dyn Store> = Arc::new(Timed::new(sqlite, STORE_CALL_TIMEOUT));
-    if let Some(key) = sluice_gateway::bootstrap(&store, &args.data_dir).await? {
+    if let Some(key) = sluice_node::bootstrap(&store, &args.data_dir).await? {
         eprintln!(
             "created tenant `default` and an admin API key (saved to {}):\n  {key}",
-            args.data_dir.join(sluice_gateway::ADMIN_TOKEN_FILE).display()
+            args.data_dir.join(sluice_node::ADMIN_TOKEN_FILE).display()
         );
     }
     let mut config = NodeConfig::new(args.data_dir.clone());
@@ -230,13 +230,13 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
     config.lanes = args.lanes()?;
     config.memory_keep_resident_bytes = args.memory_keep_resident as usize;
     let node = Node::open(config, store).await?;
-    if let Some(task) = store_writer {
-        node.supervisor.watch("store writer", task);
-    }
     let server = Server::start(node.clone(), args.listen, workers)
         .with_context(|| format!("listening on {}", args.listen))?;
-    node.start_scheduler();
-    node.start_retention(args.retention);
+    let tasks = sluice_node::Tasks::start(&node, args.retention);
+    let supervisor = tasks.supervisor();
+    if let Some(task) = store_writer {
+        supervisor.watch("store writer", task);
+    }
     let addr = server.local_addr();
     *node.public_url.write().expect("public url lock") = format!("http://{addr}");
     eprintln!(
@@ -246,7 +246,7 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
     );
 
     if let Some(after) = args.test_panic_task_after {
-        node.supervisor.spawn("test-panic", async move {
+        supervisor.spawn("test-panic", async move {
             tokio::time::sleep(after).await;
             panic!("--test-panic-task-after fired");
         });
@@ -254,9 +254,9 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
 
     let failure = tokio::select! {
         () = shutdown_signal() => None,
-        failure = node.supervisor.failed() => Some(failure),
+        failure = supervisor.failed() => Some(failure),
     };
-    node.supervisor.stopping();
+    supervisor.stopping();
     match &failure {
         None => eprintln!(
             "sluice: shutting down; in-flight calls get up to {}",
@@ -267,7 +267,7 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
     // HTTP first (no new calls, in-flight ones finish), then the scheduler (running async calls
     // finish or go back to the queue), then the last log records.
     server.shutdown().await;
-    node.stop_scheduler().await;
+    tasks.stop_scheduler().await;
     node.recorder.flush().await;
     match failure {
         None => {

@@ -4,18 +4,15 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock};
 
 use sluice_core::{FunctionConfig, Limits, Scope, SluiceError};
 use sluice_runtime::{Prepared, Runtime};
 use sluice_store::{KeyRecord, Store, VersionRecord};
 
-use sluice_scheduler::{Functions, Ready, Scheduler, SchedulerConfig};
-
 use crate::admission::{Admission, FunctionAdmission, Gauge, Rate};
 use crate::error::store_error;
 use crate::recorder::Recorder;
-use crate::supervisor::Supervisor;
 
 /// Settings of a node, fixed at start.
 #[derive(Debug, Clone)]
@@ -104,9 +101,6 @@ impl Principal {
     }
 }
 
-/// Rows removed per retention purge call at most.
-pub const PURGE_BATCH_MAX: u32 = 1000;
-
 /// Functions by tenant, then name: the installed (latest) version of each.
 type Registry<T> = HashMap<String, HashMap<String, Arc<T>>>;
 
@@ -183,11 +177,12 @@ pub struct Node {
     pub runtime: Arc<Runtime>,
     pub recorder: Recorder,
     pub admission: Admission,
-    /// Watches the background tasks: one that dies stops the node.
-    pub supervisor: Supervisor,
+    /// Notified when an invocation is queued here: the scheduler waits on it between polls.
+    pub queued: Arc<tokio::sync::Notify>,
+    /// The recorder's writer, until the composition root takes it to supervise it.
+    recorder_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Async calls being accepted now (see [`NodeConfig::async_enqueue_inflight_max`]).
     pub async_enqueues: Arc<Gauge>,
-    scheduler: Mutex<Option<Scheduler>>,
     functions: RwLock<Registry<Deployed>>,
     keys: KeyCache,
     /// The runtime that owns the store's connections and background tasks; API calls run here
@@ -209,10 +204,8 @@ impl Node {
         rt.memory_keep_resident_bytes = config.memory_keep_resident_bytes;
         rt.outbound = config.limits.outbound.clone();
         let runtime = Arc::new(Runtime::new(rt)?);
-        let supervisor = Supervisor::default();
         let (recorder, recorder_task) =
             Recorder::start(store.clone(), config.limits.log_queue_max, config.limits.log_queue_bytes_max);
-        supervisor.watch("recorder", recorder_task);
         let admission = Admission::new(Default::default(), config.sync_inflight_max, config.tenant_rate);
         let node = Arc::new(Self {
             config,
@@ -220,9 +213,9 @@ impl Node {
             runtime,
             recorder,
             admission,
-            supervisor,
+            queued: Arc::default(),
+            recorder_task: Mutex::new(Some(recorder_task)),
             async_enqueues: Arc::default(),
-            scheduler: Mutex::new(None),
             functions: RwLock::default(),
             keys: KeyCache::default(),
             control: tokio::runtime::Handle::current(),
@@ -244,69 +237,14 @@ impl Node {
         Ok(node)
     }
 
-    /// Starts this node's scheduler of async invocations (on the current runtime).
-    pub fn start_scheduler(self: &Arc<Self>) {
-        let owner = format!("{}-{}", std::process::id(), sluice_core::ids::short_id("node"));
-        let mut config = SchedulerConfig::new(owner);
-        config.inflight_max = self.config.async_inflight_max;
-        config.lease_ms = self.config.lease_ms;
-        config.heartbeat = std::time::Duration::from_millis(self.config.lease_ms / 3);
-        config.shutdown_grace = self.config.limits.shutdown_grace;
-        let functions: Arc<dyn Functions> = Arc::new(NodeFunctions(Arc::downgrade(self)));
-        let scheduler = Scheduler::start(
-            config,
-            self.store.clone(),
-            self.runtime.clone(),
-            functions,
-            Arc::new(sluice_core::SystemClock),
-        );
-        self.supervisor.watch_handle("scheduler", scheduler.task());
-        *self.scheduler.lock().expect("scheduler lock") = Some(scheduler);
-    }
-
-    /// Starts the retention task: finished invocations, their responses and logs older than
-    /// `retention` are removed, at most [`PURGE_BATCH_MAX`] rows per store call, so a large
-    /// backlog is removed in bounded steps instead of one long write.
-    pub fn start_retention(self: &Arc<Self>, retention: std::time::Duration) {
-        let node = Arc::downgrade(self);
-        let period =
-            (retention / 2).clamp(std::time::Duration::from_millis(100), std::time::Duration::from_secs(60));
-        self.supervisor.spawn("retention", async move {
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(node) = node.upgrade() else { return };
-                let cutoff =
-                    sluice_core::Clock::now_ms(&sluice_core::SystemClock) - retention.as_millis() as i64;
-                loop {
-                    match node.store.purge(cutoff, PURGE_BATCH_MAX).await {
-                        Ok(n) if n >= u64::from(PURGE_BATCH_MAX) => tokio::task::yield_now().await,
-                        Ok(_) => break,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "retention purge failed; trying again later");
-                            break;
-                        }
-                    }
-                }
-            }
-        });
-    }
-
     /// Wakes the scheduler: an invocation was just queued.
     pub fn notify_scheduler(&self) {
-        if let Some(s) = self.scheduler.lock().expect("scheduler lock").as_ref() {
-            s.notify();
-        }
+        self.queued.notify_one();
     }
 
-    /// Stops the scheduler: running invocations finish within the grace period, the rest go back
-    /// to the queue.
-    pub async fn stop_scheduler(&self) {
-        let scheduler = self.scheduler.lock().expect("scheduler lock").take();
-        if let Some(s) = scheduler {
-            s.shutdown().await;
-        }
+    /// The recorder's writer task, for the node's supervisor (once).
+    pub fn take_recorder_task(&self) -> Option<tokio::task::JoinHandle<()>> {
+        self.recorder_task.lock().expect("recorder task lock").take()
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -358,37 +296,6 @@ impl Node {
     pub fn principal_for_key(&self, key: &str) -> Option<Arc<Principal>> {
         let hash = sluice_core::ids::hash_api_key(key);
         self.keys.get(&hash)
-    }
-}
-
-/// The scheduler's view of the registry: the installed latest version, or an older version
-/// loaded from the store (an async call runs the version it was queued for).
-struct NodeFunctions(Weak<Node>);
-
-impl Functions for NodeFunctions {
-    fn get(
-        &self,
-        tenant: &str,
-        function: &str,
-        version: i64,
-    ) -> futures::future::BoxFuture<'static, Result<Option<Ready>, SluiceError>> {
-        let node = self.0.upgrade();
-        let (tenant, function) = (tenant.to_string(), function.to_string());
-        Box::pin(async move {
-            let node = node.ok_or_else(|| SluiceError::internal("the node is shutting down"))?;
-            if let Some(d) = node.function(&tenant, &function)
-                && d.record.version == version
-            {
-                return Ok(Some(Ready { config: d.config.clone(), prepared: d.prepared.clone() }));
-            }
-            match node.store.get_version(&tenant, &function, version).await.map_err(store_error)? {
-                None => Ok(None),
-                Some(record) => {
-                    let d = node.load_version(record).await?;
-                    Ok(Some(Ready { config: d.config, prepared: d.prepared }))
-                }
-            }
-        })
     }
 }
 

@@ -92,36 +92,31 @@ struct Ctx {
 }
 
 pub struct Scheduler {
-    notify: Arc<Notify>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Scheduler {
-    /// Starts the loop on the current runtime.
+    /// Starts the loop on the current runtime. A permit on `notify` (an invocation was queued
+    /// on this node) makes it lease now rather than at its next poll.
     pub fn start(
         config: SchedulerConfig,
         store: Arc<dyn Store>,
         runtime: Arc<Runtime>,
         functions: Arc<dyn Functions>,
         clock: Arc<dyn Clock>,
+        notify: Arc<Notify>,
     ) -> Self {
-        let notify = Arc::new(Notify::new());
         let (stop, stop_rx) = watch::channel(false);
         let ctx = Arc::new(Ctx { config, store, runtime, functions, clock, running: Mutex::default() });
         let task = tokio::spawn(run_loop(ctx, notify.clone(), stop_rx));
-        Self { notify, stop, task }
+        Self { stop, task }
     }
 
     /// The loop's task, for the node's supervisor: it ends only after `shutdown`, unless it
     /// panicked.
     pub fn task(&self) -> tokio::task::AbortHandle {
         self.task.abort_handle()
-    }
-
-    /// Tells the loop that something was queued, so it leases now rather than at its next poll.
-    pub fn notify(&self) {
-        self.notify.notify_one();
     }
 
     /// Stops leasing, lets running invocations finish within the grace period, and gives the

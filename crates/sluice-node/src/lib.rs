@@ -1,0 +1,208 @@
+//! sluice-node: the composition root. It builds a node from its parts and starts, supervises
+//! and stops its background tasks: the first-run tenant and admin key, the scheduler of async
+//! invocations, the retention purge, and the supervisor that stops the node when one of them dies.
+//!
+//! It holds no request-path logic: HTTP is `sluice-gateway` (whose [`Node`] is the state the
+//! workers share), running queued calls is `sluice-scheduler`, durable state is `sluice-store`.
+#![forbid(unsafe_code)]
+
+pub mod supervisor;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use sluice_core::{Scope, SluiceError};
+use sluice_gateway::error::store_error;
+use sluice_gateway::{DEFAULT_TENANT, Node};
+use sluice_scheduler::{Functions, Ready, Scheduler, SchedulerConfig};
+use sluice_store::{KeyRecord, Store};
+
+pub use supervisor::Supervisor;
+
+/// Rows removed per retention purge call at most.
+pub const PURGE_BATCH_MAX: u32 = 1000;
+
+/// A node's background tasks, started and watched.
+pub struct Tasks {
+    node: Arc<Node>,
+    supervisor: Supervisor,
+    scheduler: Mutex<Option<Scheduler>>,
+}
+
+impl Tasks {
+    /// Starts the node's background tasks on the current (control) runtime: the recorder's
+    /// writer comes under supervision, then the scheduler and the retention purge start.
+    pub fn start(node: &Arc<Node>, retention: Duration) -> Self {
+        let supervisor = Supervisor::default();
+        if let Some(task) = node.take_recorder_task() {
+            supervisor.watch("recorder", task);
+        }
+        let tasks = Self { node: node.clone(), supervisor, scheduler: Mutex::new(None) };
+        tasks.start_scheduler();
+        tasks.start_retention(retention);
+        tasks
+    }
+
+    pub fn supervisor(&self) -> &Supervisor {
+        &self.supervisor
+    }
+
+    /// Starts this node's scheduler of async invocations; the gateway wakes it through
+    /// [`Node::notify_scheduler`] when it queues one.
+    fn start_scheduler(&self) {
+        let node = &self.node;
+        let owner = format!("{}-{}", std::process::id(), sluice_core::ids::short_id("node"));
+        let mut config = SchedulerConfig::new(owner);
+        config.inflight_max = node.config.async_inflight_max;
+        config.lease_ms = node.config.lease_ms;
+        config.heartbeat = Duration::from_millis(node.config.lease_ms / 3);
+        config.shutdown_grace = node.config.limits.shutdown_grace;
+        let functions: Arc<dyn Functions> = Arc::new(NodeFunctions(Arc::downgrade(node)));
+        let scheduler = Scheduler::start(
+            config,
+            node.store.clone(),
+            node.runtime.clone(),
+            functions,
+            Arc::new(sluice_core::SystemClock),
+            node.queued.clone(),
+        );
+        self.supervisor.watch_handle("scheduler", scheduler.task());
+        *self.scheduler.lock().expect("scheduler lock") = Some(scheduler);
+    }
+
+    /// Starts the retention task: finished invocations, their responses and logs older than
+    /// `retention` are removed, at most [`PURGE_BATCH_MAX`] rows per store call, so a large
+    /// backlog is removed in bounded steps instead of one long write.
+    fn start_retention(&self, retention: Duration) {
+        let node = Arc::downgrade(&self.node);
+        let period = (retention / 2).clamp(Duration::from_millis(100), Duration::from_secs(60));
+        self.supervisor.spawn("retention", async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(node) = node.upgrade() else { return };
+                let cutoff =
+                    sluice_core::Clock::now_ms(&sluice_core::SystemClock) - retention.as_millis() as i64;
+                loop {
+                    match node.store.purge(cutoff, PURGE_BATCH_MAX).await {
+                        Ok(n) if n >= u64::from(PURGE_BATCH_MAX) => tokio::task::yield_now().await,
+                        Ok(_) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "retention purge failed; trying again later");
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Stops the scheduler: running invocations finish within the grace period, the rest go back
+    /// to the queue.
+    pub async fn stop_scheduler(&self) {
+        let scheduler = self.scheduler.lock().expect("scheduler lock").take();
+        if let Some(s) = scheduler {
+            s.shutdown().await;
+        }
+    }
+}
+
+/// The scheduler's view of the registry: the installed latest version, or an older version
+/// loaded from the store (an async call runs the version it was queued for).
+struct NodeFunctions(Weak<Node>);
+
+impl Functions for NodeFunctions {
+    fn get(
+        &self,
+        tenant: &str,
+        function: &str,
+        version: i64,
+    ) -> futures::future::BoxFuture<'static, Result<Option<Ready>, SluiceError>> {
+        let node = self.0.upgrade();
+        let (tenant, function) = (tenant.to_string(), function.to_string());
+        Box::pin(async move {
+            let node = node.ok_or_else(|| SluiceError::internal("the node is shutting down"))?;
+            if let Some(d) = node.function(&tenant, &function)
+                && d.record.version == version
+            {
+                return Ok(Some(Ready { config: d.config.clone(), prepared: d.prepared.clone() }));
+            }
+            match node.store.get_version(&tenant, &function, version).await.map_err(store_error)? {
+                None => Ok(None),
+                Some(record) => {
+                    let d = node.load_version(record).await?;
+                    Ok(Some(Ready { config: d.config, prepared: d.prepared }))
+                }
+            }
+        })
+    }
+}
+
+/// File in the data directory holding the first admin key.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// Prepares an empty store: creates tenant `default` and, when there are no keys at all, an admin
+/// key, written to `<data-dir>/admin.token` with mode 0600. Returns the new key so the caller can
+/// print it once. On every start the token file is made 0600 again if it was left readable by
+/// others (a copy, a restored backup, a careless chmod), with a warning.
+pub async fn bootstrap(store: &Arc<dyn Store>, data_dir: &Path) -> anyhow::Result<Option<String>> {
+    if store.get_tenant(DEFAULT_TENANT).await?.is_none() && store.list_tenants().await?.is_empty() {
+        store.create_tenant(DEFAULT_TENANT).await?;
+    }
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    let key = if store.list_keys(None).await?.is_empty() {
+        Some(first_admin_key(store, &path).await?)
+    } else {
+        None
+    };
+    if let Some(mode) = seal_token_file(&path)? {
+        tracing::warn!(
+            "{} was readable by others (mode {mode:04o}); it holds an admin key, so its mode is now 0600",
+            path.display()
+        );
+    }
+    Ok(key)
+}
+
+async fn first_admin_key(store: &Arc<dyn Store>, path: &Path) -> anyhow::Result<String> {
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("no randomness for the admin key: {e}"))?;
+    let key = sluice_core::ids::api_key_from_secret(&secret);
+    let record = KeyRecord {
+        id: sluice_core::ids::short_id("key"),
+        tenant: None,
+        scopes: vec![Scope::Admin],
+        hash: sluice_core::ids::hash_api_key(&key),
+        created_at: sluice_core::Clock::now_ms(&sluice_core::SystemClock),
+        revoked: false,
+    };
+    write_secret(path, &key)?;
+    store.create_key(&record).await?;
+    Ok(key)
+}
+
+fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    writeln!(f, "{secret}")
+}
+
+/// Takes group and other permissions off a secret file (`mode` only applies when a file is
+/// created, so a file that already existed keeps whatever it had). Returns the mode it had when
+/// that was broader than owner-only; a missing file is not an error (the key may live elsewhere).
+fn seal_token_file(path: &Path) -> std::io::Result<Option<u32>> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = match std::fs::metadata(path) {
+        Ok(m) => m.permissions().mode() & 0o777,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if mode & 0o077 == 0 {
+        return Ok(None);
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(Some(mode))
+}
