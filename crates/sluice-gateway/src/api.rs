@@ -12,28 +12,25 @@
 
 use std::sync::{Arc, OnceLock};
 
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
-use axum::response::IntoResponse;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::{Json, Router};
 use bytes::Bytes;
-use http::request::Parts;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use sluice_core::{ErrorKind, FunctionConfig, Scope, Secrets, SluiceError, rfc3339};
-use sluice_store::{LogLine, VersionRecord};
+use sluice_store::VersionRecord;
 use tower::ServiceExt;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-// The error schema is defined beside the document; handlers name it in their annotations.
-pub(crate) use crate::api_openapi::ErrorBody;
+use crate::api_common::{ApiResult, Auth, ErrorBody, LogLineInfo, json_body, require_tenant};
 use crate::api_openapi::FunctionConfigSchema;
 use crate::body::{Body, BoxError};
-use crate::error::{error_response, kind_for_status, store_error};
-use crate::node::{Node, Principal, bearer};
+use crate::error::{error_response, kind_for_status};
+use crate::node::Node;
 
 /// Log lines returned by one logs call at most.
 const LOG_LINES_PER_PAGE_MAX: u32 = 1000;
@@ -59,6 +56,7 @@ pub(crate) fn routes() -> &'static (Router<Arc<Node>>, String) {
         let (router, doc) = openapi_router().split_for_parts();
         let doc = crate::api_openapi::finish(doc);
         let json = doc.to_json().expect("the OpenAPI document serializes");
+        let router = router.layer(axum::Extension(crate::api_openapi::OpenApiJson(Arc::from(json.as_str()))));
         (router, json)
     })
 }
@@ -107,96 +105,8 @@ async fn normalize_error(res: axum::response::Response) -> axum::response::Respo
     error_response(&err, None).map(axum::body::Body::new)
 }
 
-/// An API error: rendered by the one error function.
-pub struct ApiError(SluiceError);
-
-impl From<SluiceError> for ApiError {
-    fn from(e: SluiceError) -> Self {
-        Self(e)
-    }
-}
-
-impl From<sluice_store::StoreError> for ApiError {
-    fn from(e: sluice_store::StoreError) -> Self {
-        Self(store_error(e))
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> axum::response::Response {
-        error_response(&self.0, None).map(axum::body::Body::new)
-    }
-}
-
-pub(crate) type ApiResult<T> = Result<T, ApiError>;
-
-/// The authenticated caller of an API route.
-pub struct Auth(pub Arc<Principal>);
-
-impl FromRequestParts<Arc<Node>> for Auth {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, node: &Arc<Node>) -> Result<Self, Self::Rejection> {
-        let key = bearer(&parts.headers).ok_or_else(|| {
-            SluiceError::new(ErrorKind::Unauthorized, "missing API key: send Authorization: Bearer <key>")
-        })?;
-        let principal = node
-            .principal_for_key(key)
-            .ok_or_else(|| SluiceError::new(ErrorKind::Unauthorized, "invalid or revoked API key"))?;
-        Ok(Auth(principal))
-    }
-}
-
-impl Auth {
-    /// Checks access to a tenant's objects: unseen tenants are 404, a missing scope is 403.
-    pub(crate) fn require(&self, tenant: &str, scope: Scope) -> Result<(), SluiceError> {
-        if !self.0.sees(tenant) {
-            return Err(no_tenant(tenant));
-        }
-        if !self.0.may(tenant, scope) {
-            return Err(SluiceError::new(
-                ErrorKind::Forbidden,
-                format!("this key lacks the {} scope for tenant {tenant}", scope.as_str()),
-            ));
-        }
-        Ok(())
-    }
-
-    /// Checks an admin-only action on a tenant's objects: a tenant key sees its own tenant but may
-    /// not manage it (403); other tenants stay invisible (404).
-    pub(crate) fn require_admin(&self, tenant: &str, action: &str) -> Result<(), SluiceError> {
-        if !self.0.sees(tenant) {
-            return Err(no_tenant(tenant));
-        }
-        if !self.0.is_admin() {
-            return Err(admin_only(action));
-        }
-        Ok(())
-    }
-}
-
-pub(crate) fn no_tenant(tenant: &str) -> SluiceError {
-    SluiceError::not_found(format!("no tenant {tenant}"))
-}
-
-pub(crate) fn admin_only(action: &str) -> SluiceError {
-    SluiceError::new(ErrorKind::Forbidden, format!("only an admin key may {action}"))
-}
-
-pub(crate) async fn require_tenant(node: &Node, tenant: &str) -> Result<(), ApiError> {
-    if node.store.get_tenant(tenant).await?.is_none() {
-        return Err(no_tenant(tenant).into());
-    }
-    Ok(())
-}
-
 fn no_function(tenant: &str, function: &str) -> SluiceError {
     SluiceError::not_found(format!("no function {function} in tenant {tenant}"))
-}
-
-/// Parses a JSON request body into `T`, naming what was expected when it does not fit.
-pub(crate) fn json_body<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, SluiceError> {
-    serde_json::from_slice(body).map_err(|e| SluiceError::bad_request(format!("invalid {what}: {e}")))
 }
 
 /// A stored component: its address and size.
@@ -490,31 +400,6 @@ pub(crate) async fn delete_function(
     }
     node.uninstall(&tenant, &function);
     Ok(StatusCode::NO_CONTENT)
-}
-
-/// A guest log line.
-#[derive(Serialize, Deserialize, ToSchema)]
-pub struct LogLineInfo {
-    /// Orders the lines of one function across invocations: the cursor of `after`.
-    pub seq: i64,
-    pub invocation_id: String,
-    #[schema(schema_with = crate::api_openapi::log_stream_schema)]
-    pub stream: String,
-    pub line: String,
-    #[schema(format = DateTime)]
-    pub at: String,
-}
-
-impl LogLineInfo {
-    pub(crate) fn of(l: &LogLine) -> Self {
-        Self {
-            seq: l.seq,
-            invocation_id: l.invocation_id.clone(),
-            stream: l.stream.as_str().to_string(),
-            line: l.line.clone(),
-            at: rfc3339(l.at),
-        }
-    }
 }
 
 /// A page of a function's log lines, oldest first.

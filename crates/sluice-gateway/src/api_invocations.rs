@@ -15,7 +15,7 @@ use sluice_core::{Clock, ErrorKind, Scope, SluiceError, SystemClock, rfc3339};
 use sluice_store::{Invocation, InvocationFilter, InvocationStatus};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::api::{ApiError, ApiResult, Auth, ErrorBody, LogLineInfo, require_tenant};
+use crate::api_common::{ApiError, ApiResult, Auth, ErrorBody, LogLineInfo, require_tenant};
 use crate::api_openapi::invocation_status_schema;
 use crate::error::INVOCATION_ID;
 use crate::node::Node;

@@ -16,7 +16,7 @@ use sluice_core::{Clock, Scope, SluiceError, SystemClock, rfc3339};
 use sluice_store::{KeyRecord, Tenant};
 use utoipa::ToSchema;
 
-use crate::api::{ApiResult, Auth, ErrorBody, admin_only, json_body, require_tenant};
+use crate::api_common::{ApiResult, Auth, ErrorBody, admin_only, json_body, require_tenant};
 use crate::api_openapi::{key_scopes_schema, tenant_scopes_schema};
 use crate::node::Node;
 

@@ -6,9 +6,12 @@
 
 pub mod admission;
 pub mod api;
+pub mod api_common;
 pub mod api_invocations;
 pub mod api_openapi;
 pub mod api_tenants;
+#[cfg(test)]
+mod api_tests;
 pub mod body;
 pub mod credentials;
 pub mod error;
