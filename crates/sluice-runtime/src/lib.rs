@@ -450,16 +450,12 @@ impl Runtime {
             };
             if meter.demoted() {
                 // Says why a call took longer than its neighbours, and what it waited for.
-                let waited = meter.waited();
                 let mut line = format!(
                     "used its fast-lane slice of {}; moved to the slow lane",
                     sluice_core::units::format_duration(fast_slice)
                 );
-                if waited >= Duration::from_millis(1) {
-                    line.push_str(&format!(
-                        ", where it waited {} for a slot",
-                        sluice_core::units::format_duration(Duration::from_millis(waited.as_millis() as u64))
-                    ));
+                if let Some(waited) = waited_ms(meter.waited()) {
+                    line.push_str(&format!(", where it waited {waited} for a slot"));
                 }
                 logs.system(line);
             }
@@ -659,16 +655,19 @@ fn lost_outcome() -> Outcome {
     }
 }
 
+/// A wait for a slow-lane slot, to the millisecond, if it lasted one.
+fn waited_ms(waited: Duration) -> Option<String> {
+    let ms = Duration::from_millis(waited.as_millis() as u64);
+    (!ms.is_zero()).then(|| sluice_core::units::format_duration(ms))
+}
+
 fn timeout_error(timeout: Duration, waited: Duration) -> SluiceError {
     let mut message = format!(
         "the function did not finish within its timeout of {}",
         sluice_core::units::format_duration(timeout)
     );
-    if waited >= Duration::from_millis(1) {
-        message.push_str(&format!(
-            " (of which it waited {} for a slow-lane slot)",
-            sluice_core::units::format_duration(Duration::from_millis(waited.as_millis() as u64))
-        ));
+    if let Some(waited) = waited_ms(waited) {
+        message.push_str(&format!(" (of which it waited {waited} for a slow-lane slot)"));
     }
     SluiceError::new(ErrorKind::Timeout, message)
 }

@@ -43,16 +43,7 @@ fn tenant_rate_limit_covers_all_its_functions() {
 fn concurrency_cap_refuses_at_once() {
     let node = Node::start(&[]);
     node.deploy("tg", &guests().testguest, &["--max-concurrency", "1"]);
-    let (url, token) = (node.url.clone(), node.token.clone());
-    let slow = std::thread::spawn(move || {
-        reqwest::blocking::Client::new()
-            .get(format!("{url}/fn/default/tg/sleep?ms=1500"))
-            .bearer_auth(token)
-            .send()
-            .unwrap()
-            .status()
-            .as_u16()
-    });
+    let slow = sleep_in_background(&node, 1500);
     std::thread::sleep(Duration::from_millis(300));
     let started = Instant::now();
     let res = node.get("/fn/default/tg/ok");
@@ -148,16 +139,7 @@ fn redeploying_resets_neither_the_bucket_nor_the_calls_in_flight() {
     let node = Node::start(&[]);
     let flags = ["--rate", "1/min", "--burst", "1", "--max-concurrency", "1"];
     node.deploy("tg", &guests().testguest, &flags);
-    let (url, token) = (node.url.clone(), node.token.clone());
-    let slow = std::thread::spawn(move || {
-        reqwest::blocking::Client::new()
-            .get(format!("{url}/fn/default/tg/sleep?ms=4000"))
-            .bearer_auth(token)
-            .send()
-            .unwrap()
-            .status()
-            .as_u16()
-    });
+    let slow = sleep_in_background(&node, 4000);
     std::thread::sleep(Duration::from_millis(300));
     let out = node.deploy("tg", &guests().testguest, &flags);
     assert!(out.contains("version 2"), "{out}");
@@ -182,4 +164,18 @@ fn redeploying_resets_neither_the_bucket_nor_the_calls_in_flight() {
         assert!(Instant::now() < deadline, "the slot is given back");
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Calls the test guest's `sleep` mode for `ms` from another thread; joins to its status.
+fn sleep_in_background(node: &Node, ms: u64) -> std::thread::JoinHandle<u16> {
+    let (url, token) = (node.url.clone(), node.token.clone());
+    std::thread::spawn(move || {
+        reqwest::blocking::Client::new()
+            .get(format!("{url}/fn/default/tg/sleep?ms={ms}"))
+            .bearer_auth(token)
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    })
 }
