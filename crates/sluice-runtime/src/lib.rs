@@ -451,7 +451,7 @@ impl Runtime {
             if meter.demoted() {
                 // Says why a call took longer than its neighbours, and what it waited for.
                 let mut line = format!(
-                    "used its fast-lane slice of {}; moved to the slow lane",
+                    "used its fast-lane slice of {}; moved to a slow-lane slot",
                     sluice_core::units::format_duration(fast_slice)
                 );
                 if let Some(waited) = waited_ms(meter.waited()) {

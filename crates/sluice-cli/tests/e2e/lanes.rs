@@ -60,7 +60,7 @@ fn spinning_guests_move_to_the_slow_lane_and_wait_for_their_tenants_slots() {
     assert!(waited >= 3, "three spinners waited for mallory's only slot: {done:?}");
     for (id, _) in &done {
         let logs = logs_of(&node, id);
-        assert!(logs.contains("moved to the slow lane"), "{logs}");
+        assert!(logs.contains("moved to a slow-lane slot"), "{logs}");
     }
 }
 
@@ -75,7 +75,7 @@ fn cpu_time_is_recorded_for_sync_and_async_calls() {
     let id = res.headers()["sluice-invocation-id"].to_str().unwrap().to_string();
     let inv = node.wait_json(&format!("/v1/invocations/{id}"), |v| v["cpu_ms"].is_number());
     assert_cpu_between(&inv, 2.0, 1_000.0);
-    assert!(logs_of(&node, &id).contains("moved to the slow lane"));
+    assert!(logs_of(&node, &id).contains("moved to a slow-lane slot"));
 
     // The same, queued: the attempt's CPU time is in the invocation, also through the CLI.
     let res = node
@@ -91,6 +91,8 @@ fn cpu_time_is_recorded_for_sync_and_async_calls() {
     assert!(ok, "{err}");
     let inv: Value = serde_json::from_str(&out).unwrap();
     assert_cpu_between(&inv, 2.0, 1_000.0);
+    // It ran on the slow lane's threads from the start, and took a slot once over its slice.
+    assert!(logs_of(&node, &id).contains("moved to a slow-lane slot"));
 
     // A short call is recorded with its (small) time too. On the fast lane that time is wall
     // time inside the call's polls, which includes any preemption by the OS: under the load of a
