@@ -108,10 +108,26 @@ fn outbound_http_only_to_allowed_hosts() {
 
     // Allowed by host and port: goes through.
     node.deploy("allowed", &guests().testguest, &["--allow-outbound", &format!("127.0.0.1:{port}")]);
-    let res = node.get(&format!("/fn/default/allowed/fetch?url={target}"));
-    assert_eq!(res.status(), 200);
-    assert_eq!(res.text().unwrap(), "status=200\npong");
-    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    let (status, body, attempts) = fetch_through(&node, &format!("/fn/default/allowed/fetch?url={target}"));
+    assert_eq!((status, body.as_str()), (200, "status=200\npong"));
+    assert_eq!(hits.load(Ordering::SeqCst), attempts, "one connection per call");
+}
+
+/// Calls a `fetch` that should go through, again if the guest saw its own request body's stream
+/// closed (wstd's "connection reset"): a race inside the guest library between finishing an
+/// empty request body and the response that already came back, seen in about 1 call in 100
+/// here, with sluice's client and wasmtime's default alike. Returns the status, the body and
+/// how many calls it took.
+fn fetch_through(node: &Node, path: &str) -> (u16, String, usize) {
+    for attempt in 1..=3 {
+        let res = node.get(path);
+        let status = res.status().as_u16();
+        let body = res.text().unwrap();
+        if !(status == 502 && body.contains("connection reset")) {
+            return (status, body, attempt);
+        }
+    }
+    panic!("three calls of {path} ended in the guest library's connection reset");
 }
 
 #[test]
@@ -136,10 +152,9 @@ fn private_addresses_need_the_operator_flag_even_when_allowed() {
 
     let node = Node::start(&["--outbound-allow-private"]);
     node.deploy("tg", &guests().testguest, &["--allow-outbound", &allow]);
-    let res = node.get(&path);
-    assert_eq!(res.status(), 200);
-    assert_eq!(res.text().unwrap(), "status=200\npong");
-    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    let (status, body, attempts) = fetch_through(&node, &path);
+    assert_eq!((status, body.as_str()), (200, "status=200\npong"));
+    assert_eq!(hits.load(Ordering::SeqCst), attempts, "one connection per call");
 }
 
 /// Sends raw bytes and returns what the server answered (until it closes or 5 s pass).
