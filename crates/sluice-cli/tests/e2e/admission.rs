@@ -89,12 +89,15 @@ fn flood_of_a_slow_function_is_shed_fast_and_admitted_calls_stay_bounded() {
     let shed: Vec<_> = results.iter().filter(|r| r.0 == 503).collect();
     assert_eq!(admitted.len() + shed.len(), 40, "only 200 or 503: {results:?}");
     assert!(admitted.len() >= 8 && !shed.is_empty(), "{} admitted, {} shed", admitted.len(), shed.len());
+    // Bounds with room for a loaded machine (the suite runs its tests in parallel on 2 cores):
+    // a shed call never waits for one of the 1 s sleeps, and admitted calls are never queued
+    // behind each other (40 sleeps one after another would take 40 s).
     for (_, took, retry_after) in &shed {
-        assert!(*took < Duration::from_millis(500), "a shed call waited {took:?}");
+        assert!(*took < Duration::from_millis(900), "a shed call waited {took:?}");
         assert_eq!(retry_after.as_deref(), Some("1"));
     }
     for (_, took, _) in &admitted {
-        assert!(*took < Duration::from_secs(3), "an admitted call took {took:?}");
+        assert!(*took < Duration::from_secs(5), "an admitted call took {took:?}");
     }
     // Async enqueues are still accepted while the sync side sheds: the queue absorbs bursts.
     let res = node
