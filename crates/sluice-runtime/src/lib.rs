@@ -102,9 +102,8 @@ struct Host {
     hooks: outbound::OutboundPolicy,
     limiter: Limiter,
     deadline: Instant,
-    /// This call's time on threads, checked against `fast_slice` at every epoch tick.
+    /// This call's time on threads, checked against the fast-lane slice at every epoch tick.
     meter: Arc<lanes::Meter>,
-    fast_slice: Duration,
 }
 
 impl WasiView for Host {
@@ -359,6 +358,7 @@ impl Runtime {
         let mut table = ResourceTable::new();
         table.set_max_capacity(RESOURCE_TABLE_CAPACITY_MAX);
         let meter = Arc::new(lanes::Meter::new());
+        let fast_slice = self.lanes.config().fast_slice;
         let host = Host {
             table,
             wasi: wasi.build(),
@@ -367,17 +367,16 @@ impl Runtime {
             limiter: Limiter { memory_bytes_max: call.config.memory_bytes as usize, memory_limit_hit: false },
             deadline,
             meter: meter.clone(),
-            fast_slice: self.lanes.config().fast_slice,
         };
         let mut store = Store::new(&self.engine, host);
         store.limiter(|h| &mut h.limiter);
         store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(|ctx| {
+        store.epoch_deadline_callback(move |ctx| {
             let host = ctx.data();
             if Instant::now() >= host.deadline {
                 return Ok(UpdateDeadline::Interrupt);
             }
-            host.meter.check_slice(host.fast_slice);
+            host.meter.check_slice(fast_slice);
             // The yield is where a call that used its slice leaves the fast lane (`LaneFuture`
             // sees the request when this future returns pending), and where a call that did not
             // lets its neighbours on this thread run.
@@ -414,7 +413,6 @@ impl Runtime {
         let guest = lanes::LaneFuture::new(run, meter.clone(), self.lanes.clone(), call.group.clone());
         let invocation_id = call.invocation_id.clone();
         let memory_bytes = call.config.memory_bytes;
-        let fast_slice = self.lanes.config().fast_slice;
         let lane = call.lane;
         let task = async move {
             // The epoch callback stops a guest that computes past its deadline; this outer bound
@@ -471,7 +469,6 @@ impl Runtime {
                 started_at,
                 finished_at: SystemClock.now_ms(),
                 cpu_us: meter.busy().as_micros() as u64,
-                demoted: meter.demoted(),
             };
             if let Some(on_done) = call.on_done {
                 on_done(&outcome);
@@ -560,8 +557,6 @@ pub struct Outcome {
     /// Time the call spent on a thread (instantiation, guest code and the host calls it made), in
     /// microseconds: wall time inside its polls on the fast lane, thread CPU time on the slow.
     pub cpu_us: u64,
-    /// The call used its fast-lane slice and finished on the slow lane.
-    pub demoted: bool,
 }
 
 /// The body of a guest's response. Dropping it before its last frame (the client went away)
@@ -651,7 +646,6 @@ fn lost_outcome() -> Outcome {
         started_at: 0,
         finished_at: 0,
         cpu_us: 0,
-        demoted: false,
     }
 }
 
