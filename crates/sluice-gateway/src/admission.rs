@@ -104,6 +104,16 @@ impl Gauge {
     pub fn current(&self) -> usize {
         self.inflight.load(Ordering::Relaxed)
     }
+
+    /// A slot under a node-wide bound, or 503 `overloaded` with `Retry-After` at once, saying
+    /// `refusal`.
+    pub fn admit(
+        self: &Arc<Self>,
+        max: usize,
+        refusal: impl FnOnce() -> String,
+    ) -> Result<Slot, SluiceError> {
+        self.try_acquire(max).ok_or_else(|| SluiceError::new(ErrorKind::Overloaded, refusal()).retry_after(1))
+    }
 }
 
 /// A held slot of a [`Gauge`].
@@ -162,9 +172,7 @@ impl<C: Clock + Clone> Admission<C> {
 
     /// Node-wide load shedding: a slot for one more sync call, or 503 at once.
     pub fn shed(&self) -> Result<Slot, SluiceError> {
-        self.sync_inflight.try_acquire(self.sync_inflight_max).ok_or_else(|| {
-            SluiceError::new(ErrorKind::Overloaded, "this node is at capacity; retry shortly").retry_after(1)
-        })
+        self.sync_inflight.admit(self.sync_inflight_max, || "this node is at capacity; retry shortly".into())
     }
 
     /// The tenant's token bucket.

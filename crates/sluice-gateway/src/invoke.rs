@@ -252,13 +252,8 @@ async fn enqueue(
 /// A slot for one more async enqueue on this node, or 503 at once.
 fn enqueue_slot(node: &Node) -> Result<Slot, SluiceError> {
     let max = node.config.async_enqueue_inflight_max;
-    node.async_enqueues.try_acquire(max).ok_or_else(|| {
-        SluiceError::new(
-            ErrorKind::Overloaded,
-            format!("this node is already accepting {max} async calls; retry shortly"),
-        )
-        .retry_after(1)
-    })
+    node.async_enqueues
+        .admit(max, || format!("this node is already accepting {max} async calls; retry shortly"))
 }
 
 fn header_error(name: &str, problem: &str) -> SluiceError {
