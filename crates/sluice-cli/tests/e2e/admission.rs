@@ -50,18 +50,7 @@ fn concurrency_cap_refuses_at_once() {
     assert!(started.elapsed() < Duration::from_millis(500), "the refusal waited");
     assert_error(res, 429, "concurrency_limited");
     assert_eq!(slow.join().unwrap(), 200);
-    // The slot is held until the guest is done, which can be a moment after its client has the
-    // whole response (the guest returns from its handler after finishing the body).
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        let status = node.get("/fn/default/tg/ok").status();
-        if status == 200 {
-            break;
-        }
-        assert_eq!(status, 429);
-        assert!(Instant::now() < deadline, "the slot is given back");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    node.wait_until_admitted("/fn/default/tg/ok", Duration::from_secs(2));
 }
 
 #[test]
@@ -155,18 +144,7 @@ fn redeploying_resets_neither_the_bucket_nor_the_calls_in_flight() {
     assert_error(node.get("/fn/default/tg/ok"), 429, "concurrency_limited");
     assert!(!slow.is_finished(), "the slow call ended before the check; the test proves nothing");
     assert_eq!(slow.join().unwrap(), 200);
-    // The slot is held until the guest is done, which can be a moment after its client has the
-    // whole response (the guest returns from its handler after finishing the body).
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        let status = node.get("/fn/default/tg/ok").status();
-        if status == 200 {
-            break;
-        }
-        assert_eq!(status, 429);
-        assert!(Instant::now() < deadline, "the slot is given back");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    node.wait_until_admitted("/fn/default/tg/ok", Duration::from_secs(2));
 }
 
 /// Calls the test guest's `sleep` mode for `ms` from another thread; joins to its status.

@@ -153,6 +153,22 @@ impl Node {
         self.client().get(format!("{}{path}", self.url)).bearer_auth(&self.token).send().unwrap()
     }
 
+    /// Calls `path` until it is admitted (200) while the only refusal is the concurrency cap
+    /// (429): a slot comes back when the guest holding it is done, which can be a moment after
+    /// its client went away or had the whole response. Panics if that takes longer than `within`.
+    pub fn wait_until_admitted(&self, path: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let status = self.get(path).status();
+            if status == 200 {
+                return;
+            }
+            assert_eq!(status, 429, "only the concurrency cap may refuse {path}");
+            assert!(Instant::now() < deadline, "the slot of {path} was not given back within {within:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Polls `path` until `pred` holds (records are written in batches, off the request path).
     pub fn wait_json(&self, path: &str, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(10);
