@@ -7,7 +7,9 @@
 //! hanging with whatever it holds (an admission slot, a body, a lease).
 //!
 //! A call that times out may still complete later (a queued write is not withdrawn), so callers
-//! must treat it like any other `Unavailable`: nothing was acknowledged, trying again is safe.
+//! must treat it like any other `Unavailable`: nothing was acknowledged. Trying again is safe for
+//! reads and fenced writes; an enqueue tried again may be stored twice unless it carries an
+//! idempotency key (at-least-once, as with any client retry).
 
 use std::future::Future;
 use std::time::Duration;
