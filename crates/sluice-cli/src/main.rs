@@ -8,6 +8,7 @@ mod invocations;
 mod invoke;
 mod keys;
 mod logs;
+mod node;
 mod serve;
 mod tenants;
 
@@ -40,6 +41,8 @@ enum Command {
     /// Mint, list or revoke API keys.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
+    /// Show what the node holds and does: code cache, artifacts, CPU lanes (needs an admin key).
+    Node(node::NodeArgs),
     /// List invocations, show one or its stored response, or re-drive a dead one.
     #[command(subcommand)]
     Invocations(invocations::InvocationsCommand),
@@ -59,6 +62,7 @@ fn main() {
                     Command::Tenants(c) => tenants::run(c).await,
                     Command::Keys(c) => keys::run(c).await,
                     Command::Invocations(c) => invocations::run(c).await,
+                    Command::Node(a) => node::run(a).await,
                     Command::Serve(_) => unreachable!("handled above"),
                 }
             })

@@ -69,6 +69,20 @@ pub struct ServeArgs {
     /// How long finished invocations (status, response, logs) are kept, e.g. 7days.
     #[arg(long, default_value = "7days", value_parser = parse_duration)]
     pub retention: Duration,
+    /// How long an uploaded component that no version uses is kept before it is removed (with
+    /// its compiled artifact), counted from its last upload, e.g. 1h.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub blob_grace: Duration,
+    /// Compiled components kept loaded, at most: beyond it the least recently used is dropped
+    /// (and mapped again from its artifact on its next call).
+    #[arg(long, default_value_t = 1000)]
+    pub code_cache_entries: u64,
+    /// Artifact bytes of the compiled components kept loaded, at most, e.g. 512MiB.
+    #[arg(long, default_value = "512MiB", value_parser = parse_bytes)]
+    pub code_cache: u64,
+    /// Compiles running at once (each uses every core, at a lower priority than calls).
+    #[arg(long, default_value_t = 1)]
+    pub compile_slots: usize,
     /// Largest component upload, e.g. 64MiB.
     #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
     pub upload_max: u64,
@@ -139,6 +153,7 @@ impl ServeArgs {
         let nanosecond = Duration::from_nanos(1);
         check_duration("--lease", self.lease, LEASE_MIN, LEASE_MAX)?;
         check_duration("--retention", self.retention, RETENTION_MIN, RETENTION_MAX)?;
+        check_duration("--blob-grace", self.blob_grace, RETENTION_MIN, RETENTION_MAX)?;
         check_duration("--shutdown-grace", self.shutdown_grace, Duration::ZERO, TIMEOUT_MAX)?;
         check_duration("--header-read-timeout", self.header_read_timeout, nanosecond, TIMEOUT_MAX)?;
         check_duration("--body-read-timeout", self.body_read_timeout, nanosecond, TIMEOUT_MAX)?;
@@ -155,6 +170,7 @@ impl ServeArgs {
         );
         self.check_durations()?;
         self.lanes()?;
+        self.code()?;
         anyhow::ensure!(
             self.memory_keep_resident <= 1 << 30,
             "--memory-keep-resident must be at most 1GiB (the largest function memory)"
@@ -175,6 +191,17 @@ impl ServeArgs {
 }
 
 impl ServeArgs {
+    fn code(&self) -> anyhow::Result<sluice_gateway::CodeConfig> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut code = sluice_gateway::CodeConfig::for_cores(cores);
+        code.cache_entries_max = self.code_cache_entries;
+        code.cache_bytes_max = self.code_cache;
+        code.compile_slots = self.compile_slots;
+        code.validate()
+            .map_err(|e| anyhow::anyhow!("{e} (--code-cache, --code-cache-entries, --compile-slots)"))?;
+        Ok(code)
+    }
+
     fn lanes(&self) -> anyhow::Result<LaneConfig> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut lanes = LaneConfig::for_cores(cores);
@@ -229,10 +256,12 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
     config.lease_ms = args.lease.as_millis() as u64;
     config.lanes = args.lanes()?;
     config.memory_keep_resident_bytes = args.memory_keep_resident as usize;
+    config.code = args.code()?;
     let node = Node::open(config, store).await?;
     let server = Server::start(node.clone(), args.listen, workers)
         .with_context(|| format!("listening on {}", args.listen))?;
-    let tasks = sluice_node::Tasks::start(&node, args.retention);
+    let upkeep = sluice_node::Upkeep { retention: args.retention, blob_grace: args.blob_grace };
+    let tasks = sluice_node::Tasks::start(&node, upkeep);
     let supervisor = tasks.supervisor();
     if let Some(task) = store_writer {
         supervisor.watch("store writer", task);

@@ -1,7 +1,8 @@
-//! `sluice tenants create NAME|list|limits NAME`.
+//! `sluice tenants create NAME|list|limits NAME|usage NAME`.
 
 use reqwest::Method;
 use serde_json::json;
+use sluice_core::units::format_bytes;
 
 use crate::client::{Client, Target};
 
@@ -16,6 +17,12 @@ pub enum TenantsCommand {
     },
     /// List the tenants this key sees (all of them for an admin key).
     List {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// What a tenant keeps: functions, versions, uploaded components and compiled artifacts.
+    Usage {
+        name: String,
         #[command(flatten)]
         target: Target,
     },
@@ -55,6 +62,19 @@ pub async fn run(cmd: TenantsCommand) -> anyhow::Result<()> {
                     t["created_at"].as_str().unwrap_or_default()
                 );
             }
+        }
+        TenantsCommand::Usage { name, target } => {
+            let client = Client::new(&target)?;
+            let v = client.json(client.request(Method::GET, &format!("/v1/tenants/{name}/usage"))).await?;
+            let n = |p: &str| v.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0);
+            println!("tenant     {name}");
+            println!("functions  {} ({} versions)", n("/functions"), n("/versions"));
+            println!("components {} stored, {}", n("/blobs"), format_bytes(n("/blob_bytes")));
+            println!(
+                "artifacts  {} on this node, {}",
+                n("/artifacts/files"),
+                format_bytes(n("/artifacts/bytes"))
+            );
         }
         TenantsCommand::Limits { name, rate, burst, clear, target } => {
             let client = Client::new(&target)?;

@@ -10,6 +10,11 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         .map_err(|e| format!("invalid size {s:?}: {e} (examples: 128MiB, 64KiB, 1048576)"))
 }
 
+/// Bytes as a person reads them: `1.4 MiB`.
+pub fn format_bytes(n: u64) -> String {
+    bytesize::ByteSize(n).display().iec().to_string()
+}
+
 /// Parses a duration such as `30s`, `250ms`, `15min`, `6h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim())

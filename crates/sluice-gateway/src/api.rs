@@ -64,13 +64,15 @@ pub(crate) fn routes() -> &'static (Router<Arc<Node>>, String) {
 /// Every `/v1` route. Register routes here with `routes!` only (see the module docs); the
 /// `api_openapi` tests fail for a route the document does not list.
 pub(crate) fn openapi_router() -> OpenApiRouter<Arc<Node>> {
-    use crate::{api_invocations as inv, api_openapi as doc, api_tenants as ten};
+    use crate::{api_invocations as inv, api_node, api_openapi as doc, api_tenants as ten};
     OpenApiRouter::with_openapi(doc::base())
         .routes(routes!(doc::openapi_json))
         .routes(routes!(ten::create_tenant, ten::list_tenants))
         .routes(routes!(ten::create_key, ten::list_keys))
         .routes(routes!(ten::revoke_key))
         .routes(routes!(ten::set_tenant_limits))
+        .routes(routes!(api_node::tenant_usage))
+        .routes(routes!(api_node::node_info))
         .routes(routes!(upload_blob))
         .routes(routes!(list_functions))
         .routes(routes!(get_function, delete_function))
@@ -156,7 +158,7 @@ pub(crate) async fn upload_blob(
         .into());
     }
     let digest = sluice_core::ids::sha256_hex(&bytes);
-    node.store.put_blob(&digest, &bytes).await?;
+    node.store.put_blob(&tenant, &digest, &bytes).await?;
     Ok((StatusCode::CREATED, Json(BlobInfo { digest, size: bytes.len() as u64 })))
 }
 
@@ -248,25 +250,27 @@ pub(crate) async fn create_version(
     config.validate(&node.config.limits)?;
     let bytes = node
         .store
-        .get_blob(&req.digest)
+        .get_blob(&tenant, &req.digest)
         .await?
         .ok_or_else(|| SluiceError::not_found(format!("no blob {}: upload it first", req.digest)))?;
-    // Compiling takes a core for up to seconds: keep it off the async threads.
-    let runtime = node.runtime.clone();
-    let digest = req.digest.clone();
-    let (prepared, report) = tokio::task::spawn_blocking(move || runtime.compile(&digest, &bytes))
-        .await
-        .map_err(|e| SluiceError::internal(format!("compile task failed: {e}")))??;
+    // Compiles on the node's compile pool, once for concurrent deploys of one blob; an artifact
+    // already on disk is only mapped. Either way the component is now loaded in the code cache.
+    let key = sluice_runtime::CodeKey::new(&tenant, &req.digest);
+    let blob: sluice_runtime::BlobSource = Box::new(move || Box::pin(async move { Ok(Some(bytes)) }));
+    let (prepared, hit) = node.runtime.code(&key, blob).await?;
+    let origin = prepared.origin;
+    drop(prepared);
     let record = node.store.create_version(&tenant, &function, &req.digest, &config).await?;
     let version = version_info(&node, &record);
-    node.install(crate::node::Deployed::new(record, prepared));
+    node.install(crate::node::Deployed::new(record));
+    let compiled = !hit && origin.compiled;
     Ok((
         StatusCode::CREATED,
         Json(DeployedVersion {
             version,
-            compile_ms: report.compile_ms,
-            artifact_cached: report.cached,
-            artifact_bytes: report.artifact_bytes,
+            compile_ms: if compiled { origin.compile_ms } else { 0 },
+            artifact_cached: !compiled,
+            artifact_bytes: origin.artifact_bytes,
         }),
     ))
 }

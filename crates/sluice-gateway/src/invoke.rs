@@ -99,6 +99,9 @@ async fn call(
     }
     let function_slot = deployed.admission.acquire(function)?;
     let node_slot = node.admission.shed()?;
+    // A hot function's code is in the cache; a cold one's is mapped from its artifact (or, after
+    // an engine change, compiled) here, once for all the calls that wait for it.
+    let (prepared, _) = node.code(&deployed.code_key).await?;
 
     let (mut parts, body) = req.into_parts();
     parts.uri =
@@ -114,7 +117,7 @@ async fn call(
         group: deployed.tenant_group.clone(),
         on_done: Some(recorder(node, &deployed, [function_slot, Some(node_slot)])),
     };
-    let running = node.runtime.invoke(&deployed.prepared, call, Request::from_parts(parts, body));
+    let running = node.runtime.invoke(&prepared, call, Request::from_parts(parts, body));
     match running.response().await {
         Ok((res, _done)) => {
             let mut res = res.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync());

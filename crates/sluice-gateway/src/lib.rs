@@ -8,6 +8,7 @@ pub mod admission;
 pub mod api;
 pub mod api_common;
 pub mod api_invocations;
+pub mod api_node;
 pub mod api_openapi;
 pub mod api_tenants;
 #[cfg(test)]
@@ -23,7 +24,7 @@ pub mod sniff;
 
 pub use node::{Node, NodeConfig};
 pub use server::Server;
-pub use sluice_runtime::LaneConfig;
+pub use sluice_runtime::{CodeConfig, LaneConfig};
 
 /// The tenant every new store starts with, and the one an admin key acts on when none is named.
 pub const DEFAULT_TENANT: &str = "default";

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use sluice_core::{FunctionConfig, Limits, Scope, SluiceError};
-use sluice_runtime::{Prepared, Runtime};
+use sluice_runtime::{BlobSource, CodeKey, Prepared, Runtime};
 use sluice_store::{KeyRecord, Store, VersionRecord};
 
 use crate::admission::{Admission, FunctionAdmission, Gauge, Rate};
@@ -36,6 +36,8 @@ pub struct NodeConfig {
     pub lanes: sluice_runtime::LaneConfig,
     /// Bytes of a freed linear memory kept resident and reset in place.
     pub memory_keep_resident_bytes: usize,
+    /// The code cache and the compile pool.
+    pub code: sluice_runtime::CodeConfig,
 }
 
 impl NodeConfig {
@@ -53,27 +55,33 @@ impl NodeConfig {
                 std::thread::available_parallelism().map_or(1, |n| n.get()),
             ),
             memory_keep_resident_bytes: 4 << 20,
+            code: sluice_runtime::CodeConfig::for_cores(
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+            ),
         }
     }
 }
 
-/// A deployed function version, ready to run.
+/// A deployed function version: its metadata. Its code is loaded on a call, from the node's
+/// code cache ([`Node::code`]).
 pub struct Deployed {
     pub record: VersionRecord,
     pub config: Arc<FunctionConfig>,
-    pub prepared: Arc<Prepared>,
+    /// Which compiled component runs it.
+    pub code_key: CodeKey,
     pub admission: FunctionAdmission,
     /// The tenant, as the runtime's slow-lane group (slots are bounded per tenant).
     pub tenant_group: Arc<str>,
 }
 
 impl Deployed {
-    pub fn new(record: VersionRecord, prepared: Arc<Prepared>) -> Self {
+    pub fn new(record: VersionRecord) -> Self {
         let config = Arc::new(record.config.clone());
         let rate = Rate::of(config.rate_per_sec, config.burst);
         let admission = FunctionAdmission::new(rate, config.max_concurrency, Default::default());
-        let tenant_group = Arc::from(record.tenant.as_str());
-        Self { record, config, prepared, admission, tenant_group }
+        let code_key = CodeKey::new(&record.tenant, &record.blob_digest);
+        let tenant_group = code_key.tenant.clone();
+        Self { record, config, code_key, admission, tenant_group }
     }
 }
 
@@ -192,8 +200,8 @@ pub struct Node {
 }
 
 impl Node {
-    /// Opens the node's state: loads keys and every function's latest version (from the artifact
-    /// cache where possible). Must be called inside the control runtime.
+    /// Opens the node's state: the keys and every function's latest version, as metadata only (a
+    /// version's code is loaded on its first call). Must be called inside the control runtime.
     pub async fn open(config: NodeConfig, store: Arc<dyn Store>) -> anyhow::Result<Arc<Self>> {
         let mut rt = sluice_runtime::RuntimeConfig::new(config.data_dir.join("artifacts"));
         rt.instances_max = config.limits.instances_max;
@@ -203,6 +211,7 @@ impl Node {
         rt.lanes = config.lanes.clone();
         rt.memory_keep_resident_bytes = config.memory_keep_resident_bytes;
         rt.outbound = config.limits.outbound.clone();
+        rt.code = config.code.clone();
         let runtime = Arc::new(Runtime::new(rt)?);
         let (recorder, recorder_task) =
             Recorder::start(store.clone(), config.limits.log_queue_max, config.limits.log_queue_bytes_max);
@@ -226,13 +235,7 @@ impl Node {
             node.admission.set_tenant_rate(&tenant, Some(Rate { per_sec, burst }));
         }
         for record in node.store.all_latest_versions().await.map_err(store_error)? {
-            let (tenant, function) = (record.tenant.clone(), record.function.clone());
-            match node.load_version(record).await {
-                Ok(d) => {
-                    node.install(d);
-                }
-                Err(e) => tracing::error!(%tenant, %function, error = %e, "cannot load function"),
-            }
+            node.install(Deployed::new(record));
         }
         Ok(node)
     }
@@ -271,18 +274,25 @@ impl Node {
         }
     }
 
-    /// Prepares a stored version: the artifact from disk, or compiled from the stored blob.
-    pub async fn load_version(&self, record: VersionRecord) -> Result<Deployed, SluiceError> {
-        let runtime = self.runtime.clone();
+    /// The ready component of `key`: from the code cache, else its artifact on disk, else
+    /// compiled from the tenant's blob in the store. Returns whether it was a cache hit.
+    pub async fn code(&self, key: &CodeKey) -> Result<(Arc<Prepared>, bool), SluiceError> {
+        self.runtime.code(key, self.blob_source(key)).await
+    }
+
+    /// Fetches `key`'s blob from the store when a compile needs it.
+    pub fn blob_source(&self, key: &CodeKey) -> BlobSource {
         let store = self.store.clone();
-        let digest = record.blob_digest.clone();
-        let handle = tokio::runtime::Handle::current();
-        let prepared = tokio::task::spawn_blocking(move || {
-            runtime.load(&digest, || handle.block_on(store.get_blob(&digest)).ok().flatten())
+        let key = key.clone();
+        Box::new(move || {
+            Box::pin(async move { store.get_blob(&key.tenant, &key.digest).await.map_err(store_error) })
         })
-        .await
-        .map_err(|e| SluiceError::internal(format!("loading task failed: {e}")))??;
-        Ok(Deployed::new(record, prepared))
+    }
+
+    /// Every installed version.
+    pub fn deployed(&self) -> Vec<Arc<Deployed>> {
+        let map = self.functions.read().expect("function map lock");
+        map.values().flat_map(|fns| fns.values().cloned()).collect()
     }
 
     /// Rebuilds the API-key cache from the store. Reloads run one at a time, so the cache

@@ -6,6 +6,7 @@
 //! workers share), running queued calls is `sluice-scheduler`, durable state is `sluice-store`.
 #![forbid(unsafe_code)]
 
+pub mod gc;
 pub mod supervisor;
 
 use std::path::Path;
@@ -15,6 +16,7 @@ use std::time::Duration;
 use sluice_core::{Scope, SluiceError};
 use sluice_gateway::error::store_error;
 use sluice_gateway::{DEFAULT_TENANT, Node};
+use sluice_runtime::CodeKey;
 use sluice_scheduler::{Functions, Ready, Scheduler, SchedulerConfig};
 use sluice_store::{KeyRecord, Store};
 
@@ -22,6 +24,15 @@ pub use supervisor::Supervisor;
 
 /// Rows removed per retention purge call at most.
 pub const PURGE_BATCH_MAX: u32 = 1000;
+
+/// How the node's background tasks keep its data in bounds.
+#[derive(Debug, Clone)]
+pub struct Upkeep {
+    /// How long finished invocations are kept.
+    pub retention: Duration,
+    /// How long a blob that no version names is kept after its upload.
+    pub blob_grace: Duration,
+}
 
 /// A node's background tasks, started and watched.
 pub struct Tasks {
@@ -32,15 +43,18 @@ pub struct Tasks {
 
 impl Tasks {
     /// Starts the node's background tasks on the current (control) runtime: the recorder's
-    /// writer comes under supervision, then the scheduler and the retention purge start.
-    pub fn start(node: &Arc<Node>, retention: Duration) -> Self {
+    /// writer comes under supervision, then the scheduler, the retention purge, the collector of
+    /// unused code and the compile of missing artifacts start.
+    pub fn start(node: &Arc<Node>, upkeep: Upkeep) -> Self {
         let supervisor = Supervisor::default();
         if let Some(task) = node.take_recorder_task() {
             supervisor.watch("recorder", task);
         }
         let tasks = Self { node: node.clone(), supervisor, scheduler: Mutex::new(None) };
         tasks.start_scheduler();
-        tasks.start_retention(retention);
+        tasks.start_retention(upkeep.retention);
+        tasks.start_gc(upkeep.blob_grace);
+        tasks.start_prepare_artifacts();
         tasks
     }
 
@@ -69,6 +83,45 @@ impl Tasks {
         );
         self.supervisor.watch_handle("scheduler", scheduler.task());
         *self.scheduler.lock().expect("scheduler lock") = Some(scheduler);
+    }
+
+    /// Starts the collector of unused blobs and artifacts (see [`gc`]).
+    fn start_gc(&self, blob_grace: Duration) {
+        let node = Arc::downgrade(&self.node);
+        let period = (blob_grace / 2).clamp(Duration::from_millis(100), Duration::from_secs(60));
+        self.supervisor.spawn("gc", async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(node) = node.upgrade() else { return };
+                match gc::collect(&node, blob_grace).await {
+                    Ok(c) if c != gc::Collected::default() => tracing::info!(
+                        blobs = c.blobs,
+                        artifacts = c.artifacts,
+                        artifact_bytes = c.artifact_bytes,
+                        "removed unused code"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "collecting unused code failed; trying again later"),
+                }
+            }
+        });
+    }
+
+    /// Compiles, once after start, the artifacts that installed versions lack (see
+    /// [`gc::prepare_artifacts`]).
+    fn start_prepare_artifacts(&self) {
+        let node = Arc::downgrade(&self.node);
+        // Not supervised: it ends when it is done, and a failure to compile one version is that
+        // version's (its calls answer the error), not the node's.
+        tokio::spawn(async move {
+            let Some(node) = node.upgrade() else { return };
+            let compiled = gc::prepare_artifacts(&node).await;
+            if compiled > 0 {
+                tracing::info!(compiled, "compiled the artifacts this node lacked");
+            }
+        });
     }
 
     /// Starts the retention task: finished invocations, their responses and logs older than
@@ -124,18 +177,17 @@ impl Functions for NodeFunctions {
         let (tenant, function) = (tenant.to_string(), function.to_string());
         Box::pin(async move {
             let node = node.ok_or_else(|| SluiceError::internal("the node is shutting down"))?;
-            if let Some(d) = node.function(&tenant, &function)
-                && d.record.version == version
-            {
-                return Ok(Some(Ready { config: d.config.clone(), prepared: d.prepared.clone() }));
-            }
-            match node.store.get_version(&tenant, &function, version).await.map_err(store_error)? {
-                None => Ok(None),
-                Some(record) => {
-                    let d = node.load_version(record).await?;
-                    Ok(Some(Ready { config: d.config, prepared: d.prepared }))
-                }
-            }
+            // The installed version's metadata, or an older version's from the store; its code
+            // comes from the same code cache either way.
+            let (config, key) = match node.function(&tenant, &function) {
+                Some(d) if d.record.version == version => (d.config.clone(), d.code_key.clone()),
+                _ => match node.store.get_version(&tenant, &function, version).await.map_err(store_error)? {
+                    None => return Ok(None),
+                    Some(r) => (Arc::new(r.config.clone()), CodeKey::new(&r.tenant, &r.blob_digest)),
+                },
+            };
+            let (prepared, _) = node.code(&key).await?;
+            Ok(Some(Ready { config, prepared }))
         })
     }
 }

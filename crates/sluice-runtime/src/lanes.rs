@@ -214,6 +214,16 @@ fn lower_this_thread() -> &'static str {
     "none"
 }
 
+/// Sets the calling thread's nice value (the compile pool's threads run at 10: a compile takes
+/// what the calls leave, but still finishes under load, unlike `SCHED_IDLE`).
+#[allow(unsafe_code)]
+pub(crate) fn nice_this_thread(nice: i32) {
+    // SAFETY: a plain syscall; on Linux the nice value is per thread and `who` 0 is the caller.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+        tracing::debug!(nice, "could not lower a compile thread's priority");
+    }
+}
+
 /// CPU time of the calling thread.
 #[allow(unsafe_code)]
 fn thread_cpu_now() -> Duration {

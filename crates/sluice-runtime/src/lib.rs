@@ -8,12 +8,13 @@
 //! [`FunctionConfig`] and get back a response head, a streaming body and, when the guest is done,
 //! an [`Outcome`].
 
+mod code;
 mod lanes;
 mod logs;
 mod outbound;
 
 use std::hash::{Hash, Hasher};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
@@ -33,6 +34,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+pub use code::{ArtifactFile, ArtifactUsage, BlobSource, CodeConfig, CodeKey, CodeStats, Origin};
 pub use lanes::{LaneConfig, LaneStats};
 pub use logs::LogCapture;
 pub use outbound::is_private;
@@ -65,8 +67,10 @@ pub struct RuntimeConfig {
     pub memory_keep_resident_bytes: usize,
     /// The same for tables.
     pub table_keep_resident_bytes: usize,
-    /// Directory of compiled artifacts (`<digest>-<engine>.cwasm`).
+    /// Directory of compiled artifacts (`<tenant>/<digest>-<engine>.cwasm`).
     pub artifact_dir: PathBuf,
+    /// The code cache and the compile pool.
+    pub code: CodeConfig,
     /// Guest log bytes kept per invocation.
     pub log_bytes_per_invocation_max: usize,
     /// Let guests reach loopback and private addresses (still only hosts in their allow list).
@@ -86,6 +90,7 @@ impl RuntimeConfig {
             memory_keep_resident_bytes: 4 << 20,
             table_keep_resident_bytes: 1 << 20,
             artifact_dir,
+            code: CodeConfig::for_cores(std::thread::available_parallelism().map_or(1, |n| n.get())),
             log_bytes_per_invocation_max: limits.log_bytes_per_invocation_max,
             outbound_allow_private: false,
             lanes: LaneConfig::for_cores(std::thread::available_parallelism().map_or(1, |n| n.get())),
@@ -153,15 +158,8 @@ impl ResourceLimiter for Limiter {
 pub struct Prepared {
     pre: ProxyPre<Host>,
     pub digest: String,
-}
-
-/// What compiling a component at deploy produced.
-#[derive(Debug, Clone)]
-pub struct CompileReport {
-    pub compile_ms: u64,
-    pub artifact_bytes: u64,
-    /// The artifact was already on disk; nothing was compiled.
-    pub cached: bool,
+    /// How it was loaded.
+    pub origin: Origin,
 }
 
 /// The node's wasm runtime.
@@ -171,6 +169,7 @@ pub struct Runtime {
     config: RuntimeConfig,
     engine_fingerprint: String,
     lanes: Arc<lanes::Lanes>,
+    code: code::CodeCache,
 }
 
 impl Runtime {
@@ -216,8 +215,9 @@ impl Runtime {
 
         std::fs::create_dir_all(&config.artifact_dir)?;
         let lanes = Arc::new(lanes::Lanes::new(config.lanes.clone())?);
+        let code = code::CodeCache::new(config.code.clone())?;
         spawn_epoch_ticker(&engine);
-        Ok(Self { engine, linker, config, engine_fingerprint, lanes })
+        Ok(Self { engine, linker, config, engine_fingerprint, lanes, code })
     }
 
     /// What the CPU lanes are doing.
@@ -234,70 +234,12 @@ impl Runtime {
         &self.engine_fingerprint
     }
 
-    fn artifact_path(&self, digest: &str) -> PathBuf {
-        self.config.artifact_dir.join(format!("{digest}-{}.cwasm", self.engine_fingerprint))
-    }
-
-    /// Validates and compiles uploaded bytes, writes the native artifact to the cache and returns
-    /// the ready component. Every rejection is `invalid_component` with a message naming what is
-    /// wrong.
-    pub fn compile(&self, digest: &str, bytes: &[u8]) -> Result<(Arc<Prepared>, CompileReport), SluiceError> {
-        let invalid = |m: String| SluiceError::new(ErrorKind::InvalidComponent, m);
-        check_header(bytes).map_err(invalid)?;
-        let path = self.artifact_path(digest);
-        if path.exists()
-            && let Ok(prepared) = self.load_artifact(digest, &path)
-        {
-            let artifact_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            return Ok((prepared, CompileReport { compile_ms: 0, artifact_bytes, cached: true }));
-        }
-        let started = Instant::now();
-        let artifact = self
-            .engine
-            .precompile_component(bytes)
-            .map_err(|e| invalid(format!("not a valid WebAssembly component: {e:#}")))?;
-        let compile_ms = started.elapsed().as_millis() as u64;
-        // SAFETY: the bytes were produced just above by this engine's `precompile_component`.
-        #[allow(unsafe_code)]
-        let component = unsafe { Component::deserialize(&self.engine, &artifact) }
-            .map_err(|e| SluiceError::internal(format!("loading a fresh artifact failed: {e:#}")))?;
-        let prepared = self.prepare(digest, &component)?;
-        write_atomically(&path, &artifact)
-            .map_err(|e| SluiceError::internal(format!("writing artifact {}: {e}", path.display())))?;
-        let report = CompileReport { compile_ms, artifact_bytes: artifact.len() as u64, cached: false };
-        Ok((prepared, report))
-    }
-
-    /// Loads a component that was compiled before: from the on-disk artifact if it is there and
-    /// matches this engine, otherwise by compiling `bytes()` again.
-    pub fn load(
+    fn prepare(
         &self,
         digest: &str,
-        bytes: impl FnOnce() -> Option<Vec<u8>>,
+        component: &Component,
+        origin: Origin,
     ) -> Result<Arc<Prepared>, SluiceError> {
-        let path = self.artifact_path(digest);
-        if path.exists() {
-            match self.load_artifact(digest, &path) {
-                Ok(prepared) => return Ok(prepared),
-                Err(e) => {
-                    tracing::warn!(digest, error = %e, "cached artifact unusable; recompiling")
-                }
-            }
-        }
-        let bytes = bytes().ok_or_else(|| SluiceError::internal(format!("blob {digest} is missing")))?;
-        self.compile(digest, &bytes).map(|(p, _)| p)
-    }
-
-    fn load_artifact(&self, digest: &str, path: &Path) -> Result<Arc<Prepared>, SluiceError> {
-        // SAFETY: artifacts in this directory are written only by `compile` above, named by the
-        // engine fingerprint, and wasmtime checks the engine compatibility header again.
-        #[allow(unsafe_code)]
-        let component = unsafe { Component::deserialize_file(&self.engine, path) }
-            .map_err(|e| SluiceError::internal(format!("artifact {}: {e:#}", path.display())))?;
-        self.prepare(digest, &component)
-    }
-
-    fn prepare(&self, digest: &str, component: &Component) -> Result<Arc<Prepared>, SluiceError> {
         let invalid = |m: String| SluiceError::new(ErrorKind::InvalidComponent, m);
         let ty = component.component_type();
         let unsupported: Vec<String> =
@@ -322,7 +264,7 @@ impl Runtime {
             .map_err(|e| invalid(format!("component cannot be linked: {e:#}")))?;
         let pre =
             ProxyPre::new(pre).map_err(|e| invalid(format!("component is not a wasi:http proxy: {e:#}")))?;
-        Ok(Arc::new(Prepared { pre, digest: digest.to_string() }))
+        Ok(Arc::new(Prepared { pre, digest: digest.to_string(), origin }))
     }
 
     /// Starts one invocation in a fresh store. A [`Lane::Sync`] call starts on the current
@@ -702,7 +644,7 @@ fn trap_detail(err: &wasmtime::Error) -> Option<String> {
 
 /// Rejects bytes that are not a component before handing them to the compiler, so the message
 /// says what the bytes are rather than where parsing stopped.
-fn check_header(bytes: &[u8]) -> Result<(), String> {
+pub(crate) fn check_header(bytes: &[u8]) -> Result<(), String> {
     if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
         return Err("not a WebAssembly binary (it does not start with the \\0asm magic)".into());
     }
@@ -727,12 +669,6 @@ fn import_supported(name: &str) -> bool {
         "wasi:http/",
     ];
     PACKAGES.iter().any(|p| name.starts_with(p)) && name.contains("@0.2.")
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
 }
 
 /// Advances the engine's epoch every [`EPOCH_TICK`] from a plain thread. The thread holds only a

@@ -50,6 +50,15 @@ pub struct KeyRecord {
     pub revoked: bool,
 }
 
+/// What one tenant keeps in the store: its functions, their versions and its component blobs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TenantStorage {
+    pub functions: u64,
+    pub versions: u64,
+    pub blobs: u64,
+    pub blob_bytes: u64,
+}
+
 /// One immutable version of a function.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VersionRecord {
@@ -242,9 +251,20 @@ pub trait Store: Send + Sync + 'static {
     async fn active_keys(&self) -> StoreResult<Vec<KeyRecord>>;
 
     // --- blobs ---
-    /// Stores component bytes under their digest; storing the same digest again is a no-op.
-    async fn put_blob(&self, digest: &str, bytes: &[u8]) -> StoreResult<()>;
-    async fn get_blob(&self, digest: &str) -> StoreResult<Option<Vec<u8>>>;
+    /// Stores component bytes of `tenant` under their digest. Blobs belong to one tenant: the
+    /// same bytes uploaded by two tenants are stored twice, so no tenant can learn what another
+    /// uploaded. Storing the same digest again keeps the bytes and restarts the blob's grace
+    /// period (see [`Store::purge_blobs`]). `NotFound` for an unknown tenant.
+    async fn put_blob(&self, tenant: &str, digest: &str, bytes: &[u8]) -> StoreResult<()>;
+    async fn get_blob(&self, tenant: &str, digest: &str) -> StoreResult<Option<Vec<u8>>>;
+    /// Deletes up to `limit` blobs that no version names and that were last uploaded before
+    /// `uploaded_before`; returns the `(tenant, digest)` of each. A deploy racing the delete
+    /// either names the blob first (and keeps it) or finds it gone (`NotFound`).
+    async fn purge_blobs(&self, uploaded_before: UnixMs, limit: u32) -> StoreResult<Vec<(String, String)>>;
+    /// `(tenant, digest)` of every stored blob: what the node's compiled artifacts may belong to.
+    async fn blob_keys(&self) -> StoreResult<Vec<(String, String)>>;
+    /// What a tenant keeps in the store. `NotFound` for an unknown tenant.
+    async fn tenant_storage(&self, tenant: &str) -> StoreResult<TenantStorage>;
 
     // --- functions ---
     /// Creates the next version (1, 2, ...) of `tenant/function`, creating the function if
@@ -264,8 +284,8 @@ pub trait Store: Send + Sync + 'static {
         version: i64,
     ) -> StoreResult<Option<VersionRecord>>;
     async fn list_functions(&self, tenant: &str) -> StoreResult<Vec<FunctionSummary>>;
-    /// Deletes a function and its versions (blobs stay: they are content-addressed and shared);
-    /// `false` if there was none.
+    /// Deletes a function and its versions (its blobs stay until [`Store::purge_blobs`] finds
+    /// them unnamed); `false` if there was none.
     async fn delete_function(&self, tenant: &str, function: &str) -> StoreResult<bool>;
     /// The latest version of every function: what a starting node loads.
     async fn all_latest_versions(&self) -> StoreResult<Vec<VersionRecord>>;

@@ -27,7 +27,7 @@ use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 use crate::{
     AttemptResult, Enqueued, FunctionSummary, IDEMPOTENCY_WINDOW_MS, Invocation, InvocationFilter,
     InvocationStatus, KeyRecord, Leased, LogLine, LogStream, NewInvocation, Store, StoreError, StoreResult,
-    StoredResponse, SyncRecord, Tenant, VersionRecord,
+    StoredResponse, SyncRecord, Tenant, TenantStorage, VersionRecord,
 };
 
 mod queue;
@@ -77,6 +77,11 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/sqlite/0003_tenant_limits.sql"),
     },
     Migration { version: 4, name: "cpu time", sql: include_str!("../migrations/sqlite/0004_cpu_time.sql") },
+    Migration {
+        version: 5,
+        name: "tenant blobs",
+        sql: include_str!("../migrations/sqlite/0005_tenant_blobs.sql"),
+    },
 ];
 
 /// The SQLite implementation of [`Store`]. Cloning is cheap and shares the pool.
@@ -606,30 +611,94 @@ impl Store for SqliteStore {
         rows(found, key_from_row)
     }
 
-    async fn put_blob(&self, digest: &str, bytes: &[u8]) -> StoreResult<()> {
+    async fn put_blob(&self, tenant: &str, digest: &str, bytes: &[u8]) -> StoreResult<()> {
         let size = i64::try_from(bytes.len()).expect("a blob in memory fits in i64 bytes");
-        // Content-addressed: the same digest always names the same bytes, so a second put keeps
-        // the first row (and its created_at) and does not rewrite megabytes.
-        sqlx::query(
-            "INSERT INTO blobs (digest, bytes, size, created_at) VALUES (?, ?, ?, ?)
-             ON CONFLICT (digest) DO NOTHING",
-        )
-        .bind(digest)
-        .bind(bytes)
-        .bind(size)
-        .bind(self.clock.now_ms())
-        .execute(&self.pool)
-        .await
-        .map_err(classify)?;
-        Ok(())
+        let mut tx = self.begin_write().await?;
+        require_tenant(&mut tx, tenant).await?;
+        // Content-addressed: the same digest always names the same bytes, so a second put does
+        // not rewrite megabytes; it only restarts the grace period of an unnamed blob.
+        let touched = sqlx::query("UPDATE blobs SET created_at = ? WHERE tenant = ? AND digest = ?")
+            .bind(self.clock.now_ms())
+            .bind(tenant)
+            .bind(digest)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        if touched.rows_affected() == 0 {
+            sqlx::query("INSERT INTO blobs (tenant, digest, bytes, size, created_at) VALUES (?, ?, ?, ?, ?)")
+                .bind(tenant)
+                .bind(digest)
+                .bind(bytes)
+                .bind(size)
+                .bind(self.clock.now_ms())
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+        }
+        tx.commit().await.map_err(classify)
     }
 
-    async fn get_blob(&self, digest: &str) -> StoreResult<Option<Vec<u8>>> {
-        sqlx::query_scalar("SELECT bytes FROM blobs WHERE digest = ?")
+    async fn get_blob(&self, tenant: &str, digest: &str) -> StoreResult<Option<Vec<u8>>> {
+        sqlx::query_scalar("SELECT bytes FROM blobs WHERE tenant = ? AND digest = ?")
+            .bind(tenant)
             .bind(digest)
             .fetch_optional(&self.pool)
             .await
             .map_err(classify)
+    }
+
+    async fn purge_blobs(&self, uploaded_before: UnixMs, limit: u32) -> StoreResult<Vec<(String, String)>> {
+        // One statement: a deploy that names the blob commits either before it (the blob is
+        // named, so kept) or after it (the blob is gone and the deploy answers NotFound).
+        let gone = sqlx::query(
+            "DELETE FROM blobs WHERE rowid IN (
+                 SELECT b.rowid FROM blobs b
+                 WHERE b.created_at < ?
+                   AND NOT EXISTS (SELECT 1 FROM versions v
+                                   WHERE v.tenant = b.tenant AND v.blob_digest = b.digest)
+                 ORDER BY b.created_at
+                 LIMIT ?)
+             RETURNING tenant, digest",
+        )
+        .bind(uploaded_before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        gone.iter().map(|row| Ok((get(row, "tenant")?, get(row, "digest")?))).collect()
+    }
+
+    async fn blob_keys(&self) -> StoreResult<Vec<(String, String)>> {
+        sqlx::query_as("SELECT tenant, digest FROM blobs ORDER BY tenant, digest")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)
+    }
+
+    async fn tenant_storage(&self, tenant: &str) -> StoreResult<TenantStorage> {
+        let row = sqlx::query(
+            "SELECT EXISTS (SELECT 1 FROM tenants WHERE name = ?1) AS known,
+                    (SELECT COUNT(*) FROM functions WHERE tenant = ?1) AS functions,
+                    (SELECT COUNT(*) FROM versions WHERE tenant = ?1) AS versions,
+                    (SELECT COUNT(*) FROM blobs WHERE tenant = ?1) AS blobs,
+                    (SELECT COALESCE(SUM(size), 0) FROM blobs WHERE tenant = ?1) AS blob_bytes",
+        )
+        .bind(tenant)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(classify)?;
+        if !get::<bool>(&row, "known")? {
+            return Err(StoreError::NotFound(format!("tenant {tenant}")));
+        }
+        let count = |column: &str| -> StoreResult<u64> {
+            u64::try_from(get::<i64>(&row, column)?).map_err(|_| corrupt(format!("negative {column}")))
+        };
+        Ok(TenantStorage {
+            functions: count("functions")?,
+            versions: count("versions")?,
+            blobs: count("blobs")?,
+            blob_bytes: count("blob_bytes")?,
+        })
     }
 
     /// Numbering restarts at 1 after [`Store::delete_function`]: the function row that carries
@@ -657,11 +726,13 @@ impl Store for SqliteStore {
         if !tenant_exists {
             return Err(StoreError::NotFound(format!("tenant {tenant}")));
         }
-        let blob_exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM blobs WHERE digest = ?)")
-            .bind(blob_digest)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(classify)?;
+        let blob_exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM blobs WHERE tenant = ? AND digest = ?)")
+                .bind(tenant)
+                .bind(blob_digest)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(classify)?;
         if !blob_exists {
             return Err(StoreError::NotFound(format!("blob {blob_digest}")));
         }

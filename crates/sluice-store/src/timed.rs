@@ -19,7 +19,7 @@ use sluice_core::{FunctionConfig, UnixMs};
 use crate::{
     AttemptResult, Enqueued, FunctionSummary, Invocation, InvocationFilter, KeyRecord, Leased, LogLine,
     LogStream, NewInvocation, Store, StoreError, StoreResult, StoredResponse, SyncRecord, Tenant,
-    VersionRecord,
+    TenantStorage, VersionRecord,
 };
 
 /// The longest any store call may take. Longer than the SQLite store's own bounds
@@ -76,8 +76,11 @@ timed_store! {
     fn revoke_key(&self, id: &str) -> bool;
     fn get_key(&self, id: &str) -> Option<KeyRecord>;
     fn active_keys(&self) -> Vec<KeyRecord>;
-    fn put_blob(&self, digest: &str, bytes: &[u8]) -> ();
-    fn get_blob(&self, digest: &str) -> Option<Vec<u8>>;
+    fn put_blob(&self, tenant: &str, digest: &str, bytes: &[u8]) -> ();
+    fn get_blob(&self, tenant: &str, digest: &str) -> Option<Vec<u8>>;
+    fn purge_blobs(&self, uploaded_before: UnixMs, limit: u32) -> Vec<(String, String)>;
+    fn blob_keys(&self) -> Vec<(String, String)>;
+    fn tenant_storage(&self, tenant: &str) -> TenantStorage;
     fn create_version(
         &self,
         tenant: &str,

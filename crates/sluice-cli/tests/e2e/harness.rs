@@ -223,3 +223,29 @@ pub fn component_importing(names: &[&str]) -> Vec<u8> {
     out.extend_from_slice(&imports);
     out
 }
+
+/// `wasm` with a custom section appended that holds `n`: a component that runs exactly like
+/// `wasm` but has a digest of its own (custom sections may follow any section).
+pub fn distinct(wasm: &[u8], n: u64) -> Vec<u8> {
+    fn leb128(mut v: u64, out: &mut Vec<u8>) {
+        loop {
+            let byte = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    let name = b"sluice-distinct";
+    let mut payload = Vec::new();
+    leb128(name.len() as u64, &mut payload);
+    payload.extend_from_slice(name);
+    payload.extend_from_slice(&n.to_le_bytes());
+    let mut out = wasm.to_vec();
+    out.push(0x00);
+    leb128(payload.len() as u64, &mut out);
+    out.extend_from_slice(&payload);
+    out
+}

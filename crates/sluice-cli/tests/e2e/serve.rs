@@ -21,7 +21,7 @@ fn restart_serves_deployed_functions_from_the_artifact_cache() {
     node.deploy("hello", &guests().hello, &[]);
     let token = node.token.clone();
     assert!(node.terminate().success());
-    let artifacts: Vec<_> = std::fs::read_dir(node.dir.path().join("artifacts")).unwrap().collect();
+    let artifacts: Vec<_> = std::fs::read_dir(node.dir.path().join("artifacts/default")).unwrap().collect();
     assert_eq!(artifacts.len(), 1, "one cached artifact");
 
     node.spawn();

@@ -43,6 +43,8 @@ crate::run_suite!(
     tenant_rates_are_set_replaced_and_cleared,
     keys_are_listed_revoked_and_filtered,
     blobs_are_content_addressed,
+    blobs_belong_to_their_tenant,
+    unnamed_blobs_are_purged_after_their_grace,
     versions_are_numbered_from_one,
     concurrent_deploys_get_distinct_consecutive_versions,
     functions_are_listed_per_tenant,
@@ -163,7 +165,7 @@ async fn data_survives_a_reopen() {
         revoked: false,
     };
     store.create_key(&key).await.unwrap();
-    store.put_blob("d1", b"component").await.unwrap();
+    store.put_blob("acme", "d1", b"component").await.unwrap();
     let config = FunctionConfig { public: true, ..FunctionConfig::default() };
     store.create_version("acme", "hello", "d1", &config).await.unwrap();
     let version = store.create_version("acme", "hello", "d1", &config).await.unwrap();
@@ -188,7 +190,7 @@ async fn data_survives_a_reopen() {
     let reopened = SqliteStore::open(&harness.path).await.unwrap();
     assert_eq!(reopened.get_tenant("acme").await.unwrap().unwrap().created_at, 1_000);
     assert_eq!(reopened.get_key("k1").await.unwrap(), Some(key));
-    assert_eq!(reopened.get_blob("d1").await.unwrap(), Some(b"component".to_vec()));
+    assert_eq!(reopened.get_blob("acme", "d1").await.unwrap(), Some(b"component".to_vec()));
     assert_eq!(reopened.latest_version("acme", "hello").await.unwrap(), Some(version));
     assert_eq!(reopened.get_invocation("inv-1").await.unwrap(), invocation);
     assert_eq!(reopened.invocation_logs("inv-1").await.unwrap(), logs);
@@ -203,7 +205,7 @@ async fn two_stores_on_one_file_number_versions_together() {
     let harness = fresh().await;
     let other = SqliteStore::open(&harness.path).await.unwrap();
     harness.store().create_tenant("acme").await.unwrap();
-    harness.store().put_blob("d1", b"component").await.unwrap();
+    harness.store().put_blob("acme", "d1", b"component").await.unwrap();
     let config = FunctionConfig::default();
     let stores: [&dyn Store; 2] = [harness.store(), &other];
     let deploys = stores

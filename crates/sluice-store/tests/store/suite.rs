@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use sluice_core::ids::sha256_hex;
 use sluice_core::{Clock, FunctionConfig, Scope, UnixMs};
 use sluice_store::{
-    Invocation, InvocationStatus, KeyRecord, LogLine, LogStream, Store, StoreError, SyncRecord,
+    Invocation, InvocationStatus, KeyRecord, LogLine, LogStream, Store, StoreError, SyncRecord, TenantStorage,
 };
 
 mod queue;
@@ -60,10 +60,10 @@ fn key(id: &str, tenant: Option<&str>, scopes: &[Scope], created_at: UnixMs) -> 
     }
 }
 
-/// Stores `bytes` as a blob and returns its digest.
-async fn blob(store: &dyn Store, bytes: &[u8]) -> String {
+/// Stores `bytes` as a blob of `tenant` and returns its digest.
+async fn blob(store: &dyn Store, tenant: &str, bytes: &[u8]) -> String {
     let digest = sha256_hex(bytes);
-    store.put_blob(&digest, bytes).await.unwrap();
+    store.put_blob(tenant, &digest, bytes).await.unwrap();
     digest
 }
 
@@ -148,21 +148,80 @@ pub async fn keys_are_listed_revoked_and_filtered(store: &dyn Store, clock: &Man
 }
 
 pub async fn blobs_are_content_addressed(store: &dyn Store, _clock: &ManualClock) {
+    store.create_tenant("acme").await.unwrap();
     // Large and not uniform, so truncation or a mix-up of two blobs shows.
     let bytes: Vec<u8> = (0..1_000_003u32).map(|i| (i * 31 % 251) as u8).collect();
-    let digest = blob(store, &bytes).await;
-    store.put_blob(&digest, &bytes).await.unwrap();
-    let small = blob(store, b"small").await;
+    let digest = blob(store, "acme", &bytes).await;
+    store.put_blob("acme", &digest, &bytes).await.unwrap();
+    let small = blob(store, "acme", b"small").await;
 
-    assert_eq!(store.get_blob(&digest).await.unwrap(), Some(bytes));
-    assert_eq!(store.get_blob(&small).await.unwrap(), Some(b"small".to_vec()));
-    assert_eq!(store.get_blob(&sha256_hex(b"never stored")).await.unwrap(), None);
+    assert_eq!(store.get_blob("acme", &digest).await.unwrap(), Some(bytes));
+    assert_eq!(store.get_blob("acme", &small).await.unwrap(), Some(b"small".to_vec()));
+    assert_eq!(store.get_blob("acme", &sha256_hex(b"never stored")).await.unwrap(), None);
+    let err = store.put_blob("nope", &small, b"small").await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+}
+
+pub async fn blobs_belong_to_their_tenant(store: &dyn Store, _clock: &ManualClock) {
+    store.create_tenant("acme").await.unwrap();
+    store.create_tenant("beta").await.unwrap();
+    let digest = blob(store, "acme", b"acme's component").await;
+    // Another tenant cannot read it, nor deploy it by its digest: it must upload the bytes.
+    assert_eq!(store.get_blob("beta", &digest).await.unwrap(), None);
+    let err = store.create_version("beta", "f", &digest, &FunctionConfig::default()).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+    blob(store, "beta", b"acme's component").await;
+    store.create_version("beta", "f", &digest, &FunctionConfig::default()).await.unwrap();
+    let keys = store.blob_keys().await.unwrap();
+    assert_eq!(keys, [("acme".to_string(), digest.clone()), ("beta".to_string(), digest.clone())]);
+
+    let acme = store.tenant_storage("acme").await.unwrap();
+    assert_eq!(acme, TenantStorage { functions: 0, versions: 0, blobs: 1, blob_bytes: 16 });
+    let beta = store.tenant_storage("beta").await.unwrap();
+    assert_eq!(beta, TenantStorage { functions: 1, versions: 1, blobs: 1, blob_bytes: 16 });
+    let err = store.tenant_storage("nope").await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+}
+
+pub async fn unnamed_blobs_are_purged_after_their_grace(store: &dyn Store, clock: &ManualClock) {
+    store.create_tenant("acme").await.unwrap();
+    let config = FunctionConfig::default();
+    clock.set(1_000);
+    let named = blob(store, "acme", b"named").await;
+    store.create_version("acme", "keep", &named, &config).await.unwrap();
+    let deleted = blob(store, "acme", b"of a deleted function").await;
+    store.create_version("acme", "gone", &deleted, &config).await.unwrap();
+    store.create_version("acme", "gone", &named, &config).await.unwrap();
+    store.delete_function("acme", "gone").await.unwrap();
+    let stale = blob(store, "acme", b"uploaded, never deployed").await;
+    clock.set(5_000);
+    let fresh = blob(store, "acme", b"uploaded just now").await;
+    // Uploading again restarts the grace period.
+    clock.set(6_000);
+    store.put_blob("acme", &stale, b"uploaded, never deployed").await.unwrap();
+
+    // Cut-off 2_000: only the deleted function's blob is unnamed and old enough.
+    let gone = store.purge_blobs(2_000, 100).await.unwrap();
+    assert_eq!(gone, [("acme".to_string(), deleted.clone())]);
+    assert_eq!(store.get_blob("acme", &deleted).await.unwrap(), None);
+    assert!(store.purge_blobs(2_000, 100).await.unwrap().is_empty());
+    // Later: at most `limit` per call, oldest upload first; a named blob is never taken.
+    let gone = store.purge_blobs(10_000, 1).await.unwrap();
+    assert_eq!(gone, [("acme".to_string(), fresh.clone())]);
+    let gone = store.purge_blobs(10_000, 100).await.unwrap();
+    assert_eq!(gone, [("acme".to_string(), stale.clone())]);
+    assert!(store.get_blob("acme", &named).await.unwrap().is_some());
+    assert_eq!(store.blob_keys().await.unwrap(), [("acme".to_string(), named)]);
+    // A deploy of a purged blob is refused: it must be uploaded again.
+    let err = store.create_version("acme", "late", &stale, &config).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
 }
 
 pub async fn versions_are_numbered_from_one(store: &dyn Store, clock: &ManualClock) {
     store.create_tenant("acme").await.unwrap();
     store.create_tenant("beta").await.unwrap();
-    let digest = blob(store, b"component").await;
+    let digest = blob(store, "acme", b"component").await;
+    blob(store, "beta", b"component").await;
     let custom = FunctionConfig {
         memory_bytes: 64 * 1024 * 1024,
         env: vec![("GREETING".into(), "hi".into())],
@@ -211,7 +270,7 @@ pub async fn versions_are_numbered_from_one(store: &dyn Store, clock: &ManualClo
 pub async fn concurrent_deploys_get_distinct_consecutive_versions(store: &dyn Store, _clock: &ManualClock) {
     const DEPLOYS: i64 = 20;
     store.create_tenant("acme").await.unwrap();
-    let digest = blob(store, b"component").await;
+    let digest = blob(store, "acme", b"component").await;
     let config = FunctionConfig::default();
     let deploys = (0..DEPLOYS).map(|_| store.create_version("acme", "hello", &digest, &config));
     let mut versions: Vec<i64> = futures::future::join_all(deploys)
@@ -232,7 +291,8 @@ pub async fn functions_are_listed_per_tenant(store: &dyn Store, clock: &ManualCl
     store.create_tenant("acme").await.unwrap();
     store.create_tenant("beta").await.unwrap();
     store.create_tenant("empty").await.unwrap();
-    let digest = blob(store, b"component").await;
+    let digest = blob(store, "acme", b"component").await;
+    blob(store, "beta", b"component").await;
     let config = FunctionConfig::default();
     clock.set(1_000);
     store.create_version("acme", "zed", &digest, &config).await.unwrap();
@@ -253,7 +313,7 @@ pub async fn functions_are_listed_per_tenant(store: &dyn Store, clock: &ManualCl
 
 pub async fn deleting_a_function_deletes_its_versions_only(store: &dyn Store, _clock: &ManualClock) {
     store.create_tenant("acme").await.unwrap();
-    let digest = blob(store, b"component").await;
+    let digest = blob(store, "acme", b"component").await;
     let config = FunctionConfig::default();
     for _ in 0..3 {
         store.create_version("acme", "hello", &digest, &config).await.unwrap();
@@ -270,8 +330,8 @@ pub async fn deleting_a_function_deletes_its_versions_only(store: &dyn Store, _c
     let listed = store.list_functions("acme").await.unwrap();
     assert_eq!(ids(&listed, |f| f.name.clone()), ["keep"]);
     assert!(store.latest_version("acme", "keep").await.unwrap().is_some());
-    // Blobs are shared and content-addressed: they outlive the function.
-    assert!(store.get_blob(&digest).await.unwrap().is_some());
+    // Blobs outlive the function (until purge_blobs finds them unnamed past their grace).
+    assert!(store.get_blob("acme", &digest).await.unwrap().is_some());
     // A redeployed function is a new function: numbering starts again.
     let again = store.create_version("acme", "hello", &digest, &config).await.unwrap();
     assert_eq!(again.version, 1);
@@ -281,8 +341,10 @@ pub async fn all_latest_versions_has_one_entry_per_function(store: &dyn Store, c
     assert_eq!(store.all_latest_versions().await.unwrap(), vec![]);
     store.create_tenant("acme").await.unwrap();
     store.create_tenant("beta").await.unwrap();
-    let one = blob(store, b"one").await;
-    let two = blob(store, b"two").await;
+    let one = blob(store, "acme", b"one").await;
+    let two = blob(store, "acme", b"two").await;
+    blob(store, "beta", b"one").await;
+    blob(store, "beta", b"two").await;
     let config = FunctionConfig::default();
     clock.set(1_000);
     store.create_version("beta", "b", &one, &config).await.unwrap();

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Density benchmark: N distinct functions on one node (issue 10). Deploys N copies of the hello
+# component made distinct by a custom section, then prints a table: RSS idle after deploy, after
+# one call each and after a restart; restart-to-listening; first-call latency of functions not
+# called since the restart; hot throughput (wrk) over 10 functions while the code cache holds 10%
+# of them; disk use. The hot sync ratio against `wasmtime serve` is bench/sync.sh's.
+#
+# Usage: bench/density.sh N        (e.g. 1000, 10000; DURATION=10s optional)
+# Needs: wrk (apt-get install wrk), python3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+unset RUST_BACKTRACE
+N=${1:?usage: bench/density.sh N}
+command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk" >&2; exit 1; }
+cargo build --release -q -p sluice-cli
+HELLO=$(scripts/build-guests.sh | sed -n 1p)
+SLUICE=target/release/sluice python3 bench/density.py "$N" "$HELLO"

@@ -1,0 +1,61 @@
+//! `sluice node`: what the node holds and does (admin key).
+
+use reqwest::Method;
+use serde_json::Value;
+use sluice_core::units::format_bytes;
+
+use crate::client::{Client, Target};
+
+#[derive(clap::Args, Debug)]
+pub struct NodeArgs {
+    /// Print the node's JSON as it is.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.target)?;
+    let v = client.json(client.request(Method::GET, "/v1/node")).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let n = |p: &str| v.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+    let s = |p: &str| v.pointer(p).and_then(Value::as_str).unwrap_or_default().to_string();
+    println!("sluice {} (engine {})", s("/version"), s("/engine"));
+    println!("functions    {} installed", n("/functions"));
+    println!(
+        "code cache   {} of {} loaded, {} of {}",
+        n("/code_cache/entries"),
+        n("/code_cache/entries_max"),
+        format_bytes(n("/code_cache/bytes")),
+        format_bytes(n("/code_cache/bytes_max"))
+    );
+    let loads = n("/code_cache/loads");
+    println!(
+        "             {} hits, {} misses, {} evictions; {} loads from disk (mean {:.2} ms, max {:.2} ms)",
+        n("/code_cache/hits"),
+        n("/code_cache/misses"),
+        n("/code_cache/evictions"),
+        loads,
+        if loads == 0 { 0.0 } else { n("/code_cache/load_us_total") as f64 / loads as f64 / 1000.0 },
+        n("/code_cache/load_us_max") as f64 / 1000.0
+    );
+    println!(
+        "compiles     {} ({} ms in all), {} refused or failed",
+        n("/code_cache/compiles"),
+        n("/code_cache/compile_ms_total"),
+        n("/code_cache/compile_failures")
+    );
+    println!("artifacts    {} files, {}", n("/artifacts/files"), format_bytes(n("/artifacts/bytes")));
+    println!(
+        "slow lane    {} running, {} waiting, {} moved since start (priority: {})",
+        n("/lanes/slow_running"),
+        n("/lanes/slow_waiting"),
+        n("/lanes/demoted_total"),
+        s("/lanes/slow_priority")
+    );
+    Ok(())
+}

@@ -1,0 +1,224 @@
+//! Code on a node: versions cost their metadata until called, the code cache stays within its
+//! bounds, blobs belong to their tenant, and unused blobs and artifacts are collected.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::harness::{Node, assert_error, distinct, guests};
+
+/// Uploads `wasm` as a blob of `tenant` with `key` and returns its digest.
+fn upload(node: &Node, key: &str, tenant: &str, wasm: Vec<u8>) -> String {
+    let res = node
+        .client()
+        .post(format!("{}/v1/tenants/{tenant}/blobs", node.url))
+        .bearer_auth(key)
+        .body(wasm)
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    res.json::<Value>().unwrap()["digest"].as_str().unwrap().to_string()
+}
+
+/// Deploys a stored blob as `tenant/function` with `key`; returns the response.
+fn create_version(
+    node: &Node,
+    key: &str,
+    tenant: &str,
+    function: &str,
+    digest: &str,
+) -> reqwest::blocking::Response {
+    node.client()
+        .post(format!("{}/v1/tenants/{tenant}/functions/{function}/versions", node.url))
+        .bearer_auth(key)
+        .json(&json!({ "digest": digest, "config": { "public": true } }))
+        .send()
+        .unwrap()
+}
+
+fn deploy_distinct(node: &Node, function: &str, n: u64) -> Value {
+    let wasm = distinct(&std::fs::read(&guests().hello).unwrap(), n);
+    let digest = upload(node, &node.token, "default", wasm);
+    let res = create_version(node, &node.token, "default", function, &digest);
+    assert_eq!(res.status(), 201);
+    res.json().unwrap()
+}
+
+fn code_cache(node: &Node) -> Value {
+    let res = node.get("/v1/node");
+    assert_eq!(res.status(), 200);
+    res.json::<Value>().unwrap()["code_cache"].clone()
+}
+
+#[test]
+fn code_is_loaded_on_first_call_and_the_cache_keeps_its_bound() {
+    let mut node = Node::start(&["--code-cache-entries", "2"]);
+    for n in 0..4 {
+        let deployed = deploy_distinct(&node, &format!("f{n}"), n);
+        assert_eq!(deployed["artifact_cached"], false, "a new digest is compiled: {deployed}");
+    }
+    // The same bytes again (another function): compiled once, the deploy only finds it.
+    let again = deploy_distinct(&node, "f0-again", 0);
+    assert_eq!((again["artifact_cached"].as_bool(), again["compile_ms"].as_u64()), (Some(true), Some(0)));
+    for round in 0..2 {
+        for n in 0..4 {
+            let res = node.get(&format!("/fn/default/f{n}/"));
+            assert_eq!(res.status(), 200, "round {round}, f{n}");
+            assert_eq!(res.text().unwrap(), "hello from sluice\n");
+        }
+    }
+    let cache = code_cache(&node);
+    assert!(cache["entries"].as_u64().unwrap() <= 2, "{cache}");
+    // Four functions called in turn through room for two: least recently used out, every call
+    // after the first round maps its code again.
+    assert!(cache["evictions"].as_u64().unwrap() >= 4, "{cache}");
+    assert_eq!(cache["compiles"], 4, "{cache}");
+    assert!(cache["loads"].as_u64().unwrap() >= 4, "evicted code is mapped again from disk: {cache}");
+
+    // After a restart nothing is loaded until it is called, and nothing is compiled again.
+    assert!(node.terminate().success());
+    node.spawn();
+    let info: Value = node.get("/v1/node").json().unwrap();
+    assert_eq!(info["functions"], 5, "{info}");
+    assert_eq!(info["code_cache"]["entries"], 0, "{info}");
+    assert_eq!(info["artifacts"]["files"], 4, "{info}");
+    assert_eq!(node.get("/fn/default/f3/").status(), 200);
+    assert_eq!(node.get("/fn/default/f3/").status(), 200);
+    let cache = code_cache(&node);
+    assert_eq!((cache["misses"].as_u64(), cache["loads"].as_u64()), (Some(1), Some(1)), "{cache}");
+    assert_eq!((cache["hits"].as_u64(), cache["compiles"].as_u64()), (Some(1), Some(0)), "{cache}");
+
+    let (ok, out, err) = node.cli(&["node"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("code cache   1 of 2 loaded"), "{out}");
+}
+
+#[test]
+fn a_tenant_cannot_use_or_probe_another_tenants_blob() {
+    let node = Node::start(&[]);
+    let (ok, _, err) = node.cli(&["tenants", "create", "beta"]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = node.cli(&[
+        "keys", "create", "--tenant", "beta", "--scope", "deploy", "--scope", "invoke", "--scope", "read",
+    ]);
+    assert!(ok, "{err}");
+    let beta_key = out.split_whitespace().find(|w| w.starts_with("sk_")).expect("a key").to_string();
+
+    let digest = upload(&node, &node.token, "default", std::fs::read(&guests().hello).unwrap());
+    let res = create_version(&node, &beta_key, "beta", "stolen", &digest);
+    let message = assert_error(res, 404, "not_found");
+    assert!(message.contains("upload it first"), "{message}");
+    // With its own upload of the same bytes it deploys: the artifact is its own too.
+    upload(&node, &beta_key, "beta", std::fs::read(&guests().hello).unwrap());
+    let res = create_version(&node, &beta_key, "beta", "mine", &digest);
+    assert_eq!(res.status(), 201);
+    let deployed: Value = res.json().unwrap();
+    assert_eq!(deployed["artifact_cached"], false, "compiled for beta, not shared: {deployed}");
+    assert!(node.dir.path().join("artifacts/beta").is_dir());
+    assert_eq!(node.get("/fn/beta/mine/").status(), 200);
+
+    let usage: Value = node
+        .client()
+        .get(format!("{}/v1/tenants/beta/usage", node.url))
+        .bearer_auth(&beta_key)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!((usage["functions"].as_u64(), usage["blobs"].as_u64()), (Some(1), Some(1)), "{usage}");
+    assert_eq!(usage["artifacts"]["files"], 1, "{usage}");
+    let res =
+        node.client().get(format!("{}/v1/tenants/default/usage", node.url)).bearer_auth(&beta_key).send();
+    assert_error(res.unwrap(), 404, "not_found");
+    let res = node.client().get(format!("{}/v1/node", node.url)).bearer_auth(&beta_key).send();
+    assert_error(res.unwrap(), 403, "forbidden");
+}
+
+#[test]
+fn unused_blobs_and_artifacts_are_collected_after_their_grace() {
+    let node = Node::start(&["--blob-grace", "1s"]);
+    deploy_distinct(&node, "kept", 1);
+    deploy_distinct(&node, "dropped", 2);
+    // Uploaded and never deployed: collected too, after its grace.
+    upload(&node, &node.token, "default", distinct(&std::fs::read(&guests().hello).unwrap(), 3));
+    let (ok, out, err) = node.cli(&["tenants", "usage", "default"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("components 3 stored"), "{out}");
+    let (ok, _, err) = node.cli(&["functions", "delete", "dropped"]);
+    assert!(ok, "{err}");
+
+    let usage =
+        node.wait_json("/v1/tenants/default/usage", |u| u["blobs"] == 1 && u["artifacts"]["files"] == 1);
+    assert_eq!(usage["functions"], 1, "{usage}");
+    assert_eq!(node.get("/fn/default/kept/").status(), 200);
+    let left: Vec<_> = std::fs::read_dir(node.dir.path().join("artifacts/default")).unwrap().collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+}
+
+#[test]
+fn a_missing_artifact_is_compiled_again_after_a_restart() {
+    let mut node = Node::start(&[]);
+    deploy_distinct(&node, "f", 7);
+    assert!(node.terminate().success());
+    let dir = node.dir.path().join("artifacts/default");
+    for file in std::fs::read_dir(&dir).unwrap() {
+        std::fs::remove_file(file.unwrap().path()).unwrap();
+    }
+    // Artifacts of an older layout and of another engine, left behind: collected.
+    let old_layout = node.dir.path().join("artifacts/0123abcd-0123456789abcdef.cwasm");
+    std::fs::write(&old_layout, b"stale").unwrap();
+    let old_engine = dir.join("0123abcd-0000000000000000.cwasm");
+    std::fs::write(&old_engine, b"stale").unwrap();
+    node.spawn();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_dir(&dir).unwrap().count() != 1 || old_layout.exists() {
+        assert!(Instant::now() < deadline, "the missing artifact was not compiled again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(node.get("/fn/default/f/").text().unwrap(), "hello from sluice\n");
+    let cache = code_cache(&node);
+    assert_eq!(cache["compiles"], 1, "{cache}");
+}
+
+#[test]
+fn concurrent_deploys_and_first_calls_of_one_blob_compile_and_load_once() {
+    let mut node = Node::start(&[]);
+    let digest = upload(&node, &node.token, "default", distinct(&std::fs::read(&guests().hello).unwrap(), 9));
+    let deploys: Vec<_> = (0..4)
+        .map(|i| {
+            let (url, token, digest) = (node.url.clone(), node.token.clone(), digest.clone());
+            std::thread::spawn(move || {
+                reqwest::blocking::Client::new()
+                    .post(format!("{url}/v1/tenants/default/functions/f{i}/versions"))
+                    .bearer_auth(token)
+                    .json(&json!({ "digest": digest }))
+                    .send()
+                    .unwrap()
+                    .status()
+            })
+        })
+        .collect();
+    for d in deploys {
+        assert_eq!(d.join().unwrap(), 201);
+    }
+    assert_eq!(code_cache(&node)["compiles"], 1);
+
+    // After a restart, concurrent first calls of four functions sharing the blob map it once.
+    assert!(node.terminate().success());
+    node.spawn();
+    let calls: Vec<_> = (0..4)
+        .map(|i| {
+            let (url, token) = (node.url.clone(), node.token.clone());
+            std::thread::spawn(move || {
+                let c = reqwest::blocking::Client::new();
+                c.get(format!("{url}/fn/default/f{i}/")).bearer_auth(token).send().unwrap().status()
+            })
+        })
+        .collect();
+    for c in calls {
+        assert_eq!(c.join().unwrap(), 200);
+    }
+    let cache = code_cache(&node);
+    assert_eq!((cache["loads"].as_u64(), cache["compiles"].as_u64()), (Some(1), Some(0)), "{cache}");
+    assert_eq!(cache["entries"], 1, "{cache}");
+}

@@ -1,0 +1,194 @@
+//! `/v1/node` and `/v1/tenants/{tenant}/usage`: what this node holds and does, and what a tenant
+//! keeps on it.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use serde::{Deserialize, Serialize};
+use sluice_core::{Scope, SluiceError};
+use sluice_runtime::{ArtifactUsage, CodeStats, LaneStats};
+use utoipa::ToSchema;
+
+use crate::api_common::{ApiResult, Auth, ErrorBody, admin_only};
+use crate::node::Node;
+
+/// The node's loaded components: a bounded, least-recently-used cache over the artifacts on disk.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct CodeCacheInfo {
+    /// Components loaded now.
+    pub entries: u64,
+    /// Artifact bytes of the components loaded now.
+    pub bytes: u64,
+    pub entries_max: u64,
+    pub bytes_max: u64,
+    /// Calls (and deploys) that found their component loaded.
+    pub hits: u64,
+    /// Calls that had to load or compile it first (concurrent ones share one load).
+    pub misses: u64,
+    /// Components dropped to stay within the bounds.
+    pub evictions: u64,
+    /// Loads from an artifact on disk.
+    pub loads: u64,
+    /// Total and longest time of those loads, in microseconds.
+    pub load_us_total: u64,
+    pub load_us_max: u64,
+    /// Components compiled since start (deploys, and artifacts this node lacked).
+    pub compiles: u64,
+    pub compile_ms_total: u64,
+    /// Compiles refused (not a usable component) or failed.
+    pub compile_failures: u64,
+}
+
+impl From<CodeStats> for CodeCacheInfo {
+    fn from(s: CodeStats) -> Self {
+        Self {
+            entries: s.entries,
+            bytes: s.bytes,
+            entries_max: s.entries_max,
+            bytes_max: s.bytes_max,
+            hits: s.hits,
+            misses: s.misses,
+            evictions: s.evictions,
+            loads: s.loads,
+            load_us_total: s.load_us_total,
+            load_us_max: s.load_us_max,
+            compiles: s.compiles,
+            compile_ms_total: s.compile_ms_total,
+            compile_failures: s.compile_failures,
+        }
+    }
+}
+
+/// Files on this node's disk.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct DiskInfo {
+    pub files: u64,
+    pub bytes: u64,
+}
+
+impl From<ArtifactUsage> for DiskInfo {
+    fn from(u: ArtifactUsage) -> Self {
+        Self { files: u.files, bytes: u.bytes }
+    }
+}
+
+/// The CPU lanes.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct LanesInfo {
+    /// Calls moved to the slow lane since start.
+    pub demoted_total: u64,
+    /// Calls waiting for a slow-lane slot now.
+    pub slow_waiting: u64,
+    /// Calls holding a slow-lane slot now.
+    pub slow_running: u64,
+    /// How the slow lane's threads were lowered: `idle` (SCHED_IDLE), `nice` or `none`.
+    pub slow_priority: String,
+}
+
+impl From<LaneStats> for LanesInfo {
+    fn from(s: LaneStats) -> Self {
+        Self {
+            demoted_total: s.demoted_total,
+            slow_waiting: s.slow_waiting as u64,
+            slow_running: s.slow_running as u64,
+            slow_priority: s.slow_priority.to_string(),
+        }
+    }
+}
+
+/// What this node holds and does.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct NodeInfo {
+    /// sluice's version.
+    pub version: String,
+    /// The engine's code generation settings, part of every artifact's name.
+    pub engine: String,
+    /// Functions installed (their latest versions), loaded or not.
+    pub functions: u64,
+    pub code_cache: CodeCacheInfo,
+    /// Compiled artifacts on this node's disk, every tenant's.
+    pub artifacts: DiskInfo,
+    pub lanes: LanesInfo,
+}
+
+/// This node (admin only): its code cache, artifacts on disk and CPU lanes.
+#[utoipa::path(
+    get,
+    path = "/v1/node",
+    tag = "node",
+    responses(
+        (status = 200, description = "The node", body = NodeInfo),
+        (status = 403, description = "Not an admin key", body = ErrorBody),
+    )
+)]
+pub(crate) async fn node_info(State(node): State<Arc<Node>>, auth: Auth) -> ApiResult<Json<NodeInfo>> {
+    if !auth.0.is_admin() {
+        return Err(admin_only("read the node's state").into());
+    }
+    let runtime = node.runtime.clone();
+    let artifacts = tokio::task::spawn_blocking(move || {
+        runtime.artifact_files().map(|files| ArtifactUsage {
+            files: files.len() as u64,
+            bytes: files.iter().map(|f| f.bytes).sum(),
+        })
+    })
+    .await
+    .map_err(|e| SluiceError::internal(format!("listing artifacts failed: {e}")))?
+    .map_err(|e| SluiceError::internal(format!("listing artifacts: {e}")))?;
+    Ok(Json(NodeInfo {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        engine: node.runtime.engine_fingerprint().to_string(),
+        functions: node.deployed().len() as u64,
+        code_cache: node.runtime.code_stats().await.into(),
+        artifacts: artifacts.into(),
+        lanes: node.runtime.lane_stats().into(),
+    }))
+}
+
+/// What a tenant keeps: in the store (shared by every node) and on this node's disk.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct TenantUsage {
+    pub tenant: String,
+    pub functions: u64,
+    pub versions: u64,
+    /// Uploaded components, each stored once per tenant.
+    pub blobs: u64,
+    pub blob_bytes: u64,
+    /// Compiled artifacts of the tenant's components on this node.
+    pub artifacts: DiskInfo,
+}
+
+/// A tenant's usage: functions, versions, stored components and compiled artifacts.
+#[utoipa::path(
+    get,
+    path = "/v1/tenants/{tenant}/usage",
+    tag = "tenants",
+    params(("tenant" = String, Path, description = "Tenant name")),
+    responses(
+        (status = 200, description = "The tenant's usage", body = TenantUsage),
+        (status = 403, description = "The key lacks the `read` scope", body = ErrorBody),
+        (status = 404, description = "No such tenant (or another tenant's)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn tenant_usage(
+    State(node): State<Arc<Node>>,
+    auth: Auth,
+    Path(tenant): Path<String>,
+) -> ApiResult<Json<TenantUsage>> {
+    auth.require(&tenant, Scope::Read)?;
+    let storage = node.store.tenant_storage(&tenant).await?;
+    let runtime = node.runtime.clone();
+    let name = tenant.clone();
+    let artifacts = tokio::task::spawn_blocking(move || runtime.artifact_usage(&name))
+        .await
+        .map_err(|e| SluiceError::internal(format!("listing artifacts failed: {e}")))?;
+    Ok(Json(TenantUsage {
+        tenant,
+        functions: storage.functions,
+        versions: storage.versions,
+        blobs: storage.blobs,
+        blob_bytes: storage.blob_bytes,
+        artifacts: artifacts.into(),
+    }))
+}
