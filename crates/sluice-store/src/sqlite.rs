@@ -1167,6 +1167,58 @@ mod tests {
         assert!(matches!(&err, StoreError::Other(m) if m.contains("newer")), "{err:?}");
     }
 
+    /// Migration 5 gives every blob to the tenants whose versions name it, keeps every version
+    /// and its foreign keys, and drops blobs no version names.
+    #[tokio::test]
+    async fn blobs_move_to_the_tenants_that_use_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = SqliteConnectOptions::new()
+            .filename(dir.path().join("sluice.db"))
+            .create_if_missing(true)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await.unwrap();
+        migrate(&pool, &MIGRATIONS[..4], 0).await.unwrap();
+        sqlx::raw_sql(
+            "INSERT INTO tenants VALUES ('a', 0), ('b', 0);
+             INSERT INTO blobs VALUES ('shared', x'01', 1, 10), ('only-a', x'0202', 2, 20),
+                                      ('unused', x'03', 1, 30);
+             INSERT INTO functions VALUES ('a', 'f', 0, 0, 2), ('b', 'g', 0, 0, 1);
+             INSERT INTO versions VALUES ('a', 'f', 1, 'shared', '{}', 0), ('a', 'f', 2, 'only-a', '{}', 0),
+                                         ('b', 'g', 1, 'shared', '{}', 0);",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        migrate(&pool, MIGRATIONS, 0).await.unwrap();
+
+        let blobs: Vec<(String, String, i64, i64)> =
+            sqlx::query_as("SELECT tenant, digest, size, created_at FROM blobs ORDER BY tenant, digest")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        let expected = [("a", "only-a", 2, 20), ("a", "shared", 1, 10), ("b", "shared", 1, 10)];
+        let expected: Vec<_> =
+            expected.iter().map(|(t, d, s, c)| (t.to_string(), d.to_string(), *s, *c)).collect();
+        assert_eq!(blobs, expected);
+        let versions: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM versions").fetch_one(&pool).await.unwrap();
+        assert_eq!(versions, 3);
+        let violations: Vec<SqliteRow> =
+            sqlx::query("PRAGMA foreign_key_check").fetch_all(&pool).await.unwrap();
+        assert!(violations.is_empty());
+        // The renamed table's foreign key names `blobs`: a version of a blob its tenant lacks is
+        // refused, and deleting a function still takes its versions.
+        let err = sqlx::query("INSERT INTO versions VALUES ('b', 'g', 2, 'only-a', '{}', 0)")
+            .execute(&pool)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("FOREIGN KEY"), "{err}");
+        sqlx::query("DELETE FROM functions WHERE tenant = 'a'").execute(&pool).await.unwrap();
+        let versions: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM versions").fetch_one(&pool).await.unwrap();
+        assert_eq!(versions, 1);
+    }
+
     #[tokio::test]
     async fn a_read_only_database_is_unavailable() {
         let (dir, store) = open_temp().await;
