@@ -76,6 +76,10 @@ impl CodeConfig {
         if self.cache_entries_max == 0 || self.cache_bytes_max == 0 {
             return Err("the code cache needs room for at least one component".into());
         }
+        // Each entry weighs at least bytes/entries, and moka weighs entries in u32.
+        if self.cache_bytes_max / self.cache_entries_max > u64::from(u32::MAX) {
+            return Err("the code cache's bytes per entry must be under 4 GiB".into());
+        }
         if self.compile_slots == 0 || self.compile_threads == 0 {
             return Err("compiles need at least one slot and one thread".into());
         }
