@@ -166,6 +166,15 @@ def call_all(node, indexes, threads=1):
         return list(pool.map(one, indexes))
 
 
+def run_wrk(url, script, duration):
+    """wrk -c50 with `script`; returns (req/s, p99 ms)."""
+    out = subprocess.run(["wrk", "-t1", "-c50", f"-d{duration}", "--latency", "-s", script, url],
+                         capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))
+    p99 = re.search(r"99%\s+([0-9.]+)(us|ms|s)", out)
+    return rps, float(p99.group(1)) * {"us": 0.001, "ms": 1, "s": 1000}[p99.group(2)]
+
+
 def du(path):
     return int(subprocess.check_output(["du", "-sb", path]).split()[0])
 
@@ -207,12 +216,30 @@ def main():
         with open(script, "w") as f:
             f.write("local i = 0\nrequest = function()\n  i = i + 1\n"
                     f"  return wrk.format('GET', '/fn/default/f' .. (i % {hot}) .. '/')\nend\n")
-        wrk = subprocess.run(["wrk", "-t1", "-c50", f"-d{duration}", "--latency", "-s", script, node.url],
-                             capture_output=True, text=True, check=True).stdout
-        rps = float(re.search(r"Requests/sec:\s+([0-9.]+)", wrk).group(1))
-        p99 = re.search(r"99%\s+([0-9.]+)(us|ms|s)", wrk)
-        p99_ms = float(p99.group(1)) * {"us": 0.001, "ms": 1, "s": 1000}[p99.group(2)]
+        rps, p99_ms = run_wrk(node.url, script, duration)
         after_load = node.status()
+        # The same load while deploys of new components run two at a time: compiles are on the
+        # compile pool (one at a time, nice 10), so they take what the calls leave.
+        stop = threading.Event()
+        burst = []
+
+        def deploy_burst(i):
+            while not stop.is_set():
+                status, body = node.http.request("POST", "/v1/tenants/default/blobs", body=distinct(hello, i))
+                digest = json.loads(body)["digest"]
+                req = json.dumps({"digest": digest, "config": {"public": True}})
+                node.http.request("POST", f"/v1/tenants/default/functions/b{i}/versions", body=req,
+                                  headers={"Content-Type": "application/json"})
+                burst.append(i)
+                i += 1
+
+        deployers = [threading.Thread(target=deploy_burst, args=(n + k * 10**6,)) for k in range(2)]
+        for t in deployers:
+            t.start()
+        burst_rps, burst_p99_ms = run_wrk(node.url, script, duration)
+        stop.set()
+        for t in deployers:
+            t.join()
         node.stop()
         disk = du(os.path.join(d, "n"))
         artifacts = du(os.path.join(d, "n", "artifacts"))
@@ -235,6 +262,8 @@ def main():
     print(f"| hot call through the same driver, p50 / p99 | "
           f"{statistics.median(hot_lat):.2f} / {pct(hot_lat, 0.99):.2f} ms |")
     print(f"| hot throughput, wrk -c50 over {hot} functions | {rps:,.0f} req/s, p99 {p99_ms:.2f} ms |")
+    print(f"| the same, while deploys run 2 at a time | {burst_rps:,.0f} req/s, p99 {burst_p99_ms:.2f} ms, "
+          f"{len(burst)} deploys done |")
     print(f"| RSS after the hot load | {mib(after_load['VmRSS'])} MiB |")
     print(f"| disk: data dir / artifacts | {mib(disk)} / {mib(artifacts)} MiB |")
     c = info["code_cache"]

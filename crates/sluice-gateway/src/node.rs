@@ -1,6 +1,6 @@
 //! The state one node shares between its HTTP workers: the store, the wasm runtime, the function
-//! registry (latest version of every function, pre-instantiated), the API-key cache and the sync
-//! invocation recorder.
+//! registry (latest version of every function, as metadata; code comes from the runtime's code
+//! cache on a call), the API-key cache and the sync invocation recorder.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -1,10 +1,11 @@
 //! sluice-runtime: the only crate that imports wasmtime. It owns the node's one `Engine`
 //! (pooling allocator, epoch interruption), turns uploaded bytes into validated, compiled and
-//! pre-instantiated components (with the native artifact cached on disk), and runs one
-//! invocation in a fresh `Store` with its own memory limit, deadline, log capture and outbound
-//! policy.
+//! pre-instantiated components (native artifacts on disk, a bounded cache of loaded ones: `code`),
+//! and runs one invocation in a fresh `Store` with its own memory limit, deadline, log capture
+//! and outbound policy.
 //!
-//! It knows nothing of tenants, keys, the store or HTTP routing: callers hand it a request and a
+//! It knows nothing of keys, the store or HTTP routing (a tenant is only a name for a lane group
+//! and an artifact directory): callers hand it a request and a
 //! [`FunctionConfig`] and get back a response head, a streaming body and, when the guest is done,
 //! an [`Outcome`].
 
