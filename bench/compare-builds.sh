@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Two sluice binaries on the same hello component, alternating: req/s, p99 and the node's CPU time
+# per request (from /proc, the steadier measure on a noisy machine). For telling whether a change
+# costs the hot path anything: build the old commit, copy its binary away, build the new one.
+#
+# Usage: bench/compare-builds.sh OLD_BIN NEW_BIN     (ROUNDS=6 DURATION=5s CONNS=50 optional)
+# Needs: wrk.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+unset RUST_BACKTRACE
+ROUNDS=${ROUNDS:-6}
+DURATION=${DURATION:-5s}
+CONNS=${CONNS:-50}
+[ $# -eq 2 ] || { echo "usage: bench/compare-builds.sh OLD_BIN NEW_BIN" >&2; exit 2; }
+command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk" >&2; exit 1; }
+HELLO=$(scripts/build-guests.sh | sed -n 1p)
+hz=$(getconf CLK_TCK)
+
+# One round of one binary: prints "label req/s p99 cpu_us_per_request".
+round() {
+  local label=$1 bin=$2 d pid url
+  d=$(mktemp -d)
+  "$bin" serve --listen 127.0.0.1:0 --data-dir "$d/n" --tenant-rate 10000000 2> "$d/log" &
+  pid=$!
+  for _ in $(seq 1 500); do grep -q 'listening on' "$d/log" && break; sleep 0.01; done
+  url=$(grep -o 'listening on http://[0-9.:]*' "$d/log" | sed 's/listening on //')
+  SLUICE_URL=$url SLUICE_TOKEN=$(cat "$d/n/admin.token") "$bin" deploy hello "$HELLO" --public > /dev/null
+  curl -s "$url/fn/default/hello/" > /dev/null
+  local t0 t1 n
+  t0=$(awk '{print $14+$15}' "/proc/$pid/stat")
+  wrk -t1 -c"$CONNS" -d"$DURATION" --latency "$url/fn/default/hello/" > "$d/wrk"
+  t1=$(awk '{print $14+$15}' "/proc/$pid/stat")
+  n=$(awk '/requests in/ {print $1}' "$d/wrk")
+  awk -v l="$label" -v t0="$t0" -v t1="$t1" -v n="$n" -v hz="$hz" \
+    '/Requests\/sec/ {r=$2} / 99%/ {p=$2} END {printf "%s %s %s %.1f\n", l, r, p, (t1-t0)*1e6/hz/n}' "$d/wrk"
+  kill "$pid"; wait "$pid" 2>/dev/null || true; rm -rf "$d"
+}
+
+results=$(for i in $(seq 1 "$ROUNDS"); do round old "$1"; round new "$2"; done)
+echo "$results" | sed 's/^/round /'
+echo
+echo "| build | req/s (mean of $ROUNDS) | CPU µs per request (mean) | min–max |"
+echo "| --- | --- | --- | --- |"
+echo "$results" | awk '{r[$1]+=$2; c[$1]+=$4; n[$1]++; if (!($1 in lo) || $4<lo[$1]) lo[$1]=$4; if ($4>hi[$1]) hi[$1]=$4}
+  END {for (b in n) printf "| %s | %.0f | %.1f | %.1f–%.1f |\n", b, r[b]/n[b], c[b]/n[b], lo[b], hi[b]}' | sort
