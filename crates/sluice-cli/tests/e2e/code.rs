@@ -222,3 +222,36 @@ fn concurrent_deploys_and_first_calls_of_one_blob_compile_and_load_once() {
     assert_eq!((cache["loads"].as_u64(), cache["compiles"].as_u64()), (Some(1), Some(0)), "{cache}");
     assert_eq!(cache["entries"], 1, "{cache}");
 }
+
+#[test]
+fn async_calls_pinned_to_an_older_version_use_the_same_cache() {
+    use sluice_core::Clock;
+    let mut node = Node::start(&[]);
+    deploy_distinct(&node, "f", 11);
+    // Queued for version 1, to start after version 2 is deployed and the node has restarted
+    // (which empties the cache).
+    let start_after = sluice_core::rfc3339(sluice_core::SystemClock.now_ms() + 3_000);
+    let ids: Vec<String> = (0..2)
+        .map(|_| {
+            let res = node
+                .client()
+                .post(format!("{}/fn/default/f/", node.url))
+                .header("prefer", "respond-async")
+                .header("sluice-start-after", &start_after)
+                .send()
+                .unwrap();
+            assert_eq!(res.status(), 202);
+            res.json::<Value>().unwrap()["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    deploy_distinct(&node, "f", 12);
+    assert!(node.terminate().success());
+    node.spawn();
+    for id in &ids {
+        let inv = node.wait_json(&format!("/v1/invocations/{id}"), |v| v["status"] == "succeeded");
+        assert_eq!(inv["version"], 1, "{inv}");
+    }
+    let cache = code_cache(&node);
+    assert_eq!((cache["loads"].as_u64(), cache["compiles"].as_u64()), (Some(1), Some(0)), "{cache}");
+    assert_eq!(cache["entries"], 1, "only version 1's code was loaded: {cache}");
+}
