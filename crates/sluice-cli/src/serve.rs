@@ -73,6 +73,11 @@ pub struct ServeArgs {
     /// its compiled artifact), counted from its last upload, e.g. 1h.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub blob_grace: Duration,
+    /// Versions of each function kept: older ones are deleted (with their components, after
+    /// --blob-grace) unless an unfinished async invocation still names them. 0 keeps every
+    /// version.
+    #[arg(long, default_value_t = 10)]
+    pub versions_kept: u32,
     /// Compiled components kept loaded, at most: beyond it the least recently used is dropped
     /// (and mapped again from its artifact on its next call).
     #[arg(long, default_value_t = 1000)]
@@ -260,7 +265,11 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
     let node = Node::open(config, store).await?;
     let server = Server::start(node.clone(), args.listen, workers)
         .with_context(|| format!("listening on {}", args.listen))?;
-    let upkeep = sluice_node::Upkeep { retention: args.retention, blob_grace: args.blob_grace };
+    let upkeep = sluice_node::Upkeep {
+        retention: args.retention,
+        blob_grace: args.blob_grace,
+        versions_kept: (args.versions_kept > 0).then_some(args.versions_kept),
+    };
     let tasks = sluice_node::Tasks::start(&node, upkeep);
     let supervisor = tasks.supervisor();
     if let Some(task) = store_writer {

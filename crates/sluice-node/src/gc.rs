@@ -1,5 +1,6 @@
-//! The garbage collector of code: blobs that no version names any more (after `functions
-//! delete`, or uploads never deployed) and compiled artifacts whose blob is gone or that an older
+//! The garbage collector of code: versions past the newest few of their function that nothing
+//! pending names, blobs that no version names any more (after retirement, `functions delete`, or
+//! uploads never deployed) and compiled artifacts whose blob is gone or that an older
 //! engine made. It runs in bounded steps on the control runtime: at most [`GC_BATCH_MAX`] blobs
 //! per store call and [`GC_BATCH_MAX`] files per pass, so a large backlog never becomes one long
 //! write or one long stall.
@@ -22,14 +23,30 @@ const TMP_FILE_AGE_MIN: Duration = Duration::from_secs(60 * 60);
 /// What one pass of the collector removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Collected {
+    pub versions: u64,
     pub blobs: u64,
     pub artifacts: u64,
     pub artifact_bytes: u64,
 }
 
-/// One pass: blobs unnamed for longer than `blob_grace`, then artifacts without a blob.
-pub async fn collect(node: &Arc<Node>, blob_grace: Duration) -> Result<Collected, SluiceError> {
+/// One pass: old versions (keeping `versions_kept` per function, if set), blobs unnamed for
+/// longer than `blob_grace`, then artifacts without a blob.
+pub async fn collect(
+    node: &Arc<Node>,
+    blob_grace: Duration,
+    versions_kept: Option<u32>,
+) -> Result<Collected, SluiceError> {
     let mut collected = Collected::default();
+    if let Some(keep) = versions_kept {
+        loop {
+            let n = node.store.purge_versions(keep, GC_BATCH_MAX).await.map_err(store_error)?;
+            collected.versions += n;
+            if n < u64::from(GC_BATCH_MAX) {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
     let cutoff = SystemClock.now_ms().saturating_sub(blob_grace.as_millis() as i64);
     loop {
         let gone = node.store.purge_blobs(cutoff, GC_BATCH_MAX).await.map_err(store_error)?;

@@ -32,6 +32,9 @@ pub struct Upkeep {
     pub retention: Duration,
     /// How long a blob that no version names is kept after its upload.
     pub blob_grace: Duration,
+    /// Versions of each function kept (the newest; older ones are retired unless an unfinished
+    /// invocation names them); `None` keeps every version.
+    pub versions_kept: Option<u32>,
 }
 
 /// A node's background tasks, started and watched.
@@ -53,7 +56,7 @@ impl Tasks {
         let tasks = Self { node: node.clone(), supervisor, scheduler: Mutex::new(None) };
         tasks.start_scheduler();
         tasks.start_retention(upkeep.retention);
-        tasks.start_gc(upkeep.blob_grace);
+        tasks.start_gc(upkeep.blob_grace, upkeep.versions_kept);
         tasks.start_prepare_artifacts();
         tasks
     }
@@ -86,7 +89,7 @@ impl Tasks {
     }
 
     /// Starts the collector of unused blobs and artifacts (see [`gc`]).
-    fn start_gc(&self, blob_grace: Duration) {
+    fn start_gc(&self, blob_grace: Duration, versions_kept: Option<u32>) {
         let node = Arc::downgrade(&self.node);
         let period = (blob_grace / 2).clamp(Duration::from_millis(100), Duration::from_secs(60));
         self.supervisor.spawn("gc", async move {
@@ -95,8 +98,9 @@ impl Tasks {
             loop {
                 tick.tick().await;
                 let Some(node) = node.upgrade() else { return };
-                match gc::collect(&node, blob_grace).await {
+                match gc::collect(&node, blob_grace, versions_kept).await {
                     Ok(c) if c != gc::Collected::default() => tracing::info!(
+                        versions = c.versions,
                         blobs = c.blobs,
                         artifacts = c.artifacts,
                         artifact_bytes = c.artifact_bytes,

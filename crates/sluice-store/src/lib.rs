@@ -261,6 +261,11 @@ pub trait Store: Send + Sync + 'static {
     /// `uploaded_before`; returns the `(tenant, digest)` of each. A deploy racing the delete
     /// either names the blob first (and keeps it) or finds it gone (`NotFound`).
     async fn purge_blobs(&self, uploaded_before: UnixMs, limit: u32) -> StoreResult<Vec<(String, String)>>;
+    /// Deletes up to `limit` versions that are older than the newest `keep_latest` (at least 1)
+    /// of their function and that no unfinished invocation (queued, failed and waiting for its
+    /// retry, running) names, oldest first; returns how many. Their blobs are then unnamed, for
+    /// [`Store::purge_blobs`].
+    async fn purge_versions(&self, keep_latest: u32, limit: u32) -> StoreResult<u64>;
     /// `(tenant, digest)` of every stored blob: what the node's compiled artifacts may belong to.
     async fn blob_keys(&self) -> StoreResult<Vec<(String, String)>>;
     /// What a tenant keeps in the store. `NotFound` for an unknown tenant.

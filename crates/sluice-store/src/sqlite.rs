@@ -82,6 +82,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "tenant blobs",
         sql: include_str!("../migrations/sqlite/0005_tenant_blobs.sql"),
     },
+    Migration {
+        version: 6,
+        name: "version retention",
+        sql: include_str!("../migrations/sqlite/0006_version_retention.sql"),
+    },
 ];
 
 /// The SQLite implementation of [`Store`]. Cloning is cheap and shares the pool.
@@ -666,6 +671,30 @@ impl Store for SqliteStore {
         .await
         .map_err(classify)?;
         gone.iter().map(|row| Ok((get(row, "tenant")?, get(row, "digest")?))).collect()
+    }
+
+    async fn purge_versions(&self, keep_latest: u32, limit: u32) -> StoreResult<u64> {
+        // One statement, like `purge_blobs`: a retry that re-queues an invocation of an old
+        // version commits either before it (the version is named, so kept) or after it (the
+        // attempt finds the version gone and ends `dead`, saying so).
+        let done = sqlx::query(
+            "DELETE FROM versions WHERE rowid IN (
+                 SELECT v.rowid FROM versions v
+                 JOIN functions f ON f.tenant = v.tenant AND f.name = v.function
+                 WHERE v.version <= f.latest_version - ?
+                   AND NOT EXISTS (SELECT 1 FROM invocations i
+                                   WHERE i.tenant = v.tenant AND i.function = v.function
+                                     AND i.version = v.version
+                                     AND i.status IN ('queued', 'failed', 'running'))
+                 ORDER BY v.created_at
+                 LIMIT ?)",
+        )
+        .bind(i64::from(keep_latest.max(1)))
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(done.rows_affected())
     }
 
     async fn blob_keys(&self) -> StoreResult<Vec<(String, String)>> {

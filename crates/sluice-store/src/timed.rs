@@ -79,6 +79,7 @@ timed_store! {
     fn put_blob(&self, tenant: &str, digest: &str, bytes: &[u8]) -> ();
     fn get_blob(&self, tenant: &str, digest: &str) -> Option<Vec<u8>>;
     fn purge_blobs(&self, uploaded_before: UnixMs, limit: u32) -> Vec<(String, String)>;
+    fn purge_versions(&self, keep_latest: u32, limit: u32) -> u64;
     fn blob_keys(&self) -> Vec<(String, String)>;
     fn tenant_storage(&self, tenant: &str) -> TenantStorage;
     fn create_version(

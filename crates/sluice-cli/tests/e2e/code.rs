@@ -255,3 +255,18 @@ fn async_calls_pinned_to_an_older_version_use_the_same_cache() {
     assert_eq!((cache["loads"].as_u64(), cache["compiles"].as_u64()), (Some(1), Some(0)), "{cache}");
     assert_eq!(cache["entries"], 1, "only version 1's code was loaded: {cache}");
 }
+
+#[test]
+fn old_versions_are_retired_with_their_code() {
+    let node = Node::start(&["--versions-kept", "2", "--blob-grace", "1s"]);
+    for n in 0..4 {
+        deploy_distinct(&node, "f", 20 + n);
+    }
+    let usage = node.wait_json("/v1/tenants/default/usage", |u| {
+        u["versions"] == 2 && u["blobs"] == 2 && u["artifacts"]["files"] == 2
+    });
+    assert_eq!(usage["functions"], 1, "{usage}");
+    let f: Value = node.get("/v1/tenants/default/functions/f").json().unwrap();
+    assert_eq!(f["version"], 4, "{f}");
+    assert_eq!(node.get("/fn/default/f/").text().unwrap(), "hello from sluice\n");
+}

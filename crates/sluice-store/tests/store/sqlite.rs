@@ -45,6 +45,7 @@ crate::run_suite!(
     blobs_are_content_addressed,
     blobs_belong_to_their_tenant,
     unnamed_blobs_are_purged_after_their_grace,
+    old_versions_are_retired_unless_an_unfinished_invocation_names_them,
     versions_are_numbered_from_one,
     concurrent_deploys_get_distinct_consecutive_versions,
     functions_are_listed_per_tenant,

@@ -217,6 +217,49 @@ pub async fn unnamed_blobs_are_purged_after_their_grace(store: &dyn Store, clock
     assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
 }
 
+pub async fn old_versions_are_retired_unless_an_unfinished_invocation_names_them(
+    store: &dyn Store,
+    clock: &ManualClock,
+) {
+    store.create_tenant("acme").await.unwrap();
+    let config = FunctionConfig::default();
+    let mut digests = Vec::new();
+    for v in 1..=5u8 {
+        clock.set(i64::from(v) * 1_000);
+        let digest = blob(store, "acme", &[b'v', v]).await;
+        store.create_version("acme", "hello", &digest, &config).await.unwrap();
+        digests.push(digest);
+    }
+    store.create_version("acme", "single", &digests[0], &config).await.unwrap();
+    // Version 2 has a queued invocation; version 1 only a finished one.
+    let pending = sluice_store::NewInvocation { version: 2, ..queue::invocation("pending") };
+    store.enqueue(&pending).await.unwrap();
+    store.enqueue(&sluice_store::NewInvocation { version: 1, ..queue::invocation("done") }).await.unwrap();
+    let leased = store.lease("node", 10_000, 30_000, 10).await.unwrap();
+    let done = leased.iter().find(|l| l.id == "done").expect("leased");
+    let finished = queue::success(200);
+    assert!(store.complete("done", "node", done.attempt, &finished, &[], 0, 10_000).await.unwrap());
+    store.release("node", &["pending".to_string()]).await.unwrap();
+
+    // Keep the newest 2 of each function: 1 and 3 go, 2 is named by a queued invocation.
+    assert_eq!(store.purge_versions(2, 1).await.unwrap(), 1, "at most `limit`");
+    assert_eq!(store.purge_versions(2, 100).await.unwrap(), 1);
+    assert_eq!(store.purge_versions(2, 100).await.unwrap(), 0);
+    let left: Vec<i64> = futures::future::join_all((1..=5).map(|v| store.get_version("acme", "hello", v)))
+        .await
+        .into_iter()
+        .filter_map(|r| r.unwrap().map(|v| v.version))
+        .collect();
+    assert_eq!(left, [2, 4, 5]);
+    assert!(store.get_version("acme", "single", 1).await.unwrap().is_some(), "a latest version stays");
+    // Their blobs are unnamed now (the first is still named by acme/single).
+    let gone = store.purge_blobs(i64::MAX, 100).await.unwrap();
+    assert_eq!(gone, [("acme".to_string(), digests[2].clone())]);
+    // Keeping 0 still keeps the latest.
+    store.purge_versions(0, 100).await.unwrap();
+    assert_eq!(store.latest_version("acme", "hello").await.unwrap().unwrap().version, 5);
+}
+
 pub async fn versions_are_numbered_from_one(store: &dyn Store, clock: &ManualClock) {
     store.create_tenant("acme").await.unwrap();
     store.create_tenant("beta").await.unwrap();
