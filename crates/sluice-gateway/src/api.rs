@@ -257,7 +257,7 @@ pub(crate) async fn create_version(
     // already on disk is only mapped. Either way the component is now loaded in the code cache.
     let key = sluice_runtime::CodeKey::new(&tenant, &req.digest);
     let blob: sluice_runtime::BlobSource = Box::new(move || Box::pin(async move { Ok(Some(bytes)) }));
-    let (prepared, hit) = node.runtime.code(&key, blob).await?;
+    let (prepared, hit) = node.runtime.code(&key, || blob).await?;
     let origin = prepared.origin;
     drop(prepared);
     let record = node.store.create_version(&tenant, &function, &req.digest, &config).await?;

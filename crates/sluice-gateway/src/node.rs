@@ -277,7 +277,7 @@ impl Node {
     /// The ready component of `key`: from the code cache, else its artifact on disk, else
     /// compiled from the tenant's blob in the store. Returns whether it was a cache hit.
     pub async fn code(&self, key: &CodeKey) -> Result<(Arc<Prepared>, bool), SluiceError> {
-        self.runtime.code(key, self.blob_source(key)).await
+        self.runtime.code(key, || self.blob_source(key)).await
     }
 
     /// Fetches `key`'s blob from the store when a compile needs it.

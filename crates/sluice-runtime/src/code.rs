@@ -194,10 +194,11 @@ impl CodeCache {
 impl Runtime {
     /// The ready component of `key`: from the cache, else loaded from its artifact, else compiled
     /// from `blob()`. Concurrent calls for one key share one load. Returns whether it was a hit.
+    /// `blob` is called only on a miss that must compile, so a hit allocates nothing.
     pub async fn code(
         self: &Arc<Self>,
         key: &CodeKey,
-        blob: BlobSource,
+        blob: impl FnOnce() -> BlobSource + Send,
     ) -> Result<(Arc<Prepared>, bool), SluiceError> {
         let code = &self.code;
         if let Some(prepared) = code.cache.get(key).await {
@@ -252,7 +253,7 @@ impl Runtime {
     async fn load_or_compile(
         self: Arc<Self>,
         key: &CodeKey,
-        blob: BlobSource,
+        blob: impl FnOnce() -> BlobSource + Send,
     ) -> Result<Arc<Prepared>, SluiceError> {
         let started = Instant::now();
         let path = self.artifact_path(key);
@@ -274,7 +275,7 @@ impl Runtime {
                 }
             }
         }
-        let bytes = blob().await?.ok_or_else(|| missing_blob(key))?;
+        let bytes = blob()().await?.ok_or_else(|| missing_blob(key))?;
         let prepared = self.compile_to_disk(key, bytes).await?;
         Ok(prepared)
     }
