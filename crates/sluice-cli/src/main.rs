@@ -53,6 +53,7 @@ fn main() {
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
         other => client_runtime().and_then(|rt| {
+            quiet_on_broken_pipe();
             rt.block_on(async move {
                 match other {
                     Command::Deploy(a) => deploy::run(a).await,
@@ -72,6 +73,25 @@ fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// A client command whose reader went away (`sluice invocations list | head`) stops quietly, as
+/// `ls | head` does, instead of panicking: Rust ignores SIGPIPE, so `println!` meets EPIPE and
+/// panics with "failed printing to stdout". Not for `serve`, whose panics the supervisor reports.
+fn quiet_on_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info)
+    }));
 }
 
 fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -270,3 +270,23 @@ fn old_versions_are_retired_with_their_code() {
     assert_eq!(f["version"], 4, "{f}");
     assert_eq!(node.get("/fn/default/f/").text().unwrap(), "hello from sluice\n");
 }
+
+#[test]
+fn a_cli_whose_reader_went_away_exits_quietly() {
+    let node = Node::start(&[]);
+    // A pipe whose read end is already closed: every write to it fails with EPIPE, as when
+    // `sluice node | head -1` has printed its line.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(crate::harness::BIN)
+        .arg("node")
+        .env("SLUICE_URL", &node.url)
+        .env("SLUICE_TOKEN", &node.token)
+        .env_remove("RUST_BACKTRACE")
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "{:?} {stderr}", out.status);
+}
