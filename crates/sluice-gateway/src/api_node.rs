@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Path, State};
 use serde::{Deserialize, Serialize};
-use sluice_core::{Scope, SluiceError};
+use sluice_core::Scope;
 use sluice_runtime::{ArtifactUsage, CodeStats, LaneStats};
 use utoipa::ToSchema;
 
@@ -126,16 +126,7 @@ pub(crate) async fn node_info(State(node): State<Arc<Node>>, auth: Auth) -> ApiR
     if !auth.0.is_admin() {
         return Err(admin_only("read the node's state").into());
     }
-    let runtime = node.runtime.clone();
-    let artifacts = tokio::task::spawn_blocking(move || {
-        runtime.artifact_files().map(|files| ArtifactUsage {
-            files: files.len() as u64,
-            bytes: files.iter().map(|f| f.bytes).sum(),
-        })
-    })
-    .await
-    .map_err(|e| SluiceError::internal(format!("listing artifacts failed: {e}")))?
-    .map_err(|e| SluiceError::internal(format!("listing artifacts: {e}")))?;
+    let artifacts = node.runtime.artifact_usage(None).await?;
     Ok(Json(NodeInfo {
         version: env!("CARGO_PKG_VERSION").to_string(),
         engine: node.runtime.engine_fingerprint().to_string(),
@@ -178,11 +169,7 @@ pub(crate) async fn tenant_usage(
 ) -> ApiResult<Json<TenantUsage>> {
     auth.require(&tenant, Scope::Read)?;
     let storage = node.store.tenant_storage(&tenant).await?;
-    let runtime = node.runtime.clone();
-    let name = tenant.clone();
-    let artifacts = tokio::task::spawn_blocking(move || runtime.artifact_usage(&name))
-        .await
-        .map_err(|e| SluiceError::internal(format!("listing artifacts failed: {e}")))?;
+    let artifacts = node.runtime.artifact_usage(Some(&tenant)).await?;
     Ok(Json(TenantUsage {
         tenant,
         functions: storage.functions,

@@ -38,32 +38,21 @@ pub async fn collect(
 ) -> Result<Collected, SluiceError> {
     let mut collected = Collected::default();
     if let Some(keep) = versions_kept {
-        loop {
-            let n = node.store.purge_versions(keep, GC_BATCH_MAX).await.map_err(store_error)?;
-            collected.versions += n;
-            if n < u64::from(GC_BATCH_MAX) {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
+        collected.versions = drain(GC_BATCH_MAX, || async {
+            node.store.purge_versions(keep, GC_BATCH_MAX).await.map_err(store_error)
+        })
+        .await?;
     }
     let cutoff = SystemClock.now_ms().saturating_sub(blob_grace.as_millis() as i64);
-    loop {
+    collected.blobs = drain(GC_BATCH_MAX, || async {
         let gone = node.store.purge_blobs(cutoff, GC_BATCH_MAX).await.map_err(store_error)?;
-        collected.blobs += gone.len() as u64;
-        if gone.len() < GC_BATCH_MAX as usize {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
+        Ok(gone.len() as u64)
+    })
+    .await?;
 
     // The files are listed before the blobs are read: a compile writes its artifact only after
     // its blob is stored, so every artifact listed whose blob exists is in the set read after.
-    let runtime = node.runtime.clone();
-    let files = tokio::task::spawn_blocking(move || runtime.artifact_files())
-        .await
-        .map_err(|e| SluiceError::internal(format!("listing artifacts failed: {e}")))?
-        .map_err(|e| SluiceError::internal(format!("listing artifacts: {e}")))?;
+    let files = node.runtime.artifact_files().await?;
     let blobs: HashSet<CodeKey> = node
         .store
         .blob_keys()
@@ -93,6 +82,25 @@ pub async fn collect(
         }
     }
     Ok(collected)
+}
+
+/// Calls `step`, which removes at most `batch` rows and says how many, until a call removes fewer,
+/// yielding between calls so a large backlog is many short store calls, not one long one.
+/// Returns the rows removed.
+pub async fn drain<E, F, Fut>(batch: u32, mut step: F) -> Result<u64, E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, E>>,
+{
+    let mut total = 0;
+    loop {
+        let n = step().await?;
+        total += n;
+        if n < u64::from(batch) {
+            return Ok(total);
+        }
+        tokio::task::yield_now().await;
+    }
 }
 
 /// Compiles the artifact of every installed version that has none on this node's disk (a new

@@ -142,15 +142,9 @@ impl Tasks {
                 let Some(node) = node.upgrade() else { return };
                 let cutoff =
                     sluice_core::Clock::now_ms(&sluice_core::SystemClock) - retention.as_millis() as i64;
-                loop {
-                    match node.store.purge(cutoff, PURGE_BATCH_MAX).await {
-                        Ok(n) if n >= u64::from(PURGE_BATCH_MAX) => tokio::task::yield_now().await,
-                        Ok(_) => break,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "retention purge failed; trying again later");
-                            break;
-                        }
-                    }
+                let purge = gc::drain(PURGE_BATCH_MAX, || node.store.purge(cutoff, PURGE_BATCH_MAX));
+                if let Err(e) = purge.await {
+                    tracing::warn!(error = %e, "retention purge failed; trying again later");
                 }
             }
         });

@@ -410,8 +410,42 @@ pub struct ArtifactUsage {
 }
 
 impl Runtime {
-    /// Every file in the artifact directory (blocking: call it off the async threads).
-    pub fn artifact_files(&self) -> std::io::Result<Vec<ArtifactFile>> {
+    /// Every file in the artifact directory, listed on a blocking thread.
+    pub async fn artifact_files(self: &Arc<Self>) -> Result<Vec<ArtifactFile>, SluiceError> {
+        let this = self.clone();
+        blocking(move || {
+            this.list_artifact_files().map_err(|e| SluiceError::internal(format!("listing artifacts: {e}")))
+        })
+        .await
+    }
+
+    /// Artifact files and bytes on disk: one tenant's, or every tenant's with `None`.
+    pub async fn artifact_usage(
+        self: &Arc<Self>,
+        tenant: Option<&str>,
+    ) -> Result<ArtifactUsage, SluiceError> {
+        let Some(tenant) = tenant else {
+            let files = self.artifact_files().await?;
+            return Ok(ArtifactUsage {
+                files: files.len() as u64,
+                bytes: files.iter().map(|f| f.bytes).sum(),
+            });
+        };
+        let dir = self.config.artifact_dir.join(tenant);
+        blocking(move || {
+            let mut usage = ArtifactUsage::default();
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                for meta in entries.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()) {
+                    usage.files += 1;
+                    usage.bytes += meta.len();
+                }
+            }
+            Ok(usage)
+        })
+        .await
+    }
+
+    fn list_artifact_files(&self) -> std::io::Result<Vec<ArtifactFile>> {
         let mut files = Vec::new();
         for entry in std::fs::read_dir(&self.config.artifact_dir)? {
             let entry = entry?;
@@ -454,17 +488,5 @@ impl Runtime {
             temporary,
             modified: meta.modified()?,
         })
-    }
-
-    /// Artifact files and bytes of one tenant (blocking).
-    pub fn artifact_usage(&self, tenant: &str) -> ArtifactUsage {
-        let mut usage = ArtifactUsage::default();
-        if let Ok(dir) = std::fs::read_dir(self.config.artifact_dir.join(tenant)) {
-            for meta in dir.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()) {
-                usage.files += 1;
-                usage.bytes += meta.len();
-            }
-        }
-        usage
     }
 }
