@@ -62,6 +62,10 @@ pub struct ServeArgs {
     /// committed); beyond it new ones get 503 at once.
     #[arg(long, default_value_t = 256)]
     pub async_enqueue_inflight_max: usize,
+    /// Component uploads and deploys in flight at once (each holds up to a component while it is
+    /// read, waits for a compile slot and compiles); beyond it new ones get 503 at once.
+    #[arg(long, default_value_t = 8)]
+    pub deploy_inflight_max: usize,
     /// Lease of an async invocation; renewed every third of it while it runs, reclaimed by
     /// another node (or this one after a restart) when it lapses, e.g. 30s.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
@@ -173,6 +177,7 @@ impl ServeArgs {
             self.async_enqueue_inflight_max >= 1,
             "--async-enqueue-inflight-max must be at least 1"
         );
+        anyhow::ensure!(self.deploy_inflight_max >= 1, "--deploy-inflight-max must be at least 1");
         self.check_durations()?;
         self.lanes()?;
         self.code()?;
@@ -258,6 +263,7 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
     config.sync_inflight_max = args.sync_inflight_max;
     config.async_inflight_max = args.async_inflight_max;
     config.async_enqueue_inflight_max = args.async_enqueue_inflight_max;
+    config.deploy_inflight_max = args.deploy_inflight_max;
     config.lease_ms = args.lease.as_millis() as u64;
     config.lanes = args.lanes()?;
     config.memory_keep_resident_bytes = args.memory_keep_resident as usize;

@@ -138,6 +138,8 @@ pub struct BlobInfo {
         (status = 403, description = "The key lacks the `deploy` scope", body = ErrorBody),
         (status = 404, description = "No such tenant (or another tenant's)", body = ErrorBody),
         (status = 413, description = "Larger than the upload limit", body = ErrorBody),
+        (status = 503, description = "Too many uploads and deploys in flight on this node \
+            (`overloaded`, with `Retry-After`)", body = ErrorBody),
     )
 )]
 pub(crate) async fn upload_blob(
@@ -148,6 +150,7 @@ pub(crate) async fn upload_blob(
 ) -> ApiResult<(StatusCode, Json<BlobInfo>)> {
     auth.require(&tenant, Scope::Deploy)?;
     require_tenant(&node, &tenant).await?;
+    let _slot = node.deploy_slot()?;
     let max = node.config.limits.upload_bytes_max;
     let bytes = crate::body::collect_limited(body, max, node.config.limits.body_read_timeout).await?;
     if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
@@ -229,6 +232,8 @@ pub struct DeployedVersion {
         (status = 403, description = "The key lacks the `deploy` scope", body = ErrorBody),
         (status = 404, description = "No such tenant or blob", body = ErrorBody),
         (status = 413, description = "Request body too large", body = ErrorBody),
+        (status = 503, description = "Too many uploads and deploys in flight on this node \
+            (`overloaded`, with `Retry-After`)", body = ErrorBody),
     )
 )]
 pub(crate) async fn create_version(
@@ -248,6 +253,7 @@ pub(crate) async fn create_version(
     let req: CreateVersion = json_body(&body, "deploy request")?;
     let config = FunctionConfig { secrets: Secrets::new(req.secrets), ..req.config };
     config.validate(&node.config.limits)?;
+    let _slot = node.deploy_slot()?;
     let bytes = node
         .store
         .get_blob(&tenant, &req.digest)

@@ -30,6 +30,9 @@ pub struct NodeConfig {
     /// Async calls being accepted at once (reading their body, waiting for the commit); beyond
     /// it new ones get 503 at once.
     pub async_enqueue_inflight_max: usize,
+    /// Component uploads and deploys in flight at once (each holds up to a component's bytes
+    /// while it is read, waits for the compile pool or compiles); beyond it new ones get 503.
+    pub deploy_inflight_max: usize,
     /// Lease of an async invocation (renewed every third of it).
     pub lease_ms: u64,
     /// The runtime's fast and slow CPU lanes.
@@ -50,6 +53,7 @@ impl NodeConfig {
             sync_inflight_max: 512,
             async_inflight_max: 256,
             async_enqueue_inflight_max: 256,
+            deploy_inflight_max: 8,
             lease_ms: 30_000,
             lanes: sluice_runtime::LaneConfig::for_cores(
                 std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -191,6 +195,8 @@ pub struct Node {
     recorder_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Async calls being accepted now (see [`NodeConfig::async_enqueue_inflight_max`]).
     pub async_enqueues: Arc<Gauge>,
+    /// Uploads and deploys in flight now (see [`NodeConfig::deploy_inflight_max`]).
+    pub deploys: Arc<Gauge>,
     functions: RwLock<Registry<Deployed>>,
     keys: KeyCache,
     /// The runtime that owns the store's connections and background tasks; API calls run here
@@ -225,6 +231,7 @@ impl Node {
             queued: Arc::default(),
             recorder_task: Mutex::new(Some(recorder_task)),
             async_enqueues: Arc::default(),
+            deploys: Arc::default(),
             functions: RwLock::default(),
             keys: KeyCache::default(),
             control: tokio::runtime::Handle::current(),
@@ -287,6 +294,13 @@ impl Node {
         Box::new(move || {
             Box::pin(async move { store.get_blob(&key.tenant, &key.digest).await.map_err(store_error) })
         })
+    }
+
+    /// A slot for one more upload or deploy on this node, or 503 at once.
+    pub fn deploy_slot(&self) -> Result<crate::admission::Slot, SluiceError> {
+        let max = self.config.deploy_inflight_max;
+        self.deploys
+            .admit(max, || format!("this node is already taking {max} uploads and deploys; retry shortly"))
     }
 
     /// Every installed version.
