@@ -94,8 +94,6 @@ pub struct Origin {
     pub compiled: bool,
     pub compile_ms: u64,
     pub artifact_bytes: u64,
-    /// From the start of the load to the component being ready, compile included.
-    pub load_us: u64,
 }
 
 /// What the code cache and the compiler have done since the node started.
@@ -309,7 +307,7 @@ impl Runtime {
             let path = this.artifact_path(&key);
             write_atomically(&path, &artifact)
                 .map_err(|e| SluiceError::internal(format!("writing artifact {}: {e}", path.display())))?;
-            let loaded = this.load_artifact(&key, &path, Some((compile_ms, started)));
+            let loaded = this.load_artifact(&key, &path, Some(compile_ms));
             if loaded.is_err() {
                 // A component that compiles but cannot be served (wrong world, unknown imports)
                 // leaves nothing behind that would look like a usable artifact.
@@ -331,31 +329,23 @@ impl Runtime {
         result
     }
 
-    /// Maps an artifact and links it. `compiled` carries the compile's time when this load
-    /// follows one.
+    /// Maps an artifact and links it. `compile_ms` is the compile's time when this load follows
+    /// one.
     fn load_artifact(
         &self,
         key: &CodeKey,
         path: &Path,
-        compiled: Option<(u64, Instant)>,
+        compile_ms: Option<u64>,
     ) -> Result<Arc<Prepared>, SluiceError> {
-        let started = compiled.map_or_else(Instant::now, |(_, at)| at);
         // SAFETY: artifacts in this directory are written only by `compile_to_disk`, named by the
         // engine fingerprint, and wasmtime checks the engine compatibility header again.
         #[allow(unsafe_code)]
         let component = unsafe { Component::deserialize_file(&self.engine, path) }
             .map_err(|e| SluiceError::internal(format!("artifact {}: {e:#}", path.display())))?;
         let artifact_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        let origin = Origin {
-            compiled: compiled.is_some(),
-            compile_ms: compiled.map_or(0, |(ms, _)| ms),
-            artifact_bytes,
-            load_us: 0,
-        };
-        let mut prepared = self.prepare(&key.digest, &component, origin)?;
-        Arc::get_mut(&mut prepared).expect("a fresh component is not shared").origin.load_us =
-            started.elapsed().as_micros() as u64;
-        Ok(prepared)
+        let origin =
+            Origin { compiled: compile_ms.is_some(), compile_ms: compile_ms.unwrap_or(0), artifact_bytes };
+        self.prepare(&key.digest, &component, origin)
     }
 }
 
