@@ -12,6 +12,7 @@
 
 use std::collections::HashSet;
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -87,13 +88,38 @@ struct Ctx {
     runtime: Arc<Runtime>,
     functions: Arc<dyn Functions>,
     clock: Arc<dyn Clock>,
-    /// Ids of the invocations this node is running: what heartbeats renew and shutdown releases.
-    running: Mutex<HashSet<String>>,
+    /// The leases (id, attempt) this node is running: what heartbeats renew and shutdown
+    /// releases. By the pair, not the id: if a starved node lost attempt 1's lease and then leased
+    /// the invocation again as attempt 2, the end of attempt 1 must not stop attempt 2's
+    /// heartbeats.
+    running: Mutex<HashSet<(String, u32)>>,
+    stats: Arc<SchedulerStats>,
+}
+
+/// What the scheduler is doing, for the node's heartbeat and API.
+#[derive(Debug, Default)]
+pub struct SchedulerStats {
+    /// Invocations running on this node now.
+    in_flight: AtomicU64,
+    /// How long the invocations of the last non-empty lease had waited past their start time, at
+    /// most; 0 after a lease that found nothing.
+    lag_ms: AtomicU64,
+}
+
+impl SchedulerStats {
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn lag_ms(&self) -> u64 {
+        self.lag_ms.load(Ordering::Relaxed)
+    }
 }
 
 pub struct Scheduler {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    stats: Arc<SchedulerStats>,
 }
 
 impl Scheduler {
@@ -108,9 +134,22 @@ impl Scheduler {
         notify: Arc<Notify>,
     ) -> Self {
         let (stop, stop_rx) = watch::channel(false);
-        let ctx = Arc::new(Ctx { config, store, runtime, functions, clock, running: Mutex::default() });
+        let stats = Arc::new(SchedulerStats::default());
+        let ctx = Arc::new(Ctx {
+            config,
+            store,
+            runtime,
+            functions,
+            clock,
+            running: Mutex::default(),
+            stats: stats.clone(),
+        });
         let task = tokio::spawn(run_loop(ctx, notify.clone(), stop_rx));
-        Self { stop, task }
+        Self { stop, task, stats }
+    }
+
+    pub fn stats(&self) -> Arc<SchedulerStats> {
+        self.stats.clone()
     }
 
     /// The loop's task, for the node's supervisor: it ends only after `shutdown`, unless it
@@ -138,14 +177,18 @@ async fn run_loop(ctx: Arc<Ctx>, notify: Arc<Notify>, mut stop: watch::Receiver<
         let mut full_batch = false;
         if room > 0 {
             let want = (room as u32).min(ctx.config.batch_max);
-            match ctx.store.lease(&ctx.config.owner, ctx.clock.now_ms(), ctx.config.lease_ms, want).await {
+            let now = ctx.clock.now_ms();
+            match ctx.store.lease(&ctx.config.owner, now, ctx.config.lease_ms, want).await {
                 Ok(batch) => {
                     store_backoff = Duration::from_millis(100);
                     full_batch = batch.len() as u32 == want;
+                    let lag = batch.iter().map(|inv| now.saturating_sub(inv.run_after)).max().unwrap_or(0);
+                    ctx.stats.lag_ms.store(u64::try_from(lag).unwrap_or(0), Ordering::Relaxed);
                     for inv in batch {
-                        ctx.running.lock().expect("running set").insert(inv.id.clone());
+                        ctx.running.lock().expect("running set").insert((inv.id.clone(), inv.attempt));
                         tasks.spawn(run_one(ctx.clone(), inv));
                     }
+                    ctx.stats.in_flight.store(tasks.len() as u64, Ordering::Relaxed);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "leasing failed; backing off");
@@ -172,12 +215,11 @@ async fn run_loop(ctx: Arc<Ctx>, notify: Arc<Notify>, mut stop: watch::Receiver<
 }
 
 async fn renew(ctx: &Ctx) {
-    let ids: Vec<String> = ctx.running.lock().expect("running set").iter().cloned().collect();
-    if ids.is_empty() {
+    let leases: Vec<(String, u32)> = ctx.running.lock().expect("running set").iter().cloned().collect();
+    if leases.is_empty() {
         return;
     }
-    let until = ctx.clock.now_ms() + ctx.config.lease_ms as i64;
-    match ctx.store.heartbeat(&ctx.config.owner, &ids, until).await {
+    match ctx.store.heartbeat(&ctx.config.owner, &leases, ctx.clock.now_ms(), ctx.config.lease_ms).await {
         Ok(lost) if !lost.is_empty() => {
             tracing::warn!(count = lost.len(), "leases lost; their results will be discarded by the store")
         }
@@ -201,7 +243,7 @@ async fn drain(ctx: &Ctx, mut tasks: JoinSet<()>) {
     }
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
-    let rest: Vec<String> = ctx.running.lock().expect("running set").drain().collect();
+    let rest: Vec<(String, u32)> = ctx.running.lock().expect("running set").drain().collect();
     if !rest.is_empty() {
         match ctx.store.release(&ctx.config.owner, &rest).await {
             Ok(()) => tracing::info!(count = rest.len(), "returned unfinished invocations to the queue"),
@@ -233,7 +275,9 @@ async fn run_one(ctx: Arc<Ctx>, inv: Leased) {
             }
         }
     }
-    ctx.running.lock().expect("running set").remove(&inv.id);
+    let mut running = ctx.running.lock().expect("running set");
+    running.remove(&(inv.id.clone(), inv.attempt));
+    ctx.stats.in_flight.store(running.len() as u64, Ordering::Relaxed);
 }
 
 type Logs = Vec<(LogStream, String, UnixMs)>;

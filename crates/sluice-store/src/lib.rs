@@ -6,9 +6,13 @@
 //! backends compare them identically. Nothing here knows about HTTP or wasm.
 #![forbid(unsafe_code)]
 
+mod postgres;
+mod queue;
+mod rows;
 mod sqlite;
 mod timed;
 
+pub use postgres::{ClockSource, PostgresStore};
 pub use sqlite::SqliteStore;
 pub use timed::{STORE_CALL_TIMEOUT, Timed};
 
@@ -198,6 +202,9 @@ pub struct Leased {
     pub max_age_ms: u64,
     pub criticality: Criticality,
     pub deadline: Option<UnixMs>,
+    /// When it became runnable (enqueued, or its retry was due): how long it waited is the
+    /// queue's lag.
+    pub run_after: UnixMs,
 }
 
 /// The result of one attempt, recorded together with the state change.
@@ -224,6 +231,42 @@ pub struct InvocationFilter {
     /// Only ids less than this (ids sort by creation time): the cursor of the next page.
     pub before_id: Option<String>,
     pub limit: u32,
+}
+
+/// A change another node made that this node's caches must follow (cluster stores only; see
+/// [`Store::changes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// API keys were created or revoked.
+    Keys,
+    /// A tenant's rate limit was set or cleared.
+    Limits,
+    /// A function was deployed (a new version) or deleted.
+    Function { tenant: String, function: String },
+    /// Invocations became runnable (enqueued or re-driven).
+    Queue,
+    /// Notifications may have been missed (the listening connection was lost): reload everything.
+    Resync,
+}
+
+/// A node of the cluster as its own heartbeats describe it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRecord {
+    pub id: String,
+    /// Where its API answers (`http://host:port`).
+    pub address: String,
+    /// The sluice version it runs.
+    pub version: String,
+    pub started_at: UnixMs,
+    /// The store's clock at its last heartbeat (set by the store, not the node).
+    pub heartbeat_at: UnixMs,
+    /// When it stopped cleanly, if it did.
+    pub stopped_at: Option<UnixMs>,
+    /// Async invocations it may run at once, and runs now.
+    pub slots: u32,
+    pub in_flight: u32,
+    /// How long the invocations it last leased had waited past their start time.
+    pub queue_lag_ms: u64,
 }
 
 /// The single interface to durable state. Implementations must be safe to share across tasks.
@@ -320,12 +363,22 @@ pub trait Store: Send + Sync + 'static {
     /// died). Order: criticality, then deadline (none last), then `run_after`. Each leased row
     /// becomes `running` with `attempts + 1`. Rows whose deadline passed before they started
     /// become `expired` instead; rows past `created_at + max_age` become `dead`. A reclaimed row
-    /// keeps its lost attempt: with none left it becomes `dead` (error kind of its last failure,
-    /// else `lease_lost`), so `attempts` never exceeds `attempts_max`.
+    /// keeps its lost attempt: past its deadline it becomes `expired`; with no attempt left it
+    /// becomes `dead` (error kind of its last failure, else `lease_lost`), so `attempts` never
+    /// exceeds `attempts_max`. A cluster store takes `now` from the database's clock, so that
+    /// clock skew between nodes cannot decide who owns an invocation.
     async fn lease(&self, owner: &str, now: UnixMs, lease_ms: u64, limit: u32) -> StoreResult<Vec<Leased>>;
-    /// Extends the leases `owner` still holds on `ids` to `until`. Returns the ids it no longer
-    /// holds (reclaimed by someone else).
-    async fn heartbeat(&self, owner: &str, ids: &[String], until: UnixMs) -> StoreResult<Vec<String>>;
+    /// Extends the leases `owner` still holds, each for the same attempt (the fencing token), to
+    /// `now + lease_ms` (never shortening one). Returns the leases it no longer holds (reclaimed,
+    /// and perhaps leased again as a later attempt). A cluster store takes `now` from the
+    /// database's clock, not the caller's.
+    async fn heartbeat(
+        &self,
+        owner: &str,
+        leases: &[(String, u32)],
+        now: UnixMs,
+        lease_ms: u64,
+    ) -> StoreResult<Vec<(String, u32)>>;
     /// Records an attempt's result and its guest log lines in the same transaction as its state
     /// change, if `owner` still holds the lease for `attempt`; `false` (and nothing written)
     /// otherwise. `cpu_us`, the attempt's time on a thread, is added to the invocation's.
@@ -342,8 +395,9 @@ pub trait Store: Send + Sync + 'static {
         cpu_us: u64,
         now: UnixMs,
     ) -> StoreResult<bool>;
-    /// Gives leases back without counting the attempt (graceful shutdown): `queued` again.
-    async fn release(&self, owner: &str, ids: &[String]) -> StoreResult<()>;
+    /// Gives leases back without counting the attempt (graceful shutdown): `queued` again. Only
+    /// leases `owner` still holds for the same attempt are given back.
+    async fn release(&self, owner: &str, leases: &[(String, u32)]) -> StoreResult<()>;
     /// The stored response of an invocation (the last attempt's), if any.
     async fn get_response(&self, id: &str) -> StoreResult<Option<StoredResponse>>;
     async fn list_invocations(&self, filter: &InvocationFilter) -> StoreResult<Vec<Invocation>>;
@@ -355,4 +409,23 @@ pub trait Store: Send + Sync + 'static {
     /// that finished before `cutoff`, oldest first, and up to `limit` idempotency keys older than
     /// the window. Returns the rows deleted, invocations plus keys: 0 once nothing is left.
     async fn purge(&self, cutoff: UnixMs, limit: u32) -> StoreResult<u64>;
+
+    // --- the cluster ---
+    /// Records a node's heartbeat (inserting it on the first); `heartbeat_at` is the store's own
+    /// clock. With `stopped` the node says it stopped cleanly.
+    async fn node_heartbeat(&self, node: &NodeRecord, stopped: bool) -> StoreResult<()>;
+    /// Every node that heartbeated within `within_ms` of the store's clock (stopped ones
+    /// included), by id, and the store's clock now: health is judged against it, not the reader's.
+    async fn list_nodes(&self, within_ms: u64) -> StoreResult<(Vec<NodeRecord>, UnixMs)>;
+
+    /// Changes made by other nodes, for a store that other nodes share; `None` for a store only
+    /// this process uses (its caches follow its own writes). Each call subscribes anew.
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<Change>> {
+        None
+    }
+}
+
+/// A row the store wrote but cannot read back: a bug or a hand-edited database.
+pub(crate) fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Other(format!("corrupt row: {what}"))
 }

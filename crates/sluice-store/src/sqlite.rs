@@ -18,21 +18,24 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_core::{Clock, FunctionConfig, Scope, Secrets, SystemClock, UnixMs};
+use sluice_core::{Clock, FunctionConfig, SystemClock, UnixMs};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 
+use crate::queue::Writer;
+use crate::rows::{
+    config_to_json, sync_batch_json, get, invocation_from_row, key_from_row, log_line_from_row,
+    node_from_row, response_from_row, rows, scopes_to_text, summary_from_row, tenant_from_row, version_from_row,
+};
 use crate::{
     AttemptResult, Enqueued, FunctionSummary, IDEMPOTENCY_WINDOW_MS, Invocation, InvocationFilter,
-    InvocationStatus, KeyRecord, Leased, LogLine, LogStream, NewInvocation, Store, StoreError, StoreResult,
-    StoredResponse, SyncRecord, Tenant, TenantStorage, VersionRecord,
+    KeyRecord, Leased, LogLine, LogStream, NewInvocation, NodeRecord, Store, StoreError,
+    StoreResult, StoredResponse, SyncRecord, Tenant, TenantStorage, VersionRecord, corrupt,
 };
 
 mod queue;
-
-use queue::{Done, Op, Writer};
 
 /// Connections in the pool. SQLite has one writer at a time anyway; the extra connections let
 /// reads (auth cache loads, `GET /v1/invocations`, log tails) proceed beside a write in WAL mode.
@@ -87,6 +90,7 @@ const MIGRATIONS: &[Migration] = &[
         name: "version retention",
         sql: include_str!("../migrations/sqlite/0006_version_retention.sql"),
     },
+    Migration { version: 7, name: "nodes", sql: include_str!("../migrations/sqlite/0007_nodes.sql") },
 ];
 
 /// The SQLite implementation of [`Store`]. Cloning is cheap and shares the pool.
@@ -150,7 +154,7 @@ impl SqliteStore {
             .map_err(classify)?;
         migrate(&pool, MIGRATIONS, clock.now_ms()).await?;
         // Same options as the pool: the writer's commits must be exactly as durable.
-        let writer = Writer::start(options).await?;
+        let writer = Writer::start(queue::Sqlite(options)).await?;
         Ok(Self { pool, writer, clock, path: path.to_path_buf() })
     }
 
@@ -173,10 +177,6 @@ impl SqliteStore {
     #[doc(hidden)]
     pub fn commits(&self) -> u64 {
         self.writer.commits()
-    }
-
-    async fn queue_write(&self, op: Op) -> StoreResult<Done> {
-        self.writer.call(op).await
     }
 
     /// Starts a transaction that holds the write lock from its first statement (see the module
@@ -265,20 +265,6 @@ fn classify(error: sqlx::Error) -> StoreError {
     }
 }
 
-/// A row the store wrote but cannot read back: a bug or a hand-edited database.
-fn corrupt(what: impl fmt::Display) -> StoreError {
-    StoreError::Other(format!("corrupt row: {what}"))
-}
-
-fn get<'r, T>(row: &'r SqliteRow, column: &str) -> StoreResult<T>
-where
-    T: sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>,
-{
-    row.try_get(column).map_err(classify)
-}
-
-/// `NotFound` unless the tenant exists; run inside the write transaction that depends on it, so
-/// the answer cannot go stale before the commit.
 async fn require_tenant(tx: &mut Transaction<'static, Sqlite>, tenant: &str) -> StoreResult<()> {
     let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tenants WHERE name = ?)")
         .bind(tenant)
@@ -289,172 +275,6 @@ async fn require_tenant(tx: &mut Transaction<'static, Sqlite>, tenant: &str) -> 
         return Err(StoreError::NotFound(format!("tenant {tenant}")));
     }
     Ok(())
-}
-
-fn tenant_from_row(row: &SqliteRow) -> StoreResult<Tenant> {
-    Ok(Tenant { name: get(row, "name")?, created_at: get(row, "created_at")? })
-}
-
-fn scopes_to_text(scopes: &[Scope]) -> String {
-    scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",")
-}
-
-fn scopes_from_text(text: &str) -> StoreResult<Vec<Scope>> {
-    text.split(',')
-        .filter(|s| !s.is_empty())
-        .map(|s| Scope::parse(s).ok_or_else(|| corrupt(format_args!("unknown scope {s:?}"))))
-        .collect()
-}
-
-fn key_from_row(row: &SqliteRow) -> StoreResult<KeyRecord> {
-    Ok(KeyRecord {
-        id: get(row, "id")?,
-        tenant: get(row, "tenant")?,
-        scopes: scopes_from_text(&get::<String>(row, "scopes")?)?,
-        hash: get(row, "hash")?,
-        created_at: get(row, "created_at")?,
-        revoked: get(row, "revoked")?,
-    })
-}
-
-/// Member of a version's stored configuration JSON that holds its secrets as `[name, value]`
-/// pairs. `FunctionConfig` does not serialize them (so nothing that shows a configuration can
-/// show a value); only the store writes and reads this member. Versions stored before secrets
-/// existed have no such member and load with none.
-const SECRETS_MEMBER: &str = "secrets";
-
-fn config_to_json(config: &FunctionConfig) -> StoreResult<String> {
-    let mut json = serde_json::to_value(config)
-        .map_err(|e| StoreError::Other(format!("serializing function config: {e}")))?;
-    if !config.secrets.is_empty()
-        && let Some(object) = json.as_object_mut()
-    {
-        object.insert(SECRETS_MEMBER.into(), serde_json::json!(config.secrets.expose()));
-    }
-    Ok(json.to_string())
-}
-
-fn config_from_json(text: &str) -> StoreResult<FunctionConfig> {
-    let mut json: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| corrupt(format_args!("version config: {e}")))?;
-    let secrets = json.as_object_mut().and_then(|o| o.remove(SECRETS_MEMBER));
-    let mut config: FunctionConfig =
-        serde_json::from_value(json).map_err(|e| corrupt(format_args!("version config: {e}")))?;
-    if let Some(secrets) = secrets {
-        // serde's message could quote a value: say only what is wrong.
-        let pairs = serde_json::from_value(secrets)
-            .map_err(|_| corrupt(format_args!("version secrets are not [name, value] pairs")))?;
-        config.secrets = Secrets::new(pairs);
-    }
-    Ok(config)
-}
-
-fn version_from_row(row: &SqliteRow) -> StoreResult<VersionRecord> {
-    let config: String = get(row, "config")?;
-    Ok(VersionRecord {
-        tenant: get(row, "tenant")?,
-        function: get(row, "function")?,
-        version: get(row, "version")?,
-        blob_digest: get(row, "blob_digest")?,
-        config: config_from_json(&config)?,
-        created_at: get(row, "created_at")?,
-    })
-}
-
-fn summary_from_row(row: &SqliteRow) -> StoreResult<FunctionSummary> {
-    Ok(FunctionSummary {
-        tenant: get(row, "tenant")?,
-        name: get(row, "name")?,
-        latest_version: get(row, "latest_version")?,
-        created_at: get(row, "created_at")?,
-        updated_at: get(row, "updated_at")?,
-    })
-}
-
-fn invocation_from_row(row: &SqliteRow) -> StoreResult<Invocation> {
-    let status: String = get(row, "status")?;
-    let attempts: i64 = get(row, "attempts")?;
-    let status_code: Option<i64> = get(row, "status_code")?;
-    let cpu_us: Option<i64> = get(row, "cpu_us")?;
-    Ok(Invocation {
-        id: get(row, "id")?,
-        tenant: get(row, "tenant")?,
-        function: get(row, "function")?,
-        version: get(row, "version")?,
-        mode: get(row, "mode")?,
-        status: InvocationStatus::parse(&status)
-            .ok_or_else(|| corrupt(format_args!("invocation status {status:?}")))?,
-        attempts: u32::try_from(attempts)
-            .map_err(|_| corrupt(format_args!("invocation attempts {attempts}")))?,
-        created_at: get(row, "created_at")?,
-        started_at: get(row, "started_at")?,
-        finished_at: get(row, "finished_at")?,
-        status_code: status_code
-            .map(|c| u16::try_from(c).map_err(|_| corrupt(format_args!("status code {c}"))))
-            .transpose()?,
-        error_kind: get(row, "error_kind")?,
-        cpu_us: cpu_us
-            .map(|c| u64::try_from(c).map_err(|_| corrupt(format_args!("cpu time {c}"))))
-            .transpose()?,
-    })
-}
-
-fn log_line_from_row(row: &SqliteRow) -> StoreResult<LogLine> {
-    let stream: String = get(row, "stream")?;
-    Ok(LogLine {
-        seq: get(row, "seq")?,
-        invocation_id: get(row, "invocation_id")?,
-        stream: LogStream::parse(&stream).ok_or_else(|| corrupt(format_args!("log stream {stream:?}")))?,
-        line: get(row, "line")?,
-        at: get(row, "at")?,
-    })
-}
-
-fn rows<T>(rows: Vec<SqliteRow>, from_row: fn(&SqliteRow) -> StoreResult<T>) -> StoreResult<Vec<T>> {
-    rows.iter().map(from_row).collect()
-}
-
-/// One invocation of a [`SyncRecord`] batch, as a JSON object for `json_each`.
-#[derive(serde::Serialize)]
-struct SyncInvocationRow<'a> {
-    id: &'a str,
-    tenant: &'a str,
-    function: &'a str,
-    version: i64,
-    status: &'static str,
-    started_at: UnixMs,
-    finished_at: UnixMs,
-    status_code: Option<u16>,
-    error_kind: Option<&'a str>,
-    cpu_us: u64,
-}
-
-impl<'a> From<&'a SyncRecord> for SyncInvocationRow<'a> {
-    fn from(r: &'a SyncRecord) -> Self {
-        Self {
-            id: &r.id,
-            tenant: &r.tenant,
-            function: &r.function,
-            version: r.version,
-            status: r.status.as_str(),
-            started_at: r.started_at,
-            finished_at: r.finished_at,
-            status_code: r.status_code,
-            error_kind: r.error_kind.as_deref(),
-            cpu_us: r.cpu_us,
-        }
-    }
-}
-
-/// One log line of a [`SyncRecord`] batch, as a JSON object for `json_each`.
-#[derive(serde::Serialize)]
-struct SyncLogRow<'a> {
-    invocation_id: &'a str,
-    tenant: &'a str,
-    function: &'a str,
-    stream: &'static str,
-    line: &'a str,
-    at: UnixMs,
 }
 
 #[async_trait::async_trait]
@@ -716,11 +536,11 @@ impl Store for SqliteStore {
         .fetch_one(&self.pool)
         .await
         .map_err(classify)?;
-        if !get::<bool>(&row, "known")? {
+        if !get::<bool, _>(&row, "known")? {
             return Err(StoreError::NotFound(format!("tenant {tenant}")));
         }
         let count = |column: &str| -> StoreResult<u64> {
-            u64::try_from(get::<i64>(&row, column)?).map_err(|_| corrupt(format!("negative {column}")))
+            u64::try_from(get::<i64, _>(&row, column)?).map_err(|_| corrupt(format!("negative {column}")))
         };
         Ok(TenantStorage {
             functions: count("functions")?,
@@ -883,34 +703,10 @@ impl Store for SqliteStore {
         if batch.is_empty() {
             return Ok(());
         }
-        for record in batch {
-            debug_assert!(
-                matches!(record.status, InvocationStatus::Succeeded | InvocationStatus::Dead),
-                "a sync invocation ends succeeded or dead, not {:?}",
-                record.status
-            );
-        }
         // The batch goes in as two JSON arrays and two statements, not one statement per row:
         // each sqlx statement is a round trip to the connection's worker thread, and a batch of
         // 1000 calls with a few log lines each would otherwise cost thousands of them.
-        let invocations: Vec<SyncInvocationRow<'_>> = batch.iter().map(SyncInvocationRow::from).collect();
-        let logs: Vec<SyncLogRow<'_>> = batch
-            .iter()
-            .flat_map(|r| {
-                r.logs.iter().map(move |(stream, line, at)| SyncLogRow {
-                    invocation_id: &r.id,
-                    tenant: &r.tenant,
-                    function: &r.function,
-                    stream: stream.as_str(),
-                    line,
-                    at: *at,
-                })
-            })
-            .collect();
-        let invocations = serde_json::to_string(&invocations)
-            .map_err(|e| StoreError::Other(format!("encoding invocations: {e}")))?;
-        let logs = serde_json::to_string(&logs)
-            .map_err(|e| StoreError::Other(format!("encoding log lines: {e}")))?;
+        let (invocations, logs) = sync_batch_json(batch)?;
 
         // One transaction for the whole batch: one fsync, and all of it or none of it.
         let mut tx = self.begin_write().await?;
@@ -1016,40 +812,21 @@ impl Store for SqliteStore {
     }
 
     async fn enqueue(&self, inv: &NewInvocation) -> StoreResult<Enqueued> {
-        let op = queue::EnqueueOp::new(inv, self.clock.now_ms())?;
-        match self.queue_write(Op::Enqueue(op)).await? {
-            Done::Enqueued(enqueued) => Ok(enqueued),
-            other => unreachable!("the writer answered an enqueue with {other:?}"),
-        }
+        self.writer.enqueue(inv, self.clock.now_ms()).await
     }
 
     async fn lease(&self, owner: &str, now: UnixMs, lease_ms: u64, limit: u32) -> StoreResult<Vec<Leased>> {
-        let op = queue::LeaseOp {
-            owner: owner.to_owned(),
-            now,
-            until: now.saturating_add(i64::try_from(lease_ms).unwrap_or(i64::MAX)),
-            limit: i64::from(limit),
-        };
-        match self.queue_write(Op::Lease(op)).await? {
-            Done::Leased(leased) => Ok(leased),
-            other => unreachable!("the writer answered a lease with {other:?}"),
-        }
+        self.writer.lease(owner, now, lease_ms, limit).await
     }
 
-    async fn heartbeat(&self, owner: &str, ids: &[String], until: UnixMs) -> StoreResult<Vec<String>> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let op = queue::HeartbeatOp {
-            owner: owner.to_owned(),
-            ids: queue::ids_json(ids)?,
-            until,
-            asked: ids.to_vec(),
-        };
-        match self.queue_write(Op::Heartbeat(op)).await? {
-            Done::Heartbeat(not_held) => Ok(not_held),
-            other => unreachable!("the writer answered a heartbeat with {other:?}"),
-        }
+    async fn heartbeat(
+        &self,
+        owner: &str,
+        leases: &[(String, u32)],
+        now: UnixMs,
+        lease_ms: u64,
+    ) -> StoreResult<Vec<(String, u32)>> {
+        self.writer.heartbeat(owner, leases, now, lease_ms).await
     }
 
     async fn complete(
@@ -1062,22 +839,11 @@ impl Store for SqliteStore {
         cpu_us: u64,
         now: UnixMs,
     ) -> StoreResult<bool> {
-        let op = queue::CompleteOp::new(id, owner, attempt, result, logs, cpu_us, now)?;
-        match self.queue_write(Op::Complete(op)).await? {
-            Done::Completed(applied) => Ok(applied),
-            other => unreachable!("the writer answered a completion with {other:?}"),
-        }
+        self.writer.complete(id, owner, attempt, result, logs, cpu_us, now).await
     }
 
-    async fn release(&self, owner: &str, ids: &[String]) -> StoreResult<()> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let op = queue::ReleaseOp { owner: owner.to_owned(), ids: queue::ids_json(ids)? };
-        match self.queue_write(Op::Release(op)).await? {
-            Done::Released => Ok(()),
-            other => unreachable!("the writer answered a release with {other:?}"),
-        }
+    async fn release(&self, owner: &str, leases: &[(String, u32)]) -> StoreResult<()> {
+        self.writer.release(owner, leases).await
     }
 
     async fn get_response(&self, id: &str) -> StoreResult<Option<StoredResponse>> {
@@ -1087,7 +853,7 @@ impl Store for SqliteStore {
             .await
             .map_err(classify)?
             .as_ref()
-            .map(queue::response_from_row)
+            .map(response_from_row)
             .transpose()
     }
 
@@ -1117,29 +883,62 @@ impl Store for SqliteStore {
     }
 
     async fn retry_dead(&self, id: &str, now: UnixMs) -> StoreResult<bool> {
-        let op = queue::RetryDeadOp { id: id.to_owned(), now };
-        match self.queue_write(Op::RetryDead(op)).await? {
-            Done::Retried(retried) => Ok(retried),
-            other => unreachable!("the writer answered a retry with {other:?}"),
-        }
+        self.writer.retry_dead(id, now).await
     }
 
     async fn purge(&self, cutoff: UnixMs, limit: u32) -> StoreResult<u64> {
-        let op = queue::PurgeOp {
-            cutoff,
-            keys_cutoff: self.clock.now_ms().saturating_sub(IDEMPOTENCY_WINDOW_MS),
-            limit: i64::from(limit),
-        };
-        match self.queue_write(Op::Purge(op)).await? {
-            Done::Purged(deleted) => Ok(deleted),
-            other => unreachable!("the writer answered a purge with {other:?}"),
-        }
+        let keys_cutoff = self.clock.now_ms().saturating_sub(IDEMPOTENCY_WINDOW_MS);
+        self.writer.purge(cutoff, keys_cutoff, limit).await
+    }
+
+    async fn node_heartbeat(&self, node: &NodeRecord, stopped: bool) -> StoreResult<()> {
+        let now = self.clock.now_ms();
+        sqlx::query(
+            "INSERT INTO nodes (id, address, version, started_at, heartbeat_at, stopped_at, slots,
+                                in_flight, queue_lag_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, CASE WHEN ?6 THEN ?5 END, ?7, ?8, ?9)
+             ON CONFLICT (id) DO UPDATE SET
+                 address = excluded.address, version = excluded.version,
+                 heartbeat_at = excluded.heartbeat_at, stopped_at = excluded.stopped_at,
+                 slots = excluded.slots, in_flight = excluded.in_flight,
+                 queue_lag_ms = excluded.queue_lag_ms",
+        )
+        .bind(&node.id)
+        .bind(&node.address)
+        .bind(&node.version)
+        .bind(node.started_at)
+        .bind(now)
+        .bind(stopped)
+        .bind(i64::from(node.slots))
+        .bind(i64::from(node.in_flight))
+        .bind(i64::try_from(node.queue_lag_ms).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn list_nodes(&self, within_ms: u64) -> StoreResult<(Vec<NodeRecord>, UnixMs)> {
+        let now = self.clock.now_ms();
+        let found = sqlx::query(
+            "SELECT id, address, version, started_at, heartbeat_at, stopped_at, slots, in_flight,
+                    queue_lag_ms
+             FROM nodes WHERE heartbeat_at >= ? ORDER BY started_at, id",
+        )
+        .bind(now.saturating_sub(i64::try_from(within_ms).unwrap_or(i64::MAX)))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok((rows(found, node_from_row)?, now))
     }
 }
+
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::InvocationStatus;
+    use sqlx::sqlite::SqliteRow;
 
     async fn open_temp() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().expect("temp dir");

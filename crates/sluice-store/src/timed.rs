@@ -17,7 +17,7 @@ use std::time::Duration;
 use sluice_core::{FunctionConfig, UnixMs};
 
 use crate::{
-    AttemptResult, Enqueued, FunctionSummary, Invocation, InvocationFilter, KeyRecord, Leased, LogLine,
+    AttemptResult, Change, NodeRecord, Enqueued, FunctionSummary, Invocation, InvocationFilter, KeyRecord, Leased, LogLine,
     LogStream, NewInvocation, Store, StoreError, StoreResult, StoredResponse, SyncRecord, Tenant,
     TenantStorage, VersionRecord,
 };
@@ -61,6 +61,10 @@ macro_rules! timed_store {
                     self.bound(stringify!($name), self.inner.$name($($arg),*)).await
                 }
             )*
+
+            fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<Change>> {
+                self.inner.changes()
+            }
         }
     };
 }
@@ -106,7 +110,13 @@ timed_store! {
     ) -> Vec<LogLine>;
     fn enqueue(&self, inv: &NewInvocation) -> Enqueued;
     fn lease(&self, owner: &str, now: UnixMs, lease_ms: u64, limit: u32) -> Vec<Leased>;
-    fn heartbeat(&self, owner: &str, ids: &[String], until: UnixMs) -> Vec<String>;
+    fn heartbeat(
+        &self,
+        owner: &str,
+        leases: &[(String, u32)],
+        now: UnixMs,
+        lease_ms: u64
+    ) -> Vec<(String, u32)>;
     fn complete(
         &self,
         id: &str,
@@ -117,11 +127,13 @@ timed_store! {
         cpu_us: u64,
         now: UnixMs
     ) -> bool;
-    fn release(&self, owner: &str, ids: &[String]) -> ();
+    fn release(&self, owner: &str, leases: &[(String, u32)]) -> ();
     fn get_response(&self, id: &str) -> Option<StoredResponse>;
     fn list_invocations(&self, filter: &InvocationFilter) -> Vec<Invocation>;
     fn retry_dead(&self, id: &str, now: UnixMs) -> bool;
     fn purge(&self, cutoff: UnixMs, limit: u32) -> u64;
+    fn node_heartbeat(&self, node: &NodeRecord, stopped: bool) -> ();
+    fn list_nodes(&self, within_ms: u64) -> (Vec<NodeRecord>, UnixMs);
 }
 
 #[cfg(test)]

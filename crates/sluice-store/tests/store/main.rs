@@ -1,8 +1,9 @@
 //! The store's promises, as one integration binary.
 //!
 //! `suite` holds backend-independent tests: async functions over `&dyn Store` that any backend
-//! must pass. Each backend module (`sqlite`, later `postgres`) runs every suite function against
+//! must pass. Each backend module (`sqlite`, `postgres`) runs every suite function against
 //! a fresh database, plus the few tests that only make sense for that backend.
 
+mod postgres;
 mod sqlite;
 mod suite;

@@ -60,6 +60,7 @@ crate::run_suite!(
     leases_follow_criticality_then_deadline_then_run_after,
     a_closed_start_window_expires_the_invocation,
     an_expired_lease_is_reclaimed_and_its_old_owner_fenced,
+    a_reclaimed_invocation_past_its_deadline_expires,
     concurrent_reports_of_one_attempt_are_recorded_once,
     failed_attempts_are_retried_until_attempts_run_out,
     attempts_never_exceed_attempts_max_when_leases_are_lost,

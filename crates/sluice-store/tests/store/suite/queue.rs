@@ -305,17 +305,24 @@ pub async fn an_expired_lease_is_reclaimed_and_its_old_owner_fenced(store: &dyn 
     let a = store.lease("node-a", 0, 1_000, 10).await.unwrap();
     assert_eq!(a[0].attempt, 1);
 
-    // A heartbeat keeps the lease; it names the ids the owner does not hold.
-    let not_held = store.heartbeat("node-a", &["inv-1".into(), "nope".into()], 2_000).await.unwrap();
-    assert_eq!(not_held, ["nope"]);
-    assert_eq!(store.heartbeat("node-b", &["inv-1".into()], 9_000).await.unwrap(), ["inv-1"]);
+    // A heartbeat keeps the lease; it names the leases the owner does not hold: another owner's,
+    // an unknown id, and the right id with another attempt (the fencing token).
+    let lease = |id: &str, attempt: u32| (id.to_string(), attempt);
+    let not_held =
+        store.heartbeat("node-a", &[lease("inv-1", 1), lease("nope", 1)], 1_000, 1_000).await.unwrap();
+    assert_eq!(not_held, [lease("nope", 1)]);
+    assert_eq!(store.heartbeat("node-b", &[lease("inv-1", 1)], 1_000, 8_000).await.unwrap(), [lease("inv-1", 1)]);
+    assert_eq!(store.heartbeat("node-a", &[lease("inv-1", 2)], 1_000, 8_000).await.unwrap(), [lease("inv-1", 2)]);
     assert_eq!(store.lease("node-b", 1_500, 1_000, 10).await.unwrap(), vec![]);
     assert_eq!(store.lease("node-b", 2_000, 1_000, 10).await.unwrap(), vec![], "held up to its end");
 
     let b = store.lease("node-b", 2_001, 1_000, 10).await.unwrap();
     assert_eq!(leased_ids(&b), ["inv-1"]);
     assert_eq!(b[0].attempt, 2, "the lost attempt counts");
-    assert_eq!(store.heartbeat("node-a", &["inv-1".into()], 9_000).await.unwrap(), ["inv-1"]);
+    assert_eq!(store.heartbeat("node-a", &[lease("inv-1", 1)], 2_001, 7_000).await.unwrap(), [lease("inv-1", 1)]);
+    // Node-b holds attempt 2: attempt 1's token renews nothing, even for node-b.
+    assert_eq!(store.heartbeat("node-b", &[lease("inv-1", 1)], 2_001, 7_000).await.unwrap(), [lease("inv-1", 1)]);
+    assert!(store.heartbeat("node-b", &[lease("inv-1", 2)], 2_001, 1_000).await.unwrap().is_empty());
 
     // The old owner's report is refused, whatever it says; so is a wrong attempt number.
     assert!(!store.complete("inv-1", "node-a", 1, &success(200), &[], 0, 2_100).await.unwrap());
@@ -330,6 +337,20 @@ pub async fn an_expired_lease_is_reclaimed_and_its_old_owner_fenced(store: &dyn 
     let done = get(store, "inv-1").await;
     assert_eq!((done.status, done.attempts, done.started_at), (InvocationStatus::Succeeded, 2, Some(0)));
     assert_eq!(store.invocation_logs("inv-1").await.unwrap().len(), 1);
+}
+
+pub async fn a_reclaimed_invocation_past_its_deadline_expires(store: &dyn Store, _clock: &ManualClock) {
+    enqueue(store, &NewInvocation { deadline: Some(5_000), attempts_max: 3, ..invocation("late") }).await;
+    enqueue(store, &NewInvocation { deadline: Some(50_000), attempts_max: 3, ..invocation("in-time") }).await;
+    assert_eq!(store.lease("node-a", 0, 1_000, 10).await.unwrap().len(), 2);
+    // Node-a died; when the leases are reclaimed, one start window has closed.
+    let again = store.lease("node-b", 6_000, 1_000, 10).await.unwrap();
+    assert_eq!(leased_ids(&again), ["in-time"], "a new attempt would start past the deadline");
+    let late = get(store, "late").await;
+    assert_eq!(
+        (late.status, late.attempts, late.error_kind.as_deref(), late.finished_at),
+        (InvocationStatus::Expired, 1, Some("expired"), Some(6_000))
+    );
 }
 
 pub async fn concurrent_reports_of_one_attempt_are_recorded_once(store: &dyn Store, _clock: &ManualClock) {
@@ -469,8 +490,9 @@ pub async fn released_leases_do_not_count_as_attempts(store: &dyn Store, _clock:
     enqueue(store, &invocation("inv-1")).await;
     enqueue(store, &invocation("inv-2")).await;
     assert_eq!(store.lease("node-a", 0, LEASE_MS, 10).await.unwrap().len(), 2);
-    store.release("node-a", &["inv-1".into(), "nope".into()]).await.unwrap();
-    store.release("node-b", &["inv-2".into()]).await.unwrap();
+    store.release("node-a", &[("inv-1".into(), 1), ("nope".into(), 1)]).await.unwrap();
+    store.release("node-b", &[("inv-2".into(), 1)]).await.unwrap();
+    store.release("node-a", &[("inv-2".into(), 2)]).await.unwrap();
     store.release("node-a", &[]).await.unwrap();
 
     let released = get(store, "inv-1").await;

@@ -224,12 +224,14 @@ pub async fn queue_state_machine_keeps_its_invariants(
             }
             QueueOp::Release { pick, owner } => {
                 let Some(id) = model.pick(*pick) else { continue };
-                store.release(OWNERS[*owner], std::slice::from_ref(&id)).await.unwrap();
+                let attempt = model.lease.get(&id).map_or(1, |(_, attempt)| *attempt);
+                store.release(OWNERS[*owner], &[(id, attempt)]).await.unwrap();
             }
             QueueOp::Heartbeat { pick, owner } => {
                 let Some(id) = model.pick(*pick) else { continue };
+                let attempt = model.lease.get(&id).map_or(1, |(_, attempt)| *attempt);
                 let not_held =
-                    store.heartbeat(OWNERS[*owner], std::slice::from_ref(&id), now + 500).await.unwrap();
+                    store.heartbeat(OWNERS[*owner], &[(id.clone(), attempt)], now, 500).await.unwrap();
                 assert_eq!(
                     not_held.is_empty(),
                     model.holds(&id, *owner),

@@ -1,0 +1,478 @@
+//! The SQL of [`PostgresStore`](super::PostgresStore)'s async queue.
+//!
+//! Enqueues, completions, heartbeats, releases, re-drives and purges go through the shared writer
+//! ([`crate::queue`]) on one connection per node, in group-committed batches. Leases do not: each
+//! is its own short statement on the pool (`FOR UPDATE SKIP LOCKED`, so nodes leasing at once take
+//! different rows), preceded by bounded sweeps of expired deadlines, old rows and lost leases,
+//! each its own statement too (see [`lease`]).
+//!
+//! Two things SQLite's single writer got for free are explicit here:
+//! - Every fencing condition (status, owner, attempt) is on the row being updated, never only on a
+//!   row read beside it, so that PostgreSQL re-checks it on the newest version of a row another
+//!   node changed meanwhile.
+//! - Log lines of one function are inserted under an advisory lock held to the commit, so within a
+//!   function `seq` follows commit order (see `INSERT_LOGS`).
+//!
+//! Statements read their ops from JSON arrays with `jsonb_to_record`, in array order
+//! (`WITH ORDINALITY`).
+
+use std::collections::HashSet;
+
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::{ConnectOptions, Connection};
+
+use super::classify;
+use crate::queue::{Backend, Done, HeartbeatOp, LeaseOp, Op, PurgeOp, ReleaseOp, RetryDeadOp};
+use crate::rows::leased_from_row;
+use crate::{IDEMPOTENCY_WINDOW_MS, Leased, StoreResult};
+
+/// The writer's own connection. With `db_clock` every "now" of a queue write is the database's
+/// ([`crate::ClockSource::Database`]); otherwise the caller's.
+pub(super) struct Postgres {
+    pub(super) options: PgConnectOptions,
+    pub(super) db_clock: bool,
+}
+
+impl Postgres {
+    /// The caller's `now`, or `None` where the statement must take the database's.
+    fn now(&self, caller: i64) -> Option<i64> {
+        (!self.db_clock).then_some(caller)
+    }
+}
+
+/// `$1` of every statement that reads enqueue rows.
+const ENQUEUE_ROWS: &str = "
+    jsonb_array_elements($1::jsonb) WITH ORDINALITY AS j(value, ord)
+    CROSS JOIN LATERAL jsonb_to_record(j.value) AS r(
+        id text, tenant text, function text, version bigint, method text, path text,
+        headers jsonb, body text, criticality bigint, run_after bigint, deadline bigint,
+        attempts_max bigint, max_age_ms bigint, max_age_at bigint, idempotency_key text,
+        created_at bigint)";
+
+fn claim_keys_sql() -> String {
+    format!(
+        "INSERT INTO idempotency_keys (tenant, function, idempotency_key, invocation_id, created_at)
+         SELECT r.tenant, r.function, r.idempotency_key, r.id, r.created_at
+         FROM {ENQUEUE_ROWS}
+         WHERE r.idempotency_key IS NOT NULL
+         ORDER BY j.ord
+         ON CONFLICT (tenant, function, idempotency_key) DO UPDATE
+             SET invocation_id = excluded.invocation_id, created_at = excluded.created_at
+             WHERE idempotency_keys.created_at <= excluded.created_at - $2"
+    )
+}
+
+fn insert_queued_sql() -> String {
+    format!(
+        "INSERT INTO invocations (id, tenant, function, version, mode, status, attempts, created_at,
+             request_method, request_path, request_headers, request_body, criticality, run_after,
+             deadline, attempts_max, max_age_ms, max_age_at, idempotency_key)
+         SELECT r.id, r.tenant, r.function, r.version, 'async', 'queued', 0, r.created_at,
+                r.method, r.path, r.headers::text, decode(r.body, 'hex'), r.criticality, r.run_after,
+                r.deadline, r.attempts_max, r.max_age_ms, r.max_age_at, r.idempotency_key
+         FROM {ENQUEUE_ROWS}
+         WHERE r.idempotency_key IS NULL
+            OR EXISTS (
+                SELECT 1 FROM idempotency_keys AS k
+                WHERE k.tenant = r.tenant AND k.function = r.function
+                  AND k.idempotency_key = r.idempotency_key AND k.invocation_id = r.id)
+         ORDER BY j.ord"
+    )
+}
+
+fn key_holders_sql() -> String {
+    format!(
+        "SELECT j.ord - 1 AS position, k.invocation_id
+         FROM {ENQUEUE_ROWS}
+         JOIN idempotency_keys AS k
+           ON k.tenant = r.tenant AND k.function = r.function AND k.idempotency_key = r.idempotency_key"
+    )
+}
+
+/// The state change of each completion whose lease still holds. The fencing conditions and the
+/// next status read the updated row itself (`i`), so they are evaluated on its newest version.
+const COMPLETE_FENCED: &str = "
+    WITH c AS (
+        SELECT r.*, CASE WHEN $2 THEN sluice_now_ms() ELSE r.now END AS at
+        FROM jsonb_array_elements($1::jsonb) AS j(value)
+        CROSS JOIN LATERAL jsonb_to_record(j.value) AS r(
+            id text, owner text, attempt bigint, succeeded boolean, status_code bigint,
+            error_kind text, retry_at bigint, cpu_us bigint, now bigint))
+    UPDATE invocations AS i SET
+        status = CASE
+            WHEN c.succeeded THEN 'succeeded'
+            WHEN c.retry_at IS NOT NULL AND i.attempts < i.attempts_max AND c.retry_at <= i.max_age_at
+                THEN 'failed'
+            ELSE 'dead' END,
+        status_code = c.status_code,
+        error_kind = c.error_kind,
+        run_after = CASE
+            WHEN NOT c.succeeded AND c.retry_at IS NOT NULL AND i.attempts < i.attempts_max
+                 AND c.retry_at <= i.max_age_at THEN c.retry_at
+            ELSE i.run_after END,
+        finished_at = CASE
+            WHEN NOT c.succeeded AND c.retry_at IS NOT NULL AND i.attempts < i.attempts_max
+                 AND c.retry_at <= i.max_age_at THEN NULL
+            ELSE c.at END,
+        cpu_us = COALESCE(i.cpu_us, 0) + c.cpu_us,
+        lease_owner = NULL,
+        lease_expires_at = NULL
+    FROM c
+    WHERE i.id = c.id AND i.status = 'running' AND i.lease_owner = c.owner AND i.attempts = c.attempt
+    RETURNING i.id";
+
+const UPSERT_RESPONSES: &str = "
+    INSERT INTO responses (invocation_id, status, headers, body)
+    SELECT r.invocation_id, r.status, r.headers::text, decode(r.body, 'hex')
+    FROM jsonb_array_elements($1::jsonb) AS j(value)
+    CROSS JOIN LATERAL jsonb_to_record(j.value) AS r(invocation_id text, status bigint, headers jsonb, body text)
+    ON CONFLICT (invocation_id) DO UPDATE
+        SET status = excluded.status, headers = excluded.headers, body = excluded.body";
+
+const DELETE_RESPONSES: &str = "
+    DELETE FROM responses
+    WHERE invocation_id IN (SELECT jsonb_array_elements_text($1::jsonb))";
+
+/// Takes, in a fixed order (so two batches cannot deadlock on them), the advisory lock of every
+/// function whose lines follow, held until the commit: the log inserts of one function then
+/// commit in `seq` order, so a tail reading `seq > n` never misses a line that commits later with
+/// a smaller `seq`. Functions differ in their locks, so only writers of the same function wait.
+const LOCK_LOG_FUNCTIONS: &str = "
+    SELECT count(pg_advisory_xact_lock(f.key)) FROM (
+        SELECT DISTINCT hashtextextended(i.tenant || '/' || i.function, 0) AS key
+        FROM jsonb_array_elements($1::jsonb) AS j(value)
+        JOIN invocations AS i ON i.id = j.value ->> 'invocation_id'
+        ORDER BY key) AS f";
+
+const INSERT_LOGS: &str = "
+    INSERT INTO log_lines (invocation_id, tenant, function, stream, line, at)
+    SELECT i.id, i.tenant, i.function, r.stream, r.line, r.at
+    FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS j(value, ord)
+    CROSS JOIN LATERAL jsonb_to_record(j.value) AS r(invocation_id text, stream text, line text, at bigint)
+    JOIN invocations AS i ON i.id = r.invocation_id
+    ORDER BY j.ord";
+
+#[async_trait::async_trait]
+impl Backend for Postgres {
+    type Conn = PgConnection;
+
+    async fn connect(&self) -> StoreResult<PgConnection> {
+        self.options.connect().await.map_err(classify)
+    }
+
+    async fn close(&self, connection: PgConnection) {
+        let _ = connection.close().await;
+    }
+
+    async fn begin(&self, connection: &mut PgConnection) -> StoreResult<()> {
+        self.execute(connection, "BEGIN").await
+    }
+
+    async fn commit(&self, connection: &mut PgConnection) -> StoreResult<()> {
+        self.execute(connection, "COMMIT").await
+    }
+
+    async fn execute(&self, connection: &mut PgConnection, sql: &'static str) -> StoreResult<()> {
+        sqlx::raw_sql(sql).execute(connection).await.map_err(classify)?;
+        Ok(())
+    }
+
+    async fn claim_keys(&self, connection: &mut PgConnection, rows: &str) -> StoreResult<()> {
+        sqlx::query(sqlx::AssertSqlSafe(claim_keys_sql()))
+            .bind(rows)
+            .bind(IDEMPOTENCY_WINDOW_MS)
+            .execute(&mut *connection)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn insert_queued(&self, connection: &mut PgConnection, rows: &str) -> StoreResult<u64> {
+        Ok(sqlx::query(sqlx::AssertSqlSafe(insert_queued_sql()))
+            .bind(rows)
+            .execute(&mut *connection)
+            .await
+            .map_err(classify)?
+            .rows_affected())
+    }
+
+    async fn key_holders(&self, connection: &mut PgConnection, rows: &str) -> StoreResult<Vec<(i64, String)>> {
+        sqlx::query_as(sqlx::AssertSqlSafe(key_holders_sql()))
+            .bind(rows)
+            .fetch_all(&mut *connection)
+            .await
+            .map_err(classify)
+    }
+
+    /// Delivered at commit, once per transaction (PostgreSQL folds equal notifications).
+    async fn announce_queued(&self, connection: &mut PgConnection) -> StoreResult<()> {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(super::QUEUE_CHANNEL)
+            .execute(&mut *connection)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn complete_fenced(&self, connection: &mut PgConnection, rows: &str) -> StoreResult<Vec<String>> {
+        sqlx::query_scalar(COMPLETE_FENCED)
+            .bind(rows)
+            .bind(self.db_clock)
+            .fetch_all(&mut *connection)
+            .await
+            .map_err(classify)
+    }
+
+    async fn upsert_responses(&self, connection: &mut PgConnection, rows: &str) -> StoreResult<()> {
+        sqlx::query(UPSERT_RESPONSES).bind(rows).execute(&mut *connection).await.map_err(classify)?;
+        Ok(())
+    }
+
+    async fn delete_responses(&self, connection: &mut PgConnection, ids: &str) -> StoreResult<()> {
+        sqlx::query(DELETE_RESPONSES).bind(ids).execute(&mut *connection).await.map_err(classify)?;
+        Ok(())
+    }
+
+    async fn insert_logs(&self, connection: &mut PgConnection, rows: &str) -> StoreResult<()> {
+        sqlx::query(LOCK_LOG_FUNCTIONS).bind(rows).execute(&mut *connection).await.map_err(classify)?;
+        sqlx::query(INSERT_LOGS).bind(rows).execute(&mut *connection).await.map_err(classify)?;
+        Ok(())
+    }
+
+    async fn apply_one(&self, connection: &mut PgConnection, op: &Op) -> StoreResult<Done> {
+        match op {
+            Op::Enqueue(_) | Op::Complete(_) => {
+                unreachable!("the writer applies enqueues and completions in groups")
+            }
+            Op::Release(op) => release(connection, op).await,
+            Op::Heartbeat(op) => heartbeat(connection, op, self.now(op.now)).await,
+            Op::RetryDead(op) => retry_dead(connection, op, self.now(op.now)).await,
+            Op::Purge(op) => purge(connection, op).await,
+            Op::Lease(op) => Ok(Done::Leased(lease(connection, op, self.now(op.now)).await?)),
+        }
+    }
+}
+
+// --- lease ---
+
+/// "Now" in every statement below: the caller's (`$1`), or the database's when that is NULL.
+const NOW: &str = "COALESCE($1::bigint, sluice_now_ms())";
+
+/// Each sweep changes at most `$2` rows that no one else holds locked, and repeats its conditions
+/// on the updated row, so a row another node changed meanwhile is judged on its newest version.
+fn sweep_statements() -> [String; 3] {
+    [
+        // Pending rows whose start window closed before they started.
+        format!(
+            "UPDATE invocations SET status = 'expired', finished_at = {NOW}, error_kind = 'expired'
+             WHERE id IN (SELECT id FROM invocations
+                          WHERE status IN ('queued', 'failed') AND deadline < {NOW}
+                          LIMIT $2 FOR UPDATE SKIP LOCKED)
+               AND status IN ('queued', 'failed') AND deadline < {NOW}"
+        ),
+        // Pending rows that grew too old to start.
+        format!(
+            "UPDATE invocations SET status = 'dead', finished_at = {NOW}, error_kind = 'max_age'
+             WHERE id IN (SELECT id FROM invocations
+                          WHERE status IN ('queued', 'failed') AND max_age_at < {NOW}
+                          LIMIT $2 FOR UPDATE SKIP LOCKED)
+               AND status IN ('queued', 'failed') AND max_age_at < {NOW}"
+        ),
+        // Running rows whose lease expired (see the SQLite store's RECLAIM_EXPIRED_LEASES).
+        format!(
+            "UPDATE invocations SET
+                 status = CASE
+                     WHEN deadline < {NOW} THEN 'expired'
+                     WHEN max_age_at < {NOW} OR attempts >= attempts_max THEN 'dead'
+                     ELSE 'failed' END,
+                 error_kind = CASE
+                     WHEN deadline < {NOW} THEN 'expired'
+                     WHEN max_age_at < {NOW} THEN 'max_age'
+                     WHEN attempts >= attempts_max THEN COALESCE(error_kind, 'lease_lost')
+                     ELSE 'lease_lost' END,
+                 finished_at = CASE
+                     WHEN deadline < {NOW} OR max_age_at < {NOW} OR attempts >= attempts_max THEN {NOW}
+                     ELSE NULL END,
+                 lease_owner = NULL,
+                 lease_expires_at = NULL
+             WHERE id IN (SELECT id FROM invocations
+                          WHERE status = 'running' AND lease_expires_at < {NOW}
+                          LIMIT $2 FOR UPDATE SKIP LOCKED)
+               AND status = 'running' AND lease_expires_at < {NOW}"
+        ),
+    ]
+}
+
+/// The lease: walks `invocations_runnable` in its order, skipping rows another node is leasing
+/// right now, and takes at most `$4`.
+fn lease_sql() -> String {
+    format!(
+        "WITH picked AS (
+             SELECT id FROM invocations
+             WHERE status IN ('queued', 'failed') AND run_after <= {NOW}
+             ORDER BY criticality, COALESCE(deadline, 9223372036854775807), run_after, id
+             LIMIT $4
+             FOR UPDATE SKIP LOCKED)
+         UPDATE invocations AS i SET
+             status = 'running',
+             attempts = i.attempts + 1,
+             lease_owner = $2,
+             lease_expires_at = {NOW} + $3,
+             started_at = COALESCE(i.started_at, {NOW})
+         FROM picked
+         WHERE i.id = picked.id
+         RETURNING i.id, i.tenant, i.function, i.version, i.request_method, i.request_path,
+                   i.request_headers, i.request_body, i.attempts, i.attempts_max, i.created_at,
+                   i.max_age_at, i.criticality, i.deadline, i.run_after"
+    )
+}
+
+/// Sweeps (each bounded, each its own transaction) and then leases. `now` is `None` to use the
+/// database's clock.
+pub(super) async fn lease(
+    connection: &mut PgConnection,
+    op: &LeaseOp,
+    now: Option<i64>,
+) -> StoreResult<Vec<Leased>> {
+    for statement in sweep_statements() {
+        sqlx::query(sqlx::AssertSqlSafe(statement))
+            .bind(now)
+            .bind(super::SWEEP_BATCH_MAX)
+            .execute(&mut *connection)
+            .await
+            .map_err(classify)?;
+    }
+    let found = sqlx::query(sqlx::AssertSqlSafe(lease_sql()))
+        .bind(now)
+        .bind(&op.owner)
+        .bind(op.lease_ms)
+        .bind(op.limit)
+        .fetch_all(&mut *connection)
+        .await
+        .map_err(classify)?;
+    // RETURNING yields rows in no promised order: sort them back into lease order.
+    let mut leased = found.iter().map(leased_from_row).collect::<StoreResult<Vec<_>>>()?;
+    leased.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(leased.into_iter().map(|(_, l)| l).collect())
+}
+
+// --- heartbeat, release, retry_dead, purge ---
+
+fn heartbeat_sql() -> String {
+    format!(
+        "UPDATE invocations AS i SET lease_expires_at = GREATEST(i.lease_expires_at, {NOW} + $4)
+         FROM jsonb_to_recordset($3::jsonb) AS l(id text, attempt bigint)
+         WHERE i.id = l.id AND i.attempts = l.attempt AND i.status = 'running' AND i.lease_owner = $2
+         RETURNING i.id, i.attempts"
+    )
+}
+
+async fn heartbeat(connection: &mut PgConnection, op: &HeartbeatOp, now: Option<i64>) -> StoreResult<Done> {
+    let held: HashSet<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(heartbeat_sql()))
+        .bind(now)
+        .bind(&op.owner)
+        .bind(&op.leases)
+        .bind(op.lease_ms)
+        .fetch_all(&mut *connection)
+        .await
+        .map_err(classify)?
+        .into_iter()
+        .collect();
+    Ok(Done::Heartbeat(
+        op.asked
+            .iter()
+            .filter(|(id, attempt)| !held.contains(&(id.clone(), i64::from(*attempt))))
+            .cloned()
+            .collect(),
+    ))
+}
+
+const RELEASE: &str = "
+    UPDATE invocations AS i SET
+        status = 'queued',
+        attempts = i.attempts - 1,
+        started_at = CASE WHEN i.attempts = 1 THEN NULL ELSE i.started_at END,
+        lease_owner = NULL,
+        lease_expires_at = NULL
+    FROM jsonb_to_recordset($2::jsonb) AS l(id text, attempt bigint)
+    WHERE i.id = l.id AND i.attempts = l.attempt AND i.status = 'running' AND i.lease_owner = $1";
+
+async fn release(connection: &mut PgConnection, op: &ReleaseOp) -> StoreResult<Done> {
+    sqlx::query(RELEASE).bind(&op.owner).bind(&op.leases).execute(&mut *connection).await.map_err(classify)?;
+    Ok(Done::Released)
+}
+
+fn retry_dead_sql() -> String {
+    format!(
+        "UPDATE invocations SET
+             status = 'queued',
+             attempts = 0,
+             run_after = {NOW},
+             deadline = NULL,
+             max_age_at = {NOW} + max_age_ms,
+             error_kind = NULL,
+             status_code = NULL,
+             started_at = NULL,
+             finished_at = NULL,
+             lease_owner = NULL,
+             lease_expires_at = NULL
+         WHERE id = $2 AND mode = 'async' AND status IN ('dead', 'expired')"
+    )
+}
+
+async fn retry_dead(connection: &mut PgConnection, op: &RetryDeadOp, now: Option<i64>) -> StoreResult<Done> {
+    let changed = sqlx::query(sqlx::AssertSqlSafe(retry_dead_sql()))
+        .bind(now)
+        .bind(&op.id)
+        .execute(&mut *connection)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+    if changed == 0 {
+        return Ok(Done::Retried(false));
+    }
+    // The old response belongs to an attempt of the previous life.
+    sqlx::query("DELETE FROM responses WHERE invocation_id = $1")
+        .bind(&op.id)
+        .execute(&mut *connection)
+        .await
+        .map_err(classify)?;
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(super::QUEUE_CHANNEL)
+        .execute(&mut *connection)
+        .await
+        .map_err(classify)?;
+    Ok(Done::Retried(true))
+}
+
+/// Log lines and responses go with their invocation (ON DELETE CASCADE).
+const PURGE_FINISHED: &str = "
+    DELETE FROM invocations WHERE id IN (
+        SELECT id FROM invocations
+        WHERE status IN ('succeeded', 'dead', 'expired') AND finished_at < $1
+        ORDER BY finished_at
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED)";
+
+const PURGE_KEYS: &str = "
+    DELETE FROM idempotency_keys WHERE (tenant, function, idempotency_key) IN (
+        SELECT tenant, function, idempotency_key FROM idempotency_keys
+        WHERE created_at <= $1 ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)";
+
+async fn purge(connection: &mut PgConnection, op: &PurgeOp) -> StoreResult<Done> {
+    let invocations = sqlx::query(PURGE_FINISHED)
+        .bind(op.cutoff)
+        .bind(op.limit)
+        .execute(&mut *connection)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+    let keys = sqlx::query(PURGE_KEYS)
+        .bind(op.keys_cutoff)
+        .bind(op.limit)
+        .execute(&mut *connection)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+    Ok(Done::Purged(invocations + keys))
+}

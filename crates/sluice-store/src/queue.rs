@@ -1,0 +1,860 @@
+//! The async queue's writer, shared by both stores: every queue write (enqueue, complete, and on
+//! SQLite also lease, heartbeat, release, retry_dead, purge) is an [`Op`] sent over a bounded
+//! channel to one task that owns one connection. The task takes everything that is waiting (up to
+//! [`WRITER_BATCH_OPS_MAX`] ops or [`WRITER_BATCH_BYTES_MAX`] bytes), applies it in a single
+//! transaction, and only then answers each op: one commit (one fsync) for the whole batch (group
+//! commit). While one batch is being committed the next one accumulates in the channel, so batches
+//! grow exactly as fast as load does, without a timer.
+//!
+//! A batch is applied kind by kind, each kind with a few multi-row statements over JSON arrays (a
+//! statement is a round trip, and a batch of 500 enqueues must not cost 500 of them). Within the
+//! transaction every kind runs under a savepoint; if it fails for a logical reason (a duplicate
+//! id, a violated check) the savepoint is rolled back and the kind is redone op by op, each under
+//! its own savepoint, so that one bad op fails alone. A failure of the database itself (disk
+//! full, I/O error, lock timeout, lost connection) fails the whole batch: every op gets the error
+//! and none is acknowledged.
+//!
+//! Ops in one batch were all in flight at the same time (a caller waits for its answer before it
+//! sends its next op), so applying them in any order is a valid serial order of the calls. The
+//! order chosen puts `lease` last, so that a lease sees the invocations enqueued beside it.
+//!
+//! What is backend-specific — the SQL, how a transaction starts — is a [`Backend`]. This module
+//! must not decide policy: the caller computes every timestamp it passes in, and the transitions
+//! are the ones `Store`'s documentation promises.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sluice_core::{LogStream, UnixMs};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{AttemptResult, Criticality, Enqueued, Leased, NewInvocation, StoreError, StoreResult, corrupt};
+
+/// Ops waiting for the writer. When the channel is full, callers wait for room (backpressure);
+/// nothing is dropped.
+pub const WRITER_QUEUE_OPS_MAX: usize = 4_096;
+/// Most ops in one transaction. Large enough that a batch amortizes its fsync over hundreds of
+/// calls, small enough that the first op of a batch is not kept waiting behind a long one.
+pub const WRITER_BATCH_OPS_MAX: usize = 512;
+/// Most encoded payload (request and response bodies, hex-encoded, plus log lines) in one
+/// transaction. An op larger than this still runs, alone.
+pub const WRITER_BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Sorts "no deadline" after every deadline; the same literal is in the lease indexes.
+pub(crate) const NO_DEADLINE: i64 = i64::MAX;
+
+/// A queue write, encoded by the caller (in the caller's task, so the writer only joins strings).
+pub(crate) enum Op {
+    Enqueue(EnqueueOp),
+    Complete(CompleteOp),
+    Release(ReleaseOp),
+    Heartbeat(HeartbeatOp),
+    RetryDead(RetryDeadOp),
+    Purge(PurgeOp),
+    Lease(LeaseOp),
+}
+
+/// The answer to an [`Op`], one variant per kind.
+#[derive(Debug)]
+pub(crate) enum Done {
+    Enqueued(Enqueued),
+    Completed(bool),
+    Released,
+    /// The leases (id, attempt) the owner no longer holds.
+    Heartbeat(Vec<(String, u32)>),
+    Retried(bool),
+    Purged(u64),
+    Leased(Vec<Leased>),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Enqueue,
+    Complete,
+    Release,
+    Heartbeat,
+    RetryDead,
+    Purge,
+    Lease,
+}
+
+impl Kind {
+    /// The order in which a batch applies its kinds (see the module documentation).
+    const ORDER: [Kind; 7] = [
+        Kind::Enqueue,
+        Kind::Complete,
+        Kind::Release,
+        Kind::Heartbeat,
+        Kind::RetryDead,
+        Kind::Purge,
+        Kind::Lease,
+    ];
+}
+
+impl Op {
+    fn kind(&self) -> Kind {
+        match self {
+            Op::Enqueue(_) => Kind::Enqueue,
+            Op::Complete(_) => Kind::Complete,
+            Op::Release(_) => Kind::Release,
+            Op::Heartbeat(_) => Kind::Heartbeat,
+            Op::RetryDead(_) => Kind::RetryDead,
+            Op::Purge(_) => Kind::Purge,
+            Op::Lease(_) => Kind::Lease,
+        }
+    }
+
+    /// Roughly what the op adds to the batch's statements, for [`WRITER_BATCH_BYTES_MAX`].
+    fn size_bytes(&self) -> usize {
+        const SMALL: usize = 256;
+        match self {
+            Op::Enqueue(op) => op.row.len(),
+            Op::Complete(op) => op.row.len() + op.response.as_ref().map_or(0, String::len) + op.logs.len(),
+            Op::Release(ReleaseOp { leases, .. }) | Op::Heartbeat(HeartbeatOp { leases, .. }) => {
+                SMALL + leases.len()
+            }
+            Op::RetryDead(_) | Op::Purge(_) | Op::Lease(_) => SMALL,
+        }
+    }
+}
+
+pub(crate) struct EnqueueOp {
+    pub id: String,
+    pub keyed: bool,
+    /// One JSON object, an element of the array the enqueue statements read.
+    pub row: String,
+}
+
+pub(crate) struct CompleteOp {
+    pub id: String,
+    /// The fencing check and the state change, one JSON object.
+    pub row: String,
+    /// The response to store, one JSON object; `None` deletes an earlier attempt's.
+    pub response: Option<String>,
+    /// Log lines as comma-separated JSON objects (possibly none).
+    pub logs: String,
+}
+
+pub(crate) struct ReleaseOp {
+    pub owner: String,
+    /// A JSON array of `{"id": …, "attempt": …}` objects.
+    pub leases: String,
+}
+
+pub(crate) struct HeartbeatOp {
+    pub owner: String,
+    /// A JSON array of `{"id": …, "attempt": …}` objects.
+    pub leases: String,
+    pub now: UnixMs,
+    pub lease_ms: i64,
+    pub asked: Vec<(String, u32)>,
+}
+
+pub(crate) struct RetryDeadOp {
+    pub id: String,
+    pub now: UnixMs,
+}
+
+pub(crate) struct PurgeOp {
+    pub cutoff: UnixMs,
+    /// Idempotency keys created at or before this are out of the window.
+    pub keys_cutoff: UnixMs,
+    pub limit: i64,
+}
+
+pub(crate) struct LeaseOp {
+    pub owner: String,
+    pub now: UnixMs,
+    pub lease_ms: i64,
+    pub limit: i64,
+}
+
+/// `(name, hex(value))`: header values are bytes, JSON strings are not.
+fn headers_to_json(headers: &[(String, Vec<u8>)]) -> Vec<(&str, String)> {
+    headers.iter().map(|(name, value)| (name.as_str(), hex::encode(value))).collect()
+}
+
+pub(crate) fn headers_from_json(text: &str) -> StoreResult<Vec<(String, Vec<u8>)>> {
+    let pairs: Vec<(String, String)> =
+        serde_json::from_str(text).map_err(|e| corrupt(format_args!("stored headers: {e}")))?;
+    pairs
+        .into_iter()
+        .map(|(name, value)| {
+            let value = hex::decode(&value).map_err(|e| corrupt(format_args!("header {name}: {e}")))?;
+            Ok((name, value))
+        })
+        .collect()
+}
+
+pub(crate) fn encode(what: &str, value: &impl serde::Serialize) -> StoreResult<String> {
+    serde_json::to_string(value).map_err(|e| StoreError::Other(format!("encoding {what}: {e}")))
+}
+
+pub(crate) fn to_i64(what: &str, value: u64) -> StoreResult<i64> {
+    i64::try_from(value).map_err(|_| StoreError::Other(format!("{what} {value} is out of range")))
+}
+
+impl EnqueueOp {
+    pub(crate) fn new(inv: &NewInvocation, created_at: UnixMs) -> StoreResult<Self> {
+        #[derive(serde::Serialize)]
+        struct Row<'a> {
+            id: &'a str,
+            tenant: &'a str,
+            function: &'a str,
+            version: i64,
+            method: &'a str,
+            path: &'a str,
+            headers: Vec<(&'a str, String)>,
+            body: String,
+            criticality: i64,
+            run_after: UnixMs,
+            deadline: Option<UnixMs>,
+            attempts_max: u32,
+            max_age_ms: i64,
+            max_age_at: UnixMs,
+            idempotency_key: Option<&'a str>,
+            created_at: UnixMs,
+        }
+        if inv.attempts_max == 0 {
+            return Err(StoreError::Other(format!(
+                "invocation {} has attempts_max 0: it could never run",
+                inv.id
+            )));
+        }
+        let max_age_ms = to_i64("max_age_ms", inv.max_age_ms)?;
+        let row = Row {
+            id: &inv.id,
+            tenant: &inv.tenant,
+            function: &inv.function,
+            version: inv.version,
+            method: &inv.request.method,
+            path: &inv.request.path_and_query,
+            headers: headers_to_json(&inv.request.headers),
+            body: hex::encode(&inv.request.body),
+            criticality: inv.criticality as i64,
+            run_after: inv.run_after,
+            deadline: inv.deadline,
+            attempts_max: inv.attempts_max,
+            max_age_ms,
+            max_age_at: created_at.saturating_add(max_age_ms),
+            idempotency_key: inv.idempotency_key.as_deref(),
+            created_at,
+        };
+        Ok(Self {
+            id: inv.id.clone(),
+            keyed: inv.idempotency_key.is_some(),
+            row: encode("invocation", &row)?,
+        })
+    }
+}
+
+#[derive(serde::Serialize)]
+struct ResponseRow<'a> {
+    invocation_id: &'a str,
+    status: u16,
+    headers: Vec<(&'a str, String)>,
+    body: String,
+}
+
+impl CompleteOp {
+    pub(crate) fn new(
+        id: &str,
+        owner: &str,
+        attempt: u32,
+        result: &AttemptResult,
+        logs: &[(LogStream, String, UnixMs)],
+        cpu_us: u64,
+        now: UnixMs,
+    ) -> StoreResult<Self> {
+        #[derive(serde::Serialize)]
+        struct Row<'a> {
+            id: &'a str,
+            owner: &'a str,
+            attempt: u32,
+            succeeded: bool,
+            status_code: Option<u16>,
+            error_kind: Option<&'a str>,
+            retry_at: Option<UnixMs>,
+            cpu_us: u64,
+            now: UnixMs,
+        }
+        #[derive(serde::Serialize)]
+        struct LogRow<'a> {
+            invocation_id: &'a str,
+            stream: &'static str,
+            line: &'a str,
+            at: UnixMs,
+        }
+        let (row, response) = match result {
+            AttemptResult::Succeeded { response } => (
+                Row {
+                    id,
+                    owner,
+                    attempt,
+                    succeeded: true,
+                    status_code: Some(response.status),
+                    error_kind: None,
+                    retry_at: None,
+                    cpu_us,
+                    now,
+                },
+                Some(response),
+            ),
+            AttemptResult::Failed { error_kind, status_code, response, retry_at } => (
+                Row {
+                    id,
+                    owner,
+                    attempt,
+                    succeeded: false,
+                    status_code: *status_code,
+                    error_kind: Some(error_kind),
+                    retry_at: *retry_at,
+                    cpu_us,
+                    now,
+                },
+                response.as_ref(),
+            ),
+        };
+        let response = response
+            .map(|r| {
+                encode(
+                    "response",
+                    &ResponseRow {
+                        invocation_id: id,
+                        status: r.status,
+                        headers: headers_to_json(&r.headers),
+                        body: hex::encode(&r.body),
+                    },
+                )
+            })
+            .transpose()?;
+        let logs = logs
+            .iter()
+            .map(|(stream, line, at)| {
+                encode("log line", &LogRow { invocation_id: id, stream: stream.as_str(), line, at: *at })
+            })
+            .collect::<StoreResult<Vec<_>>>()?
+            .join(",");
+        Ok(Self { id: id.to_owned(), row: encode("completion", &row)?, response, logs })
+    }
+}
+
+/// A JSON array of already-encoded elements.
+pub(crate) fn json_array<'a>(elements: impl IntoIterator<Item = &'a str>) -> String {
+    let mut out = String::from("[");
+    for element in elements.into_iter().filter(|e| !e.is_empty()) {
+        if out.len() > 1 {
+            out.push(',');
+        }
+        out.push_str(element);
+    }
+    out.push(']');
+    out
+}
+
+/// `[{"id": …, "attempt": …}, …]`: leases as the heartbeat and release statements read them.
+pub(crate) fn leases_json(leases: &[(String, u32)]) -> StoreResult<String> {
+    #[derive(serde::Serialize)]
+    struct Lease<'a> {
+        id: &'a str,
+        attempt: u32,
+    }
+    let leases: Vec<Lease<'_>> = leases.iter().map(|(id, attempt)| Lease { id, attempt: *attempt }).collect();
+    encode("leases", &leases)
+}
+
+pub(crate) fn criticality_from_i64(value: i64) -> StoreResult<Criticality> {
+    match value {
+        0 => Ok(Criticality::High),
+        1 => Ok(Criticality::Normal),
+        2 => Ok(Criticality::Low),
+        other => Err(corrupt(format_args!("criticality {other}"))),
+    }
+}
+
+// --- the backend ---
+
+/// What the writer needs from a database: a connection, transactions and savepoints, and the
+/// statements of each kind of op.
+#[async_trait::async_trait]
+pub(crate) trait Backend: Send + Sync + 'static {
+    type Conn: Send + 'static;
+    async fn connect(&self) -> StoreResult<Self::Conn>;
+    async fn close(&self, connection: Self::Conn);
+    /// Starts the batch's transaction (on SQLite holding the write lock from the start).
+    async fn begin(&self, connection: &mut Self::Conn) -> StoreResult<()>;
+    async fn commit(&self, connection: &mut Self::Conn) -> StoreResult<()>;
+    /// Runs SQL without parameters: savepoints.
+    async fn execute(&self, connection: &mut Self::Conn, sql: &'static str) -> StoreResult<()>;
+    /// Claims the idempotency keys of a JSON array of enqueue rows, first come first served in
+    /// array order: a key that is free, or whose holder is out of the window, passes to the row's
+    /// invocation; a key held within the window stays with its holder.
+    async fn claim_keys(&self, connection: &mut Self::Conn, rows: &str) -> StoreResult<()>;
+    /// Inserts the rows without a key and those that won theirs; returns how many.
+    async fn insert_queued(&self, connection: &mut Self::Conn, rows: &str) -> StoreResult<u64>;
+    /// `(position in the array, invocation id)` of who holds each keyed row's key now.
+    async fn key_holders(&self, connection: &mut Self::Conn, rows: &str) -> StoreResult<Vec<(i64, String)>>;
+    /// Tells idle nodes that invocations were queued (a notification sent at commit), if the
+    /// store has other nodes.
+    async fn announce_queued(&self, _connection: &mut Self::Conn) -> StoreResult<()> {
+        Ok(())
+    }
+    /// Records each completion of a JSON array whose lease still holds (status running, same
+    /// owner, same attempt: the fencing check); returns the ids it changed.
+    async fn complete_fenced(&self, connection: &mut Self::Conn, rows: &str) -> StoreResult<Vec<String>>;
+    async fn upsert_responses(&self, connection: &mut Self::Conn, rows: &str) -> StoreResult<()>;
+    async fn delete_responses(&self, connection: &mut Self::Conn, ids: &str) -> StoreResult<()>;
+    /// Inserts log lines in array order, so that `seq` follows it.
+    async fn insert_logs(&self, connection: &mut Self::Conn, rows: &str) -> StoreResult<()>;
+    /// One op of a rare kind (anything but enqueue and complete).
+    async fn apply_one(&self, connection: &mut Self::Conn, op: &Op) -> StoreResult<Done>;
+}
+
+async fn enqueue_many<B: Backend>(
+    backend: &B,
+    connection: &mut B::Conn,
+    ops: &[&EnqueueOp],
+) -> StoreResult<Vec<Done>> {
+    let rows = json_array(ops.iter().map(|op| op.row.as_str()));
+    let keyed = ops.iter().any(|op| op.keyed);
+    if keyed {
+        backend.claim_keys(connection, &rows).await?;
+    }
+    let inserted = backend.insert_queued(connection, &rows).await.map_err(|e| match e {
+        StoreError::Conflict(m) => StoreError::Conflict(format!("an invocation with this id exists: {m}")),
+        other => other,
+    })?;
+    let mut holders: HashMap<usize, String> = HashMap::new();
+    if keyed {
+        for (position, holder) in backend.key_holders(connection, &rows).await? {
+            let position = usize::try_from(position).expect("positions are array indices");
+            holders.insert(position, holder);
+        }
+    }
+    let done: Vec<Done> = ops
+        .iter()
+        .enumerate()
+        .map(|(position, op)| match holders.remove(&position) {
+            Some(holder) if holder != op.id => Done::Enqueued(Enqueued::Existing(holder)),
+            _ => Done::Enqueued(Enqueued::Created),
+        })
+        .collect();
+    let created = done.iter().filter(|d| matches!(d, Done::Enqueued(Enqueued::Created))).count();
+    if usize::try_from(inserted).ok() != Some(created) {
+        return Err(StoreError::Other(format!(
+            "enqueue inserted {inserted} rows for {created} new invocations"
+        )));
+    }
+    if created > 0 {
+        backend.announce_queued(connection).await?;
+    }
+    Ok(done)
+}
+
+async fn complete_many<B: Backend>(
+    backend: &B,
+    connection: &mut B::Conn,
+    ops: &[&CompleteOp],
+) -> StoreResult<Vec<Done>> {
+    let mut done: Vec<Option<Done>> = ops.iter().map(|_| None).collect();
+    let mut logs = Vec::new();
+    // Two completions of one invocation in one batch go in separate rounds, the first first: one
+    // multi-row UPDATE cannot tell which of two matching elements it applied.
+    let mut pending: Vec<usize> = (0..ops.len()).collect();
+    while !pending.is_empty() {
+        let mut ids = HashSet::new();
+        let (round, later): (Vec<usize>, Vec<usize>) =
+            pending.into_iter().partition(|&i| ids.insert(&ops[i].id));
+        let rows = json_array(round.iter().map(|&i| ops[i].row.as_str()));
+        let fenced: HashSet<String> = backend.complete_fenced(connection, &rows).await?.into_iter().collect();
+        let applied: Vec<&CompleteOp> =
+            round.iter().map(|&i| ops[i]).filter(|op| fenced.contains(&op.id)).collect();
+        let responses = json_array(applied.iter().filter_map(|op| op.response.as_deref()));
+        if responses != "[]" {
+            backend.upsert_responses(connection, &responses).await?;
+        }
+        let without: Vec<&str> =
+            applied.iter().filter(|op| op.response.is_none()).map(|op| op.id.as_str()).collect();
+        if !without.is_empty() {
+            backend.delete_responses(connection, &encode("ids", &without)?).await?;
+        }
+        logs.extend(applied.iter().map(|op| op.logs.as_str()));
+        for i in round {
+            done[i] = Some(Done::Completed(fenced.contains(&ops[i].id)));
+        }
+        pending = later;
+    }
+    // Last, so that a store that must lock to keep `seq` in commit order holds that lock only
+    // from here to the commit.
+    let logs = json_array(logs);
+    if logs != "[]" {
+        backend.insert_logs(connection, &logs).await?;
+    }
+    Ok(done.into_iter().map(|d| d.expect("every completion has a round")).collect())
+}
+
+// --- the writer task ---
+
+struct Request {
+    op: Op,
+    reply: oneshot::Sender<StoreResult<Done>>,
+}
+
+enum Message {
+    Op(Request),
+    /// Finish the batch in hand, close the connection and stop.
+    Close(oneshot::Sender<()>),
+}
+
+/// The handle every clone of a store shares. The writer stops when the last handle is dropped
+/// or [`Writer::close`] is called.
+#[derive(Clone)]
+pub(crate) struct Writer {
+    sender: mpsc::Sender<Message>,
+    commits: Arc<AtomicU64>,
+    /// The writer task, until someone takes it to watch it.
+    task: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+}
+
+fn closed() -> StoreError {
+    StoreError::Unavailable("the store is closed".into())
+}
+
+impl Writer {
+    /// Opens the writer's own connection (so that a store that cannot write fails at open, not at
+    /// its first enqueue) and starts the task on the current tokio runtime.
+    pub(crate) async fn start<B: Backend>(backend: B) -> StoreResult<Self> {
+        let connection = backend.connect().await?;
+        let (sender, receiver) = mpsc::channel(WRITER_QUEUE_OPS_MAX);
+        let commits = Arc::new(AtomicU64::new(0));
+        let task =
+            Task { receiver, backend, connection: Some(connection), commits: commits.clone(), carried: None };
+        let task = tokio::spawn(task.run());
+        Ok(Self { sender, commits, task: Arc::new(std::sync::Mutex::new(Some(task))) })
+    }
+
+    /// Sends `op` to the writer and waits for its answer, which comes after its batch committed.
+    pub(crate) async fn call(&self, op: Op) -> StoreResult<Done> {
+        let (reply, answer) = oneshot::channel();
+        self.sender.send(Message::Op(Request { op, reply })).await.map_err(|_| closed())?;
+        // A dropped reply means the writer stopped (closed) before it applied the op.
+        answer.await.map_err(|_| closed())?
+    }
+
+    pub(crate) async fn close(&self) {
+        let (done, finished) = oneshot::channel();
+        if self.sender.send(Message::Close(done)).await.is_ok() {
+            // An error here only means another clone closed the writer first.
+            let _ = finished.await;
+        }
+    }
+
+    pub(crate) fn take_task(&self) -> Option<tokio::task::JoinHandle<()>> {
+        self.task.lock().expect("writer task lock").take()
+    }
+
+    pub(crate) fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+}
+
+/// The `Store` calls that go through the writer, for both stores.
+impl Writer {
+    pub(crate) async fn enqueue(&self, inv: &NewInvocation, created_at: UnixMs) -> StoreResult<Enqueued> {
+        match self.call(Op::Enqueue(EnqueueOp::new(inv, created_at)?)).await? {
+            Done::Enqueued(enqueued) => Ok(enqueued),
+            other => unreachable!("the writer answered an enqueue with {other:?}"),
+        }
+    }
+
+    pub(crate) async fn lease(
+        &self,
+        owner: &str,
+        now: UnixMs,
+        lease_ms: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<Leased>> {
+        let op = LeaseOp {
+            owner: owner.to_owned(),
+            now,
+            lease_ms: to_i64("lease_ms", lease_ms)?,
+            limit: i64::from(limit),
+        };
+        match self.call(Op::Lease(op)).await? {
+            Done::Leased(leased) => Ok(leased),
+            other => unreachable!("the writer answered a lease with {other:?}"),
+        }
+    }
+
+    pub(crate) async fn heartbeat(
+        &self,
+        owner: &str,
+        leases: &[(String, u32)],
+        now: UnixMs,
+        lease_ms: u64,
+    ) -> StoreResult<Vec<(String, u32)>> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let op = HeartbeatOp {
+            owner: owner.to_owned(),
+            leases: leases_json(leases)?,
+            now,
+            lease_ms: to_i64("lease_ms", lease_ms)?,
+            asked: leases.to_vec(),
+        };
+        match self.call(Op::Heartbeat(op)).await? {
+            Done::Heartbeat(not_held) => Ok(not_held),
+            other => unreachable!("the writer answered a heartbeat with {other:?}"),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn complete(
+        &self,
+        id: &str,
+        owner: &str,
+        attempt: u32,
+        result: &AttemptResult,
+        logs: &[(LogStream, String, UnixMs)],
+        cpu_us: u64,
+        now: UnixMs,
+    ) -> StoreResult<bool> {
+        let op = CompleteOp::new(id, owner, attempt, result, logs, cpu_us, now)?;
+        match self.call(Op::Complete(op)).await? {
+            Done::Completed(applied) => Ok(applied),
+            other => unreachable!("the writer answered a completion with {other:?}"),
+        }
+    }
+
+    pub(crate) async fn release(&self, owner: &str, leases: &[(String, u32)]) -> StoreResult<()> {
+        if leases.is_empty() {
+            return Ok(());
+        }
+        let op = ReleaseOp { owner: owner.to_owned(), leases: leases_json(leases)? };
+        match self.call(Op::Release(op)).await? {
+            Done::Released => Ok(()),
+            other => unreachable!("the writer answered a release with {other:?}"),
+        }
+    }
+
+    pub(crate) async fn retry_dead(&self, id: &str, now: UnixMs) -> StoreResult<bool> {
+        match self.call(Op::RetryDead(RetryDeadOp { id: id.to_owned(), now })).await? {
+            Done::Retried(retried) => Ok(retried),
+            other => unreachable!("the writer answered a retry with {other:?}"),
+        }
+    }
+
+    /// Purges finished invocations before `cutoff` and idempotency keys created at or before
+    /// `keys_cutoff`.
+    pub(crate) async fn purge(&self, cutoff: UnixMs, keys_cutoff: UnixMs, limit: u32) -> StoreResult<u64> {
+        match self.call(Op::Purge(PurgeOp { cutoff, keys_cutoff, limit: i64::from(limit) })).await? {
+            Done::Purged(deleted) => Ok(deleted),
+            other => unreachable!("the writer answered a purge with {other:?}"),
+        }
+    }
+}
+
+struct Task<B: Backend> {
+    receiver: mpsc::Receiver<Message>,
+    backend: B,
+    /// `None` after a failed batch: the next batch reconnects, so a connection left in an
+    /// unknown state by an I/O error is never reused.
+    connection: Option<B::Conn>,
+    commits: Arc<AtomicU64>,
+    /// An op that did not fit in the previous batch.
+    carried: Option<Request>,
+}
+
+impl<B: Backend> Task<B> {
+    async fn run(mut self) {
+        loop {
+            let first = match self.carried.take() {
+                Some(request) => Message::Op(request),
+                None => match self.receiver.recv().await {
+                    Some(message) => message,
+                    None => break,
+                },
+            };
+            let mut batch = Vec::new();
+            let mut batch_bytes = 0;
+            let mut closing = None;
+            let mut next = Some(first);
+            while let Some(message) = next.take() {
+                match message {
+                    Message::Close(done) => closing = Some(done),
+                    Message::Op(request) => {
+                        let size = request.op.size_bytes();
+                        if !batch.is_empty() && batch_bytes + size > WRITER_BATCH_BYTES_MAX {
+                            self.carried = Some(request);
+                            break;
+                        }
+                        batch_bytes += size;
+                        batch.push(request);
+                    }
+                }
+                if closing.is_none() && batch.len() < WRITER_BATCH_OPS_MAX {
+                    next = self.receiver.try_recv().ok();
+                }
+            }
+            if !batch.is_empty() {
+                self.run_batch(batch).await;
+            }
+            if let Some(done) = closing {
+                // Ops still queued behind the close are dropped with their reply senders: their
+                // callers get "the store is closed", and nothing of theirs was written.
+                self.receiver.close();
+                self.carried = None;
+                if let Some(connection) = self.connection.take() {
+                    self.backend.close(connection).await;
+                }
+                let _ = done.send(());
+                return;
+            }
+        }
+        if let Some(connection) = self.connection.take() {
+            self.backend.close(connection).await;
+        }
+    }
+
+    async fn run_batch(&mut self, batch: Vec<Request>) {
+        let (ops, replies): (Vec<Op>, Vec<_>) = batch.into_iter().map(|r| (r.op, r.reply)).unzip();
+        let outcome = match self.connection.as_mut() {
+            Some(connection) => apply_batch(&self.backend, connection, &ops).await,
+            None => match self.backend.connect().await {
+                Ok(connection) => apply_batch(&self.backend, self.connection.insert(connection), &ops).await,
+                Err(e) => Err(e),
+            },
+        };
+        match outcome {
+            Ok(results) => {
+                self.commits.fetch_add(1, Ordering::Relaxed);
+                for (reply, result) in replies.into_iter().zip(results) {
+                    // The caller may have given up waiting; its op is committed all the same.
+                    let _ = reply.send(result);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(ops = ops.len(), %error, "queue write batch failed; none of it is acknowledged");
+                // Dropping the connection rolls back whatever the batch had begun.
+                self.connection = None;
+                for reply in replies {
+                    let _ = reply.send(Err(same_error(&error)));
+                }
+            }
+        }
+    }
+}
+
+/// The batch's error, once per op.
+fn same_error(error: &StoreError) -> StoreError {
+    match error {
+        StoreError::NotFound(m) => StoreError::NotFound(m.clone()),
+        StoreError::Conflict(m) => StoreError::Conflict(m.clone()),
+        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+        StoreError::Other(m) => StoreError::Other(m.clone()),
+    }
+}
+
+const SAVEPOINT: &str = "SAVEPOINT queue_group";
+const RELEASE_SAVEPOINT: &str = "RELEASE SAVEPOINT queue_group";
+/// Undoes everything since the savepoint and ends it. If the database already rolled back the
+/// whole transaction (SQLite does on some I/O errors), this fails and so does the batch.
+const ROLLBACK_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT queue_group";
+
+/// Applies `ops` in one transaction. `Ok` holds each op's own result, committed. `Err` means no op
+/// is acknowledged: the transaction was rolled back (or, if COMMIT itself failed with an I/O error,
+/// its fate is unknown; callers only ever retry what was not acknowledged, never the reverse).
+/// On `Err` the caller drops the connection, which rolls back what was begun.
+async fn apply_batch<B: Backend>(
+    backend: &B,
+    connection: &mut B::Conn,
+    ops: &[Op],
+) -> StoreResult<Vec<StoreResult<Done>>> {
+    backend.begin(connection).await?;
+    let mut results: Vec<Option<StoreResult<Done>>> = ops.iter().map(|_| None).collect();
+    for kind in Kind::ORDER {
+        let group: Vec<usize> = (0..ops.len()).filter(|&i| ops[i].kind() == kind).collect();
+        if group.is_empty() {
+            continue;
+        }
+        backend.execute(connection, SAVEPOINT).await?;
+        match apply_group(backend, connection, ops, &group).await {
+            Ok(done) => {
+                backend.execute(connection, RELEASE_SAVEPOINT).await?;
+                for (i, done) in group.into_iter().zip(done) {
+                    results[i] = Some(Ok(done));
+                }
+            }
+            Err(error @ StoreError::Unavailable(_)) => return Err(error),
+            Err(error) if group.len() == 1 => {
+                rollback_savepoint(backend, connection).await?;
+                results[group[0]] = Some(Err(error));
+            }
+            Err(error) => {
+                tracing::debug!(%error, ?kind, "a batched queue write failed; retrying its ops one by one");
+                rollback_savepoint(backend, connection).await?;
+                for i in group {
+                    backend.execute(connection, SAVEPOINT).await?;
+                    match apply_group(backend, connection, ops, &[i]).await {
+                        Ok(mut done) => {
+                            backend.execute(connection, RELEASE_SAVEPOINT).await?;
+                            results[i] = Some(Ok(done.pop().expect("one op, one answer")));
+                        }
+                        Err(error @ StoreError::Unavailable(_)) => return Err(error),
+                        Err(error) => {
+                            rollback_savepoint(backend, connection).await?;
+                            results[i] = Some(Err(error));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    backend.commit(connection).await?;
+    Ok(results.into_iter().map(|r| r.expect("every op of the batch has a result")).collect())
+}
+
+async fn rollback_savepoint<B: Backend>(backend: &B, connection: &mut B::Conn) -> StoreResult<()> {
+    backend.execute(connection, ROLLBACK_SAVEPOINT).await?;
+    backend.execute(connection, RELEASE_SAVEPOINT).await
+}
+
+/// Applies the ops at `indices` (all of one kind), returning their answers in the same order.
+async fn apply_group<B: Backend>(
+    backend: &B,
+    connection: &mut B::Conn,
+    ops: &[Op],
+    indices: &[usize],
+) -> StoreResult<Vec<Done>> {
+    match ops[indices[0]].kind() {
+        Kind::Enqueue => {
+            let enqueues: Vec<&EnqueueOp> = indices
+                .iter()
+                .map(|&i| match &ops[i] {
+                    Op::Enqueue(op) => op,
+                    _ => unreachable!("a group holds one kind of op"),
+                })
+                .collect();
+            enqueue_many(backend, connection, &enqueues).await
+        }
+        Kind::Complete => {
+            let completes: Vec<&CompleteOp> = indices
+                .iter()
+                .map(|&i| match &ops[i] {
+                    Op::Complete(op) => op,
+                    _ => unreachable!("a group holds one kind of op"),
+                })
+                .collect();
+            complete_many(backend, connection, &completes).await
+        }
+        // Rare ops (a few per node and second): one after the other.
+        _ => {
+            let mut done = Vec::with_capacity(indices.len());
+            for &i in indices {
+                done.push(backend.apply_one(connection, &ops[i]).await?);
+            }
+            Ok(done)
+        }
+    }
+}
