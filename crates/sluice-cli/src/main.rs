@@ -24,7 +24,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a node: serve functions over HTTP from an embedded store.
+    /// Run a node: serve functions over HTTP from an embedded store (or a shared PostgreSQL one).
     Serve(serve::ServeArgs),
     /// Upload a component and create a new version of a function.
     Deploy(deploy::DeployArgs),
@@ -43,6 +43,8 @@ enum Command {
     Keys(keys::KeysCommand),
     /// Show what the node holds and does: code cache, artifacts, CPU lanes (needs an admin key).
     Node(node::NodeArgs),
+    /// List the cluster's nodes with their health and load (needs an admin key).
+    Nodes(node::NodeArgs),
     /// List invocations, show one or its stored response, or re-drive a dead one.
     #[command(subcommand)]
     Invocations(invocations::InvocationsCommand),
@@ -64,6 +66,7 @@ fn main() {
                     Command::Keys(c) => keys::run(c).await,
                     Command::Invocations(c) => invocations::run(c).await,
                     Command::Node(a) => node::run(a).await,
+                    Command::Nodes(a) => node::run_nodes(a).await,
                     Command::Serve(_) => unreachable!("handled above"),
                 }
             })

@@ -1,4 +1,4 @@
-//! `sluice node`: what the node holds and does (admin key).
+//! `sluice node`: what the node holds and does; `sluice nodes`: the cluster (admin key).
 
 use reqwest::Method;
 use serde_json::Value;
@@ -57,5 +57,35 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         n("/lanes/demoted_total"),
         s("/lanes/slow_priority")
     );
+    Ok(())
+}
+
+pub async fn run_nodes(args: NodeArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.target)?;
+    let v = client.json(client.request(Method::GET, "/v1/nodes")).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let nodes = v.get("nodes").and_then(Value::as_array).cloned().unwrap_or_default();
+    println!(
+        "{:<24} {:<8} {:<24} {:>9} {:>11} {:>10} {:>8}",
+        "NODE", "HEALTH", "ADDRESS", "HEARTBEAT", "IN FLIGHT", "QUEUE LAG", "VERSION"
+    );
+    for n in &nodes {
+        let s = |k: &str| n.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+        let u = |k: &str| n.get(k).and_then(Value::as_u64).unwrap_or(0);
+        let this = if n.get("this").and_then(Value::as_bool) == Some(true) { "*" } else { "" };
+        println!(
+            "{:<24} {:<8} {:<24} {:>8}s {:>11} {:>8}ms {:>8}",
+            format!("{}{this}", s("id")),
+            s("health"),
+            s("address"),
+            n.get("heartbeat_age_ms").and_then(Value::as_i64).unwrap_or(0) / 1000,
+            format!("{}/{}", u("in_flight"), u("slots")),
+            u("queue_lag_ms"),
+            s("version"),
+        );
+    }
     Ok(())
 }

@@ -14,7 +14,7 @@ use sluice_core::units::{parse_bytes, parse_duration};
 use sluice_gateway::LaneConfig;
 use sluice_gateway::admission::Rate;
 use sluice_gateway::{Node, NodeConfig, Server};
-use sluice_store::{STORE_CALL_TIMEOUT, SqliteStore, Store, Timed};
+use sluice_store::{PostgresStore, STORE_CALL_TIMEOUT, SqliteStore, Store, Timed};
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
@@ -24,6 +24,11 @@ pub struct ServeArgs {
     /// Directory of the embedded store, the artifact cache and admin.token.
     #[arg(long, env = "SLUICE_DATA_DIR", default_value = "./.sluice")]
     pub data_dir: PathBuf,
+    /// Where the node keeps its state: `sqlite` (the embedded store in --data-dir) or a
+    /// PostgreSQL URL, `postgres://user@host:5432/db`, shared by every node of a cluster (each
+    /// node still keeps its compiled artifacts in its own --data-dir).
+    #[arg(long, env = "SLUICE_STORE", default_value = "sqlite")]
+    pub store: String,
     /// HTTP worker threads, each with its own runtime and socket. Default: one per core.
     #[arg(long)]
     pub workers: Option<usize>,
@@ -245,10 +250,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
-    let db = args.data_dir.join("sluice.db");
-    let sqlite = SqliteStore::open(&db).await.with_context(|| format!("opening {}", db.display()))?;
-    let store_writer = sqlite.take_writer_task();
-    let store: Arc<dyn Store> = Arc::new(Timed::new(sqlite, STORE_CALL_TIMEOUT));
+    let (store, store_writer) = open_store(&args).await?;
     if let Some(key) = sluice_node::bootstrap(&store, &args.data_dir).await? {
         eprintln!(
             "created tenant `default` and an admin API key (saved to {}):\n  {key}",
@@ -276,13 +278,13 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
         blob_grace: args.blob_grace,
         versions_kept: (args.versions_kept > 0).then_some(args.versions_kept),
     };
+    let addr = server.local_addr();
+    *node.public_url.write().expect("public url lock") = format!("http://{addr}");
     let tasks = sluice_node::Tasks::start(&node, upkeep);
     let supervisor = tasks.supervisor();
     if let Some(task) = store_writer {
         supervisor.watch("store writer", task);
     }
-    let addr = server.local_addr();
-    *node.public_url.write().expect("public url lock") = format!("http://{addr}");
     eprintln!(
         "sluice {} listening on http://{addr}/ (data: {}, {workers} workers)",
         env!("CARGO_PKG_VERSION"),
@@ -313,12 +315,47 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
     server.shutdown().await;
     tasks.stop_scheduler().await;
     node.recorder.flush().await;
+    tasks.mark_stopped().await;
     match failure {
         None => {
             eprintln!("sluice: stopped");
             Ok(())
         }
         Some(failure) => Err(anyhow::anyhow!("{failure}")),
+    }
+}
+
+/// Opens the store `--store` names, bounded by [`STORE_CALL_TIMEOUT`], and its queue writer's
+/// task for the supervisor.
+async fn open_store(args: &ServeArgs) -> anyhow::Result<(Arc<dyn Store>, Option<tokio::task::JoinHandle<()>>)> {
+    if args.store == "sqlite" {
+        let db = args.data_dir.join("sluice.db");
+        let sqlite = SqliteStore::open(&db).await.with_context(|| format!("opening {}", db.display()))?;
+        let writer = sqlite.take_writer_task();
+        return Ok((Arc::new(Timed::new(sqlite, STORE_CALL_TIMEOUT)), writer));
+    }
+    anyhow::ensure!(
+        args.store.starts_with("postgres://") || args.store.starts_with("postgresql://"),
+        "--store must be `sqlite` or a PostgreSQL URL (postgres://user@host:5432/db), got {:?}",
+        args.store
+    );
+    let postgres = PostgresStore::connect(&args.store)
+        .await
+        .with_context(|| format!("connecting to PostgreSQL at {}", redact_password(&args.store)))?;
+    let writer = postgres.take_writer_task();
+    Ok((Arc::new(Timed::new(postgres, STORE_CALL_TIMEOUT)), writer))
+}
+
+/// `url` with its password, if any, replaced by `***`: URLs end up in logs and error messages.
+fn redact_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else { return url.to_string() };
+    let authority_end = url[scheme_end..].find('/').map_or(url.len(), |i| scheme_end + i);
+    let authority = &url[scheme_end..authority_end];
+    match (authority.rfind('@'), authority.find(':')) {
+        (Some(at), Some(colon)) if colon < at => {
+            format!("{}{}:***{}", &url[..scheme_end], &authority[..colon], &url[scheme_end + at..])
+        }
+        _ => url.to_string(),
     }
 }
 
@@ -335,4 +372,16 @@ fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_password;
+
+    #[test]
+    fn passwords_are_redacted_from_store_urls() {
+        assert_eq!(redact_password("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(redact_password("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_password("postgres://h:5432/db"), "postgres://h:5432/db");
+    }
 }

@@ -134,6 +134,8 @@ pub struct Admission<C: Clock = DefaultClock> {
     sync_inflight: Arc<Gauge>,
     tenant_default: Option<Rate>,
     tenants: RwLock<HashMap<String, Arc<Bucket<C>>>>,
+    /// The tenants with a rate of their own, and that rate.
+    own_rates: RwLock<HashMap<String, Rate>>,
 }
 
 impl<C: Clock + Clone> Admission<C> {
@@ -144,6 +146,7 @@ impl<C: Clock + Clone> Admission<C> {
             sync_inflight: Arc::default(),
             tenant_default,
             tenants: RwLock::default(),
+            own_rates: RwLock::default(),
         }
     }
 
@@ -153,11 +156,32 @@ impl<C: Clock + Clone> Admission<C> {
 
     /// Sets (or, with `None`, removes) a tenant's own rate, replacing the node default.
     pub fn set_tenant_rate(&self, tenant: &str, rate: Option<Rate>) {
+        let mut own = self.own_rates.write().expect("own rates lock");
+        match rate {
+            Some(r) => own.insert(tenant.to_string(), r),
+            None => own.remove(tenant),
+        };
         let mut map = self.tenants.write().expect("tenant buckets lock");
         match rate.and_then(|r| Bucket::new("tenant", r, self.clock.clone())) {
             Some(b) => map.insert(tenant.to_string(), Arc::new(b)),
             None => map.remove(tenant),
         };
+    }
+
+    /// Makes `rates` the tenants' own rates: a tenant whose rate changed gets a new bucket, one
+    /// that lost its rate goes back to the default, and the others keep their buckets (and the
+    /// tokens they used), so reloading an unchanged list changes nothing.
+    pub fn replace_tenant_rates(&self, rates: &[(String, Rate)]) {
+        let current = self.own_rates.read().expect("own rates lock").clone();
+        let wanted: HashMap<&str, Rate> = rates.iter().map(|(t, r)| (t.as_str(), *r)).collect();
+        for tenant in current.keys().filter(|t| !wanted.contains_key(t.as_str())) {
+            self.set_tenant_rate(tenant, None);
+        }
+        for (tenant, rate) in wanted {
+            if current.get(tenant) != Some(&rate) {
+                self.set_tenant_rate(tenant, Some(rate));
+            }
+        }
     }
 
     fn tenant_bucket(&self, tenant: &str) -> Option<Arc<Bucket<C>>> {

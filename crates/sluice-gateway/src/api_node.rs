@@ -179,3 +179,85 @@ pub(crate) async fn tenant_usage(
         artifacts: artifacts.into(),
     }))
 }
+
+/// How often a node records its heartbeat in the store.
+pub const NODE_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(2);
+/// A node whose last heartbeat is older than this is `down`: it died or cannot reach the store.
+/// Its async invocations are taken over by the others when their leases lapse.
+pub const NODE_DOWN_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
+/// Nodes that have not heartbeated for this long are no longer listed.
+pub const NODES_LISTED_WITHIN: std::time::Duration = std::time::Duration::from_secs(24 * 60 * 60);
+
+/// One node of the cluster, as its heartbeats describe it.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct ClusterNode {
+    pub id: String,
+    /// Where its API answers.
+    pub address: String,
+    /// The sluice version it runs.
+    pub version: String,
+    /// `up`, `down` (no heartbeat for 10 s) or `stopped` (shut down cleanly).
+    pub health: String,
+    /// Whether this is the node that answered.
+    pub this: bool,
+    pub started_at: i64,
+    pub heartbeat_at: i64,
+    /// Milliseconds since its last heartbeat, by the store's clock.
+    pub heartbeat_age_ms: i64,
+    /// Async invocations it may run at once, and runs now.
+    pub slots: u32,
+    pub in_flight: u32,
+    /// How long the invocations it last leased had waited past their start time.
+    pub queue_lag_ms: u64,
+}
+
+/// The cluster's nodes.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct ClusterNodes {
+    pub nodes: Vec<ClusterNode>,
+}
+
+/// Every node that heartbeated in the last day (admin only), with its health.
+#[utoipa::path(
+    get,
+    path = "/v1/nodes",
+    tag = "node",
+    responses(
+        (status = 200, description = "The nodes", body = ClusterNodes),
+        (status = 403, description = "Not an admin key", body = ErrorBody),
+    )
+)]
+pub(crate) async fn list_nodes(State(node): State<Arc<Node>>, auth: Auth) -> ApiResult<Json<ClusterNodes>> {
+    if !auth.0.is_admin() {
+        return Err(admin_only("list the cluster's nodes").into());
+    }
+    let (records, now) = node.store.list_nodes(NODES_LISTED_WITHIN.as_millis() as u64).await?;
+    let down_after = NODE_DOWN_AFTER.as_millis() as i64;
+    let nodes = records
+        .into_iter()
+        .map(|r| {
+            let age = now.saturating_sub(r.heartbeat_at).max(0);
+            let health = if r.stopped_at.is_some() {
+                "stopped"
+            } else if age > down_after {
+                "down"
+            } else {
+                "up"
+            };
+            ClusterNode {
+                this: r.id == node.id,
+                id: r.id,
+                address: r.address,
+                version: r.version,
+                health: health.to_string(),
+                started_at: r.started_at,
+                heartbeat_at: r.heartbeat_at,
+                heartbeat_age_ms: age,
+                slots: r.slots,
+                in_flight: r.in_flight,
+                queue_lag_ms: r.queue_lag_ms,
+            }
+        })
+        .collect();
+    Ok(Json(ClusterNodes { nodes }))
+}

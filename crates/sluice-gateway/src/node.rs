@@ -184,6 +184,9 @@ impl KeyCache {
 }
 
 pub struct Node {
+    /// This node's identity: in its leases, its heartbeats and `GET /v1/nodes`. Unique per
+    /// process.
+    pub id: String,
     pub config: NodeConfig,
     pub store: Arc<dyn Store>,
     pub runtime: Arc<Runtime>,
@@ -223,6 +226,7 @@ impl Node {
             Recorder::start(store.clone(), config.limits.log_queue_max, config.limits.log_queue_bytes_max);
         let admission = Admission::new(Default::default(), config.sync_inflight_max, config.tenant_rate);
         let node = Arc::new(Self {
+            id: format!("{}-{}", std::process::id(), sluice_core::ids::short_id("node")),
             config,
             store,
             runtime,
@@ -238,9 +242,7 @@ impl Node {
             public_url: RwLock::new(String::new()),
         });
         node.reload_keys().await?;
-        for (tenant, per_sec, burst) in node.store.tenant_rates().await.map_err(store_error)? {
-            node.admission.set_tenant_rate(&tenant, Some(Rate { per_sec, burst }));
-        }
+        node.reload_rates().await?;
         for record in node.store.all_latest_versions().await.map_err(store_error)? {
             node.install(Deployed::new(record));
         }
@@ -315,12 +317,105 @@ impl Node {
         self.keys.reload(|| self.store.active_keys()).await.map_err(store_error)
     }
 
+    /// Makes the tenants' own rate limits those of the store.
+    pub async fn reload_rates(&self) -> Result<(), SluiceError> {
+        let rates: Vec<(String, Rate)> = self
+            .store
+            .tenant_rates()
+            .await
+            .map_err(store_error)?
+            .into_iter()
+            .map(|(tenant, per_sec, burst)| (tenant, Rate { per_sec, burst }))
+            .collect();
+        self.admission.replace_tenant_rates(&rates);
+        Ok(())
+    }
+
+    /// Follows a change another node made to `tenant/function`: installs its newest version once
+    /// this node has its code ready (loaded from this node's artifact, or fetched from the store
+    /// and compiled once), or uninstalls a deleted function. A version whose code this node cannot
+    /// prepare is not installed: the version before it keeps serving. Returns what it did.
+    pub async fn refresh_function(&self, tenant: &str, function: &str) -> Result<Refreshed, SluiceError> {
+        let latest = self.store.latest_version(tenant, function).await.map_err(store_error)?;
+        self.follow(tenant, function, latest).await
+    }
+
+    async fn follow(
+        &self,
+        tenant: &str,
+        function: &str,
+        latest: Option<VersionRecord>,
+    ) -> Result<Refreshed, SluiceError> {
+        let installed = self.function(tenant, function);
+        let Some(record) = latest else {
+            if installed.is_none() {
+                return Ok(Refreshed::Unchanged);
+            }
+            self.uninstall(tenant, function);
+            return Ok(Refreshed::Uninstalled);
+        };
+        let replaces = match &installed {
+            None => false,
+            Some(d) if d.record.version == record.version && d.record.created_at == record.created_at => {
+                return Ok(Refreshed::Unchanged);
+            }
+            Some(d) if d.record.version < record.version => false,
+            // A lower number is either a read older than this node's own install (ignored) or a
+            // function deleted and deployed anew, whose numbering restarted (installed instead).
+            Some(d) if d.record.created_at < record.created_at => true,
+            Some(_) => return Ok(Refreshed::Unchanged),
+        };
+        let deployed = Deployed::new(record);
+        self.code(&deployed.code_key).await?;
+        if replaces {
+            self.uninstall(tenant, function);
+        }
+        Ok(if self.install(deployed) { Refreshed::Installed } else { Refreshed::Unchanged })
+    }
+
+    /// Reloads everything another node may have changed: keys, rate limits and every function.
+    /// The backstop for notifications that were lost; returns how many functions changed.
+    pub async fn refresh_all(&self) -> Result<usize, SluiceError> {
+        self.reload_keys().await?;
+        self.reload_rates().await?;
+        let latest = self.store.all_latest_versions().await.map_err(store_error)?;
+        let mut listed: std::collections::HashSet<(String, String)> = Default::default();
+        let mut changed = 0;
+        for record in latest {
+            let (tenant, function) = (record.tenant.clone(), record.function.clone());
+            match self.follow(&tenant, &function, Some(record)).await {
+                Ok(Refreshed::Unchanged) => {}
+                Ok(_) => changed += 1,
+                Err(e) => tracing::warn!(%tenant, %function, error = %e, "a new version's code is not ready here; the previous version keeps serving"),
+            }
+            listed.insert((tenant, function));
+        }
+        // Installed here but not listed: deleted, or deployed after the list was read. Asked again.
+        for d in self.deployed() {
+            let (tenant, function) = (d.record.tenant.clone(), d.record.function.clone());
+            if !listed.contains(&(tenant.clone(), function.clone()))
+                && self.refresh_function(&tenant, &function).await? != Refreshed::Unchanged
+            {
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
     /// The principal of a presented key, by its hash. Only the cache is consulted, so a flood of
     /// bad keys costs a hash and a map lookup, never a database query.
     pub fn principal_for_key(&self, key: &str) -> Option<Arc<Principal>> {
         let hash = sluice_core::ids::hash_api_key(key);
         self.keys.get(&hash)
     }
+}
+
+/// What following a change did to a function on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refreshed {
+    Unchanged,
+    Installed,
+    Uninstalled,
 }
 
 fn principal(k: &KeyRecord) -> Principal {

@@ -18,7 +18,8 @@ use sluice_gateway::error::store_error;
 use sluice_gateway::{DEFAULT_TENANT, Node};
 use sluice_runtime::CodeKey;
 use sluice_scheduler::{Functions, Ready, Scheduler, SchedulerConfig};
-use sluice_store::{KeyRecord, Store};
+use sluice_gateway::api_node::NODE_HEARTBEAT;
+use sluice_store::{Change, KeyRecord, NodeRecord, Store};
 
 pub use supervisor::Supervisor;
 
@@ -42,6 +43,7 @@ pub struct Tasks {
     node: Arc<Node>,
     supervisor: Supervisor,
     scheduler: Mutex<Option<Scheduler>>,
+    started_at: sluice_core::UnixMs,
 }
 
 impl Tasks {
@@ -53,8 +55,15 @@ impl Tasks {
         if let Some(task) = node.take_recorder_task() {
             supervisor.watch("recorder", task);
         }
-        let tasks = Self { node: node.clone(), supervisor, scheduler: Mutex::new(None) };
+        let tasks = Self {
+            node: node.clone(),
+            supervisor,
+            scheduler: Mutex::new(None),
+            started_at: sluice_core::Clock::now_ms(&sluice_core::SystemClock),
+        };
         tasks.start_scheduler();
+        tasks.start_heartbeat();
+        tasks.start_cluster_sync();
         tasks.start_retention(upkeep.retention);
         tasks.start_gc(upkeep.blob_grace, upkeep.versions_kept);
         tasks.start_prepare_artifacts();
@@ -69,8 +78,7 @@ impl Tasks {
     /// [`Node::notify_scheduler`] when it queues one.
     fn start_scheduler(&self) {
         let node = &self.node;
-        let owner = format!("{}-{}", std::process::id(), sluice_core::ids::short_id("node"));
-        let mut config = SchedulerConfig::new(owner);
+        let mut config = SchedulerConfig::new(node.id.clone());
         config.inflight_max = node.config.async_inflight_max;
         config.lease_ms = node.config.lease_ms;
         config.heartbeat = Duration::from_millis(node.config.lease_ms / 3);
@@ -86,6 +94,63 @@ impl Tasks {
         );
         self.supervisor.watch_handle("scheduler", scheduler.task());
         *self.scheduler.lock().expect("scheduler lock") = Some(scheduler);
+    }
+
+    /// Starts the heartbeat that keeps this node's row in the registry (`GET /v1/nodes`) fresh.
+    /// A store that is down only delays it: the node keeps serving what it can.
+    fn start_heartbeat(&self) {
+        let stats = self.scheduler.lock().expect("scheduler lock").as_ref().map(|s| s.stats());
+        let tasks = Heartbeat { node: Arc::downgrade(&self.node), started_at: self.started_at, stats };
+        self.supervisor.spawn("heartbeat", async move {
+            let mut tick = tokio::time::interval(NODE_HEARTBEAT);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut failing = false;
+            loop {
+                tick.tick().await;
+                let Some(record) = tasks.record() else { return };
+                let Some(node) = tasks.node.upgrade() else { return };
+                match node.store.node_heartbeat(&record, false).await {
+                    Ok(()) if failing => {
+                        tracing::info!("node heartbeat recorded again");
+                        failing = false;
+                    }
+                    Ok(()) => {}
+                    Err(e) if !failing => {
+                        tracing::warn!(error = %e, "recording the node heartbeat failed; trying again");
+                        failing = true;
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+    }
+
+    /// On a store other nodes share, follows their changes: keys, rate limits and functions are
+    /// reloaded when a notification says they changed (and all of them every
+    /// [`CLUSTER_REFRESH`], and whenever notifications may have been lost), and queued work wakes
+    /// the scheduler.
+    fn start_cluster_sync(&self) {
+        let Some(mut changes) = self.node.store.changes() else { return };
+        let node = Arc::downgrade(&self.node);
+        self.supervisor.spawn("cluster sync", async move {
+            let mut refresh = tokio::time::interval(CLUSTER_REFRESH);
+            refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            refresh.tick().await; // the first tick is now; the node has just loaded everything
+            loop {
+                let change = tokio::select! {
+                    change = changes.recv() => match change {
+                        Ok(change) => change,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Change::Resync,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    },
+                    _ = refresh.tick() => Change::Resync,
+                };
+                let Some(node) = node.upgrade() else { return };
+                if let Err(e) = follow(&node, &change).await {
+                    tracing::warn!(?change, error = %e, "following a cluster change failed; the periodic refresh retries");
+                }
+            }
+        });
     }
 
     /// Starts the collector of unused blobs and artifacts (see [`gc`]).
@@ -158,6 +223,68 @@ impl Tasks {
             s.shutdown().await;
         }
     }
+
+    /// Marks this node stopped in the registry (after [`Tasks::stop_scheduler`]): the others show
+    /// it as `stopped`, not `down`.
+    pub async fn mark_stopped(&self) {
+        let heartbeat = Heartbeat { node: Arc::downgrade(&self.node), started_at: self.started_at, stats: None };
+        let Some(record) = heartbeat.record() else { return };
+        if let Err(e) = self.node.store.node_heartbeat(&record, true).await {
+            tracing::warn!(error = %e, "could not mark this node stopped; it will show as down");
+        }
+    }
+}
+
+/// How often a node of a cluster reloads keys, limits and functions whatever notifications said.
+pub const CLUSTER_REFRESH: Duration = Duration::from_secs(30);
+
+/// This node's row in the registry (what the heartbeat task needs, without keeping the node
+/// alive).
+struct Heartbeat {
+    node: Weak<Node>,
+    started_at: sluice_core::UnixMs,
+    stats: Option<Arc<sluice_scheduler::SchedulerStats>>,
+}
+
+impl Heartbeat {
+    fn record(&self) -> Option<NodeRecord> {
+        let node = self.node.upgrade()?;
+        let stats = self.stats.as_deref();
+        Some(NodeRecord {
+            id: node.id.clone(),
+            address: node.public_url.read().expect("public url lock").clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started_at: self.started_at,
+            heartbeat_at: 0,
+            stopped_at: None,
+            slots: u32::try_from(node.config.async_inflight_max).unwrap_or(u32::MAX),
+            in_flight: stats.map_or(0, |s| u32::try_from(s.in_flight()).unwrap_or(u32::MAX)),
+            queue_lag_ms: stats.map_or(0, |s| s.lag_ms()),
+        })
+    }
+}
+
+/// Brings this node's caches in line with one change another node made.
+async fn follow(node: &Node, change: &Change) -> Result<(), SluiceError> {
+    match change {
+        Change::Keys => node.reload_keys().await,
+        Change::Limits => node.reload_rates().await,
+        Change::Function { tenant, function } => node.refresh_function(tenant, function).await.map(|_| ()),
+        Change::Queue => {
+            node.notify_scheduler();
+            Ok(())
+        }
+        Change::Resync => {
+            let changed = node.refresh_all().await?;
+            if changed > 0 {
+                tracing::info!(changed, "functions changed by other nodes were followed on a full refresh");
+            }
+            // Work queued while notifications were lost is found by the next poll anyway; a wake
+            // costs one lease.
+            node.notify_scheduler();
+            Ok(())
+        }
+    }
 }
 
 /// The scheduler's view of the registry: the installed latest version, or an older version
@@ -199,7 +326,11 @@ pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 /// others (a copy, a restored backup, a careless chmod), with a warning.
 pub async fn bootstrap(store: &Arc<dyn Store>, data_dir: &Path) -> anyhow::Result<Option<String>> {
     if store.get_tenant(DEFAULT_TENANT).await?.is_none() && store.list_tenants().await?.is_empty() {
-        store.create_tenant(DEFAULT_TENANT).await?;
+        // Nodes of a cluster starting together on an empty database race to create it.
+        match store.create_tenant(DEFAULT_TENANT).await {
+            Ok(_) | Err(sluice_store::StoreError::Conflict(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     let path = data_dir.join(ADMIN_TOKEN_FILE);
     let key = if store.list_keys(None).await?.is_empty() {

@@ -7,6 +7,7 @@ mod admission;
 mod api;
 mod bounds;
 mod chaos;
+mod cluster;
 mod code;
 mod credentials;
 mod deploy;

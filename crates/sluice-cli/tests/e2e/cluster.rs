@@ -1,0 +1,276 @@
+//! Nodes sharing one PostgreSQL database: a deploy on one node runs on another, a key revoked on
+//! one is refused on another, the registry lists them, and a node whose database goes away keeps
+//! serving what it knows and recovers by itself.
+//!
+//! Needs `SLUICE_TEST_PG_URL` (CI sets it); each test creates its own database and drops it.
+//! Without it every test here passes after saying it skipped.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::harness::{Node, assert_error, guests};
+
+/// A database of its own on the test server, dropped (with its connections) at the end.
+pub struct PgDatabase {
+    admin_url: String,
+    pub name: String,
+    pub url: String,
+}
+
+impl PgDatabase {
+    /// `None`, after saying so, when `SLUICE_TEST_PG_URL` is not set.
+    pub fn create() -> Option<Self> {
+        let Ok(admin_url) = std::env::var("SLUICE_TEST_PG_URL") else {
+            eprintln!("skipped: SLUICE_TEST_PG_URL is not set, so there is no PostgreSQL to run a cluster on");
+            return None;
+        };
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let name = format!("sluice_e2e_{}_{}", std::process::id(), nanos % 1_000_000_000_000);
+        psql(&admin_url, &format!("CREATE DATABASE {name}"));
+        let base = admin_url.rsplit_once('/').map_or(admin_url.as_str(), |(base, _)| base);
+        let url = format!("{base}/{name}");
+        Some(Self { admin_url, name, url })
+    }
+
+    /// Runs SQL on this database.
+    pub fn sql(&self, sql: &str) -> String {
+        psql(&self.url, sql)
+    }
+
+    /// Terminates every connection to this database but the caller's: what a PostgreSQL restart
+    /// looks like to its clients.
+    pub fn terminate_connections(&self) -> usize {
+        let out = psql(
+            &self.admin_url,
+            &format!(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE datname = '{}' AND pid <> pg_backend_pid()",
+                self.name
+            ),
+        );
+        out.trim().parse().unwrap_or(0)
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args([&self.admin_url, "-qAtc", &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)])
+            .output();
+    }
+}
+
+fn psql(url: &str, sql: &str) -> String {
+    let out = Command::new("psql").args([url, "-qAtc", sql]).output().expect("running psql");
+    assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Starts a node of the cluster on `db`; nodes after the first get the first node's admin key.
+pub fn cluster_node(db: &PgDatabase, token: Option<&str>, extra: &[&str]) -> Node {
+    let mut args = vec!["--store", db.url.as_str()];
+    args.extend_from_slice(extra);
+    let mut node = Node::start(&args);
+    if let Some(token) = token {
+        node.token = token.to_string();
+    }
+    node
+}
+
+/// Calls `path` on `node` with `key` until the status is `want`; returns how long that took.
+fn until_status(node: &Node, key: &str, path: &str, want: u16, within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let status = node.client().get(format!("{}{path}", node.url)).bearer_auth(key).send().unwrap().status();
+        if status.as_u16() == want {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < within, "{path} on the other node still answers {status}, not {want}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_deploy_and_a_revoke_on_one_node_reach_the_other() {
+    let Some(db) = PgDatabase::create() else { return };
+    let one = cluster_node(&db, None, &[]);
+    let two = cluster_node(&db, Some(&one.token), &[]);
+    assert!(!two.dir.path().join("admin.token").exists(), "the second node made a key of its own");
+
+    one.deploy("hello", &guests().hello, &[]);
+    let deployed = until_status(&two, &two.token, "/fn/default/hello", 200, Duration::from_secs(5));
+    eprintln!("a deploy on node one ran on node two after {deployed:?}");
+
+    // A key made on one node works on the other; revoked on one, it is refused on the other.
+    let res = one
+        .client()
+        .post(format!("{}/v1/tenants/default/keys", one.url))
+        .bearer_auth(&one.token)
+        .json(&serde_json::json!({"scopes": ["invoke"]}))
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let created: serde_json::Value = res.json().unwrap();
+    let (key, id) = (created["key"].as_str().unwrap(), created["id"].as_str().unwrap());
+    until_status(&two, key, "/fn/default/hello", 200, Duration::from_secs(5));
+    let res = one.client().delete(format!("{}/v1/keys/{id}", one.url)).bearer_auth(&one.token).send().unwrap();
+    assert!(res.status().is_success(), "{}", res.status());
+    let revoked = until_status(&two, key, "/fn/default/hello", 401, Duration::from_secs(5));
+    eprintln!("a key revoked on node one was refused on node two after {revoked:?}");
+
+    // A new version deployed on the other node replaces the first everywhere; a delete removes it.
+    two.deploy("hello", &guests().testguest, &[]);
+    until_status(&one, &one.token, "/fn/default/hello/echo", 200, Duration::from_secs(5));
+    let (ok, out, err) = two.cli(&["functions", "delete", "hello"]);
+    assert!(ok, "{out}{err}");
+    until_status(&one, &one.token, "/fn/default/hello", 404, Duration::from_secs(5));
+
+    // The registry lists both, each once, and knows which one answered.
+    let nodes = two.wait_json("/v1/nodes", |v| v["nodes"].as_array().is_some_and(|n| n.len() == 2));
+    let nodes = nodes["nodes"].as_array().unwrap();
+    assert!(nodes.iter().all(|n| n["health"] == "up"), "{nodes:?}");
+    assert_eq!(nodes.iter().filter(|n| n["this"] == true).count(), 1);
+    let addresses: Vec<&str> = nodes.iter().map(|n| n["address"].as_str().unwrap()).collect();
+    assert!(addresses.contains(&one.url.as_str()) && addresses.contains(&two.url.as_str()), "{addresses:?}");
+}
+
+#[test]
+fn async_calls_accepted_by_one_node_run_and_a_stopped_node_says_so() {
+    let Some(db) = PgDatabase::create() else { return };
+    let mut one = cluster_node(&db, None, &[]);
+    let two = cluster_node(&db, Some(&one.token), &[]);
+    one.deploy("hello", &guests().hello, &[]);
+    until_status(&two, &two.token, "/fn/default/hello", 200, Duration::from_secs(5));
+    let ids: Vec<String> = (0..20)
+        .map(|i| {
+            let node = if i % 2 == 0 { &one } else { &two };
+            let res = node
+                .client()
+                .post(format!("{}/fn/default/hello", node.url))
+                .bearer_auth(&node.token)
+                .header("prefer", "respond-async")
+                .send()
+                .unwrap();
+            assert_eq!(res.status(), 202);
+            res.json::<serde_json::Value>().unwrap()["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    for id in &ids {
+        let v = two.wait_json(&format!("/v1/invocations/{id}"), |v| v["status"] == "succeeded");
+        assert_eq!(v["attempts"], 1);
+    }
+    // A clean stop shows as `stopped`, not `down`.
+    assert!(one.terminate().success());
+    let nodes = two.wait_json("/v1/nodes", |v| {
+        v["nodes"].as_array().is_some_and(|n| n.iter().any(|n| n["health"] == "stopped"))
+    });
+    assert_eq!(nodes["nodes"].as_array().unwrap().len(), 2);
+}
+
+/// A TCP proxy in front of PostgreSQL that can be cut (every connection closed, new ones refused
+/// at once) and restored: the database becoming unreachable, as the node sees it.
+struct Cuttable {
+    port: u16,
+    cut: Arc<AtomicBool>,
+    open: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Cuttable {
+    fn to(target: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (target, cut2, open2) = (target.to_string(), cut.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if cut2.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(&target) else { continue };
+                let mut open = open2.lock().unwrap();
+                open.push(client.try_clone().unwrap());
+                open.push(server.try_clone().unwrap());
+                drop(open);
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16 * 1024];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Self { port, cut, open }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for stream in self.open.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn without_its_database_a_node_serves_what_it_knows_refuses_async_calls_and_recovers() {
+    let Some(db) = PgDatabase::create() else { return };
+    let target = db.url.split('@').nth(1).and_then(|rest| rest.split('/').next()).expect("host:port in the URL");
+    let proxy = Cuttable::to(target);
+    let url = db.url.replacen(target, &format!("127.0.0.1:{}", proxy.port), 1);
+    let node = Node::start(&["--store", &url]);
+    node.deploy("hello", &guests().hello, &[]);
+    assert_eq!(node.get("/fn/default/hello").status(), 200);
+
+    proxy.cut();
+    for _ in 0..20 {
+        assert_eq!(node.get("/fn/default/hello").status(), 200, "sync calls of a known version keep working");
+    }
+    let started = Instant::now();
+    let res = node
+        .client()
+        .post(format!("{}/fn/default/hello", node.url))
+        .bearer_auth(&node.token)
+        .header("prefer", "respond-async")
+        .send()
+        .unwrap();
+    assert!(res.headers().contains_key("retry-after"), "{:?}", res.headers());
+    assert_error(res, 503, "unavailable");
+    assert!(started.elapsed() < Duration::from_secs(10), "the refusal took {:?}", started.elapsed());
+
+    proxy.restore();
+    // Recovers by itself: the next async call is accepted and runs.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let id = loop {
+        let res = node
+            .client()
+            .post(format!("{}/fn/default/hello", node.url))
+            .bearer_auth(&node.token)
+            .header("prefer", "respond-async")
+            .send()
+            .unwrap();
+        if res.status() == 202 {
+            break res.json::<serde_json::Value>().unwrap()["id"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "the node did not recover: {}", res.status());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    node.wait_json(&format!("/v1/invocations/{id}"), |v| v["status"] == "succeeded");
+}
