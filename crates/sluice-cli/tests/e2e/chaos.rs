@@ -9,8 +9,12 @@
 //! Duplicates are expected: a guest that ran but whose completion was not committed before the
 //! kill runs again once its lease is reclaimed (at-least-once execution).
 //!
-//! Short form (CI): `cargo test -p sluice-cli --test e2e chaos::short`.
-//! Long form: `scripts/chaos.sh [SECONDS]`.
+//! The cluster forms run three nodes on one PostgreSQL database (`SLUICE_TEST_PG_URL`), with the
+//! clients spread over them, and kill a random node each time; the `_pg` form also terminates
+//! every database connection now and then (what a PostgreSQL restart looks like to the nodes).
+//!
+//! Short forms (CI): `cargo test -p sluice-cli --test e2e chaos::short`.
+//! Long forms: `scripts/chaos.sh [SECONDS] [sqlite|cluster|cluster-pg]`.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -19,7 +23,19 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use crate::cluster::{PgDatabase, cluster_node};
 use crate::harness::{Node, guests};
+
+/// Where the chaos runs.
+#[derive(Clone, Copy)]
+enum Setup<'a> {
+    /// One node on its embedded store.
+    Single,
+    /// Three nodes on one PostgreSQL database; with `terminate`, connections are cut too.
+    Cluster { db: &'a PgDatabase, terminate: bool },
+}
+
+const CLUSTER_NODES: usize = 3;
 
 /// Counts each invocation id POSTed to it.
 fn recorder() -> (u16, Arc<Mutex<HashMap<String, u32>>>) {
@@ -94,31 +110,50 @@ struct Report {
     kills: usize,
 }
 
-fn run(seconds: u64, clients: usize) -> Report {
+fn run(seconds: u64, clients: usize, setup: Setup<'_>) -> Report {
     let (port, seen) = recorder();
-    let free = TcpListener::bind("127.0.0.1:0").unwrap();
-    let listen = free.local_addr().unwrap().to_string();
-    drop(free);
-    let mut node = Node::start(&["--outbound-allow-private", "--lease", "1s", "--shutdown-grace", "1s"]);
+    let args = ["--outbound-allow-private", "--lease", "1s", "--shutdown-grace", "1s"];
+    let mut nodes: Vec<Node> = match setup {
+        Setup::Single => vec![Node::start(&args)],
+        Setup::Cluster { db, .. } => {
+            let first = cluster_node(db, None, &args);
+            let token = first.token.clone();
+            let mut nodes = vec![first];
+            nodes.extend((1..CLUSTER_NODES).map(|_| cluster_node(db, Some(&token), &args)));
+            nodes
+        }
+    };
     // Restart once on a fixed port so clients keep one URL across the kills.
-    node.kill9();
-    node.listen = listen;
-    node.spawn();
-    node.deploy(
+    for node in &mut nodes {
+        let free = TcpListener::bind("127.0.0.1:0").unwrap();
+        let listen = free.local_addr().unwrap().to_string();
+        drop(free);
+        node.kill9();
+        node.listen = listen;
+        node.spawn();
+    }
+    let token = nodes[0].token.clone();
+    for node in &mut nodes {
+        node.token = token.clone();
+    }
+    nodes[0].deploy(
         "rec",
         &guests().testguest,
         &["--allow-outbound", &format!("127.0.0.1:{port}"), "--attempts", "10"],
     );
+    // Every node runs it before the load starts.
+    for node in &nodes {
+        node.wait_json("/v1/node", |v| v["functions"] == 1);
+    }
 
-    let url = Arc::new(RwLock::new(node.url.clone()));
-    let token = node.token.clone();
+    let urls = Arc::new(RwLock::new(nodes.iter().map(|n| n.url.clone()).collect::<Vec<_>>()));
     let stop = Arc::new(AtomicBool::new(false));
     let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
     let sent = Arc::new(AtomicUsize::new(0));
     let threads: Vec<_> = (0..clients)
         .map(|c| {
-            let (url, token, stop, acked, sent) =
-                (url.clone(), token.clone(), stop.clone(), acked.clone(), sent.clone());
+            let (urls, token, stop, acked, sent) =
+                (urls.clone(), token.clone(), stop.clone(), acked.clone(), sent.clone());
             std::thread::spawn(move || {
                 let client =
                     reqwest::blocking::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
@@ -129,8 +164,14 @@ fn run(seconds: u64, clients: usize) -> Report {
                     sent.fetch_add(1, Ordering::Relaxed);
                     // Retry the same logical call until it is acknowledged.
                     let give_up = Instant::now() + Duration::from_secs(30);
+                    // Each client starts at its own node and moves to the next when one fails.
+                    let mut which = c;
                     while Instant::now() < give_up {
-                        let base = url.read().unwrap().clone();
+                        let base = {
+                            let urls = urls.read().unwrap();
+                            urls[which % urls.len()].clone()
+                        };
+                        which += 1;
                         let res = client
                             .post(format!(
                                 "{base}/fn/default/rec/report?url=http%3A%2F%2F127.0.0.1%3A{port}%2Fseen"
@@ -162,14 +203,23 @@ fn run(seconds: u64, clients: usize) -> Report {
     };
     let end = Instant::now() + Duration::from_secs(seconds);
     let mut kills = 0;
+    let mut terminated = 0;
     while Instant::now() < end {
         std::thread::sleep(Duration::from_millis(300 + next() % 900));
-        node.kill9();
+        let victim = (next() % nodes.len() as u64) as usize;
+        if let Setup::Cluster { db, terminate: true } = setup
+            && next() % 2 == 0
+        {
+            terminated += db.terminate_connections();
+            continue;
+        }
+        nodes[victim].kill9();
         kills += 1;
         std::thread::sleep(Duration::from_millis(next() % 300));
-        node.spawn();
-        *url.write().unwrap() = node.url.clone();
+        nodes[victim].spawn();
+        urls.write().unwrap()[victim] = nodes[victim].url.clone();
     }
+    let node = &nodes[0];
     stop.store(true, Ordering::Relaxed);
     for t in threads {
         t.join().unwrap();
@@ -204,9 +254,11 @@ fn run(seconds: u64, clients: usize) -> Report {
         kills,
     };
     eprintln!(
-        "chaos: {seconds}s, {clients} clients, {} kills, {} calls sent\n\
+        "chaos: {seconds}s, {} node(s), {clients} clients, {} kills, {terminated} database connections \
+         terminated, {} calls sent\n\
          | acknowledged | completed | lost | duplicated | unexpected |\n\
          | {:>12} | {:>9} | {:>4} | {:>10} | {:>10} |",
+        nodes.len(),
         report.kills,
         sent.load(Ordering::Relaxed),
         report.acknowledged,
@@ -225,14 +277,43 @@ fn check(r: &Report) {
     assert_eq!(r.completed, r.acknowledged, "every acknowledged invocation succeeded");
 }
 
+fn long_seconds() -> u64 {
+    std::env::var("CHAOS_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(120)
+}
+
 #[test]
 fn short() {
-    check(&run(6, 4));
+    check(&run(6, 4, Setup::Single));
+}
+
+#[test]
+fn short_cluster() {
+    let Some(db) = PgDatabase::create() else { return };
+    check(&run(8, 6, Setup::Cluster { db: &db, terminate: false }));
+}
+
+#[test]
+fn short_cluster_pg() {
+    let Some(db) = PgDatabase::create() else { return };
+    check(&run(8, 6, Setup::Cluster { db: &db, terminate: true }));
 }
 
 #[test]
 #[ignore = "long form: scripts/chaos.sh [SECONDS]"]
 fn long() {
-    let seconds = std::env::var("CHAOS_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(120);
-    check(&run(seconds, 16));
+    check(&run(long_seconds(), 16, Setup::Single));
+}
+
+#[test]
+#[ignore = "long form: scripts/chaos.sh [SECONDS] cluster"]
+fn long_cluster() {
+    let Some(db) = PgDatabase::create() else { return };
+    check(&run(long_seconds(), 16, Setup::Cluster { db: &db, terminate: false }));
+}
+
+#[test]
+#[ignore = "long form: scripts/chaos.sh [SECONDS] cluster-pg"]
+fn long_cluster_pg() {
+    let Some(db) = PgDatabase::create() else { return };
+    check(&run(long_seconds(), 16, Setup::Cluster { db: &db, terminate: true }));
 }

@@ -36,11 +36,6 @@ impl PgDatabase {
         Some(Self { admin_url, name, url })
     }
 
-    /// Runs SQL on this database.
-    pub fn sql(&self, sql: &str) -> String {
-        psql(&self.url, sql)
-    }
-
     /// Terminates every connection to this database but the caller's: what a PostgreSQL restart
     /// looks like to its clients.
     pub fn terminate_connections(&self) -> usize {
