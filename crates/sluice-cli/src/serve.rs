@@ -282,7 +282,7 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
     *node.public_url.write().expect("public url lock") = format!("http://{addr}");
     let tasks = sluice_node::Tasks::start(&node, upkeep);
     let supervisor = tasks.supervisor();
-    if let Some(task) = store_writer {
+    for task in store_writer {
         supervisor.watch("store writer", task);
     }
     eprintln!(
@@ -325,13 +325,13 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
     }
 }
 
-/// Opens the store `--store` names, bounded by [`STORE_CALL_TIMEOUT`], and its queue writer's
-/// task for the supervisor.
-async fn open_store(args: &ServeArgs) -> anyhow::Result<(Arc<dyn Store>, Option<tokio::task::JoinHandle<()>>)> {
+/// Opens the store `--store` names, bounded by [`STORE_CALL_TIMEOUT`], and its queue writers'
+/// tasks for the supervisor.
+async fn open_store(args: &ServeArgs) -> anyhow::Result<(Arc<dyn Store>, Vec<tokio::task::JoinHandle<()>>)> {
     if args.store == "sqlite" {
         let db = args.data_dir.join("sluice.db");
         let sqlite = SqliteStore::open(&db).await.with_context(|| format!("opening {}", db.display()))?;
-        let writer = sqlite.take_writer_task();
+        let writer = sqlite.take_writer_task().into_iter().collect();
         return Ok((Arc::new(Timed::new(sqlite, STORE_CALL_TIMEOUT)), writer));
     }
     anyhow::ensure!(
@@ -342,8 +342,8 @@ async fn open_store(args: &ServeArgs) -> anyhow::Result<(Arc<dyn Store>, Option<
     let postgres = PostgresStore::connect(&args.store)
         .await
         .with_context(|| format!("connecting to PostgreSQL at {}", redact_password(&args.store)))?;
-    let writer = postgres.take_writer_task();
-    Ok((Arc::new(Timed::new(postgres, STORE_CALL_TIMEOUT)), writer))
+    let writers = postgres.take_writer_tasks();
+    Ok((Arc::new(Timed::new(postgres, STORE_CALL_TIMEOUT)), writers))
 }
 
 /// `url` with its password, if any, replaced by `***`: URLs end up in logs and error messages.

@@ -43,6 +43,10 @@ pub const POOL_CONNECTIONS_MAX: u32 = 16;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Rows each sweep of a lease changes at most (expired deadlines, old rows, lost leases).
 pub const SWEEP_BATCH_MAX: i64 = 1_000;
+/// A node sweeps before a lease at most this often (on the database's clock; on the caller's
+/// clock, before every lease, so tests see each transition at once). Leases pass over rows past
+/// their deadline or max age anyway; a lost lease is reclaimed up to this much later.
+pub const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 /// Most log lines one `function_logs` call returns, whatever `limit` the caller asks for.
 pub const FUNCTION_LOGS_LIMIT_MAX: u32 = 10_000;
 /// Most invocations one `list_invocations` call returns, whatever `limit` the caller asks for.
@@ -85,11 +89,17 @@ pub enum ClockSource {
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// Enqueues, group-committed on their own connection: a 202 does not wait behind a batch of
+    /// completions (PostgreSQL commits the two connections' transactions side by side).
+    enqueues: Writer,
+    /// Everything else the queue writes: completions, heartbeats, releases, re-drives, purges.
     writer: Writer,
     clock: Arc<dyn Clock>,
     source: ClockSource,
     changes: broadcast::Sender<Change>,
     listener: Arc<Listener>,
+    /// When this node last swept (see [`SWEEP_INTERVAL`]).
+    swept: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 impl fmt::Debug for PostgresStore {
@@ -131,36 +141,52 @@ impl PostgresStore {
             .await
             .map_err(classify)?;
         migrate(&pool, clock.now_ms()).await?;
-        let writer =
-            Writer::start(queue::Postgres { options, db_clock: source == ClockSource::Database }).await?;
+        let db_clock = source == ClockSource::Database;
+        let enqueues = Writer::start(queue::Postgres { options: options.clone(), db_clock }).await?;
+        let writer = Writer::start(queue::Postgres { options, db_clock }).await?;
         let (changes, _) = broadcast::channel(CHANGES_BUFFER);
         let mut listener = PgListener::connect_with(&pool).await.map_err(classify)?;
         listener.listen_all([CHANGES_CHANNEL, QUEUE_CHANNEL]).await.map_err(classify)?;
         let listener = Arc::new(Listener(tokio::spawn(listen(listener, changes.clone()))));
-        Ok(Self { pool, writer, clock, source, changes, listener })
+        Ok(Self { pool, enqueues, writer, clock, source, changes, listener, swept: Arc::default() })
     }
 
-    /// Closes the queue writer (after the batch it holds) and every connection.
+    /// Closes the queue writers (after the batches they hold) and every connection.
     pub async fn close(&self) {
+        self.enqueues.close().await;
         self.writer.close().await;
         self.listener.0.abort();
         self.pool.close().await;
     }
 
-    /// The queue writer's task, for the node to watch (see [`crate::SqliteStore::take_writer_task`]).
-    pub fn take_writer_task(&self) -> Option<tokio::task::JoinHandle<()>> {
-        self.writer.take_task()
+    /// The queue writers' tasks, for the node to watch (see
+    /// [`crate::SqliteStore::take_writer_task`]); empty after the first call.
+    pub fn take_writer_tasks(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        [self.enqueues.take_task(), self.writer.take_task()].into_iter().flatten().collect()
     }
 
-    /// How many group commits the queue writer has made.
+    /// How many group commits the queue writers have made.
     #[doc(hidden)]
     pub fn commits(&self) -> u64 {
-        self.writer.commits()
+        self.enqueues.commits() + self.writer.commits()
     }
 
     /// The `now` a statement binds: the caller's, or `None` for the database's clock.
     fn now(&self, caller: UnixMs) -> Option<UnixMs> {
         (self.source == ClockSource::Caller).then_some(caller)
+    }
+
+    /// Whether a lease should sweep first; claims the sweep if so.
+    fn sweep_due(&self) -> bool {
+        if self.source == ClockSource::Caller {
+            return true;
+        }
+        let mut swept = self.swept.lock().expect("sweep clock lock");
+        let due = swept.is_none_or(|at| at.elapsed() >= SWEEP_INTERVAL);
+        if due {
+            *swept = Some(std::time::Instant::now());
+        }
+        due
     }
 
     async fn begin(&self) -> StoreResult<Transaction<'static, Pg>> {
@@ -852,7 +878,7 @@ impl Store for PostgresStore {
     }
 
     async fn enqueue(&self, inv: &NewInvocation) -> StoreResult<Enqueued> {
-        self.writer.enqueue(inv, self.clock.now_ms()).await
+        self.enqueues.enqueue(inv, self.clock.now_ms()).await
     }
 
     async fn lease(&self, owner: &str, now: UnixMs, lease_ms: u64, limit: u32) -> StoreResult<Vec<Leased>> {
@@ -863,6 +889,9 @@ impl Store for PostgresStore {
             limit: i64::from(limit),
         };
         let mut connection = self.pool.acquire().await.map_err(classify)?;
+        if self.sweep_due() {
+            queue::sweep(&mut connection, self.now(now)).await?;
+        }
         queue::lease(&mut connection, &op, self.now(now)).await
     }
 

@@ -166,6 +166,57 @@ fn async_calls_accepted_by_one_node_run_and_a_stopped_node_says_so() {
     assert_eq!(nodes["nodes"].as_array().unwrap().len(), 2);
 }
 
+/// A rolling restart: SIGTERM on a node gives its running invocations back (the attempt not
+/// counted) and another node runs them at once, not after their leases lapse.
+#[test]
+fn a_node_stopped_with_sigterm_hands_its_work_to_the_others() {
+    let Some(db) = PgDatabase::create() else { return };
+    let mut one = cluster_node(&db, None, &["--shutdown-grace", "200ms", "--lease", "60s"]);
+    one.deploy("tg", &guests().testguest, &["--async-timeout", "60s"]);
+    let ids: Vec<String> = (0..4)
+        .map(|_| {
+            let res = one
+                .client()
+                .post(format!("{}/fn/default/tg/sleep?ms=4000", one.url))
+                .bearer_auth(&one.token)
+                .header("prefer", "respond-async")
+                .send()
+                .unwrap();
+            assert_eq!(res.status(), 202);
+            res.json::<serde_json::Value>().unwrap()["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    for id in &ids {
+        one.wait_json(&format!("/v1/invocations/{id}"), |v| v["status"] == "running");
+    }
+    let two = cluster_node(&db, Some(&one.token), &[]);
+    let stopped = Instant::now();
+    assert!(one.terminate().success());
+    for id in &ids {
+        let v = wait_long(&two, &format!("/v1/invocations/{id}"), |v| v["status"] == "succeeded");
+        assert_eq!(v["attempts"], 1, "a released attempt does not count: {v}");
+    }
+    let took = stopped.elapsed();
+    assert!(took < Duration::from_secs(30), "waited {took:?}: for the 60 s leases, not for the hand-over");
+    eprintln!("four 4 s invocations handed over and finished {took:?} after SIGTERM");
+}
+
+/// Polls `path` until `pred` holds, for up to a minute.
+fn wait_long(node: &Node, path: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let res = node.get(path);
+        if res.status().is_success() {
+            let v: serde_json::Value = res.json().unwrap();
+            if pred(&v) {
+                return v;
+            }
+        }
+        assert!(Instant::now() < deadline, "timed out waiting on {path}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A TCP proxy in front of PostgreSQL that can be cut (every connection closed, new ones refused
 /// at once) and restored: the database becoming unreachable, as the node sees it.
 struct Cuttable {

@@ -239,8 +239,13 @@ fn another_tenants_objects_answer_404_like_missing_ones_on_every_route_with_no_s
         object_routes.push(route(m, "/fn/{tenant}/{function}/{path}", Some(Body::Bytes(b"ping".to_vec()))));
     }
     // Routes about no tenant's objects: checked below, but listed so the coverage check is exact.
-    let other_routes =
-        [("GET", "/v1/tenants"), ("POST", "/v1/tenants"), ("GET", "/v1/openapi.json"), ("GET", "/v1/node")];
+    let other_routes = [
+        ("GET", "/v1/tenants"),
+        ("POST", "/v1/tenants"),
+        ("GET", "/v1/openapi.json"),
+        ("GET", "/v1/node"),
+        ("GET", "/v1/nodes"),
+    ];
 
     // Every route of the API is in this test: a new route must be added here.
     let covered: BTreeSet<(String, String)> = object_routes
@@ -290,6 +295,7 @@ fn another_tenants_objects_answer_404_like_missing_ones_on_every_route_with_no_s
     let res = a.send("POST", "/v1/tenants", Some(Body::Json(json!({ "name": "charlie" }))));
     assert_error(res, 403, "forbidden");
     assert_error(a.send("GET", "/v1/node", None), 403, "forbidden");
+    assert_error(a.send("GET", "/v1/nodes", None), 403, "forbidden");
     assert_eq!(node.client().get(format!("{}/v1/openapi.json", node.url)).send().unwrap().status(), 200);
 
     // No side effect: bravo's function, key, invocations and logs are as they were.

@@ -189,3 +189,16 @@ CREATE TRIGGER tenant_limits_changed AFTER INSERT OR UPDATE OR DELETE ON tenant_
     FOR EACH ROW EXECUTE FUNCTION sluice_notify_change();
 CREATE TRIGGER functions_changed AFTER INSERT OR UPDATE OR DELETE ON functions
     FOR EACH ROW EXECUTE FUNCTION sluice_notify_change();
+
+-- The queue rewrites its rows several times each (queued, running, finished): dead row versions
+-- and dead entries in the lease index pile up at thousands per second. Vacuum and analyze this
+-- table far more eagerly than PostgreSQL's defaults (20% of the table) would, so that a lease
+-- does not walk a growing run of dead index entries and the planner's row counts keep up with a
+-- queue that grows by tens of thousands of rows in seconds.
+ALTER TABLE invocations SET (
+    autovacuum_vacuum_scale_factor = 0.0,
+    autovacuum_vacuum_threshold = 5000,
+    autovacuum_analyze_scale_factor = 0.0,
+    autovacuum_analyze_threshold = 5000,
+    autovacuum_vacuum_cost_delay = 0
+);

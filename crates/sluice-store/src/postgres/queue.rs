@@ -206,12 +206,7 @@ impl Backend for Postgres {
 
     /// Delivered at commit, once per transaction (PostgreSQL folds equal notifications).
     async fn announce_queued(&self, connection: &mut PgConnection) -> StoreResult<()> {
-        sqlx::query("SELECT pg_notify($1, '')")
-            .bind(super::QUEUE_CHANNEL)
-            .execute(&mut *connection)
-            .await
-            .map_err(classify)?;
-        Ok(())
+        announce(connection).await
     }
 
     async fn complete_fenced(&self, connection: &mut PgConnection, rows: &str) -> StoreResult<Vec<String>> {
@@ -248,15 +243,21 @@ impl Backend for Postgres {
             Op::Heartbeat(op) => heartbeat(connection, op, self.now(op.now)).await,
             Op::RetryDead(op) => retry_dead(connection, op, self.now(op.now)).await,
             Op::Purge(op) => purge(connection, op).await,
-            Op::Lease(op) => Ok(Done::Leased(lease(connection, op, self.now(op.now)).await?)),
+            Op::Lease(op) => {
+                sweep(connection, self.now(op.now)).await?;
+                Ok(Done::Leased(lease(connection, op, self.now(op.now)).await?))
+            }
         }
     }
 }
 
 // --- lease ---
 
-/// "Now" in every statement below: the caller's (`$1`), or the database's when that is NULL.
-const NOW: &str = "COALESCE($1::bigint, sluice_now_ms())";
+/// "Now" in every statement below: the caller's (`$1`), or the database's when that is NULL. A
+/// scalar subquery, so that it is computed once per statement (an init plan) and can bound an
+/// index scan: `sluice_now_ms()` itself is volatile, and a volatile call in a condition would be
+/// evaluated per row and turn every sweep into a scan of the table.
+const NOW: &str = "(SELECT COALESCE($1::bigint, sluice_now_ms()))";
 
 /// Each sweep changes at most `$2` rows that no one else holds locked, and repeats its conditions
 /// on the updated row, so a row another node changed meanwhile is judged on its newest version.
@@ -304,7 +305,12 @@ fn sweep_statements() -> [String; 3] {
 }
 
 /// The lease: walks `invocations_runnable` in its order, skipping rows another node is leasing
-/// right now, and takes at most `$4`.
+/// right now, and takes at most `$4`. Rows past their deadline or max age are not leased even
+/// when no sweep has marked them yet (sweeps run at most every [`super::SWEEP_INTERVAL`]): that
+/// check is on the update, not the walk, so that no condition tempts the planner away from the
+/// index whose order is the lease's (with a table's statistics lagging behind a fast-growing
+/// queue, `max_age_at >= now` once made it pick `invocations_pending_age` and sort 80,000 rows
+/// per lease).
 fn lease_sql() -> String {
     format!(
         "WITH picked AS (
@@ -320,20 +326,16 @@ fn lease_sql() -> String {
              lease_expires_at = {NOW} + $3,
              started_at = COALESCE(i.started_at, {NOW})
          FROM picked
-         WHERE i.id = picked.id
+         WHERE i.id = picked.id AND (i.deadline IS NULL OR i.deadline >= {NOW}) AND i.max_age_at >= {NOW}
          RETURNING i.id, i.tenant, i.function, i.version, i.request_method, i.request_path,
                    i.request_headers, i.request_body, i.attempts, i.attempts_max, i.created_at,
                    i.max_age_at, i.criticality, i.deadline, i.run_after"
     )
 }
 
-/// Sweeps (each bounded, each its own transaction) and then leases. `now` is `None` to use the
-/// database's clock.
-pub(super) async fn lease(
-    connection: &mut PgConnection,
-    op: &LeaseOp,
-    now: Option<i64>,
-) -> StoreResult<Vec<Leased>> {
+/// Marks what expired, grew too old or lost its lease: each sweep bounded, each its own
+/// transaction. `now` is `None` to use the database's clock.
+pub(super) async fn sweep(connection: &mut PgConnection, now: Option<i64>) -> StoreResult<()> {
     for statement in sweep_statements() {
         sqlx::query(sqlx::AssertSqlSafe(statement))
             .bind(now)
@@ -342,6 +344,15 @@ pub(super) async fn lease(
             .await
             .map_err(classify)?;
     }
+    Ok(())
+}
+
+/// Leases (see [`lease_sql`]). `now` is `None` to use the database's clock.
+pub(super) async fn lease(
+    connection: &mut PgConnection,
+    op: &LeaseOp,
+    now: Option<i64>,
+) -> StoreResult<Vec<Leased>> {
     let found = sqlx::query(sqlx::AssertSqlSafe(lease_sql()))
         .bind(now)
         .bind(&op.owner)
@@ -397,9 +408,23 @@ const RELEASE: &str = "
     FROM jsonb_to_recordset($2::jsonb) AS l(id text, attempt bigint)
     WHERE i.id = l.id AND i.attempts = l.attempt AND i.status = 'running' AND i.lease_owner = $1";
 
+/// Given back (a node shutting down): the other nodes hear of it at once, not at their next poll.
 async fn release(connection: &mut PgConnection, op: &ReleaseOp) -> StoreResult<Done> {
-    sqlx::query(RELEASE).bind(&op.owner).bind(&op.leases).execute(&mut *connection).await.map_err(classify)?;
+    let released =
+        sqlx::query(RELEASE).bind(&op.owner).bind(&op.leases).execute(&mut *connection).await.map_err(classify)?;
+    if released.rows_affected() > 0 {
+        announce(connection).await?;
+    }
     Ok(Done::Released)
+}
+
+async fn announce(connection: &mut PgConnection) -> StoreResult<()> {
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(super::QUEUE_CHANNEL)
+        .execute(&mut *connection)
+        .await
+        .map_err(classify)?;
+    Ok(())
 }
 
 fn retry_dead_sql() -> String {
@@ -437,11 +462,7 @@ async fn retry_dead(connection: &mut PgConnection, op: &RetryDeadOp, now: Option
         .execute(&mut *connection)
         .await
         .map_err(classify)?;
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(super::QUEUE_CHANNEL)
-        .execute(&mut *connection)
-        .await
-        .map_err(classify)?;
+    announce(connection).await?;
     Ok(Done::Retried(true))
 }
 
