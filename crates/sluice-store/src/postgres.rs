@@ -142,6 +142,15 @@ impl PostgresStore {
             .map_err(classify)?;
         migrate(&pool, clock.now_ms()).await?;
         let db_clock = source == ClockSource::Database;
+        // Every statement of the writers finds its rows by key. Their plans must not depend on
+        // statistics, which lag far behind a queue table that grows by thousands of rows a
+        // second: planned while the table looked small, a join of a batch with `invocations`
+        // became a hash join over a scan of the whole table, and stayed one as it grew.
+        let options = options.options([
+            ("enable_seqscan", "off"),
+            ("enable_hashjoin", "off"),
+            ("enable_mergejoin", "off"),
+        ]);
         let enqueues = Writer::start(queue::Postgres { options: options.clone(), db_clock }).await?;
         let writer = Writer::start(queue::Postgres { options, db_clock }).await?;
         let (changes, _) = broadcast::channel(CHANGES_BUFFER);
