@@ -386,7 +386,9 @@ impl Node {
             match self.follow(&tenant, &function, Some(record)).await {
                 Ok(Refreshed::Unchanged) => {}
                 Ok(_) => changed += 1,
-                Err(e) => tracing::warn!(%tenant, %function, error = %e, "a new version's code is not ready here; the previous version keeps serving"),
+                Err(e) => {
+                    tracing::warn!(%tenant, %function, error = %e, "a new version's code is not ready here; the previous version keeps serving")
+                }
             }
             listed.insert((tenant, function));
         }

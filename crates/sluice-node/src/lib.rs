@@ -14,11 +14,11 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use sluice_core::{Scope, SluiceError};
+use sluice_gateway::api_node::NODE_HEARTBEAT;
 use sluice_gateway::error::store_error;
 use sluice_gateway::{DEFAULT_TENANT, Node};
 use sluice_runtime::CodeKey;
 use sluice_scheduler::{Functions, Ready, Scheduler, SchedulerConfig};
-use sluice_gateway::api_node::NODE_HEARTBEAT;
 use sluice_store::{Change, KeyRecord, NodeRecord, Store};
 
 pub use supervisor::Supervisor;
@@ -227,7 +227,8 @@ impl Tasks {
     /// Marks this node stopped in the registry (after [`Tasks::stop_scheduler`]): the others show
     /// it as `stopped`, not `down`.
     pub async fn mark_stopped(&self) {
-        let heartbeat = Heartbeat { node: Arc::downgrade(&self.node), started_at: self.started_at, stats: None };
+        let heartbeat =
+            Heartbeat { node: Arc::downgrade(&self.node), started_at: self.started_at, stats: None };
         let Some(record) = heartbeat.record() else { return };
         if let Err(e) = self.node.store.node_heartbeat(&record, true).await {
             tracing::warn!(error = %e, "could not mark this node stopped; it will show as down");

@@ -8,8 +8,8 @@ use sqlx::sqlite::SqliteRow;
 
 use crate::queue::{NO_DEADLINE, criticality_from_i64, headers_from_json};
 use crate::{
-    Leased, StoredRequest, StoredResponse, FunctionSummary, Invocation, InvocationStatus, KeyRecord, LogLine, LogStream, NodeRecord, StoreError,
-    StoreResult, SyncRecord, Tenant, VersionRecord, corrupt,
+    FunctionSummary, Invocation, InvocationStatus, KeyRecord, Leased, LogLine, LogStream, NodeRecord,
+    StoreError, StoreResult, StoredRequest, StoredResponse, SyncRecord, Tenant, VersionRecord, corrupt,
 };
 
 /// A row from which a column of type `T` can be read.
@@ -216,7 +216,6 @@ struct SyncLogRow<'a> {
     at: UnixMs,
 }
 
-
 /// A batch of sync records as two JSON arrays: the invocations and their log lines, in order.
 pub(crate) fn sync_batch_json(batch: &[SyncRecord]) -> StoreResult<(String, String)> {
     for record in batch {
@@ -304,7 +303,6 @@ pub(crate) fn leased_from_row(row: &impl StoreRow) -> StoreResult<((i64, i64, i6
     let order = (criticality, deadline.unwrap_or(NO_DEADLINE), run_after, id);
     Ok((order, leased))
 }
-
 
 pub(crate) fn response_from_row(row: &impl StoreRow) -> StoreResult<StoredResponse> {
     let status: i64 = get(row, "status")?;

@@ -26,13 +26,14 @@ use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 
 use crate::queue::Writer;
 use crate::rows::{
-    config_to_json, sync_batch_json, get, invocation_from_row, key_from_row, log_line_from_row,
-    node_from_row, response_from_row, rows, scopes_to_text, summary_from_row, tenant_from_row, version_from_row,
+    config_to_json, get, invocation_from_row, key_from_row, log_line_from_row, node_from_row,
+    response_from_row, rows, scopes_to_text, summary_from_row, sync_batch_json, tenant_from_row,
+    version_from_row,
 };
 use crate::{
-    AttemptResult, Enqueued, FunctionSummary, IDEMPOTENCY_WINDOW_MS, Invocation, InvocationFilter,
-    KeyRecord, Leased, LogLine, LogStream, NewInvocation, NodeRecord, Store, StoreError,
-    StoreResult, StoredResponse, SyncRecord, Tenant, TenantStorage, VersionRecord, corrupt,
+    AttemptResult, Enqueued, FunctionSummary, IDEMPOTENCY_WINDOW_MS, Invocation, InvocationFilter, KeyRecord,
+    Leased, LogLine, LogStream, NewInvocation, NodeRecord, Store, StoreError, StoreResult, StoredResponse,
+    SyncRecord, Tenant, TenantStorage, VersionRecord, corrupt,
 };
 
 mod queue;
@@ -932,7 +933,6 @@ impl Store for SqliteStore {
         Ok((rows(found, node_from_row)?, now))
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -17,9 +17,9 @@ use std::time::Duration;
 use sluice_core::{FunctionConfig, UnixMs};
 
 use crate::{
-    AttemptResult, Change, NodeRecord, Enqueued, FunctionSummary, Invocation, InvocationFilter, KeyRecord, Leased, LogLine,
-    LogStream, NewInvocation, Store, StoreError, StoreResult, StoredResponse, SyncRecord, Tenant,
-    TenantStorage, VersionRecord,
+    AttemptResult, Change, Enqueued, FunctionSummary, Invocation, InvocationFilter, KeyRecord, Leased,
+    LogLine, LogStream, NewInvocation, NodeRecord, Store, StoreError, StoreResult, StoredResponse,
+    SyncRecord, Tenant, TenantStorage, VersionRecord,
 };
 
 /// The longest any store call may take. Longer than the SQLite store's own bounds

@@ -25,7 +25,9 @@ impl PgDatabase {
     /// `None`, after saying so, when `SLUICE_TEST_PG_URL` is not set.
     pub fn create() -> Option<Self> {
         let Ok(admin_url) = std::env::var("SLUICE_TEST_PG_URL") else {
-            eprintln!("skipped: SLUICE_TEST_PG_URL is not set, so there is no PostgreSQL to run a cluster on");
+            eprintln!(
+                "skipped: SLUICE_TEST_PG_URL is not set, so there is no PostgreSQL to run a cluster on"
+            );
             return None;
         };
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
@@ -80,7 +82,8 @@ pub fn cluster_node(db: &PgDatabase, token: Option<&str>, extra: &[&str]) -> Nod
 fn until_status(node: &Node, key: &str, path: &str, want: u16, within: Duration) -> Duration {
     let started = Instant::now();
     loop {
-        let status = node.client().get(format!("{}{path}", node.url)).bearer_auth(key).send().unwrap().status();
+        let status =
+            node.client().get(format!("{}{path}", node.url)).bearer_auth(key).send().unwrap().status();
         if status.as_u16() == want {
             return started.elapsed();
         }
@@ -112,7 +115,8 @@ fn a_deploy_and_a_revoke_on_one_node_reach_the_other() {
     let created: serde_json::Value = res.json().unwrap();
     let (key, id) = (created["key"].as_str().unwrap(), created["id"].as_str().unwrap());
     until_status(&two, key, "/fn/default/hello", 200, Duration::from_secs(5));
-    let res = one.client().delete(format!("{}/v1/keys/{id}", one.url)).bearer_auth(&one.token).send().unwrap();
+    let res =
+        one.client().delete(format!("{}/v1/keys/{id}", one.url)).bearer_auth(&one.token).send().unwrap();
     assert!(res.status().is_success(), "{}", res.status());
     let revoked = until_status(&two, key, "/fn/default/hello", 401, Duration::from_secs(5));
     eprintln!("a key revoked on node one was refused on node two after {revoked:?}");
@@ -244,10 +248,9 @@ impl Cuttable {
                 open.push(client.try_clone().unwrap());
                 open.push(server.try_clone().unwrap());
                 drop(open);
-                for (mut from, mut to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
-                ] {
+                for (mut from, mut to) in
+                    [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
+                {
                     std::thread::spawn(move || {
                         let mut buf = [0u8; 16 * 1024];
                         while let Ok(n) = from.read(&mut buf) {
@@ -278,7 +281,8 @@ impl Cuttable {
 #[test]
 fn without_its_database_a_node_serves_what_it_knows_refuses_async_calls_and_recovers() {
     let Some(db) = PgDatabase::create() else { return };
-    let target = db.url.split('@').nth(1).and_then(|rest| rest.split('/').next()).expect("host:port in the URL");
+    let target =
+        db.url.split('@').nth(1).and_then(|rest| rest.split('/').next()).expect("host:port in the URL");
     let proxy = Cuttable::to(target);
     let url = db.url.replacen(target, &format!("127.0.0.1:{}", proxy.port), 1);
     let node = Node::start(&["--store", &url]);

@@ -196,7 +196,11 @@ impl Backend for Postgres {
             .rows_affected())
     }
 
-    async fn key_holders(&self, connection: &mut PgConnection, rows: &str) -> StoreResult<Vec<(i64, String)>> {
+    async fn key_holders(
+        &self,
+        connection: &mut PgConnection,
+        rows: &str,
+    ) -> StoreResult<Vec<(i64, String)>> {
         sqlx::query_as(sqlx::AssertSqlSafe(key_holders_sql()))
             .bind(rows)
             .fetch_all(&mut *connection)
@@ -410,8 +414,12 @@ const RELEASE: &str = "
 
 /// Given back (a node shutting down): the other nodes hear of it at once, not at their next poll.
 async fn release(connection: &mut PgConnection, op: &ReleaseOp) -> StoreResult<Done> {
-    let released =
-        sqlx::query(RELEASE).bind(&op.owner).bind(&op.leases).execute(&mut *connection).await.map_err(classify)?;
+    let released = sqlx::query(RELEASE)
+        .bind(&op.owner)
+        .bind(&op.leases)
+        .execute(&mut *connection)
+        .await
+        .map_err(classify)?;
     if released.rows_affected() > 0 {
         announce(connection).await?;
     }

@@ -11,10 +11,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 use sqlx::{ConnectOptions, Connection};
 
 use super::classify;
+use crate::queue::{Backend, Done, HeartbeatOp, LeaseOp, Op, PurgeOp, ReleaseOp, RetryDeadOp};
 use crate::rows::leased_from_row;
-use crate::queue::{
-    Backend, Done, HeartbeatOp, LeaseOp, Op, PurgeOp, ReleaseOp, RetryDeadOp,
-};
 use crate::{IDEMPOTENCY_WINDOW_MS, StoreResult};
 
 /// The writer's connection to the database file, opened with the pool's options: its commits must
@@ -58,14 +56,27 @@ impl Backend for Sqlite {
     }
 
     async fn insert_queued(&self, connection: &mut SqliteConnection, rows: &str) -> StoreResult<u64> {
-        Ok(sqlx::query(INSERT_QUEUED).bind(rows).execute(&mut *connection).await.map_err(classify)?.rows_affected())
+        Ok(sqlx::query(INSERT_QUEUED)
+            .bind(rows)
+            .execute(&mut *connection)
+            .await
+            .map_err(classify)?
+            .rows_affected())
     }
 
-    async fn key_holders(&self, connection: &mut SqliteConnection, rows: &str) -> StoreResult<Vec<(i64, String)>> {
+    async fn key_holders(
+        &self,
+        connection: &mut SqliteConnection,
+        rows: &str,
+    ) -> StoreResult<Vec<(i64, String)>> {
         sqlx::query_as(KEY_HOLDERS).bind(rows).fetch_all(&mut *connection).await.map_err(classify)
     }
 
-    async fn complete_fenced(&self, connection: &mut SqliteConnection, rows: &str) -> StoreResult<Vec<String>> {
+    async fn complete_fenced(
+        &self,
+        connection: &mut SqliteConnection,
+        rows: &str,
+    ) -> StoreResult<Vec<String>> {
         sqlx::query_scalar(COMPLETE_FENCED).bind(rows).fetch_all(&mut *connection).await.map_err(classify)
     }
 
@@ -86,7 +97,9 @@ impl Backend for Sqlite {
 
     async fn apply_one(&self, connection: &mut SqliteConnection, op: &Op) -> StoreResult<Done> {
         match op {
-            Op::Enqueue(_) | Op::Complete(_) => unreachable!("the writer applies enqueues and completions in groups"),
+            Op::Enqueue(_) | Op::Complete(_) => {
+                unreachable!("the writer applies enqueues and completions in groups")
+            }
             Op::Release(op) => release(connection, op).await,
             Op::Heartbeat(op) => heartbeat(connection, op).await,
             Op::RetryDead(op) => retry_dead(connection, op).await,
@@ -303,7 +316,11 @@ async fn heartbeat(connection: &mut SqliteConnection, op: &HeartbeatOp) -> Store
         .into_iter()
         .collect();
     Ok(Done::Heartbeat(
-        op.asked.iter().filter(|(id, attempt)| !held.contains(&(id.clone(), i64::from(*attempt)))).cloned().collect(),
+        op.asked
+            .iter()
+            .filter(|(id, attempt)| !held.contains(&(id.clone(), i64::from(*attempt))))
+            .cloned()
+            .collect(),
     ))
 }
 
@@ -320,7 +337,12 @@ const RELEASE: &str = "
       AND invocations.status = 'running' AND invocations.lease_owner = ?1";
 
 async fn release(connection: &mut SqliteConnection, op: &ReleaseOp) -> StoreResult<Done> {
-    sqlx::query(RELEASE).bind(&op.owner).bind(&op.leases).execute(&mut *connection).await.map_err(classify)?;
+    sqlx::query(RELEASE)
+        .bind(&op.owner)
+        .bind(&op.leases)
+        .execute(&mut *connection)
+        .await
+        .map_err(classify)?;
     Ok(Done::Released)
 }
 
@@ -389,4 +411,3 @@ async fn purge(connection: &mut SqliteConnection, op: &PurgeOp) -> StoreResult<D
         .rows_affected();
     Ok(Done::Purged(invocations + keys))
 }
-

@@ -36,7 +36,8 @@ impl TempDatabase {
             return None;
         };
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
         let name =
             format!("sluice_test_{}_{}_{nanos}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
         let mut admin = sqlx::PgConnection::connect(&admin_url).await.expect("connecting to the test server");
@@ -102,9 +103,10 @@ impl Harness {
 async fn fresh() -> Option<Harness> {
     let database = TempDatabase::create().await?;
     let clock = Arc::new(ManualClock::new(0));
-    let store = PostgresStore::connect_with(&database.url, clock.clone() as Arc<dyn Clock>, ClockSource::Caller)
-        .await
-        .expect("connect to a fresh database");
+    let store =
+        PostgresStore::connect_with(&database.url, clock.clone() as Arc<dyn Clock>, ClockSource::Caller)
+            .await
+            .expect("connect to a fresh database");
     Some(Harness { clock, store, _database: database })
 }
 
@@ -217,7 +219,8 @@ async fn a_log_tail_skips_no_line_while_nodes_commit_concurrently() {
     ];
     let now = SystemClock.now_ms();
     for i in 0..2 * PER_NODE {
-        let inv = NewInvocation { run_after: now - 1_000, ..crate::suite::invocation(&format!("inv-{i:04}")) };
+        let inv =
+            NewInvocation { run_after: now - 1_000, ..crate::suite::invocation(&format!("inv-{i:04}")) };
         nodes[i % 2].enqueue(&inv).await.unwrap();
     }
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -249,7 +252,9 @@ async fn a_log_tail_skips_no_line_while_nodes_commit_concurrently() {
                 let logs = [(LogStream::Stdout, l.id.clone(), 0)];
                 let owner = owner.clone();
                 async move {
-                    node.complete(&l.id, &owner, l.attempt, &crate::suite::success(200), &logs, 0, 0).await.unwrap()
+                    node.complete(&l.id, &owner, l.attempt, &crate::suite::success(200), &logs, 0, 0)
+                        .await
+                        .unwrap()
                 }
             });
             completed += futures::future::join_all(completions).await.into_iter().filter(|c| *c).count();
@@ -265,7 +270,9 @@ async fn a_log_tail_skips_no_line_while_nodes_commit_concurrently() {
     let missed: Vec<&String> = expected.difference(&seen).collect();
     assert!(missed.is_empty(), "the tail skipped {} lines, e.g. {:?}", missed.len(), missed.first());
     let succeeded = futures::future::join_all(expected.iter().map(|id| nodes[0].get_invocation(id))).await;
-    assert!(succeeded.iter().all(|i| i.as_ref().unwrap().as_ref().unwrap().status == InvocationStatus::Succeeded));
+    assert!(
+        succeeded.iter().all(|i| i.as_ref().unwrap().as_ref().unwrap().status == InvocationStatus::Succeeded)
+    );
 }
 
 /// A change made through one node is announced to the others when it commits.
@@ -276,7 +283,10 @@ async fn other_nodes_hear_of_changes() {
     let other = PostgresStore::connect(&database.url).await.unwrap();
     let mut changes = other.changes().expect("a shared store announces changes");
     let mut next = async || {
-        tokio::time::timeout(Duration::from_secs(5), changes.recv()).await.expect("announced in time").unwrap()
+        tokio::time::timeout(Duration::from_secs(5), changes.recv())
+            .await
+            .expect("announced in time")
+            .unwrap()
     };
     writer.create_tenant("acme").await.unwrap();
     writer.set_tenant_rate("acme", Some((5.0, 5))).await.unwrap();

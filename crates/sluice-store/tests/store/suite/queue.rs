@@ -311,17 +311,29 @@ pub async fn an_expired_lease_is_reclaimed_and_its_old_owner_fenced(store: &dyn 
     let not_held =
         store.heartbeat("node-a", &[lease("inv-1", 1), lease("nope", 1)], 1_000, 1_000).await.unwrap();
     assert_eq!(not_held, [lease("nope", 1)]);
-    assert_eq!(store.heartbeat("node-b", &[lease("inv-1", 1)], 1_000, 8_000).await.unwrap(), [lease("inv-1", 1)]);
-    assert_eq!(store.heartbeat("node-a", &[lease("inv-1", 2)], 1_000, 8_000).await.unwrap(), [lease("inv-1", 2)]);
+    assert_eq!(
+        store.heartbeat("node-b", &[lease("inv-1", 1)], 1_000, 8_000).await.unwrap(),
+        [lease("inv-1", 1)]
+    );
+    assert_eq!(
+        store.heartbeat("node-a", &[lease("inv-1", 2)], 1_000, 8_000).await.unwrap(),
+        [lease("inv-1", 2)]
+    );
     assert_eq!(store.lease("node-b", 1_500, 1_000, 10).await.unwrap(), vec![]);
     assert_eq!(store.lease("node-b", 2_000, 1_000, 10).await.unwrap(), vec![], "held up to its end");
 
     let b = store.lease("node-b", 2_001, 1_000, 10).await.unwrap();
     assert_eq!(leased_ids(&b), ["inv-1"]);
     assert_eq!(b[0].attempt, 2, "the lost attempt counts");
-    assert_eq!(store.heartbeat("node-a", &[lease("inv-1", 1)], 2_001, 7_000).await.unwrap(), [lease("inv-1", 1)]);
+    assert_eq!(
+        store.heartbeat("node-a", &[lease("inv-1", 1)], 2_001, 7_000).await.unwrap(),
+        [lease("inv-1", 1)]
+    );
     // Node-b holds attempt 2: attempt 1's token renews nothing, even for node-b.
-    assert_eq!(store.heartbeat("node-b", &[lease("inv-1", 1)], 2_001, 7_000).await.unwrap(), [lease("inv-1", 1)]);
+    assert_eq!(
+        store.heartbeat("node-b", &[lease("inv-1", 1)], 2_001, 7_000).await.unwrap(),
+        [lease("inv-1", 1)]
+    );
     assert!(store.heartbeat("node-b", &[lease("inv-1", 2)], 2_001, 1_000).await.unwrap().is_empty());
 
     // The old owner's report is refused, whatever it says; so is a wrong attempt number.
