@@ -92,6 +92,19 @@ fn until_status(node: &Node, key: &str, path: &str, want: u16, within: Duration)
     }
 }
 
+/// Sends an async call of `path` to `node`.
+fn post_async(node: &Node, path: &str) -> reqwest::blocking::Response {
+    let request = node.client().post(format!("{}{path}", node.url)).bearer_auth(&node.token);
+    request.header("prefer", "respond-async").send().unwrap()
+}
+
+/// Queues an async call and returns its id.
+fn enqueue(node: &Node, path: &str) -> String {
+    let res = post_async(node, path);
+    assert_eq!(res.status(), 202);
+    res.json::<serde_json::Value>().unwrap()["id"].as_str().unwrap().to_string()
+}
+
 #[test]
 fn a_deploy_and_a_revoke_on_one_node_reach_the_other() {
     let Some(db) = PgDatabase::create() else { return };
@@ -144,20 +157,8 @@ fn async_calls_accepted_by_one_node_run_and_a_stopped_node_says_so() {
     let two = cluster_node(&db, Some(&one.token), &[]);
     one.deploy("hello", &guests().hello, &[]);
     until_status(&two, &two.token, "/fn/default/hello", 200, Duration::from_secs(5));
-    let ids: Vec<String> = (0..20)
-        .map(|i| {
-            let node = if i % 2 == 0 { &one } else { &two };
-            let res = node
-                .client()
-                .post(format!("{}/fn/default/hello", node.url))
-                .bearer_auth(&node.token)
-                .header("prefer", "respond-async")
-                .send()
-                .unwrap();
-            assert_eq!(res.status(), 202);
-            res.json::<serde_json::Value>().unwrap()["id"].as_str().unwrap().to_string()
-        })
-        .collect();
+    let ids: Vec<String> =
+        (0..20).map(|i| enqueue(if i % 2 == 0 { &one } else { &two }, "/fn/default/hello")).collect();
     for id in &ids {
         let v = two.wait_json(&format!("/v1/invocations/{id}"), |v| v["status"] == "succeeded");
         assert_eq!(v["attempts"], 1);
@@ -177,19 +178,7 @@ fn a_node_stopped_with_sigterm_hands_its_work_to_the_others() {
     let Some(db) = PgDatabase::create() else { return };
     let mut one = cluster_node(&db, None, &["--shutdown-grace", "200ms", "--lease", "60s"]);
     one.deploy("tg", &guests().testguest, &["--async-timeout", "60s"]);
-    let ids: Vec<String> = (0..4)
-        .map(|_| {
-            let res = one
-                .client()
-                .post(format!("{}/fn/default/tg/sleep?ms=4000", one.url))
-                .bearer_auth(&one.token)
-                .header("prefer", "respond-async")
-                .send()
-                .unwrap();
-            assert_eq!(res.status(), 202);
-            res.json::<serde_json::Value>().unwrap()["id"].as_str().unwrap().to_string()
-        })
-        .collect();
+    let ids: Vec<String> = (0..4).map(|_| enqueue(&one, "/fn/default/tg/sleep?ms=4000")).collect();
     for id in &ids {
         one.wait_json(&format!("/v1/invocations/{id}"), |v| v["status"] == "running");
     }
@@ -294,13 +283,7 @@ fn without_its_database_a_node_serves_what_it_knows_refuses_async_calls_and_reco
         assert_eq!(node.get("/fn/default/hello").status(), 200, "sync calls of a known version keep working");
     }
     let started = Instant::now();
-    let res = node
-        .client()
-        .post(format!("{}/fn/default/hello", node.url))
-        .bearer_auth(&node.token)
-        .header("prefer", "respond-async")
-        .send()
-        .unwrap();
+    let res = post_async(&node, "/fn/default/hello");
     assert!(res.headers().contains_key("retry-after"), "{:?}", res.headers());
     assert_error(res, 503, "unavailable");
     assert!(started.elapsed() < Duration::from_secs(10), "the refusal took {:?}", started.elapsed());
@@ -309,13 +292,7 @@ fn without_its_database_a_node_serves_what_it_knows_refuses_async_calls_and_reco
     // Recovers by itself: the next async call is accepted and runs.
     let deadline = Instant::now() + Duration::from_secs(30);
     let id = loop {
-        let res = node
-            .client()
-            .post(format!("{}/fn/default/hello", node.url))
-            .bearer_auth(&node.token)
-            .header("prefer", "respond-async")
-            .send()
-            .unwrap();
+        let res = post_async(&node, "/fn/default/hello");
         if res.status() == 202 {
             break res.json::<serde_json::Value>().unwrap()["id"].as_str().unwrap().to_string();
         }

@@ -60,6 +60,49 @@ macro_rules! run_suite {
     };
 }
 
+/// [`run_suite!`] with every suite function: `run_whole_suite!(fresh)` or
+/// `run_whole_suite!(optional fresh)`. A new suite function is added here, once, for every backend.
+#[macro_export]
+macro_rules! run_whole_suite {
+    ($($fresh:tt)+) => {
+        $crate::run_suite!(
+            $($fresh)+;
+    tenants_are_unique_and_listed_by_name,
+    tenant_rates_are_set_replaced_and_cleared,
+    keys_are_listed_revoked_and_filtered,
+    blobs_are_content_addressed,
+    blobs_belong_to_their_tenant,
+    unnamed_blobs_are_purged_after_their_grace,
+    old_versions_are_retired_unless_an_unfinished_invocation_names_them,
+    versions_are_numbered_from_one,
+    concurrent_deploys_get_distinct_consecutive_versions,
+    functions_are_listed_per_tenant,
+    deleting_a_function_deletes_its_versions_only,
+    all_latest_versions_has_one_entry_per_function,
+    sync_records_and_their_logs_are_readable,
+    function_logs_tail_and_page,
+    large_sync_batches_are_recorded_whole,
+    async_invocations_run_and_keep_their_response,
+    idempotency_keys_return_the_first_invocation,
+    concurrent_enqueues_with_one_key_create_one_invocation,
+    leases_follow_criticality_then_deadline_then_run_after,
+    a_closed_start_window_expires_the_invocation,
+    an_expired_lease_is_reclaimed_and_its_old_owner_fenced,
+    a_reclaimed_invocation_past_its_deadline_expires,
+    concurrent_reports_of_one_attempt_are_recorded_once,
+    failed_attempts_are_retried_until_attempts_run_out,
+    attempts_never_exceed_attempts_max_when_leases_are_lost,
+    invocations_past_their_max_age_die,
+    released_leases_do_not_count_as_attempts,
+    dead_and_expired_invocations_can_be_redriven,
+    invocations_are_listed_newest_first_by_filter_and_page,
+    purge_deletes_finished_invocations_before_the_cutoff,
+    many_concurrent_enqueues_are_all_stored,
+    an_enqueue_with_a_taken_id_fails_alone,
+        );
+    };
+}
+
 fn key(id: &str, tenant: Option<&str>, scopes: &[Scope], created_at: UnixMs) -> KeyRecord {
     KeyRecord {
         id: id.to_owned(),
