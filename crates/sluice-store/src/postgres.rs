@@ -131,6 +131,21 @@ impl PostgresStore {
             .application_name("sluice")
             // Stated, though it is the default: a 202 promises the row is on disk.
             .options([("synchronous_commit", "on")]);
+        // One connection first, so that a server that refuses (wrong host, port, database, role)
+        // is reported as what it said, not as a pool that timed out.
+        let first = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            <sqlx::PgConnection as sqlx::Connection>::connect_with(&options),
+        )
+        .await
+        .map_err(|_| {
+            StoreError::Unavailable(format!(
+                "no answer from the server within {}",
+                sluice_core::units::format_duration(CONNECT_TIMEOUT)
+            ))
+        })?
+        .map_err(classify)?;
+        let _ = sqlx::Connection::close(first).await;
         let pool = PgPoolOptions::new()
             .max_connections(POOL_CONNECTIONS_MAX)
             .min_connections(0)
@@ -207,9 +222,12 @@ impl PostgresStore {
 /// sqlx reconnects and listens again; what was sent meanwhile is lost, so subscribers get
 /// [`Change::Resync`].
 async fn listen(mut listener: PgListener, changes: broadcast::Sender<Change>) {
+    // Said once per outage, not once per retry.
+    let mut failing = false;
     loop {
         match listener.try_recv().await {
             Ok(Some(notification)) => {
+                failing = false;
                 let change = if notification.channel() == QUEUE_CHANNEL {
                     Some(Change::Queue)
                 } else {
@@ -225,7 +243,10 @@ async fn listen(mut listener: PgListener, changes: broadcast::Sender<Change>) {
                 let _ = changes.send(Change::Resync);
             }
             Err(e) => {
-                tracing::warn!(error = %e, "listening for cluster changes failed; retrying");
+                if !failing {
+                    tracing::warn!(error = %e, "listening for cluster changes failed; retrying every second");
+                    failing = true;
+                }
                 let _ = changes.send(Change::Resync);
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
