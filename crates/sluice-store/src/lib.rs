@@ -406,8 +406,9 @@ pub trait Store: Send + Sync + 'static {
     /// `now`. `false` if it is not in such a state (or does not exist, or is a sync record).
     async fn retry_dead(&self, id: &str, now: UnixMs) -> StoreResult<bool>;
     /// Deletes up to `limit` finished invocations, sync or async (and their logs and responses),
-    /// that finished before `cutoff`, oldest first, and up to `limit` idempotency keys older than
-    /// the window. Returns the rows deleted, invocations plus keys: 0 once nothing is left.
+    /// that finished before `cutoff`, oldest first, up to `limit` idempotency keys older than
+    /// the window, and the nodes not heard from since `cutoff`. Returns the rows deleted: 0 once
+    /// nothing is left.
     async fn purge(&self, cutoff: UnixMs, limit: u32) -> StoreResult<u64>;
 
     // --- the cluster ---

@@ -503,5 +503,15 @@ async fn purge(connection: &mut PgConnection, op: &PurgeOp) -> StoreResult<Done>
         .await
         .map_err(classify)?
         .rows_affected();
-    Ok(Done::Purged(invocations + keys))
+    let nodes = sqlx::query(PURGE_NODES)
+        .bind(op.cutoff)
+        .execute(&mut *connection)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+    Ok(Done::Purged(invocations + keys + nodes))
 }
+
+/// Nodes not heard from since the cutoff: each start of a node is a new row, so without this the
+/// registry would grow with every restart.
+const PURGE_NODES: &str = "DELETE FROM nodes WHERE heartbeat_at < $1";

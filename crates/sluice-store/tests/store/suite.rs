@@ -67,6 +67,7 @@ macro_rules! run_whole_suite {
     ($($fresh:tt)+) => {
         $crate::run_suite!(
             $($fresh)+;
+    nodes_heartbeat_are_listed_and_purged,
     tenants_are_unique_and_listed_by_name,
     tenant_rates_are_set_replaced_and_cleared,
     keys_are_listed_revoked_and_filtered,
@@ -140,6 +141,40 @@ pub async fn tenant_rates_are_set_replaced_and_cleared(store: &dyn Store, _clock
     assert_eq!(store.tenant_rates().await.unwrap(), vec![("acme".to_string(), 100.0, 200)]);
     let err = store.set_tenant_rate("nobody", Some((1.0, 1))).await.unwrap_err();
     assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+}
+
+pub async fn nodes_heartbeat_are_listed_and_purged(store: &dyn Store, clock: &ManualClock) {
+    let node = |id: &str, started_at: UnixMs| sluice_store::NodeRecord {
+        id: id.into(),
+        address: format!("http://{id}"),
+        version: "0.1.0".into(),
+        started_at,
+        heartbeat_at: 0,
+        stopped_at: None,
+        slots: 256,
+        in_flight: 3,
+        queue_lag_ms: 12,
+    };
+    clock.set(1_000);
+    store.node_heartbeat(&node("a", 900), false).await.unwrap();
+    store.node_heartbeat(&node("b", 950), false).await.unwrap();
+    clock.set(5_000);
+    store.node_heartbeat(&node("b", 950), false).await.unwrap();
+    store.node_heartbeat(&node("c", 4_000), true).await.unwrap();
+
+    let (nodes, now) = store.list_nodes(10_000).await.unwrap();
+    assert_eq!(now, 5_000, "the store's clock");
+    let seen: Vec<(&str, UnixMs, Option<UnixMs>)> =
+        nodes.iter().map(|n| (n.id.as_str(), n.heartbeat_at, n.stopped_at)).collect();
+    assert_eq!(seen, [("a", 1_000, None), ("b", 5_000, None), ("c", 5_000, Some(5_000))], "by start");
+    assert_eq!((nodes[1].slots, nodes[1].in_flight, nodes[1].queue_lag_ms), (256, 3, 12));
+    let (recent, _) = store.list_nodes(2_000).await.unwrap();
+    assert_eq!(recent.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(), ["b", "c"]);
+
+    // Retention removes nodes not heard from since its cutoff.
+    assert_eq!(store.purge(2_000, 100).await.unwrap(), 1);
+    let (left, _) = store.list_nodes(10_000).await.unwrap();
+    assert_eq!(left.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(), ["b", "c"]);
 }
 
 pub async fn tenants_are_unique_and_listed_by_name(store: &dyn Store, clock: &ManualClock) {
