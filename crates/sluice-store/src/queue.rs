@@ -7,10 +7,10 @@
 //! grow exactly as fast as load does, without a timer.
 //!
 //! A batch is applied kind by kind, each kind with a few multi-row statements over JSON arrays (a
-//! statement is a round trip, and a batch of 500 enqueues must not cost 500 of them). Within the
-//! transaction every kind runs under a savepoint; if it fails for a logical reason (a duplicate
-//! id, a violated check) the savepoint is rolled back and the kind is redone op by op, each under
-//! its own savepoint, so that one bad op fails alone. A failure of the database itself (disk
+//! statement is a round trip, and a batch of 500 enqueues must not cost 500 of them). If any of
+//! it fails for a logical reason (a duplicate id, a violated check), the transaction is rolled
+//! back and the batch redone with every kind under a savepoint, and a kind that fails op by op,
+//! each under its own savepoint, so that one bad op fails alone. A failure of the database itself (disk
 //! full, I/O error, lock timeout, lost connection) fails the whole batch: every op gets the error
 //! and none is acknowledged.
 //!
@@ -390,15 +390,11 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// array order: a key that is free, or whose holder is out of the window, passes to the row's
     /// invocation; a key held within the window stays with its holder.
     async fn claim_keys(&self, connection: &mut Self::Conn, rows: &str) -> StoreResult<()>;
-    /// Inserts the rows without a key and those that won theirs; returns how many.
+    /// Inserts the rows without a key and those that won theirs; returns how many. A store that
+    /// other nodes share also tells them there is work.
     async fn insert_queued(&self, connection: &mut Self::Conn, rows: &str) -> StoreResult<u64>;
     /// `(position in the array, invocation id)` of who holds each keyed row's key now.
     async fn key_holders(&self, connection: &mut Self::Conn, rows: &str) -> StoreResult<Vec<(i64, String)>>;
-    /// Tells idle nodes that invocations were queued (a notification sent at commit), if the
-    /// store has other nodes.
-    async fn announce_queued(&self, _connection: &mut Self::Conn) -> StoreResult<()> {
-        Ok(())
-    }
     /// Records each completion of a JSON array whose lease still holds (status running, same
     /// owner, same attempt: the fencing check); returns the ids it changed.
     async fn complete_fenced(&self, connection: &mut Self::Conn, rows: &str) -> StoreResult<Vec<String>>;
@@ -444,9 +440,6 @@ async fn enqueue_many<B: Backend>(
         return Err(StoreError::Other(format!(
             "enqueue inserted {inserted} rows for {created} new invocations"
         )));
-    }
-    if created > 0 {
-        backend.announce_queued(connection).await?;
     }
     Ok(done)
 }
@@ -771,6 +764,22 @@ async fn apply_batch<B: Backend>(
     connection: &mut B::Conn,
     ops: &[Op],
 ) -> StoreResult<Vec<StoreResult<Done>>> {
+    // Fast path: the whole batch without savepoints, which would cost two round trips per kind
+    // of op. Almost every batch takes it.
+    backend.begin(connection).await?;
+    match apply_all(backend, connection, ops).await {
+        Ok(done) => {
+            backend.commit(connection).await?;
+            return Ok(done.into_iter().map(Ok).collect());
+        }
+        Err(error @ StoreError::Unavailable(_)) => return Err(error),
+        Err(error) => {
+            tracing::debug!(%error, "a batched queue write failed; redoing the batch kind by kind");
+            backend.execute(connection, "ROLLBACK").await?;
+        }
+    }
+    // Slow path: an op failed for a reason of its own (a duplicate id, a violated check). Each
+    // kind under a savepoint, and a kind that fails op by op, so that the bad op fails alone.
     backend.begin(connection).await?;
     let mut results: Vec<Option<StoreResult<Done>>> = ops.iter().map(|_| None).collect();
     for kind in Kind::ORDER {
@@ -812,6 +821,21 @@ async fn apply_batch<B: Backend>(
         }
     }
     backend.commit(connection).await?;
+    Ok(results.into_iter().map(|r| r.expect("every op of the batch has a result")).collect())
+}
+
+/// Applies every op, kind by kind in [`Kind::ORDER`], with no savepoint: any error fails it all.
+async fn apply_all<B: Backend>(backend: &B, connection: &mut B::Conn, ops: &[Op]) -> StoreResult<Vec<Done>> {
+    let mut results: Vec<Option<Done>> = ops.iter().map(|_| None).collect();
+    for kind in Kind::ORDER {
+        let group: Vec<usize> = (0..ops.len()).filter(|&i| ops[i].kind() == kind).collect();
+        if group.is_empty() {
+            continue;
+        }
+        for (i, done) in group.iter().zip(apply_group(backend, connection, ops, &group).await?) {
+            results[*i] = Some(done);
+        }
+    }
     Ok(results.into_iter().map(|r| r.expect("every op of the batch has a result")).collect())
 }
 

@@ -62,21 +62,30 @@ fn claim_keys_sql() -> String {
     )
 }
 
+/// Inserts the rows without a key and those that won theirs, and tells idle nodes there is work
+/// (delivered at the commit, once per transaction) in the same round trip. Returns the count.
 fn insert_queued_sql() -> String {
     format!(
-        "INSERT INTO invocations (id, tenant, function, version, mode, status, attempts, created_at,
-             request_method, request_path, request_headers, request_body, criticality, run_after,
-             deadline, attempts_max, max_age_ms, max_age_at, idempotency_key)
-         SELECT r.id, r.tenant, r.function, r.version, 'async', 'queued', 0, r.created_at,
-                r.method, r.path, r.headers::text, decode(r.body, 'hex'), r.criticality, r.run_after,
-                r.deadline, r.attempts_max, r.max_age_ms, r.max_age_at, r.idempotency_key
-         FROM {ENQUEUE_ROWS}
-         WHERE r.idempotency_key IS NULL
-            OR EXISTS (
-                SELECT 1 FROM idempotency_keys AS k
-                WHERE k.tenant = r.tenant AND k.function = r.function
-                  AND k.idempotency_key = r.idempotency_key AND k.invocation_id = r.id)
-         ORDER BY j.ord"
+        "WITH inserted AS (
+             INSERT INTO invocations (id, tenant, function, version, mode, status, attempts,
+                 created_at, request_method, request_path, request_headers, request_body,
+                 criticality, run_after, deadline, attempts_max, max_age_ms, max_age_at,
+                 idempotency_key)
+             SELECT r.id, r.tenant, r.function, r.version, 'async', 'queued', 0, r.created_at,
+                    r.method, r.path, r.headers::text, decode(r.body, 'hex'), r.criticality,
+                    r.run_after, r.deadline, r.attempts_max, r.max_age_ms, r.max_age_at,
+                    r.idempotency_key
+             FROM {ENQUEUE_ROWS}
+             WHERE r.idempotency_key IS NULL
+                OR EXISTS (
+                    SELECT 1 FROM idempotency_keys AS k
+                    WHERE k.tenant = r.tenant AND k.function = r.function
+                      AND k.idempotency_key = r.idempotency_key AND k.invocation_id = r.id)
+             ORDER BY j.ord
+             RETURNING 1),
+         counted AS (SELECT count(*) AS n FROM inserted)
+         SELECT counted.n FROM counted
+         LEFT JOIN LATERAL (SELECT pg_notify($2, '') WHERE counted.n > 0) AS announced ON true"
     )
 }
 
@@ -188,12 +197,13 @@ impl Backend for Postgres {
     }
 
     async fn insert_queued(&self, connection: &mut PgConnection, rows: &str) -> StoreResult<u64> {
-        Ok(sqlx::query(sqlx::AssertSqlSafe(insert_queued_sql()))
+        let inserted: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(insert_queued_sql()))
             .bind(rows)
-            .execute(&mut *connection)
+            .bind(super::QUEUE_CHANNEL)
+            .fetch_one(&mut *connection)
             .await
-            .map_err(classify)?
-            .rows_affected())
+            .map_err(classify)?;
+        Ok(u64::try_from(inserted).unwrap_or(0))
     }
 
     async fn key_holders(
@@ -206,11 +216,6 @@ impl Backend for Postgres {
             .fetch_all(&mut *connection)
             .await
             .map_err(classify)
-    }
-
-    /// Delivered at commit, once per transaction (PostgreSQL folds equal notifications).
-    async fn announce_queued(&self, connection: &mut PgConnection) -> StoreResult<()> {
-        announce(connection).await
     }
 
     async fn complete_fenced(&self, connection: &mut PgConnection, rows: &str) -> StoreResult<Vec<String>> {
