@@ -69,15 +69,16 @@ pub async fn run_nodes(args: NodeArgs) -> anyhow::Result<()> {
     }
     let nodes = v.get("nodes").and_then(Value::as_array).cloned().unwrap_or_default();
     println!(
-        "{:<24} {:<8} {:<24} {:>9} {:>11} {:>10} {:>8}",
+        "{:<30} {:<8} {:<24} {:>9} {:>11} {:>10} {:>8}",
         "NODE", "HEALTH", "ADDRESS", "HEARTBEAT", "IN FLIGHT", "QUEUE LAG", "VERSION"
     );
     for n in &nodes {
         let s = |k: &str| n.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
         let u = |k: &str| n.get(k).and_then(Value::as_u64).unwrap_or(0);
-        let this = if n.get("this").and_then(Value::as_bool) == Some(true) { "*" } else { "" };
+        // The node that answered is marked.
+        let this = if n.get("this").and_then(Value::as_bool) == Some(true) { " *" } else { "" };
         println!(
-            "{:<24} {:<8} {:<24} {:>8}s {:>11} {:>8}ms {:>8}",
+            "{:<30} {:<8} {:<24} {:>8}s {:>11} {:>8}ms {:>8}",
             format!("{}{this}", s("id")),
             s("health"),
             s("address"),
