@@ -10,7 +10,7 @@
 //! It knows nothing of HTTP serving or tenants' keys; it finds functions through [`Functions`].
 #![forbid(unsafe_code)]
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,7 +23,7 @@ use sluice_core::{Clock, ErrorKind, FunctionConfig, LogStream, UnixMs};
 use sluice_runtime::{BodyError, Call, Lane, Prepared, Runtime};
 use sluice_store::{AttemptResult, Leased, Store, StoredResponse};
 use tokio::sync::{Notify, watch};
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 
 /// A function version ready to run.
 pub struct Ready {
@@ -88,11 +88,11 @@ struct Ctx {
     runtime: Arc<Runtime>,
     functions: Arc<dyn Functions>,
     clock: Arc<dyn Clock>,
-    /// The leases (id, attempt) this node is running: what heartbeats renew and shutdown
-    /// releases. By the pair, not the id: if a starved node lost attempt 1's lease and then leased
-    /// the invocation again as attempt 2, the end of attempt 1 must not stop attempt 2's
-    /// heartbeats.
-    running: Mutex<HashSet<(String, u32)>>,
+    /// The leases (id, attempt) this node is running, with their tasks: what heartbeats renew,
+    /// shutdown releases, and a lost lease stops. By the pair, not the id: if a starved node lost
+    /// attempt 1's lease and then leased the invocation again as attempt 2, the end of attempt 1
+    /// must not stop attempt 2's heartbeats. (`None` for the moment between spawn and record.)
+    running: Mutex<HashMap<(String, u32), Option<AbortHandle>>>,
     stats: Arc<SchedulerStats>,
 }
 
@@ -185,8 +185,15 @@ async fn run_loop(ctx: Arc<Ctx>, notify: Arc<Notify>, mut stop: watch::Receiver<
                     let lag = batch.iter().map(|inv| now.saturating_sub(inv.run_after)).max().unwrap_or(0);
                     ctx.stats.lag_ms.store(u64::try_from(lag).unwrap_or(0), Ordering::Relaxed);
                     for inv in batch {
-                        ctx.running.lock().expect("running set").insert((inv.id.clone(), inv.attempt));
-                        tasks.spawn(run_one(ctx.clone(), inv));
+                        // An older attempt of the same invocation still running here lost its
+                        // lease (this node was starved past it): it stops before this one starts.
+                        stop_attempts(&ctx, |(id, attempt)| id == &inv.id && *attempt < inv.attempt);
+                        let key = (inv.id.clone(), inv.attempt);
+                        ctx.running.lock().expect("running set").insert(key.clone(), None);
+                        let handle = tasks.spawn(run_one(ctx.clone(), inv));
+                        if let Some(slot) = ctx.running.lock().expect("running set").get_mut(&key) {
+                            *slot = Some(handle);
+                        }
                     }
                     ctx.stats.in_flight.store(tasks.len() as u64, Ordering::Relaxed);
                 }
@@ -215,17 +222,37 @@ async fn run_loop(ctx: Arc<Ctx>, notify: Arc<Notify>, mut stop: watch::Receiver<
 }
 
 async fn renew(ctx: &Ctx) {
-    let leases: Vec<(String, u32)> = ctx.running.lock().expect("running set").iter().cloned().collect();
+    let leases: Vec<(String, u32)> = ctx.running.lock().expect("running set").keys().cloned().collect();
     if leases.is_empty() {
         return;
     }
     match ctx.store.heartbeat(&ctx.config.owner, &leases, ctx.clock.now_ms(), ctx.config.lease_ms).await {
         Ok(lost) if !lost.is_empty() => {
-            tracing::warn!(count = lost.len(), "leases lost; their results will be discarded by the store")
+            // The store would refuse their results anyway; another attempt may already be running
+            // elsewhere. Stopping them frees their slots and ends their side effects.
+            let stopped = stop_attempts(ctx, |lease| lost.contains(lease));
+            tracing::warn!(
+                lost = lost.len(),
+                stopped,
+                "leases lost (this node was too slow to renew them); those attempts were stopped"
+            )
         }
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
     }
+}
+
+/// Stops the running attempts `which` selects and forgets their leases; returns how many.
+fn stop_attempts(ctx: &Ctx, which: impl Fn(&(String, u32)) -> bool) -> usize {
+    let mut running = ctx.running.lock().expect("running set");
+    let doomed: Vec<(String, u32)> = running.keys().filter(|lease| which(lease)).cloned().collect();
+    for lease in &doomed {
+        if let Some(Some(task)) = running.remove(lease) {
+            task.abort();
+        }
+    }
+    ctx.stats.in_flight.store(running.len() as u64, Ordering::Relaxed);
+    doomed.len()
 }
 
 async fn drain(ctx: &Ctx, mut tasks: JoinSet<()>) {
@@ -243,7 +270,8 @@ async fn drain(ctx: &Ctx, mut tasks: JoinSet<()>) {
     }
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
-    let rest: Vec<(String, u32)> = ctx.running.lock().expect("running set").drain().collect();
+    let rest: Vec<(String, u32)> =
+        ctx.running.lock().expect("running set").drain().map(|(lease, _)| lease).collect();
     if !rest.is_empty() {
         match ctx.store.release(&ctx.config.owner, &rest).await {
             Ok(()) => tracing::info!(count = rest.len(), "returned unfinished invocations to the queue"),

@@ -210,6 +210,83 @@ fn wait_long(node: &Node, path: &str, pred: impl Fn(&serde_json::Value) -> bool)
     }
 }
 
+/// An HTTP server that holds each request for `hold` before answering 200, and records for each
+/// connection whether the client hung up first (and when).
+fn holding_server(hold: Duration) -> (u16, Arc<Mutex<Vec<Option<Instant>>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen: Arc<Mutex<Vec<Option<Instant>>>> = Arc::default();
+    let seen2 = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let seen = seen2.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf);
+                let me = {
+                    let mut seen = seen.lock().unwrap();
+                    seen.push(None);
+                    seen.len() - 1
+                };
+                stream.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+                let until = Instant::now() + hold;
+                while Instant::now() < until {
+                    let hung_up = match stream.read(&mut buf) {
+                        Ok(0) => true,
+                        Ok(_) => false,
+                        Err(e) => {
+                            !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+                        }
+                    };
+                    if hung_up {
+                        seen.lock().unwrap()[me] = Some(Instant::now());
+                        return;
+                    }
+                }
+                let _ =
+                    stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// A node starved past its lease (here: the lease made to lapse in the database) that leases the
+/// same invocation again stops its first attempt instead of running both side by side.
+#[test]
+fn a_node_that_lost_a_lease_stops_that_attempt() {
+    let Some(db) = PgDatabase::create() else { return };
+    let (port, connections) = holding_server(Duration::from_secs(10));
+    let node = cluster_node(&db, None, &["--outbound-allow-private", "--lease", "3s"]);
+    let outbound = format!("127.0.0.1:{port}");
+    node.deploy("tg", &guests().testguest, &["--allow-outbound", &outbound, "--async-timeout", "60s"]);
+    let id = enqueue(&node, &format!("/fn/default/tg/fetch?url=http%3A%2F%2F127.0.0.1%3A{port}%2Fhold"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while connections.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "attempt 1 never called out");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // As if this node had not renewed attempt 1's lease in time.
+    let lapsed = Instant::now();
+    psql(&db.url, &format!("UPDATE invocations SET lease_expires_at = 0 WHERE id = '{id}'"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let first_closed = loop {
+        let seen = connections.lock().unwrap().clone();
+        if let Some(Some(at)) = seen.first() {
+            break *at;
+        }
+        assert!(Instant::now() < deadline, "attempt 1 kept running after its lease was lost: {seen:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!("attempt 1 stopped {:?} after its lease lapsed", first_closed - lapsed);
+    let v = wait_long(&node, &format!("/v1/invocations/{id}"), |v| v["status"] == "succeeded");
+    assert_eq!(v["attempts"], 2, "{v}");
+    let seen = connections.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "one call out per attempt: {seen:?}");
+    assert_eq!(seen[1], None, "attempt 2 ran to the end");
+}
+
 /// A TCP proxy in front of PostgreSQL that can be cut (every connection closed, new ones refused
 /// at once) and restored: the database becoming unreachable, as the node sees it.
 struct Cuttable {
