@@ -168,8 +168,9 @@ impl Scheduler {
 
 async fn run_loop(ctx: Arc<Ctx>, notify: Arc<Notify>, mut stop: watch::Receiver<bool>) {
     let mut tasks = JoinSet::new();
-    let mut heartbeat = tokio::time::interval(ctx.config.heartbeat);
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Heartbeats tick on their own task: a lease call that waits (a pool reconnecting after the
+    // database dropped its connections) must not hold back the renewal of running leases.
+    let heartbeats = tokio::spawn(heartbeat_loop(ctx.clone()));
     let mut store_backoff = Duration::from_millis(100);
     loop {
         while tasks.try_join_next().is_some() {}
@@ -214,11 +215,21 @@ async fn run_loop(ctx: Arc<Ctx>, notify: Arc<Notify>, mut stop: watch::Receiver<
             _ = stop.changed() => break,
             _ = notify.notified() => tokio::time::sleep_until(linger_until).await,
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            _ = heartbeat.tick() => renew(&ctx).await,
             _ = tokio::time::sleep(ctx.config.poll_idle) => {}
         }
     }
     drain(&ctx, tasks).await;
+    heartbeats.abort();
+}
+
+/// Renews the running leases every `heartbeat`, until aborted (after the drain).
+async fn heartbeat_loop(ctx: Arc<Ctx>) {
+    let mut tick = tokio::time::interval(ctx.config.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        renew(&ctx).await;
+    }
 }
 
 async fn renew(ctx: &Ctx) {
@@ -226,21 +237,48 @@ async fn renew(ctx: &Ctx) {
     if leases.is_empty() {
         return;
     }
-    match ctx.store.heartbeat(&ctx.config.owner, &leases, ctx.clock.now_ms(), ctx.config.lease_ms).await {
-        Ok(lost) if !lost.is_empty() => {
-            // The store would refuse their results anyway; another attempt may already be running
-            // elsewhere. Stopping them frees their slots and ends their side effects.
-            let stopped = stop_attempts(ctx, |lease| lost.contains(lease));
-            tracing::warn!(
-                lost = lost.len(),
-                stopped,
-                "leases lost (this node was too slow to renew them); those attempts were stopped"
-            )
+    // A heartbeat that fails (a connection the database dropped, a batch that failed) is tried
+    // again at once rather than at the next tick: two missed ticks can be a lost lease.
+    let mut pause = Duration::from_millis(20);
+    let mut tries = 0;
+    let started = std::time::Instant::now();
+    let lost = loop {
+        match ctx.store.heartbeat(&ctx.config.owner, &leases, ctx.clock.now_ms(), ctx.config.lease_ms).await {
+            Ok(lost) => break lost,
+            Err(e) => {
+                tries += 1;
+                if tries == HEARTBEAT_TRIES {
+                    tracing::warn!(error = %e, tries, "heartbeat failed; trying again at the next tick");
+                    return;
+                }
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
         }
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+    };
+    let took = started.elapsed();
+    if took > Duration::from_millis(ctx.config.lease_ms / 2) {
+        tracing::warn!(
+            took_ms = took.as_millis() as u64,
+            tries,
+            leases = leases.len(),
+            "a heartbeat took more than half the lease"
+        );
+    }
+    if !lost.is_empty() {
+        // The store would refuse their results anyway; another attempt may already be running
+        // elsewhere. Stopping them frees their slots and ends their side effects.
+        let stopped = stop_attempts(ctx, |lease| lost.contains(lease));
+        tracing::warn!(
+            lost = lost.len(),
+            stopped,
+            "leases lost (this node was too slow to renew them); those attempts were stopped"
+        );
     }
 }
+
+/// Heartbeat attempts per tick (20 ms, 40 ms, 80 ms apart).
+const HEARTBEAT_TRIES: u32 = 4;
 
 /// Stops the running attempts `which` selects and forgets their leases; returns how many.
 fn stop_attempts(ctx: &Ctx, which: impl Fn(&(String, u32)) -> bool) -> usize {
@@ -255,16 +293,13 @@ fn stop_attempts(ctx: &Ctx, which: impl Fn(&(String, u32)) -> bool) -> usize {
     doomed.len()
 }
 
+/// Lets running invocations finish within the grace period (their leases still renewed by the
+/// heartbeat task), then gives the rest back.
 async fn drain(ctx: &Ctx, mut tasks: JoinSet<()>) {
     let deadline = tokio::time::Instant::now() + ctx.config.shutdown_grace;
-    let mut renew_at = tokio::time::Instant::now() + ctx.config.heartbeat;
     while !tasks.is_empty() {
         tokio::select! {
             _ = tasks.join_next() => {}
-            _ = tokio::time::sleep_until(renew_at) => {
-                renew(ctx).await;
-                renew_at += ctx.config.heartbeat;
-            }
             _ = tokio::time::sleep_until(deadline) => break,
         }
     }

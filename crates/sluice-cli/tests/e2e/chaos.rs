@@ -112,7 +112,15 @@ struct Report {
 
 fn run(seconds: u64, clients: usize, setup: Setup<'_>) -> Report {
     let (port, seen) = recorder();
-    let args = ["--outbound-allow-private", "--lease", "1s", "--shutdown-grace", "1s"];
+    // A short lease, so that a killed node's work is taken over within the run. On the cluster a
+    // little longer: every connection of every node is cut every couple of seconds there, and a
+    // lease that lapses while its node reconnects costs the invocation an attempt (ten lost in a
+    // row and it is dead, which this test counts as a failure).
+    let lease = match setup {
+        Setup::Single => "1s",
+        Setup::Cluster { .. } => "3s",
+    };
+    let args = ["--outbound-allow-private", "--lease", lease, "--shutdown-grace", "1s"];
     let mut nodes: Vec<Node> = match setup {
         Setup::Single => vec![Node::start(&args)],
         Setup::Cluster { db, .. } => {
@@ -235,15 +243,46 @@ fn run(seconds: u64, clients: usize, setup: Setup<'_>) -> Report {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let completed = acked
-        .iter()
-        .filter(|id| {
-            let v = node.wait_json(&format!("/v1/invocations/{id}"), |v| {
-                matches!(v["status"].as_str(), Some("succeeded" | "dead" | "expired"))
-            });
-            v["status"] == "succeeded"
-        })
-        .count();
+    // Every acknowledged invocation reaches a final state; one that does not is shown as it is.
+    let finished =
+        |v: &serde_json::Value| matches!(v["status"].as_str(), Some("succeeded" | "dead" | "expired"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut completed = 0;
+    for id in &acked {
+        let v = loop {
+            let res = node.get(&format!("/v1/invocations/{id}"));
+            let v: serde_json::Value =
+                if res.status().is_success() { res.json().unwrap() } else { Default::default() };
+            if finished(&v) || Instant::now() > deadline {
+                break v;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(finished(&v), "invocation {id} did not finish: {v}");
+        if v["status"] == "succeeded" {
+            completed += 1;
+        } else {
+            let logs = node.get(&format!("/v1/invocations/{id}/logs")).text().unwrap_or_default();
+            eprintln!("not succeeded: {v}\n  logs: {logs}");
+        }
+    }
+    if completed < acked.len() {
+        for (i, n) in nodes.iter().enumerate() {
+            let lines = n.stderr.lock().unwrap().clone();
+            let warnings: Vec<&String> =
+                lines.iter().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
+            let path = std::env::temp_dir().join(format!("sluice-chaos-node-{i}.log"));
+            let _ = std::fs::write(&path, lines.join("\n"));
+            eprintln!(
+                "node {i}: {} warnings (whole log: {}), the last ones:",
+                warnings.len(),
+                path.display()
+            );
+            for l in warnings.iter().rev().take(15).rev() {
+                eprintln!("  {l}");
+            }
+        }
+    }
     let seen = seen.lock().unwrap().clone();
     let report = Report {
         acknowledged: acked.len(),
