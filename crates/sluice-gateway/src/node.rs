@@ -332,8 +332,8 @@ impl Node {
     }
 
     /// Follows a change another node made to `tenant/function`: installs its newest version once
-    /// this node has its code ready (loaded from this node's artifact, or fetched from the store
-    /// and compiled once), or uninstalls a deleted function. A version whose code this node cannot
+    /// this node has its artifact (already on disk, or the store's blob compiled once), or
+    /// uninstalls a deleted function. A version whose code this node cannot
     /// prepare is not installed: the version before it keeps serving. Returns what it did.
     pub async fn refresh_function(&self, tenant: &str, function: &str) -> Result<Refreshed, SluiceError> {
         let latest = self.store.latest_version(tenant, function).await.map_err(store_error)?;
@@ -366,7 +366,10 @@ impl Node {
             Some(_) => return Ok(Refreshed::Unchanged),
         };
         let deployed = Deployed::new(record);
-        self.code(&deployed.code_key).await?;
+        // Its artifact on this node's disk (compiled from the store's blob if missing, which
+        // validates it); not loaded into the code cache: like every function, it is loaded on
+        // its first call here, if one comes.
+        self.runtime.ensure_artifact(&deployed.code_key, self.blob_source(&deployed.code_key)).await?;
         if replaces {
             self.uninstall(tenant, function);
         }

@@ -113,6 +113,11 @@ fn a_deploy_and_a_revoke_on_one_node_reach_the_other() {
     assert!(!two.dir.path().join("admin.token").exists(), "the second node made a key of its own");
 
     one.deploy("hello", &guests().hello, &[]);
+    // Node two installs the version once it has compiled its own artifact, and loads nothing
+    // until a call comes: code is loaded on demand on every node.
+    let installed = two.wait_json("/v1/node", |v| v["functions"] == 1);
+    assert_eq!(installed["code_cache"]["compiles"], 1, "{installed}");
+    assert_eq!(installed["code_cache"]["entries"], 0, "{installed}");
     let deployed = until_status(&two, &two.token, "/fn/default/hello", 200, Duration::from_secs(5));
     eprintln!("a deploy on node one ran on node two after {deployed:?}");
 
