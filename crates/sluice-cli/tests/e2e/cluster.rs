@@ -272,9 +272,18 @@ fn a_node_that_lost_a_lease_stops_that_attempt() {
         assert!(Instant::now() < deadline, "attempt 1 never called out");
         std::thread::sleep(Duration::from_millis(20));
     }
-    // As if this node had not renewed attempt 1's lease in time.
+    // As if this node had not renewed attempt 1's lease in time and a sweep had reclaimed it.
+    // (Only making the lease lapse would race with this node's next heartbeat, which renews a
+    // lapsed lease nobody has reclaimed yet.)
     let lapsed = Instant::now();
-    psql(&db.url, &format!("UPDATE invocations SET lease_expires_at = 0 WHERE id = '{id}'"));
+    psql(
+        &db.url,
+        &format!(
+            "UPDATE invocations SET status = 'failed', error_kind = 'lease_lost', lease_owner = NULL,
+                 lease_expires_at = NULL
+             WHERE id = '{id}'"
+        ),
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     let first_closed = loop {
         let seen = connections.lock().unwrap().clone();
