@@ -88,12 +88,22 @@ struct Ctx {
     runtime: Arc<Runtime>,
     functions: Arc<dyn Functions>,
     clock: Arc<dyn Clock>,
-    /// The leases (id, attempt) this node is running, with their tasks: what heartbeats renew,
-    /// shutdown releases, and a lost lease stops. By the pair, not the id: if a starved node lost
-    /// attempt 1's lease and then leased the invocation again as attempt 2, the end of attempt 1
-    /// must not stop attempt 2's heartbeats. (`None` for the moment between spawn and record.)
-    running: Mutex<HashMap<(String, u32), Option<AbortHandle>>>,
+    /// The leases (id, attempt) this node is running: what heartbeats renew, shutdown releases,
+    /// and a lost lease stops. By the pair, not the id: if a starved node lost attempt 1's lease
+    /// and then leased the invocation again as attempt 2, the end of attempt 1 must not stop
+    /// attempt 2's heartbeats.
+    running: Mutex<HashMap<(String, u32), Running>>,
     stats: Arc<SchedulerStats>,
+}
+
+/// One attempt running on this node.
+#[derive(Default)]
+struct Running {
+    /// Its task (`None` for the moment between spawn and record).
+    task: Option<AbortHandle>,
+    /// The guest is done and its result is being recorded. A heartbeat then finds the lease gone
+    /// when the completion committed first: that is the end of the attempt, not a lost lease.
+    completing: bool,
 }
 
 /// What the scheduler is doing, for the node's heartbeat and API.
@@ -188,12 +198,12 @@ async fn run_loop(ctx: Arc<Ctx>, notify: Arc<Notify>, mut stop: watch::Receiver<
                     for inv in batch {
                         // An older attempt of the same invocation still running here lost its
                         // lease (this node was starved past it): it stops before this one starts.
-                        stop_attempts(&ctx, |(id, attempt)| id == &inv.id && *attempt < inv.attempt);
+                        stop_attempts(&ctx, |(id, attempt), _| id == &inv.id && *attempt < inv.attempt);
                         let key = (inv.id.clone(), inv.attempt);
-                        ctx.running.lock().expect("running set").insert(key.clone(), None);
+                        ctx.running.lock().expect("running set").insert(key.clone(), Running::default());
                         let handle = tasks.spawn(run_one(ctx.clone(), inv));
-                        if let Some(slot) = ctx.running.lock().expect("running set").get_mut(&key) {
-                            *slot = Some(handle);
+                        if let Some(running) = ctx.running.lock().expect("running set").get_mut(&key) {
+                            running.task = Some(handle);
                         }
                     }
                     ctx.stats.in_flight.store(tasks.len() as u64, Ordering::Relaxed);
@@ -265,12 +275,13 @@ async fn renew(ctx: &Ctx) {
             "a heartbeat took more than half the lease"
         );
     }
-    if !lost.is_empty() {
-        // The store would refuse their results anyway; another attempt may already be running
-        // elsewhere. Stopping them frees their slots and ends their side effects.
-        let stopped = stop_attempts(ctx, |lease| lost.contains(lease));
+    // The store would refuse their results anyway; another attempt may already be running
+    // elsewhere. Stopping them frees their slots and ends their side effects. Attempts whose
+    // result is being recorded are left alone: their lease is gone because they are finished
+    // (or, if it was lost, the store refuses the result, and the attempt ends by itself).
+    let stopped = stop_attempts(ctx, |lease, running| !running.completing && lost.contains(lease));
+    if stopped > 0 {
         tracing::warn!(
-            lost = lost.len(),
             stopped,
             "leases lost (this node was too slow to renew them); those attempts were stopped"
         );
@@ -281,11 +292,15 @@ async fn renew(ctx: &Ctx) {
 const HEARTBEAT_TRIES: u32 = 4;
 
 /// Stops the running attempts `which` selects and forgets their leases; returns how many.
-fn stop_attempts(ctx: &Ctx, which: impl Fn(&(String, u32)) -> bool) -> usize {
+fn stop_attempts(ctx: &Ctx, which: impl Fn(&(String, u32), &Running) -> bool) -> usize {
     let mut running = ctx.running.lock().expect("running set");
-    let doomed: Vec<(String, u32)> = running.keys().filter(|lease| which(lease)).cloned().collect();
+    let doomed: Vec<(String, u32)> = running
+        .iter()
+        .filter(|(lease, attempt)| which(lease, attempt))
+        .map(|(lease, _)| lease.clone())
+        .collect();
     for lease in &doomed {
-        if let Some(Some(task)) = running.remove(lease) {
+        if let Some(task) = running.remove(lease).and_then(|r| r.task) {
             task.abort();
         }
     }
@@ -317,6 +332,9 @@ async fn drain(ctx: &Ctx, mut tasks: JoinSet<()>) {
 
 async fn run_one(ctx: Arc<Ctx>, inv: Leased) {
     let Attempt { result, logs, cpu_us } = execute(&ctx, &inv).await;
+    if let Some(running) = ctx.running.lock().expect("running set").get_mut(&(inv.id.clone(), inv.attempt)) {
+        running.completing = true;
+    }
     // The outcome must reach the store: retry a few times if it is briefly unavailable. If it
     // never does, the lease expires and the invocation runs again (at-least-once).
     let mut pause = Duration::from_millis(50);
