@@ -844,6 +844,11 @@ async fn rollback_savepoint<B: Backend>(backend: &B, connection: &mut B::Conn) -
     backend.execute(connection, RELEASE_SAVEPOINT).await
 }
 
+/// The ops at `indices`, which are all of the one kind `pick` unwraps.
+fn of_kind<'a, T>(ops: &'a [Op], indices: &[usize], pick: fn(&'a Op) -> Option<&'a T>) -> Vec<&'a T> {
+    indices.iter().map(|&i| pick(&ops[i]).expect("a group holds one kind of op")).collect()
+}
+
 /// Applies the ops at `indices` (all of one kind), returning their answers in the same order.
 async fn apply_group<B: Backend>(
     backend: &B,
@@ -853,23 +858,12 @@ async fn apply_group<B: Backend>(
 ) -> StoreResult<Vec<Done>> {
     match ops[indices[0]].kind() {
         Kind::Enqueue => {
-            let enqueues: Vec<&EnqueueOp> = indices
-                .iter()
-                .map(|&i| match &ops[i] {
-                    Op::Enqueue(op) => op,
-                    _ => unreachable!("a group holds one kind of op"),
-                })
-                .collect();
+            let enqueues = of_kind(ops, indices, |op| if let Op::Enqueue(op) = op { Some(op) } else { None });
             enqueue_many(backend, connection, &enqueues).await
         }
         Kind::Complete => {
-            let completes: Vec<&CompleteOp> = indices
-                .iter()
-                .map(|&i| match &ops[i] {
-                    Op::Complete(op) => op,
-                    _ => unreachable!("a group holds one kind of op"),
-                })
-                .collect();
+            let completes =
+                of_kind(ops, indices, |op| if let Op::Complete(op) = op { Some(op) } else { None });
             complete_many(backend, connection, &completes).await
         }
         // Rare ops (a few per node and second): one after the other.
