@@ -12,7 +12,7 @@ mod rows;
 mod sqlite;
 mod timed;
 
-pub use postgres::{ClockSource, PostgresStore};
+pub use postgres::{ClockSource, PostgresStore, SWEEP_BATCH_MAX};
 pub use sqlite::SqliteStore;
 pub use timed::{STORE_CALL_TIMEOUT, Timed};
 

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use sluice_core::{Clock, SystemClock};
 use sluice_store::{
-    Change, ClockSource, Enqueued, InvocationStatus, LogStream, NewInvocation, PostgresStore, Store,
+    Change, ClockSource, Enqueued, InvocationStatus, LogStream, NewInvocation, PostgresStore,
+    SWEEP_BATCH_MAX, Store,
 };
 use sqlx::Connection;
 
@@ -90,7 +91,7 @@ pub struct Harness {
     pub clock: Arc<ManualClock>,
     store: PostgresStore,
     // Dropped after the store.
-    _database: TempDatabase,
+    database: TempDatabase,
 }
 
 impl Harness {
@@ -107,7 +108,7 @@ async fn fresh() -> Option<Harness> {
         PostgresStore::connect_with(&database.url, clock.clone() as Arc<dyn Clock>, ClockSource::Caller)
             .await
             .expect("connect to a fresh database");
-    Some(Harness { clock, store, _database: database })
+    Some(Harness { clock, store, database })
 }
 
 crate::run_whole_suite!(optional fresh);
@@ -239,6 +240,32 @@ async fn a_log_tail_skips_no_line_while_nodes_commit_concurrently() {
     assert!(
         succeeded.iter().all(|i| i.as_ref().unwrap().as_ref().unwrap().status == InvocationStatus::Succeeded)
     );
+}
+
+/// Each sweep changes at most `SWEEP_BATCH_MAX` rows: a backlog of expired invocations is marked
+/// over several leases, never in one long statement that locks it all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sweeps_are_bounded() {
+    let Some(harness) = fresh().await else { return };
+    let store = harness.store();
+    let backlog = SWEEP_BATCH_MAX as usize + 200;
+    let late: Vec<NewInvocation> = (0..backlog)
+        .map(|i| NewInvocation { deadline: Some(10), ..crate::suite::invocation(&format!("late-{i:05}")) })
+        .collect();
+    for result in futures::future::join_all(late.iter().map(|inv| store.enqueue(inv))).await {
+        assert_eq!(result.unwrap(), Enqueued::Created);
+    }
+    let mut admin = sqlx::PgConnection::connect(&harness.database.url).await.unwrap();
+    let mut expired = async || -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM invocations WHERE status = 'expired'")
+            .fetch_one(&mut admin)
+            .await
+            .unwrap()
+    };
+    assert!(store.lease("node", 20, 1_000, 10).await.unwrap().is_empty(), "past their deadline");
+    assert_eq!(expired().await, SWEEP_BATCH_MAX, "one sweep");
+    assert!(store.lease("node", 20, 1_000, 10).await.unwrap().is_empty());
+    assert_eq!(expired().await, backlog as i64, "the rest at the next lease");
 }
 
 /// A change made through one node is announced to the others when it commits.
