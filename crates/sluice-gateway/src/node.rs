@@ -376,11 +376,9 @@ impl Node {
         Ok(if self.install(deployed) { Refreshed::Installed } else { Refreshed::Unchanged })
     }
 
-    /// Reloads everything another node may have changed: keys, rate limits and every function.
-    /// The backstop for notifications that were lost; returns how many functions changed.
-    pub async fn refresh_all(&self) -> Result<usize, SluiceError> {
-        self.reload_keys().await?;
-        self.reload_rates().await?;
+    /// Follows every function another node may have changed: the backstop for notifications that
+    /// were lost. Returns how many functions changed here.
+    pub async fn refresh_functions(&self) -> Result<usize, SluiceError> {
         let latest = self.store.all_latest_versions().await.map_err(store_error)?;
         let mut listed: std::collections::HashSet<(String, String)> = Default::default();
         let mut changed = 0;

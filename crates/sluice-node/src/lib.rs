@@ -131,7 +131,9 @@ impl Tasks {
     /// the scheduler.
     fn start_cluster_sync(&self) {
         let Some(mut changes) = self.node.store.changes() else { return };
+        let pending = Arc::new(PendingFunctions::default());
         let node = Arc::downgrade(&self.node);
+        let functions = pending.clone();
         self.supervisor.spawn("cluster sync", async move {
             let mut refresh = tokio::time::interval(CLUSTER_REFRESH);
             refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -146,8 +148,25 @@ impl Tasks {
                     _ = refresh.tick() => Change::Resync,
                 };
                 let Some(node) = node.upgrade() else { return };
-                if let Err(e) = follow(&node, &change).await {
+                if let Err(e) = follow(&node, &change, &functions).await {
                     tracing::warn!(?change, error = %e, "following a cluster change failed; the periodic refresh retries");
+                }
+            }
+        });
+        let node = Arc::downgrade(&self.node);
+        self.supervisor.spawn("cluster functions", async move {
+            loop {
+                let (all, some) = pending.next().await;
+                let Some(node) = node.upgrade() else { return };
+                let done = if all { node.refresh_functions().await } else { refresh_some(&node, some).await };
+                match done {
+                    Ok(changed) if all && changed > 0 => {
+                        tracing::info!(changed, "functions changed by other nodes were followed on a full refresh")
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "following other nodes' deploys failed; the periodic refresh retries")
+                    }
                 }
             }
         });
@@ -265,25 +284,81 @@ impl Heartbeat {
     }
 }
 
-/// Brings this node's caches in line with one change another node made.
-async fn follow(node: &Node, change: &Change) -> Result<(), SluiceError> {
+/// Functions other nodes changed, waiting to be followed here. Preparing a new version can mean
+/// compiling it, so this is done apart from keys and limits (a tenant deploying in a loop must not
+/// delay a revoked key on other nodes) and coalesced: each function waits here once, however often
+/// it changed, so the set never holds more entries than there are functions.
+#[derive(Default)]
+struct PendingFunctions {
+    /// Whether every function is to be reloaded, and which ones otherwise.
+    waiting: Mutex<(bool, std::collections::BTreeSet<(String, String)>)>,
+    ready: tokio::sync::Notify,
+}
+
+impl PendingFunctions {
+    fn one(&self, tenant: &str, function: &str) {
+        self.waiting
+            .lock()
+            .expect("pending functions lock")
+            .1
+            .insert((tenant.to_string(), function.to_string()));
+        self.ready.notify_one();
+    }
+
+    fn all(&self) {
+        self.waiting.lock().expect("pending functions lock").0 = true;
+        self.ready.notify_one();
+    }
+
+    /// Waits for work and takes all of it.
+    async fn next(&self) -> (bool, std::collections::BTreeSet<(String, String)>) {
+        loop {
+            {
+                let mut waiting = self.waiting.lock().expect("pending functions lock");
+                if waiting.0 || !waiting.1.is_empty() {
+                    return std::mem::take(&mut *waiting);
+                }
+            }
+            self.ready.notified().await;
+        }
+    }
+}
+
+/// Follows each of `functions`; returns how many changed here.
+async fn refresh_some(
+    node: &Node,
+    functions: std::collections::BTreeSet<(String, String)>,
+) -> Result<usize, SluiceError> {
+    let mut changed = 0;
+    for (tenant, function) in functions {
+        if node.refresh_function(&tenant, &function).await? != sluice_gateway::node::Refreshed::Unchanged {
+            changed += 1;
+        }
+    }
+    Ok(changed)
+}
+
+/// Brings this node's caches in line with one change another node made; functions are handed to
+/// `functions`.
+async fn follow(node: &Node, change: &Change, functions: &PendingFunctions) -> Result<(), SluiceError> {
     match change {
         Change::Keys => node.reload_keys().await,
         Change::Limits => node.reload_rates().await,
-        Change::Function { tenant, function } => node.refresh_function(tenant, function).await.map(|_| ()),
+        Change::Function { tenant, function } => {
+            functions.one(tenant, function);
+            Ok(())
+        }
         Change::Queue => {
             node.notify_scheduler();
             Ok(())
         }
         Change::Resync => {
-            let changed = node.refresh_all().await?;
-            if changed > 0 {
-                tracing::info!(changed, "functions changed by other nodes were followed on a full refresh");
-            }
+            functions.all();
             // Work queued while notifications were lost is found by the next poll anyway; a wake
             // costs one lease.
             node.notify_scheduler();
-            Ok(())
+            node.reload_keys().await?;
+            node.reload_rates().await
         }
     }
 }
@@ -387,4 +462,31 @@ fn seal_token_file(path: &Path) -> std::io::Result<Option<u32>> {
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(Some(mode))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// However often functions change, each waits once: the set holds one entry per function.
+    #[tokio::test]
+    async fn pending_functions_are_coalesced() {
+        let pending = PendingFunctions::default();
+        for _ in 0..1_000 {
+            pending.one("t", "f");
+        }
+        pending.one("t", "g");
+        let (all, some) = pending.next().await;
+        assert!(!all);
+        assert_eq!(
+            some.into_iter().collect::<Vec<_>>(),
+            [("t".into(), "f".into()), ("t".into(), "g".into())]
+        );
+        pending.one("t", "f");
+        pending.all();
+        let (all, _) = pending.next().await;
+        assert!(all, "a full refresh covers every function");
+        // Nothing left: the next call waits.
+        assert!(tokio::time::timeout(Duration::from_millis(50), pending.next()).await.is_err());
+    }
 }
