@@ -60,6 +60,15 @@ pub struct DeployArgs {
     /// Calls of this function running at once on a node.
     #[arg(long)]
     pub max_concurrency: Option<u32>,
+    /// Async calls of this function that start whatever the node's load (reserved
+    /// concurrency over the cluster; beyond it, calls run only while nodes are under their
+    /// utilization target).
+    #[arg(long = "reserved")]
+    pub reserved: Option<u32>,
+    /// Default start window of async calls that name no sluice-deadline, e.g. 1h: such a call
+    /// must start within it and may be held for a trough meanwhile (time-shifting).
+    #[arg(long, value_parser = parse_duration)]
+    pub start_window: Option<Duration>,
     /// Serve the function's /fn URL without an API key.
     #[arg(long)]
     pub public: bool,
@@ -137,6 +146,8 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
         rate_per_sec: args.rate,
         burst: args.burst,
         max_concurrency: args.max_concurrency,
+        reserved_concurrency: args.reserved,
+        start_window_ms: args.start_window.map(|d| d.as_millis() as u64),
         secrets: Default::default(),
     };
 

@@ -63,6 +63,14 @@ pub struct ServeArgs {
     /// Async invocations running at once on this node.
     #[arg(long, default_value_t = 256)]
     pub async_inflight_max: usize,
+    /// Fraction of the node's cores that guests may use before async work beyond tenants'
+    /// reservations waits (0.05-1): calls with a wide start window are held for a trough.
+    #[arg(long, default_value_t = 0.8)]
+    pub utilization_target: f64,
+    /// An async call whose deadline is this close starts whatever the node's load (its expected
+    /// run time plus slack), e.g. 30s.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub promote_ahead: Duration,
     /// Async calls being accepted at once (each holds up to its body while it is read and
     /// committed); beyond it new ones get 503 at once.
     #[arg(long, default_value_t = 256)]
@@ -183,6 +191,11 @@ impl ServeArgs {
             "--async-enqueue-inflight-max must be at least 1"
         );
         anyhow::ensure!(self.deploy_inflight_max >= 1, "--deploy-inflight-max must be at least 1");
+        anyhow::ensure!(
+            (0.05..=1.0).contains(&self.utilization_target),
+            "--utilization-target must be between 0.05 and 1, got {}",
+            self.utilization_target
+        );
         self.check_durations()?;
         self.lanes()?;
         self.code()?;
@@ -264,6 +277,8 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
         (args.tenant_rate > 0.0).then(|| Rate::of(Some(args.tenant_rate), args.tenant_burst)).flatten();
     config.sync_inflight_max = args.sync_inflight_max;
     config.async_inflight_max = args.async_inflight_max;
+    config.utilization_target = args.utilization_target;
+    config.promote_ahead = args.promote_ahead;
     config.async_enqueue_inflight_max = args.async_enqueue_inflight_max;
     config.deploy_inflight_max = args.deploy_inflight_max;
     config.lease_ms = args.lease.as_millis() as u64;

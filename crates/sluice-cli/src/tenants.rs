@@ -1,4 +1,4 @@
-//! `sluice tenants create NAME|list|limits NAME|usage NAME`.
+//! `sluice tenants create NAME|list|limits NAME|quota NAME|usage NAME`.
 
 use reqwest::Method;
 use serde_json::json;
@@ -41,6 +41,19 @@ pub enum TenantsCommand {
         #[command(flatten)]
         target: Target,
     },
+    /// Show or set a tenant's async quota (setting needs an admin key): reserved concurrency
+    /// (calls that start whatever the load) and its weight in the fair share of the rest.
+    Quota {
+        name: String,
+        /// Async calls that start whatever the nodes' load (0 removes the reservation).
+        #[arg(long)]
+        reserved: Option<u32>,
+        /// Weight in the fair share of capacity beyond reservations (default 1).
+        #[arg(long, requires = "reserved")]
+        weight: Option<u32>,
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 pub async fn run(cmd: TenantsCommand) -> anyhow::Result<()> {
@@ -75,6 +88,53 @@ pub async fn run(cmd: TenantsCommand) -> anyhow::Result<()> {
                 n("/artifacts/files"),
                 format_bytes(n("/artifacts/bytes"))
             );
+            println!(
+                "async      reserved {}, weight {}; running {} ({} borrowed); queued {} ({} with a start window), {} later",
+                n("/async/reserved"),
+                n("/async/weight"),
+                n("/async/running"),
+                n("/async/borrowed"),
+                n("/async/queued"),
+                n("/async/queued_windowed"),
+                n("/async/later"),
+            );
+            let waiting: Vec<String> = v
+                .pointer("/async/waiting")
+                .and_then(|w| w.as_object())
+                .into_iter()
+                .flatten()
+                .map(|(class, reason)| format!("{class} work by {}", reason.as_str().unwrap_or_default()))
+                .collect();
+            if !waiting.is_empty() {
+                println!("waiting    {}", waiting.join(", "));
+            }
+            let held: Vec<&str> = v
+                .pointer("/async/downstream_held")
+                .and_then(|w| w.as_array())
+                .into_iter()
+                .flatten()
+                .filter_map(|f| f.as_str())
+                .collect();
+            if !held.is_empty() {
+                println!("held       {} (a downstream is saturated)", held.join(", "));
+            }
+            println!(
+                "node       guests use {:.0}% of its cores (target {:.0}%)",
+                v.pointer("/async/node_utilization").and_then(|x| x.as_f64()).unwrap_or(0.0) * 100.0,
+                v.pointer("/async/node_utilization_target").and_then(|x| x.as_f64()).unwrap_or(0.0) * 100.0,
+            );
+        }
+        TenantsCommand::Quota { name, reserved, weight, target } => {
+            let client = Client::new(&target)?;
+            let path = format!("/v1/tenants/{name}/quota");
+            let v = match reserved {
+                Some(reserved) => {
+                    let body = json!({ "reserved": reserved, "weight": weight.unwrap_or(1) });
+                    client.json(client.request(Method::PUT, &path).json(&body)).await?
+                }
+                None => client.json(client.request(Method::GET, &path)).await?,
+            };
+            println!("tenant {name}: reserved {}, weight {}", v["reserved"], v["weight"]);
         }
         TenantsCommand::Limits { name, rate, burst, clear, target } => {
             let client = Client::new(&target)?;

@@ -16,6 +16,13 @@ pub const RATE_PER_SEC_MIN: f64 = 1.0 / 86_400.0;
 /// The fastest rate limit: beyond it a limit is pointless (and the refill period rounds to 0).
 pub const RATE_PER_SEC_MAX: f64 = 1e9;
 
+/// The largest reservation a tenant or function may hold: more than any node's async slots, so
+/// that it never binds by itself, small enough that sums cannot overflow.
+pub const RESERVED_CONCURRENCY_MAX: u32 = 100_000;
+/// The widest default start window (the idempotency window is a day; a week is plenty for work
+/// that can wait).
+pub const START_WINDOW_MS_MAX: u64 = 7 * 24 * 60 * 60 * 1000;
+
 /// The configuration of one immutable function version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -43,6 +50,13 @@ pub struct FunctionConfig {
     pub burst: Option<u32>,
     /// Calls of this function running at once on a node; `None`: bounded only by the node.
     pub max_concurrency: Option<u32>,
+    /// Async calls of this function that start whatever the node's load (guaranteed
+    /// concurrency, counted over the cluster); `None`: only the tenant's reservation applies.
+    pub reserved_concurrency: Option<u32>,
+    /// The start window an async call gets when it names no `sluice-deadline`: its deadline is
+    /// then this long after its start time, and the scheduler may hold it for a trough
+    /// meanwhile. `None`: no deadline (it runs as soon as capacity allows).
+    pub start_window_ms: Option<u64>,
     /// Environment variables the guest sees after `env`, whose values are never shown. Not part
     /// of the serialized configuration: the store keeps the values beside it, and the API
     /// shows only the names.
@@ -64,6 +78,8 @@ impl Default for FunctionConfig {
             rate_per_sec: None,
             burst: None,
             max_concurrency: None,
+            reserved_concurrency: None,
+            start_window_ms: None,
             secrets: Secrets::default(),
         }
     }
@@ -122,6 +138,16 @@ impl FunctionConfig {
         }
         if self.max_concurrency == Some(0) || self.burst == Some(0) {
             return bad("max concurrency and burst must be at least 1".into());
+        }
+        if let Some(r) = self.reserved_concurrency
+            && r > RESERVED_CONCURRENCY_MAX
+        {
+            return bad(format!("reserved concurrency must be at most {RESERVED_CONCURRENCY_MAX}, got {r}"));
+        }
+        if let Some(w) = self.start_window_ms
+            && !(1_000..=START_WINDOW_MS_MAX).contains(&w)
+        {
+            return bad(format!("the start window must be between 1s and 7d, got {w}ms"));
         }
         Ok(())
     }

@@ -56,6 +56,12 @@ pub struct InvocationInfo {
     /// it made), summed over its attempts; null before an attempt finished. Recorded for every
     /// async invocation, and for sync calls that are recorded (with logs or an error).
     pub cpu_ms: Option<f64>,
+    /// Why its last attempt waited to start, as the scheduler that leased it saw it: the whole
+    /// wait (`queued_ms`, from when it became runnable) and the milliseconds of it that each
+    /// reason held it (`quota_ms`, `utilization_ms`, `downstream_ms`, `start_window_ms`; a reason
+    /// that did not hold it is left out). Null for sync calls and before the first lease.
+    #[schema(value_type = Option<Object>)]
+    pub waits: Option<serde_json::Value>,
 }
 
 impl InvocationInfo {
@@ -74,6 +80,7 @@ impl InvocationInfo {
             status_code: inv.status_code,
             error_kind: inv.error_kind.clone(),
             cpu_ms: inv.cpu_us.map(|us| us as f64 / 1000.0),
+            waits: inv.waits.as_deref().and_then(|w| serde_json::from_str(w).ok()),
         }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Path, State};
 use serde::{Deserialize, Serialize};
-use sluice_core::Scope;
+use sluice_core::{Clock, Scope};
 use sluice_runtime::{ArtifactUsage, CodeStats, LaneStats};
 use utoipa::ToSchema;
 
@@ -148,6 +148,38 @@ pub struct TenantUsage {
     pub blob_bytes: u64,
     /// Compiled artifacts of the tenant's components on this node.
     pub artifacts: DiskInfo,
+    /// Its async work and how the scheduler treats it.
+    #[serde(rename = "async")]
+    pub async_work: AsyncUsage,
+}
+
+/// A tenant's async work now (DESIGN.md section 4): its quota, what runs, what waits and why.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct AsyncUsage {
+    /// Reserved concurrency: calls that start whatever the load.
+    pub reserved: u32,
+    /// Weight in the fair share of capacity beyond reservations.
+    pub weight: u32,
+    /// Invocations running now, on every node.
+    pub running: u64,
+    /// Of those, how many run beyond the reservation (opportunistic: on capacity lent by idle
+    /// reservations and unused headroom).
+    pub borrowed: u64,
+    /// Runnable invocations waiting to start.
+    pub queued: u64,
+    /// Of those, with a start window (a deadline): they may be held for a trough.
+    pub queued_windowed: u64,
+    /// Not runnable yet (a future `sluice-start-after`, or waiting for a retry).
+    pub later: u64,
+    /// Why each class of its runnable work waited in this node's last scheduling round:
+    /// class (`due`, `plain`, `deferrable`) → reason (`quota`, `utilization`, `downstream`,
+    /// `start_window`). Empty when nothing was held.
+    pub waiting: std::collections::BTreeMap<String, String>,
+    /// Functions whose calls are held because a downstream is saturated.
+    pub downstream_held: Vec<String>,
+    /// This node's scheduler: guests' share of its cores (recent average) and its target.
+    pub node_utilization: f64,
+    pub node_utilization_target: f64,
 }
 
 /// A tenant's usage: functions, versions, stored components and compiled artifacts.
@@ -170,6 +202,19 @@ pub(crate) async fn tenant_usage(
     auth.require(&tenant, Scope::Read)?;
     let storage = node.store.tenant_storage(&tenant).await?;
     let artifacts = node.runtime.artifact_usage(Some(&tenant)).await?;
+    let now = sluice_core::SystemClock.now_ms();
+    let queue = node.store.tenant_queue(&tenant, now).await?;
+    let quota = node
+        .store
+        .tenant_quotas()
+        .await?
+        .into_iter()
+        .find(|(t, _)| *t == tenant)
+        .map(|(_, q)| q)
+        .unwrap_or_default();
+    let view =
+        node.scheduling.read().expect("scheduling lock").as_ref().map(|s| s.view()).unwrap_or_default();
+    let mine = view.tenants.get(&tenant).cloned().unwrap_or_default();
     Ok(Json(TenantUsage {
         tenant,
         functions: storage.functions,
@@ -177,6 +222,23 @@ pub(crate) async fn tenant_usage(
         blobs: storage.blobs,
         blob_bytes: storage.blob_bytes,
         artifacts: artifacts.into(),
+        async_work: AsyncUsage {
+            reserved: quota.reserved,
+            weight: quota.weight,
+            running: queue.running,
+            borrowed: queue.running.saturating_sub(u64::from(quota.reserved)),
+            queued: queue.runnable,
+            queued_windowed: queue.runnable_windowed,
+            later: queue.later,
+            waiting: mine
+                .waiting
+                .iter()
+                .map(|(class, reason)| (class.as_str().to_string(), reason.as_str().to_string()))
+                .collect(),
+            downstream_held: mine.downstream_held,
+            node_utilization: (view.utilization * 1000.0).round() / 1000.0,
+            node_utilization_target: view.utilization_target,
+        },
     }))
 }
 

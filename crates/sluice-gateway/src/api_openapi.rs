@@ -93,6 +93,13 @@ pub struct FunctionConfigSchema {
     /// Calls of this function running at once on a node; null: bounded by the node only.
     #[schema(minimum = 1)]
     pub max_concurrency: Option<u32>,
+    /// Async calls that start whatever the node's load (reserved concurrency over the cluster);
+    /// null: only the tenant's reservation.
+    #[schema(minimum = 0, maximum = 100000)]
+    pub reserved_concurrency: Option<u32>,
+    /// Default start window in milliseconds of async calls without `sluice-deadline`; null: none.
+    #[schema(minimum = 1000, maximum = 604800000)]
+    pub start_window_ms: Option<u64>,
 }
 
 impl Default for FunctionConfigSchema {
@@ -110,6 +117,8 @@ impl Default for FunctionConfigSchema {
             rate_per_sec: c.rate_per_sec,
             burst: c.burst,
             max_concurrency: c.max_concurrency,
+            reserved_concurrency: c.reserved_concurrency,
+            start_window_ms: c.start_window_ms,
         }
     }
 }

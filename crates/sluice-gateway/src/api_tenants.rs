@@ -331,3 +331,105 @@ pub(crate) async fn set_tenant_limits(
     node.admission.set_tenant_rate(&tenant, rate);
     Ok(Json(TenantLimits { rate_per_sec: rate.map(|r| r.per_sec), burst: rate.map(|r| r.burst) }))
 }
+
+/// A tenant's share of async capacity (DESIGN.md section 4).
+#[derive(Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TenantQuota {
+    /// Async calls of the tenant that start whatever the nodes' load (counted over the
+    /// cluster). Beyond it, its calls are opportunistic: they run only while a node is under its
+    /// utilization target, sharing that capacity with other tenants by weight.
+    #[schema(minimum = 0, maximum = 100000)]
+    pub reserved: u32,
+    /// Its weight in the fair share of opportunistic capacity; default 1.
+    #[schema(minimum = 1, maximum = 1000)]
+    #[serde(default = "weight_default")]
+    pub weight: u32,
+}
+
+fn weight_default() -> u32 {
+    1
+}
+
+/// Most weight a tenant may hold against another's 1.
+pub const WEIGHT_MAX: u32 = 1000;
+
+/// Set a tenant's async quota (admin only): reserved concurrency and fair-share weight.
+#[utoipa::path(
+    put,
+    path = "/v1/tenants/{tenant}/quota",
+    tag = "tenants",
+    params(("tenant" = String, Path, description = "Tenant name")),
+    request_body = TenantQuota,
+    responses(
+        (status = 200, description = "The quota now in force", body = TenantQuota),
+        (status = 400, description = "Invalid reservation or weight", body = ErrorBody),
+        (status = 403, description = "Not an admin key", body = ErrorBody),
+        (status = 404, description = "No such tenant", body = ErrorBody),
+        (status = 413, description = "Request body too large", body = ErrorBody),
+    )
+)]
+pub(crate) async fn set_tenant_quota(
+    State(node): State<Arc<Node>>,
+    auth: Auth,
+    Path(tenant): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<TenantQuota>> {
+    if !auth.0.sees(&tenant) {
+        return Err(SluiceError::not_found(format!("no tenant {tenant}")).into());
+    }
+    if !auth.0.is_admin() {
+        return Err(admin_only("set tenant quotas").into());
+    }
+    let req: TenantQuota = json_body(&body, "quota")?;
+    let max = sluice_core::function::RESERVED_CONCURRENCY_MAX;
+    if req.reserved > max {
+        return Err(SluiceError::bad_request(format!(
+            "reserved must be at most {max}, got {}",
+            req.reserved
+        ))
+        .into());
+    }
+    if !(1..=WEIGHT_MAX).contains(&req.weight) {
+        return Err(SluiceError::bad_request(format!(
+            "weight must be between 1 and {WEIGHT_MAX}, got {}",
+            req.weight
+        ))
+        .into());
+    }
+    let quota = sluice_store::Quota { reserved: req.reserved, weight: req.weight };
+    // The default quota is stored as no row: `tenants quota t --reserved 0` restores it.
+    let stored = (quota != sluice_store::Quota::default()).then_some(quota);
+    node.store.set_tenant_quota(&tenant, stored).await?;
+    Ok(Json(req))
+}
+
+/// A tenant's async quota (reserved concurrency and weight).
+#[utoipa::path(
+    get,
+    path = "/v1/tenants/{tenant}/quota",
+    tag = "tenants",
+    params(("tenant" = String, Path, description = "Tenant name")),
+    responses(
+        (status = 200, description = "The quota in force", body = TenantQuota),
+        (status = 403, description = "The key lacks the `read` scope", body = ErrorBody),
+        (status = 404, description = "No such tenant (or another tenant's)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn get_tenant_quota(
+    State(node): State<Arc<Node>>,
+    auth: Auth,
+    Path(tenant): Path<String>,
+) -> ApiResult<Json<TenantQuota>> {
+    auth.require(&tenant, Scope::Read)?;
+    require_tenant(&node, &tenant).await?;
+    let quota = node
+        .store
+        .tenant_quotas()
+        .await?
+        .into_iter()
+        .find(|(t, _)| *t == tenant)
+        .map(|(_, q)| q)
+        .unwrap_or_default();
+    Ok(Json(TenantQuota { reserved: quota.reserved, weight: quota.weight }))
+}

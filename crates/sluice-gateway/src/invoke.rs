@@ -97,6 +97,18 @@ async fn call(
     if is_async {
         return enqueue(node, &deployed, req, path_and_query, public, invocation_id).await;
     }
+    // A downstream the function calls is at its adaptive limit: another call would only wait
+    // for it (or add to its overload). Async calls wait in the queue instead.
+    if node.runtime.downstreams().saturated(tenant, function) {
+        return Err(SluiceError::new(
+            ErrorKind::Overloaded,
+            format!(
+                "a downstream service of {tenant}/{function} is saturated (its concurrency limit is \
+                 reached); retry later, or call asynchronously to wait in the queue"
+            ),
+        )
+        .retry_after(1));
+    }
     let function_slot = deployed.admission.acquire(function)?;
     let node_slot = node.admission.shed()?;
     // A hot function's code is in the cache; a cold one's is mapped from its artifact (or, after
@@ -115,6 +127,7 @@ async fn call(
         timeout: Duration::from_millis(deployed.config.timeout_ms),
         lane: Lane::Sync,
         group: deployed.tenant_group.clone(),
+        function: deployed.function_name.clone(),
         on_done: Some(recorder(node, &deployed, [function_slot, Some(node_slot)])),
     };
     let running = node.runtime.invoke(&prepared, call, Request::from_parts(parts, body));
@@ -226,7 +239,11 @@ async fn enqueue(
         idempotency_key,
         criticality,
         run_after: start_after.unwrap_or(now),
-        deadline,
+        // Without its own deadline a call gets the function's default start window, if any.
+        deadline: deadline.or_else(|| {
+            let window = i64::try_from(deployed.config.start_window_ms?).ok()?;
+            Some(start_after.unwrap_or(now).saturating_add(window))
+        }),
         attempts_max: deployed.config.attempts_max,
         max_age_ms: deployed.config.max_age_ms,
     };

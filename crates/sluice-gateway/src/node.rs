@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use sluice_core::{FunctionConfig, Limits, Scope, SluiceError};
 use sluice_runtime::{BlobSource, CodeKey, Prepared, Runtime};
@@ -41,6 +42,10 @@ pub struct NodeConfig {
     pub memory_keep_resident_bytes: usize,
     /// The code cache and the compile pool.
     pub code: sluice_runtime::CodeConfig,
+    /// Fraction of the node's cores guests may use before async work beyond reservations waits.
+    pub utilization_target: f64,
+    /// An async call whose deadline is this close starts whatever the load.
+    pub promote_ahead: Duration,
 }
 
 impl NodeConfig {
@@ -52,6 +57,8 @@ impl NodeConfig {
             tenant_rate: None,
             sync_inflight_max: 512,
             async_inflight_max: 256,
+            utilization_target: 0.8,
+            promote_ahead: Duration::from_secs(30),
             async_enqueue_inflight_max: 256,
             deploy_inflight_max: 8,
             lease_ms: 30_000,
@@ -76,6 +83,8 @@ pub struct Deployed {
     pub admission: FunctionAdmission,
     /// The tenant, as the runtime's slow-lane group (slots are bounded per tenant).
     pub tenant_group: Arc<str>,
+    /// The function's name, shared with every call (no allocation per call).
+    pub function_name: Arc<str>,
 }
 
 impl Deployed {
@@ -85,7 +94,8 @@ impl Deployed {
         let admission = FunctionAdmission::new(rate, config.max_concurrency, Default::default());
         let code_key = CodeKey::new(&record.tenant, &record.blob_digest);
         let tenant_group = code_key.tenant.clone();
-        Self { record, config, code_key, admission, tenant_group }
+        let function_name = Arc::from(record.function.as_str());
+        Self { record, config, code_key, admission, tenant_group, function_name }
     }
 }
 
@@ -194,6 +204,8 @@ pub struct Node {
     pub admission: Admission,
     /// Notified when an invocation is queued here: the scheduler waits on it between polls.
     pub queued: Arc<tokio::sync::Notify>,
+    /// What the scheduler last saw and decided, once it runs (`GET /v1/tenants/{t}/usage`).
+    pub scheduling: RwLock<Option<Arc<sluice_scheduler::SchedulerStats>>>,
     /// The recorder's writer, until the composition root takes it to supervise it.
     recorder_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Async calls being accepted now (see [`NodeConfig::async_enqueue_inflight_max`]).
@@ -233,6 +245,7 @@ impl Node {
             recorder,
             admission,
             queued: Arc::default(),
+            scheduling: RwLock::default(),
             recorder_task: Mutex::new(Some(recorder_task)),
             async_enqueues: Arc::default(),
             deploys: Arc::default(),

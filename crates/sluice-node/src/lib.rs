@@ -83,6 +83,9 @@ impl Tasks {
         config.lease_ms = node.config.lease_ms;
         config.heartbeat = Duration::from_millis(node.config.lease_ms / 3);
         config.shutdown_grace = node.config.limits.shutdown_grace;
+        config.utilization_target = node.config.utilization_target;
+        config.promote_ahead = node.config.promote_ahead;
+        config.cores = node.config.lanes.slow_threads;
         let functions: Arc<dyn Functions> = Arc::new(NodeFunctions(Arc::downgrade(node)));
         let scheduler = Scheduler::start(
             config,
@@ -93,6 +96,7 @@ impl Tasks {
             node.queued.clone(),
         );
         self.supervisor.watch_handle("scheduler", scheduler.task());
+        *node.scheduling.write().expect("scheduling lock") = Some(scheduler.stats());
         *self.scheduler.lock().expect("scheduler lock") = Some(scheduler);
     }
 
@@ -390,6 +394,22 @@ impl Functions for NodeFunctions {
             let (prepared, _) = node.code(&key).await?;
             Ok(Some(Ready { config, prepared }))
         })
+    }
+
+    fn reservations(&self) -> Vec<(String, String, u32)> {
+        let Some(node) = self.0.upgrade() else { return Vec::new() };
+        node.deployed()
+            .iter()
+            .filter_map(|d| {
+                let reserved = d.config.reserved_concurrency.filter(|r| *r > 0)?;
+                Some((d.record.tenant.clone(), d.record.function.clone(), reserved))
+            })
+            .collect()
+    }
+
+    fn saturated(&self, tenant: &str) -> Vec<String> {
+        let Some(node) = self.0.upgrade() else { return Vec::new() };
+        node.runtime.downstreams().saturated_functions(tenant)
     }
 }
 

@@ -81,6 +81,9 @@ pub struct LaneStats {
     pub slow_running: usize,
     /// How the slow lane's threads were lowered: `idle` (SCHED_IDLE), `nice` or `none`.
     pub slow_priority: &'static str,
+    /// Time guests spent on threads since start, both lanes, in nanoseconds: what the scheduler
+    /// measures the node's utilization with.
+    pub guest_cpu_ns: u64,
 }
 
 /// The slow lane: its runtime and its slots.
@@ -95,6 +98,7 @@ pub(crate) struct Lanes {
     slow_waiting: Arc<AtomicUsize>,
     slow_running: Arc<AtomicUsize>,
     priority: Arc<Mutex<&'static str>>,
+    guest_cpu_ns: Arc<AtomicU64>,
 }
 
 impl Lanes {
@@ -122,6 +126,7 @@ impl Lanes {
             slow_waiting: Arc::default(),
             slow_running: Arc::default(),
             priority,
+            guest_cpu_ns: Arc::default(),
         })
     }
 
@@ -140,6 +145,7 @@ impl Lanes {
             slow_waiting: self.slow_waiting.load(Ordering::Relaxed),
             slow_running: self.slow_running.load(Ordering::Relaxed),
             slow_priority: *self.priority.lock().expect("lane priority lock"),
+            guest_cpu_ns: self.guest_cpu_ns.load(Ordering::Relaxed),
         }
     }
 
@@ -162,6 +168,7 @@ impl Lanes {
         let node_slots = self.node_slots.clone();
         let waiting = self.slow_waiting.clone();
         let running = self.slow_running.clone();
+        let total = self.guest_cpu_ns.clone();
         self.handle.spawn(async move {
             meter.wait_began_ns.store(meter.origin.elapsed().as_nanos() as u64, Ordering::Relaxed);
             waiting.fetch_add(1, Ordering::Relaxed);
@@ -175,7 +182,7 @@ impl Lanes {
             meter.wait_began_ns.store(u64::MAX, Ordering::Relaxed);
             running.fetch_add(1, Ordering::Relaxed);
             let _running = Counted(running);
-            SlowRun { fut, meter, _permits: (group_permit, node_permit) }.await
+            SlowRun { fut, meter, total, _permits: (group_permit, node_permit) }.await
         })
     }
 }
@@ -348,6 +355,7 @@ where
                     let ended = meter.origin.elapsed().as_nanos() as u64;
                     meter.poll_began_ns.store(u64::MAX, Ordering::Relaxed);
                     meter.busy_ns.fetch_add(ended.saturating_sub(began), Ordering::Relaxed);
+                    this.lanes.guest_cpu_ns.fetch_add(ended.saturating_sub(began), Ordering::Relaxed);
                     match polled {
                         Poll::Ready(out) => {
                             this.state = State::Done;
@@ -396,6 +404,8 @@ impl<F: Future> Drop for LaneFuture<F> {
 struct SlowRun<F: Future> {
     fut: Pin<Box<F>>,
     meter: Arc<Meter>,
+    /// The lanes' total of guest time.
+    total: Arc<AtomicU64>,
     _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
 }
 
@@ -409,6 +419,7 @@ impl<F: Future> Future for SlowRun<F> {
         let polled = this.fut.as_mut().poll(cx);
         let used = thread_cpu_now().saturating_sub(began);
         this.meter.busy_ns.fetch_add(used.as_nanos() as u64, Ordering::Relaxed);
+        this.total.fetch_add(used.as_nanos() as u64, Ordering::Relaxed);
         polled
     }
 }

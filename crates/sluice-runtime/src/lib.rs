@@ -2,14 +2,16 @@
 //! (pooling allocator, epoch interruption), turns uploaded bytes into validated, compiled and
 //! pre-instantiated components (native artifacts on disk, a bounded cache of loaded ones: `code`),
 //! and runs one invocation in a fresh `Store` with its own memory limit, deadline, log capture
-//! and outbound policy.
+//! and outbound policy. It keeps the node's adaptive concurrency limits of the downstreams
+//! functions call (`downstream`), which the outbound policy obeys and feeds.
 //!
-//! It knows nothing of keys, the store or HTTP routing (a tenant is only a name for a lane group
-//! and an artifact directory): callers hand it a request and a
+//! It knows nothing of keys, the store or HTTP routing (a tenant is only a name for a lane group,
+//! an artifact directory and a key of downstream limits): callers hand it a request and a
 //! [`FunctionConfig`] and get back a response head, a streaming body and, when the guest is done,
 //! an [`Outcome`].
 
 mod code;
+pub mod downstream;
 mod lanes;
 mod logs;
 mod outbound;
@@ -36,6 +38,7 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 pub use code::{ArtifactFile, ArtifactUsage, BlobSource, CodeConfig, CodeKey, CodeStats, Origin};
+pub use downstream::{DownstreamState, Downstreams};
 pub use lanes::{LaneConfig, LaneStats};
 pub use logs::LogCapture;
 pub use outbound::is_private;
@@ -171,6 +174,7 @@ pub struct Runtime {
     engine_fingerprint: String,
     lanes: Arc<lanes::Lanes>,
     code: code::CodeCache,
+    downstreams: Arc<Downstreams>,
 }
 
 impl Runtime {
@@ -218,12 +222,19 @@ impl Runtime {
         let lanes = Arc::new(lanes::Lanes::new(config.lanes.clone())?);
         let code = code::CodeCache::new(config.code.clone())?;
         spawn_epoch_ticker(&engine);
-        Ok(Self { engine, linker, config, engine_fingerprint, lanes, code })
+        let downstreams = Arc::new(Downstreams::new());
+        Ok(Self { engine, linker, config, engine_fingerprint, lanes, code, downstreams })
     }
 
     /// What the CPU lanes are doing.
     pub fn lane_stats(&self) -> LaneStats {
         self.lanes.stats()
+    }
+
+    /// The concurrency limits of every function's downstreams on this node: the scheduler and
+    /// the gateway ask it whether a function may start, the API shows it.
+    pub fn downstreams(&self) -> &Arc<Downstreams> {
+        &self.downstreams
     }
 
     pub fn config(&self) -> &RuntimeConfig {
@@ -306,7 +317,16 @@ impl Runtime {
             table,
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
-            hooks: outbound::OutboundPolicy::new(call.config.clone(), &self.config, logs.clone()),
+            hooks: outbound::OutboundPolicy::new(
+                call.config.clone(),
+                &self.config,
+                logs.clone(),
+                outbound::DownstreamScope {
+                    registry: self.downstreams.clone(),
+                    tenant: call.group.clone(),
+                    function: call.function.clone(),
+                },
+            ),
             limiter: Limiter { memory_bytes_max: call.config.memory_bytes as usize, memory_limit_hit: false },
             deadline,
             meter: meter.clone(),
@@ -481,6 +501,9 @@ pub struct Call {
     pub lane: Lane,
     /// Slow-lane slots are bounded per group: the caller passes the tenant.
     pub group: Arc<str>,
+    /// The function's name (within the group): downstream concurrency limits are kept per
+    /// (tenant, function, downstream host).
+    pub function: Arc<str>,
     /// Called with the outcome when the guest is done, before the outcome is sent to
     /// [`Running`]; the place to record it without keeping a task per call.
     pub on_done: Option<OnDone>,

@@ -10,7 +10,15 @@
 //!
 //! A denied request fails inside the guest with a wasi:http error (`HTTP-request-denied`, or
 //! `destination-IP-prohibited` for a private address), never touches the network beyond the
-//! name lookup, and leaves a `system` line in the invocation's log.
+//! name lookup, never touches the downstream limits, and leaves a `system` line in the
+//! invocation's log.
+//!
+//! An allowed request takes a permit of its function's limit for its `host:port`
+//! ([`crate::downstream`]) after the address check and before connecting, and reports what it
+//! saw: 429, 503 and 504, a failed connection, no connection or no response head in time are
+//! overload; any other response head is a success with its latency. The wait for a permit is part
+//! of connecting (it counts against the connect timeout), and the permit is held until the
+//! response body has ended or been dropped, since the downstream is busy until then.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -31,6 +39,7 @@ use wasmtime_wasi_http::io::TokioIo;
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
 
 use crate::RuntimeConfig;
+use crate::downstream::{Acquire, DownstreamPermit, Downstreams, Outcome};
 use crate::logs::LogCapture;
 
 /// Where names are resolved and connections made. The system one in production; tests inject
@@ -53,6 +62,20 @@ impl Network for SystemNetwork {
     }
 }
 
+/// Whose downstream limits an invocation's requests count against.
+#[derive(Clone)]
+pub(crate) struct DownstreamScope {
+    pub(crate) registry: Arc<Downstreams>,
+    pub(crate) tenant: Arc<str>,
+    pub(crate) function: Arc<str>,
+}
+
+impl DownstreamScope {
+    fn acquire(&self, host_port: &str) -> Acquire {
+        self.registry.acquire(&self.tenant, &self.function, host_port)
+    }
+}
+
 /// Per-invocation outbound policy; implements wasmtime-wasi-http's hooks.
 pub struct OutboundPolicy {
     config: Arc<FunctionConfig>,
@@ -60,18 +83,25 @@ pub struct OutboundPolicy {
     limits: OutboundLimits,
     network: Arc<dyn Network>,
     logs: LogCapture,
+    downstream: DownstreamScope,
     /// Requests the guest has asked for so far, denied ones included.
     requests_made: u32,
 }
 
 impl OutboundPolicy {
-    pub(crate) fn new(config: Arc<FunctionConfig>, runtime: &RuntimeConfig, logs: LogCapture) -> Self {
+    pub(crate) fn new(
+        config: Arc<FunctionConfig>,
+        runtime: &RuntimeConfig,
+        logs: LogCapture,
+        downstream: DownstreamScope,
+    ) -> Self {
         Self::with_network(
             config,
             runtime.outbound_allow_private,
             runtime.outbound.clone(),
             Arc::new(SystemNetwork),
             logs,
+            downstream,
         )
     }
 
@@ -81,8 +111,9 @@ impl OutboundPolicy {
         limits: OutboundLimits,
         network: Arc<dyn Network>,
         logs: LogCapture,
+        downstream: DownstreamScope,
     ) -> Self {
-        Self { config, allow_private, limits, network, logs, requests_made: 0 }
+        Self { config, allow_private, limits, network, logs, downstream, requests_made: 0 }
     }
 }
 
@@ -125,25 +156,81 @@ impl WasiHttpHooks for OutboundPolicy {
         let timeouts = Timeouts::of(options, &self.limits);
         let allow_private = self.allow_private;
         let network = self.network.clone();
+        let downstream = self.downstream.clone();
         Box::new(async move {
-            // One deadline for resolving, connecting and the TLS handshake, over every address
-            // tried: a per-address timeout would let a name with many dead addresses multiply it.
+            // One deadline for resolving, waiting for a permit, connecting and the TLS handshake,
+            // over every address tried: a per-address timeout would let a name with many dead
+            // addresses multiply it.
             let deadline = Instant::now() + timeouts.connect;
             let addrs = resolve_checked(&*network, &host, port, allow_private, deadline, &logs).await?;
-            let stream = connect_first(&*network, &addrs, deadline).await?;
-            let stream: Box<dyn Connection> = if https {
-                let name = tls_server_name(&host)?;
-                let tls = timeout_at(deadline, tls_connector().connect(name, stream))
-                    .await
-                    .map_err(|_| HttpError::ConnectionTimeout)?
-                    .map_err(HttpError::Tls)?;
-                Box::new(tls)
-            } else {
-                Box::new(stream)
+            let key = downstream_key(&host, port);
+            let Ok(mut permit) = timeout_at(deadline, downstream.acquire(&key)).await else {
+                logs.system(format!(
+                    "outbound request to {key} timed out waiting for a slot: this function already \
+                     had as many requests in flight to that downstream as its adaptive limit allows"
+                ));
+                return Err(HttpError::ConnectionTimeout);
             };
-            let (res, io) = send(stream, request, deadline, timeouts).await?;
-            Ok((res.map(BodyExt::boxed_unsync), Box::new(io) as IoFuture))
+            let sent_at = Instant::now();
+            let exchange = async {
+                let stream = connect_first(&*network, &addrs, deadline).await?;
+                let stream: Box<dyn Connection> = if https {
+                    let name = tls_server_name(&host)?;
+                    let tls = timeout_at(deadline, tls_connector().connect(name, stream))
+                        .await
+                        .map_err(|_| HttpError::ConnectionTimeout)?
+                        .map_err(HttpError::Tls)?;
+                    Box::new(tls)
+                } else {
+                    Box::new(stream)
+                };
+                send(stream, request, deadline, timeouts).await
+            };
+            match exchange.await {
+                Ok((res, io)) => {
+                    permit.record(response_outcome(res.status(), sent_at.elapsed()));
+                    let res = res.map(|body| ResponseBody { permit: Some(permit), ..body });
+                    Ok((res.map(BodyExt::boxed_unsync), Box::new(io) as IoFuture))
+                }
+                Err(err) => {
+                    permit.done(failure_outcome(&err));
+                    Err(err)
+                }
+            }
         })
+    }
+}
+
+/// The key of a downstream's limit: `host:port`, the host in lower case (names are
+/// case-insensitive) and an IPv6 literal in brackets.
+fn downstream_key(host: &str, port: u16) -> String {
+    let host = host.to_ascii_lowercase();
+    if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") }
+}
+
+/// What a response head says about its downstream's load: 429 (too many requests), 503
+/// (unavailable) and 504 (a gateway in front of it timed out) are overload; anything else is an
+/// answer, however unwelcome.
+fn response_outcome(status: http::StatusCode, latency: Duration) -> Outcome {
+    match status.as_u16() {
+        429 | 503 | 504 => Outcome::Overload,
+        _ => Outcome::Ok { latency },
+    }
+}
+
+/// What a request that got no response head says about its downstream's load.
+fn failure_outcome(err: &HttpError) -> Outcome {
+    match err {
+        // A refused or unanswered connection, or a response head that did not come in time, is
+        // what an overloaded (or down) downstream looks like from here.
+        HttpError::Connect(_)
+        | HttpError::ConnectionRefused
+        | HttpError::ConnectionTimeout
+        | HttpError::ConnectionReadTimeout
+        | HttpError::ConnectionLimitReached
+        | HttpError::DestinationUnavailable => Outcome::Overload,
+        // TLS and protocol failures say nothing about load.
+        _ => Outcome::Other,
     }
 }
 
@@ -282,7 +369,7 @@ async fn send(
         // Tokio panics on a zero interval; 1 ns is as good as zero.
         let mut timeout = tokio::time::interval(between_bytes.max(Duration::from_nanos(1)));
         timeout.reset();
-        Ok(res.map(|incoming| ResponseBody { incoming, timeout }))
+        Ok(res.map(|incoming| ResponseBody { incoming, timeout, permit: None }))
     };
     let mut send = pin!(send);
     let mut conn = Some(conn);
@@ -311,10 +398,18 @@ async fn send(
 }
 
 /// A response body that fails with `connection-read-timeout` when no frame arrives within the
-/// between-bytes timeout.
+/// between-bytes timeout, and holds the request's downstream permit until it has ended.
 struct ResponseBody {
     incoming: hyper::body::Incoming,
     timeout: tokio::time::Interval,
+    permit: Option<DownstreamPermit>,
+}
+
+impl ResponseBody {
+    /// The exchange is over (the body ended or failed): the downstream slot is free.
+    fn release(&mut self) {
+        self.permit.take();
+    }
 }
 
 impl http_body::Body for ResponseBody {
@@ -326,18 +421,25 @@ impl http_body::Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, HttpError>>> {
         match Pin::new(&mut self.incoming).poll_frame(cx) {
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(if err.is_timeout() {
-                HttpError::HttpResponseTimeout
-            } else {
-                HttpError::from(err)
-            }))),
+            Poll::Ready(None) => {
+                self.release();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(err))) => {
+                self.release();
+                Poll::Ready(Some(Err(if err.is_timeout() {
+                    HttpError::HttpResponseTimeout
+                } else {
+                    HttpError::from(err)
+                })))
+            }
             Poll::Ready(Some(Ok(frame))) => {
                 self.timeout.reset();
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Pending => {
                 ready!(self.timeout.poll_tick(cx));
+                self.release();
                 Poll::Ready(Some(Err(HttpError::ConnectionReadTimeout)))
             }
         }
@@ -418,6 +520,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
+    use crate::downstream::Phase;
 
     #[test]
     fn private_ranges_with_their_boundaries() {
@@ -584,6 +687,12 @@ mod tests {
 
     /// A local HTTP server answering every request with `pong` (or never, if `silent`).
     async fn server(silent: bool) -> SocketAddr {
+        let pong: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nconnection: close\r\n\r\npong";
+        serve((!silent).then_some(pong)).await
+    }
+
+    /// A local HTTP server answering every request with `response` (or never, if `None`).
+    async fn serve(response: Option<&'static [u8]>) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -592,12 +701,10 @@ mod tests {
                 tokio::spawn(async move {
                     let mut buf = [0u8; 4096];
                     let _ = s.read(&mut buf).await;
-                    if silent {
-                        std::future::pending::<()>().await;
-                    }
-                    let _ = s
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nconnection: close\r\n\r\npong")
-                        .await;
+                    let Some(response) = response else {
+                        return std::future::pending::<()>().await;
+                    };
+                    let _ = s.write_all(response).await;
                 });
             }
         });
@@ -610,13 +717,26 @@ mod tests {
         limits: OutboundLimits,
         network: Arc<FakeNetwork>,
     ) -> OutboundPolicy {
+        policy_in(allow, allow_private, limits, network, Arc::new(Downstreams::new()))
+    }
+
+    /// A policy of function `f` of tenant `t` that counts against the limits in `registry`.
+    fn policy_in(
+        allow: &str,
+        allow_private: bool,
+        limits: OutboundLimits,
+        network: Arc<FakeNetwork>,
+        registry: Arc<Downstreams>,
+    ) -> OutboundPolicy {
         let config = FunctionConfig { allow_outbound: vec![allow.into()], ..Default::default() };
+        let downstream = DownstreamScope { registry, tenant: "t".into(), function: "f".into() };
         OutboundPolicy::with_network(
             Arc::new(config),
             allow_private,
             limits,
             network,
             LogCapture::new(1 << 16),
+            downstream,
         )
     }
 
@@ -721,5 +841,117 @@ mod tests {
         let err = get(&mut policy, "http://svc.example/", Some(asks_an_hour)).await.unwrap_err();
         assert!(matches!(err, HttpError::ConnectionReadTimeout), "{err:?}");
         assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    }
+
+    #[test]
+    fn downstream_keys_and_what_a_response_says_about_load() {
+        assert_eq!(downstream_key("API.Example.com", 443), "api.example.com:443");
+        assert_eq!(downstream_key("2001:db8::1", 8080), "[2001:db8::1]:8080");
+        let ms = Duration::from_millis(7);
+        for status in [429, 503, 504] {
+            assert_eq!(response_outcome(status.try_into().unwrap(), ms), Outcome::Overload, "{status}");
+        }
+        for status in [200, 404, 500, 502] {
+            assert_eq!(
+                response_outcome(status.try_into().unwrap(), ms),
+                Outcome::Ok { latency: ms },
+                "{status}"
+            );
+        }
+        assert_eq!(failure_outcome(&HttpError::ConnectionTimeout), Outcome::Overload);
+        assert_eq!(failure_outcome(&HttpError::ConnectionReadTimeout), Outcome::Overload);
+        assert_eq!(
+            failure_outcome(&HttpError::Connect(io::ErrorKind::ConnectionRefused.into())),
+            Outcome::Overload
+        );
+        assert_eq!(failure_outcome(&HttpError::TlsCertificateError), Outcome::Other);
+    }
+
+    #[tokio::test]
+    async fn a_downstream_answering_503_lowers_its_limit_and_denied_requests_leave_it_alone() {
+        let registry = Arc::new(Downstreams::new());
+        let limit = |registry: &Downstreams| {
+            let states = registry.snapshot("t", "f");
+            assert_eq!(states.len(), 1, "{states:?}");
+            states[0].clone()
+        };
+
+        // Successes one after another grow the limit only as far as it is used (1 in flight:
+        // up to 3).
+        let ok = FakeNetwork::new(&[&["93.184.216.34:80"]], server(false).await);
+        let mut policy = policy_in("svc.example", false, OutboundLimits::default(), ok, registry.clone());
+        for _ in 0..3 {
+            assert_eq!(get(&mut policy, "http://svc.example/", None).await.unwrap(), "pong");
+        }
+        let state = limit(&registry);
+        assert_eq!(state.host, "svc.example:80");
+        assert_eq!((state.limit, state.in_flight, state.successes_total), (3, 0, 3));
+        assert_eq!(state.phase, Phase::SlowStart);
+        assert!(state.latency_min_ms.is_some() && state.latency_ewma_ms.is_some());
+
+        // The same downstream, now answering 503: the guest gets the response, the limit halves.
+        let busy: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-length: 4\r\n\
+                            connection: close\r\n\r\nbusy";
+        let unavailable = FakeNetwork::new(&[&["93.184.216.34:80"]], serve(Some(busy)).await);
+        let mut policy =
+            policy_in("svc.example", false, OutboundLimits::default(), unavailable.clone(), registry.clone());
+        assert_eq!(get(&mut policy, "http://svc.example/", None).await.unwrap(), "busy");
+        let state = limit(&registry);
+        assert_eq!((state.limit, state.in_flight, state.overloads_total), (1, 0, 1));
+        assert_eq!(state.phase, Phase::Avoidance);
+        assert!(state.last_decrease_ago_ms.is_some());
+
+        // A refused connection is an overload too (within the cooldown: counted, not halved
+        // again; the limit is at its floor anyway).
+        let mut refusing = FakeNetwork::new(&[&["93.184.216.34:80"]], serve(Some(busy)).await);
+        Arc::get_mut(&mut refusing).unwrap().refuse = vec!["93.184.216.34:80".parse().unwrap()];
+        let mut policy =
+            policy_in("svc.example", false, OutboundLimits::default(), refusing, registry.clone());
+        let err = get(&mut policy, "http://svc.example/", None).await.unwrap_err();
+        assert!(matches!(err, HttpError::Connect(_)), "{err:?}");
+        let state = limit(&registry);
+        assert_eq!((state.limit, state.in_flight, state.overloads_total), (1, 0, 2));
+
+        // Denied requests (not allowed, private) never reach the limiter.
+        let mut policy =
+            policy_in("svc.example", false, OutboundLimits::default(), unavailable, registry.clone());
+        assert!(matches!(
+            get(&mut policy, "http://other.example/", None).await.unwrap_err(),
+            HttpError::HttpRequestDenied
+        ));
+        let private = FakeNetwork::new(&[&["10.0.0.1:80"]], serve(Some(busy)).await);
+        let mut policy =
+            policy_in("svc.example", false, OutboundLimits::default(), private, registry.clone());
+        assert!(matches!(
+            get(&mut policy, "http://svc.example/", None).await.unwrap_err(),
+            HttpError::DestinationIpProhibited
+        ));
+        let state = limit(&registry);
+        assert_eq!((state.successes_total, state.overloads_total, state.others_total), (3, 2, 0));
+    }
+
+    #[tokio::test]
+    async fn a_request_that_cannot_get_a_slot_in_time_fails_as_a_connect_timeout() {
+        let registry = Arc::new(Downstreams::new());
+        // Another invocation of the same function holds both slots of the initial limit.
+        let held = [
+            registry.acquire("t", "f", "svc.example:80").await,
+            registry.acquire("t", "f", "svc.example:80").await,
+        ];
+        assert!(registry.saturated("t", "f"));
+        let network = FakeNetwork::new(&[&["93.184.216.34:80"]], server(false).await);
+        let mut policy =
+            policy_in("svc.example", false, OutboundLimits::default(), network.clone(), registry.clone());
+        let short = RequestOptions { connect_timeout: Some(Duration::from_millis(50)), ..Default::default() };
+        let err = get(&mut policy, "http://svc.example/", Some(short)).await.unwrap_err();
+        assert!(matches!(err, HttpError::ConnectionTimeout), "{err:?}");
+        assert!(network.connects().is_empty(), "it never connected");
+        let state = &registry.snapshot("t", "f")[0];
+        assert_eq!((state.in_flight, state.waiting, state.overloads_total), (2, 0, 0), "gave up its place");
+        assert!(system_lines(&policy).contains("timed out waiting for a slot"));
+
+        // Once a slot frees, the request goes through.
+        drop(held);
+        assert_eq!(get(&mut policy, "http://svc.example/", None).await.unwrap(), "pong");
     }
 }

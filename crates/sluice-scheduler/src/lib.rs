@@ -10,7 +10,10 @@
 //! It knows nothing of HTTP serving or tenants' keys; it finds functions through [`Functions`].
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
+pub mod plan;
+pub mod waits;
+
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,7 +24,10 @@ use http_body_util::{BodyExt, Full};
 use sluice_core::retry::{Next, RetryPolicy};
 use sluice_core::{Clock, ErrorKind, FunctionConfig, LogStream, UnixMs};
 use sluice_runtime::{BodyError, Call, Lane, Prepared, Runtime};
-use sluice_store::{AttemptResult, Leased, Store, StoredResponse};
+use sluice_store::{AttemptResult, LeaseClass, Leased, QueueDemand, Quota, Store, StoredResponse};
+
+use crate::plan::{Pacer, Service, TenantInput, WaitReason};
+use crate::waits::HoldLog;
 use tokio::sync::{Notify, watch};
 use tokio::task::{AbortHandle, JoinSet};
 
@@ -39,6 +45,12 @@ pub trait Functions: Send + Sync + 'static {
         function: &str,
         version: i64,
     ) -> futures::future::BoxFuture<'static, Result<Option<Ready>, sluice_core::SluiceError>>;
+
+    /// Functions with a reserved concurrency of their own: `(tenant, function, reserved)`.
+    fn reservations(&self) -> Vec<(String, String, u32)>;
+
+    /// The functions of `tenant` whose calls should not start now (a downstream is saturated).
+    fn saturated(&self, tenant: &str) -> Vec<String>;
 }
 
 /// Bounds and periods of the scheduler; each a named setting.
@@ -64,6 +76,16 @@ pub struct SchedulerConfig {
     pub response_body_bytes_max: usize,
     /// Time running invocations get to finish on shutdown before their leases are given back.
     pub shutdown_grace: Duration,
+    /// Fraction of the node's cores guests may use before work beyond reservations waits.
+    pub utilization_target: f64,
+    /// A call whose deadline is this close is due: it starts whatever the load. Covers the
+    /// expected run time of a call plus slack.
+    pub promote_ahead: Duration,
+    /// How often the queue's demand and the tenants' quotas are read at most (between reads a
+    /// round plans with what it read last, less what it leased since).
+    pub demand_refresh: Duration,
+    /// Cores guests can use on this node (what utilization is a fraction of).
+    pub cores: usize,
 }
 
 impl SchedulerConfig {
@@ -78,6 +100,10 @@ impl SchedulerConfig {
             lease_linger: Duration::from_millis(2),
             response_body_bytes_max: 6 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(30),
+            utilization_target: 0.8,
+            promote_ahead: Duration::from_secs(30),
+            demand_refresh: Duration::from_millis(20),
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }
@@ -104,6 +130,9 @@ struct Running {
     /// The guest is done and its result is being recorded. A heartbeat then finds the lease gone
     /// when the completion committed first: that is the end of the attempt, not a lost lease.
     completing: bool,
+    /// Started as opportunistic work (beyond reservations, under the utilization target): it
+    /// counts against the pacer's limit.
+    opportunistic: bool,
 }
 
 /// What the scheduler is doing, for the node's heartbeat and API.
@@ -114,9 +143,41 @@ pub struct SchedulerStats {
     /// How long the invocations of the last non-empty lease had waited past their start time, at
     /// most; 0 after a lease that found nothing.
     lag_ms: AtomicU64,
+    /// What the last planning round saw and decided, for the API.
+    view: Mutex<SchedulingView>,
+}
+
+/// What the scheduler's last round saw and decided (`GET /v1/tenants/{t}/usage`, `GET
+/// /v1/nodes`).
+#[derive(Debug, Clone, Default)]
+pub struct SchedulingView {
+    /// Fraction of the node's cores guests used over the last measurement (an average).
+    pub utilization: f64,
+    pub utilization_target: f64,
+    /// How many opportunistic calls may run on this node now, and run.
+    pub opportunistic_limit: u32,
+    pub opportunistic_running: u32,
+    /// Per tenant: its quota and, per class of its runnable work, why that work waited in the
+    /// last round.
+    pub tenants: BTreeMap<String, TenantView>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TenantView {
+    pub quota: Quota,
+    /// Running on every node at the last demand read.
+    pub running: u32,
+    /// `(class, reason)` for each class of its work left waiting in the last round.
+    pub waiting: Vec<(LeaseClass, WaitReason)>,
+    /// Functions held back because a downstream is saturated.
+    pub downstream_held: Vec<String>,
 }
 
 impl SchedulerStats {
+    pub fn view(&self) -> SchedulingView {
+        self.view.lock().expect("scheduling view").clone()
+    }
+
     pub fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::Relaxed)
     }
@@ -182,28 +243,40 @@ async fn run_loop(ctx: Arc<Ctx>, notify: Arc<Notify>, mut stop: watch::Receiver<
     // database dropped its connections) must not hold back the renewal of running leases.
     let heartbeats = tokio::spawn(heartbeat_loop(ctx.clone()));
     let mut store_backoff = Duration::from_millis(100);
+    let mut planner = Planner::new(&ctx);
     loop {
         while tasks.try_join_next().is_some() {}
         let room = ctx.config.inflight_max.saturating_sub(tasks.len());
         let mut full_batch = false;
         if room > 0 {
-            let want = (room as u32).min(ctx.config.batch_max);
-            let now = ctx.clock.now_ms();
-            match ctx.store.lease(&ctx.config.owner, now, ctx.config.lease_ms, want).await {
-                Ok(batch) => {
+            match planner.round(&ctx, room as u32).await {
+                Ok((leased, asked)) => {
                     store_backoff = Duration::from_millis(100);
-                    full_batch = batch.len() as u32 == want;
-                    let lag = batch.iter().map(|inv| now.saturating_sub(inv.run_after)).max().unwrap_or(0);
+                    let got: usize = leased.iter().map(|(l, _)| l.len()).sum();
+                    full_batch = asked > 0 && got as u32 == asked;
+                    let now = ctx.clock.now_ms();
+                    let lag = leased
+                        .iter()
+                        .flat_map(|(l, _)| l.iter())
+                        .map(|inv| now.saturating_sub(inv.run_after))
+                        .max()
+                        .unwrap_or(0);
                     ctx.stats.lag_ms.store(u64::try_from(lag).unwrap_or(0), Ordering::Relaxed);
-                    for inv in batch {
-                        // An older attempt of the same invocation still running here lost its
-                        // lease (this node was starved past it): it stops before this one starts.
-                        stop_attempts(&ctx, |(id, attempt), _| id == &inv.id && *attempt < inv.attempt);
-                        let key = (inv.id.clone(), inv.attempt);
-                        ctx.running.lock().expect("running set").insert(key.clone(), Running::default());
-                        let handle = tasks.spawn(run_one(ctx.clone(), inv));
-                        if let Some(running) = ctx.running.lock().expect("running set").get_mut(&key) {
-                            running.task = Some(handle);
+                    for (batch, opportunistic) in leased {
+                        for inv in batch {
+                            // An older attempt of the same invocation still running here lost its
+                            // lease (this node was starved past it): it stops before this one
+                            // starts.
+                            stop_attempts(&ctx, |(id, attempt), _| id == &inv.id && *attempt < inv.attempt);
+                            let key = (inv.id.clone(), inv.attempt);
+                            ctx.running
+                                .lock()
+                                .expect("running set")
+                                .insert(key.clone(), Running { opportunistic, ..Running::default() });
+                            let handle = tasks.spawn(run_one(ctx.clone(), inv));
+                            if let Some(running) = ctx.running.lock().expect("running set").get_mut(&key) {
+                                running.task = Some(handle);
+                            }
                         }
                     }
                     ctx.stats.in_flight.store(tasks.len() as u64, Ordering::Relaxed);
@@ -221,15 +294,274 @@ async fn run_loop(ctx: Arc<Ctx>, notify: Arc<Notify>, mut stop: watch::Receiver<
             continue;
         }
         let linger_until = tokio::time::Instant::now() + ctx.config.lease_linger;
+        // Work held back (over target, a saturated downstream) is looked at again soon even
+        // when nothing happens: the next round may find a trough.
+        let idle = if planner.holding { ctx.config.demand_refresh.max(PACE) } else { ctx.config.poll_idle };
         tokio::select! {
             _ = stop.changed() => break,
-            _ = notify.notified() => tokio::time::sleep_until(linger_until).await,
+            _ = notify.notified() => {
+                planner.notified = true;
+                tokio::time::sleep_until(linger_until).await
+            }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            _ = tokio::time::sleep(ctx.config.poll_idle) => {}
+            _ = tokio::time::sleep(idle) => {}
         }
     }
     drain(&ctx, tasks).await;
     heartbeats.abort();
+}
+
+/// How often the pacer adjusts its limit to the measured utilization.
+pub const PACE: Duration = Duration::from_millis(100);
+/// How often tenants' quotas and functions' reservations are read again.
+const QUOTAS_REFRESH: Duration = Duration::from_secs(2);
+
+/// The loop's planning state: what it last read of the queue, the quotas, the pacer and the
+/// hold log.
+struct Planner {
+    pacer: Pacer,
+    demand: QueueDemand,
+    demand_read: Option<tokio::time::Instant>,
+    /// A local enqueue happened since the last demand read.
+    notified: bool,
+    /// The last round left runnable work waiting.
+    holding: bool,
+    quotas: HashMap<String, Quota>,
+    reservations: Vec<(String, String, u32)>,
+    quotas_read: Option<tokio::time::Instant>,
+    holds: HoldLog,
+    /// Each tenant's recent opportunistic service, for the fair share.
+    service: Service,
+    last_round: UnixMs,
+    /// Guest CPU time and when it was read, for utilization.
+    cpu: (u64, std::time::Instant),
+    paced: std::time::Instant,
+    utilization: f64,
+}
+
+impl Planner {
+    fn new(ctx: &Ctx) -> Self {
+        let now = std::time::Instant::now();
+        Self {
+            pacer: Pacer::new(ctx.config.utilization_target, ctx.config.inflight_max as u32),
+            demand: QueueDemand::default(),
+            demand_read: None,
+            notified: true,
+            holding: false,
+            quotas: HashMap::new(),
+            reservations: Vec::new(),
+            quotas_read: None,
+            holds: HoldLog::default(),
+            service: Service::default(),
+            last_round: ctx.clock.now_ms(),
+            cpu: (ctx.runtime.lane_stats().guest_cpu_ns, now),
+            paced: now,
+            utilization: 0.0,
+        }
+    }
+
+    /// Measures utilization (every [`PACE`]) and adjusts the pacer; returns how many more
+    /// opportunistic calls may start, and whether the node is over its target.
+    fn opportunistic_room(&mut self, ctx: &Ctx) -> (u32, bool) {
+        let running =
+            ctx.running.lock().expect("running set").values().filter(|r| r.opportunistic).count() as u32;
+        let now = std::time::Instant::now();
+        if now.duration_since(self.paced) >= PACE {
+            let cpu = ctx.runtime.lane_stats().guest_cpu_ns;
+            let span = now.duration_since(self.cpu.1).as_nanos() as f64;
+            let used = cpu.saturating_sub(self.cpu.0) as f64 / (span * ctx.config.cores.max(1) as f64);
+            // A short average (about half a second) so one long poll does not swing it.
+            self.utilization = 0.6 * self.utilization + 0.4 * used;
+            self.cpu = (cpu, now);
+            self.paced = now;
+            self.pacer.adjust(self.utilization, running);
+        }
+        // The limit alone gates: it shrinks in proportion while the node is over target. A
+        // hard stop at the target would empty the node for as long as the average lags behind.
+        (self.pacer.limit().saturating_sub(running), self.utilization >= ctx.config.utilization_target)
+    }
+
+    async fn refresh(&mut self, ctx: &Ctx) -> Result<(), sluice_store::StoreError> {
+        let now = tokio::time::Instant::now();
+        if self.quotas_read.is_none_or(|at| now.duration_since(at) >= QUOTAS_REFRESH) {
+            self.quotas = ctx.store.tenant_quotas().await?.into_iter().collect();
+            self.reservations = ctx.functions.reservations();
+            self.quotas_read = Some(now);
+        }
+        let stale = self.demand_read.is_none_or(|at| now.duration_since(at) >= ctx.config.demand_refresh);
+        if stale || self.notified {
+            self.demand = ctx
+                .store
+                .queue_demand(ctx.clock.now_ms(), promote_ahead_ms(ctx), ctx.config.batch_max.max(1))
+                .await?;
+            self.demand_read = Some(now);
+            self.notified = false;
+        }
+        Ok(())
+    }
+
+    /// Plans and leases one round with room for `room` more calls; returns what each ask leased
+    /// (and whether it was opportunistic) and how many calls were asked for.
+    async fn round(
+        &mut self,
+        ctx: &Ctx,
+        room: u32,
+    ) -> Result<(Vec<(Vec<Leased>, bool)>, u32), sluice_store::StoreError> {
+        self.refresh(ctx).await?;
+        let (opportunistic, over_target) = self.opportunistic_room(ctx);
+        self.service.decay_to(ctx.clock.now_ms());
+        let mut tenants: BTreeMap<String, TenantInput> = BTreeMap::new();
+        let mut running_by_function: HashMap<(&str, &str), u32> = HashMap::new();
+        let mut running_by_tenant: HashMap<&str, u32> = HashMap::new();
+        for (tenant, function, n) in &self.demand.running {
+            running_by_function.insert((tenant, function), *n);
+            *running_by_tenant.entry(tenant).or_default() += n;
+        }
+        for d in &self.demand.tenants {
+            let function_reservations = self
+                .reservations
+                .iter()
+                .filter(|(t, _, _)| t == &d.tenant)
+                .map(|(t, f, r)| {
+                    (f.clone(), *r, running_by_function.get(&(t.as_str(), f.as_str())).copied().unwrap_or(0))
+                })
+                .collect();
+            tenants.insert(
+                d.tenant.clone(),
+                TenantInput {
+                    quota: self.quotas.get(&d.tenant).copied().unwrap_or_default(),
+                    demand: d.clone(),
+                    running: running_by_tenant.get(d.tenant.as_str()).copied().unwrap_or(0),
+                    function_reservations,
+                    excluded: ctx.functions.saturated(&d.tenant),
+                    served: self.service.of(&d.tenant),
+                },
+            );
+        }
+        let plan = plan::plan(&tenants, room, opportunistic, over_target);
+        let asked: u32 = plan.asks.iter().map(|a| a.limit).sum();
+        let leased = if plan.asks.is_empty() {
+            Vec::new()
+        } else {
+            ctx.store
+                .lease_asks(
+                    &ctx.config.owner,
+                    ctx.clock.now_ms(),
+                    ctx.config.lease_ms,
+                    promote_ahead_ms(ctx),
+                    &plan.asks,
+                )
+                .await?
+        };
+
+        // What was leased is no longer demand; an ask that came back short drained its class.
+        let now = ctx.clock.now_ms();
+        for (ask, got) in plan.asks.iter().zip(&leased) {
+            if let Some(d) = self.demand.tenants.iter_mut().find(|d| d.tenant == ask.tenant) {
+                let left = match ask.class {
+                    LeaseClass::Due => &mut d.due,
+                    LeaseClass::Plain => &mut d.plain,
+                    LeaseClass::Deferrable => &mut d.deferrable,
+                };
+                *left = if (got.len() as u32) < ask.limit && ask.function.is_none() {
+                    0
+                } else {
+                    left.saturating_sub(got.len() as u32)
+                };
+            }
+        }
+
+        // Why the rest waits, and why what was leased waited.
+        let from = self.last_round;
+        self.holding = !plan.held.is_empty();
+        for ((tenant, class), reason) in &plan.held {
+            self.holds.held(tenant, *class, *reason, from, now);
+        }
+        for (tenant, t) in &tenants {
+            for function in &t.excluded {
+                self.holds.held_downstream(tenant, function, from, now);
+                self.holding = true;
+            }
+        }
+        self.last_round = now;
+        let waits: Vec<(String, u32, String)> = leased
+            .iter()
+            .flatten()
+            .map(|inv| {
+                let why = self.holds.explain(
+                    &inv.tenant,
+                    &inv.function,
+                    inv.deadline.is_some(),
+                    inv.run_after,
+                    now,
+                );
+                (inv.id.clone(), inv.attempt, why)
+            })
+            .collect();
+        if !waits.is_empty()
+            && let Err(e) = ctx.store.record_waits(&waits).await
+        {
+            tracing::debug!(error = %e, "recording why invocations waited failed");
+        }
+        self.holds.forget_before(now - HOLDS_KEPT_MS);
+
+        let view = SchedulingView {
+            utilization: self.utilization,
+            utilization_target: ctx.config.utilization_target,
+            opportunistic_limit: self.pacer.limit(),
+            opportunistic_running: ctx
+                .running
+                .lock()
+                .expect("running set")
+                .values()
+                .filter(|r| r.opportunistic)
+                .count() as u32,
+            tenants: tenants
+                .iter()
+                .map(|(name, t)| {
+                    let waiting = plan
+                        .held
+                        .iter()
+                        .filter(|((n, _), _)| n == name)
+                        .map(|((_, class), reason)| (*class, *reason))
+                        .collect();
+                    let view = TenantView {
+                        quota: t.quota,
+                        running: t.running,
+                        waiting,
+                        downstream_held: t.excluded.clone(),
+                    };
+                    (name.clone(), view)
+                })
+                .collect(),
+        };
+        *ctx.stats.view.lock().expect("scheduling view") = view;
+
+        // The asks after the first opportunistic one are opportunistic (the plan lists them last).
+        let mut seen = 0;
+        let firm = plan.asks.iter().map(|a| a.limit).sum::<u32>() - plan.opportunistic;
+        let leased = plan
+            .asks
+            .iter()
+            .zip(leased)
+            .map(|(ask, got)| {
+                let opportunistic = seen >= firm;
+                seen += ask.limit;
+                if opportunistic {
+                    self.service.add(&ask.tenant, got.len() as u32);
+                }
+                (got, opportunistic)
+            })
+            .collect();
+        Ok((leased, asked))
+    }
+}
+
+/// How long the hold log remembers (longer than any wait worth explaining in detail).
+const HOLDS_KEPT_MS: i64 = 24 * 60 * 60 * 1000;
+
+fn promote_ahead_ms(ctx: &Ctx) -> u64 {
+    ctx.config.promote_ahead.as_millis() as u64
 }
 
 /// Renews the running leases every `heartbeat`, until aborted (after the drain).
@@ -402,6 +734,7 @@ async fn execute(ctx: &Ctx, inv: &Leased) -> Attempt {
         // heartbeats run: a flood of CPU-bound calls must not delay any of them.
         lane: Lane::Async,
         group: Arc::from(inv.tenant.as_str()),
+        function: Arc::from(inv.function.as_str()),
         on_done: None,
     };
     let running = ctx.runtime.invoke(&ready.prepared, call, request);
@@ -503,3 +836,6 @@ fn build_request(inv: &Leased) -> Result<http::Request<GuestRequestBody>, String
         Full::new(Bytes::from(r.body.clone())).map_err(never as fn(Infallible) -> BodyError);
     builder.body(body).map_err(|e| format!("the stored request is not valid HTTP: {e}"))
 }
+
+#[cfg(test)]
+mod sim_tests;

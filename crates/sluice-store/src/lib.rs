@@ -131,6 +131,9 @@ pub struct Invocation {
     /// Microseconds on a thread, summed over attempts; `None` before any attempt finished (and
     /// for rows recorded before CPU time was).
     pub cpu_us: Option<u64>,
+    /// Why its last attempt waited to start, as the scheduler that leased it saw it (a JSON
+    /// object of milliseconds by reason); `None` for sync calls and before any lease.
+    pub waits: Option<String>,
 }
 
 /// An HTTP request or response as stored for an async invocation.
@@ -205,6 +208,92 @@ pub struct Leased {
     /// When it became runnable (enqueued, or its retry was due): how long it waited is the
     /// queue's lag.
     pub run_after: UnixMs,
+}
+
+/// Which of a tenant's runnable invocations a [`LeaseAsk`] takes: the scheduler's classes
+/// (DESIGN.md section 4). "Due" is relative to the ask's `promote_ahead_ms`: a call whose
+/// deadline is within it must start now, whatever the node's load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LeaseClass {
+    /// With a deadline within `now + promote_ahead_ms`: earliest deadline first.
+    Due,
+    /// Without a deadline: criticality, then `run_after`.
+    Plain,
+    /// With a deadline beyond `now + promote_ahead_ms` (a wide start window, so it can wait for a
+    /// trough): criticality, then deadline.
+    Deferrable,
+}
+
+impl LeaseClass {
+    pub const ALL: [LeaseClass; 3] = [LeaseClass::Due, LeaseClass::Plain, LeaseClass::Deferrable];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeaseClass::Due => "due",
+            LeaseClass::Plain => "plain",
+            LeaseClass::Deferrable => "deferrable",
+        }
+    }
+}
+
+/// Part of a lease: up to `limit` runnable invocations of one tenant (and function), of one class.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseAsk {
+    pub tenant: String,
+    /// Only this function's invocations; `None`: any of the tenant's.
+    pub function: Option<String>,
+    /// Functions whose invocations are not taken (their downstream is saturated).
+    pub exclude: Vec<String>,
+    pub class: LeaseClass,
+    pub limit: u32,
+}
+
+/// How much runnable work a tenant has, per class, each count capped at the `cap` asked for (the
+/// scheduler needs to know "at least this much", and a count must not cost a scan of the queue).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TenantDemand {
+    pub tenant: String,
+    pub due: u32,
+    pub plain: u32,
+    pub deferrable: u32,
+}
+
+/// What the scheduler plans a round with: every tenant's runnable work, and what runs now in the
+/// whole cluster, by `(tenant, function)`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueDemand {
+    /// Tenants with any runnable work, by name.
+    pub tenants: Vec<TenantDemand>,
+    /// `(tenant, function, running invocations)`, by tenant and function.
+    pub running: Vec<(String, String, u32)>,
+}
+
+/// A tenant's share of async capacity (DESIGN.md section 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    /// Async calls of the tenant that start whatever the node's load (guaranteed concurrency).
+    pub reserved: u32,
+    /// Its weight in the fair share of what is beyond reservations (1 for everyone by default).
+    pub weight: u32,
+}
+
+impl Default for Quota {
+    fn default() -> Self {
+        Self { reserved: 0, weight: 1 }
+    }
+}
+
+/// A tenant's async work now, exactly counted (`GET /v1/tenants/{t}/usage`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TenantQueue {
+    /// Invocations running, on any node.
+    pub running: u64,
+    /// Runnable now (queued, or failed and due for their retry).
+    pub runnable: u64,
+    /// Of those, with a deadline (a start window).
+    pub runnable_windowed: u64,
+    /// Not runnable yet (`sluice-start-after` in the future, or waiting for a retry).
+    pub later: u64,
 }
 
 /// The result of one attempt, recorded together with the state change.
@@ -282,6 +371,11 @@ pub trait Store: Send + Sync + 'static {
     async fn set_tenant_rate(&self, tenant: &str, rate: Option<(f64, u32)>) -> StoreResult<()>;
     /// Every tenant's own rate limit: `(tenant, calls per second, burst)`.
     async fn tenant_rates(&self) -> StoreResult<Vec<(String, f64, u32)>>;
+    /// Sets a tenant's quota, or with `None` removes it (no reservation, weight 1). `NotFound`
+    /// for an unknown tenant. Announced to other nodes as [`Change::Limits`].
+    async fn set_tenant_quota(&self, tenant: &str, quota: Option<Quota>) -> StoreResult<()>;
+    /// Every tenant's quota that was set.
+    async fn tenant_quotas(&self) -> StoreResult<Vec<(String, Quota)>>;
 
     // --- keys ---
     async fn create_key(&self, key: &KeyRecord) -> StoreResult<()>;
@@ -368,6 +462,26 @@ pub trait Store: Send + Sync + 'static {
     /// exceeds `attempts_max`. A cluster store takes `now` from the database's clock, so that
     /// clock skew between nodes cannot decide who owns an invocation.
     async fn lease(&self, owner: &str, now: UnixMs, lease_ms: u64, limit: u32) -> StoreResult<Vec<Leased>>;
+    /// Leases like [`Store::lease`], but what each [`LeaseAsk`] selects, asks in order (the
+    /// scheduler's plan); returns what each ask leased, in the asks' order. An invocation is
+    /// leased at most once even if two asks select it.
+    /// `promote_ahead_ms` splits the classes (see [`LeaseClass`]); a cluster store measures it
+    /// from the database's clock.
+    async fn lease_asks(
+        &self,
+        owner: &str,
+        now: UnixMs,
+        lease_ms: u64,
+        promote_ahead_ms: u64,
+        asks: &[LeaseAsk],
+    ) -> StoreResult<Vec<Vec<Leased>>>;
+    /// Every tenant's runnable work by class (each count capped at `cap`), and what runs now.
+    async fn queue_demand(&self, now: UnixMs, promote_ahead_ms: u64, cap: u32) -> StoreResult<QueueDemand>;
+    /// One tenant's async work now, counted exactly (costs a scan of its pending rows).
+    async fn tenant_queue(&self, tenant: &str, now: UnixMs) -> StoreResult<TenantQueue>;
+    /// Records why leased attempts waited: `(id, attempt, JSON)`, for the attempts that are
+    /// still that attempt (a later one keeps its own).
+    async fn record_waits(&self, waits: &[(String, u32, String)]) -> StoreResult<()>;
     /// Extends the leases `owner` still holds, each for the same attempt (the fencing token), to
     /// `now + lease_ms` (never shortening one). Returns the leases it no longer holds (reclaimed,
     /// and perhaps leased again as a later attempt). A cluster store takes `now` from the

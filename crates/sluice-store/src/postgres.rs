@@ -24,14 +24,15 @@ use tokio::sync::broadcast;
 
 use crate::queue::{LeaseOp, Writer};
 use crate::rows::{
-    config_to_json, get, invocation_from_row, key_from_row, log_line_from_row, node_from_row,
-    response_from_row, rows, scopes_to_text, summary_from_row, sync_batch_json, tenant_from_row,
-    version_from_row,
+    config_to_json, demand_from_rows, get, invocation_from_row, key_from_row, log_line_from_row,
+    node_from_row, quota_from_row, response_from_row, rows, scopes_to_text, summary_from_row,
+    sync_batch_json, tenant_from_row, tenant_queue_from_counts, version_from_row,
 };
 use crate::{
     AttemptResult, Change, Enqueued, FunctionSummary, IDEMPOTENCY_WINDOW_MS, Invocation, InvocationFilter,
-    KeyRecord, Leased, LogLine, LogStream, NewInvocation, NodeRecord, Store, StoreError, StoreResult,
-    StoredResponse, SyncRecord, Tenant, TenantStorage, VersionRecord, corrupt,
+    KeyRecord, LeaseAsk, Leased, LogLine, LogStream, NewInvocation, NodeRecord, QueueDemand, Quota, Store,
+    StoreError, StoreResult, StoredResponse, SyncRecord, Tenant, TenantQueue, TenantStorage, VersionRecord,
+    corrupt,
 };
 
 mod queue;
@@ -65,12 +66,38 @@ struct Migration {
     sql: &'static str,
 }
 
+/// Each tenant's runnable work by class, each count stopping at $3 rows (see the SQLite store's
+/// `QUEUE_DEMAND`): $1 now or NULL, $2 promote_ahead_ms.
+const QUEUE_DEMAND: &str = "
+    WITH now AS (SELECT COALESCE($1::bigint, sluice_now_ms()) AS ms)
+    SELECT * FROM (
+        SELECT t.name AS tenant,
+            (SELECT count(*) FROM (SELECT 1 FROM invocations, now
+                WHERE status IN ('queued', 'failed') AND deadline IS NOT NULL AND tenant = t.name
+                  AND deadline <= now.ms + $2 AND run_after <= now.ms LIMIT $3) AS d) AS due,
+            (SELECT count(*) FROM (SELECT 1 FROM invocations, now
+                WHERE status IN ('queued', 'failed') AND deadline IS NULL AND tenant = t.name
+                  AND run_after <= now.ms LIMIT $3) AS p) AS plain,
+            (SELECT count(*) FROM (SELECT 1 FROM invocations, now
+                WHERE status IN ('queued', 'failed') AND deadline IS NOT NULL AND tenant = t.name
+                  AND deadline > now.ms + $2 AND run_after <= now.ms LIMIT $3) AS w) AS windowed
+        FROM tenants AS t) AS counts
+    WHERE due + plain + windowed > 0
+    ORDER BY tenant";
+
 /// Every migration, in order; append-only, like the SQLite store's.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial schema",
-    sql: include_str!("../migrations/postgres/0001_initial.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial schema",
+        sql: include_str!("../migrations/postgres/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "scheduling",
+        sql: include_str!("../migrations/postgres/0002_scheduling.sql"),
+    },
+];
 
 /// Whose clock decides leases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -463,6 +490,42 @@ impl Store for PostgresStore {
             .collect()
     }
 
+    async fn set_tenant_quota(&self, tenant: &str, quota: Option<Quota>) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        require_tenant(&mut tx, tenant).await?;
+        match quota {
+            Some(q) => {
+                sqlx::query(
+                    "INSERT INTO tenant_quotas (tenant, reserved, weight) VALUES ($1, $2, $3)
+                     ON CONFLICT (tenant) DO UPDATE SET reserved = excluded.reserved, weight = excluded.weight",
+                )
+                .bind(tenant)
+                .bind(i64::from(q.reserved))
+                .bind(i64::from(q.weight))
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+            }
+            None => {
+                sqlx::query("DELETE FROM tenant_quotas WHERE tenant = $1")
+                    .bind(tenant)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(classify)?;
+            }
+        }
+        tx.commit().await.map_err(classify)
+    }
+
+    async fn tenant_quotas(&self) -> StoreResult<Vec<(String, Quota)>> {
+        let found: Vec<(String, i64, i64)> =
+            sqlx::query_as("SELECT tenant, reserved, weight FROM tenant_quotas ORDER BY tenant")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(classify)?;
+        found.into_iter().map(quota_from_row).collect()
+    }
+
     async fn create_key(&self, key: &KeyRecord) -> StoreResult<()> {
         let mut tx = self.begin().await?;
         if let Some(tenant) = &key.tenant {
@@ -842,7 +905,7 @@ impl Store for PostgresStore {
     async fn get_invocation(&self, id: &str) -> StoreResult<Option<Invocation>> {
         sqlx::query(
             "SELECT id, tenant, function, version, mode, status, attempts, created_at,
-                    started_at, finished_at, status_code, error_kind, cpu_us
+                    started_at, finished_at, status_code, error_kind, cpu_us, waits
              FROM invocations WHERE id = $1",
         )
         .bind(id)
@@ -912,17 +975,74 @@ impl Store for PostgresStore {
     }
 
     async fn lease(&self, owner: &str, now: UnixMs, lease_ms: u64, limit: u32) -> StoreResult<Vec<Leased>> {
-        let op = LeaseOp {
-            owner: owner.to_owned(),
-            now,
-            lease_ms: to_i64("lease_ms", lease_ms)?,
-            limit: i64::from(limit),
-        };
+        let op = LeaseOp::new(owner, now, lease_ms, limit, None)?;
         let mut connection = self.pool.acquire().await.map_err(classify)?;
         if self.sweep_due() {
             queue::sweep(&mut connection, self.now(now)).await?;
         }
         queue::lease(&mut connection, &op, self.now(now)).await
+    }
+
+    async fn lease_asks(
+        &self,
+        owner: &str,
+        now: UnixMs,
+        lease_ms: u64,
+        promote_ahead_ms: u64,
+        asks: &[LeaseAsk],
+    ) -> StoreResult<Vec<Vec<Leased>>> {
+        if asks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let op = LeaseOp::new(owner, now, lease_ms, 0, Some((asks, promote_ahead_ms)))?;
+        let mut connection = self.pool.acquire().await.map_err(classify)?;
+        if self.sweep_due() {
+            queue::sweep(&mut connection, self.now(now)).await?;
+        }
+        queue::lease_asks(&mut connection, &op, self.now(now)).await
+    }
+
+    async fn queue_demand(&self, now: UnixMs, promote_ahead_ms: u64, cap: u32) -> StoreResult<QueueDemand> {
+        let ahead = to_i64("promote_ahead_ms", promote_ahead_ms)?;
+        let tenants: Vec<(String, i64, i64, i64)> = sqlx::query_as(QUEUE_DEMAND)
+            .bind(self.now(now))
+            .bind(ahead)
+            .bind(i64::from(cap))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+        let running: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT tenant, function, count(*) FROM invocations WHERE status = 'running'
+             GROUP BY tenant, function ORDER BY tenant, function",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        demand_from_rows(tenants, running)
+    }
+
+    async fn tenant_queue(&self, tenant: &str, now: UnixMs) -> StoreResult<TenantQueue> {
+        let (running, runnable, runnable_windowed, later): (i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT
+                (SELECT count(*) FROM invocations WHERE status = 'running' AND tenant = $1),
+                (SELECT count(*) FROM invocations
+                 WHERE status IN ('queued', 'failed') AND tenant = $1 AND run_after <= $2),
+                (SELECT count(*) FROM invocations
+                 WHERE status IN ('queued', 'failed') AND tenant = $1 AND run_after <= $2
+                   AND deadline IS NOT NULL),
+                (SELECT count(*) FROM invocations
+                 WHERE status IN ('queued', 'failed') AND tenant = $1 AND run_after > $2)",
+        )
+        .bind(tenant)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(classify)?;
+        tenant_queue_from_counts(running, runnable, runnable_windowed, later)
+    }
+
+    async fn record_waits(&self, waits: &[(String, u32, String)]) -> StoreResult<()> {
+        self.writer.record_waits(waits).await
     }
 
     async fn heartbeat(
@@ -967,7 +1087,7 @@ impl Store for PostgresStore {
         let limit = i64::from(filter.limit.min(LIST_INVOCATIONS_LIMIT_MAX));
         let mut query = QueryBuilder::<Pg>::new(
             "SELECT id, tenant, function, version, mode, status, attempts, created_at,
-                    started_at, finished_at, status_code, error_kind, cpu_us
+                    started_at, finished_at, status_code, error_kind, cpu_us, waits
              FROM invocations WHERE tenant = ",
         );
         query.push_bind(&filter.tenant);

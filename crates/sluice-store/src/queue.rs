@@ -51,6 +51,7 @@ pub(crate) enum Op {
     Heartbeat(HeartbeatOp),
     RetryDead(RetryDeadOp),
     Purge(PurgeOp),
+    RecordWaits(RecordWaitsOp),
     Lease(LeaseOp),
 }
 
@@ -64,7 +65,10 @@ pub(crate) enum Done {
     Heartbeat(Vec<(String, u32)>),
     Retried(bool),
     Purged(u64),
+    WaitsRecorded,
     Leased(Vec<Leased>),
+    /// What each ask leased, in the asks' order.
+    LeasedAsks(Vec<Vec<Leased>>),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -75,18 +79,20 @@ enum Kind {
     Heartbeat,
     RetryDead,
     Purge,
+    RecordWaits,
     Lease,
 }
 
 impl Kind {
     /// The order in which a batch applies its kinds (see the module documentation).
-    const ORDER: [Kind; 7] = [
+    const ORDER: [Kind; 8] = [
         Kind::Enqueue,
         Kind::Complete,
         Kind::Release,
         Kind::Heartbeat,
         Kind::RetryDead,
         Kind::Purge,
+        Kind::RecordWaits,
         Kind::Lease,
     ];
 }
@@ -100,6 +106,7 @@ impl Op {
             Op::Heartbeat(_) => Kind::Heartbeat,
             Op::RetryDead(_) => Kind::RetryDead,
             Op::Purge(_) => Kind::Purge,
+            Op::RecordWaits(_) => Kind::RecordWaits,
             Op::Lease(_) => Kind::Lease,
         }
     }
@@ -113,7 +120,9 @@ impl Op {
             Op::Release(ReleaseOp { leases, .. }) | Op::Heartbeat(HeartbeatOp { leases, .. }) => {
                 SMALL + leases.len()
             }
-            Op::RetryDead(_) | Op::Purge(_) | Op::Lease(_) => SMALL,
+            Op::RecordWaits(op) => SMALL + op.rows.len(),
+            Op::Lease(op) => SMALL * (1 + op.asks.as_ref().map_or(0, Vec::len)),
+            Op::RetryDead(_) | Op::Purge(_) => SMALL,
         }
     }
 }
@@ -167,6 +176,44 @@ pub(crate) struct LeaseOp {
     pub now: UnixMs,
     pub lease_ms: i64,
     pub limit: i64,
+    /// The scheduler's asks, each with its excluded functions as a JSON array; `None`: one lease
+    /// in the queue's global order, up to `limit`.
+    pub asks: Option<Vec<(crate::LeaseAsk, String)>>,
+    pub promote_ahead_ms: i64,
+}
+
+impl LeaseOp {
+    pub(crate) fn new(
+        owner: &str,
+        now: UnixMs,
+        lease_ms: u64,
+        limit: u32,
+        asks: Option<(&[crate::LeaseAsk], u64)>,
+    ) -> StoreResult<Self> {
+        let (asks, promote_ahead_ms) = match asks {
+            None => (None, 0),
+            Some((asks, ahead)) => {
+                let asks = asks
+                    .iter()
+                    .map(|a| Ok((a.clone(), encode("excluded functions", &a.exclude)?)))
+                    .collect::<StoreResult<Vec<_>>>()?;
+                (Some(asks), to_i64("promote_ahead_ms", ahead)?)
+            }
+        };
+        Ok(Self {
+            owner: owner.to_owned(),
+            now,
+            lease_ms: to_i64("lease_ms", lease_ms)?,
+            limit: i64::from(limit),
+            asks,
+            promote_ahead_ms,
+        })
+    }
+}
+
+/// Why leased attempts waited, as a JSON array of `{id, attempt, waits}`.
+pub(crate) struct RecordWaitsOp {
+    pub rows: String,
 }
 
 /// `(name, hex(value))`: header values are bytes, JSON strings are not.
@@ -353,6 +400,19 @@ pub(crate) fn json_array<'a>(elements: impl IntoIterator<Item = &'a str>) -> Str
 }
 
 /// `[{"id": …, "attempt": …}, …]`: leases as the heartbeat and release statements read them.
+/// `[{id, attempt, waits}]`: the rows [`RecordWaitsOp`] applies.
+pub(crate) fn waits_json(waits: &[(String, u32, String)]) -> StoreResult<String> {
+    #[derive(serde::Serialize)]
+    struct Row<'a> {
+        id: &'a str,
+        attempt: u32,
+        waits: &'a str,
+    }
+    let rows: Vec<Row<'_>> =
+        waits.iter().map(|(id, attempt, waits)| Row { id, attempt: *attempt, waits }).collect();
+    encode("waits", &rows)
+}
+
 pub(crate) fn leases_json(leases: &[(String, u32)]) -> StoreResult<String> {
     #[derive(serde::Serialize)]
     struct Lease<'a> {
@@ -567,15 +627,38 @@ impl Writer {
         lease_ms: u64,
         limit: u32,
     ) -> StoreResult<Vec<Leased>> {
-        let op = LeaseOp {
-            owner: owner.to_owned(),
-            now,
-            lease_ms: to_i64("lease_ms", lease_ms)?,
-            limit: i64::from(limit),
-        };
+        let op = LeaseOp::new(owner, now, lease_ms, limit, None)?;
         match self.call(Op::Lease(op)).await? {
             Done::Leased(leased) => Ok(leased),
             other => unreachable!("the writer answered a lease with {other:?}"),
+        }
+    }
+
+    pub(crate) async fn lease_asks(
+        &self,
+        owner: &str,
+        now: UnixMs,
+        lease_ms: u64,
+        promote_ahead_ms: u64,
+        asks: &[crate::LeaseAsk],
+    ) -> StoreResult<Vec<Vec<Leased>>> {
+        if asks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let op = LeaseOp::new(owner, now, lease_ms, 0, Some((asks, promote_ahead_ms)))?;
+        match self.call(Op::Lease(op)).await? {
+            Done::LeasedAsks(leased) => Ok(leased),
+            other => unreachable!("the writer answered a lease with {other:?}"),
+        }
+    }
+
+    pub(crate) async fn record_waits(&self, waits: &[(String, u32, String)]) -> StoreResult<()> {
+        if waits.is_empty() {
+            return Ok(());
+        }
+        match self.call(Op::RecordWaits(RecordWaitsOp { rows: waits_json(waits)? })).await? {
+            Done::WaitsRecorded => Ok(()),
+            other => unreachable!("the writer answered record_waits with {other:?}"),
         }
     }
 

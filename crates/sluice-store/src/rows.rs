@@ -9,7 +9,8 @@ use sqlx::sqlite::SqliteRow;
 use crate::queue::{NO_DEADLINE, criticality_from_i64, headers_from_json};
 use crate::{
     FunctionSummary, Invocation, InvocationStatus, KeyRecord, Leased, LogLine, LogStream, NodeRecord,
-    StoreError, StoreResult, StoredRequest, StoredResponse, SyncRecord, Tenant, VersionRecord, corrupt,
+    QueueDemand, Quota, StoreError, StoreResult, StoredRequest, StoredResponse, SyncRecord, Tenant,
+    TenantDemand, TenantQueue, VersionRecord, corrupt,
 };
 
 /// A row from which a column of type `T` can be read.
@@ -155,6 +156,7 @@ pub(crate) fn invocation_from_row(row: &impl StoreRow) -> StoreResult<Invocation
         cpu_us: cpu_us
             .map(|c| u64::try_from(c).map_err(|_| corrupt(format_args!("cpu time {c}"))))
             .transpose()?,
+        waits: get(row, "waits")?,
     })
 }
 
@@ -311,5 +313,53 @@ pub(crate) fn response_from_row(row: &impl StoreRow) -> StoreResult<StoredRespon
         status: u16::try_from(status).map_err(|_| corrupt(format_args!("status {status}")))?,
         headers: headers_from_json(&headers)?,
         body: get(row, "body")?,
+    })
+}
+
+pub(crate) fn quota_from_row((tenant, reserved, weight): (String, i64, i64)) -> StoreResult<(String, Quota)> {
+    let reserved = u32::try_from(reserved).map_err(|_| corrupt(format_args!("reserved {reserved}")))?;
+    let weight = u32::try_from(weight).map_err(|_| corrupt(format_args!("weight {weight}")))?;
+    Ok((tenant, Quota { reserved, weight }))
+}
+
+fn count(what: &str, n: i64) -> StoreResult<u32> {
+    u32::try_from(n).map_err(|_| corrupt(format_args!("{what} count {n}")))
+}
+
+pub(crate) fn demand_from_rows(
+    tenants: Vec<(String, i64, i64, i64)>,
+    running: Vec<(String, String, i64)>,
+) -> StoreResult<QueueDemand> {
+    Ok(QueueDemand {
+        tenants: tenants
+            .into_iter()
+            .map(|(tenant, due, plain, deferrable)| {
+                Ok(TenantDemand {
+                    tenant,
+                    due: count("due", due)?,
+                    plain: count("plain", plain)?,
+                    deferrable: count("deferrable", deferrable)?,
+                })
+            })
+            .collect::<StoreResult<_>>()?,
+        running: running
+            .into_iter()
+            .map(|(tenant, function, n)| Ok((tenant, function, count("running", n)?)))
+            .collect::<StoreResult<_>>()?,
+    })
+}
+
+pub(crate) fn tenant_queue_from_counts(
+    running: i64,
+    runnable: i64,
+    runnable_windowed: i64,
+    later: i64,
+) -> StoreResult<TenantQueue> {
+    let n = |what: &str, v: i64| u64::try_from(v).map_err(|_| corrupt(format_args!("{what} count {v}")));
+    Ok(TenantQueue {
+        running: n("running", running)?,
+        runnable: n("runnable", runnable)?,
+        runnable_windowed: n("runnable", runnable_windowed)?,
+        later: n("later", later)?,
     })
 }

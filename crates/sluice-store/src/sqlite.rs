@@ -24,16 +24,16 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 
-use crate::queue::Writer;
+use crate::queue::{Writer, to_i64};
 use crate::rows::{
-    config_to_json, get, invocation_from_row, key_from_row, log_line_from_row, node_from_row,
-    response_from_row, rows, scopes_to_text, summary_from_row, sync_batch_json, tenant_from_row,
-    version_from_row,
+    config_to_json, demand_from_rows, get, invocation_from_row, key_from_row, log_line_from_row,
+    node_from_row, quota_from_row, response_from_row, rows, scopes_to_text, summary_from_row,
+    sync_batch_json, tenant_from_row, tenant_queue_from_counts, version_from_row,
 };
 use crate::{
     AttemptResult, Enqueued, FunctionSummary, IDEMPOTENCY_WINDOW_MS, Invocation, InvocationFilter, KeyRecord,
-    Leased, LogLine, LogStream, NewInvocation, NodeRecord, Store, StoreError, StoreResult, StoredResponse,
-    SyncRecord, Tenant, TenantStorage, VersionRecord, corrupt,
+    LeaseAsk, Leased, LogLine, LogStream, NewInvocation, NodeRecord, QueueDemand, Quota, Store, StoreError,
+    StoreResult, StoredResponse, SyncRecord, Tenant, TenantQueue, TenantStorage, VersionRecord, corrupt,
 };
 
 mod queue;
@@ -92,7 +92,35 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/sqlite/0006_version_retention.sql"),
     },
     Migration { version: 7, name: "nodes", sql: include_str!("../migrations/sqlite/0007_nodes.sql") },
+    Migration {
+        version: 8,
+        name: "scheduling",
+        sql: include_str!("../migrations/sqlite/0008_scheduling.sql"),
+    },
 ];
+
+/// Each tenant's runnable work by class, each count stopping at ?3 rows (an index probe per
+/// tenant and class, not a scan of the queue): ?1 now, ?2 promote_ahead_ms.
+const QUEUE_DEMAND: &str = "
+    SELECT * FROM (
+        SELECT t.name AS tenant,
+            (SELECT count(*) FROM (SELECT 1 FROM invocations INDEXED BY invocations_tenant_windowed
+                WHERE status IN ('queued', 'failed') AND deadline IS NOT NULL AND tenant = t.name
+                  AND deadline <= ?1 + ?2 AND run_after <= ?1 LIMIT ?3)) AS due,
+            (SELECT count(*) FROM (SELECT 1 FROM invocations INDEXED BY invocations_tenant_plain
+                WHERE status IN ('queued', 'failed') AND deadline IS NULL AND tenant = t.name
+                  AND run_after <= ?1 LIMIT ?3)) AS plain,
+            (SELECT count(*) FROM (SELECT 1 FROM invocations INDEXED BY invocations_tenant_windowed
+                WHERE status IN ('queued', 'failed') AND deadline IS NOT NULL AND tenant = t.name
+                  AND deadline > ?1 + ?2 AND run_after <= ?1 LIMIT ?3)) AS windowed
+        FROM tenants AS t)
+    WHERE due + plain + windowed > 0
+    ORDER BY tenant";
+
+/// What runs now, on any node (the running rows are few: at most every node's slots).
+const RUNNING_BY_FUNCTION: &str = "
+    SELECT tenant, function, count(*) FROM invocations INDEXED BY invocations_leases
+    WHERE status = 'running' GROUP BY tenant, function ORDER BY tenant, function";
 
 /// The SQLite implementation of [`Store`]. Cloning is cheap and shares the pool.
 #[derive(Clone)]
@@ -353,6 +381,42 @@ impl Store for SqliteStore {
                 u32::try_from(burst).map_err(|_| StoreError::Other(format!("burst {burst} out of range")))?,
             ))
         })
+    }
+
+    async fn set_tenant_quota(&self, tenant: &str, quota: Option<Quota>) -> StoreResult<()> {
+        let mut tx = self.begin_write().await?;
+        require_tenant(&mut tx, tenant).await?;
+        match quota {
+            Some(q) => {
+                sqlx::query(
+                    "INSERT INTO tenant_quotas (tenant, reserved, weight) VALUES (?, ?, ?) \
+                     ON CONFLICT (tenant) DO UPDATE SET reserved = excluded.reserved, weight = excluded.weight",
+                )
+                .bind(tenant)
+                .bind(i64::from(q.reserved))
+                .bind(i64::from(q.weight))
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+            }
+            None => {
+                sqlx::query("DELETE FROM tenant_quotas WHERE tenant = ?")
+                    .bind(tenant)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(classify)?;
+            }
+        }
+        tx.commit().await.map_err(classify)
+    }
+
+    async fn tenant_quotas(&self) -> StoreResult<Vec<(String, Quota)>> {
+        let found: Vec<(String, i64, i64)> =
+            sqlx::query_as("SELECT tenant, reserved, weight FROM tenant_quotas ORDER BY tenant")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(classify)?;
+        found.into_iter().map(quota_from_row).collect()
     }
 
     async fn create_key(&self, key: &KeyRecord) -> StoreResult<()> {
@@ -746,7 +810,7 @@ impl Store for SqliteStore {
     async fn get_invocation(&self, id: &str) -> StoreResult<Option<Invocation>> {
         sqlx::query(
             "SELECT id, tenant, function, version, mode, status, attempts, created_at,
-                    started_at, finished_at, status_code, error_kind, cpu_us
+                    started_at, finished_at, status_code, error_kind, cpu_us, waits
              FROM invocations WHERE id = ?",
         )
         .bind(id)
@@ -820,6 +884,55 @@ impl Store for SqliteStore {
         self.writer.lease(owner, now, lease_ms, limit).await
     }
 
+    async fn lease_asks(
+        &self,
+        owner: &str,
+        now: UnixMs,
+        lease_ms: u64,
+        promote_ahead_ms: u64,
+        asks: &[LeaseAsk],
+    ) -> StoreResult<Vec<Vec<Leased>>> {
+        self.writer.lease_asks(owner, now, lease_ms, promote_ahead_ms, asks).await
+    }
+
+    async fn queue_demand(&self, now: UnixMs, promote_ahead_ms: u64, cap: u32) -> StoreResult<QueueDemand> {
+        let ahead = to_i64("promote_ahead_ms", promote_ahead_ms)?;
+        let tenants: Vec<(String, i64, i64, i64)> = sqlx::query_as(QUEUE_DEMAND)
+            .bind(now)
+            .bind(ahead)
+            .bind(i64::from(cap))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+        let running: Vec<(String, String, i64)> =
+            sqlx::query_as(RUNNING_BY_FUNCTION).fetch_all(&self.pool).await.map_err(classify)?;
+        demand_from_rows(tenants, running)
+    }
+
+    async fn tenant_queue(&self, tenant: &str, now: UnixMs) -> StoreResult<TenantQueue> {
+        let (running, runnable, runnable_windowed, later): (i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT
+                (SELECT count(*) FROM invocations WHERE status = 'running' AND tenant = ?1),
+                (SELECT count(*) FROM invocations
+                 WHERE status IN ('queued', 'failed') AND tenant = ?1 AND run_after <= ?2),
+                (SELECT count(*) FROM invocations
+                 WHERE status IN ('queued', 'failed') AND tenant = ?1 AND run_after <= ?2
+                   AND deadline IS NOT NULL),
+                (SELECT count(*) FROM invocations
+                 WHERE status IN ('queued', 'failed') AND tenant = ?1 AND run_after > ?2)",
+        )
+        .bind(tenant)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(classify)?;
+        tenant_queue_from_counts(running, runnable, runnable_windowed, later)
+    }
+
+    async fn record_waits(&self, waits: &[(String, u32, String)]) -> StoreResult<()> {
+        self.writer.record_waits(waits).await
+    }
+
     async fn heartbeat(
         &self,
         owner: &str,
@@ -865,7 +978,7 @@ impl Store for SqliteStore {
         // which would keep SQLite from seeking `invocations_tenant` / `invocations_function`.
         let mut query = QueryBuilder::<Sqlite>::new(
             "SELECT id, tenant, function, version, mode, status, attempts, created_at,
-                    started_at, finished_at, status_code, error_kind, cpu_us
+                    started_at, finished_at, status_code, error_kind, cpu_us, waits
              FROM invocations WHERE tenant = ",
         );
         query.push_bind(&filter.tenant);

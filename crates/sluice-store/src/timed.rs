@@ -17,9 +17,9 @@ use std::time::Duration;
 use sluice_core::{FunctionConfig, UnixMs};
 
 use crate::{
-    AttemptResult, Change, Enqueued, FunctionSummary, Invocation, InvocationFilter, KeyRecord, Leased,
-    LogLine, LogStream, NewInvocation, NodeRecord, Store, StoreError, StoreResult, StoredResponse,
-    SyncRecord, Tenant, TenantStorage, VersionRecord,
+    AttemptResult, Change, Enqueued, FunctionSummary, Invocation, InvocationFilter, KeyRecord, LeaseAsk,
+    Leased, LogLine, LogStream, NewInvocation, NodeRecord, QueueDemand, Quota, Store, StoreError,
+    StoreResult, StoredResponse, SyncRecord, Tenant, TenantQueue, TenantStorage, VersionRecord,
 };
 
 /// The longest any store call may take. Longer than the SQLite store's own bounds
@@ -75,6 +75,8 @@ timed_store! {
     fn list_tenants(&self) -> Vec<Tenant>;
     fn set_tenant_rate(&self, tenant: &str, rate: Option<(f64, u32)>) -> ();
     fn tenant_rates(&self) -> Vec<(String, f64, u32)>;
+    fn set_tenant_quota(&self, tenant: &str, quota: Option<Quota>) -> ();
+    fn tenant_quotas(&self) -> Vec<(String, Quota)>;
     fn create_key(&self, key: &KeyRecord) -> ();
     fn list_keys(&self, tenant: Option<&str>) -> Vec<KeyRecord>;
     fn revoke_key(&self, id: &str) -> bool;
@@ -110,6 +112,17 @@ timed_store! {
     ) -> Vec<LogLine>;
     fn enqueue(&self, inv: &NewInvocation) -> Enqueued;
     fn lease(&self, owner: &str, now: UnixMs, lease_ms: u64, limit: u32) -> Vec<Leased>;
+    fn lease_asks(
+        &self,
+        owner: &str,
+        now: UnixMs,
+        lease_ms: u64,
+        promote_ahead_ms: u64,
+        asks: &[LeaseAsk]
+    ) -> Vec<Vec<Leased>>;
+    fn queue_demand(&self, now: UnixMs, promote_ahead_ms: u64, cap: u32) -> QueueDemand;
+    fn tenant_queue(&self, tenant: &str, now: UnixMs) -> TenantQueue;
+    fn record_waits(&self, waits: &[(String, u32, String)]) -> ();
     fn heartbeat(
         &self,
         owner: &str,

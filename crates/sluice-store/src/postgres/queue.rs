@@ -22,9 +22,9 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{ConnectOptions, Connection};
 
 use super::classify;
-use crate::queue::{Backend, Done, HeartbeatOp, LeaseOp, Op, PurgeOp, ReleaseOp, RetryDeadOp};
+use crate::queue::{Backend, Done, HeartbeatOp, LeaseOp, Op, PurgeOp, RecordWaitsOp, ReleaseOp, RetryDeadOp};
 use crate::rows::leased_from_row;
-use crate::{IDEMPOTENCY_WINDOW_MS, Leased, StoreResult};
+use crate::{IDEMPOTENCY_WINDOW_MS, LeaseClass, Leased, StoreResult};
 
 /// The writer's own connection. With `db_clock` every "now" of a queue write is the database's
 /// ([`crate::ClockSource::Database`]); otherwise the caller's.
@@ -252,6 +252,7 @@ impl Backend for Postgres {
             Op::Heartbeat(op) => heartbeat(connection, op, self.now(op.now)).await,
             Op::RetryDead(op) => retry_dead(connection, op, self.now(op.now)).await,
             Op::Purge(op) => purge(connection, op).await,
+            Op::RecordWaits(op) => record_waits(connection, op).await,
             Op::Lease(op) => {
                 sweep(connection, self.now(op.now)).await?;
                 Ok(Done::Leased(lease(connection, op, self.now(op.now)).await?))
@@ -342,6 +343,60 @@ fn lease_sql() -> String {
     )
 }
 
+/// One of the scheduler's asks ([`crate::LeaseAsk`]): $1 now or NULL, $2 owner, $3 lease_ms,
+/// $4 promote_ahead_ms, $5 tenant, $6 function or NULL, $7 excluded functions (a JSON array),
+/// $8 limit. Like [`lease_sql`], the walk's conditions are only what its index can answer.
+fn lease_ask_sql(class: LeaseClass) -> String {
+    let (class, order) = match class {
+        LeaseClass::Due => ("deadline IS NOT NULL AND deadline <= {NOW} + $4", "deadline, run_after, id"),
+        LeaseClass::Plain => ("deadline IS NULL", "criticality, run_after, id"),
+        LeaseClass::Deferrable => {
+            ("deadline IS NOT NULL AND deadline > {NOW} + $4", "criticality, deadline, run_after, id")
+        }
+    };
+    let class = class.replace("{NOW}", NOW);
+    format!(
+        "WITH picked AS (
+             SELECT id FROM invocations
+             WHERE status IN ('queued', 'failed') AND {class}
+               AND tenant = $5 AND run_after <= {NOW} AND ($6::text IS NULL OR function = $6)
+               AND NOT (function = ANY (SELECT jsonb_array_elements_text($7::jsonb)))
+             ORDER BY {order}
+             LIMIT $8
+             FOR UPDATE SKIP LOCKED)
+         UPDATE invocations AS i SET
+             status = 'running',
+             attempts = i.attempts + 1,
+             lease_owner = $2,
+             lease_expires_at = {NOW} + $3,
+             started_at = COALESCE(i.started_at, {NOW})
+         FROM picked
+         WHERE i.id = picked.id AND (i.deadline IS NULL OR i.deadline >= {NOW}) AND i.max_age_at >= {NOW}
+         RETURNING i.id, i.tenant, i.function, i.version, i.request_method, i.request_path,
+                   i.request_headers, i.request_body, i.attempts, i.attempts_max, i.created_at,
+                   i.max_age_at, i.criticality, i.deadline, i.run_after"
+    )
+}
+
+/// The statements of the three classes, built once.
+fn lease_ask_statement(class: LeaseClass) -> &'static str {
+    static SQL: std::sync::OnceLock<[String; 3]> = std::sync::OnceLock::new();
+    let all = SQL.get_or_init(|| LeaseClass::ALL.map(lease_ask_sql));
+    let at = LeaseClass::ALL.iter().position(|c| *c == class).expect("every class is in ALL");
+    &all[at]
+}
+
+/// Fenced by attempt: a later attempt keeps its own reasons.
+const RECORD_WAITS: &str = "
+    UPDATE invocations AS i SET waits = w.waits
+    FROM jsonb_to_recordset($1::jsonb) AS w(id text, attempt bigint, waits text)
+    WHERE i.id = w.id AND i.attempts = w.attempt";
+
+async fn record_waits(connection: &mut PgConnection, op: &RecordWaitsOp) -> StoreResult<Done> {
+    sqlx::query(RECORD_WAITS).bind(&op.rows).execute(&mut *connection).await.map_err(classify)?;
+    Ok(Done::WaitsRecorded)
+}
+
 /// Marks what expired, grew too old or lost its lease: each sweep bounded, each its own
 /// transaction. `now` is `None` to use the database's clock.
 pub(super) async fn sweep(connection: &mut PgConnection, now: Option<i64>) -> StoreResult<()> {
@@ -362,15 +417,51 @@ pub(super) async fn lease(
     op: &LeaseOp,
     now: Option<i64>,
 ) -> StoreResult<Vec<Leased>> {
-    let found = sqlx::query(sqlx::AssertSqlSafe(lease_sql()))
-        .bind(now)
-        .bind(&op.owner)
-        .bind(op.lease_ms)
-        .bind(op.limit)
-        .fetch_all(&mut *connection)
-        .await
-        .map_err(classify)?;
-    // RETURNING yields rows in no promised order: sort them back into lease order.
+    let Some(_) = &op.asks else {
+        let found = sqlx::query(sqlx::AssertSqlSafe(lease_sql()))
+            .bind(now)
+            .bind(&op.owner)
+            .bind(op.lease_ms)
+            .bind(op.limit)
+            .fetch_all(&mut *connection)
+            .await
+            .map_err(classify)?;
+        return in_lease_order(&found);
+    };
+    Ok(lease_asks(connection, op, now).await?.into_iter().flatten().collect())
+}
+
+/// Leases the op's asks; what each leased, in their order.
+pub(super) async fn lease_asks(
+    connection: &mut PgConnection,
+    op: &LeaseOp,
+    now: Option<i64>,
+) -> StoreResult<Vec<Vec<Leased>>> {
+    let mut leased = Vec::new();
+    for (ask, excluded) in op.asks.iter().flatten() {
+        if ask.limit == 0 {
+            leased.push(Vec::new());
+            continue;
+        }
+        let found = sqlx::query(sqlx::AssertSqlSafe(lease_ask_statement(ask.class)))
+            .bind(now)
+            .bind(&op.owner)
+            .bind(op.lease_ms)
+            .bind(op.promote_ahead_ms)
+            .bind(&ask.tenant)
+            .bind(ask.function.as_deref())
+            .bind(excluded.as_str())
+            .bind(i64::from(ask.limit))
+            .fetch_all(&mut *connection)
+            .await
+            .map_err(classify)?;
+        leased.push(in_lease_order(&found)?);
+    }
+    Ok(leased)
+}
+
+/// RETURNING yields rows in no promised order: sorts them back into lease order.
+fn in_lease_order(found: &[sqlx::postgres::PgRow]) -> StoreResult<Vec<Leased>> {
     let mut leased = found.iter().map(leased_from_row).collect::<StoreResult<Vec<_>>>()?;
     leased.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(leased.into_iter().map(|(_, l)| l).collect())

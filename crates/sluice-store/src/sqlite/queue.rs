@@ -11,9 +11,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 use sqlx::{ConnectOptions, Connection};
 
 use super::classify;
-use crate::queue::{Backend, Done, HeartbeatOp, LeaseOp, Op, PurgeOp, ReleaseOp, RetryDeadOp};
+use crate::queue::{Backend, Done, HeartbeatOp, LeaseOp, Op, PurgeOp, RecordWaitsOp, ReleaseOp, RetryDeadOp};
 use crate::rows::leased_from_row;
-use crate::{IDEMPOTENCY_WINDOW_MS, StoreResult};
+use crate::{IDEMPOTENCY_WINDOW_MS, LeaseClass, StoreResult};
 
 /// The writer's connection to the database file, opened with the pool's options: its commits must
 /// be exactly as durable.
@@ -104,6 +104,7 @@ impl Backend for Sqlite {
             Op::Heartbeat(op) => heartbeat(connection, op).await,
             Op::RetryDead(op) => retry_dead(connection, op).await,
             Op::Purge(op) => purge(connection, op).await,
+            Op::RecordWaits(op) => record_waits(connection, op).await,
             Op::Lease(op) => lease(connection, op).await,
         }
     }
@@ -264,6 +265,59 @@ const LEASE_RUNNABLE: &str = "
               request_body, attempts, attempts_max, created_at, max_age_at, criticality,
               deadline, run_after";
 
+/// The scheduler's asks ([`crate::LeaseAsk`]), one statement per class, each walking the index
+/// whose order is its class's: ?1 now, ?2 owner, ?3 lease_ms, ?4 promote_ahead_ms, ?5 tenant,
+/// ?6 function or NULL, ?7 excluded functions (a JSON array), ?8 limit.
+macro_rules! lease_ask {
+    ($index:literal, $class:literal, $order:literal) => {
+        concat!(
+            "UPDATE invocations SET
+                status = 'running',
+                attempts = attempts + 1,
+                lease_owner = ?2,
+                lease_expires_at = ?1 + ?3,
+                started_at = COALESCE(started_at, ?1)
+            WHERE id IN (
+                SELECT id FROM invocations INDEXED BY ",
+            $index,
+            "
+                WHERE status IN ('queued', 'failed') AND ",
+            $class,
+            "
+                  AND tenant = ?5 AND run_after <= ?1 AND (?6 IS NULL OR function = ?6)
+                  AND function NOT IN (SELECT value FROM json_each(?7))
+                ORDER BY ",
+            $order,
+            "
+                LIMIT ?8)
+            RETURNING id, tenant, function, version, request_method, request_path, request_headers,
+                      request_body, attempts, attempts_max, created_at, max_age_at, criticality,
+                      deadline, run_after"
+        )
+    };
+}
+
+const LEASE_DUE: &str = lease_ask!(
+    "invocations_pending_deadline",
+    "deadline IS NOT NULL AND deadline <= ?1 + ?4",
+    "deadline, run_after, id"
+);
+const LEASE_PLAIN: &str =
+    lease_ask!("invocations_tenant_plain", "deadline IS NULL", "criticality, run_after, id");
+const LEASE_DEFERRABLE: &str = lease_ask!(
+    "invocations_tenant_windowed",
+    "deadline IS NOT NULL AND deadline > ?1 + ?4",
+    "criticality, deadline, run_after, id"
+);
+
+pub(in crate::sqlite) fn lease_ask_sql(class: LeaseClass) -> &'static str {
+    match class {
+        LeaseClass::Due => LEASE_DUE,
+        LeaseClass::Plain => LEASE_PLAIN,
+        LeaseClass::Deferrable => LEASE_DEFERRABLE,
+    }
+}
+
 /// The statements of one lease, each with its number of parameters and the index it must use
 /// (checked by a query-plan test, so that a schema change cannot quietly make `lease` scan).
 #[cfg(test)]
@@ -278,18 +332,56 @@ async fn lease(connection: &mut SqliteConnection, op: &LeaseOp) -> StoreResult<D
     for statement in [EXPIRE_PAST_DEADLINE, KILL_PAST_MAX_AGE, RECLAIM_EXPIRED_LEASES] {
         sqlx::query(statement).bind(op.now).execute(&mut *connection).await.map_err(classify)?;
     }
-    let found = sqlx::query(LEASE_RUNNABLE)
-        .bind(op.now)
-        .bind(&op.owner)
-        .bind(op.lease_ms)
-        .bind(op.limit)
-        .fetch_all(&mut *connection)
-        .await
-        .map_err(classify)?;
-    // RETURNING yields rows in no promised order: sort them back into lease order.
+    let Some(asks) = &op.asks else {
+        let found = sqlx::query(LEASE_RUNNABLE)
+            .bind(op.now)
+            .bind(&op.owner)
+            .bind(op.lease_ms)
+            .bind(op.limit)
+            .fetch_all(&mut *connection)
+            .await
+            .map_err(classify)?;
+        return Ok(Done::Leased(in_lease_order(&found)?));
+    };
+    let mut leased = Vec::new();
+    for (ask, excluded) in asks {
+        if ask.limit == 0 {
+            leased.push(Vec::new());
+            continue;
+        }
+        let found = sqlx::query(lease_ask_sql(ask.class))
+            .bind(op.now)
+            .bind(&op.owner)
+            .bind(op.lease_ms)
+            .bind(op.promote_ahead_ms)
+            .bind(&ask.tenant)
+            .bind(ask.function.as_deref())
+            .bind(excluded.as_str())
+            .bind(i64::from(ask.limit))
+            .fetch_all(&mut *connection)
+            .await
+            .map_err(classify)?;
+        leased.push(in_lease_order(&found)?);
+    }
+    Ok(Done::LeasedAsks(leased))
+}
+
+/// RETURNING yields rows in no promised order: sorts them back into lease order.
+fn in_lease_order(found: &[sqlx::sqlite::SqliteRow]) -> StoreResult<Vec<crate::Leased>> {
     let mut leased = found.iter().map(leased_from_row).collect::<StoreResult<Vec<_>>>()?;
     leased.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(Done::Leased(leased.into_iter().map(|(_, l)| l).collect()))
+    Ok(leased.into_iter().map(|(_, l)| l).collect())
+}
+
+/// Fenced by attempt: a later attempt keeps its own reasons.
+const RECORD_WAITS: &str = "
+    UPDATE invocations SET waits = w.value ->> 'waits'
+    FROM (SELECT value FROM jsonb_each(?1)) AS w
+    WHERE invocations.id = w.value ->> 'id' AND invocations.attempts = w.value ->> 'attempt'";
+
+async fn record_waits(connection: &mut SqliteConnection, op: &RecordWaitsOp) -> StoreResult<Done> {
+    sqlx::query(RECORD_WAITS).bind(&op.rows).execute(&mut *connection).await.map_err(classify)?;
+    Ok(Done::WaitsRecorded)
 }
 
 // --- heartbeat, release, retry_dead, purge ---

@@ -100,6 +100,8 @@ macro_rules! run_whole_suite {
     purge_deletes_finished_invocations_before_the_cutoff,
     many_concurrent_enqueues_are_all_stored,
     an_enqueue_with_a_taken_id_fails_alone,
+    lease_asks_take_one_tenants_class_in_its_order,
+    tenant_quotas_are_set_replaced_and_cleared,
         );
     };
 }
@@ -542,6 +544,7 @@ pub async fn sync_records_and_their_logs_are_readable(store: &dyn Store, _clock:
         status_code: Some(500),
         error_kind: Some("trap".into()),
         cpu_us: Some(250),
+        waits: None,
     };
     assert_eq!(got, expected);
     let got = store.get_invocation("inv-3").await.unwrap().unwrap();

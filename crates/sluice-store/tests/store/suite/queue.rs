@@ -7,7 +7,8 @@ use std::collections::HashSet;
 use sluice_core::UnixMs;
 use sluice_store::{
     AttemptResult, Criticality, Enqueued, IDEMPOTENCY_WINDOW_MS, Invocation, InvocationFilter,
-    InvocationStatus, LogStream, NewInvocation, Store, StoredRequest, StoredResponse, SyncRecord,
+    InvocationStatus, LeaseAsk, LeaseClass, LogStream, NewInvocation, Quota, Store, StoredRequest,
+    StoredResponse, SyncRecord,
 };
 
 use super::ManualClock;
@@ -108,6 +109,7 @@ pub async fn async_invocations_run_and_keep_their_response(store: &dyn Store, cl
         status_code: None,
         error_kind: None,
         cpu_us: None,
+        waits: None,
     };
     assert_eq!(queued, expected);
     assert_eq!(store.get_response("inv-1").await.unwrap(), None);
@@ -747,4 +749,111 @@ pub async fn an_enqueue_with_a_taken_id_fails_alone(store: &dyn Store, _clock: &
     }
     assert_eq!(get(store, "taken").await.version, 1, "the first one is untouched");
     assert_eq!(store.list_invocations(&all_of("acme")).await.unwrap().len(), CALLS);
+}
+
+/// An invocation of `tenant/function` with a deadline (or none) and a criticality.
+fn of(
+    id: &str,
+    tenant: &str,
+    function: &str,
+    criticality: Criticality,
+    deadline: Option<UnixMs>,
+) -> NewInvocation {
+    NewInvocation {
+        tenant: tenant.into(),
+        function: function.into(),
+        criticality,
+        deadline,
+        ..invocation(id)
+    }
+}
+
+fn ask(tenant: &str, class: LeaseClass, limit: u32) -> LeaseAsk {
+    LeaseAsk { tenant: tenant.into(), function: None, exclude: vec![], class, limit }
+}
+
+pub async fn lease_asks_take_one_tenants_class_in_its_order(store: &dyn Store, _clock: &ManualClock) {
+    store.create_tenant("acme").await.unwrap();
+    store.create_tenant("beta").await.unwrap();
+    let now = 1_000;
+    let ahead = 10_000; // due: a deadline at or before 11_000
+    for inv in [
+        of("plain-low", "acme", "f", Criticality::Low, None),
+        of("plain-high", "acme", "f", Criticality::High, None),
+        of("plain-other-fn", "acme", "g", Criticality::High, None),
+        of("due-late", "acme", "f", Criticality::High, Some(11_000)),
+        of("due-early", "acme", "f", Criticality::Low, Some(5_000)),
+        of("window-low", "acme", "f", Criticality::Low, Some(50_000)),
+        of("window-high", "acme", "f", Criticality::High, Some(900_000)),
+        of("beta-plain", "beta", "f", Criticality::High, None),
+    ] {
+        enqueue(store, &inv).await;
+    }
+    let demand = store.queue_demand(now, ahead, 100).await.unwrap();
+    let counts: Vec<(&str, u32, u32, u32)> =
+        demand.tenants.iter().map(|d| (d.tenant.as_str(), d.due, d.plain, d.deferrable)).collect();
+    assert_eq!(counts, [("acme", 2, 3, 2), ("beta", 0, 1, 0)]);
+    // Counts stop at the cap.
+    let capped = store.queue_demand(now, ahead, 1).await.unwrap();
+    assert_eq!((capped.tenants[0].due, capped.tenants[0].plain, capped.tenants[0].deferrable), (1, 1, 1));
+    assert!(demand.running.is_empty());
+
+    // Due: earliest deadline first, whatever the criticality. Plain: criticality order, here
+    // without function g. Deferrable: criticality then deadline.
+    let mut plain = ask("acme", LeaseClass::Plain, 10);
+    plain.exclude = vec!["g".into()];
+    let got = store
+        .lease_asks(
+            "node-a",
+            now,
+            LEASE_MS,
+            ahead,
+            &[ask("acme", LeaseClass::Due, 1), plain, ask("acme", LeaseClass::Deferrable, 10)],
+        )
+        .await
+        .unwrap();
+    let ids: Vec<Vec<&str>> = got.iter().map(|l| leased_ids(l)).collect();
+    assert_eq!(ids, [vec!["due-early"], vec!["plain-high", "plain-low"], vec!["window-high", "window-low"]]);
+    // Only g's call and the later due one are left of acme's; a function ask takes only its own.
+    let only_g = LeaseAsk { function: Some("g".into()), ..ask("acme", LeaseClass::Plain, 10) };
+    let got = store.lease_asks("node-a", now, LEASE_MS, ahead, &[only_g]).await.unwrap();
+    assert_eq!(leased_ids(&got[0]), ["plain-other-fn"]);
+    let demand = store.queue_demand(now, ahead, 100).await.unwrap();
+    let counts: Vec<(&str, u32, u32, u32)> =
+        demand.tenants.iter().map(|d| (d.tenant.as_str(), d.due, d.plain, d.deferrable)).collect();
+    assert_eq!(counts, [("acme", 1, 0, 0), ("beta", 0, 1, 0)]);
+    assert_eq!(demand.running, [("acme".to_string(), "f".to_string(), 5), ("acme".into(), "g".into(), 1)]);
+    let queue = store.tenant_queue("acme", now).await.unwrap();
+    assert_eq!((queue.running, queue.runnable, queue.runnable_windowed, queue.later), (6, 1, 1, 0));
+
+    // Why they waited is recorded for the attempt that was leased, and only for it.
+    store
+        .record_waits(&[
+            ("due-early".into(), 1, r#"{"queued_ms":5,"quota_ms":3}"#.into()),
+            ("plain-low".into(), 2, r#"{"queued_ms":9}"#.into()),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(get(store, "due-early").await.waits.as_deref(), Some(r#"{"queued_ms":5,"quota_ms":3}"#));
+    assert_eq!(get(store, "plain-low").await.waits, None);
+}
+
+pub async fn tenant_quotas_are_set_replaced_and_cleared(store: &dyn Store, _clock: &ManualClock) {
+    store.create_tenant("acme").await.unwrap();
+    store.create_tenant("beta").await.unwrap();
+    assert_eq!(store.tenant_quotas().await.unwrap(), vec![]);
+    store.set_tenant_quota("acme", Some(Quota { reserved: 4, weight: 2 })).await.unwrap();
+    store.set_tenant_quota("beta", Some(Quota { reserved: 0, weight: 5 })).await.unwrap();
+    store.set_tenant_quota("acme", Some(Quota { reserved: 8, weight: 1 })).await.unwrap();
+    assert_eq!(
+        store.tenant_quotas().await.unwrap(),
+        vec![
+            ("acme".to_string(), Quota { reserved: 8, weight: 1 }),
+            ("beta".into(), Quota { reserved: 0, weight: 5 })
+        ]
+    );
+    store.set_tenant_quota("beta", None).await.unwrap();
+    assert_eq!(store.tenant_quotas().await.unwrap().len(), 1);
+    let err = store.set_tenant_quota("nobody", Some(Quota::default())).await.unwrap_err();
+    assert!(matches!(err, sluice_store::StoreError::NotFound(_)), "{err:?}");
 }
