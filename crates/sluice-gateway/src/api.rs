@@ -73,6 +73,7 @@ pub(crate) fn openapi_router() -> OpenApiRouter<Arc<Node>> {
         .routes(routes!(ten::set_tenant_limits))
         .routes(routes!(ten::set_tenant_quota, ten::get_tenant_quota))
         .routes(routes!(api_node::tenant_usage))
+        .routes(routes!(api_node::function_downstreams))
         .routes(routes!(api_node::node_info))
         .routes(routes!(api_node::list_nodes))
         .routes(routes!(upload_blob))

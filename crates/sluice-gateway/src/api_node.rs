@@ -323,3 +323,79 @@ pub(crate) async fn list_nodes(State(node): State<Arc<Node>>, auth: Auth) -> Api
         .collect();
     Ok(Json(ClusterNodes { nodes }))
 }
+
+/// The adaptive concurrency limit of one downstream host of a function, on this node.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct DownstreamInfo {
+    /// `host:port`, as the function's requests named it.
+    pub host: String,
+    /// Requests this node lets the function have in flight to it at once (AIMD: halved on 429,
+    /// 503, 504, connect errors and timeouts; grown while requests succeed).
+    pub limit: u32,
+    pub in_flight: u32,
+    /// Requests of the function waiting for room under the limit.
+    pub waiting: u64,
+    /// `slow_start` (growing by one per success) or `avoidance` (by one per round trip).
+    pub phase: String,
+    pub successes_total: u64,
+    pub overloads_total: u64,
+    pub others_total: u64,
+    /// Moving average and minimum of the latency to the response head, in milliseconds.
+    pub latency_ewma_ms: Option<f64>,
+    pub latency_min_ms: Option<f64>,
+    pub last_decrease_ago_ms: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct DownstreamList {
+    /// Whether new calls of the function are held now (async: left in the queue; sync: 503).
+    pub saturated: bool,
+    pub downstreams: Vec<DownstreamInfo>,
+}
+
+/// A function's downstream hosts and their adaptive concurrency limits on this node.
+#[utoipa::path(
+    get,
+    path = "/v1/tenants/{tenant}/functions/{function}/downstreams",
+    tag = "functions",
+    params(
+        ("tenant" = String, Path, description = "Tenant name"),
+        ("function" = String, Path, description = "Function name"),
+    ),
+    responses(
+        (status = 200, description = "Its downstreams", body = DownstreamList),
+        (status = 403, description = "The key lacks the `read` scope", body = ErrorBody),
+        (status = 404, description = "No such function (or another tenant's)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn function_downstreams(
+    State(node): State<Arc<Node>>,
+    auth: Auth,
+    Path((tenant, function)): Path<(String, String)>,
+) -> ApiResult<Json<DownstreamList>> {
+    auth.require(&tenant, Scope::Read)?;
+    if node.function(&tenant, &function).is_none() {
+        return Err(sluice_core::SluiceError::not_found(format!("no function {tenant}/{function}")).into());
+    }
+    let downstreams = node.runtime.downstreams();
+    Ok(Json(DownstreamList {
+        saturated: downstreams.saturated(&tenant, &function),
+        downstreams: downstreams
+            .snapshot(&tenant, &function)
+            .into_iter()
+            .map(|d| DownstreamInfo {
+                host: d.host,
+                limit: d.limit,
+                in_flight: d.in_flight,
+                waiting: d.waiting as u64,
+                phase: d.phase.as_str().to_string(),
+                successes_total: d.successes_total,
+                overloads_total: d.overloads_total,
+                others_total: d.others_total,
+                latency_ewma_ms: d.latency_ewma_ms,
+                latency_min_ms: d.latency_min_ms,
+                last_decrease_ago_ms: d.last_decrease_ago_ms,
+            })
+            .collect(),
+    }))
+}

@@ -328,6 +328,20 @@ impl Downstreams {
             .is_some_and(|hosts| hosts.saturated_hosts.load(Ordering::Relaxed) > 0)
     }
 
+    /// The functions of `tenant` that [`Downstreams::saturated`] would name: the scheduler leaves
+    /// their queued calls waiting (one read lock and a walk over the tenant's functions).
+    pub fn saturated_functions(&self, tenant: &str) -> Vec<String> {
+        let functions = self.functions.read().expect(LOCK);
+        let Some(of_tenant) = functions.get(tenant) else { return Vec::new() };
+        let mut names: Vec<String> = of_tenant
+            .iter()
+            .filter(|(_, hosts)| hosts.saturated_hosts.load(Ordering::Relaxed) > 0)
+            .map(|(name, _)| name.to_string())
+            .collect();
+        names.sort();
+        names
+    }
+
     /// The limits of `function`'s downstreams, by host.
     pub fn snapshot(&self, tenant: &str, function: &str) -> Vec<DownstreamState> {
         self.snapshot_at(tenant, function, Instant::now())
