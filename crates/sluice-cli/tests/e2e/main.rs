@@ -15,5 +15,6 @@ mod lanes;
 mod limits;
 mod logs;
 mod queue;
+mod scheduling;
 mod serve;
 mod tenancy;
