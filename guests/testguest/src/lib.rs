@@ -297,6 +297,23 @@ async fn route(req: Request<Body>) -> Result<Response<Body>, Error> {
             text(200, format!("burned {ms}"))
         }
 
+        "work" => {
+            // A fixed amount of CPU work (`k` thousand loop iterations), however long it takes:
+            // a call whose cost does not shrink when it shares a core (`burn` spins for a span of
+            // wall-clock time instead).
+            let k = match parse_u64(&req, "k") {
+                Ok(v) => v,
+                Err(e) => return text(400, e),
+            };
+            let mut x: u64 = 0;
+            for _ in 0..k {
+                for _ in 0..1000 {
+                    x = black_box(x.wrapping_add(1));
+                }
+            }
+            text(200, format!("worked {k}k"))
+        }
+
         "hog" => {
             // Grows in 1 MiB steps, touching every page, until the memory limit refuses a grow:
             // the whole limit is dirtied before the kill.

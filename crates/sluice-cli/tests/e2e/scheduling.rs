@@ -10,8 +10,11 @@ use serde_json::{Value, json};
 use crate::harness::{Node, assert_error, guests};
 
 fn post_async(node: &Node, path: &str, headers: &[(&str, &str)]) -> String {
-    let mut req =
-        node.client().post(format!("{}{path}", node.url)).bearer_auth(&node.token).header("prefer", "respond-async");
+    let mut req = node
+        .client()
+        .post(format!("{}{path}", node.url))
+        .bearer_auth(&node.token)
+        .header("prefer", "respond-async");
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
@@ -21,7 +24,10 @@ fn post_async(node: &Node, path: &str, headers: &[(&str, &str)]) -> String {
 }
 
 fn status(node: &Node, id: &str) -> String {
-    node.get(&format!("/v1/invocations/{id}")).json::<Value>().unwrap()["status"].as_str().unwrap().to_string()
+    node.get(&format!("/v1/invocations/{id}")).json::<Value>().unwrap()["status"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 fn rfc3339_in(offset_ms: i64) -> String {
@@ -58,7 +64,10 @@ fn quotas_are_set_through_the_cli_and_shown_in_usage_and_waits() {
     assert!(inv["waits"]["queued_ms"].as_i64().is_some_and(|ms| ms < 5_000), "{inv}");
     let usage: Value = node.get("/v1/tenants/default/usage").json().unwrap();
     let a = &usage["async"];
-    assert_eq!((a["reserved"].as_u64(), a["weight"].as_u64(), a["queued"].as_u64()), (Some(2), Some(3), Some(0)));
+    assert_eq!(
+        (a["reserved"].as_u64(), a["weight"].as_u64(), a["queued"].as_u64()),
+        (Some(2), Some(3), Some(0))
+    );
     assert!(a["node_utilization_target"].as_f64() == Some(0.8), "{usage}");
     let (ok, out, _) = node.cli(&["tenants", "usage", "default"]);
     assert!(ok && out.contains("reserved 2, weight 3"), "{out}");
@@ -89,7 +98,11 @@ fn a_wide_start_window_waits_for_a_trough_and_a_near_deadline_does_not() {
     let inv = node.wait_json(&format!("/v1/invocations/{due}"), |v| v["status"] == "succeeded");
     assert!(inv["waits"]["queued_ms"].as_i64().is_some_and(|ms| ms < 2_500), "{inv}");
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(status(&node, &wide), "queued", "a call with a wide window ran while the node was over target");
+    assert_eq!(
+        status(&node, &wide),
+        "queued",
+        "a call with a wide window ran while the node was over target"
+    );
     let usage: Value = node.get("/v1/tenants/default/usage").json().unwrap();
     assert_eq!(usage["async"]["waiting"]["deferrable"], "start_window", "{usage}");
     assert_eq!(usage["async"]["queued_windowed"], 1, "{usage}");
