@@ -322,10 +322,7 @@ impl Downstreams {
     /// lookups, one load; no allocation): asked per lease round and per sync call.
     pub fn saturated(&self, tenant: &str, function: &str) -> bool {
         let functions = self.functions.read().expect(LOCK);
-        functions
-            .get(tenant)
-            .and_then(|t| t.get(function))
-            .is_some_and(|hosts| hosts.saturated_hosts.load(Ordering::Relaxed) > 0)
+        functions.get(tenant).and_then(|t| t.get(function)).is_some_and(|hosts| hosts.any_saturated())
     }
 
     /// The functions of `tenant` that [`Downstreams::saturated`] would name: the scheduler leaves
@@ -335,7 +332,7 @@ impl Downstreams {
         let Some(of_tenant) = functions.get(tenant) else { return Vec::new() };
         let mut names: Vec<String> = of_tenant
             .iter()
-            .filter(|(_, hosts)| hosts.saturated_hosts.load(Ordering::Relaxed) > 0)
+            .filter(|(_, hosts)| hosts.any_saturated())
             .map(|(name, _)| name.to_string())
             .collect();
         names.sort();
@@ -452,6 +449,29 @@ fn register(function: &Arc<FunctionHosts>, host_port: &str, now: Instant) -> Acq
     sync_saturation(&mut state, function);
     drop(state);
     Acquire { state: AcquireState::Waiting { rx, function: function.clone(), host, id } }
+}
+
+impl FunctionHosts {
+    /// Whether any of its hosts has as many requests in flight as its limit, or waiters: judged
+    /// now, under each host's lock, not from the running count (which a limit that moved between
+    /// two updates of it could leave stale).
+    fn any_saturated(&self) -> bool {
+        if self.saturated_hosts.load(Ordering::Relaxed) == 0 {
+            // The count only errs towards "saturated" (an update missed after a limit grew); a
+            // zero is exact.
+            return false;
+        }
+        let hosts = self.hosts.lock().expect(LOCK);
+        hosts.values().any(|entry| {
+            let mut state = entry.lock().expect(LOCK);
+            // A waiter whose request gave up (its future dropped before it was let in) is not
+            // waiting: left in the queue it would hold the function "saturated" for as long as
+            // no request of it runs to let it go, and the scheduler starts none while it is.
+            state.waiters.retain(|w| !w.tx.is_closed());
+            sync_saturation(&mut state, self);
+            state.in_flight >= state.aimd.limit || !state.waiters.is_empty()
+        })
+    }
 }
 
 /// Keeps the function's count of saturated hosts in step with this host.
