@@ -441,6 +441,10 @@ impl Planner {
         let plan = plan::plan(&tenants, room, opportunistic, over_target);
         let asked: u32 = plan.asks.iter().map(|a| a.limit).sum();
         let leased = if plan.asks.is_empty() {
+            // Nothing to start, but the store still sweeps: leases that lapsed (their node died)
+            // are reclaimed, windows that closed expire. Runnable work is what `queue_demand`
+            // sees, and a lapsed lease is not runnable until a lease call has reclaimed it.
+            ctx.store.lease(&ctx.config.owner, ctx.clock.now_ms(), ctx.config.lease_ms, 0).await?;
             Vec::new()
         } else {
             ctx.store
