@@ -408,8 +408,12 @@ impl Functions for NodeFunctions {
     }
 
     fn saturated(&self, tenant: &str) -> Vec<String> {
-        let Some(node) = self.0.upgrade() else { return Vec::new() };
-        node.runtime.downstreams().saturated_functions(tenant)
+        // Holding a saturated function's queued calls is switched off: with it on, CI's chaos
+        // test twice found a function's calls never leased again (see the issue 9 closing note).
+        // Calls then wait for a permit inside the guest, bounded by the connect timeout, and are
+        // retried; sync calls still get 503 at the limit.
+        let _ = (&self.0, tenant);
+        Vec::new()
     }
 }
 
