@@ -194,6 +194,9 @@ impl WasiHttpHooks for OutboundPolicy {
                 }
                 Err(err) => {
                     permit.done(failure_outcome(&err));
+                    // The guest may see only a closed body stream (its write of the request body
+                    // fails once the request is gone): the cause is written here.
+                    logs.system(format!("outbound request to {key} failed: {err}"));
                     Err(err)
                 }
             }
@@ -360,6 +363,7 @@ async fn send(
     *request.uri_mut() =
         http::Uri::builder().path_and_query(path).build().expect("comes from a valid request");
 
+    keep_unsent_body(&mut request);
     let between_bytes = timeouts.between_bytes;
     let send = async move {
         let res = tokio::time::timeout(timeouts.first_byte, sender.send_request(request))
@@ -395,6 +399,30 @@ async fn send(
         };
         conn.await.map_err(|err| if err.is_timeout() { HttpError::HttpResponseTimeout } else { err.into() })
     }))
+}
+
+/// hyper sends no body with a GET, HEAD or CONNECT request that names no length (it writes the
+/// head and drops the body), but a guest writes and finishes its request body after `handle`,
+/// concurrently with the exchange. If hyper has dropped the body by then, the guest's write finds
+/// the stream closed and fails as `connection reset`: a race it loses whenever it is descheduled
+/// while the request goes out (a loaded node). Such a body is taken from the request and drained
+/// (hyper would not have sent it either) until the guest finishes or drops it.
+fn keep_unsent_body(request: &mut http::Request<WasiBody>) {
+    let bodiless =
+        matches!(*request.method(), http::Method::GET | http::Method::HEAD | http::Method::CONNECT);
+    let headers = request.headers();
+    if !bodiless
+        || headers.contains_key(http::header::CONTENT_LENGTH)
+        || headers.contains_key(http::header::TRANSFER_ENCODING)
+    {
+        return;
+    }
+    let empty = http_body_util::Empty::new().map_err(|never| match never {}).boxed_unsync();
+    let mut unsent = std::mem::replace(request.body_mut(), empty);
+    if http_body::Body::is_end_stream(&unsent) {
+        return;
+    }
+    tokio::spawn(async move { while let Some(Ok(_)) = unsent.frame().await {} });
 }
 
 /// A response body that fails with `connection-read-timeout` when no frame arrives within the
@@ -756,6 +784,31 @@ mod tests {
 
     fn system_lines(policy: &OutboundPolicy) -> String {
         policy.logs.take().into_iter().map(|(_, line, _)| line).collect::<Vec<_>>().join("\n")
+    }
+
+    /// A guest finishes its request body after `handle`, concurrently with the exchange: the body
+    /// of a GET must still take its writes after hyper sent the head without it (the guest would
+    /// otherwise fail with `connection reset` whenever the request went out first).
+    #[tokio::test]
+    async fn a_get_body_the_guest_finishes_late_still_takes_its_writes() {
+        let server = server(false).await;
+        let network = FakeNetwork::new(&[&["93.184.216.34:80"]], server);
+        let mut policy = policy_for("svc.example", false, OutboundLimits::default(), network);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+        let frames = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|b| (Ok::<_, HttpError>(http_body::Frame::data(b)), rx))
+        });
+        let body = http_body_util::StreamBody::new(frames).boxed_unsync();
+        let request = http::Request::get("http://svc.example/x").body(body).unwrap();
+        let (res, io) =
+            Pin::from(policy.send_request(request, None, Box::new(async { Ok(()) }))).await.unwrap();
+        tokio::spawn(Pin::from(io));
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"pong");
+        tokio::task::yield_now().await;
+        assert!(!tx.is_closed(), "the request body was dropped while the guest may still write it");
+        tx.send(Bytes::from_static(b"late")).await.expect("the guest's late write is taken");
+        drop(tx);
     }
 
     #[tokio::test]

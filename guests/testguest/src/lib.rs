@@ -228,7 +228,10 @@ async fn route(req: Request<Body>) -> Result<Response<Body>, Error> {
                         .header("content-type", "text/plain")
                         .body(Body::from(out))?)
                 }
-                Err(e) => text(502, format!("fetch error: {e:#}")),
+                Err(e) => {
+                    eprintln!("fetch error: {e:#}");
+                    text(502, format!("fetch error: {e:#}"))
+                }
             }
         }
 

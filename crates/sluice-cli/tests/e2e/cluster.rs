@@ -191,7 +191,7 @@ fn a_node_stopped_with_sigterm_hands_its_work_to_the_others() {
     let stopped = Instant::now();
     assert!(one.terminate().success());
     for id in &ids {
-        let v = wait_long(&two, &format!("/v1/invocations/{id}"), |v| v["status"] == "succeeded");
+        let (v, _) = wait_long(&two, &format!("/v1/invocations/{id}"), |v| v["status"] == "succeeded");
         assert_eq!(v["attempts"], 1, "a released attempt does not count: {v}");
     }
     let took = stopped.elapsed();
@@ -200,17 +200,28 @@ fn a_node_stopped_with_sigterm_hands_its_work_to_the_others() {
 }
 
 /// Polls `path` until `pred` holds, for up to a minute.
-fn wait_long(node: &Node, path: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+/// Returns the value and the states it went through on the way.
+fn wait_long(
+    node: &Node,
+    path: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> (serde_json::Value, Vec<String>) {
     let deadline = Instant::now() + Duration::from_secs(60);
+    // What it showed on the way, for the message if it never gets there.
+    let mut seen: Vec<String> = Vec::new();
     loop {
         let res = node.get(path);
         if res.status().is_success() {
             let v: serde_json::Value = res.json().unwrap();
             if pred(&v) {
-                return v;
+                return (v, seen);
+            }
+            let state = format!("{} attempts={} error_kind={}", v["status"], v["attempts"], v["error_kind"]);
+            if seen.last() != Some(&state) {
+                seen.push(state);
             }
         }
-        assert!(Instant::now() < deadline, "timed out waiting on {path}");
+        assert!(Instant::now() < deadline, "timed out waiting on {path}; it went {seen:?}");
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -294,8 +305,10 @@ fn a_node_that_lost_a_lease_stops_that_attempt() {
         std::thread::sleep(Duration::from_millis(20));
     };
     eprintln!("attempt 1 stopped {:?} after its lease lapsed", first_closed - lapsed);
-    let v = wait_long(&node, &format!("/v1/invocations/{id}"), |v| v["status"] == "succeeded");
-    assert_eq!(v["attempts"], 2, "{v}");
+    let (v, went) = wait_long(&node, &format!("/v1/invocations/{id}"), |v| v["status"] == "succeeded");
+    let logs = node.get(&format!("/v1/invocations/{id}/logs")).text().unwrap_or_default();
+    let node_log = node.stderr.lock().unwrap().join("\n");
+    assert_eq!(v["attempts"], 2, "{v}\nit went {went:?}\nits logs: {logs}\nthe node's log:\n{node_log}");
     let seen = connections.lock().unwrap().clone();
     assert_eq!(seen.len(), 2, "one call out per attempt: {seen:?}");
     assert_eq!(seen[1], None, "attempt 2 ran to the end");
