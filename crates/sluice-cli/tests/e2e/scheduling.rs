@@ -141,7 +141,7 @@ fn overloaded_downstream(delay: Duration) -> u16 {
 }
 
 #[test]
-#[ignore = "flaky on a loaded machine (the stub's connection is sometimes reset, so the in-flight request ends early); run with --ignored"]
+#[ignore = "the scheduler's hold of a saturated function's queued calls is switched off (NodeFunctions::saturated); run with --ignored once it is back on"]
 fn a_saturated_downstream_holds_async_calls_and_refuses_sync_ones() {
     let port = overloaded_downstream(Duration::from_millis(1500));
     let node = Node::start(&["--outbound-allow-private"]);
