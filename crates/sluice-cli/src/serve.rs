@@ -32,6 +32,21 @@ pub struct ServeArgs {
     /// HTTP worker threads, each with its own runtime and socket. Default: one per core.
     #[arg(long)]
     pub workers: Option<usize>,
+    /// Do not count anything for `/metrics` (it then answers 404): for measuring what counting
+    /// costs.
+    #[arg(long)]
+    pub no_metrics: bool,
+    /// Also serve `GET /metrics` without a key on this address (for a scraper on a private
+    /// network); the node's own address always needs an admin key or the `metrics` scope.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Functions (tenant, function pairs) with their own series in `/metrics`; later ones are
+    /// counted together under `tenant="_other", function="_other"`.
+    #[arg(long, default_value_t = 1000)]
+    pub metrics_functions_max: usize,
+    /// Format of the node's own log lines on stderr: `text` or `json` (one object per line).
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
     /// Let guests call loopback and private addresses that are in their allow list (off:
     /// such addresses are refused even when allowed by name).
     #[arg(long)]
@@ -248,7 +263,11 @@ impl ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    init_tracing();
+    init_tracing(args.log_format == "json");
+    if !args.no_metrics {
+        // Before anything makes its handles (the store's writer makes its own at open).
+        sluice_gateway::metrics::install(args.metrics_functions_max);
+    }
     let limits = args.limits()?;
     let workers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     anyhow::ensure!((1..=256).contains(&workers), "--workers must be between 1 and 256");
@@ -299,6 +318,13 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
     let supervisor = tasks.supervisor();
     for task in store_writer {
         supervisor.watch("store writer", task);
+    }
+    if let Some(listen) = args.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("listening for metrics on {listen}"))?;
+        eprintln!("metrics without a key on http://{}/metrics", listener.local_addr()?);
+        supervisor.spawn("metrics listener", sluice_gateway::metrics::serve_open(node.clone(), listener));
     }
     eprintln!(
         "sluice {} listening on http://{addr}/ (data: {}, {workers} workers)",
@@ -383,10 +409,11 @@ async fn shutdown_signal() {
     }
 }
 
-fn init_tracing() {
+fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { fmt.json().flatten_event(true).try_init() } else { fmt.try_init() };
 }
 
 #[cfg(test)]

@@ -72,12 +72,14 @@ pub enum Scope {
     Deploy,
     Invoke,
     Read,
+    /// Scrape `/metrics`: the node-wide series and the key's own tenant's.
+    Metrics,
 }
 
 impl Scope {
-    pub const ALL: [Self; 4] = [Self::Admin, Self::Deploy, Self::Invoke, Self::Read];
+    pub const ALL: [Self; 5] = [Self::Admin, Self::Deploy, Self::Invoke, Self::Read, Self::Metrics];
     /// The scopes a tenant's key may carry (admin keys belong to no tenant).
-    pub const TENANT: [Self; 3] = [Self::Deploy, Self::Invoke, Self::Read];
+    pub const TENANT: [Self; 4] = [Self::Deploy, Self::Invoke, Self::Read, Self::Metrics];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -85,6 +87,7 @@ impl Scope {
             Self::Deploy => "deploy",
             Self::Invoke => "invoke",
             Self::Read => "read",
+            Self::Metrics => "metrics",
         }
     }
 

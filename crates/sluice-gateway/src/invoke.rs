@@ -16,12 +16,13 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use sluice_core::{Clock, ErrorKind, Scope, SluiceError, SystemClock};
+use sluice_runtime::metrics::{CallOutcome, Kind};
 use sluice_runtime::{Call, Lane, Outcome};
 use sluice_store::{Criticality, Enqueued, InvocationStatus, NewInvocation, StoredRequest, SyncRecord};
 
@@ -49,7 +50,10 @@ pub async fn handle(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> 
     let invocation_id = sluice_core::ids::invocation_id();
     match call(node, req, &invocation_id).await {
         Ok(res) => res,
-        Err(e) => error_response(&e, Some(&invocation_id)),
+        Err(e) => {
+            crate::metrics::refused(e.kind);
+            error_response(&e, Some(&invocation_id))
+        }
     }
 }
 
@@ -58,6 +62,7 @@ async fn call(
     req: Request<Incoming>,
     invocation_id: &str,
 ) -> Result<Response<Body>, SluiceError> {
+    let arrived = Instant::now();
     let limits = &node.config.limits;
     let headers = req.headers();
     let is_async = prefers_async(headers);
@@ -128,7 +133,7 @@ async fn call(
         lane: Lane::Sync,
         group: deployed.tenant_group.clone(),
         function: deployed.function_name.clone(),
-        on_done: Some(recorder(node, &deployed, [function_slot, Some(node_slot)])),
+        on_done: Some(recorder(node, &deployed, [function_slot, Some(node_slot)], arrived)),
     };
     let running = node.runtime.invoke(&prepared, call, Request::from_parts(parts, body));
     match running.response().await {
@@ -296,11 +301,19 @@ fn time_header(headers: &HeaderMap, name: &str) -> Result<Option<i64>, SluiceErr
 /// failure); a silent success is only counted, which keeps recording off the hot path. The
 /// admission slots live in the closure, so they are given back when the guest is done — after
 /// a streamed body too.
-fn recorder(node: &Arc<Node>, deployed: &Arc<Deployed>, slots: [Option<Slot>; 2]) -> sluice_runtime::OnDone {
+fn recorder(
+    node: &Arc<Node>,
+    deployed: &Arc<Deployed>,
+    slots: [Option<Slot>; 2],
+    arrived: Instant,
+) -> sluice_runtime::OnDone {
     let recorder = node.recorder.clone();
     let deployed = deployed.clone();
+    let started = Instant::now();
     Box::new(move |o: &Outcome| {
         drop(slots);
+        let outcome = CallOutcome::of(o.error.as_ref().map(|e| e.kind), o.status_code);
+        deployed.metrics.finished(Kind::Sync, outcome, arrived.elapsed(), started.elapsed(), o.cpu_us);
         if o.error.is_none() && o.logs.is_empty() {
             return;
         }

@@ -17,6 +17,7 @@ pub mod body;
 pub mod credentials;
 pub mod error;
 pub mod invoke;
+pub mod metrics;
 pub mod node;
 pub mod recorder;
 pub mod server;

@@ -14,6 +14,7 @@ use sluice_store::{KeyRecord, Store, VersionRecord};
 use crate::admission::{Admission, FunctionAdmission, Gauge, Rate};
 use crate::error::store_error;
 use crate::recorder::Recorder;
+use sluice_runtime::metrics::CallMetrics;
 
 /// Settings of a node, fixed at start.
 #[derive(Debug, Clone)]
@@ -85,6 +86,8 @@ pub struct Deployed {
     pub tenant_group: Arc<str>,
     /// The function's name, shared with every call (no allocation per call).
     pub function_name: Arc<str>,
+    /// Its series in `/metrics`, shared by its versions.
+    pub metrics: Arc<CallMetrics>,
 }
 
 impl Deployed {
@@ -95,7 +98,8 @@ impl Deployed {
         let code_key = CodeKey::new(&record.tenant, &record.blob_digest);
         let tenant_group = code_key.tenant.clone();
         let function_name = Arc::from(record.function.as_str());
-        Self { record, config, code_key, admission, tenant_group, function_name }
+        let metrics = Arc::new(CallMetrics::new(&record.tenant, &record.function));
+        Self { record, config, code_key, admission, tenant_group, function_name, metrics }
     }
 }
 

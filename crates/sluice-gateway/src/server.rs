@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use sluice_core::SluiceError;
+use sluice_core::{ErrorKind, SluiceError};
 use tokio::sync::watch;
 
 use crate::body::{Body, full};
@@ -184,6 +184,16 @@ async fn route(node: &Arc<Node>, req: Request<Incoming>, framing_conflict: bool)
     }
     if path == "/healthz" {
         return Response::new(full("ok\n"));
+    }
+    if path == "/metrics" {
+        if req.method() != http::Method::GET {
+            return error_response(&SluiceError::new(ErrorKind::MethodNotAllowed, "use GET /metrics"), None);
+        }
+        let fut = crate::metrics::handle(node.clone(), req.headers().clone());
+        return match node.control.spawn(fut).await {
+            Ok(res) => res,
+            Err(e) => error_response(&SluiceError::internal(format!("metrics task failed: {e}")), None),
+        };
     }
     if path == "/v1" || path.starts_with("/v1/") {
         let fut = crate::api::handle(node.clone(), req);

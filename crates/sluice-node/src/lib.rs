@@ -9,6 +9,7 @@
 pub mod gc;
 pub mod supervisor;
 
+use sluice_runtime::metrics::CallMetrics;
 use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -405,6 +406,10 @@ impl Functions for NodeFunctions {
                 Some((d.record.tenant.clone(), d.record.function.clone(), reserved))
             })
             .collect()
+    }
+
+    fn metrics(&self, tenant: &str, function: &str) -> Option<Arc<CallMetrics>> {
+        Some(self.0.upgrade()?.function(tenant, function)?.metrics.clone())
     }
 
     fn saturated(&self, tenant: &str) -> Vec<String> {

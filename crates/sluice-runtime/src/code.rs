@@ -321,6 +321,7 @@ impl Runtime {
             Ok(p) => {
                 c.compiles.fetch_add(1, Ordering::Relaxed);
                 c.compile_ms_total.fetch_add(p.origin.compile_ms, Ordering::Relaxed);
+                metrics::histogram!("sluice_compile_seconds").record(p.origin.compile_ms as f64 / 1e3);
             }
             Err(_) => {
                 c.compile_failures.fetch_add(1, Ordering::Relaxed);

@@ -14,6 +14,7 @@ mod code;
 pub mod downstream;
 mod lanes;
 mod logs;
+pub mod metrics;
 mod outbound;
 
 use std::hash::{Hash, Hasher};

@@ -144,6 +144,7 @@ impl WasiHttpHooks for OutboundPolicy {
                 ));
             }
             self.requests_made = self.requests_made.saturating_add(1);
+            crate::metrics::outbound("denied");
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
         }
         self.requests_made += 1;
@@ -151,6 +152,7 @@ impl WasiHttpHooks for OutboundPolicy {
             logs.system(format!(
                 "outbound request to {host}:{port} denied: host is not in this function's allow list"
             ));
+            crate::metrics::outbound("denied");
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
         }
         let timeouts = Timeouts::of(options, &self.limits);
@@ -169,6 +171,7 @@ impl WasiHttpHooks for OutboundPolicy {
                     "outbound request to {key} timed out waiting for a slot: this function already \
                      had as many requests in flight to that downstream as its adaptive limit allows"
                 ));
+                crate::metrics::outbound("error");
                 return Err(HttpError::ConnectionTimeout);
             };
             let sent_at = Instant::now();
@@ -188,11 +191,18 @@ impl WasiHttpHooks for OutboundPolicy {
             };
             match exchange.await {
                 Ok((res, io)) => {
-                    permit.record(response_outcome(res.status(), sent_at.elapsed()));
+                    let outcome = response_outcome(res.status(), sent_at.elapsed());
+                    crate::metrics::outbound(if matches!(outcome, Outcome::Overload) {
+                        "overload"
+                    } else {
+                        "ok"
+                    });
+                    permit.record(outcome);
                     let res = res.map(|body| ResponseBody { permit: Some(permit), ..body });
                     Ok((res.map(BodyExt::boxed_unsync), Box::new(io) as IoFuture))
                 }
                 Err(err) => {
+                    crate::metrics::outbound("error");
                     permit.done(failure_outcome(&err));
                     // The guest may see only a closed body stream (its write of the request body
                     // fails once the request is gone): the cause is written here.

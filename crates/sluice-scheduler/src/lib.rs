@@ -23,6 +23,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use sluice_core::retry::{Next, RetryPolicy};
 use sluice_core::{Clock, ErrorKind, FunctionConfig, LogStream, UnixMs};
+use sluice_runtime::metrics::{CallMetrics, CallOutcome, Kind as MetricsKind};
 use sluice_runtime::{BodyError, Call, Lane, Prepared, Runtime};
 use sluice_store::{AttemptResult, LeaseClass, Leased, QueueDemand, Quota, Store, StoredResponse};
 
@@ -51,6 +52,11 @@ pub trait Functions: Send + Sync + 'static {
 
     /// The functions of `tenant` whose calls should not start now (a downstream is saturated).
     fn saturated(&self, tenant: &str) -> Vec<String>;
+
+    /// Where a function's calls are counted for `/metrics`, if it is installed here.
+    fn metrics(&self, _tenant: &str, _function: &str) -> Option<Arc<CallMetrics>> {
+        None
+    }
 }
 
 /// Bounds and periods of the scheduler; each a named setting.
@@ -667,7 +673,24 @@ async fn drain(ctx: &Ctx, mut tasks: JoinSet<()>) {
 }
 
 async fn run_one(ctx: Arc<Ctx>, inv: Leased) {
+    let metrics = ctx.functions.metrics(&inv.tenant, &inv.function);
+    if let Some(m) = &metrics {
+        let waited = ctx.clock.now_ms().saturating_sub(inv.run_after.max(inv.created_at));
+        m.started_after(Duration::from_millis(u64::try_from(waited).unwrap_or(0)));
+    }
+    let started = std::time::Instant::now();
     let Attempt { result, logs, cpu_us } = execute(&ctx, &inv).await;
+    if let Some(m) = &metrics {
+        let outcome = match &result {
+            AttemptResult::Succeeded { response } => CallOutcome::of_status(response.status),
+            AttemptResult::Failed { error_kind, status_code, .. } => {
+                CallOutcome::of_error_kind(error_kind, *status_code)
+            }
+        };
+        let total = ctx.clock.now_ms().saturating_sub(inv.created_at);
+        let total = Duration::from_millis(u64::try_from(total).unwrap_or(0));
+        m.finished(MetricsKind::Async, outcome, total, started.elapsed(), cpu_us);
+    }
     if let Some(running) = ctx.running.lock().expect("running set").get_mut(&(inv.id.clone(), inv.attempt)) {
         running.completing = true;
     }

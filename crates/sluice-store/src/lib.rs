@@ -479,6 +479,9 @@ pub trait Store: Send + Sync + 'static {
     async fn queue_demand(&self, now: UnixMs, promote_ahead_ms: u64, cap: u32) -> StoreResult<QueueDemand>;
     /// One tenant's async work now, counted exactly (costs a scan of its pending rows).
     async fn tenant_queue(&self, tenant: &str, now: UnixMs) -> StoreResult<TenantQueue>;
+    /// The cluster's unfinished async invocations, counted by (status, criticality): `queued`,
+    /// `failed` (waiting for a retry) and `running`. For `/metrics`; costs a scan of those rows.
+    async fn queue_depth(&self) -> StoreResult<Vec<(String, Criticality, u64)>>;
     /// Records why leased attempts waited: `(id, attempt, JSON)`, for the attempts that are
     /// still that attempt (a later one keeps its own).
     async fn record_waits(&self, waits: &[(String, u32, String)]) -> StoreResult<()>;

@@ -24,9 +24,9 @@ use tokio::sync::broadcast;
 
 use crate::queue::{LeaseOp, Writer};
 use crate::rows::{
-    config_to_json, demand_from_rows, get, invocation_from_row, key_from_row, log_line_from_row,
-    node_from_row, quota_from_row, response_from_row, rows, scopes_to_text, summary_from_row,
-    sync_batch_json, tenant_from_row, tenant_queue_from_counts, version_from_row,
+    QUEUE_DEPTH, config_to_json, demand_from_rows, get, invocation_from_row, key_from_row, log_line_from_row,
+    node_from_row, queue_depth_from_rows, quota_from_row, response_from_row, rows, scopes_to_text,
+    summary_from_row, sync_batch_json, tenant_from_row, tenant_queue_from_counts, version_from_row,
 };
 use crate::{
     AttemptResult, Change, Enqueued, FunctionSummary, IDEMPOTENCY_WINDOW_MS, Invocation, InvocationFilter,
@@ -1039,6 +1039,11 @@ impl Store for PostgresStore {
         .await
         .map_err(classify)?;
         tenant_queue_from_counts(running, runnable, runnable_windowed, later)
+    }
+
+    async fn queue_depth(&self) -> StoreResult<Vec<(String, crate::Criticality, u64)>> {
+        let rows = sqlx::query_as(QUEUE_DEPTH).fetch_all(&self.pool).await.map_err(classify)?;
+        queue_depth_from_rows(rows)
     }
 
     async fn record_waits(&self, waits: &[(String, u32, String)]) -> StoreResult<()> {

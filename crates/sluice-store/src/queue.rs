@@ -580,8 +580,14 @@ impl Writer {
         let connection = backend.connect().await?;
         let (sender, receiver) = mpsc::channel(WRITER_QUEUE_OPS_MAX);
         let commits = Arc::new(AtomicU64::new(0));
-        let task =
-            Task { receiver, backend, connection: Some(connection), commits: commits.clone(), carried: None };
+        let task = Task {
+            receiver,
+            backend,
+            connection: Some(connection),
+            commits: commits.clone(),
+            carried: None,
+            metrics: WriterMetrics::new(),
+        };
         let task = tokio::spawn(task.run());
         Ok(Self { sender, commits, task: Arc::new(std::sync::Mutex::new(Some(task))) })
     }
@@ -740,6 +746,24 @@ struct Task<B: Backend> {
     commits: Arc<AtomicU64>,
     /// An op that did not fit in the previous batch.
     carried: Option<Request>,
+    metrics: WriterMetrics,
+}
+
+/// The writer's series in `/metrics`.
+struct WriterMetrics {
+    /// How long a group commit took, from its first statement to its answer.
+    commit_seconds: metrics::Histogram,
+    /// Ops per group commit.
+    batch_ops: metrics::Histogram,
+}
+
+impl WriterMetrics {
+    fn new() -> Self {
+        Self {
+            commit_seconds: metrics::histogram!("sluice_store_commit_seconds"),
+            batch_ops: metrics::histogram!("sluice_store_commit_batch_ops"),
+        }
+    }
 }
 
 impl<B: Backend> Task<B> {
@@ -795,6 +819,7 @@ impl<B: Backend> Task<B> {
 
     async fn run_batch(&mut self, batch: Vec<Request>) {
         let (ops, replies): (Vec<Op>, Vec<_>) = batch.into_iter().map(|r| (r.op, r.reply)).unzip();
+        let began = std::time::Instant::now();
         let outcome = match self.connection.as_mut() {
             Some(connection) => apply_batch(&self.backend, connection, &ops).await,
             None => match self.backend.connect().await {
@@ -805,6 +830,8 @@ impl<B: Backend> Task<B> {
         match outcome {
             Ok(results) => {
                 self.commits.fetch_add(1, Ordering::Relaxed);
+                self.metrics.commit_seconds.record(began.elapsed().as_secs_f64());
+                self.metrics.batch_ops.record(ops.len() as f64);
                 for (reply, result) in replies.into_iter().zip(results) {
                     // The caller may have given up waiting; its op is committed all the same.
                     let _ = reply.send(result);

@@ -363,3 +363,19 @@ pub(crate) fn tenant_queue_from_counts(
         later: n("later", later)?,
     })
 }
+
+/// The unfinished async invocations by (status, criticality): one statement for both stores.
+pub(crate) const QUEUE_DEPTH: &str = "
+    SELECT status, criticality, count(*) FROM invocations
+    WHERE status IN ('queued', 'failed', 'running')
+    GROUP BY status, criticality ORDER BY status, criticality";
+
+pub(crate) fn queue_depth_from_rows(
+    rows: Vec<(String, i64, i64)>,
+) -> StoreResult<Vec<(String, crate::Criticality, u64)>> {
+    rows.into_iter()
+        .map(|(status, criticality, count)| {
+            Ok((status, criticality_from_i64(criticality)?, u64::try_from(count).unwrap_or(0)))
+        })
+        .collect()
+}

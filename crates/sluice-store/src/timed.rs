@@ -17,8 +17,8 @@ use std::time::Duration;
 use sluice_core::{FunctionConfig, UnixMs};
 
 use crate::{
-    AttemptResult, Change, Enqueued, FunctionSummary, Invocation, InvocationFilter, KeyRecord, LeaseAsk,
-    Leased, LogLine, LogStream, NewInvocation, NodeRecord, QueueDemand, Quota, Store, StoreError,
+    AttemptResult, Change, Criticality, Enqueued, FunctionSummary, Invocation, InvocationFilter, KeyRecord,
+    LeaseAsk, Leased, LogLine, LogStream, NewInvocation, NodeRecord, QueueDemand, Quota, Store, StoreError,
     StoreResult, StoredResponse, SyncRecord, Tenant, TenantQueue, TenantStorage, VersionRecord,
 };
 
@@ -122,6 +122,7 @@ timed_store! {
     ) -> Vec<Vec<Leased>>;
     fn queue_demand(&self, now: UnixMs, promote_ahead_ms: u64, cap: u32) -> QueueDemand;
     fn tenant_queue(&self, tenant: &str, now: UnixMs) -> TenantQueue;
+    fn queue_depth(&self) -> Vec<(String, Criticality, u64)>;
     fn record_waits(&self, waits: &[(String, u32, String)]) -> ();
     fn heartbeat(
         &self,

@@ -825,6 +825,16 @@ pub async fn lease_asks_take_one_tenants_class_in_its_order(store: &dyn Store, _
     assert_eq!(demand.running, [("acme".to_string(), "f".to_string(), 5), ("acme".into(), "g".into(), 1)]);
     let queue = store.tenant_queue("acme", now).await.unwrap();
     assert_eq!((queue.running, queue.runnable, queue.runnable_windowed, queue.later), (6, 1, 1, 0));
+    // The cluster's depth by (status, criticality), for /metrics.
+    let depth: Vec<(String, Criticality, u64)> = store.queue_depth().await.unwrap();
+    assert_eq!(
+        depth,
+        [
+            ("queued".to_string(), Criticality::High, 2),
+            ("running".to_string(), Criticality::High, 3),
+            ("running".to_string(), Criticality::Low, 3),
+        ]
+    );
 
     // Why they waited is recorded for the attempt that was leased, and only for it.
     store

@@ -1,0 +1,278 @@
+//! `GET /metrics`: the node's counters, histograms and gauges in the Prometheus text format.
+//!
+//! Calls record through handles made once per function (`sluice_runtime::metrics`) into the
+//! process's recorder, which this module installs ([`install`]) and renders. What the node
+//! already keeps as its own atomics (lanes, code cache, slots, the scheduler's utilization) and
+//! the queue's depth (a store query) are read at scrape time, so they cost nothing per call.
+//!
+//! Who may scrape: an admin key sees everything; a tenant key with the `metrics` scope sees the
+//! node-wide series and its own tenant's, never another tenant's. `serve --metrics-listen` serves
+//! the same text without a key on a separate address (for a scraper on a private network).
+
+use std::sync::{Arc, OnceLock};
+
+use http::{Response, StatusCode, header};
+use metrics::{Counter, counter, gauge};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use sluice_core::{Criticality, ErrorKind, Scope, SluiceError};
+
+use crate::body::{Body, full};
+use crate::error::{error_response, store_error};
+use crate::node::{Node, bearer};
+
+static EXPORTER: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Latency buckets, in seconds: from a fast sync call (about 100 µs) to a long async one.
+const SECONDS_BUCKETS: [f64; 16] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0];
+/// Ops per group commit.
+const BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+
+/// Installs the process's recorder (once; later calls keep the first), with at most
+/// `function_series_max` (tenant, function) pairs labeled. Without it every record is a no-op and
+/// `/metrics` answers 404. Call it before the store opens: handles made earlier count nowhere.
+pub fn install(function_series_max: usize) {
+    sluice_runtime::metrics::set_function_series_max(function_series_max);
+    EXPORTER.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS_BUCKETS)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_ops".into()), &BATCH_BUCKETS))
+            .expect("the buckets are not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        describe();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!(
+                "another metrics recorder is installed; /metrics shows only what it does not take"
+            );
+        }
+        handle
+    });
+}
+
+/// Whether the recorder is installed.
+pub fn enabled() -> bool {
+    EXPORTER.get().is_some()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "sluice_invocations_total",
+        "Calls that ended, by kind (sync, or async attempts) and outcome"
+    );
+    describe_histogram!(
+        "sluice_invocation_duration_seconds",
+        "From arrival (sync) or enqueue (async) to the end"
+    );
+    describe_histogram!(
+        "sluice_invocation_run_seconds",
+        "The guest's run, from the start of the call to its end"
+    );
+    describe_histogram!(
+        "sluice_invocation_cpu_seconds",
+        "A call's time on a thread; the sum is the CPU time used"
+    );
+    describe_histogram!("sluice_invocation_queue_wait_seconds", "How long an async call waited to start");
+    describe_counter!("sluice_requests_refused_total", "Calls refused before running, by reason");
+    describe_counter!("sluice_outbound_requests_total", "Guests' outbound HTTP requests, by outcome");
+    describe_histogram!("sluice_compile_seconds", "Compiling a component");
+    describe_histogram!("sluice_store_commit_seconds", "A group commit of the queue writer");
+    describe_histogram!("sluice_store_commit_batch_ops", "Writes per group commit");
+    describe_gauge!(
+        "sluice_queue_depth",
+        "Unfinished async invocations in the cluster, by status and criticality"
+    );
+    describe_gauge!("sluice_sync_inflight", "Sync calls running on this node");
+    describe_gauge!("sluice_sync_inflight_max", "Sync calls this node runs at once before shedding");
+    describe_gauge!("sluice_async_inflight", "Async invocations running on this node");
+    describe_gauge!("sluice_async_inflight_max", "Async invocations this node runs at once");
+    describe_gauge!("sluice_lane_slow_running", "Calls holding a slow-lane slot");
+    describe_gauge!("sluice_lane_slow_waiting", "Calls waiting for a slow-lane slot");
+    describe_counter!("sluice_lane_demoted_total", "Calls moved to the slow lane");
+    describe_gauge!("sluice_utilization", "Share of the node's cores guests used (the scheduler's measure)");
+    describe_gauge!(
+        "sluice_utilization_target",
+        "The utilization above which opportunistic async work waits"
+    );
+    describe_counter!("sluice_code_cache_hits_total", "Calls that found their component loaded");
+    describe_counter!("sluice_code_cache_misses_total", "Calls that had to load or compile their component");
+    describe_counter!("sluice_code_cache_evictions_total", "Components dropped from the cache");
+    describe_counter!("sluice_compiles_total", "Components compiled");
+    describe_counter!("sluice_compile_failures_total", "Compiles refused or failed");
+    describe_gauge!("sluice_code_cache_entries", "Components loaded");
+    describe_gauge!("sluice_code_cache_bytes", "Artifact bytes of the components loaded");
+    describe_gauge!("sluice_functions", "Functions installed on this node");
+    describe_counter!(
+        "sluice_metrics_functions_folded_total",
+        "Functions counted under _other (label bound)"
+    );
+}
+
+/// Counts a call refused before it ran (rate limited, shed, unauthorized, ...), by its kind.
+pub fn refused(kind: ErrorKind) {
+    static HANDLES: OnceLock<Vec<Counter>> = OnceLock::new();
+    let handles = HANDLES.get_or_init(|| {
+        ErrorKind::ALL
+            .iter()
+            .map(|k| counter!("sluice_requests_refused_total", "reason" => k.as_str()))
+            .collect()
+    });
+    if let Some(i) = ErrorKind::ALL.iter().position(|k| *k == kind) {
+        handles[i].increment(1);
+    }
+}
+
+/// `GET /metrics` on the node's address: for an admin key, or a key with the `metrics` scope.
+pub async fn handle(node: Arc<Node>, headers: http::HeaderMap) -> Response<Body> {
+    let Some(key) = bearer(&headers) else {
+        let e =
+            SluiceError::new(ErrorKind::Unauthorized, "missing API key: send Authorization: Bearer <key>");
+        return error_response(&e, None);
+    };
+    let Some(principal) = node.principal_for_key(key) else {
+        return error_response(
+            &SluiceError::new(ErrorKind::Unauthorized, "invalid or revoked API key"),
+            None,
+        );
+    };
+    let only = match (&principal.tenant, principal.is_admin()) {
+        (_, true) => None,
+        (Some(tenant), false) if principal.may(tenant, Scope::Metrics) => Some(tenant.clone()),
+        _ => {
+            let e = SluiceError::new(ErrorKind::Forbidden, "this key lacks the metrics scope");
+            return error_response(&e, None);
+        }
+    };
+    scrape(&node, only.as_deref()).await
+}
+
+/// The text, every series (or, with `only`, the node-wide ones and that tenant's).
+pub async fn scrape(node: &Node, only: Option<&str>) -> Response<Body> {
+    let Some(exporter) = EXPORTER.get() else {
+        return error_response(
+            &SluiceError::not_found("metrics are off on this node (it was started with serve --no-metrics)"),
+            None,
+        );
+    };
+    if let Err(e) = read_node(node).await {
+        return error_response(&e, None);
+    }
+    exporter.run_upkeep();
+    let mut text = exporter.render();
+    if let Some(tenant) = only {
+        text = only_tenant(&text, tenant);
+    }
+    let mut res = Response::new(full(text));
+    *res.status_mut() = StatusCode::OK;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    res
+}
+
+/// Sets the series read at scrape time from what the node keeps.
+async fn read_node(node: &Node) -> Result<(), SluiceError> {
+    let depth = node.store.queue_depth().await.map_err(store_error)?;
+    for status in ["queued", "failed", "running"] {
+        for criticality in Criticality::ALL {
+            let n = depth.iter().find(|(s, c, _)| s == status && *c == criticality).map_or(0, |(_, _, n)| *n);
+            gauge!("sluice_queue_depth", "status" => status, "criticality" => criticality.as_str())
+                .set(n as f64);
+        }
+    }
+    gauge!("sluice_sync_inflight").set(node.admission.sync_inflight() as f64);
+    gauge!("sluice_sync_inflight_max").set(node.admission.sync_inflight_max as f64);
+    gauge!("sluice_async_inflight_max").set(node.config.async_inflight_max as f64);
+    let scheduling = node.scheduling.read().expect("scheduling lock").clone();
+    if let Some(stats) = scheduling {
+        gauge!("sluice_async_inflight").set(stats.in_flight() as f64);
+        let view = stats.view();
+        gauge!("sluice_utilization").set(view.utilization);
+        gauge!("sluice_utilization_target").set(view.utilization_target);
+    }
+    let lanes = node.runtime.lane_stats();
+    gauge!("sluice_lane_slow_running").set(lanes.slow_running as f64);
+    gauge!("sluice_lane_slow_waiting").set(lanes.slow_waiting as f64);
+    counter!("sluice_lane_demoted_total").absolute(lanes.demoted_total);
+    let code = node.runtime.code_stats().await;
+    counter!("sluice_code_cache_hits_total").absolute(code.hits);
+    counter!("sluice_code_cache_misses_total").absolute(code.misses);
+    counter!("sluice_code_cache_evictions_total").absolute(code.evictions);
+    counter!("sluice_compiles_total").absolute(code.compiles);
+    counter!("sluice_compile_failures_total").absolute(code.compile_failures);
+    gauge!("sluice_code_cache_entries").set(code.entries as f64);
+    gauge!("sluice_code_cache_bytes").set(code.bytes as f64);
+    gauge!("sluice_functions").set(node.deployed().len() as f64);
+    Ok(())
+}
+
+/// Serves `GET /metrics` without a key on `listener` (`serve --metrics-listen`); anything else
+/// is 404. Runs until the node stops.
+pub async fn serve_open(node: Arc<Node>, listener: tokio::net::TcpListener) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a metrics connection failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let node = node.clone();
+                async move {
+                    let res = if req.uri().path() == "/metrics" && req.method() == http::Method::GET {
+                        scrape(&node, None).await
+                    } else {
+                        error_response(&SluiceError::not_found("this address serves only GET /metrics"), None)
+                    };
+                    Ok::<_, std::convert::Infallible>(res)
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(io, service);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(60), conn).await;
+        });
+    }
+}
+
+/// Drops the samples of every tenant but `tenant` (tenant names need no escaping: they are
+/// lowercase letters, digits and dashes).
+fn only_tenant(text: &str, tenant: &str) -> String {
+    let own = format!("tenant=\"{tenant}\"");
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        if line.starts_with('#') || !line.contains("tenant=\"") || line.contains(&own) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tenant_sees_only_its_own_series_and_the_node_wide_ones() {
+        let text = "# TYPE sluice_invocations_total counter\n\
+            sluice_invocations_total{tenant=\"acme\",function=\"f\",kind=\"sync\",outcome=\"ok\"} 3\n\
+            sluice_invocations_total{tenant=\"acme-2\",function=\"f\",kind=\"sync\",outcome=\"ok\"} 4\n\
+            sluice_invocations_total{tenant=\"beta\",function=\"f\",kind=\"sync\",outcome=\"ok\"} 5\n\
+            sluice_functions 3\n";
+        let seen = only_tenant(text, "acme");
+        assert!(seen.contains("tenant=\"acme\",function=\"f\",kind=\"sync\",outcome=\"ok\"} 3"));
+        assert!(!seen.contains("acme-2"), "a tenant whose name starts with another's is another tenant");
+        assert!(!seen.contains("beta"));
+        assert!(seen.contains("sluice_functions 3"));
+        assert!(seen.starts_with("# TYPE"));
+    }
+}

@@ -1,0 +1,229 @@
+//! What a function's calls count for `/metrics`: per (tenant, function) handles, made once when a
+//! version is installed, so that a call records with atomic adds and no lookup, lock or label
+//! allocation. The recorder behind the handles is the process's (`metrics`' global one); without
+//! one installed (tests, embedders) every record is a no-op.
+//!
+//! Label sets are bounded: only the first [`set_function_series_max`] (tenant, function) pairs of
+//! the process get their own series; later ones are counted under `tenant="_other",
+//! function="_other"`, and `sluice_metrics_functions_folded_total` says how many were folded.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use metrics::{Counter, Histogram, counter, histogram};
+use sluice_core::ErrorKind;
+
+/// (tenant, function) pairs with their own series, at most.
+static SERIES_MAX: AtomicUsize = AtomicUsize::new(1000);
+static LABELED: Mutex<Option<HashSet<(String, String)>>> = Mutex::new(None);
+
+/// Where pairs beyond the bound are counted.
+pub const FOLDED: &str = "_other";
+
+/// Sets how many (tenant, function) pairs get their own series (the rest share `_other`).
+pub fn set_function_series_max(max: usize) {
+    SERIES_MAX.store(max, Ordering::Relaxed);
+}
+
+/// How a call was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Sync = 0,
+    Async = 1,
+}
+
+impl Kind {
+    const ALL: [Self; 2] = [Self::Sync, Self::Async];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sync => "sync",
+            Self::Async => "async",
+        }
+    }
+}
+
+/// How a call (an attempt, for async calls) ended: a bounded label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallOutcome {
+    /// The guest answered 1xx–3xx.
+    Ok = 0,
+    /// The guest answered 4xx.
+    ClientError,
+    /// The guest answered 5xx.
+    ServerError,
+    Timeout,
+    Trap,
+    MemoryLimit,
+    /// The guest returned without a response.
+    NoResponse,
+    /// The client went away (sync) before the call ended.
+    ClientClosed,
+    /// Anything else (the platform failed the call).
+    Error,
+}
+
+const OUTCOMES: usize = 9;
+
+impl CallOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::ClientError => "client_error",
+            Self::ServerError => "server_error",
+            Self::Timeout => "timeout",
+            Self::Trap => "trap",
+            Self::MemoryLimit => "memory_limit",
+            Self::NoResponse => "no_response",
+            Self::ClientClosed => "client_closed",
+            Self::Error => "error",
+        }
+    }
+
+    /// From what the runtime reported: its error, else the status the guest set.
+    pub fn of(error: Option<ErrorKind>, status: Option<u16>) -> Self {
+        match error {
+            Some(ErrorKind::Timeout) => Self::Timeout,
+            Some(ErrorKind::Trap) => Self::Trap,
+            Some(ErrorKind::MemoryLimit) => Self::MemoryLimit,
+            Some(ErrorKind::NoResponse) => Self::NoResponse,
+            Some(ErrorKind::ClientClosed) => Self::ClientClosed,
+            Some(_) => Self::Error,
+            None => Self::of_status(status.unwrap_or(200)),
+        }
+    }
+
+    pub fn of_status(status: u16) -> Self {
+        match status {
+            500.. => Self::ServerError,
+            400.. => Self::ClientError,
+            _ => Self::Ok,
+        }
+    }
+
+    /// From an async attempt's recorded error kind (`ErrorKind` names, or `server_error`).
+    pub fn of_error_kind(kind: &str, status: Option<u16>) -> Self {
+        match ErrorKind::parse(kind) {
+            Some(k) => Self::of(Some(k), status),
+            None if kind == "server_error" => Self::ServerError,
+            None => Self::Error,
+        }
+    }
+}
+
+/// The handles of one function's series.
+pub struct CallMetrics {
+    tenant: String,
+    function: String,
+    /// `sluice_invocations_total`, by kind and outcome, made on first use.
+    outcomes: [[OnceLock<Counter>; OUTCOMES]; 2],
+    /// From arrival (sync) or enqueue (async) to the end.
+    duration: [Histogram; 2],
+    /// The guest's run, from instantiation to the end of its response.
+    run: [Histogram; 2],
+    /// Time on a thread.
+    cpu: [Histogram; 2],
+    /// From runnable to started (async).
+    queue_wait: Histogram,
+}
+
+impl CallMetrics {
+    pub fn new(tenant: &str, function: &str) -> Self {
+        let (tenant, function) = if claim(tenant, function) {
+            (tenant.to_string(), function.to_string())
+        } else {
+            (FOLDED.to_string(), FOLDED.to_string())
+        };
+        let by_kind = |name: &'static str| {
+            Kind::ALL.map(|k| {
+                histogram!(name, "tenant" => tenant.clone(), "function" => function.clone(), "kind" => k.as_str())
+            })
+        };
+        Self {
+            duration: by_kind("sluice_invocation_duration_seconds"),
+            run: by_kind("sluice_invocation_run_seconds"),
+            cpu: by_kind("sluice_invocation_cpu_seconds"),
+            queue_wait: histogram!(
+                "sluice_invocation_queue_wait_seconds",
+                "tenant" => tenant.clone(),
+                "function" => function.clone()
+            ),
+            outcomes: Default::default(),
+            tenant,
+            function,
+        }
+    }
+
+    /// Counts one finished call (or async attempt).
+    pub fn finished(&self, kind: Kind, outcome: CallOutcome, total: Duration, run: Duration, cpu_us: u64) {
+        let k = kind as usize;
+        self.outcomes[k][outcome as usize]
+            .get_or_init(|| {
+                counter!(
+                    "sluice_invocations_total",
+                    "tenant" => self.tenant.clone(),
+                    "function" => self.function.clone(),
+                    "kind" => kind.as_str(),
+                    "outcome" => outcome.as_str()
+                )
+            })
+            .increment(1);
+        self.duration[k].record(total.as_secs_f64());
+        self.run[k].record(run.as_secs_f64());
+        self.cpu[k].record(cpu_us as f64 / 1e6);
+    }
+
+    /// Records how long an async call waited in the queue before it started.
+    pub fn started_after(&self, waited: Duration) {
+        self.queue_wait.record(waited.as_secs_f64());
+    }
+}
+
+/// Whether (tenant, function) gets its own series: it already has them, or the bound has room.
+fn claim(tenant: &str, function: &str) -> bool {
+    let mut labeled = LABELED.lock().expect("metrics label lock");
+    let labeled = labeled.get_or_insert_with(HashSet::new);
+    let key = (tenant.to_string(), function.to_string());
+    if labeled.contains(&key) {
+        return true;
+    }
+    if labeled.len() < SERIES_MAX.load(Ordering::Relaxed) {
+        labeled.insert(key);
+        return true;
+    }
+    counter!("sluice_metrics_functions_folded_total").increment(1);
+    false
+}
+
+/// Counts an outbound request of a guest by how it ended: `ok` (a response), `overload` (429,
+/// 503 or 504), `error` (no response: refused, reset, timed out), `denied` (not allowed, or over
+/// the per-invocation count).
+pub fn outbound(outcome: &'static str) {
+    static HANDLES: OnceLock<[(&'static str, Counter); 4]> = OnceLock::new();
+    let handles = HANDLES.get_or_init(|| {
+        ["ok", "overload", "error", "denied"]
+            .map(|o| (o, counter!("sluice_outbound_requests_total", "outcome" => o)))
+    });
+    if let Some((_, c)) = handles.iter().find(|(o, _)| *o == outcome) {
+        c.increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_map_errors_and_statuses() {
+        assert_eq!(CallOutcome::of(None, Some(204)), CallOutcome::Ok);
+        assert_eq!(CallOutcome::of(None, Some(404)), CallOutcome::ClientError);
+        assert_eq!(CallOutcome::of(None, Some(503)), CallOutcome::ServerError);
+        assert_eq!(CallOutcome::of(Some(ErrorKind::Timeout), Some(200)), CallOutcome::Timeout);
+        assert_eq!(CallOutcome::of(Some(ErrorKind::Internal), None), CallOutcome::Error);
+        assert_eq!(CallOutcome::of_error_kind("server_error", Some(500)), CallOutcome::ServerError);
+        assert_eq!(CallOutcome::of_error_kind("trap", None), CallOutcome::Trap);
+        assert_eq!(CallOutcome::of_error_kind("lease_lost", None), CallOutcome::Error);
+    }
+}
