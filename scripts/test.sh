@@ -3,4 +3,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/build-guests.sh >/dev/null
+# The /metrics test parses the node's text with the reference Prometheus parser (PyPI).
+venv=target/metrics-venv
+if ! "$venv/bin/python" -c 'import prometheus_client' 2>/dev/null; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "prometheus_client==0.21.1"
+fi
+export SLUICE_TEST_METRICS_PYTHON="$PWD/$venv/bin/python"
 cargo test --workspace --all-targets "$@"

@@ -14,6 +14,7 @@ mod deploy;
 mod lanes;
 mod limits;
 mod logs;
+mod metrics;
 mod queue;
 mod scheduling;
 mod serve;
