@@ -64,6 +64,17 @@ kill -TERM "$SLUICE_PID"; wait "$SLUICE_PID" 2>/dev/null || true
 t0=$(ms); start_sluice; wait_200 "$URL/fn/default/hello/" "${AUTH[@]}"; t1=$(ms)
 restart_first_ms=$((t1 - t0))
 
+# The same node without metrics (`--no-metrics`), to show what counting costs on this path.
+"$SLUICE" serve --listen 127.0.0.1:0 --data-dir "$data/node-off" --tenant-rate 10000000 --no-metrics 2> "$data/log-off" &
+pids+=("$!")
+for _ in $(seq 1 500); do
+  URL_OFF=$(grep -o 'listening on http://[0-9.:]*' "$data/log-off" | head -1 | sed 's/listening on //') && [ -n "$URL_OFF" ] && break
+  sleep 0.01
+done
+AUTH_OFF=(-H "Authorization: Bearer $(cat "$data/node-off/admin.token")")
+SLUICE_URL=$URL_OFF SLUICE_TOKEN=$(cat "$data/node-off/admin.token") "$SLUICE" deploy hello "$HELLO" >/dev/null
+wait_200 "$URL_OFF/fn/default/hello/" "${AUTH_OFF[@]}"
+
 have_wasmtime=no
 if [ -x "$WASMTIME" ] && "$WASMTIME" --version | grep -q '^wasmtime 48\.0\.8'; then
   have_wasmtime=yes
@@ -89,12 +100,13 @@ to_ms() { case $1 in *us) echo "${1%us}" | awk '{printf "%.2f", $1/1000}';; *ms)
 
 declare -A sum_rps
 declare -A last
-variants=("sluice auth:$URL/fn/default/hello/" "sluice auth+rate-limit:$URL/fn/default/hello-rl/" "sluice public, no limits:$URL/fn/default/hello-public/")
+variants=("sluice auth:$URL/fn/default/hello/" "sluice auth, --no-metrics:$URL_OFF/fn/default/hello/" "sluice auth+rate-limit:$URL/fn/default/hello-rl/" "sluice public, no limits:$URL/fn/default/hello-public/")
 [ "$have_wasmtime" = yes ] && variants+=("wasmtime serve (tuned):http://127.0.0.1:$port/")
 for r in $(seq 1 "$ROUNDS"); do
   for v in "${variants[@]}"; do
     name=${v%%:http*}; url=http${v#*:http}
-    if [[ $name == "sluice auth"* ]]; then out=$(load "$url" "${AUTH[@]}"); else out=$(load "$url"); fi
+    if [[ $name == *no-metrics* ]]; then out=$(load "$url" "${AUTH_OFF[@]}");
+    elif [[ $name == "sluice auth"* ]]; then out=$(load "$url" "${AUTH[@]}"); else out=$(load "$url"); fi
     echo "round $r  $name: $out" >&2
     sum_rps[$name]=$(awk -v a="${sum_rps[$name]:-0}" -v b="${out%% *}" 'BEGIN{print a+b}')
     last[$name]=$out

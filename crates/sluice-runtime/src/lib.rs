@@ -531,6 +531,24 @@ pub struct Outcome {
 pub struct GuestBody {
     inner: HyperOutgoingBody,
     cancel: CancelOnDrop,
+    /// Bytes of a response with a length (`content-length`) still to come. hyper stops polling
+    /// such a body once it has written that many bytes, so the end is never seen as a last frame:
+    /// without counting, a client that had the whole response would count as gone away while the
+    /// guest was still returning.
+    remaining: Option<u64>,
+}
+
+impl GuestBody {
+    /// `length`: the response's `content-length`, if it has one.
+    fn new(inner: HyperOutgoingBody, cancel: CancelOnDrop, length: Option<u64>) -> Self {
+        let remaining = length.or_else(|| http_body::Body::size_hint(&inner).exact());
+        let mut cancel = cancel;
+        if remaining == Some(0) {
+            // Nothing follows the head: hyper will not poll the body at all.
+            cancel.disarm();
+        }
+        Self { inner, cancel, remaining }
+    }
 }
 
 impl http_body::Body for GuestBody {
@@ -542,8 +560,18 @@ impl http_body::Body for GuestBody {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BodyError>>> {
         let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        if let std::task::Poll::Ready(None) = polled {
-            self.cancel.disarm();
+        match &polled {
+            std::task::Poll::Ready(None) => self.cancel.disarm(),
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+                if let Some(remaining) = self.remaining.as_mut() {
+                    *remaining = remaining.saturating_sub(len);
+                    if *remaining == 0 {
+                        self.cancel.disarm();
+                    }
+                }
+            }
+            _ => {}
         }
         polled
     }
@@ -585,7 +613,12 @@ impl Running {
         match head {
             Ok(Ok(response)) => {
                 let cancel = CancelOnDrop(self.cancel.0.take());
-                let response = response.map(|inner| GuestBody { inner, cancel });
+                let length = response
+                    .headers()
+                    .get(http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok());
+                let response = response.map(|inner| GuestBody::new(inner, cancel, length));
                 Ok((response, self.done))
             }
             Ok(Err(code)) => {
