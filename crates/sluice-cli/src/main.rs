@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod client;
+mod completions;
 mod deploy;
 mod functions;
 mod invocations;
@@ -48,12 +49,18 @@ enum Command {
     /// List invocations, show one or its stored response, or re-drive a dead one.
     #[command(subcommand)]
     Invocations(invocations::InvocationsCommand),
+    /// Print the shell completion script for bash, zsh, fish, elvish or powershell.
+    Completions(completions::CompletionsArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::Completions(args) => {
+            quiet_on_broken_pipe();
+            completions::run(args)
+        }
         other => client_runtime().and_then(|rt| {
             quiet_on_broken_pipe();
             rt.block_on(async move {
@@ -67,7 +74,7 @@ fn main() {
                     Command::Invocations(c) => invocations::run(c).await,
                     Command::Node(a) => node::run(a).await,
                     Command::Nodes(a) => node::run_nodes(a).await,
-                    Command::Serve(_) => unreachable!("handled above"),
+                    Command::Serve(_) | Command::Completions(_) => unreachable!("handled above"),
                 }
             })
         }),

@@ -9,6 +9,7 @@ mod bounds;
 mod chaos;
 mod cluster;
 mod code;
+mod completions;
 mod credentials;
 mod deploy;
 mod lanes;
