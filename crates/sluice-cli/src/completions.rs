@@ -36,7 +36,7 @@ mod tests {
     fn every_shell_names_the_subcommands_and_their_flags() {
         for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
             let s = script(shell);
-            for word in ["deploy", "invocations", "completions", "--tenant"] {
+            for word in ["deploy", "invocations", "completions", "--tenant", "--output"] {
                 assert!(s.contains(word), "{shell} script lacks {word}");
             }
         }

@@ -10,6 +10,7 @@ mod invoke;
 mod keys;
 mod logs;
 mod node;
+mod output;
 mod serve;
 mod tenants;
 
