@@ -9,6 +9,7 @@ mod invocations;
 mod invoke;
 mod keys;
 mod logs;
+mod new;
 mod node;
 mod output;
 mod serve;
@@ -50,6 +51,8 @@ enum Command {
     /// List invocations, show one or its stored response, or re-drive a dead one.
     #[command(subcommand)]
     Invocations(invocations::InvocationsCommand),
+    /// Create a Rust function project in ./NAME that builds to a deployable component.
+    New(new::NewArgs),
     /// Print the shell completion script for bash, zsh, fish, elvish or powershell.
     Completions(completions::CompletionsArgs),
 }
@@ -58,6 +61,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::New(args) => new::run(args),
         Command::Completions(args) => {
             quiet_on_broken_pipe();
             completions::run(args)
@@ -75,7 +79,9 @@ fn main() {
                     Command::Invocations(c) => invocations::run(c).await,
                     Command::Node(a) => node::run(a).await,
                     Command::Nodes(a) => node::run_nodes(a).await,
-                    Command::Serve(_) | Command::Completions(_) => unreachable!("handled above"),
+                    Command::Serve(_) | Command::New(_) | Command::Completions(_) => {
+                        unreachable!("handled above")
+                    }
                 }
             })
         }),

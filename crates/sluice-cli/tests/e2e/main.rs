@@ -15,6 +15,7 @@ mod deploy;
 mod lanes;
 mod limits;
 mod logs;
+mod new;
 mod output;
 mod queue;
 mod scheduling;
