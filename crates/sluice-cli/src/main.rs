@@ -14,6 +14,7 @@ mod node;
 mod output;
 mod serve;
 mod tenants;
+mod top;
 
 use clap::{Parser, Subcommand};
 
@@ -51,6 +52,8 @@ enum Command {
     /// List invocations, show one or its stored response, or re-drive a dead one.
     #[command(subcommand)]
     Invocations(invocations::InvocationsCommand),
+    /// A live dashboard of the tenant's functions and the node's load (q quits).
+    Top(top::TopArgs),
     /// Create a Rust function project in ./NAME that builds to a deployable component.
     New(new::NewArgs),
     /// Print the shell completion script for bash, zsh, fish, elvish or powershell.
@@ -79,6 +82,7 @@ fn main() {
                     Command::Invocations(c) => invocations::run(c).await,
                     Command::Node(a) => node::run(a).await,
                     Command::Nodes(a) => node::run_nodes(a).await,
+                    Command::Top(a) => top::run(a).await,
                     Command::Serve(_) | Command::New(_) | Command::Completions(_) => {
                         unreachable!("handled above")
                     }
