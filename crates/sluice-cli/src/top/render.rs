@@ -1,7 +1,7 @@
 //! Draws a `Model` into a ratatui frame. Reads the model only; tests draw into a `TestBackend`.
 
 use ratatui::Frame;
-use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::layout::{Constraint, Flex, Layout, Rect};
 use ratatui::style::{Modifier, Style};
 use ratatui::text::Line;
 use ratatui::widgets::{Block, Borders, Paragraph, Row, Table, TableState};
@@ -10,6 +10,9 @@ use super::model::{Capacity, FunctionRow, Model, SortBy, View};
 
 const HEADER_STYLE: Style = Style::new().add_modifier(Modifier::BOLD);
 const SELECTED_STYLE: Style = Style::new().add_modifier(Modifier::REVERSED);
+/// Bounds of the function name column, in characters (names are at most 63).
+const NAME_WIDTH_MIN: usize = 12;
+const NAME_WIDTH_MAX: usize = 40;
 
 pub fn render(frame: &mut Frame, model: &Model) {
     let [head, main, summary, foot] = Layout::vertical([
@@ -125,7 +128,12 @@ fn function_cells(r: &FunctionRow) -> Vec<String> {
 }
 
 fn render_functions(frame: &mut Frame, area: Rect, model: &Model) {
-    let rows: Vec<Row> = model.visible_rows().into_iter().map(|r| Row::new(function_cells(r))).collect();
+    let visible = model.visible_rows();
+    // The name column is as wide as the longest name (within bounds); the numbers follow it
+    // instead of sitting at the far right of a wide terminal.
+    let name_width =
+        visible.iter().map(|r| r.name.len()).max().unwrap_or(0).clamp(NAME_WIDTH_MIN, NAME_WIDTH_MAX);
+    let rows: Vec<Row> = visible.into_iter().map(|r| Row::new(function_cells(r))).collect();
     let title = if model.filter.is_empty() && !model.filtering {
         " functions (recent recorded calls) ".to_string()
     } else {
@@ -135,7 +143,7 @@ fn render_functions(frame: &mut Frame, area: Rect, model: &Model) {
     let table = Table::new(
         rows,
         [
-            Constraint::Min(20),
+            Constraint::Length(name_width as u16),
             Constraint::Length(4),
             Constraint::Length(8),
             Constraint::Length(6),
@@ -147,6 +155,7 @@ fn render_functions(frame: &mut Frame, area: Rect, model: &Model) {
         ],
     )
     .header(Row::new(function_header(model.sort)).style(HEADER_STYLE))
+    .flex(Flex::Start)
     .row_highlight_style(SELECTED_STYLE)
     .block(Block::default().borders(Borders::ALL).title(title));
     let mut state = TableState::default().with_selected(model.selected_index());

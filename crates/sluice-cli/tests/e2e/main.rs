@@ -21,3 +21,4 @@ mod queue;
 mod scheduling;
 mod serve;
 mod tenancy;
+mod top;
