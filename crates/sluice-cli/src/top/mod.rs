@@ -22,8 +22,8 @@ use model::{Key, Model, Poll};
 
 #[derive(clap::Args, Debug)]
 pub struct TopArgs {
-    /// Time between polls of the node, e.g. 1s or 500ms.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    /// Time between polls of the node, e.g. 1s or 500ms; at least 100ms.
+    #[arg(long, default_value = "1s", value_parser = parse_interval)]
     pub interval: Duration,
     /// Invocations read per poll (the newest; 1 to 1000): the rate, percentiles and errors are
     /// taken over them.
@@ -31,6 +31,18 @@ pub struct TopArgs {
     pub sample: u32,
     #[command(flatten)]
     pub target: Target,
+}
+
+/// The shortest `--interval`: each poll is five requests, and a dashboard gains nothing from
+/// asking the node more often than a person can read.
+const INTERVAL_MIN: Duration = Duration::from_millis(100);
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < INTERVAL_MIN {
+        return Err(format!("{s} is shorter than the shortest interval, {}ms", INTERVAL_MIN.as_millis()));
+    }
+    Ok(d)
 }
 
 pub async fn run(args: TopArgs) -> anyhow::Result<()> {

@@ -305,3 +305,10 @@ fn the_function_view_shows_its_invocations_and_log_lines() {
     m.key(Key::Char('f'));
     screen_line(&draw(&m), "filter: f");
 }
+
+#[test]
+fn the_interval_has_a_floor() {
+    assert_eq!(super::parse_interval("250ms"), Ok(std::time::Duration::from_millis(250)));
+    assert!(super::parse_interval("10ms").unwrap_err().contains("100ms"));
+    assert!(super::parse_interval("soon").is_err());
+}
