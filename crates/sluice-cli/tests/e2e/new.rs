@@ -3,10 +3,13 @@
 
 use std::process::Command;
 
-use crate::harness::{BIN, Node};
+use crate::harness::{BIN, Node, guests};
 
 #[test]
 fn a_new_project_builds_deploys_and_answers() {
+    // Building the guests first fetches examples/hello's dependencies, which the project's
+    // lockfile pins, so its own build finds them in cargo's cache.
+    guests();
     let tmp = tempfile::tempdir().unwrap();
     let out = Command::new(BIN).args(["new", "demo"]).current_dir(tmp.path()).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
