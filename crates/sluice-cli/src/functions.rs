@@ -3,11 +3,14 @@
 use reqwest::Method;
 
 use crate::client::{Client, Target};
+use crate::output::OutputArgs;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum FunctionsCommand {
     /// List the tenant's functions.
     List {
+        #[command(flatten)]
+        output: OutputArgs,
         #[command(flatten)]
         target: Target,
     },
@@ -21,9 +24,12 @@ pub enum FunctionsCommand {
 
 pub async fn run(cmd: FunctionsCommand) -> anyhow::Result<()> {
     match cmd {
-        FunctionsCommand::List { target } => {
+        FunctionsCommand::List { output, target } => {
             let client = Client::new(&target)?;
             let v = client.json(client.request(Method::GET, &client.tenant_path("/functions"))).await?;
+            if output.json(&v)? {
+                return Ok(());
+            }
             let functions = v["functions"].as_array().cloned().unwrap_or_default();
             if functions.is_empty() {
                 println!("no functions in tenant {}", client.tenant);

@@ -6,6 +6,7 @@ use reqwest::Method;
 use serde_json::Value;
 
 use crate::client::{Client, Target, check};
+use crate::output::OutputArgs;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum InvocationsCommand {
@@ -24,11 +25,16 @@ pub enum InvocationsCommand {
         #[arg(long)]
         before: Option<String>,
         #[command(flatten)]
+        output: OutputArgs,
+        #[command(flatten)]
         target: Target,
     },
-    /// Show one invocation as JSON.
+    /// Show one invocation, as JSON whatever --output says (it is one document either way).
+    #[command(visible_alias = "show")]
     Get {
         id: String,
+        #[command(flatten)]
+        output: OutputArgs,
         #[command(flatten)]
         target: Target,
     },
@@ -51,7 +57,7 @@ pub enum InvocationsCommand {
 
 pub async fn run(cmd: InvocationsCommand) -> anyhow::Result<()> {
     match cmd {
-        InvocationsCommand::List { function, status, limit, before, target } => {
+        InvocationsCommand::List { function, status, limit, before, output, target } => {
             let client = Client::new(&target)?;
             let mut query = vec![("tenant", client.tenant.clone()), ("limit", limit.to_string())];
             query.extend(function.map(|f| ("function", f)));
@@ -59,12 +65,16 @@ pub async fn run(cmd: InvocationsCommand) -> anyhow::Result<()> {
             query.extend(before.map(|b| ("before", b)));
             let req = client.request(Method::GET, "/v1/invocations").query(&query);
             let v = client.json(req).await?;
+            // The document holds `next_before`: no hint beside it.
+            if output.json(&v)? {
+                return Ok(());
+            }
             print_list(&v);
             if let Some(next) = v["next_before"].as_str() {
                 eprintln!("more: --before {next}");
             }
         }
-        InvocationsCommand::Get { id, target } => {
+        InvocationsCommand::Get { id, output: _, target } => {
             let client = Client::new(&target)?;
             let v = client.json(client.request(Method::GET, &format!("/v1/invocations/{id}"))).await?;
             println!("{}", serde_json::to_string_pretty(&v)?);

@@ -7,6 +7,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::client::{Client, Target};
+use crate::output::OutputArgs;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum KeysCommand {
@@ -22,6 +23,8 @@ pub enum KeysCommand {
     },
     /// List the keys of the tenant given with --tenant, revoked ones included.
     List {
+        #[command(flatten)]
+        output: OutputArgs,
         #[command(flatten)]
         target: Target,
     },
@@ -49,9 +52,12 @@ pub async fn run(cmd: KeysCommand) -> anyhow::Result<()> {
             );
             println!("{}", v["key"].as_str().unwrap_or_default());
         }
-        KeysCommand::List { target } => {
+        KeysCommand::List { output, target } => {
             let client = Client::new(&target)?;
             let v = client.json(client.request(Method::GET, &client.tenant_path("/keys"))).await?;
+            if output.json(&v)? {
+                return Ok(());
+            }
             println!("{:<22} {:<22} {:<26} STATE", "ID", "SCOPES", "CREATED");
             for k in v["keys"].as_array().into_iter().flatten() {
                 println!(

@@ -5,7 +5,10 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::Value;
 
+use anyhow::bail;
+
 use crate::client::{Client, Target};
+use crate::output::OutputArgs;
 
 /// How often `-f` asks for new lines.
 const FOLLOW_POLL: Duration = Duration::from_millis(500);
@@ -25,19 +28,30 @@ pub struct LogsArgs {
     #[arg(short = 'n', long, default_value_t = 100)]
     pub lines: u32,
     #[command(flatten)]
+    pub output: OutputArgs,
+    #[command(flatten)]
     pub target: Target,
 }
 
 pub async fn run(args: LogsArgs) -> anyhow::Result<()> {
+    if args.follow && args.output.is_json() {
+        // -o json promises one document; following would print one per poll.
+        bail!("--follow prints lines as they come and cannot be combined with --output json");
+    }
     let client = Client::new(&args.target)?;
     if let Some(id) = &args.invocation {
         let v = client.json(client.request(Method::GET, &format!("/v1/invocations/{id}/logs"))).await?;
-        print_lines(&v);
+        if !args.output.json(&v)? {
+            print_lines(&v);
+        }
         return Ok(());
     }
     let name = args.name.as_deref().unwrap_or_default();
     let path = client.tenant_path(&format!("/functions/{name}/logs"));
     let v = client.json(client.request(Method::GET, &path).query(&[("limit", args.lines)])).await?;
+    if args.output.json(&v)? {
+        return Ok(());
+    }
     print_lines(&v);
     // With no lines yet, everything after sequence 0 is new.
     let mut after = v["next_after"].as_i64().unwrap_or(0);

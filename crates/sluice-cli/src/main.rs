@@ -2,15 +2,19 @@
 #![forbid(unsafe_code)]
 
 mod client;
+mod completions;
 mod deploy;
 mod functions;
 mod invocations;
 mod invoke;
 mod keys;
 mod logs;
+mod new;
 mod node;
+mod output;
 mod serve;
 mod tenants;
+mod top;
 
 use clap::{Parser, Subcommand};
 
@@ -48,12 +52,23 @@ enum Command {
     /// List invocations, show one or its stored response, or re-drive a dead one.
     #[command(subcommand)]
     Invocations(invocations::InvocationsCommand),
+    /// A live dashboard of the tenant's functions and the node's load (q quits).
+    Top(top::TopArgs),
+    /// Create a Rust function project in ./NAME that builds to a deployable component.
+    New(new::NewArgs),
+    /// Print the shell completion script for bash, zsh, fish, elvish or powershell.
+    Completions(completions::CompletionsArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::New(args) => new::run(args),
+        Command::Completions(args) => {
+            quiet_on_broken_pipe();
+            completions::run(args)
+        }
         other => client_runtime().and_then(|rt| {
             quiet_on_broken_pipe();
             rt.block_on(async move {
@@ -67,7 +82,10 @@ fn main() {
                     Command::Invocations(c) => invocations::run(c).await,
                     Command::Node(a) => node::run(a).await,
                     Command::Nodes(a) => node::run_nodes(a).await,
-                    Command::Serve(_) => unreachable!("handled above"),
+                    Command::Top(a) => top::run(a).await,
+                    Command::Serve(_) | Command::New(_) | Command::Completions(_) => {
+                        unreachable!("handled above")
+                    }
                 }
             })
         }),

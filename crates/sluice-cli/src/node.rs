@@ -5,12 +5,12 @@ use serde_json::Value;
 use sluice_core::units::format_bytes;
 
 use crate::client::{Client, Target};
+use crate::output::OutputArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct NodeArgs {
-    /// Print the node's JSON as it is.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub output: OutputArgs,
     #[command(flatten)]
     pub target: Target,
 }
@@ -18,8 +18,7 @@ pub struct NodeArgs {
 pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     let client = Client::new(&args.target)?;
     let v = client.json(client.request(Method::GET, "/v1/node")).await?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+    if args.output.json(&v)? {
         return Ok(());
     }
     let n = |p: &str| v.pointer(p).and_then(Value::as_u64).unwrap_or(0);
@@ -63,8 +62,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
 pub async fn run_nodes(args: NodeArgs) -> anyhow::Result<()> {
     let client = Client::new(&args.target)?;
     let v = client.json(client.request(Method::GET, "/v1/nodes")).await?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+    if args.output.json(&v)? {
         return Ok(());
     }
     let nodes = v.get("nodes").and_then(Value::as_array).cloned().unwrap_or_default();

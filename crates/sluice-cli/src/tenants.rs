@@ -5,6 +5,7 @@ use serde_json::json;
 use sluice_core::units::format_bytes;
 
 use crate::client::{Client, Target};
+use crate::output::OutputArgs;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum TenantsCommand {
@@ -18,11 +19,15 @@ pub enum TenantsCommand {
     /// List the tenants this key sees (all of them for an admin key).
     List {
         #[command(flatten)]
+        output: OutputArgs,
+        #[command(flatten)]
         target: Target,
     },
     /// What a tenant keeps: functions, versions, uploaded components and compiled artifacts.
     Usage {
         name: String,
+        #[command(flatten)]
+        output: OutputArgs,
         #[command(flatten)]
         target: Target,
     },
@@ -52,6 +57,8 @@ pub enum TenantsCommand {
         #[arg(long, requires = "reserved")]
         weight: Option<u32>,
         #[command(flatten)]
+        output: OutputArgs,
+        #[command(flatten)]
         target: Target,
     },
 }
@@ -64,9 +71,12 @@ pub async fn run(cmd: TenantsCommand) -> anyhow::Result<()> {
             let v = client.json(req).await?;
             println!("created tenant {}", v["name"].as_str().unwrap_or_default());
         }
-        TenantsCommand::List { target } => {
+        TenantsCommand::List { output, target } => {
             let client = Client::new(&target)?;
             let v = client.json(client.request(Method::GET, "/v1/tenants")).await?;
+            if output.json(&v)? {
+                return Ok(());
+            }
             println!("{:<24} CREATED", "NAME");
             for t in v["tenants"].as_array().into_iter().flatten() {
                 println!(
@@ -76,9 +86,12 @@ pub async fn run(cmd: TenantsCommand) -> anyhow::Result<()> {
                 );
             }
         }
-        TenantsCommand::Usage { name, target } => {
+        TenantsCommand::Usage { name, output, target } => {
             let client = Client::new(&target)?;
             let v = client.json(client.request(Method::GET, &format!("/v1/tenants/{name}/usage"))).await?;
+            if output.json(&v)? {
+                return Ok(());
+            }
             let n = |p: &str| v.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0);
             println!("tenant     {name}");
             println!("functions  {} ({} versions)", n("/functions"), n("/versions"));
@@ -124,7 +137,7 @@ pub async fn run(cmd: TenantsCommand) -> anyhow::Result<()> {
                 v.pointer("/async/node_utilization_target").and_then(|x| x.as_f64()).unwrap_or(0.0) * 100.0,
             );
         }
-        TenantsCommand::Quota { name, reserved, weight, target } => {
+        TenantsCommand::Quota { name, reserved, weight, output, target } => {
             let client = Client::new(&target)?;
             let path = format!("/v1/tenants/{name}/quota");
             let v = match reserved {
@@ -134,6 +147,9 @@ pub async fn run(cmd: TenantsCommand) -> anyhow::Result<()> {
                 }
                 None => client.json(client.request(Method::GET, &path)).await?,
             };
+            if output.json(&v)? {
+                return Ok(());
+            }
             println!("tenant {name}: reserved {}, weight {}", v["reserved"], v["weight"]);
         }
         TenantsCommand::Limits { name, rate, burst, clear, target } => {

@@ -1,0 +1,44 @@
+//! `sluice completions bash|zsh|fish|...`: the shell completion script, generated from the same
+//! clap definition that parses the command line, so it cannot drift from it.
+
+use clap::CommandFactory;
+
+#[derive(clap::Args, Debug)]
+pub struct CompletionsArgs {
+    /// Shell to write the script for. E.g. `sluice completions bash > /etc/bash_completion.d/sluice`,
+    /// or `source <(sluice completions zsh)` in ~/.zshrc.
+    pub shell: clap_complete::Shell,
+}
+
+pub fn run(args: CompletionsArgs) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    write(args.shell, &mut out);
+    Ok(())
+}
+
+fn write(shell: clap_complete::Shell, out: &mut impl std::io::Write) {
+    let mut cli = crate::Cli::command();
+    let name = cli.get_name().to_string();
+    clap_complete::generate(shell, &mut cli, name, out);
+}
+
+#[cfg(test)]
+mod tests {
+    use clap_complete::Shell;
+
+    fn script(shell: Shell) -> String {
+        let mut out = Vec::new();
+        super::write(shell, &mut out);
+        String::from_utf8(out).expect("completion scripts are UTF-8")
+    }
+
+    #[test]
+    fn every_shell_names_the_subcommands_and_their_flags() {
+        for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+            let s = script(shell);
+            for word in ["deploy", "invocations", "completions", "--tenant", "--output"] {
+                assert!(s.contains(word), "{shell} script lacks {word}");
+            }
+        }
+    }
+}
