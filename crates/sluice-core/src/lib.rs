@@ -9,6 +9,7 @@ pub mod error;
 pub mod function;
 pub mod ids;
 pub mod limits;
+pub mod metrics;
 pub mod retry;
 pub mod secret;
 pub mod units;

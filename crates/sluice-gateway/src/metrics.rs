@@ -13,7 +13,7 @@ use std::sync::{Arc, OnceLock};
 
 use http::{Response, StatusCode, header};
 use metrics::{Counter, counter, gauge};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use sluice_core::{Criticality, ErrorKind, Scope, SluiceError};
 
 use crate::body::{Body, full};
@@ -22,23 +22,13 @@ use crate::node::{Node, bearer};
 
 static EXPORTER: OnceLock<PrometheusHandle> = OnceLock::new();
 
-/// Latency buckets, in seconds: from a fast sync call (about 100 µs) to a long async one.
-const SECONDS_BUCKETS: [f64; 16] =
-    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0];
-/// Ops per group commit.
-const BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
-
 /// Installs the process's recorder (once; later calls keep the first), with at most
 /// `function_series_max` (tenant, function) pairs labeled. Without it every record is a no-op and
 /// `/metrics` answers 404. Call it before the store opens: handles made earlier count nowhere.
 pub fn install(function_series_max: usize) {
     sluice_runtime::metrics::set_function_series_max(function_series_max);
     EXPORTER.get_or_init(|| {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS_BUCKETS)
-            .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_ops".into()), &BATCH_BUCKETS))
-            .expect("the buckets are not empty")
-            .build_recorder();
+        let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         describe();
         if metrics::set_global_recorder(recorder).is_err() {
@@ -56,29 +46,13 @@ pub fn enabled() -> bool {
 }
 
 fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    use metrics::{describe_counter, describe_gauge};
     describe_counter!(
         "sluice_invocations_total",
         "Calls that ended, by kind (sync, or async attempts) and outcome"
     );
-    describe_histogram!(
-        "sluice_invocation_duration_seconds",
-        "From arrival (sync) or enqueue (async) to the end"
-    );
-    describe_histogram!(
-        "sluice_invocation_run_seconds",
-        "The guest's run, from the start of the call to its end"
-    );
-    describe_histogram!(
-        "sluice_invocation_cpu_seconds",
-        "A call's time on a thread; the sum is the CPU time used"
-    );
-    describe_histogram!("sluice_invocation_queue_wait_seconds", "How long an async call waited to start");
     describe_counter!("sluice_requests_refused_total", "Calls refused before running, by reason");
     describe_counter!("sluice_outbound_requests_total", "Guests' outbound HTTP requests, by outcome");
-    describe_histogram!("sluice_compile_seconds", "Compiling a component");
-    describe_histogram!("sluice_store_commit_seconds", "A group commit of the queue writer");
-    describe_histogram!("sluice_store_commit_batch_ops", "Writes per group commit");
     describe_gauge!(
         "sluice_queue_depth",
         "Unfinished async invocations in the cluster, by status and criticality"
@@ -160,9 +134,17 @@ pub async fn scrape(node: &Node, only: Option<&str>) -> Response<Body> {
     }
     exporter.run_upkeep();
     let mut text = exporter.render();
-    if let Some(tenant) = only {
-        text = only_tenant(&text, tenant);
-    }
+    let histograms = match only {
+        Some(tenant) => {
+            text = only_tenant(&text, tenant);
+            let own = format!("tenant=\"{tenant}\"");
+            sluice_runtime::metrics::render_histograms(|labels| {
+                !labels.contains("tenant=\"") || labels.contains(&own)
+            })
+        }
+        None => sluice_runtime::metrics::render_histograms(|_| true),
+    };
+    text.push_str(&histograms);
     let mut res = Response::new(full(text));
     *res.status_mut() = StatusCode::OK;
     res.headers_mut().insert(

@@ -321,7 +321,8 @@ impl Runtime {
             Ok(p) => {
                 c.compiles.fetch_add(1, Ordering::Relaxed);
                 c.compile_ms_total.fetch_add(p.origin.compile_ms, Ordering::Relaxed);
-                metrics::histogram!("sluice_compile_seconds").record(p.origin.compile_ms as f64 / 1e3);
+                crate::metrics::histogram("sluice_compile_seconds", &[])
+                    .record_duration(std::time::Duration::from_millis(p.origin.compile_ms));
             }
             Err(_) => {
                 c.compile_failures.fetch_add(1, Ordering::Relaxed);

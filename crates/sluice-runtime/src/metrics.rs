@@ -1,7 +1,10 @@
 //! What a function's calls count for `/metrics`: per (tenant, function) handles, made once when a
 //! version is installed, so that a call records with atomic adds and no lookup, lock or label
-//! allocation. The recorder behind the handles is the process's (`metrics`' global one); without
-//! one installed (tests, embedders) every record is a no-op.
+//! allocation. Counters go to the process's recorder (`metrics`' global one; without one
+//! installed every count is a no-op). Histograms are this module's own [`Histogram`]: fixed
+//! buckets of atomic counters, rendered by [`render_histograms`]. (The exporter's histograms keep
+//! every sample in a growing lock-free list until a scrape drains it: an allocation per few
+//! dozen calls, and memory that grows without bound on a node nobody scrapes.)
 //!
 //! Label sets are bounded: only the first [`set_function_series_max`] (tenant, function) pairs of
 //! the process get their own series; later ones are counted under `tenant="_other",
@@ -12,8 +15,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use metrics::{Counter, Histogram, counter, histogram};
+use std::sync::Arc;
+
+use metrics::{Counter, counter};
 use sluice_core::ErrorKind;
+pub use sluice_core::metrics::{Histogram, histogram, render_histograms};
 
 /// (tenant, function) pairs with their own series, at most.
 static SERIES_MAX: AtomicUsize = AtomicUsize::new(1000);
@@ -120,13 +126,13 @@ pub struct CallMetrics {
     /// `sluice_invocations_total`, by kind and outcome, made on first use.
     outcomes: [[OnceLock<Counter>; OUTCOMES]; 2],
     /// From arrival (sync) or enqueue (async) to the end.
-    duration: [Histogram; 2],
+    duration: [Arc<Histogram>; 2],
     /// The guest's run, from instantiation to the end of its response.
-    run: [Histogram; 2],
+    run: [Arc<Histogram>; 2],
     /// Time on a thread.
-    cpu: [Histogram; 2],
+    cpu: [Arc<Histogram>; 2],
     /// From runnable to started (async).
-    queue_wait: Histogram,
+    queue_wait: Arc<Histogram>,
 }
 
 impl CallMetrics {
@@ -138,17 +144,16 @@ impl CallMetrics {
         };
         let by_kind = |name: &'static str| {
             Kind::ALL.map(|k| {
-                histogram!(name, "tenant" => tenant.clone(), "function" => function.clone(), "kind" => k.as_str())
+                histogram(name, &[("tenant", &tenant), ("function", &function), ("kind", k.as_str())])
             })
         };
         Self {
             duration: by_kind("sluice_invocation_duration_seconds"),
             run: by_kind("sluice_invocation_run_seconds"),
             cpu: by_kind("sluice_invocation_cpu_seconds"),
-            queue_wait: histogram!(
+            queue_wait: histogram(
                 "sluice_invocation_queue_wait_seconds",
-                "tenant" => tenant.clone(),
-                "function" => function.clone()
+                &[("tenant", &tenant), ("function", &function)],
             ),
             outcomes: Default::default(),
             tenant,
@@ -170,14 +175,14 @@ impl CallMetrics {
                 )
             })
             .increment(1);
-        self.duration[k].record(total.as_secs_f64());
-        self.run[k].record(run.as_secs_f64());
-        self.cpu[k].record(cpu_us as f64 / 1e6);
+        self.duration[k].record_duration(total);
+        self.run[k].record_duration(run);
+        self.cpu[k].record_duration(Duration::from_micros(cpu_us));
     }
 
     /// Records how long an async call waited in the queue before it started.
     pub fn started_after(&self, waited: Duration) {
-        self.queue_wait.record(waited.as_secs_f64());
+        self.queue_wait.record_duration(waited);
     }
 }
 

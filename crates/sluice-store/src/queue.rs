@@ -752,16 +752,16 @@ struct Task<B: Backend> {
 /// The writer's series in `/metrics`.
 struct WriterMetrics {
     /// How long a group commit took, from its first statement to its answer.
-    commit_seconds: metrics::Histogram,
+    commit_seconds: Arc<sluice_core::metrics::Histogram>,
     /// Ops per group commit.
-    batch_ops: metrics::Histogram,
+    batch_ops: Arc<sluice_core::metrics::Histogram>,
 }
 
 impl WriterMetrics {
     fn new() -> Self {
         Self {
-            commit_seconds: metrics::histogram!("sluice_store_commit_seconds"),
-            batch_ops: metrics::histogram!("sluice_store_commit_batch_ops"),
+            commit_seconds: sluice_core::metrics::histogram("sluice_store_commit_seconds", &[]),
+            batch_ops: sluice_core::metrics::histogram("sluice_store_commit_batch_ops", &[]),
         }
     }
 }
@@ -830,8 +830,8 @@ impl<B: Backend> Task<B> {
         match outcome {
             Ok(results) => {
                 self.commits.fetch_add(1, Ordering::Relaxed);
-                self.metrics.commit_seconds.record(began.elapsed().as_secs_f64());
-                self.metrics.batch_ops.record(ops.len() as f64);
+                self.metrics.commit_seconds.record_duration(began.elapsed());
+                self.metrics.batch_ops.record_count(ops.len() as u64);
                 for (reply, result) in replies.into_iter().zip(results) {
                     // The caller may have given up waiting; its op is committed all the same.
                     let _ = reply.send(result);
