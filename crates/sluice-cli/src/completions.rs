@@ -11,9 +11,14 @@ pub struct CompletionsArgs {
 }
 
 pub fn run(args: CompletionsArgs) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    write(args.shell, &mut out);
-    Ok(())
+    // Generated into memory first: clap_complete panics on a failed write, and a reader that
+    // went away (`sluice completions bash | head`) is not an error.
+    let mut script = Vec::new();
+    write(args.shell, &mut script);
+    match std::io::Write::write_all(&mut std::io::stdout().lock(), &script) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 fn write(shell: clap_complete::Shell, out: &mut impl std::io::Write) {
