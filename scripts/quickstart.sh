@@ -28,6 +28,7 @@ or queue a call (202 with its Location) and fetch its result later:
   curl -H "Authorization: Bearer \$(cat .sluice/admin.token)" $URL/v1/invocations/<id>/response
 
 The CLI does the same: target/release/sluice invoke hello --async; target/release/sluice invocations list
+(or put it on your PATH: cargo install --path crates/sluice-cli). Watch the node: sluice top.
 
 Ctrl-C stops the node.
 MSG
