@@ -343,7 +343,18 @@ struct Planner {
     cpu: (u64, std::time::Instant),
     paced: std::time::Instant,
     utilization: f64,
+    /// Since when this node has run nothing, and started nothing, while the queue had runnable
+    /// work: the backstop's clock (see [`STALL_BACKSTOP`]).
+    stalled_since: Option<tokio::time::Instant>,
 }
+
+/// How long the plan may start nothing on a node that runs nothing while the queue holds
+/// runnable work before one round leases by the queue's own order instead. The plan should never
+/// do that (an idle node is under its target, and the pacer's limit is at least 1), but the
+/// chaos test has twice seen a call stay queued with the node idle, not yet explained; this
+/// keeps the queue's promise (every acknowledged call runs) whatever the plan's state, and says
+/// so in the node's log when it fires.
+const STALL_BACKSTOP: Duration = Duration::from_secs(2);
 
 impl Planner {
     fn new(ctx: &Ctx) -> Self {
@@ -363,6 +374,7 @@ impl Planner {
             cpu: (ctx.runtime.lane_stats().guest_cpu_ns, now),
             paced: now,
             utilization: 0.0,
+            stalled_since: None,
         }
     }
 
@@ -415,6 +427,11 @@ impl Planner {
     ) -> Result<(Vec<(Vec<Leased>, bool)>, u32), sluice_store::StoreError> {
         self.refresh(ctx).await?;
         let (opportunistic, over_target) = self.opportunistic_room(ctx);
+        // For the backstop, as read (before this round's leases are taken off it). Deferrable
+        // work is meant to wait while the node is over its target; the rest never is (the
+        // pacer's limit is at least 1).
+        let runnable =
+            self.demand.tenants.iter().any(|d| d.due + d.plain > 0 || (!over_target && d.deferrable > 0));
         self.service.decay_to(ctx.clock.now_ms());
         let mut tenants: BTreeMap<String, TenantInput> = BTreeMap::new();
         let mut running_by_function: HashMap<(&str, &str), u32> = HashMap::new();
@@ -547,6 +564,32 @@ impl Planner {
         };
         *ctx.stats.view.lock().expect("scheduling view") = view;
 
+        // The backstop: nothing runs here, nothing was started, yet work is runnable.
+        let started = leased.iter().map(Vec::len).sum::<usize>();
+        let idle = ctx.running.lock().expect("running set").is_empty();
+        let mut backstop = Vec::new();
+        if started == 0 && runnable && idle {
+            let since = *self.stalled_since.get_or_insert_with(tokio::time::Instant::now);
+            if since.elapsed() >= STALL_BACKSTOP {
+                let limit = room.min(ctx.config.batch_max.max(1));
+                backstop = ctx
+                    .store
+                    .lease(&ctx.config.owner, ctx.clock.now_ms(), ctx.config.lease_ms, limit)
+                    .await?;
+                tracing::warn!(
+                    leased = backstop.len(),
+                    plan_asks = plan.asks.len(),
+                    opportunistic_limit = self.pacer.limit(),
+                    utilization = self.utilization,
+                    "the plan started nothing for {STALL_BACKSTOP:?} on an idle node while work was runnable; \
+                     leased by the queue's order instead"
+                );
+                self.stalled_since = None;
+            }
+        } else {
+            self.stalled_since = None;
+        }
+
         // The asks after the first opportunistic one are opportunistic (the plan lists them last).
         let mut seen = 0;
         let firm = plan.asks.iter().map(|a| a.limit).sum::<u32>() - plan.opportunistic;
@@ -562,7 +605,11 @@ impl Planner {
                 }
                 (got, opportunistic)
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let mut leased = leased;
+        if !backstop.is_empty() {
+            leased.push((backstop, false));
+        }
         Ok((leased, asked))
     }
 }

@@ -258,7 +258,20 @@ fn run(seconds: u64, clients: usize, setup: Setup<'_>) -> Report {
             }
             std::thread::sleep(Duration::from_millis(100));
         };
-        assert!(finished(&v), "invocation {id} did not finish: {v}");
+        if !finished(&v) {
+            let usage = node.get("/v1/tenants/default/usage").text().unwrap_or_default();
+            let logs: Vec<String> = nodes
+                .iter()
+                .map(|n| {
+                    let lines = n.stderr.lock().unwrap();
+                    lines[lines.len().saturating_sub(30)..].join("\n")
+                })
+                .collect();
+            panic!(
+                "invocation {id} did not finish: {v}\nusage: {usage}\nthe nodes' last log lines:\n{}",
+                logs.join("\n---\n")
+            );
+        }
         if v["status"] == "succeeded" {
             completed += 1;
         } else {
