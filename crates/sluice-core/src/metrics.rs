@@ -14,43 +14,40 @@ pub const SECONDS_BUCKETS: [f64; 16] =
 /// Upper bounds of the buckets of histograms of counts (ops per batch).
 pub const COUNT_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
 
-/// A Prometheus histogram with fixed buckets: a record is a short scan of the bounds and three
-/// atomic adds; nothing is allocated after it is made.
+/// A Prometheus histogram with fixed buckets: a record is a short scan of the bounds and two
+/// atomic updates; nothing is allocated after it is made.
 pub struct Histogram {
     bounds: &'static [f64],
-    /// Per bucket (not cumulative), plus one for above the last bound.
+    /// Per bucket (not cumulative), plus one for above the last bound. Their total is the count.
     counts: Vec<AtomicU64>,
-    count: AtomicU64,
-    /// The sum, in nanoseconds for seconds histograms and in units for counts.
+    /// The sum of the values, as `f64` bits: a sum of whole nanoseconds would wrap within minutes
+    /// at thousands of hour-long queue waits a second.
     sum: AtomicU64,
-    /// What `sum` is divided by when rendered.
-    scale: f64,
 }
 
 impl Histogram {
-    fn new(bounds: &'static [f64], scale: f64) -> Self {
+    fn new(bounds: &'static [f64]) -> Self {
         Self {
             bounds,
             counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            count: AtomicU64::new(0),
             sum: AtomicU64::new(0),
-            scale,
         }
     }
 
     pub fn record_duration(&self, d: Duration) {
-        self.observe(d.as_secs_f64(), u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        self.observe(d.as_secs_f64());
     }
 
     pub fn record_count(&self, n: u64) {
-        self.observe(n as f64, n);
+        self.observe(n as f64);
     }
 
-    fn observe(&self, value: f64, sum_units: u64) {
+    fn observe(&self, value: f64) {
         let i = self.bounds.iter().position(|b| value <= *b).unwrap_or(self.bounds.len());
         self.counts[i].fetch_add(1, Ordering::Relaxed);
-        self.sum.fetch_add(sum_units, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
+        let _ = self.sum.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+            Some((f64::from_bits(bits) + value).to_bits())
+        });
     }
 
     fn render(&self, out: &mut String, name: &str, labels: &str) {
@@ -63,7 +60,7 @@ impl Histogram {
         cumulative += self.counts[self.bounds.len()].load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}");
         let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
-        let sum = self.sum.load(Ordering::Relaxed) as f64 / self.scale;
+        let sum = f64::from_bits(self.sum.load(Ordering::Relaxed));
         let _ = writeln!(out, "{name}_sum{braces} {sum}");
         // The count is the buckets' total, read once, so that `_count` equals the `+Inf` bucket.
         let _ = writeln!(out, "{name}_count{braces} {cumulative}");
@@ -108,11 +105,7 @@ pub fn histogram(name: &'static str, labels: &[(&str, &str)]) -> Arc<Histogram> 
     if let Some((_, h)) = family.series.iter().find(|(l, _)| *l == labels) {
         return h.clone();
     }
-    let h = if seconds {
-        Arc::new(Histogram::new(&SECONDS_BUCKETS, 1e9))
-    } else {
-        Arc::new(Histogram::new(&COUNT_BUCKETS, 1.0))
-    };
+    let h = Arc::new(Histogram::new(if seconds { &SECONDS_BUCKETS } else { &COUNT_BUCKETS }));
     family.series.push((labels, h.clone()));
     h
 }
@@ -157,6 +150,13 @@ mod tests {
         assert!(text.contains("le=\"60\"} 2\n") && text.contains("le=\"+Inf\"} 3\n"), "{text}");
         assert!(text.contains("sluice_test_seconds_sum{tenant=\"t\\\"x\"} 100.00308\n"), "{text}");
         assert!(text.contains("sluice_test_seconds_count{tenant=\"t\\\"x\"} 3\n"), "{text}");
+        // Hour-long waits at a high rate: the sum keeps growing instead of wrapping.
+        let waits = histogram("sluice_test_seconds", &[("tenant", "long")]);
+        for _ in 0..10_000 {
+            waits.record_duration(Duration::from_secs(3 * 3600 * 24 * 365));
+        }
+        let text = render_histograms(|labels| labels.contains("long"));
+        assert!(text.contains("sluice_test_seconds_sum{tenant=\"long\"} 946080000000\n"), "{text}");
         let none = render_histograms(|_| false);
         assert!(!none.contains("sluice_test_seconds_count"));
     }
