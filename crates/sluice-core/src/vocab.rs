@@ -72,7 +72,7 @@ pub enum Scope {
     Deploy,
     Invoke,
     Read,
-    /// Scrape `/metrics`: the node-wide series and the key's own tenant's.
+    /// Scrape `/metrics`: the key's own tenant's series.
     Metrics,
 }
 

@@ -5,11 +5,18 @@
 //! already keeps as its own atomics (lanes, code cache, slots, the scheduler's utilization) and
 //! the queue's depth (a store query) are read at scrape time, so they cost nothing per call.
 //!
-//! Who may scrape: an admin key sees everything; a tenant key with the `metrics` scope sees the
-//! node-wide series and its own tenant's, never another tenant's. `serve --metrics-listen` serves
-//! the same text without a key on a separate address (for a scraper on a private network).
+//! Who may scrape: an admin key sees everything; a tenant key with the `metrics` scope sees only
+//! its own tenant's series (the node-wide ones, like the queue's depth or outbound requests, add up
+//! every tenant's work). `serve --metrics-listen` serves the whole text without a key on a
+//! separate address (for a scraper on a private network), at most [`OPEN_CONNECTIONS_MAX`]
+//! connections at once.
+//!
+//! A scrape costs the node a render and, at most once per [`STORE_READ_EVERY`] whoever scrapes, a
+//! count of the queue's unfinished rows: a key that scrapes in a loop cannot turn into a loop of
+//! queries on the database.
 
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use http::{Response, StatusCode, header};
 use metrics::{Counter, counter, gauge};
@@ -79,7 +86,7 @@ fn describe() {
     describe_gauge!("sluice_functions", "Functions installed on this node");
     describe_counter!(
         "sluice_metrics_functions_folded_total",
-        "Functions counted under _other (label bound)"
+        "Function installs counted under _other (the label bound was reached)"
     );
 }
 
@@ -121,7 +128,39 @@ pub async fn handle(node: Arc<Node>, headers: http::HeaderMap) -> Response<Body>
     scrape(&node, only.as_deref()).await
 }
 
-/// The text, every series (or, with `only`, the node-wide ones and that tenant's).
+/// The shortest time between two reads of the queue's depth from the store, however often and
+/// by however many the node is scraped.
+pub const STORE_READ_EVERY: Duration = Duration::from_secs(1);
+
+/// Connections the key-less metrics address serves at once; more are closed when accepted.
+pub const OPEN_CONNECTIONS_MAX: usize = 16;
+
+/// A value read at most once per `every`, shared by concurrent readers (who wait for one read
+/// instead of each making their own).
+pub struct Recent<T> {
+    every: Duration,
+    slot: tokio::sync::Mutex<Option<(tokio::time::Instant, T)>>,
+}
+
+impl<T: Clone> Recent<T> {
+    pub fn new(every: Duration) -> Self {
+        Self { every, slot: tokio::sync::Mutex::new(None) }
+    }
+
+    pub async fn get<E, F: Future<Output = Result<T, E>>>(&self, read: impl FnOnce() -> F) -> Result<T, E> {
+        let mut slot = self.slot.lock().await;
+        if let Some((at, value)) = &*slot
+            && at.elapsed() < self.every
+        {
+            return Ok(value.clone());
+        }
+        let value = read().await?;
+        *slot = Some((tokio::time::Instant::now(), value.clone()));
+        Ok(value)
+    }
+}
+
+/// The text, every series (or, with `only`, that tenant's).
 pub async fn scrape(node: &Node, only: Option<&str>) -> Response<Body> {
     let Some(exporter) = EXPORTER.get() else {
         return error_response(
@@ -134,17 +173,10 @@ pub async fn scrape(node: &Node, only: Option<&str>) -> Response<Body> {
     }
     exporter.run_upkeep();
     let mut text = exporter.render();
-    let histograms = match only {
-        Some(tenant) => {
-            text = only_tenant(&text, tenant);
-            let own = format!("tenant=\"{tenant}\"");
-            sluice_runtime::metrics::render_histograms(|labels| {
-                !labels.contains("tenant=\"") || labels.contains(&own)
-            })
-        }
-        None => sluice_runtime::metrics::render_histograms(|_| true),
-    };
-    text.push_str(&histograms);
+    text.push_str(&sluice_runtime::metrics::render_histograms(|_| true));
+    if let Some(tenant) = only {
+        text = only_tenant(&text, tenant);
+    }
     let mut res = Response::new(full(text));
     *res.status_mut() = StatusCode::OK;
     res.headers_mut().insert(
@@ -156,7 +188,7 @@ pub async fn scrape(node: &Node, only: Option<&str>) -> Response<Body> {
 
 /// Sets the series read at scrape time from what the node keeps.
 async fn read_node(node: &Node) -> Result<(), SluiceError> {
-    let depth = node.store.queue_depth().await.map_err(store_error)?;
+    let depth = node.queue_depth.get(|| node.store.queue_depth()).await.map_err(store_error)?;
     for status in ["queued", "failed", "running"] {
         for criticality in Criticality::ALL {
             let n = depth.iter().find(|(s, c, _)| s == status && *c == criticality).map_or(0, |(_, _, n)| *n);
@@ -193,45 +225,65 @@ async fn read_node(node: &Node) -> Result<(), SluiceError> {
 /// Serves `GET /metrics` without a key on `listener` (`serve --metrics-listen`); anything else
 /// is 404. Runs until the node stops.
 pub async fn serve_open(node: Arc<Node>, listener: tokio::net::TcpListener) {
+    serve_bounded(listener, OPEN_CONNECTIONS_MAX, move |req| {
+        let node = node.clone();
+        async move {
+            if req.uri().path() == "/metrics" && req.method() == http::Method::GET {
+                scrape(&node, None).await
+            } else {
+                error_response(&SluiceError::not_found("this address serves only GET /metrics"), None)
+            }
+        }
+    })
+    .await
+}
+
+/// Serves HTTP/1 on `listener` with `handler`, at most `max` connections at once (a connection
+/// beyond that is closed as soon as it is accepted), each bounded in time: its request head
+/// within 10 s, the whole connection within 60 s.
+async fn serve_bounded<H, F>(listener: tokio::net::TcpListener, max: usize, handler: H)
+where
+    H: Fn(http::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let open = Arc::new(tokio::sync::Semaphore::new(max));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
                 tracing::warn!(error = %e, "accepting a metrics connection failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        let node = node.clone();
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
+        let handler = handler.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let node = node.clone();
-                async move {
-                    let res = if req.uri().path() == "/metrics" && req.method() == http::Method::GET {
-                        scrape(&node, None).await
-                    } else {
-                        error_response(&SluiceError::not_found("this address serves only GET /metrics"), None)
-                    };
-                    Ok::<_, std::convert::Infallible>(res)
-                }
+            let service = hyper::service::service_fn(move |req| {
+                let res = handler(req);
+                async move { Ok::<_, std::convert::Infallible>(res.await) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
+                .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(io, service);
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(60), conn).await;
+            let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
+            drop(permit);
         });
     }
 }
 
-/// Drops the samples of every tenant but `tenant` (tenant names need no escaping: they are
-/// lowercase letters, digits and dashes).
+/// Keeps only the samples of `tenant` (tenant names need no escaping: they are lowercase
+/// letters, digits and dashes), and the `# HELP`/`# TYPE` lines.
 fn only_tenant(text: &str, tenant: &str) -> String {
     let own = format!("tenant=\"{tenant}\"");
     let mut out = String::with_capacity(text.len());
     for line in text.lines() {
-        if line.starts_with('#') || !line.contains("tenant=\"") || line.contains(&own) {
+        if line.starts_with('#') || line.contains(&own) {
             out.push_str(line);
             out.push('\n');
         }
@@ -244,17 +296,64 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_tenant_sees_only_its_own_series_and_the_node_wide_ones() {
+    fn a_tenant_sees_only_its_own_series() {
         let text = "# TYPE sluice_invocations_total counter\n\
             sluice_invocations_total{tenant=\"acme\",function=\"f\",kind=\"sync\",outcome=\"ok\"} 3\n\
             sluice_invocations_total{tenant=\"acme-2\",function=\"f\",kind=\"sync\",outcome=\"ok\"} 4\n\
             sluice_invocations_total{tenant=\"beta\",function=\"f\",kind=\"sync\",outcome=\"ok\"} 5\n\
+            sluice_invocation_run_seconds_bucket{tenant=\"acme\",function=\"f\",kind=\"sync\",le=\"+Inf\"} 3\n\
             sluice_functions 3\n";
         let seen = only_tenant(text, "acme");
         assert!(seen.contains("tenant=\"acme\",function=\"f\",kind=\"sync\",outcome=\"ok\"} 3"));
+        assert!(seen.contains("sluice_invocation_run_seconds_bucket{tenant=\"acme\""));
         assert!(!seen.contains("acme-2"), "a tenant whose name starts with another's is another tenant");
         assert!(!seen.contains("beta"));
-        assert!(seen.contains("sluice_functions 3"));
+        assert!(!seen.contains("sluice_functions"), "node-wide series add up every tenant's work");
         assert!(seen.starts_with("# TYPE"));
+    }
+
+    #[tokio::test]
+    async fn a_recent_value_is_read_once_per_period_however_many_ask() {
+        let reads = std::sync::atomic::AtomicU32::new(0);
+        let read = || async { Ok::<_, ()>(reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1) };
+        let kept = Recent::new(Duration::from_secs(3600));
+        let got = futures::future::join_all((0..20).map(|_| kept.get(read))).await;
+        assert!(got.iter().all(|v| *v == Ok(1)), "{got:?}");
+        assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let every_time = Recent::new(Duration::ZERO);
+        every_time.get(read).await.unwrap();
+        every_time.get(read).await.unwrap();
+        assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn the_open_listener_serves_at_most_its_bound_of_connections() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve_bounded(listener, 2, |_req| async { Response::new(full("ok")) }));
+        // Two idle connections hold both places.
+        let idle = [
+            tokio::net::TcpStream::connect(addr).await.unwrap(),
+            tokio::net::TcpStream::connect(addr).await.unwrap(),
+        ];
+        let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf)).await.unwrap();
+        assert!(matches!(n, Ok(0) | Err(_)), "a third connection is closed at once: {n:?}");
+        // A place given back serves the next connection.
+        drop(idle);
+        let next = loop {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+            if !answer.is_empty() {
+                break answer;
+            }
+        };
+        let text = String::from_utf8_lossy(&next).into_owned();
+        assert!(text.starts_with("HTTP/1.1 200") && text.ends_with("ok"), "{text}");
     }
 }

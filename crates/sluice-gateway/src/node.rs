@@ -222,6 +222,9 @@ pub struct Node {
     /// rather than on the per-core HTTP workers.
     pub control: tokio::runtime::Handle,
     pub public_url: RwLock<String>,
+    /// The queue's depth for `/metrics`, read from the store at most once per
+    /// [`crate::metrics::STORE_READ_EVERY`].
+    pub queue_depth: crate::metrics::Recent<Vec<(String, sluice_core::Criticality, u64)>>,
 }
 
 impl Node {
@@ -257,6 +260,7 @@ impl Node {
             keys: KeyCache::default(),
             control: tokio::runtime::Handle::current(),
             public_url: RwLock::new(String::new()),
+            queue_depth: crate::metrics::Recent::new(crate::metrics::STORE_READ_EVERY),
         });
         node.reload_keys().await?;
         node.reload_rates().await?;

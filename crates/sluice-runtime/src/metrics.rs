@@ -186,19 +186,32 @@ impl CallMetrics {
     }
 }
 
-/// Whether (tenant, function) gets its own series: it already has them, or the bound has room.
+/// Whether (tenant, function) gets its own series in this process.
 fn claim(tenant: &str, function: &str) -> bool {
     let mut labeled = LABELED.lock().expect("metrics label lock");
-    let labeled = labeled.get_or_insert_with(HashSet::new);
+    let claimed = claim_in(
+        labeled.get_or_insert_with(HashSet::new),
+        SERIES_MAX.load(Ordering::Relaxed),
+        tenant,
+        function,
+    );
+    if !claimed {
+        counter!("sluice_metrics_functions_folded_total").increment(1);
+    }
+    claimed
+}
+
+/// Whether (tenant, function) has its own series in `labeled`: it already has, or there are fewer
+/// than `max` and it is added.
+fn claim_in(labeled: &mut HashSet<(String, String)>, max: usize, tenant: &str, function: &str) -> bool {
     let key = (tenant.to_string(), function.to_string());
     if labeled.contains(&key) {
         return true;
     }
-    if labeled.len() < SERIES_MAX.load(Ordering::Relaxed) {
+    if labeled.len() < max {
         labeled.insert(key);
         return true;
     }
-    counter!("sluice_metrics_functions_folded_total").increment(1);
     false
 }
 
@@ -219,6 +232,16 @@ pub fn outbound(outcome: &'static str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labeled_functions_stop_at_the_bound_and_keep_their_place() {
+        let mut labeled = HashSet::new();
+        assert!(claim_in(&mut labeled, 2, "a", "f"));
+        assert!(claim_in(&mut labeled, 2, "b", "f"));
+        assert!(!claim_in(&mut labeled, 2, "b", "g"), "a third pair is folded");
+        assert!(claim_in(&mut labeled, 2, "a", "f"), "a pair that has its series keeps them");
+        assert_eq!(labeled.len(), 2);
+    }
 
     #[test]
     fn outcomes_map_errors_and_statuses() {

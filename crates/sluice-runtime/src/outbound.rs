@@ -805,8 +805,11 @@ mod tests {
         let network = FakeNetwork::new(&[&["93.184.216.34:80"]], server);
         let mut policy = policy_for("svc.example", false, OutboundLimits::default(), network);
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
-        let frames = futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|b| (Ok::<_, HttpError>(http_body::Frame::data(b)), rx))
+        // Alive as long as the body is: tells when the drain has let it go.
+        let alive = Arc::new(());
+        let body_alive = Arc::downgrade(&alive);
+        let frames = futures::stream::unfold((rx, alive), |(mut rx, alive)| async move {
+            rx.recv().await.map(|b| (Ok::<_, HttpError>(http_body::Frame::data(b)), (rx, alive)))
         });
         let body = http_body_util::StreamBody::new(frames).boxed_unsync();
         let request = http::Request::get("http://svc.example/x").body(body).unwrap();
@@ -817,8 +820,20 @@ mod tests {
         assert_eq!(&body[..], b"pong");
         tokio::task::yield_now().await;
         assert!(!tx.is_closed(), "the request body was dropped while the guest may still write it");
-        tx.send(Bytes::from_static(b"late")).await.expect("the guest's late write is taken");
+        // Every write is taken (the channel holds one: they are drained, not left to block).
+        for _ in 0..100 {
+            tx.send(Bytes::from_static(b"late")).await.expect("the guest's late write is taken");
+        }
+        // The drain ends with the guest's end of the body (its instance dropped): nothing is left
+        // running after the call.
         drop(tx);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while body_alive.upgrade().is_some() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the drain let the body go once the guest dropped its end");
     }
 
     #[tokio::test]

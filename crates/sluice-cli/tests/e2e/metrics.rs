@@ -1,5 +1,5 @@
 //! `GET /metrics`: scraped with the reference Prometheus parser, its counts match the calls made;
-//! who may scrape, and what a tenant's key sees.
+//! who may scrape, and what a tenant's key sees (its own tenant's series only).
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -152,10 +152,17 @@ fn metrics_count_the_calls_made_and_show_each_tenant_only_its_own() {
         out.trim().to_string()
     };
     assert_eq!(scrape(&node, Some(&key("read"))).status(), 403);
+    node.deploy("mine", &guests().hello, &["--tenant", "acme"]);
     let acme = key("metrics");
     let seen = parse(&scrape(&node, Some(&acme)).text().unwrap());
-    assert!(seen.iter().all(|s| s["labels"].get("tenant").is_none_or(|t| t == "acme")), "{seen:?}");
-    assert_eq!(value(&seen, "sluice_functions", &[]), 2.0);
+    assert!(!seen.is_empty() && seen.iter().all(|s| s["labels"]["tenant"] == "acme"), "{seen:?}");
+    let mine =
+        |s: &&Value| s["name"] == "sluice_invocation_run_seconds_count" && s["labels"]["function"] == "mine";
+    assert!(seen.iter().any(|s| mine(&s)), "its own function's series: {seen:?}");
+    assert!(
+        seen.iter().all(|s| s["name"] != "sluice_functions"),
+        "node-wide series add up every tenant's work"
+    );
 
     // The open listener needs no key and serves only /metrics.
     let line = node.stderr.lock().unwrap().iter().find(|l| l.contains("metrics without a key")).cloned();
