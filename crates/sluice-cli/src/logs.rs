@@ -69,13 +69,19 @@ pub async fn run(args: LogsArgs) -> anyhow::Result<()> {
 
 fn print_lines(v: &Value) {
     for l in v["lines"].as_array().into_iter().flatten() {
-        let id = l["invocation_id"].as_str().unwrap_or_default();
-        println!(
-            "{} {} {:<6} {}",
-            l["at"].as_str().unwrap_or_default(),
-            &id[id.len().saturating_sub(8)..],
-            l["stream"].as_str().unwrap_or_default(),
-            l["line"].as_str().unwrap_or_default()
-        );
+        println!("{}", format_line(l));
     }
+}
+
+/// One log line of the API's answer as the CLI shows it: time, the invocation id's last 8
+/// characters, stream, text (`sluice logs` and `sluice top`).
+pub fn format_line(l: &Value) -> String {
+    let id = l["invocation_id"].as_str().unwrap_or_default();
+    format!(
+        "{} {} {:<6} {}",
+        l["at"].as_str().unwrap_or_default(),
+        &id[id.len().saturating_sub(8)..],
+        l["stream"].as_str().unwrap_or_default(),
+        l["line"].as_str().unwrap_or_default()
+    )
 }

@@ -413,21 +413,8 @@ fn invocation_row(inv: &Value) -> InvocationRow {
 }
 
 fn log_lines(v: &Value) -> Vec<String> {
-    let lines: Vec<String> = v["lines"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|l| {
-            let id = l["invocation_id"].as_str().unwrap_or_default();
-            format!(
-                "{} {} {:<6} {}",
-                l["at"].as_str().unwrap_or_default(),
-                &id[id.len().saturating_sub(8)..],
-                l["stream"].as_str().unwrap_or_default(),
-                l["line"].as_str().unwrap_or_default()
-            )
-        })
-        .collect();
+    let lines: Vec<String> =
+        v["lines"].as_array().into_iter().flatten().map(crate::logs::format_line).collect();
     let skip = lines.len().saturating_sub(LOG_LINES_MAX);
     lines.into_iter().skip(skip).collect()
 }

@@ -55,21 +55,6 @@ fn the_openapi_document_lists_exactly_the_routes_the_node_serves() {
     assert_error(node.get("/v1/nothing-here"), 404, "not_found");
 }
 
-fn post_async(node: &Node, path: &str, headers: &[(&str, &str)]) -> String {
-    let mut req = node
-        .client()
-        .post(format!("{}{path}", node.url))
-        .bearer_auth(&node.token)
-        .header("prefer", "respond-async");
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let res = req.send().unwrap();
-    assert_eq!(res.status(), 202, "{path}");
-    let v: Value = res.json().unwrap();
-    v["id"].as_str().unwrap().to_string()
-}
-
 fn wait_status(node: &Node, id: &str, status: &str) -> Value {
     node.wait_json(&format!("/v1/invocations/{id}"), |v| v["status"] == status)
 }
@@ -100,7 +85,7 @@ fn deploy_one_attempt(node: &Node, name: &str) {
 fn a_stored_response_is_returned_as_it_was_produced() {
     let node = Node::start(&[]);
     node.deploy("tg", &guests().testguest, &[]);
-    let id = post_async(&node, "/fn/default/tg/status?code=418", &[]);
+    let id = node.enqueue("/fn/default/tg/status?code=418", &[]);
     wait_status(&node, &id, "succeeded");
 
     let res = node.get(&format!("/v1/invocations/{id}/response"));
@@ -116,7 +101,7 @@ fn a_stored_response_is_returned_as_it_was_produced() {
 
     // Not run yet: no response, said as sluice's own 404.
     let later = sluice_core::rfc3339(sluice_core::Clock::now_ms(&sluice_core::SystemClock) + 3_600_000);
-    let queued = post_async(&node, "/fn/default/tg/ok", &[("sluice-start-after", &later)]);
+    let queued = node.enqueue("/fn/default/tg/ok", &[("sluice-start-after", &later)]);
     let msg = assert_error(node.get(&format!("/v1/invocations/{queued}/response")), 404, "not_found");
     assert!(msg.contains("no stored response yet") && msg.contains("queued"), "{msg}");
     let (ok, _, err) = node.cli(&["invocations", "response", &queued]);
@@ -129,8 +114,8 @@ fn invocations_are_listed_newest_first_in_pages_and_filtered() {
     let node = Node::start(&[]);
     node.deploy("tg", &guests().testguest, &[]);
     node.deploy("other", &guests().testguest, &[]);
-    let ids: Vec<String> = (0..3).map(|_| post_async(&node, "/fn/default/tg/ok", &[])).collect();
-    let other = post_async(&node, "/fn/default/other/ok", &[]);
+    let ids: Vec<String> = (0..3).map(|_| node.enqueue("/fn/default/tg/ok", &[])).collect();
+    let other = node.enqueue("/fn/default/other/ok", &[]);
     for id in ids.iter().chain([&other]) {
         wait_status(&node, id, "succeeded");
     }
@@ -178,7 +163,7 @@ fn invocations_are_listed_newest_first_in_pages_and_filtered() {
 fn a_dead_invocation_can_be_retried_and_nothing_else_can() {
     let node = Node::start(&[]);
     deploy_one_attempt(&node, "tg");
-    let id = post_async(&node, "/fn/default/tg/panic", &[]);
+    let id = node.enqueue("/fn/default/tg/panic", &[]);
     let dead = wait_status(&node, &id, "dead");
     assert_eq!(dead["attempts"], 1);
 
@@ -210,7 +195,7 @@ fn a_dead_invocation_can_be_retried_and_nothing_else_can() {
     wait_status(&node, &id, "dead");
 
     // A succeeded invocation, a sync one and an unknown one cannot be retried.
-    let ok_id = post_async(&node, "/fn/default/tg/ok", &[]);
+    let ok_id = node.enqueue("/fn/default/tg/ok", &[]);
     wait_status(&node, &ok_id, "succeeded");
     let retry = |id: &str| {
         node.client()

@@ -98,13 +98,6 @@ fn post_async(node: &Node, path: &str) -> reqwest::blocking::Response {
     request.header("prefer", "respond-async").send().unwrap()
 }
 
-/// Queues an async call and returns its id.
-fn enqueue(node: &Node, path: &str) -> String {
-    let res = post_async(node, path);
-    assert_eq!(res.status(), 202);
-    res.json::<serde_json::Value>().unwrap()["id"].as_str().unwrap().to_string()
-}
-
 #[test]
 fn a_deploy_and_a_revoke_on_one_node_reach_the_other() {
     let Some(db) = PgDatabase::create() else { return };
@@ -163,7 +156,7 @@ fn async_calls_accepted_by_one_node_run_and_a_stopped_node_says_so() {
     one.deploy("hello", &guests().hello, &[]);
     until_status(&two, &two.token, "/fn/default/hello", 200, Duration::from_secs(5));
     let ids: Vec<String> =
-        (0..20).map(|i| enqueue(if i % 2 == 0 { &one } else { &two }, "/fn/default/hello")).collect();
+        (0..20).map(|i| (if i % 2 == 0 { &one } else { &two }).enqueue("/fn/default/hello", &[])).collect();
     for id in &ids {
         let v = two.wait_json(&format!("/v1/invocations/{id}"), |v| v["status"] == "succeeded");
         assert_eq!(v["attempts"], 1);
@@ -183,7 +176,7 @@ fn a_node_stopped_with_sigterm_hands_its_work_to_the_others() {
     let Some(db) = PgDatabase::create() else { return };
     let mut one = cluster_node(&db, None, &["--shutdown-grace", "200ms", "--lease", "60s"]);
     one.deploy("tg", &guests().testguest, &["--async-timeout", "60s"]);
-    let ids: Vec<String> = (0..4).map(|_| enqueue(&one, "/fn/default/tg/sleep?ms=4000")).collect();
+    let ids: Vec<String> = (0..4).map(|_| one.enqueue("/fn/default/tg/sleep?ms=4000", &[])).collect();
     for id in &ids {
         one.wait_json(&format!("/v1/invocations/{id}"), |v| v["status"] == "running");
     }
@@ -277,7 +270,7 @@ fn a_node_that_lost_a_lease_stops_that_attempt() {
     let node = cluster_node(&db, None, &["--outbound-allow-private", "--lease", "3s"]);
     let outbound = format!("127.0.0.1:{port}");
     node.deploy("tg", &guests().testguest, &["--allow-outbound", &outbound, "--async-timeout", "60s"]);
-    let id = enqueue(&node, &format!("/fn/default/tg/fetch?url=http%3A%2F%2F127.0.0.1%3A{port}%2Fhold"));
+    let id = node.enqueue(&format!("/fn/default/tg/fetch?url=http%3A%2F%2F127.0.0.1%3A{port}%2Fhold"), &[]);
     let deadline = Instant::now() + Duration::from_secs(10);
     while connections.lock().unwrap().is_empty() {
         assert!(Instant::now() < deadline, "attempt 1 never called out");

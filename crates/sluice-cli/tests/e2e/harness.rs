@@ -153,6 +153,22 @@ impl Node {
         reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
     }
 
+    /// Queues an async call of `path` (`Prefer: respond-async`, with `headers`) with the admin key;
+    /// returns its invocation id, and panics unless it was accepted (202).
+    pub fn enqueue(&self, path: &str, headers: &[(&str, &str)]) -> String {
+        let mut req = self
+            .client()
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(&self.token)
+            .header("prefer", "respond-async");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let res = req.send().unwrap();
+        assert_eq!(res.status(), 202, "{path}");
+        res.json::<Value>().unwrap()["id"].as_str().unwrap().to_string()
+    }
+
     pub fn get(&self, path: &str) -> reqwest::blocking::Response {
         self.client().get(format!("{}{path}", self.url)).bearer_auth(&self.token).send().unwrap()
     }

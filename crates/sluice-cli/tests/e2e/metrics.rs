@@ -82,18 +82,7 @@ fn metrics_count_the_calls_made_and_show_each_tenant_only_its_own() {
         node.client().get(format!("{}/fn/default/hello/", node.url)).bearer_auth("sk_bad").send().unwrap();
     assert_eq!(res.status(), 401);
     // Four async calls, run by the scheduler.
-    let mut ids = Vec::new();
-    for _ in 0..4 {
-        let res = node
-            .client()
-            .post(format!("{}/fn/default/hello/", node.url))
-            .bearer_auth(&node.token)
-            .header("prefer", "respond-async")
-            .send()
-            .unwrap();
-        assert_eq!(res.status(), 202);
-        ids.push(res.json::<Value>().unwrap()["id"].as_str().unwrap().to_string());
-    }
+    let ids: Vec<String> = (0..4).map(|_| node.enqueue("/fn/default/hello/", &[])).collect();
     for id in &ids {
         node.wait_json(&format!("/v1/invocations/{id}"), |v| v["status"] == "succeeded");
     }

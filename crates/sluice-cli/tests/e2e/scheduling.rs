@@ -9,20 +9,6 @@ use serde_json::{Value, json};
 
 use crate::harness::{Node, assert_error, guests};
 
-fn post_async(node: &Node, path: &str, headers: &[(&str, &str)]) -> String {
-    let mut req = node
-        .client()
-        .post(format!("{}{path}", node.url))
-        .bearer_auth(&node.token)
-        .header("prefer", "respond-async");
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let res = req.send().unwrap();
-    assert_eq!(res.status(), 202);
-    res.json::<Value>().unwrap()["id"].as_str().unwrap().to_string()
-}
-
 fn status(node: &Node, id: &str) -> String {
     node.get(&format!("/v1/invocations/{id}")).json::<Value>().unwrap()["status"]
         .as_str()
@@ -58,7 +44,7 @@ fn quotas_are_set_through_the_cli_and_shown_in_usage_and_waits() {
     assert!(!ok && err.contains("nobody"), "{err}");
 
     node.deploy("tg", &guests().testguest, &[]);
-    let id = post_async(&node, "/fn/default/tg/ok", &[]);
+    let id = node.enqueue("/fn/default/tg/ok", &[]);
     let inv = node.wait_json(&format!("/v1/invocations/{id}"), |v| v["status"] == "succeeded");
     // Leased at once: a wait of (nearly) nothing, with no reason.
     assert!(inv["waits"]["queued_ms"].as_i64().is_some_and(|ms| ms < 5_000), "{inv}");
@@ -81,7 +67,7 @@ fn a_wide_start_window_waits_for_a_trough_and_a_near_deadline_does_not() {
     node.deploy("tg", &guests().testguest, &[]);
     // Work without a deadline keeps the node over its target.
     for _ in 0..6 {
-        post_async(&node, "/fn/default/tg/burn?ms=4000", &[]);
+        node.enqueue("/fn/default/tg/burn?ms=4000", &[]);
     }
     let over = Instant::now() + Duration::from_secs(10);
     loop {
@@ -93,9 +79,9 @@ fn a_wide_start_window_waits_for_a_trough_and_a_near_deadline_does_not() {
         std::thread::sleep(Duration::from_millis(50));
     }
     // A call that may start any time in the next minute is held back...
-    let wide = post_async(&node, "/fn/default/tg/ok", &[("sluice-deadline", &rfc3339_in(60_000))]);
+    let wide = node.enqueue("/fn/default/tg/ok", &[("sluice-deadline", &rfc3339_in(60_000))]);
     // ...and one whose deadline is within the promotion horizon starts at once all the same.
-    let due = post_async(&node, "/fn/default/tg/ok", &[("sluice-deadline", &rfc3339_in(2_500))]);
+    let due = node.enqueue("/fn/default/tg/ok", &[("sluice-deadline", &rfc3339_in(2_500))]);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         status(&node, &wide),
@@ -178,7 +164,7 @@ fn a_saturated_downstream_holds_async_calls_and_refuses_sync_ones() {
     assert!(res.headers().contains_key("retry-after"), "{:?}", res.headers());
     let message = assert_error(res, 503, "overloaded");
     assert!(message.contains("downstream"), "{message}");
-    let held = post_async(&node, &fetch, &[]);
+    let held = node.enqueue(&fetch, &[]);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(status(&node, &held), "queued", "an async call started while its downstream was saturated");
     let usage: Value = node.get("/v1/tenants/default/usage").json().unwrap();
