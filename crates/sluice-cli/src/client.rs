@@ -45,7 +45,13 @@ impl Client {
     }
 
     pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
-        let req = self.http.request(method, format!("{}{path}", self.base));
+        self.request_at(&self.base, method, path)
+    }
+
+    /// A request to another node of the cluster (at `base`, e.g. `http://10.0.0.2:8080`) with
+    /// the same key.
+    pub fn request_at(&self, base: &str, method: Method, path: &str) -> RequestBuilder {
+        let req = self.http.request(method, format!("{}{path}", base.trim_end_matches('/')));
         match &self.token {
             Some(t) => req.bearer_auth(t),
             None => req,

@@ -47,6 +47,15 @@ pub struct ServeArgs {
     /// Format of the node's own log lines on stderr: `text` or `json` (one object per line).
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+    /// Log one line per call (and per async attempt) with its invocation id, status and
+    /// duration, at the `sluice::access` target.
+    #[arg(long)]
+    pub access_log: bool,
+    /// Export OpenTelemetry traces over OTLP/HTTP to this collector, e.g.
+    /// http://127.0.0.1:4318 (`/v1/traces` is added): spans for each call's gateway, queue
+    /// wait, run and outbound requests. The OTEL_BSP_* and OTEL_TRACES_SAMPLER variables apply.
+    #[arg(long, env = "SLUICE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Let guests call loopback and private addresses that are in their allow list (off:
     /// such addresses are refused even when allowed by name).
     #[arg(long)]
@@ -263,7 +272,7 @@ impl ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    init_tracing(args.log_format == "json");
+    init_tracing(args.log_format == "json", args.access_log);
     if !args.no_metrics {
         // Before anything makes its handles (the store's writer makes its own at open).
         sluice_gateway::metrics::install(args.metrics_functions_max);
@@ -305,6 +314,14 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
     config.memory_keep_resident_bytes = args.memory_keep_resident as usize;
     config.code = args.code()?;
     let node = Node::open(config, store).await?;
+    let exporter = match &args.otlp_endpoint {
+        Some(endpoint) => {
+            let exporter = sluice_gateway::trace::install(endpoint, &node.id)?;
+            eprintln!("exporting traces to {endpoint}");
+            Some(exporter)
+        }
+        None => None,
+    };
     let server = Server::start(node.clone(), args.listen, workers)
         .with_context(|| format!("listening on {}", args.listen))?;
     let upkeep = sluice_node::Upkeep {
@@ -356,6 +373,10 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
     server.shutdown().await;
     tasks.stop_scheduler().await;
     node.recorder.flush().await;
+    if let Some(exporter) = exporter {
+        // The SDK's flush blocks on its export thread.
+        let _ = tokio::task::spawn_blocking(move || exporter.shutdown()).await;
+    }
     tasks.mark_stopped().await;
     match failure {
         None => {
@@ -409,9 +430,12 @@ async fn shutdown_signal() {
     }
 }
 
-fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+fn init_tracing(json: bool, access_log: bool) {
+    let mut filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    if access_log {
+        filter = filter.add_directive("sluice::access=info".parse().expect("a valid directive"));
+    }
     let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = if json { fmt.json().flatten_event(true).try_init() } else { fmt.try_init() };
 }

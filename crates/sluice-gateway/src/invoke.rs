@@ -23,7 +23,8 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use sluice_core::{Clock, ErrorKind, Scope, SluiceError, SystemClock};
 use sluice_runtime::metrics::{CallOutcome, Kind};
-use sluice_runtime::{Call, Lane, Outcome};
+use sluice_runtime::trace::GatewaySpan;
+use sluice_runtime::{Call, Lane, Outcome, TraceParent};
 use sluice_store::{Criticality, Enqueued, InvocationStatus, NewInvocation, StoredRequest, SyncRecord};
 
 use crate::admission::Slot;
@@ -48,11 +49,81 @@ pub fn split_fn_path(path: &str) -> Option<(&str, &str, &str)> {
 
 pub async fn handle(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
     let invocation_id = sluice_core::ids::invocation_id();
-    match call(node, req, &invocation_id).await {
-        Ok(res) => res,
+    let mut follow = Follow::start(&req, &invocation_id);
+    match call(node, req, &invocation_id, &mut follow).await {
+        Ok(res) => {
+            // A sync call's follower went with it, to end when the guest does.
+            follow.end(&invocation_id, res.status().as_u16(), None, None);
+            res
+        }
         Err(e) => {
             crate::metrics::refused(e.kind);
+            follow.end(&invocation_id, e.kind.status().as_u16(), Some(&e), None);
             error_response(&e, Some(&invocation_id))
+        }
+    }
+}
+
+/// What follows one call to its end, each part only when it is switched on: its `gateway`
+/// span (`serve --otlp-endpoint`) and its access log line (`serve --access-log`: one line per
+/// call at the `sluice::access` target, with its invocation id).
+#[derive(Default)]
+struct Follow {
+    span: Option<GatewaySpan>,
+    access: Option<Access>,
+}
+
+struct Access {
+    method: http::Method,
+    path: String,
+    arrived: Instant,
+    kind: &'static str,
+}
+
+impl Follow {
+    fn start(req: &Request<Incoming>, invocation_id: &str) -> Self {
+        let span = GatewaySpan::start(req.method(), req.uri().path(), req.headers(), invocation_id);
+        let access = tracing::enabled!(target: "sluice::access", tracing::Level::INFO).then(|| Access {
+            method: req.method().clone(),
+            path: req.uri().path().to_string(),
+            arrived: Instant::now(),
+            kind: "",
+        });
+        Self { span, access }
+    }
+
+    fn function(&mut self, tenant: &str, function: &str, is_async: bool) {
+        let kind = if is_async { "async" } else { "sync" };
+        if let Some(span) = &self.span {
+            span.function(tenant, function, kind);
+        }
+        if let Some(access) = &mut self.access {
+            access.kind = kind;
+        }
+    }
+
+    /// Moves the parts out, for a call that ends later than its response head.
+    fn take(&mut self) -> Self {
+        std::mem::take(self)
+    }
+
+    fn end(self, invocation_id: &str, status: u16, error: Option<&SluiceError>, cpu_us: Option<u64>) {
+        if let Some(span) = self.span {
+            span.end(status, error);
+        }
+        if let Some(a) = self.access {
+            tracing::info!(
+                target: "sluice::access",
+                invocation_id,
+                method = %a.method,
+                path = %a.path,
+                kind = a.kind,
+                status,
+                error = error.map(|e| e.kind.as_str()),
+                duration_ms = a.arrived.elapsed().as_secs_f64() * 1000.0,
+                cpu_us,
+                "call"
+            );
         }
     }
 }
@@ -61,6 +132,7 @@ async fn call(
     node: &Arc<Node>,
     req: Request<Incoming>,
     invocation_id: &str,
+    follow: &mut Follow,
 ) -> Result<Response<Body>, SluiceError> {
     let arrived = Instant::now();
     let limits = &node.config.limits;
@@ -92,6 +164,7 @@ async fn call(
         }
     }
     let deployed = deployed.ok_or_else(|| no_function(tenant, function))?;
+    follow.function(tenant, function, is_async);
 
     node.admission.tenant(tenant)?;
     deployed.admission.check_rate(function)?;
@@ -100,7 +173,8 @@ async fn call(
         None => sub.to_string(),
     };
     if is_async {
-        return enqueue(node, &deployed, req, path_and_query, public, invocation_id).await;
+        return enqueue(node, &deployed, req, path_and_query, public, invocation_id, follow.span.as_ref())
+            .await;
     }
     // A downstream the function calls is at its adaptive limit: another call would only wait
     // for it (or add to its overload). Async calls wait in the queue instead.
@@ -126,6 +200,8 @@ async fn call(
     strip_platform_credentials(&mut parts.headers, public);
     let (body, body_exceeded) = Limited::new(body, limits.sync_body_bytes_max);
 
+    let follow = follow.take();
+    let trace = follow.span.as_ref().map(|s| TraceParent { cx: s.context(), attempt: None });
     let call = Call {
         invocation_id: invocation_id.to_string(),
         config: deployed.config.clone(),
@@ -133,7 +209,8 @@ async fn call(
         lane: Lane::Sync,
         group: deployed.tenant_group.clone(),
         function: deployed.function_name.clone(),
-        on_done: Some(recorder(node, &deployed, [function_slot, Some(node_slot)], arrived)),
+        on_done: Some(recorder(node, &deployed, [function_slot, Some(node_slot)], arrived, follow)),
+        trace,
     };
     let running = node.runtime.invoke(&prepared, call, Request::from_parts(parts, body));
     match running.response().await {
@@ -185,6 +262,7 @@ async fn enqueue(
     path_and_query: String,
     public: bool,
     invocation_id: &str,
+    span: Option<&GatewaySpan>,
 ) -> Result<Response<Body>, SluiceError> {
     // Held until the 202 (or the error) is ready: while it waits for its body and then for the
     // group commit, an enqueue holds up to a whole async body in memory.
@@ -222,6 +300,10 @@ async fn enqueue(
 
     let (mut parts, body) = req.into_parts();
     strip_platform_credentials(&mut parts.headers, public);
+    if let Some(span) = span {
+        // The run continues this trace, later and perhaps on another node.
+        span.inject(&mut parts.headers);
+    }
     let limits = &node.config.limits;
     let body = collect_limited(body, limits.async_body_bytes_max, limits.body_read_timeout).await?;
     let stored_headers = parts
@@ -306,6 +388,7 @@ fn recorder(
     deployed: &Arc<Deployed>,
     slots: [Option<Slot>; 2],
     arrived: Instant,
+    follow: Follow,
 ) -> sluice_runtime::OnDone {
     let recorder = node.recorder.clone();
     let deployed = deployed.clone();
@@ -314,6 +397,8 @@ fn recorder(
         drop(slots);
         let outcome = CallOutcome::of(o.error.as_ref().map(|e| e.kind), o.status_code);
         deployed.metrics.finished(Kind::Sync, outcome, arrived.elapsed(), started.elapsed(), o.cpu_us);
+        let status = o.status_code.or(o.error.as_ref().map(|e| e.kind.status().as_u16())).unwrap_or(500);
+        follow.end(&o.invocation_id, status, o.error.as_ref(), Some(o.cpu_us));
         if o.error.is_none() && o.logs.is_empty() {
             return;
         }

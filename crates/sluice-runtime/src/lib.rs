@@ -16,6 +16,7 @@ mod lanes;
 mod logs;
 pub mod metrics;
 mod outbound;
+pub mod trace;
 
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
@@ -299,6 +300,11 @@ impl Runtime {
         if !headers.contains_key(http::header::HOST) {
             headers.insert(http::header::HOST, http::HeaderValue::from_static("localhost"));
         }
+        let run_span = call
+            .trace
+            .as_ref()
+            .and_then(|p| trace::RunSpan::start(&p.cx, &call.invocation_id, &call.function, p.attempt));
+        let propagation = trace::Propagation::for_guest(run_span.as_ref(), headers);
         let started_at = SystemClock.now_ms();
         let deadline = Instant::now() + call.timeout;
         let logs = LogCapture::new(self.config.log_bytes_per_invocation_max);
@@ -327,6 +333,7 @@ impl Runtime {
                     tenant: call.group.clone(),
                     function: call.function.clone(),
                 },
+                propagation,
             ),
             limiter: Limiter { memory_bytes_max: call.config.memory_bytes as usize, memory_limit_hit: false },
             deadline,
@@ -425,6 +432,10 @@ impl Runtime {
                 let said = detail.as_deref().unwrap_or(&e.message);
                 logs.system(format!("invocation failed ({}): {said}", e.kind));
             }
+            let cpu_us = meter.busy().as_micros() as u64;
+            if let Some(span) = run_span {
+                span.end(status_code, error.as_ref(), cpu_us);
+            }
             let outcome = Outcome {
                 invocation_id,
                 error,
@@ -432,7 +443,7 @@ impl Runtime {
                 logs: logs.take(),
                 started_at,
                 finished_at: SystemClock.now_ms(),
-                cpu_us: meter.busy().as_micros() as u64,
+                cpu_us,
             };
             if let Some(on_done) = call.on_done {
                 on_done(&outcome);
@@ -508,6 +519,15 @@ pub struct Call {
     /// Called with the outcome when the guest is done, before the outcome is sent to
     /// [`Running`]; the place to record it without keeping a task per call.
     pub on_done: Option<OnDone>,
+    /// The span the call's `run` span is a child of (`None` with tracing off).
+    pub trace: Option<TraceParent>,
+}
+
+/// Where an attempt's `run` span belongs in its trace.
+pub struct TraceParent {
+    pub cx: trace::TraceContext,
+    /// The attempt of an async call.
+    pub attempt: Option<u32>,
 }
 
 /// How an invocation ended.

@@ -41,6 +41,7 @@ use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpH
 use crate::RuntimeConfig;
 use crate::downstream::{Acquire, DownstreamPermit, Downstreams, Outcome};
 use crate::logs::LogCapture;
+use crate::trace::{ClientSpan, Propagation};
 
 /// Where names are resolved and connections made. The system one in production; tests inject
 /// one that answers differently on every lookup and records where it was asked to connect.
@@ -84,6 +85,8 @@ pub struct OutboundPolicy {
     network: Arc<dyn Network>,
     logs: LogCapture,
     downstream: DownstreamScope,
+    /// The trace context each request carries on (and the parent of its span).
+    propagation: Propagation,
     /// Requests the guest has asked for so far, denied ones included.
     requests_made: u32,
 }
@@ -94,15 +97,18 @@ impl OutboundPolicy {
         runtime: &RuntimeConfig,
         logs: LogCapture,
         downstream: DownstreamScope,
+        propagation: Propagation,
     ) -> Self {
-        Self::with_network(
+        let mut policy = Self::with_network(
             config,
             runtime.outbound_allow_private,
             runtime.outbound.clone(),
             Arc::new(SystemNetwork),
             logs,
             downstream,
-        )
+        );
+        policy.propagation = propagation;
+        policy
     }
 
     fn with_network(
@@ -113,7 +119,16 @@ impl OutboundPolicy {
         logs: LogCapture,
         downstream: DownstreamScope,
     ) -> Self {
-        Self { config, allow_private, limits, network, logs, downstream, requests_made: 0 }
+        Self {
+            config,
+            allow_private,
+            limits,
+            network,
+            logs,
+            downstream,
+            propagation: Propagation::default(),
+            requests_made: 0,
+        }
     }
 }
 
@@ -123,7 +138,7 @@ type SendFuture = Box<dyn Future<Output = Result<(http::Response<WasiBody>, IoFu
 impl WasiHttpHooks for OutboundPolicy {
     fn send_request(
         &mut self,
-        request: http::Request<WasiBody>,
+        mut request: http::Request<WasiBody>,
         options: Option<RequestOptions>,
         fut: IoFuture,
     ) -> SendFuture {
@@ -155,6 +170,8 @@ impl WasiHttpHooks for OutboundPolicy {
             crate::metrics::outbound("denied");
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
         }
+        let (method, uri) = (request.method().clone(), request.uri().clone());
+        let span = self.propagation.outbound(&method, &uri, request.headers_mut());
         let timeouts = Timeouts::of(options, &self.limits);
         let allow_private = self.allow_private;
         let network = self.network.clone();
@@ -164,7 +181,13 @@ impl WasiHttpHooks for OutboundPolicy {
             // over every address tried: a per-address timeout would let a name with many dead
             // addresses multiply it.
             let deadline = Instant::now() + timeouts.connect;
-            let addrs = resolve_checked(&*network, &host, port, allow_private, deadline, &logs).await?;
+            let addrs = match resolve_checked(&*network, &host, port, allow_private, deadline, &logs).await {
+                Ok(addrs) => addrs,
+                Err(err) => {
+                    end_span(span, None, Some(&err));
+                    return Err(err);
+                }
+            };
             let key = downstream_key(&host, port);
             let Ok(mut permit) = timeout_at(deadline, downstream.acquire(&key)).await else {
                 logs.system(format!(
@@ -172,6 +195,7 @@ impl WasiHttpHooks for OutboundPolicy {
                      had as many requests in flight to that downstream as its adaptive limit allows"
                 ));
                 crate::metrics::outbound("error");
+                end_span(span, None, Some(&HttpError::ConnectionTimeout));
                 return Err(HttpError::ConnectionTimeout);
             };
             let sent_at = Instant::now();
@@ -198,6 +222,7 @@ impl WasiHttpHooks for OutboundPolicy {
                         "ok"
                     });
                     permit.record(outcome);
+                    end_span(span, Some(res.status().as_u16()), None);
                     let res = res.map(|body| ResponseBody { permit: Some(permit), ..body });
                     Ok((res.map(BodyExt::boxed_unsync), Box::new(io) as IoFuture))
                 }
@@ -207,10 +232,18 @@ impl WasiHttpHooks for OutboundPolicy {
                     // The guest may see only a closed body stream (its write of the request body
                     // fails once the request is gone): the cause is written here.
                     logs.system(format!("outbound request to {key} failed: {err}"));
+                    end_span(span, None, Some(&err));
                     Err(err)
                 }
             }
         })
+    }
+}
+
+/// Ends an outbound request's span, if tracing made one, with its status or its failure.
+fn end_span(span: Option<ClientSpan>, status: Option<u16>, failure: Option<&HttpError>) {
+    if let Some(span) = span {
+        span.end(status, failure.map(|e| e.to_string()).as_deref());
     }
 }
 

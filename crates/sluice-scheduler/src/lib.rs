@@ -24,7 +24,7 @@ use http_body_util::{BodyExt, Full};
 use sluice_core::retry::{Next, RetryPolicy};
 use sluice_core::{Clock, ErrorKind, FunctionConfig, LogStream, UnixMs};
 use sluice_runtime::metrics::{CallMetrics, CallOutcome, Kind as MetricsKind};
-use sluice_runtime::{BodyError, Call, Lane, Prepared, Runtime};
+use sluice_runtime::{BodyError, Call, Lane, Prepared, Runtime, TraceParent};
 use sluice_store::{AttemptResult, LeaseClass, Leased, QueueDemand, Quota, Store, StoredResponse};
 
 use crate::plan::{Pacer, Service, TenantInput, WaitReason};
@@ -725,8 +725,34 @@ async fn run_one(ctx: Arc<Ctx>, inv: Leased) {
         let waited = ctx.clock.now_ms().saturating_sub(inv.run_after.max(inv.created_at));
         m.started_after(Duration::from_millis(u64::try_from(waited).unwrap_or(0)));
     }
+    // The call's trace context was stored with its request (the gateway span's).
+    let trace = sluice_runtime::trace::stored_parent(&inv.request.headers);
+    if let Some(cx) = &trace {
+        let since = inv.run_after.max(inv.created_at);
+        let since = std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(since).unwrap_or(0));
+        sluice_runtime::trace::queue_wait(cx, &inv.id, inv.attempt, since);
+    }
     let started = std::time::Instant::now();
-    let Attempt { result, logs, cpu_us } = execute(&ctx, &inv).await;
+    let Attempt { result, logs, cpu_us } = execute(&ctx, &inv, trace).await;
+    if tracing::enabled!(target: "sluice::access", tracing::Level::INFO) {
+        let (status, error) = match &result {
+            AttemptResult::Succeeded { response } => (Some(response.status), None),
+            AttemptResult::Failed { error_kind, status_code, .. } => {
+                (*status_code, Some(error_kind.as_str()))
+            }
+        };
+        tracing::info!(
+            target: "sluice::access",
+            invocation_id = %inv.id,
+            attempt = inv.attempt,
+            kind = "async",
+            status,
+            error,
+            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            cpu_us,
+            "attempt"
+        );
+    }
     if let Some(m) = &metrics {
         let outcome = match &result {
             AttemptResult::Succeeded { response } => CallOutcome::of_status(response.status),
@@ -784,7 +810,7 @@ impl From<(AttemptResult, Logs)> for Attempt {
 }
 
 /// Runs one attempt and turns what happened into an [`Attempt`].
-async fn execute(ctx: &Ctx, inv: &Leased) -> Attempt {
+async fn execute(ctx: &Ctx, inv: &Leased, trace: Option<sluice_runtime::trace::TraceContext>) -> Attempt {
     let ready = match ctx.functions.get(&inv.tenant, &inv.function, inv.version).await {
         Ok(Some(ready)) => ready,
         Ok(None) => {
@@ -810,6 +836,7 @@ async fn execute(ctx: &Ctx, inv: &Leased) -> Attempt {
         group: Arc::from(inv.tenant.as_str()),
         function: Arc::from(inv.function.as_str()),
         on_done: None,
+        trace: trace.map(|cx| TraceParent { cx, attempt: Some(inv.attempt) }),
     };
     let running = ctx.runtime.invoke(&ready.prepared, call, request);
     let (response, done) = match running.response().await {

@@ -4,6 +4,7 @@
 //! `model` owns the state and how polls and keys change it, `render` draws it; this module owns
 //! the terminal and the network, and nothing else.
 
+mod metrics;
 mod model;
 mod render;
 #[cfg(test)]
@@ -50,7 +51,7 @@ pub async fn run(args: TopArgs) -> anyhow::Result<()> {
     let mut model = Model::new(&client.tenant, &client.base);
     // The first poll happens before the terminal is taken, so a wrong URL, key or tenant is a
     // plain error message instead of a dashboard full of errors.
-    let first = poll(&client, args.sample, None).await;
+    let first = poll(&client, args.sample, None, &[]).await;
     if let Err(e) = &first.functions {
         anyhow::bail!("{e}");
     }
@@ -88,7 +89,8 @@ async fn run_loop(
         }
         if Instant::now() >= next_poll {
             let open = model.open_function().map(str::to_string);
-            model.apply(poll(client, args.sample, open.as_deref()).await);
+            let targets = model.metrics_targets.clone();
+            model.apply(poll(client, args.sample, open.as_deref(), &targets).await);
             next_poll = Instant::now() + args.interval;
         }
     }
@@ -111,8 +113,9 @@ fn key_of(k: KeyEvent) -> Option<Key> {
 }
 
 /// One round of requests, made concurrently; each answer is kept apart so one refusal (e.g.
-/// `/v1/node` for a tenant key) does not hide the others.
-async fn poll(client: &Client, sample: u32, open: Option<&str>) -> Poll {
+/// `/v1/node` for a tenant key) does not hide the others. `/metrics` is scraped on each of
+/// `targets` (the nodes up at the last poll), or on the one node when there are none.
+async fn poll(client: &Client, sample: u32, open: Option<&str>, targets: &[String]) -> Poll {
     let get = |path: String, query: Vec<(&'static str, String)>| async move {
         client.json(client.request(Method::GET, &path).query(&query)).await.map_err(|e| format!("{e:#}"))
     };
@@ -127,13 +130,25 @@ async fn poll(client: &Client, sample: u32, open: Option<&str>) -> Poll {
             None => None,
         }
     };
-    let (functions, invocations, usage, node, nodes, logs) = futures::join!(
+    let scrape = |base: String| async move {
+        let res = client
+            .send(client.request_at(&base, Method::GET, "/metrics"))
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+        let res = crate::client::check(res).await.map_err(|e| format!("{e:#}"))?;
+        res.text().await.map_err(|e| format!("reading /metrics of {base}: {e}"))
+    };
+    let bases = if targets.is_empty() { vec![client.base.clone()] } else { targets.to_vec() };
+    let metrics =
+        async { futures::future::join_all(bases.into_iter().map(scrape)).await.into_iter().collect() };
+    let (functions, invocations, usage, node, nodes, logs, metrics) = futures::join!(
         get(client.tenant_path("/functions"), vec![]),
         get("/v1/invocations".to_string(), vec![("tenant", tenant.clone()), ("limit", sample.to_string())]),
         get(client.tenant_path("/usage"), vec![]),
         get("/v1/node".to_string(), vec![]),
         get("/v1/nodes".to_string(), vec![]),
         logs,
+        metrics,
     );
-    Poll { now_ms: SystemClock.now_ms(), functions, invocations, usage, node, nodes, logs }
+    Poll { now_ms: SystemClock.now_ms(), functions, invocations, usage, node, nodes, logs, metrics }
 }

@@ -1,14 +1,18 @@
 //! The dashboard's state and how it changes: from a poll's JSON answers and from keys. Pure: no
 //! I/O, no terminal, no clock (each poll carries its time), so tests drive it with fixtures.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use serde_json::Value;
 use sluice_core::parse_rfc3339;
 
-/// Window of the per-function rate: invocations created in the last this-many milliseconds.
+use super::metrics::{self, Snapshot};
+
+/// Window of the function table: calls that ended in the last this-many milliseconds (from
+/// `/metrics`), or invocations created in it (the fallback's rate).
 pub const RATE_WINDOW_MS: i64 = 10_000;
-/// Finished invocations per function that the percentiles, errors and CPU are taken over.
+/// Finished invocations per function that the fallback's percentiles, errors and CPU are taken
+/// over.
 pub const SAMPLE_PER_FUNCTION_MAX: usize = 100;
 /// Rows of the "slowest" and "failing" summaries.
 pub const SUMMARY_ROWS_MAX: usize = 3;
@@ -28,6 +32,9 @@ pub struct Poll {
     pub nodes: Answer,
     /// The open function's log lines, when a function is open.
     pub logs: Option<(String, Answer)>,
+    /// The text of `/metrics` of each node scraped (every node that is up, when the key may list
+    /// them; else the one node), or why there is none (a key without the `metrics` scope).
+    pub metrics: Result<Vec<String>, String>,
 }
 
 type Answer = Result<Value, String>;
@@ -67,20 +74,22 @@ impl SortBy {
     }
 }
 
-/// One function's recent behaviour, computed from the invocations list.
+/// One function's recent behaviour: from `/metrics` over the last `RATE_WINDOW_MS`, or, without
+/// it, from the invocations list.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FunctionRow {
     pub name: String,
     pub version: i64,
-    /// Recorded invocations created per second over the last `RATE_WINDOW_MS`.
+    /// Calls per second over the last `RATE_WINDOW_MS`.
     pub rate_per_sec: f64,
-    /// Finished invocations the columns below are taken over (at most `SAMPLE_PER_FUNCTION_MAX`).
+    /// Calls the columns below are taken over: those that ended in the window (or, in the
+    /// fallback, the sample of at most `SAMPLE_PER_FUNCTION_MAX` finished invocations).
     pub calls: usize,
     pub errors: usize,
-    /// Queued or running now.
+    /// Queued or running now (async calls, from the invocations list).
     pub active: usize,
-    pub p50_ms: Option<i64>,
-    pub p99_ms: Option<i64>,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
     /// Mean CPU time of a call.
     pub cpu_ms: Option<f64>,
 }
@@ -151,6 +160,12 @@ pub struct Model {
     /// The latest invocations page, newest first.
     invocations: Vec<Value>,
     pub logs: Vec<String>,
+    /// The tenant's counters at each poll within the window (and the last one before it).
+    history: VecDeque<(i64, Snapshot)>,
+    /// Where the table's numbers come from when it is not `/metrics`, and why.
+    pub source_note: Option<String>,
+    /// The nodes to scrape: every node that was up at the last poll (empty: the one node).
+    pub metrics_targets: Vec<String>,
 }
 
 impl Model {
@@ -171,6 +186,9 @@ impl Model {
             rows: Vec::new(),
             invocations: Vec::new(),
             logs: Vec::new(),
+            history: VecDeque::new(),
+            source_note: None,
+            metrics_targets: Vec::new(),
         }
     }
 
@@ -192,10 +210,29 @@ impl Model {
             (Ok(functions), Ok(invocations)) => {
                 self.invocations = invocations["invocations"].as_array().cloned().unwrap_or_default();
                 self.rows = function_rows(functions, &self.invocations, poll.now_ms);
+                match poll
+                    .metrics
+                    .as_ref()
+                    .map_err(String::clone)
+                    .and_then(|texts| self.window(texts, poll.now_ms))
+                {
+                    Ok((window, seconds)) => {
+                        self.source_note = None;
+                        apply_window(&mut self.rows, &window, seconds);
+                    }
+                    Err(e) => {
+                        self.history.clear();
+                        self.source_note = Some(format!(
+                            "numbers from recorded invocations (sync calls that succeeded without a log \
+                             line are missing): /metrics: {e}"
+                        ));
+                    }
+                }
             }
             (Err(e), _) | (_, Err(e)) => self.error = Some(e.clone()),
         }
         self.capacity = capacity(&poll.usage, &poll.node, &poll.nodes);
+        self.metrics_targets = up_addresses(&poll.nodes);
         if let Some((name, logs)) = &poll.logs
             && self.open_function() == Some(name.as_str())
         {
@@ -266,8 +303,8 @@ impl Model {
                     SortBy::Rate => r.rate_per_sec,
                     SortBy::Calls => r.calls as f64,
                     SortBy::Errors => r.errors as f64,
-                    SortBy::P50 => r.p50_ms.map_or(-1.0, |v| v as f64),
-                    SortBy::P99 => r.p99_ms.map_or(-1.0, |v| v as f64),
+                    SortBy::P50 => r.p50_ms.unwrap_or(-1.0),
+                    SortBy::P99 => r.p99_ms.unwrap_or(-1.0),
                     SortBy::Cpu => r.cpu_ms.unwrap_or(-1.0),
                     SortBy::Name => 0.0,
                 }
@@ -289,10 +326,38 @@ impl Model {
         self.rows.iter().find(|r| r.name == name && r.name.contains(&self.filter))
     }
 
+    /// Adds this poll's counters to the history and returns what changed over the window, by
+    /// function, with the window's length in seconds (`None` on the first poll: the counts are
+    /// then the node's totals and there is no rate yet).
+    fn window(&mut self, texts: &[String], now_ms: i64) -> Result<(Snapshot, Option<f64>), String> {
+        let mut snapshot = Snapshot::new();
+        for text in texts {
+            metrics::snapshot_into(&mut snapshot, &metrics::parse(text)?, &self.tenant);
+        }
+        // Keep the newest snapshot at or before the window's start as the base.
+        while self.history.len() >= 2 && self.history[1].0 <= now_ms - RATE_WINDOW_MS {
+            self.history.pop_front();
+        }
+        let window = match self.history.front() {
+            Some((then, base)) if *then < now_ms => {
+                let d = snapshot.iter().map(|(f, c)| (f.clone(), metrics::delta(c, base.get(f)))).collect();
+                (d, Some((now_ms - then) as f64 / 1000.0))
+            }
+            _ => (snapshot.clone(), None),
+        };
+        self.history.push_back((now_ms, snapshot));
+        Ok(window)
+    }
+
     /// The slowest functions by p99, slowest first.
     pub fn slowest(&self) -> Vec<&FunctionRow> {
         let mut rows: Vec<&FunctionRow> = self.rows.iter().filter(|r| r.p99_ms.is_some()).collect();
-        rows.sort_by(|a, b| b.p99_ms.cmp(&a.p99_ms).then_with(|| a.name.cmp(&b.name)));
+        rows.sort_by(|a, b| {
+            b.p99_ms
+                .partial_cmp(&a.p99_ms)
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then_with(|| a.name.cmp(&b.name))
+        });
         rows.truncate(SUMMARY_ROWS_MAX);
         rows
     }
@@ -388,8 +453,8 @@ fn function_rows(functions: &Value, invocations: &[Value], now_ms: i64) -> Vec<F
     for (name, mut d) in durations {
         d.sort_unstable();
         let row = rows.get_mut(&name).expect("inserted above");
-        row.p50_ms = percentile(&d, 0.50);
-        row.p99_ms = percentile(&d, 0.99);
+        row.p50_ms = percentile(&d, 0.50).map(|v| v as f64);
+        row.p99_ms = percentile(&d, 0.99).map(|v| v as f64);
     }
     for (name, c) in cpu {
         if !c.is_empty() {
@@ -398,6 +463,46 @@ fn function_rows(functions: &Value, invocations: &[Value], now_ms: i64) -> Vec<F
         }
     }
     rows.into_values().collect()
+}
+
+/// Replaces the rows' numbers with what `/metrics` says about the window (`seconds` long; the
+/// rate is unknown before there is one). A function with counts but no longer listed (deleted
+/// since) gets a row too.
+fn apply_window(rows: &mut Vec<FunctionRow>, window: &Snapshot, seconds: Option<f64>) {
+    for (name, c) in window {
+        let at = match rows.iter().position(|r| &r.name == name) {
+            Some(at) => at,
+            None if c.calls > 0.0 => {
+                rows.push(FunctionRow { name: name.clone(), ..Default::default() });
+                rows.len() - 1
+            }
+            None => continue,
+        };
+        let row = &mut rows[at];
+        row.rate_per_sec = seconds.filter(|s| *s > 0.0).map_or(0.0, |s| c.calls / s);
+        row.calls = c.calls.round() as usize;
+        row.errors = c.errors.round() as usize;
+        row.p50_ms = metrics::quantile(&c.duration_buckets, 0.50).map(|s| s * 1000.0);
+        row.p99_ms = metrics::quantile(&c.duration_buckets, 0.99).map(|s| s * 1000.0);
+        row.cpu_ms = (c.cpu_count > 0.0).then(|| c.cpu_seconds * 1000.0 / c.cpu_count);
+    }
+    for row in rows.iter_mut().filter(|r| !window.contains_key(&r.name)) {
+        // Never called on the nodes scraped.
+        (row.rate_per_sec, row.calls, row.errors, row.p50_ms, row.p99_ms, row.cpu_ms) =
+            (0.0, 0, 0, None, None, None);
+    }
+}
+
+/// The addresses of the nodes that are up, from `/v1/nodes` (empty without the list).
+fn up_addresses(nodes: &Answer) -> Vec<String> {
+    let Ok(n) = nodes else { return Vec::new() };
+    n["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["health"] == "up")
+        .filter_map(|n| n["address"].as_str().filter(|a| !a.is_empty()).map(str::to_string))
+        .collect()
 }
 
 fn invocation_row(inv: &Value) -> InvocationRow {

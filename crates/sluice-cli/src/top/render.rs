@@ -105,11 +105,13 @@ pub fn function_header(sort: SortBy) -> Vec<String> {
         .collect()
 }
 
-fn ms(v: Option<i64>) -> String {
+fn ms(v: Option<f64>) -> String {
     match v {
         None => "-".to_string(),
-        Some(v) if v >= 10_000 => format!("{:.1}s", v as f64 / 1000.0),
-        Some(v) => format!("{v}ms"),
+        Some(v) if v >= 10_000.0 => format!("{:.1}s", v / 1000.0),
+        Some(v) if v >= 10.0 => format!("{v:.0}ms"),
+        Some(v) if v >= 1.0 => format!("{v:.1}ms"),
+        Some(v) => format!("{v:.2}ms"),
     }
 }
 
@@ -134,10 +136,11 @@ fn render_functions(frame: &mut Frame, area: Rect, model: &Model) {
     let name_width =
         visible.iter().map(|r| r.name.len()).max().unwrap_or(0).clamp(NAME_WIDTH_MIN, NAME_WIDTH_MAX);
     let rows: Vec<Row> = visible.into_iter().map(|r| Row::new(function_cells(r))).collect();
+    let source = if model.source_note.is_some() { "recent recorded calls" } else { "last 10s" };
     let title = if model.filter.is_empty() && !model.filtering {
-        " functions (recent recorded calls) ".to_string()
+        format!(" functions ({source}) ")
     } else {
-        format!(" functions matching \"{}\" ", model.filter)
+        format!(" functions matching \"{}\" ({source}) ", model.filter)
     };
     let empty = rows.is_empty();
     let table = Table::new(
@@ -157,7 +160,10 @@ fn render_functions(frame: &mut Frame, area: Rect, model: &Model) {
     .header(Row::new(function_header(model.sort)).style(HEADER_STYLE))
     .flex(Flex::Start)
     .row_highlight_style(SELECTED_STYLE)
-    .block(Block::default().borders(Borders::ALL).title(title));
+    .block(match &model.source_note {
+        Some(note) => Block::default().borders(Borders::ALL).title(title).title_bottom(format!(" {note} ")),
+        None => Block::default().borders(Borders::ALL).title(title),
+    });
     let mut state = TableState::default().with_selected(model.selected_index());
     frame.render_stateful_widget(table, area, &mut state);
     if empty && model.polls > 0 {
@@ -177,7 +183,7 @@ fn render_function(frame: &mut Frame, area: Rect, model: &Model, name: &str) {
                 i.id,
                 i.status,
                 or_dash(i.status_code),
-                ms(i.duration_ms),
+                ms(i.duration_ms.map(|v| v as f64)),
                 i.cpu_ms.map_or_else(|| "-".to_string(), |c| format!("{c:.1}ms")),
                 i.error_kind.unwrap_or_default(),
                 i.created_at,

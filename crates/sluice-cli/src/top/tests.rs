@@ -83,7 +83,27 @@ fn poll() -> Poll {
         node: Ok(node()),
         nodes: Ok(nodes()),
         logs: None,
+        metrics: Err("this key may not read metrics (forbidden, HTTP 403)".to_string()),
     }
+}
+
+/// `/metrics` of a node where `fast` ended `calls` calls (`errors` of them timed out), each
+/// `cpu_ms` of CPU, with `le_1ms` of them within 1 ms and the rest within 10 ms.
+fn metrics_text(calls: u64, errors: u64, le_1ms: u64, cpu_ms: f64) -> String {
+    format!(
+        r#"# TYPE sluice_invocations_total counter
+sluice_invocations_total{{tenant="default",function="fast",kind="sync",outcome="ok"}} {ok}
+sluice_invocations_total{{tenant="default",function="fast",kind="async",outcome="timeout"}} {errors}
+sluice_invocations_total{{tenant="other",function="idle",kind="sync",outcome="ok"}} 999
+sluice_invocation_duration_seconds_bucket{{tenant="default",function="fast",kind="sync",le="0.001"}} {le_1ms}
+sluice_invocation_duration_seconds_bucket{{tenant="default",function="fast",kind="sync",le="0.01"}} {calls}
+sluice_invocation_duration_seconds_bucket{{tenant="default",function="fast",kind="sync",le="+Inf"}} {calls}
+sluice_invocation_cpu_seconds_sum{{tenant="default",function="fast",kind="sync"}} {cpu}
+sluice_invocation_cpu_seconds_count{{tenant="default",function="fast",kind="sync"}} {calls}
+"#,
+        ok = calls - errors,
+        cpu = calls as f64 * cpu_ms / 1000.0,
+    )
 }
 
 fn model() -> Model {
@@ -114,20 +134,20 @@ fn screen_line<'a>(screen: &'a [String], needle: &str) -> &'a str {
 }
 
 #[test]
-fn rates_percentiles_errors_and_cpu_come_from_the_invocations() {
+fn without_metrics_rates_percentiles_errors_and_cpu_come_from_the_invocations() {
     let m = model();
     let rows = m.visible_rows();
     let fast = rows.iter().find(|r| r.name == "fast").unwrap();
     // 20 finished and 1 queued call created in the last 10 s.
     assert_eq!(fast.rate_per_sec, 2.1);
     assert_eq!((fast.calls, fast.errors, fast.active, fast.version), (20, 0, 1, 2));
-    assert_eq!((fast.p50_ms, fast.p99_ms), (Some(3), Some(4)));
+    assert_eq!((fast.p50_ms, fast.p99_ms), (Some(3.0), Some(4.0)));
     assert_eq!(fast.cpu_ms, Some(1.0));
     let slow = rows.iter().find(|r| r.name == "slow").unwrap();
     assert_eq!(slow.rate_per_sec, 0.4);
     assert_eq!((slow.calls, slow.errors), (5, 1));
     // Durations 800, 900, 1000, 1100, 5000: nearest rank.
-    assert_eq!((slow.p50_ms, slow.p99_ms), (Some(1000), Some(5000)));
+    assert_eq!((slow.p50_ms, slow.p99_ms), (Some(1000.0), Some(5000.0)));
     let idle = rows.iter().find(|r| r.name == "idle").unwrap();
     assert_eq!((idle.rate_per_sec, idle.calls, idle.p50_ms), (0.0, 0, None));
 
@@ -250,7 +270,7 @@ fn the_table_shows_each_function_with_its_rate_and_the_sort_marker_moves() {
     let mut m = model();
     let screen = draw(&m);
     let fast = screen_line(&screen, "│fast   ");
-    for cell in ["2.1", "20", "3ms", "4ms", "1.0ms"] {
+    for cell in ["2.1", "20", "3.0ms", "4.0ms", "1.0ms"] {
         assert!(fast.contains(cell), "{cell} missing from {fast:?}");
     }
     let header = screen_line(&screen, "FUNCTION");
@@ -260,7 +280,7 @@ fn the_table_shows_each_function_with_its_rate_and_the_sort_marker_moves() {
     screen_line(&screen, "queue 7 queued, 1 later, 2 running, lag 120 ms");
     screen_line(&screen, "held: plain: utilization");
     screen_line(&screen, "slow lane 1 running, 0 waiting");
-    screen_line(&screen, "slowest: slow p99 5000ms, fast p99 4ms");
+    screen_line(&screen, "slowest: slow p99 5000ms, fast p99 4.0ms");
     screen_line(&screen, "failing: slow 1/5 failed");
     // The first row is the selected one; rows keep the sort order.
     let fast_at = screen.iter().position(|l| l.contains("│fast   ")).unwrap();
@@ -311,4 +331,69 @@ fn the_interval_has_a_floor() {
     assert_eq!(super::parse_interval("250ms"), Ok(std::time::Duration::from_millis(250)));
     assert!(super::parse_interval("10ms").unwrap_err().contains("100ms"));
     assert!(super::parse_interval("soon").is_err());
+}
+
+#[test]
+fn with_metrics_the_table_shows_what_changed_over_the_window() {
+    let mut m = Model::new("default", "http://127.0.0.1:8080");
+    let at = |ms: i64, text: String| Poll { now_ms: NOW + ms, metrics: Ok(vec![text]), ..poll() };
+    m.apply(at(0, metrics_text(1000, 10, 900, 0.5)));
+    let fast = m.visible_rows().into_iter().find(|r| r.name == "fast").cloned().unwrap();
+    assert_eq!(
+        (fast.rate_per_sec, fast.calls, fast.errors),
+        (0.0, 1000, 10),
+        "first poll: the totals, no rate"
+    );
+    assert_eq!(m.source_note, None);
+
+    // 2 s later: 200 more calls, 100 of them within 1 ms, 4 more errors, 2 ms of CPU each.
+    m.apply(at(2_000, metrics_text(1200, 14, 1000, 0.5 + 0.3)));
+    let rows = m.visible_rows();
+    let fast = rows.iter().find(|r| r.name == "fast").unwrap();
+    assert_eq!((fast.rate_per_sec, fast.calls, fast.errors), (100.0, 200, 4));
+    assert_eq!(fast.p50_ms, Some(1.0), "100 of 200 within 1 ms");
+    assert!((fast.p99_ms.unwrap() - 9.82).abs() < 1e-9, "{:?}: interpolated in (1, 10] ms", fast.p99_ms);
+    assert!((fast.cpu_ms.unwrap() - 2.3).abs() < 1e-9, "{:?}", fast.cpu_ms);
+    assert_eq!(fast.active, 1, "queued work still comes from the invocations list");
+    let slow = rows.iter().find(|r| r.name == "slow").unwrap();
+    assert_eq!((slow.calls, slow.p99_ms), (0, None), "not in /metrics: no calls on the node");
+    assert_eq!(rows.iter().filter(|r| r.name == "idle").count(), 1, "another tenant's series are not ours");
+
+    // Past the window, the base moves: 12 s after the start, the base is the 2 s snapshot.
+    m.apply(at(12_000, metrics_text(1300, 14, 1100, 0.8 + 0.1)));
+    let fast = m.visible_rows().into_iter().find(|r| r.name == "fast").cloned().unwrap();
+    assert_eq!((fast.rate_per_sec, fast.calls, fast.errors), (10.0, 100, 0));
+
+    // A node that restarted counts from zero.
+    m.apply(at(13_000, metrics_text(50, 0, 50, 0.05)));
+    let fast = m.visible_rows().into_iter().find(|r| r.name == "fast").cloned().unwrap();
+    assert_eq!(fast.calls, 50);
+
+    let screen = draw(&m);
+    assert!(screen_line(&screen, "functions (last 10s)").contains("functions"));
+}
+
+#[test]
+fn without_the_metrics_scope_the_table_says_where_its_numbers_come_from() {
+    let m = model();
+    assert!(m.source_note.as_deref().unwrap().contains("HTTP 403"));
+    let screen = draw(&m);
+    screen_line(&screen, "functions (recent recorded calls)");
+    screen_line(&screen, "sync calls that succeeded without a log line are missing");
+}
+
+#[test]
+fn a_cluster_is_scraped_on_every_node_that_is_up() {
+    let mut m = Model::new("default", "http://127.0.0.1:8080");
+    let mut p = poll();
+    p.nodes = Ok(json!({ "nodes": [
+        { "id": "a", "health": "up", "address": "http://10.0.0.1:8080" },
+        { "id": "b", "health": "down", "address": "http://10.0.0.2:8080" },
+        { "id": "c", "health": "up", "address": "http://10.0.0.3:8080" },
+    ]}));
+    p.metrics = Ok(vec![metrics_text(10, 0, 10, 1.0), metrics_text(30, 3, 30, 1.0)]);
+    m.apply(p);
+    assert_eq!(m.metrics_targets, ["http://10.0.0.1:8080", "http://10.0.0.3:8080"]);
+    let fast = m.visible_rows().into_iter().find(|r| r.name == "fast").cloned().unwrap();
+    assert_eq!((fast.calls, fast.errors), (40, 3), "the nodes' counts add up");
 }

@@ -35,6 +35,8 @@ pub struct Node {
     pub dir: tempfile::TempDir,
     pub stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     args: Vec<String>,
+    /// Environment variables of the process, beside the test's own.
+    env: Vec<(String, String)>,
     /// `--listen` of every (re)start: port 0 by default; a fixed port keeps the URL across
     /// restarts.
     pub listen: String,
@@ -42,6 +44,11 @@ pub struct Node {
 
 impl Node {
     pub fn start(extra: &[&str]) -> Node {
+        Self::start_with_env(extra, &[])
+    }
+
+    /// Starts a node with `env` set in its environment.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let mut node = Node {
             child: None,
@@ -50,6 +57,7 @@ impl Node {
             dir,
             stderr: Default::default(),
             args: extra.iter().map(|s| s.to_string()).collect(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             listen: "127.0.0.1:0".to_string(),
         };
         node.spawn();
@@ -65,6 +73,7 @@ impl Node {
             .arg("--data-dir")
             .arg(self.dir.path())
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env_remove("RUST_BACKTRACE")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -23,3 +23,4 @@ mod scheduling;
 mod serve;
 mod tenancy;
 mod top;
+mod traces;
