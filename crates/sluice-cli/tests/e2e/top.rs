@@ -39,6 +39,11 @@ fn top_shows_the_called_function_with_its_calls_and_q_quits() {
         res.bytes().unwrap();
     }
     node.wait_json("/v1/invocations?function=tg", |v| v["invocations"].as_array().unwrap().len() == 5);
+    // Silent successes leave no record: only /metrics counts them.
+    for _ in 0..5 {
+        let res = node.get("/fn/default/tg/ok");
+        assert_eq!(res.text().unwrap(), "ok");
+    }
 
     let tmux = Tmux { socket: format!("sluice-e2e-top-{}", std::process::id()) };
     let url = format!("SLUICE_URL={}", node.url);
@@ -74,10 +79,11 @@ fn top_shows_the_called_function_with_its_calls_and_q_quits() {
     // FUNCTION VER RATE/s CALLS ERRORS P50 P99 CPU/call ACTIVE
     let cells: Vec<&str> = row.trim_matches('│').split_whitespace().collect();
     assert_eq!(cells[..2], ["tg", "1"], "{row}");
-    assert_eq!(cells[3], "5", "calls: {row}");
+    assert_eq!(cells[3], "10", "calls, the unrecorded ones too: {row}");
     assert_eq!(cells[4], "0", "errors: {row}");
     assert!(screen.contains("sluice top: tenant default"), "{screen}");
     assert!(screen.contains("RATE/s▼"), "{screen}");
+    assert!(screen.contains("functions (last 10s)"), "the numbers come from /metrics: {screen}");
     eprintln!("{screen}");
 
     // Enter opens the function: its invocations and log lines.
