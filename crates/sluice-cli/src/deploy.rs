@@ -116,7 +116,7 @@ fn read_secret_file(path: &std::path::Path) -> anyhow::Result<Vec<(String, Strin
 }
 
 /// Progress goes to stderr only when it is a terminal, so scripts and CI logs stay clean.
-fn draw_target() -> ProgressDrawTarget {
+pub fn draw_target() -> ProgressDrawTarget {
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         ProgressDrawTarget::stderr()
     } else {
@@ -172,7 +172,8 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
     let digest = blob["digest"].as_str().unwrap_or_default().to_string();
 
     let spinner = ProgressBar::with_draw_target(None, draw_target());
-    spinner.set_message(format!("validating and compiling {} ...", args.name));
+    spinner.set_style(ProgressStyle::with_template("{spinner} {msg} ({elapsed})")?);
+    spinner.set_message(format!("validating and compiling {}", args.name));
     spinner.enable_steady_tick(Duration::from_millis(100));
     let create = client
         .request(Method::POST, &client.tenant_path(&format!("/functions/{}/versions", args.name)))

@@ -1,8 +1,10 @@
 //! `sluice invoke NAME [PATH]`: call a function like curl would; the body goes to stdout.
 
 use std::io::Write;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
 use reqwest::Method;
 
 use crate::client::{Client, Target};
@@ -41,6 +43,11 @@ pub struct InvokeArgs {
     /// With --async: high, normal or low.
     #[arg(long, requires = "queue")]
     pub criticality: Option<String>,
+    /// With --async: wait for the invocation to finish, showing its state (queued, running,
+    /// retrying) meanwhile, then print its response like a sync call; fails if it failed.
+    /// Interrupting the wait leaves the invocation running.
+    #[arg(long, requires = "queue")]
+    pub wait: bool,
     #[command(flatten)]
     pub target: Target,
 }
@@ -90,16 +97,76 @@ pub async fn run(args: InvokeArgs) -> anyhow::Result<()> {
     }
     if args.queue {
         let v: serde_json::Value = res.json().await?;
+        let id = v["id"].as_str().unwrap_or_default();
+        if args.wait {
+            return wait_for(&client, id).await;
+        }
         let replay = if status == reqwest::StatusCode::ACCEPTED { "" } else { " (unexpected status)" };
-        println!("{}", v["id"].as_str().unwrap_or_default());
-        eprintln!("queued{replay}: sluice invocations get {}", v["id"].as_str().unwrap_or_default());
+        println!("{id}");
+        eprintln!("queued{replay}: sluice invocations get {id}");
         return Ok(());
     }
+    copy_body(res).await
+}
+
+async fn copy_body(mut res: reqwest::Response) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
-    let mut res = res;
     while let Some(chunk) = res.chunk().await? {
         out.write_all(&chunk)?;
     }
     out.flush()?;
     Ok(())
+}
+
+/// How often `--wait` asks for the invocation's state.
+const WAIT_POLL: Duration = Duration::from_millis(250);
+
+/// Polls invocation `id` until it is finished, with a spinner that says what it is doing; then
+/// prints its stored response, or fails with why it did not succeed.
+async fn wait_for(client: &Client, id: &str) -> anyhow::Result<()> {
+    let spinner = ProgressBar::with_draw_target(None, crate::deploy::draw_target());
+    spinner.set_style(ProgressStyle::with_template("{spinner} {msg} ({elapsed})")?);
+    spinner.enable_steady_tick(Duration::from_millis(100));
+    let v = loop {
+        let v = client.json(client.request(Method::GET, &format!("/v1/invocations/{id}"))).await;
+        let v = match v {
+            Ok(v) => v,
+            Err(e) => {
+                spinner.finish_and_clear();
+                return Err(e.context(format!("waiting for invocation {id}")));
+            }
+        };
+        if matches!(v["status"].as_str(), Some("succeeded" | "dead" | "expired")) {
+            break v;
+        }
+        spinner.set_message(state_line(id, &v));
+        tokio::time::sleep(WAIT_POLL).await;
+    };
+    spinner.finish_and_clear();
+    let status = v["status"].as_str().unwrap_or_default();
+    if status != "succeeded" {
+        bail!(
+            "invocation {id} {status} after {} attempt(s){}; logs: sluice logs --invocation {id}",
+            v["attempts"],
+            v["error_kind"].as_str().map(|k| format!(": {k}")).unwrap_or_default()
+        );
+    }
+    let res = client.send(client.request(Method::GET, &format!("/v1/invocations/{id}/response"))).await?;
+    let res = if res.headers().contains_key("sluice-error") { crate::client::check(res).await? } else { res };
+    copy_body(res).await
+}
+
+/// What a waiting invocation is doing, in a few words.
+fn state_line(id: &str, v: &serde_json::Value) -> String {
+    let attempts = v["attempts"].as_u64().unwrap_or(0);
+    match v["status"].as_str().unwrap_or_default() {
+        "failed" => format!(
+            "{id}: attempt {attempts} failed ({}); waiting to retry",
+            v["error_kind"].as_str().unwrap_or("error")
+        ),
+        "queued" if attempts > 0 => format!("{id}: queued again after {attempts} attempt(s)"),
+        "queued" => format!("{id}: queued"),
+        "running" => format!("{id}: running, attempt {attempts}"),
+        other => format!("{id}: {other}"),
+    }
 }

@@ -54,6 +54,18 @@ fn guest_sees_path_query_env_and_invocation_id_but_not_the_key() {
     let (ok, out, _) = node.cli(&["invoke", "tg", "/status?code=418"]);
     assert!(ok);
     assert_eq!(out, "status 418");
+
+    // An async call waited for prints its response like a sync one...
+    let (ok, out, err) = node.cli(&["invoke", "tg", "/echo", "-d", "queued ping", "--async", "--wait"]);
+    assert!(ok, "{err}");
+    assert_eq!(out, "queued ping");
+    // ...and one that ends dead fails with why, and where its logs are.
+    let (ok, out, err) = node.cli(&["invoke", "tg", "/panic", "--async", "--wait", "-X", "POST"]);
+    assert!(!ok && out.is_empty(), "{out}");
+    assert!(
+        err.contains("dead after") && err.contains("trap") && err.contains("sluice logs --invocation"),
+        "{err}"
+    );
 }
 
 #[test]
