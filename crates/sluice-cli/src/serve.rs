@@ -436,7 +436,9 @@ fn init_tracing(json: bool, access_log: bool) {
     if access_log {
         filter = filter.add_directive("sluice::access=info".parse().expect("a valid directive"));
     }
-    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only for a person at a terminal, not in a file or a log collector.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     let _ = if json { fmt.json().flatten_event(true).try_init() } else { fmt.try_init() };
 }
 

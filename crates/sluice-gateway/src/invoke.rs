@@ -114,12 +114,12 @@ impl Follow {
         if let Some(a) = self.access {
             tracing::info!(
                 target: "sluice::access",
-                invocation_id,
+                %invocation_id,
                 method = %a.method,
                 path = %a.path,
-                kind = a.kind,
+                kind = %a.kind,
                 status,
-                error = error.map(|e| e.kind.as_str()),
+                error = error.map(|e| tracing::field::display(e.kind.as_str())),
                 duration_ms = a.arrived.elapsed().as_secs_f64() * 1000.0,
                 cpu_us,
                 "call"

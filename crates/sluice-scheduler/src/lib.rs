@@ -745,9 +745,9 @@ async fn run_one(ctx: Arc<Ctx>, inv: Leased) {
             target: "sluice::access",
             invocation_id = %inv.id,
             attempt = inv.attempt,
-            kind = "async",
+            kind = %"async",
             status,
-            error,
+            error = error.map(tracing::field::display),
             duration_ms = started.elapsed().as_secs_f64() * 1000.0,
             cpu_us,
             "attempt"
