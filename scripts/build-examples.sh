@@ -57,7 +57,7 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "$lock_hash" ]]; then
   (cd "$js" && npm ci --no-audit --no-fund --loglevel=error >&2)
   echo "$lock_hash" >"$stamp"
 fi
-if ! fresh "$js/greet.wasm" "$js/app.js" "$js/wit" "$stamp"; then
+if ! fresh "$js/greet.wasm" "$js/app.js" "$js/package.json" "$js/wit" "$stamp"; then
   (cd "$js" && npm run --silent build >&2)
 fi
 echo "$js/greet.wasm"
