@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The project's test command (README): builds the guests, then runs every test of the workspace.
+# The project's test command (README): builds the guests and the examples (installing the
+# examples' tools the first time), then runs every test of the workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/build-guests.sh >/dev/null
+scripts/build-examples.sh >/dev/null
 # The /metrics test parses the node's text with the reference Prometheus parser (PyPI).
 venv=target/metrics-venv
 if ! "$venv/bin/python" -c 'import prometheus_client' 2>/dev/null; then

@@ -28,6 +28,36 @@ pub fn guests() -> &'static Guests {
     })
 }
 
+/// Paths of the example function in each language (examples/rust, python, js), built once per
+/// test process by `scripts/build-examples.sh --no-install`: the tests build with the tools that
+/// script installed and never install anything themselves.
+pub struct Examples {
+    pub rust: PathBuf,
+    pub python: PathBuf,
+    pub js: PathBuf,
+}
+
+pub fn examples() -> &'static Examples {
+    static EXAMPLES: OnceLock<Examples> = OnceLock::new();
+    EXAMPLES.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let out = Command::new(root.join("scripts/build-examples.sh"))
+            .arg("--no-install")
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .expect("running scripts/build-examples.sh");
+        assert!(
+            out.status.success(),
+            "building the examples failed; run scripts/build-examples.sh first (it installs \
+             componentize-py and componentize-js; CI runs it):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let paths: Vec<PathBuf> = String::from_utf8(out.stdout).unwrap().lines().map(PathBuf::from).collect();
+        assert_eq!(paths.len(), 3, "build-examples.sh printed {paths:?}");
+        Examples { rust: paths[0].clone(), python: paths[1].clone(), js: paths[2].clone() }
+    })
+}
+
 pub struct Node {
     pub child: Option<Child>,
     pub url: String,

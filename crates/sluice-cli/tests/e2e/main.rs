@@ -13,6 +13,7 @@ mod completions;
 mod credentials;
 mod deploy;
 mod lanes;
+mod languages;
 mod limits;
 mod logs;
 mod metrics;
