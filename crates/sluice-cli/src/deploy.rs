@@ -69,6 +69,16 @@ pub struct DeployArgs {
     /// must start within it and may be held for a trough meanwhile (time-shifting).
     #[arg(long, value_parser = parse_duration)]
     pub start_window: Option<Duration>,
+    /// Let one instance serve up to N calls, one after another, instead of a fresh instance per
+    /// call (1). Globals and caches then persist from one call to the next, as in a warm Lambda
+    /// execution environment: faster for a function with a large start-up, but calls of one
+    /// instance can see what earlier ones left behind. Never two calls at once, never across
+    /// versions or tenants; an instance that trapped, timed out or hit a limit is discarded.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub reuse: u32,
+    /// With --reuse: how long a warm instance may wait for its next call, e.g. 1min.
+    #[arg(long, default_value = "1min", value_parser = parse_duration, requires = "reuse")]
+    pub reuse_idle: Duration,
     /// Serve the function's /fn URL without an API key.
     #[arg(long)]
     pub public: bool,
@@ -148,6 +158,8 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
         max_concurrency: args.max_concurrency,
         reserved_concurrency: args.reserved,
         start_window_ms: args.start_window.map(|d| d.as_millis() as u64),
+        reuse_calls: args.reuse,
+        reuse_idle_ms: args.reuse_idle.as_millis() as u64,
         secrets: Default::default(),
     };
 

@@ -148,6 +148,13 @@ pub struct ServeArgs {
     /// slot that held such a guest keeps up to this much resident. e.g. 4MiB, 64MiB.
     #[arg(long, default_value = "4MiB", value_parser = parse_bytes)]
     pub memory_keep_resident: u64,
+    /// Idle warm instances (of functions deployed with --reuse) kept on this node at most, over
+    /// all functions; each holds an instance slot and the memory its guest touched.
+    #[arg(long, default_value_t = 32)]
+    pub warm_instances_max: usize,
+    /// Idle warm instances kept per function version at most.
+    #[arg(long, default_value_t = 8)]
+    pub warm_per_function_max: usize,
     /// Time a call may spend on a thread before it leaves the fast lane (its core's HTTP worker)
     /// for the slow lane, whose threads run at the lowest OS priority, e.g. 2ms.
     #[arg(long, default_value = "2ms", value_parser = parse_duration)]
@@ -312,6 +319,16 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
     config.lease_ms = args.lease.as_millis() as u64;
     config.lanes = args.lanes()?;
     config.memory_keep_resident_bytes = args.memory_keep_resident as usize;
+    anyhow::ensure!(
+        args.warm_instances_max < args.instances_max as usize,
+        "--warm-instances-max ({}) must be below --instances-max ({}): idle instances hold slots",
+        args.warm_instances_max,
+        args.instances_max
+    );
+    config.warm = sluice_gateway::WarmConfig {
+        total_max: args.warm_instances_max,
+        per_function_max: args.warm_per_function_max,
+    };
     config.code = args.code()?;
     let node = Node::open(config, store).await?;
     let exporter = match &args.otlp_endpoint {

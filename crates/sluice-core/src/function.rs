@@ -23,6 +23,12 @@ pub const RESERVED_CONCURRENCY_MAX: u32 = 100_000;
 /// that can wait).
 pub const START_WINDOW_MS_MAX: u64 = 7 * 24 * 60 * 60 * 1000;
 
+/// Most calls one instance may serve (`reuse_calls`).
+pub const REUSE_CALLS_MAX: u32 = 1_000_000;
+/// How long a warm instance waits for its next call by default, and at most.
+pub const REUSE_IDLE_MS_DEFAULT: u64 = 60_000;
+pub const REUSE_IDLE_MS_MAX: u64 = 60 * 60 * 1000;
+
 /// The configuration of one immutable function version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -57,6 +63,14 @@ pub struct FunctionConfig {
     /// then this long after its start time, and the scheduler may hold it for a trough
     /// meanwhile. `None`: no deadline (it runs as soon as capacity allows).
     pub start_window_ms: Option<u64>,
+    /// Calls one instance may serve, one after another, before it is discarded (`deploy
+    /// --reuse N`); 1: a fresh instance for every call. A reused instance keeps its memory
+    /// (globals, caches) from one call to the next, like a warm execution environment of Lambda;
+    /// it is never shared by two calls at once, by two versions or by two tenants, and one that
+    /// trapped, timed out or hit a limit is discarded.
+    pub reuse_calls: u32,
+    /// How long a warm instance may wait for its next call before it is discarded.
+    pub reuse_idle_ms: u64,
     /// Environment variables the guest sees after `env`, whose values are never shown. Not part
     /// of the serialized configuration: the store keeps the values beside it, and the API
     /// shows only the names.
@@ -80,6 +94,8 @@ impl Default for FunctionConfig {
             max_concurrency: None,
             reserved_concurrency: None,
             start_window_ms: None,
+            reuse_calls: 1,
+            reuse_idle_ms: REUSE_IDLE_MS_DEFAULT,
             secrets: Secrets::default(),
         }
     }
@@ -148,6 +164,18 @@ impl FunctionConfig {
             && !(1_000..=START_WINDOW_MS_MAX).contains(&w)
         {
             return bad(format!("the start window must be between 1s and 7d, got {w}ms"));
+        }
+        if !(1..=REUSE_CALLS_MAX).contains(&self.reuse_calls) {
+            return bad(format!(
+                "reuse must be between 1 and {REUSE_CALLS_MAX} calls, got {}",
+                self.reuse_calls
+            ));
+        }
+        if !(100..=REUSE_IDLE_MS_MAX).contains(&self.reuse_idle_ms) {
+            return bad(format!(
+                "the reuse idle time must be between 100ms and 1h, got {}ms",
+                self.reuse_idle_ms
+            ));
         }
         Ok(())
     }

@@ -97,6 +97,27 @@ impl From<LaneStats> for LanesInfo {
     }
 }
 
+/// Warm instances kept for functions deployed with `--reuse`.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct WarmInfo {
+    /// Idle instances now, and over how many function versions.
+    pub idle: u64,
+    pub functions: u64,
+    /// The bounds: idle instances on the node, and per function version.
+    pub idle_max: u64,
+    pub per_function_max: u64,
+    /// Calls of functions with reuse that got a warm instance, and a fresh one.
+    pub reused_total: u64,
+    pub fresh_total: u64,
+    /// Instances dropped because a bound was reached, and because they waited past their idle
+    /// time.
+    pub dropped_full_total: u64,
+    pub expired_total: u64,
+    /// Calls of functions with reuse that have ended: `reused_total + fresh_total` when none
+    /// is running.
+    pub ended_total: u64,
+}
+
 /// What this node holds and does.
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct NodeInfo {
@@ -110,6 +131,7 @@ pub struct NodeInfo {
     /// Compiled artifacts on this node's disk, every tenant's.
     pub artifacts: DiskInfo,
     pub lanes: LanesInfo,
+    pub warm: WarmInfo,
 }
 
 /// This node (admin only): its code cache, artifacts on disk and CPU lanes.
@@ -134,6 +156,20 @@ pub(crate) async fn node_info(State(node): State<Arc<Node>>, auth: Auth) -> ApiR
         code_cache: node.runtime.code_stats().await.into(),
         artifacts: artifacts.into(),
         lanes: node.runtime.lane_stats().into(),
+        warm: {
+            let (w, bounds) = (node.runtime.warm_stats(), node.runtime.config().warm);
+            WarmInfo {
+                idle: w.idle,
+                functions: w.functions,
+                idle_max: bounds.total_max as u64,
+                per_function_max: bounds.per_function_max as u64,
+                reused_total: w.reused_total,
+                fresh_total: w.fresh_total,
+                dropped_full_total: w.dropped_full_total,
+                expired_total: w.expired_total,
+                ended_total: w.ended_total,
+            }
+        },
     }))
 }
 

@@ -100,6 +100,13 @@ pub struct FunctionConfigSchema {
     /// Default start window in milliseconds of async calls without `sluice-deadline`; null: none.
     #[schema(minimum = 1000, maximum = 604800000)]
     pub start_window_ms: Option<u64>,
+    /// Calls one instance serves, one after another, before it is discarded; 1: a fresh
+    /// instance per call. Globals persist between the calls of a reused instance.
+    #[schema(minimum = 1, maximum = 1000000)]
+    pub reuse_calls: u32,
+    /// Milliseconds a warm instance may wait for its next call.
+    #[schema(minimum = 100, maximum = 3600000)]
+    pub reuse_idle_ms: u64,
 }
 
 impl Default for FunctionConfigSchema {
@@ -119,6 +126,8 @@ impl Default for FunctionConfigSchema {
             max_concurrency: c.max_concurrency,
             reserved_concurrency: c.reserved_concurrency,
             start_window_ms: c.start_window_ms,
+            reuse_calls: c.reuse_calls,
+            reuse_idle_ms: c.reuse_idle_ms,
         }
     }
 }

@@ -211,6 +211,7 @@ async fn call(
         function: deployed.function_name.clone(),
         on_done: Some(recorder(node, &deployed, [function_slot, Some(node_slot)], arrived, follow)),
         trace,
+        reuse: deployed.reuse.clone(),
     };
     let running = node.runtime.invoke(&prepared, call, Request::from_parts(parts, body));
     match running.response().await {

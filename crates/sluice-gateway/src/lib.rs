@@ -25,6 +25,7 @@ pub mod sniff;
 
 pub use node::{Node, NodeConfig};
 pub use server::Server;
+pub use sluice_runtime::warm::WarmConfig;
 pub use sluice_runtime::{CodeConfig, LaneConfig, trace};
 
 /// The tenant every new store starts with, and the one an admin key acts on when none is named.

@@ -41,6 +41,8 @@ pub struct NodeConfig {
     pub lanes: sluice_runtime::LaneConfig,
     /// Bytes of a freed linear memory kept resident and reset in place.
     pub memory_keep_resident_bytes: usize,
+    /// Bounds of the warm instances kept for functions with reuse.
+    pub warm: sluice_runtime::warm::WarmConfig,
     /// The code cache and the compile pool.
     pub code: sluice_runtime::CodeConfig,
     /// Fraction of the node's cores guests may use before async work beyond reservations waits.
@@ -67,6 +69,7 @@ impl NodeConfig {
                 std::thread::available_parallelism().map_or(1, |n| n.get()),
             ),
             memory_keep_resident_bytes: 4 << 20,
+            warm: Default::default(),
             code: sluice_runtime::CodeConfig::for_cores(
                 std::thread::available_parallelism().map_or(1, |n| n.get()),
             ),
@@ -88,6 +91,8 @@ pub struct Deployed {
     pub function_name: Arc<str>,
     /// Its series in `/metrics`, shared by its versions.
     pub metrics: Arc<CallMetrics>,
+    /// Its warm instances' pool, when it lets an instance serve more than one call.
+    pub reuse: Option<sluice_runtime::warm::Reuse>,
 }
 
 impl Deployed {
@@ -99,7 +104,14 @@ impl Deployed {
         let tenant_group = code_key.tenant.clone();
         let function_name = Arc::from(record.function.as_str());
         let metrics = Arc::new(CallMetrics::new(&record.tenant, &record.function));
-        Self { record, config, code_key, admission, tenant_group, function_name, metrics }
+        let reuse = sluice_runtime::warm::Reuse::of(
+            &record.tenant,
+            &record.function,
+            record.version,
+            &record.blob_digest,
+            &config,
+        );
+        Self { record, config, code_key, admission, tenant_group, function_name, metrics, reuse }
     }
 }
 
@@ -238,6 +250,7 @@ impl Node {
         rt.outbound_allow_private = config.outbound_allow_private;
         rt.lanes = config.lanes.clone();
         rt.memory_keep_resident_bytes = config.memory_keep_resident_bytes;
+        rt.warm = config.warm;
         rt.outbound = config.limits.outbound.clone();
         rt.code = config.code.clone();
         let runtime = Arc::new(Runtime::new(rt)?);

@@ -17,6 +17,7 @@ mod logs;
 pub mod metrics;
 mod outbound;
 pub mod trace;
+pub mod warm;
 
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
@@ -85,6 +86,8 @@ pub struct RuntimeConfig {
     pub lanes: LaneConfig,
     /// Outbound requests per invocation and their timeouts.
     pub outbound: sluice_core::limits::OutboundLimits,
+    /// Bounds of the warm instances kept for functions with reuse.
+    pub warm: warm::WarmConfig,
 }
 
 impl RuntimeConfig {
@@ -101,6 +104,7 @@ impl RuntimeConfig {
             outbound_allow_private: false,
             lanes: LaneConfig::for_cores(std::thread::available_parallelism().map_or(1, |n| n.get())),
             outbound: limits.outbound,
+            warm: warm::WarmConfig::default(),
         }
     }
 }
@@ -177,6 +181,7 @@ pub struct Runtime {
     lanes: Arc<lanes::Lanes>,
     code: code::CodeCache,
     downstreams: Arc<Downstreams>,
+    warm: Arc<warm::WarmPools>,
 }
 
 impl Runtime {
@@ -225,12 +230,18 @@ impl Runtime {
         let code = code::CodeCache::new(config.code.clone())?;
         spawn_epoch_ticker(&engine);
         let downstreams = Arc::new(Downstreams::new());
-        Ok(Self { engine, linker, config, engine_fingerprint, lanes, code, downstreams })
+        let warm = warm::WarmPools::new(config.warm);
+        Ok(Self { engine, linker, config, engine_fingerprint, lanes, code, downstreams, warm })
     }
 
     /// What the CPU lanes are doing.
     pub fn lane_stats(&self) -> LaneStats {
         self.lanes.stats()
+    }
+
+    /// What the warm pools hold and have done.
+    pub fn warm_stats(&self) -> warm::WarmStats {
+        self.warm.stats()
     }
 
     /// The concurrency limits of every function's downstreams on this node: the scheduler and
@@ -281,7 +292,54 @@ impl Runtime {
         Ok(Arc::new(Prepared { pre, digest: digest.to_string(), origin }))
     }
 
-    /// Starts one invocation in a fresh store. A [`Lane::Sync`] call starts on the current
+    /// A fresh store for `call`: its guest's stdout and stderr go to `logs`, its outbound
+    /// requests through `hooks`; its epoch callback stops it at its deadline and moves it off the
+    /// fast lane once it used its slice.
+    fn new_store(
+        &self,
+        call: &Call,
+        logs: &LogCapture,
+        hooks: outbound::OutboundPolicy,
+        deadline: Instant,
+        meter: Arc<lanes::Meter>,
+        fast_slice: Duration,
+    ) -> Store<Host> {
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.stdout(logs.stream(LogStream::Stdout))
+            .stderr(logs.stream(LogStream::Stderr))
+            .envs(&call.config.env)
+            .envs(call.config.secrets.expose())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(RESOURCE_TABLE_CAPACITY_MAX);
+        let host = Host {
+            table,
+            wasi: wasi.build(),
+            http: WasiHttpCtx::new(),
+            hooks,
+            limiter: Limiter { memory_bytes_max: call.config.memory_bytes as usize, memory_limit_hit: false },
+            deadline,
+            meter,
+        };
+        let mut store = Store::new(&self.engine, host);
+        store.limiter(|h| &mut h.limiter);
+        store.epoch_deadline_callback(move |ctx| {
+            let host = ctx.data();
+            if Instant::now() >= host.deadline {
+                return Ok(UpdateDeadline::Interrupt);
+            }
+            host.meter.check_slice(fast_slice);
+            // The yield is where a call that used its slice leaves the fast lane (`LaneFuture`
+            // sees the request when this future returns pending), and where a call that did not
+            // lets its neighbours on this thread run.
+            Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now())))
+        });
+        store
+    }
+
+    /// Starts one invocation in a fresh store (or a warm one, see [`warm`]). A [`Lane::Sync`] call starts on the current
     /// runtime (the HTTP worker of its core) so a short call never leaves it; a [`Lane::Async`]
     /// call starts on the slow lane's threads. Either moves to a slow-lane slot once it has used
     /// its fast-lane slice. The request gets `sluice-invocation-id` (and a `Host` if it has none)
@@ -307,52 +365,39 @@ impl Runtime {
         let propagation = trace::Propagation::for_guest(run_span.as_ref(), headers);
         let started_at = SystemClock.now_ms();
         let deadline = Instant::now() + call.timeout;
-        let logs = LogCapture::new(self.config.log_bytes_per_invocation_max);
-        let mut wasi = WasiCtxBuilder::new();
-        wasi.stdout(logs.stream(LogStream::Stdout))
-            .stderr(logs.stream(LogStream::Stderr))
-            .envs(&call.config.env)
-            .envs(call.config.secrets.expose())
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false);
-        let mut table = ResourceTable::new();
-        table.set_max_capacity(RESOURCE_TABLE_CAPACITY_MAX);
         let meter = Arc::new(lanes::Meter::new());
         let fast_slice = self.lanes.config().fast_slice;
-        let host = Host {
-            table,
-            wasi: wasi.build(),
-            http: WasiHttpCtx::new(),
-            hooks: outbound::OutboundPolicy::new(
-                call.config.clone(),
-                &self.config,
-                logs.clone(),
-                outbound::DownstreamScope {
-                    registry: self.downstreams.clone(),
-                    tenant: call.group.clone(),
-                    function: call.function.clone(),
-                },
-                propagation,
-            ),
-            limiter: Limiter { memory_bytes_max: call.config.memory_bytes as usize, memory_limit_hit: false },
-            deadline,
-            meter: meter.clone(),
+        // A warm instance of this version (`deploy --reuse`), or a fresh one.
+        let warm = call.reuse.as_ref().and_then(|r| self.warm.take(&r.key, &call.config));
+        let logs = match &warm {
+            Some(w) => w.logs.clone(),
+            None => LogCapture::new(self.config.log_bytes_per_invocation_max),
         };
-        let mut store = Store::new(&self.engine, host);
-        store.limiter(|h| &mut h.limiter);
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |ctx| {
-            let host = ctx.data();
-            if Instant::now() >= host.deadline {
-                return Ok(UpdateDeadline::Interrupt);
+        let hooks = outbound::OutboundPolicy::new(
+            call.config.clone(),
+            &self.config,
+            logs.clone(),
+            outbound::DownstreamScope {
+                registry: self.downstreams.clone(),
+                tenant: call.group.clone(),
+                function: call.function.clone(),
+            },
+            propagation,
+        );
+        let (mut store, proxy, served) = match warm {
+            Some(warm::Warm { mut store, proxy, calls, .. }) => {
+                // What belongs to this call; the guest's own state (memory, resources it kept)
+                // stays.
+                let host = store.data_mut();
+                host.hooks = hooks;
+                host.limiter.memory_limit_hit = false;
+                host.deadline = deadline;
+                host.meter = meter.clone();
+                (store, Some(proxy), calls)
             }
-            host.meter.check_slice(fast_slice);
-            // The yield is where a call that used its slice leaves the fast lane (`LaneFuture`
-            // sees the request when this future returns pending), and where a call that did not
-            // lets its neighbours on this thread run.
-            Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now())))
-        });
+            None => (self.new_store(&call, &logs, hooks, deadline, meter.clone(), fast_slice), None, 0),
+        };
+        store.set_epoch_deadline(1);
 
         let (head_tx, head_rx) = oneshot::channel();
         let (done_tx, done_rx) = oneshot::channel();
@@ -371,20 +416,30 @@ impl Runtime {
                     }
                     let _ = head_tx.send(res);
                 })?;
-                let proxy = prepared.pre.instantiate_async(&mut store).await?;
-                proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out).await
+                let proxy = match proxy {
+                    Some(proxy) => proxy,
+                    None => prepared.pre.instantiate_async(&mut store).await?,
+                };
+                proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out).await?;
+                Ok(proxy)
             }
             .await;
             let memory_hit = store.data().limiter.memory_limit_hit;
-            // Dropping the store drops an unset response outparam, which tells the waiting
-            // caller that no response is coming.
-            drop(store);
-            (result, memory_hit)
+            match result {
+                // Kept for the task to decide: reused, or dropped (which drops an unset response
+                // outparam, telling the waiting caller that no response is coming).
+                Ok(proxy) => Ran { result: Ok(()), memory_hit, kept: Some((store, proxy)) },
+                Err(e) => {
+                    drop(store);
+                    Ran { result: Err(e), memory_hit, kept: None }
+                }
+            }
         };
         let guest = lanes::LaneFuture::new(run, meter.clone(), self.lanes.clone(), call.group.clone());
         let invocation_id = call.invocation_id.clone();
         let memory_bytes = call.config.memory_bytes;
         let lane = call.lane;
+        let warm_pools = self.warm.clone();
         let task = async move {
             // The epoch callback stops a guest that computes past its deadline; this outer bound
             // stops one that waits in a host call (a sleep, a slow downstream) or for a slot.
@@ -401,18 +456,26 @@ impl Runtime {
                 s => Some(s),
             };
             let mut detail = None;
+            let mut kept = None;
             let error = match ended {
                 Ended::Cancelled => Some(SluiceError::new(
                     ErrorKind::ClientClosed,
                     "the client closed the connection before the response was complete",
                 )),
                 Ended::TimedOut => Some(timeout_error(call.timeout, meter.waited())),
-                Ended::Ran((Ok(()), _)) if status_code.is_none() => Some(SluiceError::new(
+                Ended::Ran(Ran { result: Ok(()), .. }) if status_code.is_none() => Some(SluiceError::new(
                     ErrorKind::NoResponse,
                     "the function returned without setting a response",
                 )),
-                Ended::Ran((Ok(()), _)) => None,
-                Ended::Ran((Err(e), memory_hit)) => {
+                Ended::Ran(Ran { result: Ok(()), memory_hit, kept: k }) => {
+                    // A guest that coped with a refused memory.grow is not reused either: it
+                    // hit a limit.
+                    if !memory_hit {
+                        kept = k;
+                    }
+                    None
+                }
+                Ended::Ran(Ran { result: Err(e), memory_hit, .. }) => {
                     detail = trap_detail(&e);
                     Some(classify(&e, memory_hit, memory_bytes, call.timeout, meter.waited()))
                 }
@@ -445,6 +508,19 @@ impl Runtime {
                 finished_at: SystemClock.now_ms(),
                 cpu_us,
             };
+            // Only after its lines were taken: the next call on this instance starts with none.
+            let served = served + 1;
+            if let Some(reuse) = &call.reuse {
+                if let Some((store, proxy)) = kept
+                    && served < call.config.reuse_calls
+                {
+                    warm_pools.put(
+                        reuse.key.clone(),
+                        warm::Warm::new(store, proxy, call.config.clone(), logs, served),
+                    );
+                }
+                warm_pools.ended();
+            }
             if let Some(on_done) = call.on_done {
                 on_done(&outcome);
             }
@@ -460,9 +536,18 @@ impl Runtime {
 
 /// How the guest's task ended.
 enum Ended {
-    Ran((wasmtime::Result<()>, bool)),
+    Ran(Ran),
     TimedOut,
     Cancelled,
+}
+
+/// A guest that ran to its end (or its trap).
+struct Ran {
+    result: wasmtime::Result<()>,
+    /// A `memory.grow` was refused by the function's limit.
+    memory_hit: bool,
+    /// The instance, after a clean return: it may serve again.
+    kept: Option<(Store<Host>, wasmtime_wasi_http::p2::bindings::Proxy)>,
 }
 
 /// Resolves when the caller went away: the [`CancelOnDrop`] was dropped while armed. A disarmed
@@ -521,6 +606,9 @@ pub struct Call {
     pub on_done: Option<OnDone>,
     /// The span the call's `run` span is a child of (`None` with tracing off).
     pub trace: Option<TraceParent>,
+    /// Where a warm instance comes from and goes back to, for a function with `reuse_calls` above
+    /// 1 (`None`: a fresh instance that is dropped after the call).
+    pub reuse: Option<warm::Reuse>,
 }
 
 /// Where an attempt's `run` span belongs in its trace.

@@ -131,6 +131,8 @@ impl LogCapture {
             );
             st.lines.push((LogStream::System, note, at));
         }
+        // The budget is per invocation: a reused instance's next call starts with all of it.
+        st.bytes = 0;
         std::mem::take(&mut st.lines)
     }
 }

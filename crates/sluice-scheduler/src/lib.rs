@@ -837,6 +837,13 @@ async fn execute(ctx: &Ctx, inv: &Leased, trace: Option<sluice_runtime::trace::T
         function: Arc::from(inv.function.as_str()),
         on_done: None,
         trace: trace.map(|cx| TraceParent { cx, attempt: Some(inv.attempt) }),
+        reuse: sluice_runtime::warm::Reuse::of(
+            &inv.tenant,
+            &inv.function,
+            inv.version,
+            &ready.prepared.digest,
+            &ready.config,
+        ),
     };
     let running = ctx.runtime.invoke(&ready.prepared, call, request);
     let (response, done) = match running.response().await {

@@ -256,6 +256,15 @@ async fn route(req: Request<Body>) -> Result<Response<Body>, Error> {
             text(200, lines.concat())
         }
 
+        "count" => {
+            // Instance state: how many calls this instance has served (1 on a fresh instance
+            // every time; more when the function is deployed with --reuse). Logs it too.
+            static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            println!("call {n} of this instance");
+            text(200, format!("count {n}"))
+        }
+
         "report" => {
             let url = match query_param(&req, "url") {
                 Some(u) => u,

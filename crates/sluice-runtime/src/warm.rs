@@ -1,0 +1,240 @@
+//! Warm instances (`deploy --reuse N`): an instance that served a call well is kept, idle, for
+//! the next call of the same function version, up to N calls in all.
+//!
+//! The rules a user relies on:
+//! - one call at a time: an instance is taken out of its pool for a call and put back after it;
+//! - never across tenants, functions, versions or configurations: the pool is keyed by tenant,
+//!   function, version and code digest, and an instance whose configuration differs from the
+//!   call's (a function deleted and created again under the same version) is discarded;
+//! - only after a clean call: one that trapped, timed out, hit its memory limit, set no response
+//!   or lost its client is dropped, never put back;
+//! - bounded: at most `per_function_max` idle instances per version and `total_max` on the node
+//!   (beyond either, the instance is dropped instead of kept), each for at most its function's
+//!   idle time (a sweeper drops older ones every [`SWEEP_EVERY`]).
+//!
+//! An idle instance holds a slot of the pooling allocator and the memory its guest touched.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use sluice_core::FunctionConfig;
+use wasmtime::Store;
+use wasmtime_wasi_http::p2::bindings::Proxy;
+
+use crate::Host;
+use crate::logs::LogCapture;
+
+/// How often idle instances past their idle time are dropped.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// The instances that may serve a call: one version of one function of one tenant, with one
+/// component.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct WarmKey {
+    pub tenant: Arc<str>,
+    pub function: Arc<str>,
+    pub version: i64,
+    pub digest: Arc<str>,
+}
+
+/// What a call asks of the warm pools: where its instance comes from and goes back to.
+#[derive(Debug, Clone)]
+pub struct Reuse {
+    pub key: WarmKey,
+}
+
+impl Reuse {
+    /// What a call of this version asks of the pools: `None` unless its configuration lets an
+    /// instance serve more than one call.
+    pub fn of(
+        tenant: &str,
+        function: &str,
+        version: i64,
+        digest: &str,
+        config: &FunctionConfig,
+    ) -> Option<Self> {
+        (config.reuse_calls > 1).then(|| Self {
+            key: WarmKey {
+                tenant: Arc::from(tenant),
+                function: Arc::from(function),
+                version,
+                digest: Arc::from(digest),
+            },
+        })
+    }
+}
+
+/// An idle instance.
+pub(crate) struct Warm {
+    pub(crate) store: Store<Host>,
+    pub(crate) proxy: Proxy,
+    /// The configuration it was made with: a call with another one does not get it.
+    pub(crate) config: Arc<FunctionConfig>,
+    /// Its log capture (the guest's stdout and stderr are bound to it); drained after each call.
+    pub(crate) logs: LogCapture,
+    /// Calls it has served.
+    pub(crate) calls: u32,
+    idle_since: Instant,
+}
+
+impl Warm {
+    pub(crate) fn new(
+        store: Store<Host>,
+        proxy: Proxy,
+        config: Arc<FunctionConfig>,
+        logs: LogCapture,
+        calls: u32,
+    ) -> Self {
+        Self { store, proxy, config, logs, calls, idle_since: Instant::now() }
+    }
+
+    fn expired(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.idle_since) >= Duration::from_millis(self.config.reuse_idle_ms)
+    }
+}
+
+/// Bounds of the warm pools.
+#[derive(Debug, Clone, Copy)]
+pub struct WarmConfig {
+    /// Idle instances kept on the node, over all functions.
+    pub total_max: usize,
+    /// Idle instances kept per function version.
+    pub per_function_max: usize,
+}
+
+impl Default for WarmConfig {
+    fn default() -> Self {
+        Self { total_max: 32, per_function_max: 8 }
+    }
+}
+
+/// What the warm pools hold and have done.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WarmStats {
+    /// Idle instances now.
+    pub idle: u64,
+    /// Function versions with at least one.
+    pub functions: u64,
+    /// Calls served by a warm instance, and by a fresh one of a function with reuse on.
+    pub reused_total: u64,
+    pub fresh_total: u64,
+    /// Instances dropped instead of kept because a bound was reached, and because they waited
+    /// longer than their idle time.
+    pub dropped_full_total: u64,
+    pub expired_total: u64,
+    /// Calls of functions with reuse that have ended (their instance kept or dropped): equal to
+    /// `reused_total + fresh_total` when none is running.
+    pub ended_total: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct WarmPools {
+    config: WarmConfig,
+    /// Most recently idle last: calls take the warmest, the rest age out.
+    idle: Mutex<HashMap<WarmKey, Vec<Warm>>>,
+    reused: AtomicU64,
+    fresh: AtomicU64,
+    dropped_full: AtomicU64,
+    expired: AtomicU64,
+    ended: AtomicU64,
+}
+
+impl WarmPools {
+    pub(crate) fn new(config: WarmConfig) -> Arc<Self> {
+        let pools = Arc::new(Self { config, ..Self::default() });
+        spawn_sweeper(Arc::downgrade(&pools));
+        pools
+    }
+
+    /// An idle instance for a call of `key` with `config`, if there is one.
+    pub(crate) fn take(&self, key: &WarmKey, config: &FunctionConfig) -> Option<Warm> {
+        let mut stale = Vec::new();
+        let mut found = None;
+        {
+            let mut idle = self.idle.lock().expect("warm pools lock");
+            if let Some(list) = idle.get_mut(key) {
+                let now = Instant::now();
+                while let Some(w) = list.pop() {
+                    if *w.config == *config && !w.expired(now) {
+                        found = Some(w);
+                        break;
+                    }
+                    stale.push(w);
+                }
+                if list.is_empty() {
+                    idle.remove(key);
+                }
+            }
+        }
+        // Instances are dropped outside the lock: freeing one resets its memory.
+        self.expired.fetch_add(stale.len() as u64, Ordering::Relaxed);
+        drop(stale);
+        let counter = if found.is_some() { &self.reused } else { &self.fresh };
+        counter.fetch_add(1, Ordering::Relaxed);
+        found
+    }
+
+    /// Counts the end of a call of a function with reuse, after its instance was kept (or not).
+    pub(crate) fn ended(&self) {
+        self.ended.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Keeps `warm` for the next call of `key`, unless a bound is reached (it is dropped then).
+    pub(crate) fn put(&self, key: WarmKey, warm: Warm) {
+        let mut idle = self.idle.lock().expect("warm pools lock");
+        let total: usize = idle.values().map(Vec::len).sum();
+        let list = idle.entry(key).or_default();
+        if total >= self.config.total_max || list.len() >= self.config.per_function_max {
+            drop(idle);
+            self.dropped_full.fetch_add(1, Ordering::Relaxed);
+            drop(warm);
+            return;
+        }
+        list.push(warm);
+    }
+
+    /// Drops the idle instances that waited longer than their idle time.
+    fn sweep(&self, now: Instant) {
+        let mut gone = Vec::new();
+        {
+            let mut idle = self.idle.lock().expect("warm pools lock");
+            idle.retain(|_, list| {
+                let (old, keep): (Vec<Warm>, Vec<Warm>) =
+                    std::mem::take(list).into_iter().partition(|w| w.expired(now));
+                gone.extend(old);
+                *list = keep;
+                !list.is_empty()
+            });
+        }
+        self.expired.fetch_add(gone.len() as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn stats(&self) -> WarmStats {
+        let idle = self.idle.lock().expect("warm pools lock");
+        WarmStats {
+            idle: idle.values().map(|l| l.len() as u64).sum(),
+            functions: idle.len() as u64,
+            reused_total: self.reused.load(Ordering::Relaxed),
+            fresh_total: self.fresh.load(Ordering::Relaxed),
+            dropped_full_total: self.dropped_full.load(Ordering::Relaxed),
+            expired_total: self.expired.load(Ordering::Relaxed),
+            ended_total: self.ended.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Sweeps every [`SWEEP_EVERY`] from a plain thread, which ends with the pools.
+fn spawn_sweeper(pools: Weak<WarmPools>) {
+    std::thread::Builder::new()
+        .name("sluice-warm".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(SWEEP_EVERY);
+                let Some(pools) = pools.upgrade() else { return };
+                pools.sweep(Instant::now());
+            }
+        })
+        .expect("spawning the warm-pool sweeper");
+}
