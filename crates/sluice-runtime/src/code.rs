@@ -305,8 +305,13 @@ impl Runtime {
                 .map_err(|e| invalid(format!("not a valid WebAssembly component: {e:#}")))?;
             let compile_ms = started.elapsed().as_millis() as u64;
             let path = this.artifact_path(&key);
-            write_atomically(&path, &artifact)
-                .map_err(|e| SluiceError::internal(format!("writing artifact {}: {e}", path.display())))?;
+            let written = write_atomically(&path, &artifact);
+            drop(artifact);
+            // The compiler's working memory (hundreds of MiB for a large component) is free now
+            // but stays in the allocator's arenas; give it back, or a node that compiled one big
+            // function keeps that much RSS for good.
+            release_freed_memory();
+            written.map_err(|e| SluiceError::internal(format!("writing artifact {}: {e}", path.display())))?;
             let loaded = this.load_artifact(&key, &path, Some(compile_ms));
             if loaded.is_err() {
                 // A component that compiles but cannot be served (wrong world, unknown imports)
@@ -354,6 +359,20 @@ impl Runtime {
 fn missing_blob(key: &CodeKey) -> SluiceError {
     SluiceError::internal(format!("blob {} of tenant {} is missing from the store", key.digest, key.tenant))
 }
+
+/// Returns the allocator's free memory to the kernel (glibc keeps freed memory in its arenas).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only releases free memory of the allocator's own arenas; it is
+    // thread-safe and takes no pointers.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_freed_memory() {}
 
 /// Runs blocking work (file mapping, linking, compiling) off the async threads.
 async fn blocking<T: Send + 'static>(

@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# Heavy components: the Python (componentize-py) and JavaScript (componentize-js) examples and the
+# hello component, each under sluice with a fresh instance per call, under sluice with reuse
+# (`deploy --reuse`), and under tuned `wasmtime serve` 48.0.8, in one run: req/s, p50, p99, the
+# server's peak RSS under load (sampled every 200 ms), compile time at deploy and the first
+# response after a restart (the artifact cache).
+#
+# Usage: bench/heavy.sh   (DURATION=10s CONNS=10 ONLY="python js hello" WASMTIME=path are optional)
+# Needs: wrk (apt-get install wrk); wasmtime 48.0.8 for the comparison
+#        (cargo install wasmtime-cli@48.0.8 --locked --root ~/.cache/wasmtime48), else sluice only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# Every error would capture a backtrace: it distorts both servers, so benchmark without it.
+unset RUST_BACKTRACE
+DURATION=${DURATION:-10s}
+CONNS=${CONNS:-10}
+ONLY=${ONLY:-python js hello}
+REUSE=${REUSE:-1000}
+WASMTIME=${WASMTIME:-$(command -v wasmtime || { [ -x ~/.cache/wasmtime48/bin/wasmtime ] && echo ~/.cache/wasmtime48/bin/wasmtime; } || echo /opt/wasmtime48/bin/wasmtime)}
+
+command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk" >&2; exit 1; }
+cargo build --release -q -p sluice-cli
+HELLO=$(scripts/build-guests.sh | sed -n 1p)
+mapfile -t EXAMPLES < <(scripts/build-examples.sh)
+declare -A WASM=([hello]=$HELLO)
+for w in "${EXAMPLES[@]}"; do
+  case $w in */python/*) WASM[python]=$w;; */js/*) WASM[js]=$w;; esac
+done
+SLUICE=target/release/sluice
+data=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$data"; }
+trap cleanup EXIT
+
+cat > "$data/post.lua" <<'EOF'
+wrk.method = "POST"
+wrk.body = '{"name": "Ada"}'
+wrk.headers["content-type"] = "application/json"
+EOF
+
+have_wasmtime=no
+[ -x "$WASMTIME" ] && "$WASMTIME" --version | grep -q '^wasmtime 48\.0\.8' && have_wasmtime=yes
+
+ms() { date +%s%3N; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# Starts sluice on $1 (a data directory); sets PID and URL.
+start_sluice() {
+  "$SLUICE" serve --listen 127.0.0.1:0 --data-dir "$1" --tenant-rate 10000000 2> "$1.log" &
+  PID=$!
+  pids+=("$PID")
+  for _ in $(seq 1 1000); do
+    URL=$(grep -o 'listening on http://[0-9.:]*' "$1.log" | head -1 | sed 's/listening on //') && [ -n "$URL" ] && return 0
+    sleep 0.01
+  done
+  echo "sluice did not start: $(cat "$1.log")" >&2; exit 1
+}
+
+stop() { kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+# Asks `url` until it answers 200 (POST JSON for the examples).
+wait_200() {
+  local url=$1 kind=$2; shift 2
+  local body=(); [ "$kind" = hello ] || body=(-X POST -H 'content-type: application/json' -d '{"name": "Ada"}')
+  for _ in $(seq 1 20000); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "${body[@]}" "$@" "$url")" = 200 ] && return 0
+    sleep 0.001
+  done
+  echo "no 200 from $url" >&2; return 1
+}
+
+# Runs wrk against `url` while sampling the RSS of `pid`; prints "req/s p50_ms p99_ms peak_rss_mib".
+load() {
+  local url=$1 kind=$2 pid=$3; shift 3
+  local script=(); [ "$kind" = hello ] || script=(-s "$data/post.lua")
+  local peak=0
+  wrk -t1 -c"$CONNS" -d"$DURATION" --latency "${script[@]}" "$@" "$url" > "$data/wrk.out" &
+  local wrk_pid=$!
+  while kill -0 "$wrk_pid" 2>/dev/null; do
+    local rss; rss=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
+    [ "${rss:-0}" -gt "$peak" ] && peak=$rss
+    sleep 0.2
+  done
+  wait "$wrk_pid"
+  grep -q 'Non-2xx' "$data/wrk.out" && { echo "non-2xx responses from $url:" >&2; cat "$data/wrk.out" >&2; exit 1; }
+  local rps p50 p99
+  rps=$(awk '/Requests\/sec/ {printf "%.0f", $2}' "$data/wrk.out")
+  p50=$(awk '$1=="50%" {print $2}' "$data/wrk.out")
+  p99=$(awk '$1=="99%" {print $2}' "$data/wrk.out")
+  echo "$rps $(to_ms "$p50") $(to_ms "$p99") $((peak / 1024))"
+}
+to_ms() { case $1 in *us) echo "${1%us}" | awk '{printf "%.2f", $1/1000}';; *ms) echo "${1%ms}";; *s) echo "${1%s}" | awk '{printf "%.2f", $1*1000}';; esac; }
+
+rows=()
+notes=()
+for kind in $ONLY; do
+  wasm=${WASM[$kind]}
+  size=$(( $(stat -c %s "$wasm") / 1024 ))
+  dir="$data/$kind"
+
+  # Fresh instances: deploy (compiles), then load.
+  start_sluice "$dir"
+  export SLUICE_URL=$URL SLUICE_TOKEN; SLUICE_TOKEN=$(cat "$dir/admin.token")
+  AUTH=(-H "Authorization: Bearer $SLUICE_TOKEN")
+  deploy_out=$("$SLUICE" deploy f "$wasm")
+  compile_ms=$(echo "$deploy_out" | grep -o 'compiled in [0-9]*' | grep -o '[0-9]*$' || echo "-")
+  "$SLUICE" deploy r "$wasm" --reuse "$REUSE" >/dev/null
+  wait_200 "$URL/fn/default/f/" "$kind" "${AUTH[@]}"
+  out=$(load "$URL/fn/default/f/" "$kind" "$PID" "${AUTH[@]}")
+  echo "$kind sluice fresh: $out" >&2
+  rows+=("$kind|sluice, fresh instance per call|$out")
+  stop "$PID"
+
+  # Reuse, on a restarted node: the artifact comes from the disk cache.
+  t0=$(ms); start_sluice "$dir"; wait_200 "$URL/fn/default/r/" "$kind" "${AUTH[@]}"; t1=$(ms)
+  out=$(load "$URL/fn/default/r/" "$kind" "$PID" "${AUTH[@]}")
+  echo "$kind sluice reuse: $out" >&2
+  rows+=("$kind|sluice, --reuse $REUSE|$out")
+  warm=$(curl -s "${AUTH[@]}" "$URL/v1/node" | python3 -c 'import json,sys; w=json.load(sys.stdin)["warm"]; print("%d warm, %d fresh, %d idle after" % (w["reused_total"], w["fresh_total"], w["idle"]))')
+  stop "$PID"
+  notes+=("$kind: ${size} KiB component; compile at deploy ${compile_ms} ms; restart to first response $((t1 - t0)) ms (artifact cache); reuse run: $warm")
+
+  if [ "$have_wasmtime" = yes ]; then
+    for tuning in tuned big; do
+      port=$(free_port)
+      flags=(-O pooling-allocator=y -O pooling-pagemap-scan=y -O pooling-table-keep-resident=1048576)
+      if [ "$tuning" = tuned ]; then
+        flags+=(-O pooling-memory-keep-resident=4194304); name="wasmtime serve, tuned as in sync.sh"
+      else
+        flags+=(-O memory-init-cow=n -O pooling-memory-keep-resident=67108864); name="wasmtime serve, no CoW + 64 MiB kept resident"
+      fi
+      "$WASMTIME" serve -Scli --addr "127.0.0.1:$port" "${flags[@]}" "$wasm" 2> "$data/wt.log" &
+      WT=$!; pids+=("$WT")
+      wait_200 "http://127.0.0.1:$port/" "$kind"
+      out=$(load "http://127.0.0.1:$port/" "$kind" "$WT")
+      echo "$kind $name: $out" >&2
+      rows+=("$kind|$name|$out")
+      stop "$WT"
+    done
+  fi
+done
+
+echo
+echo "wrk -t1 -c$CONNS -d$DURATION --latency (POST {\"name\": \"Ada\"} to the examples, GET to hello), $(nproc) cores, RUST_BACKTRACE unset"
+echo
+echo "| component | server | req/s | p50 ms | p99 ms | peak RSS under load | vs wasmtime serve (tuned) |"
+echo "| --- | --- | --- | --- | --- | --- | --- |"
+for kind in $ONLY; do
+  base=""
+  for r in "${rows[@]}"; do
+    IFS='|' read -r k name out <<< "$r"
+    [ "$k" = "$kind" ] && [[ $name == "wasmtime serve, tuned"* ]] && base=${out%% *}
+  done
+  for r in "${rows[@]}"; do
+    IFS='|' read -r k name out <<< "$r"
+    [ "$k" = "$kind" ] || continue
+    read -r rps p50 p99 rss <<< "$out"
+    ratio="-"; [ -n "$base" ] && ratio=$(awk -v a="$rps" -v b="$base" 'BEGIN{printf "%.2fx", a/b}')
+    echo "| $kind | $name | $rps | $p50 | $p99 | $rss MiB | $ratio |"
+  done
+done
+echo
+for n in "${notes[@]}"; do echo "- $n"; done
+[ "$have_wasmtime" = yes ] || echo "(wasmtime 48.0.8 not found at $WASMTIME: comparison skipped)"
