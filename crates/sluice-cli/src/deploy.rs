@@ -79,6 +79,11 @@ pub struct DeployArgs {
     /// With --reuse: how long a warm instance may wait for its next call, e.g. 1min.
     #[arg(long, default_value = "1min", value_parser = parse_duration, requires = "reuse")]
     pub reuse_idle: Duration,
+    /// Instances of this version alive at once on a node; more calls wait for one (within their
+    /// timeout). Default: unbounded, except for a heavy component (8 MiB or more of initial
+    /// memory, e.g. a Python or JavaScript one), which gets the node's --heavy-instances-max.
+    #[arg(long = "instances", value_parser = clap::value_parser!(u32).range(1..))]
+    pub instances_max: Option<u32>,
     /// Serve the function's /fn URL without an API key.
     #[arg(long)]
     pub public: bool,
@@ -160,6 +165,7 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
         start_window_ms: args.start_window.map(|d| d.as_millis() as u64),
         reuse_calls: args.reuse,
         reuse_idle_ms: args.reuse_idle.as_millis() as u64,
+        instances_max: args.instances_max,
         secrets: Default::default(),
     };
 

@@ -148,10 +148,18 @@ pub struct ServeArgs {
     /// slot that held such a guest keeps up to this much resident. e.g. 4MiB, 64MiB.
     #[arg(long, default_value = "4MiB", value_parser = parse_bytes)]
     pub memory_keep_resident: u64,
+    /// Map each instance's initialized memory copy-on-write from its component's image (true),
+    /// or copy the image in at instantiation (false).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub memory_init_cow: bool,
     /// Idle warm instances (of functions deployed with --reuse) kept on this node at most, over
     /// all functions; each holds an instance slot and the memory its guest touched.
     #[arg(long, default_value_t = 32)]
     pub warm_instances_max: usize,
+    /// Instances of one heavy function version (8 MiB or more of initial memory) alive at once,
+    /// unless it sets its own (`deploy --instances`); more calls wait. Default: 2 per core.
+    #[arg(long)]
+    pub heavy_instances_max: Option<u32>,
     /// Idle warm instances kept per function version at most.
     #[arg(long, default_value_t = 8)]
     pub warm_per_function_max: usize,
@@ -319,6 +327,11 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
     config.lease_ms = args.lease.as_millis() as u64;
     config.lanes = args.lanes()?;
     config.memory_keep_resident_bytes = args.memory_keep_resident as usize;
+    config.memory_init_cow = args.memory_init_cow;
+    if let Some(n) = args.heavy_instances_max {
+        anyhow::ensure!(n >= 1, "--heavy-instances-max must be at least 1");
+        config.heavy_instances_max = Some(n);
+    }
     anyhow::ensure!(
         args.warm_instances_max < args.instances_max as usize,
         "--warm-instances-max ({}) must be below --instances-max ({}): idle instances hold slots",

@@ -71,6 +71,10 @@ pub struct FunctionConfig {
     pub reuse_calls: u32,
     /// How long a warm instance may wait for its next call before it is discarded.
     pub reuse_idle_ms: u64,
+    /// Instances of this version alive at once on a node; more calls wait for one (the wait
+    /// counts against their timeout). `None`: unbounded, except for heavy components (a large
+    /// initial memory), which get the node's default (`serve --heavy-instances-max`).
+    pub instances_max: Option<u32>,
     /// Environment variables the guest sees after `env`, whose values are never shown. Not part
     /// of the serialized configuration: the store keeps the values beside it, and the API
     /// shows only the names.
@@ -96,6 +100,7 @@ impl Default for FunctionConfig {
             start_window_ms: None,
             reuse_calls: 1,
             reuse_idle_ms: REUSE_IDLE_MS_DEFAULT,
+            instances_max: None,
             secrets: Secrets::default(),
         }
     }
@@ -170,6 +175,9 @@ impl FunctionConfig {
                 "reuse must be between 1 and {REUSE_CALLS_MAX} calls, got {}",
                 self.reuse_calls
             ));
+        }
+        if self.instances_max == Some(0) {
+            return bad("instances must be at least 1".into());
         }
         if !(100..=REUSE_IDLE_MS_MAX).contains(&self.reuse_idle_ms) {
             return bad(format!(

@@ -107,6 +107,11 @@ pub struct FunctionConfigSchema {
     /// Milliseconds a warm instance may wait for its next call.
     #[schema(minimum = 100, maximum = 3600000)]
     pub reuse_idle_ms: u64,
+    /// Instances of this version alive at once on a node; more calls wait for one. Null:
+    /// unbounded, except for heavy components (large initial memory), which get the node's
+    /// default.
+    #[schema(minimum = 1)]
+    pub instances_max: Option<u32>,
 }
 
 impl Default for FunctionConfigSchema {
@@ -128,6 +133,7 @@ impl Default for FunctionConfigSchema {
             start_window_ms: c.start_window_ms,
             reuse_calls: c.reuse_calls,
             reuse_idle_ms: c.reuse_idle_ms,
+            instances_max: c.instances_max,
         }
     }
 }

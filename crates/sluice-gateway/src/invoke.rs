@@ -193,6 +193,13 @@ async fn call(
     // A hot function's code is in the cache; a cold one's is mapped from its artifact (or, after
     // an engine change, compiled) here, once for all the calls that wait for it.
     let (prepared, _) = node.code(&deployed.code_key).await?;
+    let timeout = Duration::from_millis(deployed.config.timeout_ms);
+    // A version whose instances alive at once are bounded (a heavy component, or its own
+    // `instances_max`) waits here for room, within its timeout.
+    let instance = node
+        .runtime
+        .instance_permit(&deployed.instance_key, &prepared, &deployed.config, Instant::now() + timeout)
+        .await?;
 
     let (mut parts, body) = req.into_parts();
     parts.uri =
@@ -205,13 +212,14 @@ async fn call(
     let call = Call {
         invocation_id: invocation_id.to_string(),
         config: deployed.config.clone(),
-        timeout: Duration::from_millis(deployed.config.timeout_ms),
+        timeout,
         lane: Lane::Sync,
         group: deployed.tenant_group.clone(),
         function: deployed.function_name.clone(),
         on_done: Some(recorder(node, &deployed, [function_slot, Some(node_slot)], arrived, follow)),
         trace,
         reuse: deployed.reuse.clone(),
+        instance,
     };
     let running = node.runtime.invoke(&prepared, call, Request::from_parts(parts, body));
     match running.response().await {

@@ -41,6 +41,10 @@ pub struct NodeConfig {
     pub lanes: sluice_runtime::LaneConfig,
     /// Bytes of a freed linear memory kept resident and reset in place.
     pub memory_keep_resident_bytes: usize,
+    /// Copy-on-write memory images (see `RuntimeConfig::memory_init_cow`).
+    pub memory_init_cow: bool,
+    /// Instances of a heavy version alive at once (default: the runtime's, 2 per core).
+    pub heavy_instances_max: Option<u32>,
     /// Bounds of the warm instances kept for functions with reuse.
     pub warm: sluice_runtime::warm::WarmConfig,
     /// The code cache and the compile pool.
@@ -69,6 +73,8 @@ impl NodeConfig {
                 std::thread::available_parallelism().map_or(1, |n| n.get()),
             ),
             memory_keep_resident_bytes: 4 << 20,
+            memory_init_cow: true,
+            heavy_instances_max: None,
             warm: Default::default(),
             code: sluice_runtime::CodeConfig::for_cores(
                 std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -93,6 +99,8 @@ pub struct Deployed {
     pub metrics: Arc<CallMetrics>,
     /// Its warm instances' pool, when it lets an instance serve more than one call.
     pub reuse: Option<sluice_runtime::warm::Reuse>,
+    /// The version, as the runtime's bound of instances alive at once knows it.
+    pub instance_key: sluice_runtime::warm::WarmKey,
 }
 
 impl Deployed {
@@ -111,7 +119,23 @@ impl Deployed {
             &record.blob_digest,
             &config,
         );
-        Self { record, config, code_key, admission, tenant_group, function_name, metrics, reuse }
+        let instance_key = sluice_runtime::warm::WarmKey::new(
+            &record.tenant,
+            &record.function,
+            record.version,
+            &record.blob_digest,
+        );
+        Self {
+            record,
+            config,
+            code_key,
+            admission,
+            tenant_group,
+            function_name,
+            metrics,
+            reuse,
+            instance_key,
+        }
     }
 }
 
@@ -251,6 +275,10 @@ impl Node {
         rt.lanes = config.lanes.clone();
         rt.memory_keep_resident_bytes = config.memory_keep_resident_bytes;
         rt.warm = config.warm;
+        rt.memory_init_cow = config.memory_init_cow;
+        if let Some(n) = config.heavy_instances_max {
+            rt.heavy_instances_max = n;
+        }
         rt.outbound = config.limits.outbound.clone();
         rt.code = config.code.clone();
         let runtime = Arc::new(Runtime::new(rt)?);

@@ -311,7 +311,8 @@ impl Runtime {
             // but stays in the allocator's arenas; give it back, or a node that compiled one big
             // function keeps that much RSS for good.
             release_freed_memory();
-            written.map_err(|e| SluiceError::internal(format!("writing artifact {}: {e}", path.display())))?;
+            written
+                .map_err(|e| SluiceError::internal(format!("writing artifact {}: {e}", path.display())))?;
             let loaded = this.load_artifact(&key, &path, Some(compile_ms));
             if loaded.is_err() {
                 // A component that compiles but cannot be served (wrong world, unknown imports)

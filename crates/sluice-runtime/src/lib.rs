@@ -72,6 +72,10 @@ pub struct RuntimeConfig {
     /// Bytes of each freed linear memory kept resident and reset in place instead of `madvise`d
     /// away (see notes/sync-path-perf.md: with pagemap scan this removes the TLB shootdowns).
     pub memory_keep_resident_bytes: usize,
+    /// Map a module's initialized memory copy-on-write from its image (`true`), or copy the
+    /// image into the instance's memory at instantiation (`false`; with keep-resident memory the
+    /// copy lands on resident pages, so the guest's writes fault nothing).
+    pub memory_init_cow: bool,
     /// The same for tables.
     pub table_keep_resident_bytes: usize,
     /// Directory of compiled artifacts (`<tenant>/<digest>-<engine>.cwasm`).
@@ -88,6 +92,10 @@ pub struct RuntimeConfig {
     pub outbound: sluice_core::limits::OutboundLimits,
     /// Bounds of the warm instances kept for functions with reuse.
     pub warm: warm::WarmConfig,
+    /// Instances of one heavy function version (see [`Prepared::heavy`]) alive at once, unless
+    /// the function sets its own `instances_max`: more calls wait for one. Each holds its whole
+    /// initial memory resident, and on a node with few cores more of them only add memory.
+    pub heavy_instances_max: u32,
 }
 
 impl RuntimeConfig {
@@ -97,6 +105,7 @@ impl RuntimeConfig {
             instances_max: limits.instances_max,
             function_memory_bytes_max: limits.function_memory_bytes_max,
             memory_keep_resident_bytes: 4 << 20,
+            memory_init_cow: true,
             table_keep_resident_bytes: 1 << 20,
             artifact_dir,
             code: CodeConfig::for_cores(std::thread::available_parallelism().map_or(1, |n| n.get())),
@@ -105,6 +114,7 @@ impl RuntimeConfig {
             lanes: LaneConfig::for_cores(std::thread::available_parallelism().map_or(1, |n| n.get())),
             outbound: limits.outbound,
             warm: warm::WarmConfig::default(),
+            heavy_instances_max: 2 * std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
         }
     }
 }
@@ -170,7 +180,21 @@ pub struct Prepared {
     pub digest: String,
     /// How it was loaded.
     pub origin: Origin,
+    /// The largest initial linear memory of its core modules: what every instance starts with
+    /// (a componentize-py component starts with tens of MiB of initialized interpreter heap).
+    pub initial_memory_bytes: u64,
 }
+
+impl Prepared {
+    /// A component whose instances start with at least [`HEAVY_MEMORY_BYTES`] of memory.
+    pub fn heavy(&self) -> bool {
+        self.initial_memory_bytes >= HEAVY_MEMORY_BYTES
+    }
+}
+
+/// Initial memory from which a component counts as heavy: its instances alive at once are bounded
+/// by default (`RuntimeConfig::heavy_instances_max`).
+pub const HEAVY_MEMORY_BYTES: u64 = 8 << 20;
 
 /// The node's wasm runtime.
 pub struct Runtime {
@@ -182,6 +206,7 @@ pub struct Runtime {
     code: code::CodeCache,
     downstreams: Arc<Downstreams>,
     warm: Arc<warm::WarmPools>,
+    instance_limits: warm::InstanceLimits,
 }
 
 impl Runtime {
@@ -209,6 +234,7 @@ impl Runtime {
             // overflows its 512 KiB stack spent most of its time there, BENCHMARKS.md). The trap
             // kind and the guest's own stderr (e.g. a Rust panic message) are still logged.
             .wasm_backtrace_max_frames(None)
+            .memory_init_cow(config.memory_init_cow)
             .epoch_interruption(true)
             .max_wasm_stack(WASM_STACK_BYTES)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
@@ -231,7 +257,17 @@ impl Runtime {
         spawn_epoch_ticker(&engine);
         let downstreams = Arc::new(Downstreams::new());
         let warm = warm::WarmPools::new(config.warm);
-        Ok(Self { engine, linker, config, engine_fingerprint, lanes, code, downstreams, warm })
+        Ok(Self {
+            engine,
+            linker,
+            config,
+            engine_fingerprint,
+            lanes,
+            code,
+            downstreams,
+            warm,
+            instance_limits: Default::default(),
+        })
     }
 
     /// What the CPU lanes are doing.
@@ -242,6 +278,26 @@ impl Runtime {
     /// What the warm pools hold and have done.
     pub fn warm_stats(&self) -> warm::WarmStats {
         self.warm.stats()
+    }
+
+    /// How many instances of `prepared` with `config` may be alive at once on this node: the
+    /// function's own `instances_max`, else [`RuntimeConfig::heavy_instances_max`] for a heavy
+    /// component, else no bound.
+    pub fn instances_max(&self, prepared: &Prepared, config: &FunctionConfig) -> Option<u32> {
+        config.instances_max.or_else(|| prepared.heavy().then_some(self.config.heavy_instances_max))
+    }
+
+    /// Waits, until `deadline`, for room for one more instance of version `key` (`None` when the
+    /// version is not bounded). The permit goes in the call's [`Call::instance`].
+    pub async fn instance_permit(
+        &self,
+        key: &warm::WarmKey,
+        prepared: &Prepared,
+        config: &FunctionConfig,
+        deadline: Instant,
+    ) -> Result<Option<warm::InstancePermit>, SluiceError> {
+        let Some(max) = self.instances_max(prepared, config) else { return Ok(None) };
+        self.instance_limits.acquire(key, max, deadline).await.map(Some)
     }
 
     /// The concurrency limits of every function's downstreams on this node: the scheduler and
@@ -289,7 +345,11 @@ impl Runtime {
             .map_err(|e| invalid(format!("component cannot be linked: {e:#}")))?;
         let pre =
             ProxyPre::new(pre).map_err(|e| invalid(format!("component is not a wasi:http proxy: {e:#}")))?;
-        Ok(Arc::new(Prepared { pre, digest: digest.to_string(), origin }))
+        let initial_memory_bytes = component
+            .resources_required()
+            .and_then(|r| r.max_initial_memory_size)
+            .map_or(0, |pages| pages.saturating_mul(64 * 1024));
+        Ok(Arc::new(Prepared { pre, digest: digest.to_string(), origin, initial_memory_bytes }))
     }
 
     /// A fresh store for `call`: its guest's stdout and stderr go to `logs`, its outbound
@@ -440,7 +500,9 @@ impl Runtime {
         let memory_bytes = call.config.memory_bytes;
         let lane = call.lane;
         let warm_pools = self.warm.clone();
+        let instance_permit = call.instance;
         let task = async move {
+            let _instance_permit = instance_permit;
             // The epoch callback stops a guest that computes past its deadline; this outer bound
             // stops one that waits in a host call (a sleep, a slow downstream) or for a slot.
             let ended = tokio::select! {
@@ -609,6 +671,9 @@ pub struct Call {
     /// Where a warm instance comes from and goes back to, for a function with `reuse_calls` above
     /// 1 (`None`: a fresh instance that is dropped after the call).
     pub reuse: Option<warm::Reuse>,
+    /// Room for its instance among the version's bounded instances ([`Runtime::instance_permit`]);
+    /// held until the guest is done.
+    pub instance: Option<warm::InstancePermit>,
 }
 
 /// Where an attempt's `run` span belongs in its trace.

@@ -45,6 +45,12 @@ pub struct Reuse {
     pub key: WarmKey,
 }
 
+impl WarmKey {
+    pub fn new(tenant: &str, function: &str, version: i64, digest: &str) -> Self {
+        Self { tenant: Arc::from(tenant), function: Arc::from(function), version, digest: Arc::from(digest) }
+    }
+}
+
 impl Reuse {
     /// What a call of this version asks of the pools: `None` unless its configuration lets an
     /// instance serve more than one call.
@@ -225,6 +231,53 @@ impl WarmPools {
     }
 }
 
+/// The bounds of instances alive at once, per function version (`instances_max`, or the default
+/// of heavy components): a semaphore per version, shared by its sync and async calls, kept while
+/// a caller holds it (weakly referenced here, so versions that are gone take nothing).
+#[derive(Default)]
+pub(crate) struct InstanceLimits {
+    by_version: Mutex<HashMap<WarmKey, Weak<tokio::sync::Semaphore>>>,
+}
+
+/// Room for one instance of a bounded version; given back when dropped.
+pub struct InstancePermit {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl InstanceLimits {
+    pub(crate) async fn acquire(
+        &self,
+        key: &WarmKey,
+        max: u32,
+        deadline: Instant,
+    ) -> Result<InstancePermit, sluice_core::SluiceError> {
+        let semaphore = {
+            let mut map = self.by_version.lock().expect("instance limits lock");
+            match map.get(key).and_then(Weak::upgrade) {
+                Some(s) => s,
+                None => {
+                    map.retain(|_, s| s.strong_count() > 0);
+                    let s = Arc::new(tokio::sync::Semaphore::new(max as usize));
+                    map.insert(key.clone(), Arc::downgrade(&s));
+                    s
+                }
+            }
+        };
+        match tokio::time::timeout_at(deadline.into(), semaphore.acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(InstancePermit { _permit: permit }),
+            Ok(Err(_)) => Err(sluice_core::SluiceError::internal("the instance limit was closed")),
+            Err(_) => Err(sluice_core::SluiceError::new(
+                sluice_core::ErrorKind::Overloaded,
+                format!(
+                    "all {max} instances this node runs at once of {}/{} are busy; retry later",
+                    key.tenant, key.function
+                ),
+            )
+            .retry_after(1)),
+        }
+    }
+}
+
 /// Sweeps every [`SWEEP_EVERY`] from a plain thread, which ends with the pools.
 fn spawn_sweeper(pools: Weak<WarmPools>) {
     std::thread::Builder::new()
@@ -237,4 +290,29 @@ fn spawn_sweeper(pools: Weak<WarmPools>) {
             }
         })
         .expect("spawning the warm-pool sweeper");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_instance_bound_makes_calls_wait_and_refuses_them_at_their_deadline() {
+        let limits = InstanceLimits::default();
+        let key = WarmKey::new("t", "f", 1, "d");
+        let soon = || Instant::now() + Duration::from_millis(100);
+        let first = limits.acquire(&key, 1, soon()).await.unwrap();
+        let err = limits.acquire(&key, 1, soon()).await.err().unwrap();
+        assert_eq!(err.kind, sluice_core::ErrorKind::Overloaded);
+        assert!(err.message.contains("all 1 instances") && err.message.contains("t/f"), "{}", err.message);
+        drop(first);
+        let again = limits.acquire(&key, 1, soon()).await.unwrap();
+        // Another version has a bound of its own.
+        let other = limits.acquire(&WarmKey::new("t", "f", 2, "d"), 1, soon()).await.unwrap();
+        drop((again, other));
+        // A version nobody holds leaves nothing behind.
+        limits.acquire(&WarmKey::new("t", "g", 1, "d"), 1, soon()).await.unwrap();
+        let held = limits.by_version.lock().unwrap().values().filter(|s| s.strong_count() > 0).count();
+        assert_eq!(held, 0);
+    }
 }

@@ -826,10 +826,22 @@ async fn execute(ctx: &Ctx, inv: &Leased, trace: Option<sluice_runtime::trace::T
             return (failed(ctx, inv, ErrorKind::BadRequest.as_str(), None, None, false), system(e)).into();
         }
     };
+    let timeout = Duration::from_millis(ready.config.async_timeout_ms);
+    let key =
+        sluice_runtime::warm::WarmKey::new(&inv.tenant, &inv.function, inv.version, &ready.prepared.digest);
+    // A bounded version (a heavy component, or its own `instances_max`) waits for room.
+    let instance = match ctx
+        .runtime
+        .instance_permit(&key, &ready.prepared, &ready.config, std::time::Instant::now() + timeout)
+        .await
+    {
+        Ok(permit) => permit,
+        Err(e) => return (failed(ctx, inv, e.kind.as_str(), None, None, true), system(e.message)).into(),
+    };
     let call = Call {
         invocation_id: inv.id.clone(),
         config: ready.config.clone(),
-        timeout: Duration::from_millis(ready.config.async_timeout_ms),
+        timeout,
         // Never on the control runtime, where this loop, the queue writer, the API and the
         // heartbeats run: a flood of CPU-bound calls must not delay any of them.
         lane: Lane::Async,
@@ -837,13 +849,8 @@ async fn execute(ctx: &Ctx, inv: &Leased, trace: Option<sluice_runtime::trace::T
         function: Arc::from(inv.function.as_str()),
         on_done: None,
         trace: trace.map(|cx| TraceParent { cx, attempt: Some(inv.attempt) }),
-        reuse: sluice_runtime::warm::Reuse::of(
-            &inv.tenant,
-            &inv.function,
-            inv.version,
-            &ready.prepared.digest,
-            &ready.config,
-        ),
+        reuse: (ready.config.reuse_calls > 1).then(|| sluice_runtime::warm::Reuse { key }),
+        instance,
     };
     let running = ctx.runtime.invoke(&ready.prepared, call, request);
     let (response, done) = match running.response().await {

@@ -144,3 +144,28 @@ fn an_idle_instance_is_dropped_after_its_idle_time_and_the_bounds_hold() {
     let (ok, _, err) = node.cli(&["deploy", "bad", guests().testguest.to_str().unwrap(), "--reuse", "0"]);
     assert!(!ok && err.contains("0"), "{err}");
 }
+
+#[test]
+fn a_bounded_version_runs_its_calls_one_instance_at_a_time() {
+    let node = Node::start(&[]);
+    node.deploy("one", &guests().testguest, &["--reuse", "100", "--instances", "1"]);
+    let url = format!("{}/fn/default/one/count", node.url);
+    let calls: Vec<_> = (0..6)
+        .map(|_| {
+            let (url, token) = (url.clone(), node.token.clone());
+            std::thread::spawn(move || {
+                let body = reqwest::blocking::Client::new()
+                    .get(url)
+                    .bearer_auth(token)
+                    .send()
+                    .unwrap()
+                    .text()
+                    .unwrap();
+                body.strip_prefix("count ").unwrap().parse::<u64>().unwrap()
+            })
+        })
+        .collect();
+    let mut counts: Vec<u64> = calls.into_iter().map(|c| c.join().unwrap()).collect();
+    counts.sort_unstable();
+    assert_eq!(counts, [1, 2, 3, 4, 5, 6], "six calls at once, one instance, each after the other");
+}
