@@ -849,7 +849,7 @@ async fn execute(ctx: &Ctx, inv: &Leased, trace: Option<sluice_runtime::trace::T
         function: Arc::from(inv.function.as_str()),
         on_done: None,
         trace: trace.map(|cx| TraceParent { cx, attempt: Some(inv.attempt) }),
-        reuse: (ready.config.reuse_calls > 1).then(|| sluice_runtime::warm::Reuse { key }),
+        reuse: (ready.config.reuse_calls > 1).then_some(sluice_runtime::warm::Reuse { key }),
         instance,
     };
     let running = ctx.runtime.invoke(&ready.prepared, call, request);
