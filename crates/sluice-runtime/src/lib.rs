@@ -557,6 +557,22 @@ impl Runtime {
                 let said = detail.as_deref().unwrap_or(&e.message);
                 logs.system(format!("invocation failed ({}): {said}", e.kind));
             }
+            if let Some(reuse) = &call.reuse
+                && served > 0
+            {
+                // A call on a warm instance: some guests cannot serve a second call.
+                let failed = error.as_ref().is_some_and(|e| e.kind != ErrorKind::ClientClosed);
+                if warm_pools.warm_call_ended(&reuse.key, failed) {
+                    let line = format!(
+                        "{} calls in a row failed on reused instances of this version: it gets a \
+                         fresh instance for every call from now on (this function's instances \
+                         cannot serve more than one call; deploy it without --reuse)",
+                        warm::WARM_FAILURES_MAX
+                    );
+                    tracing::warn!(tenant = %reuse.key.tenant, function = %reuse.key.function, version = reuse.key.version, "{line}");
+                    logs.system(line);
+                }
+            }
             let cpu_us = meter.busy().as_micros() as u64;
             if let Some(span) = run_span {
                 span.end(status_code, error.as_ref(), cpu_us);

@@ -145,7 +145,16 @@ pub(crate) struct WarmPools {
     dropped_full: AtomicU64,
     expired: AtomicU64,
     ended: AtomicU64,
+    /// Calls in a row that failed on a warm instance, per version; at [`WARM_FAILURES_MAX`] the
+    /// version is not reused any more (`unreusable`).
+    warm_failures: Mutex<HashMap<WarmKey, u32>>,
+    unreusable: Mutex<std::collections::HashSet<WarmKey>>,
 }
+
+/// Calls in a row that may fail on a warm instance of a version before its instances are no
+/// longer reused: some guests cannot serve a second call (componentize-js 0.23's StarlingMonkey
+/// answers the second with "FetchEvent#respondWith can't be called twice").
+pub const WARM_FAILURES_MAX: u32 = 3;
 
 impl WarmPools {
     pub(crate) fn new(config: WarmConfig) -> Arc<Self> {
@@ -158,6 +167,10 @@ impl WarmPools {
     pub(crate) fn take(&self, key: &WarmKey, config: &FunctionConfig) -> Option<Warm> {
         let mut stale = Vec::new();
         let mut found = None;
+        if !self.reusable(key) {
+            self.fresh.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
         {
             let mut idle = self.idle.lock().expect("warm pools lock");
             if let Some(list) = idle.get_mut(key) {
@@ -182,6 +195,33 @@ impl WarmPools {
         found
     }
 
+    /// Whether instances of `key` may still serve more than one call.
+    pub(crate) fn reusable(&self, key: &WarmKey) -> bool {
+        !self.unreusable.lock().expect("warm pools lock").contains(key)
+    }
+
+    /// Notes how a call on a warm instance of `key` ended; returns true when this failure makes
+    /// the version unreusable.
+    pub(crate) fn warm_call_ended(&self, key: &WarmKey, failed: bool) -> bool {
+        let mut failures = self.warm_failures.lock().expect("warm pools lock");
+        if !failed {
+            failures.remove(key);
+            return false;
+        }
+        let n = failures.entry(key.clone()).or_default();
+        *n += 1;
+        if *n < WARM_FAILURES_MAX {
+            return false;
+        }
+        failures.remove(key);
+        drop(failures);
+        self.unreusable.lock().expect("warm pools lock").insert(key.clone());
+        // Its idle instances go too.
+        let gone = self.idle.lock().expect("warm pools lock").remove(key);
+        drop(gone);
+        true
+    }
+
     /// Counts the end of a call of a function with reuse, after its instance was kept (or not).
     pub(crate) fn ended(&self) {
         self.ended.fetch_add(1, Ordering::Relaxed);
@@ -189,6 +229,9 @@ impl WarmPools {
 
     /// Keeps `warm` for the next call of `key`, unless a bound is reached (it is dropped then).
     pub(crate) fn put(&self, key: WarmKey, warm: Warm) {
+        if !self.reusable(&key) {
+            return;
+        }
         let mut idle = self.idle.lock().expect("warm pools lock");
         let total: usize = idle.values().map(Vec::len).sum();
         let list = idle.entry(key).or_default();
@@ -295,6 +338,22 @@ fn spawn_sweeper(pools: Weak<WarmPools>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_version_whose_warm_calls_keep_failing_is_not_reused_any_more() {
+        let pools = WarmPools::default();
+        let key = WarmKey::new("t", "f", 1, "d");
+        assert!(!pools.warm_call_ended(&key, true));
+        assert!(!pools.warm_call_ended(&key, false), "a success starts the count again");
+        for _ in 1..WARM_FAILURES_MAX {
+            assert!(!pools.warm_call_ended(&key, true));
+        }
+        assert!(pools.reusable(&key));
+        assert!(pools.warm_call_ended(&key, true), "the third failure in a row");
+        assert!(!pools.reusable(&key));
+        assert!(pools.take(&key, &FunctionConfig::default()).is_none());
+        assert!(pools.reusable(&WarmKey::new("t", "f", 2, "d")), "another version is not affected");
+    }
 
     #[tokio::test]
     async fn an_instance_bound_makes_calls_wait_and_refuses_them_at_their_deadline() {

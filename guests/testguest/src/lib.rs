@@ -265,6 +265,16 @@ async fn route(req: Request<Body>) -> Result<Response<Body>, Error> {
             text(200, format!("count {n}"))
         }
 
+        "once" => {
+            // Serves one call per instance: later calls on the same instance trap, like a guest
+            // runtime that cannot be entered twice.
+            static SERVED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if SERVED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                panic!("this instance already served its call");
+            }
+            text(200, "once")
+        }
+
         "report" => {
             let url = match query_param(&req, "url") {
                 Some(u) => u,

@@ -169,3 +169,30 @@ fn a_bounded_version_runs_its_calls_one_instance_at_a_time() {
     counts.sort_unstable();
     assert_eq!(counts, [1, 2, 3, 4, 5, 6], "six calls at once, one instance, each after the other");
 }
+
+#[test]
+fn a_function_whose_instances_cannot_serve_twice_stops_being_reused() {
+    let node = Node::start(&[]);
+    node.deploy("once", &guests().testguest, &["--reuse", "10"]);
+    let call = || {
+        settle(&node);
+        let res = node.get("/fn/default/once/once");
+        let id = res.headers()["sluice-invocation-id"].to_str().unwrap().to_string();
+        let status = res.status().as_u16();
+        res.bytes().unwrap();
+        (status, id)
+    };
+    // Fresh, warm (fails, discarded), fresh, ... until three warm calls in a row failed.
+    let statuses: Vec<u16> = (0..6).map(|_| call().0).collect();
+    assert_eq!(statuses, [200, 500, 200, 500, 200, 500]);
+    let (_, failed_id) = node
+        .wait_json("/v1/invocations?function=once&status=dead", |v| v["invocations"].as_array().unwrap().len() == 3)
+        ["invocations"][0]["id"]
+        .as_str()
+        .map(|id| ((), id.to_string()))
+        .unwrap();
+    let logs = node.get(&format!("/v1/invocations/{failed_id}/logs")).text().unwrap();
+    assert!(logs.contains("fresh instance for every call from now on"), "{logs}");
+    let statuses: Vec<u16> = (0..4).map(|_| call().0).collect();
+    assert_eq!(statuses, [200, 200, 200, 200], "every call now gets a fresh instance");
+}
