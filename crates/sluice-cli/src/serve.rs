@@ -157,7 +157,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 32)]
     pub warm_instances_max: usize,
     /// Instances of one heavy function version (8 MiB or more of initial memory) alive at once,
-    /// unless it sets its own (`deploy --instances`); more calls wait. Default: 2 per core.
+    /// unless it sets its own (`deploy --instances`); more calls wait. Default: 1 per core.
     #[arg(long)]
     pub heavy_instances_max: Option<u32>,
     /// Idle warm instances kept per function version at most.

@@ -43,7 +43,7 @@ pub struct NodeConfig {
     pub memory_keep_resident_bytes: usize,
     /// Copy-on-write memory images (see `RuntimeConfig::memory_init_cow`).
     pub memory_init_cow: bool,
-    /// Instances of a heavy version alive at once (default: the runtime's, 2 per core).
+    /// Instances of a heavy version alive at once (default: the runtime's, 1 per core).
     pub heavy_instances_max: Option<u32>,
     /// Bounds of the warm instances kept for functions with reuse.
     pub warm: sluice_runtime::warm::WarmConfig,

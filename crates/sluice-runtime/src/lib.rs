@@ -114,7 +114,7 @@ impl RuntimeConfig {
             lanes: LaneConfig::for_cores(std::thread::available_parallelism().map_or(1, |n| n.get())),
             outbound: limits.outbound,
             warm: warm::WarmConfig::default(),
-            heavy_instances_max: 2 * std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            heavy_instances_max: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
         }
     }
 }
