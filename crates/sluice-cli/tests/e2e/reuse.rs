@@ -185,9 +185,9 @@ fn a_function_whose_instances_cannot_serve_twice_stops_being_reused() {
     // Fresh, warm (fails, discarded), fresh, ... until three warm calls in a row failed.
     let statuses: Vec<u16> = (0..6).map(|_| call().0).collect();
     assert_eq!(statuses, [200, 500, 200, 500, 200, 500]);
-    let (_, failed_id) = node
-        .wait_json("/v1/invocations?function=once&status=dead", |v| v["invocations"].as_array().unwrap().len() == 3)
-        ["invocations"][0]["id"]
+    let (_, failed_id) = node.wait_json("/v1/invocations?function=once&status=dead", |v| {
+        v["invocations"].as_array().unwrap().len() == 3
+    })["invocations"][0]["id"]
         .as_str()
         .map(|id| ((), id.to_string()))
         .unwrap();
