@@ -163,6 +163,10 @@ pub struct ServeArgs {
     /// Idle warm instances kept per function version at most.
     #[arg(long, default_value_t = 8)]
     pub warm_per_function_max: usize,
+    /// Linear memory of all idle warm instances at most, e.g. 512MiB: an instance that would go
+    /// beyond it is dropped instead of kept.
+    #[arg(long, default_value = "512MiB", value_parser = parse_bytes)]
+    pub warm_memory_max: u64,
     /// Time a call may spend on a thread before it leaves the fast lane (its core's HTTP worker)
     /// for the slow lane, whose threads run at the lowest OS priority, e.g. 2ms.
     #[arg(long, default_value = "2ms", value_parser = parse_duration)]
@@ -341,6 +345,7 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
     config.warm = sluice_gateway::WarmConfig {
         total_max: args.warm_instances_max,
         per_function_max: args.warm_per_function_max,
+        memory_max: args.warm_memory_max,
     };
     config.code = args.code()?;
     let node = Node::open(config, store).await?;

@@ -100,12 +100,14 @@ impl From<LaneStats> for LanesInfo {
 /// Warm instances kept for functions deployed with `--reuse`.
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct WarmInfo {
-    /// Idle instances now, and over how many function versions.
+    /// Idle instances now, over how many function versions, and their linear memory in bytes.
     pub idle: u64,
     pub functions: u64,
-    /// The bounds: idle instances on the node, and per function version.
+    pub idle_bytes: u64,
+    /// The bounds: idle instances on the node, per function version, and their memory.
     pub idle_max: u64,
     pub per_function_max: u64,
+    pub memory_max: u64,
     /// Calls of functions with reuse that got a warm instance, and a fresh one.
     pub reused_total: u64,
     pub fresh_total: u64,
@@ -161,8 +163,10 @@ pub(crate) async fn node_info(State(node): State<Arc<Node>>, auth: Auth) -> ApiR
             WarmInfo {
                 idle: w.idle,
                 functions: w.functions,
+                idle_bytes: w.idle_bytes,
                 idle_max: bounds.total_max as u64,
                 per_function_max: bounds.per_function_max as u64,
+                memory_max: bounds.memory_max,
                 reused_total: w.reused_total,
                 fresh_total: w.fresh_total,
                 dropped_full_total: w.dropped_full_total,

@@ -83,6 +83,7 @@ fn describe() {
     describe_counter!("sluice_compile_failures_total", "Compiles refused or failed");
     describe_gauge!("sluice_code_cache_entries", "Components loaded");
     describe_gauge!("sluice_warm_instances", "Idle warm instances kept for functions with reuse");
+    describe_gauge!("sluice_warm_instances_bytes", "Linear memory of the idle warm instances");
     describe_counter!("sluice_warm_reused_total", "Calls of functions with reuse served by a warm instance");
     describe_counter!("sluice_warm_fresh_total", "Calls of functions with reuse that got a fresh instance");
     describe_counter!(
@@ -228,6 +229,7 @@ async fn read_node(node: &Node) -> Result<(), SluiceError> {
     gauge!("sluice_functions").set(node.deployed().len() as f64);
     let warm = node.runtime.warm_stats();
     gauge!("sluice_warm_instances").set(warm.idle as f64);
+    gauge!("sluice_warm_instances_bytes").set(warm.idle_bytes as f64);
     counter!("sluice_warm_reused_total").absolute(warm.reused_total);
     counter!("sluice_warm_fresh_total").absolute(warm.fresh_total);
     counter!("sluice_warm_dropped_total", "reason" => "full").absolute(warm.dropped_full_total);

@@ -148,12 +148,15 @@ impl WasiHttpView for Host {
 struct Limiter {
     memory_bytes_max: usize,
     memory_limit_hit: bool,
+    /// The instance's linear memories, in bytes, summed (a memory's creation counts as growth
+    /// from 0): what a warm instance holds while it waits.
+    memory_bytes: usize,
 }
 
 impl ResourceLimiter for Limiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _max: Option<usize>,
     ) -> wasmtime::Result<bool> {
@@ -161,6 +164,7 @@ impl ResourceLimiter for Limiter {
             self.memory_limit_hit = true;
             return Ok(false);
         }
+        self.memory_bytes = self.memory_bytes.saturating_add(desired.saturating_sub(current));
         Ok(true)
     }
 
@@ -379,7 +383,11 @@ impl Runtime {
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
             hooks,
-            limiter: Limiter { memory_bytes_max: call.config.memory_bytes as usize, memory_limit_hit: false },
+            limiter: Limiter {
+                memory_bytes_max: call.config.memory_bytes as usize,
+                memory_limit_hit: false,
+                memory_bytes: 0,
+            },
             deadline,
             meter,
         };

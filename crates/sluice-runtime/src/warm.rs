@@ -82,6 +82,8 @@ pub(crate) struct Warm {
     pub(crate) logs: LogCapture,
     /// Calls it has served.
     pub(crate) calls: u32,
+    /// Its linear memory, which stays allocated while it waits.
+    bytes: u64,
     idle_since: Instant,
 }
 
@@ -93,7 +95,8 @@ impl Warm {
         logs: LogCapture,
         calls: u32,
     ) -> Self {
-        Self { store, proxy, config, logs, calls, idle_since: Instant::now() }
+        let bytes = store.data().limiter.memory_bytes as u64;
+        Self { store, proxy, config, logs, calls, bytes, idle_since: Instant::now() }
     }
 
     fn expired(&self, now: Instant) -> bool {
@@ -108,19 +111,24 @@ pub struct WarmConfig {
     pub total_max: usize,
     /// Idle instances kept per function version.
     pub per_function_max: usize,
+    /// Linear memory of the idle instances kept on the node, over all functions: a guest that
+    /// grew to its memory limit before returning must not make the pool hold that much times
+    /// its count.
+    pub memory_max: u64,
 }
 
 impl Default for WarmConfig {
     fn default() -> Self {
-        Self { total_max: 32, per_function_max: 8 }
+        Self { total_max: 32, per_function_max: 8, memory_max: 512 << 20 }
     }
 }
 
 /// What the warm pools hold and have done.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WarmStats {
-    /// Idle instances now.
+    /// Idle instances now, and their linear memory in bytes.
     pub idle: u64,
+    pub idle_bytes: u64,
     /// Function versions with at least one.
     pub functions: u64,
     /// Calls served by a warm instance, and by a fresh one of a function with reuse on.
@@ -234,8 +242,12 @@ impl WarmPools {
         }
         let mut idle = self.idle.lock().expect("warm pools lock");
         let total: usize = idle.values().map(Vec::len).sum();
+        let bytes: u64 = idle.values().flatten().map(|w| w.bytes).sum();
         let list = idle.entry(key).or_default();
-        if total >= self.config.total_max || list.len() >= self.config.per_function_max {
+        if total >= self.config.total_max
+            || list.len() >= self.config.per_function_max
+            || bytes.saturating_add(warm.bytes) > self.config.memory_max
+        {
             drop(idle);
             self.dropped_full.fetch_add(1, Ordering::Relaxed);
             drop(warm);
@@ -264,6 +276,7 @@ impl WarmPools {
         let idle = self.idle.lock().expect("warm pools lock");
         WarmStats {
             idle: idle.values().map(|l| l.len() as u64).sum(),
+            idle_bytes: idle.values().flatten().map(|w| w.bytes).sum(),
             functions: idle.len() as u64,
             reused_total: self.reused.load(Ordering::Relaxed),
             fresh_total: self.fresh.load(Ordering::Relaxed),

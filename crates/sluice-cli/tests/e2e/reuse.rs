@@ -196,3 +196,25 @@ fn a_function_whose_instances_cannot_serve_twice_stops_being_reused() {
     let statuses: Vec<u16> = (0..4).map(|_| call().0).collect();
     assert_eq!(statuses, [200, 200, 200, 200], "every call now gets a fresh instance");
 }
+
+#[test]
+fn idle_instances_are_bounded_by_their_memory_too() {
+    let node = Node::start(&["--warm-memory-max", "40MiB"]);
+    node.deploy("big", &guests().testguest, &["--reuse", "100", "--memory", "128MiB"]);
+    // An instance that grew its memory past the node's budget is not kept.
+    let res = node.get("/fn/default/big/alloc?bytes=52428800");
+    assert_eq!(res.text().unwrap(), "allocated 52428800");
+    settle(&node);
+    let info: Value = node.get("/v1/node").json().unwrap();
+    let warm = &info["warm"];
+    assert_eq!((warm["idle"].as_u64(), warm["dropped_full_total"].as_u64()), (Some(0), Some(1)), "{warm}");
+    // A small one is.
+    assert_eq!(count(&node, "big").0, 1);
+    settle(&node);
+    let info: Value = node.get("/v1/node").json().unwrap();
+    let warm = &info["warm"];
+    let bytes = warm["idle_bytes"].as_u64().unwrap();
+    assert_eq!(warm["idle"], 1, "{warm}");
+    assert!(bytes > 0 && bytes < 40 << 20, "{warm}");
+    assert_eq!(warm["memory_max"], 40 << 20);
+}
