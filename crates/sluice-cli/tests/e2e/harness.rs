@@ -308,3 +308,36 @@ pub fn distinct(wasm: &[u8], n: u64) -> Vec<u8> {
     out.extend_from_slice(&payload);
     out
 }
+
+/// Reads one request from a test server's connection: its head (as text) and its body (by
+/// `content-length`; none without one). `None` when the client closed first.
+pub fn read_request(stream: &mut std::net::TcpStream) -> Option<(String, Vec<u8>)> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 8192];
+    let head_end = loop {
+        if let Some(i) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => bytes.extend_from_slice(&buf[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&bytes[..head_end]).into_owned();
+    let length = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>())
+        })
+        .map(|r| r.expect("a numeric content-length"))
+        .unwrap_or(0);
+    let mut body = bytes[head_end..].to_vec();
+    while body.len() < length {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => body.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some((head, body))
+}

@@ -147,15 +147,8 @@ impl Upstream {
                 count.fetch_add(1, Ordering::SeqCst);
                 let seen = seen.clone();
                 std::thread::spawn(move || {
-                    let mut head = Vec::new();
+                    let Some((head, _)) = crate::harness::read_request(&mut stream) else { return };
                     let mut buf = [0u8; 4096];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match stream.read(&mut buf) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let head = String::from_utf8_lossy(&head).into_owned();
                     let path = head.split_whitespace().nth(1).unwrap_or_default().to_string();
                     seen.lock().unwrap().push(path.clone());
                     let body = json!({ "path": path }).to_string();

@@ -103,15 +103,11 @@ fn overloaded_downstream(delay: Duration) -> u16 {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
             std::thread::spawn(move || {
-                // The whole request head, so that closing never resets the connection.
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
+                // The whole request, so that closing never resets the connection.
+                if crate::harness::read_request(&mut stream).is_none() {
+                    return;
                 }
+                let mut buf = [0u8; 4096];
                 std::thread::sleep(delay);
                 let _ = stream.write_all(
                     b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\nconnection: close\r\n\r\nbusy",

@@ -4,8 +4,8 @@
 //! is still passed on.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Write;
+use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,7 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use prost::Message;
 
-use crate::harness::{Node, guests};
+use crate::harness::{Node, guests, read_request};
 
 /// A span as the collector received it.
 #[derive(Debug, Clone)]
@@ -85,37 +85,6 @@ fn collector() -> (u16, Arc<Mutex<Vec<Received>>>) {
         }
     });
     (port, spans)
-}
-
-/// One request from a keep-alive connection: its head and its body (by `content-length`).
-fn read_request(stream: &mut TcpStream) -> Option<(String, Vec<u8>)> {
-    let mut bytes = Vec::new();
-    let mut buf = [0u8; 8192];
-    let head_end = loop {
-        if let Some(i) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => bytes.extend_from_slice(&buf[..n]),
-        }
-    };
-    let head = String::from_utf8_lossy(&bytes[..head_end]).into_owned();
-    let length = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>())
-        })
-        .map(|r| r.expect("a numeric content-length"))
-        .unwrap_or(0);
-    let mut body = bytes[head_end..].to_vec();
-    while body.len() < length {
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => body.extend_from_slice(&buf[..n]),
-        }
-    }
-    Some((head, body))
 }
 
 fn value(v: Option<&opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
