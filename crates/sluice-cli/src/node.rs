@@ -56,6 +56,17 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         n("/lanes/demoted_total"),
         s("/lanes/slow_priority")
     );
+    println!(
+        "warm         {} idle of {} ({} of {}), {} reused / {} fresh calls, {} dropped full, {} expired",
+        n("/warm/idle"),
+        n("/warm/idle_max"),
+        format_bytes(n("/warm/idle_bytes")),
+        format_bytes(n("/warm/memory_max")),
+        n("/warm/reused_total"),
+        n("/warm/fresh_total"),
+        n("/warm/dropped_full_total"),
+        n("/warm/expired_total")
+    );
     Ok(())
 }
 

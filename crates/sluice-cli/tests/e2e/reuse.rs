@@ -217,4 +217,11 @@ fn idle_instances_are_bounded_by_their_memory_too() {
     assert_eq!(warm["idle"], 1, "{warm}");
     assert!(bytes > 0 && bytes < 40 << 20, "{warm}");
     assert_eq!(warm["memory_max"], 40 << 20);
+    let (ok, out, err) = node.cli(&["node"]);
+    assert!(ok, "{err}");
+    let line = out.lines().find(|l| l.starts_with("warm ")).unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains("1 idle of 32") && line.contains("of 40.0 MiB") && line.contains("1 dropped full"),
+        "{line}"
+    );
 }
