@@ -267,8 +267,18 @@ fn run(seconds: u64, clients: usize, setup: Setup<'_>) -> Report {
                     lines[lines.len().saturating_sub(30)..].join("\n")
                 })
                 .collect();
+            // What each node is doing: its async attempts in flight (the registry) and its lanes
+            // (an attempt waiting for a slow-lane slot shows there).
+            let cluster = node.get("/v1/nodes").text().unwrap_or_default();
+            let states: Vec<String> = nodes
+                .iter()
+                .filter(|n| n.child.is_some())
+                .map(|n| n.get("/v1/node").text().unwrap_or_default())
+                .collect();
             panic!(
-                "invocation {id} did not finish: {v}\nusage: {usage}\nthe nodes' last log lines:\n{}",
+                "invocation {id} did not finish: {v}\nusage: {usage}\nnodes: {cluster}\neach node: {}\nthe nodes' \
+                 last log lines:\n{}",
+                states.join("\n"),
                 logs.join("\n---\n")
             );
         }
