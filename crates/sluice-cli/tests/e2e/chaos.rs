@@ -111,6 +111,7 @@ struct Report {
 }
 
 fn run(seconds: u64, clients: usize, setup: Setup<'_>) -> Report {
+    let _heavy = crate::harness::cpu_heavy();
     let (port, seen) = recorder();
     // A short lease, so that a killed node's work is taken over within the run. On the cluster a
     // little longer: every connection of every node is cut every couple of seconds there, and a

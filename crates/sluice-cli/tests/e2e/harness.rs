@@ -341,3 +341,13 @@ pub fn read_request(stream: &mut std::net::TcpStream) -> Option<(String, Vec<u8>
     }
     Some((head, body))
 }
+
+/// Taken by the tests that keep both cores busy for long (building and compiling the Python and
+/// JavaScript components) and by the chaos tests, so that they never run at the same time. A
+/// node runs async work on its slow lane, whose threads have the lowest OS priority
+/// (`SCHED_IDLE`); a component compile in another test's node starves them, and the chaos test
+/// then sees its calls stay queued or running past its deadline.
+pub fn cpu_heavy() -> std::sync::MutexGuard<'static, ()> {
+    static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    HEAVY.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -29,6 +29,7 @@ fn the_js_example_answers_json_with_its_env_and_an_allowed_upstream() {
 }
 
 fn the_example_answers(lang: &str, wasm: &Path) {
+    let _heavy = crate::harness::cpu_heavy();
     let upstream = Upstream::start();
     let lookup = format!("http://127.0.0.1:{}/lookup", upstream.port);
     // The downstream listens on loopback, which only an operator may open to guests.

@@ -45,6 +45,7 @@ fn a_new_python_project_builds_deploys_and_answers() {
     // The tests install nothing: build.sh uses the componentize-py that
     // scripts/build-examples.sh installed when it is first on the PATH (this fails saying to run
     // that script when it did not).
+    let _heavy = crate::harness::cpu_heavy();
     examples();
     let venv_bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/examples-venv/bin");
     let (_tmp, project) =
@@ -58,6 +59,7 @@ fn a_new_python_project_builds_deploys_and_answers() {
 fn a_new_js_project_builds_deploys_and_answers() {
     // `npm ci` resolves the lockfile examples/js pins, which scripts/build-examples.sh installed,
     // so npm's cache has every package.
+    let _heavy = crate::harness::cpu_heavy();
     examples();
     let (_tmp, project) =
         new_project("js", "demo-js", "npm ci && npm run build", "sluice deploy demo-js demo-js.wasm");
