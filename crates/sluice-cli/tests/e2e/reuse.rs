@@ -124,7 +124,8 @@ fn an_idle_instance_is_dropped_after_its_idle_time_and_the_bounds_hold() {
 
     // Two calls at once need two instances; only one may stay idle for this function.
     node.deploy("busy", &guests().testguest, &["--reuse", "100"]);
-    let url = format!("{}/fn/default/busy/sleep?ms=300", node.url);
+    // Long enough that the two overlap on a loaded machine too.
+    let url = format!("{}/fn/default/busy/sleep?ms=2000", node.url);
     let calls: Vec<_> = (0..2)
         .map(|_| {
             let (url, token) = (url.clone(), node.token.clone());
