@@ -466,6 +466,7 @@ impl Runtime {
             None => (self.new_store(&call, &logs, hooks, deadline, meter.clone(), fast_slice), None, 0),
         };
         store.set_epoch_deadline(1);
+        let reusable = call.reuse.is_some() && served + 1 < call.config.reuse_calls;
 
         let (head_tx, head_rx) = oneshot::channel();
         let (done_tx, done_rx) = oneshot::channel();
@@ -494,12 +495,13 @@ impl Runtime {
             .await;
             let memory_hit = store.data().limiter.memory_limit_hit;
             match result {
-                // Kept for the task to decide: reused, or dropped (which drops an unset response
-                // outparam, telling the waiting caller that no response is coming).
-                Ok(proxy) => Ran { result: Ok(()), memory_hit, kept: Some((store, proxy)) },
-                Err(e) => {
+                // Kept for the task to decide whether it serves again, when it may.
+                Ok(proxy) if reusable => Ran { result: Ok(()), memory_hit, kept: Some((store, proxy)) },
+                result => {
+                    // Dropping the store at once frees its slot and drops an unset response
+                    // outparam, which tells the waiting caller that no response is coming.
                     drop(store);
-                    Ran { result: Err(e), memory_hit, kept: None }
+                    Ran { result: result.map(drop), memory_hit, kept: None }
                 }
             }
         };
@@ -597,9 +599,7 @@ impl Runtime {
             // Only after its lines were taken: the next call on this instance starts with none.
             let served = served + 1;
             if let Some(reuse) = &call.reuse {
-                if let Some((store, proxy)) = kept
-                    && served < call.config.reuse_calls
-                {
+                if let Some((store, proxy)) = kept {
                     warm_pools.put(
                         reuse.key.clone(),
                         warm::Warm::new(store, proxy, call.config.clone(), logs, served),
