@@ -164,6 +164,12 @@ pub(crate) struct WarmPools {
 /// answers the second with "FetchEvent#respondWith can't be called twice").
 pub const WARM_FAILURES_MAX: u32 = 3;
 
+/// Versions whose warm failures (or unreusability) are remembered, at most: past it the record
+/// starts over, so a tenant deploying versions in a loop cannot grow it without bound. A version
+/// forgotten that way only fails [`WARM_FAILURES_MAX`] more warm calls before it is found out
+/// again.
+pub const TRACKED_VERSIONS_MAX: usize = 4096;
+
 impl WarmPools {
     pub(crate) fn new(config: WarmConfig) -> Arc<Self> {
         let pools = Arc::new(Self { config, ..Self::default() });
@@ -216,6 +222,9 @@ impl WarmPools {
             failures.remove(key);
             return false;
         }
+        if failures.len() >= TRACKED_VERSIONS_MAX && !failures.contains_key(key) {
+            failures.clear();
+        }
         let n = failures.entry(key.clone()).or_default();
         *n += 1;
         if *n < WARM_FAILURES_MAX {
@@ -223,7 +232,13 @@ impl WarmPools {
         }
         failures.remove(key);
         drop(failures);
-        self.unreusable.lock().expect("warm pools lock").insert(key.clone());
+        {
+            let mut unreusable = self.unreusable.lock().expect("warm pools lock");
+            if unreusable.len() >= TRACKED_VERSIONS_MAX {
+                unreusable.clear();
+            }
+            unreusable.insert(key.clone());
+        }
         // Its idle instances go too.
         let gone = self.idle.lock().expect("warm pools lock").remove(key);
         drop(gone);
@@ -366,6 +381,22 @@ mod tests {
         assert!(!pools.reusable(&key));
         assert!(pools.take(&key, &FunctionConfig::default()).is_none());
         assert!(pools.reusable(&WarmKey::new("t", "f", 2, "d")), "another version is not affected");
+    }
+
+    #[test]
+    fn the_record_of_failing_versions_is_bounded() {
+        let pools = WarmPools::default();
+        for v in 0..(TRACKED_VERSIONS_MAX as i64 + 10) {
+            let key = WarmKey::new("t", "f", v, "d");
+            for _ in 0..WARM_FAILURES_MAX {
+                pools.warm_call_ended(&key, true);
+            }
+            pools.warm_call_ended(&WarmKey::new("t", "g", v, "d"), true);
+        }
+        assert!(pools.warm_failures.lock().unwrap().len() <= TRACKED_VERSIONS_MAX);
+        assert!(pools.unreusable.lock().unwrap().len() <= TRACKED_VERSIONS_MAX);
+        let last = WarmKey::new("t", "f", TRACKED_VERSIONS_MAX as i64 + 9, "d");
+        assert!(!pools.reusable(&last), "the newest stays recorded");
     }
 
     #[tokio::test]
