@@ -827,16 +827,23 @@ async fn execute(ctx: &Ctx, inv: &Leased, trace: Option<sluice_runtime::trace::T
         }
     };
     let timeout = Duration::from_millis(ready.config.async_timeout_ms);
-    let key =
-        sluice_runtime::warm::WarmKey::new(&inv.tenant, &inv.function, inv.version, &ready.prepared.digest);
+    // Only a version with reuse or a bound of instances needs its key (allocated per attempt).
+    let bounded = ctx.runtime.instances_max(&ready.prepared, &ready.config).is_some();
+    let key = (bounded || ready.config.reuse_calls > 1).then(|| {
+        sluice_runtime::warm::WarmKey::new(&inv.tenant, &inv.function, inv.version, &ready.prepared.digest)
+    });
     // A bounded version (a heavy component, or its own `instances_max`) waits for room.
-    let instance = match ctx
-        .runtime
-        .instance_permit(&key, &ready.prepared, &ready.config, std::time::Instant::now() + timeout)
-        .await
-    {
-        Ok(permit) => permit,
-        Err(e) => return (failed(ctx, inv, e.kind.as_str(), None, None, true), system(e.message)).into(),
+    let instance = match &key {
+        Some(key) if bounded => {
+            let deadline = std::time::Instant::now() + timeout;
+            match ctx.runtime.instance_permit(key, &ready.prepared, &ready.config, deadline).await {
+                Ok(permit) => permit,
+                Err(e) => {
+                    return (failed(ctx, inv, e.kind.as_str(), None, None, true), system(e.message)).into();
+                }
+            }
+        }
+        _ => None,
     };
     let call = Call {
         invocation_id: inv.id.clone(),
@@ -849,7 +856,7 @@ async fn execute(ctx: &Ctx, inv: &Leased, trace: Option<sluice_runtime::trace::T
         function: Arc::from(inv.function.as_str()),
         on_done: None,
         trace: trace.map(|cx| TraceParent { cx, attempt: Some(inv.attempt) }),
-        reuse: (ready.config.reuse_calls > 1).then_some(sluice_runtime::warm::Reuse { key }),
+        reuse: key.filter(|_| ready.config.reuse_calls > 1).map(|key| sluice_runtime::warm::Reuse { key }),
         instance,
     };
     let running = ctx.runtime.invoke(&ready.prepared, call, request);
