@@ -130,12 +130,15 @@ fn an_idle_instance_is_dropped_after_its_idle_time_and_the_bounds_hold() {
         .map(|_| {
             let (url, token) = (url.clone(), node.token.clone());
             std::thread::spawn(move || {
-                reqwest::blocking::Client::new().get(url).bearer_auth(token).send().unwrap().status()
+                // The body is read to its end: a caller that hangs up after the head cancels a
+                // guest still writing its body, and a cancelled instance is not kept.
+                let res = reqwest::blocking::Client::new().get(url).bearer_auth(token).send().unwrap();
+                (res.status(), res.text().unwrap())
             })
         })
         .collect();
     for c in calls {
-        assert_eq!(c.join().unwrap(), 200);
+        assert_eq!(c.join().unwrap(), (reqwest::StatusCode::OK, "slept 2000".to_string()));
     }
     settle(&node);
     let info: Value = node.get("/v1/node").json().unwrap();
