@@ -67,6 +67,13 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         n("/warm/dropped_full_total"),
         n("/warm/expired_total")
     );
+    println!(
+        "heavy        {} of {} slots in use (each keeps up to {} resident), {} of initial memory per version",
+        n("/heavy/slots_in_use"),
+        n("/heavy/slots_max"),
+        format_bytes(n("/heavy/memory_keep_resident_bytes")),
+        format_bytes(n("/heavy/memory_max"))
+    );
     Ok(())
 }
 

@@ -148,18 +148,33 @@ pub struct ServeArgs {
     /// slot that held such a guest keeps up to this much resident. e.g. 4MiB, 64MiB.
     #[arg(long, default_value = "4MiB", value_parser = parse_bytes)]
     pub memory_keep_resident: u64,
-    /// Map each instance's initialized memory copy-on-write from its component's image (true),
-    /// or copy the image in at instantiation (false).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    pub memory_init_cow: bool,
     /// Idle warm instances (of functions deployed with --reuse) kept on this node at most, over
     /// all functions; each holds an instance slot and the memory its guest touched.
     #[arg(long, default_value_t = 32)]
     pub warm_instances_max: usize,
-    /// Instances of one heavy function version (8 MiB or more of initial memory) alive at once,
-    /// unless it sets its own (`deploy --instances`); more calls wait. Default: 1 per core.
+    /// Instances of one heavy function version (8 MiB or more of initial memory, e.g. Python or
+    /// JavaScript) alive at once, unless it sets its own (`deploy --instances`); more calls
+    /// wait. Default: --heavy-memory-max divided by the component's initial memory.
     #[arg(long)]
     pub heavy_instances_max: Option<u32>,
+    /// Initial memory of one heavy version's instances alive at once, together, e.g. 40MiB:
+    /// two instances of a 15 MiB Python component, four of a 9 MiB JavaScript one.
+    #[arg(long, default_value = "40MiB", value_parser = parse_bytes)]
+    pub heavy_memory_max: u64,
+    /// Instances of heavy components alive at once on this node, over all of them (default: 4
+    /// per core). Heavy components copy their memory image into pages kept resident instead of
+    /// mapping it copy-on-write, so each slot keeps up to --heavy-memory-keep-resident.
+    #[arg(long)]
+    pub heavy_slots_max: Option<u32>,
+    /// Bytes of a heavy instance's memory kept resident in its slot after it ends (only the
+    /// pages it dirtied are reset), e.g. 64MiB: at least the image of the largest heavy
+    /// component, or its instances fault their image in again.
+    #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
+    pub heavy_memory_keep_resident: u64,
+    /// Initial memory from which a component is heavy (its own engine, bounded instances), e.g.
+    /// 8MiB. A component is placed when it is compiled: artifacts already on disk keep theirs.
+    #[arg(long, default_value = "8MiB", value_parser = parse_bytes)]
+    pub heavy_from: u64,
     /// Idle warm instances kept per function version at most.
     #[arg(long, default_value_t = 8)]
     pub warm_per_function_max: usize,
@@ -331,11 +346,26 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
     config.lease_ms = args.lease.as_millis() as u64;
     config.lanes = args.lanes()?;
     config.memory_keep_resident_bytes = args.memory_keep_resident as usize;
-    config.memory_init_cow = args.memory_init_cow;
     if let Some(n) = args.heavy_instances_max {
         anyhow::ensure!(n >= 1, "--heavy-instances-max must be at least 1");
         config.heavy_instances_max = Some(n);
     }
+    if let Some(n) = args.heavy_slots_max {
+        anyhow::ensure!(
+            (1..=args.instances_max).contains(&n),
+            "--heavy-slots-max must be between 1 and --instances-max ({})",
+            args.instances_max
+        );
+        config.heavy_slots_max = Some(n);
+    }
+    anyhow::ensure!(args.heavy_memory_max >= 1 << 20, "--heavy-memory-max must be at least 1MiB");
+    config.heavy_memory_max = Some(args.heavy_memory_max);
+    anyhow::ensure!(
+        args.heavy_memory_keep_resident <= 1 << 30,
+        "--heavy-memory-keep-resident must be at most 1GiB (the largest function memory)"
+    );
+    config.heavy_memory_keep_resident_bytes = Some(args.heavy_memory_keep_resident as usize);
+    config.heavy_from_bytes = Some(args.heavy_from);
     anyhow::ensure!(
         args.warm_instances_max < args.instances_max as usize,
         "--warm-instances-max ({}) must be below --instances-max ({}): idle instances hold slots",

@@ -120,6 +120,20 @@ pub struct WarmInfo {
     pub ended_total: u64,
 }
 
+/// Heavy components (8 MiB or more of initial memory): their own engine and pool, whose slots
+/// keep the copied memory image resident.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct HeavyInfo {
+    /// Heavy instances alive now (running or warm), and at most (`serve --heavy-slots-max`).
+    pub slots_in_use: u64,
+    pub slots_max: u64,
+    /// Memory each slot may keep resident after its instance ends: with `slots_max`, the most
+    /// that heavy components keep resident on this node between calls.
+    pub memory_keep_resident_bytes: u64,
+    /// Initial memory of one version's instances alive at once (`serve --heavy-memory-max`).
+    pub memory_max: u64,
+}
+
 /// What this node holds and does.
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct NodeInfo {
@@ -134,6 +148,7 @@ pub struct NodeInfo {
     pub artifacts: DiskInfo,
     pub lanes: LanesInfo,
     pub warm: WarmInfo,
+    pub heavy: HeavyInfo,
 }
 
 /// This node (admin only): its code cache, artifacts on disk and CPU lanes.
@@ -172,6 +187,16 @@ pub(crate) async fn node_info(State(node): State<Arc<Node>>, auth: Auth) -> ApiR
                 dropped_full_total: w.dropped_full_total,
                 expired_total: w.expired_total,
                 ended_total: w.ended_total,
+            }
+        },
+        heavy: {
+            let (in_use, max) = node.runtime.heavy_slots();
+            let config = node.runtime.config();
+            HeavyInfo {
+                slots_in_use: in_use.into(),
+                slots_max: max.into(),
+                memory_keep_resident_bytes: config.heavy_memory_keep_resident_bytes as u64,
+                memory_max: config.heavy_memory_max,
             }
         },
     }))

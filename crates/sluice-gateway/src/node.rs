@@ -41,10 +41,14 @@ pub struct NodeConfig {
     pub lanes: sluice_runtime::LaneConfig,
     /// Bytes of a freed linear memory kept resident and reset in place.
     pub memory_keep_resident_bytes: usize,
-    /// Copy-on-write memory images (see `RuntimeConfig::memory_init_cow`).
-    pub memory_init_cow: bool,
-    /// Instances of a heavy version alive at once (default: the runtime's, 1 per core).
+    /// Instances of a heavy version alive at once (default: from `heavy_memory_max`).
     pub heavy_instances_max: Option<u32>,
+    /// Heavy components' engine: memory kept resident per slot, slots, and the initial memory
+    /// of one version's instances together (`None`: the runtime's defaults).
+    pub heavy_memory_keep_resident_bytes: Option<usize>,
+    pub heavy_from_bytes: Option<u64>,
+    pub heavy_slots_max: Option<u32>,
+    pub heavy_memory_max: Option<u64>,
     /// Bounds of the warm instances kept for functions with reuse.
     pub warm: sluice_runtime::warm::WarmConfig,
     /// The code cache and the compile pool.
@@ -73,8 +77,11 @@ impl NodeConfig {
                 std::thread::available_parallelism().map_or(1, |n| n.get()),
             ),
             memory_keep_resident_bytes: 4 << 20,
-            memory_init_cow: true,
             heavy_instances_max: None,
+            heavy_memory_keep_resident_bytes: None,
+            heavy_from_bytes: None,
+            heavy_slots_max: None,
+            heavy_memory_max: None,
             warm: Default::default(),
             code: sluice_runtime::CodeConfig::for_cores(
                 std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -275,9 +282,18 @@ impl Node {
         rt.lanes = config.lanes.clone();
         rt.memory_keep_resident_bytes = config.memory_keep_resident_bytes;
         rt.warm = config.warm;
-        rt.memory_init_cow = config.memory_init_cow;
-        if let Some(n) = config.heavy_instances_max {
-            rt.heavy_instances_max = n;
+        rt.heavy_instances_max = config.heavy_instances_max;
+        if let Some(b) = config.heavy_memory_keep_resident_bytes {
+            rt.heavy_memory_keep_resident_bytes = b;
+        }
+        if let Some(b) = config.heavy_from_bytes {
+            rt.heavy_from_bytes = b;
+        }
+        if let Some(n) = config.heavy_slots_max {
+            rt.heavy_slots_max = n;
+        }
+        if let Some(b) = config.heavy_memory_max {
+            rt.heavy_memory_max = b;
         }
         rt.outbound = config.limits.outbound.clone();
         rt.code = config.code.clone();

@@ -223,7 +223,7 @@ impl Runtime {
         key: &CodeKey,
         blob: BlobSource,
     ) -> Result<bool, SluiceError> {
-        if self.artifact_path(key).exists() {
+        if self.existing_artifact(key).is_some() {
             return Ok(false);
         }
         let bytes = blob().await?.ok_or_else(|| missing_blob(key))?;
@@ -240,12 +240,22 @@ impl Runtime {
         self.code.stats().await
     }
 
-    /// The artifact of `key` on disk.
-    pub fn artifact_path(&self, key: &CodeKey) -> PathBuf {
-        self.config
-            .artifact_dir
-            .join(&*key.tenant)
-            .join(format!("{}-{}.cwasm", key.digest, self.engine_fingerprint))
+    /// The artifact of `key` on disk, compiled for the light or the heavy engine.
+    pub fn artifact_path(&self, key: &CodeKey, heavy: bool) -> PathBuf {
+        self.config.artifact_dir.join(&*key.tenant).join(format!(
+            "{}-{}.cwasm",
+            key.digest,
+            self.engine_for(heavy).fingerprint
+        ))
+    }
+
+    /// The artifact of `key` that is on disk, and whether it is the heavy engine's. A component
+    /// is compiled for one engine only (its memory decides), so at most one of them exists.
+    pub fn existing_artifact(&self, key: &CodeKey) -> Option<(PathBuf, bool)> {
+        [false, true]
+            .into_iter()
+            .map(|heavy| (self.artifact_path(key, heavy), heavy))
+            .find(|(p, _)| p.exists())
     }
 
     async fn load_or_compile(
@@ -254,12 +264,11 @@ impl Runtime {
         blob: impl FnOnce() -> BlobSource + Send,
     ) -> Result<Arc<Prepared>, SluiceError> {
         let started = Instant::now();
-        let path = self.artifact_path(key);
-        if path.exists() {
+        if let Some((path, heavy)) = self.existing_artifact(key) {
             let this = self.clone();
             let k = key.clone();
             let p = path.clone();
-            match blocking(move || this.load_artifact(&k, &p, None)).await {
+            match blocking(move || this.load_artifact(heavy, &k, &p, None)).await {
                 Ok(prepared) => {
                     let us = started.elapsed().as_micros() as u64;
                     let c = &self.code.counters;
@@ -298,13 +307,18 @@ impl Runtime {
             let started = Instant::now();
             let invalid = |m: String| SluiceError::new(ErrorKind::InvalidComponent, m);
             check_header(&bytes).map_err(invalid)?;
+            // Which engine: a component that does not parse goes to the light one, whose
+            // compile then says what is wrong with it.
+            let heavy =
+                crate::initial_memory_bytes(&bytes).is_some_and(|m| m >= this.config.heavy_from_bytes);
+            let engine = &this.engine_for(heavy).engine;
             let artifact = this
                 .code
                 .compile_pool
-                .install(|| this.engine.precompile_component(&bytes))
+                .install(|| engine.precompile_component(&bytes))
                 .map_err(|e| invalid(format!("not a valid WebAssembly component: {e:#}")))?;
             let compile_ms = started.elapsed().as_millis() as u64;
-            let path = this.artifact_path(&key);
+            let path = this.artifact_path(&key, heavy);
             let written = write_atomically(&path, &artifact);
             drop(artifact);
             // The compiler's working memory (hundreds of MiB for a large component) is free now
@@ -313,7 +327,7 @@ impl Runtime {
             release_freed_memory();
             written
                 .map_err(|e| SluiceError::internal(format!("writing artifact {}: {e}", path.display())))?;
-            let loaded = this.load_artifact(&key, &path, Some(compile_ms));
+            let loaded = this.load_artifact(heavy, &key, &path, Some(compile_ms));
             if loaded.is_err() {
                 // A component that compiles but cannot be served (wrong world, unknown imports)
                 // leaves nothing behind that would look like a usable artifact.
@@ -341,6 +355,7 @@ impl Runtime {
     /// one.
     fn load_artifact(
         &self,
+        heavy: bool,
         key: &CodeKey,
         path: &Path,
         compile_ms: Option<u64>,
@@ -348,12 +363,12 @@ impl Runtime {
         // SAFETY: artifacts in this directory are written only by `compile_to_disk`, named by the
         // engine fingerprint, and wasmtime checks the engine compatibility header again.
         #[allow(unsafe_code)]
-        let component = unsafe { Component::deserialize_file(&self.engine, path) }
+        let component = unsafe { Component::deserialize_file(&self.engine_for(heavy).engine, path) }
             .map_err(|e| SluiceError::internal(format!("artifact {}: {e:#}", path.display())))?;
         let artifact_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
         let origin =
             Origin { compiled: compile_ms.is_some(), compile_ms: compile_ms.unwrap_or(0), artifact_bytes };
-        self.prepare(&key.digest, &component, origin)
+        self.prepare(heavy, &key.digest, &component, origin)
     }
 }
 
@@ -487,7 +502,8 @@ impl Runtime {
         let parsed = name.strip_suffix(".cwasm").and_then(|stem| stem.rsplit_once('-'));
         let (key, current) = match (tenant, parsed) {
             (Some(tenant), Some((digest, engine))) => {
-                (Some(CodeKey::new(tenant, digest)), engine == self.engine_fingerprint)
+                let current = engine == self.light.fingerprint || engine == self.heavy.fingerprint;
+                (Some(CodeKey::new(tenant, digest)), current)
             }
             _ => (None, false),
         };

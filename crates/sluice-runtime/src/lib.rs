@@ -72,10 +72,23 @@ pub struct RuntimeConfig {
     /// Bytes of each freed linear memory kept resident and reset in place instead of `madvise`d
     /// away (see notes/sync-path-perf.md: with pagemap scan this removes the TLB shootdowns).
     pub memory_keep_resident_bytes: usize,
-    /// Map a module's initialized memory copy-on-write from its image (`true`), or copy the
-    /// image into the instance's memory at instantiation (`false`; with keep-resident memory the
-    /// copy lands on resident pages, so the guest's writes fault nothing).
-    pub memory_init_cow: bool,
+    /// Heavy components (see [`Prepared::heavy`]) run on an engine of their own that copies
+    /// each instance's initialized memory into pages kept resident (up to this many bytes per
+    /// slot; with pagemap scan only the pages an instance dirtied are reset), instead of mapping
+    /// it copy-on-write: a large image's copy-on-write faults each cost a TLB-shootdown IPI
+    /// (a VM exit on a virtual machine), which made fresh instances of an 18 MiB Python
+    /// component slower than copying (BENCHMARKS.md).
+    pub heavy_memory_keep_resident_bytes: usize,
+    /// Initial memory from which a component is heavy ([`HEAVY_MEMORY_BYTES`] by default).
+    pub heavy_from_bytes: u64,
+    /// Instances of heavy components alive at once on this node, over all their versions: the
+    /// size of the heavy engine's pool, so at most this many slots keep
+    /// `heavy_memory_keep_resident_bytes` resident. More calls wait for a slot.
+    pub heavy_slots_max: u32,
+    /// Initial memory that the instances of one heavy version alive at once may have together,
+    /// unless the function sets its own `instances_max`: a version whose instances start with
+    /// 15 MiB may have `heavy_memory_max / 15 MiB` of them (at least one).
+    pub heavy_memory_max: u64,
     /// The same for tables.
     pub table_keep_resident_bytes: usize,
     /// Directory of compiled artifacts (`<tenant>/<digest>-<engine>.cwasm`).
@@ -92,20 +105,23 @@ pub struct RuntimeConfig {
     pub outbound: sluice_core::limits::OutboundLimits,
     /// Bounds of the warm instances kept for functions with reuse.
     pub warm: warm::WarmConfig,
-    /// Instances of one heavy function version (see [`Prepared::heavy`]) alive at once, unless
-    /// the function sets its own `instances_max`: more calls wait for one. Each holds its whole
-    /// initial memory resident, and on a node with few cores more of them only add memory.
-    pub heavy_instances_max: u32,
+    /// Instances of one heavy function version alive at once, unless the function sets its own
+    /// `instances_max`; `None`: from `heavy_memory_max`.
+    pub heavy_instances_max: Option<u32>,
 }
 
 impl RuntimeConfig {
     pub fn new(artifact_dir: PathBuf) -> Self {
         let limits = sluice_core::Limits::default();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
         Self {
             instances_max: limits.instances_max,
             function_memory_bytes_max: limits.function_memory_bytes_max,
             memory_keep_resident_bytes: 4 << 20,
-            memory_init_cow: true,
+            heavy_memory_keep_resident_bytes: 64 << 20,
+            heavy_from_bytes: HEAVY_MEMORY_BYTES,
+            heavy_slots_max: 4 * cores,
+            heavy_memory_max: HEAVY_MEMORY_MAX_DEFAULT,
             table_keep_resident_bytes: 1 << 20,
             artifact_dir,
             code: CodeConfig::for_cores(std::thread::available_parallelism().map_or(1, |n| n.get())),
@@ -114,7 +130,7 @@ impl RuntimeConfig {
             lanes: LaneConfig::for_cores(std::thread::available_parallelism().map_or(1, |n| n.get())),
             outbound: limits.outbound,
             warm: warm::WarmConfig::default(),
-            heavy_instances_max: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            heavy_instances_max: None,
         }
     }
 }
@@ -181,31 +197,118 @@ impl ResourceLimiter for Limiter {
 /// A component that is validated, compiled, linked and pre-instantiated: ready to serve.
 pub struct Prepared {
     pre: ProxyPre<Host>,
+    /// The engine it was compiled for: its stores are made there.
+    engine: Engine,
     pub digest: String,
     /// How it was loaded.
     pub origin: Origin,
     /// The largest initial linear memory of its core modules: what every instance starts with
     /// (a componentize-py component starts with tens of MiB of initialized interpreter heap).
     pub initial_memory_bytes: u64,
+    heavy: bool,
 }
 
 impl Prepared {
-    /// A component whose instances start with at least [`HEAVY_MEMORY_BYTES`] of memory.
+    /// A component whose instances start with at least [`HEAVY_MEMORY_BYTES`] of memory: it runs
+    /// on the heavy engine, in its bounded pool.
     pub fn heavy(&self) -> bool {
-        self.initial_memory_bytes >= HEAVY_MEMORY_BYTES
+        self.heavy
     }
 }
 
-/// Initial memory from which a component counts as heavy: its instances alive at once are bounded
-/// by default (`RuntimeConfig::heavy_instances_max`).
+/// Initial memory from which a component counts as heavy: it runs on the heavy engine (memory
+/// copied into resident pages, not mapped copy-on-write) and its instances alive at once are
+/// bounded by default (`RuntimeConfig::heavy_memory_max`).
 pub const HEAVY_MEMORY_BYTES: u64 = 8 << 20;
+/// Default of [`RuntimeConfig::heavy_memory_max`]: two instances of the 15 MiB Python example,
+/// four of the 9 MiB JavaScript one (BENCHMARKS.md: more add memory faster than throughput).
+pub const HEAVY_MEMORY_MAX_DEFAULT: u64 = 40 << 20;
+
+/// One wasmtime engine with its pool, linker and artifact fingerprint.
+struct EngineSet {
+    engine: Engine,
+    linker: Linker<Host>,
+    fingerprint: String,
+}
+
+impl EngineSet {
+    fn new(pool: PoolingAllocationConfig, memory_init_cow: bool) -> anyhow::Result<Self> {
+        let mut wasm = Config::new();
+        wasm.wasm_component_model(true)
+            // No wasm backtraces: capturing one walks the guest's whole stack in host code that
+            // no epoch tick interrupts, on the core of the fast lane (a deep recursion that
+            // overflows its 512 KiB stack spent most of its time there, BENCHMARKS.md). The trap
+            // kind and the guest's own stderr (e.g. a Rust panic message) are still logged.
+            .wasm_backtrace_max_frames(None)
+            .memory_init_cow(memory_init_cow)
+            .epoch_interruption(true)
+            .max_wasm_stack(WASM_STACK_BYTES)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&wasm)?;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        let fingerprint = format!("{:016x}", hasher.finish());
+        let mut linker: Linker<Host> = Linker::new(&engine);
+        // The full WASI 0.2 set, as `wasmtime serve` links it: Rust's std imports
+        // wasi:cli/environment, exit and terminal-* even in a pure HTTP handler. Filesystem
+        // calls find no preopens and sockets are denied in the context below.
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+        spawn_epoch_ticker(&engine);
+        Ok(Self { engine, linker, fingerprint })
+    }
+}
+
+/// A pool for `n` component instances of `cores` core instances each, at most.
+fn pool_config(
+    n: u32,
+    cores: u32,
+    config: &RuntimeConfig,
+    memory_keep_resident: usize,
+) -> PoolingAllocationConfig {
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(n)
+        .total_core_instances(n.saturating_mul(cores))
+        .total_memories(n.saturating_mul(2))
+        .total_tables(n.saturating_mul(cores))
+        .total_stacks(n)
+        .max_memory_size(config.function_memory_bytes_max as usize)
+        .table_elements(TABLE_ELEMENTS_MAX)
+        .linear_memory_keep_resident(memory_keep_resident)
+        .table_keep_resident(config.table_keep_resident_bytes)
+        // Resets only the pages a guest dirtied (Linux >= 6.7); without it keep-resident
+        // would rewrite the whole kept region on every free.
+        .pagemap_scan(Enabled::Auto);
+    pool
+}
+
+/// The largest initial linear memory that a core module of the component `bytes` defines, read
+/// from its memory sections without compiling: it decides the engine a component is compiled
+/// for, before it is compiled. `None` when the bytes do not parse (the compile then says why).
+pub fn initial_memory_bytes(bytes: &[u8]) -> Option<u64> {
+    let mut max = 0u64;
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        if let wasmparser::Payload::MemorySection(reader) = payload.ok()? {
+            for memory in reader {
+                let memory = memory.ok()?;
+                let page = memory.page_size_log2.map_or(64 * 1024, |log2| 1u64 << log2.min(16));
+                max = max.max(memory.initial.saturating_mul(page));
+            }
+        }
+    }
+    Some(max)
+}
 
 /// The node's wasm runtime.
 pub struct Runtime {
-    engine: Engine,
-    linker: Linker<Host>,
+    /// Light components: memory images mapped copy-on-write.
+    light: EngineSet,
+    /// Heavy components: memory images copied into resident pages (see
+    /// [`RuntimeConfig::heavy_memory_keep_resident_bytes`]).
+    heavy: EngineSet,
+    /// Room in the heavy engine's pool.
+    heavy_slots: Arc<tokio::sync::Semaphore>,
     config: RuntimeConfig,
-    engine_fingerprint: String,
     lanes: Arc<lanes::Lanes>,
     code: code::CodeCache,
     downstreams: Arc<Downstreams>,
@@ -215,57 +318,24 @@ pub struct Runtime {
 
 impl Runtime {
     pub fn new(config: RuntimeConfig) -> anyhow::Result<Self> {
-        let n = config.instances_max;
-        let mut pool = PoolingAllocationConfig::default();
         // A Rust wasip2 component instantiates a few core instances (the program plus shims)
-        // with one memory and a few tables, hence the multipliers.
-        pool.total_component_instances(n)
-            .total_core_instances(n.saturating_mul(4))
-            .total_memories(n.saturating_mul(2))
-            .total_tables(n.saturating_mul(4))
-            .total_stacks(n)
-            .max_memory_size(config.function_memory_bytes_max as usize)
-            .table_elements(TABLE_ELEMENTS_MAX)
-            .linear_memory_keep_resident(config.memory_keep_resident_bytes)
-            .table_keep_resident(config.table_keep_resident_bytes)
-            // Resets only the pages a guest dirtied (Linux >= 6.7); without it keep-resident
-            // would rewrite the whole kept region on every free.
-            .pagemap_scan(Enabled::Auto);
-        let mut wasm = Config::new();
-        wasm.wasm_component_model(true)
-            // No wasm backtraces: capturing one walks the guest's whole stack in host code that
-            // no epoch tick interrupts, on the core of the fast lane (a deep recursion that
-            // overflows its 512 KiB stack spent most of its time there, BENCHMARKS.md). The trap
-            // kind and the guest's own stderr (e.g. a Rust panic message) are still logged.
-            .wasm_backtrace_max_frames(None)
-            .memory_init_cow(config.memory_init_cow)
-            .epoch_interruption(true)
-            .max_wasm_stack(WASM_STACK_BYTES)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&wasm)?;
-
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        engine.precompile_compatibility_hash().hash(&mut hasher);
-        let engine_fingerprint = format!("{:016x}", hasher.finish());
-
-        let mut linker: Linker<Host> = Linker::new(&engine);
-        // The full WASI 0.2 set, as `wasmtime serve` links it: Rust's std imports
-        // wasi:cli/environment, exit and terminal-* even in a pure HTTP handler. Filesystem
-        // calls find no preopens and sockets are denied in the context below.
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
-
+        // with one memory and a few tables; a componentize-py one a dozen, sharing one memory.
+        let light_pool = pool_config(config.instances_max, 4, &config, config.memory_keep_resident_bytes);
+        let light = EngineSet::new(light_pool, true)?;
+        let heavy_pool =
+            pool_config(config.heavy_slots_max, 16, &config, config.heavy_memory_keep_resident_bytes);
+        let heavy = EngineSet::new(heavy_pool, false)?;
+        let heavy_slots = Arc::new(tokio::sync::Semaphore::new(config.heavy_slots_max as usize));
         std::fs::create_dir_all(&config.artifact_dir)?;
         let lanes = Arc::new(lanes::Lanes::new(config.lanes.clone())?);
         let code = code::CodeCache::new(config.code.clone())?;
-        spawn_epoch_ticker(&engine);
         let downstreams = Arc::new(Downstreams::new());
         let warm = warm::WarmPools::new(config.warm);
         Ok(Self {
-            engine,
-            linker,
+            light,
+            heavy,
+            heavy_slots,
             config,
-            engine_fingerprint,
             lanes,
             code,
             downstreams,
@@ -288,7 +358,14 @@ impl Runtime {
     /// function's own `instances_max`, else [`RuntimeConfig::heavy_instances_max`] for a heavy
     /// component, else no bound.
     pub fn instances_max(&self, prepared: &Prepared, config: &FunctionConfig) -> Option<u32> {
-        config.instances_max.or_else(|| prepared.heavy().then_some(self.config.heavy_instances_max))
+        config.instances_max.or_else(|| {
+            prepared.heavy().then(|| {
+                self.config.heavy_instances_max.unwrap_or_else(|| {
+                    let n = self.config.heavy_memory_max / prepared.initial_memory_bytes.max(1);
+                    u32::try_from(n).unwrap_or(u32::MAX).max(1)
+                })
+            })
+        })
     }
 
     /// Waits, until `deadline`, for room for one more instance of version `key` (`None` when the
@@ -301,7 +378,42 @@ impl Runtime {
         deadline: Instant,
     ) -> Result<Option<warm::InstancePermit>, SluiceError> {
         let Some(max) = self.instances_max(prepared, config) else { return Ok(None) };
-        self.instance_limits.acquire(key, max, deadline).await.map(Some)
+        let mut permit = self.instance_limits.acquire(key, max, deadline).await?;
+        if prepared.heavy() {
+            permit.heavy_slot = Some(self.heavy_slot(deadline).await?);
+        }
+        Ok(Some(permit))
+    }
+
+    /// A slot of the heavy engine's pool, waiting until `deadline`. Idle warm instances of heavy
+    /// components give theirs up first: a call that needs a fresh instance comes before one
+    /// that may never come.
+    async fn heavy_slot(&self, deadline: Instant) -> Result<tokio::sync::OwnedSemaphorePermit, SluiceError> {
+        loop {
+            match self.heavy_slots.clone().try_acquire_owned() {
+                Ok(slot) => return Ok(slot),
+                Err(tokio::sync::TryAcquireError::Closed) => {
+                    return Err(SluiceError::internal("the heavy slots were closed"));
+                }
+                Err(tokio::sync::TryAcquireError::NoPermits) => {
+                    if !self.warm.drop_idle_heavy() {
+                        break;
+                    }
+                }
+            }
+        }
+        match tokio::time::timeout_at(deadline.into(), self.heavy_slots.clone().acquire_owned()).await {
+            Ok(Ok(slot)) => Ok(slot),
+            Ok(Err(_)) => Err(SluiceError::internal("the heavy slots were closed")),
+            Err(_) => Err(SluiceError::new(
+                ErrorKind::Overloaded,
+                format!(
+                    "all {} instances of heavy components this node runs at once are busy; retry later",
+                    self.config.heavy_slots_max
+                ),
+            )
+            .retry_after(1)),
+        }
     }
 
     /// The concurrency limits of every function's downstreams on this node: the scheduler and
@@ -314,28 +426,42 @@ impl Runtime {
         &self.config
     }
 
-    /// Identifies the engine's code generation settings; part of every artifact's file name.
-    pub fn engine_fingerprint(&self) -> &str {
-        &self.engine_fingerprint
+    /// Identifies the engines' code generation settings (light and heavy); part of every
+    /// artifact's file name.
+    pub fn engine_fingerprint(&self) -> String {
+        format!("{}+{}", self.light.fingerprint, self.heavy.fingerprint)
+    }
+
+    /// The engine for components whose instances start with `initial_memory_bytes`.
+    fn engine_for(&self, heavy: bool) -> &EngineSet {
+        if heavy { &self.heavy } else { &self.light }
+    }
+
+    /// Heavy instances alive now, and at most.
+    pub fn heavy_slots(&self) -> (u32, u32) {
+        let max = self.config.heavy_slots_max;
+        (max.saturating_sub(self.heavy_slots.available_permits() as u32), max)
     }
 
     fn prepare(
         &self,
+        heavy: bool,
         digest: &str,
         component: &Component,
         origin: Origin,
     ) -> Result<Arc<Prepared>, SluiceError> {
         let invalid = |m: String| SluiceError::new(ErrorKind::InvalidComponent, m);
+        let set = self.engine_for(heavy);
         let ty = component.component_type();
         let unsupported: Vec<String> =
-            ty.imports(&self.engine).map(|(n, _)| n.to_string()).filter(|n| !import_supported(n)).collect();
+            ty.imports(&set.engine).map(|(n, _)| n.to_string()).filter(|n| !import_supported(n)).collect();
         if !unsupported.is_empty() {
             return Err(invalid(format!(
                 "component imports interfaces sluice does not provide: {}",
                 unsupported.join(", ")
             )));
         }
-        let exports: Vec<String> = ty.exports(&self.engine).map(|(n, _)| n.to_string()).collect();
+        let exports: Vec<String> = ty.exports(&set.engine).map(|(n, _)| n.to_string()).collect();
         if !exports.iter().any(|e| e.starts_with("wasi:http/incoming-handler@0.2")) {
             return Err(invalid(format!(
                 "component does not export wasi:http/incoming-handler@0.2.x (it exports: {}); \
@@ -343,7 +469,7 @@ impl Runtime {
                 if exports.is_empty() { "nothing".to_string() } else { exports.join(", ") }
             )));
         }
-        let pre = self
+        let pre = set
             .linker
             .instantiate_pre(component)
             .map_err(|e| invalid(format!("component cannot be linked: {e:#}")))?;
@@ -353,7 +479,14 @@ impl Runtime {
             .resources_required()
             .and_then(|r| r.max_initial_memory_size)
             .map_or(0, |pages| pages.saturating_mul(64 * 1024));
-        Ok(Arc::new(Prepared { pre, digest: digest.to_string(), origin, initial_memory_bytes }))
+        Ok(Arc::new(Prepared {
+            pre,
+            engine: set.engine.clone(),
+            digest: digest.to_string(),
+            origin,
+            initial_memory_bytes,
+            heavy,
+        }))
     }
 
     /// A fresh store for `call`: its guest's stdout and stderr go to `logs`, its outbound
@@ -361,6 +494,7 @@ impl Runtime {
     /// fast lane once it used its slice.
     fn new_store(
         &self,
+        engine: &Engine,
         call: &Call,
         logs: &LogCapture,
         hooks: outbound::OutboundPolicy,
@@ -391,7 +525,7 @@ impl Runtime {
             deadline,
             meter,
         };
-        let mut store = Store::new(&self.engine, host);
+        let mut store = Store::new(engine, host);
         store.limiter(|h| &mut h.limiter);
         store.epoch_deadline_callback(move |ctx| {
             let host = ctx.data();
@@ -412,7 +546,7 @@ impl Runtime {
     /// call starts on the slow lane's threads. Either moves to a slow-lane slot once it has used
     /// its fast-lane slice. The request gets `sluice-invocation-id` (and a `Host` if it has none)
     /// here, for every caller.
-    pub fn invoke<B>(&self, prepared: &Arc<Prepared>, call: Call, request: http::Request<B>) -> Running
+    pub fn invoke<B>(&self, prepared: &Arc<Prepared>, mut call: Call, request: http::Request<B>) -> Running
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BodyError>,
@@ -452,8 +586,12 @@ impl Runtime {
             },
             propagation,
         );
-        let (mut store, proxy, served) = match warm {
-            Some(warm::Warm { mut store, proxy, calls, .. }) => {
+        // A heavy component's fresh instance takes the pool slot its permit reserved; a warm one
+        // already holds its own.
+        let fresh_slot = call.instance.as_mut().and_then(|p| p.heavy_slot.take());
+        let (mut store, proxy, served, heavy_slot) = match warm {
+            Some(warm::Warm { mut store, proxy, calls, heavy_slot, .. }) => {
+                drop(fresh_slot);
                 // What belongs to this call; the guest's own state (memory, resources it kept)
                 // stays.
                 let host = store.data_mut();
@@ -461,9 +599,20 @@ impl Runtime {
                 host.limiter.memory_limit_hit = false;
                 host.deadline = deadline;
                 host.meter = meter.clone();
-                (store, Some(proxy), calls)
+                (store, Some(proxy), calls, heavy_slot)
             }
-            None => (self.new_store(&call, &logs, hooks, deadline, meter.clone(), fast_slice), None, 0),
+            None => {
+                let store = self.new_store(
+                    &prepared.engine,
+                    &call,
+                    &logs,
+                    hooks,
+                    deadline,
+                    meter.clone(),
+                    fast_slice,
+                );
+                (store, None, 0, fresh_slot)
+            }
         };
         store.set_epoch_deadline(1);
         let reusable = call.reuse.is_some() && served + 1 < call.config.reuse_calls;
@@ -477,6 +626,9 @@ impl Runtime {
         // The guest's part of the call, which may move between lanes: it owns the store, so
         // wherever it ends (or is dropped) the instance is freed there.
         let run = async move {
+            // One value, so that however this future ends the store drops before its slot.
+            let mut held = Held { store, heavy_slot };
+            let store = &mut held.store;
             let result = async {
                 let req = store.data_mut().http().new_incoming_request(Scheme::Http, request)?;
                 let out = store.data_mut().http().new_response_outparam_from_callback(move |res| {
@@ -487,20 +639,20 @@ impl Runtime {
                 })?;
                 let proxy = match proxy {
                     Some(proxy) => proxy,
-                    None => prepared.pre.instantiate_async(&mut store).await?,
+                    None => prepared.pre.instantiate_async(&mut *store).await?,
                 };
-                proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out).await?;
+                proxy.wasi_http_incoming_handler().call_handle(&mut *store, req, out).await?;
                 Ok(proxy)
             }
             .await;
             let memory_hit = store.data().limiter.memory_limit_hit;
             match result {
                 // Kept for the task to decide whether it serves again, when it may.
-                Ok(proxy) if reusable => Ran { result: Ok(()), memory_hit, kept: Some((store, proxy)) },
+                Ok(proxy) if reusable => Ran { result: Ok(()), memory_hit, kept: Some((held, proxy)) },
                 result => {
                     // Dropping the store at once frees its slot and drops an unset response
                     // outparam, which tells the waiting caller that no response is coming.
-                    drop(store);
+                    drop(held);
                     Ran { result: result.map(drop), memory_hit, kept: None }
                 }
             }
@@ -599,10 +751,10 @@ impl Runtime {
             // Only after its lines were taken: the next call on this instance starts with none.
             let served = served + 1;
             if let Some(reuse) = &call.reuse {
-                if let Some((store, proxy)) = kept {
+                if let Some((Held { store, heavy_slot }, proxy)) = kept {
                     warm_pools.put(
                         reuse.key.clone(),
-                        warm::Warm::new(store, proxy, call.config.clone(), logs, served),
+                        warm::Warm::new(store, proxy, call.config.clone(), logs, served, heavy_slot),
                     );
                 }
                 warm_pools.ended();
@@ -633,7 +785,14 @@ struct Ran {
     /// A `memory.grow` was refused by the function's limit.
     memory_hit: bool,
     /// The instance, after a clean return: it may serve again.
-    kept: Option<(Store<Host>, wasmtime_wasi_http::p2::bindings::Proxy)>,
+    kept: Option<(Held, wasmtime_wasi_http::p2::bindings::Proxy)>,
+}
+
+/// A call's store and the heavy pool slot it occupies, if any: fields drop in order, so the slot
+/// is given back only after the store (and its instance) is gone.
+struct Held {
+    store: Store<Host>,
+    heavy_slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Resolves when the caller went away: the [`CancelOnDrop`] was dropped while armed. A disarmed
@@ -945,6 +1104,28 @@ fn spawn_epoch_ticker(engine: &Engine) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn initial_memory_is_read_from_the_core_modules_of_a_component() {
+        let component = |memory: &str| {
+            wat::parse_str(format!(
+                "(component (core module (memory {memory})) (core module (memory 1)) \
+                 (component (core module (memory 3))))"
+            ))
+            .unwrap()
+        };
+        // The largest initial memory of any core module, nested components included.
+        assert_eq!(initial_memory_bytes(&component("240")), Some(240 * 64 * 1024));
+        assert_eq!(initial_memory_bytes(&component("2")), Some(3 * 64 * 1024));
+        assert!(initial_memory_bytes(&component("240")).unwrap() >= HEAVY_MEMORY_BYTES);
+        let none = wat::parse_str("(component (core module (func)))").unwrap();
+        assert_eq!(initial_memory_bytes(&none), Some(0));
+        // Bytes that do not parse decide nothing: the compile says what is wrong.
+        let mut cut = component("240");
+        cut.truncate(cut.len() - 3);
+        assert_eq!(initial_memory_bytes(&cut), None);
+        assert_eq!(initial_memory_bytes(b"not wasm at all"), None);
+    }
 
     #[test]
     fn header_check_names_the_problem() {

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use sluice_core::FunctionConfig;
+use tokio::sync::OwnedSemaphorePermit;
 use wasmtime::Store;
 use wasmtime_wasi_http::p2::bindings::Proxy;
 
@@ -85,6 +86,9 @@ pub(crate) struct Warm {
     /// Its linear memory, which stays allocated while it waits.
     bytes: u64,
     idle_since: Instant,
+    /// The heavy engine's pool slot it holds (a heavy component's): given back after the store
+    /// is dropped (fields drop in order), so the pool never has more instances than slots.
+    pub(crate) heavy_slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Warm {
@@ -94,9 +98,10 @@ impl Warm {
         config: Arc<FunctionConfig>,
         logs: LogCapture,
         calls: u32,
+        heavy_slot: Option<OwnedSemaphorePermit>,
     ) -> Self {
         let bytes = store.data().limiter.memory_bytes as u64;
-        Self { store, proxy, config, logs, calls, bytes, idle_since: Instant::now() }
+        Self { store, proxy, config, logs, calls, bytes, idle_since: Instant::now(), heavy_slot }
     }
 
     fn expired(&self, now: Instant) -> bool {
@@ -271,6 +276,34 @@ impl WarmPools {
         list.push(warm);
     }
 
+    /// Drops the idle instance of a heavy component that has waited longest, if there is one, so
+    /// its pool slot serves a call that needs a fresh one. Returns whether it dropped one.
+    pub(crate) fn drop_idle_heavy(&self) -> bool {
+        let gone = {
+            let mut idle = self.idle.lock().expect("warm pools lock");
+            let oldest = idle
+                .iter()
+                .filter_map(|(k, list)| {
+                    // Most recently idle last: the first is the oldest of its version.
+                    list.first().filter(|w| w.heavy_slot.is_some()).map(|w| (k.clone(), w.idle_since))
+                })
+                .min_by_key(|(_, since)| *since);
+            oldest.map(|(key, _)| {
+                let list = idle.get_mut(&key).expect("found above");
+                let w = list.remove(0);
+                if list.is_empty() {
+                    idle.remove(&key);
+                }
+                w
+            })
+        };
+        let dropped = gone.is_some();
+        if dropped {
+            self.dropped_full.fetch_add(1, Ordering::Relaxed);
+        }
+        dropped
+    }
+
     /// Drops the idle instances that waited longer than their idle time.
     fn sweep(&self, now: Instant) {
         let mut gone = Vec::new();
@@ -310,9 +343,11 @@ pub(crate) struct InstanceLimits {
     by_version: Mutex<HashMap<WarmKey, Weak<tokio::sync::Semaphore>>>,
 }
 
-/// Room for one instance of a bounded version; given back when dropped.
+/// Room for one instance of a bounded version (and for a heavy component, a slot in the heavy
+/// engine's pool); given back when dropped.
 pub struct InstancePermit {
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    _permit: OwnedSemaphorePermit,
+    pub(crate) heavy_slot: Option<OwnedSemaphorePermit>,
 }
 
 impl InstanceLimits {
@@ -335,7 +370,7 @@ impl InstanceLimits {
             }
         };
         match tokio::time::timeout_at(deadline.into(), semaphore.acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(InstancePermit { _permit: permit }),
+            Ok(Ok(permit)) => Ok(InstancePermit { _permit: permit, heavy_slot: None }),
             Ok(Err(_)) => Err(sluice_core::SluiceError::internal("the instance limit was closed")),
             Err(_) => Err(sluice_core::SluiceError::new(
                 sluice_core::ErrorKind::Overloaded,

@@ -176,3 +176,57 @@ impl Upstream {
         self.connections.load(Ordering::SeqCst)
     }
 }
+
+/// A heavy component (the Python example: 15 MiB of initial memory) runs in the heavy engine's
+/// pool: the node's bound of heavy instances holds across functions, calls beyond it wait for a
+/// slot, and an idle warm instance gives its slot up to a call that needs a fresh one.
+#[test]
+fn heavy_components_share_the_nodes_heavy_slots_and_idle_ones_give_theirs_up() {
+    let _heavy = crate::harness::cpu_heavy();
+    let node = Node::start(&["--heavy-slots-max", "1"]);
+    node.deploy("warm", &examples().python, &["--reuse", "100"]);
+    node.deploy("fresh", &examples().python, &[]);
+    node.deploy("light", &examples().rust, &[]);
+    let heavy = |node: &Node| node.get("/v1/node").json::<Value>().unwrap()["heavy"].clone();
+    assert_eq!(heavy(&node)["slots_max"], 1);
+
+    // The warm instance keeps the only slot while it waits for its next call.
+    assert_eq!(post(&node, "warm", r#"{"name": "Ada"}"#).0, 200);
+    let h = node.wait_json("/v1/node", |v| v["warm"]["idle"] == 1);
+    assert_eq!(h["heavy"]["slots_in_use"], 1, "{h}");
+
+    // A light function does not use heavy slots.
+    assert_eq!(post(&node, "light", r#"{"name": "Ada"}"#).0, 200);
+
+    // A fresh call of another heavy function takes the slot from the idle instance at once
+    // (not after its minute of idle time).
+    let started = std::time::Instant::now();
+    assert_eq!(post(&node, "fresh", r#"{"name": "Ada"}"#).0, 200);
+    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+    let v = node.wait_json("/v1/node", |v| v["heavy"]["slots_in_use"] == 0);
+    assert_eq!(v["warm"]["idle"], 0, "{v}");
+    assert!(v["warm"]["dropped_full_total"].as_u64().unwrap() >= 1, "{v}");
+
+    // Three calls at once with one slot: each waits for it in turn, none fails.
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let (url, token) = (format!("{}/fn/default/fresh/", node.url), node.token.clone());
+            std::thread::spawn(move || {
+                let res = reqwest::blocking::Client::new()
+                    .post(url)
+                    .bearer_auth(token)
+                    .header("content-type", "application/json")
+                    .body(r#"{"name": "Ada"}"#)
+                    .timeout(Duration::from_secs(60))
+                    .send()
+                    .unwrap();
+                (res.status().as_u16(), res.text().unwrap())
+            })
+        })
+        .collect();
+    for c in calls {
+        let (status, body) = c.join().unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(heavy(&node)["slots_in_use"], 0);
+}
