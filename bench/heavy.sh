@@ -113,7 +113,7 @@ for kind in $ONLY; do
   t0=$(ms); start_sluice "$dir"; wait_200 "$URL/fn/default/f/" "$kind" "${AUTH[@]}"; t1=$(ms)
   out=$(load "$URL/fn/default/f/" "$kind" "$PID" "${AUTH[@]}")
   echo "$kind sluice fresh: $out" >&2
-  rows+=("$kind|sluice, fresh instance per call|$out")
+  rows+=("$kind|sluice, fresh instance per call (default)|$out")
   stop "$PID"
 
   # Reuse.
@@ -125,17 +125,28 @@ for kind in $ONLY; do
   stop "$PID"
   notes+=("$kind: ${size} KiB component; compile at deploy ${compile_ms} ms; restart to first response $((t1 - t0)) ms (artifact cache); reuse run: $warm")
 
-  # Fresh instances without copy-on-write images, on pages kept resident: another engine setting,
-  # so a first start compiles its artifacts and the measured one is the restart after it.
-  NOCOW=(--memory-init-cow false --memory-keep-resident 64MiB)
-  start_sluice "$dir" "${NOCOW[@]}"; wait_200 "$URL/fn/default/f/" "$kind" "${AUTH[@]}"
-  for _ in $(seq 1 600); do grep -q "compiled the artifacts" "$dir.log" && break; sleep 0.1; done
-  stop "$PID"
-  start_sluice "$dir" "${NOCOW[@]}"; wait_200 "$URL/fn/default/f/" "$kind" "${AUTH[@]}"
-  out=$(load "$URL/fn/default/f/" "$kind" "$PID" "${AUTH[@]}")
-  echo "$kind sluice fresh, no CoW: $out" >&2
-  rows+=("$kind|sluice, fresh, --memory-init-cow false --memory-keep-resident 64MiB|$out")
-  stop "$PID"
+  if [ "$kind" != hello ]; then
+    # The steps to the default, for a heavy component: (1) as before, the light engine (memory
+    # image mapped copy-on-write) and one instance per core; (2) the heavy engine (image copied
+    # into pages kept resident), still one instance per core; the default row above adds (3) the
+    # bound from --heavy-memory-max. (1) needs its own data directory: a component is placed on
+    # an engine when it is compiled.
+    start_sluice "$dir-light" --heavy-from 1GiB
+    SLUICE_URL=$URL SLUICE_TOKEN=$(cat "$dir-light/admin.token") "$SLUICE" deploy f "$wasm" --instances "$(nproc)" >/dev/null
+    LIGHT_AUTH=(-H "Authorization: Bearer $(cat "$dir-light/admin.token")")
+    stop "$PID"
+    start_sluice "$dir-light" --heavy-from 1GiB; wait_200 "$URL/fn/default/f/" "$kind" "${LIGHT_AUTH[@]}"
+    out=$(load "$URL/fn/default/f/" "$kind" "$PID" "${LIGHT_AUTH[@]}")
+    echo "$kind sluice fresh, light engine: $out" >&2
+    rows+=("$kind|sluice, fresh, step 1: light engine (copy-on-write), 1 instance per core (the earlier default)|$out")
+    stop "$PID"
+
+    start_sluice "$dir" --heavy-instances-max "$(nproc)"; wait_200 "$URL/fn/default/f/" "$kind" "${AUTH[@]}"
+    out=$(load "$URL/fn/default/f/" "$kind" "$PID" "${AUTH[@]}")
+    echo "$kind sluice fresh, heavy engine, 1 per core: $out" >&2
+    rows+=("$kind|sluice, fresh, step 2: heavy engine (image copied, kept resident), 1 instance per core|$out")
+    stop "$PID"
+  fi
 
   if [ "$have_wasmtime" = yes ]; then
     for tuning in tuned big; do

@@ -81,7 +81,8 @@ pub struct DeployArgs {
     pub reuse_idle: Duration,
     /// Instances of this version alive at once on a node; more calls wait for one (within their
     /// timeout). Default: unbounded, except for a heavy component (8 MiB or more of initial
-    /// memory, e.g. a Python or JavaScript one), which gets the node's --heavy-instances-max.
+    /// memory, e.g. a Python or JavaScript one), which gets the node's default (--heavy-memory-max
+    /// over its initial memory, or --heavy-instances-max).
     #[arg(long = "instances", value_parser = clap::value_parser!(u32).range(1..))]
     pub instances_max: Option<u32>,
     /// Serve the function's /fn URL without an API key.

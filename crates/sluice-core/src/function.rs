@@ -73,7 +73,8 @@ pub struct FunctionConfig {
     pub reuse_idle_ms: u64,
     /// Instances of this version alive at once on a node; more calls wait for one (the wait
     /// counts against their timeout). `None`: unbounded, except for heavy components (a large
-    /// initial memory), which get the node's default (`serve --heavy-instances-max`).
+    /// initial memory), which get the node's default (`serve --heavy-memory-max` over their
+    /// initial memory, or `--heavy-instances-max`).
     pub instances_max: Option<u32>,
     /// Environment variables the guest sees after `env`, whose values are never shown. Not part
     /// of the serialized configuration: the store keeps the values beside it, and the API

@@ -625,9 +625,11 @@ impl Runtime {
         let prepared = prepared.clone();
         // The guest's part of the call, which may move between lanes: it owns the store, so
         // wherever it ends (or is dropped) the instance is freed there.
+        // One value, so that however the future below ends (even unpolled) the store drops
+        // before its slot.
+        let held = Held { store, heavy_slot };
         let run = async move {
-            // One value, so that however this future ends the store drops before its slot.
-            let mut held = Held { store, heavy_slot };
+            let mut held = held;
             let store = &mut held.store;
             let result = async {
                 let req = store.data_mut().http().new_incoming_request(Scheme::Http, request)?;
