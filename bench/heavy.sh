@@ -5,7 +5,8 @@
 # server's peak RSS under load (sampled every 200 ms), compile time at deploy and the first
 # response after a restart (the artifact cache).
 #
-# Usage: bench/heavy.sh   (DURATION=10s CONNS=10 ONLY="python js hello" WASMTIME=path are optional)
+# Usage: bench/heavy.sh   (DURATION=10s CONNS=10 ONLY="python js hello" WASMTIME=path are optional;
+#        SWEEP="2 4 10" adds rows with that many instances of a heavy version at once)
 # Needs: wrk (apt-get install wrk); wasmtime 48.0.8 for the comparison
 #        (cargo install wasmtime-cli@48.0.8 --locked --root ~/.cache/wasmtime48), else sluice only.
 set -euo pipefail
@@ -140,6 +141,15 @@ for kind in $ONLY; do
     echo "$kind sluice fresh, light engine: $out" >&2
     rows+=("$kind|sluice, fresh, step 1: light engine (copy-on-write), 1 instance per core (the earlier default)|$out")
     stop "$PID"
+
+    # Optional: the default engine with a given bound of instances (SWEEP="2 4 10").
+    for n in ${SWEEP:-}; do
+      start_sluice "$dir" --heavy-instances-max "$n"; wait_200 "$URL/fn/default/f/" "$kind" "${AUTH[@]}"
+      out=$(load "$URL/fn/default/f/" "$kind" "$PID" "${AUTH[@]}")
+      echo "$kind sluice fresh, $n instances: $out" >&2
+      rows+=("$kind|sluice, fresh, --heavy-instances-max $n|$out")
+      stop "$PID"
+    done
 
     start_sluice "$dir" --heavy-instances-max "$(nproc)"; wait_200 "$URL/fn/default/f/" "$kind" "${AUTH[@]}"
     out=$(load "$URL/fn/default/f/" "$kind" "$PID" "${AUTH[@]}")

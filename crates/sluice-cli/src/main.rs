@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a node: serve functions over HTTP from an embedded store (or a shared PostgreSQL one).
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Upload a component and create a new version of a function.
     Deploy(deploy::DeployArgs),
     /// List or delete functions.
@@ -63,7 +63,7 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::New(args) => new::run(args),
         Command::Completions(args) => {
             quiet_on_broken_pipe();

@@ -500,8 +500,8 @@ impl Runtime {
         hooks: outbound::OutboundPolicy,
         deadline: Instant,
         meter: Arc<lanes::Meter>,
-        fast_slice: Duration,
     ) -> Store<Host> {
+        let fast_slice = self.lanes.config().fast_slice;
         let mut wasi = WasiCtxBuilder::new();
         wasi.stdout(logs.stream(LogStream::Stdout))
             .stderr(logs.stream(LogStream::Stderr))
@@ -602,15 +602,7 @@ impl Runtime {
                 (store, Some(proxy), calls, heavy_slot)
             }
             None => {
-                let store = self.new_store(
-                    &prepared.engine,
-                    &call,
-                    &logs,
-                    hooks,
-                    deadline,
-                    meter.clone(),
-                    fast_slice,
-                );
+                let store = self.new_store(&prepared.engine, &call, &logs, hooks, deadline, meter.clone());
                 (store, None, 0, fresh_slot)
             }
         };
