@@ -259,17 +259,18 @@ impl EngineSet {
     }
 }
 
-/// A pool for `n` component instances of `cores` core instances each, at most.
+/// A pool for `n` component instances of `cores` core instances (and as many tables) and
+/// `memories` memories each, at most.
 fn pool_config(
     n: u32,
-    cores: u32,
+    (cores, memories): (u32, u32),
     config: &RuntimeConfig,
     memory_keep_resident: usize,
 ) -> PoolingAllocationConfig {
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(n)
         .total_core_instances(n.saturating_mul(cores))
-        .total_memories(n.saturating_mul(2))
+        .total_memories(n.saturating_mul(memories))
         .total_tables(n.saturating_mul(cores))
         .total_stacks(n)
         .max_memory_size(config.function_memory_bytes_max as usize)
@@ -320,10 +321,13 @@ impl Runtime {
     pub fn new(config: RuntimeConfig) -> anyhow::Result<Self> {
         // A Rust wasip2 component instantiates a few core instances (the program plus shims)
         // with one memory and a few tables; a componentize-py one a dozen, sharing one memory.
-        let light_pool = pool_config(config.instances_max, 4, &config, config.memory_keep_resident_bytes);
+        // The heavy pool is small, so its room per instance is generous: slots cost address
+        // space, not memory, until they are used.
+        let light_pool =
+            pool_config(config.instances_max, (4, 2), &config, config.memory_keep_resident_bytes);
         let light = EngineSet::new(light_pool, true)?;
         let heavy_pool =
-            pool_config(config.heavy_slots_max, 16, &config, config.heavy_memory_keep_resident_bytes);
+            pool_config(config.heavy_slots_max, (64, 4), &config, config.heavy_memory_keep_resident_bytes);
         let heavy = EngineSet::new(heavy_pool, false)?;
         let heavy_slots = Arc::new(tokio::sync::Semaphore::new(config.heavy_slots_max as usize));
         std::fs::create_dir_all(&config.artifact_dir)?;
