@@ -547,7 +547,7 @@ impl Runtime {
 
     /// Starts one invocation in a fresh store (or a warm one, see [`warm`]). A [`Lane::Sync`] call starts on the current
     /// runtime (the HTTP worker of its core) so a short call never leaves it; a [`Lane::Async`]
-    /// call starts on the slow lane's threads. Either moves to a slow-lane slot once it has used
+    /// call, and a sync call of a heavy component, starts on the slow lane's threads. Either moves to a slow-lane slot once it has used
     /// its fast-lane slice. The request gets `sluice-invocation-id` (and a `Host` if it has none)
     /// here, for every caller.
     pub fn invoke<B>(&self, prepared: &Arc<Prepared>, mut call: Call, request: http::Request<B>) -> Running
@@ -618,6 +618,7 @@ impl Runtime {
         let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
         let status = Arc::new(AtomicU16::new(0));
         let status_seen = status.clone();
+        let heavy = prepared.heavy();
         let prepared = prepared.clone();
         // The guest's part of the call, which may move between lanes: it owns the store, so
         // wherever it ends (or is dropped) the instance is freed there.
@@ -762,9 +763,13 @@ impl Runtime {
             }
             let _ = done_tx.send(outcome);
         };
+        // A heavy component's sync call starts on the slow lane's threads too: its instances are
+        // bounded per version, and on the accepting core's worker two of them could share one
+        // core while the other waited (Python fresh: 414 req/s there, 655-689 here; BENCHMARKS.md).
+        // Most of its calls outlast the fast-lane slice anyway.
         match lane {
-            Lane::Sync => drop(tokio::spawn(task)),
-            Lane::Async => drop(self.lanes.handle().spawn(task)),
+            Lane::Sync if !heavy => drop(tokio::spawn(task)),
+            _ => drop(self.lanes.handle().spawn(task)),
         }
         Running { head: head_rx, done: done_rx, cancel: CancelOnDrop(Some(cancel_tx)) }
     }
