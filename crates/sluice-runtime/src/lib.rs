@@ -124,10 +124,10 @@ impl RuntimeConfig {
             heavy_memory_max: HEAVY_MEMORY_MAX_DEFAULT,
             table_keep_resident_bytes: 1 << 20,
             artifact_dir,
-            code: CodeConfig::for_cores(std::thread::available_parallelism().map_or(1, |n| n.get())),
+            code: CodeConfig::for_cores(cores as usize),
             log_bytes_per_invocation_max: limits.log_bytes_per_invocation_max,
             outbound_allow_private: false,
-            lanes: LaneConfig::for_cores(std::thread::available_parallelism().map_or(1, |n| n.get())),
+            lanes: LaneConfig::for_cores(cores as usize),
             outbound: limits.outbound,
             warm: warm::WarmConfig::default(),
             heavy_instances_max: None,
@@ -406,18 +406,13 @@ impl Runtime {
                 }
             }
         }
-        match tokio::time::timeout_at(deadline.into(), self.heavy_slots.clone().acquire_owned()).await {
-            Ok(Ok(slot)) => Ok(slot),
-            Ok(Err(_)) => Err(SluiceError::internal("the heavy slots were closed")),
-            Err(_) => Err(SluiceError::new(
-                ErrorKind::Overloaded,
-                format!(
-                    "all {} instances of heavy components this node runs at once are busy; retry later",
-                    self.config.heavy_slots_max
-                ),
+        warm::acquire_by(self.heavy_slots.clone(), deadline, || {
+            format!(
+                "all {} instances of heavy components this node runs at once are busy",
+                self.config.heavy_slots_max
             )
-            .retry_after(1)),
-        }
+        })
+        .await
     }
 
     /// The concurrency limits of every function's downstreams on this node: the scheduler and

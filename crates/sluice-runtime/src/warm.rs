@@ -369,18 +369,29 @@ impl InstanceLimits {
                 }
             }
         };
-        match tokio::time::timeout_at(deadline.into(), semaphore.acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(InstancePermit { _permit: permit, heavy_slot: None }),
-            Ok(Err(_)) => Err(sluice_core::SluiceError::internal("the instance limit was closed")),
-            Err(_) => Err(sluice_core::SluiceError::new(
-                sluice_core::ErrorKind::Overloaded,
-                format!(
-                    "all {max} instances this node runs at once of {}/{} are busy; retry later",
-                    key.tenant, key.function
-                ),
-            )
-            .retry_after(1)),
-        }
+        let permit = acquire_by(semaphore, deadline, || {
+            format!("all {max} instances this node runs at once of {}/{} are busy", key.tenant, key.function)
+        })
+        .await?;
+        Ok(InstancePermit { _permit: permit, heavy_slot: None })
+    }
+}
+
+/// A permit of `semaphore`, waiting until `deadline`; past it, `overloaded` with a retry in 1 s,
+/// saying what was `busy`.
+pub(crate) async fn acquire_by(
+    semaphore: Arc<tokio::sync::Semaphore>,
+    deadline: Instant,
+    busy: impl FnOnce() -> String,
+) -> Result<OwnedSemaphorePermit, sluice_core::SluiceError> {
+    match tokio::time::timeout_at(deadline.into(), semaphore.acquire_owned()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        Ok(Err(_)) => Err(sluice_core::SluiceError::internal("an instance limit was closed")),
+        Err(_) => Err(sluice_core::SluiceError::new(
+            sluice_core::ErrorKind::Overloaded,
+            format!("{}; retry later", busy()),
+        )
+        .retry_after(1)),
     }
 }
 
