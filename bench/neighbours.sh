@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Noisy neighbours: how much a hostile function of another tenant costs a hello function.
+# Noisy neighbours: how much a hostile function costs a hello function, whether the hostile
+# function is in another tenant (`mallory`) or in hello's own tenant (`default`).
 #
 # Measures hello's req/s and latency alone, then beside each hostile mode of the test guest
-# (deployed in tenant `mallory`, 64 MiB memory, 2 s timeout), with two hostile calls running back
-# to back the whole time (a second wrk, 2 connections). Prints a Markdown table.
+# (64 MiB memory, 2 s timeout), with two hostile calls running back to back the whole time (a
+# second wrk, 2 connections); `benign` is the same driver on the guest's `/ok` (what the driver
+# itself costs), `all` one driver per hostile mode at once. Prints a Markdown table per tenant.
 #
 # Then the async path: new async calls of hello (wrk -c10, bench/async.lua) alone, and while
 # FLOOD (200) queued CPU-bound async calls of mallory's guest run; and whether any lease was
 # reclaimed from this live node during the flood.
 #
-# Usage: bench/neighbours.sh        (DURATION=5s CONNS=20 MODES="spin alloc ..." FLOOD=200 optional)
+# Usage: bench/neighbours.sh        (DURATION=5s CONNS=20 MODES="benign spin alloc ... all"
+#                                     TENANTS="mallory default" FLOOD=200 optional)
 # Needs: wrk (apt-get install wrk). Extra `sluice serve` flags: SERVE_FLAGS="--workers 2 ...".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +20,9 @@ cd "$(dirname "$0")/.."
 unset RUST_BACKTRACE
 DURATION=${DURATION:-5s}
 CONNS=${CONNS:-20}
-MODES=${MODES:-"spin hog alloc recurse big panic no-response"}
+MODES=${MODES:-"benign spin hog alloc recurse big panic no-response all"}
+HOSTILE_MODES="spin hog alloc recurse big panic no-response"
+TENANTS=${TENANTS:-"mallory default"}
 SERVE_FLAGS=${SERVE_FLAGS:-}
 FLOOD=${FLOOD:-200}
 
@@ -44,7 +49,10 @@ TOKEN=$(cat "$data/node/admin.token")
 export SLUICE_URL=$URL SLUICE_TOKEN=$TOKEN
 "$SLUICE" deploy hello "$HELLO" >/dev/null
 "$SLUICE" tenants create mallory >/dev/null
-"$SLUICE" deploy tg "$TESTGUEST" --tenant mallory --public --memory 64MiB --timeout 2s >/dev/null
+for t in $TENANTS; do
+  [ "$t" = default ] || "$SLUICE" tenants create "$t" >/dev/null 2>&1 || true
+  "$SLUICE" deploy tg "$TESTGUEST" --tenant "$t" --public --memory 64MiB --timeout 2s >/dev/null
+done
 # The queued flood: one attempt of at most 2 s each, so a reclaimed lease would show as
 # `lease_lost` rather than hide behind a retry.
 "$SLUICE" deploy tgq "$TESTGUEST" --tenant mallory --public --async-timeout 2s --attempts 1 >/dev/null
@@ -52,6 +60,7 @@ export SLUICE_URL=$URL SLUICE_TOKEN=$TOKEN
 # The hostile request of each mode (the guest's mode is the last path segment).
 hostile_path() {
   case $1 in
+    benign) echo "/ok" ;;                         # answers at once: the driver's own cost
     spin) echo "/spin" ;;
     alloc) echo "/alloc?bytes=1000000000" ;;      # asks for 1 GB at once: refused, killed
     hog) echo "/hog" ;;                           # dirties its whole 64 MiB, then is killed
@@ -79,29 +88,50 @@ wrk -t1 -c"$CONNS" -d1s -H "Authorization: Bearer $TOKEN" "$URL/fn/default/hello
 read -r base_rps base_p50 base_p99 <<< "$(measure)"
 echo "alone: $base_rps req/s p50 $base_p50 ms p99 $base_p99 ms" >&2
 
-rows=()
-for mode in $MODES; do
-  path=$(hostile_path "$mode")
-  secs=${DURATION%s}
-  # Two hostile calls back to back for the whole measurement (and a little before and after).
-  wrk -t1 -c2 -d"$((secs + 3))s" --timeout 10s "$URL/fn/mallory/tg$path" > "$data/hostile.out" 2>&1 &
-  hostile=$!
+# Runs two back-to-back callers of one mode (or one caller of every hostile mode, for `all`) of
+# tenant $1's guest for the measurement and a little before and after; prints hello's figures and
+# the hostile calls made.
+beside() {
+  local tenant=$1 mode=$2 secs=${DURATION%s} drivers=() m calls=0 n
+  if [ "$mode" = all ]; then
+    for m in $HOSTILE_MODES; do
+      wrk -t1 -c1 -d"$((secs + 3))s" --timeout 10s "$URL/fn/$tenant/tg$(hostile_path "$m")" > "$data/hostile-$m.out" 2>&1 &
+      drivers+=($!)
+    done
+  else
+    wrk -t1 -c2 -d"$((secs + 3))s" --timeout 10s "$URL/fn/$tenant/tg$(hostile_path "$mode")" > "$data/hostile-$mode.out" 2>&1 &
+    drivers+=($!)
+  fi
   sleep 1
   read -r rps p50 p99 <<< "$(measure)"
-  wait "$hostile" || true
-  calls=$(awk '/requests in/ {print $1}' "$data/hostile.out")
-  echo "$mode: $rps req/s p50 $p50 ms p99 $p99 ms (hostile calls: $calls)" >&2
-  rows+=("| $mode | $rps | $(awk -v a="$rps" -v b="$base_rps" 'BEGIN{printf "%.0f%%", 100*a/b}') | $p50 | $p99 | $(awk -v a="$p99" -v b="$base_p99" 'BEGIN{printf "%.2fx", a/b}') | ${calls:-0} |")
-done
+  for d in "${drivers[@]}"; do wait "$d" || true; done
+  for f in "$data"/hostile-*.out; do
+    n=$(awk '/requests in/ {print $1}' "$f"); calls=$((calls + ${n:-0})); rm -f "$f"
+  done
+  echo "$rps $p50 $p99 $calls"
+}
 
-echo
-echo "hello (tenant default) beside two back-to-back calls of each hostile mode (tenant mallory,"
-echo "64 MiB, 2 s timeout); wrk -t1 -c$CONNS -d$DURATION --latency; $(nproc) cores; RUST_BACKTRACE unset"
-echo
-echo "| beside | hello req/s | vs alone | p50 ms | p99 ms | p99 vs alone | hostile calls |"
-echo "| --- | --- | --- | --- | --- | --- | --- |"
-echo "| (alone) | $base_rps | 100% | $base_p50 | $base_p99 | 1.00x | - |"
-printf '%s\n' "${rows[@]}"
+for tenant in $TENANTS; do
+  rows=()
+  benign_p99=
+  for mode in $MODES; do
+    read -r rps p50 p99 calls <<< "$(beside "$tenant" "$mode")"
+    [ "$mode" = benign ] && benign_p99=$p99
+    echo "$tenant/$mode: $rps req/s p50 $p50 ms p99 $p99 ms (hostile calls: $calls)" >&2
+    vs_benign=$( [ -n "$benign_p99" ] && awk -v a="$p99" -v b="$benign_p99" 'BEGIN{printf "%.2fx", a/b}' || echo -)
+    rows+=("| $mode | $rps | $(awk -v a="$rps" -v b="$base_rps" 'BEGIN{printf "%.2fx", a/b}') | $p50 | $p99 | $(awk -v a="$p99" -v b="$base_p99" 'BEGIN{printf "%.2fx", a/b}') | $vs_benign | $calls |")
+  done
+  echo
+  if [ "$tenant" = default ]; then where="hello's own tenant (default)"; else where="another tenant ($tenant)"; fi
+  echo "hello (tenant default) beside two back-to-back calls of each mode of the test guest in $where"
+  echo "(64 MiB, 2 s timeout; \`all\`: one caller per hostile mode at once); wrk -t1 -c$CONNS -d$DURATION --latency;"
+  echo "$(nproc) cores; RUST_BACKTRACE unset"
+  echo
+  echo "| beside | hello req/s | vs alone | p50 ms | p99 ms | p99 vs alone | p99 vs benign | hostile calls |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
+  echo "| (alone) | $base_rps | 1.00x | $base_p50 | $base_p99 | 1.00x | - | - |"
+  printf '%s\n' "${rows[@]}"
+done
 
 # --- the async path beside a flood of queued CPU-bound calls ---
 async_load() {

@@ -196,6 +196,11 @@ pub struct ServeArgs {
     /// Calls of one tenant running on the slow lane at once. Default: one per core.
     #[arg(long)]
     pub slow_lane_tenant_slots: Option<usize>,
+    /// A function's share of its tenant's slow-lane slots: it holds more only while no other
+    /// function of the tenant waits for one, and gives them back at its next yield (1 ms) when
+    /// one does. Default: half the tenant's slots, rounded up.
+    #[arg(long)]
+    pub slow_lane_function_share: Option<usize>,
     /// For tests of the supervisor: a background task that panics this long after start.
     #[arg(long, hide = true, value_parser = parse_duration)]
     pub test_panic_task_after: Option<Duration>,
@@ -296,9 +301,12 @@ impl ServeArgs {
         lanes.slow_slots_max = self.slow_lane_slots.unwrap_or(lanes.slow_slots_max);
         lanes.slow_slots_per_group_max =
             self.slow_lane_tenant_slots.unwrap_or(lanes.slow_slots_per_group_max);
+        lanes.slow_slots_per_member_share =
+            self.slow_lane_function_share.unwrap_or(lanes.slow_slots_per_group_max.div_ceil(2));
         lanes.validate().map_err(|e| {
             anyhow::anyhow!(
-                "{e} (--fast-lane-slice, --slow-lane-threads, --slow-lane-slots, --slow-lane-tenant-slots)"
+                "{e} (--fast-lane-slice, --slow-lane-threads, --slow-lane-slots, --slow-lane-tenant-slots, \
+                 --slow-lane-function-share)"
             )
         })?;
         Ok(lanes)

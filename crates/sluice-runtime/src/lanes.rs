@@ -3,18 +3,28 @@
 //! Every call starts on a *fast lane*: a sync call on the HTTP worker runtime of the core that
 //! accepted it, an async call on the slow lane's threads but without holding one of its slots.
 //! The guest's epoch callback (every [`crate::EPOCH_TICK`]) checks how long the call has been on
-//! a thread; once that passes the fast-lane slice it asks to be moved. The future that drives the
+//! a thread; once that passes the fast-lane slice, and the thread's CPU clock confirms that the
+//! call itself is using the CPU (not a neighbour that the OS ran in the middle of its poll), it
+//! asks to be moved. The future that drives the
 //! guest ([`LaneFuture`]) sees the request when the guest yields and hands the guest's future —
 //! it is `Send` — to the *slow lane*: a multi-thread runtime whose threads run at `SCHED_IDLE`
 //! (or, where that is refused, nice 19), so the kernel gives them only the CPU that the HTTP
 //! workers, the control runtime and every other normal thread leave over. On the slow lane a call
 //! first takes a slot of its group (the tenant) and then a slot of the node; both are bounded, and
-//! waiting for them counts against the call's wall-clock timeout like everything else.
+//! waiting for them counts against the call's wall-clock timeout like everything else. Inside a
+//! group each member (a function) has a share of the group's slots: a member may hold more than
+//! its share only while no other member of its group waits, and gives the extra slots back at
+//! its next yield (every epoch tick) when one does, so one function's long calls cannot hold all
+//! of its tenant's slots until their timeouts.
 //!
 //! Time on a thread is measured per poll of the guest's future: with the monotonic clock on the
 //! fast lane (a thread CPU clock read costs about a microsecond here, a third of a whole hello
 //! call), with the thread CPU clock on the slow lane, where a low-priority thread may be
-//! preempted in the middle of a poll and a read per millisecond slice costs nothing.
+//! preempted in the middle of a poll and a read per millisecond slice costs nothing. Wall time
+//! is an upper bound of CPU time, so the fast lane reads the thread CPU clock only once a call's
+//! wall time has passed the slice: from then on its polls are measured on the CPU clock, and it is
+//! moved only after half a slice more of its own CPU time. A 30 µs call preempted for 5 ms by
+//! the OS is therefore never moved (it would wait behind its tenant's long calls for a slot).
 //!
 //! This module must not know tenants: a group is an opaque string chosen by the caller.
 
@@ -41,6 +51,9 @@ pub struct LaneConfig {
     pub slow_slots_max: usize,
     /// Calls of one group (tenant) holding a slow-lane slot at once.
     pub slow_slots_per_group_max: usize,
+    /// A member's (function's) share of its group's slots: it holds more only while no other
+    /// member of the group waits for one.
+    pub slow_slots_per_member_share: usize,
 }
 
 impl LaneConfig {
@@ -52,6 +65,7 @@ impl LaneConfig {
             slow_threads: cores,
             slow_slots_max: 4 * cores,
             slow_slots_per_group_max: cores,
+            slow_slots_per_member_share: cores.div_ceil(2),
         }
     }
 
@@ -63,8 +77,11 @@ impl LaneConfig {
         if !(1..=1024).contains(&self.slow_threads) {
             return Err(format!("slow-lane threads must be between 1 and 1024, got {}", self.slow_threads));
         }
-        if self.slow_slots_max == 0 || self.slow_slots_per_group_max == 0 {
-            return Err("slow-lane slots (per node and per tenant) must be at least 1".into());
+        if self.slow_slots_max == 0
+            || self.slow_slots_per_group_max == 0
+            || self.slow_slots_per_member_share == 0
+        {
+            return Err("slow-lane slots (per node, per tenant and per function) must be at least 1".into());
         }
         Ok(())
     }
@@ -92,13 +109,45 @@ pub(crate) struct Lanes {
     handle: tokio::runtime::Handle,
     config: LaneConfig,
     node_slots: Arc<Semaphore>,
-    /// One semaphore per group. Groups are tenants, which the store bounds; an entry is small.
-    group_slots: Mutex<HashMap<Arc<str>, Arc<Semaphore>>>,
+    /// One entry per group. Groups are tenants, which the store bounds; an entry is small.
+    groups: Mutex<HashMap<Arc<str>, Arc<Group>>>,
     demoted_total: AtomicU64,
     slow_waiting: Arc<AtomicUsize>,
     slow_running: Arc<AtomicUsize>,
     priority: Arc<Mutex<&'static str>>,
     guest_cpu_ns: Arc<AtomicU64>,
+}
+
+/// A group's slots and its members' use of them.
+struct Group {
+    slots: Arc<Semaphore>,
+    /// Calls of the group waiting for one of its slots.
+    waiting: AtomicUsize,
+    /// Members with calls on the slow lane. An entry is dropped when its last call leaves, so
+    /// the map holds at most the members with calls there now.
+    members: Mutex<HashMap<Arc<str>, Arc<Member>>>,
+}
+
+/// One member's (function's) calls on the slow lane.
+#[derive(Default)]
+struct Member {
+    /// Calls of this member waiting for a slot of the group.
+    waiting: AtomicUsize,
+    /// Slots of the group this member holds.
+    holding: AtomicUsize,
+}
+
+impl Group {
+    fn member(&self, name: &Arc<str>) -> Arc<Member> {
+        let mut members = self.members.lock().expect("lane member lock");
+        members.entry(name.clone()).or_default().clone()
+    }
+
+    /// Whether a call of `member` should give back a slot it holds beyond its share: another
+    /// member of the group waits for one.
+    fn others_wait(&self, member: &Member) -> bool {
+        self.waiting.load(Ordering::Relaxed) > member.waiting.load(Ordering::Relaxed)
+    }
 }
 
 impl Lanes {
@@ -120,7 +169,7 @@ impl Lanes {
             runtime: Some(runtime),
             handle,
             node_slots: Arc::new(Semaphore::new(config.slow_slots_max)),
-            group_slots: Mutex::default(),
+            groups: Mutex::default(),
             config,
             demoted_total: AtomicU64::new(0),
             slow_waiting: Arc::default(),
@@ -149,41 +198,157 @@ impl Lanes {
         }
     }
 
-    fn group(&self, group: &Arc<str>) -> Arc<Semaphore> {
-        let mut map = self.group_slots.lock().expect("lane group lock");
+    fn group(&self, group: &Arc<str>) -> Arc<Group> {
+        let mut map = self.groups.lock().expect("lane group lock");
         map.entry(group.clone())
-            .or_insert_with(|| Arc::new(Semaphore::new(self.config.slow_slots_per_group_max)))
+            .or_insert_with(|| {
+                Arc::new(Group {
+                    slots: Arc::new(Semaphore::new(self.config.slow_slots_per_group_max)),
+                    waiting: AtomicUsize::new(0),
+                    members: Mutex::default(),
+                })
+            })
             .clone()
     }
 
     /// Moves a guest's future to the slow lane: it waits for a slot of its group, then of the
-    /// node, and runs there with its thread CPU time added to `meter`.
-    fn demote<F>(&self, group: &Arc<str>, meter: Arc<Meter>, fut: Pin<Box<F>>) -> JoinHandle<F::Output>
+    /// node, and runs there with its thread CPU time added to `meter`. A call holding more than
+    /// its member's share gives its slots back when another member of the group waits, and then
+    /// waits again.
+    fn demote<F>(
+        &self,
+        group: &Arc<str>,
+        member: &Arc<str>,
+        meter: Arc<Meter>,
+        fut: Pin<Box<F>>,
+    ) -> JoinHandle<F::Output>
     where
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
         self.demoted_total.fetch_add(1, Ordering::Relaxed);
-        let group_slots = self.group(group);
+        let group = self.group(group);
+        let name = member.clone();
         let node_slots = self.node_slots.clone();
         let waiting = self.slow_waiting.clone();
         let running = self.slow_running.clone();
         let total = self.guest_cpu_ns.clone();
+        let share = self.config.slow_slots_per_member_share;
         self.handle.spawn(async move {
-            meter.wait_began_ns.store(meter.origin.elapsed().as_nanos() as u64, Ordering::Relaxed);
-            waiting.fetch_add(1, Ordering::Relaxed);
-            let waiting_guard = Counted(waiting);
-            // The group's slot first: a tenant whose own slots are taken must not sit on node
-            // slots that other tenants could use.
-            let group_permit = group_slots.acquire_owned().await.expect("lane semaphores are never closed");
-            let node_permit = node_slots.acquire_owned().await.expect("lane semaphores are never closed");
-            drop(waiting_guard);
-            meter.waited_ns.store(meter.waited().as_nanos() as u64, Ordering::Relaxed);
-            meter.wait_began_ns.store(u64::MAX, Ordering::Relaxed);
-            running.fetch_add(1, Ordering::Relaxed);
-            let _running = Counted(running);
-            SlowRun { fut, meter, total, _permits: (group_permit, node_permit) }.await
+            let leave = Leave { member: Some(group.member(&name)), group: group.clone(), name };
+            let member = leave.member();
+            let mut fut = fut;
+            loop {
+                let began = meter.origin.elapsed().as_nanos() as u64;
+                meter.wait_began_ns.store(began, Ordering::Relaxed);
+                waiting.fetch_add(1, Ordering::Relaxed);
+                let waiting_guard = Counted(waiting.clone());
+                let group_waiting = Waiting::new(&group.waiting);
+                let member_waiting = Waiting::new(&member.waiting);
+                // The group's slot first: a tenant whose own slots are taken must not sit on node
+                // slots that other tenants could use.
+                let group_permit = group.slots.clone().acquire_owned().await;
+                drop((member_waiting, group_waiting));
+                let group_permit = group_permit.expect("lane semaphores are never closed");
+                let node_permit =
+                    node_slots.clone().acquire_owned().await.expect("lane semaphores are never closed");
+                drop(waiting_guard);
+                let waited = (meter.origin.elapsed().as_nanos() as u64).saturating_sub(began);
+                meter.waited_ns.fetch_add(waited, Ordering::Relaxed);
+                meter.wait_began_ns.store(u64::MAX, Ordering::Relaxed);
+                running.fetch_add(1, Ordering::Relaxed);
+                let _running = Counted(running.clone());
+                let holding = Holding::new(member);
+                let run = SlowRun {
+                    fut: &mut fut,
+                    meter: &meter,
+                    total: &total,
+                    group: &group,
+                    holding,
+                    share,
+                    _permits: (group_permit, node_permit),
+                };
+                if let Some(out) = run.await {
+                    return out;
+                }
+                // Gave its slots to another member of the group: wait again, at the back.
+            }
         })
+    }
+}
+
+/// A call's membership in a group: the member's entry is forgotten when its last call leaves
+/// the slow lane (however it leaves: an aborted task drops this too).
+struct Leave {
+    group: Arc<Group>,
+    name: Arc<str>,
+    member: Option<Arc<Member>>,
+}
+
+impl Leave {
+    fn member(&self) -> &Member {
+        self.member.as_deref().expect("a member until dropped")
+    }
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        drop(self.member.take());
+        let mut members = self.group.members.lock().expect("lane member lock");
+        if members.get(&self.name).is_some_and(|m| Arc::strong_count(m) == 1) {
+            members.remove(&self.name);
+        }
+    }
+}
+
+/// A count of waiting calls, lowered when the wait ends however it ends (an aborted task too).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A slot of a group held by a member: counted in the member's `holding` while held.
+struct Holding<'a> {
+    member: &'a Member,
+    counted: bool,
+}
+
+impl<'a> Holding<'a> {
+    fn new(member: &'a Member) -> Self {
+        member.holding.fetch_add(1, Ordering::Relaxed);
+        Self { member, counted: true }
+    }
+
+    /// Gives up this slot if the member holds more than `share` of them: true when it does (the
+    /// permits go when the caller drops them).
+    fn yield_if_over(&mut self, share: usize) -> bool {
+        let over = self
+            .member
+            .holding
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n > share).then(|| n - 1))
+            .is_ok();
+        if over {
+            self.counted = false;
+        }
+        over
+    }
+}
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        if self.counted {
+            self.member.holding.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -243,6 +408,10 @@ fn thread_cpu_now() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+fn thread_cpu_ns() -> u64 {
+    thread_cpu_now().as_nanos() as u64
+}
+
 /// One call's time on threads, shared by the future that drives the guest and the guest's epoch
 /// callback (which runs inside that future's poll, on the same thread).
 #[derive(Debug)]
@@ -256,6 +425,14 @@ pub(crate) struct Meter {
     waited_ns: AtomicU64,
     /// When the current wait for a slot began, as nanoseconds since `origin`; `u64::MAX`: none.
     wait_began_ns: AtomicU64,
+    /// The call's wall time on the fast lane passed the slice: its polls are now measured on the
+    /// thread's CPU clock, which decides whether it moves.
+    cpu_checked: AtomicBool,
+    /// Thread CPU time since `cpu_checked` was set, in finished polls.
+    checked_cpu_ns: AtomicU64,
+    /// The thread's CPU clock when the current poll began (or when `cpu_checked` was set in its
+    /// middle); `u64::MAX`: not measured. Start and end are read in one poll, on one thread.
+    poll_cpu_began_ns: AtomicU64,
     /// Set by the epoch callback: this call has used its fast-lane slice.
     demote: AtomicBool,
     /// The call holds a slow-lane slot: nothing more to decide.
@@ -270,6 +447,9 @@ impl Meter {
             poll_began_ns: AtomicU64::new(u64::MAX),
             waited_ns: AtomicU64::new(0),
             wait_began_ns: AtomicU64::new(u64::MAX),
+            cpu_checked: AtomicBool::new(false),
+            checked_cpu_ns: AtomicU64::new(0),
+            poll_cpu_began_ns: AtomicU64::new(u64::MAX),
             demote: AtomicBool::new(false),
             slow: AtomicBool::new(false),
         }
@@ -301,10 +481,28 @@ impl Meter {
         self.demote.load(Ordering::Relaxed)
     }
 
-    /// Called from the epoch callback: asks for the move once the slice is used.
+    /// Called from the epoch callback (inside a poll, on the polling thread): asks for the move
+    /// once the call has used its slice. Wall time first, which is cheap to read and an upper
+    /// bound of CPU time; past the slice, the thread's CPU clock must confirm with half a slice
+    /// more of the call's own CPU time, so time the OS gave to another thread in the middle of
+    /// this call's poll never moves it.
     pub(crate) fn check_slice(&self, slice: Duration) {
-        if !self.slow.load(Ordering::Relaxed) && !self.demote.load(Ordering::Relaxed) && self.busy() >= slice
-        {
+        if self.slow.load(Ordering::Relaxed) || self.demote.load(Ordering::Relaxed) {
+            return;
+        }
+        if !self.cpu_checked.load(Ordering::Relaxed) {
+            if self.busy() >= slice {
+                self.cpu_checked.store(true, Ordering::Relaxed);
+                self.poll_cpu_began_ns.store(thread_cpu_ns(), Ordering::Relaxed);
+            }
+            return;
+        }
+        let mut cpu_ns = self.checked_cpu_ns.load(Ordering::Relaxed);
+        let began = self.poll_cpu_began_ns.load(Ordering::Relaxed);
+        if began != u64::MAX {
+            cpu_ns += thread_cpu_ns().saturating_sub(began);
+        }
+        if Duration::from_nanos(cpu_ns) >= slice / 2 {
             self.demote.store(true, Ordering::Relaxed);
         }
     }
@@ -318,6 +516,7 @@ pub(crate) struct LaneFuture<F: Future> {
     meter: Arc<Meter>,
     lanes: Arc<Lanes>,
     group: Arc<str>,
+    member: Arc<str>,
 }
 
 enum State<F: Future> {
@@ -331,8 +530,15 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    pub(crate) fn new(fut: F, meter: Arc<Meter>, lanes: Arc<Lanes>, group: Arc<str>) -> Self {
-        Self { state: State::Fast(Box::pin(fut)), meter, lanes, group }
+    /// `group` is the tenant, `member` the function within it.
+    pub(crate) fn new(
+        fut: F,
+        meter: Arc<Meter>,
+        lanes: Arc<Lanes>,
+        group: Arc<str>,
+        member: Arc<str>,
+    ) -> Self {
+        Self { state: State::Fast(Box::pin(fut)), meter, lanes, group, member }
     }
 }
 
@@ -349,13 +555,29 @@ where
             match &mut this.state {
                 State::Fast(fut) => {
                     let meter = &this.meter;
+                    // Measured on the CPU clock from its start only once the call is checked.
+                    let checked = meter.cpu_checked.load(Ordering::Relaxed);
+                    if checked {
+                        meter.poll_cpu_began_ns.store(thread_cpu_ns(), Ordering::Relaxed);
+                    }
                     let began = meter.origin.elapsed().as_nanos() as u64;
                     meter.poll_began_ns.store(began, Ordering::Relaxed);
                     let polled = fut.as_mut().poll(cx);
                     let ended = meter.origin.elapsed().as_nanos() as u64;
                     meter.poll_began_ns.store(u64::MAX, Ordering::Relaxed);
-                    meter.busy_ns.fetch_add(ended.saturating_sub(began), Ordering::Relaxed);
-                    this.lanes.guest_cpu_ns.fetch_add(ended.saturating_sub(began), Ordering::Relaxed);
+                    let mut used = ended.saturating_sub(began);
+                    let cpu_began = meter.poll_cpu_began_ns.swap(u64::MAX, Ordering::Relaxed);
+                    if cpu_began != u64::MAX {
+                        let cpu = thread_cpu_ns().saturating_sub(cpu_began);
+                        meter.checked_cpu_ns.fetch_add(cpu, Ordering::Relaxed);
+                        // A poll measured on the CPU clock from its start is charged its CPU
+                        // time; the poll in which the check began keeps its wall time.
+                        if checked {
+                            used = cpu;
+                        }
+                    }
+                    meter.busy_ns.fetch_add(used, Ordering::Relaxed);
+                    this.lanes.guest_cpu_ns.fetch_add(used, Ordering::Relaxed);
                     match polled {
                         Poll::Ready(out) => {
                             this.state = State::Done;
@@ -366,7 +588,8 @@ where
                             let State::Fast(fut) = std::mem::replace(&mut this.state, State::Done) else {
                                 unreachable!("matched Fast above")
                             };
-                            let handle = this.lanes.demote(&this.group, this.meter.clone(), fut);
+                            let handle =
+                                this.lanes.demote(&this.group, &this.member, this.meter.clone(), fut);
                             this.state = State::Slow(handle);
                         }
                     }
@@ -400,27 +623,37 @@ impl<F: Future> Drop for LaneFuture<F> {
     }
 }
 
-/// A guest's future on the slow lane: holds its slots and adds thread CPU time to the meter.
-struct SlowRun<F: Future> {
-    fut: Pin<Box<F>>,
-    meter: Arc<Meter>,
+/// A guest's future on the slow lane while it holds its slots: adds thread CPU time to the meter,
+/// and ends early (`None`) when its member holds more than its share of the group's slots and
+/// another member of the group waits.
+struct SlowRun<'a, F: Future> {
+    fut: &'a mut Pin<Box<F>>,
+    meter: &'a Meter,
     /// The lanes' total of guest time.
-    total: Arc<AtomicU64>,
+    total: &'a AtomicU64,
+    group: &'a Group,
+    holding: Holding<'a>,
+    share: usize,
     _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
 }
 
-impl<F: Future> Future for SlowRun<F> {
-    type Output = F::Output;
+impl<F: Future> Future for SlowRun<'_, F> {
+    type Output = Option<F::Output>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<F::Output>> {
         let this = self.get_mut();
+        // Between two polls the guest is at a yield point (an epoch tick or a host call): the
+        // place to hand a slot beyond its share to another member of the group.
+        if this.group.others_wait(this.holding.member) && this.holding.yield_if_over(this.share) {
+            return Poll::Ready(None);
+        }
         this.meter.slow.store(true, Ordering::Relaxed);
         let began = thread_cpu_now();
         let polled = this.fut.as_mut().poll(cx);
         let used = thread_cpu_now().saturating_sub(began);
         this.meter.busy_ns.fetch_add(used.as_nanos() as u64, Ordering::Relaxed);
         this.total.fetch_add(used.as_nanos() as u64, Ordering::Relaxed);
-        polled
+        polled.map(Some)
     }
 }
 
@@ -458,6 +691,7 @@ mod tests {
             slow_threads: 1,
             slow_slots_max: slots,
             slow_slots_per_group_max: slots,
+            slow_slots_per_member_share: slots,
         };
         Arc::new(Lanes::new(config).unwrap())
     }
@@ -466,7 +700,13 @@ mod tests {
     async fn a_short_call_stays_on_the_thread_that_polls_it() {
         let lanes = lanes(1);
         let meter = Arc::new(Meter::new());
-        let fut = LaneFuture::new(Burn { polls: 3, work: Duration::ZERO }, meter.clone(), lanes, "t".into());
+        let fut = LaneFuture::new(
+            Burn { polls: 3, work: Duration::ZERO },
+            meter.clone(),
+            lanes,
+            "t".into(),
+            "f".into(),
+        );
         assert_eq!(fut.await, std::thread::current().id());
         assert!(!meter.demoted());
     }
@@ -488,7 +728,7 @@ mod tests {
                 .await
             }
         };
-        let ran_on = LaneFuture::new(checked, meter.clone(), lanes.clone(), "t".into()).await;
+        let ran_on = LaneFuture::new(checked, meter.clone(), lanes.clone(), "t".into(), "f".into()).await;
         assert_ne!(ran_on, std::thread::current().id(), "finished on a slow-lane thread");
         assert!(meter.demoted());
         assert!(meter.busy() >= Duration::from_millis(5), "{:?}", meter.busy());
@@ -503,7 +743,13 @@ mod tests {
         let forever = {
             let meter = Arc::new(Meter::new());
             meter.demote.store(true, Ordering::Relaxed);
-            LaneFuture::new(Burn { polls: u32::MAX, work: Duration::ZERO }, meter, lanes.clone(), "t".into())
+            LaneFuture::new(
+                Burn { polls: u32::MAX, work: Duration::ZERO },
+                meter,
+                lanes.clone(),
+                "t".into(),
+                "f".into(),
+            )
         };
         // Polled once: moved to the slow lane, where it takes the only slot and never ends.
         let timed_out = tokio::time::timeout(Duration::from_millis(50), forever).await;
@@ -511,7 +757,13 @@ mod tests {
         // The next demoted call gets the slot.
         let meter = Arc::new(Meter::new());
         meter.demote.store(true, Ordering::Relaxed);
-        let next = LaneFuture::new(Burn { polls: 1, work: Duration::ZERO }, meter.clone(), lanes, "t".into());
+        let next = LaneFuture::new(
+            Burn { polls: 1, work: Duration::ZERO },
+            meter.clone(),
+            lanes,
+            "t".into(),
+            "f".into(),
+        );
         tokio::time::timeout(Duration::from_secs(5), next).await.expect("the slot was freed");
         assert!(meter.waited() < Duration::from_secs(5));
     }
@@ -523,12 +775,19 @@ mod tests {
             slow_threads: 1,
             slow_slots_max: 4,
             slow_slots_per_group_max: 1,
+            slow_slots_per_member_share: 1,
         };
         let lanes = Arc::new(Lanes::new(config).unwrap());
         let demoted = |group: &str, polls: u32| {
             let meter = Arc::new(Meter::new());
             meter.demote.store(true, Ordering::Relaxed);
-            LaneFuture::new(Burn { polls, work: Duration::ZERO }, meter, lanes.clone(), group.into())
+            LaneFuture::new(
+                Burn { polls, work: Duration::ZERO },
+                meter,
+                lanes.clone(),
+                group.into(),
+                "f".into(),
+            )
         };
         // Group a's only slot is held forever; a second call of a waits, a call of b runs.
         let hog = tokio::spawn(demoted("a", u32::MAX));
@@ -537,5 +796,118 @@ mod tests {
         assert!(second_a.is_err(), "a second call of group a waited for a's slot");
         tokio::time::timeout(Duration::from_secs(5), demoted("b", 1)).await.expect("group b ran");
         hog.abort();
+    }
+
+    /// Stands in for the epoch callback: checks the slice before every poll of `inner`.
+    async fn checked<F: Future>(meter: Arc<Meter>, inner: F) -> F::Output {
+        let mut inner = std::pin::pin!(inner);
+        std::future::poll_fn(|cx| {
+            meter.check_slice(Duration::from_millis(2));
+            inner.as_mut().poll(cx)
+        })
+        .await
+    }
+
+    /// A call that is off the CPU in the middle of its polls (as when the OS runs another
+    /// thread): `off` of wall time per poll without using the CPU, checked as the epoch callback
+    /// would be after it.
+    struct Preempted {
+        polls: u32,
+        off: Duration,
+        meter: Arc<Meter>,
+    }
+
+    impl Future for Preempted {
+        type Output = ();
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            std::thread::sleep(self.off);
+            self.meter.check_slice(Duration::from_millis(2));
+            if self.polls == 0 {
+                return Poll::Ready(());
+            }
+            self.polls -= 1;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_short_call_kept_off_the_cpu_by_the_os_is_not_moved() {
+        let lanes = lanes(1);
+        let meter = Arc::new(Meter::new());
+        // 3 polls of 5 ms wall each and almost no CPU: far past the 2 ms slice on the wall clock.
+        let call = Preempted { polls: 2, off: Duration::from_millis(5), meter: meter.clone() };
+        LaneFuture::new(call, meter.clone(), lanes.clone(), "t".into(), "hello".into()).await;
+        assert!(meter.busy() < Duration::from_millis(15), "charged CPU, not wall: {:?}", meter.busy());
+        assert!(!meter.demoted(), "moved to the slow lane for time it spent off the CPU");
+        assert_eq!(lanes.stats().demoted_total, 0);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_call_over_its_cpu_slice_in_one_poll_moves_at_its_next_yield() {
+        let lanes = lanes(1);
+        let meter = Arc::new(Meter::new());
+        // 4 ms of CPU per poll: the first poll passes the slice by itself.
+        let burn = Burn { polls: 3, work: Duration::from_millis(4) };
+        let ran_on =
+            LaneFuture::new(checked(meter.clone(), burn), meter.clone(), lanes, "t".into(), "f".into()).await;
+        assert!(meter.demoted());
+        assert_ne!(ran_on, std::thread::current().id(), "finished on a slow-lane thread");
+    }
+
+    fn lanes_with_share(group_slots: usize, share: usize) -> Arc<Lanes> {
+        let config = LaneConfig {
+            fast_slice: Duration::from_millis(2),
+            slow_threads: 1,
+            slow_slots_max: 8,
+            slow_slots_per_group_max: group_slots,
+            slow_slots_per_member_share: share,
+        };
+        Arc::new(Lanes::new(config).unwrap())
+    }
+
+    fn demoted(lanes: &Arc<Lanes>, member: &str, polls: u32) -> LaneFuture<Burn> {
+        let meter = Arc::new(Meter::new());
+        meter.demote.store(true, Ordering::Relaxed);
+        let burn = Burn { polls, work: Duration::from_micros(200) };
+        LaneFuture::new(burn, meter, lanes.clone(), "t".into(), member.into())
+    }
+
+    async fn until(what: &str, check: impl Fn() -> bool) {
+        let give_up = Instant::now() + Duration::from_secs(5);
+        while !check() {
+            assert!(Instant::now() < give_up, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_function_alone_uses_all_its_tenants_slots_and_gives_one_back_when_another_waits() {
+        let lanes = lanes_with_share(2, 1);
+        // Two endless calls of `spin` take both of the tenant's slots: nobody else waits.
+        let hogs = [
+            tokio::spawn(demoted(&lanes, "spin", u32::MAX)),
+            tokio::spawn(demoted(&lanes, "spin", u32::MAX)),
+        ];
+        until("both spin calls hold a slot", || lanes.stats().slow_running == 2).await;
+        // A third call of `spin` waits: the tenant has no slot left.
+        let third = tokio::time::timeout(Duration::from_millis(100), demoted(&lanes, "spin", 1)).await;
+        assert!(third.is_err(), "a third call of spin waited for the tenant's slots");
+        // A call of `hello`, another function of the same tenant, gets the slot that `spin` holds
+        // beyond its share at spin's next yield, not when a spin call ends (never, here).
+        tokio::time::timeout(Duration::from_secs(5), demoted(&lanes, "hello", 1))
+            .await
+            .expect("hello got a slot while spin's calls still ran");
+        // Once hello is gone, spin takes both slots again.
+        until("spin holds both slots again", || lanes.stats().slow_running == 2).await;
+        for hog in hogs {
+            hog.abort();
+        }
+        until("the slots are free", || lanes.stats().slow_running == 0).await;
+        let groups = lanes.groups.lock().unwrap();
+        assert!(
+            groups["t"].members.lock().unwrap().is_empty(),
+            "members are forgotten when their calls leave"
+        );
     }
 }

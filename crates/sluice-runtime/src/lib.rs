@@ -651,7 +651,13 @@ impl Runtime {
                 }
             }
         };
-        let guest = lanes::LaneFuture::new(run, meter.clone(), self.lanes.clone(), call.group.clone());
+        let guest = lanes::LaneFuture::new(
+            run,
+            meter.clone(),
+            self.lanes.clone(),
+            call.group.clone(),
+            call.function.clone(),
+        );
         let invocation_id = call.invocation_id.clone();
         let memory_bytes = call.config.memory_bytes;
         let lane = call.lane;
