@@ -9,11 +9,13 @@
 #
 # Then the async path: new async calls of hello (wrk -c10, bench/async.lua) alone, and while
 # FLOOD (200) queued CPU-bound async calls of mallory's guest run; and whether any lease was
-# reclaimed from this live node during the flood.
+# reclaimed from this live node during the flood. Last, the same async load while a `read` key
+# of mallory floods the control API, with the node's heartbeat age.
 #
 # Usage: bench/neighbours.sh        (DURATION=5s CONNS=20 MODES="benign spin alloc ... all"
 #                                     TENANTS="mallory default" FLOOD=200 optional)
 # Needs: wrk (apt-get install wrk). Extra `sluice serve` flags: SERVE_FLAGS="--workers 2 ...".
+# Another build: SLUICE=/tmp/sluice-old bench/neighbours.sh (no build is made then).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Every error would capture a backtrace (every hostile call here is an error): benchmark without.
@@ -27,11 +29,14 @@ SERVE_FLAGS=${SERVE_FLAGS:-}
 FLOOD=${FLOOD:-200}
 
 command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk" >&2; exit 1; }
-cargo build --release -q -p sluice-cli
+# SLUICE=path/to/sluice measures another build (e.g. the commit before a change) with this script.
+if [ -z "${SLUICE:-}" ]; then
+  cargo build --release -q -p sluice-cli
+  SLUICE=target/release/sluice
+fi
 mapfile -t guests < <(scripts/build-guests.sh)
 HELLO=${guests[0]}
 TESTGUEST=${guests[1]}
-SLUICE=target/release/sluice
 data=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$data"; }
@@ -165,3 +170,40 @@ echo "| alone | $idle_rps | $idle_p99 | 1.00x |"
 echo "| beside the flood | $flood_rps | $flood_p99 | $(awk -v a="$flood_p99" -v b="$idle_p99" 'BEGIN{printf "%.2fx", a/b}') |"
 echo
 echo "how the $FLOOD flooded invocations ended: $kinds (lease_lost would mean a lease was reclaimed from this live node)"
+
+# --- the control plane under a flood of reads from one tenant's `read` key ---
+READ_KEY=$(curl -s -X POST -H "Authorization: Bearer $TOKEN" -H 'content-type: application/json' \
+  -d '{"scopes":["read"]}' "$URL/v1/tenants/mallory/keys" | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+# The node's heartbeat age (GET /v1/nodes, admin key) sampled every 200 ms; prints the largest.
+heartbeat_age() {
+  local until=$(( $(date +%s) + ${DURATION%s} )) worst=0 age
+  while [ "$(date +%s)" -lt "$until" ]; do
+    age=$(curl -s -H "Authorization: Bearer $TOKEN" "$URL/v1/nodes" | python3 -c 'import json,sys; print(max(n["heartbeat_age_ms"] for n in json.load(sys.stdin)["nodes"]))' 2>/dev/null || echo 0)
+    [ "$age" -gt "$worst" ] && worst=$age
+    sleep 0.2
+  done
+  echo "$worst"
+}
+heartbeat_age > "$data/hb.out" &
+hb=$!
+read -r calm_rps calm_p99 <<< "$(async_load)"
+wait "$hb"; calm_hb=$(cat "$data/hb.out")
+wrk -t1 -c20 -d"$((${DURATION%s} + 2))s" -H "Authorization: Bearer $READ_KEY" \
+  "$URL/v1/invocations?tenant=mallory&limit=1000" > "$data/cp.out" 2>&1 &
+cp=$!
+sleep 1
+heartbeat_age > "$data/hb.out" &
+hb=$!
+read -r cp_rps cp_p99 <<< "$(async_load)"
+wait "$hb"; cp_hb=$(cat "$data/hb.out")
+wait "$cp" || true
+cp_total=$(awk '/requests in/ {print $1}' "$data/cp.out")
+cp_refused=$(awk '/Non-2xx/ {print $NF}' "$data/cp.out")
+echo
+echo "new async calls of hello (as above) while mallory's read key floods GET /v1/invocations?limit=1000"
+echo "(wrk -c20); the node's heartbeat age sampled every 200 ms (it heartbeats every 2 s)"
+echo
+echo "| async hello | 202/s | 202 p99 ms | largest heartbeat age ms | flood requests (refused) |"
+echo "| --- | --- | --- | --- | --- |"
+echo "| calm | $calm_rps | $calm_p99 | $calm_hb | - |"
+echo "| beside the /v1 flood | $cp_rps | $cp_p99 | $cp_hb | ${cp_total:-0} (${cp_refused:-0}) |"

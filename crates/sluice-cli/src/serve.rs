@@ -81,6 +81,21 @@ pub struct ServeArgs {
     /// Every tenant's burst (default: the rate, rounded up).
     #[arg(long)]
     pub tenant_burst: Option<u32>,
+    /// Control API (`/v1`, `/metrics`) requests per second of one API key; over it, 429 with
+    /// Retry-After. Admin keys have no rate limit.
+    #[arg(long, default_value_t = 100.0)]
+    pub api_rate: f64,
+    /// Burst of `--api-rate` (default: twice the rate).
+    #[arg(long)]
+    pub api_burst: Option<u32>,
+    /// Control API requests of one tenant's keys (or of all callers without a valid key, or of
+    /// the admin keys) in flight at once; beyond it, 429 at once.
+    #[arg(long, default_value_t = 4)]
+    pub api_tenant_inflight_max: usize,
+    /// Control API requests in flight at once on this node; beyond it, 503 at once. They share
+    /// the control runtime with the scheduler and the heartbeats.
+    #[arg(long, default_value_t = 16)]
+    pub api_inflight_max: usize,
     /// Sync calls running at once on this node; beyond it new calls get 503 at once.
     #[arg(long, default_value_t = 512)]
     pub sync_inflight_max: usize,
@@ -352,6 +367,17 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
     config.async_enqueue_inflight_max = args.async_enqueue_inflight_max;
     config.deploy_inflight_max = args.deploy_inflight_max;
     config.lease_ms = args.lease.as_millis() as u64;
+    config.control = sluice_gateway::control::ControlConfig {
+        key_rate: Rate {
+            per_sec: args.api_rate,
+            burst: args.api_burst.unwrap_or_else(|| (args.api_rate * 2.0).ceil().clamp(1.0, 1e9) as u32),
+        },
+        tenant_inflight_max: args.api_tenant_inflight_max,
+        inflight_max: args.api_inflight_max,
+    };
+    config.control.validate().map_err(|e| {
+        anyhow::anyhow!("{e} (--api-rate, --api-burst, --api-tenant-inflight-max, --api-inflight-max)")
+    })?;
     config.lanes = args.lanes()?;
     config.memory_keep_resident_bytes = args.memory_keep_resident as usize;
     if let Some(n) = args.heavy_instances_max {

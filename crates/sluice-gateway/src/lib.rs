@@ -14,6 +14,7 @@ pub mod api_tenants;
 #[cfg(test)]
 mod api_tests;
 pub mod body;
+pub mod control;
 pub mod credentials;
 pub mod error;
 pub mod invoke;
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod node;
 pub mod recorder;
 pub mod server;
+pub mod share;
 pub mod sniff;
 
 pub use node::{Node, NodeConfig};

@@ -37,6 +37,8 @@ pub struct NodeConfig {
     pub deploy_inflight_max: usize,
     /// Lease of an async invocation (renewed every third of it).
     pub lease_ms: u64,
+    /// Bounds of the control plane (`/v1`, `/metrics`): per key, per tenant, per node.
+    pub control: crate::control::ControlConfig,
     /// The runtime's fast and slow CPU lanes.
     pub lanes: sluice_runtime::LaneConfig,
     /// Bytes of a freed linear memory kept resident and reset in place.
@@ -73,6 +75,7 @@ impl NodeConfig {
             async_enqueue_inflight_max: 256,
             deploy_inflight_max: 8,
             lease_ms: 30_000,
+            control: Default::default(),
             lanes: sluice_runtime::LaneConfig::for_cores(
                 std::thread::available_parallelism().map_or(1, |n| n.get()),
             ),
@@ -249,6 +252,8 @@ pub struct Node {
     pub runtime: Arc<Runtime>,
     pub recorder: Recorder,
     pub admission: Admission,
+    /// Admission to `/v1` and `/metrics` ([`crate::control`]).
+    pub control_admission: crate::control::ControlAdmission,
     /// Notified when an invocation is queued here: the scheduler waits on it between polls.
     pub queued: Arc<tokio::sync::Notify>,
     /// What the scheduler last saw and decided, once it runs (`GET /v1/tenants/{t}/usage`).
@@ -301,6 +306,7 @@ impl Node {
         let (recorder, recorder_task) =
             Recorder::start(store.clone(), config.limits.log_queue_max, config.limits.log_queue_bytes_max);
         let admission = Admission::new(Default::default(), config.sync_inflight_max, config.tenant_rate);
+        let control_admission = crate::control::ControlAdmission::new(config.control, Default::default());
         let node = Arc::new(Self {
             id: format!("{}-{}", std::process::id(), sluice_core::ids::short_id("node")),
             config,
@@ -308,6 +314,7 @@ impl Node {
             runtime,
             recorder,
             admission,
+            control_admission,
             queued: Arc::default(),
             scheduling: RwLock::default(),
             recorder_task: Mutex::new(Some(recorder_task)),

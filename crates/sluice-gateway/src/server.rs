@@ -185,21 +185,34 @@ async fn route(node: &Arc<Node>, req: Request<Incoming>, framing_conflict: bool)
     if path == "/healthz" {
         return Response::new(full("ok\n"));
     }
-    if path == "/metrics" {
-        if req.method() != http::Method::GET {
+    let metrics = path == "/metrics";
+    if metrics || path == "/v1" || path.starts_with("/v1/") {
+        if metrics && req.method() != http::Method::GET {
             return error_response(&SluiceError::new(ErrorKind::MethodNotAllowed, "use GET /metrics"), None);
         }
-        let fut = crate::metrics::handle(node.clone(), req.headers().clone());
-        return match node.control.spawn(fut).await {
-            Ok(res) => res,
-            Err(e) => error_response(&SluiceError::internal(format!("metrics task failed: {e}")), None),
+        // Bounded here, on the accepting core, before anything reaches the control runtime that
+        // the scheduler and the heartbeats share (`control`).
+        let principal = crate::node::bearer(req.headers()).and_then(|key| node.principal_for_key(key));
+        let pass = match node.control_admission.admit(principal.as_deref()) {
+            Ok(pass) => pass,
+            Err(e) => return error_response(&e, None),
         };
-    }
-    if path == "/v1" || path.starts_with("/v1/") {
-        let fut = crate::api::handle(node.clone(), req);
-        return match node.control.spawn(fut).await {
+        let spawned = if metrics {
+            let fut = crate::metrics::handle(node.clone(), req.headers().clone());
+            node.control.spawn(async move {
+                let _pass = pass;
+                fut.await
+            })
+        } else {
+            let fut = crate::api::handle(node.clone(), req);
+            node.control.spawn(async move {
+                let _pass = pass;
+                fut.await
+            })
+        };
+        return match spawned.await {
             Ok(res) => res,
-            Err(e) => error_response(&SluiceError::internal(format!("API task failed: {e}")), None),
+            Err(e) => error_response(&SluiceError::internal(format!("control API task failed: {e}")), None),
         };
     }
     error_response(&SluiceError::not_found(format!("no route for {path}: use /fn/... or /v1/...")), None)

@@ -10,6 +10,7 @@ mod chaos;
 mod cluster;
 mod code;
 mod completions;
+mod control;
 mod credentials;
 mod deploy;
 mod lanes;

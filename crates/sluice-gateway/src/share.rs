@@ -1,0 +1,123 @@
+//! A node-wide bound on things in flight with a share per tenant: one tenant (or all the
+//! anonymous callers of its public functions) can take at most its share of the node's slots,
+//! so the rest stay for everyone else. The CPU lanes do the same for slow-lane slots.
+//!
+//! The tenant's slot is taken first: a tenant at its share must not hold node slots that other
+//! tenants could use. Both refusals are immediate; nothing waits.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use sluice_core::{ErrorKind, SluiceError};
+
+use crate::admission::{Gauge, Slot};
+
+/// Slots of a node-wide bound, shared out per tenant.
+#[derive(Debug)]
+pub struct TenantShares {
+    /// What is bounded, for the refusals ("async calls being accepted").
+    what: &'static str,
+    node_max: usize,
+    tenant_max: usize,
+    node: Arc<Gauge>,
+    /// In-flight counts per tenant. Tenants are bounded by the store; an entry is a counter.
+    tenants: Mutex<HashMap<String, Arc<Gauge>>>,
+}
+
+/// A tenant's slot and the node's, given back when dropped.
+#[derive(Debug)]
+pub struct SharedSlot {
+    _tenant: Slot,
+    _node: Slot,
+}
+
+impl TenantShares {
+    /// `tenant_max` above `node_max` means no share: one tenant may take every slot.
+    pub fn new(what: &'static str, node_max: usize, tenant_max: usize) -> Self {
+        Self { what, node_max, tenant_max, node: Arc::default(), tenants: Mutex::default() }
+    }
+
+    /// The default share of a bound: a quarter of the node's slots, as a tenant's share of the
+    /// slow lane is a quarter of the node's (at least 1).
+    pub fn quarter(node_max: usize) -> usize {
+        (node_max / 4).max(1)
+    }
+
+    pub fn node_max(&self) -> usize {
+        self.node_max
+    }
+
+    pub fn tenant_max(&self) -> usize {
+        self.tenant_max
+    }
+
+    /// Slots held now, on the whole node.
+    pub fn current(&self) -> usize {
+        self.node.current()
+    }
+
+    /// A slot for one more of `tenant`'s, or at once: 429 `concurrency_limited` when the tenant
+    /// holds its share (`who` names it in the message), 503 `overloaded` when the node is full.
+    /// Both say `Retry-After: 1`.
+    pub fn admit(&self, tenant: &str, who: impl FnOnce() -> String) -> Result<SharedSlot, SluiceError> {
+        let gauge = self.tenant_gauge(tenant);
+        let tenant_slot = gauge.try_acquire(self.tenant_max).ok_or_else(|| {
+            SluiceError::new(
+                ErrorKind::ConcurrencyLimited,
+                format!(
+                    "{} already has {} {} on this node, its share; retry shortly",
+                    who(),
+                    self.tenant_max,
+                    self.what
+                ),
+            )
+            .retry_after(1)
+        })?;
+        let max = self.node_max;
+        let node_slot =
+            self.node.admit(max, || format!("this node already has {max} {}; retry shortly", self.what))?;
+        Ok(SharedSlot { _tenant: tenant_slot, _node: node_slot })
+    }
+
+    fn tenant_gauge(&self, tenant: &str) -> Arc<Gauge> {
+        let mut map = self.tenants.lock().expect("tenant shares lock");
+        if let Some(g) = map.get(tenant) {
+            return g.clone();
+        }
+        map.entry(tenant.to_string()).or_default().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tenant_at_its_share_is_refused_and_holds_no_node_slot() {
+        let shares = TenantShares::new("async calls being accepted", 3, 2);
+        let held: Vec<_> =
+            (0..2).map(|_| shares.admit("mallory", || "tenant mallory".into()).unwrap()).collect();
+        let refused = shares.admit("mallory", || "tenant mallory".into()).unwrap_err();
+        assert_eq!(refused.kind, ErrorKind::ConcurrencyLimited);
+        assert_eq!(refused.retry_after_secs, Some(1));
+        assert!(
+            refused.message.contains("tenant mallory already has 2 async calls being accepted"),
+            "{}",
+            refused.message
+        );
+        assert_eq!(shares.current(), 2, "the refusal took no node slot");
+        let acme = shares.admit("acme", || "tenant acme".into()).unwrap();
+        let full = shares.admit("bravo", || "tenant bravo".into()).unwrap_err();
+        assert_eq!(full.kind, ErrorKind::Overloaded);
+        drop((held, acme));
+        assert_eq!(shares.current(), 0);
+        shares.admit("mallory", || "tenant mallory".into()).unwrap();
+    }
+
+    #[test]
+    fn the_default_share_is_a_quarter_and_at_least_one() {
+        assert_eq!(TenantShares::quarter(256), 64);
+        assert_eq!(TenantShares::quarter(8), 2);
+        assert_eq!(TenantShares::quarter(2), 1);
+    }
+}
