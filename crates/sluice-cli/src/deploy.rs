@@ -62,7 +62,8 @@ pub struct DeployArgs {
     pub max_concurrency: Option<u32>,
     /// Async calls of this function that start whatever the node's load (reserved
     /// concurrency over the cluster; beyond it, calls run only while nodes are under their
-    /// utilization target).
+    /// utilization target). A part of the tenant's reserved quota, which only an admin sets
+    /// (`tenants quota --reserved`): at most that, or the deploy is refused.
     #[arg(long = "reserved")]
     pub reserved: Option<u32>,
     /// Default start window of async calls that name no sluice-deadline, e.g. 1h: such a call

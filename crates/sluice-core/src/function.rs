@@ -57,7 +57,9 @@ pub struct FunctionConfig {
     /// Calls of this function running at once on a node; `None`: bounded only by the node.
     pub max_concurrency: Option<u32>,
     /// Async calls of this function that start whatever the node's load (guaranteed
-    /// concurrency, counted over the cluster); `None`: only the tenant's reservation applies.
+    /// concurrency, counted over the cluster): a part of its tenant's reserved quota, which
+    /// bounds it (the deploy checks it; the scheduler caps the sum of a tenant's functions by it);
+    /// `None`: only the tenant's reservation applies.
     pub reserved_concurrency: Option<u32>,
     /// The start window an async call gets when it names no `sluice-deadline`: its deadline is
     /// then this long after its start time, and the scheduler may hold it for a trough

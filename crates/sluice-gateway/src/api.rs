@@ -230,7 +230,8 @@ pub struct DeployedVersion {
     request_body = CreateVersion,
     responses(
         (status = 201, description = "Deployed", body = DeployedVersion),
-        (status = 400, description = "Bad name, bad configuration or not a usable component \
+        (status = 400, description = "Bad name, bad configuration (among them a reserved \
+            concurrency beyond the tenant's reserved quota) or not a usable component \
             (`invalid_component`, naming the reason)", body = ErrorBody),
         (status = 403, description = "The key lacks the `deploy` scope", body = ErrorBody),
         (status = 404, description = "No such tenant or blob", body = ErrorBody),
@@ -256,6 +257,9 @@ pub(crate) async fn create_version(
     let req: CreateVersion = json_body(&body, "deploy request")?;
     let config = FunctionConfig { secrets: Secrets::new(req.secrets), ..req.config };
     config.validate(&node.config.limits)?;
+    if let Some(reserved) = config.reserved_concurrency.filter(|r| *r > 0) {
+        require_reservation_within_quota(&node, &tenant, reserved).await?;
+    }
     let _slot = node.deploy_slot()?;
     let bytes = node
         .store
@@ -282,6 +286,31 @@ pub(crate) async fn create_version(
             artifact_bytes: origin.artifact_bytes,
         }),
     ))
+}
+
+/// A function's reservation is a part of its tenant's, which only an admin sets: a deploy that
+/// asks for more is refused rather than accepted and then cut down by the scheduler without a
+/// word (the scheduler caps it all the same, for a quota lowered after the deploy, and for the
+/// sum of several functions' reservations, which this does not check).
+async fn require_reservation_within_quota(node: &Node, tenant: &str, reserved: u32) -> ApiResult<()> {
+    let quota = node
+        .store
+        .tenant_quotas()
+        .await?
+        .into_iter()
+        .find(|(t, _)| t == tenant)
+        .map(|(_, q)| q)
+        .unwrap_or_default();
+    if reserved > quota.reserved {
+        return Err(SluiceError::bad_request(format!(
+            "reserved concurrency {reserved} is more than tenant {tenant}'s reserved quota of {}: a \
+             function's reservation is a part of its tenant's; an admin can raise it with `sluice \
+             tenants quota {tenant} --reserved N`",
+            quota.reserved
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 fn public_url(node: &Node) -> String {

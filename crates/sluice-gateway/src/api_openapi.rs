@@ -94,7 +94,8 @@ pub struct FunctionConfigSchema {
     #[schema(minimum = 1)]
     pub max_concurrency: Option<u32>,
     /// Async calls that start whatever the node's load (reserved concurrency over the cluster);
-    /// null: only the tenant's reservation.
+    /// a part of the tenant's reserved quota, at most that (400 beyond it); null: only the
+    /// tenant's reservation.
     #[schema(minimum = 0, maximum = 100000)]
     pub reserved_concurrency: Option<u32>,
     /// Default start window in milliseconds of async calls without `sluice-deadline`; null: none.

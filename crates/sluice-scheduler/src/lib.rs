@@ -333,8 +333,11 @@ struct Planner {
     /// The last round left runnable work waiting.
     holding: bool,
     quotas: HashMap<String, Quota>,
-    reservations: Vec<(String, String, u32)>,
+    /// Functions with a reservation of their own, by tenant: `function, reserved`.
+    reservations: HashMap<String, Vec<(String, u32)>>,
     quotas_read: Option<tokio::time::Instant>,
+    /// Rounds planned so far: which tenant each of the plan's phases starts with.
+    rounds: u64,
     holds: HoldLog,
     /// Each tenant's recent opportunistic service, for the fair share.
     service: Service,
@@ -366,8 +369,9 @@ impl Planner {
             notified: true,
             holding: false,
             quotas: HashMap::new(),
-            reservations: Vec::new(),
+            reservations: HashMap::new(),
             quotas_read: None,
+            rounds: 0,
             holds: HoldLog::default(),
             service: Service::default(),
             last_round: ctx.clock.now_ms(),
@@ -403,7 +407,10 @@ impl Planner {
         let now = tokio::time::Instant::now();
         if self.quotas_read.is_none_or(|at| now.duration_since(at) >= QUOTAS_REFRESH) {
             self.quotas = ctx.store.tenant_quotas().await?.into_iter().collect();
-            self.reservations = ctx.functions.reservations();
+            self.reservations.clear();
+            for (tenant, function, reserved) in ctx.functions.reservations() {
+                self.reservations.entry(tenant).or_default().push((function, reserved));
+            }
             self.quotas_read = Some(now);
         }
         let stale = self.demand_read.is_none_or(|at| now.duration_since(at) >= ctx.config.demand_refresh);
@@ -412,6 +419,9 @@ impl Planner {
                 .store
                 .queue_demand(ctx.clock.now_ms(), promote_ahead_ms(ctx), ctx.config.batch_max.max(1))
                 .await?;
+            // Sorted as `count_started` searches it (the database's collation need not be
+            // Rust's byte order).
+            self.demand.running.sort_unstable();
             self.demand_read = Some(now);
             self.notified = false;
         }
@@ -443,10 +453,15 @@ impl Planner {
         for d in &self.demand.tenants {
             let function_reservations = self
                 .reservations
-                .iter()
-                .filter(|(t, _, _)| t == &d.tenant)
-                .map(|(t, f, r)| {
-                    (f.clone(), *r, running_by_function.get(&(t.as_str(), f.as_str())).copied().unwrap_or(0))
+                .get(&d.tenant)
+                .into_iter()
+                .flatten()
+                .map(|(f, r)| {
+                    (
+                        f.clone(),
+                        *r,
+                        running_by_function.get(&(d.tenant.as_str(), f.as_str())).copied().unwrap_or(0),
+                    )
                 })
                 .collect();
             tenants.insert(
@@ -461,7 +476,8 @@ impl Planner {
                 },
             );
         }
-        let plan = plan::plan(&tenants, room, opportunistic, over_target);
+        let plan = plan::plan(&tenants, room, opportunistic, over_target, self.rounds);
+        self.rounds = self.rounds.wrapping_add(1);
         let asked: u32 = plan.asks.iter().map(|a| a.limit).sum();
         let leased = if plan.asks.is_empty() {
             // Nothing to start, but the store still sweeps: leases that lapsed (their node died)
@@ -497,6 +513,8 @@ impl Planner {
                 };
             }
         }
+        // And it runs: until the next read, the next rounds must not grant a reservation again.
+        count_started(&mut self.demand.running, started_keys(leased.iter().flatten()));
 
         // Why the rest waits, and why what was leased waited.
         let from = self.last_round;
@@ -576,6 +594,7 @@ impl Planner {
                     .store
                     .lease(&ctx.config.owner, ctx.clock.now_ms(), ctx.config.lease_ms, limit)
                     .await?;
+                count_started(&mut self.demand.running, started_keys(&backstop));
                 tracing::warn!(
                     leased = backstop.len(),
                     plan_asks = plan.asks.len(),
@@ -612,6 +631,28 @@ impl Planner {
         }
         Ok((leased, asked))
     }
+}
+
+/// Adds calls just leased to what runs by `(tenant, function)` (sorted), where they stay until the
+/// next demand read replaces it: otherwise every round before that read would see the tenant's
+/// reservation as free still, and a tight loop of full batches would start it many times over.
+/// Calls that finished meanwhile are not taken off, which errs on the side of a reservation
+/// waiting one read longer. A new entry is allocated once per function per read, not per call.
+fn count_started<'a>(
+    running: &mut Vec<(String, String, u32)>,
+    started: impl IntoIterator<Item = (&'a str, &'a str)>,
+) {
+    for key in started {
+        match running.binary_search_by(|(t, f, _)| (t.as_str(), f.as_str()).cmp(&key)) {
+            Ok(i) => running[i].2 += 1,
+            Err(i) => running.insert(i, (key.0.to_string(), key.1.to_string(), 1)),
+        }
+    }
+}
+
+/// `(tenant, function)` of each call.
+fn started_keys<'a>(calls: impl IntoIterator<Item = &'a Leased>) -> impl Iterator<Item = (&'a str, &'a str)> {
+    calls.into_iter().map(|inv| (inv.tenant.as_str(), inv.function.as_str()))
 }
 
 /// How long the hold log remembers (longer than any wait worth explaining in detail).
@@ -961,3 +1002,18 @@ fn build_request(inv: &Leased) -> Result<http::Request<GuestRequestBody>, String
 
 #[cfg(test)]
 mod sim_tests;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_just_leased_count_as_running_until_the_next_read() {
+        let mut running = vec![("a".to_string(), "f".to_string(), 2), ("c".to_string(), "f".to_string(), 1)];
+        count_started(&mut running, [("a", "f"), ("b", "g"), ("a", "f"), ("a", "e")]);
+        let want = [("a", "e", 1), ("a", "f", 4), ("b", "g", 1), ("c", "f", 1)];
+        let got: Vec<(&str, &str, u32)> =
+            running.iter().map(|(t, f, n)| (t.as_str(), f.as_str(), *n)).collect();
+        assert_eq!(got, want);
+    }
+}

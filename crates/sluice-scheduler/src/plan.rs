@@ -1,21 +1,28 @@
 //! The XFaaS policy of the async scheduler (DESIGN.md section 4), as pure functions of what the
 //! loop measured: which runnable invocations a node leases in one round, and why the rest wait.
 //!
-//! Three kinds of capacity, granted in this order each round:
-//! 1. **Due** work — a call whose deadline is near (within the promotion horizon) — starts
-//!    whatever the node's load: no call misses a feasible deadline for want of a trough.
-//! 2. **Reserved** work: a tenant (or a function) with reserved concurrency gets calls started up
-//!    to its reservation, counted over the whole cluster, whatever the load.
-//! 3. **Opportunistic** work, beyond reservations, only while the node is under its utilization
-//!    target: the [`Pacer`] turns measured utilization into how many more calls may run here, and
-//!    that budget is shared by weighted fair queueing over tenants: each call goes to the tenant
+//! Two kinds of capacity, granted in this order each round:
+//! 1. **Reserved** work: a tenant with a reserved quota (which only an admin sets) gets calls
+//!    started up to it, counted over the whole cluster, whatever the node's load. A function's
+//!    own reservation (`deploy --reserved`) is a part of its tenant's, never more: its calls take
+//!    the tenant's reserved room before the tenant's other plain calls, and the reservations the
+//!    plan honours add up to at most the tenant's quota.
+//! 2. **Opportunistic** work, beyond reservations, at the pace of the utilization target: the
+//!    [`Pacer`] turns measured utilization into how many more calls may run here, and that
+//!    budget is shared by weighted fair queueing over tenants: each call goes to the tenant
 //!    whose recent opportunistic service divided by its weight is lowest (start-time fair
 //!    queueing, with service decaying so that no tenant banks credit while idle). A tenant asking
 //!    for less than its share leaves the rest to the others. Calls without a deadline are served
 //!    before calls with a wide start window, which wait for a trough (time-shifting).
 //!
+//! **Due** work (a deadline within the promotion horizon) is an order inside a tenant, not a
+//! class of capacity: it is first in the tenant's reserved room and first in its fair share, but
+//! it counts against both like any other call. A caller cannot jump the fair share by sending a
+//! near `sluice-deadline`; a tenant whose deadlines must hold under load needs a reservation.
+//!
 //! Criticality orders work only within a tenant's grant (the store's order inside each class), so
-//! a tenant that marks every call `high` gets its share and not more.
+//! a tenant that marks every call `high` gets its share and not more. Names order nothing: the
+//! tenant each phase starts with turns by one every round.
 //!
 //! Nothing here reads a clock or the store: the loop passes everything in, which is what lets the
 //! tests drive it with a simulated clock and executor.
@@ -30,7 +37,8 @@ pub enum WaitReason {
     /// The tenant had used its fair share of the capacity beyond reservations (or the node's
     /// slots were all taken).
     Quota,
-    /// The node was at or over its utilization target: only reserved and due work started.
+    /// The node was at or over its utilization target: reserved work started, and the rest
+    /// shared the pacer's shrinking budget (due calls included, first in their tenant's share).
     Utilization,
     /// A downstream of the function was saturated (its adaptive concurrency limit reached).
     Downstream,
@@ -62,6 +70,7 @@ pub struct TenantInput {
     /// Its invocations running now, on every node.
     pub running: u32,
     /// Functions with a reservation of their own: `(function, reserved, running on every node)`.
+    /// Each is a part of the tenant's reservation ([`Quota::reserved`]), which bounds them all.
     pub function_reservations: Vec<(String, u32, u32)>,
     /// Functions not to start (a downstream is saturated).
     pub excluded: Vec<String>,
@@ -80,16 +89,27 @@ pub struct Plan {
 }
 
 /// Plans one round. `free` is how many more calls this node may run now (its slots);
-/// `opportunistic` how many more the pacer allows beyond reserved and due work; `over_target`
-/// whether the node measured itself at or over its utilization target (which names why work
-/// waits). Tenants are processed in name order, so the plan is deterministic.
+/// `opportunistic` how many more the pacer allows beyond reservations; `over_target` whether the
+/// node measured itself at or over its utilization target (which names why work waits); `round`
+/// counts the loop's rounds: the tenant each phase starts with is the `round`-th (modulo their
+/// number), so that when the slots run out part-way through a phase, the tenant cut short goes
+/// earlier in the next round, and no tenant is favoured by its name. (Ordering by deficit —
+/// running over weight — was the other choice; but `running` is read every few rounds and lags
+/// other nodes' leases, so between reads the same tenant would win every round. Turning needs
+/// no state beyond a counter and costs nothing.)
+///
+/// O(tenants + functions) apart from [`fair_shares`], which is O(budget × tenants).
 pub fn plan(
     tenants: &BTreeMap<String, TenantInput>,
     mut free: u32,
     opportunistic: u32,
     over_target: bool,
+    round: u64,
 ) -> Plan {
     let mut out = Plan::default();
+    if tenants.is_empty() {
+        return out;
+    }
     let ask =
         |out: &mut Plan, tenant: &str, function: Option<&str>, class, limit: u32, excluded: &[String]| {
             if limit > 0 {
@@ -102,72 +122,72 @@ pub fn plan(
                 });
             }
         };
+    let first = (round % tenants.len() as u64) as usize;
+    let order: Vec<(&str, &TenantInput)> =
+        tenants.iter().map(|(name, t)| (name.as_str(), t)).cycle().skip(first).take(tenants.len()).collect();
+    // What each tenant (by its place in `order`) still wants of the due and the plain class.
+    let mut due_left: Vec<u32> = order.iter().map(|(_, t)| t.demand.due).collect();
+    let mut plain_left: Vec<u32> = order.iter().map(|(_, t)| t.demand.plain).collect();
 
-    // 1. Due work starts whatever the load.
-    let mut granted: HashMap<&str, u32> = HashMap::new();
-    for (name, t) in tenants {
-        let n = t.demand.due.min(free);
+    // 1. Reservations, whatever the load: the tenant's quota minus what it runs on every node.
+    // Due calls first; then the functions with a reservation of their own, each up to it, out of
+    // the same room (so that a deploy key cannot reserve more than an admin gave the tenant);
+    // then the tenant's other plain calls.
+    for (i, (name, t)) in order.iter().enumerate() {
+        let mut room = t.quota.reserved.saturating_sub(t.running).min(free);
+        let n = due_left[i].min(room);
         ask(&mut out, name, None, LeaseClass::Due, n, &t.excluded);
+        due_left[i] -= n;
+        room -= n;
         free -= n;
-        *granted.entry(name).or_default() += n;
-        if n < t.demand.due {
-            out.held.insert((name.clone(), LeaseClass::Due), WaitReason::Quota);
-        }
-    }
-
-    // 2. Reservations: a function's own first, then the tenant's.
-    let mut plain_left: HashMap<&str, u32> =
-        tenants.iter().map(|(n, t)| (n.as_str(), t.demand.plain)).collect();
-    for (name, t) in tenants {
-        let left = plain_left.get_mut(name.as_str()).expect("every tenant has an entry");
         for (function, reserved, running) in &t.function_reservations {
-            let n = reserved.saturating_sub(*running).min(free).min(*left);
+            let n = reserved.saturating_sub(*running).min(room).min(plain_left[i]);
             ask(&mut out, name, Some(function), LeaseClass::Plain, n, &t.excluded);
+            plain_left[i] -= n;
+            room -= n;
             free -= n;
-            *left -= n;
-            *granted.entry(name).or_default() += n;
         }
-        let used = t.running + granted.get(name.as_str()).copied().unwrap_or(0);
-        let n = t.quota.reserved.saturating_sub(used).min(free).min(*left);
+        let n = plain_left[i].min(room);
         ask(&mut out, name, None, LeaseClass::Plain, n, &t.excluded);
+        plain_left[i] -= n;
         free -= n;
-        *left -= n;
-        *granted.entry(name).or_default() += n;
     }
 
-    // 3. Opportunistic work: plain first, then deferrable, each shared by weighted fair queueing.
+    // 2. Opportunistic work, each pass shared by weighted fair queueing: due and plain calls in
+    // one pass (a tenant's due calls first within its grant, counted against it), then
+    // deferrable ones with what is left. `wants` lists tenants in `order`, so ties go to the
+    // tenant this round starts with.
     let mut budget = opportunistic.min(free);
-    let mut served: Vec<f64> = tenants.values().map(|t| t.served).collect();
-    for class in [LeaseClass::Plain, LeaseClass::Deferrable] {
-        let wants: Vec<(f64, u32, u32)> = tenants
-            .iter()
-            .zip(&served)
-            .map(|((name, t), served)| {
-                let demand = match class {
-                    LeaseClass::Plain => plain_left[name.as_str()],
-                    _ => t.demand.deferrable,
-                };
-                (*served, t.quota.weight.max(1), demand)
-            })
-            .collect();
-        let shares = fair_shares(&wants, budget);
-        for (((name, t), share), served) in tenants.iter().zip(&shares).zip(served.iter_mut()) {
-            ask(&mut out, name, None, class, *share, &t.excluded);
-            budget -= share;
-            *served += f64::from(*share);
-            out.opportunistic += share;
-            let demand = match class {
-                LeaseClass::Plain => plain_left[name.as_str()],
-                _ => t.demand.deferrable,
-            };
-            if *share < demand {
-                let reason = match class {
-                    LeaseClass::Deferrable => WaitReason::StartWindow,
-                    _ if over_target => WaitReason::Utilization,
-                    _ => WaitReason::Quota,
-                };
-                out.held.insert((name.to_string(), class), reason);
-            }
+    let mut served: Vec<f64> = order.iter().map(|(_, t)| t.served).collect();
+    let weights: Vec<u32> = order.iter().map(|(_, t)| t.quota.weight.max(1)).collect();
+    let held_reason = if over_target { WaitReason::Utilization } else { WaitReason::Quota };
+    let wants: Vec<(f64, u32, u32)> =
+        (0..order.len()).map(|i| (served[i], weights[i], due_left[i] + plain_left[i])).collect();
+    let shares = fair_shares(&wants, budget);
+    for (i, (name, t)) in order.iter().enumerate() {
+        let share = shares[i];
+        let due = share.min(due_left[i]);
+        let plain = share - due;
+        ask(&mut out, name, None, LeaseClass::Due, due, &t.excluded);
+        ask(&mut out, name, None, LeaseClass::Plain, plain, &t.excluded);
+        budget -= share;
+        served[i] += f64::from(share);
+        out.opportunistic += share;
+        if due < due_left[i] {
+            out.held.insert((name.to_string(), LeaseClass::Due), held_reason);
+        }
+        if plain < plain_left[i] {
+            out.held.insert((name.to_string(), LeaseClass::Plain), held_reason);
+        }
+    }
+    let wants: Vec<(f64, u32, u32)> =
+        order.iter().enumerate().map(|(i, (_, t))| (served[i], weights[i], t.demand.deferrable)).collect();
+    let shares = fair_shares(&wants, budget);
+    for (i, (name, t)) in order.iter().enumerate() {
+        ask(&mut out, name, None, LeaseClass::Deferrable, shares[i], &t.excluded);
+        out.opportunistic += shares[i];
+        if shares[i] < t.demand.deferrable {
+            out.held.insert((name.to_string(), LeaseClass::Deferrable), WaitReason::StartWindow);
         }
     }
     out
@@ -327,7 +347,7 @@ mod tests {
             },
         );
         tenants.insert("b".to_string(), TenantInput { demand: demand(10, 0, 0), ..Default::default() });
-        let p = plan(&tenants, 100, 0, true);
+        let p = plan(&tenants, 100, 0, true, 0);
         let got: Vec<(&str, LeaseClass, u32)> =
             p.asks.iter().map(|a| (a.tenant.as_str(), a.class, a.limit)).collect();
         // a: 2 due; reserved 3 minus (1 running + 2 due) = 0 more plain. Nothing opportunistic.
@@ -337,11 +357,134 @@ mod tests {
         assert_eq!(p.held.get(&("b".into(), LeaseClass::Plain)), Some(&WaitReason::Utilization));
     }
 
+    /// `(tenant, function, class, limit)` of every ask, in order.
+    fn asks(p: &Plan) -> Vec<(&str, Option<&str>, LeaseClass, u32)> {
+        p.asks.iter().map(|a| (a.tenant.as_str(), a.function.as_deref(), a.class, a.limit)).collect()
+    }
+
+    #[test]
+    fn due_calls_count_against_their_tenants_fair_share() {
+        // One tenant sends only calls with a near deadline, the other plain calls; equal weights.
+        let mut tenants = BTreeMap::new();
+        tenants.insert("due".to_string(), TenantInput { demand: demand(0, 0, 50), ..Default::default() });
+        tenants.insert("plain".to_string(), TenantInput { demand: demand(50, 0, 0), ..Default::default() });
+        let p = plan(&tenants, 100, 10, false, 0);
+        assert_eq!(asks(&p), vec![("due", None, LeaseClass::Due, 5), ("plain", None, LeaseClass::Plain, 5)]);
+        assert_eq!(p.opportunistic, 10);
+        assert_eq!(p.held.get(&("due".into(), LeaseClass::Due)), Some(&WaitReason::Quota));
+        // Over target with the pacer's budget used up, due work without a reservation waits too.
+        let p = plan(&tenants, 100, 0, true, 0);
+        assert_eq!(asks(&p), vec![]);
+        assert_eq!(p.held.get(&("due".into(), LeaseClass::Due)), Some(&WaitReason::Utilization));
+    }
+
+    #[test]
+    fn due_calls_go_first_in_their_tenants_reservation_and_share() {
+        let mut tenants = BTreeMap::new();
+        tenants.insert(
+            "a".to_string(),
+            TenantInput {
+                quota: Quota { reserved: 2, weight: 1 },
+                demand: demand(10, 0, 3),
+                ..Default::default()
+            },
+        );
+        let p = plan(&tenants, 100, 4, false, 0);
+        assert_eq!(
+            asks(&p),
+            vec![
+                ("a", None, LeaseClass::Due, 2),
+                ("a", None, LeaseClass::Due, 1),
+                ("a", None, LeaseClass::Plain, 3)
+            ]
+        );
+        // The reserved 2 start over target, the rest waits for the pacer.
+        let p = plan(&tenants, 100, 0, true, 0);
+        assert_eq!(asks(&p), vec![("a", None, LeaseClass::Due, 2)]);
+    }
+
+    #[test]
+    fn function_reservations_are_capped_by_their_tenants_quota() {
+        let mut tenants = BTreeMap::new();
+        tenants.insert(
+            "a".to_string(),
+            TenantInput {
+                quota: Quota { reserved: 2, weight: 1 },
+                demand: demand(1000, 0, 0),
+                function_reservations: vec![("big".into(), 100_000, 0)],
+                ..Default::default()
+            },
+        );
+        tenants.insert("b".to_string(), TenantInput { demand: demand(1000, 0, 0), ..Default::default() });
+        // 2 reserved beyond an even split of the pacer's 10; b is not crowded out.
+        let p = plan(&tenants, 200, 10, false, 0);
+        assert_eq!(
+            asks(&p),
+            vec![
+                ("a", Some("big"), LeaseClass::Plain, 2),
+                ("a", None, LeaseClass::Plain, 5),
+                ("b", None, LeaseClass::Plain, 5)
+            ]
+        );
+        // Over target, only the 2.
+        let p = plan(&tenants, 200, 0, true, 0);
+        assert_eq!(asks(&p), vec![("a", Some("big"), LeaseClass::Plain, 2)]);
+        // Several functions share the tenant's room: quota 3, one call of f running.
+        let a = tenants.get_mut("a").unwrap();
+        a.quota.reserved = 3;
+        a.running = 1;
+        a.function_reservations = vec![("f".into(), 2, 1), ("g".into(), 2, 0), ("h".into(), 5, 0)];
+        let p = plan(&tenants, 200, 0, true, 0);
+        assert_eq!(
+            asks(&p),
+            vec![("a", Some("f"), LeaseClass::Plain, 1), ("a", Some("g"), LeaseClass::Plain, 1)]
+        );
+        // A function's reservation in a tenant without one is nothing.
+        let a = tenants.get_mut("a").unwrap();
+        a.quota.reserved = 0;
+        a.running = 0;
+        assert_eq!(asks(&plan(&tenants, 200, 0, true, 0)), vec![]);
+    }
+
+    #[test]
+    fn no_tenant_is_favoured_by_its_name() {
+        // Both under their reservation, one free slot per round: they take turns.
+        let mut tenants = BTreeMap::new();
+        for name in ["a", "z"] {
+            tenants.insert(
+                name.to_string(),
+                TenantInput {
+                    quota: Quota { reserved: 10, weight: 1 },
+                    demand: demand(100, 0, 0),
+                    ..Default::default()
+                },
+            );
+        }
+        let mut winners = Vec::new();
+        for round in 0..6 {
+            let p = plan(&tenants, 1, 0, true, round);
+            assert_eq!(p.asks.len(), 1, "{p:?}");
+            let winner = p.asks[0].tenant.clone();
+            tenants.get_mut(&winner).unwrap().running += 1;
+            winners.push(winner);
+        }
+        assert_eq!(winners, ["a", "z", "a", "z", "a", "z"]);
+        // No reservations and no recent service on either side (a tie in the fair share): the
+        // same.
+        let mut tenants = BTreeMap::new();
+        for name in ["a", "z"] {
+            tenants.insert(name.to_string(), TenantInput { demand: demand(100, 0, 0), ..Default::default() });
+        }
+        let winners: Vec<String> =
+            (0..4).map(|round| plan(&tenants, 1, 1, false, round).asks[0].tenant.clone()).collect();
+        assert_eq!(winners, ["a", "z", "a", "z"]);
+    }
+
     #[test]
     fn deferrable_work_gets_only_what_plain_work_leaves() {
         let mut tenants = BTreeMap::new();
         tenants.insert("a".to_string(), TenantInput { demand: demand(3, 50, 0), ..Default::default() });
-        let p = plan(&tenants, 100, 10, false);
+        let p = plan(&tenants, 100, 10, false, 0);
         let got: Vec<(LeaseClass, u32)> = p.asks.iter().map(|a| (a.class, a.limit)).collect();
         assert_eq!(got, vec![(LeaseClass::Plain, 3), (LeaseClass::Deferrable, 7)]);
         assert_eq!(p.opportunistic, 10);

@@ -51,10 +51,12 @@ struct Sim {
     log: Vec<(Call, i64)>,
     /// CPU used per second of simulated time.
     cpu_per_second: Vec<f64>,
-    /// Tenants with an endless backlog: `(tenant, criticality, work)`, topped up every step to
-    /// [`FLOOD_QUEUED`] queued calls (an endless queue without simulating every call of it).
-    floods: Vec<(String, Criticality, f64)>,
+    /// Tenants with an endless backlog: `(tenant, criticality, work, deadline from arrival)`,
+    /// topped up every step to [`FLOOD_QUEUED`] queued calls (an endless queue without
+    /// simulating every call of it).
+    floods: Vec<(String, Criticality, f64, Option<i64>)>,
     service: Service,
+    rounds: u64,
 }
 
 /// Queued calls a flooding tenant always has.
@@ -79,6 +81,7 @@ impl Sim {
             cpu_per_second: Vec::new(),
             floods: Vec::new(),
             service: Service::default(),
+            rounds: 0,
         }
     }
 
@@ -105,15 +108,20 @@ impl Sim {
     }
 
     fn flood(&mut self, tenant: &str, criticality: Criticality, work: f64) {
-        self.floods.push((tenant.to_string(), criticality, work));
+        self.floods.push((tenant.to_string(), criticality, work, None));
+    }
+
+    /// A flood of calls whose deadline is `deadline_in` after they arrive.
+    fn flood_with_deadline(&mut self, tenant: &str, work: f64, deadline_in: i64) {
+        self.floods.push((tenant.to_string(), Criticality::Normal, work, Some(deadline_in)));
     }
 
     /// One scheduling round, then `STEP` ms of execution.
     fn step(&mut self) {
-        for (tenant, criticality, work) in self.floods.clone() {
+        for (tenant, criticality, work, deadline_in) in self.floods.clone() {
             let queued = self.queue.iter().filter(|c| c.tenant == tenant).count();
             for _ in queued..FLOOD_QUEUED {
-                self.submit(&tenant, criticality, None, work);
+                self.submit(&tenant, criticality, deadline_in.map(|d| self.now + d), work);
             }
         }
         // Measure and pace, as the loop does every PACE.
@@ -154,7 +162,8 @@ impl Sim {
             t.served = self.service.of(name);
         }
         let free = self.slots.saturating_sub(self.running.len() as u32);
-        let p = plan(&tenants, free, opportunistic, over_target);
+        let p = plan(&tenants, free, opportunistic, over_target, self.rounds);
+        self.rounds += 1;
         let firm: u32 = p.asks.iter().map(|a| a.limit).sum::<u32>() - p.opportunistic;
         let mut seen = 0;
         for ask in &p.asks {
@@ -264,6 +273,24 @@ fn a_tenant_marking_everything_high_gets_its_share_not_more() {
     assert!(quiet > 100.0, "quiet ran {quiet}");
     let ratio = loud / quiet;
     assert!((0.9..=1.1).contains(&ratio), "loud {loud} quiet {quiet}");
+}
+
+#[test]
+fn a_tenant_sending_only_near_deadlines_gets_its_share_not_more() {
+    let mut sim = Sim::new(2.0, 0.8);
+    // Every call of "hasty" is due the moment it arrives (its deadline is within the promotion
+    // horizon); "patient" sends plain calls. Equal weights, no reservations.
+    sim.flood_with_deadline("hasty", 50.0, PROMOTE_AHEAD / 2);
+    sim.flood("patient", Criticality::Normal, 50.0);
+    sim.run_until(60_000);
+    let count = |t: &str| sim.log.iter().filter(|(c, _)| c.tenant == t).count() as f64;
+    let (hasty, patient) = (count("hasty"), count("patient"));
+    assert!(patient > 100.0, "patient ran {patient}");
+    let ratio = hasty / patient;
+    assert!((0.9..=1.1).contains(&ratio), "hasty {hasty} patient {patient}");
+    // And the node stays at its target: due work beyond reservations is paced like the rest.
+    let used: f64 = sim.cpu_per_second[30..60].iter().sum::<f64>() / 30.0;
+    assert!(used <= 1.8, "the node used {used:.2} of 2 cores");
 }
 
 #[test]

@@ -65,6 +65,13 @@ fn a_wide_start_window_waits_for_a_trough_and_a_near_deadline_does_not() {
     // A node whose target any busy guest exceeds, and a short promotion horizon.
     let node = Node::start(&["--utilization-target", "0.05", "--promote-ahead", "3s"]);
     node.deploy("tg", &guests().testguest, &[]);
+    // A deadline is kept whatever the load within a reservation (beyond it, a due call waits for
+    // its tenant's fair share like any other): `gold` holds one.
+    let (ok, out, err) = node.cli(&["tenants", "create", "gold"]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = node.cli(&["tenants", "quota", "gold", "--reserved", "1"]);
+    assert!(ok, "{out}{err}");
+    node.deploy("tg", &guests().testguest, &["--tenant", "gold"]);
     // Work without a deadline keeps the node over its target.
     for _ in 0..6 {
         node.enqueue("/fn/default/tg/burn?ms=4000", &[]);
@@ -80,8 +87,9 @@ fn a_wide_start_window_waits_for_a_trough_and_a_near_deadline_does_not() {
     }
     // A call that may start any time in the next minute is held back...
     let wide = node.enqueue("/fn/default/tg/ok", &[("sluice-deadline", &rfc3339_in(60_000))]);
-    // ...and one whose deadline is within the promotion horizon starts at once all the same.
-    let due = node.enqueue("/fn/default/tg/ok", &[("sluice-deadline", &rfc3339_in(2_500))]);
+    // ...and one whose deadline is within the promotion horizon, within its tenant's
+    // reservation, starts at once all the same.
+    let due = node.enqueue("/fn/gold/tg/ok", &[("sluice-deadline", &rfc3339_in(2_500))]);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         status(&node, &wide),
@@ -93,6 +101,45 @@ fn a_wide_start_window_waits_for_a_trough_and_a_near_deadline_does_not() {
     assert_eq!(usage["async"]["queued_windowed"], 1, "{usage}");
     let inv = node.wait_json(&format!("/v1/invocations/{due}"), |v| v["status"] == "succeeded");
     assert!(inv["waits"]["queued_ms"].as_i64().is_some_and(|ms| ms < 2_500), "{inv}");
+}
+
+#[test]
+fn a_function_reserves_at_most_its_tenants_reserved_quota() {
+    let node = Node::start(&[]);
+    let wasm = guests().testguest.to_str().unwrap().to_string();
+    // The tenant holds no reservation: its functions cannot reserve any, and the deploy says
+    // who can change that.
+    let (ok, out, err) = node.cli(&["deploy", "tg", &wasm, "--reserved", "3"]);
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("reserved quota of 0") && err.contains("sluice tenants quota default --reserved N"),
+        "{err}"
+    );
+    // Through the API, a JSON error; within the quota, a deploy.
+    node.deploy("tg", &guests().testguest, &[]);
+    let digest = node.get("/v1/tenants/default/functions/tg").json::<Value>().unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let deploy = |reserved: u32| {
+        node.client()
+            .post(format!("{}/v1/tenants/default/functions/tg/versions", node.url))
+            .bearer_auth(&node.token)
+            .json(&json!({"digest": digest, "config": {"reserved_concurrency": reserved}}))
+            .send()
+            .unwrap()
+    };
+    let (ok, out, err) = node.cli(&["tenants", "quota", "default", "--reserved", "2"]);
+    assert!(ok, "{out}{err}");
+    let message = assert_error(deploy(100_000), 400, "bad_request");
+    assert!(
+        message.contains("reserved concurrency 100000 is more than tenant default's reserved quota of 2"),
+        "{message}"
+    );
+    let res = deploy(2);
+    assert_eq!(res.status().as_u16(), 201, "{}", res.text().unwrap());
+    let latest: Value = node.get("/v1/tenants/default/functions/tg").json().unwrap();
+    assert_eq!(latest["config"]["reserved_concurrency"], 2, "{latest}");
 }
 
 /// A downstream that answers 503 after `delay` to every request, counting them.
