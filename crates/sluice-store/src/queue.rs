@@ -216,6 +216,27 @@ pub(crate) struct RecordWaitsOp {
     pub rows: String,
 }
 
+/// Text a guest controls (a log line, and for safety an error kind), serialized as both
+/// databases can store it. PostgreSQL refuses NUL in `text` and `\u0000` in `jsonb`, and with it
+/// the whole statement: a guest printing `\0` would lose its own async result (and run again
+/// until dead) and a whole batch of other tenants' sync records. NUL becomes U+FFFD REPLACEMENT
+/// CHARACTER, which the runtime's log capture already puts where a guest wrote invalid UTF-8: an
+/// escape such as `\0` could not be told from a guest that printed those two characters (unless
+/// every backslash were escaped too, changing every line with one). SQLite gets the same text,
+/// so both stores read back alike. No allocation unless there is a NUL.
+#[derive(Clone, Copy)]
+pub(crate) struct GuestText<'a>(pub &'a str);
+
+impl serde::Serialize for GuestText<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if self.0.contains('\0') {
+            serializer.serialize_str(&self.0.replace('\0', "\u{FFFD}"))
+        } else {
+            serializer.serialize_str(self.0)
+        }
+    }
+}
+
 /// `(name, hex(value))`: header values are bytes, JSON strings are not.
 fn headers_to_json(headers: &[(String, Vec<u8>)]) -> Vec<(&str, String)> {
     headers.iter().map(|(name, value)| (name.as_str(), hex::encode(value))).collect()
@@ -320,7 +341,7 @@ impl CompleteOp {
             attempt: u32,
             succeeded: bool,
             status_code: Option<u16>,
-            error_kind: Option<&'a str>,
+            error_kind: Option<GuestText<'a>>,
             retry_at: Option<UnixMs>,
             cpu_us: u64,
             now: UnixMs,
@@ -329,7 +350,7 @@ impl CompleteOp {
         struct LogRow<'a> {
             invocation_id: &'a str,
             stream: &'static str,
-            line: &'a str,
+            line: GuestText<'a>,
             at: UnixMs,
         }
         let (row, response) = match result {
@@ -354,7 +375,7 @@ impl CompleteOp {
                     attempt,
                     succeeded: false,
                     status_code: *status_code,
-                    error_kind: Some(error_kind),
+                    error_kind: Some(GuestText(error_kind)),
                     retry_at: *retry_at,
                     cpu_us,
                     now,
@@ -378,7 +399,10 @@ impl CompleteOp {
         let logs = logs
             .iter()
             .map(|(stream, line, at)| {
-                encode("log line", &LogRow { invocation_id: id, stream: stream.as_str(), line, at: *at })
+                encode(
+                    "log line",
+                    &LogRow { invocation_id: id, stream: stream.as_str(), line: GuestText(line), at: *at },
+                )
             })
             .collect::<StoreResult<Vec<_>>>()?
             .join(",");
