@@ -86,6 +86,7 @@ macro_rules! run_whole_suite {
     large_sync_batches_are_recorded_whole,
     async_invocations_run_and_keep_their_response,
     idempotency_keys_return_the_first_invocation,
+    idempotency_keys_belong_to_their_caller_and_their_request,
     concurrent_enqueues_with_one_key_create_one_invocation,
     leases_follow_criticality_then_deadline_then_run_after,
     a_closed_start_window_expires_the_invocation,
