@@ -31,7 +31,8 @@ pub struct InvokeArgs {
     /// Queue the call (Prefer: respond-async) and print its invocation id instead of waiting.
     #[arg(long = "async")]
     pub queue: bool,
-    /// With --async: the same key within 24 h returns the first invocation.
+    /// With --async: this key and API key within 24 h return the first invocation for the same
+    /// request (method, path, body) and are refused (422) for a different one.
     #[arg(long, requires = "queue")]
     pub idempotency_key: Option<String>,
     /// With --async: do not start before this RFC 3339 time.

@@ -26,6 +26,9 @@ pub enum ErrorKind {
     NotFound,
     MethodNotAllowed,
     Conflict,
+    /// An `Idempotency-Key` came back, from the same caller within its window, with a different
+    /// request (method, path and query, or body): 422, as the IETF Idempotency-Key draft says.
+    IdempotencyKeyReused,
     PayloadTooLarge,
     HeadersTooLarge,
     /// The client did not send its request body within the read deadline.
@@ -44,7 +47,7 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 20] = [
+    pub const ALL: [ErrorKind; 21] = [
         Self::BadRequest,
         Self::InvalidComponent,
         Self::Unauthorized,
@@ -52,6 +55,7 @@ impl ErrorKind {
         Self::NotFound,
         Self::MethodNotAllowed,
         Self::Conflict,
+        Self::IdempotencyKeyReused,
         Self::PayloadTooLarge,
         Self::HeadersTooLarge,
         Self::RequestTimeout,
@@ -76,6 +80,7 @@ impl ErrorKind {
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Conflict => "conflict",
+            Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::PayloadTooLarge => "payload_too_large",
             Self::HeadersTooLarge => "headers_too_large",
             Self::RequestTimeout => "request_timeout",
@@ -104,6 +109,7 @@ impl ErrorKind {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Conflict => StatusCode::CONFLICT,
+            Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,

@@ -207,8 +207,10 @@ fn rfc3339_schema() -> Schema {
 pub struct AsyncHeaders {
     /// `respond-async`: queue the call durably and answer 202.
     prefer: Option<String>,
-    /// Async: the same key and function within 24 hours return the first invocation (at most
-    /// 255 bytes).
+    /// Async (at most 255 bytes): keys belong to their caller (its API key, or every keyless
+    /// caller of a public function together). The same key from the same caller within 24 hours
+    /// returns the first invocation if the request is the same (method, path and query, body;
+    /// not headers), and is refused with 422 if it is not.
     #[serde(rename = "idempotency-key")]
     idempotency_key: Option<String>,
     /// Async: not started before this RFC 3339 time.
@@ -256,6 +258,8 @@ pub struct AsyncHeaders {
         (status = 403, description = "The key lacks the `invoke` scope", body = ErrorBody),
         (status = 404, description = "No such function (or another tenant's)", body = ErrorBody),
         (status = 413, description = "Body larger than the sync or async limit", body = ErrorBody),
+        (status = 422, description = "Async: the `Idempotency-Key` was used by this caller within 24 h \
+            for a different request (method, path and query, or body; named); nothing was queued", body = ErrorBody),
         (status = 429, description = "Over the tenant's or function's rate or concurrency limit; \
             no work was done", body = ErrorBody, headers(
             ("retry-after" = u64, description = "Seconds to wait"),

@@ -25,13 +25,16 @@ use sluice_core::{Clock, ErrorKind, Scope, SluiceError, SystemClock};
 use sluice_runtime::metrics::{CallOutcome, Kind};
 use sluice_runtime::trace::GatewaySpan;
 use sluice_runtime::{Call, Lane, Outcome, TraceParent};
-use sluice_store::{Criticality, Enqueued, InvocationStatus, NewInvocation, StoredRequest, SyncRecord};
+use sluice_store::{
+    ANONYMOUS_CALLER, Criticality, Enqueued, IDEMPOTENCY_WINDOW_MS, IdempotencyKey, InvocationStatus,
+    NewInvocation, StoredRequest, SyncRecord,
+};
 
 use crate::admission::Slot;
 use crate::body::{Body, BoxError, Limited, collect_limited, full, too_large};
 use crate::credentials::strip_platform_credentials;
 use crate::error::{INVOCATION_ID, error_response, store_error};
-use crate::node::{Deployed, Node, bearer};
+use crate::node::{Deployed, Node, Principal, bearer};
 
 /// Longest accepted `Idempotency-Key`.
 const IDEMPOTENCY_KEY_BYTES_MAX: usize = 255;
@@ -149,7 +152,9 @@ async fn call(
         .ok_or_else(|| SluiceError::not_found("use /fn/{tenant}/{function}/{path}"))?;
     let deployed = node.function(tenant, function);
     let public = deployed.as_ref().is_some_and(|d| d.config.public);
-    if !public {
+    let principal = if public {
+        None
+    } else {
         let key = bearer(headers).ok_or_else(|| {
             SluiceError::new(ErrorKind::Unauthorized, "missing API key: send Authorization: Bearer <key>")
         })?;
@@ -162,7 +167,8 @@ async fn call(
         if !principal.may(tenant, Scope::Invoke) {
             return Err(SluiceError::new(ErrorKind::Forbidden, "this key may not invoke functions"));
         }
-    }
+        Some(principal)
+    };
     let deployed = deployed.ok_or_else(|| no_function(tenant, function))?;
     follow.function(tenant, function, is_async);
 
@@ -173,8 +179,9 @@ async fn call(
         None => sub.to_string(),
     };
     if is_async {
-        return enqueue(node, &deployed, req, path_and_query, public, invocation_id, follow.span.as_ref())
-            .await;
+        let principal = principal.as_deref();
+        let span = follow.span.as_ref();
+        return enqueue(node, &deployed, req, path_and_query, public, principal, invocation_id, span).await;
     }
     // A downstream the function calls is at its adaptive limit: another call would only wait
     // for it (or add to its overload). Async calls wait in the queue instead.
@@ -263,13 +270,16 @@ const HOP_BY_HOP: [&str; 8] = [
 ];
 
 /// The async path: store the whole request durably, then answer 202. Nothing is acknowledged
-/// before the store says the commit is on disk.
+/// before the store says the commit is on disk. `principal` is the key a private function was
+/// called with.
+#[allow(clippy::too_many_arguments)]
 async fn enqueue(
     node: &Arc<Node>,
     deployed: &Arc<Deployed>,
     req: Request<Incoming>,
     path_and_query: String,
     public: bool,
+    principal: Option<&Principal>,
     invocation_id: &str,
     span: Option<&GatewaySpan>,
 ) -> Result<Response<Body>, SluiceError> {
@@ -288,7 +298,7 @@ async fn enqueue(
                     &format!("must be 1 to {IDEMPOTENCY_KEY_BYTES_MAX} bytes, got {}", key.len()),
                 ));
             }
-            Some(key.to_string())
+            Some(IdempotencyKey { key: key.to_string(), caller: caller(node, headers, principal) })
         }
     };
     let start_after = time_header(headers, "sluice-start-after")?;
@@ -349,6 +359,18 @@ async fn enqueue(
             (inv.id, false)
         }
         Enqueued::Existing(first) => (first, true),
+        Enqueued::KeyReused { differs, .. } => {
+            let key = inv.idempotency_key.map(|k| k.key).unwrap_or_default();
+            return Err(SluiceError::new(
+                ErrorKind::IdempotencyKeyReused,
+                format!(
+                    "Idempotency-Key {key:?} was already used in the last {} h for a request with \
+                     a different {}; a key names one request: send a new key for a new request",
+                    IDEMPOTENCY_WINDOW_MS / 3_600_000,
+                    listed(&differs),
+                ),
+            ));
+        }
     };
     let location = format!("/v1/invocations/{id}");
     let body = serde_json::json!({ "id": id, "status": "queued", "location": location });
@@ -363,6 +385,26 @@ async fn enqueue(
         h.insert("sluice-idempotent-replay", HeaderValue::from_static("true"));
     }
     Ok(res)
+}
+
+/// Whom an idempotency key belongs to: the caller's API key, or, on a public function called
+/// without a valid one, every anonymous caller.
+fn caller(node: &Node, headers: &HeaderMap, principal: Option<&Principal>) -> String {
+    match principal {
+        Some(principal) => principal.key_id.clone(),
+        None => bearer(headers)
+            .and_then(|key| node.principal_for_key(key))
+            .map_or_else(|| ANONYMOUS_CALLER.to_string(), |principal| principal.key_id.clone()),
+    }
+}
+
+/// `["method", "body"]` as "method and body".
+fn listed(items: &[&str]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => (*one).to_string(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
+    }
 }
 
 /// A slot for one more async enqueue on this node, or 503 at once.

@@ -527,7 +527,8 @@ impl http_body::Body for ResponseBody {
 
 /// Whether a guest must not reach `ip` without `--outbound-allow-private`: every range that is
 /// not the public internet (RFC 6890's special-purpose registries, as far as they can reach
-/// something), and IPv6 addresses that embed an IPv4 address which is one of those.
+/// something), IPv6 addresses that embed an IPv4 address which is one of those (mapped,
+/// compatible, translated, NAT64, 6to4), and Teredo whole.
 pub fn is_private(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => is_private_v4(v4),
@@ -563,6 +564,10 @@ fn is_private_v6(ip: Ipv6Addr) -> bool {
         // IPv4-mapped (::ffff:0:0/96) and IPv4-compatible (::/96, which holds :: and ::1 too:
         // they embed 0.0.0.0 and 0.0.0.1, both in 0.0.0.0/8): the socket reaches the IPv4 host.
         [0, 0, 0, 0, 0, 0xffff, _, _] | [0, 0, 0, 0, 0, 0, _, _] => is_private_v4(v4(12)),
+        // IPv4-translated (::ffff:0:0:0/96, SIIT, RFC 2765): a stateless translator on the path
+        // turns it into the embedded IPv4 address, so it is judged by that address like the
+        // mapped form one segment over.
+        [0, 0, 0, 0, 0xffff, 0, _, _] => is_private_v4(v4(12)),
         // NAT64 (64:ff9b::/96): the translator connects to the embedded IPv4 address, so it is
         // judged by that address rather than refused outright; on an IPv6-only network with
         // NAT64 this prefix is how every public IPv4 host is reached.
@@ -572,6 +577,11 @@ fn is_private_v6(ip: Ipv6Addr) -> bool {
         [0x64, 0xff9b, 1, ..] => true,
         // 6to4 (2002::/16): the relay forwards to the IPv4 address in bits 16..48.
         [0x2002, ..] => is_private_v4(v4(2)),
+        // Teredo (2001::/32, RFC 4380): refused whole. It embeds two IPv4 addresses (the server
+        // in bits 32..64, the client's NAT, XORed, in the last 32 bits), and which one a packet
+        // reaches depends on the relay; judging one would let the other through. No public
+        // service is reachable only over Teredo, which operating systems have dropped.
+        [0x2001, 0, ..] => true,
         [first, ..] => {
             first & 0xff00 == 0xff00 // multicast ff00::/8
                 || first & 0xfe00 == 0xfc00 // unique local fc00::/7
@@ -655,6 +665,21 @@ mod tests {
             ("::10.0.0.1", true),
             ("::8.8.8.8", false),
             ("::1:0:0:0", false), // outside ::/96
+            // IPv4-translated (SIIT) ::ffff:0:0:0/96: judged by the embedded address.
+            ("::ffff:0:127.0.0.1", true),
+            ("::ffff:0:169.254.169.254", true),
+            ("::ffff:0:10.0.0.1", true),
+            ("::ffff:0:8.8.8.8", false),
+            ("::fffe:0:127.0.0.1", false), // outside: neither mapped nor translated
+            ("::ffff:1:127.0.0.1", false), // outside ::ffff:0:0:0/96
+            // Teredo 2001::/32, refused whole, even when both embedded addresses are public
+            // (server 8.8.8.8, client 8.8.8.8 XORed).
+            ("2000:ffff:ffff:ffff:ffff:ffff:ffff:ffff", false),
+            ("2001::", true),
+            ("2001:0:808:808::f7f7:f7f7", true),
+            ("2001:0:4136:e378:8000:63bf:3fff:fdd2", true), // RFC 4380's example
+            ("2001:0:ffff:ffff:ffff:ffff:ffff:ffff", true),
+            ("2001:1::", false),
             // NAT64
             ("64:ff9b::127.0.0.1", true),
             ("64:ff9b::10.1.2.3", true),

@@ -154,9 +154,23 @@ pub struct StoredResponse {
 }
 
 /// How long an idempotency key keeps answering with its first invocation (DESIGN.md section 3):
-/// an `enqueue` with the same key, tenant and function within this span of the first one's
-/// creation returns [`Enqueued::Existing`].
+/// an `enqueue` with the same key, caller, tenant and function within this span of the first
+/// one's creation returns [`Enqueued::Existing`] (or [`Enqueued::KeyReused`] for a different
+/// request).
 pub const IDEMPOTENCY_WINDOW_MS: UnixMs = 24 * 60 * 60 * 1000;
+
+/// The caller of a call that carries no API key (a public function's), for [`IdempotencyKey`].
+/// Key ids never take this form.
+pub const ANONYMOUS_CALLER: &str = "anonymous";
+
+/// An `Idempotency-Key` and who sent it. Keys are scoped by caller: two callers using the same
+/// key get two invocations, so no caller can make another's call a replay of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    pub key: String,
+    /// The API key's id, or [`ANONYMOUS_CALLER`].
+    pub caller: String,
+}
 
 /// An async invocation to enqueue.
 #[derive(Debug, Clone)]
@@ -166,8 +180,10 @@ pub struct NewInvocation {
     pub function: String,
     pub version: i64,
     pub request: StoredRequest,
-    /// Same key + tenant + function within the idempotency window returns the first invocation.
-    pub idempotency_key: Option<String>,
+    /// Same key + caller + tenant + function within the idempotency window returns the first
+    /// invocation if the request is the same (method, path and query, body), and is refused if
+    /// it is not.
+    pub idempotency_key: Option<IdempotencyKey>,
     pub criticality: Criticality,
     /// Not leased before this time (`sluice-start-after`, or now).
     pub run_after: UnixMs,
@@ -183,8 +199,12 @@ pub struct NewInvocation {
 pub enum Enqueued {
     /// Durably stored (committed) under the new id.
     Created,
-    /// The idempotency key was seen within the window: the first invocation's id. Nothing stored.
+    /// The idempotency key was seen within the window, for the same request: the first
+    /// invocation's id. Nothing stored.
     Existing(String),
+    /// The idempotency key was seen within the window for a different request: nothing stored.
+    /// `differs` names what differed (`method`, `path`, `body`), in that order.
+    KeyReused { first: String, differs: Vec<&'static str> },
 }
 
 /// A leased invocation: the scheduler runs it and reports back with `lease_owner` + `attempt`.

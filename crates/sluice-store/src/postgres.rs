@@ -97,6 +97,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "scheduling",
         sql: include_str!("../migrations/postgres/0002_scheduling.sql"),
     },
+    Migration {
+        version: 3,
+        name: "idempotency callers",
+        sql: include_str!("../migrations/postgres/0003_idempotency_callers.sql"),
+    },
 ];
 
 /// Whose clock decides leases.

@@ -129,10 +129,39 @@ impl Op {
 
 pub(crate) struct EnqueueOp {
     pub id: String,
-    pub keyed: bool,
+    /// What the request is compared by when its idempotency key is already held; `None` without
+    /// a key.
+    pub fingerprint: Option<Fingerprint>,
     /// One JSON object, an element of the array the enqueue statements read.
     pub row: String,
 }
+
+/// A keyed request's fingerprint, as the IETF Idempotency-Key draft and Stripe compare it: the
+/// method, the path with its query, and the SHA-256 of the body (hex).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Fingerprint {
+    pub method: String,
+    pub path: String,
+    pub body_sha256: String,
+}
+
+impl Fingerprint {
+    /// What differs between this request and the one the key was first used for.
+    fn differs(&self, first: &Fingerprint) -> Vec<&'static str> {
+        [
+            (self.method != first.method, "method"),
+            (self.path != first.path, "path"),
+            (self.body_sha256 != first.body_sha256, "body"),
+        ]
+        .into_iter()
+        .filter_map(|(differs, what)| differs.then_some(what))
+        .collect()
+    }
+}
+
+/// Who holds a keyed enqueue's key now: `(position in the array, invocation id, method, path,
+/// body SHA-256)`, the fingerprint being that of the request the key was first used for.
+pub(crate) type KeyHolder = (i64, String, String, String, String);
 
 pub(crate) struct CompleteOp {
     pub id: String,
@@ -216,6 +245,27 @@ pub(crate) struct RecordWaitsOp {
     pub rows: String,
 }
 
+/// Text a guest controls (a log line, and for safety an error kind), serialized as both
+/// databases can store it. PostgreSQL refuses NUL in `text` and `\u0000` in `jsonb`, and with it
+/// the whole statement: a guest printing `\0` would lose its own async result (and run again
+/// until dead) and a whole batch of other tenants' sync records. NUL becomes U+FFFD REPLACEMENT
+/// CHARACTER, which the runtime's log capture already puts where a guest wrote invalid UTF-8: an
+/// escape such as `\0` could not be told from a guest that printed those two characters (unless
+/// every backslash were escaped too, changing every line with one). SQLite gets the same text,
+/// so both stores read back alike. No allocation unless there is a NUL.
+#[derive(Clone, Copy)]
+pub(crate) struct GuestText<'a>(pub &'a str);
+
+impl serde::Serialize for GuestText<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if self.0.contains('\0') {
+            serializer.serialize_str(&self.0.replace('\0', "\u{FFFD}"))
+        } else {
+            serializer.serialize_str(self.0)
+        }
+    }
+}
+
 /// `(name, hex(value))`: header values are bytes, JSON strings are not.
 fn headers_to_json(headers: &[(String, Vec<u8>)]) -> Vec<(&str, String)> {
     headers.iter().map(|(name, value)| (name.as_str(), hex::encode(value))).collect()
@@ -260,6 +310,8 @@ impl EnqueueOp {
             max_age_ms: i64,
             max_age_at: UnixMs,
             idempotency_key: Option<&'a str>,
+            caller: Option<&'a str>,
+            body_sha256: Option<&'a str>,
             created_at: UnixMs,
         }
         if inv.attempts_max == 0 {
@@ -269,6 +321,13 @@ impl EnqueueOp {
             )));
         }
         let max_age_ms = to_i64("max_age_ms", inv.max_age_ms)?;
+        // Hashed only for a keyed call, here in the caller's task (not the writer's), from the
+        // body already in memory.
+        let fingerprint = inv.idempotency_key.as_ref().map(|_| Fingerprint {
+            method: inv.request.method.clone(),
+            path: inv.request.path_and_query.clone(),
+            body_sha256: sluice_core::ids::sha256_hex(&inv.request.body),
+        });
         let row = Row {
             id: &inv.id,
             tenant: &inv.tenant,
@@ -284,14 +343,12 @@ impl EnqueueOp {
             attempts_max: inv.attempts_max,
             max_age_ms,
             max_age_at: created_at.saturating_add(max_age_ms),
-            idempotency_key: inv.idempotency_key.as_deref(),
+            idempotency_key: inv.idempotency_key.as_ref().map(|k| k.key.as_str()),
+            caller: inv.idempotency_key.as_ref().map(|k| k.caller.as_str()),
+            body_sha256: fingerprint.as_ref().map(|f| f.body_sha256.as_str()),
             created_at,
         };
-        Ok(Self {
-            id: inv.id.clone(),
-            keyed: inv.idempotency_key.is_some(),
-            row: encode("invocation", &row)?,
-        })
+        Ok(Self { id: inv.id.clone(), row: encode("invocation", &row)?, fingerprint })
     }
 }
 
@@ -320,7 +377,7 @@ impl CompleteOp {
             attempt: u32,
             succeeded: bool,
             status_code: Option<u16>,
-            error_kind: Option<&'a str>,
+            error_kind: Option<GuestText<'a>>,
             retry_at: Option<UnixMs>,
             cpu_us: u64,
             now: UnixMs,
@@ -329,7 +386,7 @@ impl CompleteOp {
         struct LogRow<'a> {
             invocation_id: &'a str,
             stream: &'static str,
-            line: &'a str,
+            line: GuestText<'a>,
             at: UnixMs,
         }
         let (row, response) = match result {
@@ -354,7 +411,7 @@ impl CompleteOp {
                     attempt,
                     succeeded: false,
                     status_code: *status_code,
-                    error_kind: Some(error_kind),
+                    error_kind: Some(GuestText(error_kind)),
                     retry_at: *retry_at,
                     cpu_us,
                     now,
@@ -378,7 +435,10 @@ impl CompleteOp {
         let logs = logs
             .iter()
             .map(|(stream, line, at)| {
-                encode("log line", &LogRow { invocation_id: id, stream: stream.as_str(), line, at: *at })
+                encode(
+                    "log line",
+                    &LogRow { invocation_id: id, stream: stream.as_str(), line: GuestText(line), at: *at },
+                )
             })
             .collect::<StoreResult<Vec<_>>>()?
             .join(",");
@@ -447,14 +507,15 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// Runs SQL without parameters: savepoints.
     async fn execute(&self, connection: &mut Self::Conn, sql: &'static str) -> StoreResult<()>;
     /// Claims the idempotency keys of a JSON array of enqueue rows, first come first served in
-    /// array order: a key that is free, or whose holder is out of the window, passes to the row's
-    /// invocation; a key held within the window stays with its holder.
+    /// array order: a key (of a caller) that is free, or whose holder is out of the window, passes
+    /// to the row's invocation with the row's fingerprint; a key held within the window stays
+    /// with its holder.
     async fn claim_keys(&self, connection: &mut Self::Conn, rows: &str) -> StoreResult<()>;
     /// Inserts the rows without a key and those that won theirs; returns how many. A store that
     /// other nodes share also tells them there is work.
     async fn insert_queued(&self, connection: &mut Self::Conn, rows: &str) -> StoreResult<u64>;
-    /// `(position in the array, invocation id)` of who holds each keyed row's key now.
-    async fn key_holders(&self, connection: &mut Self::Conn, rows: &str) -> StoreResult<Vec<(i64, String)>>;
+    /// Who holds each keyed row's key (of its caller) now, with that holder's fingerprint.
+    async fn key_holders(&self, connection: &mut Self::Conn, rows: &str) -> StoreResult<Vec<KeyHolder>>;
     /// Records each completion of a JSON array whose lease still holds (status running, same
     /// owner, same attempt: the fencing check); returns the ids it changed.
     async fn complete_fenced(&self, connection: &mut Self::Conn, rows: &str) -> StoreResult<Vec<String>>;
@@ -472,7 +533,7 @@ async fn enqueue_many<B: Backend>(
     ops: &[&EnqueueOp],
 ) -> StoreResult<Vec<Done>> {
     let rows = json_array(ops.iter().map(|op| op.row.as_str()));
-    let keyed = ops.iter().any(|op| op.keyed);
+    let keyed = ops.iter().any(|op| op.fingerprint.is_some());
     if keyed {
         backend.claim_keys(connection, &rows).await?;
     }
@@ -480,18 +541,25 @@ async fn enqueue_many<B: Backend>(
         StoreError::Conflict(m) => StoreError::Conflict(format!("an invocation with this id exists: {m}")),
         other => other,
     })?;
-    let mut holders: HashMap<usize, String> = HashMap::new();
+    let mut holders: HashMap<usize, (String, Fingerprint)> = HashMap::new();
     if keyed {
-        for (position, holder) in backend.key_holders(connection, &rows).await? {
+        for (position, holder, method, path, body_sha256) in backend.key_holders(connection, &rows).await? {
             let position = usize::try_from(position).expect("positions are array indices");
-            holders.insert(position, holder);
+            holders.insert(position, (holder, Fingerprint { method, path, body_sha256 }));
         }
     }
     let done: Vec<Done> = ops
         .iter()
         .enumerate()
-        .map(|(position, op)| match holders.remove(&position) {
-            Some(holder) if holder != op.id => Done::Enqueued(Enqueued::Existing(holder)),
+        .map(|(position, op)| match (holders.remove(&position), &op.fingerprint) {
+            (Some((holder, first)), Some(this)) if holder != op.id => {
+                let differs = this.differs(&first);
+                Done::Enqueued(if differs.is_empty() {
+                    Enqueued::Existing(holder)
+                } else {
+                    Enqueued::KeyReused { first: holder, differs }
+                })
+            }
             _ => Done::Enqueued(Enqueued::Created),
         })
         .collect();

@@ -6,7 +6,7 @@ use sqlx::Row;
 use sqlx::postgres::PgRow;
 use sqlx::sqlite::SqliteRow;
 
-use crate::queue::{NO_DEADLINE, criticality_from_i64, headers_from_json};
+use crate::queue::{GuestText, NO_DEADLINE, criticality_from_i64, headers_from_json};
 use crate::{
     FunctionSummary, Invocation, InvocationStatus, KeyRecord, Leased, LogLine, LogStream, NodeRecord,
     QueueDemand, Quota, StoreError, StoreResult, StoredRequest, StoredResponse, SyncRecord, Tenant,
@@ -186,7 +186,7 @@ struct SyncInvocationRow<'a> {
     started_at: UnixMs,
     finished_at: UnixMs,
     status_code: Option<u16>,
-    error_kind: Option<&'a str>,
+    error_kind: Option<GuestText<'a>>,
     cpu_us: u64,
 }
 
@@ -201,7 +201,7 @@ impl<'a> From<&'a SyncRecord> for SyncInvocationRow<'a> {
             started_at: r.started_at,
             finished_at: r.finished_at,
             status_code: r.status_code,
-            error_kind: r.error_kind.as_deref(),
+            error_kind: r.error_kind.as_deref().map(GuestText),
             cpu_us: r.cpu_us,
         }
     }
@@ -214,7 +214,7 @@ struct SyncLogRow<'a> {
     tenant: &'a str,
     function: &'a str,
     stream: &'static str,
-    line: &'a str,
+    line: GuestText<'a>,
     at: UnixMs,
 }
 
@@ -236,7 +236,7 @@ pub(crate) fn sync_batch_json(batch: &[SyncRecord]) -> StoreResult<(String, Stri
                 tenant: &r.tenant,
                 function: &r.function,
                 stream: stream.as_str(),
-                line,
+                line: GuestText(line),
                 at: *at,
             })
         })

@@ -97,6 +97,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "scheduling",
         sql: include_str!("../migrations/sqlite/0008_scheduling.sql"),
     },
+    Migration {
+        version: 9,
+        name: "idempotency callers",
+        sql: include_str!("../migrations/sqlite/0009_idempotency_callers.sql"),
+    },
 ];
 
 /// Each tenant's runnable work by class, each count stopping at ?3 rows (an index probe per

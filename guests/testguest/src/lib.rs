@@ -206,6 +206,19 @@ async fn route(req: Request<Body>) -> Result<Response<Body>, Error> {
             text(200, "logged")
         }
 
+        // Prints `text` (form-decoded, so `%00` is a NUL) on stdout and stderr, then answers
+        // with it; with `panic=1` panics with it instead, so it reaches the trap message too.
+        "print" => {
+            let text_param = query_param(&req, "text").unwrap_or_default();
+            println!("{text_param}");
+            eprintln!("{text_param}");
+            let _ = std::io::stdout().flush();
+            if query_param(&req, "panic").as_deref() == Some("1") {
+                panic!("{text_param}");
+            }
+            text(200, text_param)
+        }
+
         "fetch" => {
             let url = match query_param(&req, "url") {
                 Some(u) => u,

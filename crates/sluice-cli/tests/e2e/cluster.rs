@@ -398,3 +398,44 @@ fn without_its_database_a_node_serves_what_it_knows_refuses_async_calls_and_reco
     };
     node.wait_json(&format!("/v1/invocations/{id}"), |v| v["status"] == "succeeded");
 }
+
+/// The log lines of `id`, as (stream, line), once at least `at_least` are recorded.
+fn log_lines(node: &Node, id: &str, at_least: usize) -> Vec<(String, String)> {
+    let v = node.wait_json(&format!("/v1/invocations/{id}/logs"), |v| {
+        v["lines"].as_array().is_some_and(|l| l.len() >= at_least)
+    });
+    let line =
+        |l: &serde_json::Value| (l["stream"].as_str().unwrap().into(), l["line"].as_str().unwrap().into());
+    v["lines"].as_array().unwrap().iter().map(line).collect()
+}
+
+/// PostgreSQL refuses a NUL in text and `\u0000` in jsonb. A guest that prints one has its lines
+/// recorded with U+FFFD in its place: on sync calls (whose records are written in batches with
+/// other calls'), in a trap's message, and on an async call, whose result is recorded by its
+/// first attempt instead of the guest running again until it is dead.
+#[test]
+fn a_guest_printing_nul_is_recorded_on_postgres() {
+    let Some(db) = PgDatabase::create() else { return };
+    let node = cluster_node(&db, None, &[]);
+    node.deploy("tg", &guests().testguest, &[]);
+    let id_of = |res: &reqwest::blocking::Response| {
+        res.headers()["sluice-invocation-id"].to_str().unwrap().to_string()
+    };
+    // Sent together, so that the recorder writes them in one batch.
+    let printed = node.get("/fn/default/tg/print?text=a%00b");
+    let plain = node.get("/fn/default/tg/stdout");
+    let trapped = node.get("/fn/default/tg/print?text=boom%00&panic=1");
+    let statuses = [printed.status(), plain.status(), trapped.status()].map(|s| s.as_u16());
+    assert_eq!(statuses, [200, 200, 500]);
+    let stdout = ("stdout".to_string(), "a\u{fffd}b".to_string());
+    assert!(log_lines(&node, &id_of(&printed), 2).contains(&stdout));
+    assert!(log_lines(&node, &id_of(&plain), 3).contains(&("stdout".into(), "stdout line 1".into())));
+    let trap = log_lines(&node, &id_of(&trapped), 3);
+    assert!(trap.iter().any(|(_, line)| line.contains("boom\u{fffd}")), "{trap:?}");
+
+    let id = node.enqueue("/fn/default/tg/print?text=x%00y", &[]);
+    let inv = node
+        .wait_json(&format!("/v1/invocations/{id}"), |v| v["status"] != "queued" && v["status"] != "running");
+    assert_eq!((inv["status"].as_str(), inv["attempts"].as_u64()), (Some("succeeded"), Some(1)), "{inv}");
+    assert!(log_lines(&node, &id, 2).contains(&("stderr".into(), "x\u{fffd}y".into())));
+}

@@ -98,6 +98,45 @@ fn idempotency_key_returns_the_first_invocation() {
     wait_status(&node, &first, "succeeded");
 }
 
+/// A guessed key sent first, keyless, to a public function does not make the real call (with a
+/// key) a replay: keys belong to their caller. The same caller reusing its key for another
+/// request is refused (422); the same request again is still the first invocation.
+#[test]
+fn idempotency_keys_belong_to_their_caller_and_name_one_request() {
+    let node = Node::start(&[]);
+    node.deploy("tg", &guests().testguest, &["--public"]);
+    let anonymous = |body: &str| {
+        let req = node.client().post(format!("{}/fn/default/tg/echo", node.url));
+        let req = req.header("prefer", "respond-async").header("idempotency-key", "evt_124");
+        req.body(body.to_string()).send().unwrap()
+    };
+    let key = [("idempotency-key", "evt_124")];
+    let forged = accepted(anonymous("forged"));
+    let real = accepted(post_async(&node, "/fn/default/tg/echo", &key, "real"));
+    assert_ne!(real, forged, "another caller's key is another invocation");
+    let again = post_async(&node, "/fn/default/tg/echo", &key, "real");
+    assert_eq!(again.headers()["sluice-idempotent-replay"], "true");
+    assert_eq!(accepted(again), real);
+    assert_eq!(accepted(anonymous("forged")), forged);
+
+    let msg = assert_error(
+        post_async(&node, "/fn/default/tg/echo", &key, "changed"),
+        422,
+        "idempotency_key_reused",
+    );
+    assert!(msg.contains("evt_124") && msg.contains("body"), "{msg}");
+    let msg = assert_error(
+        post_async(&node, "/fn/default/tg/echo?v=2", &key, "real"),
+        422,
+        "idempotency_key_reused",
+    );
+    assert!(msg.contains("path") && !msg.contains("body"), "{msg}");
+    let all = node.get("/v1/invocations?tenant=default").json::<Value>().unwrap();
+    assert_eq!(all["invocations"].as_array().unwrap().len(), 2, "refused calls stored nothing: {all}");
+    let echoed = wait_status(&node, &real, "succeeded");
+    assert_eq!(echoed["attempts"], 1, "{echoed}");
+}
+
 #[test]
 fn bad_async_headers_name_the_header() {
     let node = Node::start(&[]);

@@ -22,7 +22,9 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{ConnectOptions, Connection};
 
 use super::classify;
-use crate::queue::{Backend, Done, HeartbeatOp, LeaseOp, Op, PurgeOp, RecordWaitsOp, ReleaseOp, RetryDeadOp};
+use crate::queue::{
+    Backend, Done, HeartbeatOp, KeyHolder, LeaseOp, Op, PurgeOp, RecordWaitsOp, ReleaseOp, RetryDeadOp,
+};
 use crate::rows::leased_from_row;
 use crate::{IDEMPOTENCY_WINDOW_MS, LeaseClass, Leased, StoreResult};
 
@@ -47,17 +49,21 @@ const ENQUEUE_ROWS: &str = "
         id text, tenant text, function text, version bigint, method text, path text,
         headers jsonb, body text, criticality bigint, run_after bigint, deadline bigint,
         attempts_max bigint, max_age_ms bigint, max_age_at bigint, idempotency_key text,
-        created_at bigint)";
+        caller text, body_sha256 text, created_at bigint)";
 
 fn claim_keys_sql() -> String {
     format!(
-        "INSERT INTO idempotency_keys (tenant, function, idempotency_key, invocation_id, created_at)
-         SELECT r.tenant, r.function, r.idempotency_key, r.id, r.created_at
+        "INSERT INTO idempotency_keys (tenant, function, caller, idempotency_key, invocation_id,
+             created_at, request_method, request_path, body_sha256)
+         SELECT r.tenant, r.function, r.caller, r.idempotency_key, r.id, r.created_at, r.method,
+                r.path, r.body_sha256
          FROM {ENQUEUE_ROWS}
          WHERE r.idempotency_key IS NOT NULL
          ORDER BY j.ord
-         ON CONFLICT (tenant, function, idempotency_key) DO UPDATE
-             SET invocation_id = excluded.invocation_id, created_at = excluded.created_at
+         ON CONFLICT (tenant, function, caller, idempotency_key) DO UPDATE
+             SET invocation_id = excluded.invocation_id, created_at = excluded.created_at,
+                 request_method = excluded.request_method, request_path = excluded.request_path,
+                 body_sha256 = excluded.body_sha256
              WHERE idempotency_keys.created_at <= excluded.created_at - $2"
     )
 }
@@ -79,7 +85,7 @@ fn insert_queued_sql() -> String {
              WHERE r.idempotency_key IS NULL
                 OR EXISTS (
                     SELECT 1 FROM idempotency_keys AS k
-                    WHERE k.tenant = r.tenant AND k.function = r.function
+                    WHERE k.tenant = r.tenant AND k.function = r.function AND k.caller = r.caller
                       AND k.idempotency_key = r.idempotency_key AND k.invocation_id = r.id)
              ORDER BY j.ord
              RETURNING 1),
@@ -91,10 +97,11 @@ fn insert_queued_sql() -> String {
 
 fn key_holders_sql() -> String {
     format!(
-        "SELECT j.ord - 1 AS position, k.invocation_id
+        "SELECT j.ord - 1 AS position, k.invocation_id, k.request_method, k.request_path, k.body_sha256
          FROM {ENQUEUE_ROWS}
          JOIN idempotency_keys AS k
-           ON k.tenant = r.tenant AND k.function = r.function AND k.idempotency_key = r.idempotency_key"
+           ON k.tenant = r.tenant AND k.function = r.function AND k.caller = r.caller
+          AND k.idempotency_key = r.idempotency_key"
     )
 }
 
@@ -206,11 +213,7 @@ impl Backend for Postgres {
         Ok(u64::try_from(inserted).unwrap_or(0))
     }
 
-    async fn key_holders(
-        &self,
-        connection: &mut PgConnection,
-        rows: &str,
-    ) -> StoreResult<Vec<(i64, String)>> {
+    async fn key_holders(&self, connection: &mut PgConnection, rows: &str) -> StoreResult<Vec<KeyHolder>> {
         sqlx::query_as(sqlx::AssertSqlSafe(key_holders_sql()))
             .bind(rows)
             .fetch_all(&mut *connection)
@@ -580,8 +583,8 @@ const PURGE_FINISHED: &str = "
         FOR UPDATE SKIP LOCKED)";
 
 const PURGE_KEYS: &str = "
-    DELETE FROM idempotency_keys WHERE (tenant, function, idempotency_key) IN (
-        SELECT tenant, function, idempotency_key FROM idempotency_keys
+    DELETE FROM idempotency_keys WHERE (tenant, function, caller, idempotency_key) IN (
+        SELECT tenant, function, caller, idempotency_key FROM idempotency_keys
         WHERE created_at <= $1 ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)";
 
 async fn purge(connection: &mut PgConnection, op: &PurgeOp) -> StoreResult<Done> {

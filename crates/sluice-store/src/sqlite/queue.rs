@@ -11,7 +11,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 use sqlx::{ConnectOptions, Connection};
 
 use super::classify;
-use crate::queue::{Backend, Done, HeartbeatOp, LeaseOp, Op, PurgeOp, RecordWaitsOp, ReleaseOp, RetryDeadOp};
+use crate::queue::{
+    Backend, Done, HeartbeatOp, KeyHolder, LeaseOp, Op, PurgeOp, RecordWaitsOp, ReleaseOp, RetryDeadOp,
+};
 use crate::rows::leased_from_row;
 use crate::{IDEMPOTENCY_WINDOW_MS, LeaseClass, StoreResult};
 
@@ -68,7 +70,7 @@ impl Backend for Sqlite {
         &self,
         connection: &mut SqliteConnection,
         rows: &str,
-    ) -> StoreResult<Vec<(i64, String)>> {
+    ) -> StoreResult<Vec<KeyHolder>> {
         sqlx::query_as(KEY_HOLDERS).bind(rows).fetch_all(&mut *connection).await.map_err(classify)
     }
 
@@ -112,18 +114,22 @@ impl Backend for Sqlite {
 
 // --- enqueue ---
 
-/// Claims the idempotency keys of a batch, first come first served in array order: a key that is
-/// free, or whose holder is out of the window, passes to this invocation; a key held within the
-/// window stays with its holder.
+/// Claims the idempotency keys of a batch, first come first served in array order: a caller's key
+/// that is free, or whose holder is out of the window, passes to this invocation with its
+/// request's fingerprint; a key held within the window stays with its holder.
 const CLAIM_KEYS: &str = "
-    INSERT INTO idempotency_keys (tenant, function, idempotency_key, invocation_id, created_at)
-    SELECT j.value ->> 'tenant', j.value ->> 'function', j.value ->> 'idempotency_key',
-           j.value ->> 'id', j.value ->> 'created_at'
+    INSERT INTO idempotency_keys (tenant, function, caller, idempotency_key, invocation_id,
+        created_at, request_method, request_path, body_sha256)
+    SELECT j.value ->> 'tenant', j.value ->> 'function', j.value ->> 'caller',
+           j.value ->> 'idempotency_key', j.value ->> 'id', j.value ->> 'created_at',
+           j.value ->> 'method', j.value ->> 'path', j.value ->> 'body_sha256'
     FROM jsonb_each(?1) AS j
     WHERE j.value ->> 'idempotency_key' IS NOT NULL
     ORDER BY j.key
-    ON CONFLICT (tenant, function, idempotency_key) DO UPDATE
-        SET invocation_id = excluded.invocation_id, created_at = excluded.created_at
+    ON CONFLICT (tenant, function, caller, idempotency_key) DO UPDATE
+        SET invocation_id = excluded.invocation_id, created_at = excluded.created_at,
+            request_method = excluded.request_method, request_path = excluded.request_path,
+            body_sha256 = excluded.body_sha256
         WHERE idempotency_keys.created_at <= excluded.created_at - ?2";
 
 /// Inserts the invocations without a key and those that won theirs.
@@ -142,17 +148,18 @@ const INSERT_QUEUED: &str = "
        OR EXISTS (
            SELECT 1 FROM idempotency_keys AS k
            WHERE k.tenant = j.value ->> 'tenant' AND k.function = j.value ->> 'function'
+             AND k.caller = j.value ->> 'caller'
              AND k.idempotency_key = j.value ->> 'idempotency_key'
              AND k.invocation_id = j.value ->> 'id')
     ORDER BY j.key";
 
-/// Who holds each keyed element's key now.
+/// Who holds each keyed element's key now, and the fingerprint it was first used with.
 const KEY_HOLDERS: &str = "
-    SELECT j.key AS position, k.invocation_id AS invocation_id
+    SELECT j.key AS position, k.invocation_id, k.request_method, k.request_path, k.body_sha256
     FROM jsonb_each(?1) AS j
     JOIN idempotency_keys AS k
       ON k.tenant = j.value ->> 'tenant' AND k.function = j.value ->> 'function'
-     AND k.idempotency_key = j.value ->> 'idempotency_key'";
+     AND k.caller = j.value ->> 'caller' AND k.idempotency_key = j.value ->> 'idempotency_key'";
 
 // --- complete ---
 

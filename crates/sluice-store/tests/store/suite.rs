@@ -81,10 +81,12 @@ macro_rules! run_whole_suite {
     deleting_a_function_deletes_its_versions_only,
     all_latest_versions_has_one_entry_per_function,
     sync_records_and_their_logs_are_readable,
+    guest_text_with_nul_is_stored_with_a_replacement_character,
     function_logs_tail_and_page,
     large_sync_batches_are_recorded_whole,
     async_invocations_run_and_keep_their_response,
     idempotency_keys_return_the_first_invocation,
+    idempotency_keys_belong_to_their_caller_and_their_request,
     concurrent_enqueues_with_one_key_create_one_invocation,
     leases_follow_criticality_then_deadline_then_run_after,
     a_closed_start_window_expires_the_invocation,
@@ -571,6 +573,57 @@ pub async fn sync_records_and_their_logs_are_readable(store: &dyn Store, _clock:
     assert_eq!(store.invocation_logs("inv-4").await.unwrap(), vec![]);
     let all = store.function_logs("acme", "hello", None, 100).await.unwrap();
     assert_eq!(lines(&all), ["one", "two", "wasm trap: unreachable"]);
+}
+
+/// PostgreSQL refuses a NUL in `text` and `\u0000` in `jsonb`, and a guest decides what it
+/// prints: a NUL in a log line (or an error) must cost neither its own record nor the others of
+/// its batch, on either backend. It is stored as U+FFFD, the same on both.
+pub async fn guest_text_with_nul_is_stored_with_a_replacement_character(
+    store: &dyn Store,
+    clock: &ManualClock,
+) {
+    let mut nul = record("inv-nul", "hello", InvocationStatus::Dead, 1_000);
+    nul.status_code = Some(500);
+    nul.error_kind = Some("trap\0".into());
+    nul.logs = vec![
+        (LogStream::Stdout, "a\0b".into(), 1_001),
+        (LogStream::System, "panicked at src/lib.rs: \0\0".into(), 1_002),
+    ];
+    let mut other = record("inv-other", "hello", InvocationStatus::Succeeded, 1_000);
+    other.logs = vec![(LogStream::Stdout, "another tenant's line".into(), 1_003)];
+    store.record_sync(&[nul, other]).await.expect("a batch with a NUL in it is recorded");
+    let logs = store.invocation_logs("inv-nul").await.unwrap();
+    assert_eq!(lines(&logs), ["a\u{fffd}b", "panicked at src/lib.rs: \u{fffd}\u{fffd}"]);
+    let got = store.get_invocation("inv-nul").await.unwrap().unwrap();
+    assert_eq!(got.error_kind.as_deref(), Some("trap\u{fffd}"));
+    assert_eq!(lines(&store.invocation_logs("inv-other").await.unwrap()), ["another tenant's line"]);
+
+    // An async attempt's result is recorded the first time, so the guest does not run again.
+    clock.set(2_000);
+    store.enqueue(&queue::invocation("inv-async")).await.unwrap();
+    let leased = store.lease("node", 2_000, queue::LEASE_MS, 10).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    let response = sluice_store::StoredResponse {
+        status: 500,
+        headers: vec![("x-bytes".into(), b"a\0b".to_vec())],
+        body: b"\0 body \0".to_vec(),
+    };
+    let result = sluice_store::AttemptResult::Failed {
+        error_kind: "trap\0".into(),
+        status_code: Some(500),
+        response: Some(response.clone()),
+        retry_at: None,
+    };
+    let logs = [(LogStream::Stderr, "x\0y".to_string(), 2_001)];
+    assert!(store.complete("inv-async", "node", 1, &result, &logs, 0, 2_002).await.expect("recorded"));
+    let got = store.get_invocation("inv-async").await.unwrap().unwrap();
+    assert_eq!((got.status, got.attempts), (InvocationStatus::Dead, 1));
+    assert_eq!(got.error_kind.as_deref(), Some("trap\u{fffd}"));
+    assert_eq!(lines(&store.invocation_logs("inv-async").await.unwrap()), ["x\u{fffd}y"]);
+    // Header values and bodies are bytes, kept byte for byte.
+    assert_eq!(store.get_response("inv-async").await.unwrap(), Some(response));
+    let tail = store.function_logs("acme", "hello", None, 10).await.unwrap();
+    assert_eq!(tail.len(), 4, "{tail:?}");
 }
 
 pub async fn function_logs_tail_and_page(store: &dyn Store, _clock: &ManualClock) {

@@ -6,9 +6,9 @@ use std::collections::HashSet;
 
 use sluice_core::UnixMs;
 use sluice_store::{
-    AttemptResult, Criticality, Enqueued, IDEMPOTENCY_WINDOW_MS, Invocation, InvocationFilter,
-    InvocationStatus, LeaseAsk, LeaseClass, LogStream, NewInvocation, Quota, Store, StoredRequest,
-    StoredResponse, SyncRecord,
+    AttemptResult, Criticality, Enqueued, IDEMPOTENCY_WINDOW_MS, IdempotencyKey, Invocation,
+    InvocationFilter, InvocationStatus, LeaseAsk, LeaseClass, LogStream, NewInvocation, Quota, Store,
+    StoredRequest, StoredResponse, SyncRecord,
 };
 
 use super::ManualClock;
@@ -47,6 +47,11 @@ pub fn invocation(id: &str) -> NewInvocation {
         attempts_max: 3,
         max_age_ms: MAX_AGE_MS,
     }
+}
+
+/// `key` as `caller` sends it.
+pub fn keyed_by(key: &str, caller: &str) -> Option<IdempotencyKey> {
+    Some(IdempotencyKey { key: key.into(), caller: caller.into() })
 }
 
 fn response(status: u16, body: &[u8]) -> StoredResponse {
@@ -182,7 +187,7 @@ pub async fn idempotency_keys_return_the_first_invocation(store: &dyn Store, clo
     let keyed = |id: &str, tenant: &str, function: &str, key: &str| NewInvocation {
         tenant: tenant.into(),
         function: function.into(),
-        idempotency_key: Some(key.into()),
+        idempotency_key: keyed_by(key, "key_a"),
         ..invocation(id)
     };
     clock.set(1_000);
@@ -215,10 +220,68 @@ pub async fn idempotency_keys_return_the_first_invocation(store: &dyn Store, clo
     assert_eq!(status(store, "inv-1").await, InvocationStatus::Succeeded);
 }
 
+/// A key belongs to its caller: another caller's same key is another invocation, so no caller
+/// can turn someone else's call into a replay of its own. And a key names one request: the same
+/// caller sending it with a different method, path or body is refused, and nothing is stored.
+pub async fn idempotency_keys_belong_to_their_caller_and_their_request(
+    store: &dyn Store,
+    clock: &ManualClock,
+) {
+    let keyed = |id: &str, caller: &str, body: &[u8]| NewInvocation {
+        idempotency_key: keyed_by("evt_124", caller),
+        request: request(body),
+        ..invocation(id)
+    };
+    clock.set(1_000);
+    enqueue(store, &keyed("forged", "anonymous", b"forged")).await;
+    enqueue(store, &keyed("real", "key_a", b"real")).await;
+    enqueue(store, &keyed("other", "key_b", b"forged")).await;
+    let again = store.enqueue(&keyed("again", "key_a", b"real")).await.unwrap();
+    assert_eq!(again, Enqueued::Existing("real".into()), "same caller, same request");
+
+    let body = store.enqueue(&keyed("body", "key_a", b"real, changed")).await.unwrap();
+    assert_eq!(body, Enqueued::KeyReused { first: "real".into(), differs: vec!["body"] });
+    let mut put = keyed("put", "key_a", b"real");
+    put.request.method = "PUT".into();
+    put.request.path_and_query = "/sub/path?x=2".into();
+    let put = store.enqueue(&put).await.unwrap();
+    assert_eq!(put, Enqueued::KeyReused { first: "real".into(), differs: vec!["method", "path"] });
+    for refused in ["again", "body", "put"] {
+        assert_eq!(store.get_invocation(refused).await.unwrap(), None, "{refused} stored nothing");
+    }
+    // Headers are not part of the fingerprint (a retry may carry a new date or trace).
+    let mut traced = keyed("traced", "anonymous", b"forged");
+    traced.request.headers.push(("traceparent".into(), b"00-01-02-01".to_vec()));
+    assert_eq!(store.enqueue(&traced).await.unwrap(), Enqueued::Existing("forged".into()));
+
+    // Two requests of one caller with one key in the same group commit: the first is created,
+    // the other compared with it.
+    let pair = [keyed("one", "key_c", b"1"), keyed("two", "key_c", b"2")];
+    let results = futures::future::join_all(pair.iter().map(|inv| store.enqueue(inv))).await;
+    let results: Vec<Enqueued> = results.into_iter().map(Result::unwrap).collect();
+    let created: Vec<&str> = pair
+        .iter()
+        .zip(&results)
+        .filter(|(_, r)| **r == Enqueued::Created)
+        .map(|(i, _)| i.id.as_str())
+        .collect();
+    assert_eq!(created.len(), 1, "{results:?}");
+    let loser = if created[0] == "one" { 1 } else { 0 };
+    let expected = Enqueued::KeyReused { first: created[0].into(), differs: vec!["body"] };
+    assert_eq!(results[loser], expected);
+
+    // Out of the window the key starts over, for a new request too.
+    clock.set(1_000 + IDEMPOTENCY_WINDOW_MS);
+    enqueue(store, &keyed("next-day", "key_a", b"another")).await;
+}
+
 pub async fn concurrent_enqueues_with_one_key_create_one_invocation(store: &dyn Store, _clock: &ManualClock) {
     const CALLS: usize = 40;
     let invocations: Vec<NewInvocation> = (0..CALLS)
-        .map(|i| NewInvocation { idempotency_key: Some("same".into()), ..invocation(&format!("inv-{i:02}")) })
+        .map(|i| NewInvocation {
+            idempotency_key: keyed_by("same", "key_a"),
+            ..invocation(&format!("inv-{i:02}"))
+        })
         .collect();
     let results: Vec<Enqueued> = futures::future::join_all(invocations.iter().map(|inv| store.enqueue(inv)))
         .await
@@ -652,7 +715,7 @@ pub async fn invocations_are_listed_newest_first_by_filter_and_page(store: &dyn 
 }
 
 pub async fn purge_deletes_finished_invocations_before_the_cutoff(store: &dyn Store, clock: &ManualClock) {
-    enqueue(store, &NewInvocation { idempotency_key: Some("k1".into()), ..invocation("done") }).await;
+    enqueue(store, &NewInvocation { idempotency_key: keyed_by("k1", "key_a"), ..invocation("done") }).await;
     enqueue(store, &invocation("running")).await;
     store.lease("node-a", 0, LEASE_MS, 10).await.unwrap();
     let logs = [(LogStream::Stdout, "bye".to_owned(), 90)];
@@ -690,7 +753,7 @@ pub async fn purge_deletes_finished_invocations_before_the_cutoff(store: &dyn St
     assert_eq!(store.invocation_logs("sync-new").await.unwrap().len(), 1);
 
     // The key outlives its purged invocation for the window, then goes.
-    let repeat = NewInvocation { idempotency_key: Some("k1".into()), ..invocation("repeat") };
+    let repeat = NewInvocation { idempotency_key: keyed_by("k1", "key_a"), ..invocation("repeat") };
     assert_eq!(store.enqueue(&repeat).await.unwrap(), Enqueued::Existing("done".into()));
     clock.set(IDEMPOTENCY_WINDOW_MS);
     assert_eq!(store.purge(0, 100).await.unwrap(), 1, "the key");

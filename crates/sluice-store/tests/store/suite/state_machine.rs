@@ -162,6 +162,7 @@ pub async fn queue_state_machine_keeps_its_invariants(
                 // A refused (Existing) enqueue stored nothing, so its id may be used again.
                 let id = format!("inv-{:04}", model.ids.len());
                 let key = key.map(|k| format!("key-{k}"));
+                let idempotency_key = key.as_deref().and_then(|k| super::keyed_by(k, "key_a"));
                 let inv = NewInvocation {
                     criticality: [Criticality::High, Criticality::Normal, Criticality::Low]
                         [*criticality as usize],
@@ -169,7 +170,7 @@ pub async fn queue_state_machine_keeps_its_invariants(
                     deadline: window_ms.map(|w| now + i64::from(*delay_ms) + i64::from(w)),
                     attempts_max: u32::from(*attempts_max),
                     max_age_ms: if *short_lived { 4_000 } else { 3_600_000 },
-                    idempotency_key: key.clone(),
+                    idempotency_key,
                     ..invocation(&id)
                 };
                 let result = store.enqueue(&inv).await.unwrap();
