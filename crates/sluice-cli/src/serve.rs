@@ -81,6 +81,32 @@ pub struct ServeArgs {
     /// Every tenant's burst (default: the rate, rounded up).
     #[arg(long)]
     pub tenant_burst: Option<u32>,
+    /// Calls per second that each tenant's public functions take from callers without a key of
+    /// the tenant, together: a bucket of its own per tenant, within the tenant's rate, so that
+    /// anonymous traffic cannot take all of it (0: no such bucket).
+    #[arg(long, default_value_t = 1000.0)]
+    pub anonymous_rate: f64,
+    /// Keyless calls each tenant's public functions take at once above --anonymous-rate.
+    #[arg(long, default_value_t = 2000)]
+    pub anonymous_burst: u32,
+    /// Each tenant's unfinished async invocations (queued, running, waiting for a retry) at
+    /// most, unless it has its own (`tenants limits --queued-max`); beyond it async calls get 429.
+    #[arg(long, default_value_t = sluice_core::UsageLimits::QUEUED_MAX_DEFAULT)]
+    pub tenant_queued_max: u64,
+    /// Bytes of each tenant's unfinished async invocations' requests (body plus header names and
+    /// values) at most, e.g. 1GiB; beyond it async calls get 429.
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
+    pub tenant_queued_bytes_max: u64,
+    /// Bytes of each tenant's uploaded components at most, e.g. 2GiB; beyond it uploads get 507.
+    #[arg(long, default_value = "2GiB", value_parser = parse_bytes)]
+    pub tenant_components_bytes_max: u64,
+    /// Functions of each tenant at most; a deploy of one more gets 507.
+    #[arg(long, default_value_t = sluice_core::UsageLimits::FUNCTIONS_MAX_DEFAULT)]
+    pub tenant_functions_max: u64,
+    /// Versions each tenant stores over all its functions at most (twice --versions-kept for
+    /// each of --tenant-functions-max functions); a deploy beyond it gets 507.
+    #[arg(long, default_value_t = sluice_core::UsageLimits::VERSIONS_MAX_DEFAULT)]
+    pub tenant_versions_max: u64,
     /// Sync calls running at once on this node; beyond it new calls get 503 at once.
     #[arg(long, default_value_t = 512)]
     pub sync_inflight_max: usize,
@@ -255,6 +281,8 @@ impl ServeArgs {
             self.utilization_target
         );
         self.check_durations()?;
+        self.usage_limits()?;
+        self.anonymous_rate()?;
         self.lanes()?;
         self.code()?;
         anyhow::ensure!(
@@ -277,6 +305,46 @@ impl ServeArgs {
 }
 
 impl ServeArgs {
+    /// The tenants' default usage quotas; each at least 1 (0 would refuse every tenant) and
+    /// storable.
+    fn usage_limits(&self) -> anyhow::Result<sluice_core::UsageLimits> {
+        for (flag, value) in [
+            ("--tenant-queued-max", self.tenant_queued_max),
+            ("--tenant-queued-bytes-max", self.tenant_queued_bytes_max),
+            ("--tenant-components-bytes-max", self.tenant_components_bytes_max),
+            ("--tenant-functions-max", self.tenant_functions_max),
+            ("--tenant-versions-max", self.tenant_versions_max),
+        ] {
+            anyhow::ensure!(
+                (1..=i64::MAX as u64).contains(&value),
+                "{flag} must be between 1 and {}, got {value}",
+                i64::MAX
+            );
+        }
+        Ok(sluice_core::UsageLimits {
+            queued_max: self.tenant_queued_max,
+            queued_bytes_max: self.tenant_queued_bytes_max,
+            components_bytes_max: self.tenant_components_bytes_max,
+            functions_max: self.tenant_functions_max,
+            versions_max: self.tenant_versions_max,
+        })
+    }
+
+    /// The anonymous callers' rate, `None` for 0.
+    fn anonymous_rate(&self) -> anyhow::Result<Option<Rate>> {
+        use sluice_core::function::{RATE_PER_SEC_MAX, RATE_PER_SEC_MIN};
+        if self.anonymous_rate == 0.0 {
+            return Ok(None);
+        }
+        anyhow::ensure!(
+            (RATE_PER_SEC_MIN..=RATE_PER_SEC_MAX).contains(&self.anonymous_rate),
+            "--anonymous-rate must be 0 (off) or between {RATE_PER_SEC_MIN} and {RATE_PER_SEC_MAX}, got {}",
+            self.anonymous_rate
+        );
+        anyhow::ensure!(self.anonymous_burst >= 1, "--anonymous-burst must be at least 1");
+        Ok(Rate::of(Some(self.anonymous_rate), Some(self.anonymous_burst)))
+    }
+
     fn code(&self) -> anyhow::Result<sluice_gateway::CodeConfig> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut code = sluice_gateway::CodeConfig::for_cores(cores);
@@ -337,6 +405,8 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
     config.outbound_allow_private = args.outbound_allow_private;
     config.tenant_rate =
         (args.tenant_rate > 0.0).then(|| Rate::of(Some(args.tenant_rate), args.tenant_burst)).flatten();
+    config.anonymous_rate = args.anonymous_rate()?;
+    config.usage_limits = args.usage_limits()?;
     config.sync_inflight_max = args.sync_inflight_max;
     config.async_inflight_max = args.async_inflight_max;
     config.utilization_target = args.utilization_target;

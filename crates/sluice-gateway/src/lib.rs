@@ -19,6 +19,7 @@ pub mod error;
 pub mod invoke;
 pub mod metrics;
 pub mod node;
+pub mod quota;
 pub mod recorder;
 pub mod server;
 pub mod sniff;

@@ -57,6 +57,11 @@ pub trait Functions: Send + Sync + 'static {
     fn metrics(&self, _tenant: &str, _function: &str) -> Option<Arc<CallMetrics>> {
         None
     }
+
+    /// An invocation of `tenant` whose request held `request_bytes`
+    /// (`StoredRequest::quota_bytes`) reached a final state here: it no longer counts against
+    /// the tenant's queued quotas.
+    fn finished(&self, _tenant: &str, _request_bytes: u64) {}
 }
 
 /// Bounds and periods of the scheduler; each a named setting.
@@ -776,7 +781,12 @@ async fn run_one(ctx: Arc<Ctx>, inv: Leased) {
             .complete(&inv.id, &ctx.config.owner, inv.attempt, &result, &logs, cpu_us, ctx.clock.now_ms())
             .await
         {
-            Ok(true) => break,
+            Ok(true) => {
+                if is_final(&result, &inv) {
+                    ctx.functions.finished(&inv.tenant, inv.request.quota_bytes());
+                }
+                break;
+            }
             Ok(false) => {
                 tracing::info!(id = %inv.id, "attempt finished after its lease was taken over; result discarded");
                 break;
@@ -794,6 +804,19 @@ async fn run_one(ctx: Arc<Ctx>, inv: Leased) {
 }
 
 type Logs = Vec<(LogStream, String, UnixMs)>;
+
+/// Whether the store ends an invocation with this result (`succeeded` or `dead`) rather than
+/// queueing it for a retry: the same rule as the store's completion.
+fn is_final(result: &AttemptResult, inv: &Leased) -> bool {
+    match result {
+        AttemptResult::Succeeded { .. } => true,
+        AttemptResult::Failed { retry_at: None, .. } => true,
+        AttemptResult::Failed { retry_at: Some(at), .. } => {
+            let max_age_ms = i64::try_from(inv.max_age_ms).unwrap_or(i64::MAX);
+            inv.attempt >= inv.attempts_max || *at > inv.created_at.saturating_add(max_age_ms)
+        }
+    }
+}
 
 /// What one attempt produced: its result, its log lines and its time on a thread.
 struct Attempt {

@@ -261,6 +261,7 @@ impl EnqueueOp {
             max_age_at: UnixMs,
             idempotency_key: Option<&'a str>,
             created_at: UnixMs,
+            request_bytes: u64,
         }
         if inv.attempts_max == 0 {
             return Err(StoreError::Other(format!(
@@ -286,6 +287,7 @@ impl EnqueueOp {
             max_age_at: created_at.saturating_add(max_age_ms),
             idempotency_key: inv.idempotency_key.as_deref(),
             created_at,
+            request_bytes: inv.request.quota_bytes(),
         };
         Ok(Self {
             id: inv.id.clone(),
