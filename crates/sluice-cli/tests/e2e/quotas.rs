@@ -252,3 +252,31 @@ fn on_a_cluster_a_quota_holds_on_every_node_within_the_documented_overshoot() {
     let usage = one.get("/v1/tenants/default/usage").json::<Value>().unwrap();
     assert_eq!(usage["quotas"]["queued"]["used"], 10 + before_refresh as u64, "{usage}");
 }
+
+/// The quota and anonymous-rate flags are checked before the socket is bound.
+#[test]
+fn serve_refuses_quota_flags_that_would_refuse_everyone() {
+    let dir = tempfile::tempdir().unwrap();
+    for (flag, value) in [
+        ("--tenant-queued-max", "0"),
+        ("--tenant-queued-bytes-max", "0"),
+        ("--tenant-components-bytes-max", "0"),
+        ("--tenant-functions-max", "0"),
+        ("--tenant-versions-max", "0"),
+        ("--tenant-queued-max", "9223372036854775808"),
+        ("--anonymous-rate", "1e12"),
+        ("--anonymous-burst", "0"),
+    ] {
+        let out = std::process::Command::new(crate::harness::BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .args([flag, value])
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag} {value} was accepted: {stderr}");
+        assert!(stderr.contains(flag), "{flag} {value}: the error names the flag: {stderr}");
+        assert!(!stderr.contains("listening on"), "{flag} {value}: refused before binding: {stderr}");
+    }
+}
