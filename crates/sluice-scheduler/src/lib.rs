@@ -984,3 +984,50 @@ fn build_request(inv: &Leased) -> Result<http::Request<GuestRequestBody>, String
 
 #[cfg(test)]
 mod sim_tests;
+
+#[cfg(test)]
+mod final_tests {
+    use super::*;
+    use sluice_store::{Criticality, StoredRequest};
+
+    fn leased(attempt: u32) -> Leased {
+        Leased {
+            id: "i".into(),
+            tenant: "t".into(),
+            function: "f".into(),
+            version: 1,
+            request: StoredRequest {
+                method: "POST".into(),
+                path_and_query: "/".into(),
+                headers: Vec::new(),
+                body: Vec::new(),
+            },
+            attempt,
+            attempts_max: 3,
+            created_at: 1_000,
+            max_age_ms: 10_000,
+            criticality: Criticality::Normal,
+            deadline: None,
+            run_after: 1_000,
+        }
+    }
+
+    fn failed(retry_at: Option<UnixMs>) -> AttemptResult {
+        AttemptResult::Failed { error_kind: "trap".into(), status_code: None, response: None, retry_at }
+    }
+
+    /// What stops counting against the tenant's queued quotas when its completion is recorded:
+    /// the store's own rule for `succeeded` and `dead`.
+    #[test]
+    fn an_invocation_is_final_when_the_store_will_not_retry_it() {
+        let ok = AttemptResult::Succeeded {
+            response: StoredResponse { status: 200, headers: Vec::new(), body: Vec::new() },
+        };
+        assert!(is_final(&ok, &leased(1)));
+        assert!(is_final(&failed(None), &leased(1)), "not retryable");
+        assert!(!is_final(&failed(Some(2_000)), &leased(1)), "retried");
+        assert!(is_final(&failed(Some(2_000)), &leased(3)), "no attempt left");
+        assert!(!is_final(&failed(Some(11_000)), &leased(2)), "retried at its max age");
+        assert!(is_final(&failed(Some(11_001)), &leased(2)), "too old to retry");
+    }
+}

@@ -349,7 +349,7 @@ pub struct InvocationFilter {
 pub enum Change {
     /// API keys were created or revoked.
     Keys,
-    /// A tenant's rate limit was set or cleared.
+    /// A tenant's rate limit, quota or usage limits were set or cleared.
     Limits,
     /// A function was deployed (a new version) or deleted.
     Function { tenant: String, function: String },
