@@ -107,6 +107,11 @@ pub struct ServeArgs {
     /// each of --tenant-functions-max functions); a deploy beyond it gets 507.
     #[arg(long, default_value_t = sluice_core::UsageLimits::VERSIONS_MAX_DEFAULT)]
     pub tenant_versions_max: u64,
+    /// How often the node re-reads every tenant's unfinished async invocations for the queued
+    /// quotas, e.g. 5s. In between it counts only its own enqueues and completions: on a cluster
+    /// of N nodes a tenant may queue up to N times its quota for this long.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub quota_refresh: Duration,
     /// Sync calls running at once on this node; beyond it new calls get 503 at once.
     #[arg(long, default_value_t = 512)]
     pub sync_inflight_max: usize,
@@ -263,6 +268,7 @@ impl ServeArgs {
         check_duration("--shutdown-grace", self.shutdown_grace, Duration::ZERO, TIMEOUT_MAX)?;
         check_duration("--header-read-timeout", self.header_read_timeout, nanosecond, TIMEOUT_MAX)?;
         check_duration("--body-read-timeout", self.body_read_timeout, nanosecond, TIMEOUT_MAX)?;
+        check_duration("--quota-refresh", self.quota_refresh, Duration::from_millis(100), TIMEOUT_MAX)?;
         Ok(())
     }
 
@@ -407,6 +413,7 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
         (args.tenant_rate > 0.0).then(|| Rate::of(Some(args.tenant_rate), args.tenant_burst)).flatten();
     config.anonymous_rate = args.anonymous_rate()?;
     config.usage_limits = args.usage_limits()?;
+    config.quota_refresh = args.quota_refresh;
     config.sync_inflight_max = args.sync_inflight_max;
     config.async_inflight_max = args.async_inflight_max;
     config.utilization_target = args.utilization_target;

@@ -231,7 +231,7 @@ pub struct QuotaUse {
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct UsageQuotas {
     /// Unfinished async invocations (queued, running, waiting for a retry), as this node counts
-    /// them for its refusals: the store's count, re-read every 5 s, plus this node's own
+    /// them for its refusals: the store's count, re-read every `serve --quota-refresh` (5 s), plus this node's own
     /// enqueues and completions since.
     pub queued: QuotaUse,
     /// Bytes of their requests (body plus header names and values), counted the same way.

@@ -30,6 +30,8 @@ pub struct NodeConfig {
     pub anonymous_rate: Option<Rate>,
     /// Every tenant's usage quotas unless it has its own.
     pub usage_limits: sluice_core::UsageLimits,
+    /// How often the node re-reads every tenant's unfinished invocations for its queued quotas.
+    pub quota_refresh: Duration,
     /// Sync calls running at once on this node; beyond it calls are shed with 503.
     pub sync_inflight_max: usize,
     /// Async invocations running at once on this node.
@@ -73,6 +75,7 @@ impl NodeConfig {
             tenant_rate: None,
             anonymous_rate: None,
             usage_limits: Default::default(),
+            quota_refresh: crate::quota::QUEUE_USAGE_REFRESH,
             sync_inflight_max: 512,
             async_inflight_max: 256,
             utilization_target: 0.8,

@@ -9,12 +9,13 @@
 //! [`sluice_store::Store::queued_usage`]), and moved in between by this node's own enqueues (a
 //! reservation taken before the commit, given back if nothing was stored) and completions.
 //!
-//! A counter is a `base` that only the refresh writes plus a `delta` that only calls move, so a
-//! refresh never loses an enqueue racing it: the refresh notes each delta before it reads the
-//! store and sets `base = stored - noted`, which leaves in the count exactly what moved after the
-//! note. What moved between the note and the read is counted twice until the next refresh (too
-//! many, the safe side); an enqueue reserved before the note but committed after the read is
-//! missing until then (at most `--async-enqueue-inflight-max` per node).
+//! A counter is a `base` that only the refresh writes, a `delta` of committed changes (kept
+//! enqueues, completions) and the enqueues in flight (reserved, not committed yet). The refresh
+//! notes each delta before it reads the store and sets `base = stored - noted`, which leaves in
+//! the count exactly what was committed after the note, plus what is in flight. So a refresh never
+//! loses an enqueue racing it; one that commits between the note and the read is counted twice
+//! until the next refresh (too many, the safe side: at most the enqueues in flight then, bounded
+//! by `--async-enqueue-inflight-max` per node). A node alone therefore never admits past a quota.
 //!
 //! Nothing here allocates per call: a read lock, one map lookup by the tenant's name, and a few
 //! atomic operations.
@@ -27,22 +28,24 @@ use std::time::Duration;
 use sluice_core::{ErrorKind, OwnUsageLimits, SluiceError, UsageLimits};
 use sluice_store::QueuedUsage;
 
-/// How often a node re-reads every tenant's unfinished invocations from the store. Between two
-/// reads a node sees only its own enqueues and completions (see ARCHITECTURE.md for what that
-/// allows a cluster).
+/// How often a node re-reads every tenant's unfinished invocations from the store, by default
+/// (`serve --quota-refresh`). Between two reads a node sees only its own enqueues and completions
+/// (see ARCHITECTURE.md for what that allows a cluster).
 pub const QUEUE_USAGE_REFRESH: Duration = Duration::from_secs(5);
 
-/// `Retry-After` of a call refused for a queued quota: the counters are re-read this often, and
-/// a backlog that reached its quota does not drain in less.
-pub const QUOTA_RETRY_AFTER_SECS: u64 = QUEUE_USAGE_REFRESH.as_secs();
+/// `Retry-After` of a call refused for a queued quota: a backlog that reached its quota does not
+/// drain much sooner (this node's completions free room at once; others' at the next refresh).
+pub const QUOTA_RETRY_AFTER_SECS: u64 = 5;
 
 /// One tenant's queued count and bytes, and the quotas they are held to.
 #[derive(Debug)]
 struct TenantCounter {
     base_count: AtomicI64,
     delta_count: AtomicI64,
+    inflight_count: AtomicI64,
     base_bytes: AtomicI64,
     delta_bytes: AtomicI64,
+    inflight_bytes: AtomicI64,
     queued_max: AtomicU64,
     queued_bytes_max: AtomicU64,
 }
@@ -52,26 +55,37 @@ impl TenantCounter {
         Self {
             base_count: AtomicI64::new(0),
             delta_count: AtomicI64::new(0),
+            inflight_count: AtomicI64::new(0),
             base_bytes: AtomicI64::new(0),
             delta_bytes: AtomicI64::new(0),
+            inflight_bytes: AtomicI64::new(0),
             queued_max: AtomicU64::new(limits.queued_max),
             queued_bytes_max: AtomicU64::new(limits.queued_bytes_max),
         }
     }
 
     fn count(&self) -> u64 {
-        let n = self.base_count.load(Ordering::Acquire) + self.delta_count.load(Ordering::Acquire);
+        let n = self.base_count.load(Ordering::Acquire)
+            + self.delta_count.load(Ordering::Acquire)
+            + self.inflight_count.load(Ordering::Acquire);
         n.max(0) as u64
     }
 
     fn bytes(&self) -> u64 {
-        let n = self.base_bytes.load(Ordering::Acquire) + self.delta_bytes.load(Ordering::Acquire);
+        let n = self.base_bytes.load(Ordering::Acquire)
+            + self.delta_bytes.load(Ordering::Acquire)
+            + self.inflight_bytes.load(Ordering::Acquire);
         n.max(0) as u64
     }
 
     fn add(&self, count: i64, bytes: i64) {
         self.delta_count.fetch_add(count, Ordering::AcqRel);
         self.delta_bytes.fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    fn add_inflight(&self, count: i64, bytes: i64) {
+        self.inflight_count.fetch_add(count, Ordering::AcqRel);
+        self.inflight_bytes.fetch_add(bytes, Ordering::AcqRel);
     }
 }
 
@@ -95,9 +109,11 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        if !self.kept {
-            self.counter.add(-1, -self.bytes);
+        // Committed first, then out of flight: the count never dips below the truth meanwhile.
+        if self.kept {
+            self.counter.add(1, self.bytes);
         }
+        self.counter.add_inflight(-1, -self.bytes);
     }
 }
 
@@ -184,7 +200,7 @@ impl Quotas {
             ));
         }
         let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
-        counter.add(1, bytes);
+        counter.add_inflight(1, bytes);
         // A reservation from here on: an early return gives the place back.
         let reservation = Reservation { counter: counter.clone(), bytes, kept: false };
         let (count, queued_bytes) = (counter.count(), counter.bytes());
@@ -337,6 +353,27 @@ mod tests {
         // Completions here count down at once.
         q.finished("a", 5);
         assert_eq!(q.queued("a"), (9, 45));
+    }
+
+    #[test]
+    fn an_enqueue_in_flight_across_a_refresh_is_never_lost() {
+        let q = quotas(1000, 1 << 30);
+        // Committed after the store was read: counted once, before and after its commit.
+        let late = q.reserve("a", 5).unwrap();
+        let marks = q.mark();
+        q.refreshed(marks, vec![]);
+        assert_eq!(q.queued("a"), (1, 5));
+        late.keep();
+        assert_eq!(q.queued("a"), (1, 5));
+        // Committed between the note and the read: counted twice until the next refresh.
+        let racing = q.reserve("a", 5).unwrap();
+        let marks = q.mark();
+        racing.keep();
+        q.refreshed(marks, vec![usage("a", 2, 10)]);
+        assert_eq!(q.queued("a"), (3, 15), "one too many, never one too few");
+        let marks = q.mark();
+        q.refreshed(marks, vec![usage("a", 2, 10)]);
+        assert_eq!(q.queued("a"), (2, 10));
     }
 
     #[test]

@@ -17,7 +17,6 @@ use std::time::Duration;
 use sluice_core::{Scope, SluiceError};
 use sluice_gateway::api_node::NODE_HEARTBEAT;
 use sluice_gateway::error::store_error;
-use sluice_gateway::quota::QUEUE_USAGE_REFRESH;
 use sluice_gateway::{DEFAULT_TENANT, Node};
 use sluice_runtime::CodeKey;
 use sluice_scheduler::{Functions, Ready, Scheduler, SchedulerConfig};
@@ -180,13 +179,14 @@ impl Tasks {
     }
 
     /// Starts the task that re-reads every tenant's unfinished invocations into the node's
-    /// queued-quota counters every [`QUEUE_USAGE_REFRESH`]: at once (the counters start at zero),
+    /// queued-quota counters every `serve --quota-refresh` (default `sluice_gateway::quota::QUEUE_USAGE_REFRESH`): at once (the counters start at zero),
     /// then periodically, which also corrects what this node cannot see (other nodes' enqueues
     /// and completions, sweeps that expire calls). A store that is down only delays it.
     fn start_queued_usage(&self) {
         let node = Arc::downgrade(&self.node);
         self.supervisor.spawn("queued usage", async move {
-            let mut tick = tokio::time::interval(QUEUE_USAGE_REFRESH);
+            let Some(period) = node.upgrade().map(|n| n.config.quota_refresh) else { return };
+            let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut failing = false;
             loop {
