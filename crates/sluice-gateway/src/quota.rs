@@ -15,7 +15,9 @@
 //! the count exactly what was committed after the note, plus what is in flight. So a refresh never
 //! loses an enqueue racing it; one that commits between the note and the read is counted twice
 //! until the next refresh (too many, the safe side: at most the enqueues in flight then, bounded
-//! by `--async-enqueue-inflight-max` per node). A node alone therefore never admits past a quota.
+//! by `--async-enqueue-inflight-max` per node). A node alone therefore admits past a quota only
+//! by an enqueue whose client went away while its commit was pending (the reservation is dropped
+//! with the request's future; the row, if the commit lands, counts from the next refresh).
 //!
 //! Nothing here allocates per call: a read lock, one map lookup by the tenant's name, and a few
 //! atomic operations.
