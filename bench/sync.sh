@@ -29,7 +29,7 @@ ms() { date +%s%3N; }
 # Starts sluice on $data, sets SLUICE_PID and URL.
 start_sluice() {
   : > "$data/log"
-  "$SLUICE" serve --listen 127.0.0.1:0 --data-dir "$data/node" --tenant-rate 10000000 2> "$data/log" &
+  "$SLUICE" serve --listen 127.0.0.1:0 --data-dir "$data/node" --tenant-rate 10000000 --anonymous-rate 0 2> "$data/log" &
   SLUICE_PID=$!
   pids+=("$SLUICE_PID")
   for _ in $(seq 1 500); do
@@ -65,7 +65,7 @@ t0=$(ms); start_sluice; wait_200 "$URL/fn/default/hello/" "${AUTH[@]}"; t1=$(ms)
 restart_first_ms=$((t1 - t0))
 
 # The same node without metrics (`--no-metrics`), to show what counting costs on this path.
-"$SLUICE" serve --listen 127.0.0.1:0 --data-dir "$data/node-off" --tenant-rate 10000000 --no-metrics 2> "$data/log-off" &
+"$SLUICE" serve --listen 127.0.0.1:0 --data-dir "$data/node-off" --tenant-rate 10000000 --anonymous-rate 0 --no-metrics 2> "$data/log-off" &
 pids+=("$!")
 for _ in $(seq 1 500); do
   URL_OFF=$(grep -o 'listening on http://[0-9.:]*' "$data/log-off" | head -1 | sed 's/listening on //') && [ -n "$URL_OFF" ] && break

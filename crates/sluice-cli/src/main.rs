@@ -39,7 +39,7 @@ enum Command {
     Invoke(invoke::InvokeArgs),
     /// Show a function's (or one invocation's) guest log lines.
     Logs(logs::LogsArgs),
-    /// Create or list tenants, or set a tenant's rate limit.
+    /// Create or list tenants, show or set their limits and quotas, or show their usage.
     #[command(subcommand)]
     Tenants(tenants::TenantsCommand),
     /// Mint, list or revoke API keys.

@@ -96,6 +96,37 @@ pub struct ServeArgs {
     /// the control runtime with the scheduler and the heartbeats.
     #[arg(long, default_value_t = 16)]
     pub api_inflight_max: usize,
+    /// Calls per second that each tenant's public functions take from callers without a key of
+    /// the tenant, together: a bucket of its own per tenant, within the tenant's rate, so that
+    /// anonymous traffic cannot take all of it (0: no such bucket).
+    #[arg(long, default_value_t = 1000.0)]
+    pub anonymous_rate: f64,
+    /// Keyless calls each tenant's public functions take at once above --anonymous-rate.
+    #[arg(long, default_value_t = 2000)]
+    pub anonymous_burst: u32,
+    /// Each tenant's unfinished async invocations (queued, running, waiting for a retry) at
+    /// most, unless it has its own (`tenants limits --queued-max`); beyond it async calls get 429.
+    #[arg(long, default_value_t = sluice_core::UsageLimits::QUEUED_MAX_DEFAULT)]
+    pub tenant_queued_max: u64,
+    /// Bytes of each tenant's unfinished async invocations' requests (body plus header names and
+    /// values) at most, e.g. 1GiB; beyond it async calls get 429.
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
+    pub tenant_queued_bytes_max: u64,
+    /// Bytes of each tenant's uploaded components at most, e.g. 2GiB; beyond it uploads get 507.
+    #[arg(long, default_value = "2GiB", value_parser = parse_bytes)]
+    pub tenant_components_bytes_max: u64,
+    /// Functions of each tenant at most; a deploy of one more gets 507.
+    #[arg(long, default_value_t = sluice_core::UsageLimits::FUNCTIONS_MAX_DEFAULT)]
+    pub tenant_functions_max: u64,
+    /// Versions each tenant stores over all its functions at most (twice --versions-kept for
+    /// each of --tenant-functions-max functions); a deploy beyond it gets 507.
+    #[arg(long, default_value_t = sluice_core::UsageLimits::VERSIONS_MAX_DEFAULT)]
+    pub tenant_versions_max: u64,
+    /// How often the node re-reads every tenant's unfinished async invocations for the queued
+    /// quotas, e.g. 5s. In between it counts only its own enqueues and completions: on a cluster
+    /// of N nodes a tenant may queue up to N times its quota for this long.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub quota_refresh: Duration,
     /// Sync calls running at once on this node; beyond it new calls get 503 at once.
     #[arg(long, default_value_t = 512)]
     pub sync_inflight_max: usize,
@@ -257,6 +288,7 @@ impl ServeArgs {
         check_duration("--shutdown-grace", self.shutdown_grace, Duration::ZERO, TIMEOUT_MAX)?;
         check_duration("--header-read-timeout", self.header_read_timeout, nanosecond, TIMEOUT_MAX)?;
         check_duration("--body-read-timeout", self.body_read_timeout, nanosecond, TIMEOUT_MAX)?;
+        check_duration("--quota-refresh", self.quota_refresh, Duration::from_millis(100), TIMEOUT_MAX)?;
         Ok(())
     }
 
@@ -275,6 +307,8 @@ impl ServeArgs {
             self.utilization_target
         );
         self.check_durations()?;
+        self.usage_limits()?;
+        self.anonymous_rate()?;
         self.lanes()?;
         self.code()?;
         anyhow::ensure!(
@@ -297,6 +331,46 @@ impl ServeArgs {
 }
 
 impl ServeArgs {
+    /// The tenants' default usage quotas; each at least 1 (0 would refuse every tenant) and
+    /// storable.
+    fn usage_limits(&self) -> anyhow::Result<sluice_core::UsageLimits> {
+        for (flag, value) in [
+            ("--tenant-queued-max", self.tenant_queued_max),
+            ("--tenant-queued-bytes-max", self.tenant_queued_bytes_max),
+            ("--tenant-components-bytes-max", self.tenant_components_bytes_max),
+            ("--tenant-functions-max", self.tenant_functions_max),
+            ("--tenant-versions-max", self.tenant_versions_max),
+        ] {
+            anyhow::ensure!(
+                (1..=i64::MAX as u64).contains(&value),
+                "{flag} must be between 1 and {}, got {value}",
+                i64::MAX
+            );
+        }
+        Ok(sluice_core::UsageLimits {
+            queued_max: self.tenant_queued_max,
+            queued_bytes_max: self.tenant_queued_bytes_max,
+            components_bytes_max: self.tenant_components_bytes_max,
+            functions_max: self.tenant_functions_max,
+            versions_max: self.tenant_versions_max,
+        })
+    }
+
+    /// The anonymous callers' rate, `None` for 0.
+    fn anonymous_rate(&self) -> anyhow::Result<Option<Rate>> {
+        use sluice_core::function::{RATE_PER_SEC_MAX, RATE_PER_SEC_MIN};
+        if self.anonymous_rate == 0.0 {
+            return Ok(None);
+        }
+        anyhow::ensure!(
+            (RATE_PER_SEC_MIN..=RATE_PER_SEC_MAX).contains(&self.anonymous_rate),
+            "--anonymous-rate must be 0 (off) or between {RATE_PER_SEC_MIN} and {RATE_PER_SEC_MAX}, got {}",
+            self.anonymous_rate
+        );
+        anyhow::ensure!(self.anonymous_burst >= 1, "--anonymous-burst must be at least 1");
+        Ok(Rate::of(Some(self.anonymous_rate), Some(self.anonymous_burst)))
+    }
+
     fn code(&self) -> anyhow::Result<sluice_gateway::CodeConfig> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut code = sluice_gateway::CodeConfig::for_cores(cores);
@@ -360,6 +434,9 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
     config.outbound_allow_private = args.outbound_allow_private;
     config.tenant_rate =
         (args.tenant_rate > 0.0).then(|| Rate::of(Some(args.tenant_rate), args.tenant_burst)).flatten();
+    config.anonymous_rate = args.anonymous_rate()?;
+    config.usage_limits = args.usage_limits()?;
+    config.quota_refresh = args.quota_refresh;
     config.sync_inflight_max = args.sync_inflight_max;
     config.async_inflight_max = args.async_inflight_max;
     config.utilization_target = args.utilization_target;

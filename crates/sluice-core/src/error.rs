@@ -35,6 +35,12 @@ pub enum ErrorKind {
     RequestTimeout,
     RateLimited,
     ConcurrencyLimited,
+    /// The tenant holds as many queued async invocations (or queued bytes) as its quota allows:
+    /// the call is refused, nothing is stored, and it may succeed once some of them finish.
+    QuotaExceeded,
+    /// A deploy would take the tenant over a storage quota (component bytes, functions,
+    /// versions). Nothing is stored.
+    StorageQuotaExceeded,
     Overloaded,
     Unavailable,
     Timeout,
@@ -47,7 +53,7 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 21] = [
+    pub const ALL: [ErrorKind; 23] = [
         Self::BadRequest,
         Self::InvalidComponent,
         Self::Unauthorized,
@@ -61,6 +67,8 @@ impl ErrorKind {
         Self::RequestTimeout,
         Self::RateLimited,
         Self::ConcurrencyLimited,
+        Self::QuotaExceeded,
+        Self::StorageQuotaExceeded,
         Self::Overloaded,
         Self::Unavailable,
         Self::Timeout,
@@ -86,6 +94,8 @@ impl ErrorKind {
             Self::RequestTimeout => "request_timeout",
             Self::RateLimited => "rate_limited",
             Self::ConcurrencyLimited => "concurrency_limited",
+            Self::QuotaExceeded => "quota_exceeded",
+            Self::StorageQuotaExceeded => "storage_quota_exceeded",
             Self::Overloaded => "overloaded",
             Self::Unavailable => "unavailable",
             Self::Timeout => "timeout",
@@ -113,7 +123,10 @@ impl ErrorKind {
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::RateLimited | Self::ConcurrencyLimited => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited | Self::ConcurrencyLimited | Self::QuotaExceeded => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            Self::StorageQuotaExceeded => StatusCode::INSUFFICIENT_STORAGE,
             Self::Overloaded | Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             // nginx's "client closed request": nobody reads it, but the record says what happened.
@@ -212,7 +225,9 @@ mod tests {
             }
             if kind.source() == ErrorSource::Client {
                 assert!(!kind.retryable(), "{kind} is the caller's fault");
-                assert!(kind.status().is_client_error());
+                // 507 (RFC 4918) is the one status that says "the server cannot store this";
+                // it is a 5xx, but the tenant's quota, not the platform, refused the deploy.
+                assert!(kind.status().is_client_error() || kind == ErrorKind::StorageQuotaExceeded);
             }
         }
     }

@@ -17,7 +17,7 @@ pub mod vocab;
 
 pub use error::{ErrorKind, ErrorSource, SluiceError};
 pub use function::FunctionConfig;
-pub use limits::Limits;
+pub use limits::{Limits, OwnUsageLimits, UsageLimits};
 pub use secret::Secrets;
 pub use vocab::{Criticality, InvocationStatus, Scope};
 

@@ -113,3 +113,76 @@ pub const LOG_LINES_PER_INVOCATION_MAX: usize = 1000;
 /// (40 bytes), and the store's row (invocation id, stream, timestamp, rowid). An empty line is not
 /// free.
 pub const LOG_LINE_OVERHEAD_BYTES: usize = 64;
+
+/// What one tenant may keep at once, so that no tenant fills the disk every tenant's store
+/// shares (issue 19). The node's defaults are `serve` flags; a tenant may have its own
+/// ([`OwnUsageLimits`], `PUT /v1/tenants/{t}/limits`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageLimits {
+    /// Async invocations not yet finished (queued, running, waiting for a retry).
+    pub queued_max: u64,
+    /// Bytes of those invocations' stored requests (body plus header names and values).
+    pub queued_bytes_max: u64,
+    /// Bytes of the tenant's uploaded components.
+    pub components_bytes_max: u64,
+    /// Functions of the tenant.
+    pub functions_max: u64,
+    /// Versions of all the tenant's functions together, as stored (retired ones not counted).
+    pub versions_max: u64,
+}
+
+impl UsageLimits {
+    /// 100,000 queued calls is a day of a steady 1/s per function for a tenant with a few
+    /// functions, or ~30 minutes of backlog at 50/s: far more than a healthy queue holds, far less
+    /// than a flood left for hours. 1 GiB of queued requests is 1,000 of the largest async bodies
+    /// (1 MiB), or 100,000 calls of 10 KiB.
+    pub const QUEUED_MAX_DEFAULT: u64 = 100_000;
+    pub const QUEUED_BYTES_MAX_DEFAULT: u64 = 1 << 30;
+    /// 2 GiB: 32 of the largest uploads (64 MiB), or hundreds of typical 2-10 MiB components;
+    /// retired versions' components are collected after `--blob-grace`.
+    pub const COMPONENTS_BYTES_MAX_DEFAULT: u64 = 2 << 30;
+    pub const FUNCTIONS_MAX_DEFAULT: u64 = 1_000;
+    /// Twice what version retention keeps for the default functions (1,000 functions × 10
+    /// versions kept, `serve --versions-kept`): the other half is room for versions that
+    /// unfinished invocations still name and for those retention has not retired yet.
+    pub const VERSIONS_MAX_DEFAULT: u64 = 20_000;
+}
+
+impl Default for UsageLimits {
+    fn default() -> Self {
+        Self {
+            queued_max: Self::QUEUED_MAX_DEFAULT,
+            queued_bytes_max: Self::QUEUED_BYTES_MAX_DEFAULT,
+            components_bytes_max: Self::COMPONENTS_BYTES_MAX_DEFAULT,
+            functions_max: Self::FUNCTIONS_MAX_DEFAULT,
+            versions_max: Self::VERSIONS_MAX_DEFAULT,
+        }
+    }
+}
+
+/// A tenant's own usage limits, as stored: `None` takes the node's default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OwnUsageLimits {
+    pub queued_max: Option<u64>,
+    pub queued_bytes_max: Option<u64>,
+    pub components_bytes_max: Option<u64>,
+    pub functions_max: Option<u64>,
+    pub versions_max: Option<u64>,
+}
+
+impl OwnUsageLimits {
+    /// The limits in force: each own value, else the node's default.
+    pub fn over(&self, defaults: &UsageLimits) -> UsageLimits {
+        UsageLimits {
+            queued_max: self.queued_max.unwrap_or(defaults.queued_max),
+            queued_bytes_max: self.queued_bytes_max.unwrap_or(defaults.queued_bytes_max),
+            components_bytes_max: self.components_bytes_max.unwrap_or(defaults.components_bytes_max),
+            functions_max: self.functions_max.unwrap_or(defaults.functions_max),
+            versions_max: self.versions_max.unwrap_or(defaults.versions_max),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}

@@ -136,6 +136,11 @@ pub struct Admission<C: Clock = DefaultClock> {
     tenants: RwLock<HashMap<String, Arc<Bucket<C>>>>,
     /// The tenants with a rate of their own, and that rate.
     own_rates: RwLock<HashMap<String, Rate>>,
+    /// The rate of each tenant's keyless callers (of its public functions), a bucket per tenant
+    /// apart from the tenant's own, so that anonymous traffic cannot take all of the tenant's
+    /// rate; `None`: no such bucket.
+    pub anonymous_default: Option<Rate>,
+    anonymous: RwLock<HashMap<String, Arc<Bucket<C>>>>,
 }
 
 impl<C: Clock + Clone> Admission<C> {
@@ -147,6 +152,8 @@ impl<C: Clock + Clone> Admission<C> {
             tenant_default,
             tenants: RwLock::default(),
             own_rates: RwLock::default(),
+            anonymous_default: None,
+            anonymous: RwLock::default(),
         }
     }
 
@@ -205,6 +212,21 @@ impl<C: Clock + Clone> Admission<C> {
             Some(b) => b.check(&format!("tenant {tenant}")),
             None => Ok(()),
         }
+    }
+
+    /// The bucket of `tenant`'s anonymous callers (none without [`Admission::anonymous_default`]).
+    pub fn anonymous(&self, tenant: &str) -> Result<(), SluiceError> {
+        let Some(rate) = self.anonymous_default else { return Ok(()) };
+        let found = self.anonymous.read().expect("anonymous buckets lock").get(tenant).cloned();
+        let bucket = match found {
+            Some(b) => b,
+            None => {
+                let Some(b) = Bucket::new("anonymous", rate, self.clock.clone()) else { return Ok(()) };
+                let mut map = self.anonymous.write().expect("anonymous buckets lock");
+                map.entry(tenant.to_string()).or_insert(Arc::new(b)).clone()
+            }
+        };
+        bucket.check(&format!("anonymous calls to tenant {tenant} (calls without a key)"))
     }
 
     pub fn sync_inflight(&self) -> usize {
@@ -329,6 +351,24 @@ mod tests {
         for _ in 0..1000 {
             unlimited.tenant("x").unwrap();
         }
+    }
+
+    #[test]
+    fn anonymous_callers_have_a_bucket_per_tenant_apart_from_the_tenants() {
+        let clock = FakeRelativeClock::default();
+        let mut a = Admission::new(clock.clone(), 10, Some(Rate { per_sec: 100.0, burst: 100 }));
+        a.anonymous_default = Some(Rate { per_sec: 1.0, burst: 2 });
+        a.anonymous("x").unwrap();
+        a.anonymous("x").unwrap();
+        let err = a.anonymous("x").unwrap_err();
+        assert_eq!(err.kind, ErrorKind::RateLimited);
+        assert!(err.message.contains("anonymous calls to tenant x"), "{}", err.message);
+        assert!(err.headers.contains(&("ratelimit-policy", "\"anonymous\";q=2;w=2".to_string())));
+        // The tenant's own bucket is untouched, and another tenant's anonymous callers have theirs.
+        a.tenant("x").unwrap();
+        a.anonymous("y").unwrap();
+        clock.advance(Duration::from_secs(1));
+        a.anonymous("x").unwrap();
     }
 
     #[test]

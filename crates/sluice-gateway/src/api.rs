@@ -29,7 +29,7 @@ use utoipa_axum::routes;
 use crate::api_common::{ApiResult, Auth, ErrorBody, LogLineInfo, json_body, require_tenant};
 use crate::api_openapi::FunctionConfigSchema;
 use crate::body::{Body, BoxError};
-use crate::error::{error_response, kind_for_status};
+use crate::error::{error_response, kind_for_status, store_error};
 use crate::node::Node;
 
 /// Log lines returned by one logs call at most.
@@ -70,7 +70,7 @@ pub(crate) fn openapi_router() -> OpenApiRouter<Arc<Node>> {
         .routes(routes!(ten::create_tenant, ten::list_tenants))
         .routes(routes!(ten::create_key, ten::list_keys))
         .routes(routes!(ten::revoke_key))
-        .routes(routes!(ten::set_tenant_limits))
+        .routes(routes!(ten::set_tenant_limits, ten::get_tenant_limits))
         .routes(routes!(ten::set_tenant_quota, ten::get_tenant_quota))
         .routes(routes!(api_node::tenant_usage))
         .routes(routes!(api_node::function_downstreams))
@@ -140,9 +140,12 @@ pub struct BlobInfo {
             body = ErrorBody),
         (status = 403, description = "The key lacks the `deploy` scope", body = ErrorBody),
         (status = 404, description = "No such tenant (or another tenant's)", body = ErrorBody),
-        (status = 413, description = "Larger than the upload limit", body = ErrorBody),
+        (status = 413, description = "Larger than the upload limit, or alone larger than the \
+            tenant's quota of component bytes", body = ErrorBody),
         (status = 503, description = "Too many uploads and deploys in flight on this node \
             (`overloaded`, with `Retry-After`)", body = ErrorBody),
+        (status = 507, description = "The tenant's quota of component bytes would be exceeded \
+            (`storage_quota_exceeded`)", body = ErrorBody),
     )
 )]
 pub(crate) async fn upload_blob(
@@ -164,6 +167,7 @@ pub(crate) async fn upload_blob(
         .into());
     }
     let digest = sluice_core::ids::sha256_hex(&bytes);
+    check_components_quota(&node, &tenant, &digest, bytes.len() as u64).await?;
     node.store.put_blob(&tenant, &digest, &bytes).await?;
     Ok((StatusCode::CREATED, Json(BlobInfo { digest, size: bytes.len() as u64 })))
 }
@@ -238,6 +242,8 @@ pub struct DeployedVersion {
         (status = 413, description = "Request body too large", body = ErrorBody),
         (status = 503, description = "Too many uploads and deploys in flight on this node \
             (`overloaded`, with `Retry-After`)", body = ErrorBody),
+        (status = 507, description = "The tenant's quota of functions or versions is reached \
+            (`storage_quota_exceeded`)", body = ErrorBody),
     )
 )]
 pub(crate) async fn create_version(
@@ -260,6 +266,7 @@ pub(crate) async fn create_version(
     if let Some(reserved) = config.reserved_concurrency.filter(|r| *r > 0) {
         require_reservation_within_quota(&node, &tenant, reserved).await?;
     }
+    check_deploy_quotas(&node, &tenant, &function).await?;
     let _slot = node.deploy_slot()?;
     let bytes = node
         .store
@@ -309,6 +316,70 @@ async fn require_reservation_within_quota(node: &Node, tenant: &str, reserved: u
             quota.reserved
         ))
         .into());
+    }
+    Ok(())
+}
+
+/// The tenant's quota of component bytes: 413 for an upload larger than the quota alone, 507
+/// for one that would take the tenant over it. Bytes already stored under the same digest add
+/// nothing. Checked against the store, not under its write lock: deploys in flight at once (at
+/// most `--deploy-inflight-max` per node) may pass it together.
+async fn check_components_quota(
+    node: &Node,
+    tenant: &str,
+    digest: &str,
+    size: u64,
+) -> Result<(), SluiceError> {
+    let max = node.quotas.limits(tenant).components_bytes_max;
+    if size > max {
+        return Err(SluiceError::new(
+            ErrorKind::PayloadTooLarge,
+            format!(
+                "this component is {size} bytes, more than tenant {tenant} may store in all (its quota \
+                 components_bytes_max is {max})"
+            ),
+        ));
+    }
+    let stored = node.store.tenant_storage(tenant).await.map_err(store_error)?.blob_bytes;
+    if stored.saturating_add(size) > max
+        && node.store.get_blob(tenant, digest).await.map_err(store_error)?.is_none()
+    {
+        return Err(SluiceError::new(
+            ErrorKind::StorageQuotaExceeded,
+            format!(
+                "tenant {tenant} stores {stored} bytes of components and this one adds {size}, over its \
+                 quota (components_bytes_max) of {max}; delete functions or old versions first"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The tenant's quotas of functions (for a function it does not have yet) and of versions: 507.
+async fn check_deploy_quotas(node: &Node, tenant: &str, function: &str) -> Result<(), SluiceError> {
+    let limits = node.quotas.limits(tenant);
+    let storage = node.store.tenant_storage(tenant).await.map_err(store_error)?;
+    if storage.functions >= limits.functions_max
+        && node.store.latest_version(tenant, function).await.map_err(store_error)?.is_none()
+    {
+        return Err(SluiceError::new(
+            ErrorKind::StorageQuotaExceeded,
+            format!(
+                "tenant {tenant} has {} functions, its quota (functions_max) is {}; delete one first",
+                storage.functions, limits.functions_max
+            ),
+        ));
+    }
+    if storage.versions >= limits.versions_max {
+        return Err(SluiceError::new(
+            ErrorKind::StorageQuotaExceeded,
+            format!(
+                "tenant {tenant} stores {} versions, its quota (versions_max) is {}; old versions are \
+                 retired past `serve --versions-kept` unless unfinished invocations name them, or \
+                 delete a function",
+                storage.versions, limits.versions_max
+            ),
+        ));
     }
     Ok(())
 }

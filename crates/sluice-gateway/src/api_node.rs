@@ -216,6 +216,30 @@ pub struct TenantUsage {
     /// Its async work and how the scheduler treats it.
     #[serde(rename = "async")]
     pub async_work: AsyncUsage,
+    /// What it uses of each of its usage quotas, and the quota in force.
+    pub quotas: UsageQuotas,
+}
+
+/// Use of one quota against the quota in force.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct QuotaUse {
+    pub used: u64,
+    pub max: u64,
+}
+
+/// A tenant's usage quotas (`PUT /v1/tenants/{t}/limits`, else the node's defaults).
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct UsageQuotas {
+    /// Unfinished async invocations (queued, running, waiting for a retry), as this node counts
+    /// them for its refusals: the store's count, re-read every `serve --quota-refresh` (5 s), plus this node's own
+    /// enqueues and completions since.
+    pub queued: QuotaUse,
+    /// Bytes of their requests (body plus header names and values), counted the same way.
+    pub queued_bytes: QuotaUse,
+    /// Bytes of uploaded components.
+    pub components_bytes: QuotaUse,
+    pub functions: QuotaUse,
+    pub versions: QuotaUse,
 }
 
 /// A tenant's async work now (DESIGN.md section 4): its quota, what runs, what waits and why.
@@ -247,7 +271,8 @@ pub struct AsyncUsage {
     pub node_utilization_target: f64,
 }
 
-/// A tenant's usage: functions, versions, stored components and compiled artifacts.
+/// A tenant's usage: functions, versions, stored components and compiled artifacts, its async
+/// work, and its use of each usage quota.
 #[utoipa::path(
     get,
     path = "/v1/tenants/{tenant}/usage",
@@ -280,7 +305,17 @@ pub(crate) async fn tenant_usage(
     let view =
         node.scheduling.read().expect("scheduling lock").as_ref().map(|s| s.view()).unwrap_or_default();
     let mine = view.tenants.get(&tenant).cloned().unwrap_or_default();
+    let limits = node.quotas.limits(&tenant);
+    let (queued, queued_bytes) = node.quotas.queued(&tenant);
+    let quotas = UsageQuotas {
+        queued: QuotaUse { used: queued, max: limits.queued_max },
+        queued_bytes: QuotaUse { used: queued_bytes, max: limits.queued_bytes_max },
+        components_bytes: QuotaUse { used: storage.blob_bytes, max: limits.components_bytes_max },
+        functions: QuotaUse { used: storage.functions, max: limits.functions_max },
+        versions: QuotaUse { used: storage.versions, max: limits.versions_max },
+    };
     Ok(Json(TenantUsage {
+        quotas,
         tenant,
         functions: storage.functions,
         versions: storage.versions,

@@ -257,11 +257,13 @@ pub struct AsyncHeaders {
         (status = 401, description = "A private function and no valid key", body = ErrorBody),
         (status = 403, description = "The key lacks the `invoke` scope", body = ErrorBody),
         (status = 404, description = "No such function (or another tenant's)", body = ErrorBody),
-        (status = 413, description = "Body larger than the sync or async limit", body = ErrorBody),
+        (status = 413, description = "Body larger than the sync or async limit, or an async \
+            request alone larger than the tenant's queued-bytes quota", body = ErrorBody),
         (status = 422, description = "Async: the `Idempotency-Key` was used by this caller within 24 h \
             for a different request (method, path and query, or body; named); nothing was queued", body = ErrorBody),
-        (status = 429, description = "Over the tenant's or function's rate or concurrency limit; \
-            no work was done", body = ErrorBody, headers(
+        (status = 429, description = "Over the tenant's, its anonymous callers' or the function's \
+            rate, the function's concurrency limit, or (async) the tenant's queued quota \
+            (`quota_exceeded`, naming it); no work was done and nothing was stored", body = ErrorBody, headers(
             ("retry-after" = u64, description = "Seconds to wait"),
             ("ratelimit-policy" = String, description = "IETF RateLimit-Policy of the bucket (rate limits)"),
             ("ratelimit" = String, description = "IETF RateLimit of the bucket (rate limits)"))),

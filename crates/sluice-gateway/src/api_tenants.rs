@@ -271,8 +271,9 @@ pub(crate) async fn revoke_key(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// A tenant's own rate limit; `rate_per_sec: null` removes it (the node default applies).
-#[derive(Serialize, Deserialize, ToSchema)]
+/// A tenant's own limits. `PUT` replaces them all: a field left out (or null) takes the node's
+/// default (`serve --tenant-rate`, `--tenant-queued-max` and so on).
+#[derive(Serialize, Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub struct TenantLimits {
     /// Calls per second over all the tenant's functions (sync and async enqueues).
@@ -281,9 +282,57 @@ pub struct TenantLimits {
     /// Calls allowed at once above the rate; default: the rate rounded up.
     #[schema(minimum = 1)]
     pub burst: Option<u32>,
+    /// Async invocations not yet finished (queued, running, waiting for a retry); beyond it
+    /// async calls get 429 `quota_exceeded`.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
+    pub queued_max: Option<u64>,
+    /// Bytes of those invocations' requests (body plus header names and values).
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
+    pub queued_bytes_max: Option<u64>,
+    /// Bytes of uploaded components; beyond it uploads get 507 `storage_quota_exceeded`.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
+    pub components_bytes_max: Option<u64>,
+    /// Functions; a deploy of a new one beyond it gets 507.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
+    pub functions_max: Option<u64>,
+    /// Versions stored over all its functions (retired ones not counted); beyond it deploys get
+    /// 507.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
+    pub versions_max: Option<u64>,
 }
 
-/// Set or clear a tenant's rate limit (admin only). Over it, calls get 429 with `Retry-After`.
+impl TenantLimits {
+    fn usage(&self) -> sluice_core::OwnUsageLimits {
+        sluice_core::OwnUsageLimits {
+            queued_max: self.queued_max,
+            queued_bytes_max: self.queued_bytes_max,
+            components_bytes_max: self.components_bytes_max,
+            functions_max: self.functions_max,
+            versions_max: self.versions_max,
+        }
+    }
+
+    fn of(rate: Option<crate::admission::Rate>, usage: &sluice_core::OwnUsageLimits) -> Self {
+        Self {
+            rate_per_sec: rate.map(|r| r.per_sec),
+            burst: rate.map(|r| r.burst),
+            queued_max: usage.queued_max,
+            queued_bytes_max: usage.queued_bytes_max,
+            components_bytes_max: usage.components_bytes_max,
+            functions_max: usage.functions_max,
+            versions_max: usage.versions_max,
+        }
+    }
+}
+
+/// Set a tenant's own limits (admin only), replacing those it had: its rate limit (over it, calls
+/// get 429 `rate_limited` with `Retry-After`) and its usage quotas (queued invocations and bytes:
+/// 429 `quota_exceeded`; component bytes, functions, versions: 507 on deploy).
 #[utoipa::path(
     put,
     path = "/v1/tenants/{tenant}/limits",
@@ -291,8 +340,8 @@ pub struct TenantLimits {
     params(("tenant" = String, Path, description = "Tenant name")),
     request_body = TenantLimits,
     responses(
-        (status = 200, description = "The limits now in force", body = TenantLimits),
-        (status = 400, description = "Invalid rate or burst", body = ErrorBody),
+        (status = 200, description = "The tenant's own limits now", body = TenantLimits),
+        (status = 400, description = "Invalid rate, burst or quota", body = ErrorBody),
         (status = 403, description = "Not an admin key", body = ErrorBody),
         (status = 404, description = "No such tenant", body = ErrorBody),
         (status = 413, description = "Request body too large", body = ErrorBody),
@@ -327,9 +376,65 @@ pub(crate) async fn set_tenant_limits(
             crate::admission::Rate::of(Some(per_sec), req.burst)
         }
     };
+    let usage = req.usage();
+    for (name, value) in [
+        ("queued_max", usage.queued_max),
+        ("queued_bytes_max", usage.queued_bytes_max),
+        ("components_bytes_max", usage.components_bytes_max),
+        ("functions_max", usage.functions_max),
+        ("versions_max", usage.versions_max),
+    ] {
+        if let Some(v) = value
+            && i64::try_from(v).is_err()
+        {
+            return Err(
+                SluiceError::bad_request(format!("{name} must be at most {}, got {v}", i64::MAX)).into()
+            );
+        }
+    }
     node.store.set_tenant_rate(&tenant, rate.map(|r| (r.per_sec, r.burst))).await?;
+    node.store.set_tenant_usage_limits(&tenant, &usage).await?;
     node.admission.set_tenant_rate(&tenant, rate);
-    Ok(Json(TenantLimits { rate_per_sec: rate.map(|r| r.per_sec), burst: rate.map(|r| r.burst) }))
+    node.quotas.set_own(&tenant, usage);
+    Ok(Json(TenantLimits::of(rate, &usage)))
+}
+
+/// A tenant's own limits (fields that are null take the node's defaults; `GET
+/// /v1/tenants/{t}/usage` shows the limits in force and what the tenant uses of them).
+#[utoipa::path(
+    get,
+    path = "/v1/tenants/{tenant}/limits",
+    tag = "tenants",
+    params(("tenant" = String, Path, description = "Tenant name")),
+    responses(
+        (status = 200, description = "The tenant's own limits", body = TenantLimits),
+        (status = 403, description = "The key lacks the `read` scope", body = ErrorBody),
+        (status = 404, description = "No such tenant (or another tenant's)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn get_tenant_limits(
+    State(node): State<Arc<Node>>,
+    auth: Auth,
+    Path(tenant): Path<String>,
+) -> ApiResult<Json<TenantLimits>> {
+    auth.require(&tenant, Scope::Read)?;
+    require_tenant(&node, &tenant).await?;
+    let rate = node
+        .store
+        .tenant_rates()
+        .await?
+        .into_iter()
+        .find(|(t, _, _)| *t == tenant)
+        .map(|(_, per_sec, burst)| crate::admission::Rate { per_sec, burst });
+    let usage = node
+        .store
+        .tenant_usage_limits()
+        .await?
+        .into_iter()
+        .find(|(t, _)| *t == tenant)
+        .map(|(_, u)| u)
+        .unwrap_or_default();
+    Ok(Json(TenantLimits::of(rate, &usage)))
 }
 
 /// A tenant's share of async capacity (DESIGN.md section 4).

@@ -4,10 +4,12 @@
 //! 2. function lookup (in memory) and authentication: a private function needs an `invoke` key
 //!    of its tenant; an unknown function and another tenant's function both answer 404, and a
 //!    caller without a valid key learns nothing (401) about what exists,
-//! 3. admission: the tenant's and the function's token buckets (429), then — sync only — the
+//! 3. admission: the anonymous callers' bucket (a public function called without a key of its
+//!    tenant), the tenant's and the function's token buckets (429), then — sync only — the
 //!    function's concurrency cap (429) and the node's load-shedding bound (503). No work is done
 //!    for a refused call,
-//! 4. async (`Prefer: respond-async`): the whole request is stored durably and answered 202;
+//! 4. async (`Prefer: respond-async`): the tenant's queued quotas (429, counted in memory), then
+//!    the whole request is stored durably and answered 202;
 //!    sync: the guest request is built (path below the function, `sluice-invocation-id` added by
 //!    the runtime,
 //!    the platform's credentials removed, see `credentials`), the body bounded while it
@@ -172,6 +174,9 @@ async fn call(
     let deployed = deployed.ok_or_else(|| no_function(tenant, function))?;
     follow.function(tenant, function, is_async);
 
+    if public {
+        node.admit_anonymous(tenant, headers)?;
+    }
     node.admission.tenant(tenant)?;
     deployed.admission.check_rate(function)?;
     let path_and_query = match req.uri().query() {
@@ -353,8 +358,11 @@ async fn enqueue(
         attempts_max: deployed.config.attempts_max,
         max_age_ms: deployed.config.max_age_ms,
     };
+    // The tenant's queued quotas, counted in memory (no store query); given back unless stored.
+    let reserved = node.quotas.reserve(&inv.tenant, inv.request.quota_bytes())?;
     let (id, replay) = match node.store.enqueue(&inv).await.map_err(store_error)? {
         Enqueued::Created => {
+            reserved.keep();
             node.notify_scheduler();
             (inv.id, false)
         }

@@ -20,6 +20,7 @@ pub mod error;
 pub mod invoke;
 pub mod metrics;
 pub mod node;
+pub mod quota;
 pub mod recorder;
 pub mod server;
 pub mod share;

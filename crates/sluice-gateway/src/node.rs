@@ -25,6 +25,13 @@ pub struct NodeConfig {
     pub outbound_allow_private: bool,
     /// Every tenant's rate unless it has its own; `None`: unlimited.
     pub tenant_rate: Option<Rate>,
+    /// The rate of keyless calls to each tenant's public functions, apart from (and within) the
+    /// tenant's own rate; `None`: only the tenant's rate applies.
+    pub anonymous_rate: Option<Rate>,
+    /// Every tenant's usage quotas unless it has its own.
+    pub usage_limits: sluice_core::UsageLimits,
+    /// How often the node re-reads every tenant's unfinished invocations for its queued quotas.
+    pub quota_refresh: Duration,
     /// Sync calls running at once on this node; beyond it calls are shed with 503.
     pub sync_inflight_max: usize,
     /// Async invocations running at once on this node.
@@ -68,6 +75,9 @@ impl NodeConfig {
             limits: Limits::default(),
             outbound_allow_private: false,
             tenant_rate: None,
+            anonymous_rate: None,
+            usage_limits: Default::default(),
+            quota_refresh: crate::quota::QUEUE_USAGE_REFRESH,
             sync_inflight_max: 512,
             async_inflight_max: 256,
             utilization_target: 0.8,
@@ -254,6 +264,8 @@ pub struct Node {
     pub admission: Admission,
     /// Admission to `/v1` and `/metrics` ([`crate::control`]).
     pub control_admission: crate::control::ControlAdmission,
+    /// Each tenant's usage limits, and its queued invocations as this node counts them.
+    pub quotas: crate::quota::Quotas,
     /// Notified when an invocation is queued here: the scheduler waits on it between polls.
     pub queued: Arc<tokio::sync::Notify>,
     /// What the scheduler last saw and decided, once it runs (`GET /v1/tenants/{t}/usage`).
@@ -305,7 +317,9 @@ impl Node {
         let runtime = Arc::new(Runtime::new(rt)?);
         let (recorder, recorder_task) =
             Recorder::start(store.clone(), config.limits.log_queue_max, config.limits.log_queue_bytes_max);
-        let admission = Admission::new(Default::default(), config.sync_inflight_max, config.tenant_rate);
+        let mut admission = Admission::new(Default::default(), config.sync_inflight_max, config.tenant_rate);
+        admission.anonymous_default = config.anonymous_rate;
+        let quotas = crate::quota::Quotas::new(config.usage_limits);
         let control_admission = crate::control::ControlAdmission::new(config.control, Default::default());
         let node = Arc::new(Self {
             id: format!("{}-{}", std::process::id(), sluice_core::ids::short_id("node")),
@@ -315,6 +329,7 @@ impl Node {
             recorder,
             admission,
             control_admission,
+            quotas,
             queued: Arc::default(),
             scheduling: RwLock::default(),
             recorder_task: Mutex::new(Some(recorder_task)),
@@ -328,6 +343,10 @@ impl Node {
         });
         node.reload_keys().await?;
         node.reload_rates().await?;
+        node.reload_usage_limits().await?;
+        // Before the node takes calls: a tenant already at its quota must not get past it while
+        // the counters would read zero.
+        node.refresh_queued_usage().await?;
         for record in node.store.all_latest_versions().await.map_err(store_error)? {
             node.install(Deployed::new(record));
         }
@@ -414,6 +433,34 @@ impl Node {
             .collect();
         self.admission.replace_tenant_rates(&rates);
         Ok(())
+    }
+
+    /// Makes the tenants' own usage limits those of the store.
+    pub async fn reload_usage_limits(&self) -> Result<(), SluiceError> {
+        let own = self.store.tenant_usage_limits().await.map_err(store_error)?;
+        self.quotas.replace_own(own);
+        Ok(())
+    }
+
+    /// Re-reads every tenant's unfinished invocations into this node's queued counters (see
+    /// [`crate::quota`]).
+    pub async fn refresh_queued_usage(&self) -> Result<(), SluiceError> {
+        let marks = self.quotas.mark();
+        let usage = self.store.queued_usage().await.map_err(store_error)?;
+        self.quotas.refreshed(marks, usage);
+        Ok(())
+    }
+
+    /// The anonymous callers' bucket of `tenant`, for a call to one of its public functions that
+    /// carries no key of the tenant (a valid key's calls count against the tenant's rate only).
+    pub fn admit_anonymous(&self, tenant: &str, headers: &http::HeaderMap) -> Result<(), SluiceError> {
+        if self.admission.anonymous_default.is_none() {
+            return Ok(());
+        }
+        let keyed = bearer(headers)
+            .and_then(|key| self.principal_for_key(key))
+            .is_some_and(|p| p.may(tenant, Scope::Invoke));
+        if keyed { Ok(()) } else { self.admission.anonymous(tenant) }
     }
 
     /// Follows a change another node made to `tenant/function`: installs its newest version once

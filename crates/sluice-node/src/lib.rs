@@ -65,6 +65,7 @@ impl Tasks {
         tasks.start_scheduler();
         tasks.start_heartbeat();
         tasks.start_cluster_sync();
+        tasks.start_queued_usage();
         tasks.start_retention(upkeep.retention);
         tasks.start_gc(upkeep.blob_grace, upkeep.versions_kept);
         tasks.start_prepare_artifacts();
@@ -172,6 +173,32 @@ impl Tasks {
                     Err(e) => {
                         tracing::warn!(error = %e, "following other nodes' deploys failed; the periodic refresh retries")
                     }
+                }
+            }
+        });
+    }
+
+    /// Starts the task that re-reads every tenant's unfinished invocations into the node's
+    /// queued-quota counters every `serve --quota-refresh` (default `sluice_gateway::quota::QUEUE_USAGE_REFRESH`): at once (the counters start at zero),
+    /// then periodically, which also corrects what this node cannot see (other nodes' enqueues
+    /// and completions, sweeps that expire calls). A store that is down only delays it.
+    fn start_queued_usage(&self) {
+        let node = Arc::downgrade(&self.node);
+        self.supervisor.spawn("queued usage", async move {
+            let Some(period) = node.upgrade().map(|n| n.config.quota_refresh) else { return };
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut failing = false;
+            loop {
+                tick.tick().await;
+                let Some(node) = node.upgrade() else { return };
+                match node.refresh_queued_usage().await {
+                    Ok(()) => failing = false,
+                    Err(e) if !failing => {
+                        tracing::warn!(error = %e, "reading the tenants' queued usage failed; trying again");
+                        failing = true;
+                    }
+                    Err(_) => {}
                 }
             }
         });
@@ -348,7 +375,10 @@ async fn refresh_some(
 async fn follow(node: &Node, change: &Change, functions: &PendingFunctions) -> Result<(), SluiceError> {
     match change {
         Change::Keys => node.reload_keys().await,
-        Change::Limits => node.reload_rates().await,
+        Change::Limits => {
+            node.reload_rates().await?;
+            node.reload_usage_limits().await
+        }
         Change::Function { tenant, function } => {
             functions.one(tenant, function);
             Ok(())
@@ -363,7 +393,8 @@ async fn follow(node: &Node, change: &Change, functions: &PendingFunctions) -> R
             // costs one lease.
             node.notify_scheduler();
             node.reload_keys().await?;
-            node.reload_rates().await
+            node.reload_rates().await?;
+            node.reload_usage_limits().await
         }
     }
 }
@@ -410,6 +441,12 @@ impl Functions for NodeFunctions {
 
     fn metrics(&self, tenant: &str, function: &str) -> Option<Arc<CallMetrics>> {
         Some(self.0.upgrade()?.function(tenant, function)?.metrics.clone())
+    }
+
+    fn finished(&self, tenant: &str, request_bytes: u64) {
+        if let Some(node) = self.0.upgrade() {
+            node.quotas.finished(tenant, request_bytes);
+        }
     }
 
     fn saturated(&self, tenant: &str) -> Vec<String> {

@@ -57,6 +57,11 @@ pub trait Functions: Send + Sync + 'static {
     fn metrics(&self, _tenant: &str, _function: &str) -> Option<Arc<CallMetrics>> {
         None
     }
+
+    /// An invocation of `tenant` whose request held `request_bytes`
+    /// (`StoredRequest::quota_bytes`) reached a final state here: it no longer counts against
+    /// the tenant's queued quotas.
+    fn finished(&self, _tenant: &str, _request_bytes: u64) {}
 }
 
 /// Bounds and periods of the scheduler; each a named setting.
@@ -817,7 +822,12 @@ async fn run_one(ctx: Arc<Ctx>, inv: Leased) {
             .complete(&inv.id, &ctx.config.owner, inv.attempt, &result, &logs, cpu_us, ctx.clock.now_ms())
             .await
         {
-            Ok(true) => break,
+            Ok(true) => {
+                if is_final(&result, &inv) {
+                    ctx.functions.finished(&inv.tenant, inv.request.quota_bytes());
+                }
+                break;
+            }
             Ok(false) => {
                 tracing::info!(id = %inv.id, "attempt finished after its lease was taken over; result discarded");
                 break;
@@ -835,6 +845,19 @@ async fn run_one(ctx: Arc<Ctx>, inv: Leased) {
 }
 
 type Logs = Vec<(LogStream, String, UnixMs)>;
+
+/// Whether the store ends an invocation with this result (`succeeded` or `dead`) rather than
+/// queueing it for a retry: the same rule as the store's completion.
+fn is_final(result: &AttemptResult, inv: &Leased) -> bool {
+    match result {
+        AttemptResult::Succeeded { .. } => true,
+        AttemptResult::Failed { retry_at: None, .. } => true,
+        AttemptResult::Failed { retry_at: Some(at), .. } => {
+            let max_age_ms = i64::try_from(inv.max_age_ms).unwrap_or(i64::MAX);
+            inv.attempt >= inv.attempts_max || *at > inv.created_at.saturating_add(max_age_ms)
+        }
+    }
+}
 
 /// What one attempt produced: its result, its log lines and its time on a thread.
 struct Attempt {
@@ -1015,5 +1038,52 @@ mod tests {
         let got: Vec<(&str, &str, u32)> =
             running.iter().map(|(t, f, n)| (t.as_str(), f.as_str(), *n)).collect();
         assert_eq!(got, want);
+    }
+}
+
+#[cfg(test)]
+mod final_tests {
+    use super::*;
+    use sluice_store::{Criticality, StoredRequest};
+
+    fn leased(attempt: u32) -> Leased {
+        Leased {
+            id: "i".into(),
+            tenant: "t".into(),
+            function: "f".into(),
+            version: 1,
+            request: StoredRequest {
+                method: "POST".into(),
+                path_and_query: "/".into(),
+                headers: Vec::new(),
+                body: Vec::new(),
+            },
+            attempt,
+            attempts_max: 3,
+            created_at: 1_000,
+            max_age_ms: 10_000,
+            criticality: Criticality::Normal,
+            deadline: None,
+            run_after: 1_000,
+        }
+    }
+
+    fn failed(retry_at: Option<UnixMs>) -> AttemptResult {
+        AttemptResult::Failed { error_kind: "trap".into(), status_code: None, response: None, retry_at }
+    }
+
+    /// What stops counting against the tenant's queued quotas when its completion is recorded:
+    /// the store's own rule for `succeeded` and `dead`.
+    #[test]
+    fn an_invocation_is_final_when_the_store_will_not_retry_it() {
+        let ok = AttemptResult::Succeeded {
+            response: StoredResponse { status: 200, headers: Vec::new(), body: Vec::new() },
+        };
+        assert!(is_final(&ok, &leased(1)));
+        assert!(is_final(&failed(None), &leased(1)), "not retryable");
+        assert!(!is_final(&failed(Some(2_000)), &leased(1)), "retried");
+        assert!(is_final(&failed(Some(2_000)), &leased(3)), "no attempt left");
+        assert!(!is_final(&failed(Some(11_000)), &leased(2)), "retried at its max age");
+        assert!(is_final(&failed(Some(11_001)), &leased(2)), "too old to retry");
     }
 }

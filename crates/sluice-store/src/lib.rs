@@ -16,6 +16,7 @@ pub use postgres::{ClockSource, PostgresStore, SWEEP_BATCH_MAX};
 pub use sqlite::SqliteStore;
 pub use timed::{STORE_CALL_TIMEOUT, Timed};
 
+pub use sluice_core::OwnUsageLimits;
 pub use sluice_core::{Criticality, InvocationStatus, LogStream};
 use sluice_core::{FunctionConfig, Scope, UnixMs};
 
@@ -144,6 +145,16 @@ pub struct StoredRequest {
     pub path_and_query: String,
     pub headers: Vec<(String, Vec<u8>)>,
     pub body: Vec<u8>,
+}
+
+impl StoredRequest {
+    /// What the request weighs against its tenant's queued-bytes quota: the body and every header
+    /// name and value. The store keeps this number with the row (`request_bytes`), so the gateway
+    /// (at enqueue), the scheduler (at completion) and the store's sums count the same bytes.
+    pub fn quota_bytes(&self) -> u64 {
+        let headers: usize = self.headers.iter().map(|(name, value)| name.len() + value.len()).sum();
+        (self.body.len() + headers) as u64
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -303,6 +314,16 @@ impl Default for Quota {
     }
 }
 
+/// One tenant's unfinished async invocations (queued, running, waiting for a retry), as the
+/// queued quotas count them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueuedUsage {
+    pub tenant: String,
+    pub invocations: u64,
+    /// The sum of their [`StoredRequest::quota_bytes`].
+    pub bytes: u64,
+}
+
 /// A tenant's async work now, exactly counted (`GET /v1/tenants/{t}/usage`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TenantQueue {
@@ -348,7 +369,7 @@ pub struct InvocationFilter {
 pub enum Change {
     /// API keys were created or revoked.
     Keys,
-    /// A tenant's rate limit was set or cleared.
+    /// A tenant's rate limit, quota or usage limits were set or cleared.
     Limits,
     /// A function was deployed (a new version) or deleted.
     Function { tenant: String, function: String },
@@ -396,6 +417,11 @@ pub trait Store: Send + Sync + 'static {
     async fn set_tenant_quota(&self, tenant: &str, quota: Option<Quota>) -> StoreResult<()>;
     /// Every tenant's quota that was set.
     async fn tenant_quotas(&self) -> StoreResult<Vec<(String, Quota)>>;
+    /// Sets a tenant's own usage limits (a `None` field, or all of them, takes the node's
+    /// default). `NotFound` for an unknown tenant. Announced to other nodes as [`Change::Limits`].
+    async fn set_tenant_usage_limits(&self, tenant: &str, limits: &OwnUsageLimits) -> StoreResult<()>;
+    /// Every tenant's own usage limits that were set, by tenant.
+    async fn tenant_usage_limits(&self) -> StoreResult<Vec<(String, OwnUsageLimits)>>;
 
     // --- keys ---
     async fn create_key(&self, key: &KeyRecord) -> StoreResult<()>;
@@ -502,6 +528,10 @@ pub trait Store: Send + Sync + 'static {
     /// The cluster's unfinished async invocations, counted by (status, criticality): `queued`,
     /// `failed` (waiting for a retry) and `running`. For `/metrics`; costs a scan of those rows.
     async fn queue_depth(&self) -> StoreResult<Vec<(String, Criticality, u64)>>;
+    /// Every tenant with unfinished async invocations: how many, and their request bytes, by
+    /// tenant. One `GROUP BY` over the index of unfinished rows (it carries the bytes), never the
+    /// table: what each node re-reads periodically to correct its in-memory quota counters.
+    async fn queued_usage(&self) -> StoreResult<Vec<QueuedUsage>>;
     /// Records why leased attempts waited: `(id, attempt, JSON)`, for the attempts that are
     /// still that attempt (a later one keeps its own).
     async fn record_waits(&self, waits: &[(String, u32, String)]) -> StoreResult<()>;

@@ -24,15 +24,16 @@ use tokio::sync::broadcast;
 
 use crate::queue::{LeaseOp, Writer};
 use crate::rows::{
-    QUEUE_DEPTH, config_to_json, demand_from_rows, get, invocation_from_row, key_from_row, log_line_from_row,
-    node_from_row, queue_depth_from_rows, quota_from_row, response_from_row, rows, scopes_to_text,
-    summary_from_row, sync_batch_json, tenant_from_row, tenant_queue_from_counts, version_from_row,
+    QUEUE_DEPTH, QUEUED_USAGE, USAGE_LIMITS, config_to_json, demand_from_rows, get, invocation_from_row,
+    key_from_row, log_line_from_row, node_from_row, queue_depth_from_rows, queued_usage_from_rows,
+    quota_from_row, response_from_row, rows, scopes_to_text, summary_from_row, sync_batch_json,
+    tenant_from_row, tenant_queue_from_counts, usage_limit_column, usage_limits_from_rows, version_from_row,
 };
 use crate::{
     AttemptResult, Change, Enqueued, FunctionSummary, IDEMPOTENCY_WINDOW_MS, Invocation, InvocationFilter,
-    KeyRecord, LeaseAsk, Leased, LogLine, LogStream, NewInvocation, NodeRecord, QueueDemand, Quota, Store,
-    StoreError, StoreResult, StoredResponse, SyncRecord, Tenant, TenantQueue, TenantStorage, VersionRecord,
-    corrupt,
+    KeyRecord, LeaseAsk, Leased, LogLine, LogStream, NewInvocation, NodeRecord, OwnUsageLimits, QueueDemand,
+    QueuedUsage, Quota, Store, StoreError, StoreResult, StoredResponse, SyncRecord, Tenant, TenantQueue,
+    TenantStorage, VersionRecord, corrupt,
 };
 
 mod queue;
@@ -85,7 +86,8 @@ const QUEUE_DEMAND: &str = "
     WHERE due + plain + windowed > 0
     ORDER BY tenant";
 
-/// Every migration, in order; append-only, like the SQLite store's.
+/// Every migration, in increasing order; append-only, like the SQLite store's. Numbers may skip
+/// (parallel branches take their own): a database applies every one it has not seen.
 const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
@@ -101,6 +103,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 3,
         name: "idempotency callers",
         sql: include_str!("../migrations/postgres/0003_idempotency_callers.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "tenant usage limits",
+        sql: include_str!("../migrations/postgres/0004_tenant_usage_limits.sql"),
     },
 ];
 
@@ -351,7 +358,11 @@ async fn apply_migrations(connection: &mut sqlx::PgConnection, now: UnixMs) -> S
              upgrade sluice or restore a matching backup"
         )));
     }
-    for migration in MIGRATIONS.iter().filter(|m| m.version > current) {
+    let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_version")
+        .fetch_all(&mut *connection)
+        .await
+        .map_err(classify)?;
+    for migration in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
         let mut tx = sqlx::Connection::begin(&mut *connection).await.map_err(classify)?;
         sqlx::raw_sql(migration.sql).execute(&mut *tx).await.map_err(classify)?;
         sqlx::query("INSERT INTO schema_version (version, name, applied_at) VALUES ($1, $2, $3)")
@@ -529,6 +540,42 @@ impl Store for PostgresStore {
                 .await
                 .map_err(classify)?;
         found.into_iter().map(quota_from_row).collect()
+    }
+
+    async fn set_tenant_usage_limits(&self, tenant: &str, limits: &OwnUsageLimits) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        require_tenant(&mut tx, tenant).await?;
+        if limits.is_empty() {
+            sqlx::query("DELETE FROM tenant_usage_limits WHERE tenant = $1")
+                .bind(tenant)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+        } else {
+            sqlx::query(
+                "INSERT INTO tenant_usage_limits (tenant, queued_max, queued_bytes_max,
+                     components_bytes_max, functions_max, versions_max) VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (tenant) DO UPDATE SET
+                     queued_max = excluded.queued_max, queued_bytes_max = excluded.queued_bytes_max,
+                     components_bytes_max = excluded.components_bytes_max,
+                     functions_max = excluded.functions_max, versions_max = excluded.versions_max",
+            )
+            .bind(tenant)
+            .bind(usage_limit_column(limits.queued_max)?)
+            .bind(usage_limit_column(limits.queued_bytes_max)?)
+            .bind(usage_limit_column(limits.components_bytes_max)?)
+            .bind(usage_limit_column(limits.functions_max)?)
+            .bind(usage_limit_column(limits.versions_max)?)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        }
+        tx.commit().await.map_err(classify)
+    }
+
+    async fn tenant_usage_limits(&self) -> StoreResult<Vec<(String, OwnUsageLimits)>> {
+        let found = sqlx::query_as(USAGE_LIMITS).fetch_all(&self.pool).await.map_err(classify)?;
+        usage_limits_from_rows(found)
     }
 
     async fn create_key(&self, key: &KeyRecord) -> StoreResult<()> {
@@ -1051,6 +1098,11 @@ impl Store for PostgresStore {
         queue_depth_from_rows(rows)
     }
 
+    async fn queued_usage(&self) -> StoreResult<Vec<QueuedUsage>> {
+        let found = sqlx::query_as(QUEUED_USAGE).fetch_all(&self.pool).await.map_err(classify)?;
+        queued_usage_from_rows(found)
+    }
+
     async fn record_waits(&self, waits: &[(String, u32, String)]) -> StoreResult<()> {
         self.writer.record_waits(waits).await
     }
@@ -1181,9 +1233,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn migrations_are_numbered_without_gaps() {
-        for (i, migration) in MIGRATIONS.iter().enumerate() {
-            assert_eq!(migration.version, i as i64 + 1, "migration {:?}", migration.name);
+    fn migrations_are_numbered_in_order() {
+        let mut previous = 0;
+        for migration in MIGRATIONS {
+            assert!(migration.version > previous, "migration {:?}", migration.name);
+            previous = migration.version;
         }
     }
 

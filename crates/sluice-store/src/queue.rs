@@ -313,6 +313,7 @@ impl EnqueueOp {
             caller: Option<&'a str>,
             body_sha256: Option<&'a str>,
             created_at: UnixMs,
+            request_bytes: u64,
         }
         if inv.attempts_max == 0 {
             return Err(StoreError::Other(format!(
@@ -347,6 +348,7 @@ impl EnqueueOp {
             caller: inv.idempotency_key.as_ref().map(|k| k.caller.as_str()),
             body_sha256: fingerprint.as_ref().map(|f| f.body_sha256.as_str()),
             created_at,
+            request_bytes: inv.request.quota_bytes(),
         };
         Ok(Self { id: inv.id.clone(), row: encode("invocation", &row)?, fingerprint })
     }

@@ -379,3 +379,57 @@ pub(crate) fn queue_depth_from_rows(
         })
         .collect()
 }
+
+/// Every tenant's unfinished invocations and their request bytes (both stores). Its `WHERE` is
+/// the partial index's own, so the planner may answer it from `invocations_pending_version`.
+pub(crate) const QUEUED_USAGE: &str = "
+    SELECT tenant, count(*), CAST(COALESCE(SUM(request_bytes), 0) AS BIGINT) FROM invocations
+    WHERE status IN ('queued', 'failed', 'running')
+    GROUP BY tenant ORDER BY tenant";
+
+pub(crate) fn queued_usage_from_rows(rows: Vec<(String, i64, i64)>) -> StoreResult<Vec<crate::QueuedUsage>> {
+    rows.into_iter()
+        .map(|(tenant, invocations, bytes)| {
+            Ok(crate::QueuedUsage {
+                invocations: u64::try_from(invocations).map_err(|_| corrupt("negative count"))?,
+                bytes: u64::try_from(bytes).map_err(|_| corrupt("negative request bytes"))?,
+                tenant,
+            })
+        })
+        .collect()
+}
+
+/// Every tenant's own usage limits (both stores).
+pub(crate) const USAGE_LIMITS: &str = "
+    SELECT tenant, queued_max, queued_bytes_max, components_bytes_max, functions_max, versions_max
+    FROM tenant_usage_limits ORDER BY tenant";
+
+type UsageLimitsRow = (String, Option<i64>, Option<i64>, Option<i64>, Option<i64>, Option<i64>);
+
+pub(crate) fn usage_limits_from_rows(
+    rows: Vec<UsageLimitsRow>,
+) -> StoreResult<Vec<(String, sluice_core::OwnUsageLimits)>> {
+    let value = |v: Option<i64>| -> StoreResult<Option<u64>> {
+        v.map(|v| u64::try_from(v).map_err(|_| corrupt(format_args!("usage limit {v}")))).transpose()
+    };
+    rows.into_iter()
+        .map(|(tenant, queued, queued_bytes, components_bytes, functions, versions)| {
+            Ok((
+                tenant,
+                sluice_core::OwnUsageLimits {
+                    queued_max: value(queued)?,
+                    queued_bytes_max: value(queued_bytes)?,
+                    components_bytes_max: value(components_bytes)?,
+                    functions_max: value(functions)?,
+                    versions_max: value(versions)?,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// A usage limit as a column value; the API keeps them below `i64::MAX`.
+pub(crate) fn usage_limit_column(v: Option<u64>) -> StoreResult<Option<i64>> {
+    v.map(|v| i64::try_from(v).map_err(|_| StoreError::Other(format!("usage limit {v} is too large"))))
+        .transpose()
+}

@@ -26,14 +26,16 @@ use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 
 use crate::queue::{Writer, to_i64};
 use crate::rows::{
-    QUEUE_DEPTH, config_to_json, demand_from_rows, get, invocation_from_row, key_from_row, log_line_from_row,
-    node_from_row, queue_depth_from_rows, quota_from_row, response_from_row, rows, scopes_to_text,
-    summary_from_row, sync_batch_json, tenant_from_row, tenant_queue_from_counts, version_from_row,
+    QUEUE_DEPTH, QUEUED_USAGE, USAGE_LIMITS, config_to_json, demand_from_rows, get, invocation_from_row,
+    key_from_row, log_line_from_row, node_from_row, queue_depth_from_rows, queued_usage_from_rows,
+    quota_from_row, response_from_row, rows, scopes_to_text, summary_from_row, sync_batch_json,
+    tenant_from_row, tenant_queue_from_counts, usage_limit_column, usage_limits_from_rows, version_from_row,
 };
 use crate::{
     AttemptResult, Enqueued, FunctionSummary, IDEMPOTENCY_WINDOW_MS, Invocation, InvocationFilter, KeyRecord,
-    LeaseAsk, Leased, LogLine, LogStream, NewInvocation, NodeRecord, QueueDemand, Quota, Store, StoreError,
-    StoreResult, StoredResponse, SyncRecord, Tenant, TenantQueue, TenantStorage, VersionRecord, corrupt,
+    LeaseAsk, Leased, LogLine, LogStream, NewInvocation, NodeRecord, OwnUsageLimits, QueueDemand,
+    QueuedUsage, Quota, Store, StoreError, StoreResult, StoredResponse, SyncRecord, Tenant, TenantQueue,
+    TenantStorage, VersionRecord, corrupt,
 };
 
 mod queue;
@@ -63,7 +65,8 @@ struct Migration {
     sql: &'static str,
 }
 
-/// Every migration, in order; versions are 1, 2, 3, ... without gaps (a unit test checks this).
+/// Every migration, in increasing order (a unit test checks this). Numbers may skip: parallel
+/// branches take numbers of their own, and a database applies every one it has not seen.
 const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
@@ -101,6 +104,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 9,
         name: "idempotency callers",
         sql: include_str!("../migrations/sqlite/0009_idempotency_callers.sql"),
+    },
+    Migration {
+        version: 10,
+        name: "tenant usage limits",
+        sql: include_str!("../migrations/sqlite/0010_tenant_usage_limits.sql"),
     },
 ];
 
@@ -249,8 +257,13 @@ async fn migrate(pool: &SqlitePool, migrations: &[Migration], now: UnixMs) -> St
                  upgrade sluice or restore a matching backup"
             )));
         }
-        if current < migration.version {
-            assert_eq!(current, migration.version - 1, "migrations are applied in order");
+        let applied: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM schema_version WHERE version = ?)")
+                .bind(migration.version)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(classify)?;
+        if !applied {
             sqlx::raw_sql(migration.sql).execute(&mut *tx).await.map_err(classify)?;
             sqlx::query("INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)")
                 .bind(migration.version)
@@ -422,6 +435,42 @@ impl Store for SqliteStore {
                 .await
                 .map_err(classify)?;
         found.into_iter().map(quota_from_row).collect()
+    }
+
+    async fn set_tenant_usage_limits(&self, tenant: &str, limits: &OwnUsageLimits) -> StoreResult<()> {
+        let mut tx = self.begin_write().await?;
+        require_tenant(&mut tx, tenant).await?;
+        if limits.is_empty() {
+            sqlx::query("DELETE FROM tenant_usage_limits WHERE tenant = ?")
+                .bind(tenant)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+        } else {
+            sqlx::query(
+                "INSERT INTO tenant_usage_limits (tenant, queued_max, queued_bytes_max,
+                     components_bytes_max, functions_max, versions_max) VALUES (?, ?, ?, ?, ?, ?)
+                 ON CONFLICT (tenant) DO UPDATE SET
+                     queued_max = excluded.queued_max, queued_bytes_max = excluded.queued_bytes_max,
+                     components_bytes_max = excluded.components_bytes_max,
+                     functions_max = excluded.functions_max, versions_max = excluded.versions_max",
+            )
+            .bind(tenant)
+            .bind(usage_limit_column(limits.queued_max)?)
+            .bind(usage_limit_column(limits.queued_bytes_max)?)
+            .bind(usage_limit_column(limits.components_bytes_max)?)
+            .bind(usage_limit_column(limits.functions_max)?)
+            .bind(usage_limit_column(limits.versions_max)?)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        }
+        tx.commit().await.map_err(classify)
+    }
+
+    async fn tenant_usage_limits(&self) -> StoreResult<Vec<(String, OwnUsageLimits)>> {
+        let found = sqlx::query_as(USAGE_LIMITS).fetch_all(&self.pool).await.map_err(classify)?;
+        usage_limits_from_rows(found)
     }
 
     async fn create_key(&self, key: &KeyRecord) -> StoreResult<()> {
@@ -939,6 +988,11 @@ impl Store for SqliteStore {
         queue_depth_from_rows(rows)
     }
 
+    async fn queued_usage(&self) -> StoreResult<Vec<QueuedUsage>> {
+        let found = sqlx::query_as(QUEUED_USAGE).fetch_all(&self.pool).await.map_err(classify)?;
+        queued_usage_from_rows(found)
+    }
+
     async fn record_waits(&self, waits: &[(String, u32, String)]) -> StoreResult<()> {
         self.writer.record_waits(waits).await
     }
@@ -1070,9 +1124,11 @@ mod tests {
     }
 
     #[test]
-    fn migrations_are_numbered_without_gaps() {
-        for (i, migration) in MIGRATIONS.iter().enumerate() {
-            assert_eq!(migration.version, i as i64 + 1, "migration {:?}", migration.name);
+    fn migrations_are_numbered_in_order() {
+        let mut previous = 0;
+        for migration in MIGRATIONS {
+            assert!(migration.version > previous, "migration {:?}", migration.name);
+            previous = migration.version;
             assert!(!migration.sql.trim().is_empty());
         }
     }
@@ -1109,7 +1165,7 @@ mod tests {
 
         // A database written by a newer sluice: opening it must fail rather than guess.
         sqlx::query("INSERT INTO schema_version (version, name, applied_at) VALUES (?, 'future', 0)")
-            .bind(expected.len() as i64 + 1)
+            .bind(expected.last().unwrap() + 1)
             .execute(&store.pool)
             .await
             .unwrap();
@@ -1217,6 +1273,24 @@ mod tests {
             assert!(!shown.contains("TEMP B-TREE"), "{statement}\n{shown}");
             assert!(!plan.iter().any(|step| step == "SCAN invocations"), "{statement}\n{shown}");
         }
+    }
+
+    /// The periodic read of every tenant's queued usage walks the index of unfinished rows, which
+    /// carries the bytes: it never reads the table (whose rows hold the request bodies).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn queued_usage_reads_only_the_index_of_unfinished_rows() {
+        let (_dir, store) = open_temp().await;
+        let explain = format!("EXPLAIN QUERY PLAN {}", crate::rows::QUEUED_USAGE);
+        let plan: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(explain))
+            .fetch_all(&store.pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get::<String, _>("detail"))
+            .collect();
+        let shown = plan.join("\n");
+        assert!(shown.contains("COVERING INDEX invocations_pending_version"), "{shown}");
+        assert!(!shown.contains("TEMP B-TREE"), "{shown}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

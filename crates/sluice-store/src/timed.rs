@@ -18,8 +18,9 @@ use sluice_core::{FunctionConfig, UnixMs};
 
 use crate::{
     AttemptResult, Change, Criticality, Enqueued, FunctionSummary, Invocation, InvocationFilter, KeyRecord,
-    LeaseAsk, Leased, LogLine, LogStream, NewInvocation, NodeRecord, QueueDemand, Quota, Store, StoreError,
-    StoreResult, StoredResponse, SyncRecord, Tenant, TenantQueue, TenantStorage, VersionRecord,
+    LeaseAsk, Leased, LogLine, LogStream, NewInvocation, NodeRecord, OwnUsageLimits, QueueDemand,
+    QueuedUsage, Quota, Store, StoreError, StoreResult, StoredResponse, SyncRecord, Tenant, TenantQueue,
+    TenantStorage, VersionRecord,
 };
 
 /// The longest any store call may take. Longer than the SQLite store's own bounds
@@ -77,6 +78,8 @@ timed_store! {
     fn tenant_rates(&self) -> Vec<(String, f64, u32)>;
     fn set_tenant_quota(&self, tenant: &str, quota: Option<Quota>) -> ();
     fn tenant_quotas(&self) -> Vec<(String, Quota)>;
+    fn set_tenant_usage_limits(&self, tenant: &str, limits: &OwnUsageLimits) -> ();
+    fn tenant_usage_limits(&self) -> Vec<(String, OwnUsageLimits)>;
     fn create_key(&self, key: &KeyRecord) -> ();
     fn list_keys(&self, tenant: Option<&str>) -> Vec<KeyRecord>;
     fn revoke_key(&self, id: &str) -> bool;
@@ -123,6 +126,7 @@ timed_store! {
     fn queue_demand(&self, now: UnixMs, promote_ahead_ms: u64, cap: u32) -> QueueDemand;
     fn tenant_queue(&self, tenant: &str, now: UnixMs) -> TenantQueue;
     fn queue_depth(&self) -> Vec<(String, Criticality, u64)>;
+    fn queued_usage(&self) -> Vec<QueuedUsage>;
     fn record_waits(&self, waits: &[(String, u32, String)]) -> ();
     fn heartbeat(
         &self,

@@ -21,6 +21,7 @@ mod metrics;
 mod new;
 mod output;
 mod queue;
+mod quotas;
 mod reuse;
 mod scheduling;
 mod serve;

@@ -218,6 +218,7 @@ fn another_tenants_objects_answer_404_like_missing_ones_on_every_route_with_no_s
         route("GET", "/v1/tenants/{tenant}/keys", None),
         route("DELETE", "/v1/keys/{id}", None),
         route("PUT", "/v1/tenants/{tenant}/limits", Some(Body::Json(json!({ "rate_per_sec": 1.0 })))),
+        route("GET", "/v1/tenants/{tenant}/limits", None),
         route("GET", "/v1/tenants/{tenant}/usage", None),
         route("PUT", "/v1/tenants/{tenant}/quota", Some(Body::Json(json!({ "reserved": 1 })))),
         route("GET", "/v1/tenants/{tenant}/quota", None),

@@ -49,7 +49,7 @@ const ENQUEUE_ROWS: &str = "
         id text, tenant text, function text, version bigint, method text, path text,
         headers jsonb, body text, criticality bigint, run_after bigint, deadline bigint,
         attempts_max bigint, max_age_ms bigint, max_age_at bigint, idempotency_key text,
-        caller text, body_sha256 text, created_at bigint)";
+        caller text, body_sha256 text, created_at bigint, request_bytes bigint)";
 
 fn claim_keys_sql() -> String {
     format!(
@@ -76,11 +76,11 @@ fn insert_queued_sql() -> String {
              INSERT INTO invocations (id, tenant, function, version, mode, status, attempts,
                  created_at, request_method, request_path, request_headers, request_body,
                  criticality, run_after, deadline, attempts_max, max_age_ms, max_age_at,
-                 idempotency_key)
+                 idempotency_key, request_bytes)
              SELECT r.id, r.tenant, r.function, r.version, 'async', 'queued', 0, r.created_at,
                     r.method, r.path, r.headers::text, decode(r.body, 'hex'), r.criticality,
                     r.run_after, r.deadline, r.attempts_max, r.max_age_ms, r.max_age_at,
-                    r.idempotency_key
+                    r.idempotency_key, r.request_bytes
              FROM {ENQUEUE_ROWS}
              WHERE r.idempotency_key IS NULL
                 OR EXISTS (

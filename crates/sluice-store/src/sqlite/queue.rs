@@ -136,13 +136,13 @@ const CLAIM_KEYS: &str = "
 const INSERT_QUEUED: &str = "
     INSERT INTO invocations (id, tenant, function, version, mode, status, attempts, created_at,
         request_method, request_path, request_headers, request_body, criticality, run_after,
-        deadline, attempts_max, max_age_ms, max_age_at, idempotency_key)
+        deadline, attempts_max, max_age_ms, max_age_at, idempotency_key, request_bytes)
     SELECT j.value ->> 'id', j.value ->> 'tenant', j.value ->> 'function', j.value ->> 'version',
            'async', 'queued', 0, j.value ->> 'created_at',
            j.value ->> 'method', j.value ->> 'path', j.value -> 'headers',
            unhex(j.value ->> 'body'), j.value ->> 'criticality', j.value ->> 'run_after',
            j.value ->> 'deadline', j.value ->> 'attempts_max', j.value ->> 'max_age_ms',
-           j.value ->> 'max_age_at', j.value ->> 'idempotency_key'
+           j.value ->> 'max_age_at', j.value ->> 'idempotency_key', j.value ->> 'request_bytes'
     FROM jsonb_each(?1) AS j
     WHERE j.value ->> 'idempotency_key' IS NULL
        OR EXISTS (

@@ -104,6 +104,8 @@ macro_rules! run_whole_suite {
     an_enqueue_with_a_taken_id_fails_alone,
     lease_asks_take_one_tenants_class_in_its_order,
     tenant_quotas_are_set_replaced_and_cleared,
+    tenant_usage_limits_are_set_replaced_and_cleared,
+    queued_usage_counts_unfinished_invocations_and_their_bytes,
         );
     };
 }

@@ -7,8 +7,8 @@ use std::collections::HashSet;
 use sluice_core::UnixMs;
 use sluice_store::{
     AttemptResult, Criticality, Enqueued, IDEMPOTENCY_WINDOW_MS, IdempotencyKey, Invocation,
-    InvocationFilter, InvocationStatus, LeaseAsk, LeaseClass, LogStream, NewInvocation, Quota, Store,
-    StoredRequest, StoredResponse, SyncRecord,
+    InvocationFilter, InvocationStatus, LeaseAsk, LeaseClass, LogStream, NewInvocation, OwnUsageLimits,
+    QueuedUsage, Quota, Store, StoredRequest, StoredResponse, SyncRecord,
 };
 
 use super::ManualClock;
@@ -929,4 +929,79 @@ pub async fn tenant_quotas_are_set_replaced_and_cleared(store: &dyn Store, _cloc
     assert_eq!(store.tenant_quotas().await.unwrap().len(), 1);
     let err = store.set_tenant_quota("nobody", Some(Quota::default())).await.unwrap_err();
     assert!(matches!(err, sluice_store::StoreError::NotFound(_)), "{err:?}");
+}
+
+pub async fn tenant_usage_limits_are_set_replaced_and_cleared(store: &dyn Store, _clock: &ManualClock) {
+    store.create_tenant("acme").await.unwrap();
+    store.create_tenant("beta").await.unwrap();
+    assert_eq!(store.tenant_usage_limits().await.unwrap(), vec![]);
+    let acme = OwnUsageLimits { queued_max: Some(20), queued_bytes_max: Some(1 << 20), ..Default::default() };
+    let beta = OwnUsageLimits {
+        components_bytes_max: Some(i64::MAX as u64),
+        functions_max: Some(0),
+        versions_max: Some(7),
+        ..Default::default()
+    };
+    store
+        .set_tenant_usage_limits("acme", &OwnUsageLimits { queued_max: Some(1), ..Default::default() })
+        .await
+        .unwrap();
+    store.set_tenant_usage_limits("acme", &acme).await.unwrap();
+    store.set_tenant_usage_limits("beta", &beta).await.unwrap();
+    assert_eq!(
+        store.tenant_usage_limits().await.unwrap(),
+        vec![("acme".to_string(), acme), ("beta".to_string(), beta)],
+        "the second set replaced the first whole"
+    );
+    store.set_tenant_usage_limits("beta", &OwnUsageLimits::default()).await.unwrap();
+    assert_eq!(store.tenant_usage_limits().await.unwrap(), vec![("acme".to_string(), acme)]);
+    let err = store.set_tenant_usage_limits("nobody", &acme).await.unwrap_err();
+    assert!(matches!(err, sluice_store::StoreError::NotFound(_)), "{err:?}");
+}
+
+/// What each node re-reads for its queued quotas: unfinished invocations (queued, running,
+/// waiting for a retry) by tenant, with the bytes the gateway counted for each request.
+pub async fn queued_usage_counts_unfinished_invocations_and_their_bytes(
+    store: &dyn Store,
+    clock: &ManualClock,
+) {
+    clock.set(1_000);
+    assert_eq!(store.queued_usage().await.unwrap(), vec![]);
+    let mut bytes = 0;
+    for (id, body) in
+        [("a-done", &b"x"[..]), ("a-retry", &[7u8; 300][..]), ("a-running", b"abc"), ("a-queued", b"")]
+    {
+        let inv = NewInvocation { request: request(body), ..invocation(id) };
+        if id != "a-done" {
+            bytes += inv.request.quota_bytes();
+        }
+        enqueue(store, &inv).await;
+    }
+    let beta = NewInvocation { tenant: "beta".into(), request: request(&[1; 10]), ..invocation("b-queued") };
+    enqueue(store, &beta).await;
+    // Three leased in enqueue order: one succeeds, one fails and waits for its retry, one runs.
+    let leased = store.lease("n", 1_000, LEASE_MS, 3).await.unwrap();
+    assert_eq!(leased.len(), 3);
+    let attempt = |id: &str| leased.iter().find(|l| l.id == id).map(|l| l.attempt);
+    assert!(
+        store
+            .complete("a-done", "n", attempt("a-done").unwrap(), &success(200), &[], 0, 1_000)
+            .await
+            .unwrap()
+    );
+    let retry = failure("trap", Some(60_000));
+    assert!(
+        store.complete("a-retry", "n", attempt("a-retry").unwrap(), &retry, &[], 0, 1_000).await.unwrap()
+    );
+    assert_eq!(status(store, "a-retry").await, InvocationStatus::Failed);
+    let usage = store.queued_usage().await.unwrap();
+    assert_eq!(
+        usage,
+        vec![
+            QueuedUsage { tenant: "acme".into(), invocations: 3, bytes },
+            QueuedUsage { tenant: "beta".into(), invocations: 1, bytes: beta.request.quota_bytes() },
+        ]
+    );
+    // Body plus header names and values: `request` has 4 headers of 12+10, 8+4, 10+1, 10+1 bytes.
+    assert_eq!(beta.request.quota_bytes(), 10 + 22 + 12 + 11 + 11);
 }
