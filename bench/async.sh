@@ -4,23 +4,27 @@
 # End-to-end throughput = invocations completed / (time from the first request until the queue
 # is drained). The 202 latency comes from wrk.
 #
-# Usage: bench/async.sh            (DURATION=10s CLIENTS="1 10 100" optional)
+# Usage: bench/async.sh            (DURATION=10s CLIENTS="1 10 100" optional;
+#                                   SLUICE=path/to/sluice measures another build, unbuilt)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 unset RUST_BACKTRACE
 DURATION=${DURATION:-10s}
 CLIENTS=${CLIENTS:-"1 10 100"}
 command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk" >&2; exit 1; }
-cargo build --release -q -p sluice-cli
+if [ -z "${SLUICE:-}" ]; then
+  cargo build --release -q -p sluice-cli
+  SLUICE=target/release/sluice
+fi
 HELLO=$(scripts/build-guests.sh | sed -n 1p)
 data=$(mktemp -d)
-"target/release/sluice" serve --listen 127.0.0.1:0 --data-dir "$data" 2> "$data/log" &
+"$SLUICE" serve --listen 127.0.0.1:0 --data-dir "$data" 2> "$data/log" &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$data"' EXIT
 for _ in $(seq 1 500); do grep -q 'listening on' "$data/log" && break; sleep 0.01; done
 URL=$(grep -o 'listening on http://[0-9.:]*' "$data/log" | sed 's/listening on //')
 export SLUICE_URL=$URL SLUICE_TOKEN=$(cat "$data/admin.token")
-target/release/sluice deploy hello "$HELLO" >/dev/null
+"$SLUICE" deploy hello "$HELLO" >/dev/null
 
 # Counts invocations by state straight from the database file (WAL allows a reader alongside).
 count() {
