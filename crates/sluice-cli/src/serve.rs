@@ -88,13 +88,13 @@ pub struct ServeArgs {
     /// Burst of `--api-rate` (default: twice the rate).
     #[arg(long)]
     pub api_burst: Option<u32>,
-    /// Control API requests of one tenant's keys (or of all callers without a valid key, or of
-    /// the admin keys) in flight at once; beyond it, 429 at once.
-    #[arg(long, default_value_t = 4)]
+    /// Control API requests of one tenant's keys (or of all callers without a valid key) in
+    /// flight at once; beyond it, 429 at once. Admin keys have no share, only the node's bound.
+    #[arg(long, default_value_t = 16)]
     pub api_tenant_inflight_max: usize,
     /// Control API requests in flight at once on this node; beyond it, 503 at once. They share
     /// the control runtime with the scheduler and the heartbeats.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 64)]
     pub api_inflight_max: usize,
     /// Calls per second that each tenant's public functions take from callers without a key of
     /// the tenant, together: a bucket of its own per tenant, within the tenant's rate, so that

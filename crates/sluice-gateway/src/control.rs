@@ -11,7 +11,8 @@
 //!
 //! Callers are told apart by their key: requests without a valid key (which the API answers with
 //! 401 without touching the store) share one "anonymous" tenant share. Admin keys belong to the
-//! operator: they have no rate limit, but count against the node's bound like everyone else.
+//! operator (`sluice top` polls seven routes at once with one): they have no rate limit and no
+//! tenant share, but count against the node's bound like everyone else.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -32,8 +33,7 @@ const KEY_BUCKETS_MAX: usize = 10_000;
 pub struct ControlConfig {
     /// Requests per second of one API key (admin keys: none).
     pub key_rate: Rate,
-    /// Requests of one tenant's keys (or of the anonymous callers, or of the admin keys) in
-    /// flight at once.
+    /// Requests of one tenant's keys (or of the callers without a valid key) in flight at once.
     pub tenant_inflight_max: usize,
     /// Requests in flight at once on this node.
     pub inflight_max: usize,
@@ -41,9 +41,10 @@ pub struct ControlConfig {
 
 impl Default for ControlConfig {
     fn default() -> Self {
-        // A person or a CLI makes a few calls a second; `sluice top` and `invocations --wait`
-        // poll a few times a second. 100/s leaves room for scripts, not for a flood.
-        Self { key_rate: Rate { per_sec: 100.0, burst: 200 }, tenant_inflight_max: 4, inflight_max: 16 }
+        // A person or a CLI makes a few calls a second; `sluice top` polls seven routes at once
+        // every second, `invocations --wait` a few times a second. 100/s leaves room for scripts,
+        // not for a flood; 16 in flight for a tenant's `top` beside its scripts.
+        Self { key_rate: Rate { per_sec: 100.0, burst: 200 }, tenant_inflight_max: 16, inflight_max: 64 }
     }
 }
 
@@ -77,7 +78,8 @@ enum Caller<'a> {
 pub struct ControlAdmission<C: Clock = DefaultClock> {
     config: ControlConfig,
     clock: C,
-    /// Requests in flight, per tenant (`""`: callers without a valid key, `"*"`: admin keys).
+    /// Requests in flight, per tenant (`""`: callers without a valid key; admin keys: the node's
+    /// bound only).
     inflight: TenantShares,
     keys: Mutex<HashMap<String, Arc<Bucket<C>>>>,
 }
@@ -116,12 +118,11 @@ impl<C: Clock + Clone> ControlAdmission<C> {
         if let Caller::Tenant { key_id, .. } = caller {
             self.key_bucket(key_id).check("this API key")?;
         }
-        let (share, who) = match caller {
-            Caller::Anonymous => ("", "requests without a valid API key".to_string()),
-            Caller::Admin => ("*", "the admin keys".to_string()),
-            Caller::Tenant { tenant, .. } => (tenant, format!("tenant {tenant}")),
-        };
-        self.inflight.admit(share, || who)
+        match caller {
+            Caller::Anonymous => self.inflight.admit("", || "requests without a valid API key".into()),
+            Caller::Admin => self.inflight.admit_unshared(),
+            Caller::Tenant { tenant, .. } => self.inflight.admit(tenant, || format!("tenant {tenant}")),
+        }
     }
 
     fn key_bucket(&self, key_id: &str) -> Arc<Bucket<C>> {

@@ -27,7 +27,7 @@ pub struct TenantShares {
 /// A tenant's slot and the node's, given back when dropped.
 #[derive(Debug)]
 pub struct SharedSlot {
-    _tenant: Slot,
+    _tenant: Option<Slot>,
     _node: Slot,
 }
 
@@ -76,7 +76,16 @@ impl TenantShares {
         let max = self.node_max;
         let node_slot =
             self.node.admit(max, || format!("this node already has {max} {}; retry shortly", self.what))?;
-        Ok(SharedSlot { _tenant: tenant_slot, _node: node_slot })
+        Ok(SharedSlot { _tenant: Some(tenant_slot), _node: node_slot })
+    }
+
+    /// A slot of the node's bound only, for a caller no tenant's share applies to (the
+    /// operator's admin keys).
+    pub fn admit_unshared(&self) -> Result<SharedSlot, SluiceError> {
+        let max = self.node_max;
+        let node_slot =
+            self.node.admit(max, || format!("this node already has {max} {}; retry shortly", self.what))?;
+        Ok(SharedSlot { _tenant: None, _node: node_slot })
     }
 
     fn tenant_gauge(&self, tenant: &str) -> Arc<Gauge> {
