@@ -141,12 +141,14 @@ pub struct ServeArgs {
     /// run time plus slack), e.g. 30s.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub promote_ahead: Duration,
-    /// Async calls being accepted at once (each holds up to its body while it is read and
-    /// committed); beyond it new ones get 503 at once.
+    /// Async calls reading their body at once, and as many waiting for their commit (each holds
+    /// up to its body); a tenant may take a quarter of each. Beyond a tenant's share its new calls
+    /// get 429 at once, beyond the node's 503.
     #[arg(long, default_value_t = 256)]
     pub async_enqueue_inflight_max: usize,
     /// Component uploads and deploys in flight at once (each holds up to a component while it is
-    /// read, waits for a compile slot and compiles); beyond it new ones get 503 at once.
+    /// read, waits for a compile slot and compiles); a tenant may take a quarter. Beyond a
+    /// tenant's share its new ones get 429 at once, beyond the node's 503.
     #[arg(long, default_value_t = 8)]
     pub deploy_inflight_max: usize,
     /// Lease of an async invocation; renewed every third of it while it runs, reclaimed by

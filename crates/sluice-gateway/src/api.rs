@@ -142,6 +142,8 @@ pub struct BlobInfo {
         (status = 404, description = "No such tenant (or another tenant's)", body = ErrorBody),
         (status = 413, description = "Larger than the upload limit, or alone larger than the \
             tenant's quota of component bytes", body = ErrorBody),
+        (status = 429, description = "The tenant has its share (a quarter) of the node's uploads \
+            and deploys in flight (`concurrency_limited`, with `Retry-After`)", body = ErrorBody),
         (status = 503, description = "Too many uploads and deploys in flight on this node \
             (`overloaded`, with `Retry-After`)", body = ErrorBody),
         (status = 507, description = "The tenant's quota of component bytes would be exceeded \
@@ -156,7 +158,7 @@ pub(crate) async fn upload_blob(
 ) -> ApiResult<(StatusCode, Json<BlobInfo>)> {
     auth.require(&tenant, Scope::Deploy)?;
     require_tenant(&node, &tenant).await?;
-    let _slot = node.deploy_slot()?;
+    let _slot = node.deploy_slot(&tenant)?;
     let max = node.config.limits.upload_bytes_max;
     let bytes = crate::body::collect_limited(body, max, node.config.limits.body_read_timeout).await?;
     if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
@@ -240,6 +242,8 @@ pub struct DeployedVersion {
         (status = 403, description = "The key lacks the `deploy` scope", body = ErrorBody),
         (status = 404, description = "No such tenant or blob", body = ErrorBody),
         (status = 413, description = "Request body too large", body = ErrorBody),
+        (status = 429, description = "The tenant has its share (a quarter) of the node's uploads \
+            and deploys in flight (`concurrency_limited`, with `Retry-After`)", body = ErrorBody),
         (status = 503, description = "Too many uploads and deploys in flight on this node \
             (`overloaded`, with `Retry-After`)", body = ErrorBody),
         (status = 507, description = "The tenant's quota of functions or versions is reached \
@@ -267,7 +271,7 @@ pub(crate) async fn create_version(
         require_reservation_within_quota(&node, &tenant, reserved).await?;
     }
     check_deploy_quotas(&node, &tenant, &function).await?;
-    let _slot = node.deploy_slot()?;
+    let _slot = node.deploy_slot(&tenant)?;
     let bytes = node
         .store
         .get_blob(&tenant, &req.digest)

@@ -262,8 +262,9 @@ pub struct AsyncHeaders {
         (status = 422, description = "Async: the `Idempotency-Key` was used by this caller within 24 h \
             for a different request (method, path and query, or body; named); nothing was queued", body = ErrorBody),
         (status = 429, description = "Over the tenant's, its anonymous callers' or the function's \
-            rate, the function's concurrency limit, or (async) the tenant's queued quota \
-            (`quota_exceeded`, naming it); no work was done and nothing was stored", body = ErrorBody, headers(
+            rate, the function's concurrency limit, (async) the tenant's queued quota \
+            (`quota_exceeded`, naming it) or the tenant's share of the node's async calls being \
+            read or committed (`concurrency_limited`); no work was done and nothing was stored", body = ErrorBody, headers(
             ("retry-after" = u64, description = "Seconds to wait"),
             ("ratelimit-policy" = String, description = "IETF RateLimit-Policy of the bucket (rate limits)"),
             ("ratelimit" = String, description = "IETF RateLimit of the bucket (rate limits)"))),

@@ -288,9 +288,10 @@ async fn enqueue(
     invocation_id: &str,
     span: Option<&GatewaySpan>,
 ) -> Result<Response<Body>, SluiceError> {
-    // Held until the 202 (or the error) is ready: while it waits for its body and then for the
-    // group commit, an enqueue holds up to a whole async body in memory.
-    let _slot = enqueue_slot(node)?;
+    // Held while the body is read (up to a whole async body in memory): a client that trickles
+    // its body in holds a slot of its function's tenant's share, not one of the commit's.
+    let tenant = deployed.record.tenant.as_str();
+    let reading = node.async_reads.admit(tenant, || format!("tenant {tenant}"))?;
     let now = SystemClock.now_ms();
     let headers = req.headers();
     let idempotency_key = match headers.get("idempotency-key") {
@@ -330,6 +331,9 @@ async fn enqueue(
     }
     let limits = &node.config.limits;
     let body = collect_limited(body, limits.async_body_bytes_max, limits.body_read_timeout).await?;
+    // Held until the 202 (or the error) is ready: the body waits in memory for the group commit.
+    let _slot = node.async_enqueues.admit(tenant, || format!("tenant {tenant}"))?;
+    drop(reading);
     let stored_headers = parts
         .headers
         .iter()
@@ -413,13 +417,6 @@ fn listed(items: &[&str]) -> String {
         [one] => (*one).to_string(),
         [init @ .., last] => format!("{} and {last}", init.join(", ")),
     }
-}
-
-/// A slot for one more async enqueue on this node, or 503 at once.
-fn enqueue_slot(node: &Node) -> Result<Slot, SluiceError> {
-    let max = node.config.async_enqueue_inflight_max;
-    node.async_enqueues
-        .admit(max, || format!("this node is already accepting {max} async calls; retry shortly"))
 }
 
 fn header_error(name: &str, problem: &str) -> SluiceError {

@@ -11,9 +11,10 @@ use sluice_core::{FunctionConfig, Limits, Scope, SluiceError};
 use sluice_runtime::{BlobSource, CodeKey, Prepared, Runtime};
 use sluice_store::{KeyRecord, Store, VersionRecord};
 
-use crate::admission::{Admission, FunctionAdmission, Gauge, Rate};
+use crate::admission::{Admission, FunctionAdmission, Rate};
 use crate::error::store_error;
 use crate::recorder::Recorder;
+use crate::share::{SharedSlot, TenantShares};
 use sluice_runtime::metrics::CallMetrics;
 
 /// Settings of a node, fixed at start.
@@ -272,10 +273,15 @@ pub struct Node {
     pub scheduling: RwLock<Option<Arc<sluice_scheduler::SchedulerStats>>>,
     /// The recorder's writer, until the composition root takes it to supervise it.
     recorder_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// Async calls being accepted now (see [`NodeConfig::async_enqueue_inflight_max`]).
-    pub async_enqueues: Arc<Gauge>,
-    /// Uploads and deploys in flight now (see [`NodeConfig::deploy_inflight_max`]).
-    pub deploys: Arc<Gauge>,
+    /// Async calls whose body is being read now, with a share per tenant (see
+    /// [`NodeConfig::async_enqueue_inflight_max`]): a client trickling its body in holds one of
+    /// these, never a slot of the commit below.
+    pub async_reads: TenantShares,
+    /// Async calls waiting for their commit now, with a share per tenant.
+    pub async_enqueues: TenantShares,
+    /// Uploads and deploys in flight now, with a share per tenant (see
+    /// [`NodeConfig::deploy_inflight_max`]).
+    pub deploys: TenantShares,
     functions: RwLock<Registry<Deployed>>,
     keys: KeyCache,
     /// The runtime that owns the store's connections and background tasks; API calls run here
@@ -321,6 +327,17 @@ impl Node {
         admission.anonymous_default = config.anonymous_rate;
         let quotas = crate::quota::Quotas::new(config.usage_limits);
         let control_admission = crate::control::ControlAdmission::new(config.control, Default::default());
+        // Each tenant may take a quarter of the node's slots, as it may of the slow lane's.
+        let enqueue_max = config.async_enqueue_inflight_max;
+        let async_reads = TenantShares::new(
+            "async calls reading their body",
+            enqueue_max,
+            TenantShares::quarter(enqueue_max),
+        );
+        let async_enqueues =
+            TenantShares::new("async calls being committed", enqueue_max, TenantShares::quarter(enqueue_max));
+        let deploy_max = config.deploy_inflight_max;
+        let deploys = TenantShares::new("uploads and deploys", deploy_max, TenantShares::quarter(deploy_max));
         let node = Arc::new(Self {
             id: format!("{}-{}", std::process::id(), sluice_core::ids::short_id("node")),
             config,
@@ -333,8 +350,9 @@ impl Node {
             queued: Arc::default(),
             scheduling: RwLock::default(),
             recorder_task: Mutex::new(Some(recorder_task)),
-            async_enqueues: Arc::default(),
-            deploys: Arc::default(),
+            async_reads,
+            async_enqueues,
+            deploys,
             functions: RwLock::default(),
             keys: KeyCache::default(),
             control: tokio::runtime::Handle::current(),
@@ -402,11 +420,10 @@ impl Node {
         })
     }
 
-    /// A slot for one more upload or deploy on this node, or 503 at once.
-    pub fn deploy_slot(&self) -> Result<crate::admission::Slot, SluiceError> {
-        let max = self.config.deploy_inflight_max;
-        self.deploys
-            .admit(max, || format!("this node is already taking {max} uploads and deploys; retry shortly"))
+    /// A slot for one more upload or deploy of `tenant` on this node, or at once 429 (the tenant
+    /// has its share) or 503 (the node is full).
+    pub fn deploy_slot(&self, tenant: &str) -> Result<SharedSlot, SluiceError> {
+        self.deploys.admit(tenant, || format!("tenant {tenant}"))
     }
 
     /// Every installed version.

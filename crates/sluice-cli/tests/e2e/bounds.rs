@@ -60,40 +60,50 @@ fn a_body_that_stalls_is_cut_off_at_the_read_deadline() {
 }
 
 #[test]
-fn async_calls_being_accepted_are_bounded_node_wide() {
-    let node = Node::start(&["--async-enqueue-inflight-max", "1", "--body-read-timeout", "30s"]);
+fn async_calls_reading_their_body_take_their_tenants_share_not_the_nodes_slots() {
+    // Four slots on the node: each tenant's share is one.
+    let node = Node::start(&["--async-enqueue-inflight-max", "4", "--body-read-timeout", "30s"]);
     node.deploy("tg", &guests().testguest, &[]);
+    let (ok, out, err) = node.cli(&["tenants", "create", "mallory"]);
+    assert!(ok, "{out}{err}");
+    node.deploy("tg", &guests().testguest, &["--tenant", "mallory", "--public"]);
     let client = node.client();
-    let enqueue = || {
+    let enqueue = |target: &str| {
         client
-            .post(format!("{}/fn/default/tg/echo", node.url))
+            .post(format!("{}{target}", node.url))
             .bearer_auth(&node.token)
             .header("prefer", "respond-async")
             .body("hello")
             .send()
             .unwrap()
     };
-    let polled = |want: u16| {
+    let polled = |target: &str, want: u16| {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let res = enqueue();
+            let res = enqueue(target);
             if res.status().as_u16() == want {
                 return res;
             }
-            assert!(Instant::now() < deadline, "never answered {want}; last {}", res.status());
+            assert!(Instant::now() < deadline, "{target} never answered {want}; last {}", res.status());
             std::thread::sleep(Duration::from_millis(20));
         }
     };
 
-    // One client holds the only slot while it (never) sends its body: the next is refused at once.
-    let stalled = stalled_body(&node, "/fn/default/tg/echo", "prefer: respond-async\r\n");
-    let res = polled(503);
-    assert!(res.headers().get("retry-after").is_some(), "503 says when to come back");
-    assert_error(res, 503, "overloaded");
+    // As many clients as the node has slots call mallory's public function and never send their
+    // bodies. They take mallory's share only: mallory's next call is refused at once...
+    let stalled: Vec<_> =
+        (0..4).map(|_| stalled_body(&node, "/fn/mallory/tg/echo", "prefer: respond-async\r\n")).collect();
+    let res = polled("/fn/mallory/tg/echo", 429);
+    assert!(res.headers().get("retry-after").is_some(), "429 says when to come back");
+    assert_error(res, 429, "concurrency_limited");
+    // ...while every other tenant's async calls are still accepted.
+    for _ in 0..3 {
+        assert_eq!(enqueue("/fn/default/tg/echo").status(), 202, "another tenant was refused");
+    }
 
-    // When that client goes away its slot comes back.
+    // When those clients go away mallory's slot comes back.
     drop(stalled);
-    assert_eq!(polled(202).status(), 202);
+    assert_eq!(polled("/fn/mallory/tg/echo", 202).status(), 202);
 }
 
 #[test]
