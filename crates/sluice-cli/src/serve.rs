@@ -127,6 +127,11 @@ pub struct ServeArgs {
     /// of N nodes a tenant may queue up to N times its quota for this long.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub quota_refresh: Duration,
+    /// The fraction of the node's sync calls in flight, async calls being accepted, and uploads
+    /// and deploys that one tenant (its keys and its public functions' anonymous callers) may
+    /// hold; beyond it the tenant's new ones get 429 at once (1: no share).
+    #[arg(long, default_value_t = 0.25)]
+    pub tenant_share: f64,
     /// Sync calls running at once on this node; beyond it new calls get 503 at once.
     #[arg(long, default_value_t = 512)]
     pub sync_inflight_max: usize,
@@ -440,6 +445,12 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
     config.usage_limits = args.usage_limits()?;
     config.quota_refresh = args.quota_refresh;
     config.sync_inflight_max = args.sync_inflight_max;
+    anyhow::ensure!(
+        args.tenant_share > 0.0 && args.tenant_share <= 1.0,
+        "--tenant-share must be above 0 and at most 1, got {}",
+        args.tenant_share
+    );
+    config.tenant_share = args.tenant_share;
     config.async_inflight_max = args.async_inflight_max;
     config.utilization_target = args.utilization_target;
     config.promote_ahead = args.promote_ahead;

@@ -131,7 +131,8 @@ pub struct Admission<C: Clock = DefaultClock> {
     clock: C,
     /// Sync calls running on this node at most; beyond it new calls are shed with 503.
     pub sync_inflight_max: usize,
-    sync_inflight: Arc<Gauge>,
+    /// Sync calls in flight, with a share per tenant (none unless [`Admission::with_sync_tenant_max`]).
+    sync_inflight: crate::share::TenantShares,
     tenant_default: Option<Rate>,
     tenants: RwLock<HashMap<String, Arc<Bucket<C>>>>,
     /// The tenants with a rate of their own, and that rate.
@@ -148,7 +149,11 @@ impl<C: Clock + Clone> Admission<C> {
         Self {
             clock,
             sync_inflight_max,
-            sync_inflight: Arc::default(),
+            sync_inflight: crate::share::TenantShares::new(
+                "sync calls in flight",
+                sync_inflight_max,
+                sync_inflight_max,
+            ),
             tenant_default,
             tenants: RwLock::default(),
             own_rates: RwLock::default(),
@@ -201,9 +206,17 @@ impl<C: Clock + Clone> Admission<C> {
         Some(map.entry(tenant.to_string()).or_insert(bucket).clone())
     }
 
-    /// Node-wide load shedding: a slot for one more sync call, or 503 at once.
-    pub fn shed(&self) -> Result<Slot, SluiceError> {
-        self.sync_inflight.admit(self.sync_inflight_max, || "this node is at capacity; retry shortly".into())
+    /// Gives each tenant a share of the node's sync calls in flight: `max` of them.
+    pub fn with_sync_tenant_max(mut self, max: usize) -> Self {
+        self.sync_inflight =
+            crate::share::TenantShares::new("sync calls in flight", self.sync_inflight_max, max);
+        self
+    }
+
+    /// Load shedding: a slot for one more sync call of `tenant`, or at once 429 when the tenant
+    /// holds its share of the node's, 503 when the node is full.
+    pub fn shed(&self, tenant: &str) -> Result<crate::share::SharedSlot, SluiceError> {
+        self.sync_inflight.admit(tenant, || format!("tenant {tenant}"))
     }
 
     /// The tenant's token bucket.
@@ -381,12 +394,15 @@ mod tests {
         drop(s1);
         assert!(f.acquire("f").is_ok());
 
-        let a = Admission::new(clock, 1, None);
-        let slot = a.shed().unwrap();
-        let err = a.shed().unwrap_err();
+        let a = Admission::new(clock, 2, None).with_sync_tenant_max(1);
+        let slot = a.shed("t").unwrap();
+        let err = a.shed("t").unwrap_err();
+        assert_eq!((err.kind, err.retry_after_secs), (ErrorKind::ConcurrencyLimited, Some(1)));
+        let other = a.shed("u").unwrap();
+        let err = a.shed("v").unwrap_err();
         assert_eq!((err.kind, err.retry_after_secs), (ErrorKind::Overloaded, Some(1)));
-        drop(slot);
+        drop((slot, other));
         assert_eq!(a.sync_inflight(), 0);
-        assert!(a.shed().is_ok());
+        assert!(a.shed("t").is_ok());
     }
 }

@@ -201,7 +201,7 @@ async fn call(
         .retry_after(1));
     }
     let function_slot = deployed.admission.acquire(function)?;
-    let node_slot = node.admission.shed()?;
+    let node_slot = node.admission.shed(&deployed.record.tenant)?;
     // A hot function's code is in the cache; a cold one's is mapped from its artifact (or, after
     // an engine change, compiled) here, once for all the calls that wait for it.
     let (prepared, _) = node.code(&deployed.code_key).await?;
@@ -228,7 +228,7 @@ async fn call(
         lane: Lane::Sync,
         group: deployed.tenant_group.clone(),
         function: deployed.function_name.clone(),
-        on_done: Some(recorder(node, &deployed, [function_slot, Some(node_slot)], arrived, follow)),
+        on_done: Some(recorder(node, &deployed, (function_slot, node_slot), arrived, follow)),
         trace,
         reuse: deployed.reuse.clone(),
         instance,
@@ -442,7 +442,7 @@ fn time_header(headers: &HeaderMap, name: &str) -> Result<Option<i64>, SluiceErr
 fn recorder(
     node: &Arc<Node>,
     deployed: &Arc<Deployed>,
-    slots: [Option<Slot>; 2],
+    slots: (Option<Slot>, crate::share::SharedSlot),
     arrived: Instant,
     follow: Follow,
 ) -> sluice_runtime::OnDone {

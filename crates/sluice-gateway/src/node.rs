@@ -35,6 +35,8 @@ pub struct NodeConfig {
     pub quota_refresh: Duration,
     /// Sync calls running at once on this node; beyond it calls are shed with 503.
     pub sync_inflight_max: usize,
+    /// The fraction of the node's sync, async-accept and deploy slots one tenant may hold.
+    pub tenant_share: f64,
     /// Async invocations running at once on this node.
     pub async_inflight_max: usize,
     /// Async calls being accepted at once (reading their body, waiting for the commit); beyond
@@ -80,6 +82,7 @@ impl NodeConfig {
             usage_limits: Default::default(),
             quota_refresh: crate::quota::QUEUE_USAGE_REFRESH,
             sync_inflight_max: 512,
+            tenant_share: 0.25,
             async_inflight_max: 256,
             utilization_target: 0.8,
             promote_ahead: Duration::from_secs(30),
@@ -323,21 +326,29 @@ impl Node {
         let runtime = Arc::new(Runtime::new(rt)?);
         let (recorder, recorder_task) =
             Recorder::start(store.clone(), config.limits.log_queue_max, config.limits.log_queue_bytes_max);
-        let mut admission = Admission::new(Default::default(), config.sync_inflight_max, config.tenant_rate);
+        let mut admission = Admission::new(Default::default(), config.sync_inflight_max, config.tenant_rate)
+            .with_sync_tenant_max(TenantShares::share_of(config.sync_inflight_max, config.tenant_share));
         admission.anonymous_default = config.anonymous_rate;
         let quotas = crate::quota::Quotas::new(config.usage_limits);
         let control_admission = crate::control::ControlAdmission::new(config.control, Default::default());
-        // Each tenant may take a quarter of the node's slots, as it may of the slow lane's.
+        // Each tenant may take a share of the node's slots (a quarter, as of the slow lane's).
         let enqueue_max = config.async_enqueue_inflight_max;
         let async_reads = TenantShares::new(
             "async calls reading their body",
             enqueue_max,
-            TenantShares::quarter(enqueue_max),
+            TenantShares::share_of(enqueue_max, config.tenant_share),
         );
-        let async_enqueues =
-            TenantShares::new("async calls being committed", enqueue_max, TenantShares::quarter(enqueue_max));
+        let async_enqueues = TenantShares::new(
+            "async calls being committed",
+            enqueue_max,
+            TenantShares::share_of(enqueue_max, config.tenant_share),
+        );
         let deploy_max = config.deploy_inflight_max;
-        let deploys = TenantShares::new("uploads and deploys", deploy_max, TenantShares::quarter(deploy_max));
+        let deploys = TenantShares::new(
+            "uploads and deploys",
+            deploy_max,
+            TenantShares::share_of(deploy_max, config.tenant_share),
+        );
         let node = Arc::new(Self {
             id: format!("{}-{}", std::process::id(), sluice_core::ids::short_id("node")),
             config,

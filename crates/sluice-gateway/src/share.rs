@@ -6,7 +6,7 @@
 //! tenants could use. Both refusals are immediate; nothing waits.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 
 use sluice_core::{ErrorKind, SluiceError};
 
@@ -21,7 +21,7 @@ pub struct TenantShares {
     tenant_max: usize,
     node: Arc<Gauge>,
     /// In-flight counts per tenant. Tenants are bounded by the store; an entry is a counter.
-    tenants: Mutex<HashMap<String, Arc<Gauge>>>,
+    tenants: RwLock<HashMap<String, Arc<Gauge>>>,
 }
 
 /// A tenant's slot and the node's, given back when dropped.
@@ -32,15 +32,15 @@ pub struct SharedSlot {
 }
 
 impl TenantShares {
-    /// `tenant_max` above `node_max` means no share: one tenant may take every slot.
+    /// `tenant_max` at or above `node_max` means no share: one tenant may take every slot.
     pub fn new(what: &'static str, node_max: usize, tenant_max: usize) -> Self {
-        Self { what, node_max, tenant_max, node: Arc::default(), tenants: Mutex::default() }
+        Self { what, node_max, tenant_max, node: Arc::default(), tenants: RwLock::default() }
     }
 
-    /// The default share of a bound: a quarter of the node's slots, as a tenant's share of the
-    /// slow lane is a quarter of the node's (at least 1).
-    pub fn quarter(node_max: usize) -> usize {
-        (node_max / 4).max(1)
+    /// A tenant's share of `node_max` slots: `fraction` of them (the default, 1/4, is a
+    /// tenant's share of the slow lane), rounded down, at least 1.
+    pub fn share_of(node_max: usize, fraction: f64) -> usize {
+        ((node_max as f64 * fraction) as usize).clamp(1, node_max.max(1))
     }
 
     pub fn node_max(&self) -> usize {
@@ -60,6 +60,10 @@ impl TenantShares {
     /// holds its share (`who` names it in the message), 503 `overloaded` when the node is full.
     /// Both say `Retry-After: 1`.
     pub fn admit(&self, tenant: &str, who: impl FnOnce() -> String) -> Result<SharedSlot, SluiceError> {
+        if self.tenant_max >= self.node_max {
+            // No share: a full node is the only refusal.
+            return self.admit_unshared();
+        }
         let gauge = self.tenant_gauge(tenant);
         let tenant_slot = gauge.try_acquire(self.tenant_max).ok_or_else(|| {
             SluiceError::new(
@@ -89,10 +93,11 @@ impl TenantShares {
     }
 
     fn tenant_gauge(&self, tenant: &str) -> Arc<Gauge> {
-        let mut map = self.tenants.lock().expect("tenant shares lock");
-        if let Some(g) = map.get(tenant) {
+        // Read-locked on the sync path (every call): a write only for a tenant's first call.
+        if let Some(g) = self.tenants.read().expect("tenant shares lock").get(tenant) {
             return g.clone();
         }
+        let mut map = self.tenants.write().expect("tenant shares lock");
         map.entry(tenant.to_string()).or_default().clone()
     }
 }
@@ -124,9 +129,10 @@ mod tests {
     }
 
     #[test]
-    fn the_default_share_is_a_quarter_and_at_least_one() {
-        assert_eq!(TenantShares::quarter(256), 64);
-        assert_eq!(TenantShares::quarter(8), 2);
-        assert_eq!(TenantShares::quarter(2), 1);
+    fn a_share_is_a_fraction_of_the_node_and_at_least_one() {
+        assert_eq!(TenantShares::share_of(256, 0.25), 64);
+        assert_eq!(TenantShares::share_of(8, 0.25), 2);
+        assert_eq!(TenantShares::share_of(2, 0.25), 1);
+        assert_eq!(TenantShares::share_of(8, 1.0), 8);
     }
 }

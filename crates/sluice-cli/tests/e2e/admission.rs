@@ -55,7 +55,8 @@ fn concurrency_cap_refuses_at_once() {
 
 #[test]
 fn flood_of_a_slow_function_is_shed_fast_and_admitted_calls_stay_bounded() {
-    let node = Node::start(&["--sync-inflight-max", "8"]);
+    // One tenant may fill the node here: the node-wide bound is what this test is about.
+    let node = Node::start(&["--sync-inflight-max", "8", "--tenant-share", "1"]);
     node.deploy("tg", &guests().testguest, &[]);
     let (url, token) = (node.url.clone(), node.token.clone());
     let threads: Vec<_> = (0..40)
@@ -159,4 +160,48 @@ fn sleep_in_background(node: &Node, ms: u64) -> std::thread::JoinHandle<u16> {
             .status()
             .as_u16()
     })
+}
+
+#[test]
+fn a_tenants_flood_of_slow_calls_takes_its_share_of_the_node_and_others_are_served() {
+    // Eight sync calls in flight on the node; a tenant's share is a quarter of them, two.
+    let node = Node::start(&["--sync-inflight-max", "8"]);
+    node.deploy("tg", &guests().testguest, &[]);
+    let (ok, out, err) = node.cli(&["tenants", "create", "mallory"]);
+    assert!(ok, "{out}{err}");
+    node.deploy("tg", &guests().testguest, &["--tenant", "mallory", "--public"]);
+    let url = node.url.clone();
+    // Sixteen slow calls of mallory's public function at once, without a key.
+    let flood: Vec<_> = (0..16)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let res = reqwest::blocking::Client::new()
+                    .get(format!("{url}/fn/mallory/tg/sleep?ms=2000"))
+                    .send()
+                    .unwrap();
+                let code = res.headers().get("sluice-error").map(|v| v.to_str().unwrap().to_string());
+                (res.status().as_u16(), code, res.headers().contains_key("retry-after"))
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    // While mallory's admitted calls sleep, another tenant's calls are served.
+    for _ in 0..5 {
+        assert_eq!(
+            node.get("/fn/default/tg/ok").status(),
+            200,
+            "tenant default was refused during mallory's flood"
+        );
+    }
+    let answers: Vec<_> = flood.into_iter().map(|t| t.join().unwrap()).collect();
+    let admitted = answers.iter().filter(|a| a.0 == 200).count();
+    assert!(admitted >= 2, "mallory's share was admitted: {answers:?}");
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.0 == 200 || (a.0 == 429 && a.1.as_deref() == Some("concurrency_limited") && a.2)),
+        "the rest was refused with 429 concurrency_limited and Retry-After: {answers:?}"
+    );
+    assert!(admitted < 16, "nothing of mallory's was refused: {answers:?}");
 }
