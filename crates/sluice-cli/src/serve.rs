@@ -127,9 +127,10 @@ pub struct ServeArgs {
     /// of N nodes a tenant may queue up to N times its quota for this long.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub quota_refresh: Duration,
-    /// The fraction of the node's sync calls in flight, async calls being accepted, and uploads
-    /// and deploys that one tenant (its keys and its public functions' anonymous callers) may
-    /// hold; beyond it the tenant's new ones get 429 at once (1: no share).
+    /// The fraction of the node's sync calls in flight and async calls being accepted (and, at
+    /// least half, of its uploads and deploys) that one tenant (its keys and its public
+    /// functions' anonymous callers) may hold; beyond it the tenant's new ones get 429 at once
+    /// (1: no share).
     #[arg(long, default_value_t = 0.25)]
     pub tenant_share: f64,
     /// Sync calls running at once on this node; beyond it new calls get 503 at once.
@@ -152,7 +153,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 256)]
     pub async_enqueue_inflight_max: usize,
     /// Component uploads and deploys in flight at once (each holds up to a component while it is
-    /// read, waits for a compile slot and compiles); a tenant may take a quarter. Beyond a
+    /// read, waits for a compile slot and compiles); a tenant may take half. Beyond a
     /// tenant's share its new ones get 429 at once, beyond the node's 503.
     #[arg(long, default_value_t = 8)]
     pub deploy_inflight_max: usize,

@@ -142,7 +142,7 @@ pub struct BlobInfo {
         (status = 404, description = "No such tenant (or another tenant's)", body = ErrorBody),
         (status = 413, description = "Larger than the upload limit, or alone larger than the \
             tenant's quota of component bytes", body = ErrorBody),
-        (status = 429, description = "The tenant has its share (a quarter) of the node's uploads \
+        (status = 429, description = "The tenant has its share (half) of the node's uploads \
             and deploys in flight (`concurrency_limited`, with `Retry-After`)", body = ErrorBody),
         (status = 503, description = "Too many uploads and deploys in flight on this node \
             (`overloaded`, with `Retry-After`)", body = ErrorBody),
@@ -242,7 +242,7 @@ pub struct DeployedVersion {
         (status = 403, description = "The key lacks the `deploy` scope", body = ErrorBody),
         (status = 404, description = "No such tenant or blob", body = ErrorBody),
         (status = 413, description = "Request body too large", body = ErrorBody),
-        (status = 429, description = "The tenant has its share (a quarter) of the node's uploads \
+        (status = 429, description = "The tenant has its share (half) of the node's uploads \
             and deploys in flight (`concurrency_limited`, with `Retry-After`)", body = ErrorBody),
         (status = 503, description = "Too many uploads and deploys in flight on this node \
             (`overloaded`, with `Retry-After`)", body = ErrorBody),

@@ -344,11 +344,10 @@ impl Node {
             TenantShares::share_of(enqueue_max, config.tenant_share),
         );
         let deploy_max = config.deploy_inflight_max;
-        let deploys = TenantShares::new(
-            "uploads and deploys",
-            deploy_max,
-            TenantShares::share_of(deploy_max, config.tenant_share),
-        );
+        // Deploys come in bursts (a pipeline deploying its functions in parallel): a tenant's
+        // share of them is at least half the node's.
+        let deploy_share = TenantShares::share_of(deploy_max, config.tenant_share.max(0.5));
+        let deploys = TenantShares::new("uploads and deploys", deploy_max, deploy_share);
         let node = Arc::new(Self {
             id: format!("{}-{}", std::process::id(), sluice_core::ids::short_id("node")),
             config,

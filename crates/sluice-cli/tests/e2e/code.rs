@@ -293,8 +293,8 @@ fn a_cli_whose_reader_went_away_exits_quietly() {
 
 #[test]
 fn deploys_in_flight_are_bounded_and_the_rest_refused_at_once() {
-    // Four on the node, and each tenant's share is one of them.
-    let node = Node::start(&["--deploy-inflight-max", "4"]);
+    // Two on the node, and each tenant's share is one of them (half).
+    let node = Node::start(&["--deploy-inflight-max", "2"]);
     let testguest = std::fs::read(&guests().testguest).unwrap();
     // Uploaded one at a time (each holds the only slot only while it is read).
     let digests: Vec<String> =
