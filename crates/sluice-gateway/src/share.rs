@@ -77,10 +77,9 @@ impl TenantShares {
             )
             .retry_after(1)
         })?;
-        let max = self.node_max;
-        let node_slot =
-            self.node.admit(max, || format!("this node already has {max} {}; retry shortly", self.what))?;
-        Ok(SharedSlot { _tenant: Some(tenant_slot), _node: node_slot })
+        let mut slot = self.admit_unshared()?;
+        slot._tenant = Some(tenant_slot);
+        Ok(slot)
     }
 
     /// A slot of the node's bound only, for a caller no tenant's share applies to (the

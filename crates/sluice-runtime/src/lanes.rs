@@ -241,10 +241,9 @@ impl Lanes {
             loop {
                 let began = meter.origin.elapsed().as_nanos() as u64;
                 meter.wait_began_ns.store(began, Ordering::Relaxed);
-                waiting.fetch_add(1, Ordering::Relaxed);
-                let waiting_guard = Counted(waiting.clone());
-                let group_waiting = Waiting::new(&group.waiting);
-                let member_waiting = Waiting::new(&member.waiting);
+                let waiting_guard = Counted::new(&waiting);
+                let group_waiting = Counted::new(&group.waiting);
+                let member_waiting = Counted::new(&member.waiting);
                 // The group's slot first: a tenant whose own slots are taken must not sit on node
                 // slots that other tenants could use.
                 let group_permit = group.slots.clone().acquire_owned().await;
@@ -256,8 +255,7 @@ impl Lanes {
                 let waited = (meter.origin.elapsed().as_nanos() as u64).saturating_sub(began);
                 meter.waited_ns.fetch_add(waited, Ordering::Relaxed);
                 meter.wait_began_ns.store(u64::MAX, Ordering::Relaxed);
-                running.fetch_add(1, Ordering::Relaxed);
-                let _running = Counted(running.clone());
+                let _running = Counted::new(&running);
                 let holding = Holding::new(member);
                 let run = SlowRun {
                     fut: &mut fut,
@@ -298,22 +296,6 @@ impl Drop for Leave {
         if members.get(&self.name).is_some_and(|m| Arc::strong_count(m) == 1) {
             members.remove(&self.name);
         }
-    }
-}
-
-/// A count of waiting calls, lowered when the wait ends however it ends (an aborted task too).
-struct Waiting<'a>(&'a AtomicUsize);
-
-impl<'a> Waiting<'a> {
-    fn new(count: &'a AtomicUsize) -> Self {
-        count.fetch_add(1, Ordering::Relaxed);
-        Self(count)
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -362,10 +344,18 @@ impl Drop for Lanes {
     }
 }
 
-/// Decrements a gauge when dropped.
-struct Counted(Arc<AtomicUsize>);
+/// One more in a gauge while it lives: lowered when dropped, however the holder ends (an aborted
+/// task too).
+struct Counted<'a>(&'a AtomicUsize);
 
-impl Drop for Counted {
+impl<'a> Counted<'a> {
+    fn new(gauge: &'a AtomicUsize) -> Self {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Self(gauge)
+    }
+}
+
+impl Drop for Counted<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
