@@ -204,6 +204,10 @@ async fn route(node: &Arc<Node>, req: Request<Incoming>, framing_conflict: bool)
                 fut.await
             })
         } else {
+            let mut req = req;
+            if let Some(principal) = principal {
+                req.extensions_mut().insert(crate::api_common::Admitted(principal));
+            }
             let fut = crate::api::handle(node.clone(), req);
             node.control.spawn(async move {
                 let _pass = pass;
