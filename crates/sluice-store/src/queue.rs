@@ -1,5 +1,7 @@
 //! The async queue's writer, shared by both stores: every queue write (enqueue, complete, and on
-//! SQLite also lease, heartbeat, release, retry_dead, purge) is an [`Op`] sent over a bounded
+//! SQLite also lease, heartbeat, release, retry_dead, purge, and the writes beside the queue that
+//! are frequent or large: sync records, blobs and the node registry's heartbeats) is an [`Op`]
+//! sent over a bounded
 //! channel to one task that owns one connection. The task takes everything that is waiting (up to
 //! [`WRITER_BATCH_OPS_MAX`] ops or [`WRITER_BATCH_BYTES_MAX`] bytes), applies it in a single
 //! transaction, and only then answers each op: one commit (one fsync) for the whole batch (group
@@ -52,6 +54,12 @@ pub(crate) enum Op {
     RetryDead(RetryDeadOp),
     Purge(PurgeOp),
     RecordWaits(RecordWaitsOp),
+    /// SQLite only (PostgreSQL writes these from its pool, beside the writer): a batch of sync
+    /// calls' records, a component's bytes, this node's row in the registry. Through the writer,
+    /// SQLite has one writer and no second one waiting on its lock (or timing out on it).
+    RecordSync(RecordSyncOp),
+    PutBlob(PutBlobOp),
+    NodeHeartbeat(NodeHeartbeatOp),
     Lease(LeaseOp),
 }
 
@@ -66,6 +74,9 @@ pub(crate) enum Done {
     Retried(bool),
     Purged(u64),
     WaitsRecorded,
+    SyncRecorded,
+    BlobPut,
+    NodeHeartbeat,
     Leased(Vec<Leased>),
     /// What each ask leased, in the asks' order.
     LeasedAsks(Vec<Vec<Leased>>),
@@ -80,12 +91,15 @@ enum Kind {
     RetryDead,
     Purge,
     RecordWaits,
+    RecordSync,
+    PutBlob,
+    NodeHeartbeat,
     Lease,
 }
 
 impl Kind {
     /// The order in which a batch applies its kinds (see the module documentation).
-    const ORDER: [Kind; 8] = [
+    const ORDER: [Kind; 11] = [
         Kind::Enqueue,
         Kind::Complete,
         Kind::Release,
@@ -93,6 +107,9 @@ impl Kind {
         Kind::RetryDead,
         Kind::Purge,
         Kind::RecordWaits,
+        Kind::RecordSync,
+        Kind::PutBlob,
+        Kind::NodeHeartbeat,
         Kind::Lease,
     ];
 }
@@ -107,6 +124,9 @@ impl Op {
             Op::RetryDead(_) => Kind::RetryDead,
             Op::Purge(_) => Kind::Purge,
             Op::RecordWaits(_) => Kind::RecordWaits,
+            Op::RecordSync(_) => Kind::RecordSync,
+            Op::PutBlob(_) => Kind::PutBlob,
+            Op::NodeHeartbeat(_) => Kind::NodeHeartbeat,
             Op::Lease(_) => Kind::Lease,
         }
     }
@@ -121,8 +141,10 @@ impl Op {
                 SMALL + leases.len()
             }
             Op::RecordWaits(op) => SMALL + op.rows.len(),
+            Op::RecordSync(op) => SMALL + op.invocations.len() + op.logs.len(),
+            Op::PutBlob(op) => SMALL + op.bytes.len(),
             Op::Lease(op) => SMALL * (1 + op.asks.as_ref().map_or(0, Vec::len)),
-            Op::RetryDead(_) | Op::Purge(_) => SMALL,
+            Op::RetryDead(_) | Op::Purge(_) | Op::NodeHeartbeat(_) => SMALL,
         }
     }
 }
@@ -238,6 +260,27 @@ impl LeaseOp {
             promote_ahead_ms,
         })
     }
+}
+
+/// A batch of sync calls' records: two JSON arrays (see [`crate::rows::sync_batch_json`]).
+pub(crate) struct RecordSyncOp {
+    pub invocations: String,
+    pub logs: String,
+}
+
+/// A component's bytes, content-addressed within its tenant.
+pub(crate) struct PutBlobOp {
+    pub tenant: String,
+    pub digest: String,
+    pub bytes: Vec<u8>,
+    pub now: UnixMs,
+}
+
+/// This node's row in the registry.
+pub(crate) struct NodeHeartbeatOp {
+    pub node: crate::NodeRecord,
+    pub stopped: bool,
+    pub now: UnixMs,
 }
 
 /// Why leased attempts waited, as a JSON array of `{id, attempt, waits}`.
@@ -794,6 +837,41 @@ impl Writer {
         match self.call(Op::RetryDead(RetryDeadOp { id: id.to_owned(), now })).await? {
             Done::Retried(retried) => Ok(retried),
             other => unreachable!("the writer answered a retry with {other:?}"),
+        }
+    }
+
+    pub(crate) async fn record_sync(&self, invocations: String, logs: String) -> StoreResult<()> {
+        match self.call(Op::RecordSync(RecordSyncOp { invocations, logs })).await? {
+            Done::SyncRecorded => Ok(()),
+            other => unreachable!("the writer answered record_sync with {other:?}"),
+        }
+    }
+
+    pub(crate) async fn put_blob(
+        &self,
+        tenant: &str,
+        digest: &str,
+        bytes: &[u8],
+        now: UnixMs,
+    ) -> StoreResult<()> {
+        let op =
+            PutBlobOp { tenant: tenant.to_owned(), digest: digest.to_owned(), bytes: bytes.to_vec(), now };
+        match self.call(Op::PutBlob(op)).await? {
+            Done::BlobPut => Ok(()),
+            other => unreachable!("the writer answered put_blob with {other:?}"),
+        }
+    }
+
+    pub(crate) async fn node_heartbeat(
+        &self,
+        node: &crate::NodeRecord,
+        stopped: bool,
+        now: UnixMs,
+    ) -> StoreResult<()> {
+        let op = NodeHeartbeatOp { node: node.clone(), stopped, now };
+        match self.call(Op::NodeHeartbeat(op)).await? {
+            Done::NodeHeartbeat => Ok(()),
+            other => unreachable!("the writer answered node_heartbeat with {other:?}"),
         }
     }
 

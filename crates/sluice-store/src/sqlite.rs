@@ -11,7 +11,11 @@
 //! timeout does not help it), which would turn two concurrent deploys into a spurious 503.
 //!
 //! The async queue's writes do not use the pool: they go to one writer task with its own
-//! connection, which commits them in groups (see [`queue`]). Reads of the queue use the pool.
+//! connection, which commits them in groups (see [`queue`]). So do the other writes that are
+//! frequent or large (sync records, component blobs, the node's heartbeat): SQLite has one write
+//! lock, and a second writer waiting on it would either stall the queue's commits or fail with
+//! `SQLITE_BUSY` after the busy timeout. Reads use the pool; the rare writes of the control plane
+//! (tenants, keys, versions) still take `BEGIN IMMEDIATE` on a pooled connection.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -312,10 +316,10 @@ fn classify(error: sqlx::Error) -> StoreError {
     }
 }
 
-async fn require_tenant(tx: &mut Transaction<'static, Sqlite>, tenant: &str) -> StoreResult<()> {
+async fn require_tenant(connection: &mut sqlx::SqliteConnection, tenant: &str) -> StoreResult<()> {
     let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tenants WHERE name = ?)")
         .bind(tenant)
-        .fetch_one(&mut **tx)
+        .fetch_one(&mut *connection)
         .await
         .map_err(classify)?;
     if !exists {
@@ -556,30 +560,7 @@ impl Store for SqliteStore {
     }
 
     async fn put_blob(&self, tenant: &str, digest: &str, bytes: &[u8]) -> StoreResult<()> {
-        let size = i64::try_from(bytes.len()).expect("a blob in memory fits in i64 bytes");
-        let mut tx = self.begin_write().await?;
-        require_tenant(&mut tx, tenant).await?;
-        // Content-addressed: the same digest always names the same bytes, so a second put does
-        // not rewrite megabytes; it only restarts the grace period of an unnamed blob.
-        let touched = sqlx::query("UPDATE blobs SET created_at = ? WHERE tenant = ? AND digest = ?")
-            .bind(self.clock.now_ms())
-            .bind(tenant)
-            .bind(digest)
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-        if touched.rows_affected() == 0 {
-            sqlx::query("INSERT INTO blobs (tenant, digest, bytes, size, created_at) VALUES (?, ?, ?, ?, ?)")
-                .bind(tenant)
-                .bind(digest)
-                .bind(bytes)
-                .bind(size)
-                .bind(self.clock.now_ms())
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?;
-        }
-        tx.commit().await.map_err(classify)
+        self.writer.put_blob(tenant, digest, bytes, self.clock.now_ms()).await
     }
 
     async fn get_blob(&self, tenant: &str, digest: &str) -> StoreResult<Option<Vec<u8>>> {
@@ -822,43 +803,9 @@ impl Store for SqliteStore {
         if batch.is_empty() {
             return Ok(());
         }
-        // The batch goes in as two JSON arrays and two statements, not one statement per row:
-        // each sqlx statement is a round trip to the connection's worker thread, and a batch of
-        // 1000 calls with a few log lines each would otherwise cost thousands of them.
+        // Two JSON arrays, two statements, in the writer's transaction: all of it or none of it.
         let (invocations, logs) = sync_batch_json(batch)?;
-
-        // One transaction for the whole batch: one fsync, and all of it or none of it.
-        let mut tx = self.begin_write().await?;
-        sqlx::query(
-            "INSERT INTO invocations (id, tenant, function, version, mode, status, attempts,
-                 created_at, started_at, finished_at, status_code, error_kind, cpu_us)
-             SELECT value ->> 'id', value ->> 'tenant', value ->> 'function',
-                    value ->> 'version', 'sync', value ->> 'status', 1,
-                    value ->> 'started_at', value ->> 'started_at', value ->> 'finished_at',
-                    value ->> 'status_code', value ->> 'error_kind', value ->> 'cpu_us'
-             FROM jsonb_each(?) ORDER BY key",
-        )
-        .bind(invocations)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| match classify(e) {
-            StoreError::Conflict(m) => {
-                StoreError::Conflict(format!("an invocation of the batch is already recorded: {m}"))
-            }
-            other => other,
-        })?;
-        // `ORDER BY key` (the array index) makes `seq` follow the order of the lines.
-        sqlx::query(
-            "INSERT INTO log_lines (invocation_id, tenant, function, stream, line, at)
-             SELECT value ->> 'invocation_id', value ->> 'tenant', value ->> 'function',
-                    value ->> 'stream', value ->> 'line', value ->> 'at'
-             FROM jsonb_each(?) ORDER BY key",
-        )
-        .bind(logs)
-        .execute(&mut *tx)
-        .await
-        .map_err(classify)?;
-        tx.commit().await.map_err(classify)
+        self.writer.record_sync(invocations, logs).await
     }
 
     async fn get_invocation(&self, id: &str) -> StoreResult<Option<Invocation>> {
@@ -1070,30 +1017,9 @@ impl Store for SqliteStore {
     }
 
     async fn node_heartbeat(&self, node: &NodeRecord, stopped: bool) -> StoreResult<()> {
-        let now = self.clock.now_ms();
-        sqlx::query(
-            "INSERT INTO nodes (id, address, version, started_at, heartbeat_at, stopped_at, slots,
-                                in_flight, queue_lag_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, CASE WHEN ?6 THEN ?5 END, ?7, ?8, ?9)
-             ON CONFLICT (id) DO UPDATE SET
-                 address = excluded.address, version = excluded.version,
-                 heartbeat_at = excluded.heartbeat_at, stopped_at = excluded.stopped_at,
-                 slots = excluded.slots, in_flight = excluded.in_flight,
-                 queue_lag_ms = excluded.queue_lag_ms",
-        )
-        .bind(&node.id)
-        .bind(&node.address)
-        .bind(&node.version)
-        .bind(node.started_at)
-        .bind(now)
-        .bind(stopped)
-        .bind(i64::from(node.slots))
-        .bind(i64::from(node.in_flight))
-        .bind(i64::try_from(node.queue_lag_ms).unwrap_or(i64::MAX))
-        .execute(&self.pool)
-        .await
-        .map_err(classify)?;
-        Ok(())
+        // Through the writer, on its own connection: API reads that hold every pooled connection
+        // cannot make this node look dead to the others.
+        self.writer.node_heartbeat(node, stopped, self.clock.now_ms()).await
     }
 
     async fn list_nodes(&self, within_ms: u64) -> StoreResult<(Vec<NodeRecord>, UnixMs)> {
@@ -1338,6 +1264,159 @@ mod tests {
             assert_eq!(store.get_invocation(&inv.id).await.unwrap(), None, "{}", inv.id);
         }
         assert!(store.get_invocation("fine").await.unwrap().is_some());
+    }
+
+    /// Sync records, blobs and queue writes all at once, with a busy timeout far shorter than any
+    /// of their commits: with a second writer beside the queue writer, one of them would wait past
+    /// it for the other's lock and fail with `Unavailable`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn sync_records_blobs_and_queue_writes_never_wait_on_each_others_lock() {
+        use crate::{NewInvocation, StoredRequest};
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_with_options(
+            &dir.path().join("sluice.db"),
+            Arc::new(SystemClock),
+            Duration::from_millis(1),
+        )
+        .await
+        .unwrap();
+        store.create_tenant("acme").await.unwrap();
+        let enqueues = (0..400).map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let inv = NewInvocation {
+                    id: format!("async-{i}"),
+                    tenant: "acme".into(),
+                    function: "hello".into(),
+                    version: 1,
+                    request: StoredRequest {
+                        method: "POST".into(),
+                        path_and_query: "/".into(),
+                        headers: vec![],
+                        body: vec![7; 64 << 10],
+                    },
+                    idempotency_key: None,
+                    criticality: crate::Criticality::Normal,
+                    run_after: 0,
+                    deadline: None,
+                    attempts_max: 1,
+                    max_age_ms: 60_000,
+                };
+                store.enqueue(&inv).await.map(|_| ())
+            })
+        });
+        let records = (0..40).map(|batch| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let records: Vec<SyncRecord> = (0..200)
+                    .map(|i| SyncRecord {
+                        id: format!("sync-{batch}-{i}"),
+                        tenant: "acme".into(),
+                        function: "hello".into(),
+                        version: 1,
+                        status: crate::InvocationStatus::Succeeded,
+                        status_code: Some(200),
+                        error_kind: None,
+                        started_at: 1,
+                        finished_at: 2,
+                        cpu_us: 3,
+                        logs: vec![(LogStream::Stdout, "x".repeat(200), 2)],
+                    })
+                    .collect();
+                store.record_sync(&records).await
+            })
+        });
+        let blobs = (0..12).map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store.put_blob("acme", &format!("digest-{i}"), &vec![i as u8; 8 << 20]).await
+            })
+        });
+        let enqueues = futures::future::join_all(enqueues);
+        let records = futures::future::join_all(records);
+        let blobs = futures::future::join_all(blobs);
+        let (enqueues, records, blobs) = tokio::join!(enqueues, records, blobs);
+        for result in enqueues.into_iter().chain(records).chain(blobs) {
+            result.unwrap().unwrap();
+        }
+        assert_eq!(store.get_blob("acme", "digest-11").await.unwrap().unwrap().len(), 8 << 20);
+        assert!(store.get_invocation("sync-39-199").await.unwrap().is_some());
+        // A blob of a tenant that does not exist is refused, as before.
+        assert!(matches!(store.put_blob("nobody", "d", b"x").await, Err(StoreError::NotFound(_))));
+    }
+
+    /// The node's heartbeat does not need a pooled connection: API reads that hold all of them
+    /// (a `read` key looping over large listings) cannot make the node look dead.
+    #[tokio::test]
+    async fn the_node_heartbeat_is_written_while_readers_hold_every_pooled_connection() {
+        let (_dir, store) = open_temp().await;
+        let mut held = Vec::new();
+        for _ in 0..POOL_CONNECTIONS_MAX {
+            held.push(store.pool.acquire().await.unwrap());
+        }
+        let node = NodeRecord {
+            id: "node-1".into(),
+            address: "http://127.0.0.1:1".into(),
+            version: "test".into(),
+            started_at: 1,
+            heartbeat_at: 0,
+            stopped_at: None,
+            slots: 4,
+            in_flight: 0,
+            queue_lag_ms: 0,
+        };
+        tokio::time::timeout(Duration::from_secs(2), store.node_heartbeat(&node, false))
+            .await
+            .expect("the heartbeat waited for a pooled connection")
+            .unwrap();
+        drop(held);
+        let (nodes, _) = store.list_nodes(60_000).await.unwrap();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].id, "node-1");
+    }
+
+    /// A million rows past their start window are not marked in one transaction: each lease marks
+    /// at most [`queue::SWEEP_BATCH_MAX`], and leases none of the rest meanwhile.
+    #[tokio::test]
+    async fn sweeps_are_bounded_and_the_lease_passes_over_rows_they_have_not_marked() {
+        use crate::{NewInvocation, StoredRequest};
+        let (_dir, store) = open_temp().await;
+        store.create_tenant("acme").await.unwrap();
+        let n = usize::try_from(queue::SWEEP_BATCH_MAX).unwrap() + 500;
+        let now = store.clock.now_ms();
+        let invs: Vec<NewInvocation> = (0..n)
+            .map(|i| NewInvocation {
+                id: format!("late-{i:05}"),
+                tenant: "acme".into(),
+                function: "hello".into(),
+                version: 1,
+                request: StoredRequest {
+                    method: "GET".into(),
+                    path_and_query: "/".into(),
+                    headers: vec![],
+                    body: vec![],
+                },
+                idempotency_key: None,
+                criticality: crate::Criticality::Normal,
+                run_after: 0,
+                deadline: Some(now + 10),
+                attempts_max: 1,
+                max_age_ms: 3_600_000,
+            })
+            .collect();
+        futures::future::try_join_all(invs.iter().map(|inv| store.enqueue(inv))).await.unwrap();
+        let expired = || async {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM invocations WHERE status = 'expired'")
+                .fetch_one(&store.pool)
+                .await
+                .unwrap()
+        };
+        let later = now + 1_000;
+        let leased = store.lease("node", later, 30_000, 100).await.unwrap();
+        assert!(leased.is_empty(), "leased rows past their deadline: {}", leased.len());
+        assert_eq!(expired().await, queue::SWEEP_BATCH_MAX);
+        assert!(store.lease("node", later, 30_000, 100).await.unwrap().is_empty());
+        assert_eq!(expired().await, i64::try_from(n).unwrap());
     }
 
     #[tokio::test]

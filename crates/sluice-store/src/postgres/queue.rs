@@ -256,6 +256,9 @@ impl Backend for Postgres {
             Op::RetryDead(op) => retry_dead(connection, op, self.now(op.now)).await,
             Op::Purge(op) => purge(connection, op).await,
             Op::RecordWaits(op) => record_waits(connection, op).await,
+            Op::RecordSync(_) | Op::PutBlob(_) | Op::NodeHeartbeat(_) => {
+                unreachable!("PostgreSQL writes sync records, blobs and node heartbeats from its pool")
+            }
             Op::Lease(op) => {
                 sweep(connection, self.now(op.now)).await?;
                 Ok(Done::Leased(lease(connection, op, self.now(op.now)).await?))

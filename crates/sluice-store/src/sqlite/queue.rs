@@ -12,10 +12,17 @@ use sqlx::{ConnectOptions, Connection};
 
 use super::classify;
 use crate::queue::{
-    Backend, Done, HeartbeatOp, KeyHolder, LeaseOp, Op, PurgeOp, RecordWaitsOp, ReleaseOp, RetryDeadOp,
+    Backend, Done, HeartbeatOp, KeyHolder, LeaseOp, NodeHeartbeatOp, Op, PurgeOp, PutBlobOp, RecordSyncOp,
+    RecordWaitsOp, ReleaseOp, RetryDeadOp,
 };
 use crate::rows::leased_from_row;
-use crate::{IDEMPOTENCY_WINDOW_MS, LeaseClass, StoreResult};
+use crate::{IDEMPOTENCY_WINDOW_MS, LeaseClass, StoreError, StoreResult};
+
+/// Rows each sweep of a lease changes at most (expired start windows, rows too old to start, lost
+/// leases), as on PostgreSQL: a million rows expiring at once are marked over many leases, each
+/// a short transaction, not in one that holds the writer (and every 202 behind it) for seconds.
+/// The lease itself passes over rows past their deadline or max age that no sweep has marked yet.
+pub const SWEEP_BATCH_MAX: i64 = 1_000;
 
 /// The writer's connection to the database file, opened with the pool's options: its commits must
 /// be exactly as durable.
@@ -107,6 +114,9 @@ impl Backend for Sqlite {
             Op::RetryDead(op) => retry_dead(connection, op).await,
             Op::Purge(op) => purge(connection, op).await,
             Op::RecordWaits(op) => record_waits(connection, op).await,
+            Op::RecordSync(op) => record_sync(connection, op).await,
+            Op::PutBlob(op) => put_blob(connection, op).await,
+            Op::NodeHeartbeat(op) => node_heartbeat(connection, op).await,
             Op::Lease(op) => lease(connection, op).await,
         }
     }
@@ -222,15 +232,19 @@ const INSERT_LOGS: &str = "
 
 // --- lease ---
 
-/// Pending rows whose start window closed before they started.
+/// Pending rows whose start window closed before they started, at most ?2 of them.
 const EXPIRE_PAST_DEADLINE: &str = "
     UPDATE invocations SET status = 'expired', finished_at = ?1, error_kind = 'expired'
-    WHERE status IN ('queued', 'failed') AND deadline < ?1";
+    WHERE id IN (SELECT id FROM invocations INDEXED BY invocations_pending_deadline
+                 WHERE status IN ('queued', 'failed') AND deadline IS NOT NULL AND deadline < ?1
+                 LIMIT ?2)";
 
-/// Pending rows that grew too old to start.
+/// Pending rows that grew too old to start, at most ?2 of them.
 const KILL_PAST_MAX_AGE: &str = "
     UPDATE invocations SET status = 'dead', finished_at = ?1, error_kind = 'max_age'
-    WHERE status IN ('queued', 'failed') AND max_age_at < ?1";
+    WHERE id IN (SELECT id FROM invocations INDEXED BY invocations_pending_age
+                 WHERE status IN ('queued', 'failed') AND max_age_at < ?1
+                 LIMIT ?2)";
 
 /// Running rows whose lease expired: their owner died mid-attempt, and the attempt counts. Past
 /// their deadline they are `expired` (a new attempt would start too late); with an attempt left
@@ -252,10 +266,14 @@ const RECLAIM_EXPIRED_LEASES: &str = "
             ELSE NULL END,
         lease_owner = NULL,
         lease_expires_at = NULL
-    WHERE status = 'running' AND lease_expires_at < ?1";
+    WHERE id IN (SELECT id FROM invocations INDEXED BY invocations_leases
+                 WHERE status = 'running' AND lease_expires_at < ?1
+                 LIMIT ?2)";
 
 /// The lease itself: walks `invocations_runnable` in its order (the ORDER BY repeats the index's
-/// expressions exactly) and stops after `limit` rows.
+/// expressions exactly) and stops after `limit` rows. A row past its deadline or max age that the
+/// bounded sweeps have not marked yet is passed over: that check is on the update (one row by
+/// key), not the walk, so no condition tempts the planner away from the lease's index.
 const LEASE_RUNNABLE: &str = "
     UPDATE invocations SET
         status = 'running',
@@ -268,6 +286,7 @@ const LEASE_RUNNABLE: &str = "
         WHERE status IN ('queued', 'failed') AND run_after <= ?1
         ORDER BY criticality, COALESCE(deadline, 9223372036854775807), run_after, id
         LIMIT ?4)
+      AND (deadline IS NULL OR deadline >= ?1) AND max_age_at >= ?1
     RETURNING id, tenant, function, version, request_method, request_path, request_headers,
               request_body, attempts, attempts_max, created_at, max_age_at, criticality,
               deadline, run_after";
@@ -297,6 +316,7 @@ macro_rules! lease_ask {
             $order,
             "
                 LIMIT ?8)
+              AND (deadline IS NULL OR deadline >= ?1) AND max_age_at >= ?1
             RETURNING id, tenant, function, version, request_method, request_path, request_headers,
                       request_body, attempts, attempts_max, created_at, max_age_at, criticality,
                       deadline, run_after"
@@ -329,15 +349,20 @@ pub(in crate::sqlite) fn lease_ask_sql(class: LeaseClass) -> &'static str {
 /// (checked by a query-plan test, so that a schema change cannot quietly make `lease` scan).
 #[cfg(test)]
 pub(in crate::sqlite) const LEASE_STATEMENTS: [(&str, usize, &str); 4] = [
-    (EXPIRE_PAST_DEADLINE, 1, "invocations_pending_deadline"),
-    (KILL_PAST_MAX_AGE, 1, "invocations_pending_age"),
-    (RECLAIM_EXPIRED_LEASES, 1, "invocations_leases"),
+    (EXPIRE_PAST_DEADLINE, 2, "invocations_pending_deadline"),
+    (KILL_PAST_MAX_AGE, 2, "invocations_pending_age"),
+    (RECLAIM_EXPIRED_LEASES, 2, "invocations_leases"),
     (LEASE_RUNNABLE, 4, "invocations_runnable"),
 ];
 
 async fn lease(connection: &mut SqliteConnection, op: &LeaseOp) -> StoreResult<Done> {
     for statement in [EXPIRE_PAST_DEADLINE, KILL_PAST_MAX_AGE, RECLAIM_EXPIRED_LEASES] {
-        sqlx::query(statement).bind(op.now).execute(&mut *connection).await.map_err(classify)?;
+        sqlx::query(statement)
+            .bind(op.now)
+            .bind(SWEEP_BATCH_MAX)
+            .execute(&mut *connection)
+            .await
+            .map_err(classify)?;
     }
     let Some(asks) = &op.asks else {
         let found = sqlx::query(LEASE_RUNNABLE)
@@ -378,6 +403,95 @@ fn in_lease_order(found: &[sqlx::sqlite::SqliteRow]) -> StoreResult<Vec<crate::L
     let mut leased = found.iter().map(leased_from_row).collect::<StoreResult<Vec<_>>>()?;
     leased.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(leased.into_iter().map(|(_, l)| l).collect())
+}
+
+// --- the writes beside the queue: sync records, blobs, the node registry ---
+
+/// One statement per table for the whole batch: each sqlx statement is a round trip to the
+/// connection's worker thread, and a batch of 1000 calls with a few log lines each would otherwise
+/// cost thousands of them.
+const RECORD_SYNC_INVOCATIONS: &str = "
+    INSERT INTO invocations (id, tenant, function, version, mode, status, attempts,
+        created_at, started_at, finished_at, status_code, error_kind, cpu_us)
+    SELECT value ->> 'id', value ->> 'tenant', value ->> 'function',
+           value ->> 'version', 'sync', value ->> 'status', 1,
+           value ->> 'started_at', value ->> 'started_at', value ->> 'finished_at',
+           value ->> 'status_code', value ->> 'error_kind', value ->> 'cpu_us'
+    FROM jsonb_each(?1) ORDER BY key";
+
+/// `ORDER BY key` (the array index) makes `seq` follow the order of the lines.
+const RECORD_SYNC_LOGS: &str = "
+    INSERT INTO log_lines (invocation_id, tenant, function, stream, line, at)
+    SELECT value ->> 'invocation_id', value ->> 'tenant', value ->> 'function',
+           value ->> 'stream', value ->> 'line', value ->> 'at'
+    FROM jsonb_each(?1) ORDER BY key";
+
+async fn record_sync(connection: &mut SqliteConnection, op: &RecordSyncOp) -> StoreResult<Done> {
+    sqlx::query(RECORD_SYNC_INVOCATIONS).bind(&op.invocations).execute(&mut *connection).await.map_err(
+        |e| match classify(e) {
+            StoreError::Conflict(m) => {
+                StoreError::Conflict(format!("an invocation of the batch is already recorded: {m}"))
+            }
+            other => other,
+        },
+    )?;
+    if op.logs != "[]" {
+        sqlx::query(RECORD_SYNC_LOGS).bind(&op.logs).execute(&mut *connection).await.map_err(classify)?;
+    }
+    Ok(Done::SyncRecorded)
+}
+
+/// Content-addressed: the same digest always names the same bytes, so a second put does not
+/// rewrite megabytes; it only restarts the grace period of an unnamed blob.
+async fn put_blob(connection: &mut SqliteConnection, op: &PutBlobOp) -> StoreResult<Done> {
+    super::require_tenant(&mut *connection, &op.tenant).await?;
+    let touched = sqlx::query("UPDATE blobs SET created_at = ? WHERE tenant = ? AND digest = ?")
+        .bind(op.now)
+        .bind(&op.tenant)
+        .bind(&op.digest)
+        .execute(&mut *connection)
+        .await
+        .map_err(classify)?;
+    if touched.rows_affected() == 0 {
+        let size = i64::try_from(op.bytes.len()).expect("a blob in memory fits in i64 bytes");
+        sqlx::query("INSERT INTO blobs (tenant, digest, bytes, size, created_at) VALUES (?, ?, ?, ?, ?)")
+            .bind(&op.tenant)
+            .bind(&op.digest)
+            .bind(&op.bytes)
+            .bind(size)
+            .bind(op.now)
+            .execute(&mut *connection)
+            .await
+            .map_err(classify)?;
+    }
+    Ok(Done::BlobPut)
+}
+
+async fn node_heartbeat(connection: &mut SqliteConnection, op: &NodeHeartbeatOp) -> StoreResult<Done> {
+    let node = &op.node;
+    sqlx::query(
+        "INSERT INTO nodes (id, address, version, started_at, heartbeat_at, stopped_at, slots,
+                            in_flight, queue_lag_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, CASE WHEN ?6 THEN ?5 END, ?7, ?8, ?9)
+         ON CONFLICT (id) DO UPDATE SET
+             address = excluded.address, version = excluded.version,
+             heartbeat_at = excluded.heartbeat_at, stopped_at = excluded.stopped_at,
+             slots = excluded.slots, in_flight = excluded.in_flight,
+             queue_lag_ms = excluded.queue_lag_ms",
+    )
+    .bind(&node.id)
+    .bind(&node.address)
+    .bind(&node.version)
+    .bind(node.started_at)
+    .bind(op.now)
+    .bind(op.stopped)
+    .bind(i64::from(node.slots))
+    .bind(i64::from(node.in_flight))
+    .bind(i64::try_from(node.queue_lag_ms).unwrap_or(i64::MAX))
+    .execute(&mut *connection)
+    .await
+    .map_err(classify)?;
+    Ok(Done::NodeHeartbeat)
 }
 
 /// Fenced by attempt: a later attempt keeps its own reasons.
