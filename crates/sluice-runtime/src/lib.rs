@@ -11,6 +11,7 @@
 //! an [`Outcome`].
 
 mod code;
+mod dns;
 pub mod downstream;
 mod lanes;
 mod logs;
@@ -41,6 +42,7 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 pub use code::{ArtifactFile, ArtifactUsage, BlobSource, CodeConfig, CodeKey, CodeStats, Origin};
+pub use dns::DnsConfig;
 pub use downstream::{DownstreamState, Downstreams};
 pub use lanes::{LaneConfig, LaneStats};
 pub use logs::LogCapture;
@@ -103,6 +105,8 @@ pub struct RuntimeConfig {
     pub lanes: LaneConfig,
     /// Outbound requests per invocation and their timeouts.
     pub outbound: sluice_core::limits::OutboundLimits,
+    /// The resolver of outbound requests' names: its cache and each tenant's lookups in flight.
+    pub dns: DnsConfig,
     /// Bounds of the warm instances kept for functions with reuse.
     pub warm: warm::WarmConfig,
     /// Instances of one heavy function version alive at once, unless the function sets its own
@@ -129,6 +133,7 @@ impl RuntimeConfig {
             outbound_allow_private: false,
             lanes: LaneConfig::for_cores(cores as usize),
             outbound: limits.outbound,
+            dns: DnsConfig::default(),
             warm: warm::WarmConfig::default(),
             heavy_instances_max: None,
         }
@@ -313,6 +318,8 @@ pub struct Runtime {
     lanes: Arc<lanes::Lanes>,
     code: code::CodeCache,
     downstreams: Arc<Downstreams>,
+    /// Where guests' outbound requests resolve names and connect.
+    egress: outbound::Egress,
     warm: Arc<warm::WarmPools>,
     instance_limits: warm::InstanceLimits,
 }
@@ -334,6 +341,8 @@ impl Runtime {
         let lanes = Arc::new(lanes::Lanes::new(config.lanes.clone())?);
         let code = code::CodeCache::new(config.code.clone())?;
         let downstreams = Arc::new(Downstreams::new());
+        let resolver = dns::Resolver::from_system(&config.dns)?;
+        let egress = outbound::Egress::system(resolver, config.dns.lookups_per_tenant_max);
         let warm = warm::WarmPools::new(config.warm);
         Ok(Self {
             light,
@@ -343,6 +352,7 @@ impl Runtime {
             lanes,
             code,
             downstreams,
+            egress,
             warm,
             instance_limits: Default::default(),
         })
@@ -577,6 +587,7 @@ impl Runtime {
         let hooks = outbound::OutboundPolicy::new(
             call.config.clone(),
             &self.config,
+            self.egress.clone(),
             logs.clone(),
             outbound::DownstreamScope {
                 registry: self.downstreams.clone(),

@@ -6,7 +6,9 @@
 //! checked addresses: handing the request to a client that resolves again would let a DNS answer
 //! that changes between the two lookups (rebinding) walk past the check. So this module is its
 //! own small HTTP/1.1 client, mirroring wasmtime-wasi-http's `default_send_request` (same TLS
-//! roots, same error codes, same three timeouts) except for where it connects.
+//! roots, same error codes, same three timeouts) except for where it connects. Names are looked
+//! up by the node's async resolver ([`crate::dns`]), within the request's connect timeout and
+//! one of its tenant's lookup slots, so a slow name costs the calling guest time, not a thread.
 //!
 //! A denied request fails inside the guest with a wasi:http error (`HTTP-request-denied`, or
 //! `destination-IP-prohibited` for a private address), never touches the network beyond the
@@ -39,6 +41,7 @@ use wasmtime_wasi_http::io::TokioIo;
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
 
 use crate::RuntimeConfig;
+use crate::dns::{Resolver, TenantLookups};
 use crate::downstream::{Acquire, DownstreamPermit, Downstreams, Outcome};
 use crate::logs::LogCapture;
 use crate::trace::{ClientSpan, Propagation};
@@ -50,16 +53,36 @@ pub(crate) trait Network: Send + Sync {
     fn connect(&self, addr: SocketAddr) -> BoxFuture<'static, io::Result<TcpStream>>;
 }
 
-struct SystemNetwork;
+/// The node's resolver and the system's sockets.
+struct SystemNetwork {
+    resolver: Resolver,
+}
 
 impl Network for SystemNetwork {
     fn resolve(&self, host: &str, port: u16) -> BoxFuture<'static, io::Result<Vec<SocketAddr>>> {
-        let host = host.to_string();
-        Box::pin(async move { Ok(tokio::net::lookup_host((host.as_str(), port)).await?.collect()) })
+        self.resolver.lookup(host, port)
     }
 
     fn connect(&self, addr: SocketAddr) -> BoxFuture<'static, io::Result<TcpStream>> {
         Box::pin(TcpStream::connect(addr))
+    }
+}
+
+/// The node's way out, shared by every invocation: where names are resolved and connections
+/// made, and the bound on each tenant's name lookups in flight.
+#[derive(Clone)]
+pub(crate) struct Egress {
+    pub(crate) network: Arc<dyn Network>,
+    pub(crate) lookups: Arc<TenantLookups>,
+}
+
+impl Egress {
+    /// The node's resolver and sockets.
+    pub(crate) fn system(resolver: Resolver, lookups_per_tenant_max: u32) -> Self {
+        Self {
+            network: Arc::new(SystemNetwork { resolver }),
+            lookups: Arc::new(TenantLookups::new(lookups_per_tenant_max)),
+        }
     }
 }
 
@@ -82,7 +105,7 @@ pub struct OutboundPolicy {
     config: Arc<FunctionConfig>,
     allow_private: bool,
     limits: OutboundLimits,
-    network: Arc<dyn Network>,
+    egress: Egress,
     logs: LogCapture,
     downstream: DownstreamScope,
     /// The trace context each request carries on (and the parent of its span).
@@ -95,6 +118,7 @@ impl OutboundPolicy {
     pub(crate) fn new(
         config: Arc<FunctionConfig>,
         runtime: &RuntimeConfig,
+        egress: Egress,
         logs: LogCapture,
         downstream: DownstreamScope,
         propagation: Propagation,
@@ -103,7 +127,7 @@ impl OutboundPolicy {
             config,
             runtime.outbound_allow_private,
             runtime.outbound.clone(),
-            Arc::new(SystemNetwork),
+            egress,
             logs,
             downstream,
         );
@@ -115,7 +139,7 @@ impl OutboundPolicy {
         config: Arc<FunctionConfig>,
         allow_private: bool,
         limits: OutboundLimits,
-        network: Arc<dyn Network>,
+        egress: Egress,
         logs: LogCapture,
         downstream: DownstreamScope,
     ) -> Self {
@@ -123,7 +147,7 @@ impl OutboundPolicy {
             config,
             allow_private,
             limits,
-            network,
+            egress,
             logs,
             downstream,
             propagation: Propagation::default(),
@@ -174,20 +198,22 @@ impl WasiHttpHooks for OutboundPolicy {
         let span = self.propagation.outbound(&method, &uri, request.headers_mut());
         let timeouts = Timeouts::of(options, &self.limits);
         let allow_private = self.allow_private;
-        let network = self.network.clone();
+        let egress = self.egress.clone();
         let downstream = self.downstream.clone();
         Box::new(async move {
             // One deadline for resolving, waiting for a permit, connecting and the TLS handshake,
             // over every address tried: a per-address timeout would let a name with many dead
             // addresses multiply it.
             let deadline = Instant::now() + timeouts.connect;
-            let addrs = match resolve_checked(&*network, &host, port, allow_private, deadline, &logs).await {
-                Ok(addrs) => addrs,
-                Err(err) => {
-                    end_span(span, None, Some(&err));
-                    return Err(err);
-                }
-            };
+            let tenant = &downstream.tenant;
+            let addrs =
+                match resolve_checked(&egress, tenant, &host, port, allow_private, deadline, &logs).await {
+                    Ok(addrs) => addrs,
+                    Err(err) => {
+                        end_span(span, None, Some(&err));
+                        return Err(err);
+                    }
+                };
             let key = downstream_key(&host, port);
             let Ok(mut permit) = timeout_at(deadline, downstream.acquire(&key)).await else {
                 logs.system(format!(
@@ -200,7 +226,7 @@ impl WasiHttpHooks for OutboundPolicy {
             };
             let sent_at = Instant::now();
             let exchange = async {
-                let stream = connect_first(&*network, &addrs, deadline).await?;
+                let stream = connect_first(&*egress.network, &addrs, deadline).await?;
                 let stream: Box<dyn Connection> = if https {
                     let name = tls_server_name(&host)?;
                     let tls = timeout_at(deadline, tls_connector().connect(name, stream))
@@ -317,7 +343,8 @@ impl Timeouts {
 /// every one of them may be reached. One private address refuses the whole name: which address a
 /// client ends up using is not something a policy should leave to chance.
 async fn resolve_checked(
-    network: &dyn Network,
+    egress: &Egress,
+    tenant: &Arc<str>,
     host: &str,
     port: u16,
     allow_private: bool,
@@ -326,10 +353,26 @@ async fn resolve_checked(
 ) -> Result<Vec<SocketAddr>, HttpError> {
     let addrs = match host.parse::<IpAddr>() {
         Ok(ip) => vec![SocketAddr::new(ip, port)],
-        Err(_) => timeout_at(deadline, network.resolve(host, port))
-            .await
-            .map_err(|_| HttpError::DnsTimeout)?
-            .map_err(|_| HttpError::DnsError { rcode: Some("lookup failed".into()), info_code: None })?,
+        Err(_) => {
+            // Held until the lookup is done or abandoned (which aborts it); the wait for it is
+            // part of the lookup's time.
+            let Some(_slot) = egress.lookups.acquire(tenant, deadline).await else {
+                logs.system(format!(
+                    "outbound request to {host}:{port} timed out waiting to look up its name: this \
+                     tenant already had {} name lookups in flight on this node",
+                    egress.lookups.max()
+                ));
+                return Err(HttpError::DnsTimeout);
+            };
+            match timeout_at(deadline, egress.network.resolve(host, port)).await {
+                Ok(Ok(addrs)) => addrs,
+                Err(_) => return Err(HttpError::DnsTimeout),
+                Ok(Err(err)) if err.kind() == io::ErrorKind::TimedOut => return Err(HttpError::DnsTimeout),
+                Ok(Err(_)) => {
+                    return Err(HttpError::DnsError { rcode: Some("lookup failed".into()), info_code: None });
+                }
+            }
+        }
     };
     if addrs.is_empty() {
         return Err(HttpError::DnsError { rcode: Some("no addresses".into()), info_code: None });
@@ -824,13 +867,29 @@ mod tests {
         network: Arc<FakeNetwork>,
         registry: Arc<Downstreams>,
     ) -> OutboundPolicy {
-        let config = FunctionConfig { allow_outbound: vec![allow.into()], ..Default::default() };
-        let downstream = DownstreamScope { registry, tenant: "t".into(), function: "f".into() };
+        let egress = Egress { network, lookups: Arc::new(TenantLookups::new(16)) };
+        policy_of("t", &[allow], allow_private, limits, egress, registry)
+    }
+
+    /// A policy of function `f` of `tenant` that goes out through `egress`.
+    fn policy_of(
+        tenant: &str,
+        allow: &[&str],
+        allow_private: bool,
+        limits: OutboundLimits,
+        egress: Egress,
+        registry: Arc<Downstreams>,
+    ) -> OutboundPolicy {
+        let config = FunctionConfig {
+            allow_outbound: allow.iter().map(|&a| a.into()).collect(),
+            ..Default::default()
+        };
+        let downstream = DownstreamScope { registry, tenant: tenant.into(), function: "f".into() };
         OutboundPolicy::with_network(
             Arc::new(config),
             allow_private,
             limits,
-            network,
+            egress,
             LogCapture::new(1 << 16),
             downstream,
         )
@@ -1089,5 +1148,102 @@ mod tests {
         // Once a slot frees, the request goes through.
         drop(held);
         assert_eq!(get(&mut policy, "http://svc.example/", None).await.unwrap(), "pong");
+    }
+
+    /// A resolver that answers `fast.example` at once with a public address (the test server
+    /// stands in for it) and never answers any other name, counting the lookups in flight: an
+    /// abandoned lookup is dropped, which takes it off the count.
+    struct SlowNames {
+        in_flight: Arc<AtomicUsize>,
+        server: SocketAddr,
+    }
+
+    struct InFlight(Arc<AtomicUsize>);
+
+    impl Drop for InFlight {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    impl Network for SlowNames {
+        fn resolve(&self, host: &str, port: u16) -> BoxFuture<'static, io::Result<Vec<SocketAddr>>> {
+            if host == "fast.example" {
+                return Box::pin(async move { Ok(vec![SocketAddr::from(([93, 184, 216, 34], port))]) });
+            }
+            self.in_flight.fetch_add(1, Ordering::SeqCst);
+            let in_flight = InFlight(self.in_flight.clone());
+            Box::pin(async move {
+                let _in_flight = in_flight;
+                std::future::pending().await
+            })
+        }
+
+        fn connect(&self, _addr: SocketAddr) -> BoxFuture<'static, io::Result<TcpStream>> {
+            Box::pin(TcpStream::connect(self.server))
+        }
+    }
+
+    fn connect_within(ms: u64) -> Option<RequestOptions> {
+        Some(RequestOptions { connect_timeout: Some(Duration::from_millis(ms)), ..Default::default() })
+    }
+
+    /// A name the name server never answers costs the request its connect timeout (the guest's
+    /// own, shorter than the resolver's per-query one), and fails as a DNS timeout.
+    #[tokio::test]
+    async fn an_unanswered_name_fails_as_a_dns_timeout_within_the_connect_timeout() {
+        let (name_server, queries) = crate::dns::tests::name_server(false);
+        let resolver = crate::dns::tests::resolver_of(name_server, &crate::dns::DnsConfig::default());
+        let egress = Egress::system(resolver, 16);
+        let registry = Arc::new(Downstreams::new());
+        let mut policy =
+            policy_of("t", &["slow.example"], false, OutboundLimits::default(), egress, registry.clone());
+        let started = std::time::Instant::now();
+        let err = get(&mut policy, "http://slow.example/", connect_within(200)).await.unwrap_err();
+        assert!(matches!(err, HttpError::DnsTimeout), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+        assert!(queries.load(Ordering::SeqCst) > 0, "the name server was asked");
+        assert!(registry.snapshot("t", "f").is_empty(), "no downstream permit was taken");
+    }
+
+    /// One tenant's slow lookups fill only its own slots: its next request, even for a name
+    /// that would answer at once, waits for one (and fails as a DNS timeout when its connect
+    /// timeout passes first, without reaching the resolver), while another tenant's goes through.
+    #[tokio::test]
+    async fn a_tenant_has_at_most_its_lookups_in_flight() {
+        let server = server(false).await;
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let network = Arc::new(SlowNames { in_flight: in_flight.clone(), server });
+        let egress = Egress { network, lookups: Arc::new(TenantLookups::new(2)) };
+        let registry = Arc::new(Downstreams::new());
+        let policy = |tenant: &str| {
+            let allow = ["slow-0.example", "slow-1.example", "fast.example"];
+            policy_of(tenant, &allow, false, OutboundLimits::default(), egress.clone(), registry.clone())
+        };
+        let slow: Vec<_> = (0..2)
+            .map(|i| {
+                let mut policy = policy("t");
+                tokio::spawn(async move {
+                    get(&mut policy, &format!("http://slow-{i}.example/"), connect_within(60_000)).await
+                })
+            })
+            .collect();
+        crate::dns::tests::until_at_least(&in_flight, 2).await;
+
+        let mut t = policy("t");
+        let err = get(&mut t, "http://fast.example/", connect_within(100)).await.unwrap_err();
+        assert!(matches!(err, HttpError::DnsTimeout), "{err:?}");
+        assert!(system_lines(&t).contains("this tenant already had 2 name lookups in flight"));
+        let mut u = policy("u");
+        assert_eq!(get(&mut u, "http://fast.example/", connect_within(100)).await.unwrap(), "pong");
+        assert_eq!(in_flight.load(Ordering::SeqCst), 2);
+
+        // Abandoned lookups give their slots back.
+        for request in slow {
+            request.abort();
+            assert!(request.await.unwrap_err().is_cancelled());
+        }
+        assert_eq!(in_flight.load(Ordering::SeqCst), 0);
+        assert_eq!(get(&mut t, "http://fast.example/", connect_within(100)).await.unwrap(), "pong");
     }
 }

@@ -164,6 +164,31 @@ fn private_addresses_need_the_operator_flag_even_when_allowed() {
     assert_eq!(hits.load(Ordering::SeqCst), attempts, "one connection per call");
 }
 
+/// Names go through the node's resolver: `localhost` (answered without a name server) reaches the
+/// listener, and a name that cannot exist (`.invalid`, RFC 6761) fails inside the guest as a DNS
+/// error without a connection.
+#[test]
+fn outbound_names_are_resolved_by_the_node() {
+    let (port, hits) = pong_server();
+    let node = Node::start(&["--outbound-allow-private"]);
+    let allow = format!("localhost:{port}");
+    node.deploy(
+        "tg",
+        &guests().testguest,
+        &["--allow-outbound", &allow, "--allow-outbound", "nothing.invalid"],
+    );
+    let path = format!("/fn/default/tg/fetch?url=http://localhost:{port}/x");
+    let (status, body, attempts) = fetch_through(&node, &path);
+    assert_eq!((status, body.as_str()), (200, "status=200\npong"));
+    assert_eq!(hits.load(Ordering::SeqCst), attempts, "one connection per call");
+
+    let res = node.get("/fn/default/tg/fetch?url=http://nothing.invalid/");
+    let (status, body) = (res.status().as_u16(), res.text().unwrap());
+    assert_eq!(status, 502, "{body}");
+    assert!(body.to_ascii_lowercase().contains("dns"), "{body}");
+    assert_eq!(hits.load(Ordering::SeqCst), attempts, "nothing was connected to");
+}
+
 /// Sends raw bytes and returns what the server answered (until it closes or 5 s pass).
 fn raw(node: &Node, request: &[u8]) -> String {
     let addr = node.url.trim_start_matches("http://");
