@@ -130,7 +130,8 @@ pub struct ServeArgs {
     /// The fraction of the node's sync calls in flight and async calls being accepted (and, at
     /// least half, of its uploads and deploys) that one tenant (its keys and its public
     /// functions' anonymous callers) may hold; beyond it the tenant's new ones get 429 at once
-    /// (1: no share).
+    /// (1: no share). Also a tenant's share of the heavy slots (--heavy-slots-max): there calls
+    /// wait instead, and a freed slot goes to a tenant under its share before one beyond it.
     #[arg(long, default_value_t = 0.25)]
     pub tenant_share: f64,
     /// Sync calls running at once on this node; beyond it new calls get 503 at once.
@@ -217,7 +218,9 @@ pub struct ServeArgs {
     pub heavy_memory_max: u64,
     /// Instances of heavy components alive at once on this node, over all of them (default: 4
     /// per core). Heavy components copy their memory image into pages kept resident instead of
-    /// mapping it copy-on-write, so each slot keeps up to --heavy-memory-keep-resident.
+    /// mapping it copy-on-write, so each slot keeps up to --heavy-memory-keep-resident. More
+    /// calls wait for a slot: a tenant alone may use them all, but a freed slot goes first to a
+    /// waiting call of a tenant holding less than its --tenant-share of them.
     #[arg(long)]
     pub heavy_slots_max: Option<u32>,
     /// Bytes of a heavy instance's memory kept resident in its slot after it ends (only the

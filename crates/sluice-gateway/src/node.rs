@@ -14,7 +14,7 @@ use sluice_store::{KeyRecord, Store, VersionRecord};
 use crate::admission::{Admission, FunctionAdmission, Rate};
 use crate::error::store_error;
 use crate::recorder::Recorder;
-use crate::share::{SharedSlot, TenantShares};
+use sluice_core::share::{SharedSlot, TenantShares};
 use sluice_runtime::metrics::CallMetrics;
 
 /// Settings of a node, fixed at start.
@@ -35,7 +35,8 @@ pub struct NodeConfig {
     pub quota_refresh: Duration,
     /// Sync calls running at once on this node; beyond it calls are shed with 503.
     pub sync_inflight_max: usize,
-    /// The fraction of the node's sync, async-accept and deploy slots one tenant may hold.
+    /// The fraction of the node's sync, async-accept and deploy slots one tenant may hold, and
+    /// of its heavy slots while other tenants wait for one.
     pub tenant_share: f64,
     /// Async invocations running at once on this node.
     pub async_inflight_max: usize,
@@ -318,6 +319,7 @@ impl Node {
         if let Some(n) = config.heavy_slots_max {
             rt.heavy_slots_max = n;
         }
+        rt.heavy_tenant_share = config.tenant_share;
         if let Some(b) = config.heavy_memory_max {
             rt.heavy_memory_max = b;
         }
