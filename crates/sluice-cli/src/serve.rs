@@ -130,7 +130,8 @@ pub struct ServeArgs {
     /// The fraction of the node's sync calls in flight and async calls being accepted (and, at
     /// least half, of its uploads and deploys) that one tenant (its keys and its public
     /// functions' anonymous callers) may hold; beyond it the tenant's new ones get 429 at once
-    /// (1: no share).
+    /// (1: no share). Also a tenant's share of the heavy slots (--heavy-slots-max): there calls
+    /// wait instead, and a freed slot goes to a tenant under its share before one beyond it.
     #[arg(long, default_value_t = 0.25)]
     pub tenant_share: f64,
     /// Sync calls running at once on this node; beyond it new calls get 503 at once.
@@ -217,7 +218,9 @@ pub struct ServeArgs {
     pub heavy_memory_max: u64,
     /// Instances of heavy components alive at once on this node, over all of them (default: 4
     /// per core). Heavy components copy their memory image into pages kept resident instead of
-    /// mapping it copy-on-write, so each slot keeps up to --heavy-memory-keep-resident.
+    /// mapping it copy-on-write, so each slot keeps up to --heavy-memory-keep-resident. More
+    /// calls wait for a slot: a tenant alone may use them all, but a freed slot goes first to a
+    /// waiting call of a tenant holding less than its --tenant-share of them.
     #[arg(long)]
     pub heavy_slots_max: Option<u32>,
     /// Bytes of a heavy instance's memory kept resident in its slot after it ends (only the
@@ -258,6 +261,10 @@ pub struct ServeArgs {
     /// For tests of the supervisor: a background task that panics this long after start.
     #[arg(long, hide = true, value_parser = parse_duration)]
     pub test_panic_task_after: Option<Duration>,
+    /// For tests of the API runtime's isolation: every `/v1` request blocks its thread this
+    /// long before it is handled, as a CPU-bound handler would.
+    #[arg(long, hide = true, value_parser = parse_duration)]
+    pub test_api_stall: Option<Duration>,
 }
 
 /// Shortest `--lease`: it is renewed every third of it, and a renewal is a store write.
@@ -419,15 +426,38 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let limits = args.limits()?;
     let workers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     anyhow::ensure!((1..=256).contains(&workers), "--workers must be between 1 and 256");
+    // The node's runtimes besides the per-core HTTP workers (`Server`) and the slow lane (the
+    // runtime's): the control runtime runs the scheduler, the store's queue writer and the
+    // heartbeats; the API runtime the control plane's handlers (`/v1`, `/metrics`), so no API
+    // request, however slow, holds a thread the heartbeats need.
     let control = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(CONTROL_THREADS)
         .thread_name("sluice-control")
         .enable_all()
         .build()?;
-    control.block_on(serve(args, limits, workers))
+    let api = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(API_THREADS)
+        .thread_name("sluice-api")
+        .enable_all()
+        .build()?;
+    let result = control.block_on(serve(args, limits, workers, api.handle().clone()));
+    // Requests the API runtime still runs are cut short here; the HTTP workers stopped first.
+    api.shutdown_timeout(Duration::from_secs(1));
+    result
 }
 
-async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Result<()> {
+/// Threads of the control runtime (scheduler, queue writer, heartbeats, upkeep).
+const CONTROL_THREADS: usize = 2;
+/// Threads of the API runtime (`/v1` and `/metrics` handlers). One: the API is bounded per key,
+/// tenant and node (`--api-*`), and its handlers mostly wait for the store.
+const API_THREADS: usize = 1;
+
+async fn serve(
+    args: ServeArgs,
+    limits: Limits,
+    workers: usize,
+    api: tokio::runtime::Handle,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
     let (store, store_writer) = open_store(&args).await?;
@@ -503,6 +533,8 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
         memory_max: args.warm_memory_max,
     };
     config.code = args.code()?;
+    config.api_runtime = Some(api.clone());
+    config.test_api_stall = args.test_api_stall;
     let node = Node::open(config, store).await?;
     let exporter = match &args.otlp_endpoint {
         Some(endpoint) => {
@@ -531,7 +563,17 @@ async fn serve(args: ServeArgs, limits: Limits, workers: usize) -> anyhow::Resul
             .await
             .with_context(|| format!("listening for metrics on {listen}"))?;
         eprintln!("metrics without a key on http://{}/metrics", listener.local_addr()?);
-        supervisor.spawn("metrics listener", sluice_gateway::metrics::serve_open(node.clone(), listener));
+        // The keyless scrape is control-plane work like `/metrics` on the main address.
+        let listener = listener.into_std()?;
+        let node = node.clone();
+        supervisor.watch(
+            "metrics listener",
+            api.spawn(async move {
+                let listener =
+                    tokio::net::TcpListener::from_std(listener).expect("registering the metrics listener");
+                sluice_gateway::metrics::serve_open(node, listener).await
+            }),
+        );
     }
     eprintln!(
         "sluice {} listening on http://{addr}/ (data: {}, {workers} workers)",

@@ -12,6 +12,7 @@ pub mod limits;
 pub mod metrics;
 pub mod retry;
 pub mod secret;
+pub mod share;
 pub mod units;
 pub mod vocab;
 

@@ -6,7 +6,6 @@
 //! tests advance time instead of sleeping (linkerd2-proxy's approach).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -14,6 +13,8 @@ use governor::clock::{Clock, DefaultClock};
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
+pub use sluice_core::share::{Gauge, Slot};
+use sluice_core::share::{SharedSlot, TenantShares};
 use sluice_core::{ErrorKind, SluiceError};
 
 /// A rate: `per_sec` sustained, `burst` at once.
@@ -76,63 +77,13 @@ impl<C: Clock + Clone> Bucket<C> {
     }
 }
 
-/// A counter of calls in flight with a bound; the permit gives its slot back when dropped.
-#[derive(Debug, Default)]
-pub struct Gauge {
-    inflight: AtomicUsize,
-}
-
-impl Gauge {
-    pub fn try_acquire(self: &Arc<Self>, max: usize) -> Option<Slot> {
-        let mut current = self.inflight.load(Ordering::Relaxed);
-        loop {
-            if current >= max {
-                return None;
-            }
-            match self.inflight.compare_exchange_weak(
-                current,
-                current + 1,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return Some(Slot(self.clone())),
-                Err(seen) => current = seen,
-            }
-        }
-    }
-
-    pub fn current(&self) -> usize {
-        self.inflight.load(Ordering::Relaxed)
-    }
-
-    /// A slot under a node-wide bound, or 503 `overloaded` with `Retry-After` at once, saying
-    /// `refusal`.
-    pub fn admit(
-        self: &Arc<Self>,
-        max: usize,
-        refusal: impl FnOnce() -> String,
-    ) -> Result<Slot, SluiceError> {
-        self.try_acquire(max).ok_or_else(|| SluiceError::new(ErrorKind::Overloaded, refusal()).retry_after(1))
-    }
-}
-
-/// A held slot of a [`Gauge`].
-#[derive(Debug)]
-pub struct Slot(Arc<Gauge>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.inflight.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// What a node admits, node-wide and per tenant.
 pub struct Admission<C: Clock = DefaultClock> {
     clock: C,
     /// Sync calls running on this node at most; beyond it new calls are shed with 503.
     pub sync_inflight_max: usize,
     /// Sync calls in flight, with a share per tenant (none unless [`Admission::with_sync_tenant_max`]).
-    sync_inflight: crate::share::TenantShares,
+    sync_inflight: TenantShares,
     tenant_default: Option<Rate>,
     tenants: RwLock<HashMap<String, Arc<Bucket<C>>>>,
     /// The tenants with a rate of their own, and that rate.
@@ -149,11 +100,7 @@ impl<C: Clock + Clone> Admission<C> {
         Self {
             clock,
             sync_inflight_max,
-            sync_inflight: crate::share::TenantShares::new(
-                "sync calls in flight",
-                sync_inflight_max,
-                sync_inflight_max,
-            ),
+            sync_inflight: TenantShares::new("sync calls in flight", sync_inflight_max, sync_inflight_max),
             tenant_default,
             tenants: RwLock::default(),
             own_rates: RwLock::default(),
@@ -208,14 +155,13 @@ impl<C: Clock + Clone> Admission<C> {
 
     /// Gives each tenant a share of the node's sync calls in flight: `max` of them.
     pub fn with_sync_tenant_max(mut self, max: usize) -> Self {
-        self.sync_inflight =
-            crate::share::TenantShares::new("sync calls in flight", self.sync_inflight_max, max);
+        self.sync_inflight = TenantShares::new("sync calls in flight", self.sync_inflight_max, max);
         self
     }
 
     /// Load shedding: a slot for one more sync call of `tenant`, or at once 429 when the tenant
     /// holds its share of the node's, 503 when the node is full.
-    pub fn shed(&self, tenant: &str) -> Result<crate::share::SharedSlot, SluiceError> {
+    pub fn shed(&self, tenant: &str) -> Result<SharedSlot, SluiceError> {
         self.sync_inflight.admit(tenant, || format!("tenant {tenant}"))
     }
 

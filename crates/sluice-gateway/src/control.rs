@@ -1,12 +1,13 @@
 //! Admission to the control plane (`/v1` and `/metrics`): a token bucket per API key, a bound
 //! on requests in flight per tenant, and a bound per node.
 //!
-//! The control API runs on the control runtime beside the scheduler, the node heartbeat and the
-//! store's connections, and a read such as `GET /v1/invocations?limit=1000` costs a store query
-//! and a large JSON body. Without these bounds a `read` key looping such calls could keep the
-//! control runtime's threads and the store's pooled connections busy until heartbeats are late
-//! and leases lapse. The checks are made on the accepting core, before anything is spawned on the
-//! control runtime, from the in-memory key cache; a refusal is immediate (429 or 503 with
+//! The control API runs on a runtime of its own (the API runtime, one thread: `serve`), not on
+//! the control runtime where the scheduler, the queue writer and the heartbeats run, so API work
+//! can never keep their threads busy. But a read such as `GET /v1/invocations?limit=1000` still
+//! costs a store query and a large JSON body: without these bounds a `read` key looping such
+//! calls could keep the API runtime and the store's pooled connections busy for everyone else's
+//! API calls. The checks are made on the accepting core, before anything is spawned on the API
+//! runtime, from the in-memory key cache; a refusal is immediate (429 or 503 with
 //! `Retry-After`), nothing waits.
 //!
 //! Callers are told apart by their key: requests without a valid key (which the API answers with
@@ -22,7 +23,7 @@ use sluice_core::SluiceError;
 
 use crate::admission::{Bucket, Rate};
 use crate::node::Principal;
-use crate::share::{SharedSlot, TenantShares};
+use sluice_core::share::{SharedSlot, TenantShares};
 
 /// Keys with a bucket at once; past it the map starts over (every key gets a full bucket again),
 /// which bounds the memory a flood of distinct keys could take.

@@ -442,7 +442,7 @@ fn time_header(headers: &HeaderMap, name: &str) -> Result<Option<i64>, SluiceErr
 fn recorder(
     node: &Arc<Node>,
     deployed: &Arc<Deployed>,
-    slots: (Option<Slot>, crate::share::SharedSlot),
+    slots: (Option<Slot>, sluice_core::share::SharedSlot),
     arrived: Instant,
     follow: Follow,
 ) -> sluice_runtime::OnDone {

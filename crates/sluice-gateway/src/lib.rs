@@ -23,7 +23,6 @@ pub mod node;
 pub mod quota;
 pub mod recorder;
 pub mod server;
-pub mod share;
 pub mod sniff;
 
 pub use node::{Node, NodeConfig};

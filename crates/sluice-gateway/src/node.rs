@@ -14,7 +14,7 @@ use sluice_store::{KeyRecord, Store, VersionRecord};
 use crate::admission::{Admission, FunctionAdmission, Rate};
 use crate::error::store_error;
 use crate::recorder::Recorder;
-use crate::share::{SharedSlot, TenantShares};
+use sluice_core::share::{SharedSlot, TenantShares};
 use sluice_runtime::metrics::CallMetrics;
 
 /// Settings of a node, fixed at start.
@@ -35,7 +35,8 @@ pub struct NodeConfig {
     pub quota_refresh: Duration,
     /// Sync calls running at once on this node; beyond it calls are shed with 503.
     pub sync_inflight_max: usize,
-    /// The fraction of the node's sync, async-accept and deploy slots one tenant may hold.
+    /// The fraction of the node's sync, async-accept and deploy slots one tenant may hold, and
+    /// of its heavy slots while other tenants wait for one.
     pub tenant_share: f64,
     /// Async invocations running at once on this node.
     pub async_inflight_max: usize,
@@ -49,6 +50,13 @@ pub struct NodeConfig {
     pub lease_ms: u64,
     /// Bounds of the control plane (`/v1`, `/metrics`): per key, per tenant, per node.
     pub control: crate::control::ControlConfig,
+    /// The runtime the control plane's handlers run on, a runtime of their own so that API work
+    /// never delays the scheduler, the queue writer and the heartbeats on the control runtime;
+    /// `None`: the runtime [`Node::open`] runs on.
+    pub api_runtime: Option<tokio::runtime::Handle>,
+    /// For tests of that isolation: every `/v1` request blocks its thread this long before it is
+    /// handled, as a CPU-bound handler would.
+    pub test_api_stall: Option<Duration>,
     /// The runtime's fast and slow CPU lanes.
     pub lanes: sluice_runtime::LaneConfig,
     /// Bytes of a freed linear memory kept resident and reset in place.
@@ -90,6 +98,8 @@ impl NodeConfig {
             deploy_inflight_max: 8,
             lease_ms: 30_000,
             control: Default::default(),
+            api_runtime: None,
+            test_api_stall: None,
             lanes: sluice_runtime::LaneConfig::for_cores(
                 std::thread::available_parallelism().map_or(1, |n| n.get()),
             ),
@@ -287,9 +297,10 @@ pub struct Node {
     pub deploys: TenantShares,
     functions: RwLock<Registry<Deployed>>,
     keys: KeyCache,
-    /// The runtime that owns the store's connections and background tasks; API calls run here
-    /// rather than on the per-core HTTP workers.
-    pub control: tokio::runtime::Handle,
+    /// The runtime the control plane's handlers (`/v1`, `/metrics`) run on, rather than on the
+    /// per-core HTTP workers or beside the scheduler and the heartbeats
+    /// ([`NodeConfig::api_runtime`]).
+    pub api: tokio::runtime::Handle,
     pub public_url: RwLock<String>,
     /// The queue's depth for `/metrics`, read from the store at most once per
     /// [`crate::metrics::STORE_READ_EVERY`].
@@ -318,6 +329,7 @@ impl Node {
         if let Some(n) = config.heavy_slots_max {
             rt.heavy_slots_max = n;
         }
+        rt.heavy_tenant_share = config.tenant_share;
         if let Some(b) = config.heavy_memory_max {
             rt.heavy_memory_max = b;
         }
@@ -348,6 +360,7 @@ impl Node {
         // share of them is at least half the node's.
         let deploy_share = TenantShares::share_of(deploy_max, config.tenant_share.max(0.5));
         let deploys = TenantShares::new("uploads and deploys", deploy_max, deploy_share);
+        let api = config.api_runtime.clone().unwrap_or_else(tokio::runtime::Handle::current);
         let node = Arc::new(Self {
             id: format!("{}-{}", std::process::id(), sluice_core::ids::short_id("node")),
             config,
@@ -365,7 +378,7 @@ impl Node {
             deploys,
             functions: RwLock::default(),
             keys: KeyCache::default(),
-            control: tokio::runtime::Handle::current(),
+            api,
             public_url: RwLock::new(String::new()),
             queue_depth: crate::metrics::Recent::new(crate::metrics::STORE_READ_EVERY),
         });

@@ -167,7 +167,8 @@ fn check_head(req: &Request<Incoming>, limits: &sluice_core::Limits) -> Result<(
 }
 
 /// The top of the request path: `/fn` calls go straight to the invoke path on this core; the
-/// control API runs on the control runtime, next to the store.
+/// control API runs on the API runtime, away from both the HTTP workers and the control runtime
+/// that runs the scheduler, the queue writer and the heartbeats.
 async fn route(node: &Arc<Node>, req: Request<Incoming>, framing_conflict: bool) -> Response<Body> {
     if framing_conflict {
         let e = SluiceError::bad_request(
@@ -190,8 +191,8 @@ async fn route(node: &Arc<Node>, req: Request<Incoming>, framing_conflict: bool)
         if metrics && req.method() != http::Method::GET {
             return error_response(&SluiceError::new(ErrorKind::MethodNotAllowed, "use GET /metrics"), None);
         }
-        // Bounded here, on the accepting core, before anything reaches the control runtime that
-        // the scheduler and the heartbeats share (`control`).
+        // Bounded here, on the accepting core, before anything reaches the API runtime
+        // (`control`).
         let principal = crate::node::bearer(req.headers()).and_then(|key| node.principal_for_key(key));
         let pass = match node.control_admission.admit(principal.as_deref()) {
             Ok(pass) => pass,
@@ -199,7 +200,7 @@ async fn route(node: &Arc<Node>, req: Request<Incoming>, framing_conflict: bool)
         };
         let spawned = if metrics {
             let fut = crate::metrics::handle(node.clone(), req.headers().clone());
-            node.control.spawn(async move {
+            node.api.spawn(async move {
                 let _pass = pass;
                 fut.await
             })
@@ -209,8 +210,12 @@ async fn route(node: &Arc<Node>, req: Request<Incoming>, framing_conflict: bool)
                 req.extensions_mut().insert(crate::api_common::Admitted(principal));
             }
             let fut = crate::api::handle(node.clone(), req);
-            node.control.spawn(async move {
+            let stall = node.config.test_api_stall;
+            node.api.spawn(async move {
                 let _pass = pass;
+                if let Some(stall) = stall {
+                    std::thread::sleep(stall);
+                }
                 fut.await
             })
         };

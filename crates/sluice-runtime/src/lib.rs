@@ -13,6 +13,7 @@
 mod code;
 mod dns;
 pub mod downstream;
+mod heavy;
 mod lanes;
 mod logs;
 pub mod metrics;
@@ -87,6 +88,11 @@ pub struct RuntimeConfig {
     /// size of the heavy engine's pool, so at most this many slots keep
     /// `heavy_memory_keep_resident_bytes` resident. More calls wait for a slot.
     pub heavy_slots_max: u32,
+    /// The fraction of the heavy slots a tenant holds while other tenants' calls wait for one
+    /// (rounded down, at least one slot): a freed slot goes to a waiting call of a tenant under
+    /// its share first. A tenant alone may use every slot (see `heavy`). 1: first come, first
+    /// served.
+    pub heavy_tenant_share: f64,
     /// Initial memory that the instances of one heavy version alive at once may have together,
     /// unless the function sets its own `instances_max`: a version whose instances start with
     /// 15 MiB may have `heavy_memory_max / 15 MiB` of them (at least one).
@@ -125,6 +131,7 @@ impl RuntimeConfig {
             heavy_memory_keep_resident_bytes: 64 << 20,
             heavy_from_bytes: HEAVY_MEMORY_BYTES,
             heavy_slots_max: 4 * cores,
+            heavy_tenant_share: 0.25,
             heavy_memory_max: HEAVY_MEMORY_MAX_DEFAULT,
             table_keep_resident_bytes: 1 << 20,
             artifact_dir,
@@ -312,8 +319,8 @@ pub struct Runtime {
     /// Heavy components: memory images copied into resident pages (see
     /// [`RuntimeConfig::heavy_memory_keep_resident_bytes`]).
     heavy: EngineSet,
-    /// Room in the heavy engine's pool.
-    heavy_slots: Arc<tokio::sync::Semaphore>,
+    /// Room in the heavy engine's pool, shared out per tenant.
+    heavy_slots: Arc<heavy::HeavySlots>,
     config: RuntimeConfig,
     lanes: Arc<lanes::Lanes>,
     code: code::CodeCache,
@@ -336,7 +343,11 @@ impl Runtime {
         let heavy_pool =
             pool_config(config.heavy_slots_max, (64, 4), &config, config.heavy_memory_keep_resident_bytes);
         let heavy = EngineSet::new(heavy_pool, false)?;
-        let heavy_slots = Arc::new(tokio::sync::Semaphore::new(config.heavy_slots_max as usize));
+        let heavy_slots_max = config.heavy_slots_max as usize;
+        let heavy_slots = heavy::HeavySlots::new(
+            heavy_slots_max,
+            sluice_core::share::TenantShares::share_of(heavy_slots_max, config.heavy_tenant_share),
+        );
         std::fs::create_dir_all(&config.artifact_dir)?;
         let lanes = Arc::new(lanes::Lanes::new(config.lanes.clone())?);
         let code = code::CodeCache::new(config.code.clone())?;
@@ -394,35 +405,17 @@ impl Runtime {
         let Some(max) = self.instances_max(prepared, config) else { return Ok(None) };
         let mut permit = self.instance_limits.acquire(key, max, deadline).await?;
         if prepared.heavy() {
-            permit.heavy_slot = Some(self.heavy_slot(deadline).await?);
+            permit.heavy_slot = Some(self.heavy_slot(&key.tenant, deadline).await?);
         }
         Ok(Some(permit))
     }
 
-    /// A slot of the heavy engine's pool, waiting until `deadline`. Idle warm instances of heavy
+    /// A slot of the heavy engine's pool for a call of `tenant`, waiting until `deadline` (a
+    /// tenant under its share before one beyond it: `heavy`). Idle warm instances of heavy
     /// components give theirs up first: a call that needs a fresh instance comes before one
     /// that may never come.
-    async fn heavy_slot(&self, deadline: Instant) -> Result<tokio::sync::OwnedSemaphorePermit, SluiceError> {
-        loop {
-            match self.heavy_slots.clone().try_acquire_owned() {
-                Ok(slot) => return Ok(slot),
-                Err(tokio::sync::TryAcquireError::Closed) => {
-                    return Err(SluiceError::internal("the heavy slots were closed"));
-                }
-                Err(tokio::sync::TryAcquireError::NoPermits) => {
-                    if !self.warm.drop_idle_heavy() {
-                        break;
-                    }
-                }
-            }
-        }
-        warm::acquire_by(self.heavy_slots.clone(), deadline, || {
-            format!(
-                "all {} instances of heavy components this node runs at once are busy",
-                self.config.heavy_slots_max
-            )
-        })
-        .await
+    async fn heavy_slot(&self, tenant: &str, deadline: Instant) -> Result<heavy::HeavySlot, SluiceError> {
+        self.heavy_slots.acquire(tenant, deadline, || self.warm.drop_idle_heavy()).await
     }
 
     /// The concurrency limits of every function's downstreams on this node: the scheduler and
@@ -449,7 +442,7 @@ impl Runtime {
     /// Heavy instances alive now, and at most.
     pub fn heavy_slots(&self) -> (u32, u32) {
         let max = self.config.heavy_slots_max;
-        (max.saturating_sub(self.heavy_slots.available_permits() as u32), max)
+        (self.heavy_slots.in_use() as u32, max)
     }
 
     fn prepare(
@@ -807,7 +800,7 @@ struct Ran {
 /// is given back only after the store (and its instance) is gone.
 struct Held {
     store: Store<Host>,
-    heavy_slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    heavy_slot: Option<heavy::HeavySlot>,
 }
 
 /// Resolves when the caller went away: the [`CancelOnDrop`] was dropped while armed. A disarmed

@@ -88,7 +88,7 @@ pub(crate) struct Warm {
     idle_since: Instant,
     /// The heavy engine's pool slot it holds (a heavy component's): given back after the store
     /// is dropped (fields drop in order), so the pool never has more instances than slots.
-    pub(crate) heavy_slot: Option<OwnedSemaphorePermit>,
+    pub(crate) heavy_slot: Option<crate::heavy::HeavySlot>,
 }
 
 impl Warm {
@@ -98,7 +98,7 @@ impl Warm {
         config: Arc<FunctionConfig>,
         logs: LogCapture,
         calls: u32,
-        heavy_slot: Option<OwnedSemaphorePermit>,
+        heavy_slot: Option<crate::heavy::HeavySlot>,
     ) -> Self {
         let bytes = store.data().limiter.memory_bytes as u64;
         Self { store, proxy, config, logs, calls, bytes, idle_since: Instant::now(), heavy_slot }
@@ -347,7 +347,7 @@ pub(crate) struct InstanceLimits {
 /// engine's pool); given back when dropped.
 pub struct InstancePermit {
     _permit: OwnedSemaphorePermit,
-    pub(crate) heavy_slot: Option<OwnedSemaphorePermit>,
+    pub(crate) heavy_slot: Option<crate::heavy::HeavySlot>,
 }
 
 impl InstanceLimits {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::harness::Node;
+use crate::harness::{Node, guests};
 
 /// Creates `tenant` and a `read` key for it as admin; returns the key.
 fn read_key(node: &Node, tenant: &str) -> String {
@@ -112,4 +112,87 @@ fn a_read_key_flooding_the_control_api_is_refused_past_its_share_and_others_are_
     assert!(limited > 0, "mallory's key was never refused for its rate ({ok} served)");
     // 50/s with a burst of 50 over about 1.3 s: at most about 115 served.
     assert!(ok <= 130, "mallory's key was served {ok} times, over its rate");
+}
+
+/// A stub downstream that answers every request at once and records when each arrived.
+fn recording_server() -> (u16, Arc<std::sync::Mutex<Vec<Instant>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let arrivals = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let arrivals = arrivals.clone();
+            std::thread::spawn(move || {
+                if crate::harness::read_request(&mut stream).is_some() {
+                    arrivals.lock().unwrap().push(Instant::now());
+                    let _ = std::io::Write::write_all(
+                        &mut stream,
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                    );
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// The control API runs on a runtime of its own: while every `/v1` thread is held by slow API
+/// requests (`--test-api-stall`: each holds its thread for a second, as a CPU-bound handler
+/// would), async calls are still accepted and run at once, because the queue writer and the
+/// scheduler (and the heartbeats beside them) run on the control runtime, which API work never
+/// reaches.
+#[test]
+fn slow_api_requests_do_not_delay_the_queue_writer_or_the_scheduler() {
+    let (port, arrivals) = recording_server();
+    let node = Node::start(&["--test-api-stall", "1s", "--outbound-allow-private"]);
+    let target = format!("127.0.0.1:{port}");
+    node.deploy("tg", &guests().testguest, &["--allow-outbound", &target]);
+
+    // Twelve clients loop an API read with the admin key (no rate limit, no tenant share).
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooders: Vec<_> = (0..12)
+        .map(|_| {
+            let (url, token, stop) = (node.url.clone(), node.token.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let client = reqwest::blocking::Client::new();
+                let mut served = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let res = client
+                        .get(format!("{url}/v1/tenants/default/functions"))
+                        .bearer_auth(&token)
+                        .send()
+                        .unwrap();
+                    assert_eq!(res.status(), 200, "{}", res.text().unwrap());
+                    served += 1;
+                }
+                served
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let mut worst = Duration::ZERO;
+    for i in 0..5 {
+        let began = Instant::now();
+        node.enqueue(&format!("/fn/default/tg/fetch?url=http%3A%2F%2F127.0.0.1%3A{port}%2F{i}"), &[]);
+        let accepted = began.elapsed();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while arrivals.lock().unwrap().len() <= i {
+            assert!(Instant::now() < deadline, "async call {i} never ran");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let ran = arrivals.lock().unwrap()[i] - began;
+        eprintln!("async call {i}: accepted in {accepted:?}, ran after {ran:?}");
+        worst = worst.max(ran);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let served: usize = flooders.into_iter().map(|f| f.join().unwrap()).sum();
+    eprintln!("the flood was served {served} times; the slowest async call ran after {worst:?}");
+    assert!(served >= 3, "the API was not flooded ({served} requests served)");
+    // Behind a second of API work per request on the control runtime's two threads, each call
+    // would wait for several of them (the API requests queue before the writer and the
+    // scheduler); on their own runtime, a call is accepted and run in milliseconds.
+    assert!(worst < Duration::from_millis(800), "an async call ran {worst:?} after it was sent");
 }

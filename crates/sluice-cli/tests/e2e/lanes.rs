@@ -1,7 +1,10 @@
 //! CPU lanes: a call that outgrows the fast lane moves to the slow lane (and says so in its
 //! logs), a tenant's slow-lane slots are bounded and waiting for one counts against the timeout,
-//! CPU time is recorded, and a client that goes away cancels its call.
+//! CPU time is recorded, and a client that goes away cancels its call. The heavy engine's slots,
+//! which calls also wait for, are shared out per tenant.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -122,4 +125,59 @@ fn a_client_that_goes_away_cancels_its_call_and_frees_its_slot() {
         v["invocations"].as_array().unwrap().iter().any(|i| i["error_kind"] == "client_closed")
     });
     assert!(page.to_string().contains("client_closed"), "{page}");
+}
+
+/// The heavy slots are shared out per tenant: a tenant's queue of slow heavy calls does not
+/// make another tenant's heavy call wait behind it. Calls wait for a heavy slot rather than
+/// being refused; the first slot freed goes to the tenant holding less than its share.
+#[test]
+fn a_tenants_queue_of_slow_heavy_calls_does_not_hold_back_another_tenants_heavy_call() {
+    // Every component is heavy here (the test guest starts with about 1 MiB); two heavy slots,
+    // a tenant's share of them one.
+    let node =
+        Node::start(&["--heavy-from", "64KiB", "--heavy-slots-max", "2", "--heavy-instances-max", "16"]);
+    node.deploy("tg", &guests().testguest, &[]);
+    let (ok, out, err) = node.cli(&["tenants", "create", "mallory"]);
+    assert!(ok, "{out}{err}");
+    node.deploy("tg", &guests().testguest, &["--tenant", "mallory"]);
+    assert_eq!(node.get("/v1/node").json::<Value>().unwrap()["heavy"]["slots_max"], 2);
+
+    // Mallory: eight calls of 1.5 s at once; two run, six wait for a slot.
+    let done = Arc::new(AtomicUsize::new(0));
+    let flood: Vec<_> = (0..8)
+        .map(|_| {
+            let (url, token, done) = (node.url.clone(), node.token.clone(), done.clone());
+            std::thread::spawn(move || {
+                let res = reqwest::blocking::Client::new()
+                    .get(format!("{url}/fn/mallory/tg/sleep?ms=1500"))
+                    .bearer_auth(token)
+                    .timeout(Duration::from_secs(60))
+                    .send()
+                    .unwrap();
+                let status = res.status().as_u16();
+                done.fetch_add(1, Ordering::SeqCst);
+                status
+            })
+        })
+        .collect();
+    node.wait_json("/v1/node", |v| v["heavy"]["slots_in_use"] == 2);
+    // Let the other six reach the queue.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(done.load(Ordering::SeqCst), 0, "mallory's first calls ended before the queue formed");
+
+    // Tenant default's heavy call gets the first slot mallory frees, not the seventh.
+    let began = Instant::now();
+    let res = node.get("/fn/default/tg/ok");
+    let waited = began.elapsed();
+    let mallory_done = done.load(Ordering::SeqCst);
+    assert_eq!(res.status(), 200);
+    eprintln!("default's heavy call took {waited:?}; {mallory_done} of mallory's 8 calls had ended");
+    assert!(
+        mallory_done <= 2,
+        "default's call waited until {mallory_done} of mallory's calls had ended ({waited:?}): it queued \
+         behind mallory's"
+    );
+    let statuses: Vec<u16> = flood.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(statuses.iter().all(|s| *s == 200), "mallory's calls all ran in the end: {statuses:?}");
+    node.wait_json("/v1/node", |v| v["heavy"]["slots_in_use"] == 0);
 }

@@ -1,16 +1,68 @@
 //! A node-wide bound on things in flight with a share per tenant: one tenant (or all the
 //! anonymous callers of its public functions) can take at most its share of the node's slots,
-//! so the rest stay for everyone else. The CPU lanes do the same for slow-lane slots.
+//! so the rest stay for everyone else. The gateway bounds sync calls, async accepts and deploys
+//! with it; the runtime its heavy engine's slots (there calls wait instead of being refused, and
+//! the waiting is the runtime's: see `sluice_runtime::heavy`). The CPU lanes do the same for
+//! slow-lane slots.
 //!
 //! The tenant's slot is taken first: a tenant at its share must not hold node slots that other
-//! tenants could use. Both refusals are immediate; nothing waits.
+//! tenants could use. Both refusals are immediate; nothing waits, and nothing here does I/O.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
-use sluice_core::{ErrorKind, SluiceError};
+use crate::{ErrorKind, SluiceError};
 
-use crate::admission::{Gauge, Slot};
+/// A counter of calls in flight with a bound; the permit gives its slot back when dropped.
+#[derive(Debug, Default)]
+pub struct Gauge {
+    inflight: AtomicUsize,
+}
+
+impl Gauge {
+    pub fn try_acquire(self: &Arc<Self>, max: usize) -> Option<Slot> {
+        let mut current = self.inflight.load(Ordering::Relaxed);
+        loop {
+            if current >= max {
+                return None;
+            }
+            match self.inflight.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(Slot(self.clone())),
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    pub fn current(&self) -> usize {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    /// A slot under a node-wide bound, or 503 `overloaded` with `Retry-After` at once, saying
+    /// `refusal`.
+    pub fn admit(
+        self: &Arc<Self>,
+        max: usize,
+        refusal: impl FnOnce() -> String,
+    ) -> Result<Slot, SluiceError> {
+        self.try_acquire(max).ok_or_else(|| SluiceError::new(ErrorKind::Overloaded, refusal()).retry_after(1))
+    }
+}
+
+/// A held slot of a [`Gauge`].
+#[derive(Debug)]
+pub struct Slot(Arc<Gauge>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// Slots of a node-wide bound, shared out per tenant.
 #[derive(Debug)]
@@ -82,6 +134,22 @@ impl TenantShares {
         Ok(slot)
     }
 
+    /// A slot beyond `tenant`'s share, counted in its holdings (see [`TenantShares::held_by`]):
+    /// only the node's bound applies. For a caller that has decided no other tenant needs the
+    /// slot (the heavy slots: nobody else waits for one).
+    pub fn admit_beyond_share(&self, tenant: &str) -> Result<SharedSlot, SluiceError> {
+        let tenant_slot = self.tenant_gauge(tenant).try_acquire(usize::MAX).expect("an unbounded gauge");
+        let mut slot = self.admit_unshared()?;
+        slot._tenant = Some(tenant_slot);
+        Ok(slot)
+    }
+
+    /// Slots `tenant` holds now (those taken through [`TenantShares::admit`] with a share, or
+    /// [`TenantShares::admit_beyond_share`]).
+    pub fn held_by(&self, tenant: &str) -> usize {
+        self.tenants.read().expect("tenant shares lock").get(tenant).map_or(0, |g| g.current())
+    }
+
     /// A slot of the node's bound only, for a caller no tenant's share applies to (the
     /// operator's admin keys).
     pub fn admit_unshared(&self) -> Result<SharedSlot, SluiceError> {
@@ -125,6 +193,20 @@ mod tests {
         drop((held, acme));
         assert_eq!(shares.current(), 0);
         shares.admit("mallory", || "tenant mallory".into()).unwrap();
+    }
+
+    #[test]
+    fn a_slot_beyond_the_share_counts_for_the_tenant_and_the_node() {
+        let shares = TenantShares::new("heavy instances", 3, 1);
+        let first = shares.admit("acme", || "tenant acme".into()).unwrap();
+        let beyond = shares.admit_beyond_share("acme").unwrap();
+        assert_eq!((shares.held_by("acme"), shares.held_by("bravo"), shares.current()), (2, 0, 2));
+        let _bravo = shares.admit("bravo", || "tenant bravo".into()).unwrap();
+        let full = shares.admit_beyond_share("acme").unwrap_err();
+        assert_eq!(full.kind, ErrorKind::Overloaded);
+        assert_eq!(shares.held_by("acme"), 2, "the refusal counted nothing for acme");
+        drop((first, beyond));
+        assert_eq!((shares.held_by("acme"), shares.current()), (0, 1));
     }
 
     #[test]
