@@ -22,6 +22,7 @@ if [ -z "${SLUICE:-}" ]; then
   SLUICE=target/release/sluice
 fi
 HELLO=$(scripts/build-guests.sh | sed -n 1p)
+PY=$(command -v /usr/bin/python3 || command -v python3)
 data=$(mktemp -d)
 pid=
 trap '[ -n "$pid" ] && kill $pid 2>/dev/null; wait 2>/dev/null; rm -rf "$data"' EXIT
@@ -29,22 +30,36 @@ trap '[ -n "$pid" ] && kill $pid 2>/dev/null; wait 2>/dev/null; rm -rf "$data"' 
 start() {
   : > "$data/log"
   "$SLUICE" serve --listen 127.0.0.1:0 --data-dir "$data/n" \
-    --tenant-queued-max 100000000 --tenant-queued-bytes-max 100GiB 2>> "$data/log" &
+    --tenant-queued-max 100000000 --tenant-queued-bytes-max 100GiB ${SERVE_ARGS:-} 2>> "$data/log" &
   pid=$!
   for _ in $(seq 1 3000); do grep -q 'listening on' "$data/log" && break; sleep 0.01; done
   URL=$(grep -o 'listening on http://[0-9.:]*' "$data/log" | sed 's/listening on //')
 }
 stop() { kill "$pid"; wait "$pid" 2>/dev/null || true; pid=; }
 
+# One python process per step, not per poll (a process per poll, through a pyenv shim, took a
+# tenth of the machine from the node it measured). Both counts walk small partial indexes.
 sql() {
-  python3 - "$data/n/sluice.db" "$1" <<'PY'
-import sqlite3, sys
+  "$PY" - "$data/n/sluice.db" "$1" <<'PY'
+import sqlite3, sys, time
 db = sqlite3.connect(sys.argv[1], timeout=30)
+if sys.argv[2] == "wait-drained":
+    pause = 0.02
+    while db.execute("SELECT EXISTS (SELECT 1 FROM invocations INDEXED BY invocations_pending_age"
+                     " WHERE status IN ('queued','failed'))"
+                     " OR EXISTS (SELECT 1 FROM invocations INDEXED BY invocations_leases"
+                     " WHERE status = 'running')").fetchone()[0]:
+        time.sleep(pause)
+        pause = min(pause * 1.5, 0.2)
+    sys.exit(0)
+if sys.argv[2].startswith("wait-pending-"):
+    n = int(sys.argv[2].removeprefix("wait-pending-"))
+    while db.execute("SELECT count(*) FROM invocations INDEXED BY invocations_pending_age"
+                     " WHERE status IN ('queued','failed')").fetchone()[0] < n:
+        time.sleep(0.2)
+    sys.exit(0)
 q = {
     # Both counts walk small partial indexes, not the table.
-    "open": "SELECT (SELECT count(*) FROM invocations INDEXED BY invocations_pending_age"
-            " WHERE status IN ('queued','failed'))"
-            " + (SELECT count(*) FROM invocations INDEXED BY invocations_leases WHERE status = 'running')",
     "pending": "SELECT count(*) FROM invocations INDEXED BY invocations_pending_age"
                " WHERE status IN ('queued','failed')",
     "runnable": "UPDATE invocations SET run_after = 0 WHERE status IN ('queued','failed')",
@@ -54,8 +69,8 @@ db.commit()
 PY
 }
 
-echo "| backlog | enqueued/s while building it | drained in s | drain inv/s |"
-echo "| --- | --- | --- | --- |"
+echo "| backlog | enqueued/s while building it | drained in s | drain inv/s | node cores busy | node CPU µs per call |"
+echo "| --- | --- | --- | --- | --- | --- |"
 for n in $SIZES; do
   rm -rf "$data/n"
   start
@@ -67,7 +82,7 @@ for n in $SIZES; do
   # Each wrk thread stops sending after its share (bench/drain.lua); wrk itself stops on SIGINT.
   wrk -t2 -c"$conns" -d1h -s bench/drain.lua "$URL/fn/default/hello/" > "$data/wrk.out" &
   wrk_pid=$!
-  while [ "$(sql pending)" -lt "$n" ]; do sleep 0.2; done
+  sql "wait-pending-$n"
   t1=$(date +%s%3N)
   kill -INT "$wrk_pid"; wait "$wrk_pid" || true
   grep -q 'Non-2xx' "$data/wrk.out" && { echo "non-2xx answers:" >&2; cat "$data/wrk.out" >&2; exit 1; }
@@ -75,14 +90,15 @@ for n in $SIZES; do
   queued=$(sql runnable)
   start
   t2=$(date +%s%3N)
-  [ -n "${PERF:-}" ] && { perf record -F 499 -g -o "$PERF.$n" -p "$pid" 2> /dev/null & perf_pid=$!; }
-  pause=0.05
-  while [ "$(sql open)" != 0 ]; do sleep "$pause"; pause=$(awk -v p="$pause" 'BEGIN{print (p < 0.5 ? p * 1.5 : p)}'); done
+  cpu0=$(awk '{print $14+$15}' "/proc/$pid/stat")
+  [ -n "${PERF:-}" ] && { perf record -a -F 99 -o "$PERF.$n" 2> /dev/null & perf_pid=$!; }
+  sql wait-drained
   t3=$(date +%s%3N)
+  cpu1=$(awk '{print $14+$15}' "/proc/$pid/stat")
   [ -n "${PERF:-}" ] && { kill -INT "$perf_pid"; wait "$perf_pid" || true; }
   stop
-  awk -v n="$queued" -v build="$((t1 - t0))" -v drain="$((t3 - t2))" \
-    'BEGIN{printf "| %d | %.0f | %.1f | %.0f |\n", n, n*1000/build, drain/1000, n*1000/drain}'
+  awk -v n="$queued" -v build="$((t1 - t0))" -v drain="$((t3 - t2))" -v cpu="$((cpu1 - cpu0))" -v hz="$(getconf CLK_TCK)" \
+    'BEGIN{printf "| %d | %.0f | %.1f | %.0f | %.2f | %.0f |\n", n, n*1000/build, drain/1000, n*1000/drain, cpu/hz*1000/drain, cpu/hz*1e6/n}'
 done
 echo
 echo "$("$SLUICE" --version 2>/dev/null || echo sluice), $(nproc) cores, SQLite WAL synchronous=FULL, RUST_BACKTRACE unset"

@@ -354,7 +354,15 @@ struct Planner {
     /// Since when this node has run nothing, and started nothing, while the queue had runnable
     /// work: the backstop's clock (see [`STALL_BACKSTOP`]).
     stalled_since: Option<tokio::time::Instant>,
+    /// When this node last called the store's lease (which sweeps first), for [`SWEEP_EVERY`].
+    swept: Option<tokio::time::Instant>,
 }
+
+/// How often a round with nothing to lease still calls the store's lease, for its sweeps
+/// (lapsed leases reclaimed, closed windows expired). A round that leases sweeps anyway; before
+/// this bound, every round woken by a finished call made a write transaction of its own just to
+/// sweep, and waited for its commit.
+const SWEEP_EVERY: Duration = Duration::from_millis(250);
 
 /// How long the plan may start nothing on a node that runs nothing while the queue holds
 /// runnable work before one round leases by the queue's own order instead. The plan should never
@@ -384,6 +392,7 @@ impl Planner {
             paced: now,
             utilization: 0.0,
             stalled_since: None,
+            swept: None,
         }
     }
 
@@ -484,14 +493,20 @@ impl Planner {
         let plan = plan::plan(&tenants, room, opportunistic, over_target, self.rounds);
         self.rounds = self.rounds.wrapping_add(1);
         let asked: u32 = plan.asks.iter().map(|a| a.limit).sum();
+        let sweep_due = self.swept.is_none_or(|at| at.elapsed() >= SWEEP_EVERY);
         let leased = if plan.asks.is_empty() {
-            // Nothing to start, but the store still sweeps: leases that lapsed (their node died)
-            // are reclaimed, windows that closed expire. Runnable work is what `queue_demand`
-            // sees, and a lapsed lease is not runnable until a lease call has reclaimed it.
-            ctx.store.lease(&ctx.config.owner, ctx.clock.now_ms(), ctx.config.lease_ms, 0).await?;
+            // Nothing to start, but the store still sweeps now and then: leases that lapsed
+            // (their node died) are reclaimed, windows that closed expire. Runnable work is what
+            // `queue_demand` sees, and a lapsed lease is not runnable until a lease call has
+            // reclaimed it.
+            if sweep_due {
+                ctx.store.lease(&ctx.config.owner, ctx.clock.now_ms(), ctx.config.lease_ms, 0).await?;
+                self.swept = Some(tokio::time::Instant::now());
+            }
             Vec::new()
         } else {
-            ctx.store
+            let leased = ctx
+                .store
                 .lease_asks(
                     &ctx.config.owner,
                     ctx.clock.now_ms(),
@@ -499,11 +514,18 @@ impl Planner {
                     promote_ahead_ms(ctx),
                     &plan.asks,
                 )
-                .await?
+                .await?;
+            self.swept = Some(tokio::time::Instant::now());
+            leased
         };
 
         // What was leased is no longer demand; an ask that came back short drained its class.
+        // A class read at the count's cap (`batch_max`) may hold any number more: while its asks
+        // come back full it keeps that count, so the next rounds lease on at once instead of
+        // waiting out `demand_refresh` with a backlog in the queue and room on the node (a
+        // drain was capped at `batch_max` calls per refresh).
         let now = ctx.clock.now_ms();
+        let cap = ctx.config.batch_max.max(1);
         for (ask, got) in plan.asks.iter().zip(&leased) {
             if let Some(d) = self.demand.tenants.iter_mut().find(|d| d.tenant == ask.tenant) {
                 let left = match ask.class {
@@ -511,10 +533,13 @@ impl Planner {
                     LeaseClass::Plain => &mut d.plain,
                     LeaseClass::Deferrable => &mut d.deferrable,
                 };
-                *left = if (got.len() as u32) < ask.limit && ask.function.is_none() {
+                let got = got.len() as u32;
+                *left = if got < ask.limit && ask.function.is_none() {
                     0
+                } else if *left >= cap {
+                    *left
                 } else {
-                    left.saturating_sub(got.len() as u32)
+                    left.saturating_sub(got)
                 };
             }
         }
@@ -548,10 +573,15 @@ impl Planner {
                 (inv.id.clone(), inv.attempt, why)
             })
             .collect();
-        if !waits.is_empty()
-            && let Err(e) = ctx.store.record_waits(&waits).await
-        {
-            tracing::debug!(error = %e, "recording why invocations waited failed");
+        if !waits.is_empty() {
+            // Not awaited: the reasons are for people reading the invocation later, and the
+            // round must not wait for a commit of its own before its calls start.
+            let store = ctx.store.clone();
+            tokio::spawn(async move {
+                if let Err(e) = store.record_waits(&waits).await {
+                    tracing::debug!(error = %e, "recording why invocations waited failed");
+                }
+            });
         }
         self.holds.forget_before(now - HOLDS_KEPT_MS);
 
