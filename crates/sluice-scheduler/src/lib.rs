@@ -533,14 +533,7 @@ impl Planner {
                     LeaseClass::Plain => &mut d.plain,
                     LeaseClass::Deferrable => &mut d.deferrable,
                 };
-                let got = got.len() as u32;
-                *left = if got < ask.limit && ask.function.is_none() {
-                    0
-                } else if *left >= cap {
-                    *left
-                } else {
-                    left.saturating_sub(got)
-                };
+                *left = left_after_lease(*left, ask.limit, got.len() as u32, ask.function.is_none(), cap);
             }
         }
         // And it runs: until the next read, the next rounds must not grant a reservation again.
@@ -665,6 +658,20 @@ impl Planner {
             leased.push((backstop, false));
         }
         Ok((leased, asked))
+    }
+}
+
+/// What a class's runnable count is after an ask of it leased `got` of `asked`: an ask of the
+/// whole class (not of one function) that came back short drained it; a count read at the cap
+/// (`batch_max`, where `queue_demand` stops counting) is a lower bound, kept while asks come back
+/// full; any other count loses what was leased.
+fn left_after_lease(left: u32, asked: u32, got: u32, whole_class: bool, cap: u32) -> u32 {
+    if got < asked && whole_class {
+        0
+    } else if left >= cap {
+        left
+    } else {
+        left.saturating_sub(got)
     }
 }
 
@@ -1104,6 +1111,22 @@ mod final_tests {
 
     /// What stops counting against the tenant's queued quotas when its completion is recorded:
     /// the store's own rule for `succeeded` and `dead`.
+    /// A backlog larger than the demand read can count is leased round after round, not
+    /// `batch_max` calls per demand refresh (issue 20: that capped a drain at 6,400 calls/s).
+    #[test]
+    fn a_class_counted_at_the_cap_keeps_its_count_while_its_asks_come_back_full() {
+        let cap = 128;
+        // Read at the cap, leased in full: there may be any number more.
+        assert_eq!(left_after_lease(128, 128, 128, true, cap), 128);
+        assert_eq!(left_after_lease(128, 64, 64, true, cap), 128);
+        // A short answer drained the class.
+        assert_eq!(left_after_lease(128, 128, 40, true, cap), 0);
+        // Below the cap the count is exact: what was leased is gone.
+        assert_eq!(left_after_lease(100, 60, 60, true, cap), 40);
+        // An ask of one function says nothing about the rest of its class.
+        assert_eq!(left_after_lease(100, 60, 10, false, cap), 90);
+    }
+
     #[test]
     fn an_invocation_is_final_when_the_store_will_not_retry_it() {
         let ok = AttemptResult::Succeeded {
