@@ -555,15 +555,15 @@ impl Planner {
         let waits: Vec<(String, u32, String)> = leased
             .iter()
             .flatten()
-            .map(|inv| {
+            .filter_map(|inv| {
                 let why = self.holds.explain(
                     &inv.tenant,
                     &inv.function,
                     inv.deadline.is_some(),
                     inv.run_after,
                     now,
-                );
-                (inv.id.clone(), inv.attempt, why)
+                )?;
+                Some((inv.id.clone(), inv.attempt, why))
             })
             .collect();
         if !waits.is_empty() {

@@ -64,7 +64,9 @@ impl HoldLog {
     }
 
     /// Milliseconds by reason that an invocation of `tenant/function` runnable since `since`
-    /// waited until `now`, with `queued_ms` the whole wait; as a JSON object.
+    /// waited until `now`, with `queued_ms` the whole wait; as a JSON object. `None` when no
+    /// reason was in force: the lease itself records `queued_ms` alone, in the same update that
+    /// starts the attempt, so most calls cost no second write.
     pub fn explain(
         &self,
         tenant: &str,
@@ -72,7 +74,7 @@ impl HoldLog {
         windowed: bool,
         since: UnixMs,
         now: UnixMs,
-    ) -> String {
+    ) -> Option<String> {
         let mut by_reason: [i64; 4] = [0; 4];
         let class = if windowed { LeaseClass::Deferrable } else { LeaseClass::Plain };
         let mut add = |key: &Key| {
@@ -87,6 +89,9 @@ impl HoldLog {
         };
         add(&Key::Class(tenant.to_string(), class));
         add(&Key::Function(tenant.to_string(), function.to_string()));
+        if by_reason.iter().all(|ms| *ms == 0) {
+            return None;
+        }
         let total = (now - since).max(0);
         let mut out = serde_json::Map::new();
         out.insert("queued_ms".into(), total.into());
@@ -95,7 +100,7 @@ impl HoldLog {
                 out.insert(format!("{}_ms", reason.as_str()), ms.min(total).into());
             }
         }
-        serde_json::Value::Object(out).to_string()
+        Some(serde_json::Value::Object(out).to_string())
     }
 
     /// Forgets intervals that ended before `before` (nothing runnable that long ago is waiting
@@ -123,15 +128,17 @@ mod tests {
         log.held_downstream("a", "f", 1_600, 1_900);
         log.held("b", LeaseClass::Plain, WaitReason::Quota, 0, 5_000);
         let got: serde_json::Value =
-            serde_json::from_str(&log.explain("a", "f", false, 1_200, 2_000)).unwrap();
+            serde_json::from_str(&log.explain("a", "f", false, 1_200, 2_000).unwrap()).unwrap();
         assert_eq!(
             got,
             serde_json::json!({"queued_ms": 800, "utilization_ms": 300, "quota_ms": 200, "downstream_ms": 300})
         );
         // Another function of the same tenant was not held by the downstream.
         let got: serde_json::Value =
-            serde_json::from_str(&log.explain("a", "g", false, 1_200, 2_000)).unwrap();
+            serde_json::from_str(&log.explain("a", "g", false, 1_200, 2_000).unwrap()).unwrap();
         assert_eq!(got, serde_json::json!({"queued_ms": 800, "utilization_ms": 300, "quota_ms": 200}));
+        // Nothing held tenant c: the lease's own queued_ms says it all.
+        assert_eq!(log.explain("c", "f", false, 1_200, 2_000), None);
     }
 
     #[test]

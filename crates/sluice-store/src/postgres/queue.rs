@@ -340,7 +340,8 @@ fn lease_sql() -> String {
              attempts = i.attempts + 1,
              lease_owner = $2,
              lease_expires_at = {NOW} + $3,
-             started_at = COALESCE(i.started_at, {NOW})
+             started_at = COALESCE(i.started_at, {NOW}),
+             waits = '{{\"queued_ms\":' || GREATEST({NOW} - i.run_after, 0)::text || '}}'
          FROM picked
          WHERE i.id = picked.id AND (i.deadline IS NULL OR i.deadline >= {NOW}) AND i.max_age_at >= {NOW}
          RETURNING i.id, i.tenant, i.function, i.version, i.request_method, i.request_path,
@@ -375,7 +376,8 @@ fn lease_ask_sql(class: LeaseClass) -> String {
              attempts = i.attempts + 1,
              lease_owner = $2,
              lease_expires_at = {NOW} + $3,
-             started_at = COALESCE(i.started_at, {NOW})
+             started_at = COALESCE(i.started_at, {NOW}),
+             waits = '{{\"queued_ms\":' || GREATEST({NOW} - i.run_after, 0)::text || '}}'
          FROM picked
          WHERE i.id = picked.id AND (i.deadline IS NULL OR i.deadline >= {NOW}) AND i.max_age_at >= {NOW}
          RETURNING i.id, i.tenant, i.function, i.version, i.request_method, i.request_path,

@@ -270,7 +270,8 @@ const RECLAIM_EXPIRED_LEASES: &str = "
                  WHERE status = 'running' AND lease_expires_at < ?1
                  LIMIT ?2)";
 
-/// The lease itself: walks `invocations_runnable` in its order (the ORDER BY repeats the index's
+/// The lease itself (which also records how long each call waited, `queued_ms`; the scheduler
+/// adds reasons only where something held the call): walks `invocations_runnable` in its order (the ORDER BY repeats the index's
 /// expressions exactly) and stops after `limit` rows. A row past its deadline or max age that the
 /// bounded sweeps have not marked yet is passed over: that check is on the update (one row by
 /// key), not the walk, so no condition tempts the planner away from the lease's index.
@@ -280,7 +281,8 @@ const LEASE_RUNNABLE: &str = "
         attempts = attempts + 1,
         lease_owner = ?2,
         lease_expires_at = ?1 + ?3,
-        started_at = COALESCE(started_at, ?1)
+        started_at = COALESCE(started_at, ?1),
+        waits = '{\"queued_ms\":' || MAX(?1 - run_after, 0) || '}'
     WHERE id IN (
         SELECT id FROM invocations
         WHERE status IN ('queued', 'failed') AND run_after <= ?1
@@ -302,7 +304,8 @@ macro_rules! lease_ask {
                 attempts = attempts + 1,
                 lease_owner = ?2,
                 lease_expires_at = ?1 + ?3,
-                started_at = COALESCE(started_at, ?1)
+                started_at = COALESCE(started_at, ?1),
+                waits = '{\"queued_ms\":' || MAX(?1 - run_after, 0) || '}'
             WHERE id IN (
                 SELECT id FROM invocations INDEXED BY ",
             $index,

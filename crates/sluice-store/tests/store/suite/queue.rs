@@ -157,6 +157,8 @@ pub async fn async_invocations_run_and_keep_their_response(store: &dyn Store, cl
         finished_at: Some(2_500),
         status_code: Some(201),
         cpu_us: Some(1_500),
+        // The lease records how long the call waited for its start (from its run_after, 0).
+        waits: Some(r#"{"queued_ms":2000}"#.into()),
         ..expected
     };
     assert_eq!(finished, expected);
@@ -908,7 +910,12 @@ pub async fn lease_asks_take_one_tenants_class_in_its_order(store: &dyn Store, _
         .await
         .unwrap();
     assert_eq!(get(store, "due-early").await.waits.as_deref(), Some(r#"{"queued_ms":5,"quota_ms":3}"#));
-    assert_eq!(get(store, "plain-low").await.waits, None);
+    // The other attempt keeps what its lease recorded: how long it waited, no reasons.
+    let lease_recorded = get(store, "plain-low").await.waits.unwrap();
+    assert!(
+        lease_recorded.starts_with(r#"{"queued_ms":"#) && !lease_recorded.contains("quota"),
+        "{lease_recorded}"
+    );
 }
 
 pub async fn tenant_quotas_are_set_replaced_and_cleared(store: &dyn Store, _clock: &ManualClock) {
