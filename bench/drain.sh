@@ -38,12 +38,15 @@ start() {
 stop() { kill "$pid"; wait "$pid" 2>/dev/null || true; pid=; }
 
 # One python process per step, not per poll (a process per poll, through a pyenv shim, took a
-# tenth of the machine from the node it measured). Both counts walk small partial indexes.
+# tenth of the machine from the node it measured). The polls walk small partial indexes.
 sql() {
   "$PY" - "$data/n/sluice.db" "$1" <<'PY'
 import sqlite3, sys, time
 db = sqlite3.connect(sys.argv[1], timeout=30)
-if sys.argv[2] == "wait-drained":
+PENDING = ("SELECT count(*) FROM invocations INDEXED BY invocations_pending_age"
+           " WHERE status IN ('queued','failed')")
+step = sys.argv[2]
+if step == "wait-drained":
     pause = 0.02
     while db.execute("SELECT EXISTS (SELECT 1 FROM invocations INDEXED BY invocations_pending_age"
                      " WHERE status IN ('queued','failed'))"
@@ -51,21 +54,15 @@ if sys.argv[2] == "wait-drained":
                      " WHERE status = 'running')").fetchone()[0]:
         time.sleep(pause)
         pause = min(pause * 1.5, 0.2)
-    sys.exit(0)
-if sys.argv[2].startswith("wait-pending-"):
-    n = int(sys.argv[2].removeprefix("wait-pending-"))
-    while db.execute("SELECT count(*) FROM invocations INDEXED BY invocations_pending_age"
-                     " WHERE status IN ('queued','failed')").fetchone()[0] < n:
+elif step.startswith("wait-pending-"):
+    n = int(step.removeprefix("wait-pending-"))
+    while db.execute(PENDING).fetchone()[0] < n:
         time.sleep(0.2)
-    sys.exit(0)
-q = {
-    # Both counts walk small partial indexes, not the table.
-    "pending": "SELECT count(*) FROM invocations INDEXED BY invocations_pending_age"
-               " WHERE status IN ('queued','failed')",
-    "runnable": "UPDATE invocations SET run_after = 0 WHERE status IN ('queued','failed')",
-}[sys.argv[2]]
-print(db.execute(q).fetchone()[0] if q.startswith("SELECT") else db.execute(q).rowcount)
-db.commit()
+elif step == "runnable":
+    print(db.execute("UPDATE invocations SET run_after = 0 WHERE status IN ('queued','failed')").rowcount)
+    db.commit()
+else:
+    sys.exit(f"unknown step {step}")
 PY
 }
 

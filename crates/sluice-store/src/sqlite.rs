@@ -1049,6 +1049,29 @@ mod tests {
         (dir, store)
     }
 
+    /// An async call of acme's hello with an empty GET, one attempt, runnable now; tests change
+    /// what they need with struct update syntax.
+    fn invocation(id: impl Into<String>) -> crate::NewInvocation {
+        crate::NewInvocation {
+            id: id.into(),
+            tenant: "acme".into(),
+            function: "hello".into(),
+            version: 1,
+            request: crate::StoredRequest {
+                method: "GET".into(),
+                path_and_query: "/".into(),
+                headers: vec![],
+                body: vec![],
+            },
+            idempotency_key: None,
+            criticality: crate::Criticality::Normal,
+            run_after: 0,
+            deadline: None,
+            attempts_max: 1,
+            max_age_ms: 1_000,
+        }
+    }
+
     #[test]
     fn migrations_are_numbered_in_order() {
         let mut previous = 0;
@@ -1221,7 +1244,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_failed_batch_acknowledges_nothing_and_the_writer_recovers() {
-        use crate::{Enqueued, NewInvocation, StoredRequest};
+        use crate::{Enqueued, NewInvocation};
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open_with_options(
             &dir.path().join("sluice.db"),
@@ -1230,24 +1253,6 @@ mod tests {
         )
         .await
         .unwrap();
-        let invocation = |id: String| NewInvocation {
-            id,
-            tenant: "acme".into(),
-            function: "hello".into(),
-            version: 1,
-            request: StoredRequest {
-                method: "GET".into(),
-                path_and_query: "/".into(),
-                headers: vec![],
-                body: vec![],
-            },
-            idempotency_key: None,
-            criticality: crate::Criticality::Normal,
-            run_after: 0,
-            deadline: None,
-            attempts_max: 1,
-            max_age_ms: 1_000,
-        };
         let blocked: Vec<NewInvocation> = (0..20).map(|i| invocation(format!("blocked-{i}"))).collect();
 
         // Another connection holds the write lock past the writer's busy timeout.
@@ -1258,7 +1263,7 @@ mod tests {
         }
         drop(lock);
 
-        let fine = invocation("fine".into());
+        let fine = invocation("fine");
         assert_eq!(store.enqueue(&fine).await.unwrap(), Enqueued::Created);
         for inv in &blocked {
             assert_eq!(store.get_invocation(&inv.id).await.unwrap(), None, "{}", inv.id);
@@ -1285,22 +1290,14 @@ mod tests {
             let store = store.clone();
             tokio::spawn(async move {
                 let inv = NewInvocation {
-                    id: format!("async-{i}"),
-                    tenant: "acme".into(),
-                    function: "hello".into(),
-                    version: 1,
                     request: StoredRequest {
                         method: "POST".into(),
                         path_and_query: "/".into(),
                         headers: vec![],
                         body: vec![7; 64 << 10],
                     },
-                    idempotency_key: None,
-                    criticality: crate::Criticality::Normal,
-                    run_after: 0,
-                    deadline: None,
-                    attempts_max: 1,
                     max_age_ms: 60_000,
+                    ..invocation(format!("async-{i}"))
                 };
                 store.enqueue(&inv).await.map(|_| ())
             })
@@ -1379,29 +1376,16 @@ mod tests {
     /// at most [`queue::SWEEP_BATCH_MAX`], and leases none of the rest meanwhile.
     #[tokio::test]
     async fn sweeps_are_bounded_and_the_lease_passes_over_rows_they_have_not_marked() {
-        use crate::{NewInvocation, StoredRequest};
+        use crate::NewInvocation;
         let (_dir, store) = open_temp().await;
         store.create_tenant("acme").await.unwrap();
         let n = usize::try_from(queue::SWEEP_BATCH_MAX).unwrap() + 500;
         let now = store.clock.now_ms();
         let invs: Vec<NewInvocation> = (0..n)
             .map(|i| NewInvocation {
-                id: format!("late-{i:05}"),
-                tenant: "acme".into(),
-                function: "hello".into(),
-                version: 1,
-                request: StoredRequest {
-                    method: "GET".into(),
-                    path_and_query: "/".into(),
-                    headers: vec![],
-                    body: vec![],
-                },
-                idempotency_key: None,
-                criticality: crate::Criticality::Normal,
-                run_after: 0,
                 deadline: Some(now + 10),
-                attempts_max: 1,
                 max_age_ms: 3_600_000,
+                ..invocation(format!("late-{i:05}"))
             })
             .collect();
         futures::future::try_join_all(invs.iter().map(|inv| store.enqueue(inv))).await.unwrap();
