@@ -7,35 +7,34 @@
 # Needs: wrk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-unset RUST_BACKTRACE
+source bench/lib.sh
 ROUNDS=${ROUNDS:-6}
 DURATION=${DURATION:-5s}
 CONNS=${CONNS:-50}
 [ $# -eq 2 ] || { echo "usage: bench/compare-builds.sh OLD_BIN NEW_BIN" >&2; exit 2; }
-command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk" >&2; exit 1; }
-HELLO=$(scripts/build-guests.sh | sed -n 1p)
+need_wrk
+HELLO=$(hello_wasm)
 hz=$(getconf CLK_TCK)
 
 # One round of one binary: prints "label req/s p99 cpu_us_per_request".
 round() {
-  local label=$1 bin=$2 d pid url extra=()
-  d=$(mktemp -d)
+  local label=$1 SLUICE=$2 d pid url extra=()
+  d=$(bench_tmp)
   # The load is keyless calls of a public function: lift their own bucket where a build has one.
-  "$bin" serve --help | grep -q -- --anonymous-rate && extra=(--anonymous-rate 0)
-  "$bin" serve --listen 127.0.0.1:0 --data-dir "$d/n" --tenant-rate 10000000 "${extra[@]}" 2> "$d/log" &
-  pid=$!
-  for _ in $(seq 1 500); do grep -q 'listening on' "$d/log" && break; sleep 0.01; done
-  url=$(grep -o 'listening on http://[0-9.:]*' "$d/log" | sed 's/listening on //')
-  SLUICE_URL=$url SLUICE_TOKEN=$(cat "$d/n/admin.token") "$bin" deploy hello "$HELLO" --public > /dev/null
+  "$SLUICE" serve --help | grep -q -- --anonymous-rate && extra=(--anonymous-rate 0)
+  start_node "$d/n" --tenant-rate 10000000 "${extra[@]}"
+  pid=$NODE_PID url=$NODE_URL
+  SLUICE_URL=$url SLUICE_TOKEN=$NODE_TOKEN "$SLUICE" deploy hello "$HELLO" --public > /dev/null
   curl -s "$url/fn/default/hello/" > /dev/null
   local t0 t1 n
-  t0=$(awk '{print $14+$15}' "/proc/$pid/stat")
+  t0=$(cpu_ticks "$pid")
   wrk -t1 -c"$CONNS" -d"$DURATION" --latency "$url/fn/default/hello/" > "$d/wrk"
-  t1=$(awk '{print $14+$15}' "/proc/$pid/stat")
+  t1=$(cpu_ticks "$pid")
+  alive "$pid" "$label"
   n=$(awk '/requests in/ {print $1}' "$d/wrk")
   awk -v l="$label" -v t0="$t0" -v t1="$t1" -v n="$n" -v hz="$hz" \
     '/Requests\/sec/ {r=$2} / 99%/ {p=$2} END {printf "%s %s %s %.1f\n", l, r, p, (t1-t0)*1e6/hz/n}' "$d/wrk"
-  kill "$pid"; wait "$pid" 2>/dev/null || true; rm -rf "$d"
+  stop_node "$pid"; rm -rf "$d"
 }
 
 results=$(for i in $(seq 1 "$ROUNDS"); do round old "$1"; round new "$2"; done)

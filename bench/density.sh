@@ -9,9 +9,8 @@
 # Needs: wrk (apt-get install wrk), python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-unset RUST_BACKTRACE
+source bench/lib.sh
 N=${1:?usage: bench/density.sh N}
-command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk" >&2; exit 1; }
-cargo build --release -q -p sluice-cli
-HELLO=$(scripts/build-guests.sh | sed -n 1p)
-SLUICE=target/release/sluice python3 bench/density.py "$N" "$HELLO"
+need_wrk
+sluice_bin
+SLUICE=$SLUICE python3 bench/density.py "$N" "$(hello_wasm)"

