@@ -1,19 +1,38 @@
 //! sluice-store: everything sluice keeps durably — tenants, API keys (hashed), content-addressed
 //! component blobs, functions and their immutable versions, invocations and their log lines.
 //!
-//! This is the only crate that talks to a database. [`Store`] is the one interface; [`SqliteStore`]
-//! is the embedded default. Timestamps are unix milliseconds ([`UnixMs`]) everywhere so both
-//! backends compare them identically. Nothing here knows about HTTP or wasm.
+//! This is the only crate that talks to a database. [`Store`] is the one interface, made of one
+//! trait per domain: [`Tenants`] (and their keys), [`Code`] (blobs, functions, versions),
+//! [`Invocations`] (sync records and the async queue), [`Logs`] and [`Nodes`]. [`SqlStore`]
+//! implements it once for both databases; an [`Engine`] holds what differs between them:
+//! [`SqliteStore`] is the embedded default, [`PostgresStore`] the cluster's. Timestamps are unix
+//! milliseconds ([`UnixMs`]) everywhere so both databases compare them identically. Nothing here
+//! knows about HTTP or wasm.
 #![forbid(unsafe_code)]
 
+// First: its `store_trait!` defines each domain's trait.
+#[macro_use]
+mod timed;
+
+mod code;
+mod invocations;
+mod logs;
+mod nodes;
 mod postgres;
 mod queue;
 mod rows;
+mod sql;
 mod sqlite;
-mod timed;
+mod tenants;
 
-pub use postgres::{ClockSource, PostgresStore, SWEEP_BATCH_MAX};
-pub use sqlite::SqliteStore;
+pub use code::Code;
+pub use invocations::{Invocations, LIST_INVOCATIONS_LIMIT_MAX};
+pub use logs::{FUNCTION_LOGS_LIMIT_MAX, Logs};
+pub use nodes::Nodes;
+pub use postgres::{ClockSource, PostgresEngine, PostgresStore, SWEEP_BATCH_MAX};
+pub use sql::{Engine, SqlStore};
+pub use sqlite::{SqliteEngine, SqliteStore};
+pub use tenants::Tenants;
 pub use timed::{STORE_CALL_TIMEOUT, Timed};
 
 pub use sluice_core::OwnUsageLimits;
@@ -399,193 +418,9 @@ pub struct NodeRecord {
     pub queue_lag_ms: u64,
 }
 
-/// The single interface to durable state. Implementations must be safe to share across tasks.
-#[async_trait::async_trait]
-pub trait Store: Send + Sync + 'static {
-    // --- tenants ---
-    /// Creates a tenant; `Conflict` if it exists.
-    async fn create_tenant(&self, name: &str) -> StoreResult<Tenant>;
-    async fn get_tenant(&self, name: &str) -> StoreResult<Option<Tenant>>;
-    async fn list_tenants(&self) -> StoreResult<Vec<Tenant>>;
-    /// Sets a tenant's own rate limit `(calls per second, burst)`, or with `None` removes it (the
-    /// node default applies again). `NotFound` for an unknown tenant.
-    async fn set_tenant_rate(&self, tenant: &str, rate: Option<(f64, u32)>) -> StoreResult<()>;
-    /// Every tenant's own rate limit: `(tenant, calls per second, burst)`.
-    async fn tenant_rates(&self) -> StoreResult<Vec<(String, f64, u32)>>;
-    /// Sets a tenant's quota, or with `None` removes it (no reservation, weight 1). `NotFound`
-    /// for an unknown tenant. Announced to other nodes as [`Change::Limits`].
-    async fn set_tenant_quota(&self, tenant: &str, quota: Option<Quota>) -> StoreResult<()>;
-    /// Every tenant's quota that was set.
-    async fn tenant_quotas(&self) -> StoreResult<Vec<(String, Quota)>>;
-    /// Sets a tenant's own usage limits (a `None` field, or all of them, takes the node's
-    /// default). `NotFound` for an unknown tenant. Announced to other nodes as [`Change::Limits`].
-    async fn set_tenant_usage_limits(&self, tenant: &str, limits: &OwnUsageLimits) -> StoreResult<()>;
-    /// Every tenant's own usage limits that were set, by tenant.
-    async fn tenant_usage_limits(&self) -> StoreResult<Vec<(String, OwnUsageLimits)>>;
-
-    // --- keys ---
-    async fn create_key(&self, key: &KeyRecord) -> StoreResult<()>;
-    /// Keys of one tenant, or all keys when `tenant` is `None`. Revoked keys included.
-    async fn list_keys(&self, tenant: Option<&str>) -> StoreResult<Vec<KeyRecord>>;
-    /// Marks a key revoked; `false` if there is no such key.
-    async fn revoke_key(&self, id: &str) -> StoreResult<bool>;
-    async fn get_key(&self, id: &str) -> StoreResult<Option<KeyRecord>>;
-    /// Every key that is not revoked: the gateway's auth cache is built from this.
-    async fn active_keys(&self) -> StoreResult<Vec<KeyRecord>>;
-
-    // --- blobs ---
-    /// Stores component bytes of `tenant` under their digest. Blobs belong to one tenant: the
-    /// same bytes uploaded by two tenants are stored twice, so no tenant can learn what another
-    /// uploaded. Storing the same digest again keeps the bytes and restarts the blob's grace
-    /// period (see [`Store::purge_blobs`]). `NotFound` for an unknown tenant.
-    async fn put_blob(&self, tenant: &str, digest: &str, bytes: &[u8]) -> StoreResult<()>;
-    async fn get_blob(&self, tenant: &str, digest: &str) -> StoreResult<Option<Vec<u8>>>;
-    /// Deletes up to `limit` blobs that no version names and that were last uploaded before
-    /// `uploaded_before`; returns the `(tenant, digest)` of each. A deploy racing the delete
-    /// either names the blob first (and keeps it) or finds it gone (`NotFound`).
-    async fn purge_blobs(&self, uploaded_before: UnixMs, limit: u32) -> StoreResult<Vec<(String, String)>>;
-    /// Deletes up to `limit` versions that are older than the newest `keep_latest` (at least 1)
-    /// of their function and that no unfinished invocation (queued, failed and waiting for its
-    /// retry, running) names, oldest first; returns how many. Their blobs are then unnamed, for
-    /// [`Store::purge_blobs`].
-    async fn purge_versions(&self, keep_latest: u32, limit: u32) -> StoreResult<u64>;
-    /// `(tenant, digest)` of every stored blob: what the node's compiled artifacts may belong to.
-    async fn blob_keys(&self) -> StoreResult<Vec<(String, String)>>;
-    /// What a tenant keeps in the store. `NotFound` for an unknown tenant.
-    async fn tenant_storage(&self, tenant: &str) -> StoreResult<TenantStorage>;
-
-    // --- functions ---
-    /// Creates the next version (1, 2, ...) of `tenant/function`, creating the function if
-    /// needed. The tenant and blob must exist (`NotFound` otherwise).
-    async fn create_version(
-        &self,
-        tenant: &str,
-        function: &str,
-        blob_digest: &str,
-        config: &FunctionConfig,
-    ) -> StoreResult<VersionRecord>;
-    async fn latest_version(&self, tenant: &str, function: &str) -> StoreResult<Option<VersionRecord>>;
-    async fn get_version(
-        &self,
-        tenant: &str,
-        function: &str,
-        version: i64,
-    ) -> StoreResult<Option<VersionRecord>>;
-    async fn list_functions(&self, tenant: &str) -> StoreResult<Vec<FunctionSummary>>;
-    /// Deletes a function and its versions (its blobs stay until [`Store::purge_blobs`] finds
-    /// them unnamed); `false` if there was none.
-    async fn delete_function(&self, tenant: &str, function: &str) -> StoreResult<bool>;
-    /// The latest version of every function: what a starting node loads.
-    async fn all_latest_versions(&self) -> StoreResult<Vec<VersionRecord>>;
-
-    // --- invocations and logs ---
-    /// Records a batch of finished sync invocations and their log lines in one transaction.
-    async fn record_sync(&self, batch: &[SyncRecord]) -> StoreResult<()>;
-    async fn get_invocation(&self, id: &str) -> StoreResult<Option<Invocation>>;
-    async fn invocation_logs(&self, id: &str) -> StoreResult<Vec<LogLine>>;
-    /// Log lines of a function with `seq > after_seq`, oldest first, at most `limit`. With
-    /// `after_seq = None` the *last* `limit` lines are returned (still oldest first).
-    async fn function_logs(
-        &self,
-        tenant: &str,
-        function: &str,
-        after_seq: Option<i64>,
-        limit: u32,
-    ) -> StoreResult<Vec<LogLine>>;
-
-    // --- the async queue (DESIGN.md section 3) ---
-    /// Stores an async invocation with status `queued`. Returns only after the row is durably
-    /// committed (`synchronous=FULL`); concurrent calls share commits (group commit). An id that
-    /// is already stored is a `Conflict` (for that call alone); `attempts_max` 0 is refused.
-    async fn enqueue(&self, inv: &NewInvocation) -> StoreResult<Enqueued>;
-    /// Leases up to `limit` runnable invocations for `owner` until `now + lease_ms`: `queued` or
-    /// `failed` ones whose `run_after <= now`, and `running` ones whose lease expired (their owner
-    /// died). Order: criticality, then deadline (none last), then `run_after`. Each leased row
-    /// becomes `running` with `attempts + 1`. Rows whose deadline passed before they started
-    /// become `expired` instead; rows past `created_at + max_age` become `dead`. A reclaimed row
-    /// keeps its lost attempt: past its deadline it becomes `expired`; with no attempt left it
-    /// becomes `dead` (error kind of its last failure, else `lease_lost`), so `attempts` never
-    /// exceeds `attempts_max`. A cluster store takes `now` from the database's clock, so that
-    /// clock skew between nodes cannot decide who owns an invocation.
-    async fn lease(&self, owner: &str, now: UnixMs, lease_ms: u64, limit: u32) -> StoreResult<Vec<Leased>>;
-    /// Leases like [`Store::lease`], but what each [`LeaseAsk`] selects, asks in order (the
-    /// scheduler's plan); returns what each ask leased, in the asks' order. An invocation is
-    /// leased at most once even if two asks select it.
-    /// `promote_ahead_ms` splits the classes (see [`LeaseClass`]); a cluster store measures it
-    /// from the database's clock.
-    async fn lease_asks(
-        &self,
-        owner: &str,
-        now: UnixMs,
-        lease_ms: u64,
-        promote_ahead_ms: u64,
-        asks: &[LeaseAsk],
-    ) -> StoreResult<Vec<Vec<Leased>>>;
-    /// Every tenant's runnable work by class (each count capped at `cap`), and what runs now.
-    async fn queue_demand(&self, now: UnixMs, promote_ahead_ms: u64, cap: u32) -> StoreResult<QueueDemand>;
-    /// One tenant's async work now, counted exactly (costs a scan of its pending rows).
-    async fn tenant_queue(&self, tenant: &str, now: UnixMs) -> StoreResult<TenantQueue>;
-    /// The cluster's unfinished async invocations, counted by (status, criticality): `queued`,
-    /// `failed` (waiting for a retry) and `running`. For `/metrics`; costs a scan of those rows.
-    async fn queue_depth(&self) -> StoreResult<Vec<(String, Criticality, u64)>>;
-    /// Every tenant with unfinished async invocations: how many, and their request bytes, by
-    /// tenant. One `GROUP BY` over the index of unfinished rows (it carries the bytes), never the
-    /// table: what each node re-reads periodically to correct its in-memory quota counters.
-    async fn queued_usage(&self) -> StoreResult<Vec<QueuedUsage>>;
-    /// Records why leased attempts waited: `(id, attempt, JSON)`, for the attempts that are
-    /// still that attempt (a later one keeps its own).
-    async fn record_waits(&self, waits: &[(String, u32, String)]) -> StoreResult<()>;
-    /// Extends the leases `owner` still holds, each for the same attempt (the fencing token), to
-    /// `now + lease_ms` (never shortening one). Returns the leases it no longer holds (reclaimed,
-    /// and perhaps leased again as a later attempt). A cluster store takes `now` from the
-    /// database's clock, not the caller's.
-    async fn heartbeat(
-        &self,
-        owner: &str,
-        leases: &[(String, u32)],
-        now: UnixMs,
-        lease_ms: u64,
-    ) -> StoreResult<Vec<(String, u32)>>;
-    /// Records an attempt's result and its guest log lines in the same transaction as its state
-    /// change, if `owner` still holds the lease for `attempt`; `false` (and nothing written)
-    /// otherwise. `cpu_us`, the attempt's time on a thread, is added to the invocation's.
-    /// Concurrent completions share commits. A failure with `retry_at` becomes `dead` at once if
-    /// no attempt is left or `retry_at` is past `created_at + max_age`.
-    #[allow(clippy::too_many_arguments)]
-    async fn complete(
-        &self,
-        id: &str,
-        owner: &str,
-        attempt: u32,
-        result: &AttemptResult,
-        logs: &[(LogStream, String, UnixMs)],
-        cpu_us: u64,
-        now: UnixMs,
-    ) -> StoreResult<bool>;
-    /// Gives leases back without counting the attempt (graceful shutdown): `queued` again. Only
-    /// leases `owner` still holds for the same attempt are given back.
-    async fn release(&self, owner: &str, leases: &[(String, u32)]) -> StoreResult<()>;
-    /// The stored response of an invocation (the last attempt's), if any.
-    async fn get_response(&self, id: &str) -> StoreResult<Option<StoredResponse>>;
-    async fn list_invocations(&self, filter: &InvocationFilter) -> StoreResult<Vec<Invocation>>;
-    /// Re-drives a `dead` or `expired` async invocation: `queued` again from `now`, with its
-    /// attempts reset, its deadline, error and response cleared, and its max age counted from
-    /// `now`. `false` if it is not in such a state (or does not exist, or is a sync record).
-    async fn retry_dead(&self, id: &str, now: UnixMs) -> StoreResult<bool>;
-    /// Deletes up to `limit` finished invocations, sync or async (and their logs and responses),
-    /// that finished before `cutoff`, oldest first, up to `limit` idempotency keys older than
-    /// the window, and the nodes not heard from since `cutoff`. Returns the rows deleted: 0 once
-    /// nothing is left.
-    async fn purge(&self, cutoff: UnixMs, limit: u32) -> StoreResult<u64>;
-
-    // --- the cluster ---
-    /// Records a node's heartbeat (inserting it on the first); `heartbeat_at` is the store's own
-    /// clock. With `stopped` the node says it stopped cleanly.
-    async fn node_heartbeat(&self, node: &NodeRecord, stopped: bool) -> StoreResult<()>;
-    /// Every node that heartbeated within `within_ms` of the store's clock (stopped ones
-    /// included), by id, and the store's clock now: health is judged against it, not the reader's.
-    async fn list_nodes(&self, within_ms: u64) -> StoreResult<(Vec<NodeRecord>, UnixMs)>;
-
+/// The single interface to durable state, one trait per domain (each in its module, with the one
+/// implementation both databases share). Implementations must be safe to share across tasks.
+pub trait Store: Tenants + Code + Invocations + Logs + Nodes + Send + Sync + 'static {
     /// Changes made by other nodes, for a store that other nodes share; `None` for a store only
     /// this process uses (its caches follow its own writes). Each call subscribes anew.
     fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<Change>> {

@@ -16,6 +16,7 @@ use crate::queue::{
     RecordWaitsOp, ReleaseOp, RetryDeadOp,
 };
 use crate::rows::leased_from_row;
+use crate::sql::{Engine, require};
 use crate::{IDEMPOTENCY_WINDOW_MS, LeaseClass, StoreError, StoreResult};
 
 /// Rows each sweep of a lease changes at most (expired start windows, rows too old to start, lost
@@ -447,7 +448,11 @@ async fn record_sync(connection: &mut SqliteConnection, op: &RecordSyncOp) -> St
 /// Content-addressed: the same digest always names the same bytes, so a second put does not
 /// rewrite megabytes; it only restarts the grace period of an unnamed blob.
 async fn put_blob(connection: &mut SqliteConnection, op: &PutBlobOp) -> StoreResult<Done> {
-    super::require_tenant(&mut *connection, &op.tenant).await?;
+    let tenant = op.tenant.as_str();
+    require::<super::SqliteEngine>(connection, super::SqliteEngine::TENANT_EXISTS, &[tenant], || {
+        format!("tenant {tenant}")
+    })
+    .await?;
     let touched = sqlx::query("UPDATE blobs SET created_at = ? WHERE tenant = ? AND digest = ?")
         .bind(op.now)
         .bind(&op.tenant)

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use sluice_core::{Clock, SystemClock};
 use sluice_store::{
-    Change, ClockSource, Enqueued, InvocationStatus, LogStream, NewInvocation, PostgresStore,
-    SWEEP_BATCH_MAX, Store,
+    Change, ClockSource, Code, Enqueued, InvocationStatus, Invocations, LogStream, Logs, NewInvocation,
+    PostgresStore, SWEEP_BATCH_MAX, Store, Tenants,
 };
 use sqlx::Connection;
 

@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use sluice_core::{Clock, FunctionConfig, Scope};
 use sluice_store::{
-    Enqueued, InvocationStatus, KeyRecord, LogStream, NewInvocation, SqliteStore, Store, SyncRecord,
+    Code, Enqueued, InvocationStatus, Invocations, KeyRecord, LogStream, Logs, NewInvocation, SqliteStore,
+    Store, SyncRecord, Tenants,
 };
 
 use crate::suite::ManualClock;
