@@ -12,9 +12,8 @@ use crate::rows::{
 };
 use crate::sql::{Bind, Conn, Engine, SqlStore, Tuple, tuples};
 use crate::{
-    AttemptResult, Criticality, Enqueued, IDEMPOTENCY_WINDOW_MS, Invocation, InvocationFilter, LeaseAsk,
-    Leased, LogStream, NewInvocation, QueueDemand, QueuedUsage, StoreResult, StoredResponse, SyncRecord,
-    TenantQueue,
+    Completion, Criticality, Enqueued, IDEMPOTENCY_WINDOW_MS, Invocation, InvocationFilter, LeaseAsk, Leased,
+    NewInvocation, QueueDemand, QueuedUsage, StoreResult, StoredResponse, SyncRecord, TenantQueue,
 };
 
 /// Most invocations one `list_invocations` call returns, whatever `limit` the caller asks for.
@@ -83,20 +82,11 @@ store_trait! {
             lease_ms: u64,
         ) -> StoreResult<Vec<(String, u32)>>;
         /// Records an attempt's result and its guest log lines in the same transaction as its
-        /// state change, if `owner` still holds the lease for `attempt`; `false` (and nothing
-        /// written) otherwise. `cpu_us`, the attempt's time on a thread, is added to the
-        /// invocation's. Concurrent completions share commits. A failure with `retry_at` becomes
-        /// `dead` at once if no attempt is left or `retry_at` is past `created_at + max_age`.
-        async fn complete(
-            &self,
-            id: &str,
-            owner: &str,
-            attempt: u32,
-            result: &AttemptResult,
-            logs: &[(LogStream, String, UnixMs)],
-            cpu_us: u64,
-            now: UnixMs,
-        ) -> StoreResult<bool>;
+        /// state change, if its `owner` still holds the lease for its `attempt`; `false` (and
+        /// nothing written) otherwise. Its `cpu_us` is added to the invocation's. Concurrent
+        /// completions share commits. A failure with `retry_at` becomes `dead` at once if no
+        /// attempt is left or `retry_at` is past `created_at + max_age`.
+        async fn complete(&self, completion: Completion<'_>) -> StoreResult<bool>;
         /// Gives leases back without counting the attempt (graceful shutdown): `queued` again.
         /// Only leases `owner` still holds for the same attempt are given back.
         async fn release(&self, owner: &str, leases: &[(String, u32)]) -> StoreResult<()>;
@@ -224,17 +214,8 @@ where
         self.writer.heartbeat(owner, leases, now, lease_ms).await
     }
 
-    async fn complete(
-        &self,
-        id: &str,
-        owner: &str,
-        attempt: u32,
-        result: &AttemptResult,
-        logs: &[(LogStream, String, UnixMs)],
-        cpu_us: u64,
-        now: UnixMs,
-    ) -> StoreResult<bool> {
-        self.writer.complete(id, owner, attempt, result, logs, cpu_us, now).await
+    async fn complete(&self, completion: Completion<'_>) -> StoreResult<bool> {
+        self.writer.complete(completion).await
     }
 
     async fn release(&self, owner: &str, leases: &[(String, u32)]) -> StoreResult<()> {

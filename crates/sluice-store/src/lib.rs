@@ -250,7 +250,7 @@ pub struct Leased {
     pub attempts_max: u32,
     pub created_at: UnixMs,
     /// `created_at + max_age_ms` is when the invocation becomes too old to start again. After a
-    /// re-drive ([`Store::retry_dead`]) the age counts from the re-drive, so this is longer than
+    /// re-drive ([`Invocations::retry_dead`]) the age counts from the re-drive, so this is longer than
     /// the `max_age_ms` it was enqueued with.
     pub max_age_ms: u64,
     pub criticality: Criticality,
@@ -369,6 +369,21 @@ pub enum AttemptResult {
         response: Option<StoredResponse>,
         retry_at: Option<UnixMs>,
     },
+}
+
+/// An attempt's end, as the scheduler that ran it reports it ([`Invocations::complete`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Completion<'a> {
+    pub id: &'a str,
+    /// The lease the attempt ran under: it is recorded only if `owner` still holds `attempt`.
+    pub owner: &'a str,
+    pub attempt: u32,
+    pub result: &'a AttemptResult,
+    /// The attempt's guest log lines.
+    pub logs: &'a [(LogStream, String, UnixMs)],
+    /// The attempt's time on a thread, added to the invocation's.
+    pub cpu_us: u64,
+    pub now: UnixMs,
 }
 
 /// Filter and page of `list_invocations`, newest first.

@@ -28,10 +28,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use sluice_core::{LogStream, UnixMs};
+use sluice_core::UnixMs;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{AttemptResult, Criticality, Enqueued, Leased, NewInvocation, StoreError, StoreResult, corrupt};
+use crate::{
+    AttemptResult, Completion, Criticality, Enqueued, Leased, NewInvocation, StoreError, StoreResult, corrupt,
+};
 
 /// Ops waiting for the writer. When the channel is full, callers wait for room (backpressure);
 /// nothing is dropped.
@@ -406,15 +408,8 @@ struct ResponseRow<'a> {
 }
 
 impl CompleteOp {
-    pub(crate) fn new(
-        id: &str,
-        owner: &str,
-        attempt: u32,
-        result: &AttemptResult,
-        logs: &[(LogStream, String, UnixMs)],
-        cpu_us: u64,
-        now: UnixMs,
-    ) -> StoreResult<Self> {
+    pub(crate) fn new(completion: Completion<'_>) -> StoreResult<Self> {
+        let Completion { id, owner, attempt, result, logs, cpu_us, now } = completion;
         #[derive(serde::Serialize)]
         struct Row<'a> {
             id: &'a str,
@@ -804,18 +799,8 @@ impl Writer {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn complete(
-        &self,
-        id: &str,
-        owner: &str,
-        attempt: u32,
-        result: &AttemptResult,
-        logs: &[(LogStream, String, UnixMs)],
-        cpu_us: u64,
-        now: UnixMs,
-    ) -> StoreResult<bool> {
-        let op = CompleteOp::new(id, owner, attempt, result, logs, cpu_us, now)?;
+    pub(crate) async fn complete(&self, completion: Completion<'_>) -> StoreResult<bool> {
+        let op = CompleteOp::new(completion)?;
         match self.call(Op::Complete(op)).await? {
             Done::Completed(applied) => Ok(applied),
             other => unreachable!("the writer answered a completion with {other:?}"),

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use sluice_core::{Clock, SystemClock};
 use sluice_store::{
-    Change, ClockSource, Code, Enqueued, InvocationStatus, Invocations, LogStream, Logs, NewInvocation,
-    PostgresStore, SWEEP_BATCH_MAX, Store, Tenants,
+    Change, ClockSource, Code, Completion, Enqueued, InvocationStatus, Invocations, LogStream, Logs,
+    NewInvocation, PostgresStore, SWEEP_BATCH_MAX, Store, Tenants,
 };
 use sqlx::Connection;
 
@@ -219,9 +219,17 @@ async fn a_log_tail_skips_no_line_while_nodes_commit_concurrently() {
                 let logs = [(LogStream::Stdout, l.id.clone(), 0)];
                 let owner = owner.clone();
                 async move {
-                    node.complete(&l.id, &owner, l.attempt, &crate::suite::success(200), &logs, 0, 0)
-                        .await
-                        .unwrap()
+                    node.complete(Completion {
+                        id: &l.id,
+                        owner: &owner,
+                        attempt: l.attempt,
+                        result: &crate::suite::success(200),
+                        logs: &logs,
+                        cpu_us: 0,
+                        now: 0,
+                    })
+                    .await
+                    .unwrap()
                 }
             });
             completed += futures::future::join_all(completions).await.into_iter().filter(|c| *c).count();

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use sluice_core::ids::sha256_hex;
 use sluice_core::{Clock, FunctionConfig, Scope, UnixMs};
 use sluice_store::{
-    Invocation, InvocationStatus, KeyRecord, LogLine, LogStream, Store, StoreError, SyncRecord, TenantStorage,
+    Completion, Invocation, InvocationStatus, KeyRecord, LogLine, LogStream, Store, StoreError, SyncRecord,
+    TenantStorage,
 };
 
 mod queue;
@@ -333,7 +334,20 @@ pub async fn old_versions_are_retired_unless_an_unfinished_invocation_names_them
     let leased = store.lease("node", 10_000, 30_000, 10).await.unwrap();
     let done = leased.iter().find(|l| l.id == "done").expect("leased");
     let finished = queue::success(200);
-    assert!(store.complete("done", "node", done.attempt, &finished, &[], 0, 10_000).await.unwrap());
+    assert!(
+        store
+            .complete(Completion {
+                id: "done",
+                owner: "node",
+                attempt: done.attempt,
+                result: &finished,
+                logs: &[],
+                cpu_us: 0,
+                now: 10_000
+            })
+            .await
+            .unwrap()
+    );
     let pending = leased.iter().find(|l| l.id == "pending").expect("leased");
     store.release("node", &[("pending".to_string(), pending.attempt)]).await.unwrap();
 
@@ -617,7 +631,20 @@ pub async fn guest_text_with_nul_is_stored_with_a_replacement_character(
         retry_at: None,
     };
     let logs = [(LogStream::Stderr, "x\0y".to_string(), 2_001)];
-    assert!(store.complete("inv-async", "node", 1, &result, &logs, 0, 2_002).await.expect("recorded"));
+    assert!(
+        store
+            .complete(Completion {
+                id: "inv-async",
+                owner: "node",
+                attempt: 1,
+                result: &result,
+                logs: &logs,
+                cpu_us: 0,
+                now: 2_002
+            })
+            .await
+            .expect("recorded")
+    );
     let got = store.get_invocation("inv-async").await.unwrap().unwrap();
     assert_eq!((got.status, got.attempts), (InvocationStatus::Dead, 1));
     assert_eq!(got.error_kind.as_deref(), Some("trap\u{fffd}"));

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use proptest::prelude::*;
 use sluice_store::{
-    Criticality, Enqueued, Invocation, InvocationFilter, InvocationStatus, NewInvocation, Store,
+    Completion, Criticality, Enqueued, Invocation, InvocationFilter, InvocationStatus, NewInvocation, Store,
 };
 
 use super::ManualClock;
@@ -209,8 +209,18 @@ pub async fn queue_state_machine_keeps_its_invariants(
                     Outcome::Retry { delay_ms } => failure("trap", Some(now + i64::from(*delay_ms))),
                     Outcome::Final => failure("trap", None),
                 };
-                let recorded =
-                    store.complete(&id, OWNERS[*owner], attempt, &result, &[], 0, now).await.unwrap();
+                let recorded = store
+                    .complete(Completion {
+                        id: &id,
+                        owner: OWNERS[*owner],
+                        attempt,
+                        result: &result,
+                        logs: &[],
+                        cpu_us: 0,
+                        now,
+                    })
+                    .await
+                    .unwrap();
                 assert_eq!(
                     recorded,
                     expected,
@@ -267,7 +277,15 @@ pub async fn queue_state_machine_keeps_its_invariants(
         for lease in &leased {
             assert!(
                 store
-                    .complete(&lease.id, OWNERS[0], lease.attempt, &success(200), &[], 0, now)
+                    .complete(Completion {
+                        id: &lease.id,
+                        owner: OWNERS[0],
+                        attempt: lease.attempt,
+                        result: &success(200),
+                        logs: &[],
+                        cpu_us: 0,
+                        now
+                    })
                     .await
                     .unwrap()
             );
