@@ -20,7 +20,8 @@
 //! sends its next op), so applying them in any order is a valid serial order of the calls. The
 //! order chosen puts `lease` last, so that a lease sees the invocations enqueued beside it.
 //!
-//! What is backend-specific — the SQL, how a transaction starts — is a [`Backend`]. This module
+//! What is backend-specific — the SQL, how a transaction starts, the ops only one database sends
+//! through its writer — is a [`Backend`]; what both run alike is [`Statements`], once. This module
 //! must not decide policy: the caller computes every timestamp it passes in, and the transitions
 //! are the ones `Store`'s documentation promises.
 

@@ -254,48 +254,73 @@ const NOW: &str = now!();
 
 /// Each sweep changes at most `$2` rows that no one else holds locked, and repeats its conditions
 /// on the updated row, so a row another node changed meanwhile is judged on its newest version.
-fn sweep_statements() -> [String; 3] {
-    [
-        // Pending rows whose start window closed before they started.
-        format!(
-            "UPDATE invocations SET status = 'expired', finished_at = {NOW}, error_kind = 'expired'
+const SWEEPS: [&str; 3] = [
+    // Pending rows whose start window closed before they started.
+    concat!(
+        "UPDATE invocations SET status = 'expired', finished_at = ",
+        now!(),
+        ", error_kind = 'expired'
              WHERE id IN (SELECT id FROM invocations
-                          WHERE status IN ('queued', 'failed') AND deadline < {NOW}
+                          WHERE status IN ('queued', 'failed') AND deadline < ",
+        now!(),
+        "
                           LIMIT $2 FOR UPDATE SKIP LOCKED)
-               AND status IN ('queued', 'failed') AND deadline < {NOW}"
-        ),
-        // Pending rows that grew too old to start.
-        format!(
-            "UPDATE invocations SET status = 'dead', finished_at = {NOW}, error_kind = 'max_age'
+               AND status IN ('queued', 'failed') AND deadline < ",
+        now!()
+    ),
+    // Pending rows that grew too old to start.
+    concat!(
+        "UPDATE invocations SET status = 'dead', finished_at = ",
+        now!(),
+        ", error_kind = 'max_age'
              WHERE id IN (SELECT id FROM invocations
-                          WHERE status IN ('queued', 'failed') AND max_age_at < {NOW}
+                          WHERE status IN ('queued', 'failed') AND max_age_at < ",
+        now!(),
+        "
                           LIMIT $2 FOR UPDATE SKIP LOCKED)
-               AND status IN ('queued', 'failed') AND max_age_at < {NOW}"
-        ),
-        // Running rows whose lease expired (see the SQLite store's RECLAIM_EXPIRED_LEASES).
-        format!(
-            "UPDATE invocations SET
+               AND status IN ('queued', 'failed') AND max_age_at < ",
+        now!()
+    ),
+    // Running rows whose lease expired (see the SQLite store's RECLAIM_EXPIRED_LEASES).
+    concat!(
+        "UPDATE invocations SET
                  status = CASE
-                     WHEN deadline < {NOW} THEN 'expired'
-                     WHEN max_age_at < {NOW} OR attempts >= attempts_max THEN 'dead'
+                     WHEN deadline < ",
+        now!(),
+        " THEN 'expired'
+                     WHEN max_age_at < ",
+        now!(),
+        " OR attempts >= attempts_max THEN 'dead'
                      ELSE 'failed' END,
                  error_kind = CASE
-                     WHEN deadline < {NOW} THEN 'expired'
-                     WHEN max_age_at < {NOW} THEN 'max_age'
+                     WHEN deadline < ",
+        now!(),
+        " THEN 'expired'
+                     WHEN max_age_at < ",
+        now!(),
+        " THEN 'max_age'
                      WHEN attempts >= attempts_max THEN COALESCE(error_kind, 'lease_lost')
                      ELSE 'lease_lost' END,
                  finished_at = CASE
-                     WHEN deadline < {NOW} OR max_age_at < {NOW} OR attempts >= attempts_max THEN {NOW}
+                     WHEN deadline < ",
+        now!(),
+        " OR max_age_at < ",
+        now!(),
+        " OR attempts >= attempts_max THEN ",
+        now!(),
+        "
                      ELSE NULL END,
                  lease_owner = NULL,
                  lease_expires_at = NULL
              WHERE id IN (SELECT id FROM invocations
-                          WHERE status = 'running' AND lease_expires_at < {NOW}
+                          WHERE status = 'running' AND lease_expires_at < ",
+        now!(),
+        "
                           LIMIT $2 FOR UPDATE SKIP LOCKED)
-               AND status = 'running' AND lease_expires_at < {NOW}"
-        ),
-    ]
-}
+               AND status = 'running' AND lease_expires_at < ",
+        now!()
+    ),
+];
 
 /// The lease: walks `invocations_runnable` in its order, skipping rows another node is leasing
 /// right now, and takes at most `$4`. Rows past their deadline or max age are not leased even
@@ -304,11 +329,12 @@ fn sweep_statements() -> [String; 3] {
 /// index whose order is the lease's (with a table's statistics lagging behind a fast-growing
 /// queue, `max_age_at >= now` once made it pick `invocations_pending_age` and sort 80,000 rows
 /// per lease).
-fn lease_sql() -> String {
-    format!(
-        "WITH picked AS (
+const LEASE: &str = concat!(
+    "WITH picked AS (
              SELECT id FROM invocations
-             WHERE status IN ('queued', 'failed') AND run_after <= {NOW}
+             WHERE status IN ('queued', 'failed') AND run_after <= ",
+    now!(),
+    "
              ORDER BY criticality, COALESCE(deadline, 9223372036854775807), run_after, id
              LIMIT $4
              FOR UPDATE SKIP LOCKED)
@@ -316,20 +342,29 @@ fn lease_sql() -> String {
              status = 'running',
              attempts = i.attempts + 1,
              lease_owner = $2,
-             lease_expires_at = {NOW} + $3,
-             started_at = COALESCE(i.started_at, {NOW}),
-             waits = '{{\"queued_ms\":' || GREATEST({NOW} - i.run_after, 0)::text || '}}'
+             lease_expires_at = ",
+    now!(),
+    " + $3,
+             started_at = COALESCE(i.started_at, ",
+    now!(),
+    "),
+             waits = '{\"queued_ms\":' || GREATEST(",
+    now!(),
+    " - i.run_after, 0)::text || '}'
          FROM picked
-         WHERE i.id = picked.id AND (i.deadline IS NULL OR i.deadline >= {NOW}) AND i.max_age_at >= {NOW}
+         WHERE i.id = picked.id AND (i.deadline IS NULL OR i.deadline >= ",
+    now!(),
+    ") AND i.max_age_at >= ",
+    now!(),
+    "
          RETURNING i.id, i.tenant, i.function, i.version, i.request_method, i.request_path,
                    i.request_headers, i.request_body, i.attempts, i.attempts_max, i.created_at,
                    i.max_age_at, i.criticality, i.deadline, i.run_after"
-    )
-}
+);
 
 /// One of the scheduler's asks ([`crate::LeaseAsk`]): $1 now or NULL, $2 owner, $3 lease_ms,
 /// $4 promote_ahead_ms, $5 tenant, $6 function or NULL, $7 excluded functions (a JSON array),
-/// $8 limit. Like [`lease_sql`], the walk's conditions are only what its index can answer.
+/// $8 limit. Like [`LEASE`], the walk's conditions are only what its index can answer.
 fn lease_ask_sql(class: LeaseClass) -> String {
     let (class, order) = match class {
         LeaseClass::Due => ("deadline IS NOT NULL AND deadline <= {NOW} + $4", "deadline, run_after, id"),
@@ -380,8 +415,8 @@ const RECORD_WAITS: &str = "
 /// Marks what expired, grew too old or lost its lease: each sweep bounded, each its own
 /// transaction. `now` is `None` to use the database's clock.
 pub(super) async fn sweep(connection: &mut PgConnection, now: Option<i64>) -> StoreResult<()> {
-    for statement in sweep_statements() {
-        sqlx::query(sqlx::AssertSqlSafe(statement))
+    for statement in SWEEPS {
+        sqlx::query(statement)
             .bind(now)
             .bind(super::SWEEP_BATCH_MAX)
             .execute(&mut *connection)
@@ -391,14 +426,14 @@ pub(super) async fn sweep(connection: &mut PgConnection, now: Option<i64>) -> St
     Ok(())
 }
 
-/// Leases (see [`lease_sql`]). `now` is `None` to use the database's clock.
+/// Leases (see [`LEASE`]). `now` is `None` to use the database's clock.
 pub(super) async fn lease(
     connection: &mut PgConnection,
     op: &LeaseOp,
     now: Option<i64>,
 ) -> StoreResult<Vec<Leased>> {
     let Some(_) = &op.asks else {
-        let found = sqlx::query(sqlx::AssertSqlSafe(lease_sql()))
+        let found = sqlx::query(LEASE)
             .bind(now)
             .bind(&op.owner)
             .bind(op.lease_ms)
