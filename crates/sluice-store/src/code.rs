@@ -5,7 +5,36 @@ use sqlx::Executor;
 
 use crate::rows::{config_to_json, get, rows, summary_from_row, version_from_row};
 use crate::sql::{Bind, Conn, Engine, SqlStore, require, tuples};
-use crate::{FunctionSummary, StoreError, StoreResult, TenantStorage, VersionRecord, corrupt};
+use crate::{StoreError, StoreResult, corrupt};
+
+/// What one tenant keeps in the store: its functions, their versions and its component blobs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TenantStorage {
+    pub functions: u64,
+    pub versions: u64,
+    pub blobs: u64,
+    pub blob_bytes: u64,
+}
+
+/// One immutable version of a function.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionRecord {
+    pub tenant: String,
+    pub function: String,
+    pub version: i64,
+    pub blob_digest: String,
+    pub config: FunctionConfig,
+    pub created_at: UnixMs,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FunctionSummary {
+    pub tenant: String,
+    pub name: String,
+    pub latest_version: i64,
+    pub created_at: UnixMs,
+    pub updated_at: UnixMs,
+}
 
 store_trait! {
     /// Blobs, functions and versions.

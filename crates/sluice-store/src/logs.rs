@@ -1,10 +1,21 @@
 //! Guest log lines, of one invocation or tailed by function ([`Logs`]).
 
+use sluice_core::{LogStream, UnixMs};
 use sqlx::Executor;
 
+use crate::StoreResult;
 use crate::rows::{log_line_from_row, rows};
 use crate::sql::{Bind, Conn, Engine, SqlStore};
-use crate::{LogLine, StoreResult};
+
+/// A guest log line. `seq` orders lines of one function across invocations (for `logs -f`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    pub seq: i64,
+    pub invocation_id: String,
+    pub stream: LogStream,
+    pub line: String,
+    pub at: UnixMs,
+}
 
 /// Most log lines one `function_logs` call returns, whatever `limit` the caller asks for.
 pub const FUNCTION_LOGS_LIMIT_MAX: u32 = 10_000;

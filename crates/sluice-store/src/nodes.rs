@@ -2,10 +2,45 @@
 //! heartbeat and whose clock stamps it differ (SQLite's writer task, PostgreSQL's clock), so both
 //! methods are the [`Engine`]'s.
 
+use crate::StoreResult;
+use crate::sql::{Engine, SqlStore};
 use sluice_core::UnixMs;
 
-use crate::sql::{Engine, SqlStore};
-use crate::{NodeRecord, StoreResult};
+/// A change another node made that this node's caches must follow (cluster stores only; see
+/// [`Store::changes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// API keys were created or revoked.
+    Keys,
+    /// A tenant's rate limit, quota or usage limits were set or cleared.
+    Limits,
+    /// A function was deployed (a new version) or deleted.
+    Function { tenant: String, function: String },
+    /// Invocations became runnable (enqueued or re-driven).
+    Queue,
+    /// Notifications may have been missed (the listening connection was lost): reload everything.
+    Resync,
+}
+
+/// A node of the cluster as its own heartbeats describe it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRecord {
+    pub id: String,
+    /// Where its API answers (`http://host:port`).
+    pub address: String,
+    /// The sluice version it runs.
+    pub version: String,
+    pub started_at: UnixMs,
+    /// The store's clock at its last heartbeat (set by the store, not the node).
+    pub heartbeat_at: UnixMs,
+    /// When it stopped cleanly, if it did.
+    pub stopped_at: Option<UnixMs>,
+    /// Async invocations it may run at once, and runs now.
+    pub slots: u32,
+    pub in_flight: u32,
+    /// How long the invocations it last leased had waited past their start time.
+    pub queue_lag_ms: u64,
+}
 
 store_trait! {
     /// The node registry.

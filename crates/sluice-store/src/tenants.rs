@@ -1,12 +1,46 @@
 //! Tenants, their own limits (rate, quota, usage limits) and API keys: the store's [`Tenants`].
 
+use sluice_core::{Scope, UnixMs};
 use sqlx::query::Query;
 use sqlx::{Database, Executor, Pool};
 
 use crate::rows::{USAGE_LIMITS, usage_limits_from_rows};
 use crate::rows::{key_from_row, quota_from_row, rows, scopes_to_text, tenant_from_row, usage_limit_column};
 use crate::sql::{Bind, Conn, Engine, SqlStore, conflict, require, tuples};
-use crate::{KeyRecord, OwnUsageLimits, Quota, StoreResult, Tenant, corrupt};
+use crate::{OwnUsageLimits, StoreResult, corrupt};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant {
+    pub name: String,
+    pub created_at: UnixMs,
+}
+
+/// An API key as stored: never the key itself, only its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub id: String,
+    /// `None` for admin keys, which are not bound to a tenant.
+    pub tenant: Option<String>,
+    pub scopes: Vec<Scope>,
+    pub hash: String,
+    pub created_at: UnixMs,
+    pub revoked: bool,
+}
+
+/// A tenant's share of async capacity (DESIGN.md section 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    /// Async calls of the tenant that start whatever the node's load (guaranteed concurrency).
+    pub reserved: u32,
+    /// Its weight in the fair share of what is beyond reservations (1 for everyone by default).
+    pub weight: u32,
+}
+
+impl Default for Quota {
+    fn default() -> Self {
+        Self { reserved: 0, weight: 1 }
+    }
+}
 
 store_trait! {
     /// Tenants and their keys.
