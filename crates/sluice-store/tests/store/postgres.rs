@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::suite::ended;
 use sluice_core::{Clock, SystemClock};
 use sluice_store::{
     Change, ClockSource, Code, Completion, Enqueued, InvocationStatus, Invocations, LogStream, Logs,
@@ -220,13 +221,8 @@ async fn a_log_tail_skips_no_line_while_nodes_commit_concurrently() {
                 let owner = owner.clone();
                 async move {
                     node.complete(Completion {
-                        id: &l.id,
-                        owner: &owner,
-                        attempt: l.attempt,
-                        result: &crate::suite::success(200),
                         logs: &logs,
-                        cpu_us: 0,
-                        now: 0,
+                        ..ended(&l.id, &owner, l.attempt, &crate::suite::success(200), 0)
                     })
                     .await
                     .unwrap()

@@ -6,10 +6,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::suite::ended;
 use sluice_core::{Clock, FunctionConfig, Scope};
 use sluice_store::{
-    Code, Completion, Enqueued, InvocationStatus, Invocations, KeyRecord, LogStream, Logs, NewInvocation,
-    SqliteStore, Store, SyncRecord, Tenants,
+    Code, Enqueued, InvocationStatus, Invocations, KeyRecord, LogStream, Logs, NewInvocation, SqliteStore,
+    Store, SyncRecord, Tenants,
 };
 
 use crate::suite::ManualClock;
@@ -100,17 +101,9 @@ async fn queue_throughput() {
             break;
         }
         let result = crate::suite::success(200);
-        let completions = futures::future::join_all(leased.iter().map(|l| {
-            store.complete(Completion {
-                id: &l.id,
-                owner: "node-a",
-                attempt: l.attempt,
-                result: &result,
-                logs: &[],
-                cpu_us: 0,
-                now: 1,
-            })
-        }))
+        let completions = futures::future::join_all(
+            leased.iter().map(|l| store.complete(ended(&l.id, "node-a", l.attempt, &result, 1))),
+        )
         .await;
         done += completions.into_iter().filter(|c| *c.as_ref().unwrap()).count();
     }

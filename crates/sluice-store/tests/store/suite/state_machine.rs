@@ -8,9 +8,10 @@
 
 use std::collections::HashMap;
 
+use super::ended;
 use proptest::prelude::*;
 use sluice_store::{
-    Completion, Criticality, Enqueued, Invocation, InvocationFilter, InvocationStatus, NewInvocation, Store,
+    Criticality, Enqueued, Invocation, InvocationFilter, InvocationStatus, NewInvocation, Store,
 };
 
 use super::ManualClock;
@@ -209,18 +210,8 @@ pub async fn queue_state_machine_keeps_its_invariants(
                     Outcome::Retry { delay_ms } => failure("trap", Some(now + i64::from(*delay_ms))),
                     Outcome::Final => failure("trap", None),
                 };
-                let recorded = store
-                    .complete(Completion {
-                        id: &id,
-                        owner: OWNERS[*owner],
-                        attempt,
-                        result: &result,
-                        logs: &[],
-                        cpu_us: 0,
-                        now,
-                    })
-                    .await
-                    .unwrap();
+                let recorded =
+                    store.complete(ended(&id, OWNERS[*owner], attempt, &result, now)).await.unwrap();
                 assert_eq!(
                     recorded,
                     expected,
@@ -276,18 +267,7 @@ pub async fn queue_state_machine_keeps_its_invariants(
         }
         for lease in &leased {
             assert!(
-                store
-                    .complete(Completion {
-                        id: &lease.id,
-                        owner: OWNERS[0],
-                        attempt: lease.attempt,
-                        result: &success(200),
-                        logs: &[],
-                        cpu_us: 0,
-                        now
-                    })
-                    .await
-                    .unwrap()
+                store.complete(ended(&lease.id, OWNERS[0], lease.attempt, &success(200), now)).await.unwrap()
             );
         }
         let observed = observe(store).await;
