@@ -25,7 +25,9 @@ use sluice_core::retry::{Next, RetryPolicy};
 use sluice_core::{Clock, ErrorKind, FunctionConfig, LogStream, UnixMs};
 use sluice_runtime::metrics::{CallMetrics, CallOutcome, Kind as MetricsKind};
 use sluice_runtime::{BodyError, Call, Lane, Prepared, Runtime, TraceParent};
-use sluice_store::{AttemptResult, LeaseClass, Leased, QueueDemand, Quota, Store, StoredResponse};
+use sluice_store::{
+    AttemptResult, Completion, LeaseClass, Leased, QueueDemand, Quota, Store, StoredResponse,
+};
 
 use crate::plan::{Pacer, Service, TenantInput, WaitReason};
 use crate::waits::HoldLog;
@@ -854,11 +856,16 @@ async fn run_one(ctx: Arc<Ctx>, inv: Leased) {
     // never does, the lease expires and the invocation runs again (at-least-once).
     let mut pause = Duration::from_millis(50);
     for _ in 0..5 {
-        match ctx
-            .store
-            .complete(&inv.id, &ctx.config.owner, inv.attempt, &result, &logs, cpu_us, ctx.clock.now_ms())
-            .await
-        {
+        let completion = Completion {
+            id: &inv.id,
+            owner: &ctx.config.owner,
+            attempt: inv.attempt,
+            result: &result,
+            logs: &logs,
+            cpu_us,
+            now: ctx.clock.now_ms(),
+        };
+        match ctx.store.complete(completion).await {
             Ok(true) => {
                 if is_final(&result, &inv) {
                     ctx.functions.finished(&inv.tenant, inv.request.quota_bytes());

@@ -20,7 +20,8 @@
 //! sends its next op), so applying them in any order is a valid serial order of the calls. The
 //! order chosen puts `lease` last, so that a lease sees the invocations enqueued beside it.
 //!
-//! What is backend-specific — the SQL, how a transaction starts — is a [`Backend`]. This module
+//! What is backend-specific — the SQL, how a transaction starts, the ops only one database sends
+//! through its writer — is a [`Backend`]; what both run alike is [`Statements`], once. This module
 //! must not decide policy: the caller computes every timestamp it passes in, and the transitions
 //! are the ones `Store`'s documentation promises.
 
@@ -28,10 +29,16 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use sluice_core::{LogStream, UnixMs};
+use sluice_core::UnixMs;
+use sqlx::{Connection, Executor};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{AttemptResult, Criticality, Enqueued, Leased, NewInvocation, StoreError, StoreResult, corrupt};
+use crate::sql::{Bind, Conn, Engine, tuples};
+
+use crate::{
+    AttemptResult, Completion, Criticality, Enqueued, IDEMPOTENCY_WINDOW_MS, Leased, NewInvocation,
+    StoreError, StoreResult, corrupt,
+};
 
 /// Ops waiting for the writer. When the channel is full, callers wait for room (backpressure);
 /// nothing is dropped.
@@ -406,15 +413,8 @@ struct ResponseRow<'a> {
 }
 
 impl CompleteOp {
-    pub(crate) fn new(
-        id: &str,
-        owner: &str,
-        attempt: u32,
-        result: &AttemptResult,
-        logs: &[(LogStream, String, UnixMs)],
-        cpu_us: u64,
-        now: UnixMs,
-    ) -> StoreResult<Self> {
+    pub(crate) fn new(completion: Completion<'_>) -> StoreResult<Self> {
+        let Completion { id, owner, attempt, result, logs, cpu_us, now } = completion;
         #[derive(serde::Serialize)]
         struct Row<'a> {
             id: &'a str,
@@ -539,42 +539,241 @@ pub(crate) fn criticality_from_i64(value: i64) -> StoreResult<Criticality> {
 
 // --- the backend ---
 
-/// What the writer needs from a database: a connection, transactions and savepoints, and the
-/// statements of each kind of op.
+/// What the writer needs from a database: a connection, how a transaction starts, the statements
+/// of each kind of op, and the ops only one database routes through its writer. The statements
+/// whose shape both databases share are run once, by [`Statements`]; each backend gives their SQL,
+/// which binds what each constant says.
 #[async_trait::async_trait]
 pub(crate) trait Backend: Send + Sync + 'static {
-    type Conn: Send + 'static;
-    async fn connect(&self) -> StoreResult<Self::Conn>;
-    async fn close(&self, connection: Self::Conn);
+    /// The database's errors and types.
+    type Engine: Engine;
+
     /// Starts the batch's transaction (on SQLite holding the write lock from the start).
-    async fn begin(&self, connection: &mut Self::Conn) -> StoreResult<()>;
-    async fn commit(&self, connection: &mut Self::Conn) -> StoreResult<()>;
-    /// Runs SQL without parameters: savepoints.
-    async fn execute(&self, connection: &mut Self::Conn, sql: &'static str) -> StoreResult<()>;
-    /// Claims the idempotency keys of a JSON array of enqueue rows, first come first served in
-    /// array order: a key (of a caller) that is free, or whose holder is out of the window, passes
-    /// to the row's invocation with the row's fingerprint; a key held within the window stays
-    /// with its holder.
-    async fn claim_keys(&self, connection: &mut Self::Conn, rows: &str) -> StoreResult<()>;
+    const BEGIN: &'static str;
+    /// Claims the idempotency keys of a JSON array (`$1`) of enqueue rows, first come first
+    /// served in array order: a key (of a caller) that is free, or whose holder is out of the
+    /// window (`$2`), passes to the row's invocation with the row's fingerprint; a key held within
+    /// the window stays with its holder.
+    const CLAIM_KEYS: &'static str;
+    /// Who holds each keyed row's key (of its caller) now, with that holder's fingerprint:
+    /// `position, invocation_id, request_method, request_path, body_sha256`.
+    const KEY_HOLDERS: &'static str;
+    /// Stores a JSON array (`$1`) of responses, replacing earlier attempts'.
+    const UPSERT_RESPONSES: &'static str;
+    /// Deletes the responses of a JSON array (`$1`) of invocation ids.
+    const DELETE_RESPONSES: &'static str;
+    /// Gives back the leases of a JSON array (`$2`) of `{id, attempt}` that owner `$1` still holds.
+    const RELEASE: &'static str;
+    /// Renews the leases of a JSON array (`$3`) of `{id, attempt}` that owner `$2` still holds to
+    /// now (`$1`, NULL for the database's clock) + `$4`, never shortening one: `RETURNING id,
+    /// attempts` of those it renewed.
+    const HEARTBEAT: &'static str;
+    /// Re-drives the dead or expired async invocation `$2` from now (`$1`, as for `HEARTBEAT`).
+    const RETRY_DEAD: &'static str;
+    /// Records why attempts waited: a JSON array (`$1`) of `{id, attempt, waits}`, fenced by
+    /// attempt (a later attempt keeps its own).
+    const RECORD_WAITS: &'static str;
+    /// Deletes up to `$2` finished invocations that finished before `$1` (their logs and
+    /// responses go with them: ON DELETE CASCADE).
+    const PURGE_FINISHED: &'static str;
+    /// Deletes up to `$2` idempotency keys created at or before `$1`.
+    const PURGE_KEYS: &'static str;
+
+    async fn connect(&self) -> StoreResult<Conn<Self::Engine>>;
+    /// The caller's `now`, or `None` where the statement must take the database's.
+    fn now(&self, caller: UnixMs) -> Option<UnixMs>;
     /// Inserts the rows without a key and those that won theirs; returns how many. A store that
     /// other nodes share also tells them there is work.
-    async fn insert_queued(&self, connection: &mut Self::Conn, rows: &str) -> StoreResult<u64>;
-    /// Who holds each keyed row's key (of its caller) now, with that holder's fingerprint.
-    async fn key_holders(&self, connection: &mut Self::Conn, rows: &str) -> StoreResult<Vec<KeyHolder>>;
+    async fn insert_queued(&self, connection: &mut Conn<Self::Engine>, rows: &str) -> StoreResult<u64>;
     /// Records each completion of a JSON array whose lease still holds (status running, same
     /// owner, same attempt: the fencing check); returns the ids it changed.
-    async fn complete_fenced(&self, connection: &mut Self::Conn, rows: &str) -> StoreResult<Vec<String>>;
-    async fn upsert_responses(&self, connection: &mut Self::Conn, rows: &str) -> StoreResult<()>;
-    async fn delete_responses(&self, connection: &mut Self::Conn, ids: &str) -> StoreResult<()>;
+    async fn complete_fenced(
+        &self,
+        connection: &mut Conn<Self::Engine>,
+        rows: &str,
+    ) -> StoreResult<Vec<String>>;
     /// Inserts log lines in array order, so that `seq` follows it.
-    async fn insert_logs(&self, connection: &mut Self::Conn, rows: &str) -> StoreResult<()>;
-    /// One op of a rare kind (anything but enqueue and complete).
-    async fn apply_one(&self, connection: &mut Self::Conn, op: &Op) -> StoreResult<Done>;
+    async fn insert_logs(&self, connection: &mut Conn<Self::Engine>, rows: &str) -> StoreResult<()>;
+    /// The ops only this database sends through its writer (and a lease, if it does).
+    async fn apply_own(&self, connection: &mut Conn<Self::Engine>, op: &Op) -> StoreResult<Done>;
+    /// Tells other nodes that invocations became runnable (where other nodes share the store).
+    async fn announce(&self, _connection: &mut Conn<Self::Engine>) -> StoreResult<()> {
+        Ok(())
+    }
 }
 
-async fn enqueue_many<B: Backend>(
+/// The writer's statements, run the same way on either database: implemented for every
+/// [`Backend`] whose database binds what they bind (both do). The writer's code asks for this
+/// trait, so these bounds are checked once per database, where the writer is started.
+#[async_trait::async_trait]
+pub(crate) trait Statements: Backend {
+    async fn close(&self, connection: Conn<Self::Engine>);
+    async fn begin(&self, connection: &mut Conn<Self::Engine>) -> StoreResult<()>;
+    async fn commit(&self, connection: &mut Conn<Self::Engine>) -> StoreResult<()>;
+    /// Runs SQL without parameters: transactions and savepoints.
+    async fn execute(&self, connection: &mut Conn<Self::Engine>, sql: &'static str) -> StoreResult<()>;
+    /// Runs a statement whose one parameter is a JSON array; returns the rows it changed.
+    async fn statement(
+        &self,
+        connection: &mut Conn<Self::Engine>,
+        sql: &'static str,
+        rows: &str,
+    ) -> StoreResult<u64>;
+    async fn claim_keys(&self, connection: &mut Conn<Self::Engine>, rows: &str) -> StoreResult<()>;
+    async fn key_holders(
+        &self,
+        connection: &mut Conn<Self::Engine>,
+        rows: &str,
+    ) -> StoreResult<Vec<KeyHolder>>;
+    /// One op of a rare kind (anything but enqueue and complete): a few per node and second.
+    async fn apply_one(&self, connection: &mut Conn<Self::Engine>, op: &Op) -> StoreResult<Done>;
+}
+
+#[async_trait::async_trait]
+impl<B: Backend> Statements for B
+where
+    for<'c> &'c mut Conn<B::Engine>: Executor<'c, Database = <B::Engine as Engine>::DB>,
+    for<'a> &'a str: Bind<<B::Engine as Engine>::DB>,
+    i64: Bind<<B::Engine as Engine>::DB>,
+    Option<i64>: Bind<<B::Engine as Engine>::DB>,
+{
+    async fn close(&self, connection: Conn<Self::Engine>) {
+        let _ = Connection::close(connection).await;
+    }
+
+    async fn begin(&self, connection: &mut Conn<Self::Engine>) -> StoreResult<()> {
+        self.execute(connection, Self::BEGIN).await
+    }
+
+    async fn commit(&self, connection: &mut Conn<Self::Engine>) -> StoreResult<()> {
+        self.execute(connection, "COMMIT").await
+    }
+
+    async fn execute(&self, connection: &mut Conn<Self::Engine>, sql: &'static str) -> StoreResult<()> {
+        sqlx::raw_sql(sql).execute(&mut *connection).await.map_err(Self::Engine::classify)?;
+        Ok(())
+    }
+
+    async fn statement(
+        &self,
+        connection: &mut Conn<Self::Engine>,
+        sql: &'static str,
+        rows: &str,
+    ) -> StoreResult<u64> {
+        let done =
+            sqlx::query(sql).bind(rows).execute(&mut *connection).await.map_err(Self::Engine::classify)?;
+        Ok(Self::Engine::rows_affected(&done))
+    }
+
+    async fn claim_keys(&self, connection: &mut Conn<Self::Engine>, rows: &str) -> StoreResult<()> {
+        sqlx::query(Self::CLAIM_KEYS)
+            .bind(rows)
+            .bind(IDEMPOTENCY_WINDOW_MS)
+            .execute(&mut *connection)
+            .await
+            .map_err(Self::Engine::classify)?;
+        Ok(())
+    }
+
+    async fn key_holders(
+        &self,
+        connection: &mut Conn<Self::Engine>,
+        rows: &str,
+    ) -> StoreResult<Vec<KeyHolder>> {
+        let found = sqlx::query(Self::KEY_HOLDERS)
+            .bind(rows)
+            .fetch_all(&mut *connection)
+            .await
+            .map_err(Self::Engine::classify)?;
+        tuples(found)
+    }
+
+    async fn apply_one(&self, connection: &mut Conn<Self::Engine>, op: &Op) -> StoreResult<Done> {
+        let classify = Self::Engine::classify;
+        match op {
+            Op::Enqueue(_) | Op::Complete(_) => {
+                unreachable!("the writer applies enqueues and completions in groups")
+            }
+            // The attempt did not happen: given back, and the other nodes hear of it at once.
+            Op::Release(op) => {
+                let released = sqlx::query(Self::RELEASE)
+                    .bind(op.owner.as_str())
+                    .bind(op.leases.as_str())
+                    .execute(&mut *connection)
+                    .await
+                    .map_err(classify)?;
+                if Self::Engine::rows_affected(&released) > 0 {
+                    self.announce(connection).await?;
+                }
+                Ok(Done::Released)
+            }
+            Op::Heartbeat(op) => {
+                let held = sqlx::query(Self::HEARTBEAT)
+                    .bind(self.now(op.now))
+                    .bind(op.owner.as_str())
+                    .bind(op.leases.as_str())
+                    .bind(op.lease_ms)
+                    .fetch_all(&mut *connection)
+                    .await
+                    .map_err(classify)?;
+                let held: HashSet<(String, i64)> = tuples(held)?.into_iter().collect();
+                Ok(Done::Heartbeat(
+                    op.asked
+                        .iter()
+                        .filter(|(id, attempt)| !held.contains(&(id.clone(), i64::from(*attempt))))
+                        .cloned()
+                        .collect(),
+                ))
+            }
+            Op::RetryDead(op) => {
+                let changed = sqlx::query(Self::RETRY_DEAD)
+                    .bind(self.now(op.now))
+                    .bind(op.id.as_str())
+                    .execute(&mut *connection)
+                    .await
+                    .map_err(classify)?;
+                if Self::Engine::rows_affected(&changed) == 0 {
+                    return Ok(Done::Retried(false));
+                }
+                // The old response belongs to an attempt of the previous life.
+                self.statement(connection, Self::DELETE_RESPONSES, &encode("ids", &[&op.id])?).await?;
+                self.announce(connection).await?;
+                Ok(Done::Retried(true))
+            }
+            Op::Purge(op) => {
+                let mut deleted = 0;
+                for (sql, cutoff) in [(Self::PURGE_FINISHED, op.cutoff), (Self::PURGE_KEYS, op.keys_cutoff)] {
+                    let done = sqlx::query(sql)
+                        .bind(cutoff)
+                        .bind(op.limit)
+                        .execute(&mut *connection)
+                        .await
+                        .map_err(classify)?;
+                    deleted += Self::Engine::rows_affected(&done);
+                }
+                let nodes = sqlx::query(PURGE_NODES)
+                    .bind(op.cutoff)
+                    .execute(&mut *connection)
+                    .await
+                    .map_err(classify)?;
+                Ok(Done::Purged(deleted + Self::Engine::rows_affected(&nodes)))
+            }
+            Op::RecordWaits(op) => {
+                self.statement(connection, Self::RECORD_WAITS, &op.rows).await?;
+                Ok(Done::WaitsRecorded)
+            }
+            op => self.apply_own(connection, op).await,
+        }
+    }
+}
+
+/// Nodes not heard from since `$1`: each start of a node is a new row, so without this the
+/// registry would grow with every restart.
+const PURGE_NODES: &str = "DELETE FROM nodes WHERE heartbeat_at < $1";
+
+async fn enqueue_many<B: Statements>(
     backend: &B,
-    connection: &mut B::Conn,
+    connection: &mut Conn<B::Engine>,
     ops: &[&EnqueueOp],
 ) -> StoreResult<Vec<Done>> {
     let rows = json_array(ops.iter().map(|op| op.row.as_str()));
@@ -617,9 +816,9 @@ async fn enqueue_many<B: Backend>(
     Ok(done)
 }
 
-async fn complete_many<B: Backend>(
+async fn complete_many<B: Statements>(
     backend: &B,
-    connection: &mut B::Conn,
+    connection: &mut Conn<B::Engine>,
     ops: &[&CompleteOp],
 ) -> StoreResult<Vec<Done>> {
     let mut done: Vec<Option<Done>> = ops.iter().map(|_| None).collect();
@@ -637,12 +836,12 @@ async fn complete_many<B: Backend>(
             round.iter().map(|&i| ops[i]).filter(|op| fenced.contains(&op.id)).collect();
         let responses = json_array(applied.iter().filter_map(|op| op.response.as_deref()));
         if responses != "[]" {
-            backend.upsert_responses(connection, &responses).await?;
+            backend.statement(connection, B::UPSERT_RESPONSES, &responses).await?;
         }
         let without: Vec<&str> =
             applied.iter().filter(|op| op.response.is_none()).map(|op| op.id.as_str()).collect();
         if !without.is_empty() {
-            backend.delete_responses(connection, &encode("ids", &without)?).await?;
+            backend.statement(connection, B::DELETE_RESPONSES, &encode("ids", &without)?).await?;
         }
         logs.extend(applied.iter().map(|op| op.logs.as_str()));
         for i in round {
@@ -689,7 +888,7 @@ fn closed() -> StoreError {
 impl Writer {
     /// Opens the writer's own connection (so that a store that cannot write fails at open, not at
     /// its first enqueue) and starts the task on the current tokio runtime.
-    pub(crate) async fn start<B: Backend>(backend: B) -> StoreResult<Self> {
+    pub(crate) async fn start<B: Statements>(backend: B) -> StoreResult<Self> {
         let connection = backend.connect().await?;
         let (sender, receiver) = mpsc::channel(WRITER_QUEUE_OPS_MAX);
         let commits = Arc::new(AtomicU64::new(0));
@@ -804,18 +1003,8 @@ impl Writer {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn complete(
-        &self,
-        id: &str,
-        owner: &str,
-        attempt: u32,
-        result: &AttemptResult,
-        logs: &[(LogStream, String, UnixMs)],
-        cpu_us: u64,
-        now: UnixMs,
-    ) -> StoreResult<bool> {
-        let op = CompleteOp::new(id, owner, attempt, result, logs, cpu_us, now)?;
+    pub(crate) async fn complete(&self, completion: Completion<'_>) -> StoreResult<bool> {
+        let op = CompleteOp::new(completion)?;
         match self.call(Op::Complete(op)).await? {
             Done::Completed(applied) => Ok(applied),
             other => unreachable!("the writer answered a completion with {other:?}"),
@@ -885,12 +1074,12 @@ impl Writer {
     }
 }
 
-struct Task<B: Backend> {
+struct Task<B: Statements> {
     receiver: mpsc::Receiver<Message>,
     backend: B,
     /// `None` after a failed batch: the next batch reconnects, so a connection left in an
     /// unknown state by an I/O error is never reused.
-    connection: Option<B::Conn>,
+    connection: Option<Conn<B::Engine>>,
     commits: Arc<AtomicU64>,
     /// An op that did not fit in the previous batch.
     carried: Option<Request>,
@@ -914,7 +1103,7 @@ impl WriterMetrics {
     }
 }
 
-impl<B: Backend> Task<B> {
+impl<B: Statements> Task<B> {
     async fn run(mut self) {
         loop {
             let first = match self.carried.take() {
@@ -1017,9 +1206,9 @@ const ROLLBACK_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT queue_group";
 /// is acknowledged: the transaction was rolled back (or, if COMMIT itself failed with an I/O error,
 /// its fate is unknown; callers only ever retry what was not acknowledged, never the reverse).
 /// On `Err` the caller drops the connection, which rolls back what was begun.
-async fn apply_batch<B: Backend>(
+async fn apply_batch<B: Statements>(
     backend: &B,
-    connection: &mut B::Conn,
+    connection: &mut Conn<B::Engine>,
     ops: &[Op],
 ) -> StoreResult<Vec<StoreResult<Done>>> {
     // Fast path: the whole batch without savepoints, which would cost two round trips per kind
@@ -1083,7 +1272,11 @@ async fn apply_batch<B: Backend>(
 }
 
 /// Applies every op, kind by kind in [`Kind::ORDER`], with no savepoint: any error fails it all.
-async fn apply_all<B: Backend>(backend: &B, connection: &mut B::Conn, ops: &[Op]) -> StoreResult<Vec<Done>> {
+async fn apply_all<B: Statements>(
+    backend: &B,
+    connection: &mut Conn<B::Engine>,
+    ops: &[Op],
+) -> StoreResult<Vec<Done>> {
     let mut results: Vec<Option<Done>> = ops.iter().map(|_| None).collect();
     for kind in Kind::ORDER {
         let group: Vec<usize> = (0..ops.len()).filter(|&i| ops[i].kind() == kind).collect();
@@ -1097,7 +1290,7 @@ async fn apply_all<B: Backend>(backend: &B, connection: &mut B::Conn, ops: &[Op]
     Ok(results.into_iter().map(|r| r.expect("every op of the batch has a result")).collect())
 }
 
-async fn rollback_savepoint<B: Backend>(backend: &B, connection: &mut B::Conn) -> StoreResult<()> {
+async fn rollback_savepoint<B: Statements>(backend: &B, connection: &mut Conn<B::Engine>) -> StoreResult<()> {
     backend.execute(connection, ROLLBACK_SAVEPOINT).await?;
     backend.execute(connection, RELEASE_SAVEPOINT).await
 }
@@ -1108,9 +1301,9 @@ fn of_kind<'a, T>(ops: &'a [Op], indices: &[usize], pick: fn(&'a Op) -> Option<&
 }
 
 /// Applies the ops at `indices` (all of one kind), returning their answers in the same order.
-async fn apply_group<B: Backend>(
+async fn apply_group<B: Statements>(
     backend: &B,
-    connection: &mut B::Conn,
+    connection: &mut Conn<B::Engine>,
     ops: &[Op],
     indices: &[usize],
 ) -> StoreResult<Vec<Done>> {

@@ -13,9 +13,10 @@ use crate::{
     TenantDemand, TenantQueue, VersionRecord, corrupt,
 };
 
-/// A row from which a column of type `T` can be read.
-pub(crate) trait Column<T> {
+/// A row from which a column of type `T` can be read, by name or by position.
+pub trait Column<T> {
     fn column(&self, name: &str) -> StoreResult<T>;
+    fn column_at(&self, index: usize) -> StoreResult<T>;
 }
 
 macro_rules! columns {
@@ -24,16 +25,25 @@ macro_rules! columns {
             fn column(&self, name: &str) -> StoreResult<$t> {
                 self.try_get(name).map_err(|e| StoreError::Other(format!("reading column {name}: {e}")))
             }
+            fn column_at(&self, index: usize) -> StoreResult<$t> {
+                self.try_get(index).map_err(|e| StoreError::Other(format!("reading column {index}: {e}")))
+            }
         })*
     };
 }
 
-columns!(SqliteRow: String, Option<String>, i64, Option<i64>, bool, Vec<u8>);
-columns!(PgRow: String, Option<String>, i64, Option<i64>, bool, Vec<u8>);
+columns!(SqliteRow: String, Option<String>, i64, Option<i64>, f64, bool, Vec<u8>);
+columns!(PgRow: String, Option<String>, i64, Option<i64>, f64, bool, Vec<u8>);
 
 /// A row of either database.
-pub(crate) trait StoreRow:
-    Column<String> + Column<Option<String>> + Column<i64> + Column<Option<i64>> + Column<bool> + Column<Vec<u8>>
+pub trait StoreRow:
+    Column<String>
+    + Column<Option<String>>
+    + Column<i64>
+    + Column<Option<i64>>
+    + Column<f64>
+    + Column<bool>
+    + Column<Vec<u8>>
 {
 }
 
@@ -42,6 +52,7 @@ impl<R> StoreRow for R where
         + Column<Option<String>>
         + Column<i64>
         + Column<Option<i64>>
+        + Column<f64>
         + Column<bool>
         + Column<Vec<u8>>
 {

@@ -1,7 +1,10 @@
-//! [`SqliteStore`]: the embedded [`Store`] of a single node, one SQLite file in WAL mode.
+//! [`SqliteStore`]: the embedded [`Store`](crate::Store) of a single node, one SQLite file in WAL
+//! mode: the shared [`SqlStore`] over the [`SqliteEngine`].
 //!
 //! This module owns the connection options, the schema (an append-only list of numbered
-//! migrations, applied at open) and the one mapping from SQLite result codes to [`StoreError`].
+//! migrations, applied at open), the one mapping from SQLite result codes to [`StoreError`], and
+//! the statements that are SQLite's own (the purges by `rowid`, the lease indexes named with
+//! `INDEXED BY`).
 //! It must not decide policy: what a limit is, who may see what, or how an error becomes an HTTP
 //! status belongs to the callers.
 //!
@@ -17,30 +20,22 @@
 //! `SQLITE_BUSY` after the busy timeout. Reads use the pool; the rare writes of the control plane
 //! (tenants, keys, versions) still take `BEGIN IMMEDIATE` on a pooled connection.
 
-use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_core::{Clock, FunctionConfig, SystemClock, UnixMs};
+use sluice_core::{Clock, SystemClock, UnixMs};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteQueryResult,
+    SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
+use sqlx::{Pool, Sqlite, Transaction};
+use tokio::sync::broadcast;
 
-use crate::queue::{Writer, to_i64};
-use crate::rows::{
-    QUEUE_DEPTH, QUEUED_USAGE, USAGE_LIMITS, config_to_json, demand_from_rows, get, invocation_from_row,
-    key_from_row, log_line_from_row, node_from_row, queue_depth_from_rows, queued_usage_from_rows,
-    quota_from_row, response_from_row, rows, scopes_to_text, summary_from_row, sync_batch_json,
-    tenant_from_row, tenant_queue_from_counts, usage_limit_column, usage_limits_from_rows, version_from_row,
-};
-use crate::{
-    AttemptResult, Enqueued, FunctionSummary, IDEMPOTENCY_WINDOW_MS, Invocation, InvocationFilter, KeyRecord,
-    LeaseAsk, Leased, LogLine, LogStream, NewInvocation, NodeRecord, OwnUsageLimits, QueueDemand,
-    QueuedUsage, Quota, Store, StoreError, StoreResult, StoredResponse, SyncRecord, Tenant, TenantQueue,
-    TenantStorage, VersionRecord, corrupt,
-};
+use crate::queue::Writer;
+use crate::rows::{node_from_row, rows, sync_batch_json};
+use crate::sql::{Engine, SqlStore};
+use crate::{Change, LeaseAsk, Leased, NodeRecord, StoreError, StoreResult, SyncRecord};
 
 mod queue;
 
@@ -56,10 +51,6 @@ pub const POOL_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Prepared statements kept per connection. The store issues a few dozen distinct statements, so
 /// every one stays prepared.
 pub const STATEMENT_CACHE_CAPACITY: usize = 100;
-/// Most log lines one `function_logs` call returns, whatever `limit` the caller asks for.
-pub const FUNCTION_LOGS_LIMIT_MAX: u32 = 10_000;
-/// Most invocations one `list_invocations` call returns, whatever `limit` the caller asks for.
-pub const LIST_INVOCATIONS_LIMIT_MAX: u32 = 1_000;
 
 /// One step of the schema. The list is append-only: a migration that has shipped is never edited
 /// (databases in the field have already applied it); a change is a new, higher-numbered entry.
@@ -116,44 +107,13 @@ const MIGRATIONS: &[Migration] = &[
     },
 ];
 
-/// Each tenant's runnable work by class, each count stopping at ?3 rows (an index probe per
-/// tenant and class, not a scan of the queue): ?1 now, ?2 promote_ahead_ms.
-const QUEUE_DEMAND: &str = "
-    SELECT * FROM (
-        SELECT t.name AS tenant,
-            (SELECT count(*) FROM (SELECT 1 FROM invocations INDEXED BY invocations_tenant_windowed
-                WHERE status IN ('queued', 'failed') AND deadline IS NOT NULL AND tenant = t.name
-                  AND deadline <= ?1 + ?2 AND run_after <= ?1 LIMIT ?3)) AS due,
-            (SELECT count(*) FROM (SELECT 1 FROM invocations INDEXED BY invocations_tenant_plain
-                WHERE status IN ('queued', 'failed') AND deadline IS NULL AND tenant = t.name
-                  AND run_after <= ?1 LIMIT ?3)) AS plain,
-            (SELECT count(*) FROM (SELECT 1 FROM invocations INDEXED BY invocations_tenant_windowed
-                WHERE status IN ('queued', 'failed') AND deadline IS NOT NULL AND tenant = t.name
-                  AND deadline > ?1 + ?2 AND run_after <= ?1 LIMIT ?3)) AS windowed
-        FROM tenants AS t)
-    WHERE due + plain + windowed > 0
-    ORDER BY tenant";
+/// The embedded store.
+pub type SqliteStore = SqlStore<SqliteEngine>;
 
-/// What runs now, on any node (the running rows are few: at most every node's slots).
-const RUNNING_BY_FUNCTION: &str = "
-    SELECT tenant, function, count(*) FROM invocations INDEXED BY invocations_leases
-    WHERE status = 'running' GROUP BY tenant, function ORDER BY tenant, function";
-
-/// The SQLite implementation of [`Store`]. Cloning is cheap and shares the pool.
-#[derive(Clone)]
-pub struct SqliteStore {
-    pool: SqlitePool,
-    /// The one writer of the async queue, shared by every clone.
-    writer: Writer,
-    clock: Arc<dyn Clock>,
-    path: PathBuf,
-}
-
-impl fmt::Debug for SqliteStore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SqliteStore").field("path", &self.path).finish_non_exhaustive()
-    }
-}
+/// What is SQLite's own in the [`SqliteStore`]: nothing but its statements, since every queue
+/// write, and every other write that is frequent or large, goes through the one writer task.
+#[derive(Debug, Clone)]
+pub struct SqliteEngine;
 
 impl SqliteStore {
     /// Opens (creating if missing) the database at `path` and brings its schema up to date, with
@@ -201,7 +161,7 @@ impl SqliteStore {
         migrate(&pool, MIGRATIONS, clock.now_ms()).await?;
         // Same options as the pool: the writer's commits must be exactly as durable.
         let writer = Writer::start(queue::Sqlite(options)).await?;
-        Ok(Self { pool, writer, clock, path: path.to_path_buf() })
+        Ok(Self { pool, clock, enqueues: writer.clone(), writer, engine: SqliteEngine })
     }
 
     /// Closes every connection, waiting for checked-out ones to come back, after the queue writer
@@ -224,11 +184,132 @@ impl SqliteStore {
     pub fn commits(&self) -> u64 {
         self.writer.commits()
     }
+}
 
-    /// Starts a transaction that holds the write lock from its first statement (see the module
-    /// documentation for why every writing transaction must).
-    async fn begin_write(&self) -> StoreResult<Transaction<'static, Sqlite>> {
-        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(classify)
+#[async_trait::async_trait]
+impl Engine for SqliteEngine {
+    type DB = Sqlite;
+
+    const TENANT_EXISTS: &'static str = "SELECT 1 FROM tenants WHERE name = $1";
+    const BLOB_EXISTS: &'static str = "SELECT 1 FROM blobs WHERE tenant = $1 AND digest = $2";
+    /// One statement: a deploy that names the blob commits either before it (the blob is named,
+    /// so kept) or after it (the blob is gone and the deploy answers NotFound).
+    const PURGE_BLOBS: &'static str = "
+        DELETE FROM blobs WHERE rowid IN (
+            SELECT b.rowid FROM blobs b
+            WHERE b.created_at < $1
+              AND NOT EXISTS (SELECT 1 FROM versions v
+                              WHERE v.tenant = b.tenant AND v.blob_digest = b.digest)
+            ORDER BY b.created_at
+            LIMIT $2)
+        RETURNING tenant, digest";
+    /// One statement, like `PURGE_BLOBS`: a retry that re-queues an invocation of an old version
+    /// commits either before it (the version is named, so kept) or after it (the attempt finds
+    /// the version gone and ends `dead`, saying so).
+    const PURGE_VERSIONS: &'static str = "
+        DELETE FROM versions WHERE rowid IN (
+            SELECT v.rowid FROM versions v
+            JOIN functions f ON f.tenant = v.tenant AND f.name = v.function
+            WHERE v.version <= f.latest_version - $1
+              AND NOT EXISTS (SELECT 1 FROM invocations i
+                              WHERE i.tenant = v.tenant AND i.function = v.function
+                                AND i.version = v.version
+                                AND i.status IN ('queued', 'failed', 'running'))
+            ORDER BY v.created_at
+            LIMIT $2)";
+    /// An index probe per tenant and class, not a scan of the queue.
+    const QUEUE_DEMAND: &'static str = "
+        SELECT * FROM (
+            SELECT t.name AS tenant,
+                (SELECT count(*) FROM (SELECT 1 FROM invocations INDEXED BY invocations_tenant_windowed
+                    WHERE status IN ('queued', 'failed') AND deadline IS NOT NULL AND tenant = t.name
+                      AND deadline <= $1 + $2 AND run_after <= $1 LIMIT $3)) AS due,
+                (SELECT count(*) FROM (SELECT 1 FROM invocations INDEXED BY invocations_tenant_plain
+                    WHERE status IN ('queued', 'failed') AND deadline IS NULL AND tenant = t.name
+                      AND run_after <= $1 LIMIT $3)) AS plain,
+                (SELECT count(*) FROM (SELECT 1 FROM invocations INDEXED BY invocations_tenant_windowed
+                    WHERE status IN ('queued', 'failed') AND deadline IS NOT NULL AND tenant = t.name
+                      AND deadline > $1 + $2 AND run_after <= $1 LIMIT $3)) AS windowed
+            FROM tenants AS t)
+        WHERE due + plain + windowed > 0
+        ORDER BY tenant";
+    /// The running rows are few: at most every node's slots.
+    const RUNNING_BY_FUNCTION: &'static str = "
+        SELECT tenant, function, count(*) FROM invocations INDEXED BY invocations_leases
+        WHERE status = 'running' GROUP BY tenant, function ORDER BY tenant, function";
+
+    fn classify(error: sqlx::Error) -> StoreError {
+        classify(error)
+    }
+
+    fn rows_affected(done: &SqliteQueryResult) -> u64 {
+        done.rows_affected()
+    }
+
+    /// `IMMEDIATE`: the write lock from the first statement (see the module documentation for
+    /// why every writing transaction must).
+    async fn begin_write(pool: &Pool<Sqlite>) -> StoreResult<Transaction<'static, Sqlite>> {
+        pool.begin_with("BEGIN IMMEDIATE").await.map_err(classify)
+    }
+
+    fn now(&self, caller: UnixMs) -> Option<UnixMs> {
+        Some(caller)
+    }
+
+    /// This process's own writes are all there is: nothing to follow.
+    fn changes(&self) -> Option<broadcast::Receiver<Change>> {
+        None
+    }
+
+    async fn put_blob(store: &SqliteStore, tenant: &str, digest: &str, bytes: &[u8]) -> StoreResult<()> {
+        store.writer.put_blob(tenant, digest, bytes, store.clock.now_ms()).await
+    }
+
+    async fn record_sync(store: &SqliteStore, batch: &[SyncRecord]) -> StoreResult<()> {
+        // Two JSON arrays, two statements, in the writer's transaction: all of it or none of it.
+        let (invocations, logs) = sync_batch_json(batch)?;
+        store.writer.record_sync(invocations, logs).await
+    }
+
+    async fn lease(
+        store: &SqliteStore,
+        owner: &str,
+        now: UnixMs,
+        lease_ms: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<Leased>> {
+        store.writer.lease(owner, now, lease_ms, limit).await
+    }
+
+    async fn lease_asks(
+        store: &SqliteStore,
+        owner: &str,
+        now: UnixMs,
+        lease_ms: u64,
+        promote_ahead_ms: u64,
+        asks: &[LeaseAsk],
+    ) -> StoreResult<Vec<Vec<Leased>>> {
+        store.writer.lease_asks(owner, now, lease_ms, promote_ahead_ms, asks).await
+    }
+
+    async fn node_heartbeat(store: &SqliteStore, node: &NodeRecord, stopped: bool) -> StoreResult<()> {
+        // Through the writer, on its own connection: API reads that hold every pooled connection
+        // cannot make this node look dead to the others.
+        store.writer.node_heartbeat(node, stopped, store.clock.now_ms()).await
+    }
+
+    async fn list_nodes(store: &SqliteStore, within_ms: u64) -> StoreResult<(Vec<NodeRecord>, UnixMs)> {
+        let now = store.clock.now_ms();
+        let found = sqlx::query(
+            "SELECT id, address, version, started_at, heartbeat_at, stopped_at, slots, in_flight,
+                    queue_lag_ms
+             FROM nodes WHERE heartbeat_at >= $1 ORDER BY started_at, id",
+        )
+        .bind(now.saturating_sub(i64::try_from(within_ms).unwrap_or(i64::MAX)))
+        .fetch_all(&store.pool)
+        .await
+        .map_err(classify)?;
+        Ok((rows(found, node_from_row)?, now))
     }
 }
 
@@ -316,731 +397,11 @@ fn classify(error: sqlx::Error) -> StoreError {
     }
 }
 
-async fn require_tenant(connection: &mut sqlx::SqliteConnection, tenant: &str) -> StoreResult<()> {
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tenants WHERE name = ?)")
-        .bind(tenant)
-        .fetch_one(&mut *connection)
-        .await
-        .map_err(classify)?;
-    if !exists {
-        return Err(StoreError::NotFound(format!("tenant {tenant}")));
-    }
-    Ok(())
-}
-
-#[async_trait::async_trait]
-impl Store for SqliteStore {
-    async fn create_tenant(&self, name: &str) -> StoreResult<Tenant> {
-        let tenant = Tenant { name: name.to_owned(), created_at: self.clock.now_ms() };
-        sqlx::query("INSERT INTO tenants (name, created_at) VALUES (?, ?)")
-            .bind(&tenant.name)
-            .bind(tenant.created_at)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| match classify(e) {
-                StoreError::Conflict(_) => StoreError::Conflict(format!("tenant {name} exists")),
-                other => other,
-            })?;
-        Ok(tenant)
-    }
-
-    async fn get_tenant(&self, name: &str) -> StoreResult<Option<Tenant>> {
-        sqlx::query("SELECT name, created_at FROM tenants WHERE name = ?")
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(classify)?
-            .as_ref()
-            .map(tenant_from_row)
-            .transpose()
-    }
-
-    async fn list_tenants(&self) -> StoreResult<Vec<Tenant>> {
-        let found = sqlx::query("SELECT name, created_at FROM tenants ORDER BY name")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(classify)?;
-        rows(found, tenant_from_row)
-    }
-
-    async fn set_tenant_rate(&self, tenant: &str, rate: Option<(f64, u32)>) -> StoreResult<()> {
-        let mut tx = self.begin_write().await?;
-        require_tenant(&mut tx, tenant).await?;
-        match rate {
-            Some((per_sec, burst)) => {
-                sqlx::query(
-                    "INSERT INTO tenant_limits (tenant, rate_per_sec, burst) VALUES (?, ?, ?) \
-                     ON CONFLICT (tenant) DO UPDATE SET rate_per_sec = excluded.rate_per_sec, burst = excluded.burst",
-                )
-                .bind(tenant)
-                .bind(per_sec)
-                .bind(i64::from(burst))
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?;
-            }
-            None => {
-                sqlx::query("DELETE FROM tenant_limits WHERE tenant = ?")
-                    .bind(tenant)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(classify)?;
-            }
-        }
-        tx.commit().await.map_err(classify)
-    }
-
-    async fn tenant_rates(&self) -> StoreResult<Vec<(String, f64, u32)>> {
-        let found = sqlx::query("SELECT tenant, rate_per_sec, burst FROM tenant_limits ORDER BY tenant")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(classify)?;
-        rows(found, |r| {
-            let burst: i64 = r.try_get("burst").map_err(classify)?;
-            Ok((
-                r.try_get("tenant").map_err(classify)?,
-                r.try_get("rate_per_sec").map_err(classify)?,
-                u32::try_from(burst).map_err(|_| StoreError::Other(format!("burst {burst} out of range")))?,
-            ))
-        })
-    }
-
-    async fn set_tenant_quota(&self, tenant: &str, quota: Option<Quota>) -> StoreResult<()> {
-        let mut tx = self.begin_write().await?;
-        require_tenant(&mut tx, tenant).await?;
-        match quota {
-            Some(q) => {
-                sqlx::query(
-                    "INSERT INTO tenant_quotas (tenant, reserved, weight) VALUES (?, ?, ?) \
-                     ON CONFLICT (tenant) DO UPDATE SET reserved = excluded.reserved, weight = excluded.weight",
-                )
-                .bind(tenant)
-                .bind(i64::from(q.reserved))
-                .bind(i64::from(q.weight))
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?;
-            }
-            None => {
-                sqlx::query("DELETE FROM tenant_quotas WHERE tenant = ?")
-                    .bind(tenant)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(classify)?;
-            }
-        }
-        tx.commit().await.map_err(classify)
-    }
-
-    async fn tenant_quotas(&self) -> StoreResult<Vec<(String, Quota)>> {
-        let found: Vec<(String, i64, i64)> =
-            sqlx::query_as("SELECT tenant, reserved, weight FROM tenant_quotas ORDER BY tenant")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(classify)?;
-        found.into_iter().map(quota_from_row).collect()
-    }
-
-    async fn set_tenant_usage_limits(&self, tenant: &str, limits: &OwnUsageLimits) -> StoreResult<()> {
-        let mut tx = self.begin_write().await?;
-        require_tenant(&mut tx, tenant).await?;
-        if limits.is_empty() {
-            sqlx::query("DELETE FROM tenant_usage_limits WHERE tenant = ?")
-                .bind(tenant)
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?;
-        } else {
-            sqlx::query(
-                "INSERT INTO tenant_usage_limits (tenant, queued_max, queued_bytes_max,
-                     components_bytes_max, functions_max, versions_max) VALUES (?, ?, ?, ?, ?, ?)
-                 ON CONFLICT (tenant) DO UPDATE SET
-                     queued_max = excluded.queued_max, queued_bytes_max = excluded.queued_bytes_max,
-                     components_bytes_max = excluded.components_bytes_max,
-                     functions_max = excluded.functions_max, versions_max = excluded.versions_max",
-            )
-            .bind(tenant)
-            .bind(usage_limit_column(limits.queued_max)?)
-            .bind(usage_limit_column(limits.queued_bytes_max)?)
-            .bind(usage_limit_column(limits.components_bytes_max)?)
-            .bind(usage_limit_column(limits.functions_max)?)
-            .bind(usage_limit_column(limits.versions_max)?)
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-        }
-        tx.commit().await.map_err(classify)
-    }
-
-    async fn tenant_usage_limits(&self) -> StoreResult<Vec<(String, OwnUsageLimits)>> {
-        let found = sqlx::query_as(USAGE_LIMITS).fetch_all(&self.pool).await.map_err(classify)?;
-        usage_limits_from_rows(found)
-    }
-
-    async fn create_key(&self, key: &KeyRecord) -> StoreResult<()> {
-        // The tenant check and the insert share the write lock, so the answer cannot go stale.
-        let mut tx = self.begin_write().await?;
-        if let Some(tenant) = &key.tenant {
-            require_tenant(&mut tx, tenant).await?;
-        }
-        sqlx::query(
-            "INSERT INTO api_keys (id, tenant, scopes, hash, created_at, revoked)
-             VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&key.id)
-        .bind(&key.tenant)
-        .bind(scopes_to_text(&key.scopes))
-        .bind(&key.hash)
-        .bind(key.created_at)
-        .bind(key.revoked)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| match classify(e) {
-            StoreError::Conflict(_) => {
-                StoreError::Conflict(format!("a key with id {} or the same hash exists", key.id))
-            }
-            other => other,
-        })?;
-        tx.commit().await.map_err(classify)
-    }
-
-    async fn list_keys(&self, tenant: Option<&str>) -> StoreResult<Vec<KeyRecord>> {
-        let found = match tenant {
-            Some(tenant) => {
-                sqlx::query(
-                    "SELECT id, tenant, scopes, hash, created_at, revoked FROM api_keys
-                 WHERE tenant = ? ORDER BY created_at, id",
-                )
-                .bind(tenant)
-                .fetch_all(&self.pool)
-                .await
-            }
-            None => {
-                sqlx::query(
-                    "SELECT id, tenant, scopes, hash, created_at, revoked FROM api_keys
-                 ORDER BY created_at, id",
-                )
-                .fetch_all(&self.pool)
-                .await
-            }
-        }
-        .map_err(classify)?;
-        rows(found, key_from_row)
-    }
-
-    async fn revoke_key(&self, id: &str) -> StoreResult<bool> {
-        let done = sqlx::query("UPDATE api_keys SET revoked = 1 WHERE id = ?")
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(classify)?;
-        Ok(done.rows_affected() > 0)
-    }
-
-    async fn get_key(&self, id: &str) -> StoreResult<Option<KeyRecord>> {
-        sqlx::query("SELECT id, tenant, scopes, hash, created_at, revoked FROM api_keys WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(classify)?
-            .as_ref()
-            .map(key_from_row)
-            .transpose()
-    }
-
-    async fn active_keys(&self) -> StoreResult<Vec<KeyRecord>> {
-        let found = sqlx::query(
-            "SELECT id, tenant, scopes, hash, created_at, revoked FROM api_keys
-             WHERE revoked = 0 ORDER BY created_at, id",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(classify)?;
-        rows(found, key_from_row)
-    }
-
-    async fn put_blob(&self, tenant: &str, digest: &str, bytes: &[u8]) -> StoreResult<()> {
-        self.writer.put_blob(tenant, digest, bytes, self.clock.now_ms()).await
-    }
-
-    async fn get_blob(&self, tenant: &str, digest: &str) -> StoreResult<Option<Vec<u8>>> {
-        sqlx::query_scalar("SELECT bytes FROM blobs WHERE tenant = ? AND digest = ?")
-            .bind(tenant)
-            .bind(digest)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(classify)
-    }
-
-    async fn purge_blobs(&self, uploaded_before: UnixMs, limit: u32) -> StoreResult<Vec<(String, String)>> {
-        // One statement: a deploy that names the blob commits either before it (the blob is
-        // named, so kept) or after it (the blob is gone and the deploy answers NotFound).
-        let gone = sqlx::query(
-            "DELETE FROM blobs WHERE rowid IN (
-                 SELECT b.rowid FROM blobs b
-                 WHERE b.created_at < ?
-                   AND NOT EXISTS (SELECT 1 FROM versions v
-                                   WHERE v.tenant = b.tenant AND v.blob_digest = b.digest)
-                 ORDER BY b.created_at
-                 LIMIT ?)
-             RETURNING tenant, digest",
-        )
-        .bind(uploaded_before)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(classify)?;
-        gone.iter().map(|row| Ok((get(row, "tenant")?, get(row, "digest")?))).collect()
-    }
-
-    async fn purge_versions(&self, keep_latest: u32, limit: u32) -> StoreResult<u64> {
-        // One statement, like `purge_blobs`: a retry that re-queues an invocation of an old
-        // version commits either before it (the version is named, so kept) or after it (the
-        // attempt finds the version gone and ends `dead`, saying so).
-        let done = sqlx::query(
-            "DELETE FROM versions WHERE rowid IN (
-                 SELECT v.rowid FROM versions v
-                 JOIN functions f ON f.tenant = v.tenant AND f.name = v.function
-                 WHERE v.version <= f.latest_version - ?
-                   AND NOT EXISTS (SELECT 1 FROM invocations i
-                                   WHERE i.tenant = v.tenant AND i.function = v.function
-                                     AND i.version = v.version
-                                     AND i.status IN ('queued', 'failed', 'running'))
-                 ORDER BY v.created_at
-                 LIMIT ?)",
-        )
-        .bind(i64::from(keep_latest.max(1)))
-        .bind(i64::from(limit))
-        .execute(&self.pool)
-        .await
-        .map_err(classify)?;
-        Ok(done.rows_affected())
-    }
-
-    async fn blob_keys(&self) -> StoreResult<Vec<(String, String)>> {
-        sqlx::query_as("SELECT tenant, digest FROM blobs ORDER BY tenant, digest")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(classify)
-    }
-
-    async fn tenant_storage(&self, tenant: &str) -> StoreResult<TenantStorage> {
-        let row = sqlx::query(
-            "SELECT EXISTS (SELECT 1 FROM tenants WHERE name = ?1) AS known,
-                    (SELECT COUNT(*) FROM functions WHERE tenant = ?1) AS functions,
-                    (SELECT COUNT(*) FROM versions WHERE tenant = ?1) AS versions,
-                    (SELECT COUNT(*) FROM blobs WHERE tenant = ?1) AS blobs,
-                    (SELECT COALESCE(SUM(size), 0) FROM blobs WHERE tenant = ?1) AS blob_bytes",
-        )
-        .bind(tenant)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(classify)?;
-        if !get::<bool, _>(&row, "known")? {
-            return Err(StoreError::NotFound(format!("tenant {tenant}")));
-        }
-        let count = |column: &str| -> StoreResult<u64> {
-            u64::try_from(get::<i64, _>(&row, column)?).map_err(|_| corrupt(format!("negative {column}")))
-        };
-        Ok(TenantStorage {
-            functions: count("functions")?,
-            versions: count("versions")?,
-            blobs: count("blobs")?,
-            blob_bytes: count("blob_bytes")?,
-        })
-    }
-
-    /// Numbering restarts at 1 after [`Store::delete_function`]: the function row that carries
-    /// the counter is gone, and a redeployed function is a new function. (Old invocation records
-    /// naming `version 1` then refer to the deleted function's version 1.)
-    async fn create_version(
-        &self,
-        tenant: &str,
-        function: &str,
-        blob_digest: &str,
-        config: &FunctionConfig,
-    ) -> StoreResult<VersionRecord> {
-        let config_json = config_to_json(config)?;
-        let now = self.clock.now_ms();
-
-        // One write transaction from the existence checks to the version insert: concurrent
-        // deploys of the same function queue on the write lock, each sees the previous one's
-        // counter, so numbers are neither duplicated nor skipped.
-        let mut tx = self.begin_write().await?;
-        let tenant_exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tenants WHERE name = ?)")
-            .bind(tenant)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(classify)?;
-        if !tenant_exists {
-            return Err(StoreError::NotFound(format!("tenant {tenant}")));
-        }
-        let blob_exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM blobs WHERE tenant = ? AND digest = ?)")
-                .bind(tenant)
-                .bind(blob_digest)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(classify)?;
-        if !blob_exists {
-            return Err(StoreError::NotFound(format!("blob {blob_digest}")));
-        }
-        let version: i64 = sqlx::query_scalar(
-            "INSERT INTO functions (tenant, name, created_at, updated_at, latest_version)
-             VALUES (?1, ?2, ?3, ?3, 1)
-             ON CONFLICT (tenant, name) DO UPDATE
-                 SET latest_version = latest_version + 1, updated_at = excluded.updated_at
-             RETURNING latest_version",
-        )
-        .bind(tenant)
-        .bind(function)
-        .bind(now)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(classify)?;
-        sqlx::query(
-            "INSERT INTO versions (tenant, function, version, blob_digest, config, created_at)
-             VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(tenant)
-        .bind(function)
-        .bind(version)
-        .bind(blob_digest)
-        .bind(&config_json)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(classify)?;
-        tx.commit().await.map_err(classify)?;
-
-        Ok(VersionRecord {
-            tenant: tenant.to_owned(),
-            function: function.to_owned(),
-            version,
-            blob_digest: blob_digest.to_owned(),
-            config: config.clone(),
-            created_at: now,
-        })
-    }
-
-    async fn latest_version(&self, tenant: &str, function: &str) -> StoreResult<Option<VersionRecord>> {
-        sqlx::query(
-            "SELECT v.tenant, v.function, v.version, v.blob_digest, v.config, v.created_at
-             FROM functions f
-             JOIN versions v
-               ON v.tenant = f.tenant AND v.function = f.name AND v.version = f.latest_version
-             WHERE f.tenant = ? AND f.name = ?",
-        )
-        .bind(tenant)
-        .bind(function)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(classify)?
-        .as_ref()
-        .map(version_from_row)
-        .transpose()
-    }
-
-    async fn get_version(
-        &self,
-        tenant: &str,
-        function: &str,
-        version: i64,
-    ) -> StoreResult<Option<VersionRecord>> {
-        sqlx::query(
-            "SELECT tenant, function, version, blob_digest, config, created_at FROM versions
-             WHERE tenant = ? AND function = ? AND version = ?",
-        )
-        .bind(tenant)
-        .bind(function)
-        .bind(version)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(classify)?
-        .as_ref()
-        .map(version_from_row)
-        .transpose()
-    }
-
-    async fn list_functions(&self, tenant: &str) -> StoreResult<Vec<FunctionSummary>> {
-        let found = sqlx::query(
-            "SELECT tenant, name, latest_version, created_at, updated_at FROM functions
-             WHERE tenant = ? ORDER BY name",
-        )
-        .bind(tenant)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(classify)?;
-        rows(found, summary_from_row)
-    }
-
-    async fn delete_function(&self, tenant: &str, function: &str) -> StoreResult<bool> {
-        // Versions go with the function through `ON DELETE CASCADE`.
-        let done = sqlx::query("DELETE FROM functions WHERE tenant = ? AND name = ?")
-            .bind(tenant)
-            .bind(function)
-            .execute(&self.pool)
-            .await
-            .map_err(classify)?;
-        Ok(done.rows_affected() > 0)
-    }
-
-    async fn all_latest_versions(&self) -> StoreResult<Vec<VersionRecord>> {
-        let found = sqlx::query(
-            "SELECT v.tenant, v.function, v.version, v.blob_digest, v.config, v.created_at
-             FROM functions f
-             JOIN versions v
-               ON v.tenant = f.tenant AND v.function = f.name AND v.version = f.latest_version
-             ORDER BY f.tenant, f.name",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(classify)?;
-        rows(found, version_from_row)
-    }
-
-    async fn record_sync(&self, batch: &[SyncRecord]) -> StoreResult<()> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        // Two JSON arrays, two statements, in the writer's transaction: all of it or none of it.
-        let (invocations, logs) = sync_batch_json(batch)?;
-        self.writer.record_sync(invocations, logs).await
-    }
-
-    async fn get_invocation(&self, id: &str) -> StoreResult<Option<Invocation>> {
-        sqlx::query(
-            "SELECT id, tenant, function, version, mode, status, attempts, created_at,
-                    started_at, finished_at, status_code, error_kind, cpu_us, waits
-             FROM invocations WHERE id = ?",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(classify)?
-        .as_ref()
-        .map(invocation_from_row)
-        .transpose()
-    }
-
-    async fn invocation_logs(&self, id: &str) -> StoreResult<Vec<LogLine>> {
-        let found = sqlx::query(
-            "SELECT seq, invocation_id, stream, line, at FROM log_lines
-             WHERE invocation_id = ? ORDER BY seq",
-        )
-        .bind(id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(classify)?;
-        rows(found, log_line_from_row)
-    }
-
-    async fn function_logs(
-        &self,
-        tenant: &str,
-        function: &str,
-        after_seq: Option<i64>,
-        limit: u32,
-    ) -> StoreResult<Vec<LogLine>> {
-        let limit = i64::from(limit.min(FUNCTION_LOGS_LIMIT_MAX));
-        let found = match after_seq {
-            Some(after_seq) => {
-                sqlx::query(
-                    "SELECT seq, invocation_id, stream, line, at FROM log_lines
-                     WHERE tenant = ? AND function = ? AND seq > ?
-                     ORDER BY seq LIMIT ?",
-                )
-                .bind(tenant)
-                .bind(function)
-                .bind(after_seq)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await
-            }
-            // The newest `limit` lines, walked backwards on the index, then put oldest first.
-            None => {
-                sqlx::query(
-                    "SELECT seq, invocation_id, stream, line, at FROM (
-                         SELECT seq, invocation_id, stream, line, at FROM log_lines
-                         WHERE tenant = ? AND function = ?
-                         ORDER BY seq DESC LIMIT ?
-                     ) ORDER BY seq",
-                )
-                .bind(tenant)
-                .bind(function)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await
-            }
-        }
-        .map_err(classify)?;
-        rows(found, log_line_from_row)
-    }
-
-    async fn enqueue(&self, inv: &NewInvocation) -> StoreResult<Enqueued> {
-        self.writer.enqueue(inv, self.clock.now_ms()).await
-    }
-
-    async fn lease(&self, owner: &str, now: UnixMs, lease_ms: u64, limit: u32) -> StoreResult<Vec<Leased>> {
-        self.writer.lease(owner, now, lease_ms, limit).await
-    }
-
-    async fn lease_asks(
-        &self,
-        owner: &str,
-        now: UnixMs,
-        lease_ms: u64,
-        promote_ahead_ms: u64,
-        asks: &[LeaseAsk],
-    ) -> StoreResult<Vec<Vec<Leased>>> {
-        self.writer.lease_asks(owner, now, lease_ms, promote_ahead_ms, asks).await
-    }
-
-    async fn queue_demand(&self, now: UnixMs, promote_ahead_ms: u64, cap: u32) -> StoreResult<QueueDemand> {
-        let ahead = to_i64("promote_ahead_ms", promote_ahead_ms)?;
-        let tenants: Vec<(String, i64, i64, i64)> = sqlx::query_as(QUEUE_DEMAND)
-            .bind(now)
-            .bind(ahead)
-            .bind(i64::from(cap))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(classify)?;
-        let running: Vec<(String, String, i64)> =
-            sqlx::query_as(RUNNING_BY_FUNCTION).fetch_all(&self.pool).await.map_err(classify)?;
-        demand_from_rows(tenants, running)
-    }
-
-    async fn tenant_queue(&self, tenant: &str, now: UnixMs) -> StoreResult<TenantQueue> {
-        let (running, runnable, runnable_windowed, later): (i64, i64, i64, i64) = sqlx::query_as(
-            "SELECT
-                (SELECT count(*) FROM invocations WHERE status = 'running' AND tenant = ?1),
-                (SELECT count(*) FROM invocations
-                 WHERE status IN ('queued', 'failed') AND tenant = ?1 AND run_after <= ?2),
-                (SELECT count(*) FROM invocations
-                 WHERE status IN ('queued', 'failed') AND tenant = ?1 AND run_after <= ?2
-                   AND deadline IS NOT NULL),
-                (SELECT count(*) FROM invocations
-                 WHERE status IN ('queued', 'failed') AND tenant = ?1 AND run_after > ?2)",
-        )
-        .bind(tenant)
-        .bind(now)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(classify)?;
-        tenant_queue_from_counts(running, runnable, runnable_windowed, later)
-    }
-
-    async fn queue_depth(&self) -> StoreResult<Vec<(String, crate::Criticality, u64)>> {
-        let rows = sqlx::query_as(QUEUE_DEPTH).fetch_all(&self.pool).await.map_err(classify)?;
-        queue_depth_from_rows(rows)
-    }
-
-    async fn queued_usage(&self) -> StoreResult<Vec<QueuedUsage>> {
-        let found = sqlx::query_as(QUEUED_USAGE).fetch_all(&self.pool).await.map_err(classify)?;
-        queued_usage_from_rows(found)
-    }
-
-    async fn record_waits(&self, waits: &[(String, u32, String)]) -> StoreResult<()> {
-        self.writer.record_waits(waits).await
-    }
-
-    async fn heartbeat(
-        &self,
-        owner: &str,
-        leases: &[(String, u32)],
-        now: UnixMs,
-        lease_ms: u64,
-    ) -> StoreResult<Vec<(String, u32)>> {
-        self.writer.heartbeat(owner, leases, now, lease_ms).await
-    }
-
-    async fn complete(
-        &self,
-        id: &str,
-        owner: &str,
-        attempt: u32,
-        result: &AttemptResult,
-        logs: &[(LogStream, String, UnixMs)],
-        cpu_us: u64,
-        now: UnixMs,
-    ) -> StoreResult<bool> {
-        self.writer.complete(id, owner, attempt, result, logs, cpu_us, now).await
-    }
-
-    async fn release(&self, owner: &str, leases: &[(String, u32)]) -> StoreResult<()> {
-        self.writer.release(owner, leases).await
-    }
-
-    async fn get_response(&self, id: &str) -> StoreResult<Option<StoredResponse>> {
-        sqlx::query("SELECT status, headers, body FROM responses WHERE invocation_id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(classify)?
-            .as_ref()
-            .map(response_from_row)
-            .transpose()
-    }
-
-    async fn list_invocations(&self, filter: &InvocationFilter) -> StoreResult<Vec<Invocation>> {
-        let limit = i64::from(filter.limit.min(LIST_INVOCATIONS_LIMIT_MAX));
-        // Built from fixed pieces, so there are only a handful of distinct statements and each
-        // stays prepared; optional filters are left out rather than written as `? IS NULL OR`,
-        // which would keep SQLite from seeking `invocations_tenant` / `invocations_function`.
-        let mut query = QueryBuilder::<Sqlite>::new(
-            "SELECT id, tenant, function, version, mode, status, attempts, created_at,
-                    started_at, finished_at, status_code, error_kind, cpu_us, waits
-             FROM invocations WHERE tenant = ",
-        );
-        query.push_bind(&filter.tenant);
-        if let Some(function) = &filter.function {
-            query.push(" AND function = ").push_bind(function);
-        }
-        if let Some(status) = filter.status {
-            query.push(" AND status = ").push_bind(status.as_str());
-        }
-        if let Some(before_id) = &filter.before_id {
-            query.push(" AND id < ").push_bind(before_id);
-        }
-        query.push(" ORDER BY id DESC LIMIT ").push_bind(limit);
-        let found = query.build().fetch_all(&self.pool).await.map_err(classify)?;
-        rows(found, invocation_from_row)
-    }
-
-    async fn retry_dead(&self, id: &str, now: UnixMs) -> StoreResult<bool> {
-        self.writer.retry_dead(id, now).await
-    }
-
-    async fn purge(&self, cutoff: UnixMs, limit: u32) -> StoreResult<u64> {
-        let keys_cutoff = self.clock.now_ms().saturating_sub(IDEMPOTENCY_WINDOW_MS);
-        self.writer.purge(cutoff, keys_cutoff, limit).await
-    }
-
-    async fn node_heartbeat(&self, node: &NodeRecord, stopped: bool) -> StoreResult<()> {
-        // Through the writer, on its own connection: API reads that hold every pooled connection
-        // cannot make this node look dead to the others.
-        self.writer.node_heartbeat(node, stopped, self.clock.now_ms()).await
-    }
-
-    async fn list_nodes(&self, within_ms: u64) -> StoreResult<(Vec<NodeRecord>, UnixMs)> {
-        let now = self.clock.now_ms();
-        let found = sqlx::query(
-            "SELECT id, address, version, started_at, heartbeat_at, stopped_at, slots, in_flight,
-                    queue_lag_ms
-             FROM nodes WHERE heartbeat_at >= ? ORDER BY started_at, id",
-        )
-        .bind(now.saturating_sub(i64::try_from(within_ms).unwrap_or(i64::MAX)))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(classify)?;
-        Ok((rows(found, node_from_row)?, now))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::InvocationStatus;
+    use crate::{Code, InvocationStatus, Invocations, LogStream, Logs, Nodes, Tenants};
+    use sqlx::Row;
     use sqlx::sqlite::SqliteRow;
 
     async fn open_temp() -> (tempfile::TempDir, SqliteStore) {
@@ -1191,7 +552,7 @@ mod tests {
     #[tokio::test]
     async fn a_lock_held_past_the_busy_timeout_is_unavailable() {
         let (dir, store) = open_temp().await;
-        let _writer = store.begin_write().await.unwrap();
+        let _writer = SqliteEngine::begin_write(&store.pool).await.unwrap();
         let options = SqliteConnectOptions::new()
             .filename(dir.path().join("sluice.db"))
             .busy_timeout(Duration::from_millis(10));
@@ -1256,7 +617,7 @@ mod tests {
         let blocked: Vec<NewInvocation> = (0..20).map(|i| invocation(format!("blocked-{i}"))).collect();
 
         // Another connection holds the write lock past the writer's busy timeout.
-        let lock = store.begin_write().await.unwrap();
+        let lock = SqliteEngine::begin_write(&store.pool).await.unwrap();
         let results = futures::future::join_all(blocked.iter().map(|inv| store.enqueue(inv))).await;
         for result in results {
             assert!(matches!(result, Err(StoreError::Unavailable(_))), "{result:?}");

@@ -16,17 +16,13 @@
 //! Statements read their ops from JSON arrays with `jsonb_to_record`, in array order
 //! (`WITH ORDINALITY`).
 
-use std::collections::HashSet;
-
+use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
-use sqlx::{ConnectOptions, Connection};
 
-use super::classify;
-use crate::queue::{
-    Backend, Done, HeartbeatOp, KeyHolder, LeaseOp, Op, PurgeOp, RecordWaitsOp, ReleaseOp, RetryDeadOp,
-};
+use super::{PostgresEngine, classify};
+use crate::queue::{Backend, Done, LeaseOp, Op, Statements};
 use crate::rows::leased_from_row;
-use crate::{IDEMPOTENCY_WINDOW_MS, LeaseClass, Leased, StoreResult};
+use crate::{LeaseClass, Leased, StoreResult};
 
 /// The writer's own connection. With `db_clock` every "now" of a queue write is the database's
 /// ([`crate::ClockSource::Database`]); otherwise the caller's.
@@ -43,21 +39,25 @@ impl Postgres {
 }
 
 /// `$1` of every statement that reads enqueue rows.
-const ENQUEUE_ROWS: &str = "
-    jsonb_array_elements($1::jsonb) WITH ORDINALITY AS j(value, ord)
-    CROSS JOIN LATERAL jsonb_to_record(j.value) AS r(
-        id text, tenant text, function text, version bigint, method text, path text,
-        headers jsonb, body text, criticality bigint, run_after bigint, deadline bigint,
-        attempts_max bigint, max_age_ms bigint, max_age_at bigint, idempotency_key text,
-        caller text, body_sha256 text, created_at bigint, request_bytes bigint)";
+macro_rules! enqueue_rows {
+    () => {
+        "jsonb_array_elements($1::jsonb) WITH ORDINALITY AS j(value, ord)
+         CROSS JOIN LATERAL jsonb_to_record(j.value) AS r(
+             id text, tenant text, function text, version bigint, method text, path text,
+             headers jsonb, body text, criticality bigint, run_after bigint, deadline bigint,
+             attempts_max bigint, max_age_ms bigint, max_age_at bigint, idempotency_key text,
+             caller text, body_sha256 text, created_at bigint, request_bytes bigint)"
+    };
+}
 
-fn claim_keys_sql() -> String {
-    format!(
-        "INSERT INTO idempotency_keys (tenant, function, caller, idempotency_key, invocation_id,
+const CLAIM_KEYS: &str = concat!(
+    "INSERT INTO idempotency_keys (tenant, function, caller, idempotency_key, invocation_id,
              created_at, request_method, request_path, body_sha256)
          SELECT r.tenant, r.function, r.caller, r.idempotency_key, r.id, r.created_at, r.method,
                 r.path, r.body_sha256
-         FROM {ENQUEUE_ROWS}
+         FROM ",
+    enqueue_rows!(),
+    "
          WHERE r.idempotency_key IS NOT NULL
          ORDER BY j.ord
          ON CONFLICT (tenant, function, caller, idempotency_key) DO UPDATE
@@ -65,14 +65,12 @@ fn claim_keys_sql() -> String {
                  request_method = excluded.request_method, request_path = excluded.request_path,
                  body_sha256 = excluded.body_sha256
              WHERE idempotency_keys.created_at <= excluded.created_at - $2"
-    )
-}
+);
 
 /// Inserts the rows without a key and those that won theirs, and tells idle nodes there is work
 /// (delivered at the commit, once per transaction) in the same round trip. Returns the count.
-fn insert_queued_sql() -> String {
-    format!(
-        "WITH inserted AS (
+const INSERT_QUEUED: &str = concat!(
+    "WITH inserted AS (
              INSERT INTO invocations (id, tenant, function, version, mode, status, attempts,
                  created_at, request_method, request_path, request_headers, request_body,
                  criticality, run_after, deadline, attempts_max, max_age_ms, max_age_at,
@@ -81,7 +79,9 @@ fn insert_queued_sql() -> String {
                     r.method, r.path, r.headers::text, decode(r.body, 'hex'), r.criticality,
                     r.run_after, r.deadline, r.attempts_max, r.max_age_ms, r.max_age_at,
                     r.idempotency_key, r.request_bytes
-             FROM {ENQUEUE_ROWS}
+             FROM ",
+    enqueue_rows!(),
+    "
              WHERE r.idempotency_key IS NULL
                 OR EXISTS (
                     SELECT 1 FROM idempotency_keys AS k
@@ -92,18 +92,17 @@ fn insert_queued_sql() -> String {
          counted AS (SELECT count(*) AS n FROM inserted)
          SELECT counted.n FROM counted
          LEFT JOIN LATERAL (SELECT pg_notify($2, '') WHERE counted.n > 0) AS announced ON true"
-    )
-}
+);
 
-fn key_holders_sql() -> String {
-    format!(
-        "SELECT j.ord - 1 AS position, k.invocation_id, k.request_method, k.request_path, k.body_sha256
-         FROM {ENQUEUE_ROWS}
+const KEY_HOLDERS: &str = concat!(
+    "SELECT j.ord - 1 AS position, k.invocation_id, k.request_method, k.request_path, k.body_sha256
+         FROM ",
+    enqueue_rows!(),
+    "
          JOIN idempotency_keys AS k
            ON k.tenant = r.tenant AND k.function = r.function AND k.caller = r.caller
           AND k.idempotency_key = r.idempotency_key"
-    )
-}
+);
 
 /// The state change of each completion whose lease still holds. The fencing conditions and the
 /// next status read the updated row itself (`i`), so they are evaluated on its newest version.
@@ -170,55 +169,36 @@ const INSERT_LOGS: &str = "
 
 #[async_trait::async_trait]
 impl Backend for Postgres {
-    type Conn = PgConnection;
+    type Engine = PostgresEngine;
+
+    const BEGIN: &'static str = "BEGIN";
+    const CLAIM_KEYS: &'static str = CLAIM_KEYS;
+    const KEY_HOLDERS: &'static str = KEY_HOLDERS;
+    const UPSERT_RESPONSES: &'static str = UPSERT_RESPONSES;
+    const DELETE_RESPONSES: &'static str = DELETE_RESPONSES;
+    const RELEASE: &'static str = RELEASE;
+    const HEARTBEAT: &'static str = HEARTBEAT;
+    const RETRY_DEAD: &'static str = RETRY_DEAD;
+    const RECORD_WAITS: &'static str = RECORD_WAITS;
+    const PURGE_FINISHED: &'static str = PURGE_FINISHED;
+    const PURGE_KEYS: &'static str = PURGE_KEYS;
 
     async fn connect(&self) -> StoreResult<PgConnection> {
         self.options.connect().await.map_err(classify)
     }
 
-    async fn close(&self, connection: PgConnection) {
-        let _ = connection.close().await;
-    }
-
-    async fn begin(&self, connection: &mut PgConnection) -> StoreResult<()> {
-        self.execute(connection, "BEGIN").await
-    }
-
-    async fn commit(&self, connection: &mut PgConnection) -> StoreResult<()> {
-        self.execute(connection, "COMMIT").await
-    }
-
-    async fn execute(&self, connection: &mut PgConnection, sql: &'static str) -> StoreResult<()> {
-        sqlx::raw_sql(sql).execute(connection).await.map_err(classify)?;
-        Ok(())
-    }
-
-    async fn claim_keys(&self, connection: &mut PgConnection, rows: &str) -> StoreResult<()> {
-        sqlx::query(sqlx::AssertSqlSafe(claim_keys_sql()))
-            .bind(rows)
-            .bind(IDEMPOTENCY_WINDOW_MS)
-            .execute(&mut *connection)
-            .await
-            .map_err(classify)?;
-        Ok(())
+    fn now(&self, caller: i64) -> Option<i64> {
+        (!self.db_clock).then_some(caller)
     }
 
     async fn insert_queued(&self, connection: &mut PgConnection, rows: &str) -> StoreResult<u64> {
-        let inserted: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(insert_queued_sql()))
+        let inserted: i64 = sqlx::query_scalar(INSERT_QUEUED)
             .bind(rows)
             .bind(super::QUEUE_CHANNEL)
             .fetch_one(&mut *connection)
             .await
             .map_err(classify)?;
         Ok(u64::try_from(inserted).unwrap_or(0))
-    }
-
-    async fn key_holders(&self, connection: &mut PgConnection, rows: &str) -> StoreResult<Vec<KeyHolder>> {
-        sqlx::query_as(sqlx::AssertSqlSafe(key_holders_sql()))
-            .bind(rows)
-            .fetch_all(&mut *connection)
-            .await
-            .map_err(classify)
     }
 
     async fn complete_fenced(&self, connection: &mut PgConnection, rows: &str) -> StoreResult<Vec<String>> {
@@ -230,95 +210,117 @@ impl Backend for Postgres {
             .map_err(classify)
     }
 
-    async fn upsert_responses(&self, connection: &mut PgConnection, rows: &str) -> StoreResult<()> {
-        sqlx::query(UPSERT_RESPONSES).bind(rows).execute(&mut *connection).await.map_err(classify)?;
-        Ok(())
-    }
-
-    async fn delete_responses(&self, connection: &mut PgConnection, ids: &str) -> StoreResult<()> {
-        sqlx::query(DELETE_RESPONSES).bind(ids).execute(&mut *connection).await.map_err(classify)?;
-        Ok(())
-    }
-
     async fn insert_logs(&self, connection: &mut PgConnection, rows: &str) -> StoreResult<()> {
-        sqlx::query(LOCK_LOG_FUNCTIONS).bind(rows).execute(&mut *connection).await.map_err(classify)?;
-        sqlx::query(INSERT_LOGS).bind(rows).execute(&mut *connection).await.map_err(classify)?;
+        self.statement(connection, LOCK_LOG_FUNCTIONS, rows).await?;
+        self.statement(connection, INSERT_LOGS, rows).await.map(drop)
+    }
+
+    /// Given back or re-driven: the other nodes hear of it at once, not at their next poll.
+    async fn announce(&self, connection: &mut PgConnection) -> StoreResult<()> {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(super::QUEUE_CHANNEL)
+            .execute(&mut *connection)
+            .await
+            .map_err(classify)?;
         Ok(())
     }
 
-    async fn apply_one(&self, connection: &mut PgConnection, op: &Op) -> StoreResult<Done> {
+    /// Leases run on the pool (see the module documentation); one through the writer is served
+    /// all the same.
+    async fn apply_own(&self, connection: &mut PgConnection, op: &Op) -> StoreResult<Done> {
         match op {
-            Op::Enqueue(_) | Op::Complete(_) => {
-                unreachable!("the writer applies enqueues and completions in groups")
-            }
-            Op::Release(op) => release(connection, op).await,
-            Op::Heartbeat(op) => heartbeat(connection, op, self.now(op.now)).await,
-            Op::RetryDead(op) => retry_dead(connection, op, self.now(op.now)).await,
-            Op::Purge(op) => purge(connection, op).await,
-            Op::RecordWaits(op) => record_waits(connection, op).await,
-            Op::RecordSync(_) | Op::PutBlob(_) | Op::NodeHeartbeat(_) => {
-                unreachable!("PostgreSQL writes sync records, blobs and node heartbeats from its pool")
-            }
             Op::Lease(op) => {
                 sweep(connection, self.now(op.now)).await?;
                 Ok(Done::Leased(lease(connection, op, self.now(op.now)).await?))
             }
+            _ => unreachable!("PostgreSQL writes sync records, blobs and node heartbeats from its pool"),
         }
     }
 }
 
 // --- lease ---
 
+macro_rules! now {
+    () => {
+        "(SELECT COALESCE($1::bigint, sluice_now_ms()))"
+    };
+}
+
 /// "Now" in every statement below: the caller's (`$1`), or the database's when that is NULL. A
 /// scalar subquery, so that it is computed once per statement (an init plan) and can bound an
 /// index scan: `sluice_now_ms()` itself is volatile, and a volatile call in a condition would be
 /// evaluated per row and turn every sweep into a scan of the table.
-const NOW: &str = "(SELECT COALESCE($1::bigint, sluice_now_ms()))";
+const NOW: &str = now!();
 
 /// Each sweep changes at most `$2` rows that no one else holds locked, and repeats its conditions
 /// on the updated row, so a row another node changed meanwhile is judged on its newest version.
-fn sweep_statements() -> [String; 3] {
-    [
-        // Pending rows whose start window closed before they started.
-        format!(
-            "UPDATE invocations SET status = 'expired', finished_at = {NOW}, error_kind = 'expired'
+const SWEEPS: [&str; 3] = [
+    // Pending rows whose start window closed before they started.
+    concat!(
+        "UPDATE invocations SET status = 'expired', finished_at = ",
+        now!(),
+        ", error_kind = 'expired'
              WHERE id IN (SELECT id FROM invocations
-                          WHERE status IN ('queued', 'failed') AND deadline < {NOW}
+                          WHERE status IN ('queued', 'failed') AND deadline < ",
+        now!(),
+        "
                           LIMIT $2 FOR UPDATE SKIP LOCKED)
-               AND status IN ('queued', 'failed') AND deadline < {NOW}"
-        ),
-        // Pending rows that grew too old to start.
-        format!(
-            "UPDATE invocations SET status = 'dead', finished_at = {NOW}, error_kind = 'max_age'
+               AND status IN ('queued', 'failed') AND deadline < ",
+        now!()
+    ),
+    // Pending rows that grew too old to start.
+    concat!(
+        "UPDATE invocations SET status = 'dead', finished_at = ",
+        now!(),
+        ", error_kind = 'max_age'
              WHERE id IN (SELECT id FROM invocations
-                          WHERE status IN ('queued', 'failed') AND max_age_at < {NOW}
+                          WHERE status IN ('queued', 'failed') AND max_age_at < ",
+        now!(),
+        "
                           LIMIT $2 FOR UPDATE SKIP LOCKED)
-               AND status IN ('queued', 'failed') AND max_age_at < {NOW}"
-        ),
-        // Running rows whose lease expired (see the SQLite store's RECLAIM_EXPIRED_LEASES).
-        format!(
-            "UPDATE invocations SET
+               AND status IN ('queued', 'failed') AND max_age_at < ",
+        now!()
+    ),
+    // Running rows whose lease expired (see the SQLite store's RECLAIM_EXPIRED_LEASES).
+    concat!(
+        "UPDATE invocations SET
                  status = CASE
-                     WHEN deadline < {NOW} THEN 'expired'
-                     WHEN max_age_at < {NOW} OR attempts >= attempts_max THEN 'dead'
+                     WHEN deadline < ",
+        now!(),
+        " THEN 'expired'
+                     WHEN max_age_at < ",
+        now!(),
+        " OR attempts >= attempts_max THEN 'dead'
                      ELSE 'failed' END,
                  error_kind = CASE
-                     WHEN deadline < {NOW} THEN 'expired'
-                     WHEN max_age_at < {NOW} THEN 'max_age'
+                     WHEN deadline < ",
+        now!(),
+        " THEN 'expired'
+                     WHEN max_age_at < ",
+        now!(),
+        " THEN 'max_age'
                      WHEN attempts >= attempts_max THEN COALESCE(error_kind, 'lease_lost')
                      ELSE 'lease_lost' END,
                  finished_at = CASE
-                     WHEN deadline < {NOW} OR max_age_at < {NOW} OR attempts >= attempts_max THEN {NOW}
+                     WHEN deadline < ",
+        now!(),
+        " OR max_age_at < ",
+        now!(),
+        " OR attempts >= attempts_max THEN ",
+        now!(),
+        "
                      ELSE NULL END,
                  lease_owner = NULL,
                  lease_expires_at = NULL
              WHERE id IN (SELECT id FROM invocations
-                          WHERE status = 'running' AND lease_expires_at < {NOW}
+                          WHERE status = 'running' AND lease_expires_at < ",
+        now!(),
+        "
                           LIMIT $2 FOR UPDATE SKIP LOCKED)
-               AND status = 'running' AND lease_expires_at < {NOW}"
-        ),
-    ]
-}
+               AND status = 'running' AND lease_expires_at < ",
+        now!()
+    ),
+];
 
 /// The lease: walks `invocations_runnable` in its order, skipping rows another node is leasing
 /// right now, and takes at most `$4`. Rows past their deadline or max age are not leased even
@@ -327,11 +329,12 @@ fn sweep_statements() -> [String; 3] {
 /// index whose order is the lease's (with a table's statistics lagging behind a fast-growing
 /// queue, `max_age_at >= now` once made it pick `invocations_pending_age` and sort 80,000 rows
 /// per lease).
-fn lease_sql() -> String {
-    format!(
-        "WITH picked AS (
+const LEASE: &str = concat!(
+    "WITH picked AS (
              SELECT id FROM invocations
-             WHERE status IN ('queued', 'failed') AND run_after <= {NOW}
+             WHERE status IN ('queued', 'failed') AND run_after <= ",
+    now!(),
+    "
              ORDER BY criticality, COALESCE(deadline, 9223372036854775807), run_after, id
              LIMIT $4
              FOR UPDATE SKIP LOCKED)
@@ -339,20 +342,29 @@ fn lease_sql() -> String {
              status = 'running',
              attempts = i.attempts + 1,
              lease_owner = $2,
-             lease_expires_at = {NOW} + $3,
-             started_at = COALESCE(i.started_at, {NOW}),
-             waits = '{{\"queued_ms\":' || GREATEST({NOW} - i.run_after, 0)::text || '}}'
+             lease_expires_at = ",
+    now!(),
+    " + $3,
+             started_at = COALESCE(i.started_at, ",
+    now!(),
+    "),
+             waits = '{\"queued_ms\":' || GREATEST(",
+    now!(),
+    " - i.run_after, 0)::text || '}'
          FROM picked
-         WHERE i.id = picked.id AND (i.deadline IS NULL OR i.deadline >= {NOW}) AND i.max_age_at >= {NOW}
+         WHERE i.id = picked.id AND (i.deadline IS NULL OR i.deadline >= ",
+    now!(),
+    ") AND i.max_age_at >= ",
+    now!(),
+    "
          RETURNING i.id, i.tenant, i.function, i.version, i.request_method, i.request_path,
                    i.request_headers, i.request_body, i.attempts, i.attempts_max, i.created_at,
                    i.max_age_at, i.criticality, i.deadline, i.run_after"
-    )
-}
+);
 
 /// One of the scheduler's asks ([`crate::LeaseAsk`]): $1 now or NULL, $2 owner, $3 lease_ms,
 /// $4 promote_ahead_ms, $5 tenant, $6 function or NULL, $7 excluded functions (a JSON array),
-/// $8 limit. Like [`lease_sql`], the walk's conditions are only what its index can answer.
+/// $8 limit. Like [`LEASE`], the walk's conditions are only what its index can answer.
 fn lease_ask_sql(class: LeaseClass) -> String {
     let (class, order) = match class {
         LeaseClass::Due => ("deadline IS NOT NULL AND deadline <= {NOW} + $4", "deadline, run_after, id"),
@@ -400,16 +412,11 @@ const RECORD_WAITS: &str = "
     FROM jsonb_to_recordset($1::jsonb) AS w(id text, attempt bigint, waits text)
     WHERE i.id = w.id AND i.attempts = w.attempt";
 
-async fn record_waits(connection: &mut PgConnection, op: &RecordWaitsOp) -> StoreResult<Done> {
-    sqlx::query(RECORD_WAITS).bind(&op.rows).execute(&mut *connection).await.map_err(classify)?;
-    Ok(Done::WaitsRecorded)
-}
-
 /// Marks what expired, grew too old or lost its lease: each sweep bounded, each its own
 /// transaction. `now` is `None` to use the database's clock.
 pub(super) async fn sweep(connection: &mut PgConnection, now: Option<i64>) -> StoreResult<()> {
-    for statement in sweep_statements() {
-        sqlx::query(sqlx::AssertSqlSafe(statement))
+    for statement in SWEEPS {
+        sqlx::query(statement)
             .bind(now)
             .bind(super::SWEEP_BATCH_MAX)
             .execute(&mut *connection)
@@ -419,14 +426,14 @@ pub(super) async fn sweep(connection: &mut PgConnection, now: Option<i64>) -> St
     Ok(())
 }
 
-/// Leases (see [`lease_sql`]). `now` is `None` to use the database's clock.
+/// Leases (see [`LEASE`]). `now` is `None` to use the database's clock.
 pub(super) async fn lease(
     connection: &mut PgConnection,
     op: &LeaseOp,
     now: Option<i64>,
 ) -> StoreResult<Vec<Leased>> {
     let Some(_) = &op.asks else {
-        let found = sqlx::query(sqlx::AssertSqlSafe(lease_sql()))
+        let found = sqlx::query(LEASE)
             .bind(now)
             .bind(&op.owner)
             .bind(op.lease_ms)
@@ -477,34 +484,14 @@ fn in_lease_order(found: &[sqlx::postgres::PgRow]) -> StoreResult<Vec<Leased>> {
 
 // --- heartbeat, release, retry_dead, purge ---
 
-fn heartbeat_sql() -> String {
-    format!(
-        "UPDATE invocations AS i SET lease_expires_at = GREATEST(i.lease_expires_at, {NOW} + $4)
-         FROM jsonb_to_recordset($3::jsonb) AS l(id text, attempt bigint)
-         WHERE i.id = l.id AND i.attempts = l.attempt AND i.status = 'running' AND i.lease_owner = $2
-         RETURNING i.id, i.attempts"
-    )
-}
-
-async fn heartbeat(connection: &mut PgConnection, op: &HeartbeatOp, now: Option<i64>) -> StoreResult<Done> {
-    let held: HashSet<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(heartbeat_sql()))
-        .bind(now)
-        .bind(&op.owner)
-        .bind(&op.leases)
-        .bind(op.lease_ms)
-        .fetch_all(&mut *connection)
-        .await
-        .map_err(classify)?
-        .into_iter()
-        .collect();
-    Ok(Done::Heartbeat(
-        op.asked
-            .iter()
-            .filter(|(id, attempt)| !held.contains(&(id.clone(), i64::from(*attempt))))
-            .cloned()
-            .collect(),
-    ))
-}
+const HEARTBEAT: &str = concat!(
+    "UPDATE invocations AS i SET lease_expires_at = GREATEST(i.lease_expires_at, ",
+    now!(),
+    " + $4)
+     FROM jsonb_to_recordset($3::jsonb) AS l(id text, attempt bigint)
+     WHERE i.id = l.id AND i.attempts = l.attempt AND i.status = 'running' AND i.lease_owner = $2
+     RETURNING i.id, i.attempts"
+);
 
 const RELEASE: &str = "
     UPDATE invocations AS i SET
@@ -516,67 +503,25 @@ const RELEASE: &str = "
     FROM jsonb_to_recordset($2::jsonb) AS l(id text, attempt bigint)
     WHERE i.id = l.id AND i.attempts = l.attempt AND i.status = 'running' AND i.lease_owner = $1";
 
-/// Given back (a node shutting down): the other nodes hear of it at once, not at their next poll.
-async fn release(connection: &mut PgConnection, op: &ReleaseOp) -> StoreResult<Done> {
-    let released = sqlx::query(RELEASE)
-        .bind(&op.owner)
-        .bind(&op.leases)
-        .execute(&mut *connection)
-        .await
-        .map_err(classify)?;
-    if released.rows_affected() > 0 {
-        announce(connection).await?;
-    }
-    Ok(Done::Released)
-}
-
-async fn announce(connection: &mut PgConnection) -> StoreResult<()> {
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(super::QUEUE_CHANNEL)
-        .execute(&mut *connection)
-        .await
-        .map_err(classify)?;
-    Ok(())
-}
-
-fn retry_dead_sql() -> String {
-    format!(
-        "UPDATE invocations SET
-             status = 'queued',
-             attempts = 0,
-             run_after = {NOW},
-             deadline = NULL,
-             max_age_at = {NOW} + max_age_ms,
-             error_kind = NULL,
-             status_code = NULL,
-             started_at = NULL,
-             finished_at = NULL,
-             lease_owner = NULL,
-             lease_expires_at = NULL
-         WHERE id = $2 AND mode = 'async' AND status IN ('dead', 'expired')"
-    )
-}
-
-async fn retry_dead(connection: &mut PgConnection, op: &RetryDeadOp, now: Option<i64>) -> StoreResult<Done> {
-    let changed = sqlx::query(sqlx::AssertSqlSafe(retry_dead_sql()))
-        .bind(now)
-        .bind(&op.id)
-        .execute(&mut *connection)
-        .await
-        .map_err(classify)?
-        .rows_affected();
-    if changed == 0 {
-        return Ok(Done::Retried(false));
-    }
-    // The old response belongs to an attempt of the previous life.
-    sqlx::query("DELETE FROM responses WHERE invocation_id = $1")
-        .bind(&op.id)
-        .execute(&mut *connection)
-        .await
-        .map_err(classify)?;
-    announce(connection).await?;
-    Ok(Done::Retried(true))
-}
+const RETRY_DEAD: &str = concat!(
+    "UPDATE invocations SET
+         status = 'queued',
+         attempts = 0,
+         run_after = ",
+    now!(),
+    ",
+         deadline = NULL,
+         max_age_at = ",
+    now!(),
+    " + max_age_ms,
+         error_kind = NULL,
+         status_code = NULL,
+         started_at = NULL,
+         finished_at = NULL,
+         lease_owner = NULL,
+         lease_expires_at = NULL
+     WHERE id = $2 AND mode = 'async' AND status IN ('dead', 'expired')"
+);
 
 /// Log lines and responses go with their invocation (ON DELETE CASCADE).
 const PURGE_FINISHED: &str = "
@@ -591,31 +536,3 @@ const PURGE_KEYS: &str = "
     DELETE FROM idempotency_keys WHERE (tenant, function, caller, idempotency_key) IN (
         SELECT tenant, function, caller, idempotency_key FROM idempotency_keys
         WHERE created_at <= $1 ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)";
-
-async fn purge(connection: &mut PgConnection, op: &PurgeOp) -> StoreResult<Done> {
-    let invocations = sqlx::query(PURGE_FINISHED)
-        .bind(op.cutoff)
-        .bind(op.limit)
-        .execute(&mut *connection)
-        .await
-        .map_err(classify)?
-        .rows_affected();
-    let keys = sqlx::query(PURGE_KEYS)
-        .bind(op.keys_cutoff)
-        .bind(op.limit)
-        .execute(&mut *connection)
-        .await
-        .map_err(classify)?
-        .rows_affected();
-    let nodes = sqlx::query(PURGE_NODES)
-        .bind(op.cutoff)
-        .execute(&mut *connection)
-        .await
-        .map_err(classify)?
-        .rows_affected();
-    Ok(Done::Purged(invocations + keys + nodes))
-}
-
-/// Nodes not heard from since the cutoff: each start of a node is a new row, so without this the
-/// registry would grow with every restart.
-const PURGE_NODES: &str = "DELETE FROM nodes WHERE heartbeat_at < $1";

@@ -5,18 +5,15 @@
 //! element over as binary JSONB, so the dozen `->>` lookups per row do not each re-parse the
 //! element's text (that parsing was a tenth of the node's CPU at 6,000 enqueues/s).
 
-use std::collections::HashSet;
-
+use sluice_core::UnixMs;
+use sqlx::ConnectOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
-use sqlx::{ConnectOptions, Connection};
 
-use super::classify;
-use crate::queue::{
-    Backend, Done, HeartbeatOp, KeyHolder, LeaseOp, NodeHeartbeatOp, Op, PurgeOp, PutBlobOp, RecordSyncOp,
-    RecordWaitsOp, ReleaseOp, RetryDeadOp,
-};
+use super::{SqliteEngine, classify};
+use crate::queue::{Backend, Done, LeaseOp, NodeHeartbeatOp, Op, PutBlobOp, RecordSyncOp, Statements};
 use crate::rows::leased_from_row;
-use crate::{IDEMPOTENCY_WINDOW_MS, LeaseClass, StoreError, StoreResult};
+use crate::sql::{Engine, require};
+use crate::{LeaseClass, StoreError, StoreResult};
 
 /// Rows each sweep of a lease changes at most (expired start windows, rows too old to start, lost
 /// leases), as on PostgreSQL: a million rows expiring at once are marked over many leases, each
@@ -30,55 +27,31 @@ pub(super) struct Sqlite(pub(super) SqliteConnectOptions);
 
 #[async_trait::async_trait]
 impl Backend for Sqlite {
-    type Conn = SqliteConnection;
+    type Engine = SqliteEngine;
+
+    /// `IMMEDIATE`: the write lock from the first statement (see the store's module documentation).
+    const BEGIN: &'static str = "BEGIN IMMEDIATE";
+    const CLAIM_KEYS: &'static str = CLAIM_KEYS;
+    const KEY_HOLDERS: &'static str = KEY_HOLDERS;
+    const UPSERT_RESPONSES: &'static str = UPSERT_RESPONSES;
+    const DELETE_RESPONSES: &'static str = DELETE_RESPONSES;
+    const RELEASE: &'static str = RELEASE;
+    const HEARTBEAT: &'static str = HEARTBEAT;
+    const RETRY_DEAD: &'static str = RETRY_DEAD;
+    const RECORD_WAITS: &'static str = RECORD_WAITS;
+    const PURGE_FINISHED: &'static str = PURGE_FINISHED;
+    const PURGE_KEYS: &'static str = PURGE_KEYS;
 
     async fn connect(&self) -> StoreResult<SqliteConnection> {
         self.0.connect().await.map_err(classify)
     }
 
-    async fn close(&self, connection: SqliteConnection) {
-        let _ = connection.close().await;
-    }
-
-    /// `IMMEDIATE`: the write lock from the first statement (see the store's module documentation).
-    async fn begin(&self, connection: &mut SqliteConnection) -> StoreResult<()> {
-        self.execute(connection, "BEGIN IMMEDIATE").await
-    }
-
-    async fn commit(&self, connection: &mut SqliteConnection) -> StoreResult<()> {
-        self.execute(connection, "COMMIT").await
-    }
-
-    async fn execute(&self, connection: &mut SqliteConnection, sql: &'static str) -> StoreResult<()> {
-        sqlx::raw_sql(sql).execute(connection).await.map_err(classify)?;
-        Ok(())
-    }
-
-    async fn claim_keys(&self, connection: &mut SqliteConnection, rows: &str) -> StoreResult<()> {
-        sqlx::query(CLAIM_KEYS)
-            .bind(rows)
-            .bind(IDEMPOTENCY_WINDOW_MS)
-            .execute(&mut *connection)
-            .await
-            .map_err(classify)?;
-        Ok(())
+    fn now(&self, caller: UnixMs) -> Option<UnixMs> {
+        Some(caller)
     }
 
     async fn insert_queued(&self, connection: &mut SqliteConnection, rows: &str) -> StoreResult<u64> {
-        Ok(sqlx::query(INSERT_QUEUED)
-            .bind(rows)
-            .execute(&mut *connection)
-            .await
-            .map_err(classify)?
-            .rows_affected())
-    }
-
-    async fn key_holders(
-        &self,
-        connection: &mut SqliteConnection,
-        rows: &str,
-    ) -> StoreResult<Vec<KeyHolder>> {
-        sqlx::query_as(KEY_HOLDERS).bind(rows).fetch_all(&mut *connection).await.map_err(classify)
+        self.statement(connection, INSERT_QUEUED, rows).await
     }
 
     async fn complete_fenced(
@@ -89,35 +62,19 @@ impl Backend for Sqlite {
         sqlx::query_scalar(COMPLETE_FENCED).bind(rows).fetch_all(&mut *connection).await.map_err(classify)
     }
 
-    async fn upsert_responses(&self, connection: &mut SqliteConnection, rows: &str) -> StoreResult<()> {
-        sqlx::query(UPSERT_RESPONSES).bind(rows).execute(&mut *connection).await.map_err(classify)?;
-        Ok(())
-    }
-
-    async fn delete_responses(&self, connection: &mut SqliteConnection, ids: &str) -> StoreResult<()> {
-        sqlx::query(DELETE_RESPONSES).bind(ids).execute(&mut *connection).await.map_err(classify)?;
-        Ok(())
-    }
-
     async fn insert_logs(&self, connection: &mut SqliteConnection, rows: &str) -> StoreResult<()> {
-        sqlx::query(INSERT_LOGS).bind(rows).execute(&mut *connection).await.map_err(classify)?;
-        Ok(())
+        self.statement(connection, INSERT_LOGS, rows).await.map(drop)
     }
 
-    async fn apply_one(&self, connection: &mut SqliteConnection, op: &Op) -> StoreResult<Done> {
+    /// Sync records, blobs and this node's heartbeat go through the writer too: SQLite has one
+    /// writer, and a second one would wait on its lock (or time out on it). So do leases.
+    async fn apply_own(&self, connection: &mut SqliteConnection, op: &Op) -> StoreResult<Done> {
         match op {
-            Op::Enqueue(_) | Op::Complete(_) => {
-                unreachable!("the writer applies enqueues and completions in groups")
-            }
-            Op::Release(op) => release(connection, op).await,
-            Op::Heartbeat(op) => heartbeat(connection, op).await,
-            Op::RetryDead(op) => retry_dead(connection, op).await,
-            Op::Purge(op) => purge(connection, op).await,
-            Op::RecordWaits(op) => record_waits(connection, op).await,
             Op::RecordSync(op) => record_sync(connection, op).await,
             Op::PutBlob(op) => put_blob(connection, op).await,
             Op::NodeHeartbeat(op) => node_heartbeat(connection, op).await,
             Op::Lease(op) => lease(connection, op).await,
+            _ => unreachable!("the shared writer applies every other op"),
         }
     }
 }
@@ -447,7 +404,11 @@ async fn record_sync(connection: &mut SqliteConnection, op: &RecordSyncOp) -> St
 /// Content-addressed: the same digest always names the same bytes, so a second put does not
 /// rewrite megabytes; it only restarts the grace period of an unnamed blob.
 async fn put_blob(connection: &mut SqliteConnection, op: &PutBlobOp) -> StoreResult<Done> {
-    super::require_tenant(&mut *connection, &op.tenant).await?;
+    let tenant = op.tenant.as_str();
+    require::<SqliteEngine>(connection, SqliteEngine::TENANT_EXISTS, &[tenant], || {
+        format!("tenant {tenant}")
+    })
+    .await?;
     let touched = sqlx::query("UPDATE blobs SET created_at = ? WHERE tenant = ? AND digest = ?")
         .bind(op.now)
         .bind(&op.tenant)
@@ -503,42 +464,17 @@ const RECORD_WAITS: &str = "
     FROM (SELECT value FROM jsonb_each(?1)) AS w
     WHERE invocations.id = w.value ->> 'id' AND invocations.attempts = w.value ->> 'attempt'";
 
-async fn record_waits(connection: &mut SqliteConnection, op: &RecordWaitsOp) -> StoreResult<Done> {
-    sqlx::query(RECORD_WAITS).bind(&op.rows).execute(&mut *connection).await.map_err(classify)?;
-    Ok(Done::WaitsRecorded)
-}
-
 // --- heartbeat, release, retry_dead, purge ---
 
 /// Renews the leases the owner still holds for the same attempt (the fencing token): a node that
 /// lost a lease and leased the invocation again must not renew the new attempt's lease for the
 /// old one. Never shortens a lease: a late heartbeat must not undo a newer one.
 const HEARTBEAT: &str = "
-    UPDATE invocations SET lease_expires_at = MAX(lease_expires_at, ?3 + ?4)
-    FROM (SELECT j.value ->> 'id' AS id, j.value ->> 'attempt' AS attempt FROM jsonb_each(?2) AS j) AS l
+    UPDATE invocations SET lease_expires_at = MAX(lease_expires_at, $1 + $4)
+    FROM (SELECT j.value ->> 'id' AS id, j.value ->> 'attempt' AS attempt FROM jsonb_each($3) AS j) AS l
     WHERE invocations.id = l.id AND invocations.attempts = l.attempt
-      AND invocations.status = 'running' AND invocations.lease_owner = ?1
+      AND invocations.status = 'running' AND invocations.lease_owner = $2
     RETURNING invocations.id, invocations.attempts";
-
-async fn heartbeat(connection: &mut SqliteConnection, op: &HeartbeatOp) -> StoreResult<Done> {
-    let held: HashSet<(String, i64)> = sqlx::query_as(HEARTBEAT)
-        .bind(&op.owner)
-        .bind(&op.leases)
-        .bind(op.now)
-        .bind(op.lease_ms)
-        .fetch_all(&mut *connection)
-        .await
-        .map_err(classify)?
-        .into_iter()
-        .collect();
-    Ok(Done::Heartbeat(
-        op.asked
-            .iter()
-            .filter(|(id, attempt)| !held.contains(&(id.clone(), i64::from(*attempt))))
-            .cloned()
-            .collect(),
-    ))
-}
 
 /// The attempt did not happen: it is given back, and a row that never ran has no start time.
 const RELEASE: &str = "
@@ -552,51 +488,21 @@ const RELEASE: &str = "
     WHERE invocations.id = l.id AND invocations.attempts = l.attempt
       AND invocations.status = 'running' AND invocations.lease_owner = ?1";
 
-async fn release(connection: &mut SqliteConnection, op: &ReleaseOp) -> StoreResult<Done> {
-    sqlx::query(RELEASE)
-        .bind(&op.owner)
-        .bind(&op.leases)
-        .execute(&mut *connection)
-        .await
-        .map_err(classify)?;
-    Ok(Done::Released)
-}
-
 /// Only async rows: a sync record has no stored request to run again.
 const RETRY_DEAD: &str = "
     UPDATE invocations SET
         status = 'queued',
         attempts = 0,
-        run_after = ?2,
+        run_after = $1,
         deadline = NULL,
-        max_age_at = ?2 + max_age_ms,
+        max_age_at = $1 + max_age_ms,
         error_kind = NULL,
         status_code = NULL,
         started_at = NULL,
         finished_at = NULL,
         lease_owner = NULL,
         lease_expires_at = NULL
-    WHERE id = ?1 AND mode = 'async' AND status IN ('dead', 'expired')";
-
-async fn retry_dead(connection: &mut SqliteConnection, op: &RetryDeadOp) -> StoreResult<Done> {
-    let changed = sqlx::query(RETRY_DEAD)
-        .bind(&op.id)
-        .bind(op.now)
-        .execute(&mut *connection)
-        .await
-        .map_err(classify)?
-        .rows_affected();
-    if changed == 0 {
-        return Ok(Done::Retried(false));
-    }
-    // The old response belongs to an attempt of the previous life.
-    sqlx::query("DELETE FROM responses WHERE invocation_id = ?1")
-        .bind(&op.id)
-        .execute(&mut *connection)
-        .await
-        .map_err(classify)?;
-    Ok(Done::Retried(true))
-}
+    WHERE id = $2 AND mode = 'async' AND status IN ('dead', 'expired')";
 
 /// Log lines and responses go with their invocation (ON DELETE CASCADE).
 const PURGE_FINISHED: &str = "
@@ -609,31 +515,3 @@ const PURGE_FINISHED: &str = "
 const PURGE_KEYS: &str = "
     DELETE FROM idempotency_keys WHERE rowid IN (
         SELECT rowid FROM idempotency_keys WHERE created_at <= ?1 ORDER BY created_at LIMIT ?2)";
-
-async fn purge(connection: &mut SqliteConnection, op: &PurgeOp) -> StoreResult<Done> {
-    let invocations = sqlx::query(PURGE_FINISHED)
-        .bind(op.cutoff)
-        .bind(op.limit)
-        .execute(&mut *connection)
-        .await
-        .map_err(classify)?
-        .rows_affected();
-    let keys = sqlx::query(PURGE_KEYS)
-        .bind(op.keys_cutoff)
-        .bind(op.limit)
-        .execute(&mut *connection)
-        .await
-        .map_err(classify)?
-        .rows_affected();
-    let nodes = sqlx::query(PURGE_NODES)
-        .bind(op.cutoff)
-        .execute(&mut *connection)
-        .await
-        .map_err(classify)?
-        .rows_affected();
-    Ok(Done::Purged(invocations + keys + nodes))
-}
-
-/// Nodes not heard from since the cutoff: each start of a node is a new row, so without this the
-/// registry would grow with every restart.
-const PURGE_NODES: &str = "DELETE FROM nodes WHERE heartbeat_at < ?1";

@@ -10,10 +10,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::suite::ended;
 use sluice_core::{Clock, SystemClock};
 use sluice_store::{
-    Change, ClockSource, Enqueued, InvocationStatus, LogStream, NewInvocation, PostgresStore,
-    SWEEP_BATCH_MAX, Store,
+    Change, ClockSource, Code, Completion, Enqueued, InvocationStatus, Invocations, LogStream, Logs,
+    NewInvocation, PostgresStore, SWEEP_BATCH_MAX, Store, Tenants,
 };
 use sqlx::Connection;
 
@@ -219,9 +220,12 @@ async fn a_log_tail_skips_no_line_while_nodes_commit_concurrently() {
                 let logs = [(LogStream::Stdout, l.id.clone(), 0)];
                 let owner = owner.clone();
                 async move {
-                    node.complete(&l.id, &owner, l.attempt, &crate::suite::success(200), &logs, 0, 0)
-                        .await
-                        .unwrap()
+                    node.complete(Completion {
+                        logs: &logs,
+                        ..ended(&l.id, &owner, l.attempt, &crate::suite::success(200), 0)
+                    })
+                    .await
+                    .unwrap()
                 }
             });
             completed += futures::future::join_all(completions).await.into_iter().filter(|c| *c).count();

@@ -6,9 +6,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::suite::ended;
 use sluice_core::{Clock, FunctionConfig, Scope};
 use sluice_store::{
-    Enqueued, InvocationStatus, KeyRecord, LogStream, NewInvocation, SqliteStore, Store, SyncRecord,
+    Code, Enqueued, InvocationStatus, Invocations, KeyRecord, LogStream, Logs, NewInvocation, SqliteStore,
+    Store, SyncRecord, Tenants,
 };
 
 use crate::suite::ManualClock;
@@ -100,7 +102,7 @@ async fn queue_throughput() {
         }
         let result = crate::suite::success(200);
         let completions = futures::future::join_all(
-            leased.iter().map(|l| store.complete(&l.id, "node-a", l.attempt, &result, &[], 0, 1)),
+            leased.iter().map(|l| store.complete(ended(&l.id, "node-a", l.attempt, &result, 1))),
         )
         .await;
         done += completions.into_iter().filter(|c| *c.as_ref().unwrap()).count();

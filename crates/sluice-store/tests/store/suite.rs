@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use sluice_core::ids::sha256_hex;
 use sluice_core::{Clock, FunctionConfig, Scope, UnixMs};
 use sluice_store::{
-    Invocation, InvocationStatus, KeyRecord, LogLine, LogStream, Store, StoreError, SyncRecord, TenantStorage,
+    AttemptResult, Completion, Invocation, InvocationStatus, KeyRecord, LogLine, LogStream, Store,
+    StoreError, SyncRecord, TenantStorage,
 };
 
 mod queue;
@@ -14,6 +15,18 @@ mod state_machine;
 
 pub use queue::*;
 pub use state_machine::*;
+
+/// The end of an attempt with no log lines and no time on a thread, which is what most tests
+/// report; the rest override fields (`Completion { logs: &logs, ..ended(...) }`).
+pub fn ended<'a>(
+    id: &'a str,
+    owner: &'a str,
+    attempt: u32,
+    result: &'a AttemptResult,
+    now: UnixMs,
+) -> Completion<'a> {
+    Completion { id, owner, attempt, result, logs: &[], cpu_us: 0, now }
+}
 
 /// A clock that only moves when told to.
 #[derive(Debug)]
@@ -333,7 +346,7 @@ pub async fn old_versions_are_retired_unless_an_unfinished_invocation_names_them
     let leased = store.lease("node", 10_000, 30_000, 10).await.unwrap();
     let done = leased.iter().find(|l| l.id == "done").expect("leased");
     let finished = queue::success(200);
-    assert!(store.complete("done", "node", done.attempt, &finished, &[], 0, 10_000).await.unwrap());
+    assert!(store.complete(ended("done", "node", done.attempt, &finished, 10_000)).await.unwrap());
     let pending = leased.iter().find(|l| l.id == "pending").expect("leased");
     store.release("node", &[("pending".to_string(), pending.attempt)]).await.unwrap();
 
@@ -617,7 +630,12 @@ pub async fn guest_text_with_nul_is_stored_with_a_replacement_character(
         retry_at: None,
     };
     let logs = [(LogStream::Stderr, "x\0y".to_string(), 2_001)];
-    assert!(store.complete("inv-async", "node", 1, &result, &logs, 0, 2_002).await.expect("recorded"));
+    assert!(
+        store
+            .complete(Completion { logs: &logs, ..ended("inv-async", "node", 1, &result, 2_002) })
+            .await
+            .expect("recorded")
+    );
     let got = store.get_invocation("inv-async").await.unwrap().unwrap();
     assert_eq!((got.status, got.attempts), (InvocationStatus::Dead, 1));
     assert_eq!(got.error_kind.as_deref(), Some("trap\u{fffd}"));

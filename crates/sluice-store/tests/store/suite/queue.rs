@@ -4,9 +4,10 @@
 
 use std::collections::HashSet;
 
+use super::ended;
 use sluice_core::UnixMs;
 use sluice_store::{
-    AttemptResult, Criticality, Enqueued, IDEMPOTENCY_WINDOW_MS, IdempotencyKey, Invocation,
+    AttemptResult, Completion, Criticality, Enqueued, IDEMPOTENCY_WINDOW_MS, IdempotencyKey, Invocation,
     InvocationFilter, InvocationStatus, LeaseAsk, LeaseClass, LogStream, NewInvocation, OwnUsageLimits,
     QueuedUsage, Quota, Store, StoredRequest, StoredResponse, SyncRecord,
 };
@@ -147,7 +148,12 @@ pub async fn async_invocations_run_and_keep_their_response(store: &dyn Store, cl
     let logs =
         vec![(LogStream::Stdout, "one".to_owned(), 2_001), (LogStream::Stderr, "two".to_owned(), 2_002)];
     let done = AttemptResult::Succeeded { response: answer.clone() };
-    assert!(store.complete("inv-1", "node-a", 1, &done, &logs, 1_500, 2_500).await.unwrap());
+    assert!(
+        store
+            .complete(Completion { logs: &logs, cpu_us: 1_500, ..ended("inv-1", "node-a", 1, &done, 2_500) })
+            .await
+            .unwrap()
+    );
 
     let finished = get(store, "inv-1").await;
     let expected = Invocation {
@@ -171,7 +177,12 @@ pub async fn async_invocations_run_and_keep_their_response(store: &dyn Store, cl
 
     // Recorded exactly once: a second report of the same attempt changes nothing.
     let again = AttemptResult::Succeeded { response: response(500, b"no") };
-    assert!(!store.complete("inv-1", "node-a", 1, &again, &logs, 0, 3_000).await.unwrap());
+    assert!(
+        !store
+            .complete(Completion { logs: &logs, ..ended("inv-1", "node-a", 1, &again, 3_000) })
+            .await
+            .unwrap()
+    );
     assert_eq!(get(store, "inv-1").await, expected);
     assert_eq!(store.invocation_logs("inv-1").await.unwrap().len(), 2);
     assert_eq!(store.lease("node-a", 99_000, LEASE_MS, 10).await.unwrap(), vec![]);
@@ -208,7 +219,7 @@ pub async fn idempotency_keys_return_the_first_invocation(store: &dyn Store, clo
     // The first invocation keeps its key after it finished...
     let leased = store.lease("node-a", 1_000, LEASE_MS, 100).await.unwrap();
     let first = leased.iter().find(|l| l.id == "inv-1").unwrap();
-    assert!(store.complete("inv-1", "node-a", first.attempt, &success(200), &[], 0, 1_100).await.unwrap());
+    assert!(store.complete(ended("inv-1", "node-a", first.attempt, &success(200), 1_100)).await.unwrap());
     clock.set(1_000 + IDEMPOTENCY_WINDOW_MS - 1);
     let repeat = store.enqueue(&keyed("inv-8", "acme", "hello", "k1")).await.unwrap();
     assert_eq!(repeat, Enqueued::Existing("inv-1".into()));
@@ -344,7 +355,7 @@ pub async fn a_closed_start_window_expires_the_invocation(store: &dyn Store, clo
     let leased = store.lease("node-a", 0, LEASE_MS, 10).await.unwrap();
     assert_eq!(leased_ids(&leased), ["retrying"]);
     assert!(
-        store.complete("retrying", "node-a", 1, &failure("trap", Some(1_500)), &[], 0, 100).await.unwrap()
+        store.complete(ended("retrying", "node-a", 1, &failure("trap", Some(1_500)), 100)).await.unwrap()
     );
 
     clock.set(100);
@@ -404,15 +415,20 @@ pub async fn an_expired_lease_is_reclaimed_and_its_old_owner_fenced(store: &dyn 
     assert!(store.heartbeat("node-b", &[lease("inv-1", 2)], 2_001, 1_000).await.unwrap().is_empty());
 
     // The old owner's report is refused, whatever it says; so is a wrong attempt number.
-    assert!(!store.complete("inv-1", "node-a", 1, &success(200), &[], 0, 2_100).await.unwrap());
-    assert!(!store.complete("inv-1", "node-b", 1, &success(200), &[], 0, 2_100).await.unwrap());
-    assert!(!store.complete("inv-1", "node-a", 2, &success(200), &[], 0, 2_100).await.unwrap());
+    assert!(!store.complete(ended("inv-1", "node-a", 1, &success(200), 2_100)).await.unwrap());
+    assert!(!store.complete(ended("inv-1", "node-b", 1, &success(200), 2_100)).await.unwrap());
+    assert!(!store.complete(ended("inv-1", "node-a", 2, &success(200), 2_100)).await.unwrap());
     let running = get(store, "inv-1").await;
     assert_eq!((running.status, running.attempts), (InvocationStatus::Running, 2));
     assert_eq!(store.get_response("inv-1").await.unwrap(), None);
 
     let logs = [(LogStream::Stdout, "done".to_owned(), 2_200)];
-    assert!(store.complete("inv-1", "node-b", 2, &success(200), &logs, 0, 2_200).await.unwrap());
+    assert!(
+        store
+            .complete(Completion { logs: &logs, ..ended("inv-1", "node-b", 2, &success(200), 2_200) })
+            .await
+            .unwrap()
+    );
     let done = get(store, "inv-1").await;
     assert_eq!((done.status, done.attempts, done.started_at), (InvocationStatus::Succeeded, 2, Some(0)));
     assert_eq!(store.invocation_logs("inv-1").await.unwrap().len(), 1);
@@ -439,8 +455,8 @@ pub async fn concurrent_reports_of_one_attempt_are_recorded_once(store: &dyn Sto
     let second = [(LogStream::Stdout, "second".to_owned(), 2)];
     let (ok, created) = (success(200), success(201));
     let (one, two) = futures::join!(
-        store.complete("inv-1", "node-a", 1, &ok, &first, 0, 10),
-        store.complete("inv-1", "node-a", 1, &created, &second, 0, 10),
+        store.complete(Completion { logs: &first, ..ended("inv-1", "node-a", 1, &ok, 10) }),
+        store.complete(Completion { logs: &second, ..ended("inv-1", "node-a", 1, &created, 10) }),
     );
     let (one, two) = (one.unwrap(), two.unwrap());
     assert!(one ^ two, "exactly one report is recorded: {one} {two}");
@@ -460,7 +476,7 @@ pub async fn failed_attempts_are_retried_until_attempts_run_out(store: &dyn Stor
         response: Some(response(500, b"oops")),
         retry_at: Some(1_000),
     };
-    assert!(store.complete("inv-1", "node-a", 1, &with_response, &[], 0, 100).await.unwrap());
+    assert!(store.complete(ended("inv-1", "node-a", 1, &with_response, 100)).await.unwrap());
     let failed = get(store, "inv-1").await;
     assert_eq!(
         (
@@ -478,7 +494,7 @@ pub async fn failed_attempts_are_retried_until_attempts_run_out(store: &dyn Stor
     let second = store.lease("node-b", 1_000, LEASE_MS, 10).await.unwrap();
     assert_eq!(second[0].attempt, 2);
     assert!(
-        store.complete("inv-1", "node-b", 2, &failure("timeout", Some(3_000)), &[], 0, 1_500).await.unwrap()
+        store.complete(ended("inv-1", "node-b", 2, &failure("timeout", Some(3_000)), 1_500)).await.unwrap()
     );
     // The stored response is the last attempt's, and this one had none.
     assert_eq!(store.get_response("inv-1").await.unwrap(), None);
@@ -487,9 +503,7 @@ pub async fn failed_attempts_are_retried_until_attempts_run_out(store: &dyn Stor
     let third = store.lease("node-a", 3_000, LEASE_MS, 10).await.unwrap();
     assert_eq!(third[0].attempt, 3);
     // A retry asked for with no attempt left is not granted: dead now.
-    assert!(
-        store.complete("inv-1", "node-a", 3, &failure("trap", Some(5_000)), &[], 0, 3_500).await.unwrap()
-    );
+    assert!(store.complete(ended("inv-1", "node-a", 3, &failure("trap", Some(5_000)), 3_500)).await.unwrap());
     let dead = get(store, "inv-1").await;
     assert_eq!(
         (dead.status, dead.attempts, dead.finished_at, dead.error_kind.as_deref()),
@@ -502,7 +516,7 @@ pub async fn failed_attempts_are_retried_until_attempts_run_out(store: &dyn Stor
     enqueue(store, &invocation("inv-2")).await;
     store.lease("node-a", 100_000, LEASE_MS, 10).await.unwrap();
     assert!(
-        store.complete("inv-2", "node-a", 1, &failure("bad_request", None), &[], 0, 100_001).await.unwrap()
+        store.complete(ended("inv-2", "node-a", 1, &failure("bad_request", None), 100_001)).await.unwrap()
     );
     let dead = get(store, "inv-2").await;
     assert_eq!((dead.status, dead.attempts), (InvocationStatus::Dead, 1));
@@ -511,7 +525,7 @@ pub async fn failed_attempts_are_retried_until_attempts_run_out(store: &dyn Stor
     enqueue(store, &NewInvocation { max_age_ms: 10_000, ..invocation("inv-3") }).await;
     store.lease("node-a", 100_000, LEASE_MS, 10).await.unwrap();
     assert!(
-        store.complete("inv-3", "node-a", 1, &failure("trap", Some(200_000)), &[], 0, 100_001).await.unwrap()
+        store.complete(ended("inv-3", "node-a", 1, &failure("trap", Some(200_000)), 100_001)).await.unwrap()
     );
     assert_eq!(status(store, "inv-3").await, InvocationStatus::Dead);
 }
@@ -529,13 +543,13 @@ pub async fn attempts_never_exceed_attempts_max_when_leases_are_lost(
         (dead.status, dead.attempts, dead.finished_at, dead.error_kind.as_deref()),
         (InvocationStatus::Dead, 2, Some(202), Some("lease_lost"))
     );
-    assert!(!store.complete("lost", "node-b", 2, &success(200), &[], 0, 203).await.unwrap());
+    assert!(!store.complete(ended("lost", "node-b", 2, &success(200), 203)).await.unwrap());
 
     // A lost last attempt after a real failure keeps the failure's kind.
     enqueue(store, &NewInvocation { attempts_max: 2, ..invocation("trapped") }).await;
     store.lease("node-a", 1_000, 100, 10).await.unwrap();
     assert!(
-        store.complete("trapped", "node-a", 1, &failure("trap", Some(1_000)), &[], 0, 1_000).await.unwrap()
+        store.complete(ended("trapped", "node-a", 1, &failure("trap", Some(1_000)), 1_000)).await.unwrap()
     );
     assert_eq!(store.lease("node-a", 1_000, 100, 10).await.unwrap()[0].attempt, 2);
     assert_eq!(store.lease("node-b", 1_101, 100, 10).await.unwrap(), vec![]);
@@ -580,12 +594,12 @@ pub async fn released_leases_do_not_count_as_attempts(store: &dyn Store, _clock:
         (InvocationStatus::Queued, 0, None)
     );
     assert_eq!(status(store, "inv-2").await, InvocationStatus::Running, "not node-b's to release");
-    assert!(!store.complete("inv-1", "node-a", 1, &success(200), &[], 0, 10).await.unwrap());
+    assert!(!store.complete(ended("inv-1", "node-a", 1, &success(200), 10)).await.unwrap());
 
     let again = store.lease("node-b", 10, LEASE_MS, 10).await.unwrap();
     assert_eq!(leased_ids(&again), ["inv-1"]);
     assert_eq!(again[0].attempt, 1);
-    assert!(store.complete("inv-1", "node-b", 1, &success(200), &[], 0, 20).await.unwrap());
+    assert!(store.complete(ended("inv-1", "node-b", 1, &success(200), 20)).await.unwrap());
 }
 
 pub async fn dead_and_expired_invocations_can_be_redriven(store: &dyn Store, clock: &ManualClock) {
@@ -600,8 +614,8 @@ pub async fn dead_and_expired_invocations_can_be_redriven(store: &dyn Store, clo
         response: Some(response(500, b"oops")),
         retry_at: None,
     };
-    assert!(store.complete("dead", "node-a", 1, &with_response, &[], 0, 10).await.unwrap());
-    assert!(store.complete("done", "node-a", 1, &success(200), &[], 0, 10).await.unwrap());
+    assert!(store.complete(ended("dead", "node-a", 1, &with_response, 10)).await.unwrap());
+    assert!(store.complete(ended("done", "node-a", 1, &success(200), 10)).await.unwrap());
     assert_eq!(store.lease("node-a", 100, LEASE_MS, 10).await.unwrap(), vec![]);
     assert_eq!(status(store, "expired").await, InvocationStatus::Expired);
     let sync = SyncRecord {
@@ -648,7 +662,7 @@ pub async fn dead_and_expired_invocations_can_be_redriven(store: &dyn Store, clo
     assert_eq!(ids, ["dead", "expired"]);
     assert!(leased.iter().all(|l| l.attempt == 1 && l.deadline.is_none()));
     assert!(leased.iter().all(|l| l.created_at + l.max_age_ms as i64 > 1_000_500), "{leased:?}");
-    assert!(store.complete("dead", "node-a", 1, &success(200), &[], 0, 1_000_600).await.unwrap());
+    assert!(store.complete(ended("dead", "node-a", 1, &success(200), 1_000_600)).await.unwrap());
 }
 
 pub async fn invocations_are_listed_newest_first_by_filter_and_page(store: &dyn Store, _clock: &ManualClock) {
@@ -674,7 +688,7 @@ pub async fn invocations_are_listed_newest_first_by_filter_and_page(store: &dyn 
     store.record_sync(&[sync]).await.unwrap();
     let leased = store.lease("node-a", 0, LEASE_MS, 3).await.unwrap();
     for l in &leased {
-        assert!(store.complete(&l.id, "node-a", 1, &success(200), &[], 0, 5).await.unwrap());
+        assert!(store.complete(ended(&l.id, "node-a", 1, &success(200), 5)).await.unwrap());
     }
 
     let list = |filter: InvocationFilter| async move { store.list_invocations(&filter).await.unwrap() };
@@ -721,7 +735,12 @@ pub async fn purge_deletes_finished_invocations_before_the_cutoff(store: &dyn St
     enqueue(store, &invocation("running")).await;
     store.lease("node-a", 0, LEASE_MS, 10).await.unwrap();
     let logs = [(LogStream::Stdout, "bye".to_owned(), 90)];
-    assert!(store.complete("done", "node-a", 1, &success(200), &logs, 0, 100).await.unwrap());
+    assert!(
+        store
+            .complete(Completion { logs: &logs, ..ended("done", "node-a", 1, &success(200), 100) })
+            .await
+            .unwrap()
+    );
     enqueue(store, &NewInvocation { deadline: Some(150), ..invocation("expired") }).await;
     store.lease("node-a", 200, LEASE_MS, 0).await.unwrap();
     assert_eq!(status(store, "expired").await, InvocationStatus::Expired);
@@ -781,7 +800,7 @@ pub async fn many_concurrent_enqueues_are_all_stored(store: &dyn Store, _clock: 
             break;
         }
         let done = futures::future::join_all(
-            leased.iter().map(|l| store.complete(&l.id, "node-a", l.attempt, &ok, &[], 0, 1)),
+            leased.iter().map(|l| store.complete(ended(&l.id, "node-a", l.attempt, &ok, 1))),
         )
         .await;
         assert!(done.into_iter().all(|d| d.unwrap()));
@@ -991,15 +1010,10 @@ pub async fn queued_usage_counts_unfinished_invocations_and_their_bytes(
     assert_eq!(leased.len(), 3);
     let attempt = |id: &str| leased.iter().find(|l| l.id == id).map(|l| l.attempt);
     assert!(
-        store
-            .complete("a-done", "n", attempt("a-done").unwrap(), &success(200), &[], 0, 1_000)
-            .await
-            .unwrap()
+        store.complete(ended("a-done", "n", attempt("a-done").unwrap(), &success(200), 1_000)).await.unwrap()
     );
     let retry = failure("trap", Some(60_000));
-    assert!(
-        store.complete("a-retry", "n", attempt("a-retry").unwrap(), &retry, &[], 0, 1_000).await.unwrap()
-    );
+    assert!(store.complete(ended("a-retry", "n", attempt("a-retry").unwrap(), &retry, 1_000)).await.unwrap());
     assert_eq!(status(store, "a-retry").await, InvocationStatus::Failed);
     let usage = store.queued_usage().await.unwrap();
     assert_eq!(

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 
+use super::ended;
 use proptest::prelude::*;
 use sluice_store::{
     Criticality, Enqueued, Invocation, InvocationFilter, InvocationStatus, NewInvocation, Store,
@@ -210,7 +211,7 @@ pub async fn queue_state_machine_keeps_its_invariants(
                     Outcome::Final => failure("trap", None),
                 };
                 let recorded =
-                    store.complete(&id, OWNERS[*owner], attempt, &result, &[], 0, now).await.unwrap();
+                    store.complete(ended(&id, OWNERS[*owner], attempt, &result, now)).await.unwrap();
                 assert_eq!(
                     recorded,
                     expected,
@@ -266,10 +267,7 @@ pub async fn queue_state_machine_keeps_its_invariants(
         }
         for lease in &leased {
             assert!(
-                store
-                    .complete(&lease.id, OWNERS[0], lease.attempt, &success(200), &[], 0, now)
-                    .await
-                    .unwrap()
+                store.complete(ended(&lease.id, OWNERS[0], lease.attempt, &success(200), now)).await.unwrap()
             );
         }
         let observed = observe(store).await;

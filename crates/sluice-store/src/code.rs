@@ -1,0 +1,297 @@
+//! What tenants deploy: component blobs, functions and their immutable versions ([`Code`]).
+
+use sluice_core::{FunctionConfig, UnixMs};
+use sqlx::Executor;
+
+use crate::rows::{config_to_json, get, rows, summary_from_row, version_from_row};
+use crate::sql::{Bind, Conn, Engine, SqlStore, require, tuples};
+use crate::{StoreError, StoreResult, corrupt};
+
+/// What one tenant keeps in the store: its functions, their versions and its component blobs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TenantStorage {
+    pub functions: u64,
+    pub versions: u64,
+    pub blobs: u64,
+    pub blob_bytes: u64,
+}
+
+/// One immutable version of a function.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionRecord {
+    pub tenant: String,
+    pub function: String,
+    pub version: i64,
+    pub blob_digest: String,
+    pub config: FunctionConfig,
+    pub created_at: UnixMs,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FunctionSummary {
+    pub tenant: String,
+    pub name: String,
+    pub latest_version: i64,
+    pub created_at: UnixMs,
+    pub updated_at: UnixMs,
+}
+
+store_trait! {
+    /// Blobs, functions and versions.
+    pub trait Code {
+        /// Stores component bytes of `tenant` under their digest. Blobs belong to one tenant: the
+        /// same bytes uploaded by two tenants are stored twice, so no tenant can learn what
+        /// another uploaded. Storing the same digest again keeps the bytes and restarts the
+        /// blob's grace period (see [`Code::purge_blobs`]). `NotFound` for an unknown tenant.
+        async fn put_blob(&self, tenant: &str, digest: &str, bytes: &[u8]) -> StoreResult<()>;
+        async fn get_blob(&self, tenant: &str, digest: &str) -> StoreResult<Option<Vec<u8>>>;
+        /// Deletes up to `limit` blobs that no version names and that were last uploaded before
+        /// `uploaded_before`; returns the `(tenant, digest)` of each. A deploy racing the delete
+        /// either names the blob first (and keeps it) or finds it gone (`NotFound`).
+        async fn purge_blobs(&self, uploaded_before: UnixMs, limit: u32) -> StoreResult<Vec<(String, String)>>;
+        /// Deletes up to `limit` versions that are older than the newest `keep_latest` (at least
+        /// 1) of their function and that no unfinished invocation (queued, failed and waiting for
+        /// its retry, running) names, oldest first; returns how many. Their blobs are then
+        /// unnamed, for [`Code::purge_blobs`].
+        async fn purge_versions(&self, keep_latest: u32, limit: u32) -> StoreResult<u64>;
+        /// `(tenant, digest)` of every stored blob: what the node's compiled artifacts may belong
+        /// to.
+        async fn blob_keys(&self) -> StoreResult<Vec<(String, String)>>;
+        /// What a tenant keeps in the store. `NotFound` for an unknown tenant.
+        async fn tenant_storage(&self, tenant: &str) -> StoreResult<TenantStorage>;
+
+        /// Creates the next version (1, 2, ...) of `tenant/function`, creating the function if
+        /// needed. The tenant and blob must exist (`NotFound` otherwise). Numbering restarts at 1
+        /// after [`Code::delete_function`]: the function row that carries the counter is gone,
+        /// and a redeployed function is a new function. (Old invocation records naming
+        /// `version 1` then refer to the deleted function's version 1.)
+        async fn create_version(
+            &self,
+            tenant: &str,
+            function: &str,
+            blob_digest: &str,
+            config: &FunctionConfig,
+        ) -> StoreResult<VersionRecord>;
+        async fn latest_version(&self, tenant: &str, function: &str) -> StoreResult<Option<VersionRecord>>;
+        async fn get_version(
+            &self,
+            tenant: &str,
+            function: &str,
+            version: i64,
+        ) -> StoreResult<Option<VersionRecord>>;
+        async fn list_functions(&self, tenant: &str) -> StoreResult<Vec<FunctionSummary>>;
+        /// Deletes a function and its versions (its blobs stay until [`Code::purge_blobs`] finds
+        /// them unnamed); `false` if there was none.
+        async fn delete_function(&self, tenant: &str, function: &str) -> StoreResult<bool>;
+        /// The latest version of every function: what a starting node loads.
+        async fn all_latest_versions(&self) -> StoreResult<Vec<VersionRecord>>;
+    }
+}
+
+#[async_trait::async_trait]
+impl<E: Engine> Code for SqlStore<E>
+where
+    for<'c> &'c mut Conn<E>: Executor<'c, Database = E::DB>,
+    for<'a> &'a str: Bind<E::DB>,
+    i64: Bind<E::DB>,
+{
+    async fn put_blob(&self, tenant: &str, digest: &str, bytes: &[u8]) -> StoreResult<()> {
+        E::put_blob(self, tenant, digest, bytes).await
+    }
+
+    async fn get_blob(&self, tenant: &str, digest: &str) -> StoreResult<Option<Vec<u8>>> {
+        sqlx::query("SELECT bytes FROM blobs WHERE tenant = $1 AND digest = $2")
+            .bind(tenant)
+            .bind(digest)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(E::classify)?
+            .map(|row| get(&row, "bytes"))
+            .transpose()
+    }
+
+    async fn purge_blobs(&self, uploaded_before: UnixMs, limit: u32) -> StoreResult<Vec<(String, String)>> {
+        let gone = sqlx::query(E::PURGE_BLOBS)
+            .bind(uploaded_before)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(E::classify)?;
+        tuples(gone)
+    }
+
+    async fn purge_versions(&self, keep_latest: u32, limit: u32) -> StoreResult<u64> {
+        let done = sqlx::query(E::PURGE_VERSIONS)
+            .bind(i64::from(keep_latest.max(1)))
+            .bind(i64::from(limit))
+            .execute(&self.pool)
+            .await
+            .map_err(E::classify)?;
+        Ok(E::rows_affected(&done))
+    }
+
+    async fn blob_keys(&self) -> StoreResult<Vec<(String, String)>> {
+        let found = sqlx::query("SELECT tenant, digest FROM blobs ORDER BY tenant, digest")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(E::classify)?;
+        tuples(found)
+    }
+
+    async fn tenant_storage(&self, tenant: &str) -> StoreResult<TenantStorage> {
+        let row = sqlx::query(
+            "SELECT EXISTS (SELECT 1 FROM tenants WHERE name = $1) AS known,
+                    (SELECT COUNT(*) FROM functions WHERE tenant = $1) AS functions,
+                    (SELECT COUNT(*) FROM versions WHERE tenant = $1) AS versions,
+                    (SELECT COUNT(*) FROM blobs WHERE tenant = $1) AS blobs,
+                    (SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM blobs WHERE tenant = $1) AS blob_bytes",
+        )
+        .bind(tenant)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(E::classify)?;
+        if !get::<bool, _>(&row, "known")? {
+            return Err(StoreError::NotFound(format!("tenant {tenant}")));
+        }
+        let count = |column: &str| -> StoreResult<u64> {
+            u64::try_from(get::<i64, _>(&row, column)?).map_err(|_| corrupt(format!("negative {column}")))
+        };
+        Ok(TenantStorage {
+            functions: count("functions")?,
+            versions: count("versions")?,
+            blobs: count("blobs")?,
+            blob_bytes: count("blob_bytes")?,
+        })
+    }
+
+    async fn create_version(
+        &self,
+        tenant: &str,
+        function: &str,
+        blob_digest: &str,
+        config: &FunctionConfig,
+    ) -> StoreResult<VersionRecord> {
+        let config_json = config_to_json(config)?;
+        let now = self.clock.now_ms();
+        // One write transaction from the existence checks to the version insert. The function
+        // row's upsert serializes concurrent deploys of one function (on SQLite the write lock
+        // already has, on PostgreSQL the row lock does, on any node): each sees the previous
+        // one's counter, so numbers are neither duplicated nor skipped.
+        let mut tx = E::begin_write(&self.pool).await?;
+        require::<E>(&mut tx, E::TENANT_EXISTS, &[tenant], || format!("tenant {tenant}")).await?;
+        require::<E>(&mut tx, E::BLOB_EXISTS, &[tenant, blob_digest], || format!("blob {blob_digest}"))
+            .await?;
+        let counter = sqlx::query(
+            "INSERT INTO functions (tenant, name, created_at, updated_at, latest_version)
+             VALUES ($1, $2, $3, $3, 1)
+             ON CONFLICT (tenant, name) DO UPDATE
+                 SET latest_version = functions.latest_version + 1, updated_at = excluded.updated_at
+             RETURNING latest_version",
+        )
+        .bind(tenant)
+        .bind(function)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(E::classify)?;
+        let version: i64 = get(&counter, "latest_version")?;
+        sqlx::query(
+            "INSERT INTO versions (tenant, function, version, blob_digest, config, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(tenant)
+        .bind(function)
+        .bind(version)
+        .bind(blob_digest)
+        .bind(config_json.as_str())
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(E::classify)?;
+        tx.commit().await.map_err(E::classify)?;
+        Ok(VersionRecord {
+            tenant: tenant.to_owned(),
+            function: function.to_owned(),
+            version,
+            blob_digest: blob_digest.to_owned(),
+            config: config.clone(),
+            created_at: now,
+        })
+    }
+
+    async fn latest_version(&self, tenant: &str, function: &str) -> StoreResult<Option<VersionRecord>> {
+        sqlx::query(
+            "SELECT v.tenant, v.function, v.version, v.blob_digest, v.config, v.created_at
+             FROM functions f
+             JOIN versions v
+               ON v.tenant = f.tenant AND v.function = f.name AND v.version = f.latest_version
+             WHERE f.tenant = $1 AND f.name = $2",
+        )
+        .bind(tenant)
+        .bind(function)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(E::classify)?
+        .as_ref()
+        .map(version_from_row)
+        .transpose()
+    }
+
+    async fn get_version(
+        &self,
+        tenant: &str,
+        function: &str,
+        version: i64,
+    ) -> StoreResult<Option<VersionRecord>> {
+        sqlx::query(
+            "SELECT tenant, function, version, blob_digest, config, created_at FROM versions
+             WHERE tenant = $1 AND function = $2 AND version = $3",
+        )
+        .bind(tenant)
+        .bind(function)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(E::classify)?
+        .as_ref()
+        .map(version_from_row)
+        .transpose()
+    }
+
+    async fn list_functions(&self, tenant: &str) -> StoreResult<Vec<FunctionSummary>> {
+        let found = sqlx::query(
+            "SELECT tenant, name, latest_version, created_at, updated_at FROM functions
+             WHERE tenant = $1 ORDER BY name",
+        )
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(E::classify)?;
+        rows(found, summary_from_row)
+    }
+
+    async fn delete_function(&self, tenant: &str, function: &str) -> StoreResult<bool> {
+        // Versions go with the function through `ON DELETE CASCADE`.
+        let done = sqlx::query("DELETE FROM functions WHERE tenant = $1 AND name = $2")
+            .bind(tenant)
+            .bind(function)
+            .execute(&self.pool)
+            .await
+            .map_err(E::classify)?;
+        Ok(E::rows_affected(&done) > 0)
+    }
+
+    async fn all_latest_versions(&self) -> StoreResult<Vec<VersionRecord>> {
+        let found = sqlx::query(
+            "SELECT v.tenant, v.function, v.version, v.blob_digest, v.config, v.created_at
+             FROM functions f
+             JOIN versions v
+               ON v.tenant = f.tenant AND v.function = f.name AND v.version = f.latest_version
+             ORDER BY f.tenant, f.name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(E::classify)?;
+        rows(found, version_from_row)
+    }
+}

@@ -1,0 +1,185 @@
+//! [`SqlStore`]: the one implementation of [`Store`](crate::Store) for both databases.
+//!
+//! The statements both databases agree on are written once, in the domain modules (`tenants`,
+//! `code`, `invocations`, `logs`, `nodes`), as generic code over the [`Engine`]'s sqlx
+//! database. They use `$1`-style placeholders, which PostgreSQL reads natively and sqlx's SQLite
+//! driver binds by number too (`$NNN`), so no statement is rewritten at run time. What truly
+//! differs is an [`Engine`]: its errors, how a writing transaction starts, the few statements that
+//! lock or walk an index their own way, and the calls one database routes differently (SQLite's
+//! single writer task, PostgreSQL's `SKIP LOCKED` lease on the pool and its database clock).
+//!
+//! A new table needs one migration per database and one implementation of its methods here; a
+//! method goes to its [`Engine`] only where the databases cannot share a statement.
+
+use std::sync::Arc;
+
+use sluice_core::{Clock, UnixMs};
+use sqlx::{Database, Encode, IntoArguments, Pool, Transaction, Type};
+use tokio::sync::broadcast;
+
+use crate::queue::Writer;
+use crate::rows::{Column, StoreRow};
+use crate::{Change, LeaseAsk, Leased, NodeRecord, StoreError, StoreResult, SyncRecord};
+
+/// The store over one database: a pool for reads and the control plane's writes, the queue's
+/// group-committing writer(s), and the [`Engine`] for what is particular to the database. Cloning
+/// is cheap and shares all of it.
+pub struct SqlStore<E: Engine> {
+    pub(crate) pool: Pool<E::DB>,
+    pub(crate) clock: Arc<dyn Clock>,
+    /// The writer enqueues go through (PostgreSQL gives them a connection of their own, so a 202
+    /// does not wait behind a batch of completions; SQLite has one writer for everything).
+    pub(crate) enqueues: Writer,
+    /// The writer of everything else the queue writes.
+    pub(crate) writer: Writer,
+    pub(crate) engine: E,
+}
+
+impl<E: Engine> Clone for SqlStore<E> {
+    fn clone(&self) -> Self {
+        Self {
+            pool: self.pool.clone(),
+            clock: self.clock.clone(),
+            enqueues: self.enqueues.clone(),
+            writer: self.writer.clone(),
+            engine: self.engine.clone(),
+        }
+    }
+}
+
+impl<E: Engine> std::fmt::Debug for SqlStore<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlStore").field("engine", &self.engine).finish_non_exhaustive()
+    }
+}
+
+/// What is particular to one database. Its statements take the same parameters as the shared
+/// code binds; each says which.
+#[async_trait::async_trait]
+pub trait Engine: Clone + std::fmt::Debug + Send + Sync + 'static {
+    type DB: Database<Row: StoreRow, Arguments: IntoArguments<Self::DB>>;
+
+    /// `known` for a tenant `$1`, locking its row until the commit where the database can (a
+    /// tenant must not be deleted under a write that depends on it).
+    const TENANT_EXISTS: &'static str;
+    /// `known` for the blob `$2` of tenant `$1`, locked like [`Engine::TENANT_EXISTS`].
+    const BLOB_EXISTS: &'static str;
+    /// Deletes up to `$2` unnamed blobs uploaded before `$1`, `RETURNING tenant, digest`.
+    const PURGE_BLOBS: &'static str;
+    /// Deletes up to `$2` versions older than the newest `$1` of their function that no
+    /// unfinished invocation names.
+    const PURGE_VERSIONS: &'static str;
+    /// `tenant, due, plain, windowed` of each tenant with runnable work, each count stopping at
+    /// `$3`: `$1` now (NULL for the database's clock), `$2` promote_ahead_ms.
+    const QUEUE_DEMAND: &'static str;
+    /// `tenant, function, count` of what runs now.
+    const RUNNING_BY_FUNCTION: &'static str;
+
+    /// The one place this database's errors are classified.
+    fn classify(error: sqlx::Error) -> StoreError;
+    fn rows_affected(done: &<Self::DB as Database>::QueryResult) -> u64;
+    /// Starts a transaction that writes (SQLite: holding the write lock from its first statement).
+    async fn begin_write(pool: &Pool<Self::DB>) -> StoreResult<Transaction<'static, Self::DB>>;
+    /// The `now` a statement binds: the caller's, or `None` where the database's clock decides.
+    fn now(&self, caller: UnixMs) -> Option<UnixMs>;
+    /// Changes other nodes made, for a store they share.
+    fn changes(&self) -> Option<broadcast::Receiver<Change>>;
+
+    // The calls each database routes its own way (see the engines' module documentation).
+    async fn put_blob(store: &SqlStore<Self>, tenant: &str, digest: &str, bytes: &[u8]) -> StoreResult<()>;
+    async fn record_sync(store: &SqlStore<Self>, batch: &[SyncRecord]) -> StoreResult<()>;
+    async fn lease(
+        store: &SqlStore<Self>,
+        owner: &str,
+        now: UnixMs,
+        lease_ms: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<Leased>>;
+    async fn lease_asks(
+        store: &SqlStore<Self>,
+        owner: &str,
+        now: UnixMs,
+        lease_ms: u64,
+        promote_ahead_ms: u64,
+        asks: &[LeaseAsk],
+    ) -> StoreResult<Vec<Vec<Leased>>>;
+    async fn node_heartbeat(store: &SqlStore<Self>, node: &NodeRecord, stopped: bool) -> StoreResult<()>;
+    async fn list_nodes(store: &SqlStore<Self>, within_ms: u64) -> StoreResult<(Vec<NodeRecord>, UnixMs)>;
+}
+
+impl<E: Engine> crate::Store for SqlStore<E>
+where
+    Self: crate::Tenants + crate::Code + crate::Invocations + crate::Logs + crate::Nodes,
+{
+    fn changes(&self) -> Option<broadcast::Receiver<Change>> {
+        self.engine.changes()
+    }
+}
+
+/// A value the shared statements bind, on either database. The shared code's bounds (repeated on
+/// each domain's `impl`, since Rust does not imply them) are: a connection executes statements,
+/// and `&str`, `Option<&str>`, `i64`, `Option<i64>`, `f64` and `bool` bind.
+pub trait Bind<DB: Database>: for<'q> Encode<'q, DB> + Type<DB> + Send {}
+
+impl<DB: Database, T: for<'q> Encode<'q, DB> + Type<DB> + Send> Bind<DB> for T {}
+
+/// Reads rows as tuples by position, from either database.
+pub(crate) trait Tuple<R>: Sized {
+    fn from_row(row: &R) -> StoreResult<Self>;
+}
+
+macro_rules! tuples {
+    ($(($($t:ident $i:tt),*))*) => {$(
+        impl<R: $(Column<$t> +)*, $($t),*> Tuple<R> for ($($t,)*) {
+            fn from_row(row: &R) -> StoreResult<Self> {
+                Ok(($(Column::<$t>::column_at(row, $i)?,)*))
+            }
+        }
+    )*};
+}
+
+tuples! {
+    (A 0)
+    (A 0, B 1)
+    (A 0, B 1, C 2)
+    (A 0, B 1, C 2, D 3)
+    (A 0, B 1, C 2, D 3, F 4)
+    (A 0, B 1, C 2, D 3, F 4, G 5)
+}
+
+pub(crate) fn tuples<R: StoreRow, T: Tuple<R>>(rows: Vec<R>) -> StoreResult<Vec<T>> {
+    rows.iter().map(T::from_row).collect()
+}
+
+/// Says what a unique violation (given the database's message) was about; passes any other error.
+pub(crate) fn conflict(error: StoreError, what: impl FnOnce(&str) -> String) -> StoreError {
+    match error {
+        StoreError::Conflict(message) => StoreError::Conflict(what(&message)),
+        other => other,
+    }
+}
+
+/// A connection of the engine's database.
+pub(crate) type Conn<E> = <<E as Engine>::DB as Database>::Connection;
+
+/// `NotFound` (saying `missing`) unless `sql` finds a row for `keys`: an existence check inside
+/// the transaction that depends on it, with the row locked where the engine's statement locks it.
+pub(crate) async fn require<E: Engine>(
+    connection: &mut Conn<E>,
+    sql: &'static str,
+    keys: &[&str],
+    missing: impl FnOnce() -> String,
+) -> StoreResult<()>
+where
+    for<'c> &'c mut Conn<E>: sqlx::Executor<'c, Database = E::DB>,
+    for<'a> &'a str: Bind<E::DB>,
+{
+    let mut query = sqlx::query(sql);
+    for key in keys {
+        query = query.bind(*key);
+    }
+    match query.fetch_optional(&mut *connection).await.map_err(E::classify)? {
+        Some(_) => Ok(()),
+        None => Err(StoreError::NotFound(missing())),
+    }
+}
