@@ -170,7 +170,9 @@ fn state_line(id: &str, v: &serde_json::Value) -> String {
             "{id}: attempt {attempts} failed ({}); waiting to retry",
             v["error_kind"].as_str().unwrap_or("error")
         ),
-        Some(InvocationStatus::Queued) if attempts > 0 => format!("{id}: queued again after {attempts} attempt(s)"),
+        Some(InvocationStatus::Queued) if attempts > 0 => {
+            format!("{id}: queued again after {attempts} attempt(s)")
+        }
         Some(InvocationStatus::Queued) => format!("{id}: queued"),
         Some(InvocationStatus::Running) => format!("{id}: running, attempt {attempts}"),
         _ => format!("{id}: {}", v["status"]),

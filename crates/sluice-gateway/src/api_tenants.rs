@@ -183,7 +183,9 @@ pub(crate) async fn create_key(
     scopes.sort();
     scopes.dedup();
     if scopes.is_empty() {
-        return Err(SluiceError::bad_request(format!("a key needs at least one scope: {tenant_scopes}")).into());
+        return Err(
+            SluiceError::bad_request(format!("a key needs at least one scope: {tenant_scopes}")).into()
+        );
     }
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret)

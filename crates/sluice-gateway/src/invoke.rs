@@ -315,14 +315,10 @@ async fn enqueue(
     }
     let criticality = match headers.get("sluice-criticality") {
         None => Criticality::Normal,
-        Some(v) => v
-            .to_str()
-            .ok()
-            .and_then(|s| Criticality::parse(s.trim()))
-            .ok_or_else(|| {
-                let words = sluice_core::vocab::listed(Criticality::WORDS);
-                header_error("sluice-criticality", &format!("must be {words}"))
-            })?,
+        Some(v) => v.to_str().ok().and_then(|s| Criticality::parse(s.trim())).ok_or_else(|| {
+            let words = sluice_core::vocab::listed(Criticality::WORDS);
+            header_error("sluice-criticality", &format!("must be {words}"))
+        })?,
     };
 
     let (mut parts, body) = req.into_parts();

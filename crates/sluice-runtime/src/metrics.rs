@@ -18,8 +18,8 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use metrics::{Counter, counter};
-use sluice_core::{ErrorKind, Mode};
 pub use sluice_core::metrics::{Histogram, histogram, render_histograms};
+use sluice_core::{ErrorKind, Mode};
 
 /// (tenant, function) pairs with their own series, at most.
 static SERIES_MAX: AtomicUsize = AtomicUsize::new(1000);

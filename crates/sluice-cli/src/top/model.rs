@@ -439,7 +439,10 @@ fn function_rows(functions: &Value, invocations: &[Value], now_ms: i64) -> Vec<F
             *recent.entry(name.to_string()).or_default() += 1;
         }
         if inv["finished_at"].is_null() {
-            row.active += usize::from(matches!(status(inv), Some(InvocationStatus::Queued | InvocationStatus::Running)));
+            row.active += usize::from(matches!(
+                status(inv),
+                Some(InvocationStatus::Queued | InvocationStatus::Running)
+            ));
             continue;
         }
         if row.calls >= SAMPLE_PER_FUNCTION_MAX {

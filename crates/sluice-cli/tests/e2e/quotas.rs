@@ -3,7 +3,6 @@
 //! run; on one node and on a cluster's PostgreSQL; deploys over a storage quota get 507 (413 for
 //! one upload larger than the quota alone); and `tenants usage` shows each quota's use.
 
-
 use serde_json::Value;
 
 use crate::cluster::{PgDatabase, cluster_node};

@@ -2,7 +2,6 @@
 //! one function of one tenant, and only after clean calls. The test guest's `/count` answers how
 //! many calls its instance has served (a global counter) and logs it.
 
-
 use serde_json::Value;
 
 use crate::harness::{Node, guests};

@@ -70,7 +70,8 @@ fn a_wide_start_window_waits_for_a_trough_and_a_near_deadline_does_not() {
     // Async calls start on the slow lane's SCHED_IDLE threads, which another test's compile
     // starves.
     let _heavy = crate::harness::cpu_heavy();
-    let node = Node::start(&["--utilization-target", "0.05", "--promote-ahead", "10s", "--fast-lane-slice", "1s"]);
+    let node =
+        Node::start(&["--utilization-target", "0.05", "--promote-ahead", "10s", "--fast-lane-slice", "1s"]);
     node.deploy("tg", &guests().testguest, &[]);
     // A deadline is kept whatever the load within a reservation (beyond it, a due call waits for
     // its tenant's fair share like any other): `gold` holds one.
@@ -114,7 +115,11 @@ fn a_wide_start_window_waits_for_a_trough_and_a_near_deadline_does_not() {
     let due = node.enqueue("/fn/gold/tg/ok", &[("sluice-deadline", &rfc3339_in(8_000))]);
     let inv = node.wait_json(&format!("/v1/invocations/{due}"), |v| v["status"] == "succeeded");
     assert!(inv["waits"]["queued_ms"].as_i64().is_some_and(|ms| ms < 8_000), "{inv}");
-    assert_eq!(status(&node, &wide), "queued", "a call with a wide window ran while the node was over target");
+    assert_eq!(
+        status(&node, &wide),
+        "queued",
+        "a call with a wide window ran while the node was over target"
+    );
 
     // The load stops: in the trough the pacer allows more, the held call runs (the plain calls
     // still sleeping), and it says why it waited.

@@ -1,6 +1,5 @@
 //! Node lifecycle: first start, restart from the artifact cache, graceful shutdown.
 
-
 use crate::harness::{Node, guests};
 
 #[test]

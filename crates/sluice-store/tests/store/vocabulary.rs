@@ -13,7 +13,8 @@ use sqlx::{AssertSqlSafe, Connection};
 use crate::postgres::TempDatabase;
 
 /// The migrations that add the constraints, by store.
-const SQLITE_MIGRATION: (i64, &str) = (11, include_str!("../../migrations/sqlite/0011_vocabulary_checks.sql"));
+const SQLITE_MIGRATION: (i64, &str) =
+    (11, include_str!("../../migrations/sqlite/0011_vocabulary_checks.sql"));
 const POSTGRES_MIGRATION: (i64, &str) =
     (5, include_str!("../../migrations/postgres/0005_vocabulary_checks.sql"));
 
@@ -45,7 +46,8 @@ impl Raw {
     /// once its migration list names the file; until then the test applies the file itself, so
     /// the constraints are checked either way.
     async fn apply_unless_applied(&mut self, (version, sql): (i64, &str)) {
-        let applied = self.fetch_i64(&format!("SELECT COUNT(*) FROM schema_version WHERE version = {version}")).await;
+        let applied =
+            self.fetch_i64(&format!("SELECT COUNT(*) FROM schema_version WHERE version = {version}")).await;
         if applied == 0 {
             self.execute(&format!("BEGIN;\n{sql}\nCOMMIT;")).await.expect("applying the migration");
         }
@@ -130,12 +132,17 @@ async fn every_word_and_nothing_else(raw: &mut Raw) {
         for value in &column.accepted {
             n += 1;
             let sql = insert(column.table, column.name, value, n);
-            raw.execute(&sql).await.unwrap_or_else(|e| panic!("{}.{} = {value} refused: {e}", column.table, column.name));
+            raw.execute(&sql)
+                .await
+                .unwrap_or_else(|e| panic!("{}.{} = {value} refused: {e}", column.table, column.name));
         }
         for value in &column.refused {
             n += 1;
             let sql = insert(column.table, column.name, value, n);
-            let refused = raw.execute(&sql).await.expect_err(&format!("{}.{} = {value} accepted", column.table, column.name));
+            let refused = raw
+                .execute(&sql)
+                .await
+                .expect_err(&format!("{}.{} = {value} accepted", column.table, column.name));
             let check = refused.as_database_error().is_some_and(|e| e.is_check_violation());
             assert!(check, "{}.{} = {value}: {refused}", column.table, column.name);
         }
@@ -165,7 +172,8 @@ async fn postgres_columns_hold_every_word_and_nothing_else() {
 
 async fn sqlite(path: &Path) -> sqlx::SqliteConnection {
     // Foreign keys on, as the store has them: the rebuild must work with them on.
-    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(path).create_if_missing(true).foreign_keys(true);
+    let options =
+        sqlx::sqlite::SqliteConnectOptions::new().filename(path).create_if_missing(true).foreign_keys(true);
     sqlx::SqliteConnection::connect_with(&options).await.unwrap()
 }
 
@@ -198,8 +206,10 @@ async fn schema_and_data(c: &mut sqlx::SqliteConnection) -> Vec<String> {
     .await
     .unwrap();
     kept.extend(indexes.into_iter().map(|(name, sql)| format!("{name}: {sql}")));
-    let counter: i64 =
-        sqlx::query_scalar("SELECT seq FROM sqlite_sequence WHERE name = 'log_lines'").fetch_one(&mut *c).await.unwrap();
+    let counter: i64 = sqlx::query_scalar("SELECT seq FROM sqlite_sequence WHERE name = 'log_lines'")
+        .fetch_one(&mut *c)
+        .await
+        .unwrap();
     kept.push(format!("log_lines counter {counter}"));
     kept
 }
@@ -245,7 +255,10 @@ async fn sqlite_rebuild_keeps_rows_indexes_and_the_log_counter() {
     let before = schema_and_data(&mut c).await;
     assert!(before.last().unwrap().ends_with(" 4"), "the counter is ahead of the rows: {before:?}");
 
-    sqlx::raw_sql(AssertSqlSafe(format!("BEGIN;\n{}\nCOMMIT;", SQLITE_MIGRATION.1))).execute(&mut c).await.unwrap();
+    sqlx::raw_sql(AssertSqlSafe(format!("BEGIN;\n{}\nCOMMIT;", SQLITE_MIGRATION.1)))
+        .execute(&mut c)
+        .await
+        .unwrap();
 
     let after = schema_and_data(&mut c).await;
     assert_eq!(before, after);
