@@ -15,8 +15,8 @@ pub enum InvocationsCommand {
         /// Only this function's invocations.
         #[arg(long)]
         function: Option<String>,
-        /// Only invocations in this state: queued, running, succeeded, failed, dead or expired.
-        #[arg(long)]
+        /// Only invocations in this state.
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(sluice_core::InvocationStatus::WORDS))]
         status: Option<String>,
         /// Invocations to show, 1 to 1000.
         #[arg(long, default_value_t = 50)]

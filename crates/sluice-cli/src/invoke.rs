@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use reqwest::Method;
+use sluice_core::{Criticality, InvocationStatus};
 
 use crate::client::{Client, Target};
 
@@ -41,8 +42,8 @@ pub struct InvokeArgs {
     /// With --async: expire if not started by this RFC 3339 time.
     #[arg(long, requires = "queue")]
     pub deadline: Option<String>,
-    /// With --async: high, normal or low.
-    #[arg(long, requires = "queue")]
+    /// With --async: how urgently it runs (queued calls are leased high first); default normal.
+    #[arg(long, requires = "queue", value_parser = clap::builder::PossibleValuesParser::new(Criticality::WORDS))]
     pub criticality: Option<String>,
     /// With --async: wait for the invocation to finish, showing its state (queued, running,
     /// retrying) meanwhile, then print its response like a sync call; fails if it failed.
@@ -128,7 +129,7 @@ async fn wait_for(client: &Client, id: &str) -> anyhow::Result<()> {
     let spinner = ProgressBar::with_draw_target(None, crate::deploy::draw_target());
     spinner.set_style(ProgressStyle::with_template("{spinner} {msg} ({elapsed})")?);
     spinner.enable_steady_tick(Duration::from_millis(100));
-    let v = loop {
+    let (v, status) = loop {
         let v = client.json(client.request(Method::GET, &format!("/v1/invocations/{id}"))).await;
         let v = match v {
             Ok(v) => v,
@@ -137,15 +138,14 @@ async fn wait_for(client: &Client, id: &str) -> anyhow::Result<()> {
                 return Err(e.context(format!("waiting for invocation {id}")));
             }
         };
-        if matches!(v["status"].as_str(), Some("succeeded" | "dead" | "expired")) {
-            break v;
+        if let Some(status) = status_of(&v).filter(|s| s.is_final()) {
+            break (v, status);
         }
         spinner.set_message(state_line(id, &v));
         tokio::time::sleep(WAIT_POLL).await;
     };
     spinner.finish_and_clear();
-    let status = v["status"].as_str().unwrap_or_default();
-    if status != "succeeded" {
+    if status != InvocationStatus::Succeeded {
         bail!(
             "invocation {id} {status} after {} attempt(s){}; logs: sluice logs --invocation {id}",
             v["attempts"],
@@ -157,17 +157,24 @@ async fn wait_for(client: &Client, id: &str) -> anyhow::Result<()> {
     copy_body(res).await
 }
 
+/// The `status` of an invocation as the node shows it (`None` if it is not one).
+fn status_of(v: &serde_json::Value) -> Option<InvocationStatus> {
+    v["status"].as_str().and_then(InvocationStatus::parse)
+}
+
 /// What a waiting invocation is doing, in a few words.
 fn state_line(id: &str, v: &serde_json::Value) -> String {
     let attempts = v["attempts"].as_u64().unwrap_or(0);
-    match v["status"].as_str().unwrap_or_default() {
-        "failed" => format!(
+    match status_of(v) {
+        Some(InvocationStatus::Failed) => format!(
             "{id}: attempt {attempts} failed ({}); waiting to retry",
             v["error_kind"].as_str().unwrap_or("error")
         ),
-        "queued" if attempts > 0 => format!("{id}: queued again after {attempts} attempt(s)"),
-        "queued" => format!("{id}: queued"),
-        "running" => format!("{id}: running, attempt {attempts}"),
-        other => format!("{id}: {other}"),
+        Some(InvocationStatus::Queued) if attempts > 0 => {
+            format!("{id}: queued again after {attempts} attempt(s)")
+        }
+        Some(InvocationStatus::Queued) => format!("{id}: queued"),
+        Some(InvocationStatus::Running) => format!("{id}: running, attempt {attempts}"),
+        _ => format!("{id}: {}", v["status"]),
     }
 }

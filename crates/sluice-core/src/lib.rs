@@ -20,34 +20,7 @@ pub use error::{ErrorKind, ErrorSource, SluiceError};
 pub use function::FunctionConfig;
 pub use limits::{Limits, OwnUsageLimits, UsageLimits};
 pub use secret::Secrets;
-pub use vocab::{Criticality, InvocationStatus, Scope};
-
-/// Which stream a guest log line came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogStream {
-    Stdout,
-    Stderr,
-    /// A line sluice adds about the invocation (e.g. the trap message, a denied outbound call).
-    System,
-}
-
-impl LogStream {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Stdout => "stdout",
-            Self::Stderr => "stderr",
-            Self::System => "system",
-        }
-    }
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "stdout" => Some(Self::Stdout),
-            "stderr" => Some(Self::Stderr),
-            "system" => Some(Self::System),
-            _ => None,
-        }
-    }
-}
+pub use vocab::{Criticality, InvocationStatus, LogStream, Mode, Scope, UnknownWord};
 
 /// Milliseconds since the Unix epoch; the store keeps every timestamp in this unit so SQLite and
 /// PostgreSQL compare them the same way.

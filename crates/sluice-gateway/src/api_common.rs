@@ -8,7 +8,7 @@ use axum::extract::FromRequestParts;
 use axum::response::IntoResponse;
 use http::request::Parts;
 use serde::{Deserialize, Serialize};
-use sluice_core::{ErrorKind, Scope, SluiceError, rfc3339};
+use sluice_core::{ErrorKind, LogStream, Scope, SluiceError, rfc3339};
 use sluice_store::LogLine;
 use utoipa::ToSchema;
 
@@ -121,7 +121,7 @@ pub struct LogLineInfo {
     pub seq: i64,
     pub invocation_id: String,
     #[schema(schema_with = crate::api_openapi::log_stream_schema)]
-    pub stream: String,
+    pub stream: LogStream,
     pub line: String,
     #[schema(format = DateTime)]
     pub at: String,
@@ -132,7 +132,7 @@ impl LogLineInfo {
         Self {
             seq: l.seq,
             invocation_id: l.invocation_id.clone(),
-            stream: l.stream.as_str().to_string(),
+            stream: l.stream,
             line: l.line.clone(),
             at: rfc3339(l.at),
         }

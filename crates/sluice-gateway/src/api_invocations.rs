@@ -11,12 +11,12 @@ use axum::extract::{Path, Query, State};
 use axum::response::IntoResponse;
 use http::{HeaderName, HeaderValue, StatusCode, header};
 use serde::{Deserialize, Serialize};
-use sluice_core::{Clock, ErrorKind, Scope, SluiceError, SystemClock, rfc3339};
+use sluice_core::{Clock, ErrorKind, Mode, Scope, SluiceError, SystemClock, rfc3339};
 use sluice_store::{Invocation, InvocationFilter, InvocationStatus};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::api_common::{ApiError, ApiResult, Auth, ErrorBody, LogLineInfo, require_tenant};
-use crate::api_openapi::invocation_status_schema;
+use crate::api_openapi::{invocation_status_schema, mode_schema};
 use crate::error::INVOCATION_ID;
 use crate::node::Node;
 
@@ -37,10 +37,10 @@ pub struct InvocationInfo {
     pub tenant: String,
     pub function: String,
     pub version: i64,
-    /// `sync` or `async`.
-    pub mode: String,
+    #[schema(schema_with = mode_schema)]
+    pub mode: Mode,
     #[schema(schema_with = invocation_status_schema)]
-    pub status: String,
+    pub status: InvocationStatus,
     pub attempts: u32,
     #[schema(format = DateTime)]
     pub created_at: String,
@@ -65,14 +65,14 @@ pub struct InvocationInfo {
 }
 
 impl InvocationInfo {
-    fn of(inv: &Invocation) -> Self {
-        Self {
+    fn of(inv: &Invocation) -> Result<Self, SluiceError> {
+        Ok(Self {
             id: inv.id.clone(),
             tenant: inv.tenant.clone(),
             function: inv.function.clone(),
             version: inv.version,
-            mode: inv.mode.clone(),
-            status: inv.status.as_str().to_string(),
+            mode: stored_mode(inv)?,
+            status: inv.status,
             attempts: inv.attempts,
             created_at: rfc3339(inv.created_at),
             started_at: inv.started_at.map(rfc3339),
@@ -81,8 +81,13 @@ impl InvocationInfo {
             error_kind: inv.error_kind.clone(),
             cpu_ms: inv.cpu_us.map(|us| us as f64 / 1000.0),
             waits: inv.waits.as_deref().and_then(|w| serde_json::from_str(w).ok()),
-        }
+        })
     }
+}
+
+/// The store keeps the mode as its word (a CHECK constraint holds it to [`Mode::WORDS`]).
+fn stored_mode(inv: &Invocation) -> Result<Mode, SluiceError> {
+    inv.mode.parse().map_err(|e| SluiceError::internal(format!("invocation {}: stored {e}", inv.id)))
 }
 
 /// A page of invocations, newest first.
@@ -136,12 +141,7 @@ pub(crate) async fn list_invocations(
     auth.require(&tenant, Scope::Read)?;
     let status = match q.status.as_deref() {
         None => None,
-        Some(s) => Some(InvocationStatus::parse(s).ok_or_else(|| {
-            SluiceError::bad_request(format!(
-                "unknown status {s:?}: use one of {}",
-                InvocationStatus::ALL.map(|s| s.as_str()).join(", ")
-            ))
-        })?),
+        Some(s) => Some(s.parse::<InvocationStatus>().map_err(|e| SluiceError::bad_request(e.to_string()))?),
     };
     require_tenant(&node, &tenant).await?;
     let limit = q.limit.unwrap_or(INVOCATIONS_PER_PAGE_DEFAULT).clamp(1, INVOCATIONS_PER_PAGE_MAX);
@@ -149,7 +149,8 @@ pub(crate) async fn list_invocations(
     let page = node.store.list_invocations(&filter).await?;
     // A short page is the last one; a full page may have more behind it.
     let next_before = if page.len() as u32 >= limit { page.last().map(|i| i.id.clone()) } else { None };
-    Ok(Json(InvocationPage { invocations: page.iter().map(InvocationInfo::of).collect(), next_before }))
+    let invocations = page.iter().map(InvocationInfo::of).collect::<Result<_, _>>()?;
+    Ok(Json(InvocationPage { invocations, next_before }))
 }
 
 /// An invocation the caller may read, or 404 (also for another tenant's).
@@ -186,7 +187,7 @@ pub(crate) async fn get_invocation(
     Path(id): Path<String>,
 ) -> ApiResult<Json<InvocationInfo>> {
     let inv = visible_invocation(&node, &auth, &id, Scope::Read).await?;
-    Ok(Json(InvocationInfo::of(&inv)))
+    Ok(Json(InvocationInfo::of(&inv)?))
 }
 
 /// Headers of a stored response that described its original transfer, not its content: the
@@ -302,7 +303,7 @@ pub(crate) async fn retry_invocation(
             ),
         )
     };
-    if inv.mode != "async" {
+    if stored_mode(&inv)? != Mode::Async {
         // A sync call's request was streamed to the guest and never stored: there is nothing to
         // run again.
         return Err(SluiceError::new(
@@ -329,6 +330,6 @@ pub(crate) async fn retry_invocation(
     Ok((
         StatusCode::ACCEPTED,
         [(header::LOCATION, HeaderValue::from_str(&location).expect("ids are ASCII"))],
-        Json(InvocationInfo::of(&inv)),
+        Json(InvocationInfo::of(&inv)?),
     ))
 }

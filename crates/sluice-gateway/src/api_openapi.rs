@@ -10,7 +10,7 @@ use axum::Extension;
 use axum::response::IntoResponse;
 use http::{HeaderValue, header};
 use serde::{Deserialize, Serialize};
-use sluice_core::ErrorKind;
+use sluice_core::{Criticality, ErrorKind, InvocationStatus, LogStream, Mode, Scope};
 use utoipa::ToSchema;
 use utoipa::openapi::content::ContentBuilder;
 use utoipa::openapi::header::HeaderBuilder;
@@ -45,7 +45,9 @@ pub struct ErrorDetail {
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct AsyncAccepted {
     pub id: String,
-    pub status: String,
+    /// `queued`.
+    #[schema(schema_with = invocation_status_schema)]
+    pub status: sluice_core::InvocationStatus,
     /// `/v1/invocations/{id}`: where to follow it.
     pub location: String,
 }
@@ -148,23 +150,27 @@ pub(crate) fn error_code_schema() -> Schema {
     string_enum(ErrorKind::ALL.iter().map(|k| k.as_str())).into()
 }
 
+// The vocabulary's schemas: each lists its enum's `WORDS`, so a new word is documented at once.
+
 pub(crate) fn tenant_scopes_schema() -> Schema {
-    let scopes = sluice_core::Scope::TENANT;
-    ArrayBuilder::new().items(string_enum(scopes.iter().map(|s| s.as_str()))).min_items(Some(1)).into()
+    let scopes = Scope::TENANT.map(Scope::as_str);
+    ArrayBuilder::new().items(string_enum(scopes)).min_items(Some(1)).into()
 }
 
 pub(crate) fn key_scopes_schema() -> Schema {
-    let names = sluice_core::Scope::ALL.map(|s| s.as_str());
-    ArrayBuilder::new().items(string_enum(names)).into()
+    ArrayBuilder::new().items(string_enum(Scope::WORDS)).into()
 }
 
 pub(crate) fn invocation_status_schema() -> Schema {
-    string_enum(sluice_core::InvocationStatus::ALL.map(|s| s.as_str())).into()
+    string_enum(InvocationStatus::WORDS).into()
+}
+
+pub(crate) fn mode_schema() -> Schema {
+    string_enum(Mode::WORDS).into()
 }
 
 pub(crate) fn log_stream_schema() -> Schema {
-    use sluice_core::LogStream;
-    string_enum([LogStream::Stdout, LogStream::Stderr, LogStream::System].map(LogStream::as_str)).into()
+    string_enum(LogStream::WORDS).into()
 }
 
 /// `[name, value]` pairs; `FunctionConfig::validate` refuses names that are empty or hold `=`
@@ -189,8 +195,7 @@ fn outbound_schema() -> Schema {
 }
 
 fn criticality_schema() -> Schema {
-    use sluice_core::Criticality;
-    string_enum(Criticality::ALL.map(Criticality::as_str)).into()
+    string_enum(Criticality::WORDS).into()
 }
 
 fn rfc3339_schema() -> Schema {

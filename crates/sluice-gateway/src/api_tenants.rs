@@ -12,6 +12,7 @@ use axum::extract::{Path, State};
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
 use serde::{Deserialize, Serialize};
+use sluice_core::vocab::listed;
 use sluice_core::{Clock, Scope, SluiceError, SystemClock, rfc3339};
 use sluice_store::{KeyRecord, Tenant};
 use utoipa::ToSchema;
@@ -19,9 +20,6 @@ use utoipa::ToSchema;
 use crate::api_common::{ApiResult, Auth, ErrorBody, admin_only, json_body, require_tenant};
 use crate::api_openapi::{key_scopes_schema, tenant_scopes_schema};
 use crate::node::Node;
-
-/// The scopes a tenant key may hold; `admin` keys are not bound to a tenant and are not minted
-/// here.
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -99,7 +97,8 @@ pub(crate) async fn list_tenants(State(node): State<Arc<Node>>, auth: Auth) -> A
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKey {
-    /// What the key may do in the tenant. Duplicates are ignored.
+    /// What the key may do in the tenant (`Scope::TENANT`: `admin` keys are bound to no tenant
+    /// and are not minted here). Duplicates are ignored.
     #[schema(schema_with = tenant_scopes_schema)]
     pub scopes: Vec<String>,
 }
@@ -169,28 +168,24 @@ pub(crate) async fn create_key(
     auth.require_admin(&tenant, "mint keys")?;
     require_tenant(&node, &tenant).await?;
     let req: CreateKey = json_body(&body, "key request")?;
+    let tenant_scopes = listed(Scope::TENANT.map(Scope::as_str));
     let mut scopes = Vec::with_capacity(req.scopes.len());
     for name in &req.scopes {
         match Scope::parse(name) {
             Some(s) if Scope::TENANT.contains(&s) => scopes.push(s),
-            Some(_) => {
-                return Err(SluiceError::bad_request(format!(
-                    "scope {name:?} cannot be given to a tenant key; use deploy, invoke or read"
-                ))
-                .into());
-            }
-            None => {
-                return Err(SluiceError::bad_request(format!(
-                    "unknown scope {name:?}: use deploy, invoke or read"
-                ))
-                .into());
+            known => {
+                let problem = if known.is_some() { "cannot be given to a tenant key" } else { "is unknown" };
+                let message = format!("scope {name:?} {problem}: use {tenant_scopes}");
+                return Err(SluiceError::bad_request(message).into());
             }
         }
     }
     scopes.sort();
     scopes.dedup();
     if scopes.is_empty() {
-        return Err(SluiceError::bad_request("a key needs at least one scope: deploy, invoke or read").into());
+        return Err(
+            SluiceError::bad_request(format!("a key needs at least one scope: {tenant_scopes}")).into()
+        );
     }
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret)

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use sluice_core::{Clock, ErrorKind, Scope, SluiceError, SystemClock};
-use sluice_runtime::metrics::{CallOutcome, Kind};
+use sluice_core::{Clock, ErrorKind, Mode, Scope, SluiceError, SystemClock};
+use sluice_runtime::metrics::CallOutcome;
 use sluice_runtime::trace::GatewaySpan;
 use sluice_runtime::{Call, Lane, Outcome, TraceParent};
 use sluice_store::{
@@ -97,13 +97,12 @@ impl Follow {
         Self { span, access }
     }
 
-    fn function(&mut self, tenant: &str, function: &str, is_async: bool) {
-        let kind = if is_async { "async" } else { "sync" };
+    fn function(&mut self, tenant: &str, function: &str, mode: Mode) {
         if let Some(span) = &self.span {
-            span.function(tenant, function, kind);
+            span.function(tenant, function, mode);
         }
         if let Some(access) = &mut self.access {
-            access.kind = kind;
+            access.kind = mode.as_str();
         }
     }
 
@@ -172,7 +171,7 @@ async fn call(
         Some(principal)
     };
     let deployed = deployed.ok_or_else(|| no_function(tenant, function))?;
-    follow.function(tenant, function, is_async);
+    follow.function(tenant, function, if is_async { Mode::Async } else { Mode::Sync });
 
     if public {
         node.admit_anonymous(tenant, headers)?;
@@ -316,11 +315,10 @@ async fn enqueue(
     }
     let criticality = match headers.get("sluice-criticality") {
         None => Criticality::Normal,
-        Some(v) => v
-            .to_str()
-            .ok()
-            .and_then(|s| Criticality::parse(s.trim()))
-            .ok_or_else(|| header_error("sluice-criticality", "must be high, normal or low"))?,
+        Some(v) => v.to_str().ok().and_then(|s| Criticality::parse(s.trim())).ok_or_else(|| {
+            let words = sluice_core::vocab::listed(Criticality::WORDS);
+            header_error("sluice-criticality", &format!("must be {words}"))
+        })?,
     };
 
     let (mut parts, body) = req.into_parts();
@@ -385,7 +383,7 @@ async fn enqueue(
         }
     };
     let location = format!("/v1/invocations/{id}");
-    let body = serde_json::json!({ "id": id, "status": "queued", "location": location });
+    let body = serde_json::json!({ "id": id, "status": InvocationStatus::Queued, "location": location });
     let mut res = Response::new(full(body.to_string()));
     *res.status_mut() = StatusCode::ACCEPTED;
     let h = res.headers_mut();
@@ -452,7 +450,7 @@ fn recorder(
     Box::new(move |o: &Outcome| {
         drop(slots);
         let outcome = CallOutcome::of(o.error.as_ref().map(|e| e.kind), o.status_code);
-        deployed.metrics.finished(Kind::Sync, outcome, arrived.elapsed(), started.elapsed(), o.cpu_us);
+        deployed.metrics.finished(Mode::Sync, outcome, arrived.elapsed(), started.elapsed(), o.cpu_us);
         let status = o.status_code.or(o.error.as_ref().map(|e| e.kind.status().as_u16())).unwrap_or(500);
         follow.end(&o.invocation_id, status, o.error.as_ref(), Some(o.cpu_us));
         if o.error.is_none() && o.logs.is_empty() {

@@ -21,7 +21,7 @@ use std::time::Duration;
 use http::{Response, StatusCode, header};
 use metrics::{Counter, counter, gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use sluice_core::{Criticality, ErrorKind, Scope, SluiceError};
+use sluice_core::{Criticality, ErrorKind, InvocationStatus, Scope, SluiceError};
 
 use crate::body::{Body, full};
 use crate::error::{error_response, store_error};
@@ -197,7 +197,7 @@ pub async fn scrape(node: &Node, only: Option<&str>) -> Response<Body> {
 /// Sets the series read at scrape time from what the node keeps.
 async fn read_node(node: &Node) -> Result<(), SluiceError> {
     let depth = node.queue_depth.get(|| node.store.queue_depth()).await.map_err(store_error)?;
-    for status in ["queued", "failed", "running"] {
+    for status in InvocationStatus::ALL.into_iter().filter(|s| !s.is_final()).map(InvocationStatus::as_str) {
         for criticality in Criticality::ALL {
             let n = depth.iter().find(|(s, c, _)| s == status && *c == criticality).map_or(0, |(_, _, n)| *n);
             gauge!("sluice_queue_depth", "status" => status, "criticality" => criticality.as_str())

@@ -18,8 +18,8 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use metrics::{Counter, counter};
-use sluice_core::ErrorKind;
 pub use sluice_core::metrics::{Histogram, histogram, render_histograms};
+use sluice_core::{ErrorKind, Mode};
 
 /// (tenant, function) pairs with their own series, at most.
 static SERIES_MAX: AtomicUsize = AtomicUsize::new(1000);
@@ -31,24 +31,6 @@ pub const FOLDED: &str = "_other";
 /// Sets how many (tenant, function) pairs get their own series (the rest share `_other`).
 pub fn set_function_series_max(max: usize) {
     SERIES_MAX.store(max, Ordering::Relaxed);
-}
-
-/// How a call was made.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Sync = 0,
-    Async = 1,
-}
-
-impl Kind {
-    const ALL: [Self; 2] = [Self::Sync, Self::Async];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Sync => "sync",
-            Self::Async => "async",
-        }
-    }
 }
 
 /// How a call (an attempt, for async calls) ended: a bounded label.
@@ -143,7 +125,7 @@ impl CallMetrics {
             (FOLDED.to_string(), FOLDED.to_string())
         };
         let by_kind = |name: &'static str| {
-            Kind::ALL.map(|k| {
+            Mode::ALL.map(|k| {
                 histogram(name, &[("tenant", &tenant), ("function", &function), ("kind", k.as_str())])
             })
         };
@@ -162,7 +144,7 @@ impl CallMetrics {
     }
 
     /// Counts one finished call (or async attempt).
-    pub fn finished(&self, kind: Kind, outcome: CallOutcome, total: Duration, run: Duration, cpu_us: u64) {
+    pub fn finished(&self, kind: Mode, outcome: CallOutcome, total: Duration, run: Duration, cpu_us: u64) {
         let k = kind as usize;
         self.outcomes[k][outcome as usize]
             .get_or_init(|| {

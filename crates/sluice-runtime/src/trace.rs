@@ -30,7 +30,7 @@ use opentelemetry_http::{HeaderExtractor, HeaderInjector};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
-use sluice_core::SluiceError;
+use sluice_core::{Mode, SluiceError};
 
 pub use opentelemetry::Context as TraceContext;
 
@@ -165,11 +165,11 @@ impl GatewaySpan {
     }
 
     /// Names the function called, once it is known.
-    pub fn function(&self, tenant: &str, function: &str, kind: &'static str) {
+    pub fn function(&self, tenant: &str, function: &str, mode: Mode) {
         self.cx.span().set_attributes([
             KeyValue::new("sluice.tenant", tenant.to_string()),
             KeyValue::new("sluice.function", function.to_string()),
-            KeyValue::new("sluice.kind", kind),
+            KeyValue::new("sluice.kind", mode.as_str()),
         ]);
     }
 

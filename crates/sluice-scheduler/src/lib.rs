@@ -22,8 +22,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use sluice_core::retry::{Next, RetryPolicy};
-use sluice_core::{Clock, ErrorKind, FunctionConfig, LogStream, UnixMs};
-use sluice_runtime::metrics::{CallMetrics, CallOutcome, Kind as MetricsKind};
+use sluice_core::{Clock, ErrorKind, FunctionConfig, LogStream, Mode, UnixMs};
+use sluice_runtime::metrics::{CallMetrics, CallOutcome};
 use sluice_runtime::{BodyError, Call, Lane, Prepared, Runtime, TraceParent};
 use sluice_store::{
     AttemptResult, Completion, LeaseClass, Leased, QueueDemand, Quota, Store, StoredResponse,
@@ -830,7 +830,7 @@ async fn run_one(ctx: Arc<Ctx>, inv: Leased) {
             target: "sluice::access",
             invocation_id = %inv.id,
             attempt = inv.attempt,
-            kind = %"async",
+            kind = %Mode::Async,
             status,
             error = error.map(tracing::field::display),
             duration_ms = started.elapsed().as_secs_f64() * 1000.0,
@@ -847,7 +847,7 @@ async fn run_one(ctx: Arc<Ctx>, inv: Leased) {
         };
         let total = ctx.clock.now_ms().saturating_sub(inv.created_at);
         let total = Duration::from_millis(u64::try_from(total).unwrap_or(0));
-        m.finished(MetricsKind::Async, outcome, total, started.elapsed(), cpu_us);
+        m.finished(Mode::Async, outcome, total, started.elapsed(), cpu_us);
     }
     if let Some(running) = ctx.running.lock().expect("running set").get_mut(&(inv.id.clone(), inv.attempt)) {
         running.completing = true;

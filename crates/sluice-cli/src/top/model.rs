@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use serde_json::Value;
-use sluice_core::parse_rfc3339;
+use sluice_core::{InvocationStatus, parse_rfc3339};
 
 use super::metrics::{self, Snapshot};
 
@@ -393,8 +393,12 @@ impl Model {
     }
 }
 
+fn status(inv: &Value) -> Option<InvocationStatus> {
+    inv["status"].as_str().and_then(InvocationStatus::parse)
+}
+
 fn is_error(inv: &Value) -> bool {
-    matches!(inv["status"].as_str(), Some("failed" | "dead" | "expired"))
+    status(inv).is_some_and(InvocationStatus::is_failure)
         || inv["status_code"].as_u64().is_some_and(|c| c >= 500)
 }
 
@@ -435,7 +439,10 @@ fn function_rows(functions: &Value, invocations: &[Value], now_ms: i64) -> Vec<F
             *recent.entry(name.to_string()).or_default() += 1;
         }
         if inv["finished_at"].is_null() {
-            row.active += usize::from(matches!(inv["status"].as_str(), Some("queued" | "running")));
+            row.active += usize::from(matches!(
+                status(inv),
+                Some(InvocationStatus::Queued | InvocationStatus::Running)
+            ));
             continue;
         }
         if row.calls >= SAMPLE_PER_FUNCTION_MAX {

@@ -17,11 +17,22 @@ fn function_rate_limit_answers_429_with_ratelimit_headers() {
     assert_eq!(res.headers()["ratelimit-policy"], "\"function\";q=2;w=2");
     assert_eq!(res.headers()["ratelimit"], "\"function\";r=0;t=1");
     assert_error(res, 429, "rate_limited");
-    // No work was done: the refused call never ran, so it left no invocation or logs behind.
-    std::thread::sleep(Duration::from_millis(300));
+    // The bucket refills (one token a second): until it does, every call is refused the same way.
+    let refilled = Instant::now() + Duration::from_secs(5);
+    let later = loop {
+        let res = node.get("/fn/default/tg/stdout");
+        if res.status() == 200 {
+            break res.headers()["sluice-invocation-id"].to_str().unwrap().to_string();
+        }
+        assert_error(res, 429, "rate_limited");
+        assert!(Instant::now() < refilled, "the bucket did not refill");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // No work was done: the refused call never ran, so it left no invocation or logs behind. Sync
+    // records are written in order, so once the later call's record is there, the refused one's
+    // would be too.
+    node.wait_json(&format!("/v1/invocations/{later}"), |v| v["status"] == "succeeded");
     assert_eq!(node.get(&format!("/v1/invocations/{id}")).status(), 404);
-    std::thread::sleep(Duration::from_millis(1000));
-    assert_eq!(node.get("/fn/default/tg/ok").status(), 200, "the bucket refills");
 }
 
 #[test]
@@ -44,7 +55,7 @@ fn concurrency_cap_refuses_at_once() {
     let node = Node::start(&[]);
     node.deploy("tg", &guests().testguest, &["--max-concurrency", "1"]);
     let slow = sleep_in_background(&node, 1500);
-    std::thread::sleep(Duration::from_millis(300));
+    node.wait_sync_in_flight(1);
     let started = Instant::now();
     let res = node.get("/fn/default/tg/ok");
     assert!(started.elapsed() < Duration::from_millis(500), "the refusal waited");
@@ -133,7 +144,7 @@ fn redeploying_resets_neither_the_bucket_nor_the_calls_in_flight() {
     let flags = ["--rate", "1/min", "--burst", "1", "--max-concurrency", "1"];
     node.deploy("tg", &guests().testguest, &flags);
     let slow = sleep_in_background(&node, 4000);
-    std::thread::sleep(Duration::from_millis(300));
+    node.wait_sync_in_flight(1);
     let out = node.deploy("tg", &guests().testguest, &flags);
     assert!(out.contains("version 2"), "{out}");
     // The only token of the minute went to the slow call, which is still running on version 1.
@@ -185,7 +196,8 @@ fn a_tenants_flood_of_slow_calls_takes_its_share_of_the_node_and_others_are_serv
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(500));
+    // Mallory's share of the node (two) is taken.
+    node.wait_sync_in_flight(2);
     // While mallory's admitted calls sleep, another tenant's calls are served.
     for _ in 0..5 {
         assert_eq!(

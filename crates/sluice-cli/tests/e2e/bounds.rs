@@ -143,7 +143,10 @@ fn a_background_task_that_dies_takes_the_node_down_loudly() {
         std::thread::sleep(Duration::from_millis(20));
     };
     // The stderr reader thread may still be collecting the last lines.
-    std::thread::sleep(Duration::from_millis(200));
+    crate::harness::wait_until("the node's last lines", || {
+        let stderr = node.stderr.lock().unwrap();
+        stderr.iter().any(|l| l.contains("panicked")) && stderr.iter().any(|l| l.contains("stopping"))
+    });
     let stderr = node.stderr.lock().unwrap().join("\n");
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("background task `test-panic` panicked"), "{stderr}");

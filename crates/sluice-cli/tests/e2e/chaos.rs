@@ -361,6 +361,8 @@ fn short_cluster_pg() {
     check(&run(8, 6, Setup::Cluster { db: &db, terminate: true }));
 }
 
+// The long forms stay ignored: `scripts/chaos.sh` runs them (with `--ignored --exact`) for as
+// long as it is asked; CI runs the short forms above, the same test with fewer seconds.
 #[test]
 #[ignore = "long form: scripts/chaos.sh [SECONDS]"]
 fn long() {

@@ -228,6 +228,17 @@ impl Node {
         }
     }
 
+    /// Waits until at least `n` sync calls are in flight on the node (admitted and not yet
+    /// ended), as its `sluice_sync_inflight` gauge says: a call started from another thread is
+    /// known to hold its slot, without guessing how long that takes on a loaded machine.
+    pub fn wait_sync_in_flight(&self, n: u64) {
+        wait_until(&format!("{n} sync calls in flight"), || {
+            let metrics = self.get("/metrics").text().unwrap();
+            let gauge = metrics.lines().find_map(|l| l.strip_prefix("sluice_sync_inflight "));
+            gauge.and_then(|v| v.trim().parse::<f64>().ok()).is_some_and(|v| v >= n as f64)
+        });
+    }
+
     /// Polls `path` until `pred` holds (records are written in batches, off the request path).
     pub fn wait_json(&self, path: &str, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -251,6 +262,15 @@ impl Drop for Node {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// Polls `condition` until it holds; panics, naming `what`, if that takes more than 10 s.
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

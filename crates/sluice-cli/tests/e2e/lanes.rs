@@ -47,7 +47,7 @@ fn spinning_guests_move_to_the_slow_lane_and_wait_for_their_tenants_slots() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    node.wait_sync_in_flight(4);
     let client = node.client();
     let mut slowest = Duration::ZERO;
     for _ in 0..50 {
@@ -161,8 +161,8 @@ fn a_tenants_queue_of_slow_heavy_calls_does_not_hold_back_another_tenants_heavy_
         })
         .collect();
     node.wait_json("/v1/node", |v| v["heavy"]["slots_in_use"] == 2);
-    // Let the other six reach the queue.
-    std::thread::sleep(Duration::from_millis(500));
+    // The other six are in the node too, waiting for a slot.
+    node.wait_sync_in_flight(8);
     assert_eq!(done.load(Ordering::SeqCst), 0, "mallory's first calls ended before the queue formed");
 
     // Tenant default's heavy call gets the first slot mallory frees, not the seventh.

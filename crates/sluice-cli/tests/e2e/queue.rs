@@ -183,9 +183,10 @@ fn start_window_defers_and_deadline_expires() {
     node.deploy("tg", &guests().testguest, &[]);
     let start = rfc3339_in(1500);
     let id = accepted(post_async(&node, "/fn/default/tg/ok", &[("sluice-start-after", &start)], ""));
-    std::thread::sleep(Duration::from_millis(700));
-    assert_eq!(node.get(&format!("/v1/invocations/{id}")).json::<Value>().unwrap()["status"], "queued");
-    wait_status(&node, &id, "succeeded");
+    // Not started before its window opened, by the node's own account.
+    let inv = wait_status(&node, &id, "succeeded");
+    let started = inv["started_at"].as_str().and_then(sluice_core::parse_rfc3339);
+    assert!(started >= sluice_core::parse_rfc3339(&start), "started before its window: {inv}");
 
     let past = rfc3339_in(-60_000);
     let id = accepted(post_async(&node, "/fn/default/tg/ok", &[("sluice-deadline", &past)], ""));
@@ -203,7 +204,7 @@ fn sigkill_loses_no_acknowledged_invocation() {
         .map(|_| accepted(post_async(&node, "/fn/default/tg/ok", &[("sluice-start-after", &start)], "")))
         .collect();
     let running = accepted(post_async(&node, "/fn/default/tg/sleep?ms=1500", &[], ""));
-    std::thread::sleep(Duration::from_millis(300));
+    wait_status(&node, &running, "running");
     node.child.as_mut().unwrap().kill().unwrap();
     node.child.take().unwrap().wait().unwrap();
     node.spawn();

@@ -75,10 +75,11 @@ async fn concurrent_enqueues_share_commits() {
     }
 }
 
-/// Not a test: prints how fast the queue goes. Run it with
-/// `cargo test [--release] -p sluice-store --test store -- --ignored --nocapture queue_throughput`.
+/// 5,000 concurrent enqueues, drained by leases of 500 and a completion each: every call
+/// completes exactly once. Also the store's micro-benchmark (BENCHMARKS.md): it prints how fast
+/// that went, which a release build with `--nocapture` makes worth reading. Under a second in a
+/// debug build, so it runs with the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore]
 async fn queue_throughput() {
     const CALLS: usize = 5_000;
     const LEASE_BATCH: u32 = 500;
