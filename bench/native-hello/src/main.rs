@@ -61,7 +61,8 @@ fn main() -> std::io::Result<()> {
         .into_iter()
         .map(|l| {
             std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+                let rt =
+                    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
                 rt.block_on(serve(l));
             })
         })

@@ -77,6 +77,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "tenant usage limits",
         sql: include_str!("../migrations/postgres/0004_tenant_usage_limits.sql"),
     },
+    Migration {
+        version: 5,
+        name: "vocabulary checks",
+        sql: include_str!("../migrations/postgres/0005_vocabulary_checks.sql"),
+    },
 ];
 
 /// Whose clock decides leases.

@@ -105,6 +105,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "tenant usage limits",
         sql: include_str!("../migrations/sqlite/0010_tenant_usage_limits.sql"),
     },
+    Migration {
+        version: 11,
+        name: "vocabulary checks",
+        sql: include_str!("../migrations/sqlite/0011_vocabulary_checks.sql"),
+    },
 ];
 
 /// The embedded store.
