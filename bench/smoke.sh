@@ -20,11 +20,13 @@ need_wrk
 if [ "$PROFILE" = release ]; then
   cargo build --release -q -p sluice-cli
   cargo build --release -q -p native-hello
-  SYNC_FLOOR=${SYNC_FLOOR:-0.20} ASYNC_FLOOR=${ASYNC_FLOOR:-0.35}
+  SYNC_FLOOR=${SYNC_FLOOR:-0.20} ASYNC_FLOOR=${ASYNC_FLOOR:-0.40}
 else
   # The build the tests made (`cargo test --workspace --all-targets`): a no-op after them.
   cargo build -q --workspace --all-targets
-  SYNC_FLOOR=${SYNC_FLOOR:-0.20} ASYNC_FLOOR=${ASYNC_FLOOR:-0.35}
+  # Unoptimized wasmtime makes sluice's debug hello ~17× slower than native's (0.054–0.060
+  # measured); a 2× regression still halves the ratio.
+  SYNC_FLOOR=${SYNC_FLOOR:-0.028} ASYNC_FLOOR=${ASYNC_FLOOR:-0.16}
 fi
 SLUICE=target/$PROFILE/sluice
 HELLO=$(hello_wasm)

@@ -311,21 +311,25 @@ impl Runtime {
             // compile then says what is wrong with it.
             let heavy =
                 crate::initial_memory_bytes(&bytes).is_some_and(|m| m >= this.config.heavy_from_bytes);
-            let engine = &this.engine_for(heavy).engine;
+            let engine = this
+                .engine_for(heavy)
+                .compiler()
+                .map_err(|e| SluiceError::internal(format!("making a compile engine: {e:#}")))?;
             let artifact = this
                 .code
                 .compile_pool
                 .install(|| engine.precompile_component(&bytes))
-                .map_err(|e| invalid(format!("not a valid WebAssembly component: {e:#}")))?;
+                .map_err(|e| invalid(format!("not a valid WebAssembly component: {e:#}")));
+            // The compiler's working contexts go with its engine, before the memory is trimmed.
+            drop(engine);
             let compile_ms = started.elapsed().as_millis() as u64;
             let path = this.artifact_path(&key, heavy);
-            let written = write_atomically(&path, &artifact);
-            drop(artifact);
+            let written = artifact.map(|artifact| write_atomically(&path, &artifact));
             // The compiler's working memory (hundreds of MiB for a large component) is free now
             // but stays in the allocator's arenas; give it back, or a node that compiled one big
-            // function keeps that much RSS for good.
+            // function keeps that much RSS for good. Also after a failed compile.
             release_freed_memory();
-            written
+            written?
                 .map_err(|e| SluiceError::internal(format!("writing artifact {}: {e}", path.display())))?;
             let loaded = this.load_artifact(heavy, &key, &path, Some(compile_ms));
             if loaded.is_err() {

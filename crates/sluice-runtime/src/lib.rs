@@ -239,6 +239,9 @@ pub const HEAVY_MEMORY_MAX_DEFAULT: u64 = 40 << 20;
 /// One wasmtime engine with its pool, linker and artifact fingerprint.
 struct EngineSet {
     engine: Engine,
+    /// The engine's settings with instances allocated on demand: each compile makes an engine of
+    /// its own from them (see [`EngineSet::compiler`]).
+    compile_config: Config,
     linker: Linker<Host>,
     fingerprint: String,
 }
@@ -257,6 +260,8 @@ impl EngineSet {
             .max_wasm_stack(WASM_STACK_BYTES)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&wasm)?;
+        let mut compile_config = wasm.clone();
+        compile_config.allocation_strategy(InstanceAllocationStrategy::OnDemand);
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         let fingerprint = format!("{:016x}", hasher.finish());
@@ -267,7 +272,17 @@ impl EngineSet {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         spawn_epoch_ticker(&engine);
-        Ok(Self { engine, linker, fingerprint })
+        Ok(Self { engine, compile_config, linker, fingerprint })
+    }
+
+    /// An engine for one compile, dropped after it. Cranelift keeps one working context per
+    /// compile thread inside its engine for good, each as large as the largest function it has
+    /// compiled (an 18 MB Python component left about 90 MiB of them); with an engine per compile
+    /// they go with it. Its artifacts are the serving engine's: the settings that shape code are
+    /// the same (only where instances are allocated differs), which wasmtime checks again when
+    /// the artifact is loaded.
+    fn compiler(&self) -> anyhow::Result<Engine> {
+        Ok(Engine::new(&self.compile_config)?)
     }
 }
 
@@ -1133,6 +1148,30 @@ mod tests {
         cut.truncate(cut.len() - 3);
         assert_eq!(initial_memory_bytes(&cut), None);
         assert_eq!(initial_memory_bytes(b"not wasm at all"), None);
+    }
+
+    #[test]
+    fn a_compile_engines_artifacts_load_in_the_serving_engine() {
+        let config = RuntimeConfig::new(std::env::temp_dir());
+        let hash = |engine: &Engine| {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            engine.precompile_compatibility_hash().hash(&mut hasher);
+            hasher.finish()
+        };
+        for (cow, pool) in
+            [(true, pool_config(8, (4, 2), &config, 0)), (false, pool_config(2, (64, 4), &config, 0))]
+        {
+            let set = EngineSet::new(pool, cow).unwrap();
+            let compiler = set.compiler().unwrap();
+            assert_eq!(hash(&compiler), hash(&set.engine));
+            let component = wat::parse_str("(component (core module (memory 1)))").unwrap();
+            let artifact = compiler.precompile_component(&component).unwrap();
+            drop(compiler);
+            // SAFETY: the artifact was just made by an engine of the same settings.
+            #[allow(unsafe_code)]
+            let loaded = unsafe { Component::deserialize(&set.engine, &artifact) };
+            assert!(loaded.is_ok(), "{:?}", loaded.err());
+        }
     }
 
     #[test]
