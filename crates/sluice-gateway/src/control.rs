@@ -22,7 +22,7 @@ use governor::clock::{Clock, DefaultClock};
 use sluice_core::SluiceError;
 
 use crate::admission::{Bucket, Rate};
-use crate::node::Principal;
+use crate::principal::Principal;
 use sluice_core::share::{SharedSlot, TenantShares};
 
 /// Keys with a bucket at once; past it the map starts over (every key gets a full bucket again),

@@ -11,7 +11,7 @@
 //! separate address (for a scraper on a private network), at most [`OPEN_CONNECTIONS_MAX`]
 //! connections at once.
 //!
-//! A scrape costs the node a render and, at most once per [`STORE_READ_EVERY`] whoever scrapes, a
+//! A scrape costs the node a render and, at most once per [`crate::recent::STORE_READ_EVERY`] whoever scrapes, a
 //! count of the queue's unfinished rows: a key that scrapes in a loop cannot turn into a loop of
 //! queries on the database.
 
@@ -136,37 +136,8 @@ pub async fn handle(node: Arc<Node>, headers: http::HeaderMap) -> Response<Body>
     scrape(&node, only.as_deref()).await
 }
 
-/// The shortest time between two reads of the queue's depth from the store, however often and
-/// by however many the node is scraped.
-pub const STORE_READ_EVERY: Duration = Duration::from_secs(1);
-
 /// Connections the key-less metrics address serves at once; more are closed when accepted.
 pub const OPEN_CONNECTIONS_MAX: usize = 16;
-
-/// A value read at most once per `every`, shared by concurrent readers (who wait for one read
-/// instead of each making their own).
-pub struct Recent<T> {
-    every: Duration,
-    slot: tokio::sync::Mutex<Option<(tokio::time::Instant, T)>>,
-}
-
-impl<T: Clone> Recent<T> {
-    pub fn new(every: Duration) -> Self {
-        Self { every, slot: tokio::sync::Mutex::new(None) }
-    }
-
-    pub async fn get<E, F: Future<Output = Result<T, E>>>(&self, read: impl FnOnce() -> F) -> Result<T, E> {
-        let mut slot = self.slot.lock().await;
-        if let Some((at, value)) = &*slot
-            && at.elapsed() < self.every
-        {
-            return Ok(value.clone());
-        }
-        let value = read().await?;
-        *slot = Some((tokio::time::Instant::now(), value.clone()));
-        Ok(value)
-    }
-}
 
 /// The text, every series (or, with `only`, that tenant's).
 pub async fn scrape(node: &Node, only: Option<&str>) -> Response<Body> {
@@ -325,20 +296,6 @@ mod tests {
         assert!(!seen.contains("beta"));
         assert!(!seen.contains("sluice_functions"), "node-wide series add up every tenant's work");
         assert!(seen.starts_with("# TYPE"));
-    }
-
-    #[tokio::test]
-    async fn a_recent_value_is_read_once_per_period_however_many_ask() {
-        let reads = std::sync::atomic::AtomicU32::new(0);
-        let read = || async { Ok::<_, ()>(reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1) };
-        let kept = Recent::new(Duration::from_secs(3600));
-        let got = futures::future::join_all((0..20).map(|_| kept.get(read))).await;
-        assert!(got.iter().all(|v| *v == Ok(1)), "{got:?}");
-        assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 1);
-        let every_time = Recent::new(Duration::ZERO);
-        every_time.get(read).await.unwrap();
-        every_time.get(read).await.unwrap();
-        assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 3);
     }
 
     #[tokio::test]

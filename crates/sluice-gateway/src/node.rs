@@ -13,6 +13,8 @@ use sluice_store::{KeyRecord, Store, VersionRecord};
 
 use crate::admission::{Admission, FunctionAdmission, Rate};
 use crate::error::store_error;
+pub use crate::principal::{Principal, bearer};
+use crate::recent::{Recent, STORE_READ_EVERY};
 use crate::recorder::Recorder;
 use sluice_core::share::{SharedSlot, TenantShares};
 use sluice_runtime::metrics::CallMetrics;
@@ -173,30 +175,6 @@ impl Deployed {
     }
 }
 
-/// Who is calling: the key's tenant (none for admin keys) and scopes.
-#[derive(Debug, Clone)]
-pub struct Principal {
-    pub key_id: String,
-    pub tenant: Option<String>,
-    pub scopes: Vec<Scope>,
-}
-
-impl Principal {
-    pub fn is_admin(&self) -> bool {
-        self.scopes.contains(&Scope::Admin)
-    }
-
-    /// Whether the key may see `tenant`'s objects at all. Objects of other tenants answer 404.
-    pub fn sees(&self, tenant: &str) -> bool {
-        self.is_admin() || self.tenant.as_deref() == Some(tenant)
-    }
-
-    /// Whether the key may act on `tenant` with `scope`.
-    pub fn may(&self, tenant: &str, scope: Scope) -> bool {
-        self.is_admin() || (self.tenant.as_deref() == Some(tenant) && self.scopes.contains(&scope))
-    }
-}
-
 /// Functions by tenant, then name: the installed (latest) version of each.
 type Registry<T> = HashMap<String, HashMap<String, Arc<T>>>;
 
@@ -303,8 +281,8 @@ pub struct Node {
     pub api: tokio::runtime::Handle,
     pub public_url: RwLock<String>,
     /// The queue's depth for `/metrics`, read from the store at most once per
-    /// [`crate::metrics::STORE_READ_EVERY`].
-    pub queue_depth: crate::metrics::Recent<Vec<(String, sluice_core::Criticality, u64)>>,
+    /// [`STORE_READ_EVERY`].
+    pub queue_depth: Recent<Vec<(String, sluice_core::Criticality, u64)>>,
 }
 
 impl Node {
@@ -380,7 +358,7 @@ impl Node {
             keys: KeyCache::default(),
             api,
             public_url: RwLock::new(String::new()),
-            queue_depth: crate::metrics::Recent::new(crate::metrics::STORE_READ_EVERY),
+            queue_depth: Recent::new(STORE_READ_EVERY),
         });
         node.reload_keys().await?;
         node.reload_rates().await?;
@@ -595,13 +573,6 @@ pub enum Refreshed {
 
 fn principal(k: &KeyRecord) -> Principal {
     Principal { key_id: k.id.clone(), tenant: k.tenant.clone(), scopes: k.scopes.clone() }
-}
-
-/// The bearer token of a request, if any.
-pub fn bearer(headers: &http::HeaderMap) -> Option<&str> {
-    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 #[cfg(test)]

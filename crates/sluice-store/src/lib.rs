@@ -15,6 +15,7 @@
 mod timed;
 
 mod code;
+mod dialect;
 mod invocations;
 mod logs;
 mod nodes;

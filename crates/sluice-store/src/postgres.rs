@@ -24,7 +24,7 @@ use tokio::sync::broadcast;
 
 use crate::queue::{LeaseOp, Writer, to_i64};
 use crate::rows::{node_from_row, rows, sync_batch_json};
-use crate::sql::{Engine, SqlStore, Tuple, conflict};
+use crate::sql::{Dialect, Engine, SqlStore, Tuple, conflict};
 use crate::{Change, LeaseAsk, Leased, NodeRecord, StoreError, StoreResult, SyncRecord};
 
 mod queue;
@@ -233,10 +233,20 @@ async fn lease_on_pool(store: &PostgresStore, op: &LeaseOp, now: UnixMs) -> Stor
     }
 }
 
-#[async_trait::async_trait]
-impl Engine for PostgresEngine {
+impl Dialect for PostgresEngine {
     type DB = Pg;
 
+    fn classify(error: sqlx::Error) -> StoreError {
+        classify(error)
+    }
+
+    fn rows_affected(done: &PgQueryResult) -> u64 {
+        done.rows_affected()
+    }
+}
+
+#[async_trait::async_trait]
+impl Engine for PostgresEngine {
     const TENANT_EXISTS: &'static str = "SELECT 1 FROM tenants WHERE name = $1 FOR SHARE";
     /// Locked: the deploy's foreign key check would lock it anyway, and [`Engine::PURGE_BLOBS`]
     /// passes over a locked blob.
@@ -294,14 +304,6 @@ impl Engine for PostgresEngine {
     const RUNNING_BY_FUNCTION: &'static str = "
         SELECT tenant, function, count(*) FROM invocations WHERE status = 'running'
         GROUP BY tenant, function ORDER BY tenant, function";
-
-    fn classify(error: sqlx::Error) -> StoreError {
-        classify(error)
-    }
-
-    fn rows_affected(done: &PgQueryResult) -> u64 {
-        done.rows_affected()
-    }
 
     async fn begin_write(pool: &Pool<Pg>) -> StoreResult<Transaction<'static, Pg>> {
         pool.begin().await.map_err(classify)

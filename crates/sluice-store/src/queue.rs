@@ -33,11 +33,12 @@ use sluice_core::UnixMs;
 use sqlx::{Connection, Executor};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::sql::{Bind, Conn, Engine, tuples};
+use crate::dialect::{Bind, Conn, Dialect, tuples};
+use crate::rows::GuestText;
 
 use crate::{
-    AttemptResult, Completion, Criticality, Enqueued, IDEMPOTENCY_WINDOW_MS, Leased, NewInvocation,
-    StoreError, StoreResult, corrupt,
+    AttemptResult, Completion, Enqueued, IDEMPOTENCY_WINDOW_MS, Leased, NewInvocation, StoreError,
+    StoreResult,
 };
 
 /// Ops waiting for the writer. When the channel is full, callers wait for room (backpressure);
@@ -49,8 +50,6 @@ pub const WRITER_BATCH_OPS_MAX: usize = 512;
 /// Most encoded payload (request and response bodies, hex-encoded, plus log lines) in one
 /// transaction. An op larger than this still runs, alone.
 pub const WRITER_BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
-/// Sorts "no deadline" after every deadline; the same literal is in the lease indexes.
-pub(crate) const NO_DEADLINE: i64 = i64::MAX;
 
 /// A queue write, encoded by the caller (in the caller's task, so the writer only joins strings).
 pub(crate) enum Op {
@@ -294,43 +293,9 @@ pub(crate) struct NodeHeartbeatOp {
 pub(crate) struct RecordWaitsOp {
     pub rows: String,
 }
-
-/// Text a guest controls (a log line, and for safety an error kind), serialized as both
-/// databases can store it. PostgreSQL refuses NUL in `text` and `\u0000` in `jsonb`, and with it
-/// the whole statement: a guest printing `\0` would lose its own async result (and run again
-/// until dead) and a whole batch of other tenants' sync records. NUL becomes U+FFFD REPLACEMENT
-/// CHARACTER, which the runtime's log capture already puts where a guest wrote invalid UTF-8: an
-/// escape such as `\0` could not be told from a guest that printed those two characters (unless
-/// every backslash were escaped too, changing every line with one). SQLite gets the same text,
-/// so both stores read back alike. No allocation unless there is a NUL.
-#[derive(Clone, Copy)]
-pub(crate) struct GuestText<'a>(pub &'a str);
-
-impl serde::Serialize for GuestText<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        if self.0.contains('\0') {
-            serializer.serialize_str(&self.0.replace('\0', "\u{FFFD}"))
-        } else {
-            serializer.serialize_str(self.0)
-        }
-    }
-}
-
 /// `(name, hex(value))`: header values are bytes, JSON strings are not.
 fn headers_to_json(headers: &[(String, Vec<u8>)]) -> Vec<(&str, String)> {
     headers.iter().map(|(name, value)| (name.as_str(), hex::encode(value))).collect()
-}
-
-pub(crate) fn headers_from_json(text: &str) -> StoreResult<Vec<(String, Vec<u8>)>> {
-    let pairs: Vec<(String, String)> =
-        serde_json::from_str(text).map_err(|e| corrupt(format_args!("stored headers: {e}")))?;
-    pairs
-        .into_iter()
-        .map(|(name, value)| {
-            let value = hex::decode(&value).map_err(|e| corrupt(format_args!("header {name}: {e}")))?;
-            Ok((name, value))
-        })
-        .collect()
 }
 
 pub(crate) fn encode(what: &str, value: &impl serde::Serialize) -> StoreResult<String> {
@@ -528,15 +493,6 @@ pub(crate) fn leases_json(leases: &[(String, u32)]) -> StoreResult<String> {
     encode("leases", &leases)
 }
 
-pub(crate) fn criticality_from_i64(value: i64) -> StoreResult<Criticality> {
-    match value {
-        0 => Ok(Criticality::High),
-        1 => Ok(Criticality::Normal),
-        2 => Ok(Criticality::Low),
-        other => Err(corrupt(format_args!("criticality {other}"))),
-    }
-}
-
 // --- the backend ---
 
 /// What the writer needs from a database: a connection, how a transaction starts, the statements
@@ -546,7 +502,7 @@ pub(crate) fn criticality_from_i64(value: i64) -> StoreResult<Criticality> {
 #[async_trait::async_trait]
 pub(crate) trait Backend: Send + Sync + 'static {
     /// The database's errors and types.
-    type Engine: Engine;
+    type Engine: Dialect;
 
     /// Starts the batch's transaction (on SQLite holding the write lock from the start).
     const BEGIN: &'static str;
@@ -632,10 +588,10 @@ pub(crate) trait Statements: Backend {
 #[async_trait::async_trait]
 impl<B: Backend> Statements for B
 where
-    for<'c> &'c mut Conn<B::Engine>: Executor<'c, Database = <B::Engine as Engine>::DB>,
-    for<'a> &'a str: Bind<<B::Engine as Engine>::DB>,
-    i64: Bind<<B::Engine as Engine>::DB>,
-    Option<i64>: Bind<<B::Engine as Engine>::DB>,
+    for<'c> &'c mut Conn<B::Engine>: Executor<'c, Database = <B::Engine as Dialect>::DB>,
+    for<'a> &'a str: Bind<<B::Engine as Dialect>::DB>,
+    i64: Bind<<B::Engine as Dialect>::DB>,
+    Option<i64>: Bind<<B::Engine as Dialect>::DB>,
 {
     async fn close(&self, connection: Conn<Self::Engine>) {
         let _ = Connection::close(connection).await;

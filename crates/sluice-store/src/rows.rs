@@ -6,11 +6,10 @@ use sqlx::Row;
 use sqlx::postgres::PgRow;
 use sqlx::sqlite::SqliteRow;
 
-use crate::queue::{GuestText, NO_DEADLINE, criticality_from_i64, headers_from_json};
 use crate::{
-    FunctionSummary, Invocation, InvocationStatus, KeyRecord, Leased, LogLine, LogStream, NodeRecord,
-    QueueDemand, Quota, StoreError, StoreResult, StoredRequest, StoredResponse, SyncRecord, Tenant,
-    TenantDemand, TenantQueue, VersionRecord, corrupt,
+    Criticality, FunctionSummary, Invocation, InvocationStatus, KeyRecord, Leased, LogLine, LogStream,
+    NodeRecord, QueueDemand, Quota, StoreError, StoreResult, StoredRequest, StoredResponse, SyncRecord,
+    Tenant, TenantDemand, TenantQueue, VersionRecord, corrupt,
 };
 
 /// A row from which a column of type `T` can be read, by name or by position.
@@ -443,4 +442,49 @@ pub(crate) fn usage_limits_from_rows(
 pub(crate) fn usage_limit_column(v: Option<u64>) -> StoreResult<Option<i64>> {
     v.map(|v| i64::try_from(v).map_err(|_| StoreError::Other(format!("usage limit {v} is too large"))))
         .transpose()
+}
+
+/// Sorts "no deadline" after every deadline; the same literal is in the lease indexes.
+pub(crate) const NO_DEADLINE: i64 = i64::MAX;
+
+/// Text a guest controls (a log line, and for safety an error kind), serialized as both
+/// databases can store it. PostgreSQL refuses NUL in `text` and `\u0000` in `jsonb`, and with it
+/// the whole statement: a guest printing `\0` would lose its own async result (and run again
+/// until dead) and a whole batch of other tenants' sync records. NUL becomes U+FFFD REPLACEMENT
+/// CHARACTER, which the runtime's log capture already puts where a guest wrote invalid UTF-8: an
+/// escape such as `\0` could not be told from a guest that printed those two characters (unless
+/// every backslash were escaped too, changing every line with one). SQLite gets the same text,
+/// so both stores read back alike. No allocation unless there is a NUL.
+#[derive(Clone, Copy)]
+pub(crate) struct GuestText<'a>(pub &'a str);
+
+impl serde::Serialize for GuestText<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if self.0.contains('\0') {
+            serializer.serialize_str(&self.0.replace('\0', "\u{FFFD}"))
+        } else {
+            serializer.serialize_str(self.0)
+        }
+    }
+}
+
+pub(crate) fn headers_from_json(text: &str) -> StoreResult<Vec<(String, Vec<u8>)>> {
+    let pairs: Vec<(String, String)> =
+        serde_json::from_str(text).map_err(|e| corrupt(format_args!("stored headers: {e}")))?;
+    pairs
+        .into_iter()
+        .map(|(name, value)| {
+            let value = hex::decode(&value).map_err(|e| corrupt(format_args!("header {name}: {e}")))?;
+            Ok((name, value))
+        })
+        .collect()
+}
+
+pub(crate) fn criticality_from_i64(value: i64) -> StoreResult<Criticality> {
+    match value {
+        0 => Ok(Criticality::High),
+        1 => Ok(Criticality::Normal),
+        2 => Ok(Criticality::Low),
+        other => Err(corrupt(format_args!("criticality {other}"))),
+    }
 }

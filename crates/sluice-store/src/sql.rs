@@ -14,11 +14,11 @@
 use std::sync::Arc;
 
 use sluice_core::{Clock, UnixMs};
-use sqlx::{Database, Encode, IntoArguments, Pool, Transaction, Type};
+use sqlx::{Pool, Transaction};
 use tokio::sync::broadcast;
 
+pub(crate) use crate::dialect::{Bind, Conn, Dialect, Tuple, tuples};
 use crate::queue::Writer;
-use crate::rows::{Column, StoreRow};
 use crate::{Change, LeaseAsk, Leased, NodeRecord, StoreError, StoreResult, SyncRecord};
 
 /// The store over one database: a pool for reads and the control plane's writes, the queue's
@@ -56,9 +56,7 @@ impl<E: Engine> std::fmt::Debug for SqlStore<E> {
 /// What is particular to one database. Its statements take the same parameters as the shared
 /// code binds; each says which.
 #[async_trait::async_trait]
-pub trait Engine: Clone + std::fmt::Debug + Send + Sync + 'static {
-    type DB: Database<Row: StoreRow, Arguments: IntoArguments<Self::DB>>;
-
+pub trait Engine: Dialect {
     /// `known` for a tenant `$1`, locking its row until the commit where the database can (a
     /// tenant must not be deleted under a write that depends on it).
     const TENANT_EXISTS: &'static str;
@@ -75,9 +73,6 @@ pub trait Engine: Clone + std::fmt::Debug + Send + Sync + 'static {
     /// `tenant, function, count` of what runs now.
     const RUNNING_BY_FUNCTION: &'static str;
 
-    /// The one place this database's errors are classified.
-    fn classify(error: sqlx::Error) -> StoreError;
-    fn rows_affected(done: &<Self::DB as Database>::QueryResult) -> u64;
     /// Starts a transaction that writes (SQLite: holding the write lock from its first statement).
     async fn begin_write(pool: &Pool<Self::DB>) -> StoreResult<Transaction<'static, Self::DB>>;
     /// The `now` a statement binds: the caller's, or `None` where the database's clock decides.
@@ -116,41 +111,6 @@ where
     }
 }
 
-/// A value the shared statements bind, on either database. The shared code's bounds (repeated on
-/// each domain's `impl`, since Rust does not imply them) are: a connection executes statements,
-/// and `&str`, `Option<&str>`, `i64`, `Option<i64>`, `f64` and `bool` bind.
-pub trait Bind<DB: Database>: for<'q> Encode<'q, DB> + Type<DB> + Send {}
-
-impl<DB: Database, T: for<'q> Encode<'q, DB> + Type<DB> + Send> Bind<DB> for T {}
-
-/// Reads rows as tuples by position, from either database.
-pub(crate) trait Tuple<R>: Sized {
-    fn from_row(row: &R) -> StoreResult<Self>;
-}
-
-macro_rules! tuples {
-    ($(($($t:ident $i:tt),*))*) => {$(
-        impl<R: $(Column<$t> +)*, $($t),*> Tuple<R> for ($($t,)*) {
-            fn from_row(row: &R) -> StoreResult<Self> {
-                Ok(($(Column::<$t>::column_at(row, $i)?,)*))
-            }
-        }
-    )*};
-}
-
-tuples! {
-    (A 0)
-    (A 0, B 1)
-    (A 0, B 1, C 2)
-    (A 0, B 1, C 2, D 3)
-    (A 0, B 1, C 2, D 3, F 4)
-    (A 0, B 1, C 2, D 3, F 4, G 5)
-}
-
-pub(crate) fn tuples<R: StoreRow, T: Tuple<R>>(rows: Vec<R>) -> StoreResult<Vec<T>> {
-    rows.iter().map(T::from_row).collect()
-}
-
 /// Says what a unique violation (given the database's message) was about; passes any other error.
 pub(crate) fn conflict(error: StoreError, what: impl FnOnce(&str) -> String) -> StoreError {
     match error {
@@ -158,9 +118,6 @@ pub(crate) fn conflict(error: StoreError, what: impl FnOnce(&str) -> String) -> 
         other => other,
     }
 }
-
-/// A connection of the engine's database.
-pub(crate) type Conn<E> = <<E as Engine>::DB as Database>::Connection;
 
 /// `NotFound` (saying `missing`) unless `sql` finds a row for `keys`: an existence check inside
 /// the transaction that depends on it, with the row locked where the engine's statement locks it.

@@ -34,7 +34,7 @@ use tokio::sync::broadcast;
 
 use crate::queue::Writer;
 use crate::rows::{node_from_row, rows, sync_batch_json};
-use crate::sql::{Engine, SqlStore};
+use crate::sql::{Dialect, Engine, SqlStore};
 use crate::{Change, LeaseAsk, Leased, NodeRecord, StoreError, StoreResult, SyncRecord};
 
 mod queue;
@@ -191,10 +191,20 @@ impl SqliteStore {
     }
 }
 
-#[async_trait::async_trait]
-impl Engine for SqliteEngine {
+impl Dialect for SqliteEngine {
     type DB = Sqlite;
 
+    fn classify(error: sqlx::Error) -> StoreError {
+        classify(error)
+    }
+
+    fn rows_affected(done: &SqliteQueryResult) -> u64 {
+        done.rows_affected()
+    }
+}
+
+#[async_trait::async_trait]
+impl Engine for SqliteEngine {
     const TENANT_EXISTS: &'static str = "SELECT 1 FROM tenants WHERE name = $1";
     const BLOB_EXISTS: &'static str = "SELECT 1 FROM blobs WHERE tenant = $1 AND digest = $2";
     /// One statement: a deploy that names the blob commits either before it (the blob is named,
@@ -242,14 +252,6 @@ impl Engine for SqliteEngine {
     const RUNNING_BY_FUNCTION: &'static str = "
         SELECT tenant, function, count(*) FROM invocations INDEXED BY invocations_leases
         WHERE status = 'running' GROUP BY tenant, function ORDER BY tenant, function";
-
-    fn classify(error: sqlx::Error) -> StoreError {
-        classify(error)
-    }
-
-    fn rows_affected(done: &SqliteQueryResult) -> u64 {
-        done.rows_affected()
-    }
 
     /// `IMMEDIATE`: the write lock from the first statement (see the module documentation for
     /// why every writing transaction must).
