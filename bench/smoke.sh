@@ -20,7 +20,7 @@ need_wrk
 if [ "$PROFILE" = release ]; then
   cargo build --release -q -p sluice-cli
   cargo build --release -q -p native-hello
-  SYNC_FLOOR=${SYNC_FLOOR:-0.20} ASYNC_FLOOR=${ASYNC_FLOOR:-0.40}
+  SYNC_FLOOR=${SYNC_FLOOR:-0.25} ASYNC_FLOOR=${ASYNC_FLOOR:-0.45}
 else
   # The build the tests made (`cargo test --workspace --all-targets`): a no-op after them.
   cargo build -q --workspace --all-targets
