@@ -460,7 +460,7 @@ async fn serve(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
-    let (store, store_writer) = open_store(&args).await?;
+    let OpenedStore { store, queue_store, writers: store_writer } = open_store(&args).await?;
     if let Some(key) = sluice_node::bootstrap(&store, &args.data_dir).await? {
         eprintln!(
             "created tenant `default` and an admin API key (saved to {}):\n  {key}",
@@ -553,7 +553,7 @@ async fn serve(
     };
     let addr = server.local_addr();
     *node.public_url.write().expect("public url lock") = format!("http://{addr}");
-    let tasks = sluice_node::Tasks::start(&node, upkeep);
+    let tasks = sluice_node::Tasks::start(&node, upkeep, queue_store);
     let supervisor = tasks.supervisor();
     for task in store_writer {
         supervisor.watch("store writer", task);
@@ -619,14 +619,29 @@ async fn serve(
     }
 }
 
-/// Opens the store `--store` names, bounded by [`STORE_CALL_TIMEOUT`], and its queue writers'
-/// tasks for the supervisor.
-async fn open_store(args: &ServeArgs) -> anyhow::Result<(Arc<dyn Store>, Vec<tokio::task::JoinHandle<()>>)> {
+/// The scheduler's own read pool (see `SqlStore::with_own_pool`).
+const SCHEDULER_POOL_CONNECTIONS: u32 = 2;
+
+/// The store `--store` names and the same store over the scheduler's own read pool, both bounded
+/// by [`STORE_CALL_TIMEOUT`], and its queue writers' tasks for the supervisor.
+struct OpenedStore {
+    store: Arc<dyn Store>,
+    queue_store: Arc<dyn Store>,
+    writers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn open_store(args: &ServeArgs) -> anyhow::Result<OpenedStore> {
     if args.store == "sqlite" {
         let db = args.data_dir.join("sluice.db");
         let sqlite = SqliteStore::open(&db).await.with_context(|| format!("opening {}", db.display()))?;
-        let writer = sqlite.take_writer_task().into_iter().collect();
-        return Ok((Arc::new(Timed::new(sqlite, STORE_CALL_TIMEOUT)), writer));
+        let writers = sqlite.take_writer_task().into_iter().collect();
+        let queue_store =
+            Arc::new(Timed::new(sqlite.with_own_pool(SCHEDULER_POOL_CONNECTIONS), STORE_CALL_TIMEOUT));
+        return Ok(OpenedStore {
+            store: Arc::new(Timed::new(sqlite, STORE_CALL_TIMEOUT)),
+            queue_store,
+            writers,
+        });
     }
     anyhow::ensure!(
         args.store.starts_with("postgres://") || args.store.starts_with("postgresql://"),
@@ -637,7 +652,9 @@ async fn open_store(args: &ServeArgs) -> anyhow::Result<(Arc<dyn Store>, Vec<tok
         .await
         .with_context(|| format!("connecting to PostgreSQL at {}", redact_password(&args.store)))?;
     let writers = postgres.take_writer_tasks();
-    Ok((Arc::new(Timed::new(postgres, STORE_CALL_TIMEOUT)), writers))
+    let queue_store =
+        Arc::new(Timed::new(postgres.with_own_pool(SCHEDULER_POOL_CONNECTIONS), STORE_CALL_TIMEOUT));
+    Ok(OpenedStore { store: Arc::new(Timed::new(postgres, STORE_CALL_TIMEOUT)), queue_store, writers })
 }
 
 /// `url` with its password, if any, replaced by `***`: URLs end up in logs and error messages.

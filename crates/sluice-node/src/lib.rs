@@ -51,7 +51,9 @@ impl Tasks {
     /// Starts the node's background tasks on the current (control) runtime: the recorder's
     /// writer comes under supervision, then the scheduler, the retention purge, the collector of
     /// unused code and the compile of missing artifacts start.
-    pub fn start(node: &Arc<Node>, upkeep: Upkeep) -> Self {
+    /// Starts them all; the scheduler reads through `queue_store` (the node's store over a pool
+    /// of its own, see `SqlStore::with_own_pool`), every other task through the node's.
+    pub fn start(node: &Arc<Node>, upkeep: Upkeep, queue_store: Arc<dyn Store>) -> Self {
         let supervisor = Supervisor::default();
         if let Some(task) = node.take_recorder_task() {
             supervisor.watch("recorder", task);
@@ -62,7 +64,7 @@ impl Tasks {
             scheduler: Mutex::new(None),
             started_at: sluice_core::Clock::now_ms(&sluice_core::SystemClock),
         };
-        tasks.start_scheduler();
+        tasks.start_scheduler(queue_store);
         tasks.start_heartbeat();
         tasks.start_cluster_sync();
         tasks.start_queued_usage();
@@ -78,7 +80,7 @@ impl Tasks {
 
     /// Starts this node's scheduler of async invocations; the gateway wakes it through
     /// [`Node::notify_scheduler`] when it queues one.
-    fn start_scheduler(&self) {
+    fn start_scheduler(&self, store: Arc<dyn Store>) {
         let node = &self.node;
         let mut config = SchedulerConfig::new(node.id.clone());
         config.inflight_max = node.config.async_inflight_max;
@@ -91,7 +93,7 @@ impl Tasks {
         let functions: Arc<dyn Functions> = Arc::new(NodeFunctions(Arc::downgrade(node)));
         let scheduler = Scheduler::start(
             config,
-            node.store.clone(),
+            store,
             node.runtime.clone(),
             functions,
             Arc::new(sluice_core::SystemClock),

@@ -53,6 +53,19 @@ impl<E: Engine> std::fmt::Debug for SqlStore<E> {
     }
 }
 
+impl<E: Engine> SqlStore<E> {
+    /// This store over a read pool of its own (at most `connections`), sharing its writers. sqlx
+    /// gives a connection back to its pool from a task on the runtime that dropped it, so a pool
+    /// shared with a busy runtime waits on that runtime: while the one-thread API runtime was
+    /// busy, the connections its handlers had used waited there to be returned, and the
+    /// scheduler's reads waited for them. The scheduler reads through a pool of its own.
+    pub fn with_own_pool(&self, connections: u32) -> Self {
+        let options = (*self.pool.connect_options()).clone();
+        let pool = self.pool.options().clone().max_connections(connections.max(1)).connect_lazy_with(options);
+        Self { pool, ..self.clone() }
+    }
+}
+
 /// What is particular to one database. Its statements take the same parameters as the shared
 /// code binds; each says which.
 #[async_trait::async_trait]

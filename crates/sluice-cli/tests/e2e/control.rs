@@ -157,12 +157,13 @@ fn slow_api_requests_do_not_delay_the_queue_writer_or_the_scheduler() {
 
     // Twelve clients loop an API read with the admin key (no rate limit, no tenant share).
     let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicUsize::new(0));
     let flooders: Vec<_> = (0..12)
         .map(|_| {
-            let (url, token, stop) = (node.url.clone(), node.token.clone(), stop.clone());
+            let (url, token, stop, served) =
+                (node.url.clone(), node.token.clone(), stop.clone(), served.clone());
             std::thread::spawn(move || {
                 let client = reqwest::blocking::Client::new();
-                let mut served = 0;
                 while !stop.load(Ordering::Relaxed) {
                     let res = client
                         .get(format!("{url}/v1/tenants/default/functions"))
@@ -170,13 +171,18 @@ fn slow_api_requests_do_not_delay_the_queue_writer_or_the_scheduler() {
                         .send()
                         .unwrap();
                     assert_eq!(res.status(), 200, "{}", res.text().unwrap());
-                    served += 1;
+                    served.fetch_add(1, Ordering::Relaxed);
                 }
-                served
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Until the API runtime has served (and stalled on) a few of them: its handlers have used and
+    // dropped store connections by then, which is what once held the scheduler up.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while served.load(Ordering::Relaxed) < 4 {
+        assert!(Instant::now() < deadline, "the flood was never served");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     let mut worst = Duration::ZERO;
     for i in 0..5 {
@@ -193,7 +199,10 @@ fn slow_api_requests_do_not_delay_the_queue_writer_or_the_scheduler() {
         worst = worst.max(ran);
     }
     stop.store(true, Ordering::Relaxed);
-    let served: usize = flooders.into_iter().map(|f| f.join().unwrap()).sum();
+    for flooder in flooders {
+        flooder.join().unwrap();
+    }
+    let served = served.load(Ordering::Relaxed);
     eprintln!("the flood was served {served} times; the slowest async call ran after {worst:?}");
     assert!(served >= 3, "the API was not flooded ({served} requests served)");
     // Behind a second of API work per request on the control runtime's two threads, each call
