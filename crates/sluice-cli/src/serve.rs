@@ -620,7 +620,7 @@ async fn serve(
 }
 
 /// The scheduler's own read pool (see `SqlStore::with_own_pool`).
-const SCHEDULER_POOL_CONNECTIONS: u32 = 2;
+const SCHEDULER_POOL_CONNECTIONS: u32 = 4;
 
 /// The store `--store` names and the same store over the scheduler's own read pool, both bounded
 /// by [`STORE_CALL_TIMEOUT`], and its queue writers' tasks for the supervisor.
