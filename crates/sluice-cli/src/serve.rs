@@ -14,7 +14,7 @@ use sluice_core::units::{parse_bytes, parse_duration};
 use sluice_gateway::LaneConfig;
 use sluice_gateway::admission::Rate;
 use sluice_gateway::{Node, NodeConfig, Server};
-use sluice_store::{PostgresStore, STORE_CALL_TIMEOUT, SqliteStore, Store, Timed};
+use sluice_store::{Engine, PostgresStore, STORE_CALL_TIMEOUT, SqlStore, SqliteStore, Store, Timed};
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
@@ -630,18 +630,23 @@ struct OpenedStore {
     writers: Vec<tokio::task::JoinHandle<()>>,
 }
 
+impl OpenedStore {
+    fn new<E: Engine>(store: SqlStore<E>, writers: Vec<tokio::task::JoinHandle<()>>) -> Self
+    where
+        SqlStore<E>: Store,
+    {
+        let queue_store =
+            Arc::new(Timed::new(store.with_own_pool(SCHEDULER_POOL_CONNECTIONS), STORE_CALL_TIMEOUT));
+        Self { store: Arc::new(Timed::new(store, STORE_CALL_TIMEOUT)), queue_store, writers }
+    }
+}
+
 async fn open_store(args: &ServeArgs) -> anyhow::Result<OpenedStore> {
     if args.store == "sqlite" {
         let db = args.data_dir.join("sluice.db");
         let sqlite = SqliteStore::open(&db).await.with_context(|| format!("opening {}", db.display()))?;
         let writers = sqlite.take_writer_task().into_iter().collect();
-        let queue_store =
-            Arc::new(Timed::new(sqlite.with_own_pool(SCHEDULER_POOL_CONNECTIONS), STORE_CALL_TIMEOUT));
-        return Ok(OpenedStore {
-            store: Arc::new(Timed::new(sqlite, STORE_CALL_TIMEOUT)),
-            queue_store,
-            writers,
-        });
+        return Ok(OpenedStore::new(sqlite, writers));
     }
     anyhow::ensure!(
         args.store.starts_with("postgres://") || args.store.starts_with("postgresql://"),
@@ -652,9 +657,7 @@ async fn open_store(args: &ServeArgs) -> anyhow::Result<OpenedStore> {
         .await
         .with_context(|| format!("connecting to PostgreSQL at {}", redact_password(&args.store)))?;
     let writers = postgres.take_writer_tasks();
-    let queue_store =
-        Arc::new(Timed::new(postgres.with_own_pool(SCHEDULER_POOL_CONNECTIONS), STORE_CALL_TIMEOUT));
-    Ok(OpenedStore { store: Arc::new(Timed::new(postgres, STORE_CALL_TIMEOUT)), queue_store, writers })
+    Ok(OpenedStore::new(postgres, writers))
 }
 
 /// `url` with its password, if any, replaced by `***`: URLs end up in logs and error messages.

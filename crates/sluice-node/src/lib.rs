@@ -50,9 +50,9 @@ pub struct Tasks {
 impl Tasks {
     /// Starts the node's background tasks on the current (control) runtime: the recorder's
     /// writer comes under supervision, then the scheduler, the retention purge, the collector of
-    /// unused code and the compile of missing artifacts start.
-    /// Starts them all; the scheduler reads through `queue_store` (the node's store over a pool
-    /// of its own, see `SqlStore::with_own_pool`), every other task through the node's.
+    /// unused code and the compile of missing artifacts start. The scheduler reads through
+    /// `queue_store` (the node's store over a pool of its own, see `SqlStore::with_own_pool`),
+    /// every other task through the node's.
     pub fn start(node: &Arc<Node>, upkeep: Upkeep, queue_store: Arc<dyn Store>) -> Self {
         let supervisor = Supervisor::default();
         if let Some(task) = node.take_recorder_task() {

@@ -262,9 +262,7 @@ impl EngineSet {
         let engine = Engine::new(&wasm)?;
         let mut compile_config = wasm.clone();
         compile_config.allocation_strategy(InstanceAllocationStrategy::OnDemand);
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        engine.precompile_compatibility_hash().hash(&mut hasher);
-        let fingerprint = format!("{:016x}", hasher.finish());
+        let fingerprint = fingerprint(&engine);
         let mut linker: Linker<Host> = Linker::new(&engine);
         // The full WASI 0.2 set, as `wasmtime serve` links it: Rust's std imports
         // wasi:cli/environment, exit and terminal-* even in a pure HTTP handler. Filesystem
@@ -284,6 +282,13 @@ impl EngineSet {
     fn compiler(&self) -> anyhow::Result<Engine> {
         Ok(Engine::new(&self.compile_config)?)
     }
+}
+
+/// What names an engine's artifacts: the hash of the settings its compiled code depends on.
+fn fingerprint(engine: &Engine) -> String {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut hasher);
+    format!("{:016x}", hasher.finish())
 }
 
 /// A pool for `n` component instances of `cores` core instances (and as many tables) and
@@ -1153,17 +1158,12 @@ mod tests {
     #[test]
     fn a_compile_engines_artifacts_load_in_the_serving_engine() {
         let config = RuntimeConfig::new(std::env::temp_dir());
-        let hash = |engine: &Engine| {
-            let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            engine.precompile_compatibility_hash().hash(&mut hasher);
-            hasher.finish()
-        };
         for (cow, pool) in
             [(true, pool_config(8, (4, 2), &config, 0)), (false, pool_config(2, (64, 4), &config, 0))]
         {
             let set = EngineSet::new(pool, cow).unwrap();
             let compiler = set.compiler().unwrap();
-            assert_eq!(hash(&compiler), hash(&set.engine));
+            assert_eq!(fingerprint(&compiler), set.fingerprint);
             let component = wat::parse_str("(component (core module (memory 1)))").unwrap();
             let artifact = compiler.precompile_component(&component).unwrap();
             drop(compiler);
