@@ -1,12 +1,14 @@
-//! sluice-node: the composition root. It builds a node from its parts and starts, supervises
-//! and stops its background tasks: the first-run tenant and admin key, the scheduler of async
-//! invocations, the retention purge, and the supervisor that stops the node when one of them dies.
+//! sluice-node: the composition root. [`run`] builds a node from its parts (store, runtime,
+//! gateway) and lives its life; this file holds what it starts: the first-run tenant and admin
+//! key, the scheduler of async invocations, the retention purge and the other background tasks,
+//! and the supervisor that stops the node when one of them dies.
 //!
 //! It holds no request-path logic: HTTP is `sluice-gateway` (whose [`Node`] is the state the
 //! workers share), running queued calls is `sluice-scheduler`, durable state is `sluice-store`.
 #![forbid(unsafe_code)]
 
 pub mod gc;
+mod run;
 pub mod supervisor;
 
 use sluice_runtime::metrics::CallMetrics;
@@ -17,11 +19,15 @@ use std::time::Duration;
 use sluice_core::{Scope, SluiceError};
 use sluice_gateway::api_node::NODE_HEARTBEAT;
 use sluice_gateway::error::store_error;
+use sluice_gateway::node::{Scheduling, SchedulingReport};
 use sluice_gateway::{DEFAULT_TENANT, Node};
 use sluice_runtime::CodeKey;
-use sluice_scheduler::{Functions, Ready, Scheduler, SchedulerConfig};
+use sluice_scheduler::{Functions, Ready, Scheduler, SchedulerConfig, SchedulerStats};
 use sluice_store::{Change, KeyRecord, NodeRecord, Store};
 
+pub use run::{Config, run};
+pub use sluice_runtime::warm::WarmConfig;
+pub use sluice_runtime::{CodeConfig, LaneConfig, RuntimeConfig};
 pub use supervisor::Supervisor;
 
 /// Rows removed per retention purge call at most.
@@ -48,19 +54,14 @@ pub struct Tasks {
 }
 
 impl Tasks {
-    /// Starts the node's background tasks on the current (control) runtime: the recorder's
-    /// writer comes under supervision, then the scheduler, the retention purge, the collector of
-    /// unused code and the compile of missing artifacts start. The scheduler reads through
-    /// `queue_store` (the node's store over a pool of its own, see `SqlStore::with_own_pool`),
-    /// every other task through the node's.
+    /// Starts the node's background tasks on the current (control) runtime: the scheduler, the
+    /// retention purge, the collector of unused code and the compile of missing artifacts. The
+    /// scheduler reads through `queue_store` (the node's store over a pool of its own, see
+    /// `SqlStore::with_own_pool`), every other task through the node's.
     pub fn start(node: &Arc<Node>, upkeep: Upkeep, queue_store: Arc<dyn Store>) -> Self {
-        let supervisor = Supervisor::default();
-        if let Some(task) = node.take_recorder_task() {
-            supervisor.watch("recorder", task);
-        }
         let tasks = Self {
             node: node.clone(),
-            supervisor,
+            supervisor: Supervisor::default(),
             scheduler: Mutex::new(None),
             started_at: sluice_core::Clock::now_ms(&sluice_core::SystemClock),
         };
@@ -89,7 +90,7 @@ impl Tasks {
         config.shutdown_grace = node.config.limits.shutdown_grace;
         config.utilization_target = node.config.utilization_target;
         config.promote_ahead = node.config.promote_ahead;
-        config.cores = node.config.lanes.slow_threads;
+        config.cores = node.runtime.config().lanes.slow_threads;
         let functions: Arc<dyn Functions> = Arc::new(NodeFunctions(Arc::downgrade(node)));
         let scheduler = Scheduler::start(
             config,
@@ -100,7 +101,7 @@ impl Tasks {
             node.queued.clone(),
         );
         self.supervisor.watch_handle("scheduler", scheduler.task());
-        *node.scheduling.write().expect("scheduling lock") = Some(scheduler.stats());
+        *node.scheduling.write().expect("scheduling lock") = Some(Arc::new(Report(scheduler.stats())));
         *self.scheduler.lock().expect("scheduler lock") = Some(scheduler);
     }
 
@@ -289,6 +290,30 @@ impl Tasks {
     }
 }
 
+/// The scheduler's stats as the gateway reads them.
+struct Report(Arc<SchedulerStats>);
+
+impl Scheduling for Report {
+    fn in_flight(&self) -> u64 {
+        self.0.in_flight()
+    }
+
+    fn report(&self, tenant: Option<&str>) -> SchedulingReport {
+        let view = self.0.view();
+        let mine = tenant.and_then(|t| view.tenants.get(t));
+        SchedulingReport {
+            utilization: view.utilization,
+            utilization_target: view.utilization_target,
+            waiting: mine
+                .iter()
+                .flat_map(|m| &m.waiting)
+                .map(|(class, reason)| (class.as_str().to_string(), reason.as_str().to_string()))
+                .collect(),
+            downstream_held: mine.map(|m| m.downstream_held.clone()).unwrap_or_default(),
+        }
+    }
+}
+
 /// How often a node of a cluster reloads keys, limits and functions whatever notifications said.
 pub const CLUSTER_REFRESH: Duration = Duration::from_secs(30);
 
@@ -297,7 +322,7 @@ pub const CLUSTER_REFRESH: Duration = Duration::from_secs(30);
 struct Heartbeat {
     node: Weak<Node>,
     started_at: sluice_core::UnixMs,
-    stats: Option<Arc<sluice_scheduler::SchedulerStats>>,
+    stats: Option<Arc<SchedulerStats>>,
 }
 
 impl Heartbeat {
