@@ -21,7 +21,7 @@ use sluice_core::{ErrorKind, SluiceError};
 use wasmtime::component::Component;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
-use crate::code::{CodeKey, Origin, Prepared};
+use crate::code::{CodeKey, CodeStats, Origin, Prepared};
 use crate::runtime::Runtime;
 use crate::validate::{check_header, import_supported, initial_memory_bytes};
 
