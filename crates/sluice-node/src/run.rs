@@ -12,7 +12,8 @@ use sluice_gateway::{Node, NodeConfig, Server};
 use sluice_runtime::{Runtime, RuntimeConfig};
 use sluice_store::{Engine, PostgresStore, STORE_CALL_TIMEOUT, SqlStore, SqliteStore, Store, Timed};
 
-use crate::{ADMIN_TOKEN_FILE, Tasks, Upkeep, bootstrap};
+use crate::bootstrap::{ADMIN_TOKEN_FILE, bootstrap};
+use crate::tasks::{Tasks, Upkeep};
 
 /// Everything a node is made of, checked (`sluice serve` maps its flags into it).
 pub struct Config {
