@@ -1,20 +1,16 @@
-//! sluice-runtime: the only crate that imports wasmtime. It owns the node's one `Engine`
-//! (pooling allocator, epoch interruption), turns uploaded bytes into validated, compiled and
-//! pre-instantiated components (native artifacts on disk, a bounded cache of loaded ones: `code`),
-//! and runs one invocation in a fresh `Store` with its own memory limit, deadline, log capture
-//! and outbound policy. It keeps the node's adaptive concurrency limits of the downstreams
-//! functions call (`downstream`), which the outbound policy obeys and feeds.
+//! sluice-runtime: the only crate that imports wasmtime. It owns the node's engines (light and
+//! heavy: pooling allocator, epoch interruption; `engine`), turns uploaded bytes into validated
+//! (`validate`), compiled and pre-instantiated components (native artifacts on disk:
+//! `artifacts`; a bounded cache of loaded ones: `code`), and runs one invocation in a fresh
+//! `Store` (`invoke`, with a guest's state in `host`) with its own memory limit, deadline, log
+//! capture and outbound policy. It keeps the node's adaptive concurrency limits of the
+//! downstreams functions call (`downstream`), which the outbound policy obeys and feeds.
 //!
-//! It knows nothing of keys, the store or HTTP routing (a tenant is only a name for a lane group,
-//! an artifact directory and a key of downstream limits): callers hand it a request and a
-//! [`FunctionConfig`] and get back a response head, a streaming body and, when the guest is done,
-//! an [`Outcome`].
-//!
-//! This file only declares the modules and re-exports what other crates use; each module holds
-//! one thing: the settings (`config`), the engines (`engine`), a guest's store state (`host`),
-//! the checks of a component's bytes (`validate`), loaded components (`code`) and their
-//! artifacts on disk (`artifacts`), the [`Runtime`] itself (`runtime`), one call's inputs and
-//! results (`call`), its run (`invoke`) and the classification of its failure (`classify`).
+//! It knows nothing of keys, the store or HTTP routing (a tenant is only a name it groups by:
+//! slow-lane and heavy slots, artifact directories, warm pools, downstream limits): callers hand
+//! it a request and a [`FunctionConfig`](sluice_core::FunctionConfig) (`call`) and get back a
+//! response head, a streaming body and, when the guest is done, an [`Outcome`], its failure
+//! classified once (`classify`). This file only declares the modules and re-exports.
 
 mod artifacts;
 mod call;
