@@ -1,7 +1,6 @@
 //! `sluice completions bash|zsh|fish|...`: the shell completion script, generated from the same
-//! clap definition that parses the command line, so it cannot drift from it.
-
-use clap::CommandFactory;
+//! clap definition that parses the command line (which `main` passes in), so it cannot drift
+//! from it.
 
 #[derive(clap::Args, Debug)]
 pub struct CompletionsArgs {
@@ -10,30 +9,30 @@ pub struct CompletionsArgs {
     pub shell: clap_complete::Shell,
 }
 
-pub fn run(args: CompletionsArgs) -> anyhow::Result<()> {
+pub fn run(args: CompletionsArgs, mut cli: clap::Command) -> anyhow::Result<()> {
     // Generated into memory first: clap_complete panics on a failed write, and a reader that
     // went away (`sluice completions bash | head`) is not an error.
     let mut script = Vec::new();
-    write(args.shell, &mut script);
+    write(args.shell, &mut cli, &mut script);
     match std::io::Write::write_all(&mut std::io::stdout().lock(), &script) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
         _ => Ok(()),
     }
 }
 
-fn write(shell: clap_complete::Shell, out: &mut impl std::io::Write) {
-    let mut cli = crate::Cli::command();
+fn write(shell: clap_complete::Shell, cli: &mut clap::Command, out: &mut impl std::io::Write) {
     let name = cli.get_name().to_string();
-    clap_complete::generate(shell, &mut cli, name, out);
+    clap_complete::generate(shell, cli, name, out);
 }
 
 #[cfg(test)]
 mod tests {
+    use clap::CommandFactory;
     use clap_complete::Shell;
 
     fn script(shell: Shell) -> String {
         let mut out = Vec::new();
-        super::write(shell, &mut out);
+        super::write(shell, &mut crate::Cli::command(), &mut out);
         String::from_utf8(out).expect("completion scripts are UTF-8")
     }
 

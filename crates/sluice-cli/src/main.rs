@@ -16,7 +16,7 @@ mod serve;
 mod tenants;
 mod top;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// sluice: serverless WebAssembly functions on one binary.
 #[derive(Parser)]
@@ -67,7 +67,7 @@ fn main() {
         Command::New(args) => new::run(args),
         Command::Completions(args) => {
             quiet_on_broken_pipe();
-            completions::run(args)
+            completions::run(args, Cli::command())
         }
         other => client_runtime().and_then(|rt| {
             quiet_on_broken_pipe();

@@ -1,20 +1,18 @@
-//! `sluice serve`: run a node on the embedded store in `--data-dir`.
+//! `sluice serve`: run a node on the embedded store in `--data-dir`. This file maps the flags to
+//! a checked `sluice_node::Config`; `sluice_node::run` builds and runs the node.
 //!
 //! Configuration is checked before the socket is bound; the one line a script or test waits for
 //! is `listening on http://ADDR/` on stderr, with the real address (also for `--listen` port 0).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use sluice_core::Limits;
 use sluice_core::units::{parse_bytes, parse_duration};
-use sluice_gateway::LaneConfig;
+use sluice_gateway::NodeConfig;
 use sluice_gateway::admission::Rate;
-use sluice_gateway::{Node, NodeConfig, Server};
-use sluice_store::{Engine, PostgresStore, STORE_CALL_TIMEOUT, SqlStore, SqliteStore, Store, Timed};
+use sluice_node::{CodeConfig, LaneConfig, RuntimeConfig, WarmConfig};
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
@@ -386,9 +384,9 @@ impl ServeArgs {
         Ok(Rate::of(Some(self.anonymous_rate), Some(self.anonymous_burst)))
     }
 
-    fn code(&self) -> anyhow::Result<sluice_gateway::CodeConfig> {
+    fn code(&self) -> anyhow::Result<CodeConfig> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut code = sluice_gateway::CodeConfig::for_cores(cores);
+        let mut code = CodeConfig::for_cores(cores);
         code.cache_entries_max = self.code_cache_entries;
         code.cache_bytes_max = self.code_cache;
         code.compile_slots = self.compile_slots;
@@ -419,266 +417,111 @@ impl ServeArgs {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_tracing(args.log_format == "json", args.access_log);
-    if !args.no_metrics {
-        // Before anything makes its handles (the store's writer makes its own at open).
-        sluice_gateway::metrics::install(args.metrics_functions_max);
-    }
-    let limits = args.limits()?;
-    let workers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    anyhow::ensure!((1..=256).contains(&workers), "--workers must be between 1 and 256");
-    // The node's runtimes besides the per-core HTTP workers (`Server`) and the slow lane (the
-    // runtime's): the control runtime runs the scheduler, the store's queue writer and the
-    // heartbeats; the API runtime the control plane's handlers (`/v1`, `/metrics`), so no API
-    // request, however slow, holds a thread the heartbeats need.
-    let control = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(CONTROL_THREADS)
-        .thread_name("sluice-control")
-        .enable_all()
-        .build()?;
-    let api = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(API_THREADS)
-        .thread_name("sluice-api")
-        .enable_all()
-        .build()?;
-    let result = control.block_on(serve(args, limits, workers, api.handle().clone()));
-    // Requests the API runtime still runs are cut short here; the HTTP workers stopped first.
-    api.shutdown_timeout(Duration::from_secs(1));
-    result
+    sluice_node::run(args.config()?)
 }
 
-/// Threads of the control runtime (scheduler, queue writer, heartbeats, upkeep).
-const CONTROL_THREADS: usize = 2;
-/// Threads of the API runtime (`/v1` and `/metrics` handlers). One: the API is bounded per key,
-/// tenant and node (`--api-*`), and its handlers mostly wait for the store.
-const API_THREADS: usize = 1;
-
-async fn serve(
-    args: ServeArgs,
-    limits: Limits,
-    workers: usize,
-    api: tokio::runtime::Handle,
-) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
-    let OpenedStore { store, queue_store, writers: store_writer } = open_store(&args).await?;
-    if let Some(key) = sluice_node::bootstrap(&store, &args.data_dir).await? {
-        eprintln!(
-            "created tenant `default` and an admin API key (saved to {}):\n  {key}",
-            args.data_dir.join(sluice_node::ADMIN_TOKEN_FILE).display()
-        );
-    }
-    let mut config = NodeConfig::new(args.data_dir.clone());
-    config.limits = limits;
-    config.outbound_allow_private = args.outbound_allow_private;
-    config.tenant_rate =
-        (args.tenant_rate > 0.0).then(|| Rate::of(Some(args.tenant_rate), args.tenant_burst)).flatten();
-    config.anonymous_rate = args.anonymous_rate()?;
-    config.usage_limits = args.usage_limits()?;
-    config.quota_refresh = args.quota_refresh;
-    config.sync_inflight_max = args.sync_inflight_max;
-    anyhow::ensure!(
-        args.tenant_share > 0.0 && args.tenant_share <= 1.0,
-        "--tenant-share must be above 0 and at most 1, got {}",
-        args.tenant_share
-    );
-    config.tenant_share = args.tenant_share;
-    config.async_inflight_max = args.async_inflight_max;
-    config.utilization_target = args.utilization_target;
-    config.promote_ahead = args.promote_ahead;
-    config.async_enqueue_inflight_max = args.async_enqueue_inflight_max;
-    config.deploy_inflight_max = args.deploy_inflight_max;
-    config.lease_ms = args.lease.as_millis() as u64;
-    config.control = sluice_gateway::control::ControlConfig {
-        key_rate: Rate {
-            per_sec: args.api_rate,
-            burst: args.api_burst.unwrap_or_else(|| (args.api_rate * 2.0).ceil().clamp(1.0, 1e9) as u32),
-        },
-        tenant_inflight_max: args.api_tenant_inflight_max,
-        inflight_max: args.api_inflight_max,
-    };
-    config.control.validate().map_err(|e| {
-        anyhow::anyhow!("{e} (--api-rate, --api-burst, --api-tenant-inflight-max, --api-inflight-max)")
-    })?;
-    config.lanes = args.lanes()?;
-    config.memory_keep_resident_bytes = args.memory_keep_resident as usize;
-    if let Some(n) = args.heavy_instances_max {
-        anyhow::ensure!(n >= 1, "--heavy-instances-max must be at least 1");
-        config.heavy_instances_max = Some(n);
-    }
-    if let Some(n) = args.heavy_slots_max {
+impl ServeArgs {
+    /// The node these flags describe, checked before anything starts.
+    fn config(&self) -> anyhow::Result<sluice_node::Config> {
+        let limits = self.limits()?;
+        let workers =
+            self.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        anyhow::ensure!((1..=256).contains(&workers), "--workers must be between 1 and 256");
+        let mut node = NodeConfig::new(self.data_dir.clone());
+        node.tenant_rate =
+            (self.tenant_rate > 0.0).then(|| Rate::of(Some(self.tenant_rate), self.tenant_burst)).flatten();
+        node.anonymous_rate = self.anonymous_rate()?;
+        node.usage_limits = self.usage_limits()?;
+        node.quota_refresh = self.quota_refresh;
+        node.sync_inflight_max = self.sync_inflight_max;
         anyhow::ensure!(
-            (1..=args.instances_max).contains(&n),
-            "--heavy-slots-max must be between 1 and --instances-max ({})",
-            args.instances_max
+            self.tenant_share > 0.0 && self.tenant_share <= 1.0,
+            "--tenant-share must be above 0 and at most 1, got {}",
+            self.tenant_share
         );
-        config.heavy_slots_max = Some(n);
+        node.tenant_share = self.tenant_share;
+        node.async_inflight_max = self.async_inflight_max;
+        node.utilization_target = self.utilization_target;
+        node.promote_ahead = self.promote_ahead;
+        node.async_enqueue_inflight_max = self.async_enqueue_inflight_max;
+        node.deploy_inflight_max = self.deploy_inflight_max;
+        node.lease_ms = self.lease.as_millis() as u64;
+        node.control = sluice_gateway::control::ControlConfig {
+            key_rate: Rate {
+                per_sec: self.api_rate,
+                burst: self.api_burst.unwrap_or_else(|| (self.api_rate * 2.0).ceil().clamp(1.0, 1e9) as u32),
+            },
+            tenant_inflight_max: self.api_tenant_inflight_max,
+            inflight_max: self.api_inflight_max,
+        };
+        node.control.validate().map_err(|e| {
+            anyhow::anyhow!("{e} (--api-rate, --api-burst, --api-tenant-inflight-max, --api-inflight-max)")
+        })?;
+        node.test_api_stall = self.test_api_stall;
+        let runtime = self.runtime(&limits)?;
+        node.limits = limits;
+        Ok(sluice_node::Config {
+            listen: self.listen,
+            workers,
+            store: self.store.clone(),
+            node,
+            runtime,
+            upkeep: sluice_node::Upkeep {
+                retention: self.retention,
+                blob_grace: self.blob_grace,
+                versions_kept: (self.versions_kept > 0).then_some(self.versions_kept),
+            },
+            metrics_functions_max: (!self.no_metrics).then_some(self.metrics_functions_max),
+            metrics_listen: self.metrics_listen,
+            otlp_endpoint: self.otlp_endpoint.clone(),
+            test_panic_task_after: self.test_panic_task_after,
+        })
     }
-    anyhow::ensure!(args.heavy_memory_max >= 1 << 20, "--heavy-memory-max must be at least 1MiB");
-    config.heavy_memory_max = Some(args.heavy_memory_max);
-    anyhow::ensure!(
-        args.heavy_memory_keep_resident <= 1 << 30,
-        "--heavy-memory-keep-resident must be at most 1GiB (the largest function memory)"
-    );
-    config.heavy_memory_keep_resident_bytes = Some(args.heavy_memory_keep_resident as usize);
-    config.heavy_from_bytes = Some(args.heavy_from);
-    anyhow::ensure!(
-        args.warm_instances_max < args.instances_max as usize,
-        "--warm-instances-max ({}) must be below --instances-max ({}): idle instances hold slots",
-        args.warm_instances_max,
-        args.instances_max
-    );
-    config.warm = sluice_gateway::WarmConfig {
-        total_max: args.warm_instances_max,
-        per_function_max: args.warm_per_function_max,
-        memory_max: args.warm_memory_max,
-    };
-    config.code = args.code()?;
-    config.api_runtime = Some(api.clone());
-    config.test_api_stall = args.test_api_stall;
-    let node = Node::open(config, store).await?;
-    let exporter = match &args.otlp_endpoint {
-        Some(endpoint) => {
-            let exporter = sluice_gateway::trace::install(endpoint, &node.id)?;
-            eprintln!("exporting traces to {endpoint}");
-            Some(exporter)
+
+    /// The runtime's settings: the node's limits, and the lane, heavy, warm and code flags.
+    fn runtime(&self, limits: &Limits) -> anyhow::Result<RuntimeConfig> {
+        let mut rt = RuntimeConfig::new(self.data_dir.join("artifacts"));
+        rt.instances_max = limits.instances_max;
+        rt.function_memory_bytes_max = limits.function_memory_bytes_max;
+        rt.log_bytes_per_invocation_max = limits.log_bytes_per_invocation_max;
+        rt.outbound = limits.outbound.clone();
+        rt.outbound_allow_private = self.outbound_allow_private;
+        rt.lanes = self.lanes()?;
+        rt.memory_keep_resident_bytes = self.memory_keep_resident as usize;
+        if let Some(n) = self.heavy_instances_max {
+            anyhow::ensure!(n >= 1, "--heavy-instances-max must be at least 1");
+            rt.heavy_instances_max = Some(n);
         }
-        None => None,
-    };
-    let server = Server::start(node.clone(), args.listen, workers)
-        .with_context(|| format!("listening on {}", args.listen))?;
-    let upkeep = sluice_node::Upkeep {
-        retention: args.retention,
-        blob_grace: args.blob_grace,
-        versions_kept: (args.versions_kept > 0).then_some(args.versions_kept),
-    };
-    let addr = server.local_addr();
-    *node.public_url.write().expect("public url lock") = format!("http://{addr}");
-    let tasks = sluice_node::Tasks::start(&node, upkeep, queue_store);
-    let supervisor = tasks.supervisor();
-    for task in store_writer {
-        supervisor.watch("store writer", task);
-    }
-    if let Some(listen) = args.metrics_listen {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("listening for metrics on {listen}"))?;
-        eprintln!("metrics without a key on http://{}/metrics", listener.local_addr()?);
-        // The keyless scrape is control-plane work like `/metrics` on the main address.
-        let listener = listener.into_std()?;
-        let node = node.clone();
-        supervisor.watch(
-            "metrics listener",
-            api.spawn(async move {
-                let listener =
-                    tokio::net::TcpListener::from_std(listener).expect("registering the metrics listener");
-                sluice_gateway::metrics::serve_open(node, listener).await
-            }),
+        if let Some(n) = self.heavy_slots_max {
+            anyhow::ensure!(
+                (1..=self.instances_max).contains(&n),
+                "--heavy-slots-max must be between 1 and --instances-max ({})",
+                self.instances_max
+            );
+            rt.heavy_slots_max = n;
+        }
+        anyhow::ensure!(self.heavy_memory_max >= 1 << 20, "--heavy-memory-max must be at least 1MiB");
+        rt.heavy_memory_max = self.heavy_memory_max;
+        anyhow::ensure!(
+            self.heavy_memory_keep_resident <= 1 << 30,
+            "--heavy-memory-keep-resident must be at most 1GiB (the largest function memory)"
         );
-    }
-    eprintln!(
-        "sluice {} listening on http://{addr}/ (data: {}, {workers} workers)",
-        env!("CARGO_PKG_VERSION"),
-        args.data_dir.display()
-    );
-
-    if let Some(after) = args.test_panic_task_after {
-        supervisor.spawn("test-panic", async move {
-            tokio::time::sleep(after).await;
-            panic!("--test-panic-task-after fired");
-        });
-    }
-
-    let failure = tokio::select! {
-        () = shutdown_signal() => None,
-        failure = supervisor.failed() => Some(failure),
-    };
-    supervisor.stopping();
-    match &failure {
-        None => eprintln!(
-            "sluice: shutting down; in-flight calls get up to {}",
-            sluice_core::units::format_duration(node.config.limits.shutdown_grace)
-        ),
-        Some(failure) => eprintln!("sluice: {failure}; the node cannot run without it, stopping"),
-    }
-    // HTTP first (no new calls, in-flight ones finish), then the scheduler (running async calls
-    // finish or go back to the queue), then the last log records.
-    server.shutdown().await;
-    tasks.stop_scheduler().await;
-    node.recorder.flush().await;
-    if let Some(exporter) = exporter {
-        // The SDK's flush blocks on its export thread.
-        let _ = tokio::task::spawn_blocking(move || exporter.shutdown()).await;
-    }
-    tasks.mark_stopped().await;
-    match failure {
-        None => {
-            eprintln!("sluice: stopped");
-            Ok(())
-        }
-        Some(failure) => Err(anyhow::anyhow!("{failure}")),
-    }
-}
-
-/// The scheduler's own read pool (see `SqlStore::with_own_pool`).
-const SCHEDULER_POOL_CONNECTIONS: u32 = 4;
-
-/// The store `--store` names and the same store over the scheduler's own read pool, both bounded
-/// by [`STORE_CALL_TIMEOUT`], and its queue writers' tasks for the supervisor.
-struct OpenedStore {
-    store: Arc<dyn Store>,
-    queue_store: Arc<dyn Store>,
-    writers: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl OpenedStore {
-    fn new<E: Engine>(store: SqlStore<E>, writers: Vec<tokio::task::JoinHandle<()>>) -> Self
-    where
-        SqlStore<E>: Store,
-    {
-        let queue_store =
-            Arc::new(Timed::new(store.with_own_pool(SCHEDULER_POOL_CONNECTIONS), STORE_CALL_TIMEOUT));
-        Self { store: Arc::new(Timed::new(store, STORE_CALL_TIMEOUT)), queue_store, writers }
-    }
-}
-
-async fn open_store(args: &ServeArgs) -> anyhow::Result<OpenedStore> {
-    if args.store == "sqlite" {
-        let db = args.data_dir.join("sluice.db");
-        let sqlite = SqliteStore::open(&db).await.with_context(|| format!("opening {}", db.display()))?;
-        let writers = sqlite.take_writer_task().into_iter().collect();
-        return Ok(OpenedStore::new(sqlite, writers));
-    }
-    anyhow::ensure!(
-        args.store.starts_with("postgres://") || args.store.starts_with("postgresql://"),
-        "--store must be `sqlite` or a PostgreSQL URL (postgres://user@host:5432/db), got {:?}",
-        args.store
-    );
-    let postgres = PostgresStore::connect(&args.store)
-        .await
-        .with_context(|| format!("connecting to PostgreSQL at {}", redact_password(&args.store)))?;
-    let writers = postgres.take_writer_tasks();
-    Ok(OpenedStore::new(postgres, writers))
-}
-
-/// `url` with its password, if any, replaced by `***`: URLs end up in logs and error messages.
-fn redact_password(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else { return url.to_string() };
-    let authority_end = url[scheme_end..].find('/').map_or(url.len(), |i| scheme_end + i);
-    let authority = &url[scheme_end..authority_end];
-    match (authority.rfind('@'), authority.find(':')) {
-        (Some(at), Some(colon)) if colon < at => {
-            format!("{}{}:***{}", &url[..scheme_end], &authority[..colon], &url[scheme_end + at..])
-        }
-        _ => url.to_string(),
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        rt.heavy_memory_keep_resident_bytes = self.heavy_memory_keep_resident as usize;
+        rt.heavy_from_bytes = self.heavy_from;
+        rt.heavy_tenant_share = self.tenant_share;
+        anyhow::ensure!(
+            self.warm_instances_max < self.instances_max as usize,
+            "--warm-instances-max ({}) must be below --instances-max ({}): idle instances hold slots",
+            self.warm_instances_max,
+            self.instances_max
+        );
+        rt.warm = WarmConfig {
+            total_max: self.warm_instances_max,
+            per_function_max: self.warm_per_function_max,
+            memory_max: self.warm_memory_max,
+        };
+        rt.code = self.code()?;
+        Ok(rt)
     }
 }
 
@@ -692,16 +535,4 @@ fn init_tracing(json: bool, access_log: bool) {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     let _ = if json { fmt.json().flatten_event(true).try_init() } else { fmt.try_init() };
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact_password;
-
-    #[test]
-    fn passwords_are_redacted_from_store_urls() {
-        assert_eq!(redact_password("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
-        assert_eq!(redact_password("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(redact_password("postgres://h:5432/db"), "postgres://h:5432/db");
-    }
 }

@@ -302,9 +302,8 @@ pub(crate) async fn tenant_usage(
         .find(|(t, _)| *t == tenant)
         .map(|(_, q)| q)
         .unwrap_or_default();
-    let view =
-        node.scheduling.read().expect("scheduling lock").as_ref().map(|s| s.view()).unwrap_or_default();
-    let mine = view.tenants.get(&tenant).cloned().unwrap_or_default();
+    let scheduling = node.scheduling.read().expect("scheduling lock").clone();
+    let view = scheduling.map(|s| s.report(Some(&tenant))).unwrap_or_default();
     let limits = node.quotas.limits(&tenant);
     let (queued, queued_bytes) = node.quotas.queued(&tenant);
     let quotas = UsageQuotas {
@@ -330,12 +329,8 @@ pub(crate) async fn tenant_usage(
             queued: queue.runnable,
             queued_windowed: queue.runnable_windowed,
             later: queue.later,
-            waiting: mine
-                .waiting
-                .iter()
-                .map(|(class, reason)| (class.as_str().to_string(), reason.as_str().to_string()))
-                .collect(),
-            downstream_held: mine.downstream_held,
+            waiting: view.waiting,
+            downstream_held: view.downstream_held,
             node_utilization: (view.utilization * 1000.0).round() / 1000.0,
             node_utilization_target: view.utilization_target,
         },

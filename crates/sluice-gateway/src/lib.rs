@@ -1,7 +1,8 @@
 //! sluice-gateway: the node's HTTP front. It owns the request path from socket to runtime — hard
 //! limits, authentication, routing — the `/v1` control API, and the node state those share.
 //!
-//! It must not import wasmtime (that is `sluice-runtime`) or a database driver (`sluice-store`).
+//! It must not import wasmtime (that is `sluice-runtime`) or a database driver (`sluice-store`),
+//! nor start anything: `sluice-node` builds the node and runs its tasks.
 #![forbid(unsafe_code)]
 
 pub mod admission;
@@ -29,8 +30,6 @@ pub mod sniff;
 
 pub use node::{Node, NodeConfig};
 pub use server::Server;
-pub use sluice_runtime::warm::WarmConfig;
-pub use sluice_runtime::{CodeConfig, LaneConfig, trace};
 
 /// The tenant every new store starts with, and the one an admin key acts on when none is named.
 pub const DEFAULT_TENANT: &str = "default";

@@ -181,7 +181,7 @@ async fn read_node(node: &Node) -> Result<(), SluiceError> {
     let scheduling = node.scheduling.read().expect("scheduling lock").clone();
     if let Some(stats) = scheduling {
         gauge!("sluice_async_inflight").set(stats.in_flight() as f64);
-        let view = stats.view();
+        let view = stats.report(None);
         gauge!("sluice_utilization").set(view.utilization);
         gauge!("sluice_utilization_target").set(view.utilization_target);
     }

@@ -1,10 +1,12 @@
 //! The state one node shares between its HTTP workers: the store, the wasm runtime, the function
 //! registry (latest version of every function, as metadata; code comes from the runtime's code
-//! cache on a call), the API-key cache and the sync invocation recorder.
+//! cache on a call), the API-key cache and the sync invocation recorder. It starts nothing: the
+//! composition root (`sluice-node`) builds the runtime and the recorder, runs the recorder's
+//! writer and hands the node what the scheduler reports ([`Scheduling`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use sluice_core::{FunctionConfig, Limits, Scope, SluiceError};
@@ -24,8 +26,6 @@ use sluice_runtime::metrics::CallMetrics;
 pub struct NodeConfig {
     pub data_dir: PathBuf,
     pub limits: Limits,
-    /// Let guests call loopback and private addresses that are in their allow list.
-    pub outbound_allow_private: bool,
     /// Every tenant's rate unless it has its own; `None`: unlimited.
     pub tenant_rate: Option<Rate>,
     /// The rate of keyless calls to each tenant's public functions, apart from (and within) the
@@ -59,22 +59,6 @@ pub struct NodeConfig {
     /// For tests of that isolation: every `/v1` request blocks its thread this long before it is
     /// handled, as a CPU-bound handler would.
     pub test_api_stall: Option<Duration>,
-    /// The runtime's fast and slow CPU lanes.
-    pub lanes: sluice_runtime::LaneConfig,
-    /// Bytes of a freed linear memory kept resident and reset in place.
-    pub memory_keep_resident_bytes: usize,
-    /// Instances of a heavy version alive at once (default: from `heavy_memory_max`).
-    pub heavy_instances_max: Option<u32>,
-    /// Heavy components' engine: memory kept resident per slot, slots, and the initial memory
-    /// of one version's instances together (`None`: the runtime's defaults).
-    pub heavy_memory_keep_resident_bytes: Option<usize>,
-    pub heavy_from_bytes: Option<u64>,
-    pub heavy_slots_max: Option<u32>,
-    pub heavy_memory_max: Option<u64>,
-    /// Bounds of the warm instances kept for functions with reuse.
-    pub warm: sluice_runtime::warm::WarmConfig,
-    /// The code cache and the compile pool.
-    pub code: sluice_runtime::CodeConfig,
     /// Fraction of the node's cores guests may use before async work beyond reservations waits.
     pub utilization_target: f64,
     /// An async call whose deadline is this close starts whatever the load.
@@ -86,7 +70,6 @@ impl NodeConfig {
         Self {
             data_dir,
             limits: Limits::default(),
-            outbound_allow_private: false,
             tenant_rate: None,
             anonymous_rate: None,
             usage_limits: Default::default(),
@@ -102,19 +85,6 @@ impl NodeConfig {
             control: Default::default(),
             api_runtime: None,
             test_api_stall: None,
-            lanes: sluice_runtime::LaneConfig::for_cores(
-                std::thread::available_parallelism().map_or(1, |n| n.get()),
-            ),
-            memory_keep_resident_bytes: 4 << 20,
-            heavy_instances_max: None,
-            heavy_memory_keep_resident_bytes: None,
-            heavy_from_bytes: None,
-            heavy_slots_max: None,
-            heavy_memory_max: None,
-            warm: Default::default(),
-            code: sluice_runtime::CodeConfig::for_cores(
-                std::thread::available_parallelism().map_or(1, |n| n.get()),
-            ),
         }
     }
 }
@@ -261,9 +231,7 @@ pub struct Node {
     /// Notified when an invocation is queued here: the scheduler waits on it between polls.
     pub queued: Arc<tokio::sync::Notify>,
     /// What the scheduler last saw and decided, once it runs (`GET /v1/tenants/{t}/usage`).
-    pub scheduling: RwLock<Option<Arc<sluice_scheduler::SchedulerStats>>>,
-    /// The recorder's writer, until the composition root takes it to supervise it.
-    recorder_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    pub scheduling: RwLock<Option<Arc<dyn Scheduling>>>,
     /// Async calls whose body is being read now, with a share per tenant (see
     /// [`NodeConfig::async_enqueue_inflight_max`]): a client trickling its body in holds one of
     /// these, never a slot of the commit below.
@@ -288,34 +256,12 @@ pub struct Node {
 impl Node {
     /// Opens the node's state: the keys and every function's latest version, as metadata only (a
     /// version's code is loaded on its first call). Must be called inside the control runtime.
-    pub async fn open(config: NodeConfig, store: Arc<dyn Store>) -> anyhow::Result<Arc<Self>> {
-        let mut rt = sluice_runtime::RuntimeConfig::new(config.data_dir.join("artifacts"));
-        rt.instances_max = config.limits.instances_max;
-        rt.function_memory_bytes_max = config.limits.function_memory_bytes_max;
-        rt.log_bytes_per_invocation_max = config.limits.log_bytes_per_invocation_max;
-        rt.outbound_allow_private = config.outbound_allow_private;
-        rt.lanes = config.lanes.clone();
-        rt.memory_keep_resident_bytes = config.memory_keep_resident_bytes;
-        rt.warm = config.warm;
-        rt.heavy_instances_max = config.heavy_instances_max;
-        if let Some(b) = config.heavy_memory_keep_resident_bytes {
-            rt.heavy_memory_keep_resident_bytes = b;
-        }
-        if let Some(b) = config.heavy_from_bytes {
-            rt.heavy_from_bytes = b;
-        }
-        if let Some(n) = config.heavy_slots_max {
-            rt.heavy_slots_max = n;
-        }
-        rt.heavy_tenant_share = config.tenant_share;
-        if let Some(b) = config.heavy_memory_max {
-            rt.heavy_memory_max = b;
-        }
-        rt.outbound = config.limits.outbound.clone();
-        rt.code = config.code.clone();
-        let runtime = Arc::new(Runtime::new(rt)?);
-        let (recorder, recorder_task) =
-            Recorder::start(store.clone(), config.limits.log_queue_max, config.limits.log_queue_bytes_max);
+    pub async fn open(
+        config: NodeConfig,
+        store: Arc<dyn Store>,
+        runtime: Arc<Runtime>,
+        recorder: Recorder,
+    ) -> anyhow::Result<Arc<Self>> {
         let mut admission = Admission::new(Default::default(), config.sync_inflight_max, config.tenant_rate)
             .with_sync_tenant_max(TenantShares::share_of(config.sync_inflight_max, config.tenant_share));
         admission.anonymous_default = config.anonymous_rate;
@@ -350,7 +296,6 @@ impl Node {
             quotas,
             queued: Arc::default(),
             scheduling: RwLock::default(),
-            recorder_task: Mutex::new(Some(recorder_task)),
             async_reads,
             async_enqueues,
             deploys,
@@ -375,11 +320,6 @@ impl Node {
     /// Wakes the scheduler: an invocation was just queued.
     pub fn notify_scheduler(&self) {
         self.queued.notify_one();
-    }
-
-    /// The recorder's writer task, for the node's supervisor (once).
-    pub fn take_recorder_task(&self) -> Option<tokio::task::JoinHandle<()>> {
-        self.recorder_task.lock().expect("recorder task lock").take()
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -561,6 +501,27 @@ impl Node {
         let hash = sluice_core::ids::hash_api_key(key);
         self.keys.get(&hash)
     }
+}
+
+/// What the scheduler reports to `/metrics` and `GET /v1/tenants/{t}/usage`. The gateway does not
+/// know the scheduler: the composition root hands the node the scheduler's once it runs.
+pub trait Scheduling: Send + Sync {
+    /// Async invocations running on this node now.
+    fn in_flight(&self) -> u64;
+    /// What its last round saw and decided, with `tenant`'s part of it.
+    fn report(&self, tenant: Option<&str>) -> SchedulingReport;
+}
+
+/// What the scheduler's last round saw and decided, as the API shows it.
+#[derive(Debug, Clone, Default)]
+pub struct SchedulingReport {
+    /// Guests' share of the node's cores (a recent average), and its target.
+    pub utilization: f64,
+    pub utilization_target: f64,
+    /// Why each class of the tenant's runnable work waited: class → reason.
+    pub waiting: BTreeMap<String, String>,
+    /// The tenant's functions held because a downstream is saturated.
+    pub downstream_held: Vec<String>,
 }
 
 /// What following a change did to a function on this node.

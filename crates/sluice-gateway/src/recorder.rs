@@ -35,17 +35,18 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    /// Starts the writer task on the current runtime; returns the task so the node can watch it.
-    pub fn start(
+    /// The recorder and its writer, which the composition root spawns and supervises (nothing
+    /// is written until it runs).
+    pub fn new(
         store: Arc<dyn Store>,
         queue_max: usize,
         queue_bytes_max: usize,
-    ) -> (Self, tokio::task::JoinHandle<()>) {
+    ) -> (Self, impl Future<Output = ()> + Send + 'static) {
         let (tx, rx) = mpsc::channel(queue_max.max(1));
         let queued_bytes = Arc::new(AtomicUsize::new(0));
         let dropped = Arc::new(AtomicU64::new(0));
-        let task = tokio::spawn(write_batches(store, rx, queued_bytes.clone(), dropped.clone()));
-        (Self { tx, dropped, queued_bytes, queue_bytes_max }, task)
+        let writer = write_batches(store, rx, queued_bytes.clone(), dropped.clone());
+        (Self { tx, dropped, queued_bytes, queue_bytes_max }, writer)
     }
 
     pub fn record(&self, record: SyncRecord) {
@@ -183,7 +184,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("db")).await.unwrap());
         let one = record_bytes(&record("inv_1", 10_000));
-        let (recorder, _task) = Recorder::start(store, 1000, 2 * one);
+        let (recorder, writer) = Recorder::new(store, 1000, 2 * one);
+        tokio::spawn(writer);
 
         recorder.record(record("inv_1", 10_000));
         recorder.record(record("inv_2", 10_000));
@@ -204,7 +206,8 @@ mod tests {
     async fn a_record_the_store_refuses_does_not_drop_its_batch() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("db")).await.unwrap());
-        let (recorder, _task) = Recorder::start(store.clone(), 1000, 1 << 20);
+        let (recorder, writer) = Recorder::new(store.clone(), 1000, 1 << 20);
+        tokio::spawn(writer);
         recorder.record(record("inv_dup", 10));
         recorder.flush().await;
 

@@ -40,7 +40,6 @@ use tokio::time::{Instant, timeout_at};
 use wasmtime_wasi_http::io::TokioIo;
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
 
-use crate::RuntimeConfig;
 use crate::dns::{Resolver, TenantLookups};
 use crate::downstream::{Acquire, DownstreamPermit, Downstreams, Outcome};
 use crate::logs::LogCapture;
@@ -117,20 +116,14 @@ pub struct OutboundPolicy {
 impl OutboundPolicy {
     pub(crate) fn new(
         config: Arc<FunctionConfig>,
-        runtime: &RuntimeConfig,
+        allow_private: bool,
+        limits: OutboundLimits,
         egress: Egress,
         logs: LogCapture,
         downstream: DownstreamScope,
         propagation: Propagation,
     ) -> Self {
-        let mut policy = Self::with_network(
-            config,
-            runtime.outbound_allow_private,
-            runtime.outbound.clone(),
-            egress,
-            logs,
-            downstream,
-        );
+        let mut policy = Self::with_network(config, allow_private, limits, egress, logs, downstream);
         policy.propagation = propagation;
         policy
     }

@@ -24,7 +24,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use wasmtime::Store;
 use wasmtime_wasi_http::p2::bindings::Proxy;
 
-use crate::Host;
+use crate::host::Host;
 use crate::logs::LogCapture;
 
 /// How often idle instances past their idle time are dropped.
