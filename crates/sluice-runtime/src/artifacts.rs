@@ -166,7 +166,7 @@ impl Runtime {
             // The compiler's working memory (hundreds of MiB for a large component) is free now
             // but stays in the allocator's arenas; give it back, or a node that compiled one big
             // function keeps that much RSS for good. Also after a failed compile.
-            release_freed_memory();
+            crate::memory::release_freed_memory();
             written?
                 .map_err(|e| SluiceError::internal(format!("writing artifact {}: {e}", path.display())))?;
             let loaded = this.load_artifact(heavy, &key, &path, Some(compile_ms));
@@ -263,20 +263,6 @@ impl Runtime {
 fn missing_blob(key: &CodeKey) -> SluiceError {
     SluiceError::internal(format!("blob {} of tenant {} is missing from the store", key.digest, key.tenant))
 }
-
-/// Returns the allocator's free memory to the kernel (glibc keeps freed memory in its arenas).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn release_freed_memory() {
-    // SAFETY: malloc_trim only releases free memory of the allocator's own arenas; it is
-    // thread-safe and takes no pointers.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn release_freed_memory() {}
 
 /// Runs blocking work (file mapping, linking, compiling) off the async threads.
 async fn blocking<T: Send + 'static>(
