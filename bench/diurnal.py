@@ -430,6 +430,7 @@ async def run_diurnal(args):
     capacity = args.target * args.cores * 1000 / cpu_ms
     mean = args.rate or args.load * capacity
     period_s = args.minutes * 60
+    run_s = period_s * args.days
     a = (args.ratio - 1) / (args.ratio + 1)
     print(f"calibration: {cpu_ms:.1f} ms of guest CPU per {args.call_path} call; capacity at "
           f"{args.target:.0%} of {args.cores} cores = {capacity:.1f} calls/s; mean arrival "
@@ -439,8 +440,8 @@ async def run_diurnal(args):
         return mean * (1 + a * math.sin(2 * math.pi * t / period_s))
 
     rng = random.Random(args.seed)
-    times = (poisson_times(rate, mean * (1 + a), period_s, rng) if args.arrivals == "poisson"
-             else even_times(rate, period_s))
+    times = (poisson_times(rate, mean * (1 + a), run_s, rng) if args.arrivals == "poisson"
+             else even_times(rate, run_s))
     web_mix, batch_mix = parse_mix(args.web_criticality), parse_mix(args.batch_criticality)
     arrivals = []
     for t in times:
@@ -462,7 +463,7 @@ async def run_diurnal(args):
     sampling = asyncio.create_task(sampler.run(stop))
     driver_cpu0 = time.process_time()
     await sender.replay(t0, arrivals)
-    day_end = t0 + period_s * 1000
+    day_end = t0 + run_s * 1000
     await asyncio.sleep(max(0, (day_end - now_ms()) / 1000))
     drained_s, left_open = await wait_drained(db, t0, args.drain_s or period_s / 2)
     driver_cpu = time.process_time() - driver_cpu0
@@ -477,6 +478,7 @@ async def run_diurnal(args):
         "config": {k: v for k, v in vars(args).items() if k not in ("token", "auth", "func")},
         "t0_ms": t0,
         "period_s": period_s,
+        "days": args.days,
         "calibration_cpu_ms": cpu_ms,
         "capacity_per_s": capacity,
         "mean_per_s": mean,
@@ -492,8 +494,9 @@ async def run_diurnal(args):
 
 
 def analyze_diurnal(run, rows, samples):
-    t0, period_s = run["t0_ms"], run["period_s"]
-    n = int(period_s + run["drained_s"]) + 2
+    t0, period_s, days = run["t0_ms"], run["period_s"], run.get("days", 1)
+    run_s = period_s * days
+    n = int(run_s + run["drained_s"]) + 2
     accepted = [s for s in run["sent"] if s[3] == 202]
     rejected = [s for s in run["sent"] if s[3] != 202]
     series = {
@@ -523,13 +526,15 @@ def analyze_diurnal(run, rows, samples):
             if u:
                 series["usage"].setdefault(tn, []).append((i, u))
 
-    # Buckets of 1/24 of the period ("hours"); the ratio skips the first (warm-up).
+    # Buckets of 1/24 of the last day's period ("hours"); with one day the ratio skips the
+    # first (warm-up); a later day starts with what the days before left queued.
     hour_s = period_s / 24
+    last_day_s = run_s - period_s
 
     def buckets(per_sec, scale=1.0):
         out = []
         for h in range(24):
-            lo, hi = h * hour_s, (h + 1) * hour_s
+            lo, hi = last_day_s + h * hour_s, last_day_s + (h + 1) * hour_s
             total = 0.0
             for i, v in enumerate(per_sec):
                 # Each second counts with the part of it that lies in the bucket.
@@ -541,7 +546,7 @@ def analyze_diurnal(run, rows, samples):
     hours = {k: buckets(series[k]) for k in ("arrivals", "created", "starts", "node_cores", "guest_cores")}
 
     def ratio(xs):
-        xs = xs[1:]
+        xs = xs[1:] if days == 1 else xs
         lo, hi = min(xs), max(xs)
         return hi, lo, (hi / lo if lo > 0 else float("inf"))
 
@@ -568,8 +573,8 @@ def analyze_diurnal(run, rows, samples):
             "window_used_max": max(windows_used) if windows_used else None,
             "by_criticality": crit_delays,
         }
-    day = slice(0, int(period_s))
-    day_end = t0 + period_s * 1000
+    day = slice(int(last_day_s), int(run_s))
+    day_end = t0 + run_s * 1000
     per_call = [1000 * g / st for g, st in zip(hours["guest_cores"][1:], hours["starts"][1:]) if st > 0]
     summary = {
         "cpu_ms_per_call_range": (min(per_call), max(per_call)) if per_call else None,
@@ -607,13 +612,14 @@ def fmt(x, digits=1):
 def table_diurnal(r):
     s, c = r["summary"], r["config"]
     lines = [
-        f"Day compressed into {r['period_s'] / 60:g} min (an hour = {r['period_s'] / 24:g} s); "
+        f"Day compressed into {r['period_s'] / 60:g} min (an hour = {r['period_s'] / 24:g} s)"
+        f"{'; ' + str(r.get('days', 1)) + ' days, the last one measured' if r.get('days', 1) > 1 else ''}; "
         f"{c.get('call_path') or 'burn?ms=' + str(c['burn_ms'])} calls, {c['cores']} cores, utilization target {c['target']:.0%}"
         f"{' (not applied: LEGACY node)' if c.get('legacy') else ''}; "
         f"calibrated {r['calibration_cpu_ms']:.1f} ms guest CPU a call, capacity at target "
         f"{r['capacity_per_s']:.1f} calls/s, mean arrival {r['mean_per_s']:.1f}/s ({c['arrivals']}).",
         "",
-        "| per hour-bucket, buckets 2-24 | peak | trough | peak/trough |",
+        f"| per hour-bucket, {'buckets 2-24' if r.get('days', 1) == 1 else 'last day, buckets 1-24'} | peak | trough | peak/trough |",
         "| --- | --- | --- | --- |",
         f"| arrivals, calls/s (driver, accepted) | {fmt(s['arrivals'][0])} | {fmt(s['arrivals'][1])} | **{fmt(s['arrivals'][2], 2)}×** |",
         f"| executed: node process CPU, cores | {fmt(s['node_cores'][0], 2)} | {fmt(s['node_cores'][1], 2)} | **{fmt(s['node_cores'][2], 2)}×** |",
@@ -654,15 +660,16 @@ def table_diurnal(r):
         f"{' ' + str(s['rejected_statuses']) if s['rejected'] else ''}; still waiting to start at the end of the day "
         f"{s['backlog_at_day_end']:,}, drained {fmt(r['drained_s'], 0)} s later"
         f"{still_open}.",
-        f"Node process CPU {fmt(s['node_cpu_s'])} s in all, {fmt(s['node_cores_day_mean'], 2)} cores on average over the day; "
+        f"Node process CPU {fmt(s['node_cpu_s'])} s in all, {fmt(s['node_cores_day_mean'], 2)} cores on average over the (last) day; "
         f"other processes (not the node, not the driver) {fmt(s['other_cores_day_mean'], 2)} cores on average. "
-        f"Driver CPU {fmt(r['driver_cpu_s'])} s ({fmt(100 * r['driver_cpu_s'] / (r['period_s'] + r['drained_s']), 1)}% of a core, "
+        f"Driver CPU {fmt(r['driver_cpu_s'])} s ({fmt(100 * r['driver_cpu_s'] / (r['period_s'] * r.get('days', 1) + r['drained_s']), 1)}% of a core, "
         f"{fmt(1e6 * r['driver_cpu_s'] / max(1, s['accepted'] + s['rejected']), 0)} µs a call, sampling included).",
         "",
         "Executed peak-to-trough: the run's day is cut into 24 buckets of 1/24 of the period; each "
         "bucket's executed load is the node process's CPU time (utime+stime from /proc/PID/stat, "
         "sampled every second, interpolated at bucket edges) divided by the bucket's length; the "
-        "ratio is the largest over the smallest of buckets 2-24 (the first is warm-up). Arrivals: "
+        "ratio is the largest over the smallest of buckets 2-24 (the first is warm-up), or with --days of "
+        "all 24 buckets of the last day. Arrivals: "
         "calls the node accepted (202), by the time the driver sent them, same buckets.",
     ]
     return "\n".join(lines)
@@ -674,17 +681,19 @@ def plot_diurnal(r, path):
     import matplotlib.pyplot as plt
 
     s, se, c = r["summary"], r["series"], r["config"]
-    period_s, hour_s = r["period_s"], r["period_s"] / 24
+    period_s, hour_s, days = r["period_s"], r["period_s"] / 24, r.get("days", 1)
+    # The hour buckets are the measured (last) day's.
+    last_day_s = period_s * (days - 1)
     n = len(se["arrivals"])
     xs = list(range(n))
-    hx = [h * hour_s for h in range(25)]
+    hx = [last_day_s + h * hour_s for h in range(25)]
 
     def steps(vals):
         return vals + [vals[-1]]
 
     fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(11, 10), sharex=True,
                                         gridspec_kw={"height_ratios": [3, 3, 2]})
-    title = (f"sluice: a day in {period_s / 60:g} min, arrivals {s['arrivals'][2]:.2f}× peak-to-trough, executed "
+    title = (f"sluice: a day in {period_s / 60:g} min{f', day {days} of {days} measured' if days > 1 else ''},{chr(10) if days > 1 else ' '}arrivals {s['arrivals'][2]:.2f}× peak-to-trough, executed "
              f"{s['node_cores'][2]:.2f}× (node CPU) and {s['starts'][2]:.2f}× (starts), "
              f"{s['missed_deadlines']} missed deadlines")
     if c.get("legacy"):
@@ -732,12 +741,14 @@ def plot_diurnal(r, path):
         ax3b.set_ylabel("missed deadlines")
         ax3b.legend(loc="upper center", fontsize=8)
     ax3.set_ylabel("invocations")
-    ax3.set_xlabel(f"seconds since the start of the day (an hour = {hour_s:g} s)")
+    ax3.set_xlabel(f"seconds since the start of the {'first ' if days > 1 else ''}day (an hour = {hour_s:g} s)")
     ax3.legend(loc="upper left", fontsize=8)
     ax3.grid(alpha=0.3)
-    for ax in (ax1, ax2, ax3):
-        ax.axvline(period_s, color="black", lw=0.8, ls=":")
-    ax3.text(period_s, ax3.get_ylim()[1] * 0.95, " end of day", fontsize=8, va="top")
+    for d in range(1, days + 1):
+        for ax in (ax1, ax2, ax3):
+            ax.axvline(d * period_s, color="black", lw=0.8, ls=":")
+        ax3.text(d * period_s, ax3.get_ylim()[1] * 0.95, f" end of day {d}" if days > 1 else " end of day",
+                 fontsize=8, va="top")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -1076,6 +1087,8 @@ def main():
     common.add_argument("--legacy", action="store_true", help="the node has no scheduling features (labels only)")
 
     d = sub.add_parser("diurnal", parents=[common])
+    d.add_argument("--days", type=int, default=1, help="days replayed back to back; the last is measured, "
+                   "so it starts with the backlog the others left, as a node's every day does (default 1)")
     d.add_argument("--burn-ms", type=int, default=20, help="each call's burn?ms=N (default 20)")
     d.add_argument("--call-path", help="the guest path of each call (default burn?ms=BURN_MS; a mode that "
                    "does a fixed amount of work would keep its CPU time constant under contention)")
