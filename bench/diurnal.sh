@@ -21,7 +21,9 @@
 #   WEB_RESERVED=1 WEB_WEIGHT=1 BATCH_RESERVED=0 BATCH_WEIGHT=1   tenants' async quotas
 #   STUB_CAPACITY=40 STUB_LATENCY_MS=500 ATTEMPTS=10               the downstream stub, and
 #                       the attempts of the function that calls it
-#   DIURNAL_FLAGS="--load 1.05 --burn-ms 20 ..."   more flags of `bench/diurnal.py diurnal`
+#   DIURNAL_FLAGS="--load 1.05 --burn-ms 20 ..."   more flags of `bench/diurnal.py diurnal`;
+#                       "--days 3" replays three days and measures the last, which starts with
+#                       the backlog the others left (BENCHMARKS.md, 2026-12-07)
 #   DOWNSTREAM_FLAGS="--load 0.8 ..."              more flags of `bench/diurnal.py downstream`
 #   SERVE_FLAGS="..."   more flags of `sluice serve`
 #   LEGACY=1            a node without the scheduling features (no --utilization-target, no
