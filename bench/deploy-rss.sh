@@ -16,12 +16,8 @@ sluice_bin
 WASM=${1:-$(scripts/build-examples.sh | sed -n 2p)}
 ROUNDS=${ROUNDS:-2}
 data=$(bench_tmp)
-# The examples are JSON greeters: POST {"name": …} (hello answers any method).
-cat > "$data/post.lua" <<'LUA'
-wrk.method = "POST"
-wrk.body = '{"name": "Ada"}'
-wrk.headers["content-type"] = "application/json"
-LUA
+# The examples are JSON greeters (hello answers any method).
+post_lua=$(greeter_post_lua "$data")
 rss() { awk '/VmRSS/ {print int($2 / 1024)}' "/proc/$1/status"; }
 mappings() {
   awk '/^[0-9a-f]+-[0-9a-f]+ / {name = $6; range = $1} /^Rss:/ {if ($2 > 4096) print "  " int($2 / 1024) " MiB", range, name}' \
@@ -43,9 +39,9 @@ one() {
     gdb -p "$pid" -batch -ex 'call (void)malloc_stats()' > /dev/null 2>&1 || true
     awk '/^Total \(incl. mmap\)/ {t = 1} t && /bytes/ {print "  malloc " $0}' "$dir.log" | tail -2 >&2
   fi
-  wait_200 "$NODE_URL/fn/default/f/" -X POST -H 'content-type: application/json' -d '{"name": "Ada"}' \
+  wait_200 "$NODE_URL/fn/default/f/" -X POST -H 'content-type: application/json' -d "$GREETER_BODY" \
     -H "Authorization: Bearer $NODE_TOKEN"
-  wrk -t1 -c10 -d5s -s "$data/post.lua" -H "Authorization: Bearer $NODE_TOKEN" "$NODE_URL/fn/default/f/" > "$data/wrk.out" &
+  wrk -t1 -c10 -d5s -s "$post_lua" -H "Authorization: Bearer $NODE_TOKEN" "$NODE_URL/fn/default/f/" > "$data/wrk.out" &
   w=$!
   while kill -0 "$w" 2> /dev/null; do
     r=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status"); [ "$r" -gt "$peak" ] && peak=$r; sleep 0.2

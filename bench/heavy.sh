@@ -28,11 +28,7 @@ for w in "${EXAMPLES[@]}"; do
 done
 data=$(bench_tmp)
 
-cat > "$data/post.lua" <<'EOF'
-wrk.method = "POST"
-wrk.body = '{"name": "Ada"}'
-wrk.headers["content-type"] = "application/json"
-EOF
+post_lua=$(greeter_post_lua "$data")
 
 have_wasmtime=no
 [ -x "$WASMTIME" ] && have_wasmtime=yes && wt_version=$("$WASMTIME" --version | awk '{print $2}')
@@ -50,7 +46,7 @@ rss_mib() { awk '/VmRSS/ {printf "%d", $2/1024}' "/proc/$1/status"; }
 # Asks `url` until it answers 200 (POST JSON for the examples).
 wait_200() {
   local url=$1 kind=$2; shift 2
-  local body=(); [ "$kind" = hello ] || body=(-X POST -H 'content-type: application/json' -d '{"name": "Ada"}')
+  local body=(); [ "$kind" = hello ] || body=(-X POST -H 'content-type: application/json' -d "$GREETER_BODY")
   for _ in $(seq 1 20000); do
     [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 120 "${body[@]}" "$@" "$url")" = 200 ] && return 0
     sleep 0.001
@@ -61,7 +57,7 @@ wait_200() {
 # Runs wrk against `url` while sampling the RSS of `pid`; prints "req/s p50_ms p99_ms peak_rss_mib".
 load() {
   local url=$1 kind=$2 pid=$3; shift 3
-  local script=(); [ "$kind" = hello ] || script=(-s "$data/post.lua")
+  local script=(); [ "$kind" = hello ] || script=(-s "$post_lua")
   local peak=0
   wrk -t1 -c"$CONNS" -d"$DURATION" --latency "${script[@]}" "$@" "$url" > "$data/wrk.out" &
   local wrk_pid=$!
@@ -171,7 +167,7 @@ for kind in $ONLY; do
 done
 
 echo
-echo "wrk -t1 -c$CONNS -d$DURATION --latency (POST {\"name\": \"Ada\"} to the examples, GET to hello), $(nproc) cores, RUST_BACKTRACE unset"
+echo "wrk -t1 -c$CONNS -d$DURATION --latency (POST $GREETER_BODY to the examples, GET to hello), $(nproc) cores, RUST_BACKTRACE unset"
 echo
 echo "| component | server | req/s | p50 ms | p99 ms | peak RSS under load | non-2xx | vs wasmtime serve (tuned) |"
 echo "| --- | --- | --- | --- | --- | --- | --- | --- |"

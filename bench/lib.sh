@@ -95,6 +95,20 @@ wait_200() {
   return 1
 }
 
+# The example greeters (examples/rust, python, js) answer a POST of this JSON.
+GREETER_BODY='{"name": "Ada"}'
+
+# greeter_post_lua DIR: writes DIR/post.lua, a wrk script that POSTs $GREETER_BODY, and prints
+# its path.
+greeter_post_lua() {
+  cat > "$1/post.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '$GREETER_BODY'
+wrk.headers["content-type"] = "application/json"
+LUA
+  echo "$1/post.lua"
+}
+
 # A free loopback port, for peers that take a fixed address.
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
