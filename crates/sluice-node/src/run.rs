@@ -40,9 +40,6 @@ pub struct Config {
 /// Runs a node until SIGINT or SIGTERM (or until one of its background tasks dies), then stops
 /// it in order.
 pub fn run(config: Config) -> anyhow::Result<()> {
-    // Large buffers (a deploy's component, its artifact) mapped on their own and unmapped when
-    // freed, so a deploy does not leave tens of MiB resident in the allocator's arenas.
-    sluice_runtime::fix_mmap_threshold();
     if let Some(series_max) = config.metrics_functions_max {
         // Before anything makes its handles (the store's writer makes its own at open).
         sluice_gateway::metrics::install(series_max);

@@ -158,8 +158,10 @@ impl Runtime {
                 .compile_pool
                 .install(|| engine.precompile_component(&bytes))
                 .map_err(|e| invalid(format!("not a valid WebAssembly component: {e:#}")));
-            // The compiler's working contexts go with its engine, before the memory is trimmed.
+            // The compiler's working contexts go with its engine, and the component's bytes
+            // (tens of MiB for Python or JS), before the memory is trimmed.
             drop(engine);
+            drop(bytes);
             let compile_ms = started.elapsed().as_millis() as u64;
             let path = this.artifact_path(&key, heavy);
             let written = artifact.map(|artifact| write_atomically(&path, &artifact));

@@ -43,7 +43,6 @@ pub use engine::EPOCH_TICK;
 pub use invoke::INVOCATION_ID_HEADER;
 pub use lanes::{LaneConfig, LaneStats};
 pub use logs::LogCapture;
-pub use memory::{MMAP_THRESHOLD_BYTES, fix_mmap_threshold};
 pub use outbound::is_private;
 pub use runtime::Runtime;
 pub use validate::initial_memory_bytes;
