@@ -58,6 +58,12 @@ enum Command {
     New(new::NewArgs),
     /// Print the shell completion script for bash, zsh, fish, elvish or powershell.
     Completions(completions::CompletionsArgs),
+    /// A node's child process that compiles one component (not for people: `serve` runs it).
+    #[command(hide = true)]
+    CompileWorker {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() {
@@ -65,6 +71,7 @@ fn main() {
     let result = match cli.command {
         Command::Serve(args) => serve::run(*args),
         Command::New(args) => new::run(args),
+        Command::CompileWorker { args } => std::process::exit(sluice_node::compile_worker_main(&args)),
         Command::Completions(args) => {
             quiet_on_broken_pipe();
             completions::run(args, Cli::command())
@@ -83,7 +90,10 @@ fn main() {
                     Command::Node(a) => node::run(a).await,
                     Command::Nodes(a) => node::run_nodes(a).await,
                     Command::Top(a) => top::run(a).await,
-                    Command::Serve(_) | Command::New(_) | Command::Completions(_) => {
+                    Command::Serve(_)
+                    | Command::New(_)
+                    | Command::Completions(_)
+                    | Command::CompileWorker { .. } => {
                         unreachable!("handled above")
                     }
                 }

@@ -12,7 +12,7 @@ use sluice_core::Limits;
 use sluice_core::units::{parse_bytes, parse_duration};
 use sluice_gateway::NodeConfig;
 use sluice_gateway::admission::Rate;
-use sluice_node::{CodeConfig, LaneConfig, RuntimeConfig, WarmConfig};
+use sluice_node::{CodeConfig, CompileIn, LaneConfig, RuntimeConfig, WarmConfig};
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
@@ -182,6 +182,14 @@ pub struct ServeArgs {
     /// Compiles running at once (each uses every core, at a lower priority than calls).
     #[arg(long, default_value_t = 1)]
     pub compile_slots: usize,
+    /// Address space of one compile, e.g. 4GiB: each compile runs in a child process that gives
+    /// all its memory back when it exits, and a component that needs more to compile is refused.
+    #[arg(long, default_value = "4GiB", value_parser = parse_bytes)]
+    pub compile_memory: u64,
+    /// Time one compile may take, e.g. 5m; past it the compile is killed and the component
+    /// refused.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub compile_timeout: Duration,
     /// Largest component upload, e.g. 64MiB.
     #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
     pub upload_max: u64,
@@ -390,8 +398,24 @@ impl ServeArgs {
         code.cache_entries_max = self.code_cache_entries;
         code.cache_bytes_max = self.code_cache;
         code.compile_slots = self.compile_slots;
-        code.validate()
-            .map_err(|e| anyhow::anyhow!("{e} (--code-cache, --code-cache-entries, --compile-slots)"))?;
+        code.compile_memory_bytes_max = self.compile_memory;
+        code.compile_timeout = self.compile_timeout;
+        // Compiles run in this same binary's hidden `compile-worker` command. On Linux through
+        // /proc/self/exe, which still names this binary after an upgrade replaced its file: the
+        // child must compile for this node's engine, not the new one's.
+        let proc_exe = std::path::PathBuf::from("/proc/self/exe");
+        let program = if proc_exe.exists() {
+            proc_exe
+        } else {
+            std::env::current_exe()
+                .map_err(|e| anyhow::anyhow!("finding this executable, to compile components with it: {e}"))?
+        };
+        code.compile_in = CompileIn::Child { program, args: vec!["compile-worker".into()] };
+        code.validate().map_err(|e| {
+            anyhow::anyhow!(
+                "{e} (--code-cache, --code-cache-entries, --compile-slots, --compile-memory, --compile-timeout)"
+            )
+        })?;
         Ok(code)
     }
 

@@ -17,6 +17,6 @@ mod tasks;
 pub use bootstrap::{ADMIN_TOKEN_FILE, bootstrap};
 pub use run::{Config, run};
 pub use sluice_runtime::warm::WarmConfig;
-pub use sluice_runtime::{CodeConfig, LaneConfig, RuntimeConfig};
+pub use sluice_runtime::{CodeConfig, CompileIn, LaneConfig, RuntimeConfig, compile_worker_main};
 pub use supervisor::Supervisor;
 pub use tasks::{CLUSTER_REFRESH, PURGE_BATCH_MAX, Tasks, Upkeep};

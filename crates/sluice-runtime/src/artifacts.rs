@@ -8,8 +8,9 @@
 //! Artifacts are kept per tenant even when two tenants upload the same bytes: a shared artifact
 //! would tell a tenant, by a deploy that compiles in no time, that another tenant runs that code.
 //!
-//! Compiles run on a pool of their own: at most `compile_slots` at once, each on a rayon pool
-//! whose threads run at nice 10, so a burst of deploys takes what the calls leave.
+//! Compiles wait for one of `compile_slots`; each runs in a child process (see
+//! [`compiler`](crate::compiler)) or, for embedders, on a rayon pool of the node's; both at nice
+//! 10, so a burst of deploys takes what the calls leave.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use wasmtime::component::Component;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 use crate::code::{CodeKey, CodeStats, Origin, Prepared};
+use crate::compiler::{ChildLimits, CompileIn, compile_in_child};
 use crate::runtime::Runtime;
 use crate::validate::{check_header, import_supported, initial_memory_bytes};
 
@@ -127,8 +129,8 @@ impl Runtime {
     }
 
     /// Validates and compiles `bytes`, writes the artifact and returns the component loaded from
-    /// it (not from the compiler's in-memory copy, so its code pages are the file's). On the
-    /// compile pool; every rejection is `invalid_component` naming what is wrong.
+    /// it (not from the compiler's in-memory copy, so its code pages are the file's). Every
+    /// rejection is `invalid_component` naming what is wrong.
     async fn compile_to_disk(
         self: &Arc<Self>,
         key: &CodeKey,
@@ -140,46 +142,8 @@ impl Runtime {
             .acquire()
             .await
             .map_err(|_| SluiceError::internal("the compile pool is closed"))?;
-        let this = self.clone();
-        let key = key.clone();
-        let result = blocking(move || {
-            let started = Instant::now();
-            let invalid = |m: String| SluiceError::new(ErrorKind::InvalidComponent, m);
-            check_header(&bytes).map_err(invalid)?;
-            // Which engine: a component that does not parse goes to the light one, whose
-            // compile then says what is wrong with it.
-            let heavy = initial_memory_bytes(&bytes).is_some_and(|m| m >= this.config.heavy_from_bytes);
-            let engine = this
-                .engine_for(heavy)
-                .compiler()
-                .map_err(|e| SluiceError::internal(format!("making a compile engine: {e:#}")))?;
-            let artifact = this
-                .code
-                .compile_pool
-                .install(|| engine.precompile_component(&bytes))
-                .map_err(|e| invalid(format!("not a valid WebAssembly component: {e:#}")));
-            // The compiler's working contexts go with its engine, and the component's bytes
-            // (tens of MiB for Python or JS), before the memory is trimmed.
-            drop(engine);
-            drop(bytes);
-            let compile_ms = started.elapsed().as_millis() as u64;
-            let path = this.artifact_path(&key, heavy);
-            let written = artifact.map(|artifact| write_atomically(&path, &artifact));
-            // The compiler's working memory (hundreds of MiB for a large component) is free now
-            // but stays in the allocator's arenas; give it back, or a node that compiled one big
-            // function keeps that much RSS for good. Also after a failed compile.
-            crate::memory::release_freed_memory();
-            written?
-                .map_err(|e| SluiceError::internal(format!("writing artifact {}: {e}", path.display())))?;
-            let loaded = this.load_artifact(heavy, &key, &path, Some(compile_ms));
-            if loaded.is_err() {
-                // A component that compiles but cannot be served (wrong world, unknown imports)
-                // leaves nothing behind that would look like a usable artifact.
-                let _ = std::fs::remove_file(&path);
-            }
-            loaded
-        })
-        .await;
+        let started = Instant::now();
+        let result = self.compile(key, bytes, started).await;
         let c = &self.code.counters;
         match &result {
             Ok(p) => {
@@ -193,6 +157,92 @@ impl Runtime {
             }
         }
         result
+    }
+
+    /// Compiles `bytes` (where [`CompileIn`] says), writes the artifact and loads it.
+    async fn compile(
+        self: &Arc<Self>,
+        key: &CodeKey,
+        bytes: Vec<u8>,
+        started: Instant,
+    ) -> Result<Arc<Prepared>, SluiceError> {
+        let invalid = |m: String| SluiceError::new(ErrorKind::InvalidComponent, m);
+        let this = self.clone();
+        // Which engine: a component that does not parse goes to the light one, whose compile
+        // then says what is wrong with it.
+        let (heavy, bytes) = blocking(move || {
+            check_header(&bytes).map_err(invalid)?;
+            let heavy = initial_memory_bytes(&bytes).is_some_and(|m| m >= this.config.heavy_from_bytes);
+            Ok((heavy, bytes))
+        })
+        .await?;
+        let path = self.artifact_path(key, heavy);
+        let code = &self.code.config;
+        match &code.compile_in {
+            CompileIn::Node => {
+                let this = self.clone();
+                let path = path.clone();
+                blocking(move || {
+                    let engine = this
+                        .engine_for(heavy)
+                        .compiler()
+                        .map_err(|e| SluiceError::internal(format!("making a compile engine: {e:#}")))?;
+                    let artifact = this
+                        .code
+                        .compile_pool
+                        .install(|| engine.precompile_component(&bytes))
+                        .map_err(|e| invalid(format!("not a valid WebAssembly component: {e:#}")));
+                    // The compiler's working contexts go with its engine, and the component's
+                    // bytes (tens of MiB for Python or JS), before the memory is trimmed.
+                    drop(engine);
+                    drop(bytes);
+                    let written = artifact.map(|artifact| write_atomically(&path, &artifact));
+                    // The compiler's working memory (hundreds of MiB for a large component) is
+                    // free now but stays in the allocator's arenas; give back what can be (see
+                    // `compiler` for what cannot). Also after a failed compile.
+                    crate::memory::release_freed_memory();
+                    written?.map_err(|e| {
+                        SluiceError::internal(format!("writing artifact {}: {e}", path.display()))
+                    })
+                })
+                .await?;
+            }
+            CompileIn::Child { program, args } => {
+                let tmp = temporary_path(&path);
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)
+                        .map_err(|e| SluiceError::internal(format!("creating {}: {e}", dir.display())))?;
+                }
+                let limits = ChildLimits {
+                    threads: code.compile_threads,
+                    memory_bytes_max: code.compile_memory_bytes_max,
+                    timeout: code.compile_timeout,
+                };
+                let cow = self.engine_for(heavy).memory_init_cow;
+                let compiled = compile_in_child(program, args, cow, &limits, bytes, &tmp).await;
+                // The component's bytes are freed now; what of them sits in the main arena can
+                // go back (a thread arena's top cannot, see `compiler`).
+                crate::memory::release_freed_memory();
+                compiled?;
+                std::fs::rename(&tmp, &path).map_err(|e| {
+                    let _ = std::fs::remove_file(&tmp);
+                    SluiceError::internal(format!("writing artifact {}: {e}", path.display()))
+                })?;
+            }
+        }
+        let compile_ms = started.elapsed().as_millis() as u64;
+        let this = self.clone();
+        let key = key.clone();
+        blocking(move || {
+            let loaded = this.load_artifact(heavy, &key, &path, Some(compile_ms));
+            if loaded.is_err() {
+                // A component that compiles but cannot be served (wrong world, unknown imports)
+                // leaves nothing behind that would look like a usable artifact.
+                let _ = std::fs::remove_file(&path);
+            }
+            loaded
+        })
+        .await
     }
 
     /// Maps an artifact and links it. `compile_ms` is the compile's time when this load follows
@@ -279,16 +329,22 @@ async fn blocking<T: Send + 'static>(
 /// artifact or none, and two writers of one artifact (a deploy and a call's load) never share
 /// the temporary file.
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
+    let tmp = temporary_path(path);
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })
+}
+
+/// A file of its own to write `path` through: the collector knows these names as writes in
+/// progress.
+fn temporary_path(path: &Path) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    path.with_extension(format!("tmp{}-{n}", std::process::id()))
 }
 
 /// One file in the artifact directory, as the collector sees it.

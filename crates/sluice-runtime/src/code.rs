@@ -16,10 +16,12 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use wasmtime::Engine;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
+use crate::compiler::CompileIn;
 use crate::host::Host;
 
 /// A component that is validated, compiled, linked and pre-instantiated: ready to serve.
@@ -58,6 +60,15 @@ impl CodeKey {
     }
 }
 
+/// The default address space of a child compile: the 21 MiB Python example compiles in a few
+/// hundred MiB, and what a compile can reserve stays a fraction of the machine.
+pub const COMPILE_MEMORY_BYTES_MAX_DEFAULT: u64 = 4 << 30;
+/// Below this a child compile cannot even start its threads (each reserves its stack and a
+/// malloc arena of address space).
+pub const COMPILE_MEMORY_BYTES_MIN: u64 = 256 << 20;
+/// The default time a child compile may take (the Python example takes about 10 s on one core).
+pub const COMPILE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(300);
+
 /// Bounds of the code cache and the compile pool.
 #[derive(Debug, Clone)]
 pub struct CodeConfig {
@@ -69,6 +80,13 @@ pub struct CodeConfig {
     pub compile_slots: usize,
     /// Threads one compile may use (at nice 10).
     pub compile_threads: usize,
+    /// Where compiles run.
+    pub compile_in: CompileIn,
+    /// The address space of a child compile ([`CompileIn::Child`]): a component that needs more
+    /// to compile is refused.
+    pub compile_memory_bytes_max: u64,
+    /// How long a child compile may take before it is killed and the component refused.
+    pub compile_timeout: Duration,
 }
 
 impl CodeConfig {
@@ -78,6 +96,9 @@ impl CodeConfig {
             cache_entries_max: 1000,
             compile_slots: 1,
             compile_threads: cores.max(1),
+            compile_in: CompileIn::Node,
+            compile_memory_bytes_max: COMPILE_MEMORY_BYTES_MAX_DEFAULT,
+            compile_timeout: COMPILE_TIMEOUT_DEFAULT,
         }
     }
 
@@ -91,6 +112,12 @@ impl CodeConfig {
         }
         if self.compile_slots == 0 || self.compile_threads == 0 {
             return Err("compiles need at least one slot and one thread".into());
+        }
+        if self.compile_memory_bytes_max < COMPILE_MEMORY_BYTES_MIN {
+            return Err(format!("a compile needs at least {} MiB", COMPILE_MEMORY_BYTES_MIN >> 20));
+        }
+        if self.compile_timeout.is_zero() {
+            return Err("the compile timeout must be above zero".into());
         }
         Ok(())
     }
@@ -142,7 +169,7 @@ pub(crate) struct Counters {
 pub(crate) struct CodeCache {
     pub(crate) cache: moka::future::Cache<CodeKey, Arc<Prepared>>,
     pub(crate) counters: Counters,
-    config: CodeConfig,
+    pub(crate) config: CodeConfig,
     pub(crate) compile_slots: tokio::sync::Semaphore,
     pub(crate) compile_pool: rayon::ThreadPool,
 }

@@ -25,26 +25,19 @@ pub(crate) struct EngineSet {
     /// The engine's settings with instances allocated on demand: each compile makes an engine of
     /// its own from them (see [`EngineSet::compiler`]).
     compile_config: Config,
+    /// The one setting of [`code_config`] that differs between the engines: what a child
+    /// compiler is told (see [`compiler`](crate::compiler)).
+    pub(crate) memory_init_cow: bool,
     pub(crate) linker: Linker<Host>,
     pub(crate) fingerprint: String,
 }
 
 impl EngineSet {
     pub(crate) fn new(pool: PoolingAllocationConfig, memory_init_cow: bool) -> anyhow::Result<Self> {
-        let mut wasm = Config::new();
-        wasm.wasm_component_model(true)
-            // No wasm backtraces: capturing one walks the guest's whole stack in host code that
-            // no epoch tick interrupts, on the core of the fast lane (a deep recursion that
-            // overflows its 512 KiB stack spent most of its time there, BENCHMARKS.md). The trap
-            // kind and the guest's own stderr (e.g. a Rust panic message) are still logged.
-            .wasm_backtrace_max_frames(None)
-            .memory_init_cow(memory_init_cow)
-            .epoch_interruption(true)
-            .max_wasm_stack(WASM_STACK_BYTES)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let mut wasm = code_config(memory_init_cow);
+        wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&wasm)?;
-        let mut compile_config = wasm.clone();
-        compile_config.allocation_strategy(InstanceAllocationStrategy::OnDemand);
+        let compile_config = code_config(memory_init_cow);
         let fingerprint = fingerprint(&engine);
         let mut linker: Linker<Host> = Linker::new(&engine);
         // The full WASI 0.2 set, as `wasmtime serve` links it: Rust's std imports
@@ -53,7 +46,7 @@ impl EngineSet {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         spawn_epoch_ticker(&engine);
-        Ok(Self { engine, compile_config, linker, fingerprint })
+        Ok(Self { engine, compile_config, memory_init_cow, linker, fingerprint })
     }
 
     /// An engine for one compile, dropped after it. Cranelift keeps one working context per
@@ -65,6 +58,24 @@ impl EngineSet {
     pub(crate) fn compiler(&self) -> anyhow::Result<Engine> {
         Ok(Engine::new(&self.compile_config)?)
     }
+}
+
+/// The settings that shape compiled code, with instances allocated on demand: a serving engine
+/// adds its pool to them, and a compile (in the node or in a child process) uses them as they
+/// are, so its artifacts load in the serving engine (wasmtime checks again at load).
+pub(crate) fn code_config(memory_init_cow: bool) -> Config {
+    let mut wasm = Config::new();
+    wasm.wasm_component_model(true)
+        // No wasm backtraces: capturing one walks the guest's whole stack in host code that
+        // no epoch tick interrupts, on the core of the fast lane (a deep recursion that
+        // overflows its 512 KiB stack spent most of its time there, BENCHMARKS.md). The trap
+        // kind and the guest's own stderr (e.g. a Rust panic message) are still logged.
+        .wasm_backtrace_max_frames(None)
+        .memory_init_cow(memory_init_cow)
+        .epoch_interruption(true)
+        .max_wasm_stack(WASM_STACK_BYTES)
+        .allocation_strategy(InstanceAllocationStrategy::OnDemand);
+    wasm
 }
 
 /// What names an engine's artifacts: the hash of the settings its compiled code depends on.

@@ -16,6 +16,7 @@ mod artifacts;
 mod call;
 mod classify;
 mod code;
+mod compiler;
 mod config;
 mod dns;
 pub mod downstream;
@@ -35,7 +36,11 @@ pub mod warm;
 
 pub use artifacts::{ArtifactFile, ArtifactUsage, BlobSource};
 pub use call::{Call, GuestBody, Lane, OnDone, Outcome, Responded, Running, TraceParent};
-pub use code::{CodeConfig, CodeKey, CodeStats, Origin, Prepared};
+pub use code::{
+    COMPILE_MEMORY_BYTES_MAX_DEFAULT, COMPILE_MEMORY_BYTES_MIN, COMPILE_TIMEOUT_DEFAULT, CodeConfig, CodeKey,
+    CodeStats, Origin, Prepared,
+};
+pub use compiler::{CompileIn, compile_worker_main};
 pub use config::{HEAVY_MEMORY_BYTES, HEAVY_MEMORY_MAX_DEFAULT, RuntimeConfig};
 pub use dns::DnsConfig;
 pub use downstream::{DownstreamState, Downstreams};

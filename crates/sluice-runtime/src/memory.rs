@@ -1,8 +1,10 @@
 //! How the node gives the allocator's free memory back to the kernel.
 //!
-//! glibc's malloc keeps freed memory in its arenas, resident, until it is trimmed. A compile
-//! frees hundreds of MiB for a large component, so the compile trims when it is done, after what
-//! it allocated (the compiler's engine, the component's bytes, the artifact) is freed.
+//! glibc's malloc keeps freed memory in its arenas, resident, until it is trimmed. A compile in
+//! the node ([`CompileIn::Node`](crate::CompileIn)) frees hundreds of MiB for a large component,
+//! so it trims when it is done, after what it allocated (the compiler's engine, the component's
+//! bytes, the artifact) is freed. The trim cannot release the top of a thread's arena, which is
+//! why `serve` compiles in a child process instead ([`compiler`](crate::compiler)).
 //!
 //! Fixing malloc's mmap threshold when the node starts was tried and left out (BENCHMARKS.md,
 //! 2026-12-07): it halves what a deploy of the 21 MiB Python example leaves resident (about 100

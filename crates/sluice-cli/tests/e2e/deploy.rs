@@ -226,3 +226,28 @@ fn component_with_foreign_imports_is_refused_listing_them() {
     assert!(msg.contains("fermyon:spin/key-value@2.0.0"), "{msg}");
     assert!(msg.contains("wasi:keyvalue/store@0.2.0-draft"), "{msg}");
 }
+
+#[test]
+fn a_compile_past_its_limits_is_refused_and_the_node_serves_on() {
+    // Compiles run in a child process with a deadline: one that takes longer is killed and the
+    // component refused with the reason, and nothing is left that looks like an artifact.
+    let node = Node::start(&["--compile-timeout", "1ms"]);
+    let (ok, _, err) = node.cli(&["deploy", "hello", guests().hello.to_str().unwrap()]);
+    assert!(!ok, "a compile past its timeout was accepted");
+    assert!(err.contains("longer than the node allows a compile (1ms"), "{err}");
+    let artifacts = std::fs::read_dir(node.dir.path().join("artifacts/default"))
+        .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect::<Vec<_>>())
+        .unwrap_or_default();
+    assert!(artifacts.is_empty(), "left behind: {artifacts:?}");
+    assert_eq!(node.get("/healthz").status(), 200);
+
+    // A compile's memory is the child's, capped: hello compiles in 256 MiB, the 21 MiB Python
+    // example does not, and the node says so and serves on.
+    let node = Node::start(&["--compile-memory", "256MiB"]);
+    node.deploy("hello", &guests().hello, &[]);
+    let (ok, _, err) = node.cli(&["deploy", "py", crate::harness::examples().python.to_str().unwrap()]);
+    assert!(!ok, "a compile past its memory limit was accepted");
+    assert!(err.contains("needed more memory than the node allows a compile (256 MiB"), "{err}");
+    assert!(!err.contains("RUST_BACKTRACE"), "{err}");
+    assert_eq!(node.get("/fn/default/hello/").text().unwrap(), "hello from sluice\n");
+}
