@@ -30,7 +30,8 @@ one() {
   SLUICE=$bin start_node "$dir" > /dev/null
   local pid=$NODE_PID idle
   idle=$(rss "$pid")
-  SLUICE_URL=$NODE_URL SLUICE_TOKEN=$NODE_TOKEN "$bin" deploy f "$WASM" > /dev/null
+  local compile_ms
+  compile_ms=$(SLUICE_URL=$NODE_URL SLUICE_TOKEN=$NODE_TOKEN "$bin" deploy f "$WASM" | sed -n 's/.*compiled in \([0-9]*\) ms.*/\1/p')
   sleep 1
   local after; after=$(rss "$pid")
   echo "== $label: after the deploy, mappings over 4 MiB:" >&2
@@ -48,12 +49,12 @@ one() {
   done
   alive "$pid" "the node"
   if grep -q 'Non-2xx' "$data/wrk.out"; then echo "non-2xx answers:" >&2; cat "$data/wrk.out" >&2; exit 1; fi
-  echo "| $label | $idle | $after | $((peak / 1024)) | $(awk '/Requests\/sec/ {printf "%.0f", $2}' "$data/wrk.out") |"
+  echo "| $label | $compile_ms | $idle | $after | $((peak / 1024)) | $(awk '/Requests\/sec/ {printf "%.0f", $2}' "$data/wrk.out") |"
   stop_node "$pid"
 }
 
-echo "| build | RSS idle MiB | RSS after the deploy MiB | peak RSS serving it MiB | req/s |"
-echo "| --- | --- | --- | --- | --- |"
+echo "| build | compile ms | RSS idle MiB | RSS after the deploy MiB | peak RSS serving it MiB | req/s |"
+echo "| --- | --- | --- | --- | --- | --- |"
 for _ in $(seq 1 "$ROUNDS"); do
   [ -n "${OLD:-}" ] && one "$OLD" old
   one "$SLUICE" new
