@@ -161,6 +161,7 @@ fn worker(args: &[String]) -> Result<(), (i32, String)> {
     else {
         return Err(failed("usage: --cow 0|1 --threads N --memory-bytes-max BYTES --out PATH".into()));
     };
+    die_with_the_node();
     limit_address_space(memory_bytes_max).map_err(|e| failed(format!("setting the memory limit: {e}")))?;
     // Threads inherit the nice value of the thread that makes them: the whole compile runs at
     // the priority the node's compile pool has.
@@ -177,6 +178,26 @@ fn worker(args: &[String]) -> Result<(), (i32, String)> {
         pool.install(|| engine.precompile_component(&bytes)).map_err(|e| (EXIT_INVALID, format!("{e:#}")))?;
     std::fs::write(&out, &artifact).map_err(|e| failed(format!("writing {}: {e}", out.display())))
 }
+
+/// A node that is killed (SIGKILL, OOM) cannot kill its compile: the kernel does, so no orphan
+/// compiles on for minutes. Its temporary file is the artifact collector's to remove. (The signal
+/// follows the *thread* that spawned the child: an async runtime's worker, which lives as long as
+/// the node.)
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn die_with_the_node() {
+    // SAFETY: plain syscalls on this process.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        // The node may have died before the line above: then this process was reparented.
+        if libc::getppid() == 1 {
+            libc::_exit(EXIT_FAILED);
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_the_node() {}
 
 /// Caps the process's address space, so a compile that would need more fails its allocation
 /// instead of taking the machine's memory.
