@@ -58,7 +58,14 @@ pub(crate) async fn compile_in_child(
     out: &Path,
 ) -> Result<(), SluiceError> {
     let invalid = |m: String| SluiceError::new(ErrorKind::InvalidComponent, m);
-    let mut child = tokio::process::Command::new(program)
+    let mut command = tokio::process::Command::new(program);
+    // `ps` shows the child as the node's own command (`sluice compile-worker …`), not as
+    // /proc/self/exe.
+    #[cfg(unix)]
+    if let Some(arg0) = std::env::args_os().next() {
+        command.arg0(arg0);
+    }
+    let mut child = command
         .args(args)
         .arg("--cow")
         .arg(if memory_init_cow { "1" } else { "0" })
