@@ -136,7 +136,9 @@ fn a_tenant_cannot_use_or_probe_another_tenants_blob() {
 
 #[test]
 fn unused_blobs_and_artifacts_are_collected_after_their_grace() {
-    let node = Node::start(&["--blob-grace", "1s"]);
+    // The grace leaves a deploy room to compile (in a child process, slower in a debug build on
+    // a busy machine) before its own upload, not yet named by a version, could be collected.
+    let node = Node::start(&["--blob-grace", "3s"]);
     deploy_distinct(&node, "kept", 1);
     deploy_distinct(&node, "dropped", 2);
     // Uploaded and never deployed: collected too, after its grace.
