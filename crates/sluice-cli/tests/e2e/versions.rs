@@ -209,8 +209,9 @@ fn compiles(node: &Node) -> u64 {
 
 #[test]
 fn rollback_moves_an_alias_without_a_compile_and_retention_keeps_its_version() {
-    // Keep one version per function, and collect every half second.
-    let node = Node::start(&["--versions-kept", "1", "--blob-grace", "1s"]);
+    // Keep one version per function, and collect every 1.5 s. (A shorter grace races the
+    // deploys' own upload-then-create of a blob with the collector.)
+    let node = Node::start(&["--versions-kept", "1", "--blob-grace", "3s"]);
     node.deploy("app", &guests().hello, &[]);
     cli_ok(&node, &["alias", "set", "app", "stable", "1"]);
     let started = Instant::now();
@@ -224,8 +225,8 @@ fn rollback_moves_an_alias_without_a_compile_and_retention_keeps_its_version() {
         let numbers: Vec<i64> = v["versions"].as_array().unwrap().iter().map(|x| x["version"].as_i64().unwrap()).collect();
         numbers == [3, 1]
     });
-    // Past the blob grace: an unnamed blob would be gone by now.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Past the blob grace and a collection: an unnamed blob would be gone by now.
+    std::thread::sleep(Duration::from_millis(4500));
     assert_eq!(served_by(&node, "/fn/default/app/echo", &[]), 3);
 
     let before = compiles(&node);
