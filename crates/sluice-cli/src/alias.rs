@@ -54,7 +54,8 @@ pub async fn run(cmd: AliasCommand) -> anyhow::Result<()> {
                 .context("bad routes")?;
             let client = Client::new(&target)?;
             let path = client.tenant_path(&format!("/functions/{name}/aliases/{alias}"));
-            let v = client.json(client.request(Method::PUT, &path).json(&json!({ "routes": routes }))).await?;
+            let v =
+                client.json(client.request(Method::PUT, &path).json(&json!({ "routes": routes }))).await?;
             if output.json(&v)? {
                 return Ok(());
             }

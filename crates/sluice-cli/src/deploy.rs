@@ -202,7 +202,9 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
     spinner.enable_steady_tick(Duration::from_millis(100));
     let create = client
         .request(Method::POST, &client.tenant_path(&format!("/functions/{}/versions", args.name)))
-        .json(&json!({ "digest": digest, "config": config, "secrets": secrets, "promote": !args.no_promote }));
+        .json(
+            &json!({ "digest": digest, "config": config, "secrets": secrets, "promote": !args.no_promote }),
+        );
     let version = client.json(create).await;
     spinner.finish_and_clear();
     let version = version?;

@@ -39,7 +39,10 @@ pub async fn run(cmd: VersionsCommand) -> anyhow::Result<()> {
             if output.json(&v)? {
                 return Ok(());
             }
-            println!("{:>7}  {:<20}  {:<12}  {:>9}  {:<14}  CONFIG", "VERSION", "CREATED", "DIGEST", "SIZE", "ALIASES");
+            println!(
+                "{:>7}  {:<20}  {:<12}  {:>9}  {:<14}  CONFIG",
+                "VERSION", "CREATED", "DIGEST", "SIZE", "ALIASES"
+            );
             for version in v["versions"].as_array().into_iter().flatten() {
                 println!(
                     "{:>7}  {:<20}  {:<12}  {:>9}  {:<14}  {}",
@@ -67,9 +70,19 @@ pub async fn run(cmd: VersionsCommand) -> anyhow::Result<()> {
                 sluice_core::units::format_bytes(v["size"].as_u64().unwrap_or_default())
             );
             println!("aliases   {}", aliases(&v["aliases"]));
-            println!("url       {}", v["url"].as_str().unwrap_or_default().trim_end_matches('/').to_string() + "@" + &version.to_string() + "/");
-            println!("config    {}", serde_json::to_string_pretty(&v["config"])?.replace('\n', "\n          "));
-            let secrets: Vec<&str> = v["secrets"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+            println!(
+                "url       {}",
+                v["url"].as_str().unwrap_or_default().trim_end_matches('/').to_string()
+                    + "@"
+                    + &version.to_string()
+                    + "/"
+            );
+            println!(
+                "config    {}",
+                serde_json::to_string_pretty(&v["config"])?.replace('\n', "\n          ")
+            );
+            let secrets: Vec<&str> =
+                v["secrets"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
             if !secrets.is_empty() {
                 println!("secrets   {}", secrets.join(", "));
             }

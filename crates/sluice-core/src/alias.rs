@@ -60,7 +60,8 @@ pub fn parse_routes(words: &[String]) -> Result<Vec<Route>, String> {
                 None if words.len() == 1 => (w.as_str(), "100"),
                 None => return Err(format!("{w:?}: give each version its weight, as VERSION=WEIGHT")),
             };
-            let version = version.parse().map_err(|_| format!("{w:?}: {version:?} is not a version number"))?;
+            let version =
+                version.parse().map_err(|_| format!("{w:?}: {version:?} is not a version number"))?;
             let weight = weight.parse().map_err(|_| format!("{w:?}: {weight:?} is not a whole weight"))?;
             Ok(Route { version, weight })
         })

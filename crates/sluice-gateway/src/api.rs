@@ -64,7 +64,9 @@ pub(crate) fn routes() -> &'static (Router<Arc<Node>>, String) {
 /// Every `/v1` route. Register routes here with `routes!` only (see the module docs); the
 /// `api_openapi` tests fail for a route the document does not list.
 pub(crate) fn openapi_router() -> OpenApiRouter<Arc<Node>> {
-    use crate::{api_invocations as inv, api_node, api_openapi as doc, api_tenants as ten, api_versions as ver};
+    use crate::{
+        api_invocations as inv, api_node, api_openapi as doc, api_tenants as ten, api_versions as ver,
+    };
     OpenApiRouter::with_openapi(doc::base())
         .routes(routes!(doc::openapi_json))
         .routes(routes!(ten::create_tenant, ten::list_tenants))

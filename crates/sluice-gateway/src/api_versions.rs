@@ -231,7 +231,8 @@ pub(crate) async fn set_alias(
         .into());
     }
     let req: SetAlias = json_body(&body, "alias")?;
-    let routes: Vec<Route> = req.routes.iter().map(|r| Route { version: r.version, weight: r.weight }).collect();
+    let routes: Vec<Route> =
+        req.routes.iter().map(|r| Route { version: r.version, weight: r.weight }).collect();
     alias::check_routes(&routes).map_err(|e| SluiceError::bad_request(format!("alias {name}: {e}")))?;
     let record = node.store.set_alias(&tenant, &function, &name, &routes).await?;
     node.refresh_function(&tenant, &function).await?;
@@ -270,7 +271,10 @@ pub(crate) async fn delete_alias(
         .into());
     }
     if !node.store.delete_alias(&tenant, &function, &name).await? {
-        return Err(SluiceError::not_found(format!("no alias {name} of function {function} in tenant {tenant}")).into());
+        return Err(SluiceError::not_found(format!(
+            "no alias {name} of function {function} in tenant {tenant}"
+        ))
+        .into());
     }
     node.refresh_function(&tenant, &function).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -311,7 +315,10 @@ pub(crate) fn routes_text(routes: &[Route]) -> String {
 fn config_summary(c: &FunctionConfig) -> String {
     let mut parts = vec![
         format!("memory {}", sluice_core::units::format_bytes(c.memory_bytes)),
-        format!("timeout {}", sluice_core::units::format_duration(std::time::Duration::from_millis(c.timeout_ms))),
+        format!(
+            "timeout {}",
+            sluice_core::units::format_duration(std::time::Duration::from_millis(c.timeout_ms))
+        ),
     ];
     if c.public {
         parts.push("public".into());

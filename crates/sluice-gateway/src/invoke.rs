@@ -284,7 +284,12 @@ async fn call(
         }
     };
     *executed = Some(deployed.record.version);
-    follow.function(tenant, function, deployed.record.version, if is_async { Mode::Async } else { Mode::Sync });
+    follow.function(
+        tenant,
+        function,
+        deployed.record.version,
+        if is_async { Mode::Async } else { Mode::Sync },
+    );
 
     if public {
         node.admit_anonymous(tenant, headers)?;

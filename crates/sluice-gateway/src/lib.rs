@@ -12,9 +12,9 @@ pub mod api_invocations;
 pub mod api_node;
 pub mod api_openapi;
 pub mod api_tenants;
-pub mod api_versions;
 #[cfg(test)]
 mod api_tests;
+pub mod api_versions;
 pub mod body;
 pub mod control;
 pub mod credentials;

@@ -491,7 +491,8 @@ impl Node {
         if number < 1 || number > served.newest_version {
             return Ok(None);
         }
-        let Some(record) = self.store.get_version(tenant, function, number).await.map_err(store_error)? else {
+        let Some(record) = self.store.get_version(tenant, function, number).await.map_err(store_error)?
+        else {
             return Ok(None);
         };
         let mut deployed = Deployed::new(record);
@@ -638,7 +639,11 @@ impl Node {
         routing: Option<sluice_store::FunctionRouting>,
     ) -> Result<Refreshed, SluiceError> {
         let Some(routing) = routing else {
-            return Ok(if self.uninstall(tenant, function) { Refreshed::Uninstalled } else { Refreshed::Unchanged });
+            return Ok(if self.uninstall(tenant, function) {
+                Refreshed::Uninstalled
+            } else {
+                Refreshed::Unchanged
+            });
         };
         let installed = self.served(tenant, function);
         for record in &routing.versions {
@@ -730,14 +735,20 @@ pub enum Refreshed {
 /// Whether two states of a function serve the same versions under the same aliases: a refresh
 /// that changes nothing keeps the state calls already hold.
 fn same_routing<T: Registered>(a: &Served<T>, b: &Served<T>) -> bool {
-    let alias_key = |x: &Alias<T>| x.routes().map(|(v, w)| (v.version(), v.created_at(), w)).collect::<Vec<_>>();
+    let alias_key =
+        |x: &Alias<T>| x.routes().map(|(v, w)| (v.version(), v.created_at(), w)).collect::<Vec<_>>();
     a.newest_version == b.newest_version
         && a.aliases.len() == b.aliases.len()
         && a.aliases.iter().all(|(name, x)| b.aliases.get(name).is_some_and(|y| alias_key(x) == alias_key(y)))
 }
 
 fn principal(k: &KeyRecord) -> Principal {
-    Principal { key_id: k.id.clone(), tenant: k.tenant.clone(), scopes: k.scopes.clone(), alias: k.alias.clone() }
+    Principal {
+        key_id: k.id.clone(),
+        tenant: k.tenant.clone(),
+        scopes: k.scopes.clone(),
+        alias: k.alias.clone(),
+    }
 }
 
 #[cfg(test)]
@@ -871,7 +882,12 @@ mod tests {
         assert!(Arc::ptr_eq(&first.versions[&1], &moved.versions[&1]));
         assert_eq!(moved.alias("prod").unwrap().choose(None).version, 1);
         assert!(!same_routing(&first, &moved));
-        let again = build_served(Some(&moved), 2, vec![fake(1, None, None, &clock), fake(2, None, None, &clock)], &prod);
+        let again = build_served(
+            Some(&moved),
+            2,
+            vec![fake(1, None, None, &clock), fake(2, None, None, &clock)],
+            &prod,
+        );
         assert!(same_routing(&moved, &again.unwrap()));
         // An alias naming a version the routing lacks is not installed.
         assert!(build_served(None, 2, vec![fake(2, None, None, &clock)], &prod).is_none());
@@ -880,7 +896,8 @@ mod tests {
     #[test]
     fn a_split_alias_picks_by_weight_and_a_routing_key_sticks() {
         let clock = FakeRelativeClock::default();
-        let versions = vec![fake(3, None, None, &clock), fake(4, None, None, &clock), fake(5, None, None, &clock)];
+        let versions =
+            vec![fake(3, None, None, &clock), fake(4, None, None, &clock), fake(5, None, None, &clock)];
         let split = [alias("latest", &[(5, 1)]), alias("prod", &[(3, 70), (4, 20), (5, 10)])];
         let f = build_served(None, 5, versions, &split).unwrap();
         let prod = f.alias("prod").unwrap();

@@ -438,10 +438,12 @@ impl Functions for NodeFunctions {
             let served = node.served(&tenant, &function).and_then(|s| s.versions.get(&version).cloned());
             let (config, key) = match served {
                 Some(d) => (d.config.clone(), d.code_key.clone()),
-                None => match node.store.get_version(&tenant, &function, version).await.map_err(store_error)? {
-                    None => return Ok(None),
-                    Some(r) => (Arc::new(r.config.clone()), CodeKey::new(&r.tenant, &r.blob_digest)),
-                },
+                None => {
+                    match node.store.get_version(&tenant, &function, version).await.map_err(store_error)? {
+                        None => return Ok(None),
+                        Some(r) => (Arc::new(r.config.clone()), CodeKey::new(&r.tenant, &r.blob_digest)),
+                    }
+                }
             };
             let (prepared, _) = node.code(&key).await?;
             Ok(Some(Ready { config, prepared }))

@@ -449,14 +449,13 @@ where
     }
 
     async fn function_routing(&self, tenant: &str, function: &str) -> StoreResult<Option<FunctionRouting>> {
-        let functions = sqlx::query(
-            "SELECT tenant, name, latest_version FROM functions WHERE tenant = $1 AND name = $2",
-        )
-        .bind(tenant)
-        .bind(function)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(E::classify)?;
+        let functions =
+            sqlx::query("SELECT tenant, name, latest_version FROM functions WHERE tenant = $1 AND name = $2")
+                .bind(tenant)
+                .bind(function)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(E::classify)?;
         let aliases = sqlx::query(
             "SELECT tenant, function, name, version, weight, updated_at FROM aliases
              WHERE tenant = $1 AND function = $2 ORDER BY tenant, function, name, version DESC",
@@ -527,13 +526,14 @@ where
         .await
         .map_err(E::classify)?;
     for route in routes {
-        let found = sqlx::query("SELECT 1 FROM versions WHERE tenant = $1 AND function = $2 AND version = $3")
-            .bind(tenant)
-            .bind(function)
-            .bind(route.version)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(E::classify)?;
+        let found =
+            sqlx::query("SELECT 1 FROM versions WHERE tenant = $1 AND function = $2 AND version = $3")
+                .bind(tenant)
+                .bind(function)
+                .bind(route.version)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(E::classify)?;
         if found.is_none() {
             return Err(StoreError::NotFound(format!("version {} of function {function}", route.version)));
         }

@@ -82,11 +82,7 @@ const MIGRATIONS: &[Migration] = &[
         name: "vocabulary checks",
         sql: include_str!("../migrations/postgres/0005_vocabulary_checks.sql"),
     },
-    Migration {
-        version: 6,
-        name: "aliases",
-        sql: include_str!("../migrations/postgres/0006_aliases.sql"),
-    },
+    Migration { version: 6, name: "aliases", sql: include_str!("../migrations/postgres/0006_aliases.sql") },
 ];
 
 /// Whose clock decides leases.

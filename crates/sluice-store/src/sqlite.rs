@@ -110,11 +110,7 @@ const MIGRATIONS: &[Migration] = &[
         name: "vocabulary checks",
         sql: include_str!("../migrations/sqlite/0011_vocabulary_checks.sql"),
     },
-    Migration {
-        version: 12,
-        name: "aliases",
-        sql: include_str!("../migrations/sqlite/0012_aliases.sql"),
-    },
+    Migration { version: 12, name: "aliases", sql: include_str!("../migrations/sqlite/0012_aliases.sql") },
 ];
 
 /// The embedded store.

@@ -453,7 +453,12 @@ fn an_alias_move_on_one_node_reaches_the_other() {
     // A rollback on node one: node two serves version 1 (hello answers any path) without a
     // deploy, as soon as the change notification arrives. Ten moves, each timed.
     let version_on_two = || {
-        let res = two.client().get(format!("{}/fn/default/app/ok", two.url)).bearer_auth(&two.token).send().unwrap();
+        let res = two
+            .client()
+            .get(format!("{}/fn/default/app/ok", two.url))
+            .bearer_auth(&two.token)
+            .send()
+            .unwrap();
         res.headers().get("sluice-version").map(|v| v.to_str().unwrap().to_string())
     };
     let mut seen = Vec::new();
@@ -468,5 +473,8 @@ fn an_alias_move_on_one_node_reaches_the_other() {
         seen.push(moved.elapsed());
     }
     seen.sort();
-    eprintln!("an alias move on node one was served by node two after {:?} (median), {:?} (max)", seen[5], seen[9]);
+    eprintln!(
+        "an alias move on node one was served by node two after {:?} (median), {:?} (max)",
+        seen[5], seen[9]
+    );
 }

@@ -138,7 +138,11 @@ fn a_split_alias_follows_its_weights_and_a_routing_key_sticks() {
 
 /// Calls `tg@prod` `calls` times from 4 threads, the i-th call with routing key `key(i)`;
 /// returns how many each version served.
-fn count_versions(node: &Node, calls: usize, key: impl Fn(usize) -> Option<String> + Sync) -> HashMap<i64, u32> {
+fn count_versions(
+    node: &Node,
+    calls: usize,
+    key: impl Fn(usize) -> Option<String> + Sync,
+) -> HashMap<i64, u32> {
     let threads = 4;
     let key = &key;
     std::thread::scope(|s| {
@@ -180,7 +184,8 @@ fn pinning_a_version_is_only_for_the_tenants_own_keys() {
     assert!(body.contains("MARK=v1"), "{body}");
     // The public function serves anyone, but only the tenant may choose its version.
     for key in [None, Some(other.as_str()), Some("sk_not_a_key")] {
-        let mut req = node.client().get(format!("{}/fn/default/tg/env", node.url)).header("sluice-version", "1");
+        let mut req =
+            node.client().get(format!("{}/fn/default/tg/env", node.url)).header("sluice-version", "1");
         if let Some(key) = key {
             req = req.bearer_auth(key);
         }
@@ -222,7 +227,8 @@ fn rollback_moves_an_alias_without_a_compile_and_retention_keeps_its_version() {
     wait_until("version 2 retired", || {
         let listed = cli_ok(&node, &["versions", "list", "app", "--output", "json"]);
         let v: Value = serde_json::from_str(&listed).unwrap();
-        let numbers: Vec<i64> = v["versions"].as_array().unwrap().iter().map(|x| x["version"].as_i64().unwrap()).collect();
+        let numbers: Vec<i64> =
+            v["versions"].as_array().unwrap().iter().map(|x| x["version"].as_i64().unwrap()).collect();
         numbers == [3, 1]
     });
     // Past the blob grace and a collection: an unnamed blob would be gone by now.
@@ -266,7 +272,8 @@ fn a_key_limited_to_an_alias_calls_that_alias_only() {
     node.deploy("tg", &guests().testguest, &[]);
     node.deploy("tg", &guests().testguest, &[]);
     cli_ok(&node, &["alias", "set", "tg", "prod", "1"]);
-    let (ok, key, err) = node.cli(&["keys", "create", "--tenant", "default", "--scope", "invoke", "--alias", "prod"]);
+    let (ok, key, err) =
+        node.cli(&["keys", "create", "--tenant", "default", "--scope", "invoke", "--alias", "prod"]);
     assert!(ok && err.contains("for alias prod only"), "{err}");
     let key = key.trim();
     let (status, version, body) = call(&node, Some(key), "/fn/default/tg@prod/ok", &[]);

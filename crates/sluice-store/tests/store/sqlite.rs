@@ -180,9 +180,9 @@ async fn two_stores_on_one_file_number_versions_together() {
     harness.store().put_blob("acme", "d1", b"component").await.unwrap();
     let config = FunctionConfig::default();
     let stores: [&dyn Store; 2] = [harness.store(), &other];
-    let deploys = stores
-        .iter()
-        .flat_map(|store| (0..DEPLOYS_EACH).map(|_| store.create_version("acme", "hello", "d1", &config, true)));
+    let deploys = stores.iter().flat_map(|store| {
+        (0..DEPLOYS_EACH).map(|_| store.create_version("acme", "hello", "d1", &config, true))
+    });
     let mut versions: Vec<i64> =
         futures::future::join_all(deploys).await.into_iter().map(|r| r.unwrap().version).collect();
     versions.sort_unstable();

@@ -3,8 +3,8 @@
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
-use sluice_core::ids::sha256_hex;
 use sluice_core::alias::Route;
+use sluice_core::ids::sha256_hex;
 use sluice_core::{Clock, FunctionConfig, Scope, UnixMs};
 use sluice_store::{
     AttemptResult, Completion, Invocation, InvocationStatus, KeyRecord, LogLine, LogStream, Store,
@@ -418,7 +418,8 @@ pub async fn versions_are_numbered_from_one(store: &dyn Store, clock: &ManualClo
 
     let err = store.create_version("nope", "hello", &digest, &custom, true).await.unwrap_err();
     assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
-    let err = store.create_version("acme", "hello", &sha256_hex(b"missing"), &custom, true).await.unwrap_err();
+    let err =
+        store.create_version("acme", "hello", &sha256_hex(b"missing"), &custom, true).await.unwrap_err();
     assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
     // A refused deploy does not use up a number.
     let v4 = store.create_version("acme", "hello", &digest, &custom, true).await.unwrap();
@@ -626,7 +627,8 @@ pub async fn routing_lists_aliases_and_the_versions_they_name(store: &dyn Store,
     store.create_version("acme", "a", &acme, &config, true).await.unwrap();
     let v3 = store.create_version("acme", "a", &acme, &config, false).await.unwrap();
     let b1 = store.create_version("beta", "b", &beta, &config, true).await.unwrap();
-    store.set_alias("acme", "a", "prod", &[Route { version: 1, weight: 3 }, Route { version: 3, weight: 1 }])
+    store
+        .set_alias("acme", "a", "prod", &[Route { version: 1, weight: 3 }, Route { version: 3, weight: 1 }])
         .await
         .unwrap();
     store.set_alias("acme", "a", "latest", &[Route { version: 1, weight: 1 }]).await.unwrap();
