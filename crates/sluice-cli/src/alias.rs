@@ -68,10 +68,10 @@ pub async fn run(cmd: AliasCommand) -> anyhow::Result<()> {
             if output.json(&v)? {
                 return Ok(());
             }
-            println!("{:<16}  {:<20}  {:<20}  URL", "ALIAS", "VERSIONS", "UPDATED");
+            println!("{:<16}  {:<20}  {:<24}  URL", "ALIAS", "VERSIONS", "UPDATED");
             for a in v["aliases"].as_array().into_iter().flatten() {
                 println!(
-                    "{:<16}  {:<20}  {:<20}  {}",
+                    "{:<16}  {:<20}  {:<24}  {}",
                     a["name"].as_str().unwrap_or_default(),
                     routes_text(a),
                     a["updated_at"].as_str().unwrap_or_default(),

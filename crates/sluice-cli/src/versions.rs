@@ -40,13 +40,13 @@ pub async fn run(cmd: VersionsCommand) -> anyhow::Result<()> {
                 return Ok(());
             }
             println!(
-                "{:>7}  {:<20}  {:<12}  {:>9}  {:<14}  CONFIG",
+                "{:>7}  {:<24}  {:<12}  {:>10}  {:<16}  CONFIG",
                 "VERSION", "CREATED", "DIGEST", "SIZE", "ALIASES"
             );
             for version in v["versions"].as_array().into_iter().flatten() {
                 println!(
-                    "{:>7}  {:<20}  {:<12}  {:>9}  {:<14}  {}",
-                    version["version"],
+                    "{:>7}  {:<24}  {:<12}  {:>10}  {:<16}  {}",
+                    version["version"].as_i64().unwrap_or_default(),
                     version["created_at"].as_str().unwrap_or_default(),
                     short_digest(&version["digest"]),
                     sluice_core::units::format_bytes(version["size"].as_u64().unwrap_or_default()),
