@@ -481,7 +481,7 @@ pub(crate) async fn list_functions(
     Ok(Json(FunctionList { functions }))
 }
 
-/// Show a function's latest version.
+/// Show a function's newest version (promoted or not; `alias list` shows what `latest` names).
 #[utoipa::path(
     get,
     path = "/v1/tenants/{tenant}/functions/{function}",
@@ -491,7 +491,7 @@ pub(crate) async fn list_functions(
         ("function" = String, Path, description = "Function name", example = "hello"),
     ),
     responses(
-        (status = 200, description = "The latest version", body = VersionInfo),
+        (status = 200, description = "The newest version", body = VersionInfo),
         (status = 403, description = "The key lacks the `read` scope", body = ErrorBody),
         (status = 404, description = "No such function (or another tenant's)", body = ErrorBody),
     )
