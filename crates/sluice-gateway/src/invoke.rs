@@ -264,11 +264,11 @@ async fn call(
         None => deployed,
         Some(n) => {
             // Pinning picks a version no alias may name yet: for the tenant's own testing, never
-            // for anonymous callers or other tenants' keys of a public function.
-            let own = principal.as_deref().is_some_and(|p| p.may(tenant, Scope::Invoke)) || {
-                let key = bearer(headers).and_then(|k| node.principal_for_key(k));
-                key.is_some_and(|p| p.may(tenant, Scope::Invoke))
-            };
+            // for anonymous callers or other tenants' keys of a public function, nor for a key
+            // limited to one alias (refused above on a private function; here on a public one).
+            let may_pin = |p: &Principal| p.may(tenant, Scope::Invoke) && p.alias.is_none();
+            let own = principal.as_deref().is_some_and(may_pin)
+                || bearer(headers).and_then(|k| node.principal_for_key(k)).is_some_and(|p| may_pin(&p));
             if !own {
                 return Err(SluiceError::new(
                     ErrorKind::Forbidden,

@@ -292,6 +292,14 @@ fn a_key_limited_to_an_alias_calls_that_alias_only() {
         let msg = assert_error(req.send().unwrap(), 403, "forbidden");
         assert!(msg.contains("only call the alias prod"), "{path}: {msg}");
     }
+    // On a public function anyone may call any alias, but the limited key still may not pin.
+    node.deploy("pub", &guests().testguest, &["--public"]);
+    let res = node
+        .client()
+        .get(format!("{}/fn/default/pub/ok", node.url))
+        .bearer_auth(key)
+        .header("sluice-version", "1");
+    assert_error(res.send().unwrap(), 403, "forbidden");
     let listed = node.get("/v1/tenants/default/keys").json::<Value>().unwrap();
     assert!(listed["keys"].as_array().unwrap().iter().any(|k| k["alias"] == "prod"), "{listed}");
 }
