@@ -4,6 +4,8 @@
 # costs the hot path anything: build the old commit, copy its binary away, build the new one.
 #
 # Usage: bench/compare-builds.sh OLD_BIN NEW_BIN     (ROUNDS=6 DURATION=5s CONNS=50 optional)
+# SPLIT=1: where a build has aliases, deploy hello twice and split `latest` 50/50 over the two
+# versions, so that every call of that build also pays for a weighted choice.
 # Needs: wrk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +27,10 @@ round() {
   start_node "$d/n" --tenant-rate 10000000 "${extra[@]}"
   pid=$NODE_PID url=$NODE_URL
   SLUICE_URL=$url SLUICE_TOKEN=$NODE_TOKEN "$SLUICE" deploy hello "$HELLO" --public > /dev/null
+  if [ "${SPLIT:-0}" = 1 ] && "$SLUICE" alias --help > /dev/null 2>&1; then
+    SLUICE_URL=$url SLUICE_TOKEN=$NODE_TOKEN "$SLUICE" deploy hello "$HELLO" --public > /dev/null
+    SLUICE_URL=$url SLUICE_TOKEN=$NODE_TOKEN "$SLUICE" alias set hello latest 1=50 2=50 > /dev/null
+  fi
   curl -s "$url/fn/default/hello/" > /dev/null
   local t0 t1 n
   t0=$(cpu_ticks "$pid")

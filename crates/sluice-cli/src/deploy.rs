@@ -89,6 +89,11 @@ pub struct DeployArgs {
     /// Serve the function's /fn URL without an API key.
     #[arg(long)]
     pub public: bool,
+    /// Leave the alias `latest` (what /fn/TENANT/NAME/ calls) where it is: the new version is
+    /// served only as NAME@VERSION (and through aliases set to it) until `sluice alias set`.
+    /// A function's first version is always `latest`.
+    #[arg(long)]
+    pub no_promote: bool,
     #[command(flatten)]
     pub target: Target,
 }
@@ -197,7 +202,9 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
     spinner.enable_steady_tick(Duration::from_millis(100));
     let create = client
         .request(Method::POST, &client.tenant_path(&format!("/functions/{}/versions", args.name)))
-        .json(&json!({ "digest": digest, "config": config, "secrets": secrets }));
+        .json(
+            &json!({ "digest": digest, "config": config, "secrets": secrets, "promote": !args.no_promote }),
+        );
     let version = client.json(create).await;
     spinner.finish_and_clear();
     let version = version?;
@@ -213,6 +220,13 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
         version["version"],
         version["url"].as_str().unwrap_or_default()
     );
+    if version["promoted"].as_bool() == Some(false) {
+        println!(
+            "not promoted: latest still names the version before; call it as {}@{}, or move latest with \
+             `sluice alias set {} latest {}`",
+            args.name, version["version"], args.name, version["version"]
+        );
+    }
     let names: Vec<&str> =
         version["secrets"].as_array().into_iter().flatten().filter_map(|n| n.as_str()).collect();
     if !names.is_empty() {

@@ -18,6 +18,10 @@ pub enum KeysCommand {
             sluice_core::Scope::TENANT.map(|s| s.as_str())
         ))]
         scopes: Vec<String>,
+        /// Limit the key to one alias of the tenant's functions: it may call NAME@ALIAS only
+        /// (not NAME, NAME@VERSION or a pinned version). Default: any.
+        #[arg(long)]
+        alias: Option<String>,
         #[command(flatten)]
         target: Target,
     },
@@ -39,13 +43,15 @@ pub enum KeysCommand {
 
 pub async fn run(cmd: KeysCommand) -> anyhow::Result<()> {
     match cmd {
-        KeysCommand::Create { scopes, target } => {
+        KeysCommand::Create { scopes, alias, target } => {
             let client = Client::new(&target)?;
-            let req =
-                client.request(Method::POST, &client.tenant_path("/keys")).json(&json!({ "scopes": scopes }));
+            let req = client
+                .request(Method::POST, &client.tenant_path("/keys"))
+                .json(&json!({ "scopes": scopes, "alias": alias }));
             let v = client.json(req).await?;
+            let only = v["alias"].as_str().map(|a| format!(", for alias {a} only")).unwrap_or_default();
             eprintln!(
-                "created key {} for tenant {} with scopes {} (it is shown only this once):",
+                "created key {} for tenant {} with scopes {}{only} (it is shown only this once):",
                 v["id"].as_str().unwrap_or_default(),
                 v["tenant"].as_str().unwrap_or_default(),
                 scope_list(&v)

@@ -1,6 +1,7 @@
 //! `sluice`: one binary that runs a node (`serve`) and talks to one (every other subcommand).
 #![forbid(unsafe_code)]
 
+mod alias;
 mod client;
 mod completions;
 mod deploy;
@@ -15,6 +16,7 @@ mod output;
 mod serve;
 mod tenants;
 mod top;
+mod versions;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
@@ -35,6 +37,12 @@ enum Command {
     /// List or delete functions.
     #[command(subcommand)]
     Functions(functions::FunctionsCommand),
+    /// List a function's versions or show one.
+    #[command(subcommand)]
+    Versions(versions::VersionsCommand),
+    /// Name versions of a function, split calls between them, roll back by moving a name.
+    #[command(subcommand)]
+    Alias(alias::AliasCommand),
     /// Call a function, like curl would.
     Invoke(invoke::InvokeArgs),
     /// Show a function's (or one invocation's) guest log lines.
@@ -82,6 +90,8 @@ fn main() {
                 match other {
                     Command::Deploy(a) => deploy::run(a).await,
                     Command::Functions(c) => functions::run(c).await,
+                    Command::Versions(c) => versions::run(c).await,
+                    Command::Alias(c) => alias::run(c).await,
                     Command::Invoke(a) => invoke::run(a).await,
                     Command::Logs(a) => logs::run(a).await,
                     Command::Tenants(c) => tenants::run(c).await,

@@ -5,6 +5,7 @@
 //! where a limit gets its name and default, and where an error gets its kind.
 #![forbid(unsafe_code)]
 
+pub mod alias;
 pub mod error;
 pub mod function;
 pub mod ids;

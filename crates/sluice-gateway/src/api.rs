@@ -64,7 +64,9 @@ pub(crate) fn routes() -> &'static (Router<Arc<Node>>, String) {
 /// Every `/v1` route. Register routes here with `routes!` only (see the module docs); the
 /// `api_openapi` tests fail for a route the document does not list.
 pub(crate) fn openapi_router() -> OpenApiRouter<Arc<Node>> {
-    use crate::{api_invocations as inv, api_node, api_openapi as doc, api_tenants as ten};
+    use crate::{
+        api_invocations as inv, api_node, api_openapi as doc, api_tenants as ten, api_versions as ver,
+    };
     OpenApiRouter::with_openapi(doc::base())
         .routes(routes!(doc::openapi_json))
         .routes(routes!(ten::create_tenant, ten::list_tenants))
@@ -79,7 +81,10 @@ pub(crate) fn openapi_router() -> OpenApiRouter<Arc<Node>> {
         .routes(routes!(upload_blob))
         .routes(routes!(list_functions))
         .routes(routes!(get_function, delete_function))
-        .routes(routes!(create_version))
+        .routes(routes!(create_version, ver::list_versions))
+        .routes(routes!(ver::get_version))
+        .routes(routes!(ver::list_aliases))
+        .routes(routes!(ver::set_alias, ver::delete_alias))
         .routes(routes!(function_logs))
         .routes(routes!(inv::list_invocations))
         .routes(routes!(inv::get_invocation))
@@ -110,7 +115,7 @@ async fn normalize_error(res: axum::response::Response) -> axum::response::Respo
     error_response(&err, None).map(axum::body::Body::new)
 }
 
-fn no_function(tenant: &str, function: &str) -> SluiceError {
+pub(crate) fn no_function(tenant: &str, function: &str) -> SluiceError {
     SluiceError::not_found(format!("no function {function} in tenant {tenant}"))
 }
 
@@ -189,6 +194,14 @@ pub struct CreateVersion {
     #[serde(default)]
     #[schema(schema_with = crate::api_openapi::env_schema)]
     pub secrets: Vec<(String, String)>,
+    /// Move the alias `latest` (what `/fn/{tenant}/{function}/` calls) to the new version;
+    /// default true. A function's first version is always `latest`.
+    #[serde(default = "promote_by_default")]
+    pub promote: bool,
+}
+
+fn promote_by_default() -> bool {
+    true
 }
 
 /// One immutable version of a function.
@@ -218,6 +231,8 @@ pub struct DeployedVersion {
     /// The native artifact was already cached: nothing was compiled.
     pub artifact_cached: bool,
     pub artifact_bytes: u64,
+    /// The alias `latest` now names this version.
+    pub promoted: bool,
 }
 
 /// Deploy: create the next version of a function.
@@ -284,9 +299,12 @@ pub(crate) async fn create_version(
     let (prepared, hit) = node.runtime.code(&key, || blob).await?;
     let origin = prepared.origin;
     drop(prepared);
-    let record = node.store.create_version(&tenant, &function, &req.digest, &config).await?;
+    let record = node.store.create_version(&tenant, &function, &req.digest, &config, req.promote).await?;
     let version = version_info(&node, &record);
-    node.install(crate::node::Deployed::new(record));
+    // Serves what the store now says (the new `latest`, if it moved): the same path other nodes
+    // take on the change notification. Its artifact is on disk already.
+    node.refresh_function(&tenant, &function).await?;
+    let promoted = req.promote || record.version == 1;
     let compiled = !hit && origin.compiled;
     Ok((
         StatusCode::CREATED,
@@ -295,6 +313,7 @@ pub(crate) async fn create_version(
             compile_ms: if compiled { origin.compile_ms } else { 0 },
             artifact_cached: !compiled,
             artifact_bytes: origin.artifact_bytes,
+            promoted,
         }),
     ))
 }
@@ -388,7 +407,7 @@ async fn check_deploy_quotas(node: &Node, tenant: &str, function: &str) -> Resul
     Ok(())
 }
 
-fn public_url(node: &Node) -> String {
+pub(crate) fn public_url(node: &Node) -> String {
     node.public_url.read().expect("public url lock").clone()
 }
 
@@ -396,7 +415,7 @@ fn function_url(base: &str, tenant: &str, function: &str) -> String {
     format!("{base}/fn/{tenant}/{function}/")
 }
 
-fn version_info(node: &Node, v: &VersionRecord) -> VersionInfo {
+pub(crate) fn version_info(node: &Node, v: &VersionRecord) -> VersionInfo {
     VersionInfo {
         tenant: v.tenant.clone(),
         function: v.function.clone(),
@@ -462,7 +481,7 @@ pub(crate) async fn list_functions(
     Ok(Json(FunctionList { functions }))
 }
 
-/// Show a function's latest version.
+/// Show a function's newest version (promoted or not; `alias list` shows what `latest` names).
 #[utoipa::path(
     get,
     path = "/v1/tenants/{tenant}/functions/{function}",
@@ -472,7 +491,7 @@ pub(crate) async fn list_functions(
         ("function" = String, Path, description = "Function name", example = "hello"),
     ),
     responses(
-        (status = 200, description = "The latest version", body = VersionInfo),
+        (status = 200, description = "The newest version", body = VersionInfo),
         (status = 403, description = "The key lacks the `read` scope", body = ErrorBody),
         (status = 404, description = "No such function (or another tenant's)", body = ErrorBody),
     )

@@ -169,7 +169,7 @@ pub(crate) async fn node_info(State(node): State<Arc<Node>>, auth: Auth) -> ApiR
     Ok(Json(NodeInfo {
         version: env!("CARGO_PKG_VERSION").to_string(),
         engine: node.runtime.engine_fingerprint().to_string(),
-        functions: node.deployed().len() as u64,
+        functions: node.function_count() as u64,
         code_cache: node.runtime.code_stats().await.into(),
         artifacts: artifacts.into(),
         lanes: node.runtime.lane_stats().into(),

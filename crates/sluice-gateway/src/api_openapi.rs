@@ -232,7 +232,30 @@ pub struct AsyncHeaders {
     criticality: Option<String>,
 }
 
+/// The request headers that choose a version (sync and async calls).
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)] // documentation only: `invoke` reads these headers
+pub struct VersionHeaders {
+    /// Run this version number, whatever the path addresses: for testing a version before an
+    /// alias names it. Only keys of the function's tenant with the `invoke` scope may send it
+    /// (403 `forbidden` otherwise, also on a public function).
+    #[serde(rename = "sluice-version")]
+    version: Option<i64>,
+    /// For an alias split over several versions: the same key always gets the same version (a
+    /// stable hash of it picks the share), on every node, so a user's session sees one version.
+    /// Without it each call picks at random by the weights.
+    #[serde(rename = "sluice-routing-key")]
+    routing_key: Option<String>,
+}
+
 /// Call a function.
+///
+/// The function segment addresses what runs: `hello` is the alias `latest` (which a deploy moves
+/// unless `promote` is false), `hello@prod` the alias `prod`, `hello@3` version 3. `@` is a plain
+/// path character, so proxies and CDNs keep it as it is. The response's `sluice-version` header
+/// names the version that ran (for an async call, the version queued: an alias is resolved when
+/// the call is accepted, and every attempt runs that version).
 ///
 /// Any method is accepted (five are listed); the method, the path below the function, the query,
 /// the headers and the body are passed to the function, whose response comes back as it produces
@@ -246,9 +269,11 @@ pub struct AsyncHeaders {
     tag = "invoke",
     params(
         ("tenant" = String, Path, description = "Tenant name", example = "default"),
-        ("function" = String, Path, description = "Function name", example = "hello"),
+        ("function" = String, Path, description = "Function name, optionally with `@ALIAS` or `@VERSION`",
+            example = "hello@prod"),
         ("path" = String, Path, example = "greeting", description = "Path below the function (may contain '/'), passed to it \
             with the query string"),
+        VersionHeaders,
         AsyncHeaders,
     ),
     request_body(content = Option<Binary>, content_type = "application/octet-stream",
@@ -260,8 +285,9 @@ pub struct AsyncHeaders {
             ("sluice-invocation-id" = String, description = "The invocation's id"))),
         (status = 400, description = "Bad request: framing, or an async header (named)", body = ErrorBody),
         (status = 401, description = "A private function and no valid key", body = ErrorBody),
-        (status = 403, description = "The key lacks the `invoke` scope", body = ErrorBody),
-        (status = 404, description = "No such function (or another tenant's)", body = ErrorBody),
+        (status = 403, description = "The key lacks the `invoke` scope, or sent `sluice-version` \
+            without being a key of the function's tenant", body = ErrorBody),
+        (status = 404, description = "No such function (or another tenant's), alias or version", body = ErrorBody),
         (status = 413, description = "Body larger than the sync or async limit, or an async \
             request alone larger than the tenant's queued-bytes quota", body = ErrorBody),
         (status = 422, description = "Async: the `Idempotency-Key` was used by this caller within 24 h \
@@ -279,7 +305,8 @@ pub struct AsyncHeaders {
             headers(("retry-after" = u64, description = "Seconds to wait"))),
         (status = 504, description = "The function timed out", body = ErrorBody),
         (status = "default", description = "The function's response, as it produced it",
-            headers(("sluice-invocation-id" = String, description = "The invocation's id"))),
+            headers(("sluice-invocation-id" = String, description = "The invocation's id"),
+                ("sluice-version" = i64, description = "The version that ran"))),
     )
 )]
 #[allow(dead_code)] // documentation only: `/fn` is served by `invoke::handle`, not the router

@@ -101,6 +101,10 @@ pub struct CreateKey {
     /// and are not minted here). Duplicates are ignored.
     #[schema(schema_with = tenant_scopes_schema)]
     pub scopes: Vec<String>,
+    /// Limit the key to calling this alias of the tenant's functions (`/fn/{t}/{f}@{alias}/`):
+    /// not `latest`, other aliases, versions by number or `sluice-version`. Omitted: any.
+    #[serde(default)]
+    pub alias: Option<String>,
 }
 
 /// An API key as listed: never the key itself or its hash.
@@ -114,6 +118,8 @@ pub struct KeyInfo {
     #[schema(format = DateTime)]
     pub created_at: String,
     pub revoked: bool,
+    /// The only alias the key may call; null: any.
+    pub alias: Option<String>,
 }
 
 impl KeyInfo {
@@ -124,6 +130,7 @@ impl KeyInfo {
             scopes: k.scopes.clone(),
             created_at: rfc3339(k.created_at),
             revoked: k.revoked,
+            alias: k.alias.clone(),
         }
     }
 }
@@ -187,6 +194,12 @@ pub(crate) async fn create_key(
             SluiceError::bad_request(format!("a key needs at least one scope: {tenant_scopes}")).into()
         );
     }
+    if let Some(alias) = req.alias.as_deref().filter(|a| !sluice_core::alias::valid_name(a)) {
+        return Err(SluiceError::bad_request(format!(
+            "invalid alias name {alias:?}: use 1-63 characters of a-z, 0-9 and '-', starting with a letter"
+        ))
+        .into());
+    }
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret)
         .map_err(|e| SluiceError::internal(format!("no randomness for a key: {e}")))?;
@@ -198,6 +211,7 @@ pub(crate) async fn create_key(
         hash: sluice_core::ids::hash_api_key(&key),
         created_at: SystemClock.now_ms(),
         revoked: false,
+        alias: req.alias,
     };
     node.store.create_key(&record).await?;
     node.reload_keys().await?;

@@ -148,11 +148,11 @@ mod tests {
     use std::time::Duration;
 
     fn key(id: &str, tenant: &str) -> Principal {
-        Principal { key_id: id.into(), tenant: Some(tenant.into()), scopes: vec![Scope::Read] }
+        Principal { key_id: id.into(), tenant: Some(tenant.into()), scopes: vec![Scope::Read], alias: None }
     }
 
     fn admin() -> Principal {
-        Principal { key_id: "admin".into(), tenant: None, scopes: vec![Scope::Admin] }
+        Principal { key_id: "admin".into(), tenant: None, scopes: vec![Scope::Admin], alias: None }
     }
 
     fn control(

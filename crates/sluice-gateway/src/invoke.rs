@@ -1,9 +1,13 @@
 //! `ANY /fn/{tenant}/{function}/{*path}`: the call path, in the order its checks run.
 //!
 //! 1. the declared body size (CL+TE smuggling and the header limits were refused in `server`),
-//! 2. function lookup (in memory) and authentication: a private function needs an `invoke` key
-//!    of its tenant; an unknown function and another tenant's function both answer 404, and a
-//!    caller without a valid key learns nothing (401) about what exists,
+//! 2. function lookup and version choice (in memory: `/fn/{t}/{f}/` runs what the alias `latest`
+//!    names, `{f}@prod` the alias `prod`, `{f}@3` version 3; a split alias picks by the
+//!    `sluice-routing-key` header's hash, or at random), then authentication: a private function
+//!    needs an `invoke` key of its tenant; an unknown function and another tenant's function both
+//!    answer 404, and a caller without a valid key learns nothing (401) about what exists. Only
+//!    then may a version no alias names be read from the store, and a `sluice-version` header
+//!    (keys of the tenant only) pin the version,
 //! 3. admission: the anonymous callers' bucket (a public function called without a key of its
 //!    tenant), the tenant's and the function's token buckets (429), then — sync only — the
 //!    function's concurrency cap (429) and the node's load-shedding bound (503). No work is done
@@ -41,6 +45,38 @@ use crate::node::{Deployed, Node, Principal, bearer};
 /// Longest accepted `Idempotency-Key`.
 const IDEMPOTENCY_KEY_BYTES_MAX: usize = 255;
 
+/// The request header that pins a call to a version (for testing a version before an alias names
+/// it); only keys of the function's tenant may send it.
+pub const VERSION_HEADER: &str = "sluice-version";
+/// The request header whose hash picks the version of a split alias: one caller, one version.
+pub const ROUTING_KEY_HEADER: &str = "sluice-routing-key";
+
+/// What the function segment of a call path addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target<'a> {
+    /// `f`: the alias `latest`.
+    Latest,
+    /// `f@prod`.
+    Alias(&'a str),
+    /// `f@3`.
+    Version(i64),
+}
+
+/// Splits the function segment `f`, `f@prod` or `f@3` into the function and its target. `@` is
+/// a plain path character (RFC 3986 `pchar`), so proxies and CDNs pass it as it is.
+pub fn split_target(segment: &str) -> Result<(&str, Target<'_>), SluiceError> {
+    let Some((function, target)) = segment.split_once('@') else {
+        return Ok((segment, Target::Latest));
+    };
+    if target.starts_with(|c: char| c.is_ascii_digit()) {
+        let version = target.parse().map_err(|_| {
+            SluiceError::not_found(format!("{target:?} is neither a version number nor an alias name"))
+        })?;
+        return Ok((function, Target::Version(version)));
+    }
+    Ok((function, if target == sluice_core::alias::LATEST { Target::Latest } else { Target::Alias(target) }))
+}
+
 /// Splits `/fn/{tenant}/{function}/{rest}` into its parts; `rest` keeps its leading slash.
 pub fn split_fn_path(path: &str) -> Option<(&str, &str, &str)> {
     let rest = path.strip_prefix("/fn/")?;
@@ -55,16 +91,25 @@ pub fn split_fn_path(path: &str) -> Option<(&str, &str, &str)> {
 pub async fn handle(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
     let invocation_id = sluice_core::ids::invocation_id();
     let mut follow = Follow::start(&req, &invocation_id);
-    match call(node, req, &invocation_id, &mut follow).await {
-        Ok(res) => {
+    let mut version = None;
+    match call(node, req, &invocation_id, &mut follow, &mut version).await {
+        Ok(mut res) => {
             // A sync call's follower went with it, to end when the guest does.
             follow.end(&invocation_id, res.status().as_u16(), None, None);
+            if let Some(v) = version {
+                res.headers_mut().insert(VERSION_HEADER, HeaderValue::from(v));
+            }
             res
         }
         Err(e) => {
             crate::metrics::refused(e.kind);
             follow.end(&invocation_id, e.kind.status().as_u16(), Some(&e), None);
-            error_response(&e, Some(&invocation_id))
+            let mut res = error_response(&e, Some(&invocation_id));
+            // A call that failed in its version (a trap, a timeout) says which version that was.
+            if let Some(v) = version {
+                res.headers_mut().insert(VERSION_HEADER, HeaderValue::from(v));
+            }
+            res
         }
     }
 }
@@ -83,6 +128,7 @@ struct Access {
     path: String,
     arrived: Instant,
     kind: &'static str,
+    version: Option<i64>,
 }
 
 impl Follow {
@@ -93,16 +139,18 @@ impl Follow {
             path: req.uri().path().to_string(),
             arrived: Instant::now(),
             kind: "",
+            version: None,
         });
         Self { span, access }
     }
 
-    fn function(&mut self, tenant: &str, function: &str, mode: Mode) {
+    fn function(&mut self, tenant: &str, function: &str, version: i64, mode: Mode) {
         if let Some(span) = &self.span {
-            span.function(tenant, function, mode);
+            span.function(tenant, function, version, mode);
         }
         if let Some(access) = &mut self.access {
             access.kind = mode.as_str();
+            access.version = Some(version);
         }
     }
 
@@ -122,6 +170,7 @@ impl Follow {
                 method = %a.method,
                 path = %a.path,
                 kind = %a.kind,
+                version = a.version,
                 status,
                 error = error.map(|e| tracing::field::display(e.kind.as_str())),
                 duration_ms = a.arrived.elapsed().as_secs_f64() * 1000.0,
@@ -137,6 +186,7 @@ async fn call(
     req: Request<Incoming>,
     invocation_id: &str,
     follow: &mut Follow,
+    executed: &mut Option<i64>,
 ) -> Result<Response<Body>, SluiceError> {
     let arrived = Instant::now();
     let limits = &node.config.limits;
@@ -149,10 +199,24 @@ async fn call(
         return Err(too_large(body_max));
     }
 
-    let (tenant, function, sub) = split_fn_path(req.uri().path())
+    let (tenant, segment, sub) = split_fn_path(req.uri().path())
         .ok_or_else(|| SluiceError::not_found("use /fn/{tenant}/{function}/{path}"))?;
-    let deployed = node.function(tenant, function);
-    let public = deployed.as_ref().is_some_and(|d| d.config.public);
+    let (function, target) = split_target(segment)?;
+    let served = node.served(tenant, function);
+    // In memory: the alias's choice, or a version by number this node serves. A version no alias
+    // names is read from the store below, after the caller is authenticated.
+    let chosen = served.as_deref().and_then(|s| match target {
+        Target::Latest => s.alias(sluice_core::alias::LATEST).map(|a| a.choose(routing_key(headers)).clone()),
+        Target::Alias(name) => s.alias(name).map(|a| a.choose(routing_key(headers)).clone()),
+        Target::Version(n) => s.versions.get(&n).cloned(),
+    });
+    // Whether a key is needed is the chosen version's to say; for a version still to be read, the
+    // function's `latest`'s.
+    let public = match (&chosen, &served) {
+        (Some(d), _) => d.config.public,
+        (None, Some(s)) => s.latest().is_some_and(|d| d.config.public),
+        (None, None) => false,
+    };
     let principal = if public {
         None
     } else {
@@ -162,16 +226,70 @@ async fn call(
         let principal = node
             .principal_for_key(key)
             .ok_or_else(|| SluiceError::new(ErrorKind::Unauthorized, "invalid or revoked API key"))?;
-        if deployed.is_none() || !principal.sees(tenant) {
+        if served.is_none() || !principal.sees(tenant) {
             return Err(no_function(tenant, function));
         }
         if !principal.may(tenant, Scope::Invoke) {
             return Err(SluiceError::new(ErrorKind::Forbidden, "this key may not invoke functions"));
         }
+        if let Some(only) = principal.alias.as_deref() {
+            let addressed = match target {
+                Target::Latest => sluice_core::alias::LATEST,
+                Target::Alias(name) => name,
+                Target::Version(_) => "",
+            };
+            if addressed != only || headers.contains_key(VERSION_HEADER) {
+                return Err(SluiceError::new(
+                    ErrorKind::Forbidden,
+                    format!("this key may only call the alias {only}: /fn/{tenant}/{function}@{only}/"),
+                ));
+            }
+        }
         Some(principal)
     };
-    let deployed = deployed.ok_or_else(|| no_function(tenant, function))?;
-    follow.function(tenant, function, if is_async { Mode::Async } else { Mode::Sync });
+    let served = served.ok_or_else(|| no_function(tenant, function))?;
+    let deployed = match (chosen, target) {
+        (Some(d), _) => d,
+        (None, Target::Version(n)) => node.version(&served, tenant, function, n).await?.ok_or_else(|| {
+            SluiceError::not_found(format!("no version {n} of function {function} in tenant {tenant}"))
+        })?,
+        (None, Target::Alias(name)) => {
+            return Err(SluiceError::not_found(format!(
+                "no alias {name} of function {function} in tenant {tenant}"
+            )));
+        }
+        (None, Target::Latest) => return Err(no_function(tenant, function)),
+    };
+    let deployed = match pinned(headers)? {
+        None => deployed,
+        Some(n) => {
+            // Pinning picks a version no alias may name yet: for the tenant's own testing, never
+            // for anonymous callers or other tenants' keys of a public function, nor for a key
+            // limited to one alias (refused above on a private function; here on a public one).
+            let may_pin = |p: &Principal| p.may(tenant, Scope::Invoke) && p.alias.is_none();
+            let own = principal.as_deref().is_some_and(may_pin)
+                || bearer(headers).and_then(|k| node.principal_for_key(k)).is_some_and(|p| may_pin(&p));
+            if !own {
+                return Err(SluiceError::new(
+                    ErrorKind::Forbidden,
+                    format!(
+                        "header {VERSION_HEADER} is only for keys of tenant {tenant} with the invoke \
+                         scope; call an alias (/fn/{tenant}/{function}@ALIAS/) instead"
+                    ),
+                ));
+            }
+            node.version(&served, tenant, function, n).await?.ok_or_else(|| {
+                SluiceError::not_found(format!("no version {n} of function {function} in tenant {tenant}"))
+            })?
+        }
+    };
+    *executed = Some(deployed.record.version);
+    follow.function(
+        tenant,
+        function,
+        deployed.record.version,
+        if is_async { Mode::Async } else { Mode::Sync },
+    );
 
     if public {
         node.admit_anonymous(tenant, headers)?;
@@ -247,6 +365,25 @@ async fn call(
             }
             Err(err)
         }
+    }
+}
+
+/// The `sluice-routing-key` of a call, if it sent one.
+fn routing_key(headers: &HeaderMap) -> Option<&[u8]> {
+    headers.get(ROUTING_KEY_HEADER).map(HeaderValue::as_bytes)
+}
+
+/// The version a `sluice-version` header pins, if it sent one.
+fn pinned(headers: &HeaderMap) -> Result<Option<i64>, SluiceError> {
+    match headers.get(VERSION_HEADER) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<i64>().ok())
+            .filter(|n| *n >= 1)
+            .map(Some)
+            .ok_or_else(|| header_error(VERSION_HEADER, "must be a version number (1, 2, ...)")),
     }
 }
 
@@ -500,6 +637,18 @@ mod tests {
         assert_eq!(split_fn_path("/fn/t"), None);
         assert_eq!(split_fn_path("/fn//f"), None);
         assert_eq!(split_fn_path("/v1/x"), None);
+    }
+
+    #[test]
+    fn function_segments_address_latest_an_alias_or_a_version() {
+        assert_eq!(split_target("hello").unwrap(), ("hello", Target::Latest));
+        assert_eq!(split_target("hello@latest").unwrap(), ("hello", Target::Latest));
+        assert_eq!(split_target("hello@prod").unwrap(), ("hello", Target::Alias("prod")));
+        assert_eq!(split_target("hello@3").unwrap(), ("hello", Target::Version(3)));
+        assert_eq!(split_target("hello@3x").unwrap_err().kind, ErrorKind::NotFound);
+        assert_eq!(split_target("hello@99999999999999999999").unwrap_err().kind, ErrorKind::NotFound);
+        // An unknown alias is the registry's to refuse (404), with its name.
+        assert_eq!(split_target("hello@").unwrap(), ("hello", Target::Alias("")));
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod api_openapi;
 pub mod api_tenants;
 #[cfg(test)]
 mod api_tests;
+pub mod api_versions;
 pub mod body;
 pub mod control;
 pub mod credentials;

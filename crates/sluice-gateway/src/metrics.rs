@@ -197,7 +197,7 @@ async fn read_node(node: &Node) -> Result<(), SluiceError> {
     counter!("sluice_compile_failures_total").absolute(code.compile_failures);
     gauge!("sluice_code_cache_entries").set(code.entries as f64);
     gauge!("sluice_code_cache_bytes").set(code.bytes as f64);
-    gauge!("sluice_functions").set(node.deployed().len() as f64);
+    gauge!("sluice_functions").set(node.function_count() as f64);
     let warm = node.runtime.warm_stats();
     gauge!("sluice_warm_instances").set(warm.idle as f64);
     gauge!("sluice_warm_instances_bytes").set(warm.idle_bytes as f64);

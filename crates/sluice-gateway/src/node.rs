@@ -145,25 +145,135 @@ impl Deployed {
     }
 }
 
-/// Functions by tenant, then name: the installed (latest) version of each.
-type Registry<T> = HashMap<String, HashMap<String, Arc<T>>>;
+/// Functions by tenant, then name: what this node serves of each.
+type Registry<T> = HashMap<String, HashMap<String, Arc<Served<T>>>>;
+
+/// One function as this node serves it: the versions its aliases name (and versions called by
+/// number since, loaded on their first call) and its aliases. Replaced whole on a change, so a
+/// call sees one consistent state through an `Arc` without holding a lock.
+pub struct Served<T = Deployed> {
+    /// The newest version number: `@N` above it is refused without a store read.
+    pub newest_version: i64,
+    pub versions: HashMap<i64, Arc<T>>,
+    pub aliases: HashMap<String, Arc<Alias<T>>>,
+}
+
+impl<T> Served<T> {
+    /// The version alias `name` picks for this call; see [`Alias::choose`].
+    pub fn alias(&self, name: &str) -> Option<&Arc<Alias<T>>> {
+        self.aliases.get(name)
+    }
+
+    /// The version `latest` names (its heaviest when it is split): what the function's
+    /// function-wide settings are read from.
+    pub fn latest(&self) -> Option<&Arc<T>> {
+        self.aliases.get(sluice_core::alias::LATEST).map(|a| a.heaviest())
+    }
+}
+
+/// An alias as calls see it: its versions with their cumulative weights.
+pub struct Alias<T = Deployed> {
+    pub name: Arc<str>,
+    /// `(version, cumulative weight)`, in the order the weights were added up.
+    choices: Vec<(Arc<T>, u32)>,
+    total: u32,
+}
+
+impl<T> Alias<T> {
+    fn new(name: &str, routes: &[(Arc<T>, u32)]) -> Option<Self> {
+        let mut total: u32 = 0;
+        let mut choices = Vec::with_capacity(routes.len());
+        for (version, weight) in routes {
+            total = total.checked_add(*weight)?;
+            choices.push((version.clone(), total));
+        }
+        (total > 0).then(|| Self { name: Arc::from(name), choices, total })
+    }
+
+    /// The version this call runs: the only one, or for a split alias the one whose share holds
+    /// a point on `[0, total)`: the routing key's stable hash when the caller sent one (so one
+    /// user stays on one version, on every node), else a random draw. A few compares on a
+    /// vector of at most [`sluice_core::alias::ROUTES_MAX`]; no lock, no store read.
+    pub fn choose(&self, routing_key: Option<&[u8]>) -> &Arc<T> {
+        if let [(only, _)] = self.choices.as_slice() {
+            return only;
+        }
+        let draw = match routing_key {
+            Some(key) => sluice_core::alias::stable_hash(key),
+            None => fast_random(),
+        };
+        self.pick(draw)
+    }
+
+    fn pick(&self, draw: u64) -> &Arc<T> {
+        let point = (draw % u64::from(self.total)) as u32;
+        let i = self.choices.iter().position(|(_, upto)| point < *upto).unwrap_or(self.choices.len() - 1);
+        &self.choices[i].0
+    }
+
+    /// The version with the largest share (the first of equals).
+    pub fn heaviest(&self) -> &Arc<T> {
+        let mut best = 0;
+        let mut best_weight = 0;
+        let mut below = 0;
+        for (i, (_, upto)) in self.choices.iter().enumerate() {
+            if upto - below > best_weight {
+                (best, best_weight) = (i, upto - below);
+            }
+            below = *upto;
+        }
+        &self.choices[best].0
+    }
+
+    /// Every version it names, with its weight.
+    pub fn routes(&self) -> impl Iterator<Item = (&Arc<T>, u32)> {
+        let mut below = 0;
+        self.choices.iter().map(move |(v, upto)| {
+            let weight = upto - below;
+            below = *upto;
+            (v, weight)
+        })
+    }
+}
+
+/// A per-thread xorshift64* generator, seeded once per thread from the OS: a split alias's draw
+/// costs a few instructions instead of a system call per call. Not for secrets.
+fn fast_random() -> u64 {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            let mut seed = [0u8; 8];
+            // Without OS randomness the draws are still spread, only predictable.
+            let _ = getrandom::fill(&mut seed);
+            u64::from_le_bytes(seed) | 1
+        });
+    }
+    STATE.with(|state| {
+        let mut x = state.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        state.set(x);
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    })
+}
 
 /// One version of one function, as the registry sees it.
 trait Registered {
-    fn tenant_and_function(&self) -> (&str, &str);
     fn version(&self) -> i64;
-    /// Takes over what belongs to the function rather than to one version from the version it
-    /// replaces.
+    fn created_at(&self) -> sluice_core::UnixMs;
+    /// Takes over what belongs to the function rather than to one version from another version
+    /// of the function.
     fn take_over(&mut self, previous: &Self);
 }
 
 impl Registered for Deployed {
-    fn tenant_and_function(&self) -> (&str, &str) {
-        (&self.record.tenant, &self.record.function)
-    }
-
     fn version(&self) -> i64 {
         self.record.version
+    }
+
+    fn created_at(&self) -> sluice_core::UnixMs {
+        self.record.created_at
     }
 
     fn take_over(&mut self, previous: &Self) {
@@ -171,21 +281,43 @@ impl Registered for Deployed {
     }
 }
 
-/// Installs `new` unless the registry already holds the same or a newer version of the function:
-/// concurrent deploys finish compiling in any order, and the last to finish must not put an older
-/// version back. Returns whether `new` was installed.
-fn install_newer<T: Registered>(registry: &mut Registry<T>, mut new: T) -> bool {
-    let (tenant, function) = new.tenant_and_function();
-    let (tenant, function) = (tenant.to_string(), function.to_string());
-    let functions = registry.entry(tenant).or_default();
-    if let Some(current) = functions.get(&function) {
-        if current.version() >= new.version() {
-            return false;
-        }
-        new.take_over(current);
+/// The function's new state from the store's routing: versions this node already serves are kept
+/// as they are (with their admission state and warm instances); a new one takes over the
+/// function's state from any version served before. `None` when an alias names a version the
+/// routing lacks (a bug of the store's read) or has no weight.
+fn build_served<T: Registered>(
+    previous: Option<&Served<T>>,
+    newest_version: i64,
+    versions: Vec<T>,
+    aliases: &[sluice_store::AliasRecord],
+) -> Option<Served<T>> {
+    let mut by_number: HashMap<i64, Arc<T>> = HashMap::with_capacity(versions.len());
+    let donor = previous.and_then(|p| p.latest().or_else(|| p.versions.values().next()));
+    for mut new in versions {
+        let kept = previous
+            .and_then(|p| p.versions.get(&new.version()))
+            .filter(|old| old.created_at() == new.created_at());
+        let version = match kept {
+            Some(old) => old.clone(),
+            None => {
+                if let Some(donor) = donor {
+                    new.take_over(donor);
+                }
+                Arc::new(new)
+            }
+        };
+        by_number.insert(version.version(), version);
     }
-    functions.insert(function, Arc::new(new));
-    true
+    let mut by_name = HashMap::with_capacity(aliases.len());
+    for alias in aliases {
+        let routes: Vec<(Arc<T>, u32)> = alias
+            .routes
+            .iter()
+            .map(|r| Some((by_number.get(&r.version)?.clone(), r.weight)))
+            .collect::<Option<_>>()?;
+        by_name.insert(alias.name.clone(), Arc::new(Alias::new(&alias.name, &routes)?));
+    }
+    Some(Served { newest_version, versions: by_number, aliases: by_name })
 }
 
 /// The API-key cache: principals by key hash.
@@ -242,6 +374,9 @@ pub struct Node {
     /// [`NodeConfig::deploy_inflight_max`]).
     pub deploys: TenantShares,
     functions: RwLock<Registry<Deployed>>,
+    /// Held from a function refresh's store read to its install, for the reason
+    /// [`KeyCache::reload`] gives: a slow refresh must not put back an older alias state.
+    refresh: tokio::sync::Mutex<()>,
     keys: KeyCache,
     /// The runtime the control plane's handlers (`/v1`, `/metrics`) run on, rather than on the
     /// per-core HTTP workers or beside the scheduler and the heartbeats
@@ -300,6 +435,7 @@ impl Node {
             async_enqueues,
             deploys,
             functions: RwLock::default(),
+            refresh: tokio::sync::Mutex::default(),
             keys: KeyCache::default(),
             api,
             public_url: RwLock::new(String::new()),
@@ -311,8 +447,8 @@ impl Node {
         // Before the node takes calls: a tenant already at its quota must not get past it while
         // the counters would read zero.
         node.refresh_queued_usage().await?;
-        for record in node.store.all_latest_versions().await.map_err(store_error)? {
-            node.install(Deployed::new(record));
+        for routing in node.store.all_routing().await.map_err(store_error)? {
+            node.install_routing(routing);
         }
         Ok(node)
     }
@@ -326,24 +462,81 @@ impl Node {
         &self.config.data_dir
     }
 
-    /// The latest version of `tenant/function` on this node.
+    /// The version `latest` of `tenant/function` names on this node (its heaviest version when
+    /// it is split): where function-wide settings and series are read.
     pub fn function(&self, tenant: &str, function: &str) -> Option<Arc<Deployed>> {
+        self.served(tenant, function)?.latest().cloned()
+    }
+
+    /// What this node serves of `tenant/function`: one map lookup and an `Arc` clone, the only
+    /// registry work of a call.
+    pub fn served(&self, tenant: &str, function: &str) -> Option<Arc<Served>> {
         let map = self.functions.read().expect("function map lock");
         map.get(tenant)?.get(function).cloned()
     }
 
-    /// Makes a version the one `/fn` serves, unless a newer one already is; the new version
-    /// inherits the function's admission state (see [`FunctionAdmission::inherit`]). Returns
-    /// whether it was installed.
-    pub fn install(&self, deployed: Deployed) -> bool {
-        install_newer(&mut self.functions.write().expect("function map lock"), deployed)
+    /// Version `number` of `tenant/function`: the served one, else (a version no alias names,
+    /// called as `@N` or pinned) read from the store once and kept until the function next
+    /// changes. `None` for a version that does not exist (above the newest: no store read).
+    pub async fn version(
+        &self,
+        served: &Served,
+        tenant: &str,
+        function: &str,
+        number: i64,
+    ) -> Result<Option<Arc<Deployed>>, SluiceError> {
+        if let Some(found) = served.versions.get(&number) {
+            return Ok(Some(found.clone()));
+        }
+        if number < 1 || number > served.newest_version {
+            return Ok(None);
+        }
+        let Some(record) = self.store.get_version(tenant, function, number).await.map_err(store_error)?
+        else {
+            return Ok(None);
+        };
+        let mut deployed = Deployed::new(record);
+        if let Some(donor) = served.latest() {
+            deployed.take_over(donor);
+        }
+        let deployed = Arc::new(deployed);
+        let mut map = self.functions.write().expect("function map lock");
+        if let Some(current) = map.get_mut(tenant).and_then(|fns| fns.get_mut(function)) {
+            // Added to what is served now (which may have changed meanwhile), unless another call
+            // added it first; a copy, since calls in flight hold the current one.
+            if let Some(there) = current.versions.get(&number) {
+                return Ok(Some(there.clone()));
+            }
+            let mut versions = current.versions.clone();
+            versions.insert(number, deployed.clone());
+            let aliases = current.aliases.clone();
+            *current = Arc::new(Served { newest_version: current.newest_version, versions, aliases });
+        }
+        Ok(Some(deployed))
     }
 
-    pub fn uninstall(&self, tenant: &str, function: &str) {
+    /// Serves `routing` (metadata only: code is loaded on a call), unless an alias in it names
+    /// a version it lacks. Returns whether anything changed.
+    fn install_routing(&self, routing: sluice_store::FunctionRouting) -> bool {
+        let sluice_store::FunctionRouting { tenant, function, newest_version, aliases, versions } = routing;
         let mut map = self.functions.write().expect("function map lock");
-        if let Some(fns) = map.get_mut(tenant) {
-            fns.remove(function);
+        let functions = map.entry(tenant.clone()).or_default();
+        let previous = functions.get(&function).cloned();
+        let versions = versions.into_iter().map(Deployed::new).collect();
+        let Some(served) = build_served(previous.as_deref(), newest_version, versions, &aliases) else {
+            tracing::warn!(%tenant, %function, "an alias names a version the store did not return; not installed");
+            return false;
+        };
+        if previous.as_deref().is_some_and(|p| same_routing(p, &served)) {
+            return false;
         }
+        functions.insert(function, Arc::new(served));
+        true
+    }
+
+    pub fn uninstall(&self, tenant: &str, function: &str) -> bool {
+        let mut map = self.functions.write().expect("function map lock");
+        map.get_mut(tenant).is_some_and(|fns| fns.remove(function).is_some())
     }
 
     /// The ready component of `key`: from the code cache, else its artifact on disk, else
@@ -367,10 +560,15 @@ impl Node {
         self.deploys.admit(tenant, || format!("tenant {tenant}"))
     }
 
-    /// Every installed version.
+    /// Every installed version of every function.
     pub fn deployed(&self) -> Vec<Arc<Deployed>> {
         let map = self.functions.read().expect("function map lock");
-        map.values().flat_map(|fns| fns.values().cloned()).collect()
+        map.values().flat_map(|fns| fns.values().flat_map(|f| f.versions.values().cloned())).collect()
+    }
+
+    /// How many functions this node serves.
+    pub fn function_count(&self) -> usize {
+        self.functions.read().expect("function map lock").values().map(HashMap::len).sum()
     }
 
     /// Rebuilds the API-key cache from the store. Reloads run one at a time, so the cache
@@ -421,75 +619,77 @@ impl Node {
         if keyed { Ok(()) } else { self.admission.anonymous(tenant) }
     }
 
-    /// Follows a change another node made to `tenant/function`: installs its newest version once
-    /// this node has its artifact (already on disk, or the store's blob compiled once), or
-    /// uninstalls a deleted function. A version whose code this node cannot
-    /// prepare is not installed: the version before it keeps serving. Returns what it did.
+    /// Follows a change to `tenant/function` (a deploy, an alias move or a delete, made here or
+    /// by another node): reads its aliases and the versions they name, makes sure this node has
+    /// each version's artifact (already on disk, or the store's blob compiled once), then serves
+    /// them; or uninstalls a deleted function. When a version's code cannot be prepared here,
+    /// nothing changes: the state before keeps serving. Returns what it did.
     pub async fn refresh_function(&self, tenant: &str, function: &str) -> Result<Refreshed, SluiceError> {
-        let latest = self.store.latest_version(tenant, function).await.map_err(store_error)?;
-        self.follow(tenant, function, latest).await
+        // Serial from the read to the install (see `refresh`): the last install is of the newest
+        // read. Compiles of a follower run under it, one function at a time.
+        let _serial = self.refresh.lock().await;
+        let routing = self.store.function_routing(tenant, function).await.map_err(store_error)?;
+        self.follow(tenant, function, routing).await
     }
 
     async fn follow(
         &self,
         tenant: &str,
         function: &str,
-        latest: Option<VersionRecord>,
+        routing: Option<sluice_store::FunctionRouting>,
     ) -> Result<Refreshed, SluiceError> {
-        let installed = self.function(tenant, function);
-        let Some(record) = latest else {
-            if installed.is_none() {
-                return Ok(Refreshed::Unchanged);
-            }
-            self.uninstall(tenant, function);
-            return Ok(Refreshed::Uninstalled);
+        let Some(routing) = routing else {
+            return Ok(if self.uninstall(tenant, function) {
+                Refreshed::Uninstalled
+            } else {
+                Refreshed::Unchanged
+            });
         };
-        let replaces = match &installed {
-            None => false,
-            Some(d) if d.record.version == record.version && d.record.created_at == record.created_at => {
-                return Ok(Refreshed::Unchanged);
+        let installed = self.served(tenant, function);
+        for record in &routing.versions {
+            let known = installed
+                .as_ref()
+                .and_then(|s| s.versions.get(&record.version))
+                .is_some_and(|d| d.record.created_at == record.created_at);
+            if !known {
+                // Not loaded into the code cache: like every version, it is loaded on its first
+                // call here, if one comes.
+                let key = CodeKey::new(&record.tenant, &record.blob_digest);
+                self.runtime.ensure_artifact(&key, self.blob_source(&key)).await?;
             }
-            Some(d) if d.record.version < record.version => false,
-            // A lower number is either a read older than this node's own install (ignored) or a
-            // function deleted and deployed anew, whose numbering restarted (installed instead).
-            Some(d) if d.record.created_at < record.created_at => true,
-            Some(_) => return Ok(Refreshed::Unchanged),
-        };
-        let deployed = Deployed::new(record);
-        // Its artifact on this node's disk (compiled from the store's blob if missing, which
-        // validates it); not loaded into the code cache: like every function, it is loaded on
-        // its first call here, if one comes.
-        self.runtime.ensure_artifact(&deployed.code_key, self.blob_source(&deployed.code_key)).await?;
-        if replaces {
-            self.uninstall(tenant, function);
         }
-        Ok(if self.install(deployed) { Refreshed::Installed } else { Refreshed::Unchanged })
+        Ok(if self.install_routing(routing) { Refreshed::Installed } else { Refreshed::Unchanged })
     }
 
     /// Follows every function another node may have changed: the backstop for notifications that
     /// were lost. Returns how many functions changed here.
     pub async fn refresh_functions(&self) -> Result<usize, SluiceError> {
-        let latest = self.store.all_latest_versions().await.map_err(store_error)?;
+        let _serial = self.refresh.lock().await;
+        let all = self.store.all_routing().await.map_err(store_error)?;
         let mut listed: std::collections::HashSet<(String, String)> = Default::default();
         let mut changed = 0;
-        for record in latest {
-            let (tenant, function) = (record.tenant.clone(), record.function.clone());
-            match self.follow(&tenant, &function, Some(record)).await {
+        for routing in all {
+            let (tenant, function) = (routing.tenant.clone(), routing.function.clone());
+            match self.follow(&tenant, &function, Some(routing)).await {
                 Ok(Refreshed::Unchanged) => {}
                 Ok(_) => changed += 1,
                 Err(e) => {
-                    tracing::warn!(%tenant, %function, error = %e, "a new version's code is not ready here; the previous version keeps serving")
+                    tracing::warn!(%tenant, %function, error = %e, "a new version's code is not ready here; the previous state keeps serving")
                 }
             }
             listed.insert((tenant, function));
         }
-        // Installed here but not listed: deleted, or deployed after the list was read. Asked again.
-        for d in self.deployed() {
-            let (tenant, function) = (d.record.tenant.clone(), d.record.function.clone());
-            if !listed.contains(&(tenant.clone(), function.clone()))
-                && self.refresh_function(&tenant, &function).await? != Refreshed::Unchanged
-            {
-                changed += 1;
+        // Served here but not listed: deleted, or deployed after the list was read. Asked again.
+        let served: Vec<(String, String)> = {
+            let map = self.functions.read().expect("function map lock");
+            map.iter().flat_map(|(t, fns)| fns.keys().map(move |f| (t.clone(), f.clone()))).collect()
+        };
+        for (tenant, function) in served {
+            if !listed.contains(&(tenant.clone(), function.clone())) {
+                let routing = self.store.function_routing(&tenant, &function).await.map_err(store_error)?;
+                if self.follow(&tenant, &function, routing).await? != Refreshed::Unchanged {
+                    changed += 1;
+                }
             }
         }
         Ok(changed)
@@ -532,8 +732,23 @@ pub enum Refreshed {
     Uninstalled,
 }
 
+/// Whether two states of a function serve the same versions under the same aliases: a refresh
+/// that changes nothing keeps the state calls already hold.
+fn same_routing<T: Registered>(a: &Served<T>, b: &Served<T>) -> bool {
+    let alias_key =
+        |x: &Alias<T>| x.routes().map(|(v, w)| (v.version(), v.created_at(), w)).collect::<Vec<_>>();
+    a.newest_version == b.newest_version
+        && a.aliases.len() == b.aliases.len()
+        && a.aliases.iter().all(|(name, x)| b.aliases.get(name).is_some_and(|y| alias_key(x) == alias_key(y)))
+}
+
 fn principal(k: &KeyRecord) -> Principal {
-    Principal { key_id: k.id.clone(), tenant: k.tenant.clone(), scopes: k.scopes.clone() }
+    Principal {
+        key_id: k.id.clone(),
+        tenant: k.tenant.clone(),
+        scopes: k.scopes.clone(),
+        alias: k.alias.clone(),
+    }
 }
 
 #[cfg(test)]
@@ -551,6 +766,7 @@ mod tests {
             hash: format!("hash-{id}"),
             created_at: 0,
             revoked: false,
+            alias: None,
         }
     }
 
@@ -592,12 +808,12 @@ mod tests {
     }
 
     impl Registered for Fake {
-        fn tenant_and_function(&self) -> (&str, &str) {
-            ("t", "f")
-        }
-
         fn version(&self) -> i64 {
             self.version
+        }
+
+        fn created_at(&self) -> sluice_core::UnixMs {
+            self.version * 1000
         }
 
         fn take_over(&mut self, previous: &Self) {
@@ -614,38 +830,98 @@ mod tests {
         Fake { version, admission: FunctionAdmission::new(rate, max_concurrency, clock.clone()) }
     }
 
-    #[test]
-    fn an_older_version_finishing_last_is_not_installed() {
-        let clock = FakeRelativeClock::default();
-        let mut registry = Registry::default();
-        assert!(install_newer(&mut registry, fake(2, None, None, &clock)));
-        assert!(!install_newer(&mut registry, fake(1, None, None, &clock)));
-        assert!(!install_newer(&mut registry, fake(2, None, None, &clock)));
-        assert_eq!(registry["t"]["f"].version, 2);
-        assert!(install_newer(&mut registry, fake(3, None, None, &clock)));
-        assert_eq!(registry["t"]["f"].version, 3);
+    fn alias(name: &str, routes: &[(i64, u32)]) -> sluice_store::AliasRecord {
+        sluice_store::AliasRecord {
+            tenant: "t".into(),
+            function: "f".into(),
+            name: name.into(),
+            routes: routes.iter().map(|&(version, weight)| Route { version, weight }).collect(),
+            updated_at: 0,
+        }
+    }
+
+    use sluice_core::alias::Route;
+
+    /// The function served with `latest` at the newest of `versions`.
+    fn served(previous: Option<&Served<Fake>>, versions: Vec<Fake>) -> Served<Fake> {
+        let newest = versions.iter().map(|v| v.version).max().unwrap();
+        build_served(previous, newest, versions, &[alias("latest", &[(newest, 1)])]).unwrap()
     }
 
     #[test]
     fn a_new_version_inherits_the_functions_admission_state() {
         let clock = FakeRelativeClock::default();
         let rate = Some(Rate { per_sec: 1.0, burst: 1 });
-        let mut registry = Registry::default();
-        install_newer(&mut registry, fake(1, rate, Some(1), &clock));
-        let v1 = registry["t"]["f"].clone();
-        v1.admission.check_rate("f").unwrap();
-        let _running_on_v1 = v1.admission.acquire("f").unwrap();
+        let v1 = served(None, vec![fake(1, rate, Some(1), &clock)]);
+        let latest = v1.latest().unwrap().clone();
+        latest.admission.check_rate("f").unwrap();
+        let _running_on_v1 = latest.admission.acquire("f").unwrap();
 
-        install_newer(&mut registry, fake(2, rate, Some(1), &clock));
-        let v2 = &registry["t"]["f"];
-        assert_eq!(v2.admission.check_rate("f").unwrap_err().kind, ErrorKind::RateLimited);
-        assert_eq!(v2.admission.acquire("f").unwrap_err().kind, ErrorKind::ConcurrencyLimited);
+        let v2 = served(Some(&v1), vec![fake(2, rate, Some(1), &clock)]);
+        let latest = v2.latest().unwrap();
+        assert_eq!(latest.version, 2);
+        assert_eq!(latest.admission.check_rate("f").unwrap_err().kind, ErrorKind::RateLimited);
+        assert_eq!(latest.admission.acquire("f").unwrap_err().kind, ErrorKind::ConcurrencyLimited);
 
         // A new rate is a new bucket; the calls in flight still count.
         let faster = Some(Rate { per_sec: 10.0, burst: 10 });
-        install_newer(&mut registry, fake(3, faster, Some(1), &clock));
-        let v3 = &registry["t"]["f"];
-        v3.admission.check_rate("f").unwrap();
-        assert_eq!(v3.admission.acquire("f").unwrap_err().kind, ErrorKind::ConcurrencyLimited);
+        let v3 = served(Some(&v2), vec![fake(3, faster, Some(1), &clock)]);
+        let latest = v3.latest().unwrap();
+        latest.admission.check_rate("f").unwrap();
+        assert_eq!(latest.admission.acquire("f").unwrap_err().kind, ErrorKind::ConcurrencyLimited);
+    }
+
+    #[test]
+    fn a_version_still_served_keeps_its_state_across_an_alias_move() {
+        let clock = FakeRelativeClock::default();
+        let first = served(None, vec![fake(1, None, Some(1), &clock), fake(2, None, Some(1), &clock)]);
+        let prod = [alias("latest", &[(2, 1)]), alias("prod", &[(1, 1)])];
+        let versions = vec![fake(1, None, Some(1), &clock), fake(2, None, Some(1), &clock)];
+        let moved = build_served(Some(&first), 2, versions, &prod).unwrap();
+        // The same instance of each version (its warm pool and counters), not a new one.
+        assert!(Arc::ptr_eq(&first.versions[&1], &moved.versions[&1]));
+        assert_eq!(moved.alias("prod").unwrap().choose(None).version, 1);
+        assert!(!same_routing(&first, &moved));
+        let again = build_served(
+            Some(&moved),
+            2,
+            vec![fake(1, None, None, &clock), fake(2, None, None, &clock)],
+            &prod,
+        );
+        assert!(same_routing(&moved, &again.unwrap()));
+        // An alias naming a version the routing lacks is not installed.
+        assert!(build_served(None, 2, vec![fake(2, None, None, &clock)], &prod).is_none());
+    }
+
+    #[test]
+    fn a_split_alias_picks_by_weight_and_a_routing_key_sticks() {
+        let clock = FakeRelativeClock::default();
+        let versions =
+            vec![fake(3, None, None, &clock), fake(4, None, None, &clock), fake(5, None, None, &clock)];
+        let split = [alias("latest", &[(5, 1)]), alias("prod", &[(3, 70), (4, 20), (5, 10)])];
+        let f = build_served(None, 5, versions, &split).unwrap();
+        let prod = f.alias("prod").unwrap();
+        assert_eq!(prod.heaviest().version, 3);
+        // Every point of [0, 100) maps to the version whose share holds it.
+        let mut seen = [0u32; 3];
+        for point in 0..100 {
+            seen[(prod.pick(point).version - 3) as usize] += 1;
+        }
+        assert_eq!(seen, [70, 20, 10]);
+        // Random draws land within the weights: 30,000 draws, each share within 5 standard
+        // deviations (at most 0.013 here) of its weight.
+        let mut drawn = [0u32; 3];
+        for _ in 0..30_000 {
+            drawn[(prod.choose(None).version - 3) as usize] += 1;
+        }
+        for (count, share) in drawn.iter().zip([0.7, 0.2, 0.1]) {
+            assert!((f64::from(*count) / 30_000.0 - share).abs() < 0.013, "{drawn:?}");
+        }
+        // A routing key always picks the same version.
+        for user in 0..100 {
+            let key = format!("user-{user}");
+            let first = prod.choose(Some(key.as_bytes())).version;
+            assert!((0..10).all(|_| prod.choose(Some(key.as_bytes())).version == first));
+        }
     }
 }

@@ -2,12 +2,15 @@
 
 use sluice_core::Scope;
 
-/// Who is calling: the key's tenant (none for admin keys) and scopes.
+/// Who is calling: the key's tenant (none for admin keys), scopes and, for a key limited to one
+/// alias, that alias.
 #[derive(Debug, Clone)]
 pub struct Principal {
     pub key_id: String,
     pub tenant: Option<String>,
     pub scopes: Vec<Scope>,
+    /// The only alias this key may call; `None`: any alias or version.
+    pub alias: Option<String>,
 }
 
 impl Principal {

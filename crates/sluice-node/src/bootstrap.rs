@@ -49,6 +49,7 @@ async fn first_admin_key(store: &Arc<dyn Store>, path: &Path) -> anyhow::Result<
         hash: sluice_core::ids::hash_api_key(&key),
         created_at: sluice_core::Clock::now_ms(&sluice_core::SystemClock),
         revoked: false,
+        alias: None,
     };
     write_secret(path, &key)?;
     store.create_key(&record).await?;

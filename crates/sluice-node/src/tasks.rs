@@ -432,12 +432,18 @@ impl Functions for NodeFunctions {
             let node = node.ok_or_else(|| SluiceError::internal("the node is shutting down"))?;
             // The installed version's metadata, or an older version's from the store; its code
             // comes from the same code cache either way.
-            let (config, key) = match node.function(&tenant, &function) {
-                Some(d) if d.record.version == version => (d.config.clone(), d.code_key.clone()),
-                _ => match node.store.get_version(&tenant, &function, version).await.map_err(store_error)? {
-                    None => return Ok(None),
-                    Some(r) => (Arc::new(r.config.clone()), CodeKey::new(&r.tenant, &r.blob_digest)),
-                },
+            // The version the call was queued for (an alias is resolved at enqueue, so a retry
+            // runs what the first attempt ran, wherever the alias has moved since): served here,
+            // or read from the store; its code comes from the same code cache either way.
+            let served = node.served(&tenant, &function).and_then(|s| s.versions.get(&version).cloned());
+            let (config, key) = match served {
+                Some(d) => (d.config.clone(), d.code_key.clone()),
+                None => {
+                    match node.store.get_version(&tenant, &function, version).await.map_err(store_error)? {
+                        None => return Ok(None),
+                        Some(r) => (Arc::new(r.config.clone()), CodeKey::new(&r.tenant, &r.blob_digest)),
+                    }
+                }
             };
             let (prepared, _) = node.code(&key).await?;
             Ok(Some(Ready { config, prepared }))
@@ -446,8 +452,12 @@ impl Functions for NodeFunctions {
 
     fn reservations(&self) -> Vec<(String, String, u32)> {
         let Some(node) = self.0.upgrade() else { return Vec::new() };
+        // One reservation per function: its `latest`'s (a reservation is the function's).
         node.deployed()
             .iter()
+            .filter(|d| {
+                node.function(&d.record.tenant, &d.record.function).is_some_and(|l| Arc::ptr_eq(&l, d))
+            })
             .filter_map(|d| {
                 let reserved = d.config.reserved_concurrency.filter(|r| *r > 0)?;
                 Some((d.record.tenant.clone(), d.record.function.clone(), reserved))

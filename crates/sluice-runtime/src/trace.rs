@@ -165,10 +165,11 @@ impl GatewaySpan {
     }
 
     /// Names the function called, once it is known.
-    pub fn function(&self, tenant: &str, function: &str, mode: Mode) {
+    pub fn function(&self, tenant: &str, function: &str, version: i64, mode: Mode) {
         self.cx.span().set_attributes([
             KeyValue::new("sluice.tenant", tenant.to_string()),
             KeyValue::new("sluice.function", function.to_string()),
+            KeyValue::new("sluice.version", version),
             KeyValue::new("sluice.kind", mode.as_str()),
         ]);
     }

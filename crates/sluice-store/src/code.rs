@@ -1,9 +1,10 @@
 //! What tenants deploy: component blobs, functions and their immutable versions ([`Code`]).
 
+use sluice_core::alias::{self, Route};
 use sluice_core::{FunctionConfig, UnixMs};
 use sqlx::Executor;
 
-use crate::rows::{config_to_json, get, rows, summary_from_row, version_from_row};
+use crate::rows::{StoreRow, config_to_json, get, rows, summary_from_row, version_from_row};
 use crate::sql::{Bind, Conn, Engine, SqlStore, require, tuples};
 use crate::{StoreError, StoreResult, corrupt};
 
@@ -25,6 +26,35 @@ pub struct VersionRecord {
     pub blob_digest: String,
     pub config: FunctionConfig,
     pub created_at: UnixMs,
+}
+
+/// A version as `versions list` shows it: its record and its component's size.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionListing {
+    pub record: VersionRecord,
+    pub blob_bytes: u64,
+}
+
+/// An alias of a function: the versions it routes to, with their weights, highest version first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AliasRecord {
+    pub tenant: String,
+    pub function: String,
+    pub name: String,
+    pub routes: Vec<Route>,
+    pub updated_at: UnixMs,
+}
+
+/// What a node needs to serve one function: its aliases, the versions they name and the newest
+/// version number (a call to `@N` above it is refused without a store read).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FunctionRouting {
+    pub tenant: String,
+    pub function: String,
+    pub newest_version: i64,
+    pub aliases: Vec<AliasRecord>,
+    /// Every version an alias names, by number.
+    pub versions: Vec<VersionRecord>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -50,8 +80,8 @@ store_trait! {
         /// either names the blob first (and keeps it) or finds it gone (`NotFound`).
         async fn purge_blobs(&self, uploaded_before: UnixMs, limit: u32) -> StoreResult<Vec<(String, String)>>;
         /// Deletes up to `limit` versions that are older than the newest `keep_latest` (at least
-        /// 1) of their function and that no unfinished invocation (queued, failed and waiting for
-        /// its retry, running) names, oldest first; returns how many. Their blobs are then
+        /// 1) of their function and that neither an alias nor an unfinished invocation (queued,
+        /// failed and waiting for its retry, running) names, oldest first; returns how many. Their blobs are then
         /// unnamed, for [`Code::purge_blobs`].
         async fn purge_versions(&self, keep_latest: u32, limit: u32) -> StoreResult<u64>;
         /// `(tenant, digest)` of every stored blob: what the node's compiled artifacts may belong
@@ -64,14 +94,18 @@ store_trait! {
         /// needed. The tenant and blob must exist (`NotFound` otherwise). Numbering restarts at 1
         /// after [`Code::delete_function`]: the function row that carries the counter is gone,
         /// and a redeployed function is a new function. (Old invocation records naming
-        /// `version 1` then refer to the deleted function's version 1.)
+        /// `version 1` then refer to the deleted function's version 1.) With `promote` (and
+        /// always for a function's first version) the alias `latest` moves to the new version in
+        /// the same transaction.
         async fn create_version(
             &self,
             tenant: &str,
             function: &str,
             blob_digest: &str,
             config: &FunctionConfig,
+            promote: bool,
         ) -> StoreResult<VersionRecord>;
+        /// The newest version of a function (the last deployed, promoted or not).
         async fn latest_version(&self, tenant: &str, function: &str) -> StoreResult<Option<VersionRecord>>;
         async fn get_version(
             &self,
@@ -83,8 +117,24 @@ store_trait! {
         /// Deletes a function and its versions (its blobs stay until [`Code::purge_blobs`] finds
         /// them unnamed); `false` if there was none.
         async fn delete_function(&self, tenant: &str, function: &str) -> StoreResult<bool>;
-        /// The latest version of every function: what a starting node loads.
+        /// The newest version of every function.
         async fn all_latest_versions(&self) -> StoreResult<Vec<VersionRecord>>;
+        /// Every version of a function still stored, newest first, with its component's size.
+        async fn list_versions(&self, tenant: &str, function: &str) -> StoreResult<Vec<VersionListing>>;
+
+        /// Points alias `name` of a function at `routes` (checked with
+        /// [`alias::check_routes`]), creating or replacing it. `NotFound` for an unknown function or
+        /// version. The function's row is touched in the same transaction, which announces the
+        /// move to other nodes like a deploy.
+        async fn set_alias(&self, tenant: &str, function: &str, name: &str, routes: &[Route]) -> StoreResult<AliasRecord>;
+        /// Deletes an alias; `false` if there was none.
+        async fn delete_alias(&self, tenant: &str, function: &str, name: &str) -> StoreResult<bool>;
+        /// A function's aliases, by name.
+        async fn list_aliases(&self, tenant: &str, function: &str) -> StoreResult<Vec<AliasRecord>>;
+        /// What a node serves of one function; `None` if there is no such function.
+        async fn function_routing(&self, tenant: &str, function: &str) -> StoreResult<Option<FunctionRouting>>;
+        /// What a node serves of every function: what a starting node loads.
+        async fn all_routing(&self) -> StoreResult<Vec<FunctionRouting>>;
     }
 }
 
@@ -170,6 +220,7 @@ where
         function: &str,
         blob_digest: &str,
         config: &FunctionConfig,
+        promote: bool,
     ) -> StoreResult<VersionRecord> {
         let config_json = config_to_json(config)?;
         let now = self.clock.now_ms();
@@ -208,6 +259,12 @@ where
         .execute(&mut *tx)
         .await
         .map_err(E::classify)?;
+        // A function's first version is its `latest` whatever was asked: `/fn/{t}/{f}/` must name
+        // something from the first deploy on.
+        if promote || version == 1 {
+            let latest = [Route { version, weight: 100 }];
+            replace_alias::<E>(&mut tx, tenant, function, alias::LATEST, &latest, now).await?;
+        }
         tx.commit().await.map_err(E::classify)?;
         Ok(VersionRecord {
             tenant: tenant.to_owned(),
@@ -294,4 +351,266 @@ where
         .map_err(E::classify)?;
         rows(found, version_from_row)
     }
+
+    async fn list_versions(&self, tenant: &str, function: &str) -> StoreResult<Vec<VersionListing>> {
+        let found = sqlx::query(
+            "SELECT v.tenant, v.function, v.version, v.blob_digest, v.config, v.created_at,
+                    COALESCE(b.size, 0) AS blob_bytes
+             FROM versions v LEFT JOIN blobs b ON b.tenant = v.tenant AND b.digest = v.blob_digest
+             WHERE v.tenant = $1 AND v.function = $2
+             ORDER BY v.version DESC",
+        )
+        .bind(tenant)
+        .bind(function)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(E::classify)?;
+        rows(found, |row| {
+            let bytes: i64 = get(row, "blob_bytes")?;
+            Ok(VersionListing {
+                record: version_from_row(row)?,
+                blob_bytes: u64::try_from(bytes).map_err(|_| corrupt("negative blob size"))?,
+            })
+        })
+    }
+
+    async fn set_alias(
+        &self,
+        tenant: &str,
+        function: &str,
+        name: &str,
+        routes: &[Route],
+    ) -> StoreResult<AliasRecord> {
+        alias::check_routes(routes).map_err(|e| StoreError::Conflict(format!("alias {name}: {e}")))?;
+        let now = self.clock.now_ms();
+        let mut tx = E::begin_write(&self.pool).await?;
+        // Touching the function row first takes its lock (and, on PostgreSQL, fires the change
+        // notification other nodes follow) before the versions are checked, so a concurrent
+        // deploy or delete of the function is ordered with this move.
+        let touched = sqlx::query("UPDATE functions SET updated_at = $3 WHERE tenant = $1 AND name = $2")
+            .bind(tenant)
+            .bind(function)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(E::classify)?;
+        if E::rows_affected(&touched) == 0 {
+            return Err(StoreError::NotFound(format!("function {function}")));
+        }
+        replace_alias::<E>(&mut tx, tenant, function, name, routes, now).await?;
+        tx.commit().await.map_err(E::classify)?;
+        let mut routes = routes.to_vec();
+        routes.sort_by_key(|r| std::cmp::Reverse(r.version));
+        Ok(AliasRecord {
+            tenant: tenant.to_owned(),
+            function: function.to_owned(),
+            name: name.to_owned(),
+            routes,
+            updated_at: now,
+        })
+    }
+
+    async fn delete_alias(&self, tenant: &str, function: &str, name: &str) -> StoreResult<bool> {
+        let now = self.clock.now_ms();
+        let mut tx = E::begin_write(&self.pool).await?;
+        let done = sqlx::query("DELETE FROM aliases WHERE tenant = $1 AND function = $2 AND name = $3")
+            .bind(tenant)
+            .bind(function)
+            .bind(name)
+            .execute(&mut *tx)
+            .await
+            .map_err(E::classify)?;
+        let deleted = E::rows_affected(&done) > 0;
+        if deleted {
+            // Announces the change to other nodes, as `set_alias` does.
+            sqlx::query("UPDATE functions SET updated_at = $3 WHERE tenant = $1 AND name = $2")
+                .bind(tenant)
+                .bind(function)
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(E::classify)?;
+        }
+        tx.commit().await.map_err(E::classify)?;
+        Ok(deleted)
+    }
+
+    async fn list_aliases(&self, tenant: &str, function: &str) -> StoreResult<Vec<AliasRecord>> {
+        let found = sqlx::query(
+            "SELECT tenant, function, name, version, weight, updated_at FROM aliases
+             WHERE tenant = $1 AND function = $2 ORDER BY tenant, function, name, version DESC",
+        )
+        .bind(tenant)
+        .bind(function)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(E::classify)?;
+        group_aliases(found)
+    }
+
+    async fn function_routing(&self, tenant: &str, function: &str) -> StoreResult<Option<FunctionRouting>> {
+        let functions =
+            sqlx::query("SELECT tenant, name, latest_version FROM functions WHERE tenant = $1 AND name = $2")
+                .bind(tenant)
+                .bind(function)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(E::classify)?;
+        let aliases = sqlx::query(
+            "SELECT tenant, function, name, version, weight, updated_at FROM aliases
+             WHERE tenant = $1 AND function = $2 ORDER BY tenant, function, name, version DESC",
+        )
+        .bind(tenant)
+        .bind(function)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(E::classify)?;
+        let versions = sqlx::query(
+            "SELECT v.tenant, v.function, v.version, v.blob_digest, v.config, v.created_at FROM versions v
+             WHERE v.tenant = $1 AND v.function = $2
+               AND EXISTS (SELECT 1 FROM aliases a
+                           WHERE a.tenant = v.tenant AND a.function = v.function AND a.version = v.version)",
+        )
+        .bind(tenant)
+        .bind(function)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(E::classify)?;
+        Ok(assemble_routing(functions, aliases, versions)?.pop())
+    }
+
+    async fn all_routing(&self) -> StoreResult<Vec<FunctionRouting>> {
+        let functions = sqlx::query("SELECT tenant, name, latest_version FROM functions")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(E::classify)?;
+        let aliases = sqlx::query(
+            "SELECT tenant, function, name, version, weight, updated_at FROM aliases
+             ORDER BY tenant, function, name, version DESC",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(E::classify)?;
+        let versions = sqlx::query(
+            "SELECT v.tenant, v.function, v.version, v.blob_digest, v.config, v.created_at FROM versions v
+             WHERE EXISTS (SELECT 1 FROM aliases a
+                           WHERE a.tenant = v.tenant AND a.function = v.function AND a.version = v.version)",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(E::classify)?;
+        assemble_routing(functions, aliases, versions)
+    }
+}
+
+/// Replaces the rows of alias `name` with `routes`, inside the caller's transaction. `NotFound`
+/// for a version that does not exist (the foreign key would say so less clearly).
+async fn replace_alias<E: Engine>(
+    tx: &mut Conn<E>,
+    tenant: &str,
+    function: &str,
+    name: &str,
+    routes: &[Route],
+    now: UnixMs,
+) -> StoreResult<()>
+where
+    for<'c> &'c mut Conn<E>: Executor<'c, Database = E::DB>,
+    for<'a> &'a str: Bind<E::DB>,
+    i64: Bind<E::DB>,
+{
+    sqlx::query("DELETE FROM aliases WHERE tenant = $1 AND function = $2 AND name = $3")
+        .bind(tenant)
+        .bind(function)
+        .bind(name)
+        .execute(&mut *tx)
+        .await
+        .map_err(E::classify)?;
+    for route in routes {
+        let found =
+            sqlx::query("SELECT 1 FROM versions WHERE tenant = $1 AND function = $2 AND version = $3")
+                .bind(tenant)
+                .bind(function)
+                .bind(route.version)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(E::classify)?;
+        if found.is_none() {
+            return Err(StoreError::NotFound(format!("version {} of function {function}", route.version)));
+        }
+        sqlx::query(
+            "INSERT INTO aliases (tenant, function, name, version, weight, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(tenant)
+        .bind(function)
+        .bind(name)
+        .bind(route.version)
+        .bind(i64::from(route.weight))
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(E::classify)?;
+    }
+    Ok(())
+}
+
+/// Alias rows ordered by (tenant, function, name) as records.
+fn group_aliases<R: StoreRow>(found: Vec<R>) -> StoreResult<Vec<AliasRecord>> {
+    let mut aliases: Vec<AliasRecord> = Vec::new();
+    for row in &found {
+        let (tenant, function, name): (String, String, String) =
+            (get(row, "tenant")?, get(row, "function")?, get(row, "name")?);
+        let weight: i64 = get(row, "weight")?;
+        let route = Route {
+            version: get(row, "version")?,
+            weight: u32::try_from(weight).map_err(|_| corrupt(format!("alias weight {weight}")))?,
+        };
+        let updated_at: UnixMs = get(row, "updated_at")?;
+        match aliases.last_mut() {
+            Some(a) if a.tenant == tenant && a.function == function && a.name == name => {
+                a.routes.push(route);
+                a.updated_at = a.updated_at.max(updated_at);
+            }
+            _ => aliases.push(AliasRecord { tenant, function, name, routes: vec![route], updated_at }),
+        }
+    }
+    Ok(aliases)
+}
+
+/// Functions (`tenant, name, latest_version`), their aliases (grouped by [`group_aliases`]) and the
+/// versions those name, as one [`FunctionRouting`] per function, ordered by tenant and name.
+fn assemble_routing<R: StoreRow>(
+    functions: Vec<R>,
+    aliases: Vec<R>,
+    versions: Vec<R>,
+) -> StoreResult<Vec<FunctionRouting>> {
+    let mut by_function: std::collections::BTreeMap<(String, String), FunctionRouting> = Default::default();
+    for row in &functions {
+        let (tenant, function): (String, String) = (get(row, "tenant")?, get(row, "name")?);
+        let routing = FunctionRouting {
+            tenant: tenant.clone(),
+            function: function.clone(),
+            newest_version: get(row, "latest_version")?,
+            aliases: Vec::new(),
+            versions: Vec::new(),
+        };
+        by_function.insert((tenant, function), routing);
+    }
+    for alias in group_aliases(aliases)? {
+        // A function deleted between the reads has no entry: its alias rows are gone too.
+        if let Some(r) = by_function.get_mut(&(alias.tenant.clone(), alias.function.clone())) {
+            r.aliases.push(alias);
+        }
+    }
+    for row in &versions {
+        let version = version_from_row(row)?;
+        if let Some(r) = by_function.get_mut(&(version.tenant.clone(), version.function.clone())) {
+            r.versions.push(version);
+        }
+    }
+    let mut all: Vec<FunctionRouting> = by_function.into_values().collect();
+    for r in &mut all {
+        r.versions.sort_by_key(|v| v.version);
+    }
+    Ok(all)
 }

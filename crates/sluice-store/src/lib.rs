@@ -26,7 +26,9 @@ mod sql;
 mod sqlite;
 mod tenants;
 
-pub use code::{Code, FunctionSummary, TenantStorage, VersionRecord};
+pub use code::{
+    AliasRecord, Code, FunctionRouting, FunctionSummary, TenantStorage, VersionListing, VersionRecord,
+};
 pub use invocations::{
     ANONYMOUS_CALLER, AttemptResult, Completion, Enqueued, IDEMPOTENCY_WINDOW_MS, IdempotencyKey, Invocation,
     InvocationFilter, Invocations, LIST_INVOCATIONS_LIMIT_MAX, LeaseAsk, LeaseClass, Leased, NewInvocation,

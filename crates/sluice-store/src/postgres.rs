@@ -82,6 +82,7 @@ const MIGRATIONS: &[Migration] = &[
         name: "vocabulary checks",
         sql: include_str!("../migrations/postgres/0005_vocabulary_checks.sql"),
     },
+    Migration { version: 6, name: "aliases", sql: include_str!("../migrations/postgres/0006_aliases.sql") },
 ];
 
 /// Whose clock decides leases.
@@ -277,13 +278,18 @@ impl Engine for PostgresEngine {
                               WHERE i.tenant = v.tenant AND i.function = v.function
                                 AND i.version = v.version
                                 AND i.status IN ('queued', 'failed', 'running'))
+              AND NOT EXISTS (SELECT 1 FROM aliases a
+                              WHERE a.tenant = v.tenant AND a.function = v.function
+                                AND a.version = v.version)
             ORDER BY v.created_at
             LIMIT $2
             FOR UPDATE OF v SKIP LOCKED)
           AND NOT EXISTS (SELECT 1 FROM invocations i
                           WHERE i.tenant = d.tenant AND i.function = d.function
                             AND i.version = d.version
-                            AND i.status IN ('queued', 'failed', 'running'))";
+                            AND i.status IN ('queued', 'failed', 'running'))
+          AND NOT EXISTS (SELECT 1 FROM aliases a
+                          WHERE a.tenant = d.tenant AND a.function = d.function AND a.version = d.version)";
     /// Like SQLite's, without naming indexes; `now` is the database's when `$1` is NULL.
     const QUEUE_DEMAND: &'static str = "
         WITH now AS (SELECT COALESCE($1::bigint, sluice_now_ms()) AS ms)

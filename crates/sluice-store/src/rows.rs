@@ -84,6 +84,7 @@ pub(crate) fn key_from_row(row: &impl StoreRow) -> StoreResult<KeyRecord> {
         hash: get(row, "hash")?,
         created_at: get(row, "created_at")?,
         revoked: get(row, "revoked")?,
+        alias: get(row, "alias")?,
     })
 }
 

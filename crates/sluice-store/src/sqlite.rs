@@ -110,6 +110,7 @@ const MIGRATIONS: &[Migration] = &[
         name: "vocabulary checks",
         sql: include_str!("../migrations/sqlite/0011_vocabulary_checks.sql"),
     },
+    Migration { version: 12, name: "aliases", sql: include_str!("../migrations/sqlite/0012_aliases.sql") },
 ];
 
 /// The embedded store.
@@ -230,6 +231,9 @@ impl Engine for SqliteEngine {
                               WHERE i.tenant = v.tenant AND i.function = v.function
                                 AND i.version = v.version
                                 AND i.status IN ('queued', 'failed', 'running'))
+              AND NOT EXISTS (SELECT 1 FROM aliases a
+                              WHERE a.tenant = v.tenant AND a.function = v.function
+                                AND a.version = v.version)
             ORDER BY v.created_at
             LIMIT $2)";
     /// An index probe per tenant and class, not a scan of the queue.

@@ -25,6 +25,8 @@ pub struct KeyRecord {
     pub hash: String,
     pub created_at: UnixMs,
     pub revoked: bool,
+    /// The one alias this key may call (`keys create --alias`); `None`: any.
+    pub alias: Option<String>,
 }
 
 /// A tenant's share of async capacity (DESIGN.md section 4).
@@ -205,8 +207,8 @@ where
             require::<E>(&mut tx, E::TENANT_EXISTS, &[tenant], || format!("tenant {tenant}")).await?;
         }
         sqlx::query(
-            "INSERT INTO api_keys (id, tenant, scopes, hash, created_at, revoked)
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO api_keys (id, tenant, scopes, hash, created_at, revoked, alias)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(key.id.as_str())
         .bind(key.tenant.clone())
@@ -214,6 +216,7 @@ where
         .bind(key.hash.as_str())
         .bind(key.created_at)
         .bind(key.revoked)
+        .bind(key.alias.clone())
         .execute(&mut *tx)
         .await
         .map_err(|e| {
@@ -226,7 +229,7 @@ where
         let found = match tenant {
             Some(tenant) => {
                 sqlx::query(
-                    "SELECT id, tenant, scopes, hash, created_at, revoked FROM api_keys
+                    "SELECT id, tenant, scopes, hash, created_at, revoked, alias FROM api_keys
                      WHERE tenant = $1 ORDER BY created_at, id",
                 )
                 .bind(tenant)
@@ -235,7 +238,7 @@ where
             }
             None => {
                 sqlx::query(
-                    "SELECT id, tenant, scopes, hash, created_at, revoked FROM api_keys
+                    "SELECT id, tenant, scopes, hash, created_at, revoked, alias FROM api_keys
                      ORDER BY created_at, id",
                 )
                 .fetch_all(&self.pool)
@@ -256,7 +259,7 @@ where
     }
 
     async fn get_key(&self, id: &str) -> StoreResult<Option<KeyRecord>> {
-        sqlx::query("SELECT id, tenant, scopes, hash, created_at, revoked FROM api_keys WHERE id = $1")
+        sqlx::query("SELECT id, tenant, scopes, hash, created_at, revoked, alias FROM api_keys WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await
@@ -268,7 +271,7 @@ where
 
     async fn active_keys(&self) -> StoreResult<Vec<KeyRecord>> {
         let found = sqlx::query(
-            "SELECT id, tenant, scopes, hash, created_at, revoked FROM api_keys
+            "SELECT id, tenant, scopes, hash, created_at, revoked, alias FROM api_keys
              WHERE NOT revoked ORDER BY created_at, id",
         )
         .fetch_all(&self.pool)

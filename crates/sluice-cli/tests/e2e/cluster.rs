@@ -439,3 +439,42 @@ fn a_guest_printing_nul_is_recorded_on_postgres() {
     assert_eq!((inv["status"].as_str(), inv["attempts"].as_u64()), (Some("succeeded"), Some(1)), "{inv}");
     assert!(log_lines(&node, &id, 2).contains(&("stderr".into(), "x\u{fffd}y".into())));
 }
+
+#[test]
+fn an_alias_move_on_one_node_reaches_the_other() {
+    let Some(db) = PgDatabase::create() else { return };
+    let one = cluster_node(&db, None, &[]);
+    let two = cluster_node(&db, Some(&one.token), &[]);
+    one.deploy("app", &guests().hello, &[]);
+    one.deploy("app", &guests().testguest, &[]);
+    // Node two serves version 2 as `latest` once it has followed both deploys.
+    until_status(&two, &two.token, "/fn/default/app/echo", 200, Duration::from_secs(5));
+
+    // A rollback on node one: node two serves version 1 (hello answers any path) without a
+    // deploy, as soon as the change notification arrives. Ten moves, each timed.
+    let version_on_two = || {
+        let res = two
+            .client()
+            .get(format!("{}/fn/default/app/ok", two.url))
+            .bearer_auth(&two.token)
+            .send()
+            .unwrap();
+        res.headers().get("sluice-version").map(|v| v.to_str().unwrap().to_string())
+    };
+    let mut seen = Vec::new();
+    for (i, to) in ["1", "2"].iter().cycle().take(10).enumerate() {
+        let (ok, out, err) = one.cli(&["alias", "set", "app", "latest", to]);
+        assert!(ok, "move {i}: {out}{err}");
+        let moved = Instant::now();
+        while version_on_two().as_deref() != Some(to) {
+            assert!(moved.elapsed() < Duration::from_secs(5), "move {i} to {to} did not reach node two");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        seen.push(moved.elapsed());
+    }
+    seen.sort();
+    eprintln!(
+        "an alias move on node one was served by node two after {:?} (median), {:?} (max)",
+        seen[5], seen[9]
+    );
+}

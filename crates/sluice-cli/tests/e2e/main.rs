@@ -28,3 +28,4 @@ mod serve;
 mod tenancy;
 mod top;
 mod traces;
+mod versions;

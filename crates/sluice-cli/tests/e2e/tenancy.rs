@@ -165,6 +165,8 @@ impl Names {
             .replace("{tenant}", &self.tenant)
             .replace("{function}", &self.function)
             .replace("{id}", id)
+            .replace("{version}", "1")
+            .replace("{alias}", "latest")
             .replace("{path}", "sub/path");
         // The list route names its tenant in the query.
         if template == "/v1/invocations" { format!("{path}?tenant={}", self.tenant) } else { path }
@@ -233,6 +235,15 @@ fn another_tenants_objects_answer_404_like_missing_ones_on_every_route_with_no_s
             Some(Body::Json(json!({ "digest": digest }))),
         ),
         route("GET", "/v1/tenants/{tenant}/functions/{function}/logs", None),
+        route("GET", "/v1/tenants/{tenant}/functions/{function}/versions", None),
+        route("GET", "/v1/tenants/{tenant}/functions/{function}/versions/{version}", None),
+        route("GET", "/v1/tenants/{tenant}/functions/{function}/aliases", None),
+        route(
+            "PUT",
+            "/v1/tenants/{tenant}/functions/{function}/aliases/{alias}",
+            Some(Body::Json(json!({ "routes": [{ "version": 1, "weight": 1 }] }))),
+        ),
+        route("DELETE", "/v1/tenants/{tenant}/functions/{function}/aliases/{alias}", None),
         route("GET", "/v1/invocations", None),
         route("GET", "/v1/invocations/{id}", None),
         route("GET", "/v1/invocations/{id}/response", None),

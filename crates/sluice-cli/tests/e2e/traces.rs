@@ -183,6 +183,7 @@ fn spans_of_sync_and_async_calls_reach_the_collector_and_the_context_reaches_the
         ("sluice.tenant", "default"),
         ("sluice.function", "tg"),
         ("sluice.kind", "sync"),
+        ("sluice.version", "1"),
         ("http.response.status_code", "200"),
         ("http.route", "/fn/{tenant}/{function}/{*path}"),
     ] {
@@ -255,6 +256,13 @@ fn spans_of_sync_and_async_calls_reach_the_collector_and_the_context_reaches_the
             "no access line for {id}: {lines:#?}"
         );
     }
+    // The sync call's line names the version that ran.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("sluice::access") && l.contains(sync_id.as_str()) && l.contains("version=1")),
+        "no version on the access line of {sync_id}: {lines:#?}"
+    );
 }
 
 #[test]

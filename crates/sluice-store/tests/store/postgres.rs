@@ -139,7 +139,7 @@ async fn nodes_starting_together_migrate_once() {
         .fetch_all(&mut admin)
         .await
         .unwrap();
-    assert_eq!(applied, [1, 2, 3, 4, 5]);
+    assert_eq!(applied, [1, 2, 3, 4, 5, 6]);
     for (i, store) in stores.iter().enumerate() {
         store.create_tenant(&format!("t{i}")).await.unwrap();
     }
@@ -295,13 +295,14 @@ async fn other_nodes_hear_of_changes() {
         hash: "h".into(),
         created_at: 0,
         revoked: false,
+        alias: None,
     };
     writer.create_key(&key).await.unwrap();
     assert_eq!(next().await, Change::Keys);
     writer.revoke_key("k1").await.unwrap();
     assert_eq!(next().await, Change::Keys);
     writer.put_blob("acme", "d1", b"component").await.unwrap();
-    writer.create_version("acme", "hello", "d1", &Default::default()).await.unwrap();
+    writer.create_version("acme", "hello", "d1", &Default::default(), true).await.unwrap();
     let deployed = Change::Function { tenant: "acme".into(), function: "hello".into() };
     assert_eq!(next().await, deployed);
     writer.enqueue(&crate::suite::invocation("inv-1")).await.unwrap();

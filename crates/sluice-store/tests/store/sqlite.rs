@@ -134,12 +134,13 @@ async fn data_survives_a_reopen() {
         hash: "h1".into(),
         created_at: 1_000,
         revoked: false,
+        alias: None,
     };
     store.create_key(&key).await.unwrap();
     store.put_blob("acme", "d1", b"component").await.unwrap();
     let config = FunctionConfig { public: true, ..FunctionConfig::default() };
-    store.create_version("acme", "hello", "d1", &config).await.unwrap();
-    let version = store.create_version("acme", "hello", "d1", &config).await.unwrap();
+    store.create_version("acme", "hello", "d1", &config, true).await.unwrap();
+    let version = store.create_version("acme", "hello", "d1", &config, true).await.unwrap();
     let record = SyncRecord {
         id: "inv-1".into(),
         tenant: "acme".into(),
@@ -166,7 +167,7 @@ async fn data_survives_a_reopen() {
     assert_eq!(reopened.get_invocation("inv-1").await.unwrap(), invocation);
     assert_eq!(reopened.invocation_logs("inv-1").await.unwrap(), logs);
     // The counter survived too: the next deploy is 3, not 1.
-    let next = reopened.create_version("acme", "hello", "d1", &config).await.unwrap();
+    let next = reopened.create_version("acme", "hello", "d1", &config, true).await.unwrap();
     assert_eq!(next.version, 3);
 }
 
@@ -179,9 +180,9 @@ async fn two_stores_on_one_file_number_versions_together() {
     harness.store().put_blob("acme", "d1", b"component").await.unwrap();
     let config = FunctionConfig::default();
     let stores: [&dyn Store; 2] = [harness.store(), &other];
-    let deploys = stores
-        .iter()
-        .flat_map(|store| (0..DEPLOYS_EACH).map(|_| store.create_version("acme", "hello", "d1", &config)));
+    let deploys = stores.iter().flat_map(|store| {
+        (0..DEPLOYS_EACH).map(|_| store.create_version("acme", "hello", "d1", &config, true))
+    });
     let mut versions: Vec<i64> =
         futures::future::join_all(deploys).await.into_iter().map(|r| r.unwrap().version).collect();
     versions.sort_unstable();

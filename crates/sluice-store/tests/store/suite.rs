@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
+use sluice_core::alias::Route;
 use sluice_core::ids::sha256_hex;
 use sluice_core::{Clock, FunctionConfig, Scope, UnixMs};
 use sluice_store::{
@@ -93,6 +94,11 @@ macro_rules! run_whole_suite {
     functions_are_listed_per_tenant,
     deleting_a_function_deletes_its_versions_only,
     all_latest_versions_has_one_entry_per_function,
+    deploys_move_latest_unless_not_promoted,
+    aliases_are_set_listed_and_deleted,
+    aliased_versions_are_never_retired,
+    routing_lists_aliases_and_the_versions_they_name,
+    keys_may_be_limited_to_an_alias,
     sync_records_and_their_logs_are_readable,
     guest_text_with_nul_is_stored_with_a_replacement_character,
     function_logs_tail_and_page,
@@ -131,6 +137,7 @@ fn key(id: &str, tenant: Option<&str>, scopes: &[Scope], created_at: UnixMs) -> 
         hash: sha256_hex(id.as_bytes()),
         created_at,
         revoked: false,
+        alias: None,
     }
 }
 
@@ -276,10 +283,10 @@ pub async fn blobs_belong_to_their_tenant(store: &dyn Store, _clock: &ManualCloc
     let digest = blob(store, "acme", b"acme's component").await;
     // Another tenant cannot read it, nor deploy it by its digest: it must upload the bytes.
     assert_eq!(store.get_blob("beta", &digest).await.unwrap(), None);
-    let err = store.create_version("beta", "f", &digest, &FunctionConfig::default()).await.unwrap_err();
+    let err = store.create_version("beta", "f", &digest, &FunctionConfig::default(), true).await.unwrap_err();
     assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
     blob(store, "beta", b"acme's component").await;
-    store.create_version("beta", "f", &digest, &FunctionConfig::default()).await.unwrap();
+    store.create_version("beta", "f", &digest, &FunctionConfig::default(), true).await.unwrap();
     let keys = store.blob_keys().await.unwrap();
     assert_eq!(keys, [("acme".to_string(), digest.clone()), ("beta".to_string(), digest.clone())]);
 
@@ -296,10 +303,10 @@ pub async fn unnamed_blobs_are_purged_after_their_grace(store: &dyn Store, clock
     let config = FunctionConfig::default();
     clock.set(1_000);
     let named = blob(store, "acme", b"named").await;
-    store.create_version("acme", "keep", &named, &config).await.unwrap();
+    store.create_version("acme", "keep", &named, &config, true).await.unwrap();
     let deleted = blob(store, "acme", b"of a deleted function").await;
-    store.create_version("acme", "gone", &deleted, &config).await.unwrap();
-    store.create_version("acme", "gone", &named, &config).await.unwrap();
+    store.create_version("acme", "gone", &deleted, &config, true).await.unwrap();
+    store.create_version("acme", "gone", &named, &config, true).await.unwrap();
     store.delete_function("acme", "gone").await.unwrap();
     let stale = blob(store, "acme", b"uploaded, never deployed").await;
     clock.set(5_000);
@@ -321,7 +328,7 @@ pub async fn unnamed_blobs_are_purged_after_their_grace(store: &dyn Store, clock
     assert!(store.get_blob("acme", &named).await.unwrap().is_some());
     assert_eq!(store.blob_keys().await.unwrap(), [("acme".to_string(), named)]);
     // A deploy of a purged blob is refused: it must be uploaded again.
-    let err = store.create_version("acme", "late", &stale, &config).await.unwrap_err();
+    let err = store.create_version("acme", "late", &stale, &config, true).await.unwrap_err();
     assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
 }
 
@@ -335,10 +342,10 @@ pub async fn old_versions_are_retired_unless_an_unfinished_invocation_names_them
     for v in 1..=5u8 {
         clock.set(i64::from(v) * 1_000);
         let digest = blob(store, "acme", &[b'v', v]).await;
-        store.create_version("acme", "hello", &digest, &config).await.unwrap();
+        store.create_version("acme", "hello", &digest, &config, true).await.unwrap();
         digests.push(digest);
     }
-    store.create_version("acme", "single", &digests[0], &config).await.unwrap();
+    store.create_version("acme", "single", &digests[0], &config, true).await.unwrap();
     // Version 2 has a queued invocation; version 1 only a finished one.
     let pending = sluice_store::NewInvocation { version: 2, ..queue::invocation("pending") };
     store.enqueue(&pending).await.unwrap();
@@ -387,18 +394,18 @@ pub async fn versions_are_numbered_from_one(store: &dyn Store, clock: &ManualClo
     };
 
     clock.set(1_000);
-    let v1 = store.create_version("acme", "hello", &digest, &FunctionConfig::default()).await.unwrap();
+    let v1 = store.create_version("acme", "hello", &digest, &FunctionConfig::default(), true).await.unwrap();
     clock.set(2_000);
-    let v2 = store.create_version("acme", "hello", &digest, &custom).await.unwrap();
+    let v2 = store.create_version("acme", "hello", &digest, &custom, true).await.unwrap();
     clock.set(3_000);
-    let v3 = store.create_version("acme", "hello", &digest, &FunctionConfig::default()).await.unwrap();
+    let v3 = store.create_version("acme", "hello", &digest, &FunctionConfig::default(), true).await.unwrap();
     assert_eq!([v1.version, v2.version, v3.version], [1, 2, 3]);
     assert_eq!((v2.tenant.as_str(), v2.function.as_str(), v2.created_at), ("acme", "hello", 2_000));
     assert_eq!(v2.blob_digest, digest);
 
     // Numbering is per function and per tenant.
-    let other = store.create_version("acme", "other", &digest, &custom).await.unwrap();
-    let beta = store.create_version("beta", "hello", &digest, &custom).await.unwrap();
+    let other = store.create_version("acme", "other", &digest, &custom, true).await.unwrap();
+    let beta = store.create_version("beta", "hello", &digest, &custom, true).await.unwrap();
     assert_eq!((other.version, beta.version), (1, 1));
 
     assert_eq!(store.latest_version("acme", "hello").await.unwrap(), Some(v3.clone()));
@@ -409,12 +416,13 @@ pub async fn versions_are_numbered_from_one(store: &dyn Store, clock: &ManualClo
     assert_eq!(store.latest_version("acme", "nope").await.unwrap(), None);
     assert_eq!(store.latest_version("nope", "hello").await.unwrap(), None);
 
-    let err = store.create_version("nope", "hello", &digest, &custom).await.unwrap_err();
+    let err = store.create_version("nope", "hello", &digest, &custom, true).await.unwrap_err();
     assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
-    let err = store.create_version("acme", "hello", &sha256_hex(b"missing"), &custom).await.unwrap_err();
+    let err =
+        store.create_version("acme", "hello", &sha256_hex(b"missing"), &custom, true).await.unwrap_err();
     assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
     // A refused deploy does not use up a number.
-    let v4 = store.create_version("acme", "hello", &digest, &custom).await.unwrap();
+    let v4 = store.create_version("acme", "hello", &digest, &custom, true).await.unwrap();
     assert_eq!(v4.version, 4);
     assert_eq!(store.latest_version("acme", "hello").await.unwrap(), Some(v4));
 }
@@ -424,7 +432,7 @@ pub async fn concurrent_deploys_get_distinct_consecutive_versions(store: &dyn St
     store.create_tenant("acme").await.unwrap();
     let digest = blob(store, "acme", b"component").await;
     let config = FunctionConfig::default();
-    let deploys = (0..DEPLOYS).map(|_| store.create_version("acme", "hello", &digest, &config));
+    let deploys = (0..DEPLOYS).map(|_| store.create_version("acme", "hello", &digest, &config, true));
     let mut versions: Vec<i64> = futures::future::join_all(deploys)
         .await
         .into_iter()
@@ -447,11 +455,11 @@ pub async fn functions_are_listed_per_tenant(store: &dyn Store, clock: &ManualCl
     blob(store, "beta", b"component").await;
     let config = FunctionConfig::default();
     clock.set(1_000);
-    store.create_version("acme", "zed", &digest, &config).await.unwrap();
-    store.create_version("acme", "alpha", &digest, &config).await.unwrap();
-    store.create_version("beta", "beta-only", &digest, &config).await.unwrap();
+    store.create_version("acme", "zed", &digest, &config, true).await.unwrap();
+    store.create_version("acme", "alpha", &digest, &config, true).await.unwrap();
+    store.create_version("beta", "beta-only", &digest, &config, true).await.unwrap();
     clock.set(5_000);
-    store.create_version("acme", "zed", &digest, &config).await.unwrap();
+    store.create_version("acme", "zed", &digest, &config, true).await.unwrap();
 
     let listed = store.list_functions("acme").await.unwrap();
     assert_eq!(ids(&listed, |f| f.name.clone()), ["alpha", "zed"]);
@@ -468,9 +476,9 @@ pub async fn deleting_a_function_deletes_its_versions_only(store: &dyn Store, _c
     let digest = blob(store, "acme", b"component").await;
     let config = FunctionConfig::default();
     for _ in 0..3 {
-        store.create_version("acme", "hello", &digest, &config).await.unwrap();
+        store.create_version("acme", "hello", &digest, &config, true).await.unwrap();
     }
-    store.create_version("acme", "keep", &digest, &config).await.unwrap();
+    store.create_version("acme", "keep", &digest, &config, true).await.unwrap();
 
     assert!(store.delete_function("acme", "hello").await.unwrap());
     assert!(!store.delete_function("acme", "hello").await.unwrap());
@@ -485,7 +493,7 @@ pub async fn deleting_a_function_deletes_its_versions_only(store: &dyn Store, _c
     // Blobs outlive the function (until purge_blobs finds them unnamed past their grace).
     assert!(store.get_blob("acme", &digest).await.unwrap().is_some());
     // A redeployed function is a new function: numbering starts again.
-    let again = store.create_version("acme", "hello", &digest, &config).await.unwrap();
+    let again = store.create_version("acme", "hello", &digest, &config, true).await.unwrap();
     assert_eq!(again.version, 1);
 }
 
@@ -499,17 +507,155 @@ pub async fn all_latest_versions_has_one_entry_per_function(store: &dyn Store, c
     blob(store, "beta", b"two").await;
     let config = FunctionConfig::default();
     clock.set(1_000);
-    store.create_version("beta", "b", &one, &config).await.unwrap();
-    store.create_version("acme", "a", &one, &config).await.unwrap();
+    store.create_version("beta", "b", &one, &config, true).await.unwrap();
+    store.create_version("acme", "a", &one, &config, true).await.unwrap();
     clock.set(2_000);
-    let acme_a = store.create_version("acme", "a", &two, &config).await.unwrap();
-    let acme_c = store.create_version("acme", "c", &two, &config).await.unwrap();
-    let beta_b = store.create_version("beta", "b", &two, &config).await.unwrap();
-    store.create_version("beta", "gone", &one, &config).await.unwrap();
+    let acme_a = store.create_version("acme", "a", &two, &config, true).await.unwrap();
+    let acme_c = store.create_version("acme", "c", &two, &config, true).await.unwrap();
+    let beta_b = store.create_version("beta", "b", &two, &config, true).await.unwrap();
+    store.create_version("beta", "gone", &one, &config, true).await.unwrap();
     store.delete_function("beta", "gone").await.unwrap();
 
     let latest = store.all_latest_versions().await.unwrap();
     assert_eq!(latest, vec![acme_a, acme_c, beta_b]);
+}
+
+pub async fn deploys_move_latest_unless_not_promoted(store: &dyn Store, clock: &ManualClock) {
+    store.create_tenant("acme").await.unwrap();
+    let digest = blob(store, "acme", b"component").await;
+    let config = FunctionConfig::default();
+    clock.set(1_000);
+    // The first version is `latest` even when not promoted: the function must name something.
+    store.create_version("acme", "hello", &digest, &config, false).await.unwrap();
+    store.create_version("acme", "hello", &digest, &config, true).await.unwrap();
+    store.create_version("acme", "hello", &digest, &config, false).await.unwrap();
+    let aliases = store.list_aliases("acme", "hello").await.unwrap();
+    assert_eq!(aliases.len(), 1);
+    assert_eq!(aliases[0].name, "latest");
+    assert_eq!(aliases[0].routes, [Route { version: 2, weight: 100 }]);
+    // `latest_version` is the newest, promoted or not.
+    assert_eq!(store.latest_version("acme", "hello").await.unwrap().unwrap().version, 3);
+    let listed: Vec<(i64, u64)> = store
+        .list_versions("acme", "hello")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| (v.record.version, v.blob_bytes))
+        .collect();
+    assert_eq!(listed, [(3, 9), (2, 9), (1, 9)], "newest first, with the component's size");
+}
+
+pub async fn aliases_are_set_listed_and_deleted(store: &dyn Store, clock: &ManualClock) {
+    store.create_tenant("acme").await.unwrap();
+    store.create_tenant("beta").await.unwrap();
+    let digest = blob(store, "acme", b"component").await;
+    let config = FunctionConfig::default();
+    for _ in 0..4 {
+        store.create_version("acme", "hello", &digest, &config, true).await.unwrap();
+    }
+    clock.set(5_000);
+    let split = [Route { version: 3, weight: 90 }, Route { version: 4, weight: 10 }];
+    let prod = store.set_alias("acme", "hello", "prod", &split).await.unwrap();
+    assert_eq!(prod.routes, [Route { version: 4, weight: 10 }, Route { version: 3, weight: 90 }]);
+    assert_eq!(prod.updated_at, 5_000);
+    // Setting again replaces every route.
+    clock.set(6_000);
+    let moved = store.set_alias("acme", "hello", "prod", &[Route { version: 2, weight: 1 }]).await.unwrap();
+    let listed = store.list_aliases("acme", "hello").await.unwrap();
+    assert_eq!(listed.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(), ["latest", "prod"]);
+    assert_eq!(listed[1], moved);
+    // The move touched the function (which announces it to other nodes).
+    let summary = store.list_functions("acme").await.unwrap().remove(0);
+    assert_eq!(summary.updated_at, 6_000);
+
+    let missing = store.set_alias("acme", "hello", "prod", &[Route { version: 9, weight: 1 }]).await;
+    assert!(matches!(missing, Err(StoreError::NotFound(_))), "{missing:?}");
+    let other = store.set_alias("beta", "hello", "prod", &[Route { version: 1, weight: 1 }]).await;
+    assert!(matches!(other, Err(StoreError::NotFound(_))), "{other:?}");
+    let empty = store.set_alias("acme", "hello", "prod", &[]).await;
+    assert!(matches!(empty, Err(StoreError::Conflict(_))), "{empty:?}");
+    // A failed move leaves the alias as it was.
+    assert_eq!(store.list_aliases("acme", "hello").await.unwrap()[1], moved);
+
+    assert!(store.delete_alias("acme", "hello", "prod").await.unwrap());
+    assert!(!store.delete_alias("acme", "hello", "prod").await.unwrap());
+    assert_eq!(store.list_aliases("acme", "hello").await.unwrap().len(), 1);
+    // Deleting the function takes its aliases with it.
+    store.set_alias("acme", "hello", "prod", &[Route { version: 1, weight: 1 }]).await.unwrap();
+    assert!(store.delete_function("acme", "hello").await.unwrap());
+    assert_eq!(store.list_aliases("acme", "hello").await.unwrap(), vec![]);
+}
+
+pub async fn aliased_versions_are_never_retired(store: &dyn Store, clock: &ManualClock) {
+    store.create_tenant("acme").await.unwrap();
+    let config = FunctionConfig::default();
+    let mut digests = Vec::new();
+    for v in 1..=4u8 {
+        clock.set(i64::from(v) * 1_000);
+        let digest = blob(store, "acme", &[b'v', v]).await;
+        store.create_version("acme", "hello", &digest, &config, true).await.unwrap();
+        digests.push(digest);
+    }
+    // A rollback target two versions back, and a canary split naming version 2.
+    store.set_alias("acme", "hello", "stable", &[Route { version: 1, weight: 1 }]).await.unwrap();
+    let split = [Route { version: 2, weight: 5 }, Route { version: 4, weight: 95 }];
+    store.set_alias("acme", "hello", "prod", &split).await.unwrap();
+    // Keep only the newest: 3 goes, 1 and 2 stay for their aliases.
+    assert_eq!(store.purge_versions(1, 100).await.unwrap(), 1);
+    assert!(store.get_version("acme", "hello", 3).await.unwrap().is_none());
+    for kept in [1, 2, 4] {
+        assert!(store.get_version("acme", "hello", kept).await.unwrap().is_some(), "version {kept}");
+    }
+    // Only version 3's blob is unnamed; the aliased versions keep theirs (and so their artifacts).
+    let gone = store.purge_blobs(i64::MAX, 100).await.unwrap();
+    assert_eq!(gone, [("acme".to_string(), digests[2].clone())]);
+    // Once no alias names it, a version is retired like any other.
+    store.delete_alias("acme", "hello", "stable").await.unwrap();
+    assert_eq!(store.purge_versions(1, 100).await.unwrap(), 1);
+    assert!(store.get_version("acme", "hello", 1).await.unwrap().is_none());
+}
+
+pub async fn routing_lists_aliases_and_the_versions_they_name(store: &dyn Store, clock: &ManualClock) {
+    assert_eq!(store.all_routing().await.unwrap(), vec![]);
+    store.create_tenant("acme").await.unwrap();
+    store.create_tenant("beta").await.unwrap();
+    let acme = blob(store, "acme", b"one").await;
+    let beta = blob(store, "beta", b"one").await;
+    let config = FunctionConfig::default();
+    clock.set(1_000);
+    let v1 = store.create_version("acme", "a", &acme, &config, true).await.unwrap();
+    store.create_version("acme", "a", &acme, &config, true).await.unwrap();
+    let v3 = store.create_version("acme", "a", &acme, &config, false).await.unwrap();
+    let b1 = store.create_version("beta", "b", &beta, &config, true).await.unwrap();
+    store
+        .set_alias("acme", "a", "prod", &[Route { version: 1, weight: 3 }, Route { version: 3, weight: 1 }])
+        .await
+        .unwrap();
+    store.set_alias("acme", "a", "latest", &[Route { version: 1, weight: 1 }]).await.unwrap();
+
+    let a = store.function_routing("acme", "a").await.unwrap().expect("routing of acme/a");
+    assert_eq!(a.newest_version, 3);
+    assert_eq!(a.aliases.iter().map(|x| x.name.as_str()).collect::<Vec<_>>(), ["latest", "prod"]);
+    // Version 2 is named by nothing now: a node need not hold it.
+    assert_eq!(a.versions, vec![v1, v3]);
+    assert_eq!(store.function_routing("acme", "nope").await.unwrap(), None);
+    assert_eq!(store.function_routing("beta", "a").await.unwrap(), None);
+
+    let all = store.all_routing().await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0], a);
+    assert_eq!((all[1].tenant.as_str(), all[1].function.as_str()), ("beta", "b"));
+    assert_eq!(all[1].versions, vec![b1]);
+}
+
+pub async fn keys_may_be_limited_to_an_alias(store: &dyn Store, _clock: &ManualClock) {
+    store.create_tenant("acme").await.unwrap();
+    let limited = KeyRecord { alias: Some("prod".into()), ..key("k1", Some("acme"), &[Scope::Invoke], 10) };
+    store.create_key(&limited).await.unwrap();
+    store.create_key(&key("k2", Some("acme"), &[Scope::Invoke], 20)).await.unwrap();
+    assert_eq!(store.get_key("k1").await.unwrap(), Some(limited.clone()));
+    let active = store.active_keys().await.unwrap();
+    assert_eq!(active.iter().map(|k| k.alias.as_deref()).collect::<Vec<_>>(), [Some("prod"), None]);
 }
 
 fn record(id: &str, function: &str, status: InvocationStatus, started_at: UnixMs) -> SyncRecord {
