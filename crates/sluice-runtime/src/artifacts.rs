@@ -22,8 +22,8 @@ use sluice_core::{ErrorKind, SluiceError};
 use wasmtime::component::Component;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
-use crate::code::{CodeKey, CodeStats, Origin, Prepared};
-use crate::compiler::{ChildLimits, CompileIn, compile_in_child};
+use crate::code::{CodeKey, CodeStats, CompileIn, Origin, Prepared};
+use crate::compiler::{ChildLimits, compile_in_child};
 use crate::runtime::Runtime;
 use crate::validate::{check_header, import_supported, initial_memory_bytes};
 

@@ -14,6 +14,7 @@
 //! least `bytes_max / entries_max`, so one weight bound keeps both. A call holds its `Arc` to the
 //! component, so an entry evicted mid-call is freed when the call ends.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -21,7 +22,6 @@ use std::time::Duration;
 use wasmtime::Engine;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
-use crate::compiler::CompileIn;
 use crate::host::Host;
 
 /// A component that is validated, compiled, linked and pre-instantiated: ready to serve.
@@ -58,6 +58,17 @@ impl CodeKey {
     pub fn new(tenant: &str, digest: &str) -> Self {
         Self { tenant: Arc::from(tenant), digest: Arc::from(digest) }
     }
+}
+
+/// Where the node compiles components.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CompileIn {
+    /// On the node's own compile pool. For embedders and tests, whose executable has no compile
+    /// command; the memory and time limits of [`CodeConfig`] do not apply.
+    Node,
+    /// In a child process per compile: `program args…` must reach [`compile_worker_main`](crate::compile_worker_main)
+    /// (the `sluice` binary's hidden `compile-worker` command).
+    Child { program: PathBuf, args: Vec<String> },
 }
 
 /// The default address space of a child compile: the 21 MiB Python example compiles in a few

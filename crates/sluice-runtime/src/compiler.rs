@@ -1,5 +1,5 @@
-//! Where components are compiled: in the node, or in a child process that exits after each
-//! compile ([`CompileIn`]).
+//! Compiling in a child process that exits after each compile
+//! ([`CompileIn::Child`](crate::CompileIn)).
 //!
 //! A compile needs far more memory than the artifact it makes (hundreds of MiB for an 18 MB
 //! Python component) and runs on threads whose glibc arenas keep what they free: `malloc_trim`
@@ -21,17 +21,6 @@ use std::time::Duration;
 
 use sluice_core::{ErrorKind, SluiceError};
 use tokio::io::AsyncWriteExt;
-
-/// Where the node compiles components.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CompileIn {
-    /// On the node's own compile pool. For embedders and tests, whose executable has no compile
-    /// command; the memory and time limits of [`CodeConfig`](crate::CodeConfig) do not apply.
-    Node,
-    /// In a child process per compile: `program args…` must reach [`compile_worker_main`]
-    /// (the `sluice` binary's hidden `compile-worker` command).
-    Child { program: PathBuf, args: Vec<String> },
-}
 
 /// The child's exit code for a component that does not compile.
 const EXIT_INVALID: i32 = 2;

@@ -38,9 +38,9 @@ pub use artifacts::{ArtifactFile, ArtifactUsage, BlobSource};
 pub use call::{Call, GuestBody, Lane, OnDone, Outcome, Responded, Running, TraceParent};
 pub use code::{
     COMPILE_MEMORY_BYTES_MAX_DEFAULT, COMPILE_MEMORY_BYTES_MIN, COMPILE_TIMEOUT_DEFAULT, CodeConfig, CodeKey,
-    CodeStats, Origin, Prepared,
+    CodeStats, CompileIn, Origin, Prepared,
 };
-pub use compiler::{CompileIn, compile_worker_main};
+pub use compiler::compile_worker_main;
 pub use config::{HEAVY_MEMORY_BYTES, HEAVY_MEMORY_MAX_DEFAULT, RuntimeConfig};
 pub use dns::DnsConfig;
 pub use downstream::{DownstreamState, Downstreams};
