@@ -343,13 +343,18 @@ where
                 insert_step::<E>(&mut tx, id, *n, percent, now).await?;
                 (*n, RolloutStatus::Running, None, current.routes_at(*n))
             }
+            RolloutMove::End { status: RolloutStatus::Promoted, reason } => {
+                // The promotion is the last step (100%): it gets its row, so status shows it.
+                let last = current.steps.len() - 1;
+                if current.step != last {
+                    insert_step::<E>(&mut tx, id, last, current.steps[last], now).await?;
+                }
+                let routes = vec![Route { version: current.canary_version, weight: 100 }];
+                (last, RolloutStatus::Promoted, reason.clone(), routes)
+            }
             RolloutMove::End { status, reason } => {
-                let only = if *status == RolloutStatus::Promoted {
-                    current.canary_version
-                } else {
-                    current.stable_version
-                };
-                (current.step, *status, reason.clone(), vec![Route { version: only, weight: 100 }])
+                let routes = vec![Route { version: current.stable_version, weight: 100 }];
+                (current.step, *status, reason.clone(), routes)
             }
         };
         // The row was read in this writing transaction; the status in the WHERE keeps a racing

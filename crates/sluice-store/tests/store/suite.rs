@@ -937,7 +937,9 @@ pub async fn rollouts_move_their_alias_step_by_step_fenced_by_an_owner(
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(promoted.status, RolloutStatus::Promoted);
+    assert_eq!((promoted.status, promoted.step), (RolloutStatus::Promoted, 2));
+    let steps = store.rollout_steps(started.id).await.unwrap();
+    assert_eq!(steps.iter().map(|s| s.percent).collect::<Vec<_>>(), [10, 50, 100], "the promotion is a step");
     assert_eq!(prod_routes(store).await, [Route { version: 3, weight: 100 }]);
     assert_eq!(store.running_rollouts().await.unwrap(), vec![]);
     assert!(!store.claim_rollout(started.id, "node-b", 5_000).await.unwrap(), "an ended rollout is nobody's");
