@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 
 use crate::api_common::{ApiResult, Auth, ErrorBody, json_body};
 use crate::node::Node;
-use crate::rollout::ROLLOUT_TICK;
+use crate::rollout::{EVENTS, ROLLOUT_TICK};
 
 /// The shortest step: a node judges its rollouts once per tick, so a shorter step would only
 /// pretend to be shorter.
@@ -164,6 +164,7 @@ pub(crate) async fn start_rollout(
         .await?;
     node.refresh_function(&tenant, &function).await?;
     tracing::info!(
+        target: EVENTS,
         %tenant, %function, %alias, rollout = started.id, from = started.stable_version,
         to = started.canary_version, "rollout started"
     );
@@ -237,7 +238,7 @@ pub(crate) async fn cancel_rollout(
         .into());
     };
     node.refresh_function(&tenant, &function).await?;
-    tracing::info!(%tenant, %function, %alias, rollout = cancelled.id, "rollout cancelled");
+    tracing::info!(target: EVENTS, %tenant, %function, %alias, rollout = cancelled.id, "rollout cancelled");
     let steps = node.store.rollout_steps(cancelled.id).await?;
     Ok(Json(rollout_info(&cancelled, &steps)))
 }

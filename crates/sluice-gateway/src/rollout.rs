@@ -25,6 +25,11 @@ use sluice_store::{Rollout, RolloutMove, RolloutStep, StepCounts};
 use crate::error::store_error;
 use crate::node::Node;
 
+/// The log target of rollout events (started, each step, promoted, rolled back, cancelled),
+/// which `sluice serve` logs at `info` whatever its level: they are what a person reads after a
+/// rollback.
+pub const EVENTS: &str = "sluice::rollout";
+
 /// How often a node adds its counts to the store and judges the rollouts it holds. A step's
 /// window is never judged before its `every`, so this bounds how late a decision is, not when.
 pub const ROLLOUT_TICK: Duration = Duration::from_millis(500);
@@ -165,15 +170,18 @@ async fn advance(node: &Node, rollout: &Rollout) -> Result<(), SluiceError> {
     let (tenant, function, alias) = (&moved.tenant, &moved.function, &moved.alias);
     match moved.status {
         RolloutStatus::RolledBack => tracing::warn!(
+            target: EVENTS,
             %tenant, %function, %alias, rollout = moved.id, version = moved.stable_version,
             reason = moved.reason.as_deref().unwrap_or_default(),
             "rollout rolled back: the alias names the stable version again"
         ),
         RolloutStatus::Promoted => tracing::info!(
+            target: EVENTS,
             %tenant, %function, %alias, rollout = moved.id, version = moved.canary_version,
             "rollout promoted: the alias names the new version"
         ),
         _ => tracing::info!(
+            target: EVENTS,
             %tenant, %function, %alias, rollout = moved.id, percent = moved.steps[moved.step],
             "rollout step: the alias sends this percent of its calls to version {}", moved.canary_version
         ),
