@@ -128,7 +128,7 @@ fn a_version_failing_a_fifth_of_its_calls_is_rolled_back() {
     assert_eq!(step["stable_errors"], 0, "{done:#}");
     let reason = done["reason"].as_str().unwrap();
     assert!(
-        reason.contains(&format!("version 2 failed")) && reason.contains(&format!("({errors} of {calls})")),
+        reason.contains("version 2 failed") && reason.contains(&format!("({errors} of {calls})")),
         "{reason}"
     );
     assert!(reason.contains("version 1's 0.0%") && reason.contains("margin of 1%"), "{reason}");

@@ -897,7 +897,7 @@ pub async fn rollouts_move_their_alias_step_by_step_fenced_by_an_owner(
         prod_routes(store).await,
         [Route { version: 3, weight: 10 }, Route { version: 1, weight: 90 }]
     );
-    assert_eq!(store.running_rollouts().await.unwrap(), [started.clone()]);
+    assert_eq!(store.running_rollouts().await.unwrap(), std::slice::from_ref(&started));
 
     // Counts from two nodes add up in the step's row.
     let counts = StepCounts { canary_calls: 5, canary_errors: 1, stable_calls: 40, stable_errors: 0 };
