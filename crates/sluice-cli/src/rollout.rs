@@ -143,14 +143,14 @@ fn status_text(name: &str, v: &Value) -> String {
         v["min_calls"],
     );
     out += &format!(
-        "{:<5} {:>4}  {:<20}  {:>16}  {:>16}\n",
+        "{:<4}  {:>4}  {:<24}  {:>13}  {:>16}\n",
         "STEP", "PCT", "STARTED", "NEW CALLS/ERR", "STABLE CALLS/ERR"
     );
     for (i, s) in v["steps"].as_array().into_iter().flatten().enumerate() {
         out += &format!(
-            "{:<5} {:>3}%  {:<20}  {:>16}  {:>16}\n",
+            "{:<4}  {:>4}  {:<24}  {:>13}  {:>16}\n",
             i + 1,
-            s["percent"],
+            format!("{}%", s["percent"]),
             s["started_at"].as_str().unwrap_or_default(),
             format!("{}/{}", s["canary_calls"], s["canary_errors"]),
             format!("{}/{}", s["stable_calls"], s["stable_errors"]),
