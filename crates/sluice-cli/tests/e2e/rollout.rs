@@ -1,14 +1,16 @@
 //! Automatic rollouts through the real binary: a healthy version promoted step by step, a version
 //! failing a fifth of its calls rolled back with the rates that decided it, a rollout that
 //! outlives a restart of its node, and the ways a person stops one (cancel, a manual alias move,
-//! a second start refused). Steps of 1 s; every wait polls `rollout status` while calls are
+//! a second start refused), and two nodes on PostgreSQL where one node's calls decide a rollout
+//! the other may be advancing. Steps of 1 s; every wait polls `rollout status` while calls are
 //! driven, and decisions are judged by what the status says, never by a sleep.
 
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::harness::{Node, assert_error, guests};
+use crate::cluster::{PgDatabase, cluster_node};
+use crate::harness::{Node, assert_error, guests, wait_until};
 
 fn cli_ok(node: &Node, args: &[&str]) -> String {
     let (ok, out, err) = node.cli(args);
@@ -32,7 +34,12 @@ fn drive_until(node: &Node, function: &str, paths: &[&str], done: impl Fn(&Value
             let path = paths[i % paths.len()];
             i += 1;
             let res = client.get(format!("{}{path}", node.url)).bearer_auth(&node.token).send().unwrap();
-            assert!(res.headers().contains_key("sluice-version"), "{path}: every answer names its version");
+            let status = res.status();
+            assert!(
+                res.headers().contains_key("sluice-version"),
+                "{path}: {status}: {}",
+                res.text().unwrap()
+            );
         }
         let now = status(node, function);
         if done(&now) {
@@ -195,4 +202,26 @@ fn a_rollout_is_stopped_by_cancel_or_by_setting_its_alias() {
 
     let (ok, _, err) = node.cli(&["rollout", "tg", "--to", "1", "--steps", "50,25,100"]);
     assert!(!ok && err.contains("steps must rise"), "{err}");
+}
+
+#[test]
+fn in_a_cluster_every_node_counts_and_one_node_at_a_time_advances() {
+    let Some(db) = PgDatabase::create() else { return };
+    let a = cluster_node(&db, None, &[]);
+    let b = cluster_node(&db, Some(&a.token), &[]);
+    a.deploy("tg", &guests().testguest, &["--env", "MARK=v1"]);
+    a.deploy("tg", &guests().testguest, &["--env", "MARK=v2", "--no-promote"]);
+    // Node b follows the deploys (and compiles version 2's artifact) before it takes calls.
+    wait_until("node b serving version 2", || b.get("/fn/default/tg@2/ok").status() == 200);
+    cli_ok(&a, &["rollout", "tg", "--to", "2", "--steps", "50,100", "--every", "1s", "--min-calls", "40"]);
+
+    // Every call goes to node b; whichever node holds the rollout judges it by b's counts.
+    let done = drive_until(&b, "tg", &["/fn/default/tg/ok"], |s| s["status"] != "running");
+    assert_eq!((done["status"].as_str(), percents(&done)), (Some("promoted"), vec![50, 100]), "{done:#}");
+    assert!(done["steps"][0]["canary_calls"].as_u64().unwrap() >= 40, "{done:#}");
+    assert_eq!(latest_routes(&a, "tg"), [(2, 100)]);
+    // The promotion happened once, on one node.
+    let promoted =
+        |n: &Node| n.stderr.lock().unwrap().iter().filter(|l| l.contains("rollout promoted")).count();
+    assert_eq!(promoted(&a) + promoted(&b), 1);
 }
