@@ -1,8 +1,8 @@
 //! The vocabulary in the database: every column that holds a word of `sluice_core::vocab` accepts
 //! each word of its enum and refuses anything else (the CHECK constraints of SQLite migration 11
-//! and PostgreSQL migration 5; the rollouts' of 13 and 7), on both stores, so the SQL and the enums cannot drift apart. And
-//! SQLite's rebuild of the tables for those constraints keeps every row, index and the log
-//! counter.
+//! and PostgreSQL migration 5; the rollouts' of 13 and 7), on both stores, so the SQL and the
+//! enums cannot drift apart. And SQLite's rebuild of the tables for those constraints keeps every
+//! row, index and the log counter.
 
 use std::path::Path;
 
