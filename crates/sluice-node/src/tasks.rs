@@ -1,7 +1,7 @@
 //! The node's background tasks ([`Tasks`]), started on the control runtime and watched by one
 //! supervisor: the scheduler of async invocations, the node heartbeat, following other nodes'
-//! changes on a shared store, the queued-quota refresh, the automatic rollouts, the retention purge, the collector of
-//! unused code and the compile of missing artifacts.
+//! changes on a shared store, the queued-quota refresh, the automatic rollouts, the retention
+//! purge, the collector of unused code and the compile of missing artifacts.
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
