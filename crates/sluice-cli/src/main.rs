@@ -13,6 +13,7 @@ mod logs;
 mod new;
 mod node;
 mod output;
+mod rollout;
 mod serve;
 mod tenants;
 mod top;
@@ -43,6 +44,8 @@ enum Command {
     /// Name versions of a function, split calls between them, roll back by moving a name.
     #[command(subcommand)]
     Alias(alias::AliasCommand),
+    /// Move an alias to a new version in steps, judged by its error rate; show or cancel it.
+    Rollout(rollout::RolloutArgs),
     /// Call a function, like curl would.
     Invoke(invoke::InvokeArgs),
     /// Show a function's (or one invocation's) guest log lines.
@@ -92,6 +95,7 @@ fn main() {
                     Command::Functions(c) => functions::run(c).await,
                     Command::Versions(c) => versions::run(c).await,
                     Command::Alias(c) => alias::run(c).await,
+                    Command::Rollout(a) => rollout::run(a).await,
                     Command::Invoke(a) => invoke::run(a).await,
                     Command::Logs(a) => logs::run(a).await,
                     Command::Tenants(c) => tenants::run(c).await,

@@ -552,6 +552,11 @@ impl ServeArgs {
 fn init_tracing(json: bool, access_log: bool) {
     let mut filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // Rollout events (a step, a promotion, a rollback and why) are what a person reads after
+    // the fact: logged at any level.
+    filter = filter.add_directive(
+        format!("{}=info", sluice_gateway::rollout::EVENTS).parse().expect("a valid directive"),
+    );
     if access_log {
         filter = filter.add_directive("sluice::access=info".parse().expect("a valid directive"));
     }

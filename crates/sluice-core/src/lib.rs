@@ -21,7 +21,7 @@ pub use error::{ErrorKind, ErrorSource, SluiceError};
 pub use function::FunctionConfig;
 pub use limits::{Limits, OwnUsageLimits, UsageLimits};
 pub use secret::Secrets;
-pub use vocab::{Criticality, InvocationStatus, LogStream, Mode, Scope, UnknownWord};
+pub use vocab::{Criticality, InvocationStatus, LogStream, Mode, RolloutStatus, Scope, UnknownWord};
 
 /// Milliseconds since the Unix epoch; the store keeps every timestamp in this unit so SQLite and
 /// PostgreSQL compare them the same way.

@@ -127,6 +127,21 @@ impl InvocationStatus {
 }
 
 vocabulary! {
+    /// Where an automatic rollout is: `running`, then one of the three ends.
+    pub enum RolloutStatus ("rollout status") {
+        /// Moving the alias's weight to the canary, one step at a time.
+        Running = "running",
+        /// The last step passed: the alias names only the canary.
+        Promoted = "promoted",
+        /// A step's canary error rate exceeded the stable version's plus the margin: the alias
+        /// names only the stable version again.
+        RolledBack = "rolled_back",
+        /// Stopped by `rollout cancel`, a manual alias move or a deploy that moved the alias.
+        Cancelled = "cancelled",
+    }
+}
+
+vocabulary! {
     /// How a call was made: answered on its connection, or queued (`Prefer: respond-async`).
     pub enum Mode ("mode") {
         Sync = "sync",

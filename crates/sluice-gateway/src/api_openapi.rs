@@ -165,6 +165,10 @@ pub(crate) fn invocation_status_schema() -> Schema {
     string_enum(InvocationStatus::WORDS).into()
 }
 
+pub(crate) fn rollout_status_schema() -> Schema {
+    string_enum(sluice_core::RolloutStatus::WORDS).into()
+}
+
 pub(crate) fn mode_schema() -> Schema {
     string_enum(Mode::WORDS).into()
 }

@@ -588,6 +588,7 @@ fn recorder(
         drop(slots);
         let outcome = CallOutcome::of(o.error.as_ref().map(|e| e.kind), o.status_code);
         deployed.metrics.finished(Mode::Sync, outcome, arrived.elapsed(), started.elapsed(), o.cpu_us);
+        deployed.outcomes.finished(outcome);
         let status = o.status_code.or(o.error.as_ref().map(|e| e.kind.status().as_u16())).unwrap_or(500);
         follow.end(&o.invocation_id, status, o.error.as_ref(), Some(o.cpu_us));
         if o.error.is_none() && o.logs.is_empty() {

@@ -11,6 +11,7 @@ pub mod api_common;
 pub mod api_invocations;
 pub mod api_node;
 pub mod api_openapi;
+pub mod api_rollouts;
 pub mod api_tenants;
 #[cfg(test)]
 mod api_tests;
@@ -26,6 +27,7 @@ pub mod principal;
 pub mod quota;
 pub mod recent;
 pub mod recorder;
+pub mod rollout;
 pub mod server;
 pub mod sniff;
 

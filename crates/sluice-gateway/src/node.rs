@@ -103,6 +103,8 @@ pub struct Deployed {
     pub function_name: Arc<str>,
     /// Its series in `/metrics`, shared by its versions.
     pub metrics: Arc<CallMetrics>,
+    /// This version's own calls and errors, for a rollout that judges it ([`crate::rollout`]).
+    pub outcomes: crate::rollout::VersionOutcomes,
     /// Its warm instances' pool, when it lets an instance serve more than one call.
     pub reuse: Option<sluice_runtime::warm::Reuse>,
     /// The version, as the runtime's bound of instances alive at once knows it.
@@ -139,6 +141,7 @@ impl Deployed {
             tenant_group,
             function_name,
             metrics,
+            outcomes: Default::default(),
             reuse,
             instance_key,
         }

@@ -1,7 +1,7 @@
 //! The node's background tasks ([`Tasks`]), started on the control runtime and watched by one
 //! supervisor: the scheduler of async invocations, the node heartbeat, following other nodes'
-//! changes on a shared store, the queued-quota refresh, the retention purge, the collector of
-//! unused code and the compile of missing artifacts.
+//! changes on a shared store, the queued-quota refresh, the automatic rollouts, the retention
+//! purge, the collector of unused code and the compile of missing artifacts.
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -11,6 +11,7 @@ use sluice_gateway::Node;
 use sluice_gateway::api_node::NODE_HEARTBEAT;
 use sluice_gateway::error::store_error;
 use sluice_gateway::node::{Scheduling, SchedulingReport};
+use sluice_gateway::rollout::{Driver, ROLLOUT_TICK};
 use sluice_runtime::CodeKey;
 use sluice_runtime::metrics::CallMetrics;
 use sluice_scheduler::{Functions, Ready, Scheduler, SchedulerConfig, SchedulerStats};
@@ -58,6 +59,7 @@ impl Tasks {
         tasks.start_heartbeat();
         tasks.start_cluster_sync();
         tasks.start_queued_usage();
+        tasks.start_rollouts();
         tasks.start_retention(upkeep.retention);
         tasks.start_gc(upkeep.blob_grace, upkeep.versions_kept);
         tasks.start_prepare_artifacts();
@@ -165,6 +167,31 @@ impl Tasks {
                     Err(e) => {
                         tracing::warn!(error = %e, "following other nodes' deploys failed; the periodic refresh retries")
                     }
+                }
+            }
+        });
+    }
+
+    /// Starts the task that adds this node's per-version counts to the running rollouts and
+    /// advances the ones it holds, every [`ROLLOUT_TICK`] (see [`sluice_gateway::rollout`]). A
+    /// store that is down only delays the rollouts: their state is the store's.
+    fn start_rollouts(&self) {
+        let node = Arc::downgrade(&self.node);
+        self.supervisor.spawn("rollouts", async move {
+            let mut driver = Driver::default();
+            let mut tick = tokio::time::interval(ROLLOUT_TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut failing = false;
+            loop {
+                tick.tick().await;
+                let Some(node) = node.upgrade() else { return };
+                match driver.tick(&node).await {
+                    Ok(()) => failing = false,
+                    Err(e) if !failing => {
+                        tracing::warn!(error = %e, "advancing the rollouts failed; trying again");
+                        failing = true;
+                    }
+                    Err(_) => {}
                 }
             }
         });

@@ -4,6 +4,7 @@ use sluice_core::alias::{self, Route};
 use sluice_core::{FunctionConfig, UnixMs};
 use sqlx::Executor;
 
+use crate::rollouts::cancel_running;
 use crate::rows::{StoreRow, config_to_json, get, rows, summary_from_row, version_from_row};
 use crate::sql::{Bind, Conn, Engine, SqlStore, require, tuples};
 use crate::{StoreError, StoreResult, corrupt};
@@ -264,6 +265,8 @@ where
         if promote || version == 1 {
             let latest = [Route { version, weight: 100 }];
             replace_alias::<E>(&mut tx, tenant, function, alias::LATEST, &latest, now).await?;
+            let why = format!("version {version} was deployed and moved the alias");
+            cancel_running::<E>(&mut tx, tenant, function, alias::LATEST, &why, now).await?;
         }
         tx.commit().await.map_err(E::classify)?;
         Ok(VersionRecord {
@@ -384,20 +387,10 @@ where
         alias::check_routes(routes).map_err(|e| StoreError::Conflict(format!("alias {name}: {e}")))?;
         let now = self.clock.now_ms();
         let mut tx = E::begin_write(&self.pool).await?;
-        // Touching the function row first takes its lock (and, on PostgreSQL, fires the change
-        // notification other nodes follow) before the versions are checked, so a concurrent
-        // deploy or delete of the function is ordered with this move.
-        let touched = sqlx::query("UPDATE functions SET updated_at = $3 WHERE tenant = $1 AND name = $2")
-            .bind(tenant)
-            .bind(function)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(E::classify)?;
-        if E::rows_affected(&touched) == 0 {
-            return Err(StoreError::NotFound(format!("function {function}")));
-        }
+        touch_function::<E>(&mut tx, tenant, function, now).await?;
         replace_alias::<E>(&mut tx, tenant, function, name, routes, now).await?;
+        // A move by hand wins over an automatic rollout of the alias, which would move it back.
+        cancel_running::<E>(&mut tx, tenant, function, name, "the alias was set by hand", now).await?;
         tx.commit().await.map_err(E::classify)?;
         let mut routes = routes.to_vec();
         routes.sort_by_key(|r| std::cmp::Reverse(r.version));
@@ -423,13 +416,8 @@ where
         let deleted = E::rows_affected(&done) > 0;
         if deleted {
             // Announces the change to other nodes, as `set_alias` does.
-            sqlx::query("UPDATE functions SET updated_at = $3 WHERE tenant = $1 AND name = $2")
-                .bind(tenant)
-                .bind(function)
-                .bind(now)
-                .execute(&mut *tx)
-                .await
-                .map_err(E::classify)?;
+            touch_function::<E>(&mut tx, tenant, function, now).await?;
+            cancel_running::<E>(&mut tx, tenant, function, name, "the alias was deleted", now).await?;
         }
         tx.commit().await.map_err(E::classify)?;
         Ok(deleted)
@@ -503,9 +491,37 @@ where
     }
 }
 
+/// Touches a function's row inside the caller's transaction: that takes its lock (and, on
+/// PostgreSQL, fires the change notification other nodes follow) before anything else is
+/// checked, so a concurrent deploy or delete of the function is ordered with the caller's write.
+/// `NotFound` for an unknown function.
+pub(crate) async fn touch_function<E: Engine>(
+    tx: &mut Conn<E>,
+    tenant: &str,
+    function: &str,
+    now: UnixMs,
+) -> StoreResult<()>
+where
+    for<'c> &'c mut Conn<E>: Executor<'c, Database = E::DB>,
+    for<'a> &'a str: Bind<E::DB>,
+    i64: Bind<E::DB>,
+{
+    let touched = sqlx::query("UPDATE functions SET updated_at = $3 WHERE tenant = $1 AND name = $2")
+        .bind(tenant)
+        .bind(function)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(E::classify)?;
+    if E::rows_affected(&touched) == 0 {
+        return Err(StoreError::NotFound(format!("function {function}")));
+    }
+    Ok(())
+}
+
 /// Replaces the rows of alias `name` with `routes`, inside the caller's transaction. `NotFound`
 /// for a version that does not exist (the foreign key would say so less clearly).
-async fn replace_alias<E: Engine>(
+pub(crate) async fn replace_alias<E: Engine>(
     tx: &mut Conn<E>,
     tenant: &str,
     function: &str,

@@ -83,6 +83,7 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/postgres/0005_vocabulary_checks.sql"),
     },
     Migration { version: 6, name: "aliases", sql: include_str!("../migrations/postgres/0006_aliases.sql") },
+    Migration { version: 7, name: "rollouts", sql: include_str!("../migrations/postgres/0007_rollouts.sql") },
 ];
 
 /// Whose clock decides leases.

@@ -117,7 +117,7 @@ pub trait Engine: Dialect {
 
 impl<E: Engine> crate::Store for SqlStore<E>
 where
-    Self: crate::Tenants + crate::Code + crate::Invocations + crate::Logs + crate::Nodes,
+    Self: crate::Tenants + crate::Code + crate::Invocations + crate::Logs + crate::Nodes + crate::Rollouts,
 {
     fn changes(&self) -> Option<broadcast::Receiver<Change>> {
         self.engine.changes()

@@ -111,6 +111,7 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/sqlite/0011_vocabulary_checks.sql"),
     },
     Migration { version: 12, name: "aliases", sql: include_str!("../migrations/sqlite/0012_aliases.sql") },
+    Migration { version: 13, name: "rollouts", sql: include_str!("../migrations/sqlite/0013_rollouts.sql") },
 ];
 
 /// The embedded store.

@@ -23,6 +23,7 @@ mod output;
 mod queue;
 mod quotas;
 mod reuse;
+mod rollout;
 mod scheduling;
 mod serve;
 mod tenancy;

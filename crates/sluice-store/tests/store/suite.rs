@@ -5,10 +5,10 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use sluice_core::alias::Route;
 use sluice_core::ids::sha256_hex;
-use sluice_core::{Clock, FunctionConfig, Scope, UnixMs};
+use sluice_core::{Clock, FunctionConfig, RolloutStatus, Scope, UnixMs};
 use sluice_store::{
-    AttemptResult, Completion, Invocation, InvocationStatus, KeyRecord, LogLine, LogStream, Store,
-    StoreError, SyncRecord, TenantStorage,
+    AttemptResult, Completion, Invocation, InvocationStatus, KeyRecord, LogLine, LogStream, NewRollout,
+    RolloutMove, StepCounts, Store, StoreError, SyncRecord, TenantStorage,
 };
 
 mod queue;
@@ -99,6 +99,8 @@ macro_rules! run_whole_suite {
     aliased_versions_are_never_retired,
     routing_lists_aliases_and_the_versions_they_name,
     keys_may_be_limited_to_an_alias,
+    rollouts_move_their_alias_step_by_step_fenced_by_an_owner,
+    a_rollout_is_one_per_alias_and_a_manual_move_cancels_it,
     sync_records_and_their_logs_are_readable,
     guest_text_with_nul_is_stored_with_a_replacement_character,
     function_logs_tail_and_page,
@@ -853,4 +855,155 @@ pub async fn large_sync_batches_are_recorded_whole(store: &dyn Store, _clock: &M
     assert_eq!(logs.len() as i64, RECORDS * LINES_PER_RECORD);
     assert_eq!(logs.last().unwrap().line, format!("{}.{}", RECORDS - 1, LINES_PER_RECORD - 1));
     assert!(store.get_invocation("inv-0999").await.unwrap().is_some());
+}
+
+/// A function `hello` of `acme` with versions 1 to 3, `prod` on 1.
+async fn rollout_fixture(store: &dyn Store) {
+    store.create_tenant("acme").await.unwrap();
+    let digest = blob(store, "acme", b"component").await;
+    for _ in 0..3 {
+        store.create_version("acme", "hello", &digest, &FunctionConfig::default(), true).await.unwrap();
+    }
+    store.set_alias("acme", "hello", "prod", &[Route { version: 1, weight: 100 }]).await.unwrap();
+}
+
+fn new_rollout(alias: &str, canary: i64, steps: &[u32]) -> NewRollout {
+    NewRollout {
+        tenant: "acme".into(),
+        function: "hello".into(),
+        alias: alias.into(),
+        canary_version: canary,
+        steps: steps.to_vec(),
+        every_ms: 1_000,
+        margin_bp: 100,
+        min_calls: 20,
+    }
+}
+
+async fn prod_routes(store: &dyn Store) -> Vec<Route> {
+    store.list_aliases("acme", "hello").await.unwrap().into_iter().find(|a| a.name == "prod").unwrap().routes
+}
+
+pub async fn rollouts_move_their_alias_step_by_step_fenced_by_an_owner(
+    store: &dyn Store,
+    clock: &ManualClock,
+) {
+    rollout_fixture(store).await;
+    clock.set(10_000);
+    let started = store.start_rollout(&new_rollout("prod", 3, &[10, 50, 100])).await.unwrap();
+    assert_eq!((started.stable_version, started.canary_version, started.step), (1, 3, 0));
+    assert_eq!(started.status, RolloutStatus::Running);
+    assert_eq!(
+        prod_routes(store).await,
+        [Route { version: 3, weight: 10 }, Route { version: 1, weight: 90 }]
+    );
+    assert_eq!(store.running_rollouts().await.unwrap(), std::slice::from_ref(&started));
+
+    // Counts from two nodes add up in the step's row.
+    let counts = StepCounts { canary_calls: 5, canary_errors: 1, stable_calls: 40, stable_errors: 0 };
+    store.add_rollout_counts(started.id, 0, counts).await.unwrap();
+    store.add_rollout_counts(started.id, 0, counts).await.unwrap();
+    let steps = store.rollout_steps(started.id).await.unwrap();
+    assert_eq!(steps.len(), 1);
+    assert_eq!((steps[0].percent, steps[0].started_at), (10, 10_000));
+    assert_eq!(
+        steps[0].counts,
+        StepCounts { canary_calls: 10, canary_errors: 2, stable_calls: 80, stable_errors: 0 }
+    );
+
+    // One owner at a time; a lease that ran out is taken over, and its old owner is fenced.
+    assert!(store.claim_rollout(started.id, "node-a", 5_000).await.unwrap());
+    assert!(!store.claim_rollout(started.id, "node-b", 5_000).await.unwrap());
+    assert!(store.claim_rollout(started.id, "node-a", 5_000).await.unwrap(), "renewing is taking it again");
+    clock.set(16_000);
+    assert!(store.claim_rollout(started.id, "node-b", 5_000).await.unwrap());
+    assert_eq!(store.move_rollout(started.id, Some("node-a"), RolloutMove::Step(1)).await.unwrap(), None);
+    let moved = store.move_rollout(started.id, Some("node-b"), RolloutMove::Step(1)).await.unwrap().unwrap();
+    assert_eq!(moved.step, 1);
+    assert_eq!(
+        prod_routes(store).await,
+        [Route { version: 3, weight: 50 }, Route { version: 1, weight: 50 }]
+    );
+    let steps = store.rollout_steps(started.id).await.unwrap();
+    assert_eq!((steps[1].step, steps[1].percent, steps[1].started_at), (1, 50, 16_000));
+    assert!(steps[1].counts.is_empty(), "a step counts from zero");
+
+    let promoted = store
+        .move_rollout(
+            started.id,
+            Some("node-b"),
+            RolloutMove::End { status: RolloutStatus::Promoted, reason: None },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((promoted.status, promoted.step), (RolloutStatus::Promoted, 2));
+    let steps = store.rollout_steps(started.id).await.unwrap();
+    assert_eq!(steps.iter().map(|s| s.percent).collect::<Vec<_>>(), [10, 50, 100], "the promotion is a step");
+    assert_eq!(prod_routes(store).await, [Route { version: 3, weight: 100 }]);
+    assert_eq!(store.running_rollouts().await.unwrap(), vec![]);
+    assert!(!store.claim_rollout(started.id, "node-b", 5_000).await.unwrap(), "an ended rollout is nobody's");
+    assert_eq!(store.latest_rollout("acme", "hello", "prod").await.unwrap(), Some(promoted));
+
+    // A rollback puts the alias back on the stable version and keeps the reason.
+    store.set_alias("acme", "hello", "prod", &[Route { version: 1, weight: 100 }]).await.unwrap();
+    let second = store.start_rollout(&new_rollout("prod", 2, &[100])).await.unwrap();
+    assert_eq!(prod_routes(store).await, [Route { version: 2, weight: 100 }]);
+    let why = Some("canary 20.0% errors".to_string());
+    let back = store
+        .move_rollout(
+            second.id,
+            None,
+            RolloutMove::End { status: RolloutStatus::RolledBack, reason: why.clone() },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((back.status, back.reason), (RolloutStatus::RolledBack, why));
+    assert_eq!(prod_routes(store).await, [Route { version: 1, weight: 100 }]);
+}
+
+pub async fn a_rollout_is_one_per_alias_and_a_manual_move_cancels_it(
+    store: &dyn Store,
+    _clock: &ManualClock,
+) {
+    rollout_fixture(store).await;
+    let first = store.start_rollout(&new_rollout("prod", 3, &[5, 100])).await.unwrap();
+    let again = store.start_rollout(&new_rollout("prod", 2, &[5, 100])).await;
+    assert!(matches!(&again, Err(StoreError::Conflict(m)) if m.contains("rollout running")), "{again:?}");
+    // Bad steps, a split alias, the canary already named, a missing version: refused, nothing kept.
+    let bad = store.start_rollout(&new_rollout("latest", 1, &[50, 25, 100])).await;
+    assert!(matches!(bad, Err(StoreError::Conflict(_))), "{bad:?}");
+    let same = store.start_rollout(&new_rollout("latest", 3, &[100])).await;
+    assert!(matches!(&same, Err(StoreError::Conflict(m)) if m.contains("already names")), "{same:?}");
+    let missing = store.start_rollout(&new_rollout("latest", 9, &[100])).await;
+    assert!(matches!(missing, Err(StoreError::NotFound(_))), "{missing:?}");
+    store
+        .set_alias(
+            "acme",
+            "hello",
+            "split",
+            &[Route { version: 1, weight: 1 }, Route { version: 2, weight: 1 }],
+        )
+        .await
+        .unwrap();
+    let split = store.start_rollout(&new_rollout("split", 3, &[100])).await;
+    assert!(matches!(&split, Err(StoreError::Conflict(m)) if m.contains("split")), "{split:?}");
+    assert_eq!(store.running_rollouts().await.unwrap().len(), 1);
+
+    // Setting the alias by hand ends the rollout where it was, and the new alias stays.
+    store.set_alias("acme", "hello", "prod", &[Route { version: 2, weight: 100 }]).await.unwrap();
+    let ended = store.latest_rollout("acme", "hello", "prod").await.unwrap().unwrap();
+    assert_eq!((ended.id, ended.status), (first.id, RolloutStatus::Cancelled));
+    assert!(ended.reason.unwrap().contains("by hand"));
+    assert_eq!(store.move_rollout(first.id, None, RolloutMove::Step(1)).await.unwrap(), None);
+    assert_eq!(prod_routes(store).await, [Route { version: 2, weight: 100 }]);
+
+    // A deploy that moves `latest` cancels a rollout of `latest`.
+    store.start_rollout(&new_rollout("latest", 1, &[5, 100])).await.unwrap();
+    let digest = blob(store, "acme", b"component").await;
+    store.create_version("acme", "hello", &digest, &FunctionConfig::default(), true).await.unwrap();
+    let ended = store.latest_rollout("acme", "hello", "latest").await.unwrap().unwrap();
+    assert_eq!(ended.status, RolloutStatus::Cancelled);
+    assert!(ended.reason.unwrap().contains("version 4 was deployed"));
 }

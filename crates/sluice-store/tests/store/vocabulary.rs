@@ -1,12 +1,12 @@
 //! The vocabulary in the database: every column that holds a word of `sluice_core::vocab` accepts
 //! each word of its enum and refuses anything else (the CHECK constraints of SQLite migration 11
-//! and PostgreSQL migration 5), on both stores, so the SQL and the enums cannot drift apart. And
-//! SQLite's rebuild of the tables for those constraints keeps every row, index and the log
-//! counter.
+//! and PostgreSQL migration 5; the rollouts' of 13 and 7), on both stores, so the SQL and the
+//! enums cannot drift apart. And SQLite's rebuild of the tables for those constraints keeps every
+//! row, index and the log counter.
 
 use std::path::Path;
 
-use sluice_core::{Criticality, InvocationStatus, LogStream, Mode};
+use sluice_core::{Criticality, InvocationStatus, LogStream, Mode, RolloutStatus};
 use sluice_store::{PostgresStore, SqliteStore};
 use sqlx::{AssertSqlSafe, Connection};
 
@@ -90,6 +90,13 @@ fn columns() -> Vec<Column> {
             accepted: words(&LogStream::WORDS),
             refused: words(&["stdlog", "system "]),
         },
+        // SQLite migration 13 and PostgreSQL 7.
+        Column {
+            table: "rollouts",
+            name: "status",
+            accepted: words(&RolloutStatus::WORDS),
+            refused: words(&["rolled back", "Running", ""]),
+        },
     ]
 }
 
@@ -114,7 +121,27 @@ fn insert(table: &str, column: &str, value: &str, n: usize) -> String {
         ("line", quoted("hi")),
         ("at", "0".into()),
     ];
-    let row: &mut [(&str, String)] = if table == "invocations" { &mut invocation } else { &mut line };
+    let mut rollout = [
+        ("id", n.to_string()),
+        ("tenant", quoted("acme")),
+        ("function", quoted("hello")),
+        ("alias", quoted("latest")),
+        ("stable_version", "1".into()),
+        ("canary_version", "2".into()),
+        ("steps", quoted("100")),
+        ("step", "0".into()),
+        ("every_ms", "1000".into()),
+        ("margin_bp", "100".into()),
+        ("min_calls", "20".into()),
+        ("status", quoted(RolloutStatus::Promoted.as_str())),
+        ("created_at", "0".into()),
+        ("updated_at", "0".into()),
+    ];
+    let row: &mut [(&str, String)] = match table {
+        "invocations" => &mut invocation,
+        "rollouts" => &mut rollout,
+        _ => &mut line,
+    };
     row.iter_mut().find(|(name, _)| *name == column).expect("a column of the row").1 = value.to_string();
     let names: Vec<&str> = row.iter().map(|(name, _)| *name).collect();
     let values: Vec<&str> = row.iter().map(|(_, value)| value.as_str()).collect();
@@ -123,6 +150,11 @@ fn insert(table: &str, column: &str, value: &str, n: usize) -> String {
 
 async fn every_word_and_nothing_else(raw: &mut Raw) {
     raw.execute(&insert("invocations", "id", "'inv-base'", 0)).await.expect("the base invocation");
+    // The function a rollout row names.
+    raw.execute("INSERT INTO tenants (name, created_at) VALUES ('acme', 0)").await.expect("a tenant");
+    raw.execute("INSERT INTO functions (tenant, name, created_at, updated_at, latest_version) VALUES ('acme', 'hello', 0, 0, 2)")
+        .await
+        .expect("a function");
     let mut n = 0;
     for column in columns() {
         for value in &column.accepted {
