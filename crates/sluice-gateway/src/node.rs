@@ -104,7 +104,7 @@ pub struct Deployed {
     /// Its series in `/metrics`, shared by its versions.
     pub metrics: Arc<CallMetrics>,
     /// This version's own calls and errors, for a rollout that judges it ([`crate::rollout`]).
-    pub outcomes: crate::rollout::VersionOutcomes,
+    pub outcomes: crate::outcomes::VersionOutcomes,
     /// Its warm instances' pool, when it lets an instance serve more than one call.
     pub reuse: Option<sluice_runtime::warm::Reuse>,
     /// The version, as the runtime's bound of instances alive at once knows it.

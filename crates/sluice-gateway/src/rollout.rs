@@ -2,7 +2,8 @@
 //! rollouts kept in the store. The node's task (`sluice-node`) calls [`Driver::tick`] every
 //! [`ROLLOUT_TICK`].
 //!
-//! Counting: each served version counts its sync calls and errors in [`VersionOutcomes`], beside
+//! Counting: each served version counts its sync calls and errors in
+//! [`VersionOutcomes`](crate::outcomes::VersionOutcomes), beside
 //! the `/metrics` count of the same outcome (two relaxed atomic adds per call, no lock). On every
 //! tick each node adds what its versions counted since its last tick to the store's row of the
 //! rollout's current step, so the node that judges a step sees the calls of the whole cluster,
@@ -15,11 +16,9 @@
 //! during a rollout of `prod` to 4 count for the canary too.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use sluice_core::{Clock, RolloutStatus, SluiceError, SystemClock};
-use sluice_runtime::metrics::CallOutcome;
 use sluice_store::{Rollout, RolloutMove, RolloutStep, StepCounts};
 
 use crate::error::store_error;
@@ -36,33 +35,6 @@ pub const ROLLOUT_TICK: Duration = Duration::from_millis(500);
 /// How long a node holds a rollout without renewing it (it renews every tick): a node that dies
 /// holding one delays it by at most this much before another node takes it over.
 pub const ROLLOUT_LEASE_MS: u64 = 10_000;
-
-/// One version's sync calls and the ones that failed (5xx answers and calls that failed: traps,
-/// timeouts, memory limits, no response, platform errors). A client that went away and a 4xx do
-/// not count as errors of the version.
-#[derive(Debug, Default)]
-pub struct VersionOutcomes {
-    calls: AtomicU64,
-    errors: AtomicU64,
-}
-
-impl VersionOutcomes {
-    pub fn finished(&self, outcome: CallOutcome) {
-        self.calls.fetch_add(1, Ordering::Relaxed);
-        if is_error(outcome) {
-            self.errors.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// What was counted since the last take: `(calls, errors)`. The driver is its one reader.
-    fn take(&self) -> (u64, u64) {
-        (self.calls.swap(0, Ordering::Relaxed), self.errors.swap(0, Ordering::Relaxed))
-    }
-}
-
-fn is_error(outcome: CallOutcome) -> bool {
-    !matches!(outcome, CallOutcome::Ok | CallOutcome::ClientError | CallOutcome::ClientClosed)
-}
 
 /// A node's share of the rollouts: which ones it has started counting for.
 #[derive(Default)]
@@ -253,22 +225,5 @@ mod tests {
         let steps =
             [step(0, 10, (20, 0, 180, 18)), step(1, 50, (50, 0, 50, 2)), step(2, 100, (100, 9, 0, 0))];
         assert_eq!(judge(&r, &steps, 1_000), Verdict::Pass);
-    }
-
-    #[test]
-    fn client_errors_and_closed_clients_are_not_errors_of_the_version() {
-        let o = VersionOutcomes::default();
-        for outcome in [
-            CallOutcome::Ok,
-            CallOutcome::ClientError,
-            CallOutcome::ClientClosed,
-            CallOutcome::ServerError,
-            CallOutcome::Trap,
-            CallOutcome::Timeout,
-        ] {
-            o.finished(outcome);
-        }
-        assert_eq!(o.take(), (6, 3));
-        assert_eq!(o.take(), (0, 0), "a take empties the counts");
     }
 }

@@ -381,36 +381,6 @@ where
     }
 }
 
-/// Ends the running rollout of an alias, if any, inside the caller's transaction: the alias was
-/// moved by hand (or by a deploy), and a rollout must not move it back.
-pub(crate) async fn cancel_running<E: Engine>(
-    tx: &mut Conn<E>,
-    tenant: &str,
-    function: &str,
-    alias: &str,
-    reason: &str,
-    now: UnixMs,
-) -> StoreResult<()>
-where
-    for<'c> &'c mut Conn<E>: Executor<'c, Database = E::DB>,
-    for<'a> &'a str: Bind<E::DB>,
-    i64: Bind<E::DB>,
-{
-    sqlx::query(
-        "UPDATE rollouts SET status = 'cancelled', reason = $4, updated_at = $5
-         WHERE tenant = $1 AND function = $2 AND alias = $3 AND status = 'running'",
-    )
-    .bind(tenant)
-    .bind(function)
-    .bind(alias)
-    .bind(reason)
-    .bind(now)
-    .execute(&mut *tx)
-    .await
-    .map_err(E::classify)?;
-    Ok(())
-}
-
 fn running_conflict(alias: &str, function: &str) -> StoreError {
     StoreError::Conflict(format!(
         "alias {alias} of function {function} has a rollout running: wait for it or cancel it first"
