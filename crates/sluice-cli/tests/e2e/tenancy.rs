@@ -244,6 +244,13 @@ fn another_tenants_objects_answer_404_like_missing_ones_on_every_route_with_no_s
             Some(Body::Json(json!({ "routes": [{ "version": 1, "weight": 1 }] }))),
         ),
         route("DELETE", "/v1/tenants/{tenant}/functions/{function}/aliases/{alias}", None),
+        route(
+            "PUT",
+            "/v1/tenants/{tenant}/functions/{function}/aliases/{alias}/rollout",
+            Some(Body::Json(json!({ "to": 1 }))),
+        ),
+        route("GET", "/v1/tenants/{tenant}/functions/{function}/aliases/{alias}/rollout", None),
+        route("DELETE", "/v1/tenants/{tenant}/functions/{function}/aliases/{alias}/rollout", None),
         route("GET", "/v1/invocations", None),
         route("GET", "/v1/invocations/{id}", None),
         route("GET", "/v1/invocations/{id}/response", None),
