@@ -173,7 +173,15 @@ fn a_missing_artifact_is_compiled_again_after_a_restart() {
     std::fs::write(&old_engine, b"stale").unwrap();
     node.spawn();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::read_dir(&dir).unwrap().count() != 1 || old_layout.exists() {
+    // One artifact in place: not a compile's temporary file (`….tmpPID-N`), which is there while
+    // the compile's child writes it and is renamed into place only after the child exits.
+    let artifacts = || -> Vec<String> {
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    while !matches!(artifacts().as_slice(), [one] if one.ends_with(".cwasm")) || old_layout.exists() {
         assert!(Instant::now() < deadline, "the missing artifact was not compiled again");
         std::thread::sleep(Duration::from_millis(50));
     }
