@@ -149,6 +149,59 @@ pub fn draw_target() -> ProgressDrawTarget {
 /// Upload chunk size: also the granularity of the progress bar.
 const UPLOAD_CHUNK_BYTES: usize = 64 * 1024;
 
+/// What one upload-and-create gave: the version, or the node's 404 for a blob collected between
+/// the two (with its error, for when it happens again).
+enum Created {
+    Version(serde_json::Value),
+    BlobGone(anyhow::Error),
+}
+
+/// Uploads the component (with a progress bar on a terminal), then creates the version from it
+/// with `body` (the config, secrets and promotion; the digest is added here).
+async fn upload_and_create(
+    client: &Client,
+    bytes: &[u8],
+    name: &str,
+    body: &serde_json::Value,
+) -> anyhow::Result<Created> {
+    let bar = ProgressBar::with_draw_target(Some(bytes.len() as u64), draw_target());
+    bar.set_style(ProgressStyle::with_template("uploading {bytes}/{total_bytes} {wide_bar}")?);
+    let total = bytes.len();
+    let chunks: Vec<bytes::Bytes> =
+        bytes.chunks(UPLOAD_CHUNK_BYTES).map(bytes::Bytes::copy_from_slice).collect();
+    let progress = bar.clone();
+    let stream = futures::stream::iter(chunks).map(move |c| {
+        progress.inc(c.len() as u64);
+        Ok::<_, std::io::Error>(c)
+    });
+    let upload = client
+        .request(Method::POST, &client.tenant_path("/blobs"))
+        .header("content-type", "application/wasm")
+        .header("content-length", total)
+        .body(reqwest::Body::wrap_stream(stream));
+    let blob = client.json(upload).await;
+    bar.finish_and_clear();
+    let blob = blob?;
+    let mut body = body.clone();
+    body["digest"] = blob["digest"].clone();
+
+    let spinner = ProgressBar::with_draw_target(None, draw_target());
+    spinner.set_style(ProgressStyle::with_template("{spinner} {msg} ({elapsed})")?);
+    spinner.set_message(format!("validating and compiling {name}"));
+    spinner.enable_steady_tick(Duration::from_millis(100));
+    let create =
+        client.request(Method::POST, &client.tenant_path(&format!("/functions/{name}/versions"))).json(&body);
+    let res = client.send(create).await;
+    spinner.finish_and_clear();
+    let res = res?;
+    let gone = res.status() == reqwest::StatusCode::NOT_FOUND;
+    match crate::client::check(res).await {
+        Ok(res) => Ok(Created::Version(res.json().await.context("reading the node's JSON answer")?)),
+        Err(e) if gone => Ok(Created::BlobGone(e)),
+        Err(e) => Err(e),
+    }
+}
+
 pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
     let client = Client::new(&args.target)?;
     let bytes = std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
@@ -176,38 +229,16 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
         secrets: Default::default(),
     };
 
-    let bar = ProgressBar::with_draw_target(Some(bytes.len() as u64), draw_target());
-    bar.set_style(ProgressStyle::with_template("uploading {bytes}/{total_bytes} {wide_bar}")?);
-    let total = bytes.len();
-    let chunks: Vec<bytes::Bytes> =
-        bytes.chunks(UPLOAD_CHUNK_BYTES).map(bytes::Bytes::copy_from_slice).collect();
-    let progress = bar.clone();
-    let stream = futures::stream::iter(chunks).map(move |c| {
-        progress.inc(c.len() as u64);
-        Ok::<_, std::io::Error>(c)
-    });
-    let upload = client
-        .request(Method::POST, &client.tenant_path("/blobs"))
-        .header("content-type", "application/wasm")
-        .header("content-length", total)
-        .body(reqwest::Body::wrap_stream(stream));
-    let blob = client.json(upload).await;
-    bar.finish_and_clear();
-    let blob = blob?;
-    let digest = blob["digest"].as_str().unwrap_or_default().to_string();
-
-    let spinner = ProgressBar::with_draw_target(None, draw_target());
-    spinner.set_style(ProgressStyle::with_template("{spinner} {msg} ({elapsed})")?);
-    spinner.set_message(format!("validating and compiling {}", args.name));
-    spinner.enable_steady_tick(Duration::from_millis(100));
-    let create = client
-        .request(Method::POST, &client.tenant_path(&format!("/functions/{}/versions", args.name)))
-        .json(
-            &json!({ "digest": digest, "config": config, "secrets": secrets, "promote": !args.no_promote }),
-        );
-    let version = client.json(create).await;
-    spinner.finish_and_clear();
-    let version = version?;
+    let body = json!({ "config": config, "secrets": secrets, "promote": !args.no_promote });
+    // A 404 for the create after an upload that succeeded means the node collected the upload
+    // while it compiled (a compile that outlasted `serve --blob-grace`): upload once more.
+    let version = match upload_and_create(&client, &bytes, &args.name, &body).await? {
+        Created::Version(v) => v,
+        Created::BlobGone(_) => match upload_and_create(&client, &bytes, &args.name, &body).await? {
+            Created::Version(v) => v,
+            Created::BlobGone(e) => return Err(e),
+        },
+    };
     let compiled = if version["artifact_cached"].as_bool() == Some(true) {
         "artifact cached".to_string()
     } else {

@@ -8,6 +8,11 @@ pub const LATEST: &str = "latest";
 /// mistake that would only make the per-call choice longer.
 pub const ROUTES_MAX: usize = 8;
 
+/// Aliases one function may have at most (`latest` included). Each is a row in the store and in
+/// every node's registry, and each keeps the versions it names from retention: without a bound a
+/// stolen deploy key could make a node's memory grow with every `alias set`.
+pub const ALIASES_MAX: usize = 32;
+
 /// The sum of an alias's weights at most: weights are shares (`3=90 4=10`), and a bound keeps
 /// their sum far from overflow in the per-call choice.
 pub const WEIGHT_TOTAL_MAX: u32 = 1_000_000;

@@ -301,7 +301,18 @@ pub(crate) async fn create_version(
     let (prepared, hit) = node.runtime.code(&key, || blob).await?;
     let origin = prepared.origin;
     drop(prepared);
-    let record = node.store.create_version(&tenant, &function, &req.digest, &config, req.promote).await?;
+    let record = match node.store.create_version(&tenant, &function, &req.digest, &config, req.promote).await
+    {
+        Err(sluice_store::StoreError::NotFound(what)) if what.starts_with("blob ") => {
+            return Err(SluiceError::not_found(format!(
+                "blob {} was collected while the deploy compiled it (an upload no version names is \
+                 collected after serve --blob-grace): upload it again",
+                req.digest
+            ))
+            .into());
+        }
+        other => other?,
+    };
     let version = version_info(&node, &record);
     // Serves what the store now says (the new `latest`, if it moved): the same path other nodes
     // take on the change notification. Its artifact is on disk already.

@@ -23,7 +23,6 @@ pub mod error;
 pub mod invoke;
 pub mod metrics;
 pub mod node;
-pub mod outcomes;
 pub mod principal;
 pub mod quota;
 pub mod recent;

@@ -153,6 +153,7 @@ pub async fn scrape(node: &Node, only: Option<&str>) -> Response<Body> {
     exporter.run_upkeep();
     let mut text = exporter.render();
     text.push_str(&sluice_runtime::metrics::render_histograms(|_| true));
+    text.push_str(&render_versions(&node.all_served()));
     if let Some(tenant) = only {
         text = only_tenant(&text, tenant);
     }
@@ -206,6 +207,41 @@ async fn read_node(node: &Node) -> Result<(), SluiceError> {
     counter!("sluice_warm_dropped_total", "reason" => "full").absolute(warm.dropped_full_total);
     counter!("sluice_warm_dropped_total", "reason" => "expired").absolute(warm.expired_total);
     Ok(())
+}
+
+/// Versions of one function with series of their own, at most: the newest this node serves that
+/// have counted a call (a split alias names at most [`sluice_core::alias::ROUTES_MAX`], as many).
+/// With the bound on functions with series of their own, this bounds the version series.
+pub const VERSION_SERIES_MAX: usize = sluice_core::alias::ROUTES_MAX;
+
+/// `sluice_version_invocations_total` and `sluice_version_errors_total` by tenant, function and
+/// version, read from the served versions' counts at scrape time: a version no longer served
+/// (retired, or no longer named by an alias) drops out instead of staying forever. Functions
+/// folded under `_other` have none.
+fn render_versions(served: &[Arc<crate::node::Served>]) -> String {
+    use std::fmt::Write;
+    let mut calls = String::from(
+        "# HELP sluice_version_invocations_total Sync calls and async attempts of one version \
+         served by this node, since it was installed here\n\
+         # TYPE sluice_version_invocations_total counter\n",
+    );
+    let mut errors = String::from(
+        "# HELP sluice_version_errors_total Those of them that failed (5xx, traps, timeouts, memory \
+         limits, no response); 4xx and closed clients are not counted\n\
+         # TYPE sluice_version_errors_total counter\n",
+    );
+    for function in served {
+        let mut versions: Vec<_> = function.versions.values().filter(|d| d.outcomes.totals().0 > 0).collect();
+        versions.sort_by_key(|d| std::cmp::Reverse(d.record.version));
+        for d in versions.into_iter().take(VERSION_SERIES_MAX) {
+            let Some((tenant, name)) = d.metrics.labels() else { continue };
+            let (n, failed) = d.outcomes.totals();
+            let labels = format!("tenant=\"{tenant}\",function=\"{name}\",version=\"{}\"", d.record.version);
+            let _ = writeln!(calls, "sluice_version_invocations_total{{{labels}}} {n}");
+            let _ = writeln!(errors, "sluice_version_errors_total{{{labels}}} {failed}");
+        }
+    }
+    calls + &errors
 }
 
 /// Serves `GET /metrics` without a key on `listener` (`serve --metrics-listen`); anything else

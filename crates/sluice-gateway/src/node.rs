@@ -103,8 +103,9 @@ pub struct Deployed {
     pub function_name: Arc<str>,
     /// Its series in `/metrics`, shared by its versions.
     pub metrics: Arc<CallMetrics>,
-    /// This version's own calls and errors, for a rollout that judges it ([`crate::rollout`]).
-    pub outcomes: crate::outcomes::VersionOutcomes,
+    /// This version's own calls and errors: `/metrics` by version, and what a rollout judges it
+    /// by ([`crate::rollout`]).
+    pub outcomes: Arc<sluice_runtime::metrics::VersionOutcomes>,
     /// Its warm instances' pool, when it lets an instance serve more than one call.
     pub reuse: Option<sluice_runtime::warm::Reuse>,
     /// The version, as the runtime's bound of instances alive at once knows it.
@@ -570,6 +571,13 @@ impl Node {
     }
 
     /// How many functions this node serves.
+    /// Every function this node serves, in no order (a copy of the registry's `Arc`s: the
+    /// lock is held only while they are cloned).
+    pub fn all_served(&self) -> Vec<Arc<Served>> {
+        let map = self.functions.read().expect("function map lock");
+        map.values().flat_map(HashMap::values).cloned().collect()
+    }
+
     pub fn function_count(&self) -> usize {
         self.functions.read().expect("function map lock").values().map(HashMap::len).sum()
     }

@@ -2,9 +2,10 @@
 //! rollouts kept in the store. The node's task (`sluice-node`) calls [`Driver::tick`] every
 //! [`ROLLOUT_TICK`].
 //!
-//! Counting: each served version counts its sync calls and errors in
-//! [`VersionOutcomes`](crate::outcomes::VersionOutcomes), beside
-//! the `/metrics` count of the same outcome (two relaxed atomic adds per call, no lock). On every
+//! Counting: each served version counts its sync calls, async attempts and their errors in
+//! [`VersionOutcomes`](sluice_runtime::metrics::VersionOutcomes), the counts `/metrics` shows as
+//! `sluice_version_invocations_total` and `sluice_version_errors_total` (relaxed atomic adds per
+//! call, no lock). On every
 //! tick each node adds what its versions counted since its last tick to the store's row of the
 //! rollout's current step, so the node that judges a step sees the calls of the whole cluster,
 //! at most one tick late. Judging: one node at a time holds a rollout (a lease of

@@ -13,7 +13,7 @@ use sluice_gateway::error::store_error;
 use sluice_gateway::node::{Scheduling, SchedulingReport};
 use sluice_gateway::rollout::{Driver, ROLLOUT_TICK};
 use sluice_runtime::CodeKey;
-use sluice_runtime::metrics::CallMetrics;
+use sluice_runtime::metrics::Counting;
 use sluice_scheduler::{Functions, Ready, Scheduler, SchedulerConfig, SchedulerStats};
 use sluice_store::{Change, NodeRecord, Store};
 
@@ -457,12 +457,17 @@ impl Functions for NodeFunctions {
         let (tenant, function) = (tenant.to_string(), function.to_string());
         Box::pin(async move {
             let node = node.ok_or_else(|| SluiceError::internal("the node is shutting down"))?;
-            // The installed version's metadata, or an older version's from the store; its code
-            // comes from the same code cache either way.
             // The version the call was queued for (an alias is resolved at enqueue, so a retry
             // runs what the first attempt ran, wherever the alias has moved since): served here,
             // or read from the store; its code comes from the same code cache either way.
-            let served = node.served(&tenant, &function).and_then(|s| s.versions.get(&version).cloned());
+            // A version no alias names is kept in the registry after its first read, as for a
+            // sync call by number, and counted there like the versions aliases name. The store
+            // is read directly for a function this node does not serve (yet: a deploy on
+            // another node that has not reached this one).
+            let served = match node.served(&tenant, &function) {
+                Some(served) => node.version(&served, &tenant, &function, version).await?,
+                None => None,
+            };
             let (config, key) = match served {
                 Some(d) => (d.config.clone(), d.code_key.clone()),
                 None => {
@@ -492,8 +497,11 @@ impl Functions for NodeFunctions {
             .collect()
     }
 
-    fn metrics(&self, tenant: &str, function: &str) -> Option<Arc<CallMetrics>> {
-        Some(self.0.upgrade()?.function(tenant, function)?.metrics.clone())
+    fn metrics(&self, tenant: &str, function: &str, version: i64) -> Option<Counting> {
+        let served = self.0.upgrade()?.served(tenant, function)?;
+        let ran = served.versions.get(&version);
+        let calls = ran.or(served.latest())?.metrics.clone();
+        Some(Counting { calls, version: ran.map(|d| d.outcomes.clone()) })
     }
 
     fn finished(&self, tenant: &str, request_bytes: u64) {

@@ -11,7 +11,7 @@
 //! function="_other"`, and `sluice_metrics_functions_folded_total` says how many were folded.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -68,6 +68,12 @@ impl CallOutcome {
             Self::ClientClosed => "client_closed",
             Self::Error => "error",
         }
+    }
+
+    /// Whether the call counts as a failure of the version that ran it (for rollouts and
+    /// `sluice_version_errors_total`): not for a 4xx, nor for a client that went away.
+    pub fn is_error_of_the_version(self) -> bool {
+        !matches!(self, Self::Ok | Self::ClientError | Self::ClientClosed)
     }
 
     /// From what the runtime reported: its error, else the status the guest set.
@@ -168,6 +174,58 @@ impl CallMetrics {
     }
 }
 
+impl CallMetrics {
+    /// The (tenant, function) labels of these series, or `None` when they are folded under
+    /// [`FOLDED`] (series keyed by more than the function, such as its versions', are then left
+    /// out: the bound holds for them too).
+    pub fn labels(&self) -> Option<(&str, &str)> {
+        (self.function != FOLDED || self.tenant != FOLDED).then_some((&self.tenant, &self.function))
+    }
+}
+
+/// One version's calls (sync calls and async attempts) and the ones that failed: 5xx answers and
+/// calls that failed (traps, timeouts, memory limits, no response, platform errors). A client
+/// that went away and a 4xx are not errors of the version. Two monotonic totals, read by
+/// `/metrics` (`sluice_version_invocations_total`, `sluice_version_errors_total`), and what a
+/// rollout judges a canary by, taken as differences by its one reader.
+#[derive(Debug, Default)]
+pub struct VersionOutcomes {
+    calls: AtomicU64,
+    errors: AtomicU64,
+    taken_calls: AtomicU64,
+    taken_errors: AtomicU64,
+}
+
+impl VersionOutcomes {
+    pub fn finished(&self, outcome: CallOutcome) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        if outcome.is_error_of_the_version() {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `(calls, errors)` since this version was installed on the node.
+    pub fn totals(&self) -> (u64, u64) {
+        (self.calls.load(Ordering::Relaxed), self.errors.load(Ordering::Relaxed))
+    }
+
+    /// What was counted since the last take: `(calls, errors)`. Meant for one reader (a node's
+    /// rollout driver); the totals are left as they are.
+    pub fn take(&self) -> (u64, u64) {
+        let (calls, errors) = self.totals();
+        let since =
+            |total: u64, taken: &AtomicU64| total.saturating_sub(taken.swap(total, Ordering::Relaxed));
+        (since(calls, &self.taken_calls), since(errors, &self.taken_errors))
+    }
+}
+
+/// Where an async attempt is counted: its function's series and, when the node serves that
+/// version, the version's own counts.
+pub struct Counting {
+    pub calls: Arc<CallMetrics>,
+    pub version: Option<Arc<VersionOutcomes>>,
+}
+
 /// Whether (tenant, function) gets its own series in this process.
 fn claim(tenant: &str, function: &str) -> bool {
     let mut labeled = LABELED.lock().expect("metrics label lock");
@@ -223,6 +281,26 @@ mod tests {
         assert!(!claim_in(&mut labeled, 2, "b", "g"), "a third pair is folded");
         assert!(claim_in(&mut labeled, 2, "a", "f"), "a pair that has its series keeps them");
         assert_eq!(labeled.len(), 2);
+    }
+
+    #[test]
+    fn client_errors_and_closed_clients_are_not_errors_of_the_version() {
+        let o = VersionOutcomes::default();
+        for outcome in [
+            CallOutcome::Ok,
+            CallOutcome::ClientError,
+            CallOutcome::ClientClosed,
+            CallOutcome::ServerError,
+            CallOutcome::Trap,
+            CallOutcome::Timeout,
+        ] {
+            o.finished(outcome);
+        }
+        assert_eq!(o.take(), (6, 3));
+        assert_eq!(o.take(), (0, 0), "a take counts from the last one");
+        o.finished(CallOutcome::MemoryLimit);
+        assert_eq!(o.take(), (1, 1));
+        assert_eq!(o.totals(), (7, 4), "takes leave the totals /metrics reads");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use sluice_core::retry::{Next, RetryPolicy};
 use sluice_core::{Clock, ErrorKind, FunctionConfig, LogStream, Mode, UnixMs};
-use sluice_runtime::metrics::{CallMetrics, CallOutcome};
+use sluice_runtime::metrics::{CallOutcome, Counting};
 use sluice_runtime::{BodyError, Call, Lane, Prepared, Runtime, TraceParent};
 use sluice_store::{
     AttemptResult, Completion, LeaseClass, Leased, QueueDemand, Quota, Store, StoredResponse,
@@ -55,8 +55,9 @@ pub trait Functions: Send + Sync + 'static {
     /// The functions of `tenant` whose calls should not start now (a downstream is saturated).
     fn saturated(&self, tenant: &str) -> Vec<String>;
 
-    /// Where a function's calls are counted for `/metrics`, if it is installed here.
-    fn metrics(&self, _tenant: &str, _function: &str) -> Option<Arc<CallMetrics>> {
+    /// Where a call of version `version` of a function is counted for `/metrics` (and its
+    /// version's rollout), if the function is installed here.
+    fn metrics(&self, _tenant: &str, _function: &str, _version: i64) -> Option<Counting> {
         None
     }
 
@@ -805,11 +806,7 @@ async fn drain(ctx: &Ctx, mut tasks: JoinSet<()>) {
 }
 
 async fn run_one(ctx: Arc<Ctx>, inv: Leased) {
-    let metrics = ctx.functions.metrics(&inv.tenant, &inv.function);
-    if let Some(m) = &metrics {
-        let waited = ctx.clock.now_ms().saturating_sub(inv.run_after.max(inv.created_at));
-        m.started_after(Duration::from_millis(u64::try_from(waited).unwrap_or(0)));
-    }
+    let waited = ctx.clock.now_ms().saturating_sub(inv.run_after.max(inv.created_at));
     // The call's trace context was stored with its request (the gateway span's).
     let trace = sluice_runtime::trace::stored_parent(&inv.request.headers);
     if let Some(cx) = &trace {
@@ -838,7 +835,9 @@ async fn run_one(ctx: Arc<Ctx>, inv: Leased) {
             "attempt"
         );
     }
-    if let Some(m) = &metrics {
+    // Looked up after the attempt, which may have loaded its version into the registry.
+    if let Some(m) = ctx.functions.metrics(&inv.tenant, &inv.function, inv.version) {
+        m.calls.started_after(Duration::from_millis(u64::try_from(waited).unwrap_or(0)));
         let outcome = match &result {
             AttemptResult::Succeeded { response } => CallOutcome::of_status(response.status),
             AttemptResult::Failed { error_kind, status_code, .. } => {
@@ -847,7 +846,10 @@ async fn run_one(ctx: Arc<Ctx>, inv: Leased) {
         };
         let total = ctx.clock.now_ms().saturating_sub(inv.created_at);
         let total = Duration::from_millis(u64::try_from(total).unwrap_or(0));
-        m.finished(Mode::Async, outcome, total, started.elapsed(), cpu_us);
+        m.calls.finished(Mode::Async, outcome, total, started.elapsed(), cpu_us);
+        if let Some(version) = &m.version {
+            version.finished(outcome);
+        }
     }
     if let Some(running) = ctx.running.lock().expect("running set").get_mut(&(inv.id.clone(), inv.attempt)) {
         running.completing = true;

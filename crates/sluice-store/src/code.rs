@@ -386,7 +386,27 @@ where
         alias::check_routes(routes).map_err(|e| StoreError::Conflict(format!("alias {name}: {e}")))?;
         let now = self.clock.now_ms();
         let mut tx = E::begin_write(&self.pool).await?;
+        // The function's row is locked first (by this update), so concurrent sets of new aliases
+        // of one function count one after the other and cannot pass the bound together.
         touch_function::<E>(&mut tx, tenant, function, now).await?;
+        let row = sqlx::query(
+            "SELECT COUNT(DISTINCT name) AS others FROM aliases
+             WHERE tenant = $1 AND function = $2 AND name <> $3",
+        )
+        .bind(tenant)
+        .bind(function)
+        .bind(name)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(E::classify)?;
+        let others: i64 = get(&row, "others")?;
+        if usize::try_from(others).unwrap_or(usize::MAX) >= alias::ALIASES_MAX {
+            return Err(StoreError::Conflict(format!(
+                "function {function} has {others} aliases, at most {} are allowed; delete one first \
+                 (sluice alias delete {function} NAME)",
+                alias::ALIASES_MAX
+            )));
+        }
         replace_alias::<E>(&mut tx, tenant, function, name, routes, now).await?;
         // A move by hand wins over an automatic rollout of the alias, which would move it back.
         cancel_running::<E>(&mut tx, tenant, function, name, "the alias was set by hand", now).await?;

@@ -268,7 +268,8 @@ fn async_calls_pinned_to_an_older_version_use_the_same_cache() {
 
 #[test]
 fn old_versions_are_retired_with_their_code() {
-    let node = Node::start(&["--versions-kept", "2", "--blob-grace", "1s"]);
+    // The grace leaves each deploy room to compile before its own upload could be collected.
+    let node = Node::start(&["--versions-kept", "2", "--blob-grace", "3s"]);
     for n in 0..4 {
         deploy_distinct(&node, "f", 20 + n);
     }

@@ -117,23 +117,64 @@ fn a_split_alias_follows_its_weights_and_a_routing_key_sticks() {
         assert!((got - expected).abs() < 6.0 * sd, "version {version}: {got} of {CALLS} calls: {counts:?}");
     }
 
-    // Routing keys: the choice is a fixed function of the key (a stable hash), so 3000 users
-    // split the same way on every run and every node; within the same bounds.
-    let by_key = count_versions(&node, CALLS, |i| Some(format!("user-{i}")));
+    // Routing keys: the choice is a fixed function of the key (a stable hash, the same on every
+    // node and every run: a fixed seed), so 10,000 users split the same way each time; within 4
+    // standard deviations (for 10%: 1000 ± 120), and as the hash always splits them.
+    const USERS: usize = 10_000;
+    let by_key = count_versions(&node, USERS, |i| Some(format!("user-{i}")));
     for (version, share) in [(1, 0.7), (2, 0.2), (3, 0.1)] {
-        let expected = CALLS as f64 * share;
-        let sd = (CALLS as f64 * share * (1.0 - share)).sqrt();
+        let expected = USERS as f64 * share;
+        let sd = (USERS as f64 * share * (1.0 - share)).sqrt();
         let got = f64::from(by_key.get(&version).copied().unwrap_or(0));
-        assert!((got - expected).abs() < 6.0 * sd, "version {version}: {got} of {CALLS} users: {by_key:?}");
+        assert!((got - expected).abs() < 4.0 * sd, "version {version}: {got} of {USERS} users: {by_key:?}");
     }
+    assert_eq!(by_key, split_by_hash(USERS, &[(3, 10), (2, 20), (1, 70)]), "the split is the stable hash's");
     // One user sees one version, call after call.
+    let mut sticky: HashMap<i64, u64> = HashMap::new();
     for user in 0..40 {
         let key = format!("user-{user}");
         let first = served_by(&node, "/fn/default/tg@prod/ok", &[("sluice-routing-key", &key)]);
         for _ in 0..5 {
             assert_eq!(served_by(&node, "/fn/default/tg@prod/ok", &[("sluice-routing-key", &key)]), first);
         }
+        *sticky.entry(first).or_default() += 6;
     }
+
+    // `/metrics` counts each version's calls, exactly as the callers saw them answered.
+    let text = node.get("/metrics").text().unwrap();
+    for version in 1..=3 {
+        let seen =
+            [&counts, &by_key].iter().map(|c| u64::from(c.get(&version).copied().unwrap_or(0))).sum::<u64>()
+                + sticky.get(&version).copied().unwrap_or(0);
+        assert_eq!(version_metric(&text, "invocations", version), Some(seen), "version {version}");
+        assert_eq!(version_metric(&text, "errors", version), Some(0), "version {version}");
+    }
+}
+
+/// `sluice_version_{what}_total` of function `tg` of tenant `default`, version `version`, from
+/// the text of `/metrics`.
+fn version_metric(text: &str, what: &str, version: i64) -> Option<u64> {
+    let series =
+        format!("sluice_version_{what}_total{{tenant=\"default\",function=\"tg\",version=\"{version}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(&series)).map(|n| n.parse().unwrap())
+}
+
+/// How `users` routing keys `user-{i}` split over `routes` (`(version, weight)`, in the order the
+/// node adds the weights up: highest version first, as the store lists them), computed here from
+/// the documented hash.
+fn split_by_hash(users: usize, routes: &[(i64, u64)]) -> HashMap<i64, u32> {
+    let total: u64 = routes.iter().map(|r| r.1).sum();
+    let mut counts = HashMap::new();
+    for i in 0..users {
+        let point = sluice_core::alias::stable_hash(format!("user-{i}").as_bytes()) % total;
+        let mut upto = 0;
+        let version = routes.iter().find(|r| {
+            upto += r.1;
+            point < upto
+        });
+        *counts.entry(version.unwrap().0).or_default() += 1;
+    }
+    counts
 }
 
 /// Calls `tg@prod` `calls` times from 4 threads, the i-th call with routing key `key(i)`;
@@ -264,6 +305,17 @@ fn an_async_call_keeps_the_version_it_was_queued_for_across_a_retry() {
     let id = node.enqueue("/fn/default/tg@prod/status?code=503", &[]);
     let inv = node.wait_json(&format!("/v1/invocations/{id}"), |v| v["status"] == "succeeded");
     assert_eq!(inv["version"], 2, "{inv}");
+    // Async attempts count for the version that ran them: each of version 1's failed (its first
+    // attempt may have run before the move, while `latest` still served it, or after it).
+    let text = node.get("/metrics").text().unwrap();
+    let failed = version_metric(&text, "invocations", 1).unwrap_or(0);
+    assert!((1..=2).contains(&failed), "{text}");
+    assert_eq!(version_metric(&text, "errors", 1), Some(failed), "{text}");
+    assert_eq!(
+        (version_metric(&text, "invocations", 2), version_metric(&text, "errors", 2)),
+        (Some(1), Some(0)),
+        "{text}"
+    );
 }
 
 #[test]

@@ -96,6 +96,7 @@ macro_rules! run_whole_suite {
     all_latest_versions_has_one_entry_per_function,
     deploys_move_latest_unless_not_promoted,
     aliases_are_set_listed_and_deleted,
+    a_function_has_at_most_aliases_max_aliases_even_when_set_at_once,
     aliased_versions_are_never_retired,
     routing_lists_aliases_and_the_versions_they_name,
     keys_may_be_limited_to_an_alias,
@@ -586,6 +587,41 @@ pub async fn aliases_are_set_listed_and_deleted(store: &dyn Store, clock: &Manua
     store.set_alias("acme", "hello", "prod", &[Route { version: 1, weight: 1 }]).await.unwrap();
     assert!(store.delete_function("acme", "hello").await.unwrap());
     assert_eq!(store.list_aliases("acme", "hello").await.unwrap(), vec![]);
+}
+
+pub async fn a_function_has_at_most_aliases_max_aliases_even_when_set_at_once(
+    store: &dyn Store,
+    _clock: &ManualClock,
+) {
+    store.create_tenant("acme").await.unwrap();
+    let digest = blob(store, "acme", b"component").await;
+    let config = FunctionConfig::default();
+    store.create_version("acme", "hello", &digest, &config, true).await.unwrap();
+    store.create_version("acme", "other", &digest, &config, true).await.unwrap();
+    let one = [Route { version: 1, weight: 1 }];
+    // `latest` is one; leave room for three more, then set ten new ones at once.
+    for i in 0..sluice_core::alias::ALIASES_MAX - 4 {
+        store.set_alias("acme", "hello", &format!("a{i}"), &one).await.unwrap();
+    }
+    let sets = (0..10).map(|i| {
+        let name = format!("race{i}");
+        async move { store.set_alias("acme", "hello", &name, &one).await }
+    });
+    let results = futures::future::join_all(sets).await;
+    let refused = results.iter().filter(|r| matches!(r, Err(StoreError::Conflict(_)))).count();
+    assert_eq!(refused, 7, "{results:?}");
+    let listed = store.list_aliases("acme", "hello").await.unwrap();
+    assert_eq!(listed.len(), sluice_core::alias::ALIASES_MAX);
+    let Err(StoreError::Conflict(why)) = store.set_alias("acme", "hello", "more", &one).await else {
+        panic!("a set past the bound must be refused");
+    };
+    assert!(why.contains(&format!("at most {}", sluice_core::alias::ALIASES_MAX)), "{why}");
+    // At the bound, an alias that exists can still be moved, and one deleted makes room.
+    store.set_alias("acme", "hello", "a0", &one).await.unwrap();
+    assert!(store.delete_alias("acme", "hello", "a0").await.unwrap());
+    store.set_alias("acme", "hello", "more", &one).await.unwrap();
+    // The bound is per function.
+    store.set_alias("acme", "other", "prod", &one).await.unwrap();
 }
 
 pub async fn aliased_versions_are_never_retired(store: &dyn Store, clock: &ManualClock) {
