@@ -67,6 +67,12 @@ impl Runtime {
         if self.existing_artifact(key).is_some() {
             return Ok(false);
         }
+        let lock = self.code.compile_lock(key);
+        let _held = lock.lock().await;
+        // A compile of this key that held the lock first (a call's, a deploy's) wrote it.
+        if self.existing_artifact(key).is_some() {
+            return Ok(false);
+        }
         let bytes = blob().await?.ok_or_else(|| missing_blob(key))?;
         self.compile_to_disk(key, bytes).await.map(|_| true)
     }
@@ -104,28 +110,42 @@ impl Runtime {
         key: &CodeKey,
         blob: impl FnOnce() -> BlobSource + Send,
     ) -> Result<Arc<Prepared>, SluiceError> {
-        let started = Instant::now();
-        if let Some((path, heavy)) = self.existing_artifact(key) {
-            let this = self.clone();
-            let k = key.clone();
-            let p = path.clone();
-            match blocking(move || this.load_artifact(heavy, &k, &p, None)).await {
-                Ok(prepared) => {
-                    let us = started.elapsed().as_micros() as u64;
-                    let c = &self.code.counters;
-                    c.loads.fetch_add(1, Ordering::Relaxed);
-                    c.load_us_total.fetch_add(us, Ordering::Relaxed);
-                    c.load_us_max.fetch_max(us, Ordering::Relaxed);
-                    return Ok(prepared);
-                }
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "artifact unusable; compiling again")
-                }
-            }
+        if let Some(prepared) = self.load_existing(key).await {
+            return Ok(prepared);
+        }
+        // One compile of a key at a time on this node: a call's (concurrent calls already share
+        // this load), a deploy's, or the background check that compiles missing artifacts again.
+        let lock = self.code.compile_lock(key);
+        let _held = lock.lock().await;
+        if let Some(prepared) = self.load_existing(key).await {
+            return Ok(prepared);
         }
         let bytes = blob()().await?.ok_or_else(|| missing_blob(key))?;
         let prepared = self.compile_to_disk(key, bytes).await?;
         Ok(prepared)
+    }
+
+    /// The component loaded from its artifact on disk, if there is a usable one.
+    async fn load_existing(self: &Arc<Self>, key: &CodeKey) -> Option<Arc<Prepared>> {
+        let started = Instant::now();
+        let (path, heavy) = self.existing_artifact(key)?;
+        let this = self.clone();
+        let k = key.clone();
+        let p = path.clone();
+        match blocking(move || this.load_artifact(heavy, &k, &p, None)).await {
+            Ok(prepared) => {
+                let us = started.elapsed().as_micros() as u64;
+                let c = &self.code.counters;
+                c.loads.fetch_add(1, Ordering::Relaxed);
+                c.load_us_total.fetch_add(us, Ordering::Relaxed);
+                c.load_us_max.fetch_max(us, Ordering::Relaxed);
+                Some(prepared)
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "artifact unusable; compiling again");
+                None
+            }
+        }
     }
 
     /// Validates and compiles `bytes`, writes the artifact and returns the component loaded from

@@ -14,9 +14,10 @@
 //! least `bytes_max / entries_max`, so one weight bound keeps both. A call holds its `Arc` to the
 //! component, so an entry evicted mid-call is freed when the call ends.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use wasmtime::Engine;
@@ -183,6 +184,8 @@ pub(crate) struct CodeCache {
     pub(crate) config: CodeConfig,
     pub(crate) compile_slots: tokio::sync::Semaphore,
     pub(crate) compile_pool: rayon::ThreadPool,
+    /// One lock per key being compiled (see [`CodeCache::compile_lock`]).
+    compiling: std::sync::Mutex<HashMap<CodeKey, Weak<tokio::sync::Mutex<()>>>>,
 }
 
 impl CodeCache {
@@ -211,7 +214,20 @@ impl CodeCache {
             .start_handler(|_| crate::lanes::nice_this_thread(10))
             .build()?;
         let compile_slots = tokio::sync::Semaphore::new(config.compile_slots);
-        Ok(Self { cache, counters, config, compile_slots, compile_pool })
+        Ok(Self { cache, counters, config, compile_slots, compile_pool, compiling: Default::default() })
+    }
+
+    /// The lock a compile of `key` holds, shared by every compile of that key while one is
+    /// held or waited for; gone when none is.
+    pub(crate) fn compile_lock(&self, key: &CodeKey) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.compiling.lock().expect("compile locks");
+        if let Some(lock) = locks.get(key).and_then(Weak::upgrade) {
+            return lock;
+        }
+        locks.retain(|_, l| l.strong_count() > 0);
+        let lock = Arc::new(tokio::sync::Mutex::new(()));
+        locks.insert(key.clone(), Arc::downgrade(&lock));
+        lock
     }
 
     pub(crate) async fn stats(&self) -> CodeStats {

@@ -172,6 +172,9 @@ fn a_missing_artifact_is_compiled_again_after_a_restart() {
     let old_engine = dir.join("0123abcd-0000000000000000.cwasm");
     std::fs::write(&old_engine, b"stale").unwrap();
     node.spawn();
+    // A call at once, while the node's check of its artifacts compiles the missing one (or
+    // before it starts): the two share one compile.
+    assert_eq!(node.get("/fn/default/f/").text().unwrap(), "hello from sluice\n");
     let deadline = Instant::now() + Duration::from_secs(30);
     // One artifact in place: not a compile's temporary file (`….tmpPID-N`), which is there while
     // the compile's child writes it and is renamed into place only after the child exits.
