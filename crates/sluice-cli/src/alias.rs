@@ -100,10 +100,30 @@ fn routes_text(alias: &Value) -> String {
         .iter()
         .map(|r| {
             let weight = r["weight"].as_u64().unwrap_or_default();
-            format!("{}={}%", r["version"], weight * 100 / total.max(1))
+            format!("{}={}%", r["version"], percent(weight, total))
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// `weight` of `total` as a percent, to a tenth where it is not whole (`5` of `9`: `55.6`).
+fn percent(weight: u64, total: u64) -> String {
+    let tenths = (weight * 1000 + total / 2) / total.max(1);
+    if tenths % 10 == 0 { (tenths / 10).to_string() } else { format!("{}.{}", tenths / 10, tenths % 10) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_are_shown_to_a_tenth_and_whole_ones_without() {
+        let alias = |w: &[(i64, u64)]| serde_json::json!({ "routes": w.iter().map(|(v, w)| serde_json::json!({"version": v, "weight": w})).collect::<Vec<_>>() });
+        assert_eq!(routes_text(&alias(&[(3, 1)])), "3");
+        assert_eq!(routes_text(&alias(&[(4, 10), (3, 90)])), "4=10% 3=90%");
+        assert_eq!(routes_text(&alias(&[(2, 5), (1, 4)])), "2=55.6% 1=44.4%");
+        assert_eq!(routes_text(&alias(&[(3, 1), (2, 1), (1, 1)])), "3=33.3% 2=33.3% 1=33.3%");
+    }
 }
 
 fn url(alias: &Value) -> &str {
