@@ -215,6 +215,8 @@ pub(crate) async fn list_aliases(
         (status = 403, description = "The key lacks the `deploy` scope", body = ErrorBody),
         (status = 404, description = "No such function or version (or another tenant's)",
             body = ErrorBody),
+        (status = 409, description = "The function has as many aliases as it may (32, `latest` \
+            included); delete one first", body = ErrorBody),
     )
 )]
 pub(crate) async fn set_alias(

@@ -95,6 +95,22 @@ fn calls_address_latest_an_alias_or_a_version() {
 
     cli_ok(&node, &["alias", "delete", "tg", "prod"]);
     assert_error(node.get("/fn/default/tg@prod/ok"), 404, "not_found");
+
+    // At most 32 aliases per function, `latest` included: the 33rd is refused, saying why.
+    let set = |name: &str| {
+        node.client()
+            .put(format!("{}/v1/tenants/default/functions/tg/aliases/{name}", node.url))
+            .bearer_auth(&node.token)
+            .json(&serde_json::json!({ "routes": [{ "version": 1, "weight": 1 }] }))
+            .send()
+            .unwrap()
+    };
+    for i in 1..32 {
+        assert_eq!(set(&format!("a{i}")).status(), 200);
+    }
+    let msg = assert_error(set("one-more"), 409, "conflict");
+    assert!(msg.contains("has 32 aliases, at most 32"), "{msg}");
+    assert_eq!(set("a1").status(), 200, "an alias that exists can still be moved");
 }
 
 #[test]
