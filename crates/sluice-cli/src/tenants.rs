@@ -59,6 +59,9 @@ pub enum TenantsCommand {
         /// Versions stored over all its functions; a deploy beyond it gets 507.
         #[arg(long)]
         versions_max: Option<u64>,
+        /// Schedules; creating one more gets 507.
+        #[arg(long)]
+        schedules_max: Option<u64>,
         /// Remove all the tenant's own limits (applied before the values given with it): the
         /// node's defaults apply again.
         #[arg(long)]
@@ -195,6 +198,7 @@ pub async fn run(cmd: TenantsCommand) -> anyhow::Result<()> {
             components_bytes_max,
             functions_max,
             versions_max,
+            schedules_max,
             clear,
             output,
             target,
@@ -207,6 +211,7 @@ pub async fn run(cmd: TenantsCommand) -> anyhow::Result<()> {
                 ("components_bytes_max", components_bytes_max),
                 ("functions_max", functions_max),
                 ("versions_max", versions_max),
+                ("schedules_max", schedules_max),
             ];
             let setting = clear || rate.is_some() || changes.iter().any(|(_, v)| v.is_some());
             let v = if setting {
@@ -236,7 +241,7 @@ pub async fn run(cmd: TenantsCommand) -> anyhow::Result<()> {
             }
             let own: Vec<String> = ["queued_max", "queued_bytes_max", "components_bytes_max"]
                 .into_iter()
-                .chain(["functions_max", "versions_max"])
+                .chain(["functions_max", "versions_max", "schedules_max"])
                 .filter_map(|field| {
                     let n = v[field].as_u64()?;
                     Some(if field.contains("bytes") {

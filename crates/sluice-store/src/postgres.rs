@@ -84,6 +84,7 @@ const MIGRATIONS: &[Migration] = &[
     },
     Migration { version: 6, name: "aliases", sql: include_str!("../migrations/postgres/0006_aliases.sql") },
     Migration { version: 7, name: "rollouts", sql: include_str!("../migrations/postgres/0007_rollouts.sql") },
+    Migration { version: 8, name: "schedules", sql: include_str!("../migrations/postgres/0008_schedules.sql") },
 ];
 
 /// Whose clock decides leases.
@@ -470,6 +471,22 @@ impl Engine for PostgresEngine {
         .map_err(classify)?;
         tx.commit().await.map_err(classify)?;
         Ok((rows(found, node_from_row)?, now))
+    }
+
+    async fn enqueue_in(connection: &mut sqlx::PgConnection, rows: &str) -> StoreResult<u64> {
+        sqlx::query(queue::CLAIM_KEYS)
+            .bind(rows)
+            .bind(crate::IDEMPOTENCY_WINDOW_MS)
+            .execute(&mut *connection)
+            .await
+            .map_err(classify)?;
+        let inserted: i64 = sqlx::query_scalar(queue::INSERT_QUEUED)
+            .bind(rows)
+            .bind(QUEUE_CHANNEL)
+            .fetch_one(&mut *connection)
+            .await
+            .map_err(classify)?;
+        Ok(u64::try_from(inserted).unwrap_or(0))
     }
 }
 

@@ -113,11 +113,22 @@ pub trait Engine: Dialect {
     ) -> StoreResult<Vec<Vec<Leased>>>;
     async fn node_heartbeat(store: &SqlStore<Self>, node: &NodeRecord, stopped: bool) -> StoreResult<()>;
     async fn list_nodes(store: &SqlStore<Self>, within_ms: u64) -> StoreResult<(Vec<NodeRecord>, UnixMs)>;
+    /// Claims the idempotency keys of a JSON array of enqueue rows (encoded as the queue's writer
+    /// encodes them) and inserts the invocations that won theirs, with the writer's statements
+    /// but in the caller's transaction (a schedule's firing); tells the other nodes there is
+    /// work where they share the store. Returns how many it inserted.
+    async fn enqueue_in(connection: &mut Conn<Self>, rows: &str) -> StoreResult<u64>;
 }
 
 impl<E: Engine> crate::Store for SqlStore<E>
 where
-    Self: crate::Tenants + crate::Code + crate::Invocations + crate::Logs + crate::Nodes + crate::Rollouts,
+    Self: crate::Tenants
+        + crate::Code
+        + crate::Invocations
+        + crate::Logs
+        + crate::Nodes
+        + crate::Rollouts
+        + crate::Schedules,
 {
     fn changes(&self) -> Option<broadcast::Receiver<Change>> {
         self.engine.changes()

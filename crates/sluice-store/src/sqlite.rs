@@ -112,6 +112,7 @@ const MIGRATIONS: &[Migration] = &[
     },
     Migration { version: 12, name: "aliases", sql: include_str!("../migrations/sqlite/0012_aliases.sql") },
     Migration { version: 13, name: "rollouts", sql: include_str!("../migrations/sqlite/0013_rollouts.sql") },
+    Migration { version: 14, name: "schedules", sql: include_str!("../migrations/sqlite/0014_schedules.sql") },
 ];
 
 /// The embedded store.
@@ -322,6 +323,17 @@ impl Engine for SqliteEngine {
         .await
         .map_err(classify)?;
         Ok((rows(found, node_from_row)?, now))
+    }
+
+    async fn enqueue_in(connection: &mut sqlx::SqliteConnection, rows: &str) -> StoreResult<u64> {
+        sqlx::query(queue::CLAIM_KEYS)
+            .bind(rows)
+            .bind(crate::IDEMPOTENCY_WINDOW_MS)
+            .execute(&mut *connection)
+            .await
+            .map_err(classify)?;
+        let done = sqlx::query(queue::INSERT_QUEUED).bind(rows).execute(&mut *connection).await.map_err(classify)?;
+        Ok(done.rows_affected())
     }
 }
 
