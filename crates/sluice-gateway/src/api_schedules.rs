@@ -210,7 +210,9 @@ pub(crate) async fn create_schedule(
 
 /// Checks a request and computes the schedule's first occurrence.
 fn validate(node: &Node, tenant: &str, req: CreateSchedule, now: i64) -> Result<NewSchedule, SluiceError> {
-    let bad = SluiceError::bad_request;
+    fn bad(message: impl Into<String>) -> SluiceError {
+        SluiceError::bad_request(message)
+    }
     if !sluice_core::ids::valid_name(&req.name) {
         return Err(bad("name must be 1-63 characters of a-z, 0-9 and '-', not starting with '-'"));
     }

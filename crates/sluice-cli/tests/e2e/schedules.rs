@@ -234,8 +234,9 @@ fn overlapping_occurrences_are_skipped_or_buffered_never_run_together() {
             // The next one was enqueued only once the previous one had finished.
             assert!(
                 pair[1].created_at >= pair[0].finished_at.unwrap(),
-                "{name}: runs overlap: {pair:#?}"
+                "{name}: enqueued while the previous ran: {pair:#?}"
             );
+            assert!(pair[1].started_at.unwrap() >= pair[0].finished_at.unwrap(), "{name}: runs overlap: {pair:#?}");
         }
         let shown = show(&node, name);
         assert!(shown["skipped"].as_u64().unwrap() >= 1, "{name}: {shown}");

@@ -56,17 +56,11 @@ fn firing(s: &Schedule, enqueue: Vec<(UnixMs, NewInvocation)>, next_fire_at: Uni
 
 async fn stored_keys(store: &dyn Store) -> Vec<String> {
     let filter = InvocationFilter { tenant: "acme".into(), limit: 1_000, ..InvocationFilter::default() };
-    let mut keys: Vec<String> = store
-        .list_invocations(&filter)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|i| store.get_invocation(&i.id))
-        .collect::<futures::future::JoinAll<_>>()
-        .await
-        .into_iter()
-        .map(|i| i.unwrap().unwrap().idempotency_key.expect("a schedule's invocation carries its key"))
-        .collect();
+    let mut keys = Vec::new();
+    for listed in store.list_invocations(&filter).await.unwrap() {
+        let inv = store.get_invocation(&listed.id).await.unwrap().unwrap();
+        keys.push(inv.idempotency_key.expect("a schedule's invocation carries its key"));
+    }
     keys.sort();
     keys
 }
