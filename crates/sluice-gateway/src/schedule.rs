@@ -9,8 +9,9 @@
 //! finished, `buffer-one` keeps one until it has, `allow` enqueues at once). The version is
 //! chosen from the schedule's alias at enqueue, as for an async HTTP call, and the call counts
 //! against the tenant's queued quotas. The store commits the invocations together with the
-//! schedule's next occurrence, fenced by the revision the tick read
-//! ([`sluice_store::Schedules::fire_schedule`]), and each invocation carries the idempotency key
+//! schedule's next occurrence, fenced by the revision the tick read, all of a tick's schedules in
+//! one transaction ([`sluice_store::Schedules::fire_schedules`]), and each invocation carries the
+//! idempotency key
 //! `sched:{id}:{scheduled_for}`: two nodes that race, or a node that crashes and a second that
 //! retries, store each occurrence once.
 
@@ -23,6 +24,7 @@ use sluice_store::{
 };
 
 use crate::error::store_error;
+use crate::quota::Reservation;
 use crate::node::Node;
 
 /// The log target of schedule events (skips for a reason other than the policies, quota
@@ -49,28 +51,34 @@ pub struct Ticked {
     pub lost: u64,
 }
 
-/// Fires every schedule due now. A schedule that fails (the store refused) is logged and tried
-/// again next tick; the others go on.
+/// Fires every schedule due now, in one transaction. A schedule whose decision fails (a read
+/// refused) is logged and tried again next tick; the others go on. Two nodes that tick at once
+/// do not wait for each other: the store skips the schedules the other is firing.
 pub async fn tick(node: &Node) -> Result<Ticked, SluiceError> {
     let now = SystemClock.now_ms();
-    let mut due = node.store.due_schedules(now, DUE_BATCH_MAX).await.map_err(store_error)?;
-    // Nodes start at different places in the list, so that in a cluster they mostly fire
-    // different schedules instead of racing for the same ones in the same order.
-    if !due.is_empty() {
-        let mut seed = [0u8; 8];
-        let _ = getrandom::fill(&mut seed);
-        let start = (u64::from_le_bytes(seed) % due.len() as u64) as usize;
-        due.rotate_left(start);
-    }
-    let mut ticked = Ticked::default();
+    let due = node.store.due_schedules(now, DUE_BATCH_MAX).await.map_err(store_error)?;
+    let mut firings = Vec::with_capacity(due.len());
+    let mut reservations = Vec::with_capacity(due.len());
     for schedule in &due {
-        match fire(node, schedule, now).await {
-            Ok(Some(n)) => ticked.enqueued += n,
-            Ok(None) => ticked.lost += 1,
+        match decide(node, schedule, now).await {
+            Ok(Some((firing, reserved))) => {
+                firings.push(firing);
+                reservations.push(reserved);
+            }
+            Ok(None) => {}
             Err(e) => tracing::warn!(
                 tenant = %schedule.tenant, schedule = %schedule.name, error = %e,
                 "firing a schedule failed; the next tick tries again"
             ),
+        }
+    }
+    let fired = node.store.fire_schedules(&firings).await.map_err(store_error)?;
+    let mut ticked = Ticked { enqueued: fired.inserted, lost: 0 };
+    for (committed, reserved) in fired.committed.iter().zip(reservations) {
+        if *committed {
+            reserved.into_iter().for_each(Reservation::keep);
+        } else {
+            ticked.lost += 1;
         }
     }
     if ticked.enqueued > 0 {
@@ -79,8 +87,9 @@ pub async fn tick(node: &Node) -> Result<Ticked, SluiceError> {
     Ok(ticked)
 }
 
-/// Decides and commits one due schedule: `None` if another node (or a change) came first.
-async fn fire(node: &Node, s: &Schedule, now: UnixMs) -> Result<Option<u64>, SluiceError> {
+/// Decides what a due schedule does now, with the quota places of its invocations; `None` if
+/// nothing changes (only a buffered occurrence, still waiting).
+async fn decide(node: &Node, s: &Schedule, now: UnixMs) -> Result<Option<(Firing, Vec<Reservation>)>, SluiceError> {
     let table = s.when.timetable().map_err(SluiceError::internal)?;
     let (due, next_fire_at) = match s.next_fire_at {
         Some(first) if first <= now => {
@@ -122,7 +131,7 @@ async fn fire(node: &Node, s: &Schedule, now: UnixMs) -> Result<Option<u64>, Slu
     }
     if due.is_empty() && buffered == s.buffered_for && fire_at.is_empty() {
         // Only a buffered occurrence still waiting: nothing changes.
-        return Ok(Some(0));
+        return Ok(None);
     }
     let mut last_error = None;
     let mut enqueue = Vec::with_capacity(fire_at.len());
@@ -153,13 +162,7 @@ async fn fire(node: &Node, s: &Schedule, now: UnixMs) -> Result<Option<u64>, Slu
         tracing::info!(target: EVENTS, tenant = %s.tenant, schedule = %s.name, %error, "occurrence skipped");
     }
     let firing = Firing { id: s.id, revision: s.revision, next_fire_at, buffered_for: buffered, enqueue, skipped, last_error };
-    let stored = node.store.fire_schedule(&firing).await.map_err(store_error)?;
-    if stored.is_some() {
-        for reserved in reservations {
-            reserved.keep();
-        }
-    }
-    Ok(stored)
+    Ok(Some((firing, reservations)))
 }
 
 /// Occurrences between the schedule's next fire time and the first one the tick looked at, which

@@ -43,7 +43,7 @@ pub use rollouts::{
     NewRollout, Rollout, RolloutMove, RolloutStep, Rollouts, STEPS_MAX as ROLLOUT_STEPS_MAX, StepCounts,
     check_steps,
 };
-pub use schedules::{Firing, NewSchedule, SCHEDULE_CALLER, Schedule, Schedules, schedule_key};
+pub use schedules::{Fired, Firing, NewSchedule, SCHEDULE_CALLER, Schedule, Schedules, schedule_key};
 pub use sql::{Engine, SqlStore};
 pub use sqlite::{SqliteEngine, SqliteStore};
 pub use tenants::{KeyRecord, Quota, Tenant, Tenants};

@@ -250,6 +250,8 @@ impl Dialect for PostgresEngine {
 
 #[async_trait::async_trait]
 impl Engine for PostgresEngine {
+    const LOCK_SCHEDULES: &'static str = "SELECT id FROM schedules
+         WHERE id IN (SELECT jsonb_array_elements_text($1::jsonb)::bigint) ORDER BY id FOR UPDATE SKIP LOCKED";
     const TENANT_EXISTS: &'static str = "SELECT 1 FROM tenants WHERE name = $1 FOR SHARE";
     /// Locked: the deploy's foreign key check would lock it anyway, and [`Engine::PURGE_BLOBS`]
     /// passes over a locked blob.

@@ -1,12 +1,17 @@
 //! Schedules ([`Schedules`]): what each one fires and when, and the one transaction in which a
-//! node enqueues a schedule's due occurrences and advances it ([`Schedules::fire_schedule`]).
+//! node enqueues a schedule's due occurrences and advances it ([`Schedules::fire_schedules`]).
 //!
 //! No node leads. Any node's ticker reads the due schedules, decides what to enqueue, and commits
-//! it together with the schedule's new state, fenced by the `revision` it read: of two nodes that
-//! read the same revision, one commits and the other changes nothing. Each invocation also
+//! it together with each schedule's new state, fenced by the `revision` it read: of two nodes that
+//! read the same revision, one commits and the other changes nothing. A tick's firings go in one
+//! transaction (one commit for hundreds of schedules); on PostgreSQL it first locks the rows it
+//! fires with `SKIP LOCKED`, so two nodes ticking at once split the due schedules between them
+//! instead of waiting on each other's locks. Each invocation also
 //! carries the idempotency key `sched:{id}:{scheduled_for}` (caller [`SCHEDULE_CALLER`]), claimed
 //! in the same transaction, so even a second enqueue of one occurrence by another path (a
 //! backfill over fired occurrences) stores nothing.
+
+use std::collections::HashSet;
 
 use sluice_core::schedule::When;
 use sluice_core::{Catchup, Overlap, UnixMs};
@@ -92,6 +97,15 @@ pub struct Firing {
     pub last_error: Option<String>,
 }
 
+/// What [`Schedules::fire_schedules`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fired {
+    /// Per firing, in order: whether it committed.
+    pub committed: Vec<bool>,
+    /// Invocations stored, over all the firings.
+    pub inserted: u64,
+}
+
 store_trait! {
     /// Schedules.
     pub trait Schedules {
@@ -117,11 +131,12 @@ store_trait! {
         /// Schedules not paused whose next occurrence is at or before `now`, or that hold a
         /// buffered occurrence, oldest first, at most `limit`.
         async fn due_schedules(&self, now: UnixMs, limit: u32) -> StoreResult<Vec<Schedule>>;
-        /// Commits a [`Firing`]: the schedule's new state and its invocations, in one
-        /// transaction. `None` (nothing changed) if another node fired it first or it was paused,
-        /// changed or deleted since it was read; else how many invocations were stored (an
-        /// occurrence whose key is held already is not stored again).
-        async fn fire_schedule(&self, firing: &Firing) -> StoreResult<Option<u64>>;
+        /// Commits [`Firing`]s: each schedule's new state and its invocations, all in one
+        /// transaction. A firing changes nothing if another node fires (or has fired) its
+        /// schedule, or it was paused, changed or deleted since it was read. Returns which
+        /// firings committed, and how many invocations were stored (an occurrence whose key is
+        /// held already is not stored again).
+        async fn fire_schedules(&self, firings: &[Firing]) -> StoreResult<Fired>;
         /// Enqueues occurrences of a schedule outside its timetable (`backfill`), with the
         /// schedule's keys, in one transaction: returns how many were stored (occurrences fired
         /// within the idempotency window are not stored again).
@@ -295,46 +310,39 @@ where
         found.iter().map(schedule_from_row).collect()
     }
 
-    async fn fire_schedule(&self, firing: &Firing) -> StoreResult<Option<u64>> {
-        let now = self.clock.now_ms();
-        let rows = enqueue_rows(firing.id, &firing.enqueue, now)?;
-        let last = firing.enqueue.last();
-        let mut tx = E::begin_write(&self.pool).await?;
-        // The fence: whoever commits first bumps the revision, and every other firing of the
-        // same read finds no row here and changes nothing.
-        let done = sqlx::query(
-            "UPDATE schedules SET revision = revision + 1, next_fire_at = $3, buffered_for = $4,
-                 last_fired_for = COALESCE($5, last_fired_for), last_invocation = COALESCE($6, last_invocation),
-                 fires = fires + $7, skipped = skipped + $8, last_error = COALESCE($9, last_error),
-                 updated_at = $10
-             WHERE id = $1 AND revision = $2 AND paused = 0",
-        )
-        .bind(firing.id)
-        .bind(firing.revision)
-        .bind(firing.next_fire_at)
-        .bind(firing.buffered_for)
-        .bind(last.map(|(t, _)| *t))
-        .bind(last.map(|(_, inv)| inv.id.clone()))
-        .bind(firing.enqueue.len() as i64)
-        .bind(to_i64(firing.skipped)?)
-        .bind(firing.last_error.clone())
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(E::classify)?;
-        if E::rows_affected(&done) == 0 {
-            return Ok(None);
+    async fn fire_schedules(&self, firings: &[Firing]) -> StoreResult<Fired> {
+        let mut fired = Fired { committed: vec![false; firings.len()], inserted: 0 };
+        if firings.is_empty() {
+            return Ok(fired);
         }
-        let inserted = if rows == "[]" { 0 } else { E::enqueue_in(&mut tx, &rows).await? };
+        let now = self.clock.now_ms();
+        let ids = serde_json::to_string(&firings.iter().map(|f| f.id).collect::<Vec<_>>())
+            .map_err(|e| StoreError::Other(format!("encoding schedule ids: {e}")))?;
+        let mut tx = E::begin_write(&self.pool).await?;
+        let locked =
+            sqlx::query(E::LOCK_SCHEDULES).bind(ids.as_str()).fetch_all(&mut *tx).await.map_err(E::classify)?;
+        let locked: HashSet<i64> = locked.iter().map(|row| get::<i64, _>(row, "id")).collect::<StoreResult<_>>()?;
+        let mut rows = Vec::new();
+        for (i, firing) in firings.iter().enumerate() {
+            // Not locked: another node is firing it right now.
+            if locked.contains(&firing.id) && fire_one::<E>(&mut tx, firing, now).await? {
+                fired.committed[i] = true;
+                rows.extend(enqueue_rows(firing.id, &firing.enqueue, now)?);
+            }
+        }
+        if !rows.is_empty() {
+            fired.inserted = E::enqueue_in(&mut tx, &json_array(rows.iter().map(String::as_str))).await?;
+        }
         tx.commit().await.map_err(E::classify)?;
-        Ok(Some(inserted))
+        Ok(fired)
     }
 
     async fn backfill_schedule(&self, id: i64, enqueue: &[(UnixMs, NewInvocation)]) -> StoreResult<u64> {
         let now = self.clock.now_ms();
         let rows = enqueue_rows(id, enqueue, now)?;
         let mut tx = E::begin_write(&self.pool).await?;
-        let inserted = if rows == "[]" { 0 } else { E::enqueue_in(&mut tx, &rows).await? };
+        let inserted =
+            if rows.is_empty() { 0 } else { E::enqueue_in(&mut tx, &json_array(rows.iter().map(String::as_str))).await? };
         let done = sqlx::query("UPDATE schedules SET fires = fires + $2, updated_at = $3 WHERE id = $1")
             .bind(id)
             .bind(to_i64(inserted)?)
@@ -350,9 +358,42 @@ where
     }
 }
 
+/// One firing's fenced update, in the tick's transaction: whoever commits first bumps the
+/// revision, and every other firing of the same read finds no row and changes nothing.
+async fn fire_one<E: Engine>(tx: &mut Conn<E>, firing: &Firing, now: UnixMs) -> StoreResult<bool>
+where
+    for<'c> &'c mut Conn<E>: Executor<'c, Database = E::DB>,
+    Option<String>: Bind<E::DB>,
+    Option<i64>: Bind<E::DB>,
+    i64: Bind<E::DB>,
+{
+    let last = firing.enqueue.last();
+    let done = sqlx::query(
+        "UPDATE schedules SET revision = revision + 1, next_fire_at = $3, buffered_for = $4,
+             last_fired_for = COALESCE($5, last_fired_for), last_invocation = COALESCE($6, last_invocation),
+             fires = fires + $7, skipped = skipped + $8, last_error = COALESCE($9, last_error),
+             updated_at = $10
+         WHERE id = $1 AND revision = $2 AND paused = 0",
+    )
+    .bind(firing.id)
+    .bind(firing.revision)
+    .bind(firing.next_fire_at)
+    .bind(firing.buffered_for)
+    .bind(last.map(|(t, _)| *t))
+    .bind(last.map(|(_, inv)| inv.id.clone()))
+    .bind(firing.enqueue.len() as i64)
+    .bind(to_i64(firing.skipped)?)
+    .bind(firing.last_error.clone())
+    .bind(now)
+    .execute(&mut *tx)
+    .await
+    .map_err(E::classify)?;
+    Ok(E::rows_affected(&done) == 1)
+}
+
 /// The enqueue rows (as the queue's writer encodes them) of a schedule's occurrences, after
 /// checking that each carries the schedule's key: a firing without them could fire twice.
-fn enqueue_rows(id: i64, enqueue: &[(UnixMs, NewInvocation)], now: UnixMs) -> StoreResult<String> {
+fn enqueue_rows(id: i64, enqueue: &[(UnixMs, NewInvocation)], now: UnixMs) -> StoreResult<Vec<String>> {
     let mut rows = Vec::with_capacity(enqueue.len());
     for (scheduled_for, inv) in enqueue {
         let key = inv.idempotency_key.as_ref();
@@ -362,7 +403,7 @@ fn enqueue_rows(id: i64, enqueue: &[(UnixMs, NewInvocation)], now: UnixMs) -> St
         );
         rows.push(EnqueueOp::new(inv, now)?.row);
     }
-    Ok(json_array(rows.iter().map(String::as_str)))
+    Ok(rows)
 }
 
 async fn select_by_id<E: Engine>(tx: &mut Conn<E>, id: i64) -> StoreResult<Option<Schedule>>

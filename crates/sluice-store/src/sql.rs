@@ -85,6 +85,10 @@ pub trait Engine: Dialect {
     const QUEUE_DEMAND: &'static str;
     /// `tenant, function, count` of what runs now.
     const RUNNING_BY_FUNCTION: &'static str;
+    /// `id` of each schedule of a JSON array of ids (`$1`) that this transaction may fire, locked
+    /// until its commit; where rows lock one by one (PostgreSQL), those another transaction holds
+    /// are skipped, not waited for.
+    const LOCK_SCHEDULES: &'static str;
 
     /// Starts a transaction that writes (SQLite: holding the write lock from its first statement).
     async fn begin_write(pool: &Pool<Self::DB>) -> StoreResult<Transaction<'static, Self::DB>>;

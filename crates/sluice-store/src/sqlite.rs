@@ -208,6 +208,8 @@ impl Dialect for SqliteEngine {
 
 #[async_trait::async_trait]
 impl Engine for SqliteEngine {
+    /// The writing transaction holds the database's one write lock already.
+    const LOCK_SCHEDULES: &'static str = "SELECT id FROM schedules WHERE id IN (SELECT value FROM json_each($1))";
     const TENANT_EXISTS: &'static str = "SELECT 1 FROM tenants WHERE name = $1";
     const BLOB_EXISTS: &'static str = "SELECT 1 FROM blobs WHERE tenant = $1 AND digest = $2";
     /// One statement: a deploy that names the blob commits either before it (the blob is named,

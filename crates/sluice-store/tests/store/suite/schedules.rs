@@ -5,7 +5,7 @@
 use sluice_core::schedule::When;
 use sluice_core::{Catchup, FunctionConfig, Overlap, UnixMs};
 use sluice_store::{
-    Firing, IdempotencyKey, InvocationFilter, NewInvocation, NewSchedule, SCHEDULE_CALLER, Schedule, Store,
+    Fired, Firing, IdempotencyKey, InvocationFilter, NewInvocation, NewSchedule, SCHEDULE_CALLER, Schedule, Store,
     StoreError, schedule_key,
 };
 
@@ -52,6 +52,12 @@ fn firing(s: &Schedule, enqueue: Vec<(UnixMs, NewInvocation)>, next_fire_at: Uni
         skipped: 0,
         last_error: None,
     }
+}
+
+/// Commits one firing alone: how many invocations it stored, `None` if it changed nothing.
+async fn fire(store: &dyn Store, firing: &Firing) -> Option<u64> {
+    let fired = store.fire_schedules(std::slice::from_ref(firing)).await.unwrap();
+    fired.committed[0].then_some(fired.inserted)
 }
 
 async fn stored_keys(store: &dyn Store) -> Vec<String> {
@@ -131,23 +137,29 @@ pub async fn concurrent_firings_of_one_occurrence_enqueue_it_once(store: &dyn St
         schedules.push(store.create_schedule(&every(&format!("s{i}"), "hello", 1_000, 2_000)).await.unwrap());
     }
     // Every "node" read the same revision of every schedule and decided the same occurrences
-    // (2000 and 3000), each under invocation ids of its own.
-    let firings: Vec<Firing> = (0..RACERS)
-        .flat_map(|node| {
-            schedules.iter().map(move |s| {
-                let enqueue = vec![
-                    occurrence(s, 2_000, &format!("n{node}-{}-a", s.name)),
-                    occurrence(s, 3_000, &format!("n{node}-{}-b", s.name)),
-                ];
-                firing(s, enqueue, 4_000)
-            })
+    // (2000 and 3000), each under invocation ids of its own, and fires them all in one tick.
+    let ticks: Vec<Vec<Firing>> = (0..RACERS)
+        .map(|node| {
+            schedules
+                .iter()
+                .map(|s| {
+                    let enqueue = vec![
+                        occurrence(s, 2_000, &format!("n{node}-{}-a", s.name)),
+                        occurrence(s, 3_000, &format!("n{node}-{}-b", s.name)),
+                    ];
+                    firing(s, enqueue, 4_000)
+                })
+                .collect()
         })
         .collect();
     clock.set(3_100);
-    let results = futures::future::join_all(firings.iter().map(|f| store.fire_schedule(f))).await;
-    let results: Vec<Option<u64>> = results.into_iter().map(Result::unwrap).collect();
-    assert_eq!(results.iter().filter(|r| **r == Some(2)).count(), SCHEDULES, "{results:?}");
-    assert_eq!(results.iter().filter(|r| r.is_none()).count(), SCHEDULES * (RACERS - 1), "{results:?}");
+    let results = futures::future::join_all(ticks.iter().map(|t| store.fire_schedules(t))).await;
+    let results: Vec<Fired> = results.into_iter().map(Result::unwrap).collect();
+    for i in 0..SCHEDULES {
+        let committed = results.iter().filter(|r| r.committed[i]).count();
+        assert_eq!(committed, 1, "schedule {i} fired by one node: {results:?}");
+    }
+    assert_eq!(results.iter().map(|r| r.inserted).sum::<u64>(), 2 * SCHEDULES as u64, "{results:?}");
 
     let mut expected: Vec<String> =
         schedules.iter().flat_map(|s| [schedule_key(s.id, 2_000), schedule_key(s.id, 3_000)]).collect();
@@ -161,7 +173,7 @@ pub async fn concurrent_firings_of_one_occurrence_enqueue_it_once(store: &dyn St
 
     // A stale firing (a node that read before the commit and comes late) changes nothing.
     let stale = firing(&schedules[0], vec![occurrence(&schedules[0], 4_000, "late")], 5_000);
-    assert_eq!(store.fire_schedule(&stale).await.unwrap(), None);
+    assert_eq!(fire(store, &stale).await, None);
     // A backfill over fired occurrences stores only the new one: the key holds the others.
     let s0 = &schedules[0];
     let backfill = [occurrence(s0, 1_000, "bf-1"), occurrence(s0, 2_000, "bf-2"), occurrence(s0, 3_000, "bf-3")];
@@ -172,7 +184,7 @@ pub async fn concurrent_firings_of_one_occurrence_enqueue_it_once(store: &dyn St
     let current = store.get_schedule("acme", "s1").await.unwrap().unwrap();
     store.set_schedule_paused("acme", "s1", true, None).await.unwrap();
     let racing = firing(&current, vec![occurrence(&current, 4_000, "paused")], 5_000);
-    assert_eq!(store.fire_schedule(&racing).await.unwrap(), None);
+    assert_eq!(fire(store, &racing).await, None);
 }
 
 pub async fn buffered_occurrences_are_due_until_fired(store: &dyn Store, clock: &ManualClock) {
@@ -181,12 +193,12 @@ pub async fn buffered_occurrences_are_due_until_fired(store: &dyn Store, clock: 
     let s = store.create_schedule(&every("buffered", "hello", 1_000, 2_000)).await.unwrap();
     // The tick enqueued 2000 and buffered 3000 (the first was still running).
     let first = Firing { buffered_for: Some(3_000), ..firing(&s, vec![occurrence(&s, 2_000, "one")], 10_000) };
-    assert_eq!(store.fire_schedule(&first).await.unwrap(), Some(1));
+    assert_eq!(fire(store, &first).await, Some(1));
     let s = store.get_schedule("acme", "buffered").await.unwrap().unwrap();
     assert_eq!(s.buffered_for, Some(3_000));
     assert_eq!(store.due_schedules(5_000, 10).await.unwrap().len(), 1, "due while it holds one");
     let second = Firing { skipped: 2, last_error: Some("why".into()), ..firing(&s, vec![occurrence(&s, 3_000, "two")], 10_000) };
-    assert_eq!(store.fire_schedule(&second).await.unwrap(), Some(1));
+    assert_eq!(fire(store, &second).await, Some(1));
     let s = store.get_schedule("acme", "buffered").await.unwrap().unwrap();
     assert_eq!((s.buffered_for, s.fires, s.skipped, s.last_error.as_deref()), (None, 2, 2, Some("why")));
     assert!(store.due_schedules(5_000, 10).await.unwrap().is_empty());
