@@ -279,8 +279,8 @@ fn list_text(v: &Value) -> String {
             timing(s),
             state(s),
             s["next_fires"][0].as_str().unwrap_or("-"),
-            s["fires"],
-            s["skipped"],
+            s["fires"].as_u64().unwrap_or_default(),
+            s["skipped"].as_u64().unwrap_or_default(),
         );
     }
     out
