@@ -140,10 +140,11 @@ pub async fn run(command: SchedulesCommand) -> anyhow::Result<()> {
                 None => String::new(),
                 Some(b) => match b.strip_prefix('@') {
                     Some(path) => {
-                        let bytes =
-                            std::fs::read(path).map_err(|e| anyhow::anyhow!("reading --body @{path}: {e}"))?;
-                        String::from_utf8(bytes)
-                            .map_err(|_| anyhow::anyhow!("--body @{path}: a schedule's body is text (UTF-8)"))?
+                        let bytes = std::fs::read(path)
+                            .map_err(|e| anyhow::anyhow!("reading --body @{path}: {e}"))?;
+                        String::from_utf8(bytes).map_err(|_| {
+                            anyhow::anyhow!("--body @{path}: a schedule's body is text (UTF-8)")
+                        })?
                     }
                     None => b.to_string(),
                 },
@@ -151,9 +152,8 @@ pub async fn run(command: SchedulesCommand) -> anyhow::Result<()> {
             let headers = headers
                 .iter()
                 .map(|h| {
-                    let (k, v) = h
-                        .split_once(':')
-                        .ok_or_else(|| anyhow::anyhow!("--header {h:?}: use NAME:VALUE"))?;
+                    let (k, v) =
+                        h.split_once(':').ok_or_else(|| anyhow::anyhow!("--header {h:?}: use NAME:VALUE"))?;
                     Ok(json!([k.trim(), v.trim()]))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
@@ -182,7 +182,9 @@ pub async fn run(command: SchedulesCommand) -> anyhow::Result<()> {
                 req["at"] = json!(at);
             }
             let client = Client::new(&target)?;
-            let v = client.json(client.request(Method::POST, &client.tenant_path("/schedules")).json(&req)).await?;
+            let v = client
+                .json(client.request(Method::POST, &client.tenant_path("/schedules")).json(&req))
+                .await?;
             if output.json(&v)? {
                 return Ok(());
             }
@@ -216,7 +218,9 @@ pub async fn run(command: SchedulesCommand) -> anyhow::Result<()> {
         SchedulesCommand::Backfill { name, from, to, output, target } => {
             let client = Client::new(&target)?;
             let path = client.tenant_path(&format!("/schedules/{name}/backfill"));
-            let v = client.json(client.request(Method::POST, &path).json(&json!({"from": from, "to": to}))).await?;
+            let v = client
+                .json(client.request(Method::POST, &path).json(&json!({"from": from, "to": to})))
+                .await?;
             if output.json(&v)? {
                 return Ok(());
             }
@@ -275,7 +279,11 @@ fn list_text(v: &Value) -> String {
         out += &format!(
             "{:<20}  {:<20}  {:<32}  {:<7}  {:<24}  {:>6}  {:>7}\n",
             s["name"].as_str().unwrap_or_default(),
-            format!("{}@{}", s["function"].as_str().unwrap_or_default(), s["alias"].as_str().unwrap_or_default()),
+            format!(
+                "{}@{}",
+                s["function"].as_str().unwrap_or_default(),
+                s["alias"].as_str().unwrap_or_default()
+            ),
             timing(s),
             state(s),
             s["next_fires"][0].as_str().unwrap_or("-"),
@@ -290,14 +298,8 @@ fn list_text(v: &Value) -> String {
 fn show_text(v: &Value) -> String {
     let text = |k: &str| v[k].as_str().unwrap_or("-").to_string();
     let flex = v["flex_ms"].as_u64().unwrap_or(0);
-    let mut out = format!(
-        "{}: {}@{}  {}  {}\n",
-        text("name"),
-        text("function"),
-        text("alias"),
-        timing(v),
-        state(v)
-    );
+    let mut out =
+        format!("{}: {}@{}  {}  {}\n", text("name"), text("function"), text("alias"), timing(v), state(v));
     out += &format!(
         "overlap {}, catch-up {}, flex {}\n",
         text("overlap"),
@@ -317,7 +319,8 @@ fn show_text(v: &Value) -> String {
     if let Some(e) = v["last_error"].as_str() {
         out += &format!("last error: {e}\n");
     }
-    let next: Vec<&str> = v["next_fires"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    let next: Vec<&str> =
+        v["next_fires"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
     if next.is_empty() {
         out += "next fires: none\n";
     } else {
@@ -342,7 +345,10 @@ mod tests {
             "last_fired_for": "2026-12-07T02:00:00.000Z", "last_invocation": "abc",
         });
         let shown = show_text(&v);
-        assert!(shown.starts_with("nightly: report@latest  cron '0 3 * * *' Europe/Berlin  active\n"), "{shown}");
+        assert!(
+            shown.starts_with("nightly: report@latest  cron '0 3 * * *' Europe/Berlin  active\n"),
+            "{shown}"
+        );
         assert!(shown.contains("overlap skip, catch-up latest, flex 10m"), "{shown}");
         assert!(shown.contains("  2026-12-08T02:00:00.000Z\n"), "{shown}");
         let listed = list_text(&json!({"schedules": [v]}));

@@ -16,8 +16,8 @@ use chrono_tz::Tz;
 use croner::Cron;
 use croner::parser::{CronParser, Seconds};
 
-pub use crate::vocab::{Catchup, Overlap};
 use crate::UnixMs;
+pub use crate::vocab::{Catchup, Overlap};
 
 /// The shortest interval between two occurrences of a schedule (`--every`, and two consecutive
 /// cron occurrences): the ticker looks for due occurrences a few times a second, and each one is
@@ -242,7 +242,11 @@ mod tests {
         // back to 02:00 CET.
         let at_0230 = cron("30 2 * * *", "Europe/Berlin");
         let spring = at_0230.between(ms("2026-03-28T12:00:00Z"), ms("2026-03-30T12:00:00Z"), 10);
-        assert_eq!(spring, vec![ms("2026-03-29T01:00:00Z"), ms("2026-03-30T00:30:00Z")], "03:00 CEST on the day of the gap");
+        assert_eq!(
+            spring,
+            vec![ms("2026-03-29T01:00:00Z"), ms("2026-03-30T00:30:00Z")],
+            "03:00 CEST on the day of the gap"
+        );
         let autumn = at_0230.between(ms("2026-10-24T12:00:00Z"), ms("2026-10-25T12:00:00Z"), 10);
         assert_eq!(autumn, vec![ms("2026-10-25T00:30:00Z")], "once, at the first 02:30 (CEST)");
         // A wildcard hour follows the wall clock: both passes of the repeated hour.
@@ -254,7 +258,8 @@ mod tests {
     #[test]
     fn too_frequent_unknown_or_never() {
         assert!(When::Cron { expr: "* * * * * *".into(), tz: "UTC".into() }.timetable().is_ok());
-        let err = When::Cron { expr: "*/5 * * * *".into(), tz: "Mars/Olympus".into() }.timetable().unwrap_err();
+        let err =
+            When::Cron { expr: "*/5 * * * *".into(), tz: "Mars/Olympus".into() }.timetable().unwrap_err();
         assert!(err.contains("unknown time zone"), "{err}");
         assert!(When::Cron { expr: "nonsense".into(), tz: "UTC".into() }.timetable().is_err());
         assert!(When::Every { every_ms: 999 }.timetable().is_err());

@@ -229,8 +229,9 @@ fn validate(node: &Node, tenant: &str, req: CreateSchedule, now: i64) -> Result<
         (Some(expr), None, None) => When::Cron { expr, tz: req.tz.unwrap_or_else(|| "UTC".into()) },
         (None, Some(every_ms), None) => When::Every { every_ms },
         (None, None, Some(at)) => When::At {
-            at: sluice_core::parse_rfc3339(&at)
-                .ok_or_else(|| bad(format!("at {at:?} is not an RFC 3339 time (e.g. 2026-11-21T20:00:00Z)")))?,
+            at: sluice_core::parse_rfc3339(&at).ok_or_else(|| {
+                bad(format!("at {at:?} is not an RFC 3339 time (e.g. 2026-11-21T20:00:00Z)"))
+            })?,
         },
         _ => return Err(bad("give exactly one of cron, every_ms and at")),
     };
@@ -250,7 +251,10 @@ fn validate(node: &Node, tenant: &str, req: CreateSchedule, now: i64) -> Result<
     if req.flex_ms > SCHEDULE_FLEX_MS_MAX {
         return Err(bad(format!("flex_ms must be from 0 to {SCHEDULE_FLEX_MS_MAX}, not {}", req.flex_ms)));
     }
-    if !req.path.starts_with('/') || req.path.len() > SCHEDULE_PATH_BYTES_MAX || http::uri::PathAndQuery::try_from(req.path.as_str()).is_err() {
+    if !req.path.starts_with('/')
+        || req.path.len() > SCHEDULE_PATH_BYTES_MAX
+        || http::uri::PathAndQuery::try_from(req.path.as_str()).is_err()
+    {
         return Err(bad(format!(
             "path must start with / and be a valid URL path (and query) of at most {SCHEDULE_PATH_BYTES_MAX} bytes"
         )));

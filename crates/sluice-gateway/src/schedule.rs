@@ -24,8 +24,8 @@ use sluice_store::{
 };
 
 use crate::error::store_error;
-use crate::quota::Reservation;
 use crate::node::Node;
+use crate::quota::Reservation;
 
 /// The log target of schedule events (skips for a reason other than the policies, quota
 /// refusals): `sluice serve` logs them at `info` whatever its level.
@@ -89,7 +89,11 @@ pub async fn tick(node: &Node) -> Result<Ticked, SluiceError> {
 
 /// Decides what a due schedule does now, with the quota places of its invocations; `None` if
 /// nothing changes (only a buffered occurrence, still waiting).
-async fn decide(node: &Node, s: &Schedule, now: UnixMs) -> Result<Option<(Firing, Vec<Reservation>)>, SluiceError> {
+async fn decide(
+    node: &Node,
+    s: &Schedule,
+    now: UnixMs,
+) -> Result<Option<(Firing, Vec<Reservation>)>, SluiceError> {
     let table = s.when.timetable().map_err(SluiceError::internal)?;
     let (due, next_fire_at) = match s.next_fire_at {
         Some(first) if first <= now => {
@@ -105,9 +109,12 @@ async fn decide(node: &Node, s: &Schedule, now: UnixMs) -> Result<Option<(Firing
     // The previous occurrence's invocation, for the overlap policies.
     let mut busy = match (&s.overlap, &s.last_invocation) {
         (Overlap::Allow, _) | (_, None) => false,
-        (_, Some(id)) => {
-            node.store.get_invocation(id).await.map_err(store_error)?.is_some_and(|inv| !inv.status.is_final())
-        }
+        (_, Some(id)) => node
+            .store
+            .get_invocation(id)
+            .await
+            .map_err(store_error)?
+            .is_some_and(|inv| !inv.status.is_final()),
     };
     let mut buffered = s.buffered_for;
     let mut fire_at = Vec::new();
@@ -161,7 +168,15 @@ async fn decide(node: &Node, s: &Schedule, now: UnixMs) -> Result<Option<(Firing
     if let Some(error) = &last_error {
         tracing::info!(target: EVENTS, tenant = %s.tenant, schedule = %s.name, %error, "occurrence skipped");
     }
-    let firing = Firing { id: s.id, revision: s.revision, next_fire_at, buffered_for: buffered, enqueue, skipped, last_error };
+    let firing = Firing {
+        id: s.id,
+        revision: s.revision,
+        next_fire_at,
+        buffered_for: buffered,
+        enqueue,
+        skipped,
+        last_error,
+    };
     Ok(Some((firing, reservations)))
 }
 
@@ -170,9 +185,7 @@ async fn decide(node: &Node, s: &Schedule, now: UnixMs) -> Result<Option<(Firing
 /// a bounded count is walked; beyond it the count is a lower bound.
 fn due_before(table: &Timetable, from: Option<UnixMs>, first_seen: Option<UnixMs>) -> u64 {
     match (from, first_seen) {
-        (Some(from), Some(first)) if from < first => {
-            table.between(from, first - 1, 10_000).len() as u64
-        }
+        (Some(from), Some(first)) if from < first => table.between(from, first - 1, 10_000).len() as u64,
         _ => 0,
     }
 }
@@ -184,7 +197,9 @@ async fn invocations(
     fire_at: &[UnixMs],
     now: UnixMs,
 ) -> Result<Vec<(UnixMs, NewInvocation)>, SluiceError> {
-    let chosen = || node.served(&s.tenant, &s.function).and_then(|f| f.alias(&s.alias).map(|a| a.choose(None).clone()));
+    let chosen = || {
+        node.served(&s.tenant, &s.function).and_then(|f| f.alias(&s.alias).map(|a| a.choose(None).clone()))
+    };
     let deployed = match chosen() {
         Some(d) => d,
         None => {
@@ -206,7 +221,11 @@ async fn invocations(
             let deadline = if s.flex_ms > 0 {
                 Some(now.max(t).saturating_add(i64::try_from(s.flex_ms).unwrap_or(i64::MAX)))
             } else {
-                deployed.config.start_window_ms.and_then(|w| i64::try_from(w).ok()).map(|w| now.saturating_add(w))
+                deployed
+                    .config
+                    .start_window_ms
+                    .and_then(|w| i64::try_from(w).ok())
+                    .map(|w| now.saturating_add(w))
             };
             let inv = NewInvocation {
                 id: sluice_core::ids::invocation_id(),
@@ -219,7 +238,10 @@ async fn invocations(
                     headers,
                     body: s.body.clone(),
                 },
-                idempotency_key: Some(IdempotencyKey { key: schedule_key(s.id, t), caller: SCHEDULE_CALLER.into() }),
+                idempotency_key: Some(IdempotencyKey {
+                    key: schedule_key(s.id, t),
+                    caller: SCHEDULE_CALLER.into(),
+                }),
                 criticality: Criticality::Normal,
                 run_after: t,
                 deadline,
@@ -235,7 +257,12 @@ async fn invocations(
 /// [`BACKFILL_MAX`](sluice_core::schedule::BACKFILL_MAX), whatever the policies (a backfill is
 /// asked for explicitly), with the schedule's keys: occurrences fired already are not stored
 /// again.
-pub async fn backfill(node: &Node, s: &Schedule, from: UnixMs, to: UnixMs) -> Result<(usize, u64), SluiceError> {
+pub async fn backfill(
+    node: &Node,
+    s: &Schedule,
+    from: UnixMs,
+    to: UnixMs,
+) -> Result<(usize, u64), SluiceError> {
     let table = s.when.timetable().map_err(SluiceError::internal)?;
     let occurrences = table.between(from, to, sluice_core::schedule::BACKFILL_MAX);
     let now = SystemClock.now_ms();

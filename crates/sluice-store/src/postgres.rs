@@ -84,7 +84,11 @@ const MIGRATIONS: &[Migration] = &[
     },
     Migration { version: 6, name: "aliases", sql: include_str!("../migrations/postgres/0006_aliases.sql") },
     Migration { version: 7, name: "rollouts", sql: include_str!("../migrations/postgres/0007_rollouts.sql") },
-    Migration { version: 8, name: "schedules", sql: include_str!("../migrations/postgres/0008_schedules.sql") },
+    Migration {
+        version: 8,
+        name: "schedules",
+        sql: include_str!("../migrations/postgres/0008_schedules.sql"),
+    },
 ];
 
 /// Whose clock decides leases.

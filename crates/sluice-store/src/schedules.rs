@@ -184,7 +184,10 @@ where
             .await
             .map_err(E::classify)?;
         if function.is_none() {
-            return Err(StoreError::NotFound(format!("no function {} in tenant {}", new.function, new.tenant)));
+            return Err(StoreError::NotFound(format!(
+                "no function {} in tenant {}",
+                new.function, new.tenant
+            )));
         }
         let row = sqlx::query(
             "INSERT INTO schedules (tenant, name, function, alias, cron, tz, every_ms, at, flex_ms, overlap,
@@ -319,9 +322,13 @@ where
         let ids = serde_json::to_string(&firings.iter().map(|f| f.id).collect::<Vec<_>>())
             .map_err(|e| StoreError::Other(format!("encoding schedule ids: {e}")))?;
         let mut tx = E::begin_write(&self.pool).await?;
-        let locked =
-            sqlx::query(E::LOCK_SCHEDULES).bind(ids.as_str()).fetch_all(&mut *tx).await.map_err(E::classify)?;
-        let locked: HashSet<i64> = locked.iter().map(|row| get::<i64, _>(row, "id")).collect::<StoreResult<_>>()?;
+        let locked = sqlx::query(E::LOCK_SCHEDULES)
+            .bind(ids.as_str())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(E::classify)?;
+        let locked: HashSet<i64> =
+            locked.iter().map(|row| get::<i64, _>(row, "id")).collect::<StoreResult<_>>()?;
         let mut rows = Vec::new();
         for (i, firing) in firings.iter().enumerate() {
             // Not locked: another node is firing it right now.
@@ -341,8 +348,11 @@ where
         let now = self.clock.now_ms();
         let rows = enqueue_rows(id, enqueue, now)?;
         let mut tx = E::begin_write(&self.pool).await?;
-        let inserted =
-            if rows.is_empty() { 0 } else { E::enqueue_in(&mut tx, &json_array(rows.iter().map(String::as_str))).await? };
+        let inserted = if rows.is_empty() {
+            0
+        } else {
+            E::enqueue_in(&mut tx, &json_array(rows.iter().map(String::as_str))).await?
+        };
         let done = sqlx::query("UPDATE schedules SET fires = fires + $2, updated_at = $3 WHERE id = $1")
             .bind(id)
             .bind(to_i64(inserted)?)

@@ -113,19 +113,35 @@ fn an_every_second_schedule_fires_each_occurrence_once_and_pauses_and_resumes() 
     let out = cli_ok(
         &node,
         &[
-            "schedules", "create", "tick", "--function", "tg", "--every", "1s", "--path", "/headers",
-            "--header", "x-team: billing", "--body", "hello",
+            "schedules",
+            "create",
+            "tick",
+            "--function",
+            "tg",
+            "--every",
+            "1s",
+            "--path",
+            "/headers",
+            "--header",
+            "x-team: billing",
+            "--body",
+            "hello",
         ],
     );
     assert!(out.starts_with("created schedule tick\ntick: tg@latest  every 1s  active\n"), "{out}");
     assert!(out.contains("overlap skip, catch-up latest, flex none"), "{out}");
 
-    let fired = wait_fires(&node, "tg", |f| f.len() >= 4 && f.iter().take(3).all(|f| f.status == "succeeded"));
+    let fired =
+        wait_fires(&node, "tg", |f| f.len() >= 4 && f.iter().take(3).all(|f| f.status == "succeeded"));
     assert_no_double_fire(&fired);
     let id = show(&node, "tick")["id"].as_i64().unwrap();
     for pair in fired.windows(2) {
         assert_eq!(pair[0].schedule, id);
-        assert_eq!(pair[1].scheduled_for - pair[0].scheduled_for, 1_000, "every occurrence, in order: {fired:#?}");
+        assert_eq!(
+            pair[1].scheduled_for - pair[0].scheduled_for,
+            1_000,
+            "every occurrence, in order: {fired:#?}"
+        );
     }
     assert!(fired.iter().all(|f| f.scheduled_for % 1_000 == 0), "aligned to whole seconds");
     let (p50, p99) = lateness(&fired);
@@ -175,8 +191,19 @@ fn a_one_time_schedule_fires_once_and_bad_schedules_are_refused() {
     cli_ok(
         &node,
         &[
-            "schedules", "create", "once", "--function", "tg", "--at", &at, "--path", "/echo", "--body", &body_arg,
-            "--header", "content-type: application/json",
+            "schedules",
+            "create",
+            "once",
+            "--function",
+            "tg",
+            "--at",
+            &at,
+            "--path",
+            "/echo",
+            "--body",
+            &body_arg,
+            "--header",
+            "content-type: application/json",
         ],
     );
     let fired = wait_fires(&node, "tg", |f| f.len() == 1 && f[0].status == "succeeded");
@@ -187,7 +214,11 @@ fn a_one_time_schedule_fires_once_and_bad_schedules_are_refused() {
     std::thread::sleep(Duration::from_millis(1_500));
     assert_eq!(fires(&node, "tg").len(), 1, "once");
     let shown = show(&node, "once");
-    assert_eq!((shown["fires"].as_u64(), shown["next_fires"].as_array().map(Vec::len)), (Some(1), Some(0)), "{shown}");
+    assert_eq!(
+        (shown["fires"].as_u64(), shown["next_fires"].as_array().map(Vec::len)),
+        (Some(1), Some(0)),
+        "{shown}"
+    );
     assert!(cli_ok(&node, &["schedules", "list"]).contains(" done "), "a fired one-time schedule is done");
 
     // Refused with a reason, before anything is stored.
@@ -207,7 +238,20 @@ fn a_one_time_schedule_fires_once_and_bad_schedules_are_refused() {
     let (ok, _, err) = node.cli(&["schedules", "create", "x", "--function", "nofn", "--every", "1m"]);
     assert!(!ok && err.contains("no function nofn"), "{err}");
     // The tenant's quota of schedules (2 here).
-    cli_ok(&node, &["schedules", "create", "second", "--function", "tg", "--cron", "0 3 * * *", "--tz", "Europe/Berlin"]);
+    cli_ok(
+        &node,
+        &[
+            "schedules",
+            "create",
+            "second",
+            "--function",
+            "tg",
+            "--cron",
+            "0 3 * * *",
+            "--tz",
+            "Europe/Berlin",
+        ],
+    );
     let (ok, _, err) = node.cli(&["schedules", "create", "third", "--function", "tg", "--every", "1m"]);
     assert!(!ok && err.contains("507") && err.contains("schedules_max"), "{err}");
     // Deleting the function deletes its schedules.
@@ -225,8 +269,17 @@ fn overlapping_occurrences_are_skipped_or_buffered_never_run_together() {
         cli_ok(
             &node,
             &[
-                "schedules", "create", name, "--function", "slow", "--every", "1s", "--overlap", overlap,
-                "--path", "/sleep?ms=2200",
+                "schedules",
+                "create",
+                name,
+                "--function",
+                "slow",
+                "--every",
+                "1s",
+                "--overlap",
+                overlap,
+                "--path",
+                "/sleep?ms=2200",
             ],
         );
     }
@@ -236,29 +289,39 @@ fn overlapping_occurrences_are_skipped_or_buffered_never_run_together() {
         f.iter().filter(|x| ids[&x.schedule] == name).cloned().collect()
     };
     let fired = wait_fires(&node, "slow", |f| {
-        ["skipper", "buffer"].iter().all(|n| per_schedule(f, n).iter().filter(|x| x.status == "succeeded").count() >= 2)
+        ["skipper", "buffer"]
+            .iter()
+            .all(|n| per_schedule(f, n).iter().filter(|x| x.status == "succeeded").count() >= 2)
     });
     assert_no_double_fire(&fired);
     for name in ["skipper", "buffer"] {
-        let runs: Vec<Fire> = per_schedule(&fired, name).into_iter().filter(|f| f.finished_at.is_some()).collect();
+        let runs: Vec<Fire> =
+            per_schedule(&fired, name).into_iter().filter(|f| f.finished_at.is_some()).collect();
         for pair in runs.windows(2) {
             // The next one was enqueued only once the previous one had finished.
             assert!(
                 pair[1].created_at >= pair[0].finished_at.unwrap(),
                 "{name}: enqueued while the previous ran: {pair:#?}"
             );
-            assert!(pair[1].started_at.unwrap() >= pair[0].finished_at.unwrap(), "{name}: runs overlap: {pair:#?}");
+            assert!(
+                pair[1].started_at.unwrap() >= pair[0].finished_at.unwrap(),
+                "{name}: runs overlap: {pair:#?}"
+            );
         }
         let shown = show(&node, name);
         assert!(shown["skipped"].as_u64().unwrap() >= 1, "{name}: {shown}");
     }
     // buffer-one enqueues the occurrence it kept as soon as the previous run finished (a tick
     // later), skip waits for the next occurrence after it: at most a second more.
-    let buffer: Vec<Fire> = per_schedule(&fired, "buffer").into_iter().filter(|f| f.finished_at.is_some()).collect();
+    let buffer: Vec<Fire> =
+        per_schedule(&fired, "buffer").into_iter().filter(|f| f.finished_at.is_some()).collect();
     let waits: Vec<i64> = buffer.windows(2).map(|p| p[1].created_at - p[0].finished_at.unwrap()).collect();
     assert!(waits.iter().all(|w| *w < 900), "buffered runs start a tick after the previous: {waits:?}");
     let buffered = &buffer[1];
-    assert!(buffered.created_at - buffered.scheduled_for > 1_000, "it ran late, from the buffer: {buffered:?}");
+    assert!(
+        buffered.created_at - buffered.scheduled_for > 1_000,
+        "it ran late, from the buffer: {buffered:?}"
+    );
 }
 
 #[test]
@@ -270,8 +333,19 @@ fn after_an_outage_each_catch_up_policy_enqueues_what_it_promises() {
         cli_ok(
             &node,
             &[
-                "schedules", "create", policy, "--function", "tg", "--every", "3s", "--catchup", policy, "--overlap",
-                "allow", "--path", "/ok",
+                "schedules",
+                "create",
+                policy,
+                "--function",
+                "tg",
+                "--every",
+                "3s",
+                "--catchup",
+                policy,
+                "--overlap",
+                "allow",
+                "--path",
+                "/ok",
             ],
         );
     }
@@ -294,20 +368,24 @@ fn after_an_outage_each_catch_up_policy_enqueues_what_it_promises() {
     node.spawn();
     // Two occurrences after the restart, for every schedule.
     let fired = wait_fires(&node, "tg", |f| {
-        ids.keys().all(|id| f.iter().filter(|x| x.schedule == *id && x.scheduled_for > restarted_at).count() >= 2)
+        ids.keys()
+            .all(|id| f.iter().filter(|x| x.schedule == *id && x.scheduled_for > restarted_at).count() >= 2)
     });
     assert_no_double_fire(&fired);
     for (id, policy) in &ids {
         let mine: Vec<&Fire> = fired.iter().filter(|f| f.schedule == *id).collect();
-        let before_stop = mine.iter().filter(|f| f.created_at < stopped_at).map(|f| f.scheduled_for).max().unwrap();
+        let before_stop =
+            mine.iter().filter(|f| f.created_at < stopped_at).map(|f| f.scheduled_for).max().unwrap();
         // Occurrences due while no node ran: the most recent 1.5 s before the restart.
-        let missed: Vec<i64> = (1..).map(|k| before_stop + k * EVERY).take_while(|t| *t < restarted_at).collect();
+        let missed: Vec<i64> =
+            (1..).map(|k| before_stop + k * EVERY).take_while(|t| *t < restarted_at).collect();
         assert!(missed.len() >= 2, "{policy}: the outage spans occurrences: {missed:?}");
         let enqueued: Vec<i64> =
             missed.iter().copied().filter(|t| mine.iter().any(|f| f.scheduled_for == *t)).collect();
         // The first tick after the restart (the first commit): before the next occurrence unless
         // the node took more than 1.5 s to start.
-        let first_tick = mine.iter().filter(|f| f.created_at >= restarted_at).map(|f| f.created_at).min().unwrap();
+        let first_tick =
+            mine.iter().filter(|f| f.created_at >= restarted_at).map(|f| f.created_at).min().unwrap();
         let came_up_in_time = first_tick < missed.last().unwrap() + EVERY;
         match policy.as_str() {
             "all" => assert_eq!(enqueued, missed, "all: every missed one"),
@@ -350,7 +428,9 @@ fn two_nodes_fire_200_schedules_without_a_double_fire() {
     }
     let started = now_ms();
     // A few seconds of fires from both nodes.
-    wait_fires(&one, "hello", |f| f.iter().filter(|x| x.scheduled_for > started + 3_000).count() >= SCHEDULES);
+    wait_fires(&one, "hello", |f| {
+        f.iter().filter(|x| x.scheduled_for > started + 3_000).count() >= SCHEDULES
+    });
     for i in 0..SCHEDULES {
         let res = client
             .delete(format!("{}/v1/tenants/default/schedules/s{i:03}", one.url))

@@ -128,8 +128,17 @@ fn world() -> World {
             assert!(ok, "deploy {tenant}/{name} with the tenant's own key: {out}{err}");
         }
         // A schedule far in the future: an object of the tenant's that never fires in the test.
-        let (ok, out, err) =
-            caller.cli(&["schedules", "create", "sched", "--function", "hello", "--every", "1d", "--tenant", tenant]);
+        let (ok, out, err) = caller.cli(&[
+            "schedules",
+            "create",
+            "sched",
+            "--function",
+            "hello",
+            "--every",
+            "1d",
+            "--tenant",
+            tenant,
+        ]);
         assert!(ok, "schedule {tenant}/sched with the tenant's own key: {out}{err}");
         let res = caller.get(&format!("/fn/{tenant}/tg/stdout"));
         assert_eq!(res.status(), 200);

@@ -5,8 +5,8 @@
 use sluice_core::schedule::When;
 use sluice_core::{Catchup, FunctionConfig, Overlap, UnixMs};
 use sluice_store::{
-    Fired, Firing, IdempotencyKey, InvocationFilter, NewInvocation, NewSchedule, SCHEDULE_CALLER, Schedule, Store,
-    StoreError, schedule_key,
+    Fired, Firing, IdempotencyKey, InvocationFilter, NewInvocation, NewSchedule, SCHEDULE_CALLER, Schedule,
+    Store, StoreError, schedule_key,
 };
 
 use super::{ManualClock, invocation};
@@ -93,7 +93,10 @@ pub async fn schedules_are_created_listed_paused_and_deleted_with_their_function
         (created.path.clone(), created.headers.clone(), created.body.clone()),
         (cron.path.clone(), cron.headers.clone(), cron.body.clone())
     );
-    assert_eq!((created.next_fire_at, created.paused, created.fires, created.created_at), (Some(300_000), false, 0, 1_000));
+    assert_eq!(
+        (created.next_fire_at, created.paused, created.fires, created.created_at),
+        (Some(300_000), false, 0, 1_000)
+    );
     store.create_schedule(&every("a-every", "other", 1_000, 2_000)).await.unwrap();
     let once = NewSchedule { when: When::At { at: 9_000 }, ..every("c-once", "hello", 1, 9_000) };
     store.create_schedule(&once).await.unwrap();
@@ -103,7 +106,8 @@ pub async fn schedules_are_created_listed_paused_and_deleted_with_their_function
     let err = store.create_schedule(&every("d", "missing", 1_000, 2_000)).await.unwrap_err();
     assert!(matches!(err, StoreError::NotFound(_)), "{err}");
 
-    let names: Vec<String> = store.list_schedules("acme").await.unwrap().into_iter().map(|s| s.name).collect();
+    let names: Vec<String> =
+        store.list_schedules("acme").await.unwrap().into_iter().map(|s| s.name).collect();
     assert_eq!(names, ["a-every", "b-cron", "c-once"]);
     assert_eq!(store.count_schedules("acme").await.unwrap(), 3);
     assert!(store.list_schedules("beta").await.unwrap().is_empty());
@@ -113,7 +117,8 @@ pub async fn schedules_are_created_listed_paused_and_deleted_with_their_function
     let paused = store.set_schedule_paused("acme", "a-every", true, None).await.unwrap().unwrap();
     assert!(paused.paused && paused.revision > 0);
     assert_eq!(paused.next_fire_at, Some(2_000), "pausing keeps the next occurrence");
-    let due: Vec<String> = store.due_schedules(10_000, 100).await.unwrap().into_iter().map(|s| s.name).collect();
+    let due: Vec<String> =
+        store.due_schedules(10_000, 100).await.unwrap().into_iter().map(|s| s.name).collect();
     assert_eq!(due, ["c-once"]);
     let resumed = store.set_schedule_paused("acme", "a-every", false, Some(6_000)).await.unwrap().unwrap();
     assert_eq!((resumed.paused, resumed.next_fire_at), (false, Some(6_000)));
@@ -123,7 +128,8 @@ pub async fn schedules_are_created_listed_paused_and_deleted_with_their_function
     assert!(!store.delete_schedule("acme", "c-once").await.unwrap());
     // Deleting a function deletes its schedules, and only its.
     assert!(store.delete_function("acme", "hello").await.unwrap());
-    let names: Vec<String> = store.list_schedules("acme").await.unwrap().into_iter().map(|s| s.name).collect();
+    let names: Vec<String> =
+        store.list_schedules("acme").await.unwrap().into_iter().map(|s| s.name).collect();
     assert_eq!(names, ["a-every"]);
 }
 
@@ -176,7 +182,8 @@ pub async fn concurrent_firings_of_one_occurrence_enqueue_it_once(store: &dyn St
     assert_eq!(fire(store, &stale).await, None);
     // A backfill over fired occurrences stores only the new one: the key holds the others.
     let s0 = &schedules[0];
-    let backfill = [occurrence(s0, 1_000, "bf-1"), occurrence(s0, 2_000, "bf-2"), occurrence(s0, 3_000, "bf-3")];
+    let backfill =
+        [occurrence(s0, 1_000, "bf-1"), occurrence(s0, 2_000, "bf-2"), occurrence(s0, 3_000, "bf-3")];
     assert_eq!(store.backfill_schedule(s0.id, &backfill).await.unwrap(), 1);
     assert_eq!(stored_keys(store).await.len(), expected.len() + 1);
     assert_eq!(store.get_schedule("acme", "s0").await.unwrap().unwrap().fires, 3);
@@ -192,12 +199,17 @@ pub async fn buffered_occurrences_are_due_until_fired(store: &dyn Store, clock: 
     clock.set(1_000);
     let s = store.create_schedule(&every("buffered", "hello", 1_000, 2_000)).await.unwrap();
     // The tick enqueued 2000 and buffered 3000 (the first was still running).
-    let first = Firing { buffered_for: Some(3_000), ..firing(&s, vec![occurrence(&s, 2_000, "one")], 10_000) };
+    let first =
+        Firing { buffered_for: Some(3_000), ..firing(&s, vec![occurrence(&s, 2_000, "one")], 10_000) };
     assert_eq!(fire(store, &first).await, Some(1));
     let s = store.get_schedule("acme", "buffered").await.unwrap().unwrap();
     assert_eq!(s.buffered_for, Some(3_000));
     assert_eq!(store.due_schedules(5_000, 10).await.unwrap().len(), 1, "due while it holds one");
-    let second = Firing { skipped: 2, last_error: Some("why".into()), ..firing(&s, vec![occurrence(&s, 3_000, "two")], 10_000) };
+    let second = Firing {
+        skipped: 2,
+        last_error: Some("why".into()),
+        ..firing(&s, vec![occurrence(&s, 3_000, "two")], 10_000)
+    };
     assert_eq!(fire(store, &second).await, Some(1));
     let s = store.get_schedule("acme", "buffered").await.unwrap().unwrap();
     assert_eq!((s.buffered_for, s.fires, s.skipped, s.last_error.as_deref()), (None, 2, 2, Some("why")));
