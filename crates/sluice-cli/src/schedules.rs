@@ -14,55 +14,7 @@ use crate::output::OutputArgs;
 #[derive(clap::Subcommand, Debug)]
 pub enum SchedulesCommand {
     /// Create a schedule: exactly one of --cron, --every and --at says when it fires.
-    Create {
-        /// Schedule name (a-z, 0-9 and '-'), unique in the tenant.
-        name: String,
-        /// The function each occurrence invokes (asynchronously, through the durable queue).
-        #[arg(long)]
-        function: String,
-        /// The alias whose version runs, chosen at each enqueue.
-        #[arg(long, default_value = "latest")]
-        alias: String,
-        /// A cron expression, seconds optional: '*/5 * * * *' (minute first) or
-        /// '*/10 * * * * *' (second first).
-        #[arg(long, conflicts_with_all = ["every", "at"], required_unless_present_any = ["every", "at"])]
-        cron: Option<String>,
-        /// The IANA time zone the cron expression is read in, with its DST changes (default UTC).
-        #[arg(long, requires = "cron")]
-        tz: Option<String>,
-        /// Fire every this long (1s at least), at multiples of it since the Unix epoch: 30s, 5m.
-        #[arg(long, value_parser = parse_duration, conflicts_with = "at")]
-        every: Option<Duration>,
-        /// Fire once, at this RFC 3339 time: 2026-12-24T18:00:00+01:00.
-        #[arg(long)]
-        at: Option<String>,
-        /// The invocations' start window (default none): each may start up to this long after its
-        /// occurrence, when the cluster has room (time-shifting), e.g. 10m.
-        #[arg(long, value_parser = parse_duration)]
-        flex: Option<Duration>,
-        /// When an occurrence is due while the previous invocation has not finished: skip it,
-        /// buffer-one (run it once the previous finished; at most one waits) or allow.
-        #[arg(long, default_value = "skip")]
-        overlap: String,
-        /// Occurrences missed while no node ran: latest (enqueue the most recent one, however
-        /// late), all (each, the most recent 100 at most) or none (only an occurrence on time,
-        /// less than `serve --schedule-missed-after` late, fires).
-        #[arg(long, default_value = "latest")]
-        catchup: String,
-        /// The path (and query) below the function each invocation's request is sent to (POST).
-        #[arg(long, default_value = "/")]
-        path: String,
-        /// The request body each invocation gets: text, or @FILE.
-        #[arg(long)]
-        body: Option<String>,
-        /// A request header, NAME:VALUE (repeatable).
-        #[arg(long = "header", value_name = "NAME:VALUE")]
-        headers: Vec<String>,
-        #[command(flatten)]
-        output: OutputArgs,
-        #[command(flatten)]
-        target: Target,
-    },
+    Create(Box<CreateArgs>),
     /// List the tenant's schedules with their next fire time.
     List {
         #[command(flatten)]
@@ -117,25 +69,77 @@ pub enum SchedulesCommand {
     },
 }
 
+#[derive(clap::Args, Debug)]
+pub struct CreateArgs {
+    /// Schedule name (a-z, 0-9 and '-'), unique in the tenant.
+    name: String,
+    /// The function each occurrence invokes (asynchronously, through the durable queue).
+    #[arg(long)]
+    function: String,
+    /// The alias whose version runs, chosen at each enqueue.
+    #[arg(long, default_value = "latest")]
+    alias: String,
+    /// A cron expression, seconds optional: '*/5 * * * *' (minute first) or
+    /// '*/10 * * * * *' (second first).
+    #[arg(long, conflicts_with_all = ["every", "at"], required_unless_present_any = ["every", "at"])]
+    cron: Option<String>,
+    /// The IANA time zone the cron expression is read in, with its DST changes (default UTC).
+    #[arg(long, requires = "cron")]
+    tz: Option<String>,
+    /// Fire every this long (1s at least), at multiples of it since the Unix epoch: 30s, 5m.
+    #[arg(long, value_parser = parse_duration, conflicts_with = "at")]
+    every: Option<Duration>,
+    /// Fire once, at this RFC 3339 time: 2026-12-24T18:00:00+01:00.
+    #[arg(long)]
+    at: Option<String>,
+    /// The invocations' start window (default none): each may start up to this long after its
+    /// occurrence, when the cluster has room (time-shifting), e.g. 10m.
+    #[arg(long, value_parser = parse_duration)]
+    flex: Option<Duration>,
+    /// When an occurrence is due while the previous invocation has not finished: skip it,
+    /// buffer-one (run it once the previous finished; at most one waits) or allow.
+    #[arg(long, default_value = "skip")]
+    overlap: String,
+    /// Occurrences missed while no node ran: latest (enqueue the most recent one, however
+    /// late), all (each, the most recent 100 at most) or none (only an occurrence on time,
+    /// less than `serve --schedule-missed-after` late, fires).
+    #[arg(long, default_value = "latest")]
+    catchup: String,
+    /// The path (and query) below the function each invocation's request is sent to (POST).
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// The request body each invocation gets: text, or @FILE.
+    #[arg(long)]
+    body: Option<String>,
+    /// A request header, NAME:VALUE (repeatable).
+    #[arg(long = "header", value_name = "NAME:VALUE")]
+    headers: Vec<String>,
+    #[command(flatten)]
+    output: OutputArgs,
+    #[command(flatten)]
+    target: Target,
+}
+
 pub async fn run(command: SchedulesCommand) -> anyhow::Result<()> {
     match command {
-        SchedulesCommand::Create {
-            name,
-            function,
-            alias,
-            cron,
-            tz,
-            every,
-            at,
-            flex,
-            overlap,
-            catchup,
-            path,
-            body,
-            headers,
-            output,
-            target,
-        } => {
+        SchedulesCommand::Create(args) => {
+            let CreateArgs {
+                name,
+                function,
+                alias,
+                cron,
+                tz,
+                every,
+                at,
+                flex,
+                overlap,
+                catchup,
+                path,
+                body,
+                headers,
+                output,
+                target,
+            } = *args;
             let body = match body.as_deref() {
                 None => String::new(),
                 Some(b) => match b.strip_prefix('@') {

@@ -277,7 +277,7 @@ fn validate(node: &Node, tenant: &str, req: CreateSchedule, now: i64) -> Result<
         headers.push((parsed.as_str().to_string(), value.into_bytes()));
     }
     let body_max = node.config.limits.async_body_bytes_max;
-    if req.body.len() as u64 > body_max as u64 {
+    if req.body.len() as u64 > body_max {
         return Err(bad(format!("body must be at most {body_max} bytes (the async body limit)")));
     }
     Ok(NewSchedule {
