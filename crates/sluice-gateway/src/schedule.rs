@@ -34,6 +34,11 @@ pub const EVENTS: &str = "sluice::schedule";
 /// How often a node looks for due occurrences: the bound of a fire's lateness on a healthy node
 /// (plus the transaction), well within the 1 s the issue asks for at p99.
 pub const SCHEDULE_TICK: Duration = Duration::from_millis(200);
+/// How long after each multiple of [`SCHEDULE_TICK`] on the wall clock a node ticks: late enough
+/// that an occurrence on the multiple is due (clocks of a cluster's nodes agree to a few ms under
+/// NTP; a node whose clock is behind fires it at its next tick), early enough not to add to the
+/// lateness.
+pub const SCHEDULE_TICK_AFTER_MS: i64 = 5;
 /// Most schedules one tick fires; the rest wait for the next tick (the oldest due go first).
 pub const DUE_BATCH_MAX: u32 = 500;
 

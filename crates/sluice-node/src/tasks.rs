@@ -13,7 +13,7 @@ use sluice_gateway::api_node::NODE_HEARTBEAT;
 use sluice_gateway::error::store_error;
 use sluice_gateway::node::{Scheduling, SchedulingReport};
 use sluice_gateway::rollout::{Driver, ROLLOUT_TICK};
-use sluice_gateway::schedule::SCHEDULE_TICK;
+use sluice_gateway::schedule::{SCHEDULE_TICK, SCHEDULE_TICK_AFTER_MS};
 use sluice_runtime::CodeKey;
 use sluice_runtime::metrics::CallMetrics;
 use sluice_scheduler::{Functions, Ready, Scheduler, SchedulerConfig, SchedulerStats};
@@ -207,11 +207,15 @@ impl Tasks {
     fn start_schedules(&self) {
         let node = Arc::downgrade(&self.node);
         self.supervisor.spawn("schedules", async move {
-            let mut tick = tokio::time::interval(SCHEDULE_TICK);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut failing = false;
             loop {
-                tick.tick().await;
+                // Ticks fall just after the wall clock's multiples of the tick, where whole-second
+                // occurrences (every interval of whole seconds, every cron time) fall: a fire is
+                // then late by the transaction, not by up to a tick.
+                let tick_ms = SCHEDULE_TICK.as_millis() as i64;
+                let now = sluice_core::Clock::now_ms(&sluice_core::SystemClock);
+                let wait_ms = tick_ms - now.rem_euclid(tick_ms) + SCHEDULE_TICK_AFTER_MS;
+                tokio::time::sleep(Duration::from_millis(wait_ms as u64)).await;
                 let Some(node) = node.upgrade() else { return };
                 match sluice_gateway::schedule::tick(&node).await {
                     Ok(_) if failing => {
