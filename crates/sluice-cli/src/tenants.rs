@@ -168,6 +168,7 @@ pub async fn run(cmd: TenantsCommand) -> anyhow::Result<()> {
             quota("component bytes", "components_bytes", true);
             quota("functions", "functions", false);
             quota("versions", "versions", false);
+            quota("schedules", "schedules", false);
             println!(
                 "node       guests use {:.0}% of its cores (target {:.0}%)",
                 v.pointer("/async/node_utilization").and_then(|x| x.as_f64()).unwrap_or(0.0) * 100.0,

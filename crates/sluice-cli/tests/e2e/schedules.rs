@@ -254,6 +254,9 @@ fn a_one_time_schedule_fires_once_and_bad_schedules_are_refused() {
     );
     let (ok, _, err) = node.cli(&["schedules", "create", "third", "--function", "tg", "--every", "1m"]);
     assert!(!ok && err.contains("507") && err.contains("schedules_max"), "{err}");
+    let usage = node.get("/v1/tenants/default/usage").json::<Value>().unwrap();
+    let schedules = &usage["quotas"]["schedules"];
+    assert_eq!((schedules["used"].as_u64(), schedules["max"].as_u64()), (Some(2), Some(2)), "{usage}");
     // Deleting the function deletes its schedules.
     cli_ok(&node, &["functions", "delete", "tg"]);
     let list: Value = serde_json::from_str(&cli_ok(&node, &["schedules", "list", "-o", "json"])).unwrap();
