@@ -14,6 +14,7 @@ mod new;
 mod node;
 mod output;
 mod rollout;
+mod schedules;
 mod serve;
 mod tenants;
 mod top;
@@ -46,6 +47,10 @@ enum Command {
     Alias(alias::AliasCommand),
     /// Move an alias to a new version in steps, judged by its error rate; show or cancel it.
     Rollout(rollout::RolloutArgs),
+    /// Fire a function on a cron expression, an interval or once: create, list, show, pause,
+    /// resume, delete or backfill schedules.
+    #[command(subcommand)]
+    Schedules(schedules::SchedulesCommand),
     /// Call a function, like curl would.
     Invoke(invoke::InvokeArgs),
     /// Show a function's (or one invocation's) guest log lines.
@@ -96,6 +101,7 @@ fn main() {
                     Command::Versions(c) => versions::run(c).await,
                     Command::Alias(c) => alias::run(c).await,
                     Command::Rollout(a) => rollout::run(a).await,
+                    Command::Schedules(c) => schedules::run(c).await,
                     Command::Invoke(a) => invoke::run(a).await,
                     Command::Logs(a) => logs::run(a).await,
                     Command::Tenants(c) => tenants::run(c).await,

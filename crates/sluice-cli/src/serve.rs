@@ -120,6 +120,9 @@ pub struct ServeArgs {
     /// each of --tenant-functions-max functions); a deploy beyond it gets 507.
     #[arg(long, default_value_t = sluice_core::UsageLimits::VERSIONS_MAX_DEFAULT)]
     pub tenant_versions_max: u64,
+    /// Schedules of each tenant at most; creating one more gets 507.
+    #[arg(long, default_value_t = sluice_core::UsageLimits::SCHEDULES_MAX_DEFAULT)]
+    pub tenant_schedules_max: u64,
     /// How often the node re-reads every tenant's unfinished async invocations for the queued
     /// quotas, e.g. 5s. In between it counts only its own enqueues and completions: on a cluster
     /// of N nodes a tenant may queue up to N times its quota for this long.
@@ -146,6 +149,11 @@ pub struct ServeArgs {
     /// run time plus slack), e.g. 30s.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub promote_ahead: Duration,
+    /// A schedule's occurrence is missed once it is this late (no node ran for a while, or the
+    /// store was down): its catch-up policy decides whether it still fires, e.g. 5s (at least 1s
+    /// more than a tick, 200ms).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub schedule_missed_after: Duration,
     /// Async calls reading their body at once, and as many waiting for their commit (each holds
     /// up to its body); a tenant may take a quarter of each. Beyond a tenant's share its new calls
     /// get 429 at once, beyond the node's 503.
@@ -361,6 +369,7 @@ impl ServeArgs {
             ("--tenant-components-bytes-max", self.tenant_components_bytes_max),
             ("--tenant-functions-max", self.tenant_functions_max),
             ("--tenant-versions-max", self.tenant_versions_max),
+            ("--tenant-schedules-max", self.tenant_schedules_max),
         ] {
             anyhow::ensure!(
                 (1..=i64::MAX as u64).contains(&value),
@@ -374,6 +383,7 @@ impl ServeArgs {
             components_bytes_max: self.tenant_components_bytes_max,
             functions_max: self.tenant_functions_max,
             versions_max: self.tenant_versions_max,
+            schedules_max: self.tenant_schedules_max,
         })
     }
 
@@ -467,6 +477,12 @@ impl ServeArgs {
         node.async_inflight_max = self.async_inflight_max;
         node.utilization_target = self.utilization_target;
         node.promote_ahead = self.promote_ahead;
+        anyhow::ensure!(
+            self.schedule_missed_after >= Duration::from_millis(400),
+            "--schedule-missed-after must be at least 400ms (two ticks), got {}",
+            sluice_core::units::format_duration(self.schedule_missed_after)
+        );
+        node.schedule_missed_after = self.schedule_missed_after;
         node.async_enqueue_inflight_max = self.async_enqueue_inflight_max;
         node.deploy_inflight_max = self.deploy_inflight_max;
         node.lease_ms = self.lease.as_millis() as u64;
@@ -556,6 +572,10 @@ fn init_tracing(json: bool, access_log: bool) {
     // the fact: logged at any level.
     filter = filter.add_directive(
         format!("{}=info", sluice_gateway::rollout::EVENTS).parse().expect("a valid directive"),
+    );
+    // So are schedule events (an occurrence skipped over a quota or a missing alias).
+    filter = filter.add_directive(
+        format!("{}=info", sluice_gateway::schedule::EVENTS).parse().expect("a valid directive"),
     );
     if access_log {
         filter = filter.add_directive("sluice::access=info".parse().expect("a valid directive"));

@@ -59,6 +59,9 @@ pub enum TenantsCommand {
         /// Versions stored over all its functions; a deploy beyond it gets 507.
         #[arg(long)]
         versions_max: Option<u64>,
+        /// Schedules; creating one more gets 507.
+        #[arg(long)]
+        schedules_max: Option<u64>,
         /// Remove all the tenant's own limits (applied before the values given with it): the
         /// node's defaults apply again.
         #[arg(long)]
@@ -165,6 +168,7 @@ pub async fn run(cmd: TenantsCommand) -> anyhow::Result<()> {
             quota("component bytes", "components_bytes", true);
             quota("functions", "functions", false);
             quota("versions", "versions", false);
+            quota("schedules", "schedules", false);
             println!(
                 "node       guests use {:.0}% of its cores (target {:.0}%)",
                 v.pointer("/async/node_utilization").and_then(|x| x.as_f64()).unwrap_or(0.0) * 100.0,
@@ -195,6 +199,7 @@ pub async fn run(cmd: TenantsCommand) -> anyhow::Result<()> {
             components_bytes_max,
             functions_max,
             versions_max,
+            schedules_max,
             clear,
             output,
             target,
@@ -207,6 +212,7 @@ pub async fn run(cmd: TenantsCommand) -> anyhow::Result<()> {
                 ("components_bytes_max", components_bytes_max),
                 ("functions_max", functions_max),
                 ("versions_max", versions_max),
+                ("schedules_max", schedules_max),
             ];
             let setting = clear || rate.is_some() || changes.iter().any(|(_, v)| v.is_some());
             let v = if setting {
@@ -236,7 +242,7 @@ pub async fn run(cmd: TenantsCommand) -> anyhow::Result<()> {
             }
             let own: Vec<String> = ["queued_max", "queued_bytes_max", "components_bytes_max"]
                 .into_iter()
-                .chain(["functions_max", "versions_max"])
+                .chain(["functions_max", "versions_max", "schedules_max"])
                 .filter_map(|field| {
                     let n = v[field].as_u64()?;
                     Some(if field.contains("bytes") {

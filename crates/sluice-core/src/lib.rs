@@ -12,6 +12,7 @@ pub mod ids;
 pub mod limits;
 pub mod metrics;
 pub mod retry;
+pub mod schedule;
 pub mod secret;
 pub mod share;
 pub mod units;
@@ -21,7 +22,9 @@ pub use error::{ErrorKind, ErrorSource, SluiceError};
 pub use function::FunctionConfig;
 pub use limits::{Limits, OwnUsageLimits, UsageLimits};
 pub use secret::Secrets;
-pub use vocab::{Criticality, InvocationStatus, LogStream, Mode, RolloutStatus, Scope, UnknownWord};
+pub use vocab::{
+    Catchup, Criticality, InvocationStatus, LogStream, Mode, Overlap, RolloutStatus, Scope, UnknownWord,
+};
 
 /// Milliseconds since the Unix epoch; the store keeps every timestamp in this unit so SQLite and
 /// PostgreSQL compare them the same way.

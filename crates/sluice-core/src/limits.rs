@@ -129,6 +129,8 @@ pub struct UsageLimits {
     pub functions_max: u64,
     /// Versions of all the tenant's functions together, as stored (retired ones not counted).
     pub versions_max: u64,
+    /// Schedules of the tenant (issue 23).
+    pub schedules_max: u64,
 }
 
 impl UsageLimits {
@@ -146,6 +148,9 @@ impl UsageLimits {
     /// versions kept, `serve --versions-kept`): the other half is room for versions that
     /// unfinished invocations still name and for those retention has not retired yet.
     pub const VERSIONS_MAX_DEFAULT: u64 = 20_000;
+    /// 100 schedules: ten for each of ten functions. At the shortest interval (1 s) that is 100
+    /// enqueues a second for the tenant, within what one node's ticker keeps on time.
+    pub const SCHEDULES_MAX_DEFAULT: u64 = 100;
 }
 
 impl Default for UsageLimits {
@@ -156,6 +161,7 @@ impl Default for UsageLimits {
             components_bytes_max: Self::COMPONENTS_BYTES_MAX_DEFAULT,
             functions_max: Self::FUNCTIONS_MAX_DEFAULT,
             versions_max: Self::VERSIONS_MAX_DEFAULT,
+            schedules_max: Self::SCHEDULES_MAX_DEFAULT,
         }
     }
 }
@@ -168,6 +174,7 @@ pub struct OwnUsageLimits {
     pub components_bytes_max: Option<u64>,
     pub functions_max: Option<u64>,
     pub versions_max: Option<u64>,
+    pub schedules_max: Option<u64>,
 }
 
 impl OwnUsageLimits {
@@ -179,6 +186,7 @@ impl OwnUsageLimits {
             components_bytes_max: self.components_bytes_max.unwrap_or(defaults.components_bytes_max),
             functions_max: self.functions_max.unwrap_or(defaults.functions_max),
             versions_max: self.versions_max.unwrap_or(defaults.versions_max),
+            schedules_max: self.schedules_max.unwrap_or(defaults.schedules_max),
         }
     }
 

@@ -180,6 +180,36 @@ impl Scope {
 }
 
 vocabulary! {
+    /// What a schedule does when an occurrence is due while the invocation of the previous one
+    /// has not finished (Temporal's overlap policies, on the queue).
+    pub enum Overlap ("overlap policy") {
+        /// Does not enqueue it: the occurrence is counted as skipped.
+        Skip = "skip",
+        /// Keeps it (at most one), and enqueues it once the previous invocation finished.
+        BufferOne = "buffer-one",
+        /// Enqueues it at once, whatever runs.
+        Allow = "allow",
+    }
+}
+
+vocabulary! {
+    /// What a schedule does with occurrences it missed (no node ran for a while): of the
+    /// occurrences due at once, all but the most recent were missed, and the most recent too
+    /// once it is more than `serve --schedule-missed-after` late (see
+    /// [`catch_up`](crate::schedule::catch_up)). A paused schedule misses nothing: it resumes
+    /// from its next occurrence after the resume.
+    pub enum Catchup ("catch-up policy") {
+        /// Enqueues only the most recent occurrence, however late.
+        Latest = "latest",
+        /// Enqueues every missed occurrence, the most recent
+        /// [`CATCHUP_ALL_MAX`](crate::schedule::CATCHUP_ALL_MAX) at most.
+        All = "all",
+        /// Enqueues none of them: only an occurrence on time fires.
+        None = "none",
+    }
+}
+
+vocabulary! {
     /// Which stream a guest log line came from.
     pub enum LogStream ("log stream") {
         Stdout = "stdout",
@@ -217,6 +247,8 @@ mod tests {
         round_trips(&Criticality::ALL, &Criticality::WORDS);
         round_trips(&Scope::ALL, &Scope::WORDS);
         round_trips(&LogStream::ALL, &LogStream::WORDS);
+        round_trips(&Overlap::ALL, &Overlap::WORDS);
+        round_trips(&Catchup::ALL, &Catchup::WORDS);
         assert!(Criticality::High < Criticality::Low, "leased in this order");
         assert_eq!(Criticality::ALL.map(|c| c as i64), [0, 1, 2], "the store keeps these numbers");
     }

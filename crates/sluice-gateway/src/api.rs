@@ -65,8 +65,8 @@ pub(crate) fn routes() -> &'static (Router<Arc<Node>>, String) {
 /// `api_openapi` tests fail for a route the document does not list.
 pub(crate) fn openapi_router() -> OpenApiRouter<Arc<Node>> {
     use crate::{
-        api_invocations as inv, api_node, api_openapi as doc, api_rollouts as ro, api_tenants as ten,
-        api_versions as ver,
+        api_invocations as inv, api_node, api_openapi as doc, api_rollouts as ro, api_schedules as sch,
+        api_tenants as ten, api_versions as ver,
     };
     OpenApiRouter::with_openapi(doc::base())
         .routes(routes!(doc::openapi_json))
@@ -87,6 +87,11 @@ pub(crate) fn openapi_router() -> OpenApiRouter<Arc<Node>> {
         .routes(routes!(ver::list_aliases))
         .routes(routes!(ver::set_alias, ver::delete_alias))
         .routes(routes!(ro::start_rollout, ro::get_rollout, ro::cancel_rollout))
+        .routes(routes!(sch::create_schedule, sch::list_schedules))
+        .routes(routes!(sch::get_schedule, sch::delete_schedule))
+        .routes(routes!(sch::pause_schedule))
+        .routes(routes!(sch::resume_schedule))
+        .routes(routes!(sch::backfill_schedule))
         .routes(routes!(function_logs))
         .routes(routes!(inv::list_invocations))
         .routes(routes!(inv::get_invocation))

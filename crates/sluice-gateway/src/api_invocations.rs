@@ -62,6 +62,9 @@ pub struct InvocationInfo {
     /// that did not hold it is left out). Null for sync calls and before the first lease.
     #[schema(value_type = Option<Object>)]
     pub waits: Option<serde_json::Value>,
+    /// The `Idempotency-Key` it was enqueued with; a schedule's invocations carry
+    /// `sched:{schedule id}:{occurrence, unix ms}`.
+    pub idempotency_key: Option<String>,
 }
 
 impl InvocationInfo {
@@ -81,6 +84,7 @@ impl InvocationInfo {
             error_kind: inv.error_kind.clone(),
             cpu_ms: inv.cpu_us.map(|us| us as f64 / 1000.0),
             waits: inv.waits.as_deref().and_then(|w| serde_json::from_str(w).ok()),
+            idempotency_key: inv.idempotency_key.clone(),
         })
     }
 }

@@ -240,6 +240,7 @@ pub struct UsageQuotas {
     pub components_bytes: QuotaUse,
     pub functions: QuotaUse,
     pub versions: QuotaUse,
+    pub schedules: QuotaUse,
 }
 
 /// A tenant's async work now (DESIGN.md section 4): its quota, what runs, what waits and why.
@@ -312,6 +313,7 @@ pub(crate) async fn tenant_usage(
         components_bytes: QuotaUse { used: storage.blob_bytes, max: limits.components_bytes_max },
         functions: QuotaUse { used: storage.functions, max: limits.functions_max },
         versions: QuotaUse { used: storage.versions, max: limits.versions_max },
+        schedules: QuotaUse { used: node.store.count_schedules(&tenant).await?, max: limits.schedules_max },
     };
     Ok(Json(TenantUsage {
         quotas,

@@ -169,6 +169,25 @@ pub(crate) fn rollout_status_schema() -> Schema {
     string_enum(sluice_core::RolloutStatus::WORDS).into()
 }
 
+pub(crate) fn overlap_schema() -> Schema {
+    string_enum(sluice_core::Overlap::WORDS).into()
+}
+
+pub(crate) fn catchup_schema() -> Schema {
+    string_enum(sluice_core::Catchup::WORDS).into()
+}
+
+/// `[name, value]` pairs of a schedule's request headers.
+pub(crate) fn header_pairs_schema() -> Schema {
+    let text = || ObjectBuilder::new().schema_type(Type::String);
+    let pair = ArrayBuilder::new()
+        .prefix_items([Schema::from(text()), Schema::from(text())])
+        .items(utoipa::openapi::schema::ArrayItems::False)
+        .min_items(Some(2))
+        .max_items(Some(2));
+    ArrayBuilder::new().items(pair).into()
+}
+
 pub(crate) fn mode_schema() -> Schema {
     string_enum(Mode::WORDS).into()
 }

@@ -313,6 +313,10 @@ pub struct TenantLimits {
     #[serde(default)]
     #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
     pub versions_max: Option<u64>,
+    /// Schedules; creating one beyond it gets 507.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
+    pub schedules_max: Option<u64>,
 }
 
 impl TenantLimits {
@@ -323,6 +327,7 @@ impl TenantLimits {
             components_bytes_max: self.components_bytes_max,
             functions_max: self.functions_max,
             versions_max: self.versions_max,
+            schedules_max: self.schedules_max,
         }
     }
 
@@ -335,6 +340,7 @@ impl TenantLimits {
             components_bytes_max: usage.components_bytes_max,
             functions_max: usage.functions_max,
             versions_max: usage.versions_max,
+            schedules_max: usage.schedules_max,
         }
     }
 }
@@ -392,6 +398,7 @@ pub(crate) async fn set_tenant_limits(
         ("components_bytes_max", usage.components_bytes_max),
         ("functions_max", usage.functions_max),
         ("versions_max", usage.versions_max),
+        ("schedules_max", usage.schedules_max),
     ] {
         if let Some(v) = value
             && i64::try_from(v).is_err()

@@ -12,6 +12,7 @@ pub mod api_invocations;
 pub mod api_node;
 pub mod api_openapi;
 pub mod api_rollouts;
+pub mod api_schedules;
 pub mod api_tenants;
 #[cfg(test)]
 mod api_tests;
@@ -28,6 +29,7 @@ pub mod quota;
 pub mod recent;
 pub mod recorder;
 pub mod rollout;
+pub mod schedule;
 pub mod server;
 pub mod sniff;
 

@@ -63,6 +63,8 @@ pub struct NodeConfig {
     pub utilization_target: f64,
     /// An async call whose deadline is this close starts whatever the load.
     pub promote_ahead: Duration,
+    /// A schedule's occurrence is missed (its catch-up policy applies) once it is this late.
+    pub schedule_missed_after: Duration,
 }
 
 impl NodeConfig {
@@ -79,6 +81,7 @@ impl NodeConfig {
             async_inflight_max: 256,
             utilization_target: 0.8,
             promote_ahead: Duration::from_secs(30),
+            schedule_missed_after: Duration::from_millis(sluice_core::schedule::MISSED_AFTER_MS as u64),
             async_enqueue_inflight_max: 256,
             deploy_inflight_max: 8,
             lease_ms: 30_000,

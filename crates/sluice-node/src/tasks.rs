@@ -1,7 +1,8 @@
 //! The node's background tasks ([`Tasks`]), started on the control runtime and watched by one
 //! supervisor: the scheduler of async invocations, the node heartbeat, following other nodes'
-//! changes on a shared store, the queued-quota refresh, the automatic rollouts, the retention
-//! purge, the collector of unused code and the compile of missing artifacts.
+//! changes on a shared store, the queued-quota refresh, the automatic rollouts, the schedules'
+//! ticker, the retention purge, the collector of unused code and the compile of missing
+//! artifacts.
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -12,6 +13,7 @@ use sluice_gateway::api_node::NODE_HEARTBEAT;
 use sluice_gateway::error::store_error;
 use sluice_gateway::node::{Scheduling, SchedulingReport};
 use sluice_gateway::rollout::{Driver, ROLLOUT_TICK};
+use sluice_gateway::schedule::{SCHEDULE_TICK, SCHEDULE_TICK_AFTER_MS};
 use sluice_runtime::CodeKey;
 use sluice_runtime::metrics::Counting;
 use sluice_scheduler::{Functions, Ready, Scheduler, SchedulerConfig, SchedulerStats};
@@ -60,6 +62,7 @@ impl Tasks {
         tasks.start_cluster_sync();
         tasks.start_queued_usage();
         tasks.start_rollouts();
+        tasks.start_schedules();
         tasks.start_retention(upkeep.retention);
         tasks.start_gc(upkeep.blob_grace, upkeep.versions_kept);
         tasks.start_prepare_artifacts();
@@ -189,6 +192,39 @@ impl Tasks {
                     Ok(()) => failing = false,
                     Err(e) if !failing => {
                         tracing::warn!(error = %e, "advancing the rollouts failed; trying again");
+                        failing = true;
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+    }
+
+    /// Starts the ticker that enqueues the schedules' due occurrences, every [`SCHEDULE_TICK`]
+    /// (see [`sluice_gateway::schedule`]). Every node runs it: the store's fenced transaction
+    /// decides which node fires each occurrence. A store that is down only delays the fires, and
+    /// the catch-up policies say what happens to the ones it delays too long.
+    fn start_schedules(&self) {
+        let node = Arc::downgrade(&self.node);
+        self.supervisor.spawn("schedules", async move {
+            let mut failing = false;
+            loop {
+                // Ticks fall just after the wall clock's multiples of the tick, where whole-second
+                // occurrences (every interval of whole seconds, every cron time) fall: a fire is
+                // then late by the transaction, not by up to a tick.
+                let tick_ms = SCHEDULE_TICK.as_millis() as i64;
+                let now = sluice_core::Clock::now_ms(&sluice_core::SystemClock);
+                let wait_ms = tick_ms - now.rem_euclid(tick_ms) + SCHEDULE_TICK_AFTER_MS;
+                tokio::time::sleep(Duration::from_millis(wait_ms as u64)).await;
+                let Some(node) = node.upgrade() else { return };
+                match sluice_gateway::schedule::tick(&node).await {
+                    Ok(_) if failing => {
+                        tracing::info!("firing schedules works again");
+                        failing = false;
+                    }
+                    Ok(_) => {}
+                    Err(e) if !failing => {
+                        tracing::warn!(error = %e, "firing schedules failed; trying again");
                         failing = true;
                     }
                     Err(_) => {}

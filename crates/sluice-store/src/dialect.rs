@@ -48,6 +48,7 @@ tuples! {
     (A 0, B 1, C 2, D 3)
     (A 0, B 1, C 2, D 3, F 4)
     (A 0, B 1, C 2, D 3, F 4, G 5)
+    (A 0, B 1, C 2, D 3, F 4, G 5, H 6)
 }
 
 pub(crate) fn tuples<R: StoreRow, T: Tuple<R>>(rows: Vec<R>) -> StoreResult<Vec<T>> {

@@ -54,6 +54,8 @@ pub struct Invocation {
     /// Why its last attempt waited to start, as the scheduler that leased it saw it (a JSON
     /// object of milliseconds by reason); `None` for sync calls and before any lease.
     pub waits: Option<String>,
+    /// The `Idempotency-Key` it was enqueued with (a schedule's: `sched:{id}:{scheduled_for}`).
+    pub idempotency_key: Option<String>,
 }
 
 /// An HTTP request or response as stored for an async invocation.
@@ -389,7 +391,7 @@ where
     async fn get_invocation(&self, id: &str) -> StoreResult<Option<Invocation>> {
         sqlx::query(
             "SELECT id, tenant, function, version, mode, status, attempts, created_at,
-                    started_at, finished_at, status_code, error_kind, cpu_us, waits
+                    started_at, finished_at, status_code, error_kind, cpu_us, waits, idempotency_key
              FROM invocations WHERE id = $1",
         )
         .bind(id)
@@ -506,7 +508,7 @@ where
         // which would keep SQLite from seeking `invocations_tenant` / `invocations_function`.
         let mut query = QueryBuilder::<E::DB>::new(
             "SELECT id, tenant, function, version, mode, status, attempts, created_at,
-                    started_at, finished_at, status_code, error_kind, cpu_us, waits
+                    started_at, finished_at, status_code, error_kind, cpu_us, waits, idempotency_key
              FROM invocations WHERE tenant = ",
         );
         query.push_bind(filter.tenant.as_str());

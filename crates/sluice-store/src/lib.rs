@@ -3,7 +3,7 @@
 //!
 //! This is the only crate that talks to a database. [`Store`] is the one interface, made of one
 //! trait per domain: [`Tenants`] (and their keys), [`Code`] (blobs, functions, versions),
-//! [`Invocations`] (sync records and the async queue), [`Logs`], [`Nodes`] and [`Rollouts`]. [`SqlStore`]
+//! [`Invocations`] (sync records and the async queue), [`Logs`], [`Nodes`], [`Rollouts`] and [`Schedules`]. [`SqlStore`]
 //! implements it once for both databases; an [`Engine`] holds what differs between them:
 //! [`SqliteStore`] is the embedded default, [`PostgresStore`] the cluster's. Timestamps are unix
 //! milliseconds ([`sluice_core::UnixMs`]) everywhere so both databases compare them identically. Nothing here
@@ -23,6 +23,7 @@ mod postgres;
 mod queue;
 mod rollouts;
 mod rows;
+mod schedules;
 mod sql;
 mod sqlite;
 mod tenants;
@@ -42,6 +43,7 @@ pub use rollouts::{
     NewRollout, Rollout, RolloutMove, RolloutStep, Rollouts, STEPS_MAX as ROLLOUT_STEPS_MAX, StepCounts,
     check_steps,
 };
+pub use schedules::{Fired, Firing, NewSchedule, SCHEDULE_CALLER, Schedule, Schedules, schedule_key};
 pub use sql::{Engine, SqlStore};
 pub use sqlite::{SqliteEngine, SqliteStore};
 pub use tenants::{KeyRecord, Quota, Tenant, Tenants};
@@ -69,7 +71,9 @@ pub type StoreResult<T> = Result<T, StoreError>;
 
 /// The single interface to durable state, one trait per domain (each in its module, with the one
 /// implementation both databases share). Implementations must be safe to share across tasks.
-pub trait Store: Tenants + Code + Invocations + Logs + Nodes + Rollouts + Send + Sync + 'static {
+pub trait Store:
+    Tenants + Code + Invocations + Logs + Nodes + Rollouts + Schedules + Send + Sync + 'static
+{
     /// Changes made by other nodes, for a store that other nodes share; `None` for a store only
     /// this process uses (its caches follow its own writes). Each call subscribes anew.
     fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<Change>> {

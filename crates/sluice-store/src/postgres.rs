@@ -84,6 +84,11 @@ const MIGRATIONS: &[Migration] = &[
     },
     Migration { version: 6, name: "aliases", sql: include_str!("../migrations/postgres/0006_aliases.sql") },
     Migration { version: 7, name: "rollouts", sql: include_str!("../migrations/postgres/0007_rollouts.sql") },
+    Migration {
+        version: 8,
+        name: "schedules",
+        sql: include_str!("../migrations/postgres/0008_schedules.sql"),
+    },
 ];
 
 /// Whose clock decides leases.
@@ -249,6 +254,8 @@ impl Dialect for PostgresEngine {
 
 #[async_trait::async_trait]
 impl Engine for PostgresEngine {
+    const LOCK_SCHEDULES: &'static str = "SELECT id FROM schedules
+         WHERE id IN (SELECT jsonb_array_elements_text($1::jsonb)::bigint) ORDER BY id FOR UPDATE SKIP LOCKED";
     const TENANT_EXISTS: &'static str = "SELECT 1 FROM tenants WHERE name = $1 FOR SHARE";
     /// Locked: the deploy's foreign key check would lock it anyway, and [`Engine::PURGE_BLOBS`]
     /// passes over a locked blob.
@@ -470,6 +477,22 @@ impl Engine for PostgresEngine {
         .map_err(classify)?;
         tx.commit().await.map_err(classify)?;
         Ok((rows(found, node_from_row)?, now))
+    }
+
+    async fn enqueue_in(connection: &mut sqlx::PgConnection, rows: &str) -> StoreResult<u64> {
+        sqlx::query(queue::CLAIM_KEYS)
+            .bind(rows)
+            .bind(crate::IDEMPOTENCY_WINDOW_MS)
+            .execute(&mut *connection)
+            .await
+            .map_err(classify)?;
+        let inserted: i64 = sqlx::query_scalar(queue::INSERT_QUEUED)
+            .bind(rows)
+            .bind(QUEUE_CHANNEL)
+            .fetch_one(&mut *connection)
+            .await
+            .map_err(classify)?;
+        Ok(u64::try_from(inserted).unwrap_or(0))
     }
 }
 

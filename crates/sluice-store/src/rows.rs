@@ -168,6 +168,7 @@ pub(crate) fn invocation_from_row(row: &impl StoreRow) -> StoreResult<Invocation
             .map(|c| u64::try_from(c).map_err(|_| corrupt(format_args!("cpu time {c}"))))
             .transpose()?,
         waits: get(row, "waits")?,
+        idempotency_key: get(row, "idempotency_key")?,
     })
 }
 
@@ -412,10 +413,11 @@ pub(crate) fn queued_usage_from_rows(rows: Vec<(String, i64, i64)>) -> StoreResu
 
 /// Every tenant's own usage limits (both stores).
 pub(crate) const USAGE_LIMITS: &str = "
-    SELECT tenant, queued_max, queued_bytes_max, components_bytes_max, functions_max, versions_max
+    SELECT tenant, queued_max, queued_bytes_max, components_bytes_max, functions_max, versions_max,
+           schedules_max
     FROM tenant_usage_limits ORDER BY tenant";
 
-type UsageLimitsRow = (String, Option<i64>, Option<i64>, Option<i64>, Option<i64>, Option<i64>);
+type UsageLimitsRow = (String, Option<i64>, Option<i64>, Option<i64>, Option<i64>, Option<i64>, Option<i64>);
 
 pub(crate) fn usage_limits_from_rows(
     rows: Vec<UsageLimitsRow>,
@@ -424,7 +426,7 @@ pub(crate) fn usage_limits_from_rows(
         v.map(|v| u64::try_from(v).map_err(|_| corrupt(format_args!("usage limit {v}")))).transpose()
     };
     rows.into_iter()
-        .map(|(tenant, queued, queued_bytes, components_bytes, functions, versions)| {
+        .map(|(tenant, queued, queued_bytes, components_bytes, functions, versions, schedules)| {
             Ok((
                 tenant,
                 sluice_core::OwnUsageLimits {
@@ -433,6 +435,7 @@ pub(crate) fn usage_limits_from_rows(
                     components_bytes_max: value(components_bytes)?,
                     functions_max: value(functions)?,
                     versions_max: value(versions)?,
+                    schedules_max: value(schedules)?,
                 },
             ))
         })

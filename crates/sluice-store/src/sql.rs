@@ -85,6 +85,10 @@ pub trait Engine: Dialect {
     const QUEUE_DEMAND: &'static str;
     /// `tenant, function, count` of what runs now.
     const RUNNING_BY_FUNCTION: &'static str;
+    /// `id` of each schedule of a JSON array of ids (`$1`) that this transaction may fire, locked
+    /// until its commit; where rows lock one by one (PostgreSQL), those another transaction holds
+    /// are skipped, not waited for.
+    const LOCK_SCHEDULES: &'static str;
 
     /// Starts a transaction that writes (SQLite: holding the write lock from its first statement).
     async fn begin_write(pool: &Pool<Self::DB>) -> StoreResult<Transaction<'static, Self::DB>>;
@@ -113,11 +117,22 @@ pub trait Engine: Dialect {
     ) -> StoreResult<Vec<Vec<Leased>>>;
     async fn node_heartbeat(store: &SqlStore<Self>, node: &NodeRecord, stopped: bool) -> StoreResult<()>;
     async fn list_nodes(store: &SqlStore<Self>, within_ms: u64) -> StoreResult<(Vec<NodeRecord>, UnixMs)>;
+    /// Claims the idempotency keys of a JSON array of enqueue rows (encoded as the queue's writer
+    /// encodes them) and inserts the invocations that won theirs, with the writer's statements
+    /// but in the caller's transaction (a schedule's firing); tells the other nodes there is
+    /// work where they share the store. Returns how many it inserted.
+    async fn enqueue_in(connection: &mut Conn<Self>, rows: &str) -> StoreResult<u64>;
 }
 
 impl<E: Engine> crate::Store for SqlStore<E>
 where
-    Self: crate::Tenants + crate::Code + crate::Invocations + crate::Logs + crate::Nodes + crate::Rollouts,
+    Self: crate::Tenants
+        + crate::Code
+        + crate::Invocations
+        + crate::Logs
+        + crate::Nodes
+        + crate::Rollouts
+        + crate::Schedules,
 {
     fn changes(&self) -> Option<broadcast::Receiver<Change>> {
         self.engine.changes()

@@ -112,6 +112,11 @@ const MIGRATIONS: &[Migration] = &[
     },
     Migration { version: 12, name: "aliases", sql: include_str!("../migrations/sqlite/0012_aliases.sql") },
     Migration { version: 13, name: "rollouts", sql: include_str!("../migrations/sqlite/0013_rollouts.sql") },
+    Migration {
+        version: 14,
+        name: "schedules",
+        sql: include_str!("../migrations/sqlite/0014_schedules.sql"),
+    },
 ];
 
 /// The embedded store.
@@ -207,6 +212,9 @@ impl Dialect for SqliteEngine {
 
 #[async_trait::async_trait]
 impl Engine for SqliteEngine {
+    /// The writing transaction holds the database's one write lock already.
+    const LOCK_SCHEDULES: &'static str =
+        "SELECT id FROM schedules WHERE id IN (SELECT value FROM json_each($1))";
     const TENANT_EXISTS: &'static str = "SELECT 1 FROM tenants WHERE name = $1";
     const BLOB_EXISTS: &'static str = "SELECT 1 FROM blobs WHERE tenant = $1 AND digest = $2";
     /// One statement: a deploy that names the blob commits either before it (the blob is named,
@@ -322,6 +330,18 @@ impl Engine for SqliteEngine {
         .await
         .map_err(classify)?;
         Ok((rows(found, node_from_row)?, now))
+    }
+
+    async fn enqueue_in(connection: &mut sqlx::SqliteConnection, rows: &str) -> StoreResult<u64> {
+        sqlx::query(queue::CLAIM_KEYS)
+            .bind(rows)
+            .bind(crate::IDEMPOTENCY_WINDOW_MS)
+            .execute(&mut *connection)
+            .await
+            .map_err(classify)?;
+        let done =
+            sqlx::query(queue::INSERT_QUEUED).bind(rows).execute(&mut *connection).await.map_err(classify)?;
+        Ok(done.rows_affected())
     }
 }
 

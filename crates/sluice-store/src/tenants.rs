@@ -176,18 +176,21 @@ where
             Some(
                 sqlx::query(
                     "INSERT INTO tenant_usage_limits (tenant, queued_max, queued_bytes_max,
-                         components_bytes_max, functions_max, versions_max) VALUES ($1, $2, $3, $4, $5, $6)
+                         components_bytes_max, functions_max, versions_max, schedules_max)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7)
                      ON CONFLICT (tenant) DO UPDATE SET
                          queued_max = excluded.queued_max, queued_bytes_max = excluded.queued_bytes_max,
                          components_bytes_max = excluded.components_bytes_max,
-                         functions_max = excluded.functions_max, versions_max = excluded.versions_max",
+                         functions_max = excluded.functions_max, versions_max = excluded.versions_max,
+                         schedules_max = excluded.schedules_max",
                 )
                 .bind(tenant)
                 .bind(usage_limit_column(limits.queued_max)?)
                 .bind(usage_limit_column(limits.queued_bytes_max)?)
                 .bind(usage_limit_column(limits.components_bytes_max)?)
                 .bind(usage_limit_column(limits.functions_max)?)
-                .bind(usage_limit_column(limits.versions_max)?),
+                .bind(usage_limit_column(limits.versions_max)?)
+                .bind(usage_limit_column(limits.schedules_max)?),
             )
         };
         set_tenant_row::<E>(&self.pool, tenant, upsert, "DELETE FROM tenant_usage_limits WHERE tenant = $1")

@@ -24,6 +24,7 @@ mod queue;
 mod quotas;
 mod reuse;
 mod rollout;
+mod schedules;
 mod scheduling;
 mod serve;
 mod tenancy;

@@ -127,6 +127,19 @@ fn world() -> World {
             let (ok, out, err) = caller.cli(&["deploy", name, wasm.to_str().unwrap(), "--tenant", tenant]);
             assert!(ok, "deploy {tenant}/{name} with the tenant's own key: {out}{err}");
         }
+        // A schedule far in the future: an object of the tenant's that never fires in the test.
+        let (ok, out, err) = caller.cli(&[
+            "schedules",
+            "create",
+            "sched",
+            "--function",
+            "hello",
+            "--every",
+            "1d",
+            "--tenant",
+            tenant,
+        ]);
+        assert!(ok, "schedule {tenant}/sched with the tenant's own key: {out}{err}");
         let res = caller.get(&format!("/fn/{tenant}/tg/stdout"));
         assert_eq!(res.status(), 200);
         let id = res.headers()["sluice-invocation-id"].to_str().unwrap().to_string();
@@ -156,6 +169,7 @@ struct Names {
     function: String,
     invocation: String,
     key: String,
+    schedule: String,
 }
 
 impl Names {
@@ -167,6 +181,7 @@ impl Names {
             .replace("{id}", id)
             .replace("{version}", "1")
             .replace("{alias}", "latest")
+            .replace("{schedule}", &self.schedule)
             .replace("{path}", "sub/path");
         // The list route names its tenant in the query.
         if template == "/v1/invocations" { format!("{path}?tenant={}", self.tenant) } else { path }
@@ -179,6 +194,7 @@ impl Names {
             .replace(&self.key, "{id}")
             .replace(&self.tenant, "{tenant}")
             .replace(&self.function, "{function}")
+            .replace(&self.schedule, "{schedule}")
     }
 }
 
@@ -251,6 +267,21 @@ fn another_tenants_objects_answer_404_like_missing_ones_on_every_route_with_no_s
         ),
         route("GET", "/v1/tenants/{tenant}/functions/{function}/aliases/{alias}/rollout", None),
         route("DELETE", "/v1/tenants/{tenant}/functions/{function}/aliases/{alias}/rollout", None),
+        route(
+            "POST",
+            "/v1/tenants/{tenant}/schedules",
+            Some(Body::Json(json!({ "name": "new", "function": "hello", "every_ms": 60000 }))),
+        ),
+        route("GET", "/v1/tenants/{tenant}/schedules", None),
+        route("GET", "/v1/tenants/{tenant}/schedules/{schedule}", None),
+        route("DELETE", "/v1/tenants/{tenant}/schedules/{schedule}", None),
+        route("POST", "/v1/tenants/{tenant}/schedules/{schedule}/pause", None),
+        route("POST", "/v1/tenants/{tenant}/schedules/{schedule}/resume", None),
+        route(
+            "POST",
+            "/v1/tenants/{tenant}/schedules/{schedule}/backfill",
+            Some(Body::Json(json!({ "from": "2026-01-01T00:00:00Z", "to": "2026-01-02T00:00:00Z" }))),
+        ),
         route("GET", "/v1/invocations", None),
         route("GET", "/v1/invocations/{id}", None),
         route("GET", "/v1/invocations/{id}/response", None),
@@ -282,12 +313,14 @@ fn another_tenants_objects_answer_404_like_missing_ones_on_every_route_with_no_s
         function: "hello".into(),
         invocation: w.b_invocation.clone(),
         key: w.b_key_id.clone(),
+        schedule: "sched".into(),
     };
     let missing = Names {
         tenant: "nosuch".into(),
         function: "nofn".into(),
         invocation: "0".repeat(32),
         key: "key_0000000000000000".into(),
+        schedule: "nosched".into(),
     };
     for r in &object_routes {
         let mut answers = Vec::new();
@@ -330,6 +363,11 @@ fn another_tenants_objects_answer_404_like_missing_ones_on_every_route_with_no_s
     let b_invocations_after = b.json("GET", "/v1/invocations?tenant=bravo&limit=1000", None);
     assert_eq!(b_invocations_after, b_invocations_before, "nothing was queued or run for bravo");
     assert_eq!(b.json("GET", "/v1/tenants/bravo/functions/tg/logs", None), b_logs_before);
+    let schedules = b.json("GET", "/v1/tenants/bravo/schedules", None);
+    let names: Vec<&str> =
+        schedules["schedules"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["sched"], "bravo's schedules unchanged: {schedules}");
+    assert_eq!(schedules["schedules"][0]["paused"], false, "{schedules}");
     let tenants = admin.json("GET", "/v1/tenants", None);
     assert!(!tenants.to_string().contains("charlie"), "{tenants}");
 }
@@ -350,12 +388,16 @@ fn each_scope_allows_only_its_own_actions() {
     assert_eq!(read.get("/v1/tenants/alpha/keys").status(), 200);
     assert_eq!(read.get(&format!("/v1/invocations/{}", w.a_invocation)).status(), 200);
     assert_eq!(read.get("/v1/invocations").status(), 200, "the list defaults to the key's tenant");
+    assert_eq!(read.get("/v1/tenants/alpha/schedules/sched").status(), 200);
     for (method, path, body) in [
         ("POST", "/v1/tenants/alpha/blobs", Some(Body::Bytes(wasm.clone()))),
         ("POST", "/v1/tenants/alpha/functions/hello/versions", Some(Body::Json(json!({ "digest": "00" })))),
         ("DELETE", "/v1/tenants/alpha/functions/hello", None),
         ("GET", "/fn/alpha/hello/", None),
         ("POST", &format!("/v1/invocations/{}/retry", w.a_invocation), None),
+        // Managing schedules takes `deploy`; reading them `read`.
+        ("POST", "/v1/tenants/alpha/schedules/sched/pause", None),
+        ("DELETE", "/v1/tenants/alpha/schedules/sched", None),
     ] {
         let msg = assert_error(read.send(method, path, body), 403, "forbidden");
         assert!(!msg.is_empty(), "{method} {path}");

@@ -50,7 +50,7 @@ macro_rules! enqueue_rows {
     };
 }
 
-const CLAIM_KEYS: &str = concat!(
+pub(super) const CLAIM_KEYS: &str = concat!(
     "INSERT INTO idempotency_keys (tenant, function, caller, idempotency_key, invocation_id,
              created_at, request_method, request_path, body_sha256)
          SELECT r.tenant, r.function, r.caller, r.idempotency_key, r.id, r.created_at, r.method,
@@ -69,7 +69,7 @@ const CLAIM_KEYS: &str = concat!(
 
 /// Inserts the rows without a key and those that won theirs, and tells idle nodes there is work
 /// (delivered at the commit, once per transaction) in the same round trip. Returns the count.
-const INSERT_QUEUED: &str = concat!(
+pub(super) const INSERT_QUEUED: &str = concat!(
     "WITH inserted AS (
              INSERT INTO invocations (id, tenant, function, version, mode, status, attempts,
                  created_at, request_method, request_path, request_headers, request_body,

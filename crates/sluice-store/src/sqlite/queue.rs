@@ -84,7 +84,7 @@ impl Backend for Sqlite {
 /// Claims the idempotency keys of a batch, first come first served in array order: a caller's key
 /// that is free, or whose holder is out of the window, passes to this invocation with its
 /// request's fingerprint; a key held within the window stays with its holder.
-const CLAIM_KEYS: &str = "
+pub(super) const CLAIM_KEYS: &str = "
     INSERT INTO idempotency_keys (tenant, function, caller, idempotency_key, invocation_id,
         created_at, request_method, request_path, body_sha256)
     SELECT j.value ->> 'tenant', j.value ->> 'function', j.value ->> 'caller',
@@ -100,7 +100,7 @@ const CLAIM_KEYS: &str = "
         WHERE idempotency_keys.created_at <= excluded.created_at - ?2";
 
 /// Inserts the invocations without a key and those that won theirs.
-const INSERT_QUEUED: &str = "
+pub(super) const INSERT_QUEUED: &str = "
     INSERT INTO invocations (id, tenant, function, version, mode, status, attempts, created_at,
         request_method, request_path, request_headers, request_body, criticality, run_after,
         deadline, attempts_max, max_age_ms, max_age_at, idempotency_key, request_bytes)

@@ -12,9 +12,11 @@ use sluice_store::{
 };
 
 mod queue;
+mod schedules;
 mod state_machine;
 
 pub use queue::*;
+pub use schedules::*;
 pub use state_machine::*;
 
 /// The end of an attempt with no log lines and no time on a thread, which is what most tests
@@ -128,6 +130,9 @@ macro_rules! run_whole_suite {
     tenant_quotas_are_set_replaced_and_cleared,
     tenant_usage_limits_are_set_replaced_and_cleared,
     queued_usage_counts_unfinished_invocations_and_their_bytes,
+    schedules_are_created_listed_paused_and_deleted_with_their_function,
+    concurrent_firings_of_one_occurrence_enqueue_it_once,
+    buffered_occurrences_are_due_until_fired,
         );
     };
 }
@@ -746,6 +751,7 @@ pub async fn sync_records_and_their_logs_are_readable(store: &dyn Store, _clock:
         error_kind: Some("trap".into()),
         cpu_us: Some(250),
         waits: None,
+        idempotency_key: None,
     };
     assert_eq!(got, expected);
     let got = store.get_invocation("inv-3").await.unwrap().unwrap();

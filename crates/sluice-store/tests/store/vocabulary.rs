@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use sluice_core::{Criticality, InvocationStatus, LogStream, Mode, RolloutStatus};
+use sluice_core::{Catchup, Criticality, InvocationStatus, LogStream, Mode, Overlap, RolloutStatus};
 use sluice_store::{PostgresStore, SqliteStore};
 use sqlx::{AssertSqlSafe, Connection};
 
@@ -97,6 +97,19 @@ fn columns() -> Vec<Column> {
             accepted: words(&RolloutStatus::WORDS),
             refused: words(&["rolled back", "Running", ""]),
         },
+        // SQLite migration 14 and PostgreSQL 8.
+        Column {
+            table: "schedules",
+            name: "overlap",
+            accepted: words(&Overlap::WORDS),
+            refused: words(&["buffer_one", "Skip", ""]),
+        },
+        Column {
+            table: "schedules",
+            name: "catchup",
+            accepted: words(&Catchup::WORDS),
+            refused: words(&["most-recent", "ALL", ""]),
+        },
     ]
 }
 
@@ -137,9 +150,23 @@ fn insert(table: &str, column: &str, value: &str, n: usize) -> String {
         ("created_at", "0".into()),
         ("updated_at", "0".into()),
     ];
+    let mut schedule = [
+        ("id", n.to_string()),
+        ("tenant", quoted("acme")),
+        ("name", format!("'s-{n}'")),
+        ("function", quoted("hello")),
+        ("alias", quoted("latest")),
+        ("every_ms", "1000".into()),
+        ("overlap", quoted(Overlap::Skip.as_str())),
+        ("catchup", quoted(Catchup::Latest.as_str())),
+        ("request_headers", quoted("[]")),
+        ("created_at", "0".into()),
+        ("updated_at", "0".into()),
+    ];
     let row: &mut [(&str, String)] = match table {
         "invocations" => &mut invocation,
         "rollouts" => &mut rollout,
+        "schedules" => &mut schedule,
         _ => &mut line,
     };
     row.iter_mut().find(|(name, _)| *name == column).expect("a column of the row").1 = value.to_string();

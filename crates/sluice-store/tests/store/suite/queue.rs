@@ -116,6 +116,7 @@ pub async fn async_invocations_run_and_keep_their_response(store: &dyn Store, cl
         error_kind: None,
         cpu_us: None,
         waits: None,
+        idempotency_key: None,
     };
     assert_eq!(queued, expected);
     assert_eq!(store.get_response("inv-1").await.unwrap(), None);
