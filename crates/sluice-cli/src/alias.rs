@@ -109,7 +109,15 @@ fn routes_text(alias: &Value) -> String {
 /// `weight` of `total` as a percent, to a tenth where it is not whole (`5` of `9`: `55.6`).
 fn percent(weight: u64, total: u64) -> String {
     let tenths = (weight * 1000 + total / 2) / total.max(1);
-    if tenths % 10 == 0 { (tenths / 10).to_string() } else { format!("{}.{}", tenths / 10, tenths % 10) }
+    if tenths.is_multiple_of(10) {
+        (tenths / 10).to_string()
+    } else {
+        format!("{}.{}", tenths / 10, tenths % 10)
+    }
+}
+
+fn url(alias: &Value) -> &str {
+    alias["url"].as_str().unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -124,8 +132,4 @@ mod tests {
         assert_eq!(routes_text(&alias(&[(2, 5), (1, 4)])), "2=55.6% 1=44.4%");
         assert_eq!(routes_text(&alias(&[(3, 1), (2, 1), (1, 1)])), "3=33.3% 2=33.3% 1=33.3%");
     }
-}
-
-fn url(alias: &Value) -> &str {
-    alias["url"].as_str().unwrap_or_default()
 }
