@@ -74,6 +74,7 @@ impl Runtime {
                 return Ok(UpdateDeadline::Interrupt);
             }
             host.meter.check_slice(fast_slice);
+            host.meter.yielding();
             // The yield is where a call that used its slice leaves the fast lane (`LaneFuture`
             // sees the request when this future returns pending), and where a call that did not
             // lets its neighbours on this thread run.

@@ -17,6 +17,14 @@
 //! its next yield (every epoch tick) when one does, so one function's long calls cannot hold all
 //! of its tenant's slots until their timeouts.
 //!
+//! A slot is for using the CPU, not for waiting: a call on the slow lane that waits for something
+//! outside (a downstream's answer, a timer, a permit of a downstream's limit) gives its slots
+//! back and waits for them again once it is woken, at the back. A call that yields at an epoch
+//! tick keeps them. Holding a slot while waiting would let two bounded things wait on each other:
+//! a call moved here while its request held one of a downstream's permits waits for a slot, and
+//! the calls holding the slots wait for that permit (with two slots per tenant and a new
+//! downstream limit of two, for ever, or until an async call's 15-minute timeout).
+//!
 //! Time on a thread is measured per poll of the guest's future: with the monotonic clock on the
 //! fast lane (a thread CPU clock read costs about a microsecond here, a third of a whole hello
 //! call), with the thread CPU clock on the slow lane, where a low-priority thread may be
@@ -33,7 +41,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -237,6 +245,7 @@ impl Lanes {
         self.handle.spawn(async move {
             let leave = Leave { member: Some(group.member(&name)), group: group.clone(), name };
             let member = leave.member();
+            let wakeup = Arc::new(Wakeup::default());
             let mut fut = fut;
             loop {
                 let began = meter.origin.elapsed().as_nanos() as u64;
@@ -255,7 +264,7 @@ impl Lanes {
                 let waited = (meter.origin.elapsed().as_nanos() as u64).saturating_sub(began);
                 meter.waited_ns.fetch_add(waited, Ordering::Relaxed);
                 meter.wait_began_ns.store(u64::MAX, Ordering::Relaxed);
-                let _running = Counted::new(&running);
+                let slot_held = Counted::new(&running);
                 let holding = Holding::new(member);
                 let run = SlowRun {
                     fut: &mut fut,
@@ -264,12 +273,24 @@ impl Lanes {
                     group: &group,
                     holding,
                     share,
+                    wakeup: &wakeup,
                     _permits: (group_permit, node_permit),
                 };
-                if let Some(out) = run.await {
-                    return out;
+                // Its own statement: the slots (in `run`) and the running count go back before
+                // the call waits below.
+                let step = run.await;
+                drop(slot_held);
+                match step {
+                    Step::Done(out) => return out,
+                    // Gave its slots to another member of the group: wait again, at the back.
+                    Step::Gave => {}
+                    // Waits for something outside (a downstream's answer, a timer, a permit of a
+                    // downstream's limit) without its slots, which are for using the CPU: a call
+                    // holding a slot while it waited for a downstream permit that a call waiting
+                    // for that slot held would wait for ever (until its timeout, 15 min for an
+                    // async call). Once woken it waits for its slots again, at the back.
+                    Step::Waits => wakeup.woken().await,
                 }
-                // Gave its slots to another member of the group: wait again, at the back.
             }
         })
     }
@@ -427,6 +448,9 @@ pub(crate) struct Meter {
     demote: AtomicBool,
     /// The call holds a slow-lane slot: nothing more to decide.
     slow: AtomicBool,
+    /// Set by the epoch callback when it yields (tokio's `yield_now` wakes the task only after
+    /// the poll): the slow lane keeps a yielding call's slot, and takes it from a waiting one.
+    yielded: AtomicBool,
 }
 
 impl Meter {
@@ -442,7 +466,14 @@ impl Meter {
             poll_cpu_began_ns: AtomicU64::new(u64::MAX),
             demote: AtomicBool::new(false),
             slow: AtomicBool::new(false),
+            yielded: AtomicBool::new(false),
         }
+    }
+
+    /// Called from the epoch callback when it makes the guest yield: this poll's pending is a
+    /// yield, not a wait.
+    pub(crate) fn yielding(&self) {
+        self.yielded.store(true, Ordering::Relaxed);
     }
 
     /// Time on a thread so far, including the poll in progress.
@@ -613,9 +644,52 @@ impl<F: Future> Drop for LaneFuture<F> {
     }
 }
 
+/// How a guest's turn with a slow-lane slot ended.
+enum Step<T> {
+    /// The guest finished.
+    Done(T),
+    /// Its member held more than its share and another member of the group waited: the slot went
+    /// to that member.
+    Gave,
+    /// The guest waits for something that was not there yet (it did not just yield at an epoch
+    /// tick): it waits without a slot until [`Wakeup::woken`].
+    Waits,
+}
+
+/// Whether a guest's future was woken since its last poll: the slow lane polls it with a waker
+/// that sets this and wakes the task, so it can tell a yield (woken before its poll returned)
+/// from a wait for something outside (not woken yet), and wait for the wake without a slot.
+#[derive(Default)]
+struct Wakeup {
+    woken: AtomicBool,
+    task: futures::task::AtomicWaker,
+}
+
+impl std::task::Wake for Wakeup {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl Wakeup {
+    /// Ready once the guest's future was woken (at once if it was already).
+    fn woken(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            self.task.register(cx.waker());
+            if self.woken.swap(false, Ordering::Acquire) { Poll::Ready(()) } else { Poll::Pending }
+        })
+    }
+}
+
 /// A guest's future on the slow lane while it holds its slots: adds thread CPU time to the meter,
-/// and ends early (`None`) when its member holds more than its share of the group's slots and
-/// another member of the group waits.
+/// and ends early when its member holds more than its share of the group's slots and another
+/// member of the group waits ([`Step::Gave`]), or when the guest waits for something outside
+/// ([`Step::Waits`]).
 struct SlowRun<'a, F: Future> {
     fut: &'a mut Pin<Box<F>>,
     meter: &'a Meter,
@@ -624,26 +698,43 @@ struct SlowRun<'a, F: Future> {
     group: &'a Group,
     holding: Holding<'a>,
     share: usize,
+    wakeup: &'a Arc<Wakeup>,
     _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
 }
 
 impl<F: Future> Future for SlowRun<'_, F> {
-    type Output = Option<F::Output>;
+    type Output = Step<F::Output>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<F::Output>> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Step<F::Output>> {
         let this = self.get_mut();
         // Between two polls the guest is at a yield point (an epoch tick or a host call): the
         // place to hand a slot beyond its share to another member of the group.
         if this.group.others_wait(this.holding.member) && this.holding.yield_if_over(this.share) {
-            return Poll::Ready(None);
+            return Poll::Ready(Step::Gave);
         }
         this.meter.slow.store(true, Ordering::Relaxed);
+        this.wakeup.task.register(cx.waker());
+        this.wakeup.woken.store(false, Ordering::Release);
+        this.meter.yielded.store(false, Ordering::Relaxed);
+        let waker = Waker::from(this.wakeup.clone());
         let began = thread_cpu_now();
-        let polled = this.fut.as_mut().poll(cx);
+        let polled = this.fut.as_mut().poll(&mut Context::from_waker(&waker));
         let used = thread_cpu_now().saturating_sub(began);
         this.meter.busy_ns.fetch_add(used.as_nanos() as u64, Ordering::Relaxed);
         this.total.fetch_add(used.as_nanos() as u64, Ordering::Relaxed);
-        polled.map(Some)
+        match polled {
+            Poll::Ready(out) => Poll::Ready(Step::Done(out)),
+            // A yield at an epoch tick (its wake comes after the poll), or woken already (a
+            // cooperative yield, an answer that came during the poll): the task runs again soon,
+            // with its slot.
+            Poll::Pending
+                if this.meter.yielded.load(Ordering::Relaxed)
+                    || this.wakeup.woken.load(Ordering::Acquire) =>
+            {
+                Poll::Pending
+            }
+            Poll::Pending => Poll::Ready(Step::Waits),
+        }
     }
 }
 
@@ -899,5 +990,76 @@ mod tests {
             groups["t"].members.lock().unwrap().is_empty(),
             "members are forgotten when their calls leave"
         );
+    }
+
+    /// A slot is for using the CPU, not for waiting: a call that held its slot while it waited
+    /// for a downstream's permit, held by a call that waited for that slot, waited for ever (the
+    /// chaos test's stall: two slots per tenant, an initial downstream limit of two).
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_call_waiting_for_something_outside_holds_no_slot() {
+        let lanes = lanes(1);
+        let downstream = Arc::new(Semaphore::new(1));
+        let (go_b, b_may_go) = tokio::sync::oneshot::channel::<()>();
+        // B is moved at once, takes the only slot and waits, first for `go_b`, then for the
+        // downstream's permit.
+        let b = {
+            let meter = Arc::new(Meter::new());
+            meter.demote.store(true, Ordering::Relaxed);
+            let downstream = downstream.clone();
+            let call = async move {
+                b_may_go.await.unwrap();
+                let _permit = downstream.acquire_owned().await.unwrap();
+            };
+            tokio::spawn(LaneFuture::new(call, meter, lanes.clone(), "t".into(), "b".into()))
+        };
+        until("b was moved and waits", || lanes.stats().demoted_total == 1).await;
+        until("b waits without its slot", || lanes.stats().slow_running == 0).await;
+        // A takes the downstream's permit on the fast lane, uses its slice, and is moved while
+        // its request is still out: it needs a slot to go on and give the permit back.
+        let a = {
+            let meter = Arc::new(Meter::new());
+            let downstream = downstream.clone();
+            let asked = meter.clone();
+            let call = async move {
+                let _permit = downstream.acquire_owned().await.unwrap();
+                asked.demote.store(true, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            tokio::spawn(LaneFuture::new(call, meter, lanes.clone(), "t".into(), "a".into()))
+        };
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        go_b.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            a.await.unwrap();
+            b.await.unwrap();
+        })
+        .await
+        .expect("both calls finished: neither held a slot while it waited for the other");
+        assert_eq!(lanes.stats().demoted_total, 2);
+    }
+
+    /// A call that yields at an epoch tick keeps its slot: tokio's `yield_now` wakes the task
+    /// only after the poll, so the slow lane must not take it for a wait.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_call_yielding_at_an_epoch_tick_keeps_its_slot() {
+        let lanes = lanes(1);
+        let meter = Arc::new(Meter::new());
+        meter.demote.store(true, Ordering::Relaxed);
+        let ticks = meter.clone();
+        let hog = async move {
+            loop {
+                let until = thread_cpu_now() + Duration::from_micros(200);
+                while thread_cpu_now() < until {
+                    std::hint::spin_loop();
+                }
+                ticks.yielding();
+                tokio::task::yield_now().await;
+            }
+        };
+        let hog = tokio::spawn(LaneFuture::new(hog, meter, lanes.clone(), "t".into(), "spin".into()));
+        until("the hog holds the slot", || lanes.stats().slow_running == 1).await;
+        let second = tokio::time::timeout(Duration::from_millis(100), demoted(&lanes, "spin", 1)).await;
+        assert!(second.is_err(), "a second call of the same function waited for the hog's slot");
+        hog.abort();
     }
 }
