@@ -104,9 +104,14 @@ impl When {
             }
             When::Every { every_ms } => {
                 if !(SCHEDULE_INTERVAL_MS_MIN..=SCHEDULE_INTERVAL_MS_MAX).contains(every_ms) {
+                    // In the units a person writes (`--every 500ms`), and in the API's field's.
+                    let d = |ms: u64| crate::units::format_duration(std::time::Duration::from_millis(ms));
                     return Err(format!(
-                        "every must be from {} to {} ms, not {every_ms}",
-                        SCHEDULE_INTERVAL_MS_MIN, SCHEDULE_INTERVAL_MS_MAX
+                        "the interval (every_ms) must be from {} to {}, not {} ({every_ms} ms)",
+                        d(SCHEDULE_INTERVAL_MS_MIN),
+                        // Whole days: humantime would say "1year 18h".
+                        format!("{}d", SCHEDULE_INTERVAL_MS_MAX / 86_400_000),
+                        d(*every_ms)
                     ));
                 }
                 Ok(Timetable { when: self.clone(), cron: None })
@@ -262,7 +267,8 @@ mod tests {
             When::Cron { expr: "*/5 * * * *".into(), tz: "Mars/Olympus".into() }.timetable().unwrap_err();
         assert!(err.contains("unknown time zone"), "{err}");
         assert!(When::Cron { expr: "nonsense".into(), tz: "UTC".into() }.timetable().is_err());
-        assert!(When::Every { every_ms: 999 }.timetable().is_err());
+        let err = When::Every { every_ms: 999 }.timetable().err().unwrap();
+        assert_eq!(err, "the interval (every_ms) must be from 1s to 366d, not 999ms (999 ms)");
         assert!(When::Every { every_ms: 1_000 }.timetable().is_ok());
     }
 
