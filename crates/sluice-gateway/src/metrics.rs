@@ -35,7 +35,13 @@ static EXPORTER: OnceLock<PrometheusHandle> = OnceLock::new();
 pub fn install(function_series_max: usize) {
     sluice_runtime::metrics::set_function_series_max(function_series_max);
     EXPORTER.get_or_init(|| {
-        let recorder = PrometheusBuilder::new().build_recorder();
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(SCHEDULE_LATENESS.into()),
+                SCHEDULE_LATENESS_BUCKETS,
+            )
+            .expect("the buckets are not empty")
+            .build_recorder();
         let handle = recorder.handle();
         describe();
         if metrics::set_global_recorder(recorder).is_err() {
@@ -92,10 +98,30 @@ fn describe() {
     );
     describe_gauge!("sluice_code_cache_bytes", "Artifact bytes of the components loaded");
     describe_gauge!("sluice_functions", "Functions installed on this node");
+    metrics::describe_histogram!(
+        SCHEDULE_LATENESS,
+        metrics::Unit::Seconds,
+        "How long after its occurrence this node enqueued a schedule's invocation (catch-ups included)"
+    );
+    describe_counter!("sluice_schedule_fires_total", "Schedule occurrences this node enqueued");
     describe_counter!(
         "sluice_metrics_functions_folded_total",
         "Function installs counted under _other (the label bound was reached)"
     );
+}
+
+/// The histogram of schedules' fire lateness, and its buckets: the tick is 200 ms, a healthy
+/// node fires within it; seconds mean a busy store, minutes an outage caught up.
+const SCHEDULE_LATENESS: &str = "sluice_schedule_lateness_seconds";
+const SCHEDULE_LATENESS_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0, 60.0, 300.0, 3600.0];
+
+/// Counts a schedule occurrence this node enqueued, `lateness` after the occurrence.
+pub fn schedule_fired(lateness: std::time::Duration) {
+    static HANDLES: OnceLock<(metrics::Histogram, Counter)> = OnceLock::new();
+    let (late, fires) = HANDLES
+        .get_or_init(|| (metrics::histogram!(SCHEDULE_LATENESS), counter!("sluice_schedule_fires_total")));
+    late.record(lateness.as_secs_f64());
+    fires.increment(1);
 }
 
 /// Counts a call refused before it ran (rate limited, shed, unauthorized, ...), by its kind.

@@ -78,10 +78,15 @@ pub async fn tick(node: &Node) -> Result<Ticked, SluiceError> {
         }
     }
     let fired = node.store.fire_schedules(&firings).await.map_err(store_error)?;
+    let committed_at = SystemClock.now_ms();
     let mut ticked = Ticked { enqueued: fired.inserted, lost: 0 };
-    for (committed, reserved) in fired.committed.iter().zip(reservations) {
+    for ((committed, reserved), firing) in fired.committed.iter().zip(reservations).zip(&firings) {
         if *committed {
             reserved.into_iter().for_each(Reservation::keep);
+            for (occurrence, _) in &firing.enqueue {
+                let late = u64::try_from(committed_at - occurrence).unwrap_or(0);
+                crate::metrics::schedule_fired(Duration::from_millis(late));
+            }
         } else {
             ticked.lost += 1;
         }
