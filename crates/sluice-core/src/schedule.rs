@@ -107,10 +107,10 @@ impl When {
                     // In the units a person writes (`--every 500ms`), and in the API's field's.
                     let d = |ms: u64| crate::units::format_duration(std::time::Duration::from_millis(ms));
                     return Err(format!(
-                        "the interval (every_ms) must be from {} to {}, not {} ({every_ms} ms)",
+                        // The most in whole days: humantime would say "1year 18h".
+                        "the interval (every_ms) must be from {} to {}d, not {} ({every_ms} ms)",
                         d(SCHEDULE_INTERVAL_MS_MIN),
-                        // Whole days: humantime would say "1year 18h".
-                        format!("{}d", SCHEDULE_INTERVAL_MS_MAX / 86_400_000),
+                        SCHEDULE_INTERVAL_MS_MAX / 86_400_000,
                         d(*every_ms)
                     ));
                 }
