@@ -15,6 +15,7 @@ mod node;
 mod output;
 mod rollout;
 mod schedules;
+mod triggers;
 mod serve;
 mod tenants;
 mod top;
@@ -51,6 +52,10 @@ enum Command {
     /// resume, delete or backfill schedules.
     #[command(subcommand)]
     Schedules(schedules::SchedulesCommand),
+    /// Turn a broker's messages (NATS JetStream, AMQP, MQTT) into durable async invocations:
+    /// create, list, show, pause, resume or delete triggers.
+    #[command(subcommand)]
+    Triggers(triggers::TriggersCommand),
     /// Call a function, like curl would.
     Invoke(invoke::InvokeArgs),
     /// Show a function's (or one invocation's) guest log lines.
@@ -102,6 +107,7 @@ fn main() {
                     Command::Alias(c) => alias::run(c).await,
                     Command::Rollout(a) => rollout::run(a).await,
                     Command::Schedules(c) => schedules::run(c).await,
+                    Command::Triggers(c) => triggers::run(c).await,
                     Command::Invoke(a) => invoke::run(a).await,
                     Command::Logs(a) => logs::run(a).await,
                     Command::Tenants(c) => tenants::run(c).await,

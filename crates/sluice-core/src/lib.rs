@@ -15,6 +15,7 @@ pub mod retry;
 pub mod schedule;
 pub mod secret;
 pub mod share;
+pub mod trigger;
 pub mod units;
 pub mod vocab;
 

@@ -66,7 +66,7 @@ pub(crate) fn routes() -> &'static (Router<Arc<Node>>, String) {
 pub(crate) fn openapi_router() -> OpenApiRouter<Arc<Node>> {
     use crate::{
         api_invocations as inv, api_node, api_openapi as doc, api_rollouts as ro, api_schedules as sch,
-        api_tenants as ten, api_versions as ver,
+        api_tenants as ten, api_triggers as trg, api_versions as ver,
     };
     OpenApiRouter::with_openapi(doc::base())
         .routes(routes!(doc::openapi_json))
@@ -92,6 +92,10 @@ pub(crate) fn openapi_router() -> OpenApiRouter<Arc<Node>> {
         .routes(routes!(sch::pause_schedule))
         .routes(routes!(sch::resume_schedule))
         .routes(routes!(sch::backfill_schedule))
+        .routes(routes!(trg::create_trigger, trg::list_triggers))
+        .routes(routes!(trg::get_trigger, trg::delete_trigger))
+        .routes(routes!(trg::pause_trigger))
+        .routes(routes!(trg::resume_trigger))
         .routes(routes!(function_logs))
         .routes(routes!(inv::list_invocations))
         .routes(routes!(inv::get_invocation))

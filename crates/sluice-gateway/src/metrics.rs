@@ -41,6 +41,11 @@ pub fn install(function_series_max: usize) {
                 SCHEDULE_LATENESS_BUCKETS,
             )
             .expect("the buckets are not empty")
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(TRIGGER_COMMIT_TO_ACK.into()),
+                TRIGGER_COMMIT_TO_ACK_BUCKETS,
+            )
+            .expect("the buckets are not empty")
             .build_recorder();
         let handle = recorder.handle();
         describe();
@@ -104,6 +109,15 @@ fn describe() {
         "How long after its occurrence this node enqueued a schedule's invocation (catch-ups included)"
     );
     describe_counter!("sluice_schedule_fires_total", "Schedule occurrences this node enqueued");
+    metrics::describe_histogram!(
+        TRIGGER_COMMIT_TO_ACK,
+        metrics::Unit::Seconds,
+        "From a trigger batch's enqueue commit to its broker ack, per message"
+    );
+    describe_counter!(
+        "sluice_trigger_messages_total",
+        "Broker messages this node committed as invocations (duplicates included), by broker kind"
+    );
     describe_counter!(
         "sluice_metrics_functions_folded_total",
         "Function installs counted under _other (the label bound was reached)"
@@ -122,6 +136,18 @@ pub fn schedule_fired(lateness: std::time::Duration) {
         .get_or_init(|| (metrics::histogram!(SCHEDULE_LATENESS), counter!("sluice_schedule_fires_total")));
     late.record(lateness.as_secs_f64());
     fires.increment(1);
+}
+
+/// The histogram of a trigger message's time from its batch's commit to its ack, and its buckets.
+const TRIGGER_COMMIT_TO_ACK: &str = "sluice_trigger_commit_to_ack_seconds";
+const TRIGGER_COMMIT_TO_ACK_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+
+/// Counts a trigger batch of `messages` of a broker `kind` (nats, amqp, mqtt), acked
+/// `commit_to_ack` after its commit.
+pub fn trigger_acked(kind: &'static str, messages: u64, commit_to_ack: std::time::Duration) {
+    metrics::histogram!(TRIGGER_COMMIT_TO_ACK).record_many(commit_to_ack.as_secs_f64(), messages as usize);
+    counter!("sluice_trigger_messages_total", "kind" => kind).increment(messages);
 }
 
 /// Counts a call refused before it ran (rate limited, shed, unauthorized, ...), by its kind.

@@ -157,6 +157,7 @@ async fn serve(config: Config, api: tokio::runtime::Handle) -> anyhow::Result<()
     }
     // HTTP first (no new calls, in-flight ones finish), then the scheduler (running async calls
     // finish or go back to the queue), then the last log records.
+    tasks.stop_triggers().await;
     server.shutdown().await;
     tasks.stop_scheduler().await;
     node.recorder.flush().await;

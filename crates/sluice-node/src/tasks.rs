@@ -42,6 +42,7 @@ pub struct Tasks {
     node: Arc<Node>,
     supervisor: Supervisor,
     scheduler: Mutex<Option<Scheduler>>,
+    triggers: Mutex<Option<tokio::task::JoinHandle<()>>>,
     started_at: sluice_core::UnixMs,
 }
 
@@ -55,6 +56,7 @@ impl Tasks {
             node: node.clone(),
             supervisor: Supervisor::default(),
             scheduler: Mutex::new(None),
+            triggers: Mutex::new(None),
             started_at: sluice_core::Clock::now_ms(&sluice_core::SystemClock),
         };
         tasks.start_scheduler(queue_store);
@@ -63,6 +65,7 @@ impl Tasks {
         tasks.start_queued_usage();
         tasks.start_rollouts();
         tasks.start_schedules();
+        tasks.start_triggers();
         tasks.start_retention(upkeep.retention);
         tasks.start_gc(upkeep.blob_grace, upkeep.versions_kept);
         tasks.start_prepare_artifacts();
@@ -231,6 +234,25 @@ impl Tasks {
                 }
             }
         });
+    }
+
+    /// Starts the task that holds this node's trigger leases and runs a consumer for each (see
+    /// `sluice_triggers`). Every node runs it; a lease gives each trigger one consumer.
+    fn start_triggers(&self) {
+        let task = tokio::spawn(sluice_triggers::run(Arc::downgrade(&self.node)));
+        self.supervisor.watch_handle("triggers", task.abort_handle());
+        *self.triggers.lock().expect("triggers lock") = Some(task);
+    }
+
+    /// Stops this node's trigger consumers (no batch is acked after this) and gives their leases
+    /// up, so other nodes take them at once instead of after the lease.
+    pub async fn stop_triggers(&self) {
+        let task = self.triggers.lock().expect("triggers lock").take();
+        if let Some(task) = task {
+            task.abort();
+            let _ = task.await;
+        }
+        sluice_triggers::release_all(&self.node).await;
     }
 
     /// Starts the task that re-reads every tenant's unfinished invocations into the node's

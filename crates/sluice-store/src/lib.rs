@@ -3,7 +3,7 @@
 //!
 //! This is the only crate that talks to a database. [`Store`] is the one interface, made of one
 //! trait per domain: [`Tenants`] (and their keys), [`Code`] (blobs, functions, versions),
-//! [`Invocations`] (sync records and the async queue), [`Logs`], [`Nodes`], [`Rollouts`] and [`Schedules`]. [`SqlStore`]
+//! [`Invocations`] (sync records and the async queue), [`Logs`], [`Nodes`], [`Rollouts`], [`Schedules`] and [`Triggers`]. [`SqlStore`]
 //! implements it once for both databases; an [`Engine`] holds what differs between them:
 //! [`SqliteStore`] is the embedded default, [`PostgresStore`] the cluster's. Timestamps are unix
 //! milliseconds ([`sluice_core::UnixMs`]) everywhere so both databases compare them identically. Nothing here
@@ -27,6 +27,7 @@ mod schedules;
 mod sql;
 mod sqlite;
 mod tenants;
+mod triggers;
 
 pub use code::{
     AliasRecord, Code, FunctionRouting, FunctionSummary, TenantStorage, VersionListing, VersionRecord,
@@ -47,6 +48,7 @@ pub use schedules::{Fired, Firing, NewSchedule, SCHEDULE_CALLER, Schedule, Sched
 pub use sql::{Engine, SqlStore};
 pub use sqlite::{SqliteEngine, SqliteStore};
 pub use tenants::{KeyRecord, Quota, Tenant, Tenants};
+pub use triggers::{NewTrigger, TRIGGER_CALLER, Trigger, TriggerProgress, Triggers};
 pub use timed::{STORE_CALL_TIMEOUT, Timed};
 
 pub use sluice_core::OwnUsageLimits;
@@ -72,7 +74,7 @@ pub type StoreResult<T> = Result<T, StoreError>;
 /// The single interface to durable state, one trait per domain (each in its module, with the one
 /// implementation both databases share). Implementations must be safe to share across tasks.
 pub trait Store:
-    Tenants + Code + Invocations + Logs + Nodes + Rollouts + Schedules + Send + Sync + 'static
+    Tenants + Code + Invocations + Logs + Nodes + Rollouts + Schedules + Triggers + Send + Sync + 'static
 {
     /// Changes made by other nodes, for a store that other nodes share; `None` for a store only
     /// this process uses (its caches follow its own writes). Each call subscribes anew.

@@ -89,6 +89,7 @@ const MIGRATIONS: &[Migration] = &[
         name: "schedules",
         sql: include_str!("../migrations/postgres/0008_schedules.sql"),
     },
+    Migration { version: 9, name: "triggers", sql: include_str!("../migrations/postgres/0009_triggers.sql") },
 ];
 
 /// Whose clock decides leases.

@@ -132,7 +132,8 @@ where
         + crate::Logs
         + crate::Nodes
         + crate::Rollouts
-        + crate::Schedules,
+        + crate::Schedules
+        + crate::Triggers,
 {
     fn changes(&self) -> Option<broadcast::Receiver<Change>> {
         self.engine.changes()

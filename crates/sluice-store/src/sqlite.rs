@@ -117,6 +117,7 @@ const MIGRATIONS: &[Migration] = &[
         name: "schedules",
         sql: include_str!("../migrations/sqlite/0014_schedules.sql"),
     },
+    Migration { version: 15, name: "triggers", sql: include_str!("../migrations/sqlite/0015_triggers.sql") },
 ];
 
 /// The embedded store.

@@ -30,4 +30,5 @@ mod serve;
 mod tenancy;
 mod top;
 mod traces;
+mod triggers;
 mod versions;

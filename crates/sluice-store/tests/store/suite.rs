@@ -14,10 +14,12 @@ use sluice_store::{
 mod queue;
 mod schedules;
 mod state_machine;
+mod triggers;
 
 pub use queue::*;
 pub use schedules::*;
 pub use state_machine::*;
+pub use triggers::*;
 
 /// The end of an attempt with no log lines and no time on a thread, which is what most tests
 /// report; the rest override fields (`Completion { logs: &logs, ..ended(...) }`).
@@ -133,6 +135,9 @@ macro_rules! run_whole_suite {
     schedules_are_created_listed_paused_and_deleted_with_their_function,
     concurrent_firings_of_one_occurrence_enqueue_it_once,
     buffered_occurrences_are_due_until_fired,
+    triggers_are_created_listed_paused_and_deleted_with_their_function,
+    a_trigger_has_one_lease_holder_and_only_it_commits,
+    concurrent_claims_give_each_trigger_one_holder,
         );
     };
 }

@@ -1,0 +1,346 @@
+//! Broker triggers through the real binary and the real brokers on this machine (NATS JetStream
+//! 4222, RabbitMQ 5672, Mosquitto 1883): every message becomes exactly one durable invocation
+//! with its CloudEvents headers and body; a node killed with SIGKILL mid-stream loses none and
+//! stores none twice after its restart; bad triggers get clear errors, and a trigger whose
+//! broker fails says why in `triggers show`. A test whose broker is not reachable says so and
+//! passes (as the PostgreSQL tests do when their URL is unset).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::harness::{Node, guests};
+
+fn reachable(port: u16) -> bool {
+    let ok = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(1)).is_ok();
+    if !ok {
+        eprintln!("skipped: no broker on 127.0.0.1:{port}");
+    }
+    ok
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos())
+}
+
+fn cli_ok(node: &Node, args: &[&str]) -> String {
+    let (ok, out, err) = node.cli(args);
+    assert!(ok, "sluice {args:?} failed: {out}{err}");
+    out
+}
+
+/// The invocations of `function` by their idempotency key (all pages).
+fn by_key(node: &Node, function: &str) -> BTreeMap<String, Value> {
+    let mut out = BTreeMap::new();
+    let mut before: Option<String> = None;
+    loop {
+        let mut path = format!("/v1/invocations?function={function}&limit=1000");
+        if let Some(b) = &before {
+            path += &format!("&before={b}");
+        }
+        let page: Value = node.get(&path).json().unwrap();
+        for inv in page["invocations"].as_array().unwrap() {
+            let key = inv["idempotency_key"].as_str().unwrap_or_else(|| panic!("no key: {inv}")).to_string();
+            assert!(out.insert(key.clone(), inv.clone()).is_none(), "two invocations with key {key}");
+        }
+        match page["next_before"].as_str() {
+            Some(next) => before = Some(next.to_string()),
+            None => break,
+        }
+    }
+    out
+}
+
+/// Polls until `function` has `n` invocations; `within` at most.
+fn wait_invocations(node: &Node, function: &str, n: usize, within: Duration) -> BTreeMap<String, Value> {
+    let deadline = Instant::now() + within;
+    loop {
+        let now = by_key(node, function);
+        if now.len() >= n {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} invocations after {within:?}; trigger: {}",
+            now.len(),
+            cli_ok(node, &["triggers", "list"])
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn trigger_json(node: &Node, name: &str) -> Value {
+    serde_json::from_str(&cli_ok(node, &["triggers", "show", name, "--json"])).unwrap()
+}
+
+struct Stream {
+    js: async_nats::jetstream::Context,
+    name: String,
+    subject: String,
+}
+
+impl Stream {
+    async fn create() -> Stream {
+        let client = async_nats::connect("127.0.0.1:4222").await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let name = unique("SLUICE_T_");
+        let subject = name.to_lowercase();
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: name.clone(),
+            subjects: vec![format!("{subject}.>")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        Stream { js, name, subject }
+    }
+
+    /// Publishes `n` messages `{from + i}` on `{subject}.orders.{i % 3}`, each acked by JetStream.
+    async fn publish(&self, from: usize, n: usize) {
+        let mut acks = Vec::with_capacity(n);
+        for i in from..from + n {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Content-Type", "application/json");
+            let subject = format!("{}.orders.{}", self.subject, i % 3);
+            let body = format!("{{\"order\":{i}}}");
+            acks.push(self.js.publish_with_headers(subject, headers, body.into()).await.unwrap());
+        }
+        for ack in acks {
+            ack.await.unwrap();
+        }
+    }
+
+    async fn delete(self) {
+        let _ = self.js.delete_stream(&self.name).await;
+    }
+}
+
+#[test]
+fn nats_messages_become_one_invocation_each_with_their_cloudevent() {
+    if !reachable(4222) {
+        return;
+    }
+    let rt = runtime();
+    let stream = rt.block_on(Stream::create());
+    let node = Node::start(&[]);
+    node.deploy("orders", &guests().testguest, &[]);
+    let subject = format!("{}.>", stream.subject);
+    let out = cli_ok(
+        &node,
+        &["triggers", "create", "t1", "--function", "orders", "--nats", "nats://127.0.0.1:4222", "--stream", &stream.name, "--subject", &subject, "--path", "/headers", "--batch", "50", "--window", "10ms"],
+    );
+    assert!(out.contains("created trigger t1") && out.contains(&stream.name), "{out}");
+    let id = trigger_json(&node, "t1")["id"].as_i64().unwrap();
+    rt.block_on(stream.publish(0, 300));
+    let invs = wait_invocations(&node, "orders", 300, Duration::from_secs(60));
+    let keys: Vec<String> = (1..=300).map(|seq| format!("nats:{id}:{seq}")).collect();
+    assert_eq!(invs.keys().cloned().collect::<std::collections::BTreeSet<_>>(), keys.iter().cloned().collect(), "one invocation per stream sequence");
+
+    // What the function got: the CloudEvent in binary mode.
+    let first = &invs[&keys[0]];
+    let inv_id = first["id"].as_str().unwrap();
+    let done = node.wait_json(&format!("/v1/invocations/{inv_id}"), |v| v["status"] == "succeeded");
+    assert_eq!(done["status"], "succeeded");
+    let headers = node.get(&format!("/v1/invocations/{inv_id}/response")).text().unwrap();
+    for want in [
+        "ce-specversion: 1.0".to_string(),
+        format!("ce-id: nats:{id}:1"),
+        format!("ce-source: nats://127.0.0.1:4222/streams/{}", stream.name),
+        "ce-type: io.nats.jetstream.message".to_string(),
+        format!("ce-subject: {}.orders.0", stream.subject),
+        "ce-natssequence: 1".to_string(),
+        "content-type: application/json".to_string(),
+        "sluice-trigger: t1".to_string(),
+    ] {
+        assert!(headers.contains(&want), "{want:?} missing in:\n{headers}");
+    }
+    assert!(headers.contains("ce-time: 20"), "{headers}");
+
+    // show: the counts, the node, no error.
+    let shown = node.wait_json("/v1/tenants/default/triggers/t1", |v| v["enqueued"] == 300);
+    assert_eq!(shown["duplicates"], 0, "{shown}");
+    assert!(shown["node"].is_string() && shown["last_error"].is_null(), "{shown}");
+    let listed = cli_ok(&node, &["triggers", "list"]);
+    assert!(listed.contains("t1") && listed.contains("nats") && listed.contains("300"), "{listed}");
+
+    // Paused: messages wait in the stream; resumed: they come.
+    cli_ok(&node, &["triggers", "pause", "t1"]);
+    std::thread::sleep(Duration::from_secs(3));
+    rt.block_on(stream.publish(300, 20));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(by_key(&node, "orders").len(), 300, "a paused trigger consumes nothing");
+    cli_ok(&node, &["triggers", "resume", "t1"]);
+    wait_invocations(&node, "orders", 320, Duration::from_secs(30));
+
+    cli_ok(&node, &["triggers", "delete", "t1"]);
+    let (ok, _, err) = node.cli(&["triggers", "show", "t1"]);
+    assert!(!ok && err.contains("no trigger t1"), "{err}");
+    rt.block_on(stream.delete());
+}
+
+/// The short form of the chaos test: a publisher keeps publishing while the node is killed with
+/// SIGKILL twice; after each restart the trigger resumes (its lease expires first), and at the
+/// end every message is exactly one invocation. Redeliveries of batches committed but not acked
+/// show as duplicates, not as second invocations.
+#[test]
+fn nats_trigger_loses_nothing_and_stores_nothing_twice_across_kill_9() {
+    if !reachable(4222) {
+        return;
+    }
+    let rt = runtime();
+    let stream = rt.block_on(Stream::create());
+    let mut node = Node::start(&[]);
+    node.deploy("sink", &guests().testguest, &[]);
+    let subject = format!("{}.>", stream.subject);
+    cli_ok(&node, &["triggers", "create", "chaos", "--function", "sink", "--nats", "nats://127.0.0.1:4222", "--stream", &stream.name, "--subject", &subject, "--path", "/ok"]);
+    let total = 3_000;
+    let publisher = {
+        let js = stream.js.clone();
+        let subject = stream.subject.clone();
+        std::thread::spawn(move || {
+            runtime().block_on(async move {
+                for chunk in 0..30 {
+                    let mut acks = Vec::new();
+                    for i in chunk * 100..(chunk + 1) * 100 {
+                        acks.push(js.publish(format!("{subject}.x"), format!("{i}").into()).await.unwrap());
+                    }
+                    for ack in acks {
+                        ack.await.unwrap();
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        })
+    };
+    for _ in 0..2 {
+        // Kill it while it consumes.
+        let before = by_key(&node, "sink").len();
+        wait_until_more(&node, "sink", before + 200);
+        node.kill9();
+        node.spawn();
+    }
+    publisher.join().unwrap();
+    let invs = wait_invocations(&node, "sink", total, Duration::from_secs(120));
+    assert_eq!(invs.len(), total, "every message once");
+    let id = trigger_json(&node, "chaos")["id"].as_i64().unwrap();
+    for seq in 1..=total {
+        assert!(invs.contains_key(&format!("nats:{id}:{seq}")), "message {seq} lost");
+    }
+    let shown = trigger_json(&node, "chaos");
+    eprintln!("after two kills: {shown}");
+    rt.block_on(stream.delete());
+}
+
+fn wait_until_more(node: &Node, function: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while by_key(node, function).len() < n {
+        assert!(Instant::now() < deadline, "fewer than {n} invocations after 60 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn amqp_messages_become_invocations_keyed_by_message_id() {
+    if !reachable(5672) {
+        return;
+    }
+    use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
+    use lapin::types::FieldTable;
+    use lapin::{BasicProperties, Connection, ConnectionProperties};
+    let rt = runtime();
+    let queue = unique("sluice-t-");
+    let channel = rt.block_on(async {
+        let conn = Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", ConnectionProperties::default()).await.unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        channel.queue_declare(queue.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default()).await.unwrap();
+        std::mem::forget(conn);
+        channel
+    });
+    let node = Node::start(&[]);
+    node.deploy("amqpf", &guests().testguest, &[]);
+    let out = cli_ok(&node, &["triggers", "create", "rabbit", "--function", "amqpf", "--amqp", "amqp://guest:guest@127.0.0.1:5672/%2f", "--queue", &queue, "--path", "/echo"]);
+    assert!(out.contains("credentials kept") && !out.contains("guest:guest"), "credentials are never shown: {out}");
+    let shown = trigger_json(&node, "rabbit");
+    assert_eq!(shown["url"], "amqp://127.0.0.1:5672/%2f");
+    assert!(!shown.to_string().contains("guest"), "{shown}");
+    rt.block_on(async {
+        for i in 0..200 {
+            let props = BasicProperties::default().with_message_id(format!("m{i}").as_str().into()).with_content_type("text/plain".into());
+            channel
+                .basic_publish("".into(), queue.as_str().into(), BasicPublishOptions::default(), format!("body {i}").as_bytes(), props)
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    });
+    let invs = wait_invocations(&node, "amqpf", 200, Duration::from_secs(60));
+    let id = shown["id"].as_i64().unwrap();
+    for i in 0..200 {
+        assert!(invs.contains_key(&format!("amqp:{id}:id:m{i}")), "message m{i}");
+    }
+    let inv = &invs[&format!("amqp:{id}:id:m7")];
+    let inv_id = inv["id"].as_str().unwrap();
+    node.wait_json(&format!("/v1/invocations/{inv_id}"), |v| v["status"] == "succeeded");
+    assert_eq!(node.get(&format!("/v1/invocations/{inv_id}/response")).text().unwrap(), "body 7", "the body, unchanged");
+    rt.block_on(async {
+        let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+    });
+}
+
+#[test]
+fn mqtt_messages_become_one_invocation_each() {
+    if !reachable(1883) {
+        return;
+    }
+    use rumqttc::{AsyncClient, MqttOptions, QoS};
+    let rt = runtime();
+    let topic = unique("sluice/t/");
+    let node = Node::start(&[]);
+    node.deploy("mqttf", &guests().testguest, &[]);
+    cli_ok(&node, &["triggers", "create", "sensors", "--function", "mqttf", "--mqtt", "mqtt://127.0.0.1:1883", "--topic", &format!("{topic}/#"), "--path", "/echo"]);
+    // The subscription exists once the trigger's node connected: wait for its lease.
+    node.wait_json("/v1/tenants/default/triggers/sensors", |v| v["node"].is_string());
+    std::thread::sleep(Duration::from_secs(1));
+    rt.block_on(async {
+        let (client, mut eventloop) = AsyncClient::new(MqttOptions::new(unique("pub"), "127.0.0.1", 1883), 100);
+        let poller = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+        for i in 0..100 {
+            client.publish(format!("{topic}/s{}", i % 4), QoS::AtLeastOnce, false, format!("reading {i}")).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        client.disconnect().await.unwrap();
+        let _ = poller.await;
+    });
+    let invs = wait_invocations(&node, "mqttf", 100, Duration::from_secs(60));
+    assert_eq!(invs.len(), 100);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(by_key(&node, "mqttf").len(), 100, "no more than one each");
+}
+
+#[test]
+fn bad_triggers_are_refused_and_a_failing_broker_says_why() {
+    let node = Node::start(&[]);
+    node.deploy("f", &guests().testguest, &[]);
+    let (ok, _, err) = node.cli(&["triggers", "create", "x", "--function", "f", "--nats", "http://127.0.0.1:4222", "--stream", "S", "--subject", "a.>"]);
+    assert!(!ok && err.contains("must start with nats://"), "{err}");
+    let (ok, _, err) = node.cli(&["triggers", "create", "x", "--function", "nope", "--amqp", "amqp://127.0.0.1", "--queue", "q"]);
+    assert!(!ok && err.contains("no function nope"), "{err}");
+    let (ok, _, err) = node.cli(&["triggers", "create", "x", "--function", "f", "--mqtt", "mqtt://127.0.0.1", "--topic", "t", "--qos", "2"]);
+    assert!(!ok && err.contains("qos must be 1"), "{err}");
+    let (ok, _, err) = node.cli(&["triggers", "create", "x", "--function", "f", "--nats", "nats://127.0.0.1", "--stream", "S", "--subject", "a.>", "--batch", "0"]);
+    assert!(!ok && err.contains("batch must be from 1 to 1000"), "{err}");
+    // Nothing listens on port 9: the trigger is created, and says why it cannot consume.
+    cli_ok(&node, &["triggers", "create", "down", "--function", "f", "--amqp", "amqp://127.0.0.1:9", "--queue", "q"]);
+    let (ok, _, err) = node.cli(&["triggers", "create", "down", "--function", "f", "--amqp", "amqp://127.0.0.1:9", "--queue", "q"]);
+    assert!(!ok && err.contains("has a trigger down already"), "{err}");
+    let shown = node.wait_json("/v1/tenants/default/triggers/down", |v| v["last_error"].is_string());
+    assert!(shown["last_error"].as_str().unwrap().contains("127.0.0.1:9"), "{shown}");
+    let out = cli_ok(&node, &["triggers", "show", "down"]);
+    assert!(out.contains("last error:") && out.contains("failing"), "{out}");
+}
