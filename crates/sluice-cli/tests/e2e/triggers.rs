@@ -75,7 +75,7 @@ fn wait_invocations(node: &Node, function: &str, n: usize, within: Duration) -> 
 }
 
 fn trigger_json(node: &Node, name: &str) -> Value {
-    serde_json::from_str(&cli_ok(node, &["triggers", "show", name, "--json"])).unwrap()
+    serde_json::from_str(&cli_ok(node, &["triggers", "show", name, "-o", "json"])).unwrap()
 }
 
 struct Stream {
@@ -200,10 +200,11 @@ fn nats_trigger_loses_nothing_and_stores_nothing_twice_across_kill_9() {
     cli_ok(&node, &["triggers", "create", "chaos", "--function", "sink", "--nats", "nats://127.0.0.1:4222", "--stream", &stream.name, "--subject", &subject, "--path", "/ok"]);
     let total = 3_000;
     let publisher = {
-        let js = stream.js.clone();
         let subject = stream.subject.clone();
         std::thread::spawn(move || {
             runtime().block_on(async move {
+                // Its own connection: the test's runtime does not run while the test waits.
+                let js = async_nats::jetstream::new(async_nats::connect("127.0.0.1:4222").await.unwrap());
                 for chunk in 0..30 {
                     let mut acks = Vec::new();
                     for i in chunk * 100..(chunk + 1) * 100 {
