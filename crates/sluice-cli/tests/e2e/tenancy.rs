@@ -140,6 +140,21 @@ fn world() -> World {
             tenant,
         ]);
         assert!(ok, "schedule {tenant}/sched with the tenant's own key: {out}{err}");
+        // A trigger whose broker is not there (port 9): an object of the tenant's that only fails.
+        let (ok, out, err) = caller.cli(&[
+            "triggers",
+            "create",
+            "trig",
+            "--function",
+            "hello",
+            "--amqp",
+            "amqp://127.0.0.1:9",
+            "--queue",
+            "q",
+            "--tenant",
+            tenant,
+        ]);
+        assert!(ok, "trigger {tenant}/trig with the tenant's own key: {out}{err}");
         let res = caller.get(&format!("/fn/{tenant}/tg/stdout"));
         assert_eq!(res.status(), 200);
         let id = res.headers()["sluice-invocation-id"].to_str().unwrap().to_string();
@@ -170,6 +185,7 @@ struct Names {
     invocation: String,
     key: String,
     schedule: String,
+    trigger: String,
 }
 
 impl Names {
@@ -182,6 +198,7 @@ impl Names {
             .replace("{version}", "1")
             .replace("{alias}", "latest")
             .replace("{schedule}", &self.schedule)
+            .replace("{trigger}", &self.trigger)
             .replace("{path}", "sub/path");
         // The list route names its tenant in the query.
         if template == "/v1/invocations" { format!("{path}?tenant={}", self.tenant) } else { path }
@@ -195,6 +212,7 @@ impl Names {
             .replace(&self.tenant, "{tenant}")
             .replace(&self.function, "{function}")
             .replace(&self.schedule, "{schedule}")
+            .replace(&self.trigger, "{trigger}")
     }
 }
 
@@ -282,6 +300,18 @@ fn another_tenants_objects_answer_404_like_missing_ones_on_every_route_with_no_s
             "/v1/tenants/{tenant}/schedules/{schedule}/backfill",
             Some(Body::Json(json!({ "from": "2026-01-01T00:00:00Z", "to": "2026-01-02T00:00:00Z" }))),
         ),
+        route(
+            "POST",
+            "/v1/tenants/{tenant}/triggers",
+            Some(Body::Json(
+                json!({ "name": "new", "function": "hello", "kind": "mqtt", "url": "mqtt://127.0.0.1:9", "topic": "t" }),
+            )),
+        ),
+        route("GET", "/v1/tenants/{tenant}/triggers", None),
+        route("GET", "/v1/tenants/{tenant}/triggers/{trigger}", None),
+        route("DELETE", "/v1/tenants/{tenant}/triggers/{trigger}", None),
+        route("POST", "/v1/tenants/{tenant}/triggers/{trigger}/pause", None),
+        route("POST", "/v1/tenants/{tenant}/triggers/{trigger}/resume", None),
         route("GET", "/v1/invocations", None),
         route("GET", "/v1/invocations/{id}", None),
         route("GET", "/v1/invocations/{id}/response", None),
@@ -314,6 +344,7 @@ fn another_tenants_objects_answer_404_like_missing_ones_on_every_route_with_no_s
         invocation: w.b_invocation.clone(),
         key: w.b_key_id.clone(),
         schedule: "sched".into(),
+        trigger: "trig".into(),
     };
     let missing = Names {
         tenant: "nosuch".into(),
@@ -321,6 +352,7 @@ fn another_tenants_objects_answer_404_like_missing_ones_on_every_route_with_no_s
         invocation: "0".repeat(32),
         key: "key_0000000000000000".into(),
         schedule: "nosched".into(),
+        trigger: "notrig".into(),
     };
     for r in &object_routes {
         let mut answers = Vec::new();
@@ -368,6 +400,11 @@ fn another_tenants_objects_answer_404_like_missing_ones_on_every_route_with_no_s
         schedules["schedules"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["sched"], "bravo's schedules unchanged: {schedules}");
     assert_eq!(schedules["schedules"][0]["paused"], false, "{schedules}");
+    let triggers = b.json("GET", "/v1/tenants/bravo/triggers", None);
+    let names: Vec<&str> =
+        triggers["triggers"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["trig"], "bravo's triggers unchanged: {triggers}");
+    assert_eq!(triggers["triggers"][0]["paused"], false, "{triggers}");
     let tenants = admin.json("GET", "/v1/tenants", None);
     assert!(!tenants.to_string().contains("charlie"), "{tenants}");
 }
