@@ -45,7 +45,9 @@ async fn nats_publish(stream: &str, n: usize, bytes: usize) -> anyhow::Result<()
     let subject = format!("{}.x", stream.to_lowercase());
     let mut acks = futures::stream::FuturesOrdered::new();
     for i in 0..n {
-        acks.push_back(std::future::IntoFuture::into_future(js.publish(subject.clone(), body(i, bytes).into()).await?));
+        acks.push_back(std::future::IntoFuture::into_future(
+            js.publish(subject.clone(), body(i, bytes).into()).await?,
+        ));
         // At most 2,000 unacked publishes in flight.
         if acks.len() >= 2_000 {
             acks.next().await.expect("an ack")?;
@@ -74,7 +76,8 @@ async fn nats_drain(stream: &str, n: usize) -> anyhow::Result<()> {
 }
 
 async fn amqp_channel() -> anyhow::Result<(lapin::Connection, lapin::Channel)> {
-    let conn = lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", Default::default()).await?;
+    let conn =
+        lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", Default::default()).await?;
     let channel = conn.create_channel().await?;
     Ok((conn, channel))
 }
@@ -88,7 +91,15 @@ async fn amqp_publish(queue: &str, n: usize, bytes: usize) -> anyhow::Result<()>
     for i in 0..n {
         let props = BasicProperties::default().with_message_id(format!("m{i}").as_str().into());
         confirms.push_back(
-            channel.basic_publish("".into(), queue.into(), BasicPublishOptions::default(), &body(i, bytes), props).await?,
+            channel
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    &body(i, bytes),
+                    props,
+                )
+                .await?,
         );
         if confirms.len() >= 2_000 {
             confirms.next().await.expect("a confirm")?;
@@ -104,8 +115,9 @@ async fn amqp_drain(queue: &str, n: usize) -> anyhow::Result<()> {
     use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
     let (_conn, channel) = amqp_channel().await?;
     channel.basic_qos(200, BasicQosOptions::default()).await?;
-    let mut consumer =
-        channel.basic_consume(queue.into(), "drain".into(), BasicConsumeOptions::default(), Default::default()).await?;
+    let mut consumer = channel
+        .basic_consume(queue.into(), "drain".into(), BasicConsumeOptions::default(), Default::default())
+        .await?;
     for _ in 0..n {
         let d = consumer.next().await.context("consumer ended")??;
         d.ack(BasicAckOptions::default()).await?;

@@ -15,10 +15,10 @@ mod node;
 mod output;
 mod rollout;
 mod schedules;
-mod triggers;
 mod serve;
 mod tenants;
 mod top;
+mod triggers;
 mod versions;
 
 use clap::{CommandFactory, Parser, Subcommand};

@@ -133,7 +133,9 @@ pub async fn run(command: TriggersCommand) -> anyhow::Result<()> {
                 req["qos"] = json!(a.qos);
             }
             let client = Client::new(&a.target)?;
-            let v = client.json(client.request(Method::POST, &client.tenant_path("/triggers")).json(&req)).await?;
+            let v = client
+                .json(client.request(Method::POST, &client.tenant_path("/triggers")).json(&req))
+                .await?;
             if a.output.json(&v)? {
                 return Ok(());
             }
@@ -149,7 +151,9 @@ pub async fn run(command: TriggersCommand) -> anyhow::Result<()> {
         }
         TriggersCommand::Show { name, output, target } => {
             let client = Client::new(&target)?;
-            let v = client.json(client.request(Method::GET, &client.tenant_path(&format!("/triggers/{name}")))).await?;
+            let v = client
+                .json(client.request(Method::GET, &client.tenant_path(&format!("/triggers/{name}"))))
+                .await?;
             if output.json(&v)? {
                 return Ok(());
             }
@@ -159,7 +163,9 @@ pub async fn run(command: TriggersCommand) -> anyhow::Result<()> {
         TriggersCommand::Resume { name, output, target } => change(&name, "resume", output, target).await?,
         TriggersCommand::Delete { name, target } => {
             let client = Client::new(&target)?;
-            client.json(client.request(Method::DELETE, &client.tenant_path(&format!("/triggers/{name}")))).await?;
+            client
+                .json(client.request(Method::DELETE, &client.tenant_path(&format!("/triggers/{name}"))))
+                .await?;
             println!("deleted trigger {name} of tenant {}", client.tenant);
         }
     }
@@ -218,7 +224,11 @@ fn list_text(v: &Value) -> String {
         out += &format!(
             "{:<20}  {:<20}  {:<5}  {:<8}  {:>10}  {:>10}  {:>8}  {:>8}\n",
             t["name"].as_str().unwrap_or_default(),
-            format!("{}@{}", t["function"].as_str().unwrap_or_default(), t["alias"].as_str().unwrap_or_default()),
+            format!(
+                "{}@{}",
+                t["function"].as_str().unwrap_or_default(),
+                t["alias"].as_str().unwrap_or_default()
+            ),
             t["kind"].as_str().unwrap_or_default(),
             state(t),
             t["enqueued"].as_u64().unwrap_or_default(),
@@ -233,13 +243,21 @@ fn list_text(v: &Value) -> String {
 /// What `triggers show` (and create, pause, resume) prints.
 fn show_text(v: &Value) -> String {
     let text = |k: &str| v[k].as_str().unwrap_or("-").to_string();
-    let mut out = format!("{}: {}@{}  {}  {}\n", text("name"), text("function"), text("alias"), text("kind"), state(v));
-    out += &format!("source: {}{}\n", source(v), if v["credentials"].as_bool().unwrap_or(false) { " (credentials kept)" } else { "" });
+    let mut out =
+        format!("{}: {}@{}  {}  {}\n", text("name"), text("function"), text("alias"), text("kind"), state(v));
+    out += &format!(
+        "source: {}{}\n",
+        source(v),
+        if v["credentials"].as_bool().unwrap_or(false) { " (credentials kept)" } else { "" }
+    );
     out += &format!("batch {} within {} ms, POST {}\n", v["batch"], v["window_ms"], text("path"));
     out += &format!("node: {}\n", text("node"));
     out += &format!(
         "received {}, enqueued {}, duplicates {} (redeliveries stored once); last commit {}\n",
-        v["received"], v["enqueued"], v["duplicates"], text("last_commit_at")
+        v["received"],
+        v["enqueued"],
+        v["duplicates"],
+        text("last_commit_at")
     );
     out += &format!("lag {}, acked/s {}\n", opt(&v["lag"]), opt(&v["acked_per_s"]));
     if let Some(e) = v["last_error"].as_str() {

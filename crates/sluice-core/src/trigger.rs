@@ -22,13 +22,13 @@ pub const TRIGGER_WINDOW_MS_DEFAULT: u64 = 20;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Source {
-    /// A JetStream stream, read by a durable pull consumer `sluice-{trigger id}` filtered to
-    /// `subject` (wildcards allowed).
+    /// A JetStream stream, read by a durable pull consumer (named by the trigger's `consumer`)
+    /// filtered to `subject` (wildcards allowed).
     Nats { url: String, stream: String, subject: String },
     /// An AMQP 0-9-1 queue (RabbitMQ), consumed with manual acks.
     Amqp { url: String, queue: String },
-    /// An MQTT topic filter, subscribed with a persistent session (client id
-    /// `sluice-{trigger id}`, clean session off) at QoS 1 with manual acks.
+    /// An MQTT topic filter, subscribed with a persistent session (client id: the trigger's
+    /// `consumer`, clean session off) at QoS 1 with manual acks.
     Mqtt { url: String, topic: String, qos: u8 },
 }
 
@@ -88,7 +88,9 @@ impl Source {
                 }
                 name_ok("subject", &subject, 255)?;
                 if subject.split('.').any(str::is_empty) {
-                    return Err(format!("subject {subject:?} has an empty token (\"a..b\", \".a\" or \"a.\")"));
+                    return Err(format!(
+                        "subject {subject:?} has an empty token (\"a..b\", \".a\" or \"a.\")"
+                    ));
                 }
                 Source::Nats { url, stream, subject }
             }
@@ -128,7 +130,11 @@ fn split_url(url: &str, schemes: &[&str], default_port: u16) -> Result<(String, 
     if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) || url.len() > 2048 {
         return Err(bad());
     }
-    let host = if host.contains(':') && !host.ends_with(']') { host.to_string() } else { format!("{host}:{default_port}") };
+    let host = if host.contains(':') && !host.ends_with(']') {
+        host.to_string()
+    } else {
+        format!("{host}:{default_port}")
+    };
     let credentials = match userinfo {
         None => Credentials::default(),
         Some(u) => {
@@ -156,7 +162,9 @@ impl Credentials {
     pub fn apply(&self, url: &str) -> String {
         match (&self.user, url.split_once("://")) {
             (Some(user), Some((scheme, rest))) => {
-                let enc = |s: &str| s.replace('%', "%25").replace('@', "%40").replace(':', "%3A").replace('/', "%2F");
+                let enc = |s: &str| {
+                    s.replace('%', "%25").replace('@', "%40").replace(':', "%3A").replace('/', "%2F")
+                };
                 format!("{scheme}://{}:{}@{rest}", enc(user), enc(self.password.as_deref().unwrap_or("")))
             }
             _ => url.to_string(),
@@ -194,9 +202,10 @@ mod tests {
 
     #[test]
     fn credentials_leave_the_url_and_come_back_only_on_request() {
-        let (source, creds) = Source::Amqp { url: "amqp://guest:s3cr@t@127.0.0.1/%2f".into(), queue: "q".into() }
-            .checked()
-            .unwrap();
+        let (source, creds) =
+            Source::Amqp { url: "amqp://guest:s3cr@t@127.0.0.1/%2f".into(), queue: "q".into() }
+                .checked()
+                .unwrap();
         assert_eq!(source.url(), "amqp://127.0.0.1:5672/%2f");
         assert_eq!(creds.user.as_deref(), Some("guest"));
         assert_eq!(creds.password.as_deref(), Some("s3cr@t"));

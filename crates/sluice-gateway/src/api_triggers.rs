@@ -207,7 +207,11 @@ fn validate(tenant: &str, req: CreateTrigger) -> Result<NewTrigger, SluiceError>
     let source = match req.kind.as_str() {
         "nats" => {
             only(&["stream", "subject"])?;
-            Source::Nats { url: req.url.clone(), stream: need("stream", &req.stream)?, subject: need("subject", &req.subject)? }
+            Source::Nats {
+                url: req.url.clone(),
+                stream: need("stream", &req.stream)?,
+                subject: need("subject", &req.subject)?,
+            }
         }
         "amqp" => {
             only(&["queue"])?;
@@ -215,7 +219,11 @@ fn validate(tenant: &str, req: CreateTrigger) -> Result<NewTrigger, SluiceError>
         }
         "mqtt" => {
             only(&["topic", "qos"])?;
-            Source::Mqtt { url: req.url.clone(), topic: need("topic", &req.topic)?, qos: req.qos.unwrap_or(1) }
+            Source::Mqtt {
+                url: req.url.clone(),
+                topic: need("topic", &req.topic)?,
+                qos: req.qos.unwrap_or(1),
+            }
         }
         other => return Err(bad(format!("kind must be nats, amqp or mqtt, not {other:?}"))),
     };
@@ -224,7 +232,10 @@ fn validate(tenant: &str, req: CreateTrigger) -> Result<NewTrigger, SluiceError>
         return Err(bad(format!("batch must be from 1 to {TRIGGER_BATCH_MAX}, not {}", req.batch)));
     }
     if req.window_ms > TRIGGER_WINDOW_MS_MAX {
-        return Err(bad(format!("window_ms must be from 0 to {TRIGGER_WINDOW_MS_MAX}, not {}", req.window_ms)));
+        return Err(bad(format!(
+            "window_ms must be from 0 to {TRIGGER_WINDOW_MS_MAX}, not {}",
+            req.window_ms
+        )));
     }
     if !req.path.starts_with('/')
         || req.path.len() > SCHEDULE_PATH_BYTES_MAX
@@ -370,9 +381,16 @@ pub(crate) async fn resume_trigger(
     set_paused(&node, auth, &tenant, &name, false).await
 }
 
-async fn set_paused(node: &Node, auth: Auth, tenant: &str, name: &str, paused: bool) -> ApiResult<Json<TriggerInfo>> {
+async fn set_paused(
+    node: &Node,
+    auth: Auth,
+    tenant: &str,
+    name: &str,
+    paused: bool,
+) -> ApiResult<Json<TriggerInfo>> {
     auth.require(tenant, Scope::Deploy)?;
-    let t = node.store.set_trigger_paused(tenant, name, paused).await?.ok_or_else(|| no_trigger(tenant, name))?;
+    let t =
+        node.store.set_trigger_paused(tenant, name, paused).await?.ok_or_else(|| no_trigger(tenant, name))?;
     Ok(Json(info(&t, SystemClock.now_ms())))
 }
 

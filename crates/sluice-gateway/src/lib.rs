@@ -13,10 +13,10 @@ pub mod api_node;
 pub mod api_openapi;
 pub mod api_rollouts;
 pub mod api_schedules;
-pub mod api_triggers;
 pub mod api_tenants;
 #[cfg(test)]
 mod api_tests;
+pub mod api_triggers;
 pub mod api_versions;
 pub mod body;
 pub mod control;

@@ -48,8 +48,8 @@ pub use schedules::{Fired, Firing, NewSchedule, SCHEDULE_CALLER, Schedule, Sched
 pub use sql::{Engine, SqlStore};
 pub use sqlite::{SqliteEngine, SqliteStore};
 pub use tenants::{KeyRecord, Quota, Tenant, Tenants};
-pub use triggers::{NewTrigger, TRIGGER_CALLER, Trigger, TriggerProgress, Triggers};
 pub use timed::{STORE_CALL_TIMEOUT, Timed};
+pub use triggers::{NewTrigger, TRIGGER_CALLER, Trigger, TriggerProgress, Triggers};
 
 pub use sluice_core::OwnUsageLimits;
 pub use sluice_core::{Criticality, InvocationStatus, LogStream};

@@ -48,6 +48,8 @@ pub struct Trigger {
     pub alias: String,
     pub source: Source,
     pub credentials: Credentials,
+    /// The name it consumes under in the broker, made at create: `sluice-{32 hex}`.
+    pub consumer: String,
     pub path: String,
     pub batch_max: u32,
     pub window_ms: u64,
@@ -119,7 +121,7 @@ store_trait! {
 macro_rules! select_triggers {
     ($rest:literal) => {
         concat!(
-            "SELECT id, tenant, name, function, alias, source, credentials, request_path, batch_max, window_ms, \
+            "SELECT id, tenant, name, function, alias, source, credentials, consumer, request_path, batch_max, window_ms, \
              paused, owner, owner_until, received, enqueued, duplicates, lag, acked_per_s, last_error, \
              last_error_at, last_commit_at, recent, created_at, updated_at FROM triggers ",
             $rest
@@ -141,6 +143,7 @@ where
         let now = self.clock.now_ms();
         let source = serde_json::to_string(&new.source)
             .map_err(|e| StoreError::Other(format!("encoding a trigger's source: {e}")))?;
+        let consumer = format!("sluice-{}", sluice_core::ids::invocation_id());
         let mut tx = E::begin_write(&self.pool).await?;
         let function = sqlx::query("SELECT 1 AS known FROM functions WHERE tenant = $1 AND name = $2")
             .bind(new.tenant.as_str())
@@ -149,12 +152,15 @@ where
             .await
             .map_err(E::classify)?;
         if function.is_none() {
-            return Err(StoreError::NotFound(format!("no function {} in tenant {}", new.function, new.tenant)));
+            return Err(StoreError::NotFound(format!(
+                "no function {} in tenant {}",
+                new.function, new.tenant
+            )));
         }
         let row = sqlx::query(
             "INSERT INTO triggers (tenant, name, function, alias, source, credentials, request_path, batch_max,
-                 window_ms, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) RETURNING id",
+                 window_ms, created_at, updated_at, consumer)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11) RETURNING id",
         )
         .bind(new.tenant.as_str())
         .bind(new.name.as_str())
@@ -166,6 +172,7 @@ where
         .bind(i64::from(new.batch_max))
         .bind(to_i64(new.window_ms)?)
         .bind(now)
+        .bind(consumer.as_str())
         .fetch_one(&mut *tx)
         .await
         .map_err(E::classify)
@@ -227,16 +234,22 @@ where
         Ok(E::rows_affected(&done) == 1)
     }
 
-    async fn set_trigger_paused(&self, tenant: &str, name: &str, paused: bool) -> StoreResult<Option<Trigger>> {
+    async fn set_trigger_paused(
+        &self,
+        tenant: &str,
+        name: &str,
+        paused: bool,
+    ) -> StoreResult<Option<Trigger>> {
         let now = self.clock.now_ms();
-        let done = sqlx::query("UPDATE triggers SET paused = $3, updated_at = $4 WHERE tenant = $1 AND name = $2")
-            .bind(tenant)
-            .bind(name)
-            .bind(i64::from(paused))
-            .bind(now)
-            .execute(&self.pool)
-            .await
-            .map_err(E::classify)?;
+        let done =
+            sqlx::query("UPDATE triggers SET paused = $3, updated_at = $4 WHERE tenant = $1 AND name = $2")
+                .bind(tenant)
+                .bind(name)
+                .bind(i64::from(paused))
+                .bind(now)
+                .execute(&self.pool)
+                .await
+                .map_err(E::classify)?;
         if E::rows_affected(&done) == 0 {
             return Ok(None);
         }
@@ -268,12 +281,14 @@ where
         .execute(&self.pool)
         .await
         .map_err(E::classify)?;
-        let held = sqlx::query(select_triggers!("WHERE owner = $1 AND owner_until >= $2 AND paused = 0 ORDER BY id"))
-            .bind(owner)
-            .bind(now)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(E::classify)?;
+        let held = sqlx::query(select_triggers!(
+            "WHERE owner = $1 AND owner_until >= $2 AND paused = 0 ORDER BY id"
+        ))
+        .bind(owner)
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(E::classify)?;
         held.iter().map(trigger_from_row).collect()
     }
 
@@ -318,8 +333,11 @@ where
         if E::rows_affected(&fenced) == 0 {
             return Ok(None);
         }
-        let inserted =
-            if rows.is_empty() { 0 } else { E::enqueue_in(&mut tx, &json_array(rows.iter().map(String::as_str))).await? };
+        let inserted = if rows.is_empty() {
+            0
+        } else {
+            E::enqueue_in(&mut tx, &json_array(rows.iter().map(String::as_str))).await?
+        };
         sqlx::query(
             "UPDATE triggers SET received = received + $2, enqueued = enqueued + $3, duplicates = duplicates + $4,
                  recent = COALESCE($5, recent)
@@ -378,8 +396,10 @@ fn trigger_from_row(row: &impl StoreRow) -> StoreResult<Trigger> {
         alias: get(row, "alias")?,
         source: serde_json::from_str(&source).map_err(|e| corrupt(format!("trigger source: {e}")))?,
         credentials: Credentials::from_stored(credentials.as_deref()),
+        consumer: get(row, "consumer")?,
         path: get(row, "request_path")?,
-        batch_max: u32::try_from(get::<i64, _>(row, "batch_max")?).map_err(|_| corrupt("trigger batch_max"))?,
+        batch_max: u32::try_from(get::<i64, _>(row, "batch_max")?)
+            .map_err(|_| corrupt("trigger batch_max"))?,
         window_ms: count(get(row, "window_ms")?)?,
         paused: get::<i64, _>(row, "paused")? != 0,
         owner: get(row, "owner")?,

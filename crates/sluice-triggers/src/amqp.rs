@@ -11,7 +11,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties, Consumer};
 use sluice_core::trigger::Source;
@@ -43,7 +45,7 @@ impl Amqp {
         let consumer = channel
             .basic_consume(
                 queue.as_str().into(),
-                format!("sluice-trigger-{}", t.id).as_str().into(),
+                t.consumer.as_str().into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )

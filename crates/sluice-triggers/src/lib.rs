@@ -74,7 +74,11 @@ pub trait Broker: Send {
     type Delivery: Send;
     /// The next batch: at least one message (waiting as long as it takes), then as many more as
     /// come within `window`, at most `max`.
-    async fn next_batch(&mut self, max: usize, window: Duration) -> anyhow::Result<Vec<Message<Self::Delivery>>>;
+    async fn next_batch(
+        &mut self,
+        max: usize,
+        window: Duration,
+    ) -> anyhow::Result<Vec<Message<Self::Delivery>>>;
     /// Acks deliveries whose invocations are committed, in order.
     async fn ack(&mut self, deliveries: Vec<Self::Delivery>) -> anyhow::Result<()>;
     /// Gives deliveries back, to come again after about `delay`.
@@ -121,7 +125,11 @@ pub async fn run(node: std::sync::Weak<Node>) {
     loop {
         tick.tick().await;
         let Some(node) = node.upgrade() else { return };
-        let held = match node.store.claim_triggers(&node.id, TRIGGER_LEASE.as_millis() as u64, TAKE_PER_RENEWAL).await {
+        let held = match node
+            .store
+            .claim_triggers(&node.id, TRIGGER_LEASE.as_millis() as u64, TAKE_PER_RENEWAL)
+            .await
+        {
             Ok(held) => {
                 if failing {
                     tracing::info!(target: EVENTS, "renewing trigger leases works again");
@@ -154,7 +162,10 @@ pub async fn run(node: std::sync::Weak<Node>) {
                     let counters = Arc::new(Counters::default());
                     counters.lag.store(LAG_UNKNOWN, Ordering::Relaxed);
                     let task = tokio::spawn(consume(Arc::downgrade(&node), t.clone(), counters.clone()));
-                    keep.insert(id, Running { trigger: t, task, counters, acked_before: 0, seen_at: Instant::now() });
+                    keep.insert(
+                        id,
+                        Running { trigger: t, task, counters, acked_before: 0, seen_at: Instant::now() },
+                    );
                 }
             }
         }
@@ -266,7 +277,9 @@ async fn batches<B: Broker>(
                     Ok(built) => built,
                     Err(_) => {
                         *counters.error.lock().expect("error lock") = Some(e.clone());
-                        broker.retry_later(batch.into_iter().map(|m| m.delivery).collect(), RETRY_LATER).await?;
+                        broker
+                            .retry_later(batch.into_iter().map(|m| m.delivery).collect(), RETRY_LATER)
+                            .await?;
                         tokio::time::sleep(RETRY_LATER).await;
                         continue;
                     }
@@ -302,6 +315,7 @@ async fn batches<B: Broker>(
         let committed = node.store.commit_trigger_batch(t.id, &node.id, invs, recent.as_deref()).await;
         match committed {
             Ok(Some(stored)) => {
+                crash_point();
                 let committed_at = Instant::now();
                 // Duplicates took no new place in the queue.
                 for (i, r) in reserved.into_iter().enumerate() {
@@ -327,11 +341,31 @@ async fn batches<B: Broker>(
     }
 }
 
+/// The tests' way to crash a node exactly between a batch's commit and its ack, the window the
+/// idempotency keys exist for: with `SLUICE_TEST_TRIGGER_ABORT_AFTER_BATCHES=N` in its
+/// environment, the process aborts (no cleanup, like SIGKILL) after its Nth committed batch.
+fn crash_point() {
+    static AFTER: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    static COMMITTED: AtomicU64 = AtomicU64::new(0);
+    let after = AFTER.get_or_init(|| {
+        std::env::var("SLUICE_TEST_TRIGGER_ABORT_AFTER_BATCHES").ok().and_then(|v| v.parse().ok())
+    });
+    if let Some(n) = after
+        && COMMITTED.fetch_add(1, Ordering::Relaxed) + 1 == *n
+    {
+        eprintln!(
+            "sluice: aborting after committed trigger batch {n}, before its ack (SLUICE_TEST_TRIGGER_ABORT_AFTER_BATCHES)"
+        );
+        std::process::abort();
+    }
+}
+
 /// A batch's invocations, in CloudEvents HTTP binary mode, of the version the trigger's alias
 /// names on this node now; `Err` (a message to show) if it names none.
 fn invocations<D>(node: &Node, t: &Trigger, batch: &[Message<D>]) -> Result<Vec<NewInvocation>, String> {
     let served = node.served(&t.tenant, &t.function).ok_or_else(|| format!("no function {}", t.function))?;
-    let alias = served.alias(&t.alias).ok_or_else(|| format!("no alias {} of function {}", t.alias, t.function))?;
+    let alias =
+        served.alias(&t.alias).ok_or_else(|| format!("no alias {} of function {}", t.alias, t.function))?;
     let now = SystemClock.now_ms();
     let source = t.source.event_source();
     Ok(batch
@@ -340,7 +374,10 @@ fn invocations<D>(node: &Node, t: &Trigger, batch: &[Message<D>]) -> Result<Vec<
             let id = event_id(t.id, t.source.kind(), &m.position);
             let deployed = alias.choose(Some(m.subject.as_bytes()));
             let mut headers: Vec<(String, Vec<u8>)> = vec![
-                ("content-type".into(), m.content_type.as_deref().unwrap_or("application/octet-stream").into()),
+                (
+                    "content-type".into(),
+                    m.content_type.as_deref().unwrap_or("application/octet-stream").into(),
+                ),
                 ("ce-specversion".into(), b"1.0".to_vec()),
                 ("ce-id".into(), id.clone().into_bytes()),
                 ("ce-source".into(), source.clone().into_bytes()),
@@ -364,7 +401,11 @@ fn invocations<D>(node: &Node, t: &Trigger, batch: &[Message<D>]) -> Result<Vec<
                 idempotency_key: Some(IdempotencyKey { key: id, caller: TRIGGER_CALLER.into() }),
                 criticality: Criticality::Normal,
                 run_after: now,
-                deadline: deployed.config.start_window_ms.and_then(|w| i64::try_from(w).ok()).map(|w| now + w),
+                deadline: deployed
+                    .config
+                    .start_window_ms
+                    .and_then(|w| i64::try_from(w).ok())
+                    .map(|w| now + w),
                 attempts_max: deployed.config.attempts_max,
                 max_age_ms: deployed.config.max_age_ms,
             }

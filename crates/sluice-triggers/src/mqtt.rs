@@ -1,15 +1,18 @@
-//! MQTT 3.1.1 (Mosquitto): a persistent session (client id `sluice-{trigger id}`, clean session
+//! MQTT 3.1.1 (Mosquitto): a persistent session (client id: the trigger's `consumer`, clean session
 //! off) subscribed at QoS 1 with manual acks; a message is PUBACKed after its batch commits.
 //!
 //! MQTT gives a message no id that outlives its delivery: its packet id is reused once acked.
 //! What the broker does guarantee is that after a reconnect it sends the messages not acked
 //! again, with the same packet id and the DUP flag. So each batch stores, in the same
-//! transaction, the positions it gave its messages by packet id (`Trigger::recent`, the last two
-//! batches); a DUP message whose packet id is there gets that position again (its `ce-id` and
-//! idempotency key), and any other message a fresh one. A broker hands packet ids out in turn
-//! (Mosquitto counts up to 65535), so an id is not reused within the two batches kept.
+//! transaction, the positions it gave its messages by packet id (`Trigger::recent`: the last
+//! [`REMEMBERED`] messages, or two batches if more); a DUP message whose packet id is there gets
+//! that position again (its `ce-id` and idempotency key), and any other message a fresh one.
+//! What can come again is what the broker had in flight unacked, at most its per-client in-flight
+//! limit (Mosquitto's `max_inflight_messages`, 20 by default): keep that below [`REMEMBERED`]. A
+//! broker hands packet ids out in turn (Mosquitto counts up to 65535), so an id is not reused
+//! among the positions kept.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -19,13 +22,15 @@ use sluice_store::Trigger;
 
 use crate::{Broker, Message};
 
+/// How many messages' positions a trigger keeps, at least.
+pub const REMEMBERED: usize = 256;
+
 pub struct Mqtt {
     client: AsyncClient,
     rx: tokio::sync::mpsc::Receiver<anyhow::Result<Publish>>,
     poller: tokio::task::JoinHandle<()>,
-    /// Positions by packet id: of the batch before the last, and of the last.
-    older: HashMap<u16, String>,
-    last: HashMap<u16, String>,
+    /// Positions by packet id of the last messages committed, oldest first.
+    recent: VecDeque<(u16, String)>,
     /// Messages given back (a quota refusal), offered again after `retry_at`.
     given_back: VecDeque<Publish>,
     retry_at: tokio::time::Instant,
@@ -44,9 +49,11 @@ impl Mqtt {
         let authority = authority.split('/').next().unwrap_or(authority);
         let (host, port) = authority
             .rsplit_once(':')
-            .and_then(|(h, p)| Some((h.trim_start_matches('[').trim_end_matches(']'), p.parse::<u16>().ok()?)))
+            .and_then(|(h, p)| {
+                Some((h.trim_start_matches('[').trim_end_matches(']'), p.parse::<u16>().ok()?))
+            })
             .ok_or_else(|| anyhow::anyhow!("url {url} has no host:port"))?;
-        let mut options = MqttOptions::new(format!("sluice-{}", t.id), host, port);
+        let mut options = MqttOptions::new(t.consumer.as_str(), host, port);
         options.set_clean_session(false).set_manual_acks(true).set_keep_alive(Duration::from_secs(10));
         options.set_inflight(u16::try_from(t.batch_max * 2).unwrap_or(u16::MAX));
         if let Some(user) = &t.credentials.user {
@@ -84,22 +91,22 @@ impl Mqtt {
                 }
             }
         });
-        let last: HashMap<u16, String> =
+        let recent: VecDeque<(u16, String)> =
             t.recent.as_deref().and_then(|r| serde_json::from_str(r).ok()).unwrap_or_default();
         Ok(Mqtt {
             client,
             rx,
             poller,
-            older: HashMap::new(),
-            last,
+            recent,
             given_back: VecDeque::new(),
             retry_at: tokio::time::Instant::now(),
         })
     }
 
     fn message(&self, p: Publish) -> Message<Publish> {
-        let kept = if p.dup { self.last.get(&p.pkid).or_else(|| self.older.get(&p.pkid)) } else { None };
-        let position = kept.cloned().unwrap_or_else(sluice_core::ids::invocation_id);
+        // The newest position given to this packet id, for a message sent again.
+        let kept = if p.dup { self.recent.iter().rev().find(|(id, _)| *id == p.pkid) } else { None };
+        let position = kept.map(|(_, pos)| pos.clone()).unwrap_or_else(sluice_core::ids::invocation_id);
         Message {
             position,
             subject: p.topic.clone(),
@@ -147,10 +154,11 @@ impl Broker for Mqtt {
     }
 
     fn remember(&mut self, batch: &[Message<Publish>]) -> Option<String> {
-        self.older = std::mem::take(&mut self.last);
-        self.last = batch.iter().map(|m| (m.delivery.pkid, m.position.clone())).collect();
-        let mut both = self.older.clone();
-        both.extend(self.last.iter().map(|(k, v)| (*k, v.clone())));
-        serde_json::to_string(&both).ok()
+        // Kept: this batch, the one before, and older ones up to REMEMBERED messages.
+        let keep = REMEMBERED.max(2 * batch.len());
+        self.recent.extend(batch.iter().map(|m| (m.delivery.pkid, m.position.clone())));
+        let extra = self.recent.len().saturating_sub(keep);
+        self.recent.drain(..extra);
+        serde_json::to_string(&self.recent).ok()
     }
 }

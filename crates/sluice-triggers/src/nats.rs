@@ -1,5 +1,5 @@
-//! NATS JetStream: a durable pull consumer `sluice-{trigger id}` on the trigger's stream, filtered
-//! to its subject, with explicit acks. The position of a message is its stream sequence, which a
+//! NATS JetStream: a durable pull consumer (named by the trigger's `consumer`) on the trigger's
+//! stream, filtered to its subject, with explicit acks. The position of a message is its stream sequence, which a
 //! redelivery keeps, so a message's `ce-id` is the same however often it comes.
 
 use std::time::Duration;
@@ -15,7 +15,7 @@ use crate::{Broker, Message};
 
 /// How long JetStream waits for an ack before it delivers a message again: a node that died
 /// mid-batch has its unacked messages redelivered (to the next lease holder) after this.
-pub const ACK_WAIT: Duration = Duration::from_secs(30);
+pub const ACK_WAIT: Duration = Duration::from_secs(10);
 
 pub struct Nats {
     messages: pull::Stream,
@@ -32,7 +32,7 @@ impl Nats {
         let client = options.connect(url.as_str()).await.with_context(|| format!("connecting to {url}"))?;
         let js = jetstream::new(client);
         let stream = js.get_stream(stream).await.with_context(|| format!("stream {stream}"))?;
-        let durable = format!("sluice-{}", t.id);
+        let durable = t.consumer.clone();
         let consumer: jetstream::consumer::PullConsumer = stream
             .get_or_create_consumer(
                 &durable,
@@ -67,11 +67,8 @@ impl Nats {
         ];
         let time = i64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).ok();
         self.lag = Some(info.pending);
-        let content_type = m
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("Content-Type"))
-            .map(|v| v.as_str().to_string());
+        let content_type =
+            m.headers.as_ref().and_then(|h| h.get("Content-Type")).map(|v| v.as_str().to_string());
         Ok(Message {
             position: seq.to_string(),
             subject: m.subject.to_string(),
@@ -88,7 +85,11 @@ impl Nats {
 impl Broker for Nats {
     type Delivery = jetstream::Message;
 
-    async fn next_batch(&mut self, max: usize, window: Duration) -> anyhow::Result<Vec<Message<Self::Delivery>>> {
+    async fn next_batch(
+        &mut self,
+        max: usize,
+        window: Duration,
+    ) -> anyhow::Result<Vec<Message<Self::Delivery>>> {
         let next = |m: Option<Result<jetstream::Message, _>>| -> anyhow::Result<jetstream::Message> {
             match m {
                 Some(Ok(m)) => Ok(m),

@@ -65,8 +65,8 @@ pub struct Node {
     pub dir: tempfile::TempDir,
     pub stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     args: Vec<String>,
-    /// Environment variables of the process, beside the test's own.
-    env: Vec<(String, String)>,
+    /// Environment variables of the process, beside the test's own (kept for restarts).
+    pub env: Vec<(String, String)>,
     /// `--listen` of every (re)start: port 0 by default; a fixed port keeps the URL across
     /// restarts.
     pub listen: String,

@@ -7,6 +7,9 @@ CREATE TABLE triggers (
     alias        TEXT    NOT NULL,
     source       TEXT    NOT NULL,
     credentials  TEXT,
+    -- The name it consumes under in the broker (JetStream durable consumer, MQTT client id,
+    -- AMQP consumer tag): unique to this trigger whatever other installations share the broker.
+    consumer     TEXT    NOT NULL,
     request_path TEXT    NOT NULL DEFAULT '/',
     batch_max    BIGINT  NOT NULL CHECK (batch_max >= 1),
     window_ms    BIGINT  NOT NULL CHECK (window_ms >= 0),

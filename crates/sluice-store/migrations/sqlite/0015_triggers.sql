@@ -19,6 +19,9 @@ CREATE TABLE triggers (
     source       TEXT    NOT NULL,
     -- `user\npassword`, never shown.
     credentials  TEXT,
+    -- The name it consumes under in the broker (JetStream durable consumer, MQTT client id,
+    -- AMQP consumer tag): unique to this trigger whatever other installations share the broker.
+    consumer     TEXT    NOT NULL,
     request_path TEXT    NOT NULL DEFAULT '/',
     batch_max    INTEGER NOT NULL CHECK (batch_max >= 1),
     window_ms    INTEGER NOT NULL CHECK (window_ms >= 0),

@@ -6,7 +6,8 @@
 use sluice_core::FunctionConfig;
 use sluice_core::trigger::{Credentials, Source};
 use sluice_store::{
-    IdempotencyKey, InvocationFilter, NewInvocation, NewTrigger, Store, StoreError, TRIGGER_CALLER, TriggerProgress,
+    IdempotencyKey, InvocationFilter, NewInvocation, NewTrigger, Store, StoreError, TRIGGER_CALLER,
+    TriggerProgress,
 };
 
 use super::{ManualClock, invocation};
@@ -24,7 +25,11 @@ fn nats(name: &str) -> NewTrigger {
         name: name.into(),
         function: "hello".into(),
         alias: "latest".into(),
-        source: Source::Nats { url: "nats://127.0.0.1:4222".into(), stream: "S".into(), subject: "orders.>".into() },
+        source: Source::Nats {
+            url: "nats://127.0.0.1:4222".into(),
+            stream: "S".into(),
+            subject: "orders.>".into(),
+        },
         credentials: Credentials { user: Some("app".into()), password: Some("s3cret".into()) },
         path: "/".into(),
         batch_max: 100,
@@ -53,7 +58,10 @@ pub async fn triggers_are_created_listed_paused_and_deleted_with_their_function(
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
     let err = store.create_trigger(&NewTrigger { function: "nope".into(), ..nats("x") }).await.unwrap_err();
     assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
-    store.create_trigger(&NewTrigger { credentials: Credentials::default(), ..nats("another") }).await.unwrap();
+    store
+        .create_trigger(&NewTrigger { credentials: Credentials::default(), ..nats("another") })
+        .await
+        .unwrap();
     let names: Vec<String> = store.list_triggers("acme").await.unwrap().into_iter().map(|t| t.name).collect();
     assert_eq!(names, ["another", "orders"]);
     assert_eq!(store.count_triggers("acme").await.unwrap(), 2);
@@ -81,7 +89,10 @@ pub async fn a_trigger_has_one_lease_holder_and_only_it_commits(store: &dyn Stor
 
     // A redelivered batch (new invocation ids, the same keys) stores nothing again.
     let again: Vec<_> = (2..=4).map(|s| message(t.id, s)).collect();
-    assert_eq!(store.commit_trigger_batch(t.id, "node-a", &again, Some("{\"7\":\"x\"}")).await.unwrap(), Some(1));
+    assert_eq!(
+        store.commit_trigger_batch(t.id, "node-a", &again, Some("{\"7\":\"x\"}")).await.unwrap(),
+        Some(1)
+    );
     let shown = store.get_trigger("acme", "orders").await.unwrap().unwrap();
     assert_eq!((shown.received, shown.enqueued, shown.duplicates), (6, 4, 2));
     assert_eq!(shown.recent.as_deref(), Some("{\"7\":\"x\"}"));
@@ -98,12 +109,22 @@ pub async fn a_trigger_has_one_lease_holder_and_only_it_commits(store: &dyn Stor
     assert_eq!(store.commit_trigger_batch(t.id, "node-a", &[message(t.id, 9)], None).await.unwrap(), None);
     assert!(store.claim_triggers("node-a", 5_000, 4).await.unwrap().is_empty());
     store
-        .trigger_progress(t.id, "node-b", &TriggerProgress { lag: Some(7), acked_per_s: Some(100), error: Some("slow".into()) })
+        .trigger_progress(
+            t.id,
+            "node-b",
+            &TriggerProgress { lag: Some(7), acked_per_s: Some(100), error: Some("slow".into()) },
+        )
         .await
         .unwrap();
-    store.trigger_progress(t.id, "node-a", &TriggerProgress { lag: Some(1), ..Default::default() }).await.unwrap();
+    store
+        .trigger_progress(t.id, "node-a", &TriggerProgress { lag: Some(1), ..Default::default() })
+        .await
+        .unwrap();
     let shown = store.get_trigger("acme", "orders").await.unwrap().unwrap();
-    assert_eq!((shown.lag, shown.acked_per_s, shown.last_error.as_deref()), (Some(7), Some(100), Some("slow")));
+    assert_eq!(
+        (shown.lag, shown.acked_per_s, shown.last_error.as_deref()),
+        (Some(7), Some(100), Some("slow"))
+    );
 
     // Released: taken at once. Paused: neither renewed nor taken.
     store.release_trigger(t.id, "node-b").await.unwrap();
@@ -119,7 +140,8 @@ pub async fn concurrent_claims_give_each_trigger_one_holder(store: &dyn Store, c
     for i in 0..12 {
         store.create_trigger(&nats(&format!("t{i}"))).await.unwrap();
     }
-    let claims = (0..4).map(|n| async move { store.claim_triggers(&format!("node-{n}"), 10_000, 4).await.unwrap() });
+    let claims =
+        (0..4).map(|n| async move { store.claim_triggers(&format!("node-{n}"), 10_000, 4).await.unwrap() });
     let held: Vec<Vec<_>> = futures::future::join_all(claims).await;
     let mut ids: Vec<i64> = held.iter().flatten().map(|t| t.id).collect();
     let n = ids.len();
