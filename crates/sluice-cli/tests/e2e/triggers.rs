@@ -869,3 +869,37 @@ fn mqtt_a_crash_between_commit_and_ack_stores_nothing_twice() {
     }
     assert_eq!(bodies.len(), 100, "every message once");
 }
+
+/// Two nodes on PostgreSQL: one consumes the trigger (its lease), the other waits; when the
+/// consuming node is killed, the other takes the trigger over after the lease, and every message
+/// is one invocation in the shared store.
+#[test]
+fn in_a_cluster_one_node_consumes_and_another_takes_over_when_it_dies() {
+    use crate::cluster::{PgDatabase, cluster_node};
+    if !reachable(4222) {
+        return;
+    }
+    let Some(db) = PgDatabase::create() else { return };
+    let rt = runtime();
+    let stream = rt.block_on(Stream::create());
+    let a = cluster_node(&db, None, &[]);
+    let b = cluster_node(&db, Some(&a.token), &[]);
+    a.deploy("sink", &guests().testguest, &[]);
+    let subject = format!("{}.>", stream.subject);
+    cli_ok(&a, &["triggers", "create", "c", "--function", "sink", "--nats", "nats://127.0.0.1:4222", "--stream", &stream.name, "--subject", &subject, "--path", "/ok"]);
+    rt.block_on(stream.publish(0, 500));
+    wait_invocations(&b, "sink", 500, Duration::from_secs(60));
+    let holder = trigger_json(&b, "c")["node"].as_str().unwrap().to_string();
+    let mut nodes = [a, b];
+    let dies = nodes.iter().position(|n| holder.starts_with(&format!("{}-", n.child.as_ref().unwrap().id()))).expect("the holder is one of the two");
+    nodes[dies].kill9();
+    let survivor = &nodes[1 - dies];
+    rt.block_on(stream.publish(500, 500));
+    let invs = wait_invocations(survivor, "sink", 1_000, Duration::from_secs(60));
+    let shown = trigger_json(survivor, "c");
+    assert_ne!(shown["node"].as_str(), Some(holder.as_str()), "taken over: {shown}");
+    let id = shown["id"].as_i64().unwrap();
+    assert!((1..=1_000).all(|seq| invs.contains_key(&format!("nats:{id}:{seq}"))), "every message once");
+    assert_eq!(invs.len(), 1_000);
+    rt.block_on(stream.delete());
+}
