@@ -1,5 +1,6 @@
-//! `broker-load publish KIND TARGET N [BYTES]` publishes N messages of BYTES bytes (default 64),
-//! each acked by the broker, and prints the rate. `broker-load drain KIND TARGET N` consumes N
+//! `broker-load publish KIND TARGET N [BYTES] [RATE]` publishes N messages of BYTES bytes
+//! (default 64), each acked by the broker, and prints the rate; MQTT at RATE messages/s if given
+//! (a broker drops what a slower subscriber's queue cannot hold: Mosquitto keeps 1000). `broker-load drain KIND TARGET N` consumes N
 //! messages with a bare consumer that acks each and does nothing else, and prints the rate: the
 //! broker's ceiling, which sluice's trigger (consume, commit, ack) is compared with.
 //!
@@ -19,13 +20,15 @@ async fn main() -> anyhow::Result<()> {
     };
     let n: usize = n.parse().context("N")?;
     let bytes: usize = rest.first().map(|b| b.parse()).transpose()?.unwrap_or(64);
+    // Messages per second offered (MQTT only; 0: as fast as the broker acks).
+    let rate: u64 = rest.get(1).map(|r| r.parse()).transpose()?.unwrap_or(0);
     let started = Instant::now();
     match (mode.as_str(), kind.as_str()) {
         ("publish", "nats") => nats_publish(target, n, bytes).await?,
         ("drain", "nats") => nats_drain(target, n).await?,
         ("publish", "amqp") => amqp_publish(target, n, bytes).await?,
         ("drain", "amqp") => amqp_drain(target, n).await?,
-        ("publish", "mqtt") => mqtt_publish(target, n, bytes).await?,
+        ("publish", "mqtt") => mqtt_publish(target, n, bytes, rate).await?,
         ("drain", "mqtt") => mqtt_drain(target, n).await?,
         _ => bail!("usage: broker-load publish|drain nats|amqp|mqtt TARGET N [BYTES]"),
     }
@@ -125,15 +128,20 @@ async fn amqp_drain(queue: &str, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn mqtt_publish(topic: &str, n: usize, bytes: usize) -> anyhow::Result<()> {
+async fn mqtt_publish(topic: &str, n: usize, bytes: usize, rate: u64) -> anyhow::Result<()> {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
     let mut options = MqttOptions::new(format!("broker-load-{}", std::process::id()), "127.0.0.1", 1883);
     options.set_inflight(1_000);
     let (client, mut eventloop) = AsyncClient::new(options, 2_000);
     let topic = topic.to_string();
     let publisher = tokio::spawn(async move {
+        let started = tokio::time::Instant::now();
         for i in 0..n {
             client.publish(topic.as_str(), QoS::AtLeastOnce, false, body(i, bytes)).await?;
+            if rate > 0 && i % 50 == 49 {
+                tokio::time::sleep_until(started + Duration::from_secs_f64((i + 1) as f64 / rate as f64))
+                    .await;
+            }
         }
         anyhow::Ok(client)
     });

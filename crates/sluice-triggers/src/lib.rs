@@ -414,11 +414,14 @@ fn invocations<D>(node: &Node, t: &Trigger, batch: &[Message<D>]) -> Result<Vec<
 }
 
 /// Collects a batch from a channel of messages: the first as it comes, then what comes within
-/// `window`, at most `max`. An adapter whose client hands messages one by one uses it.
+/// `window`, at most `max`, and no longer than `gap` passes without one (a broker that sends a
+/// few unacked messages at a time sends no more until they are acked). An adapter whose client
+/// hands messages one by one uses it.
 pub(crate) async fn collect<T>(
     rx: &mut tokio::sync::mpsc::Receiver<anyhow::Result<T>>,
     max: usize,
     window: Duration,
+    gap: Duration,
 ) -> anyhow::Result<Vec<T>> {
     let first = rx.recv().await.ok_or_else(|| anyhow::anyhow!("the broker connection ended"))??;
     let mut batch = Vec::with_capacity(max.min(1024));
@@ -434,7 +437,8 @@ pub(crate) async fn collect<T>(
             Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => break,
             Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {}
         }
-        match tokio::time::timeout_at(until, rx.recv()).await {
+        let wait = until.min(tokio::time::Instant::now() + gap);
+        match tokio::time::timeout_at(wait, rx.recv()).await {
             Ok(Some(m)) => batch.push(m?),
             Ok(None) | Err(_) => break,
         }

@@ -22,6 +22,9 @@ use sluice_store::Trigger;
 
 use crate::{Broker, Message};
 
+/// How long a batch waits for its next message before it commits what it has.
+const IDLE_GAP: Duration = Duration::from_millis(2);
+
 /// How many messages' positions a trigger keeps, at least.
 pub const REMEMBERED: usize = 256;
 
@@ -130,7 +133,9 @@ impl Broker for Mqtt {
             let again: Vec<Publish> = self.given_back.drain(..n).collect();
             return Ok(again.into_iter().map(|p| self.message(p)).collect());
         }
-        let batch = crate::collect(&mut self.rx, max, window).await?;
+        // The broker sends at most its in-flight limit (Mosquitto: 20) before acks: a batch ends
+        // when the flow pauses, not only at its window.
+        let batch = crate::collect(&mut self.rx, max, window, IDLE_GAP).await?;
         Ok(batch.into_iter().map(|p| self.message(p)).collect())
     }
 
