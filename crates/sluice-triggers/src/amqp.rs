@@ -19,7 +19,7 @@ use lapin::{Channel, Connection, ConnectionProperties, Consumer};
 use sluice_core::trigger::Source;
 use sluice_store::Trigger;
 
-use crate::{Broker, Message};
+use crate::broker::{Broker, Message};
 
 pub struct Amqp {
     _connection: Connection,

@@ -20,7 +20,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
 use sluice_core::trigger::Source;
 use sluice_store::Trigger;
 
-use crate::{Broker, Message};
+use crate::broker::{Broker, Message};
 
 /// How long a batch waits for its next message before it commits what it has.
 const IDLE_GAP: Duration = Duration::from_millis(2);
@@ -135,7 +135,7 @@ impl Broker for Mqtt {
         }
         // The broker sends at most its in-flight limit (Mosquitto: 20) before acks: a batch ends
         // when the flow pauses, not only at its window.
-        let batch = crate::collect(&mut self.rx, max, window, IDLE_GAP).await?;
+        let batch = crate::broker::collect(&mut self.rx, max, window, IDLE_GAP).await?;
         Ok(batch.into_iter().map(|p| self.message(p)).collect())
     }
 

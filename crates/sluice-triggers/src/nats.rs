@@ -11,7 +11,7 @@ use futures::StreamExt;
 use sluice_core::trigger::Source;
 use sluice_store::Trigger;
 
-use crate::{Broker, Message};
+use crate::broker::{Broker, Message};
 
 /// How long JetStream waits for an ack before it delivers a message again: a node that died
 /// mid-batch has its unacked messages redelivered (to the next lease holder) after this.
