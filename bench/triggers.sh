@@ -7,11 +7,11 @@
 # NATS and AMQP: N messages are published first, then the trigger is created; the time is from
 # its creation until the node stored all N. MQTT has no backlog for a new subscriber, and
 # Mosquitto drops what a subscriber's queue cannot hold (1000): the trigger subscribes first,
-# then N messages are offered at MQTT_RATE (default 8000/s); the time is from the first publish
+# then N messages are offered at MQTT_RATE (default 2000/s); the time is from the first publish
 # until all are stored. The invocations wait while this runs (`--utilization-target 0.05`): the
 # table measures ingest, not the function.
 #
-# Usage: bench/triggers.sh [MESSAGES (50000)] [BATCH (100)] [WINDOW (20ms)]
+# Usage: bench/triggers.sh [MESSAGES (50000)] [BATCH (100)] [WINDOW (20ms)]    KINDS="nats amqp mqtt" MQTT_RATE=2000
 # SLUICE=target/debug/sluice uses that binary instead of building the release one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +20,8 @@ cd "$(dirname "$0")/.."
 n=${1:-50000}
 batch=${2:-100}
 window=${3:-20ms}
-mqtt_rate=${MQTT_RATE:-8000}
+mqtt_rate=${MQTT_RATE:-2000}
+kinds=" ${KINDS:-nats amqp mqtt} "
 sluice_bin
 cargo build --release -q -p broker-load
 load=target/release/broker-load
@@ -69,6 +70,7 @@ measure_acks
 
 rows=()
 # --- NATS JetStream
+if [[ $kinds == *" nats "* ]]; then
 stream="BENCH_$run"
 python3 - "$stream" <<'PY'
 import json, socket, sys
@@ -96,9 +98,12 @@ measure_acks
 sluice_rate=$(( n * 1000 / (t1 - t0) ))
 ceiling=$("$load" drain nats "$stream" "$n" | grep -o '[0-9]*/s$' | tr -d /s)
 rows+=("nats JetStream (backlog)|$n|$sluice_rate|$ACKS|$ceiling")
+echo "nats: $sluice_rate/s, $ACKS; bare consumer $ceiling/s" >&2
 "$SLUICE" triggers delete nats-bench >/dev/null
+fi
 
 # --- AMQP (RabbitMQ)
+if [[ $kinds == *" amqp "* ]]; then
 queue="bench-$run"
 python3 - "$queue" <<'PY'
 import socket, struct, sys
@@ -135,8 +140,11 @@ sleep 1
 "$load" publish amqp "$queue" "$n" >/dev/null
 ceiling=$("$load" drain amqp "$queue" "$n" | grep -o '[0-9]*/s$' | tr -d /s)
 rows+=("amqp RabbitMQ (backlog)|$n|$sluice_rate|$ACKS|$ceiling")
+echo "amqp: $sluice_rate/s, $ACKS; bare consumer $ceiling/s" >&2
+fi
 
 # --- MQTT (Mosquitto)
+if [[ $kinds == *" mqtt "* ]]; then
 topic="bench/$run"
 "$SLUICE" triggers create mqtt-bench --function hello --mqtt mqtt://127.0.0.1:1883 --topic "$topic" \
   --batch "$batch" --window "$window" --path /ok >/dev/null
@@ -161,6 +169,8 @@ wait "$drain"
 t1=$(now_ms)
 ceiling=$(( n * 1000 / (t1 - t0) ))
 rows+=("mqtt Mosquitto (offered $mqtt_rate/s)|$n|$sluice_rate|$ACKS|$ceiling")
+echo "mqtt: $sluice_rate/s, $ACKS; bare consumer $ceiling/s" >&2
+fi
 alive "$NODE_PID" "the node"
 
 echo
