@@ -7,11 +7,11 @@
 # NATS and AMQP: N messages are published first, then the trigger is created; the time is from
 # its creation until the node stored all N. MQTT has no backlog for a new subscriber, and
 # Mosquitto drops what a subscriber's queue cannot hold (1000): the trigger subscribes first,
-# then N messages are offered at MQTT_RATE (default 2000/s); the time is from the first publish
+# then MQTT_N messages (6000) are offered at MQTT_RATE (default 300/s); the time is from the first publish
 # until all are stored. The invocations wait while this runs (`--utilization-target 0.05`): the
 # table measures ingest, not the function.
 #
-# Usage: bench/triggers.sh [MESSAGES (50000)] [BATCH (100)] [WINDOW (20ms)]    KINDS="nats amqp mqtt" MQTT_RATE=2000
+# Usage: bench/triggers.sh [MESSAGES (50000)] [BATCH (100)] [WINDOW (20ms)]    KINDS="nats amqp mqtt" MQTT_RATE=300 MQTT_N=6000
 # SLUICE=target/debug/sluice uses that binary instead of building the release one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +20,8 @@ cd "$(dirname "$0")/.."
 n=${1:-50000}
 batch=${2:-100}
 window=${3:-20ms}
-mqtt_rate=${MQTT_RATE:-2000}
+mqtt_rate=${MQTT_RATE:-300}
+mqtt_n=${MQTT_N:-6000}
 kinds=" ${KINDS:-nats amqp mqtt} "
 sluice_bin
 cargo build --release -q -p broker-load
@@ -154,21 +155,21 @@ for _ in $(seq 1 100); do
 done
 sleep 1
 t0=$(now_ms)
-"$load" publish mqtt "$topic" "$n" 64 "$mqtt_rate" >/dev/null
-wait_enqueued mqtt-bench "$n"
+"$load" publish mqtt "$topic" "$mqtt_n" 64 "$mqtt_rate" >/dev/null
+wait_enqueued mqtt-bench "$mqtt_n"
 t1=$(now_ms)
 measure_acks
-sluice_rate=$(( n * 1000 / (t1 - t0) ))
+sluice_rate=$(( mqtt_n * 1000 / (t1 - t0) ))
 "$SLUICE" triggers delete mqtt-bench >/dev/null
-"$load" drain mqtt "$topic" "$n" > "$dir.drain" &
+"$load" drain mqtt "$topic" "$mqtt_n" > "$dir.drain" &
 drain=$!
 sleep 1
 t0=$(now_ms)
-"$load" publish mqtt "$topic" "$n" 64 "$mqtt_rate" >/dev/null
+"$load" publish mqtt "$topic" "$mqtt_n" 64 "$mqtt_rate" >/dev/null
 wait "$drain"
 t1=$(now_ms)
-ceiling=$(( n * 1000 / (t1 - t0) ))
-rows+=("mqtt Mosquitto (offered $mqtt_rate/s)|$n|$sluice_rate|$ACKS|$ceiling")
+ceiling=$(( mqtt_n * 1000 / (t1 - t0) ))
+rows+=("mqtt Mosquitto (offered $mqtt_rate/s)|$mqtt_n|$sluice_rate|$ACKS|$ceiling")
 echo "mqtt: $sluice_rate/s, $ACKS; bare consumer $ceiling/s" >&2
 fi
 alive "$NODE_PID" "the node"

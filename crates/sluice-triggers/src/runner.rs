@@ -199,6 +199,9 @@ async fn batches<B: Broker>(
     let mut inflight: std::collections::VecDeque<tokio::task::JoinHandle<anyhow::Result<Committed>>> =
         std::collections::VecDeque::new();
     let mut last_acked: Option<tokio::sync::watch::Receiver<Option<bool>>> = None;
+    // One commit at a time (the store's writer lock would make a second wait, on SQLite by
+    // sleeping); the tasks take it in the order they were spawned (tokio's lock is fair).
+    let commit_lock = Arc::new(tokio::sync::Mutex::new(()));
     loop {
         // Outcomes of the batches that finished, in order.
         while inflight.front().is_some_and(|h| h.is_finished()) {
@@ -284,6 +287,7 @@ async fn batches<B: Broker>(
             previous,
             acked_tx,
             counters.clone(),
+            commit_lock.clone().lock_owned().await,
         )));
     }
 }
@@ -335,9 +339,11 @@ async fn commit_then_ack<D: Send + 'static, A: crate::broker::Acker<D>>(
     previous: Option<tokio::sync::watch::Receiver<Option<bool>>>,
     acked: tokio::sync::watch::Sender<Option<bool>>,
     counters: Arc<Counters>,
+    commit_turn: tokio::sync::OwnedMutexGuard<()>,
 ) -> anyhow::Result<Committed> {
     let result = async {
         let committed = node.store.commit_trigger_batch(id, &node.id, &invs, recent.as_deref()).await;
+        drop(commit_turn);
         let stored = match committed {
             Ok(Some(stored)) => stored,
             Ok(None) => return Ok(Committed::LeaseLost),
