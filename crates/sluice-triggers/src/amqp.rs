@@ -83,11 +83,6 @@ fn uuid_like() -> String {
 #[async_trait::async_trait]
 impl Broker for Amqp {
     type Delivery = Delivery;
-    type Acker = AmqpAcker;
-
-    fn acker(&self) -> AmqpAcker {
-        AmqpAcker
-    }
 
     async fn next_batch(&mut self, max: usize, window: Duration) -> anyhow::Result<Vec<Message<Delivery>>> {
         let next = |d: Option<lapin::Result<Delivery>>| -> anyhow::Result<Delivery> {
@@ -109,6 +104,15 @@ impl Broker for Amqp {
         Ok(batch)
     }
 
+    async fn ack(&mut self, deliveries: Vec<Delivery>) -> anyhow::Result<()> {
+        // One frame acks the batch: every delivery before the last is settled already (acked
+        // or given back) or in this batch.
+        if let Some(last) = deliveries.last() {
+            last.acker.ack(BasicAckOptions { multiple: true }).await.context("acking")?;
+        }
+        Ok(())
+    }
+
     async fn retry_later(&mut self, deliveries: Vec<Delivery>, _delay: Duration) -> anyhow::Result<()> {
         for d in deliveries {
             d.acker.nack(BasicNackOptions { multiple: false, requeue: true }).await.context("giving back")?;
@@ -123,20 +127,5 @@ impl Broker for Amqp {
             Ok(Ok(q)) => Some(u64::from(q.message_count())),
             _ => None,
         }
-    }
-}
-
-/// Acks with the deliveries' own ackers (their channel's).
-pub struct AmqpAcker;
-
-#[async_trait::async_trait]
-impl crate::broker::Acker<Delivery> for AmqpAcker {
-    async fn ack(&self, deliveries: Vec<Delivery>) -> anyhow::Result<()> {
-        // One frame acks the batch: every delivery before the last is settled already (acked
-        // or given back, batches are acked in order) or in this batch.
-        if let Some(last) = deliveries.last() {
-            last.acker.ack(BasicAckOptions { multiple: true }).await.context("acking")?;
-        }
-        Ok(())
     }
 }

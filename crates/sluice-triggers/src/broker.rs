@@ -27,10 +27,7 @@ pub struct Message<D> {
 /// A broker connection of one trigger.
 #[async_trait::async_trait]
 pub trait Broker: Send {
-    type Delivery: Send + 'static;
-    /// Acks deliveries; moved into the task that commits a batch, so the next batch is taken
-    /// while this one commits.
-    type Acker: Acker<Self::Delivery>;
+    type Delivery: Send;
     /// The next batch: at least one message (waiting as long as it takes), then as many more as
     /// come within `window`, at most `max`.
     async fn next_batch(
@@ -38,8 +35,8 @@ pub trait Broker: Send {
         max: usize,
         window: Duration,
     ) -> anyhow::Result<Vec<Message<Self::Delivery>>>;
-    /// What acks this connection's deliveries.
-    fn acker(&self) -> Self::Acker;
+    /// Acks deliveries whose invocations are committed, in order.
+    async fn ack(&mut self, deliveries: Vec<Self::Delivery>) -> anyhow::Result<()>;
     /// Gives deliveries back, to come again after about `delay`.
     async fn retry_later(&mut self, deliveries: Vec<Self::Delivery>, delay: Duration) -> anyhow::Result<()>;
     /// Messages the broker holds for this trigger that it has not delivered yet, if it says.
@@ -49,13 +46,6 @@ pub trait Broker: Send {
     fn remember(&mut self, _batch: &[Message<Self::Delivery>]) -> Option<String> {
         None
     }
-}
-
-/// Acks deliveries whose invocations are committed; called for batches in the order they were
-/// taken (an AMQP ack covers every earlier delivery).
-#[async_trait::async_trait]
-pub trait Acker<D>: Send + Sync + 'static {
-    async fn ack(&self, deliveries: Vec<D>) -> anyhow::Result<()>;
 }
 
 /// Collects a batch from a channel of messages: the first as it comes, then what comes within

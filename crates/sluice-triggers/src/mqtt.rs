@@ -125,11 +125,6 @@ impl Mqtt {
 #[async_trait::async_trait]
 impl Broker for Mqtt {
     type Delivery = Publish;
-    type Acker = MqttAcker;
-
-    fn acker(&self) -> MqttAcker {
-        MqttAcker(self.client.clone())
-    }
 
     async fn next_batch(&mut self, max: usize, window: Duration) -> anyhow::Result<Vec<Message<Publish>>> {
         if !self.given_back.is_empty() {
@@ -142,6 +137,13 @@ impl Broker for Mqtt {
         // when the flow pauses, not only at its window.
         let batch = crate::broker::collect(&mut self.rx, max, window, IDLE_GAP).await?;
         Ok(batch.into_iter().map(|p| self.message(p)).collect())
+    }
+
+    async fn ack(&mut self, deliveries: Vec<Publish>) -> anyhow::Result<()> {
+        for p in deliveries {
+            self.client.ack(&p).await.context("acking")?;
+        }
+        Ok(())
     }
 
     async fn retry_later(&mut self, deliveries: Vec<Publish>, delay: Duration) -> anyhow::Result<()> {
@@ -163,18 +165,5 @@ impl Broker for Mqtt {
         let extra = self.recent.len().saturating_sub(keep);
         self.recent.drain(..extra);
         serde_json::to_string(&self.recent).ok()
-    }
-}
-
-/// PUBACKs through the session's client.
-pub struct MqttAcker(AsyncClient);
-
-#[async_trait::async_trait]
-impl crate::broker::Acker<Publish> for MqttAcker {
-    async fn ack(&self, deliveries: Vec<Publish>) -> anyhow::Result<()> {
-        for p in deliveries {
-            self.0.ack(&p).await.context("acking")?;
-        }
-        Ok(())
     }
 }

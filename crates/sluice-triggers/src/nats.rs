@@ -84,11 +84,6 @@ impl Nats {
 #[async_trait::async_trait]
 impl Broker for Nats {
     type Delivery = jetstream::Message;
-    type Acker = NatsAcker;
-
-    fn acker(&self) -> NatsAcker {
-        NatsAcker
-    }
 
     async fn next_batch(
         &mut self,
@@ -117,6 +112,13 @@ impl Broker for Nats {
         Ok(batch)
     }
 
+    async fn ack(&mut self, deliveries: Vec<Self::Delivery>) -> anyhow::Result<()> {
+        for m in deliveries {
+            m.ack().await.map_err(|e| anyhow::anyhow!("acking: {e}"))?;
+        }
+        Ok(())
+    }
+
     async fn retry_later(&mut self, deliveries: Vec<Self::Delivery>, delay: Duration) -> anyhow::Result<()> {
         for m in deliveries {
             m.ack_with(AckKind::Nak(Some(delay))).await.map_err(|e| anyhow::anyhow!("giving back: {e}"))?;
@@ -126,18 +128,5 @@ impl Broker for Nats {
 
     async fn lag(&mut self) -> Option<u64> {
         self.lag
-    }
-}
-
-/// A JetStream message acks itself (a publish to its reply subject, fire and forget).
-pub struct NatsAcker;
-
-#[async_trait::async_trait]
-impl crate::broker::Acker<jetstream::Message> for NatsAcker {
-    async fn ack(&self, deliveries: Vec<jetstream::Message>) -> anyhow::Result<()> {
-        for m in deliveries {
-            m.ack().await.map_err(|e| anyhow::anyhow!("acking: {e}"))?;
-        }
-        Ok(())
     }
 }

@@ -191,25 +191,12 @@ enum Ended {
 async fn batches<B: Broker>(
     node: &std::sync::Weak<Node>,
     t: &Trigger,
-    counters: &Arc<Counters>,
+    counters: &Counters,
     mut broker: B,
 ) -> anyhow::Result<Ended> {
     let window = Duration::from_millis(t.window_ms);
     let mut lag_at: Option<Instant> = None;
-    let mut inflight: std::collections::VecDeque<tokio::task::JoinHandle<anyhow::Result<Committed>>> =
-        std::collections::VecDeque::new();
-    let mut last_acked: Option<tokio::sync::watch::Receiver<Option<bool>>> = None;
-    // One commit at a time (the store's writer lock would make a second wait, on SQLite by
-    // sleeping); the tasks take it in the order they were spawned (tokio's lock is fair).
-    let commit_lock = Arc::new(tokio::sync::Mutex::new(()));
     loop {
-        // Outcomes of the batches that finished, in order.
-        while inflight.front().is_some_and(|h| h.is_finished()) {
-            let done = inflight.pop_front().expect("a finished batch");
-            if let Err(e) = outcome(done.await) {
-                return if e.is::<LeaseLost>() { Ok(Ended::LeaseLost) } else { Err(e) };
-            }
-        }
         let mut batch = broker.next_batch(t.batch_max as usize, window).await?;
         let Some(node) = node.upgrade() else { return Ok(Ended::NodeGone) };
         // A broker may answer this with a round trip: once a second at most.
@@ -219,7 +206,7 @@ async fn batches<B: Broker>(
                 counters.lag.store(lag, Ordering::Relaxed);
             }
         }
-        let mut built = match invocations(&node, t, &batch) {
+        let built = match invocations(&node, t, &batch) {
             Ok(built) => built,
             Err(e) => {
                 // No version to run (deployed elsewhere a moment ago, perhaps): read it again.
@@ -261,121 +248,35 @@ async fn batches<B: Broker>(
             tokio::time::sleep(RETRY_LATER).await;
             continue;
         }
-        built.truncate(batch.len());
+        let invs = &built[..batch.len()];
         let recent = broker.remember(&batch);
-        // At most PIPELINE batches committing: the oldest's outcome first.
-        while inflight.len() >= PIPELINE {
-            let oldest = inflight.pop_front().expect("a batch in flight");
-            if let Err(e) = outcome(oldest.await) {
-                return if e.is::<LeaseLost>() { Ok(Ended::LeaseLost) } else { Err(e) };
+        let committed = node.store.commit_trigger_batch(t.id, &node.id, invs, recent.as_deref()).await;
+        match committed {
+            Ok(Some(stored)) => {
+                crash_point();
+                let committed_at = Instant::now();
+                // Duplicates took no new place in the queue.
+                for (i, r) in reserved.into_iter().enumerate() {
+                    if (i as u64) < stored {
+                        r.keep();
+                    }
+                }
+                if stored > 0 {
+                    node.notify_scheduler();
+                }
+                let n = batch.len() as u64;
+                broker.ack(batch.into_iter().map(|m| m.delivery).collect()).await?;
+                sluice_gateway::metrics::trigger_acked(t.source.kind(), n, committed_at.elapsed());
+                counters.acked.fetch_add(n, Ordering::Relaxed);
+            }
+            Ok(None) => return Ok(Ended::LeaseLost),
+            Err(e) => {
+                drop(reserved);
+                broker.retry_later(batch.into_iter().map(|m| m.delivery).collect(), RETRY_LATER).await?;
+                return Err(anyhow::anyhow!("storing a batch failed: {e}"));
             }
         }
-        // The batch before this one, if it is still committing: this one acks after it.
-        let previous = if inflight.is_empty() { None } else { last_acked.clone() };
-        let (acked_tx, acked_rx) = tokio::sync::watch::channel(None);
-        last_acked = Some(acked_rx);
-        let deliveries: Vec<B::Delivery> = batch.into_iter().map(|m| m.delivery).collect();
-        inflight.push_back(tokio::spawn(commit_then_ack(
-            node.clone(),
-            t.id,
-            t.source.kind(),
-            built,
-            recent,
-            reserved,
-            deliveries,
-            broker.acker(),
-            previous,
-            acked_tx,
-            counters.clone(),
-            commit_lock.clone().lock_owned().await,
-        )));
     }
-}
-
-/// Batches committing at once: one commits while the next is taken and built (a SQLite node
-/// commits one at a time; the time to take a batch then hides behind the commit).
-const PIPELINE: usize = 2;
-
-/// How a batch ended.
-enum Committed {
-    Acked,
-    LeaseLost,
-}
-
-/// A batch's task, or its panic.
-fn outcome(joined: Result<anyhow::Result<Committed>, tokio::task::JoinError>) -> anyhow::Result<()> {
-    match joined {
-        Ok(Ok(Committed::Acked)) => Ok(()),
-        Ok(Ok(Committed::LeaseLost)) => Err(anyhow::Error::new(LeaseLost)),
-        Ok(Err(e)) => Err(e),
-        Err(e) => Err(anyhow::anyhow!("a batch's task ended: {e}")),
-    }
-}
-
-#[derive(Debug)]
-struct LeaseLost;
-
-impl std::fmt::Display for LeaseLost {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("the trigger's lease was lost")
-    }
-}
-
-impl std::error::Error for LeaseLost {}
-
-/// Commits a batch, then acks it once the batch before it is acked (`previous` says `Some(true)`);
-/// a batch whose predecessor failed is not acked (the broker sends both again), nor one that did
-/// not commit. Says how it went on `acked`.
-#[allow(clippy::too_many_arguments)]
-async fn commit_then_ack<D: Send + 'static, A: crate::broker::Acker<D>>(
-    node: Arc<Node>,
-    id: i64,
-    kind: &'static str,
-    invs: Vec<NewInvocation>,
-    recent: Option<String>,
-    reserved: Vec<Reservation>,
-    deliveries: Vec<D>,
-    acker: A,
-    previous: Option<tokio::sync::watch::Receiver<Option<bool>>>,
-    acked: tokio::sync::watch::Sender<Option<bool>>,
-    counters: Arc<Counters>,
-    commit_turn: tokio::sync::OwnedMutexGuard<()>,
-) -> anyhow::Result<Committed> {
-    let result = async {
-        let committed = node.store.commit_trigger_batch(id, &node.id, &invs, recent.as_deref()).await;
-        drop(commit_turn);
-        let stored = match committed {
-            Ok(Some(stored)) => stored,
-            Ok(None) => return Ok(Committed::LeaseLost),
-            Err(e) => return Err(anyhow::anyhow!("storing a batch failed: {e}")),
-        };
-        crash_point();
-        let committed_at = Instant::now();
-        // Duplicates took no new place in the queue.
-        for (i, r) in reserved.into_iter().enumerate() {
-            if (i as u64) < stored {
-                r.keep();
-            }
-        }
-        if stored > 0 {
-            node.notify_scheduler();
-        }
-        // In order: an ack may cover earlier deliveries (AMQP).
-        if let Some(mut previous) = previous {
-            let ok = previous.wait_for(Option::is_some).await.map(|v| *v == Some(true)).unwrap_or(false);
-            if !ok {
-                anyhow::bail!("the batch before this one was not acked: both come again");
-            }
-        }
-        let n = deliveries.len() as u64;
-        acker.ack(deliveries).await?;
-        sluice_gateway::metrics::trigger_acked(kind, n, committed_at.elapsed());
-        counters.acked.fetch_add(n, Ordering::Relaxed);
-        Ok(Committed::Acked)
-    }
-    .await;
-    acked.send_replace(Some(matches!(result, Ok(Committed::Acked))));
-    result
 }
 
 /// The tests' way to crash a node exactly between a batch's commit and its ack, the window the
