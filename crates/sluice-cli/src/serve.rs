@@ -154,6 +154,12 @@ pub struct ServeArgs {
     /// more than a tick, 200ms).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub schedule_missed_after: Duration,
+    /// The only brokers triggers may connect to, comma-separated `host:port` or `host` (any
+    /// port), e.g. 127.0.0.1:4222,rabbit.internal. Unset: any broker the node can reach (a
+    /// tenant's trigger can then probe the node's network; set this where tenants are not
+    /// trusted).
+    #[arg(long, value_delimiter = ',')]
+    pub trigger_brokers: Option<Vec<String>>,
     /// Async calls reading their body at once, and as many waiting for their commit (each holds
     /// up to its body); a tenant may take a quarter of each. Beyond a tenant's share its new calls
     /// get 429 at once, beyond the node's 503.
@@ -483,6 +489,7 @@ impl ServeArgs {
             sluice_core::units::format_duration(self.schedule_missed_after)
         );
         node.schedule_missed_after = self.schedule_missed_after;
+        node.trigger_brokers = self.trigger_brokers.clone();
         node.async_enqueue_inflight_max = self.async_enqueue_inflight_max;
         node.deploy_inflight_max = self.deploy_inflight_max;
         node.lease_ms = self.lease.as_millis() as u64;

@@ -99,6 +99,10 @@ pub struct CreateArgs {
     /// The path (and query) below the function each invocation's request is sent to (POST).
     #[arg(long, default_value = "/")]
     path: String,
+    /// One invocation at a time per subject (nats), routing key (amqp) or topic (mqtt), in the
+    /// broker's order: the next starts after the one before has finished (retries included).
+    #[arg(long)]
+    ordered: bool,
     #[command(flatten)]
     output: OutputArgs,
     #[command(flatten)]
@@ -116,6 +120,7 @@ pub async fn run(command: TriggersCommand) -> anyhow::Result<()> {
                 "path": a.path,
                 "batch": a.batch,
                 "window_ms": u64::try_from(a.window.as_millis()).unwrap_or(u64::MAX),
+                "ordered": a.ordered,
             });
             if let Some(url) = a.nats {
                 req["kind"] = json!("nats");
@@ -250,7 +255,13 @@ fn show_text(v: &Value) -> String {
         source(v),
         if v["credentials"].as_bool().unwrap_or(false) { " (credentials kept)" } else { "" }
     );
-    out += &format!("batch {} within {} ms, POST {}\n", v["batch"], v["window_ms"], text("path"));
+    out += &format!(
+        "batch {} within {} ms, POST {}{}\n",
+        v["batch"],
+        v["window_ms"],
+        text("path"),
+        if v["ordered"].as_bool().unwrap_or(false) { ", in order per key" } else { "" }
+    );
     out += &format!("node: {}\n", text("node"));
     out += &format!(
         "received {}, enqueued {}, duplicates {} (redeliveries stored once); last commit {}\n",

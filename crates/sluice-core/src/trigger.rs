@@ -47,6 +47,25 @@ impl Source {
         }
     }
 
+    /// The broker's `host:port` (of a checked source, whose URL always has the port).
+    pub fn broker_address(&self) -> &str {
+        let rest = self.url().split_once("://").map_or(self.url(), |(_, rest)| rest);
+        rest.split('/').next().unwrap_or(rest)
+    }
+
+    /// Whether `allowed` (the node's `serve --trigger-brokers`: `host:port` or `host` for any
+    /// port, compared without case; `None`: any broker) lets this trigger connect: a tenant must
+    /// not make the node a port scanner of its network.
+    pub fn broker_allowed(&self, allowed: Option<&[String]>) -> bool {
+        let Some(allowed) = allowed else { return true };
+        let address = self.broker_address().to_ascii_lowercase();
+        let host = address.rsplit_once(':').map_or(address.as_str(), |(h, _)| h);
+        allowed.iter().any(|a| {
+            let a = a.to_ascii_lowercase();
+            a == address || a == host
+        })
+    }
+
     /// What `ce-source` says: the broker and where in it (never credentials).
     pub fn event_source(&self) -> String {
         match self {
@@ -109,6 +128,28 @@ impl Source {
             }
         };
         Ok((source, credentials))
+    }
+}
+
+#[cfg(test)]
+mod broker_tests {
+    use super::*;
+
+    #[test]
+    fn brokers_are_allowed_by_host_and_port_or_by_host() {
+        let nats = |url: &str| {
+            Source::Nats { url: url.into(), stream: "S".into(), subject: "a.>".into() }.checked().unwrap().0
+        };
+        let local = nats("nats://127.0.0.1");
+        assert_eq!(local.broker_address(), "127.0.0.1:4222");
+        assert!(local.broker_allowed(None));
+        assert!(local.broker_allowed(Some(&["127.0.0.1:4222".into()])));
+        assert!(local.broker_allowed(Some(&["127.0.0.1".into()])));
+        assert!(!local.broker_allowed(Some(&["127.0.0.1:4223".into(), "10.0.0.1".into()])));
+        assert!(!local.broker_allowed(Some(&[])));
+        let named = nats("nats://user:pw@Broker.Internal:4333/x");
+        assert_eq!(named.broker_address(), "Broker.Internal:4333");
+        assert!(named.broker_allowed(Some(&["broker.internal".into()])));
     }
 }
 

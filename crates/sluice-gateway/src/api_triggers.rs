@@ -73,6 +73,11 @@ pub struct CreateTrigger {
     #[serde(default = "default_window")]
     #[schema(default = 20, minimum = 0, maximum = 10000)]
     pub window_ms: u64,
+    /// Run the messages of each subject (nats), routing key (amqp) or topic (mqtt) one at a
+    /// time, in the broker's order: a message's invocation starts only after the one before it
+    /// with the same key has finished (succeeded, or dead after its retries).
+    #[serde(default)]
+    pub ordered: bool,
 }
 
 fn default_alias() -> String {
@@ -108,6 +113,8 @@ pub struct TriggerInfo {
     pub path: String,
     pub batch: u32,
     pub window_ms: u64,
+    /// One invocation in flight per subject, routing key or topic, in order.
+    pub ordered: bool,
     pub paused: bool,
     /// The node consuming it now, if one holds its lease.
     pub node: Option<String>,
@@ -162,7 +169,7 @@ pub(crate) async fn create_trigger(
 ) -> ApiResult<(StatusCode, Json<TriggerInfo>)> {
     auth.require(&tenant, Scope::Deploy)?;
     let req: CreateTrigger = json_body(&body, "trigger")?;
-    let new = validate(&tenant, req)?;
+    let new = validate(&node, &tenant, req)?;
     let count = node.store.count_triggers(&tenant).await?;
     if count >= TRIGGERS_PER_TENANT_MAX {
         return Err(SluiceError::new(
@@ -175,7 +182,7 @@ pub(crate) async fn create_trigger(
     Ok((StatusCode::CREATED, Json(info(&created, SystemClock.now_ms()))))
 }
 
-fn validate(tenant: &str, req: CreateTrigger) -> Result<NewTrigger, SluiceError> {
+fn validate(node: &Node, tenant: &str, req: CreateTrigger) -> Result<NewTrigger, SluiceError> {
     fn bad(message: impl Into<String>) -> SluiceError {
         SluiceError::bad_request(message)
     }
@@ -228,6 +235,12 @@ fn validate(tenant: &str, req: CreateTrigger) -> Result<NewTrigger, SluiceError>
         other => return Err(bad(format!("kind must be nats, amqp or mqtt, not {other:?}"))),
     };
     let (source, credentials) = source.checked().map_err(bad)?;
+    if !source.broker_allowed(node.config.trigger_brokers.as_deref()) {
+        return Err(bad(format!(
+            "broker {} is not one this node's triggers may connect to (serve --trigger-brokers)",
+            source.broker_address()
+        )));
+    }
     if !(1..=TRIGGER_BATCH_MAX).contains(&req.batch) {
         return Err(bad(format!("batch must be from 1 to {TRIGGER_BATCH_MAX}, not {}", req.batch)));
     }
@@ -255,6 +268,7 @@ fn validate(tenant: &str, req: CreateTrigger) -> Result<NewTrigger, SluiceError>
         path: req.path,
         batch_max: req.batch,
         window_ms: req.window_ms,
+        ordered: req.ordered,
     })
 }
 
@@ -421,6 +435,7 @@ fn info(t: &Trigger, now: i64) -> TriggerInfo {
         path: t.path.clone(),
         batch: t.batch_max,
         window_ms: t.window_ms,
+        ordered: t.ordered,
         paused: t.paused,
         node: t.owner.clone().filter(|_| t.owner_until >= now),
         received: t.received,

@@ -496,6 +496,7 @@ async fn enqueue(
         }),
         attempts_max: deployed.config.attempts_max,
         max_age_ms: deployed.config.max_age_ms,
+        in_order: None,
     };
     // The tenant's queued quotas, counted in memory (no store query); given back unless stored.
     let reserved = node.quotas.reserve(&inv.tenant, inv.request.quota_bytes())?;

@@ -65,6 +65,8 @@ pub struct NodeConfig {
     pub promote_ahead: Duration,
     /// A schedule's occurrence is missed (its catch-up policy applies) once it is this late.
     pub schedule_missed_after: Duration,
+    /// The brokers triggers may connect to (`host:port`, or `host` for any port); `None`: any.
+    pub trigger_brokers: Option<Vec<String>>,
 }
 
 impl NodeConfig {
@@ -82,6 +84,7 @@ impl NodeConfig {
             utilization_target: 0.8,
             promote_ahead: Duration::from_secs(30),
             schedule_missed_after: Duration::from_millis(sluice_core::schedule::MISSED_AFTER_MS as u64),
+            trigger_brokers: None,
             async_enqueue_inflight_max: 256,
             deploy_inflight_max: 8,
             lease_ms: 30_000,

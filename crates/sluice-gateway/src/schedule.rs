@@ -56,12 +56,38 @@ pub struct Ticked {
     pub lost: u64,
 }
 
-/// Fires every schedule due now, in one transaction. A schedule whose decision fails (a read
-/// refused) is logged and tried again next tick; the others go on. Two nodes that tick at once
-/// do not wait for each other: the store skips the schedules the other is firing.
+/// Fires every schedule due now, [`DUE_BATCH_MAX`] per transaction, one transaction after the
+/// other while they come full and this node fires some of them. A schedule whose decision fails
+/// (a read refused) is logged and tried again next tick; the others go on. Two nodes that tick
+/// at once do not wait for each other: each starts on different schedules (the store's
+/// `spread`), and the store skips the schedules the other is firing.
 pub async fn tick(node: &Node) -> Result<Ticked, SluiceError> {
+    let spread = spread(&node.id);
+    let mut total = Ticked::default();
+    loop {
+        let (ticked, again) = tick_once(node, spread).await?;
+        total.enqueued += ticked.enqueued;
+        total.lost += ticked.lost;
+        if !again {
+            return Ok(total);
+        }
+    }
+}
+
+/// This node's order of the schedules due in one second: a number from 1 to the store's prime
+/// less one, from the node's id.
+fn spread(node: &str) -> u32 {
+    let hash =
+        node.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    1 + (hash % 1_000_002) as u32
+}
+
+/// One transaction of [`tick`]; and whether to go on at once (it took as many schedules as it
+/// could, and advanced some: more may be due).
+async fn tick_once(node: &Node, spread: u32) -> Result<(Ticked, bool), SluiceError> {
     let now = SystemClock.now_ms();
-    let due = node.store.due_schedules(now, DUE_BATCH_MAX).await.map_err(store_error)?;
+    let due = node.store.due_schedules(now, DUE_BATCH_MAX, spread).await.map_err(store_error)?;
+    let full = due.len() >= DUE_BATCH_MAX as usize;
     let mut firings = Vec::with_capacity(due.len());
     let mut reservations = Vec::with_capacity(due.len());
     for schedule in &due {
@@ -94,7 +120,8 @@ pub async fn tick(node: &Node) -> Result<Ticked, SluiceError> {
     if ticked.enqueued > 0 {
         node.notify_scheduler();
     }
-    Ok(ticked)
+    let advanced = fired.committed.iter().filter(|c| **c).count();
+    Ok((ticked, full && advanced > 0))
 }
 
 /// Decides what a due schedule does now, with the quota places of its invocations; `None` if
@@ -257,6 +284,7 @@ async fn invocations(
                 deadline,
                 attempts_max: deployed.config.attempts_max,
                 max_age_ms: deployed.config.max_age_ms,
+                in_order: None,
             };
             (t, inv)
         })

@@ -124,7 +124,23 @@ pub struct NewInvocation {
     pub attempts_max: u32,
     /// After `created_at + max_age_ms` a failed attempt is not retried: `dead`.
     pub max_age_ms: u64,
+    /// Runs only after every earlier invocation of the same key has finished (one in flight per
+    /// key, retries included); `None`: whenever the scheduler likes.
+    pub in_order: Option<InOrder>,
 }
+
+/// Where an invocation stands in its key's order: it runs after every unfinished invocation with
+/// the same `key` and a smaller `seq` (then id) has finished, succeeded or not. Until then it is
+/// stored with `run_after` [`HELD`], and released (`run_after` = now) when it becomes the key's
+/// head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InOrder {
+    pub key: String,
+    pub seq: i64,
+}
+
+/// The `run_after` of an ordered invocation waiting for the one before it: no lease reaches it.
+pub const HELD: UnixMs = i64::MAX;
 
 /// What `enqueue` did.
 #[derive(Debug, Clone, PartialEq, Eq)]

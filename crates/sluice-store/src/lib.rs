@@ -33,9 +33,10 @@ pub use code::{
     AliasRecord, Code, FunctionRouting, FunctionSummary, TenantStorage, VersionListing, VersionRecord,
 };
 pub use invocations::{
-    ANONYMOUS_CALLER, AttemptResult, Completion, Enqueued, IDEMPOTENCY_WINDOW_MS, IdempotencyKey, Invocation,
-    InvocationFilter, Invocations, LIST_INVOCATIONS_LIMIT_MAX, LeaseAsk, LeaseClass, Leased, NewInvocation,
-    QueueDemand, QueuedUsage, StoredRequest, StoredResponse, SyncRecord, TenantDemand, TenantQueue,
+    ANONYMOUS_CALLER, AttemptResult, Completion, Enqueued, HELD, IDEMPOTENCY_WINDOW_MS, IdempotencyKey,
+    InOrder, Invocation, InvocationFilter, Invocations, LIST_INVOCATIONS_LIMIT_MAX, LeaseAsk, LeaseClass,
+    Leased, NewInvocation, QueueDemand, QueuedUsage, StoredRequest, StoredResponse, SyncRecord, TenantDemand,
+    TenantQueue,
 };
 pub use logs::{FUNCTION_LOGS_LIMIT_MAX, LogLine, Logs};
 pub use nodes::{Change, NodeRecord, Nodes};

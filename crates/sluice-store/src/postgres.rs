@@ -90,6 +90,11 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/postgres/0008_schedules.sql"),
     },
     Migration { version: 9, name: "triggers", sql: include_str!("../migrations/postgres/0009_triggers.sql") },
+    Migration {
+        version: 10,
+        name: "ordered invocations",
+        sql: include_str!("../migrations/postgres/0010_ordered_invocations.sql"),
+    },
 ];
 
 /// Whose clock decides leases.
@@ -257,6 +262,18 @@ impl Dialect for PostgresEngine {
 impl Engine for PostgresEngine {
     const LOCK_SCHEDULES: &'static str = "SELECT id FROM schedules
          WHERE id IN (SELECT jsonb_array_elements_text($1::jsonb)::bigint) ORDER BY id FOR UPDATE SKIP LOCKED";
+    const FIRE_SCHEDULES: &'static str = "
+        UPDATE schedules AS s SET revision = s.revision + 1, next_fire_at = f.next_fire_at,
+            buffered_for = f.buffered_for,
+            last_fired_for = COALESCE(f.last_fired_for, s.last_fired_for),
+            last_invocation = COALESCE(f.last_invocation, s.last_invocation),
+            fires = s.fires + f.fires, skipped = s.skipped + f.skipped,
+            last_error = COALESCE(f.last_error, s.last_error), updated_at = $2
+        FROM jsonb_to_recordset($1::jsonb) AS f(id bigint, revision bigint, next_fire_at bigint,
+            buffered_for bigint, last_fired_for bigint, last_invocation text, fires bigint,
+            skipped bigint, last_error text)
+        WHERE s.id = f.id AND s.revision = f.revision AND s.paused = 0
+        RETURNING s.id";
     const TENANT_EXISTS: &'static str = "SELECT 1 FROM tenants WHERE name = $1 FOR SHARE";
     /// Locked: the deploy's foreign key check would lock it anyway, and [`Engine::PURGE_BLOBS`]
     /// passes over a locked blob.
@@ -480,7 +497,11 @@ impl Engine for PostgresEngine {
         Ok((rows(found, node_from_row)?, now))
     }
 
-    async fn enqueue_in(connection: &mut sqlx::PgConnection, rows: &str) -> StoreResult<u64> {
+    async fn enqueue_in(
+        connection: &mut sqlx::PgConnection,
+        rows: &str,
+        ordered: Option<UnixMs>,
+    ) -> StoreResult<u64> {
         sqlx::query(queue::CLAIM_KEYS)
             .bind(rows)
             .bind(crate::IDEMPOTENCY_WINDOW_MS)
@@ -493,6 +514,14 @@ impl Engine for PostgresEngine {
             .fetch_one(&mut *connection)
             .await
             .map_err(classify)?;
+        if let Some(now) = ordered {
+            sqlx::query(queue::RELEASE_HEADS)
+                .bind(rows)
+                .bind(now)
+                .execute(&mut *connection)
+                .await
+                .map_err(classify)?;
+        }
         Ok(u64::try_from(inserted).unwrap_or(0))
     }
 }

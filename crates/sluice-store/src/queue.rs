@@ -157,6 +157,10 @@ impl Op {
 
 pub(crate) struct EnqueueOp {
     pub id: String,
+    /// Whether it runs in its key's order: its key's head is released in the batch.
+    pub ordered: bool,
+    /// When it was created: a released head is runnable from then.
+    pub created_at: UnixMs,
     /// What the request is compared by when its idempotency key is already held; `None` without
     /// a key.
     pub fingerprint: Option<Fingerprint>,
@@ -193,6 +197,8 @@ pub(crate) type KeyHolder = (i64, String, String, String, String);
 
 pub(crate) struct CompleteOp {
     pub id: String,
+    /// When the attempt ended: the next of its key (if it has one) is runnable from then.
+    pub now: UnixMs,
     /// The fencing check and the state change, one JSON object.
     pub row: String,
     /// The response to store, one JSON object; `None` deletes an earlier attempt's.
@@ -329,6 +335,10 @@ impl EnqueueOp {
             body_sha256: Option<&'a str>,
             created_at: UnixMs,
             request_bytes: u64,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            order_key: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            order_seq: Option<i64>,
         }
         if inv.attempts_max == 0 {
             return Err(StoreError::Other(format!(
@@ -354,7 +364,9 @@ impl EnqueueOp {
             headers: headers_to_json(&inv.request.headers),
             body: hex::encode(&inv.request.body),
             criticality: inv.criticality as i64,
-            run_after: inv.run_after,
+            // An ordered invocation waits until it is its key's head: released in this batch if
+            // its key is idle.
+            run_after: if inv.in_order.is_some() { crate::HELD } else { inv.run_after },
             deadline: inv.deadline,
             attempts_max: inv.attempts_max,
             max_age_ms,
@@ -364,8 +376,16 @@ impl EnqueueOp {
             body_sha256: fingerprint.as_ref().map(|f| f.body_sha256.as_str()),
             created_at,
             request_bytes: inv.request.quota_bytes(),
+            order_key: inv.in_order.as_ref().map(|o| o.key.as_str()),
+            order_seq: inv.in_order.as_ref().map(|o| o.seq),
         };
-        Ok(Self { id: inv.id.clone(), row: encode("invocation", &row)?, fingerprint })
+        Ok(Self {
+            id: inv.id.clone(),
+            ordered: inv.in_order.is_some(),
+            created_at,
+            row: encode("invocation", &row)?,
+            fingerprint,
+        })
     }
 }
 
@@ -452,7 +472,7 @@ impl CompleteOp {
             })
             .collect::<StoreResult<Vec<_>>>()?
             .join(",");
-        Ok(Self { id: id.to_owned(), row: encode("completion", &row)?, response, logs })
+        Ok(Self { id: id.to_owned(), now, row: encode("completion", &row)?, response, logs })
     }
 }
 
@@ -534,6 +554,10 @@ pub(crate) trait Backend: Send + Sync + 'static {
     const PURGE_FINISHED: &'static str;
     /// Deletes up to `$2` idempotency keys created at or before `$1`.
     const PURGE_KEYS: &'static str;
+    /// Releases the head of each key named by a JSON array (`$1`) of objects with an
+    /// `order_key` (enqueue rows, or completed invocations' keys) if it is held: `run_after` =
+    /// `$2` (NULL for the database's clock).
+    const RELEASE_HEADS: &'static str;
 
     async fn connect(&self) -> StoreResult<Conn<Self::Engine>>;
     /// The caller's `now`, or `None` where the statement must take the database's.
@@ -542,12 +566,12 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// other nodes share also tells them there is work.
     async fn insert_queued(&self, connection: &mut Conn<Self::Engine>, rows: &str) -> StoreResult<u64>;
     /// Records each completion of a JSON array whose lease still holds (status running, same
-    /// owner, same attempt: the fencing check); returns the ids it changed.
+    /// owner, same attempt: the fencing check); returns the ids it changed, with their order keys.
     async fn complete_fenced(
         &self,
         connection: &mut Conn<Self::Engine>,
         rows: &str,
-    ) -> StoreResult<Vec<String>>;
+    ) -> StoreResult<Vec<(String, Option<String>)>>;
     /// Inserts log lines in array order, so that `seq` follows it.
     async fn insert_logs(&self, connection: &mut Conn<Self::Engine>, rows: &str) -> StoreResult<()>;
     /// The ops only this database sends through its writer (and a lease, if it does).
@@ -583,6 +607,14 @@ pub(crate) trait Statements: Backend {
     ) -> StoreResult<Vec<KeyHolder>>;
     /// One op of a rare kind (anything but enqueue and complete): a few per node and second.
     async fn apply_one(&self, connection: &mut Conn<Self::Engine>, op: &Op) -> StoreResult<Done>;
+    /// Releases the held heads of the keys a JSON array of `{order_key}` objects names
+    /// ([`Backend::RELEASE_HEADS`]); other nodes hear of what it released.
+    async fn release_heads(
+        &self,
+        connection: &mut Conn<Self::Engine>,
+        rows: &str,
+        now: UnixMs,
+    ) -> StoreResult<u64>;
 }
 
 #[async_trait::async_trait]
@@ -642,6 +674,25 @@ where
             .await
             .map_err(Self::Engine::classify)?;
         tuples(found)
+    }
+
+    async fn release_heads(
+        &self,
+        connection: &mut Conn<Self::Engine>,
+        rows: &str,
+        now: UnixMs,
+    ) -> StoreResult<u64> {
+        let done = sqlx::query(Self::RELEASE_HEADS)
+            .bind(rows)
+            .bind(self.now(now))
+            .execute(&mut *connection)
+            .await
+            .map_err(Self::Engine::classify)?;
+        let released = Self::Engine::rows_affected(&done);
+        if released > 0 {
+            self.announce(connection).await?;
+        }
+        Ok(released)
     }
 
     async fn apply_one(&self, connection: &mut Conn<Self::Engine>, op: &Op) -> StoreResult<Done> {
@@ -741,6 +792,9 @@ async fn enqueue_many<B: Statements>(
         StoreError::Conflict(m) => StoreError::Conflict(format!("an invocation with this id exists: {m}")),
         other => other,
     })?;
+    if let Some(now) = ops.iter().filter(|op| op.ordered).map(|op| op.created_at).max() {
+        backend.release_heads(connection, &rows, now).await?;
+    }
     let mut holders: HashMap<usize, (String, Fingerprint)> = HashMap::new();
     if keyed {
         for (position, holder, method, path, body_sha256) in backend.key_holders(connection, &rows).await? {
@@ -779,6 +833,8 @@ async fn complete_many<B: Statements>(
 ) -> StoreResult<Vec<Done>> {
     let mut done: Vec<Option<Done>> = ops.iter().map(|_| None).collect();
     let mut logs = Vec::new();
+    // The keys of ordered invocations that finished an attempt: their next may be released.
+    let mut keys: Vec<String> = Vec::new();
     // Two completions of one invocation in one batch go in separate rounds, the first first: one
     // multi-row UPDATE cannot tell which of two matching elements it applied.
     let mut pending: Vec<usize> = (0..ops.len()).collect();
@@ -787,7 +843,13 @@ async fn complete_many<B: Statements>(
         let (round, later): (Vec<usize>, Vec<usize>) =
             pending.into_iter().partition(|&i| ids.insert(&ops[i].id));
         let rows = json_array(round.iter().map(|&i| ops[i].row.as_str()));
-        let fenced: HashSet<String> = backend.complete_fenced(connection, &rows).await?.into_iter().collect();
+        let mut fenced: HashSet<String> = HashSet::new();
+        for (id, key) in backend.complete_fenced(connection, &rows).await? {
+            if let Some(key) = key {
+                keys.push(key);
+            }
+            fenced.insert(id);
+        }
         let applied: Vec<&CompleteOp> =
             round.iter().map(|&i| ops[i]).filter(|op| fenced.contains(&op.id)).collect();
         let responses = json_array(applied.iter().filter_map(|op| op.response.as_deref()));
@@ -804,6 +866,15 @@ async fn complete_many<B: Statements>(
             done[i] = Some(Done::Completed(fenced.contains(&ops[i].id)));
         }
         pending = later;
+    }
+    if !keys.is_empty() {
+        #[derive(serde::Serialize)]
+        struct Key<'a> {
+            order_key: &'a str,
+        }
+        let keys: Vec<Key<'_>> = keys.iter().map(|k| Key { order_key: k }).collect();
+        let now = ops.iter().map(|op| op.now).max().expect("a batch has completions");
+        backend.release_heads(connection, &encode("order keys", &keys)?, now).await?;
     }
     // Last, so that a store that must lock to keep `seq` in commit order holds that lock only
     // from here to the commit.

@@ -129,8 +129,11 @@ store_trait! {
             next_fire_at: Option<UnixMs>,
         ) -> StoreResult<Option<Schedule>>;
         /// Schedules not paused whose next occurrence is at or before `now`, or that hold a
-        /// buffered occurrence, oldest first, at most `limit`.
-        async fn due_schedules(&self, now: UnixMs, limit: u32) -> StoreResult<Vec<Schedule>>;
+        /// buffered occurrence, at most `limit`: the oldest second first, and within a second in
+        /// the order `spread` gives (by `id * spread` modulo a prime; 1 is id order). Nodes that
+        /// tick together with different spreads start on different schedules, rather than all
+        /// on the same first `limit` (which only one of them could fire).
+        async fn due_schedules(&self, now: UnixMs, limit: u32, spread: u32) -> StoreResult<Vec<Schedule>>;
         /// Commits [`Firing`]s: each schedule's new state and its invocations, all in one
         /// transaction. A firing changes nothing if another node fires (or has fired) its
         /// schedule, or it was paused, changed or deleted since it was read. Returns which
@@ -299,14 +302,17 @@ where
         found.as_ref().map(schedule_from_row).transpose()
     }
 
-    async fn due_schedules(&self, now: UnixMs, limit: u32) -> StoreResult<Vec<Schedule>> {
-        // Two index scans: by next occurrence, and the few with a buffered one.
+    async fn due_schedules(&self, now: UnixMs, limit: u32, spread: u32) -> StoreResult<Vec<Schedule>> {
+        // Two index scans: by next occurrence, and the few with a buffered one; then a sort of
+        // what is due (ids and the prime below stay far from overflowing 64 bits).
         let found = sqlx::query(select_schedules!(
             "WHERE paused = 0 AND (next_fire_at <= $1 OR buffered_for IS NOT NULL)
-             ORDER BY COALESCE(buffered_for, next_fire_at), id LIMIT $2"
+             ORDER BY COALESCE(buffered_for, next_fire_at) / 1000, (id % 1000003) * $3 % 1000003, id
+             LIMIT $2"
         ))
         .bind(now)
         .bind(i64::from(limit))
+        .bind(i64::from(spread))
         .fetch_all(&self.pool)
         .await
         .map_err(E::classify)?;
@@ -329,16 +335,20 @@ where
             .map_err(E::classify)?;
         let locked: HashSet<i64> =
             locked.iter().map(|row| get::<i64, _>(row, "id")).collect::<StoreResult<_>>()?;
+        // Not locked: another node is firing it right now.
+        let mine: Vec<&Firing> = firings.iter().filter(|f| locked.contains(&f.id)).collect();
+        let advanced =
+            if mine.is_empty() { HashSet::new() } else { fire_all::<E>(&mut tx, &mine, now).await? };
         let mut rows = Vec::new();
         for (i, firing) in firings.iter().enumerate() {
-            // Not locked: another node is firing it right now.
-            if locked.contains(&firing.id) && fire_one::<E>(&mut tx, firing, now).await? {
+            if advanced.contains(&firing.id) {
                 fired.committed[i] = true;
                 rows.extend(enqueue_rows(firing.id, &firing.enqueue, now)?);
             }
         }
         if !rows.is_empty() {
-            fired.inserted = E::enqueue_in(&mut tx, &json_array(rows.iter().map(String::as_str))).await?;
+            fired.inserted =
+                E::enqueue_in(&mut tx, &json_array(rows.iter().map(String::as_str)), None).await?;
         }
         tx.commit().await.map_err(E::classify)?;
         Ok(fired)
@@ -351,7 +361,7 @@ where
         let inserted = if rows.is_empty() {
             0
         } else {
-            E::enqueue_in(&mut tx, &json_array(rows.iter().map(String::as_str))).await?
+            E::enqueue_in(&mut tx, &json_array(rows.iter().map(String::as_str)), None).await?
         };
         let done = sqlx::query("UPDATE schedules SET fires = fires + $2, updated_at = $3 WHERE id = $1")
             .bind(id)
@@ -368,37 +378,53 @@ where
     }
 }
 
-/// One firing's fenced update, in the tick's transaction: whoever commits first bumps the
-/// revision, and every other firing of the same read finds no row and changes nothing.
-async fn fire_one<E: Engine>(tx: &mut Conn<E>, firing: &Firing, now: UnixMs) -> StoreResult<bool>
+/// The firings' fenced updates, in one statement ([`Engine::FIRE_SCHEDULES`]): whoever commits
+/// first bumps a schedule's revision, and every other firing of the same read finds no row and
+/// changes nothing. Returns the schedules it advanced.
+async fn fire_all<E: Engine>(tx: &mut Conn<E>, firings: &[&Firing], now: UnixMs) -> StoreResult<HashSet<i64>>
 where
     for<'c> &'c mut Conn<E>: Executor<'c, Database = E::DB>,
-    Option<String>: Bind<E::DB>,
-    Option<i64>: Bind<E::DB>,
+    for<'a> &'a str: Bind<E::DB>,
     i64: Bind<E::DB>,
 {
-    let last = firing.enqueue.last();
-    let done = sqlx::query(
-        "UPDATE schedules SET revision = revision + 1, next_fire_at = $3, buffered_for = $4,
-             last_fired_for = COALESCE($5, last_fired_for), last_invocation = COALESCE($6, last_invocation),
-             fires = fires + $7, skipped = skipped + $8, last_error = COALESCE($9, last_error),
-             updated_at = $10
-         WHERE id = $1 AND revision = $2 AND paused = 0",
-    )
-    .bind(firing.id)
-    .bind(firing.revision)
-    .bind(firing.next_fire_at)
-    .bind(firing.buffered_for)
-    .bind(last.map(|(t, _)| *t))
-    .bind(last.map(|(_, inv)| inv.id.clone()))
-    .bind(firing.enqueue.len() as i64)
-    .bind(to_i64(firing.skipped)?)
-    .bind(firing.last_error.clone())
-    .bind(now)
-    .execute(&mut *tx)
-    .await
-    .map_err(E::classify)?;
-    Ok(E::rows_affected(&done) == 1)
+    #[derive(serde::Serialize)]
+    struct Row<'a> {
+        id: i64,
+        revision: i64,
+        next_fire_at: Option<UnixMs>,
+        buffered_for: Option<UnixMs>,
+        last_fired_for: Option<UnixMs>,
+        last_invocation: Option<&'a str>,
+        fires: i64,
+        skipped: i64,
+        last_error: Option<&'a str>,
+    }
+    let rows = firings
+        .iter()
+        .map(|f| {
+            let last = f.enqueue.last();
+            Ok(Row {
+                id: f.id,
+                revision: f.revision,
+                next_fire_at: f.next_fire_at,
+                buffered_for: f.buffered_for,
+                last_fired_for: last.map(|(t, _)| *t),
+                last_invocation: last.map(|(_, inv)| inv.id.as_str()),
+                fires: f.enqueue.len() as i64,
+                skipped: to_i64(f.skipped)?,
+                last_error: f.last_error.as_deref(),
+            })
+        })
+        .collect::<StoreResult<Vec<_>>>()?;
+    let rows =
+        serde_json::to_string(&rows).map_err(|e| StoreError::Other(format!("encoding firings: {e}")))?;
+    let advanced = sqlx::query(E::FIRE_SCHEDULES)
+        .bind(rows.as_str())
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(E::classify)?;
+    advanced.iter().map(|row| get::<i64, _>(row, "id")).collect()
 }
 
 /// The enqueue rows (as the queue's writer encodes them) of a schedule's occurrences, after

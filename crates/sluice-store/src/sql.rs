@@ -89,6 +89,10 @@ pub trait Engine: Dialect {
     /// until its commit; where rows lock one by one (PostgreSQL), those another transaction holds
     /// are skipped, not waited for.
     const LOCK_SCHEDULES: &'static str;
+    /// Advances each schedule of a JSON array (`$1`) of firings (`id, revision, next_fire_at,
+    /// buffered_for, last_fired_for, last_invocation, fires, skipped, last_error`) whose
+    /// revision is still the one read and that is not paused, at `$2`: `RETURNING id`.
+    const FIRE_SCHEDULES: &'static str;
 
     /// Starts a transaction that writes (SQLite: holding the write lock from its first statement).
     async fn begin_write(pool: &Pool<Self::DB>) -> StoreResult<Transaction<'static, Self::DB>>;
@@ -120,8 +124,10 @@ pub trait Engine: Dialect {
     /// Claims the idempotency keys of a JSON array of enqueue rows (encoded as the queue's writer
     /// encodes them) and inserts the invocations that won theirs, with the writer's statements
     /// but in the caller's transaction (a schedule's firing); tells the other nodes there is
-    /// work where they share the store. Returns how many it inserted.
-    async fn enqueue_in(connection: &mut Conn<Self>, rows: &str) -> StoreResult<u64>;
+    /// work where they share the store. Returns how many it inserted. With `ordered` (some rows
+    /// run in their key's order), also releases their keys' heads, runnable from that time.
+    async fn enqueue_in(connection: &mut Conn<Self>, rows: &str, ordered: Option<UnixMs>)
+    -> StoreResult<u64>;
 }
 
 impl<E: Engine> crate::Store for SqlStore<E>

@@ -118,6 +118,11 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/sqlite/0014_schedules.sql"),
     },
     Migration { version: 15, name: "triggers", sql: include_str!("../migrations/sqlite/0015_triggers.sql") },
+    Migration {
+        version: 16,
+        name: "ordered invocations",
+        sql: include_str!("../migrations/sqlite/0016_ordered_invocations.sql"),
+    },
 ];
 
 /// The embedded store.
@@ -173,7 +178,7 @@ impl SqliteStore {
             .map_err(classify)?;
         migrate(&pool, MIGRATIONS, clock.now_ms()).await?;
         // Same options as the pool: the writer's commits must be exactly as durable.
-        let writer = Writer::start(queue::Sqlite(options)).await?;
+        let writer = Writer::start(queue::Sqlite(options, Default::default())).await?;
         Ok(Self { pool, clock, enqueues: writer.clone(), writer, engine: SqliteEngine })
     }
 
@@ -216,6 +221,17 @@ impl Engine for SqliteEngine {
     /// The writing transaction holds the database's one write lock already.
     const LOCK_SCHEDULES: &'static str =
         "SELECT id FROM schedules WHERE id IN (SELECT value FROM json_each($1))";
+    const FIRE_SCHEDULES: &'static str = "
+        UPDATE schedules SET revision = revision + 1, next_fire_at = f.value ->> 'next_fire_at',
+            buffered_for = f.value ->> 'buffered_for',
+            last_fired_for = COALESCE(f.value ->> 'last_fired_for', last_fired_for),
+            last_invocation = COALESCE(f.value ->> 'last_invocation', last_invocation),
+            fires = fires + (f.value ->> 'fires'), skipped = skipped + (f.value ->> 'skipped'),
+            last_error = COALESCE(f.value ->> 'last_error', last_error), updated_at = $2
+        FROM jsonb_each($1) AS f
+        WHERE schedules.id = f.value ->> 'id' AND schedules.revision = f.value ->> 'revision'
+          AND schedules.paused = 0
+        RETURNING schedules.id AS id";
     const TENANT_EXISTS: &'static str = "SELECT 1 FROM tenants WHERE name = $1";
     const BLOB_EXISTS: &'static str = "SELECT 1 FROM blobs WHERE tenant = $1 AND digest = $2";
     /// One statement: a deploy that names the blob commits either before it (the blob is named,
@@ -333,7 +349,11 @@ impl Engine for SqliteEngine {
         Ok((rows(found, node_from_row)?, now))
     }
 
-    async fn enqueue_in(connection: &mut sqlx::SqliteConnection, rows: &str) -> StoreResult<u64> {
+    async fn enqueue_in(
+        connection: &mut sqlx::SqliteConnection,
+        rows: &str,
+        ordered: Option<UnixMs>,
+    ) -> StoreResult<u64> {
         sqlx::query(queue::CLAIM_KEYS)
             .bind(rows)
             .bind(crate::IDEMPOTENCY_WINDOW_MS)
@@ -342,6 +362,14 @@ impl Engine for SqliteEngine {
             .map_err(classify)?;
         let done =
             sqlx::query(queue::INSERT_QUEUED).bind(rows).execute(&mut *connection).await.map_err(classify)?;
+        if let Some(now) = ordered {
+            sqlx::query(queue::RELEASE_HEADS)
+                .bind(rows)
+                .bind(now)
+                .execute(&mut *connection)
+                .await
+                .map_err(classify)?;
+        }
         Ok(done.rows_affected())
     }
 }
@@ -463,6 +491,7 @@ mod tests {
             deadline: None,
             attempts_max: 1,
             max_age_ms: 1_000,
+            in_order: None,
         }
     }
 
@@ -618,6 +647,35 @@ mod tests {
         }
     }
 
+    /// Releasing a key's next invocation seeks the index of ordered rows, whatever waits behind
+    /// the key: no statement of it scans the invocations.
+    #[tokio::test]
+    async fn ordered_releases_seek_their_index() {
+        let (_dir, store) = open_temp().await;
+        for (statement, parameters) in [(queue::RELEASE_HEADS, 2), (queue::RELEASE_ORPHANED_HEADS, 1)] {
+            let explain = format!("EXPLAIN QUERY PLAN {statement}");
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(explain));
+            for _ in 0..parameters {
+                query = query.bind("[]");
+            }
+            let plan: Vec<String> = query
+                .fetch_all(&store.pool)
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| row.get::<String, _>("detail"))
+                .collect();
+            let shown = plan.join("\n");
+            assert!(shown.contains("invocations_ordered"), "{statement}\n{shown}");
+            assert!(
+                !plan.iter().any(|step| step.starts_with("SCAN invocations")
+                    || step.starts_with("SCAN h")
+                    || step.starts_with("SCAN e")),
+                "{statement}\n{shown}"
+            );
+        }
+    }
+
     /// The periodic read of every tenant's queued usage walks the index of unfinished rows, which
     /// carries the bytes: it never reads the table (whose rows hold the request bodies).
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -691,6 +749,7 @@ mod tests {
                         body: vec![7; 64 << 10],
                     },
                     max_age_ms: 60_000,
+                    in_order: None,
                     ..invocation(format!("async-{i}"))
                 };
                 store.enqueue(&inv).await.map(|_| ())
@@ -779,6 +838,7 @@ mod tests {
             .map(|i| NewInvocation {
                 deadline: Some(now + 10),
                 max_age_ms: 3_600_000,
+                in_order: None,
                 ..invocation(format!("late-{i:05}"))
             })
             .collect();

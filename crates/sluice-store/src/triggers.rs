@@ -36,6 +36,8 @@ pub struct NewTrigger {
     pub path: String,
     pub batch_max: u32,
     pub window_ms: u64,
+    /// One invocation in flight per subject, routing key or topic, in the broker's order.
+    pub ordered: bool,
 }
 
 /// A trigger as the store keeps it.
@@ -53,6 +55,8 @@ pub struct Trigger {
     pub path: String,
     pub batch_max: u32,
     pub window_ms: u64,
+    /// One invocation in flight per subject, routing key or topic, in the broker's order.
+    pub ordered: bool,
     pub paused: bool,
     /// The node consuming it, while its lease lasts.
     pub owner: Option<String>,
@@ -122,7 +126,7 @@ macro_rules! select_triggers {
     ($rest:literal) => {
         concat!(
             "SELECT id, tenant, name, function, alias, source, credentials, consumer, request_path, batch_max, window_ms, \
-             paused, owner, owner_until, received, enqueued, duplicates, lag, acked_per_s, last_error, \
+             ordered, paused, owner, owner_until, received, enqueued, duplicates, lag, acked_per_s, last_error, \
              last_error_at, last_commit_at, recent, created_at, updated_at FROM triggers ",
             $rest
         )
@@ -159,8 +163,8 @@ where
         }
         let row = sqlx::query(
             "INSERT INTO triggers (tenant, name, function, alias, source, credentials, request_path, batch_max,
-                 window_ms, created_at, updated_at, consumer)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11) RETURNING id",
+                 window_ms, created_at, updated_at, consumer, ordered)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11, $12) RETURNING id",
         )
         .bind(new.tenant.as_str())
         .bind(new.name.as_str())
@@ -173,6 +177,7 @@ where
         .bind(to_i64(new.window_ms)?)
         .bind(now)
         .bind(consumer.as_str())
+        .bind(i64::from(new.ordered))
         .fetch_one(&mut *tx)
         .await
         .map_err(E::classify)
@@ -336,7 +341,12 @@ where
         let inserted = if rows.is_empty() {
             0
         } else {
-            E::enqueue_in(&mut tx, &json_array(rows.iter().map(String::as_str))).await?
+            E::enqueue_in(
+                &mut tx,
+                &json_array(rows.iter().map(String::as_str)),
+                batch.iter().any(|inv| inv.in_order.is_some()).then_some(now),
+            )
+            .await?
         };
         sqlx::query(
             "UPDATE triggers SET received = received + $2, enqueued = enqueued + $3, duplicates = duplicates + $4,
@@ -401,6 +411,7 @@ fn trigger_from_row(row: &impl StoreRow) -> StoreResult<Trigger> {
         batch_max: u32::try_from(get::<i64, _>(row, "batch_max")?)
             .map_err(|_| corrupt("trigger batch_max"))?,
         window_ms: count(get(row, "window_ms")?)?,
+        ordered: get::<i64, _>(row, "ordered")? != 0,
         paused: get::<i64, _>(row, "paused")? != 0,
         owner: get(row, "owner")?,
         owner_until: get(row, "owner_until")?,

@@ -11,7 +11,9 @@ use sluice_core::{Clock, Criticality, SystemClock};
 use sluice_gateway::api_triggers::{TRIGGER_LEASE, TRIGGER_LEASE_RENEW};
 use sluice_gateway::node::Node;
 use sluice_gateway::quota::Reservation;
-use sluice_store::{IdempotencyKey, NewInvocation, StoredRequest, TRIGGER_CALLER, Trigger, TriggerProgress};
+use sluice_store::{
+    IdempotencyKey, InOrder, NewInvocation, StoredRequest, TRIGGER_CALLER, Trigger, TriggerProgress,
+};
 
 use crate::broker::{Broker, Message};
 use crate::{amqp, mqtt, nats};
@@ -137,6 +139,7 @@ fn same_consumer(old: &Trigger, new: &Trigger) -> bool {
         && old.path == new.path
         && old.batch_max == new.batch_max
         && old.window_ms == new.window_ms
+        && old.ordered == new.ordered
 }
 
 /// Gives up this node's leases (shutdown), so other nodes take its triggers at once.
@@ -152,7 +155,16 @@ pub async fn release_all(node: &Node) {
 async fn consume(node: std::sync::Weak<Node>, t: Trigger, counters: Arc<Counters>) {
     let mut backoff = Duration::from_millis(250);
     loop {
+        let allowed = match node.upgrade() {
+            Some(node) => t.source.broker_allowed(node.config.trigger_brokers.as_deref()),
+            None => return,
+        };
         let result = match &t.source {
+            // Created on a node with another list, perhaps: this one does not connect.
+            _ if !allowed => Err(anyhow::anyhow!(
+                "broker {} is not one this node's triggers may connect to (serve --trigger-brokers)",
+                t.source.broker_address()
+            )),
             Source::Nats { .. } => match nats::Nats::connect(&t).await {
                 Ok(b) => batches(&node, &t, &counters, b).await,
                 Err(e) => Err(e),
@@ -196,9 +208,30 @@ async fn batches<B: Broker>(
 ) -> anyhow::Result<Ended> {
     let window = Duration::from_millis(t.window_ms);
     let mut lag_at: Option<Instant> = None;
+    let mut last_seq = 0;
     loop {
         let mut batch = broker.next_batch(t.batch_max as usize, window).await?;
         let Some(node) = node.upgrade() else { return Ok(Ended::NodeGone) };
+        // A message larger than an async call's body may be stays in the broker, said in
+        // `triggers show`: storing it would bypass the limit, dropping it would lose it.
+        let body_max = node.config.limits.async_body_bytes_max;
+        if batch.iter().any(|m| m.body.len() as u64 > body_max) {
+            let (fit, over): (Vec<_>, Vec<_>) =
+                batch.into_iter().partition(|m| m.body.len() as u64 <= body_max);
+            let why = format!(
+                "message {} ({}) is {} bytes, over the node's async body limit of {body_max} bytes (serve --async-body-max); it stays in the broker",
+                over[0].position,
+                over[0].subject,
+                over[0].body.len()
+            );
+            tracing::warn!(target: EVENTS, tenant = %t.tenant, trigger = %t.name, error = %why, "message too large");
+            *counters.error.lock().expect("error lock") = Some(why);
+            broker.retry_later(over.into_iter().map(|m| m.delivery).collect(), RETRY_LATER).await?;
+            if fit.is_empty() {
+                continue;
+            }
+            batch = fit;
+        }
         // A broker may answer this with a round trip: once a second at most.
         if lag_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
             lag_at = Some(Instant::now());
@@ -206,12 +239,13 @@ async fn batches<B: Broker>(
                 counters.lag.store(lag, Ordering::Relaxed);
             }
         }
-        let built = match invocations(&node, t, &batch) {
+        let seq = next_seq(last_seq);
+        let built = match invocations(&node, t, &batch, seq) {
             Ok(built) => built,
             Err(e) => {
                 // No version to run (deployed elsewhere a moment ago, perhaps): read it again.
                 let _ = node.refresh_function(&t.tenant, &t.function).await;
-                match invocations(&node, t, &batch) {
+                match invocations(&node, t, &batch, seq) {
                     Ok(built) => built,
                     Err(_) => {
                         *counters.error.lock().expect("error lock") = Some(e.clone());
@@ -265,6 +299,7 @@ async fn batches<B: Broker>(
                     node.notify_scheduler();
                 }
                 let n = batch.len() as u64;
+                last_seq = seq + n as i64;
                 broker.ack(batch.into_iter().map(|m| m.delivery).collect()).await?;
                 sluice_gateway::metrics::trigger_acked(t.source.kind(), n, committed_at.elapsed());
                 counters.acked.fetch_add(n, Ordering::Relaxed);
@@ -277,6 +312,17 @@ async fn batches<B: Broker>(
             }
         }
     }
+}
+
+/// The first sequence number of a batch, in its key's order: the wall clock in microseconds, so
+/// a consumer that takes the trigger over on another node continues after this one (as far as
+/// their clocks agree), and never below the last batch's end, so two batches within a
+/// microsecond keep their order.
+fn next_seq(last: i64) -> i64 {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+    micros.max(last)
 }
 
 /// The tests' way to crash a node exactly between a batch's commit and its ack, the window the
@@ -300,7 +346,13 @@ fn crash_point() {
 
 /// A batch's invocations, in CloudEvents HTTP binary mode, of the version the trigger's alias
 /// names on this node now; `Err` (a message to show) if it names none.
-fn invocations<D>(node: &Node, t: &Trigger, batch: &[Message<D>]) -> Result<Vec<NewInvocation>, String> {
+/// An ordered trigger's messages take the sequence numbers from `seq` on (see [`next_seq`]).
+fn invocations<D>(
+    node: &Node,
+    t: &Trigger,
+    batch: &[Message<D>],
+    seq: i64,
+) -> Result<Vec<NewInvocation>, String> {
     let served = node.served(&t.tenant, &t.function).ok_or_else(|| format!("no function {}", t.function))?;
     let alias =
         served.alias(&t.alias).ok_or_else(|| format!("no alias {} of function {}", t.alias, t.function))?;
@@ -308,7 +360,8 @@ fn invocations<D>(node: &Node, t: &Trigger, batch: &[Message<D>]) -> Result<Vec<
     let source = t.source.event_source();
     Ok(batch
         .iter()
-        .map(|m| {
+        .enumerate()
+        .map(|(i, m)| {
             let id = event_id(t.id, t.source.kind(), &m.position);
             let deployed = alias.choose(Some(m.subject.as_bytes()));
             let mut headers: Vec<(String, Vec<u8>)> = vec![
@@ -346,6 +399,11 @@ fn invocations<D>(node: &Node, t: &Trigger, batch: &[Message<D>]) -> Result<Vec<
                     .map(|w| now + w),
                 attempts_max: deployed.config.attempts_max,
                 max_age_ms: deployed.config.max_age_ms,
+                // Keys of the trigger's own, so two triggers never wait for each other.
+                in_order: t.ordered.then(|| InOrder {
+                    key: format!("trigger:{}:{}", t.id, m.subject),
+                    seq: seq.saturating_add(i as i64),
+                }),
             }
         })
         .collect())

@@ -438,6 +438,155 @@ fn bad_triggers_are_refused_and_a_failing_broker_says_why() {
     assert!(out.contains("last error:") && out.contains("failing"), "{out}");
 }
 
+/// A node that lets triggers reach only the brokers it names refuses the others at create, and
+/// a message larger than an async call's body stays in the broker, said in `triggers show`.
+#[test]
+fn brokers_outside_the_allow_list_and_oversized_messages_are_refused() {
+    let node = Node::start(&["--trigger-brokers", "127.0.0.1:4222,localhost", "--async-body-max", "1KiB"]);
+    node.deploy("f", &guests().testguest, &[]);
+    let (ok, _, err) = node.cli(&[
+        "triggers",
+        "create",
+        "x",
+        "--function",
+        "f",
+        "--amqp",
+        "amqp://10.1.2.3:5672",
+        "--queue",
+        "q",
+    ]);
+    assert!(
+        !ok && err.contains("broker 10.1.2.3:5672 is not one this node's triggers may connect to"),
+        "{err}"
+    );
+    let (ok, _, err) = node.cli(&[
+        "triggers",
+        "create",
+        "x",
+        "--function",
+        "f",
+        "--nats",
+        "nats://127.0.0.1:6379",
+        "--stream",
+        "S",
+        "--subject",
+        "a.>",
+    ]);
+    assert!(!ok && err.contains("--trigger-brokers"), "{err}");
+    if !reachable(4222) {
+        return;
+    }
+    let rt = runtime();
+    let stream = rt.block_on(Stream::create());
+    let subject = format!("{}.>", stream.subject);
+    cli_ok(
+        &node,
+        &[
+            "triggers",
+            "create",
+            "big",
+            "--function",
+            "f",
+            "--nats",
+            "nats://127.0.0.1:4222",
+            "--stream",
+            &stream.name,
+            "--subject",
+            &subject,
+        ],
+    );
+    rt.block_on(async {
+        stream.js.publish(format!("{}.small", stream.subject), "small".into()).await.unwrap().await.unwrap();
+        stream
+            .js
+            .publish(format!("{}.large", stream.subject), vec![b'x'; 4096].into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        stream.js.publish(format!("{}.small", stream.subject), "after".into()).await.unwrap().await.unwrap();
+    });
+    let invs = wait_invocations(&node, "f", 2, Duration::from_secs(60));
+    let id = trigger_json(&node, "big")["id"].as_i64().unwrap();
+    assert_eq!(
+        invs.keys().cloned().collect::<Vec<_>>(),
+        [format!("nats:{id}:1"), format!("nats:{id}:3")],
+        "the messages that fit, not the large one"
+    );
+    let shown = node.wait_json("/v1/tenants/default/triggers/big", |v| v["last_error"].is_string());
+    let error = shown["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("message 2") && error.contains("4096 bytes") && error.contains("stays in the broker"),
+        "{error}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(by_key(&node, "f").len(), 2, "still not stored after its redeliveries");
+    rt.block_on(stream.delete());
+}
+
+/// An ordered trigger runs one invocation at a time per subject, in the stream's order, while
+/// subjects run beside each other.
+#[test]
+fn an_ordered_trigger_runs_each_subject_one_at_a_time_in_order() {
+    if !reachable(4222) {
+        return;
+    }
+    let rt = runtime();
+    let stream = rt.block_on(Stream::create());
+    let node = Node::start(&[]);
+    node.deploy("slow", &guests().testguest, &[]);
+    let subject = format!("{}.>", stream.subject);
+    let out = cli_ok(
+        &node,
+        &[
+            "triggers",
+            "create",
+            "inorder",
+            "--function",
+            "slow",
+            "--nats",
+            "nats://127.0.0.1:4222",
+            "--stream",
+            &stream.name,
+            "--subject",
+            &subject,
+            "--path",
+            "/sleep?ms=100",
+            "--ordered",
+        ],
+    );
+    assert!(out.contains("in order per key"), "{out}");
+    // 30 messages on three subjects (i % 3), published at once.
+    rt.block_on(stream.publish(0, 30));
+    let invs = wait_invocations(&node, "slow", 30, Duration::from_secs(60));
+    let id = trigger_json(&node, "inorder")["id"].as_i64().unwrap();
+    let mut by_subject: BTreeMap<u64, Vec<(u64, i64, i64)>> = BTreeMap::new();
+    for seq in 1..=30u64 {
+        let inv = &invs[&format!("nats:{id}:{seq}")];
+        let done = node.wait_json(&format!("/v1/invocations/{}", inv["id"].as_str().unwrap()), |v| {
+            v["status"] == "succeeded"
+        });
+        let ms = |k: &str| sluice_core::parse_rfc3339(done[k].as_str().unwrap()).unwrap();
+        by_subject.entry((seq - 1) % 3).or_default().push((seq, ms("started_at"), ms("finished_at")));
+    }
+    for (subject, runs) in &by_subject {
+        for pair in runs.windows(2) {
+            let ((a, _, a_end), (b, b_start, _)) = (pair[0], pair[1]);
+            assert!(
+                b_start >= a_end,
+                "subject {subject}: message {b} started at {b_start}, before message {a} finished at {a_end}: {runs:?}"
+            );
+        }
+    }
+    // The subjects did not wait for each other: some of their runs overlapped.
+    let spans: Vec<(i64, i64)> = by_subject.values().map(|r| (r[0].1, r[r.len() - 1].2)).collect();
+    assert!(
+        spans.iter().any(|a| spans.iter().any(|b| a != b && a.0 < b.1 && b.0 < a.1)),
+        "subjects ran one after the other: {spans:?}"
+    );
+    rt.block_on(stream.delete());
+}
+
 /// Waits (60 s at most: a loaded machine runs a backlog) until invocation `id` succeeded.
 fn wait_succeeded(node: &Node, id: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);

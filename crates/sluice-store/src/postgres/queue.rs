@@ -46,7 +46,8 @@ macro_rules! enqueue_rows {
              id text, tenant text, function text, version bigint, method text, path text,
              headers jsonb, body text, criticality bigint, run_after bigint, deadline bigint,
              attempts_max bigint, max_age_ms bigint, max_age_at bigint, idempotency_key text,
-             caller text, body_sha256 text, created_at bigint, request_bytes bigint)"
+             caller text, body_sha256 text, created_at bigint, request_bytes bigint,
+             order_key text, order_seq bigint)"
     };
 }
 
@@ -74,11 +75,11 @@ pub(super) const INSERT_QUEUED: &str = concat!(
              INSERT INTO invocations (id, tenant, function, version, mode, status, attempts,
                  created_at, request_method, request_path, request_headers, request_body,
                  criticality, run_after, deadline, attempts_max, max_age_ms, max_age_at,
-                 idempotency_key, request_bytes)
+                 idempotency_key, request_bytes, order_key, order_seq)
              SELECT r.id, r.tenant, r.function, r.version, 'async', 'queued', 0, r.created_at,
                     r.method, r.path, r.headers::text, decode(r.body, 'hex'), r.criticality,
                     r.run_after, r.deadline, r.attempts_max, r.max_age_ms, r.max_age_at,
-                    r.idempotency_key, r.request_bytes
+                    r.idempotency_key, r.request_bytes, r.order_key, r.order_seq
              FROM ",
     enqueue_rows!(),
     "
@@ -134,7 +135,7 @@ const COMPLETE_FENCED: &str = "
         lease_expires_at = NULL
     FROM c
     WHERE i.id = c.id AND i.status = 'running' AND i.lease_owner = c.owner AND i.attempts = c.attempt
-    RETURNING i.id";
+    RETURNING i.id, i.order_key";
 
 const UPSERT_RESPONSES: &str = "
     INSERT INTO responses (invocation_id, status, headers, body)
@@ -167,6 +168,64 @@ const INSERT_LOGS: &str = "
     JOIN invocations AS i ON i.id = r.invocation_id
     ORDER BY j.ord";
 
+// --- in order per key (see the SQLite store's statements) ---
+
+macro_rules! held_head {
+    () => {
+        "(SELECT h.id FROM invocations AS h
+          WHERE h.order_key = k.key AND h.status IN ('queued', 'failed', 'running')
+            AND h.run_after = 9223372036854775807
+          ORDER BY h.order_seq, h.id LIMIT 1)"
+    };
+}
+
+macro_rules! key_idle {
+    () => {
+        "NOT EXISTS (SELECT 1 FROM invocations AS e
+                     WHERE e.order_key = k.key AND e.status IN ('queued', 'failed', 'running')
+                       AND e.run_after < 9223372036854775807)"
+    };
+}
+
+/// Releases, for each key of a JSON array (`$1`) of objects with an `order_key` that has nothing
+/// in flight, its first held invocation: runnable from `$2` (NULL: the database's clock). Two
+/// nodes may race here (one enqueues behind a head that the other completes); what the race
+/// leaves held, [`RELEASE_ORPHANED_HEADS`] releases at the next sweep that runs it.
+pub(super) const RELEASE_HEADS: &str = concat!(
+    "UPDATE invocations AS i SET run_after = (SELECT COALESCE($2::bigint, sluice_now_ms()))
+     FROM (SELECT ",
+    held_head!(),
+    " AS id
+           FROM (SELECT DISTINCT r.order_key AS key
+                 FROM jsonb_array_elements($1::jsonb) AS j(value)
+                 CROSS JOIN LATERAL jsonb_to_record(j.value) AS r(order_key text)
+                 WHERE r.order_key IS NOT NULL) AS k
+           WHERE ",
+    key_idle!(),
+    ") AS head
+     WHERE i.id = head.id AND i.run_after = 9223372036854775807 AND i.status IN ('queued', 'failed')"
+);
+
+/// The same for every key with unfinished invocations (at `$1`, NULL: the database's clock),
+/// walking the keys one index seek each.
+pub(super) const RELEASE_ORPHANED_HEADS: &str = concat!(
+    "WITH RECURSIVE keys(key) AS (
+         SELECT MIN(order_key) FROM invocations
+         WHERE order_key IS NOT NULL AND status IN ('queued', 'failed', 'running')
+         UNION ALL
+         SELECT (SELECT MIN(order_key) FROM invocations
+                 WHERE order_key IS NOT NULL AND order_key > keys.key
+                   AND status IN ('queued', 'failed', 'running'))
+         FROM keys WHERE keys.key IS NOT NULL)
+     UPDATE invocations AS i SET run_after = (SELECT COALESCE($1::bigint, sluice_now_ms()))
+     FROM (SELECT ",
+    held_head!(),
+    " AS id FROM keys AS k WHERE k.key IS NOT NULL AND ",
+    key_idle!(),
+    ") AS head
+     WHERE i.id = head.id AND i.run_after = 9223372036854775807 AND i.status IN ('queued', 'failed')"
+);
+
 #[async_trait::async_trait]
 impl Backend for Postgres {
     type Engine = PostgresEngine;
@@ -182,6 +241,7 @@ impl Backend for Postgres {
     const RECORD_WAITS: &'static str = RECORD_WAITS;
     const PURGE_FINISHED: &'static str = PURGE_FINISHED;
     const PURGE_KEYS: &'static str = PURGE_KEYS;
+    const RELEASE_HEADS: &'static str = RELEASE_HEADS;
 
     async fn connect(&self) -> StoreResult<PgConnection> {
         self.options.connect().await.map_err(classify)
@@ -201,8 +261,12 @@ impl Backend for Postgres {
         Ok(u64::try_from(inserted).unwrap_or(0))
     }
 
-    async fn complete_fenced(&self, connection: &mut PgConnection, rows: &str) -> StoreResult<Vec<String>> {
-        sqlx::query_scalar(COMPLETE_FENCED)
+    async fn complete_fenced(
+        &self,
+        connection: &mut PgConnection,
+        rows: &str,
+    ) -> StoreResult<Vec<(String, Option<String>)>> {
+        sqlx::query_as(COMPLETE_FENCED)
             .bind(rows)
             .bind(self.db_clock)
             .fetch_all(&mut *connection)
@@ -414,6 +478,8 @@ const RECORD_WAITS: &str = "
 
 /// Marks what expired, grew too old or lost its lease: each sweep bounded, each its own
 /// transaction. `now` is `None` to use the database's clock.
+/// And, at most every [`ORPHANED_HEADS_INTERVAL`] in this process, releases the held heads of
+/// keys whose predecessor a sweep ended or a race between nodes left behind.
 pub(super) async fn sweep(connection: &mut PgConnection, now: Option<i64>) -> StoreResult<()> {
     for statement in SWEEPS {
         sqlx::query(statement)
@@ -423,7 +489,24 @@ pub(super) async fn sweep(connection: &mut PgConnection, now: Option<i64>) -> St
             .await
             .map_err(classify)?;
     }
+    // With the caller's clock (tests with a fake one), every sweep.
+    if now.is_some() || orphaned_heads_due() {
+        sqlx::query(RELEASE_ORPHANED_HEADS).bind(now).execute(&mut *connection).await.map_err(classify)?;
+    }
     Ok(())
+}
+
+/// How often a sweep also runs [`RELEASE_ORPHANED_HEADS`], at most.
+pub const ORPHANED_HEADS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn orphaned_heads_due() -> bool {
+    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    let mut last = LAST.lock().expect("orphaned heads clock lock");
+    let due = last.is_none_or(|at| at.elapsed() >= ORPHANED_HEADS_INTERVAL);
+    if due {
+        *last = Some(std::time::Instant::now());
+    }
+    due
 }
 
 /// Leases (see [`LEASE`]). `now` is `None` to use the database's clock.

@@ -21,9 +21,13 @@ use crate::{LeaseClass, StoreError, StoreResult};
 /// The lease itself passes over rows past their deadline or max age that no sweep has marked yet.
 pub const SWEEP_BATCH_MAX: i64 = 1_000;
 
+/// How often a lease also releases the held heads of keys whose predecessor a sweep ended
+/// ([`RELEASE_ORPHANED_HEADS`]), at most. Completions release their successors at once.
+pub const ORPHANED_HEADS_INTERVAL_MS: i64 = 1_000;
+
 /// The writer's connection to the database file, opened with the pool's options: its commits must
-/// be exactly as durable.
-pub(super) struct Sqlite(pub(super) SqliteConnectOptions);
+/// be exactly as durable. And when its leases last released orphaned heads.
+pub(super) struct Sqlite(pub(super) SqliteConnectOptions, pub(super) std::sync::atomic::AtomicI64);
 
 #[async_trait::async_trait]
 impl Backend for Sqlite {
@@ -41,6 +45,7 @@ impl Backend for Sqlite {
     const RECORD_WAITS: &'static str = RECORD_WAITS;
     const PURGE_FINISHED: &'static str = PURGE_FINISHED;
     const PURGE_KEYS: &'static str = PURGE_KEYS;
+    const RELEASE_HEADS: &'static str = RELEASE_HEADS;
 
     async fn connect(&self) -> StoreResult<SqliteConnection> {
         self.0.connect().await.map_err(classify)
@@ -58,8 +63,8 @@ impl Backend for Sqlite {
         &self,
         connection: &mut SqliteConnection,
         rows: &str,
-    ) -> StoreResult<Vec<String>> {
-        sqlx::query_scalar(COMPLETE_FENCED).bind(rows).fetch_all(&mut *connection).await.map_err(classify)
+    ) -> StoreResult<Vec<(String, Option<String>)>> {
+        sqlx::query_as(COMPLETE_FENCED).bind(rows).fetch_all(&mut *connection).await.map_err(classify)
     }
 
     async fn insert_logs(&self, connection: &mut SqliteConnection, rows: &str) -> StoreResult<()> {
@@ -73,7 +78,14 @@ impl Backend for Sqlite {
             Op::RecordSync(op) => record_sync(connection, op).await,
             Op::PutBlob(op) => put_blob(connection, op).await,
             Op::NodeHeartbeat(op) => node_heartbeat(connection, op).await,
-            Op::Lease(op) => lease(connection, op).await,
+            Op::Lease(op) => {
+                let last = self.1.load(std::sync::atomic::Ordering::Relaxed);
+                let heads = op.now.saturating_sub(last) >= ORPHANED_HEADS_INTERVAL_MS || op.now < last;
+                if heads {
+                    self.1.store(op.now, std::sync::atomic::Ordering::Relaxed);
+                }
+                lease(connection, op, heads).await
+            }
             _ => unreachable!("the shared writer applies every other op"),
         }
     }
@@ -103,13 +115,15 @@ pub(super) const CLAIM_KEYS: &str = "
 pub(super) const INSERT_QUEUED: &str = "
     INSERT INTO invocations (id, tenant, function, version, mode, status, attempts, created_at,
         request_method, request_path, request_headers, request_body, criticality, run_after,
-        deadline, attempts_max, max_age_ms, max_age_at, idempotency_key, request_bytes)
+        deadline, attempts_max, max_age_ms, max_age_at, idempotency_key, request_bytes,
+        order_key, order_seq)
     SELECT j.value ->> 'id', j.value ->> 'tenant', j.value ->> 'function', j.value ->> 'version',
            'async', 'queued', 0, j.value ->> 'created_at',
            j.value ->> 'method', j.value ->> 'path', j.value -> 'headers',
            unhex(j.value ->> 'body'), j.value ->> 'criticality', j.value ->> 'run_after',
            j.value ->> 'deadline', j.value ->> 'attempts_max', j.value ->> 'max_age_ms',
-           j.value ->> 'max_age_at', j.value ->> 'idempotency_key', j.value ->> 'request_bytes'
+           j.value ->> 'max_age_at', j.value ->> 'idempotency_key', j.value ->> 'request_bytes',
+           j.value ->> 'order_key', j.value ->> 'order_seq'
     FROM jsonb_each(?1) AS j
     WHERE j.value ->> 'idempotency_key' IS NULL
        OR EXISTS (
@@ -127,6 +141,66 @@ const KEY_HOLDERS: &str = "
     JOIN idempotency_keys AS k
       ON k.tenant = j.value ->> 'tenant' AND k.function = j.value ->> 'function'
      AND k.caller = j.value ->> 'caller' AND k.idempotency_key = j.value ->> 'idempotency_key'";
+
+// --- in order per key ---
+
+/// The head of key `k.key`: its first unfinished invocation in order.
+/// The first held invocation of key `k.key` in its order.
+macro_rules! held_head {
+    () => {
+        "(SELECT h.id FROM invocations AS h
+          WHERE h.order_key = k.key AND h.status IN ('queued', 'failed', 'running')
+            AND h.run_after = 9223372036854775807
+          ORDER BY h.order_seq, h.id LIMIT 1)"
+    };
+}
+
+/// Key `k.key` has nothing in flight: no unfinished invocation of it that is not held (running,
+/// runnable, or waiting for a retry).
+macro_rules! key_idle {
+    () => {
+        "NOT EXISTS (SELECT 1 FROM invocations AS e
+                     WHERE e.order_key = k.key AND e.status IN ('queued', 'failed', 'running')
+                       AND e.run_after < 9223372036854775807)"
+    };
+}
+
+/// Releases, for each key in a JSON array (?1) of objects with an `order_key` that has nothing
+/// in flight, its first held invocation: runnable from ?2. Two index seeks per key
+/// (`invocations_ordered`), however many wait behind it.
+pub(super) const RELEASE_HEADS: &str = concat!(
+    "UPDATE invocations SET run_after = ?2
+     WHERE run_after = 9223372036854775807 AND status IN ('queued', 'failed') AND id IN (
+         SELECT ",
+    held_head!(),
+    "
+         FROM (SELECT DISTINCT j.value ->> 'order_key' AS key FROM jsonb_each(?1) AS j
+               WHERE j.value ->> 'order_key' IS NOT NULL) AS k
+         WHERE ",
+    key_idle!(),
+    ")"
+);
+
+/// The same for every key with unfinished invocations (at ?1): releases what a sweep left held
+/// (a predecessor that expired, grew too old, or lost its lease for good, rather than
+/// completing). The keys are walked one index seek each.
+pub(super) const RELEASE_ORPHANED_HEADS: &str = concat!(
+    "WITH RECURSIVE keys(key) AS (
+         SELECT MIN(order_key) FROM invocations
+         WHERE order_key IS NOT NULL AND status IN ('queued', 'failed', 'running')
+         UNION ALL
+         SELECT (SELECT MIN(order_key) FROM invocations
+                 WHERE order_key IS NOT NULL AND order_key > keys.key
+                   AND status IN ('queued', 'failed', 'running'))
+         FROM keys WHERE keys.key IS NOT NULL)
+     UPDATE invocations SET run_after = ?1
+     WHERE run_after = 9223372036854775807 AND status IN ('queued', 'failed') AND id IN (
+         SELECT ",
+    held_head!(),
+    " FROM keys AS k WHERE k.key IS NOT NULL AND ",
+    key_idle!(),
+    ")"
+);
 
 // --- complete ---
 
@@ -165,7 +239,7 @@ const COMPLETE_FENCED: &str = "
           AND i.attempts = j.value ->> 'attempt'
     ) AS c
     WHERE invocations.id = c.id
-    RETURNING id";
+    RETURNING id, order_key";
 
 const UPSERT_RESPONSES: &str = "
     INSERT INTO responses (invocation_id, status, headers, body)
@@ -315,7 +389,8 @@ pub(in crate::sqlite) const LEASE_STATEMENTS: [(&str, usize, &str); 4] = [
     (LEASE_RUNNABLE, 4, "invocations_runnable"),
 ];
 
-async fn lease(connection: &mut SqliteConnection, op: &LeaseOp) -> StoreResult<Done> {
+/// Sweeps, releases the heads the sweeps (or earlier ones) left held if `heads`, and leases.
+async fn lease(connection: &mut SqliteConnection, op: &LeaseOp, heads: bool) -> StoreResult<Done> {
     for statement in [EXPIRE_PAST_DEADLINE, KILL_PAST_MAX_AGE, RECLAIM_EXPIRED_LEASES] {
         sqlx::query(statement)
             .bind(op.now)
@@ -323,6 +398,9 @@ async fn lease(connection: &mut SqliteConnection, op: &LeaseOp) -> StoreResult<D
             .execute(&mut *connection)
             .await
             .map_err(classify)?;
+    }
+    if heads {
+        sqlx::query(RELEASE_ORPHANED_HEADS).bind(op.now).execute(&mut *connection).await.map_err(classify)?;
     }
     let Some(asks) = &op.asks else {
         let found = sqlx::query(LEASE_RUNNABLE)

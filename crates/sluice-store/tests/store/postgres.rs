@@ -139,7 +139,7 @@ async fn nodes_starting_together_migrate_once() {
         .fetch_all(&mut admin)
         .await
         .unwrap();
-    assert_eq!(applied, [1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    assert_eq!(applied, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
     for (i, store) in stores.iter().enumerate() {
         store.create_tenant(&format!("t{i}")).await.unwrap();
     }

@@ -132,6 +132,7 @@ macro_rules! run_whole_suite {
     tenant_quotas_are_set_replaced_and_cleared,
     tenant_usage_limits_are_set_replaced_and_cleared,
     queued_usage_counts_unfinished_invocations_and_their_bytes,
+    ordered_invocations_run_one_at_a_time_per_key,
     schedules_are_created_listed_paused_and_deleted_with_their_function,
     concurrent_firings_of_one_occurrence_enqueue_it_once,
     buffered_occurrences_are_due_until_fired,

@@ -7,9 +7,9 @@ use std::collections::HashSet;
 use super::ended;
 use sluice_core::UnixMs;
 use sluice_store::{
-    AttemptResult, Completion, Criticality, Enqueued, IDEMPOTENCY_WINDOW_MS, IdempotencyKey, Invocation,
-    InvocationFilter, InvocationStatus, LeaseAsk, LeaseClass, LogStream, NewInvocation, OwnUsageLimits,
-    QueuedUsage, Quota, Store, StoredRequest, StoredResponse, SyncRecord,
+    AttemptResult, Completion, Criticality, Enqueued, IDEMPOTENCY_WINDOW_MS, IdempotencyKey, InOrder,
+    Invocation, InvocationFilter, InvocationStatus, LeaseAsk, LeaseClass, LogStream, NewInvocation,
+    OwnUsageLimits, QueuedUsage, Quota, Store, StoredRequest, StoredResponse, SyncRecord,
 };
 
 use super::ManualClock;
@@ -47,6 +47,7 @@ pub fn invocation(id: &str) -> NewInvocation {
         deadline: None,
         attempts_max: 3,
         max_age_ms: MAX_AGE_MS,
+        in_order: None,
     }
 }
 
@@ -1026,4 +1027,52 @@ pub async fn queued_usage_counts_unfinished_invocations_and_their_bytes(
     );
     // Body plus header names and values: `request` has 4 headers of 12+10, 8+4, 10+1, 10+1 bytes.
     assert_eq!(beta.request.quota_bytes(), 10 + 22 + 12 + 11 + 11);
+}
+
+pub async fn ordered_invocations_run_one_at_a_time_per_key(store: &dyn Store, clock: &ManualClock) {
+    clock.set(1_000);
+    let ordered = |id: &str, key: &str, seq: i64| NewInvocation {
+        in_order: Some(InOrder { key: key.into(), seq }),
+        ..invocation(id)
+    };
+    // Enqueued out of order, one at a time and in one batch: the order is the key's sequence.
+    enqueue(store, &ordered("a2", "A", 2)).await;
+    enqueue(store, &ordered("a1", "A", 1)).await;
+    let batch = [ordered("a3", "A", 3), ordered("b1", "B", 1), invocation("plain")];
+    let done = futures::future::join_all(batch.iter().map(|inv| store.enqueue(inv))).await;
+    assert!(done.into_iter().all(|d| d.unwrap() == Enqueued::Created));
+    // a2 came first and was its key's head until a1 came: it was released, so a1 waits behind
+    // it. What runs first is whoever the store released first; from then on, one at a time.
+    let mut first: Vec<String> = leased_ids(&store.lease("node", 1_000, LEASE_MS, 10).await.unwrap())
+        .into_iter()
+        .map(String::from)
+        .collect();
+    first.sort();
+    assert_eq!(first, ["a2", "b1", "plain"], "one per key, and the unordered call");
+    assert_eq!(store.lease("node", 1_000, LEASE_MS, 10).await.unwrap(), vec![], "the rest wait");
+
+    // A failed attempt with a retry keeps its key: the next waits for the retry.
+    assert!(store.complete(ended("a2", "node", 1, &failure("trap", Some(2_000)), 1_100)).await.unwrap());
+    assert_eq!(store.lease("node", 1_500, LEASE_MS, 10).await.unwrap(), vec![], "a1 waits for a2's retry");
+    assert_eq!(leased_ids(&store.lease("node", 2_000, LEASE_MS, 10).await.unwrap()), ["a2"]);
+    assert!(store.complete(ended("a2", "node", 2, &success(200), 2_100)).await.unwrap());
+    // Released at the completion, runnable from then.
+    assert_eq!(leased_ids(&store.lease("node", 2_100, LEASE_MS, 10).await.unwrap()), ["a1"]);
+    assert_eq!(status(store, "a3").await, InvocationStatus::Queued);
+    // Dead (no retry) also ends its turn.
+    assert!(store.complete(ended("a1", "node", 1, &failure("bad_request", None), 2_200)).await.unwrap());
+    assert_eq!(status(store, "a1").await, InvocationStatus::Dead);
+    assert_eq!(leased_ids(&store.lease("node", 2_200, LEASE_MS, 10).await.unwrap()), ["a3"]);
+    assert!(store.complete(ended("a3", "node", 1, &success(200), 2_300)).await.unwrap());
+
+    // A head that expires before it starts (a sweep ends it, not a completion) releases the
+    // next at a later lease.
+    clock.set(3_000);
+    enqueue(store, &NewInvocation { deadline: Some(4_000), ..ordered("c1", "C", 1) }).await;
+    enqueue(store, &ordered("c2", "C", 2)).await;
+    let later = store.lease("node", 6_000, LEASE_MS, 10).await.unwrap();
+    assert_eq!(status(store, "c1").await, InvocationStatus::Expired);
+    let later =
+        if later.is_empty() { store.lease("node", 7_100, LEASE_MS, 10).await.unwrap() } else { later };
+    assert_eq!(leased_ids(&later), ["c2"], "released once its head expired");
 }

@@ -118,7 +118,7 @@ pub async fn schedules_are_created_listed_paused_and_deleted_with_their_function
     assert!(paused.paused && paused.revision > 0);
     assert_eq!(paused.next_fire_at, Some(2_000), "pausing keeps the next occurrence");
     let due: Vec<String> =
-        store.due_schedules(10_000, 100).await.unwrap().into_iter().map(|s| s.name).collect();
+        store.due_schedules(10_000, 100, 1).await.unwrap().into_iter().map(|s| s.name).collect();
     assert_eq!(due, ["c-once"]);
     let resumed = store.set_schedule_paused("acme", "a-every", false, Some(6_000)).await.unwrap().unwrap();
     assert_eq!((resumed.paused, resumed.next_fire_at), (false, Some(6_000)));
@@ -174,8 +174,8 @@ pub async fn concurrent_firings_of_one_occurrence_enqueue_it_once(store: &dyn St
     let after = store.get_schedule("acme", "s0").await.unwrap().unwrap();
     assert_eq!((after.next_fire_at, after.fires, after.last_fired_for), (Some(4_000), 2, Some(3_000)));
     assert!(after.last_invocation.as_deref().unwrap().ends_with("-s0-b"));
-    assert!(store.due_schedules(3_999, 100).await.unwrap().is_empty(), "advanced past what fired");
-    assert_eq!(store.due_schedules(4_000, 100).await.unwrap().len(), SCHEDULES);
+    assert!(store.due_schedules(3_999, 100, 1).await.unwrap().is_empty(), "advanced past what fired");
+    assert_eq!(store.due_schedules(4_000, 100, 1).await.unwrap().len(), SCHEDULES);
 
     // A stale firing (a node that read before the commit and comes late) changes nothing.
     let stale = firing(&schedules[0], vec![occurrence(&schedules[0], 4_000, "late")], 5_000);
@@ -204,7 +204,7 @@ pub async fn buffered_occurrences_are_due_until_fired(store: &dyn Store, clock: 
     assert_eq!(fire(store, &first).await, Some(1));
     let s = store.get_schedule("acme", "buffered").await.unwrap().unwrap();
     assert_eq!(s.buffered_for, Some(3_000));
-    assert_eq!(store.due_schedules(5_000, 10).await.unwrap().len(), 1, "due while it holds one");
+    assert_eq!(store.due_schedules(5_000, 10, 1).await.unwrap().len(), 1, "due while it holds one");
     let second = Firing {
         skipped: 2,
         last_error: Some("why".into()),
@@ -213,5 +213,5 @@ pub async fn buffered_occurrences_are_due_until_fired(store: &dyn Store, clock: 
     assert_eq!(fire(store, &second).await, Some(1));
     let s = store.get_schedule("acme", "buffered").await.unwrap().unwrap();
     assert_eq!((s.buffered_for, s.fires, s.skipped, s.last_error.as_deref()), (None, 2, 2, Some("why")));
-    assert!(store.due_schedules(5_000, 10).await.unwrap().is_empty());
+    assert!(store.due_schedules(5_000, 10, 1).await.unwrap().is_empty());
 }

@@ -171,6 +171,7 @@ pub async fn queue_state_machine_keeps_its_invariants(
                     deadline: window_ms.map(|w| now + i64::from(*delay_ms) + i64::from(w)),
                     attempts_max: u32::from(*attempts_max),
                     max_age_ms: if *short_lived { 4_000 } else { 3_600_000 },
+                    in_order: None,
                     idempotency_key,
                     ..invocation(&id)
                 };

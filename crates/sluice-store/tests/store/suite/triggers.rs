@@ -34,6 +34,7 @@ fn nats(name: &str) -> NewTrigger {
         path: "/".into(),
         batch_max: 100,
         window_ms: 20,
+        ordered: false,
     }
 }
 
