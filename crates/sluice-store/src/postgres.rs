@@ -497,6 +497,13 @@ impl Engine for PostgresEngine {
         Ok((rows(found, node_from_row)?, now))
     }
 
+    async fn commit_trigger_batch(
+        store: &PostgresStore,
+        op: crate::triggers::TriggerBatchOp,
+    ) -> StoreResult<Option<u64>> {
+        crate::triggers::commit_batch_on_pool(store, op).await
+    }
+
     async fn enqueue_in(
         connection: &mut sqlx::PgConnection,
         rows: &str,

@@ -66,6 +66,8 @@ pub(crate) enum Op {
     RecordSync(RecordSyncOp),
     PutBlob(PutBlobOp),
     NodeHeartbeat(NodeHeartbeatOp),
+    /// SQLite only: a trigger's batch, in the writer's transaction rather than beside it.
+    TriggerBatch(crate::triggers::TriggerBatchOp),
     Lease(LeaseOp),
 }
 
@@ -83,6 +85,8 @@ pub(crate) enum Done {
     SyncRecorded,
     BlobPut,
     NodeHeartbeat,
+    /// What the batch stored; `None` if the lease was not the owner's.
+    TriggerBatch(Option<u64>),
     Leased(Vec<Leased>),
     /// What each ask leased, in the asks' order.
     LeasedAsks(Vec<Vec<Leased>>),
@@ -100,13 +104,15 @@ enum Kind {
     RecordSync,
     PutBlob,
     NodeHeartbeat,
+    TriggerBatch,
     Lease,
 }
 
 impl Kind {
     /// The order in which a batch applies its kinds (see the module documentation).
-    const ORDER: [Kind; 11] = [
+    const ORDER: [Kind; 12] = [
         Kind::Enqueue,
+        Kind::TriggerBatch,
         Kind::Complete,
         Kind::Release,
         Kind::Heartbeat,
@@ -133,6 +139,7 @@ impl Op {
             Op::RecordSync(_) => Kind::RecordSync,
             Op::PutBlob(_) => Kind::PutBlob,
             Op::NodeHeartbeat(_) => Kind::NodeHeartbeat,
+            Op::TriggerBatch(_) => Kind::TriggerBatch,
             Op::Lease(_) => Kind::Lease,
         }
     }
@@ -149,6 +156,7 @@ impl Op {
             Op::RecordWaits(op) => SMALL + op.rows.len(),
             Op::RecordSync(op) => SMALL + op.invocations.len() + op.logs.len(),
             Op::PutBlob(op) => SMALL + op.bytes.len(),
+            Op::TriggerBatch(op) => SMALL + op.rows.len(),
             Op::Lease(op) => SMALL * (1 + op.asks.as_ref().map_or(0, Vec::len)),
             Op::RetryDead(_) | Op::Purge(_) | Op::NodeHeartbeat(_) => SMALL,
         }
@@ -1053,6 +1061,16 @@ impl Writer {
         match self.call(Op::RetryDead(RetryDeadOp { id: id.to_owned(), now })).await? {
             Done::Retried(retried) => Ok(retried),
             other => unreachable!("the writer answered a retry with {other:?}"),
+        }
+    }
+
+    pub(crate) async fn commit_trigger_batch(
+        &self,
+        op: crate::triggers::TriggerBatchOp,
+    ) -> StoreResult<Option<u64>> {
+        match self.call(Op::TriggerBatch(op)).await? {
+            Done::TriggerBatch(stored) => Ok(stored),
+            other => unreachable!("the writer answered a trigger batch with {other:?}"),
         }
     }
 

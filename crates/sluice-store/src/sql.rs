@@ -120,6 +120,11 @@ pub trait Engine: Dialect {
         asks: &[LeaseAsk],
     ) -> StoreResult<Vec<Vec<Leased>>>;
     async fn node_heartbeat(store: &SqlStore<Self>, node: &NodeRecord, stopped: bool) -> StoreResult<()>;
+    /// Commits a trigger's batch ([`crate::Triggers::commit_trigger_batch`]).
+    async fn commit_trigger_batch(
+        store: &SqlStore<Self>,
+        op: crate::triggers::TriggerBatchOp,
+    ) -> StoreResult<Option<u64>>;
     async fn list_nodes(store: &SqlStore<Self>, within_ms: u64) -> StoreResult<(Vec<NodeRecord>, UnixMs)>;
     /// Claims the idempotency keys of a JSON array of enqueue rows (encoded as the queue's writer
     /// encodes them) and inserts the invocations that won theirs, with the writer's statements

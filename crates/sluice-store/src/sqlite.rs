@@ -349,6 +349,15 @@ impl Engine for SqliteEngine {
         Ok((rows(found, node_from_row)?, now))
     }
 
+    /// Through the queue's writer: in its transaction with the completions and enqueues beside
+    /// it (one fsync for all), instead of waiting for SQLite's one write lock against it.
+    async fn commit_trigger_batch(
+        store: &SqliteStore,
+        op: crate::triggers::TriggerBatchOp,
+    ) -> StoreResult<Option<u64>> {
+        store.writer.commit_trigger_batch(op).await
+    }
+
     async fn enqueue_in(
         connection: &mut sqlx::SqliteConnection,
         rows: &str,

@@ -323,46 +323,16 @@ where
             );
             rows.push(EnqueueOp::new(inv, now)?.row);
         }
-        let mut tx = E::begin_write(&self.pool).await?;
-        // The fence first: it locks the trigger's row, so a node taking the lease over waits
-        // for this batch to commit, and this one sees its lease as the taker left it.
-        let fenced = sqlx::query(
-            "UPDATE triggers SET last_commit_at = $3 WHERE id = $1 AND owner = $2 AND owner_until >= $3",
-        )
-        .bind(id)
-        .bind(owner)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(E::classify)?;
-        if E::rows_affected(&fenced) == 0 {
-            return Ok(None);
-        }
-        let inserted = if rows.is_empty() {
-            0
-        } else {
-            E::enqueue_in(
-                &mut tx,
-                &json_array(rows.iter().map(String::as_str)),
-                batch.iter().any(|inv| inv.in_order.is_some()).then_some(now),
-            )
-            .await?
+        let op = TriggerBatchOp {
+            id,
+            owner: owner.to_owned(),
+            now,
+            rows: json_array(rows.iter().map(String::as_str)),
+            count: batch.len() as i64,
+            ordered: batch.iter().any(|inv| inv.in_order.is_some()),
+            recent: recent.map(str::to_owned),
         };
-        sqlx::query(
-            "UPDATE triggers SET received = received + $2, enqueued = enqueued + $3, duplicates = duplicates + $4,
-                 recent = COALESCE($5, recent)
-             WHERE id = $1",
-        )
-        .bind(id)
-        .bind(batch.len() as i64)
-        .bind(to_i64(inserted)?)
-        .bind(to_i64((batch.len() as u64).saturating_sub(inserted))?)
-        .bind(recent.map(str::to_string))
-        .execute(&mut *tx)
-        .await
-        .map_err(E::classify)?;
-        tx.commit().await.map_err(E::classify)?;
-        Ok(Some(inserted))
+        E::commit_trigger_batch(self, op).await
     }
 
     async fn trigger_progress(&self, id: i64, owner: &str, progress: &TriggerProgress) -> StoreResult<()> {
@@ -384,6 +354,86 @@ where
         .map_err(E::classify)?;
         Ok(())
     }
+}
+
+/// A batch of a trigger's messages, encoded: what [`Triggers::commit_trigger_batch`] commits.
+pub struct TriggerBatchOp {
+    pub id: i64,
+    pub owner: String,
+    pub now: UnixMs,
+    /// The invocations, as the queue's writer encodes them (a JSON array).
+    pub rows: String,
+    pub count: i64,
+    /// Some invocation runs in its key's order.
+    pub ordered: bool,
+    pub recent: Option<String>,
+}
+
+/// The lease fence of a batch: locks the trigger's row, so a node taking the lease over waits
+/// for this batch to commit, and this one sees its lease as the taker left it.
+const FENCE: &str =
+    "UPDATE triggers SET last_commit_at = $3 WHERE id = $1 AND owner = $2 AND owner_until >= $3";
+/// The batch's counts, after its invocations.
+const COUNT: &str = "UPDATE triggers SET received = received + $2, enqueued = enqueued + $3,
+         duplicates = duplicates + $4, recent = COALESCE($5, recent)
+     WHERE id = $1";
+
+/// Commits a batch in the caller's transaction: the fence first, then the invocations (their
+/// keys claimed, ordered keys released), then the counts. `None` if the lease is not this
+/// owner's; then nothing is written.
+pub(crate) async fn commit_batch_in<E: Engine>(
+    tx: &mut Conn<E>,
+    op: &TriggerBatchOp,
+) -> StoreResult<Option<u64>>
+where
+    for<'c> &'c mut Conn<E>: Executor<'c, Database = E::DB>,
+    for<'a> &'a str: Bind<E::DB>,
+    Option<String>: Bind<E::DB>,
+    i64: Bind<E::DB>,
+{
+    let fenced = sqlx::query(FENCE)
+        .bind(op.id)
+        .bind(op.owner.as_str())
+        .bind(op.now)
+        .execute(&mut *tx)
+        .await
+        .map_err(E::classify)?;
+    if E::rows_affected(&fenced) == 0 {
+        return Ok(None);
+    }
+    let inserted =
+        if op.count == 0 { 0 } else { E::enqueue_in(tx, &op.rows, op.ordered.then_some(op.now)).await? };
+    let inserted = to_i64(inserted)?;
+    sqlx::query(COUNT)
+        .bind(op.id)
+        .bind(op.count)
+        .bind(inserted)
+        .bind(op.count - inserted)
+        .bind(op.recent.clone())
+        .execute(&mut *tx)
+        .await
+        .map_err(E::classify)?;
+    Ok(Some(count(inserted)?))
+}
+
+/// [`commit_batch_in`] in a transaction of its own on the pool (PostgreSQL: any connection;
+/// other nodes write beside it).
+pub(crate) async fn commit_batch_on_pool<E: Engine>(
+    store: &SqlStore<E>,
+    op: TriggerBatchOp,
+) -> StoreResult<Option<u64>>
+where
+    for<'c> &'c mut Conn<E>: Executor<'c, Database = E::DB>,
+    for<'a> &'a str: Bind<E::DB>,
+    Option<String>: Bind<E::DB>,
+    i64: Bind<E::DB>,
+{
+    let mut tx = E::begin_write(&store.pool).await?;
+    let committed = commit_batch_in::<E>(&mut tx, &op).await?;
+    if committed.is_some() {
+        tx.commit().await.map_err(E::classify)?;
+    }
+    Ok(committed)
 }
 
 fn to_i64(v: u64) -> StoreResult<i64> {

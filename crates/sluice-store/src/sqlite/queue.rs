@@ -78,6 +78,9 @@ impl Backend for Sqlite {
             Op::RecordSync(op) => record_sync(connection, op).await,
             Op::PutBlob(op) => put_blob(connection, op).await,
             Op::NodeHeartbeat(op) => node_heartbeat(connection, op).await,
+            Op::TriggerBatch(op) => Ok(Done::TriggerBatch(
+                crate::triggers::commit_batch_in::<SqliteEngine>(connection, op).await?,
+            )),
             Op::Lease(op) => {
                 let last = self.1.load(std::sync::atomic::Ordering::Relaxed);
                 let heads = op.now.saturating_sub(last) >= ORPHANED_HEADS_INTERVAL_MS || op.now < last;
