@@ -19,20 +19,23 @@ start_node "$data/n"
 export SLUICE_URL=$NODE_URL SLUICE_TOKEN=$NODE_TOKEN
 "$SLUICE" deploy hello "$HELLO" >/dev/null
 
-echo "| clients | 202/s | 202 p50 ms | 202 p99 ms | completed | end-to-end inv/s |"
-echo "| --- | --- | --- | --- | --- | --- |"
+echo "| clients | 202/s | 202 p50 ms | 202 p99 ms | completed | end-to-end inv/s | node CPU µs/inv |"
+echo "| --- | --- | --- | --- | --- | --- | --- |"
 for c in $CLIENTS; do
   before=$(queue_sql "$data/n/sluice.db" done)
+  c0=$(cpu_ticks "$NODE_PID")
   t0=$(date +%s%3N)
   wrk -t1 -c"$c" -d"$DURATION" --latency -s bench/async.lua "$NODE_URL/fn/default/hello/" > "$data/wrk.out"
   queue_sql "$data/n/sluice.db" wait-drained
   t1=$(date +%s%3N)
+  c1=$(cpu_ticks "$NODE_PID")
   alive "$NODE_PID" "the node"
   after=$(queue_sql "$data/n/sluice.db" done)
   read -r rps p50 p99 <<< "$(wrk_summary "$data/wrk.out")"
   done_n=$((after - before))
   e2e=$(awk -v n="$done_n" -v ms="$((t1 - t0))" 'BEGIN{printf "%.0f", n*1000/ms}')
-  echo "| $c | $rps | $p50 | $p99 | $done_n | $e2e |"
+  cpu=$(awk -v t="$((c1 - c0))" -v hz="$(getconf CLK_TCK)" -v n="$done_n" 'BEGIN{printf "%.0f", t*1e6/hz/n}')
+  echo "| $c | $rps | $p50 | $p99 | $done_n | $e2e | $cpu |"
 done
 echo
 echo "wrk -t1 -d$DURATION on loopback, $(nproc) cores, SQLite WAL synchronous=FULL, RUST_BACKTRACE unset"

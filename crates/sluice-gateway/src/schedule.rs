@@ -40,7 +40,7 @@ pub const SCHEDULE_TICK: Duration = Duration::from_millis(200);
 /// lateness.
 pub const SCHEDULE_TICK_AFTER_MS: i64 = 5;
 /// Most schedules one tick fires; the rest wait for the next tick (the oldest due go first).
-pub const DUE_BATCH_MAX: u32 = 500;
+pub const DUE_BATCH_MAX: u32 = 1_000;
 
 /// The header each scheduled invocation's request carries with its schedule's name, and the one
 /// with its occurrence (RFC 3339), so a guest can tell a late catch-up from an on-time fire.

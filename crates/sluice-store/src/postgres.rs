@@ -499,7 +499,7 @@ impl Engine for PostgresEngine {
 
     async fn commit_trigger_batch(
         store: &PostgresStore,
-        op: crate::triggers::TriggerBatchOp,
+        op: crate::queue::TriggerBatchOp,
     ) -> StoreResult<Option<u64>> {
         crate::triggers::commit_batch_on_pool(store, op).await
     }

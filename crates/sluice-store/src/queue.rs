@@ -67,7 +67,7 @@ pub(crate) enum Op {
     PutBlob(PutBlobOp),
     NodeHeartbeat(NodeHeartbeatOp),
     /// SQLite only: a trigger's batch, in the writer's transaction rather than beside it.
-    TriggerBatch(crate::triggers::TriggerBatchOp),
+    TriggerBatch(TriggerBatchOp),
     Lease(LeaseOp),
 }
 
@@ -280,6 +280,19 @@ impl LeaseOp {
             promote_ahead_ms,
         })
     }
+}
+
+/// A batch of a trigger's messages, encoded: what [`crate::Triggers::commit_trigger_batch`] commits.
+pub struct TriggerBatchOp {
+    pub id: i64,
+    pub owner: String,
+    pub now: UnixMs,
+    /// The invocations, as the queue's writer encodes them (a JSON array).
+    pub rows: String,
+    pub count: i64,
+    /// Some invocation runs in its key's order.
+    pub ordered: bool,
+    pub recent: Option<String>,
 }
 
 /// A batch of sync calls' records: two JSON arrays (see [`crate::rows::sync_batch_json`]).
@@ -521,6 +534,45 @@ pub(crate) fn leases_json(leases: &[(String, u32)]) -> StoreResult<String> {
     encode("leases", &leases)
 }
 
+// --- in order per key: the SQL both databases share ---
+
+/// The first held invocation of key `k.key`, in its order.
+macro_rules! held_head {
+    () => {
+        "(SELECT h.id FROM invocations AS h
+          WHERE h.order_key = k.key AND h.status IN ('queued', 'failed', 'running')
+            AND h.run_after = 9223372036854775807
+          ORDER BY h.order_seq, h.id LIMIT 1)"
+    };
+}
+
+/// Key `k.key` has nothing in flight: no unfinished invocation of it that is not held (running,
+/// runnable, or waiting for a retry).
+macro_rules! key_idle {
+    () => {
+        "NOT EXISTS (SELECT 1 FROM invocations AS e
+                     WHERE e.order_key = k.key AND e.status IN ('queued', 'failed', 'running')
+                       AND e.run_after < 9223372036854775807)"
+    };
+}
+
+/// `keys(key)`: every key with unfinished invocations, walked one index seek each (a loose index
+/// scan), however many invocations each has.
+macro_rules! ordered_keys {
+    () => {
+        "WITH RECURSIVE keys(key) AS (
+             SELECT MIN(order_key) FROM invocations
+             WHERE order_key IS NOT NULL AND status IN ('queued', 'failed', 'running')
+             UNION ALL
+             SELECT (SELECT MIN(order_key) FROM invocations
+                     WHERE order_key IS NOT NULL AND order_key > keys.key
+                       AND status IN ('queued', 'failed', 'running'))
+             FROM keys WHERE keys.key IS NOT NULL)"
+    };
+}
+
+pub(crate) use {held_head, key_idle, ordered_keys};
+
 // --- the backend ---
 
 /// What the writer needs from a database: a connection, how a transaction starts, the statements
@@ -572,7 +624,13 @@ pub(crate) trait Backend: Send + Sync + 'static {
     fn now(&self, caller: UnixMs) -> Option<UnixMs>;
     /// Inserts the rows without a key and those that won theirs; returns how many. A store that
     /// other nodes share also tells them there is work.
-    async fn insert_queued(&self, connection: &mut Conn<Self::Engine>, rows: &str) -> StoreResult<u64>;
+    /// `ordered`: some row runs in its key's order (carries `order_key`, `order_seq`).
+    async fn insert_queued(
+        &self,
+        connection: &mut Conn<Self::Engine>,
+        rows: &str,
+        ordered: bool,
+    ) -> StoreResult<u64>;
     /// Records each completion of a JSON array whose lease still holds (status running, same
     /// owner, same attempt: the fencing check); returns the ids it changed, with their order keys.
     async fn complete_fenced(
@@ -796,7 +854,8 @@ async fn enqueue_many<B: Statements>(
     if keyed {
         backend.claim_keys(connection, &rows).await?;
     }
-    let inserted = backend.insert_queued(connection, &rows).await.map_err(|e| match e {
+    let ordered = ops.iter().any(|op| op.ordered);
+    let inserted = backend.insert_queued(connection, &rows, ordered).await.map_err(|e| match e {
         StoreError::Conflict(m) => StoreError::Conflict(format!("an invocation with this id exists: {m}")),
         other => other,
     })?;
@@ -1064,10 +1123,7 @@ impl Writer {
         }
     }
 
-    pub(crate) async fn commit_trigger_batch(
-        &self,
-        op: crate::triggers::TriggerBatchOp,
-    ) -> StoreResult<Option<u64>> {
+    pub(crate) async fn commit_trigger_batch(&self, op: TriggerBatchOp) -> StoreResult<Option<u64>> {
         match self.call(Op::TriggerBatch(op)).await? {
             Done::TriggerBatch(stored) => Ok(stored),
             other => unreachable!("the writer answered a trigger batch with {other:?}"),

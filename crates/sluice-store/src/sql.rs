@@ -123,7 +123,7 @@ pub trait Engine: Dialect {
     /// Commits a trigger's batch ([`crate::Triggers::commit_trigger_batch`]).
     async fn commit_trigger_batch(
         store: &SqlStore<Self>,
-        op: crate::triggers::TriggerBatchOp,
+        op: crate::queue::TriggerBatchOp,
     ) -> StoreResult<Option<u64>>;
     async fn list_nodes(store: &SqlStore<Self>, within_ms: u64) -> StoreResult<(Vec<NodeRecord>, UnixMs)>;
     /// Claims the idempotency keys of a JSON array of enqueue rows (encoded as the queue's writer

@@ -353,7 +353,7 @@ impl Engine for SqliteEngine {
     /// it (one fsync for all), instead of waiting for SQLite's one write lock against it.
     async fn commit_trigger_batch(
         store: &SqliteStore,
-        op: crate::triggers::TriggerBatchOp,
+        op: crate::queue::TriggerBatchOp,
     ) -> StoreResult<Option<u64>> {
         store.writer.commit_trigger_batch(op).await
     }
@@ -369,8 +369,8 @@ impl Engine for SqliteEngine {
             .execute(&mut *connection)
             .await
             .map_err(classify)?;
-        let done =
-            sqlx::query(queue::INSERT_QUEUED).bind(rows).execute(&mut *connection).await.map_err(classify)?;
+        let insert = if ordered.is_some() { queue::INSERT_QUEUED_ORDERED } else { queue::INSERT_QUEUED };
+        let done = sqlx::query(insert).bind(rows).execute(&mut *connection).await.map_err(classify)?;
         if let Some(now) = ordered {
             sqlx::query(queue::RELEASE_HEADS)
                 .bind(rows)
@@ -632,22 +632,22 @@ mod tests {
         assert!(matches!(classify(err), StoreError::Unavailable(_)));
     }
 
+    /// The steps of `statement`'s query plan (its parameters bound to 0: the plan does not
+    /// depend on them, and nothing runs).
+    async fn query_plan(store: &SqliteStore, statement: &str, parameters: usize) -> Vec<String> {
+        let explain = format!("EXPLAIN QUERY PLAN {statement}");
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(explain));
+        for _ in 0..parameters {
+            query = query.bind(0_i64);
+        }
+        query.fetch_all(&store.pool).await.unwrap().iter().map(|row| row.get::<String, _>("detail")).collect()
+    }
+
     #[tokio::test]
     async fn lease_statements_walk_their_indexes() {
         let (_dir, store) = open_temp().await;
         for (statement, parameters, index) in queue::LEASE_STATEMENTS {
-            let explain = format!("EXPLAIN QUERY PLAN {statement}");
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(explain));
-            for _ in 0..parameters {
-                query = query.bind(0_i64);
-            }
-            let plan: Vec<String> = query
-                .fetch_all(&store.pool)
-                .await
-                .unwrap()
-                .iter()
-                .map(|row| row.get::<String, _>("detail"))
-                .collect();
+            let plan = query_plan(&store, statement, parameters).await;
             let shown = plan.join("\n");
             assert!(shown.contains(index), "{statement}\n{shown}");
             // A sort step would mean reading every runnable row to return `limit` of them.
@@ -662,18 +662,7 @@ mod tests {
     async fn ordered_releases_seek_their_index() {
         let (_dir, store) = open_temp().await;
         for (statement, parameters) in [(queue::RELEASE_HEADS, 2), (queue::RELEASE_ORPHANED_HEADS, 1)] {
-            let explain = format!("EXPLAIN QUERY PLAN {statement}");
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(explain));
-            for _ in 0..parameters {
-                query = query.bind("[]");
-            }
-            let plan: Vec<String> = query
-                .fetch_all(&store.pool)
-                .await
-                .unwrap()
-                .iter()
-                .map(|row| row.get::<String, _>("detail"))
-                .collect();
+            let plan = query_plan(&store, statement, parameters).await;
             let shown = plan.join("\n");
             assert!(shown.contains("invocations_ordered"), "{statement}\n{shown}");
             assert!(

@@ -14,7 +14,7 @@ use sluice_core::UnixMs;
 use sluice_core::trigger::{Credentials, Source};
 use sqlx::Executor;
 
-use crate::queue::{EnqueueOp, json_array};
+use crate::queue::{EnqueueOp, TriggerBatchOp, json_array};
 use crate::rows::{StoreRow, get};
 use crate::sql::{Bind, Conn, Engine, SqlStore};
 use crate::{NewInvocation, StoreError, StoreResult, corrupt};
@@ -264,6 +264,20 @@ where
     async fn claim_triggers(&self, owner: &str, lease_ms: u64, take: u32) -> StoreResult<Vec<Trigger>> {
         let now = self.clock.now_ms();
         let until = now.saturating_add(i64::try_from(lease_ms).unwrap_or(i64::MAX / 2));
+        // Most nodes most of the time: nothing to renew or take. A read says so without the
+        // write lock (SQLite's one writer is the queue's).
+        let work = sqlx::query(
+            "SELECT 1 AS some FROM triggers
+             WHERE paused = 0 AND (owner = $1 OR owner IS NULL OR owner_until < $2) LIMIT 1",
+        )
+        .bind(owner)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(E::classify)?;
+        if work.is_none() {
+            return Ok(Vec::new());
+        }
         // Renewal: only what this node still holds (another may have taken an expired lease).
         sqlx::query("UPDATE triggers SET owner_until = $2 WHERE owner = $1 AND paused = 0")
             .bind(owner)
@@ -354,19 +368,6 @@ where
         .map_err(E::classify)?;
         Ok(())
     }
-}
-
-/// A batch of a trigger's messages, encoded: what [`Triggers::commit_trigger_batch`] commits.
-pub struct TriggerBatchOp {
-    pub id: i64,
-    pub owner: String,
-    pub now: UnixMs,
-    /// The invocations, as the queue's writer encodes them (a JSON array).
-    pub rows: String,
-    pub count: i64,
-    /// Some invocation runs in its key's order.
-    pub ordered: bool,
-    pub recent: Option<String>,
 }
 
 /// The lease fence of a batch: locks the trigger's row, so a node taking the lease over waits

@@ -20,7 +20,7 @@ use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 
 use super::{PostgresEngine, classify};
-use crate::queue::{Backend, Done, LeaseOp, Op, Statements};
+use crate::queue::{Backend, Done, LeaseOp, Op, Statements, held_head, key_idle, ordered_keys};
 use crate::rows::leased_from_row;
 use crate::{LeaseClass, Leased, StoreResult};
 
@@ -170,23 +170,6 @@ const INSERT_LOGS: &str = "
 
 // --- in order per key (see the SQLite store's statements) ---
 
-macro_rules! held_head {
-    () => {
-        "(SELECT h.id FROM invocations AS h
-          WHERE h.order_key = k.key AND h.status IN ('queued', 'failed', 'running')
-            AND h.run_after = 9223372036854775807
-          ORDER BY h.order_seq, h.id LIMIT 1)"
-    };
-}
-
-macro_rules! key_idle {
-    () => {
-        "NOT EXISTS (SELECT 1 FROM invocations AS e
-                     WHERE e.order_key = k.key AND e.status IN ('queued', 'failed', 'running')
-                       AND e.run_after < 9223372036854775807)"
-    };
-}
-
 /// Releases, for each key of a JSON array (`$1`) of objects with an `order_key` that has nothing
 /// in flight, its first held invocation: runnable from `$2` (NULL: the database's clock). Two
 /// nodes may race here (one enqueues behind a head that the other completes); what the race
@@ -209,14 +192,8 @@ pub(super) const RELEASE_HEADS: &str = concat!(
 /// The same for every key with unfinished invocations (at `$1`, NULL: the database's clock),
 /// walking the keys one index seek each.
 pub(super) const RELEASE_ORPHANED_HEADS: &str = concat!(
-    "WITH RECURSIVE keys(key) AS (
-         SELECT MIN(order_key) FROM invocations
-         WHERE order_key IS NOT NULL AND status IN ('queued', 'failed', 'running')
-         UNION ALL
-         SELECT (SELECT MIN(order_key) FROM invocations
-                 WHERE order_key IS NOT NULL AND order_key > keys.key
-                   AND status IN ('queued', 'failed', 'running'))
-         FROM keys WHERE keys.key IS NOT NULL)
+    ordered_keys!(),
+    "
      UPDATE invocations AS i SET run_after = (SELECT COALESCE($1::bigint, sluice_now_ms()))
      FROM (SELECT ",
     held_head!(),
@@ -251,7 +228,13 @@ impl Backend for Postgres {
         (!self.db_clock).then_some(caller)
     }
 
-    async fn insert_queued(&self, connection: &mut PgConnection, rows: &str) -> StoreResult<u64> {
+    /// One statement either way: `jsonb_to_record` costs nothing for the keys a row lacks.
+    async fn insert_queued(
+        &self,
+        connection: &mut PgConnection,
+        rows: &str,
+        _ordered: bool,
+    ) -> StoreResult<u64> {
         let inserted: i64 = sqlx::query_scalar(INSERT_QUEUED)
             .bind(rows)
             .bind(super::QUEUE_CHANNEL)

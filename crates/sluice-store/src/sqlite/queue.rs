@@ -10,7 +10,10 @@ use sqlx::ConnectOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 
 use super::{SqliteEngine, classify};
-use crate::queue::{Backend, Done, LeaseOp, NodeHeartbeatOp, Op, PutBlobOp, RecordSyncOp, Statements};
+use crate::queue::{
+    Backend, Done, LeaseOp, NodeHeartbeatOp, Op, PutBlobOp, RecordSyncOp, Statements, held_head, key_idle,
+    ordered_keys,
+};
 use crate::rows::leased_from_row;
 use crate::sql::{Engine, require};
 use crate::{LeaseClass, StoreError, StoreResult};
@@ -55,8 +58,13 @@ impl Backend for Sqlite {
         Some(caller)
     }
 
-    async fn insert_queued(&self, connection: &mut SqliteConnection, rows: &str) -> StoreResult<u64> {
-        self.statement(connection, INSERT_QUEUED, rows).await
+    async fn insert_queued(
+        &self,
+        connection: &mut SqliteConnection,
+        rows: &str,
+        ordered: bool,
+    ) -> StoreResult<u64> {
+        self.statement(connection, if ordered { INSERT_QUEUED_ORDERED } else { INSERT_QUEUED }, rows).await
     }
 
     async fn complete_fenced(
@@ -114,28 +122,43 @@ pub(super) const CLAIM_KEYS: &str = "
             body_sha256 = excluded.body_sha256
         WHERE idempotency_keys.created_at <= excluded.created_at - ?2";
 
-/// Inserts the invocations without a key and those that won theirs.
-pub(super) const INSERT_QUEUED: &str = "
-    INSERT INTO invocations (id, tenant, function, version, mode, status, attempts, created_at,
-        request_method, request_path, request_headers, request_body, criticality, run_after,
-        deadline, attempts_max, max_age_ms, max_age_at, idempotency_key, request_bytes,
-        order_key, order_seq)
-    SELECT j.value ->> 'id', j.value ->> 'tenant', j.value ->> 'function', j.value ->> 'version',
-           'async', 'queued', 0, j.value ->> 'created_at',
-           j.value ->> 'method', j.value ->> 'path', j.value -> 'headers',
-           unhex(j.value ->> 'body'), j.value ->> 'criticality', j.value ->> 'run_after',
-           j.value ->> 'deadline', j.value ->> 'attempts_max', j.value ->> 'max_age_ms',
-           j.value ->> 'max_age_at', j.value ->> 'idempotency_key', j.value ->> 'request_bytes',
-           j.value ->> 'order_key', j.value ->> 'order_seq'
-    FROM jsonb_each(?1) AS j
-    WHERE j.value ->> 'idempotency_key' IS NULL
-       OR EXISTS (
-           SELECT 1 FROM idempotency_keys AS k
-           WHERE k.tenant = j.value ->> 'tenant' AND k.function = j.value ->> 'function'
-             AND k.caller = j.value ->> 'caller'
-             AND k.idempotency_key = j.value ->> 'idempotency_key'
-             AND k.invocation_id = j.value ->> 'id')
-    ORDER BY j.key";
+/// Inserts the invocations without a key and those that won theirs: the columns every invocation
+/// has, and those given (an ordered one's, for [`INSERT_QUEUED_ORDERED`]).
+macro_rules! insert_queued {
+    ($columns:literal, $values:literal) => {
+        concat!(
+            "INSERT INTO invocations (id, tenant, function, version, mode, status, attempts, created_at,
+                request_method, request_path, request_headers, request_body, criticality, run_after,
+                deadline, attempts_max, max_age_ms, max_age_at, idempotency_key, request_bytes",
+            $columns,
+            ")
+            SELECT j.value ->> 'id', j.value ->> 'tenant', j.value ->> 'function', j.value ->> 'version',
+                   'async', 'queued', 0, j.value ->> 'created_at',
+                   j.value ->> 'method', j.value ->> 'path', j.value -> 'headers',
+                   unhex(j.value ->> 'body'), j.value ->> 'criticality', j.value ->> 'run_after',
+                   j.value ->> 'deadline', j.value ->> 'attempts_max', j.value ->> 'max_age_ms',
+                   j.value ->> 'max_age_at', j.value ->> 'idempotency_key', j.value ->> 'request_bytes'",
+            $values,
+            "
+            FROM jsonb_each(?1) AS j
+            WHERE j.value ->> 'idempotency_key' IS NULL
+               OR EXISTS (
+                   SELECT 1 FROM idempotency_keys AS k
+                   WHERE k.tenant = j.value ->> 'tenant' AND k.function = j.value ->> 'function'
+                     AND k.caller = j.value ->> 'caller'
+                     AND k.idempotency_key = j.value ->> 'idempotency_key'
+                     AND k.invocation_id = j.value ->> 'id')
+            ORDER BY j.key"
+        )
+    };
+}
+
+/// A batch of invocations none of which runs in order: no lookups of keys its rows lack (a
+/// missing key costs a walk of the whole JSONB object, per row).
+pub(super) const INSERT_QUEUED: &str = insert_queued!("", "");
+/// A batch with invocations that run in their key's order.
+pub(super) const INSERT_QUEUED_ORDERED: &str =
+    insert_queued!(", order_key, order_seq", ", j.value ->> 'order_key', j.value ->> 'order_seq'");
 
 /// Who holds each keyed element's key now, and the fingerprint it was first used with.
 const KEY_HOLDERS: &str = "
@@ -146,27 +169,6 @@ const KEY_HOLDERS: &str = "
      AND k.caller = j.value ->> 'caller' AND k.idempotency_key = j.value ->> 'idempotency_key'";
 
 // --- in order per key ---
-
-/// The head of key `k.key`: its first unfinished invocation in order.
-/// The first held invocation of key `k.key` in its order.
-macro_rules! held_head {
-    () => {
-        "(SELECT h.id FROM invocations AS h
-          WHERE h.order_key = k.key AND h.status IN ('queued', 'failed', 'running')
-            AND h.run_after = 9223372036854775807
-          ORDER BY h.order_seq, h.id LIMIT 1)"
-    };
-}
-
-/// Key `k.key` has nothing in flight: no unfinished invocation of it that is not held (running,
-/// runnable, or waiting for a retry).
-macro_rules! key_idle {
-    () => {
-        "NOT EXISTS (SELECT 1 FROM invocations AS e
-                     WHERE e.order_key = k.key AND e.status IN ('queued', 'failed', 'running')
-                       AND e.run_after < 9223372036854775807)"
-    };
-}
 
 /// Releases, for each key in a JSON array (?1) of objects with an `order_key` that has nothing
 /// in flight, its first held invocation: runnable from ?2. Two index seeks per key
@@ -188,14 +190,8 @@ pub(super) const RELEASE_HEADS: &str = concat!(
 /// (a predecessor that expired, grew too old, or lost its lease for good, rather than
 /// completing). The keys are walked one index seek each.
 pub(super) const RELEASE_ORPHANED_HEADS: &str = concat!(
-    "WITH RECURSIVE keys(key) AS (
-         SELECT MIN(order_key) FROM invocations
-         WHERE order_key IS NOT NULL AND status IN ('queued', 'failed', 'running')
-         UNION ALL
-         SELECT (SELECT MIN(order_key) FROM invocations
-                 WHERE order_key IS NOT NULL AND order_key > keys.key
-                   AND status IN ('queued', 'failed', 'running'))
-         FROM keys WHERE keys.key IS NOT NULL)
+    ordered_keys!(),
+    "
      UPDATE invocations SET run_after = ?1
      WHERE run_after = 9223372036854775807 AND status IN ('queued', 'failed') AND id IN (
          SELECT ",
