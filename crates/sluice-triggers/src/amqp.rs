@@ -21,6 +21,10 @@ use sluice_store::Trigger;
 
 use crate::broker::{Broker, Message};
 
+/// How long a consumer waits for a delivery, while its queue holds ready messages, before it
+/// takes itself for stuck and reconnects.
+pub const STALL_AFTER: Duration = Duration::from_secs(5);
+
 pub struct Amqp {
     _connection: Connection,
     channel: Channel,
@@ -92,7 +96,24 @@ impl Broker for Amqp {
                 None => Err(anyhow::anyhow!("the broker ended the consumer")),
             }
         };
-        let first = next(self.consumer.next().await)?;
+        // A consumer that holds no unacked delivery (the last batch is acked) and gets nothing
+        // while the queue holds ready messages is stuck: seen under load, with the channel's
+        // prefetch taken by deliveries the consumer never yielded (cause not found). Reconnecting
+        // gives them back to the queue; their keys make the redelivery store nothing twice.
+        let first = loop {
+            match tokio::time::timeout(STALL_AFTER, self.consumer.next()).await {
+                Ok(d) => break next(d)?,
+                Err(_) => {
+                    if let Some(ready) = self.lag().await.filter(|&n| n > 0) {
+                        anyhow::bail!(
+                            "no delivery for {} s while queue {} holds {ready} ready messages: reconnecting",
+                            STALL_AFTER.as_secs(),
+                            self.queue
+                        );
+                    }
+                }
+            }
+        };
         let mut batch = vec![Self::message(first)];
         let until = tokio::time::Instant::now() + window;
         while batch.len() < max {
