@@ -556,22 +556,80 @@ macro_rules! key_idle {
     };
 }
 
-/// `keys(key)`: every key with unfinished invocations, walked one index seek each (a loose index
-/// scan), however many invocations each has.
-macro_rules! ordered_keys {
-    () => {
-        "WITH RECURSIVE keys(key) AS (
-             SELECT MIN(order_key) FROM invocations
-             WHERE order_key IS NOT NULL AND status IN ('queued', 'failed', 'running')
-             UNION ALL
-             SELECT (SELECT MIN(order_key) FROM invocations
-                     WHERE order_key IS NOT NULL AND order_key > keys.key
-                       AND status IN ('queued', 'failed', 'running'))
-             FROM keys WHERE keys.key IS NOT NULL)"
+/// Up to `$limit` keys with unfinished invocations after `$after`, in key order: a loose index
+/// scan, one seek per key, however many invocations each has.
+macro_rules! ordered_keys_after {
+    ($after:literal, $limit:literal) => {
+        concat!(
+            "WITH RECURSIVE keys(key, n) AS (
+                 SELECT (SELECT MIN(order_key) FROM invocations
+                         WHERE order_key IS NOT NULL AND order_key > ",
+            $after,
+            "
+                           AND status IN ('queued', 'failed', 'running')), 1
+                 UNION ALL
+                 SELECT (SELECT MIN(order_key) FROM invocations
+                         WHERE order_key IS NOT NULL AND order_key > keys.key
+                           AND status IN ('queued', 'failed', 'running')), keys.n + 1
+                 FROM keys WHERE keys.key IS NOT NULL AND keys.n < ",
+            $limit,
+            ")
+             SELECT key FROM keys WHERE key IS NOT NULL"
+        )
     };
 }
 
-pub(crate) use {held_head, key_idle, ordered_keys};
+/// Keys one run of [`release_orphaned_heads`] walks at most: a tenant with a million keys
+/// (each an unfinished invocation under its queued quota) costs every run the same.
+pub const ORDERED_KEYS_PER_RUN: i64 = 1_000;
+
+/// `[{"order_key": …}, …]`: the keys as [`Backend::RELEASE_HEADS`] reads them.
+pub(crate) fn order_keys_json(keys: &[String]) -> StoreResult<String> {
+    #[derive(serde::Serialize)]
+    struct Key<'a> {
+        order_key: &'a str,
+    }
+    encode("order keys", &keys.iter().map(|k| Key { order_key: k }).collect::<Vec<_>>())
+}
+
+/// Releases what sweeps (an expired or dead predecessor) and races between nodes left held: the
+/// held heads of up to `limit` keys after `cursor` (`keys_after`, then `release_heads`, at `now`;
+/// `None`: the database's clock). Returns where the next run starts: after the last key walked,
+/// or from the first key again ("") once the walk came to the end.
+pub(crate) async fn release_orphaned_heads<E: Dialect>(
+    connection: &mut Conn<E>,
+    keys_after: &'static str,
+    release_heads: &'static str,
+    cursor: &str,
+    limit: i64,
+    now: Option<UnixMs>,
+) -> StoreResult<String>
+where
+    for<'c> &'c mut Conn<E>: Executor<'c, Database = E::DB>,
+    for<'a> &'a str: Bind<E::DB>,
+    i64: Bind<E::DB>,
+    Option<i64>: Bind<E::DB>,
+{
+    let found = sqlx::query(keys_after)
+        .bind(cursor)
+        .bind(limit)
+        .fetch_all(&mut *connection)
+        .await
+        .map_err(E::classify)?;
+    let keys: Vec<String> = tuples::<_, (String,)>(found)?.into_iter().map(|(k,)| k).collect();
+    if !keys.is_empty() {
+        sqlx::query(release_heads)
+            .bind(order_keys_json(&keys)?.as_str())
+            .bind(now)
+            .execute(&mut *connection)
+            .await
+            .map_err(E::classify)?;
+    }
+    let full = i64::try_from(keys.len()).is_ok_and(|n| n >= limit);
+    Ok(if full { keys.last().cloned().unwrap_or_default() } else { String::new() })
+}
+
+pub(crate) use {held_head, key_idle, ordered_keys_after};
 
 // --- the backend ---
 
@@ -935,13 +993,8 @@ async fn complete_many<B: Statements>(
         pending = later;
     }
     if !keys.is_empty() {
-        #[derive(serde::Serialize)]
-        struct Key<'a> {
-            order_key: &'a str,
-        }
-        let keys: Vec<Key<'_>> = keys.iter().map(|k| Key { order_key: k }).collect();
         let now = ops.iter().map(|op| op.now).max().expect("a batch has completions");
-        backend.release_heads(connection, &encode("order keys", &keys)?, now).await?;
+        backend.release_heads(connection, &order_keys_json(&keys)?, now).await?;
     }
     // Last, so that a store that must lock to keep `seq` in commit order holds that lock only
     // from here to the commit.

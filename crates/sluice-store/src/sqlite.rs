@@ -661,7 +661,7 @@ mod tests {
     #[tokio::test]
     async fn ordered_releases_seek_their_index() {
         let (_dir, store) = open_temp().await;
-        for (statement, parameters) in [(queue::RELEASE_HEADS, 2), (queue::RELEASE_ORPHANED_HEADS, 1)] {
+        for (statement, parameters) in [(queue::RELEASE_HEADS, 2), (queue::ORDERED_KEYS_AFTER, 2)] {
             let plan = query_plan(&store, statement, parameters).await;
             let shown = plan.join("\n");
             assert!(shown.contains("invocations_ordered"), "{statement}\n{shown}");
@@ -672,6 +672,61 @@ mod tests {
                 "{statement}\n{shown}"
             );
         }
+    }
+
+    /// One run of the orphaned heads' release, two keys at most.
+    async fn run_orphans(connection: &mut sqlx::SqliteConnection, cursor: &str) -> String {
+        crate::queue::release_orphaned_heads::<SqliteEngine>(
+            connection,
+            queue::ORDERED_KEYS_AFTER,
+            queue::RELEASE_HEADS,
+            cursor,
+            2,
+            Some(5_000),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// The release of orphaned heads walks at most its limit of keys per run, and the next run
+    /// goes on after the last key walked, then from the first again: however many keys a tenant
+    /// has, every key is reached, and no run costs more than the limit.
+    #[tokio::test]
+    async fn orphaned_heads_are_released_a_bounded_walk_at_a_time() {
+        let (_dir, store) = open_temp().await;
+        for key in ["a", "b", "c"] {
+            for seq in [1, 2] {
+                let inv = crate::NewInvocation {
+                    in_order: Some(crate::InOrder { key: key.into(), seq }),
+                    ..invocation(format!("{key}{seq}"))
+                };
+                store.enqueue(&inv).await.unwrap();
+            }
+        }
+        // The heads (released at their enqueue) end as a sweep would end them: the seconds wait.
+        sqlx::query("UPDATE invocations SET status = 'expired' WHERE id IN ('a1', 'b1', 'c1')")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        let held = |id: &'static str| {
+            let pool = store.pool.clone();
+            async move {
+                let run_after: i64 = sqlx::query_scalar("SELECT run_after FROM invocations WHERE id = ?")
+                    .bind(id)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                run_after == crate::HELD
+            }
+        };
+        assert!(held("a2").await && held("b2").await && held("c2").await);
+        let mut connection = store.pool.acquire().await.unwrap();
+        let next = run_orphans(&mut connection, "").await;
+        assert_eq!(next, "b", "two keys walked, the next run goes on after the second");
+        assert!(!held("a2").await && !held("b2").await && held("c2").await);
+        let next = run_orphans(&mut connection, &next).await;
+        assert_eq!(next, "", "the walk came to the end: the next run starts again");
+        assert!(!held("c2").await);
     }
 
     /// The periodic read of every tenant's queued usage walks the index of unfinished rows, which

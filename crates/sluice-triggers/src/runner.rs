@@ -325,6 +325,19 @@ fn next_seq(last: i64) -> i64 {
     micros.max(last)
 }
 
+/// Longest subject kept as it is in an ordered invocation's key; a longer one (an MQTT topic may
+/// have 65,535 bytes) is keyed by its SHA-256, so a publisher cannot bloat the queue's index.
+const ORDER_KEY_SUBJECT_MAX: usize = 256;
+
+/// The key an ordered trigger's message runs in order under: its trigger's, and its subject's.
+fn order_key(trigger: i64, subject: &str) -> String {
+    if subject.len() <= ORDER_KEY_SUBJECT_MAX {
+        format!("trigger:{trigger}:{subject}")
+    } else {
+        format!("trigger:{trigger}:sha256:{}", sluice_core::ids::sha256_hex(subject.as_bytes()))
+    }
+}
+
 /// The tests' way to crash a node exactly between a batch's commit and its ack, the window the
 /// idempotency keys exist for: with `SLUICE_TEST_TRIGGER_ABORT_AFTER_BATCHES=N` in its
 /// environment, the process aborts (no cleanup, like SIGKILL) after its Nth committed batch.
@@ -345,8 +358,8 @@ fn crash_point() {
 }
 
 /// A batch's invocations, in CloudEvents HTTP binary mode, of the version the trigger's alias
-/// names on this node now; `Err` (a message to show) if it names none.
-/// An ordered trigger's messages take the sequence numbers from `seq` on (see [`next_seq`]).
+/// names on this node now; `Err` (a message to show) if it names none. An ordered trigger's
+/// messages take the sequence numbers from `seq` on (see [`next_seq`]).
 fn invocations<D>(
     node: &Node,
     t: &Trigger,
@@ -400,11 +413,25 @@ fn invocations<D>(
                 attempts_max: deployed.config.attempts_max,
                 max_age_ms: deployed.config.max_age_ms,
                 // Keys of the trigger's own, so two triggers never wait for each other.
-                in_order: t.ordered.then(|| InOrder {
-                    key: format!("trigger:{}:{}", t.id, m.subject),
-                    seq: seq.saturating_add(i as i64),
-                }),
+                in_order: t
+                    .ordered
+                    .then(|| InOrder { key: order_key(t.id, &m.subject), seq: seq.saturating_add(i as i64) }),
             }
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_subjects_are_keyed_by_their_hash() {
+        assert_eq!(order_key(7, "orders.eu"), "trigger:7:orders.eu");
+        let long = "t/".repeat(40_000);
+        let key = order_key(7, &long);
+        assert!(key.starts_with("trigger:7:sha256:") && key.len() == "trigger:7:sha256:".len() + 64, "{key}");
+        assert_ne!(key, order_key(7, &"u/".repeat(40_000)), "different subjects, different keys");
+        assert_eq!(order_key(7, &"x".repeat(256)).len(), "trigger:7:".len() + 256, "the bound is inclusive");
+    }
 }

@@ -20,7 +20,7 @@ use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 
 use super::{PostgresEngine, classify};
-use crate::queue::{Backend, Done, LeaseOp, Op, Statements, held_head, key_idle, ordered_keys};
+use crate::queue::{Backend, Done, LeaseOp, Op, Statements, held_head, key_idle, ordered_keys_after};
 use crate::rows::leased_from_row;
 use crate::{LeaseClass, Leased, StoreResult};
 
@@ -173,7 +173,7 @@ const INSERT_LOGS: &str = "
 /// Releases, for each key of a JSON array (`$1`) of objects with an `order_key` that has nothing
 /// in flight, its first held invocation: runnable from `$2` (NULL: the database's clock). Two
 /// nodes may race here (one enqueues behind a head that the other completes); what the race
-/// leaves held, [`RELEASE_ORPHANED_HEADS`] releases at the next sweep that runs it.
+/// leaves held, [`crate::queue::release_orphaned_heads`] releases at a later sweep.
 pub(super) const RELEASE_HEADS: &str = concat!(
     "UPDATE invocations AS i SET run_after = (SELECT COALESCE($2::bigint, sluice_now_ms()))
      FROM (SELECT ",
@@ -189,19 +189,8 @@ pub(super) const RELEASE_HEADS: &str = concat!(
      WHERE i.id = head.id AND i.run_after = 9223372036854775807 AND i.status IN ('queued', 'failed')"
 );
 
-/// The same for every key with unfinished invocations (at `$1`, NULL: the database's clock),
-/// walking the keys one index seek each.
-pub(super) const RELEASE_ORPHANED_HEADS: &str = concat!(
-    ordered_keys!(),
-    "
-     UPDATE invocations AS i SET run_after = (SELECT COALESCE($1::bigint, sluice_now_ms()))
-     FROM (SELECT ",
-    held_head!(),
-    " AS id FROM keys AS k WHERE k.key IS NOT NULL AND ",
-    key_idle!(),
-    ") AS head
-     WHERE i.id = head.id AND i.run_after = 9223372036854775807 AND i.status IN ('queued', 'failed')"
-);
+/// Keys for [`crate::queue::release_orphaned_heads`]: `$2` at most, after `$1`.
+pub(super) const ORDERED_KEYS_AFTER: &str = ordered_keys_after!("$1::text", "$2");
 
 #[async_trait::async_trait]
 impl Backend for Postgres {
@@ -462,7 +451,8 @@ const RECORD_WAITS: &str = "
 /// Marks what expired, grew too old or lost its lease: each sweep bounded, each its own
 /// transaction. `now` is `None` to use the database's clock.
 /// And, at most every [`ORPHANED_HEADS_INTERVAL`] in this process, releases the held heads of
-/// keys whose predecessor a sweep ended or a race between nodes left behind.
+/// keys whose predecessor a sweep ended or a race between nodes left behind
+/// ([`crate::queue::release_orphaned_heads`], a bounded walk resumed where the last one ended).
 pub(super) async fn sweep(connection: &mut PgConnection, now: Option<i64>) -> StoreResult<()> {
     for statement in SWEEPS {
         sqlx::query(statement)
@@ -473,23 +463,36 @@ pub(super) async fn sweep(connection: &mut PgConnection, now: Option<i64>) -> St
             .map_err(classify)?;
     }
     // With the caller's clock (tests with a fake one), every sweep.
-    if now.is_some() || orphaned_heads_due() {
-        sqlx::query(RELEASE_ORPHANED_HEADS).bind(now).execute(&mut *connection).await.map_err(classify)?;
+    if let Some(cursor) = orphaned_heads_due(now.is_some()) {
+        let next = crate::queue::release_orphaned_heads::<PostgresEngine>(
+            connection,
+            ORDERED_KEYS_AFTER,
+            RELEASE_HEADS,
+            &cursor,
+            crate::queue::ORDERED_KEYS_PER_RUN,
+            now,
+        )
+        .await?;
+        ORPHANS.lock().expect("orphaned heads lock").1 = next;
     }
     Ok(())
 }
 
-/// How often a sweep also runs [`RELEASE_ORPHANED_HEADS`], at most.
+/// How often a sweep also releases orphaned heads, at most.
 pub const ORPHANED_HEADS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
-fn orphaned_heads_due() -> bool {
-    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
-    let mut last = LAST.lock().expect("orphaned heads clock lock");
-    let due = last.is_none_or(|at| at.elapsed() >= ORPHANED_HEADS_INTERVAL);
-    if due {
-        *last = Some(std::time::Instant::now());
-    }
-    due
+/// When this process last released orphaned heads, and the key its next run starts after.
+static ORPHANS: std::sync::Mutex<(Option<std::time::Instant>, String)> =
+    std::sync::Mutex::new((None, String::new()));
+
+/// The key to start after, if a run is due (`always`: every sweep).
+fn orphaned_heads_due(always: bool) -> Option<String> {
+    let mut orphans = ORPHANS.lock().expect("orphaned heads lock");
+    let due = always || orphans.0.is_none_or(|at| at.elapsed() >= ORPHANED_HEADS_INTERVAL);
+    due.then(|| {
+        orphans.0 = Some(std::time::Instant::now());
+        orphans.1.clone()
+    })
 }
 
 /// Leases (see [`LEASE`]). `now` is `None` to use the database's clock.

@@ -12,7 +12,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 use super::{SqliteEngine, classify};
 use crate::queue::{
     Backend, Done, LeaseOp, NodeHeartbeatOp, Op, PutBlobOp, RecordSyncOp, Statements, held_head, key_idle,
-    ordered_keys,
+    ordered_keys_after,
 };
 use crate::rows::leased_from_row;
 use crate::sql::{Engine, require};
@@ -25,12 +25,14 @@ use crate::{LeaseClass, StoreError, StoreResult};
 pub const SWEEP_BATCH_MAX: i64 = 1_000;
 
 /// How often a lease also releases the held heads of keys whose predecessor a sweep ended
-/// ([`RELEASE_ORPHANED_HEADS`]), at most. Completions release their successors at once.
+/// ([`crate::queue::release_orphaned_heads`]), at most. Completions release their successors at
+/// once.
 pub const ORPHANED_HEADS_INTERVAL_MS: i64 = 1_000;
 
 /// The writer's connection to the database file, opened with the pool's options: its commits must
-/// be exactly as durable. And when its leases last released orphaned heads.
-pub(super) struct Sqlite(pub(super) SqliteConnectOptions, pub(super) std::sync::atomic::AtomicI64);
+/// be exactly as durable. And when its leases last released orphaned heads, and the key the next
+/// run starts after.
+pub(super) struct Sqlite(pub(super) SqliteConnectOptions, pub(super) std::sync::Mutex<(i64, String)>);
 
 #[async_trait::async_trait]
 impl Backend for Sqlite {
@@ -90,12 +92,20 @@ impl Backend for Sqlite {
                 crate::triggers::commit_batch_in::<SqliteEngine>(connection, op).await?,
             )),
             Op::Lease(op) => {
-                let last = self.1.load(std::sync::atomic::Ordering::Relaxed);
-                let heads = op.now.saturating_sub(last) >= ORPHANED_HEADS_INTERVAL_MS || op.now < last;
-                if heads {
-                    self.1.store(op.now, std::sync::atomic::Ordering::Relaxed);
+                let cursor = {
+                    let mut orphans = self.1.lock().expect("orphaned heads lock");
+                    let due =
+                        op.now.saturating_sub(orphans.0) >= ORPHANED_HEADS_INTERVAL_MS || op.now < orphans.0;
+                    due.then(|| {
+                        orphans.0 = op.now;
+                        orphans.1.clone()
+                    })
+                };
+                let (done, next) = lease(connection, op, cursor).await?;
+                if let Some(next) = next {
+                    self.1.lock().expect("orphaned heads lock").1 = next;
                 }
-                lease(connection, op, heads).await
+                Ok(done)
             }
             _ => unreachable!("the shared writer applies every other op"),
         }
@@ -186,20 +196,8 @@ pub(super) const RELEASE_HEADS: &str = concat!(
     ")"
 );
 
-/// The same for every key with unfinished invocations (at ?1): releases what a sweep left held
-/// (a predecessor that expired, grew too old, or lost its lease for good, rather than
-/// completing). The keys are walked one index seek each.
-pub(super) const RELEASE_ORPHANED_HEADS: &str = concat!(
-    ordered_keys!(),
-    "
-     UPDATE invocations SET run_after = ?1
-     WHERE run_after = 9223372036854775807 AND status IN ('queued', 'failed') AND id IN (
-         SELECT ",
-    held_head!(),
-    " FROM keys AS k WHERE k.key IS NOT NULL AND ",
-    key_idle!(),
-    ")"
-);
+/// Keys for [`crate::queue::release_orphaned_heads`]: ?2 at most, after ?1.
+pub(super) const ORDERED_KEYS_AFTER: &str = ordered_keys_after!("?1", "?2");
 
 // --- complete ---
 
@@ -388,8 +386,13 @@ pub(in crate::sqlite) const LEASE_STATEMENTS: [(&str, usize, &str); 4] = [
     (LEASE_RUNNABLE, 4, "invocations_runnable"),
 ];
 
-/// Sweeps, releases the heads the sweeps (or earlier ones) left held if `heads`, and leases.
-async fn lease(connection: &mut SqliteConnection, op: &LeaseOp, heads: bool) -> StoreResult<Done> {
+/// Sweeps; releases the heads the sweeps (or earlier ones) left held, from `orphans` on, if given
+/// (and says where the next run starts); and leases.
+async fn lease(
+    connection: &mut SqliteConnection,
+    op: &LeaseOp,
+    orphans: Option<String>,
+) -> StoreResult<(Done, Option<String>)> {
     for statement in [EXPIRE_PAST_DEADLINE, KILL_PAST_MAX_AGE, RECLAIM_EXPIRED_LEASES] {
         sqlx::query(statement)
             .bind(op.now)
@@ -398,9 +401,20 @@ async fn lease(connection: &mut SqliteConnection, op: &LeaseOp, heads: bool) -> 
             .await
             .map_err(classify)?;
     }
-    if heads {
-        sqlx::query(RELEASE_ORPHANED_HEADS).bind(op.now).execute(&mut *connection).await.map_err(classify)?;
-    }
+    let next = match orphans {
+        Some(cursor) => Some(
+            crate::queue::release_orphaned_heads::<SqliteEngine>(
+                connection,
+                ORDERED_KEYS_AFTER,
+                RELEASE_HEADS,
+                &cursor,
+                crate::queue::ORDERED_KEYS_PER_RUN,
+                Some(op.now),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let Some(asks) = &op.asks else {
         let found = sqlx::query(LEASE_RUNNABLE)
             .bind(op.now)
@@ -410,7 +424,7 @@ async fn lease(connection: &mut SqliteConnection, op: &LeaseOp, heads: bool) -> 
             .fetch_all(&mut *connection)
             .await
             .map_err(classify)?;
-        return Ok(Done::Leased(in_lease_order(&found)?));
+        return Ok((Done::Leased(in_lease_order(&found)?), next));
     };
     let mut leased = Vec::new();
     for (ask, excluded) in asks {
@@ -432,7 +446,7 @@ async fn lease(connection: &mut SqliteConnection, op: &LeaseOp, heads: bool) -> 
             .map_err(classify)?;
         leased.push(in_lease_order(&found)?);
     }
-    Ok(Done::LeasedAsks(leased))
+    Ok((Done::LeasedAsks(leased), next))
 }
 
 /// RETURNING yields rows in no promised order: sorts them back into lease order.
