@@ -154,6 +154,12 @@ pub struct ServeArgs {
     /// more than a tick, 200ms).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub schedule_missed_after: Duration,
+    /// How far ahead of an occurrence a node may enqueue it, runnable at the occurrence, so a
+    /// burst of schedules due in one second is stored before that second, e.g. 5s; 0: only when
+    /// due. An occurrence fired ahead chose its version then; pausing or deleting the schedule
+    /// takes it back.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub schedule_fire_ahead: Duration,
     /// The only brokers triggers may connect to, comma-separated `host:port` or `host` (any
     /// port), e.g. 127.0.0.1:4222,rabbit.internal. Unset: any broker the node can reach (a
     /// tenant's trigger can then probe the node's network; set this where tenants are not
@@ -489,6 +495,12 @@ impl ServeArgs {
             sluice_core::units::format_duration(self.schedule_missed_after)
         );
         node.schedule_missed_after = self.schedule_missed_after;
+        anyhow::ensure!(
+            self.schedule_fire_ahead <= Duration::from_secs(60),
+            "--schedule-fire-ahead must be at most 60s, got {}",
+            sluice_core::units::format_duration(self.schedule_fire_ahead)
+        );
+        node.schedule_fire_ahead = self.schedule_fire_ahead;
         node.trigger_brokers = self.trigger_brokers.clone();
         node.async_enqueue_inflight_max = self.async_enqueue_inflight_max;
         node.deploy_inflight_max = self.deploy_inflight_max;

@@ -34,6 +34,11 @@ pub const CATCHUP_ALL_MAX: usize = 100;
 /// --schedule-missed-after`): longer than any healthy tick takes, shorter than an outage anyone
 /// would call one.
 pub const MISSED_AFTER_MS: UnixMs = 5_000;
+/// The default of how far ahead of an occurrence a node may enqueue it (`serve
+/// --schedule-fire-ahead`), runnable at the occurrence: long enough to store a burst of ten
+/// thousand schedules due in one second before that second, short enough that a change of the
+/// alias or a pause just before an occurrence still applies to it (a pause takes it back).
+pub const FIRE_AHEAD_MS: UnixMs = 5_000;
 /// Most occurrences `backfill` enqueues in one call.
 pub const BACKFILL_MAX: usize = 1_000;
 /// Where the check of a cron expression's frequency starts (2026-01-01T00:00Z): any instant

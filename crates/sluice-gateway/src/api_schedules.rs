@@ -117,6 +117,8 @@ pub struct ScheduleInfo {
     pub body: String,
     pub paused: bool,
     /// The next occurrences (at most five); empty when paused or when a one-time schedule fired.
+    /// The first may be fired ahead already: enqueued before its time (see `serve
+    /// --schedule-fire-ahead`), runnable at it, and then also `last_fired_for`.
     #[schema(value_type = Vec<String>)]
     pub next_fires: Vec<String>,
     /// An occurrence waiting for the previous invocation to finish (`buffer-one`).
@@ -501,10 +503,12 @@ fn info(s: &Schedule, now: i64) -> ScheduleInfo {
         When::Every { every_ms } => (None, None, Some(*every_ms), None),
         When::At { at } => (None, None, None, Some(rfc3339(*at))),
     };
+    // An occurrence fired ahead (enqueued, runnable at its time) is still to come: listed first.
+    let ahead = s.last_fired_for.filter(|t| *t > now && !s.paused);
     let next_fires = match (s.paused, s.next_fire_at, s.when.timetable()) {
         (false, Some(next), Ok(table)) => {
             // The stored next occurrence first (it may be due), then the ones after it.
-            let mut fires = vec![next];
+            let mut fires: Vec<i64> = ahead.into_iter().chain([next]).collect();
             // After a due one, the next are those after now (a due one fires at the next tick).
             let mut t = next.max(now);
             while fires.len() < NEXT_FIRES_SHOWN {
@@ -518,7 +522,7 @@ fn info(s: &Schedule, now: i64) -> ScheduleInfo {
             }
             fires.into_iter().map(rfc3339).collect()
         }
-        _ => Vec::new(),
+        _ => ahead.into_iter().map(rfc3339).collect(),
     };
     ScheduleInfo {
         id: s.id,

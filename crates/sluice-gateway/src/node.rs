@@ -65,6 +65,9 @@ pub struct NodeConfig {
     pub promote_ahead: Duration,
     /// A schedule's occurrence is missed (its catch-up policy applies) once it is this late.
     pub schedule_missed_after: Duration,
+    /// How far ahead of an occurrence a schedule may fire it, runnable at the occurrence (zero:
+    /// only when due).
+    pub schedule_fire_ahead: Duration,
     /// The brokers triggers may connect to (`host:port`, or `host` for any port); `None`: any.
     pub trigger_brokers: Option<Vec<String>>,
 }
@@ -84,6 +87,7 @@ impl NodeConfig {
             utilization_target: 0.8,
             promote_ahead: Duration::from_secs(30),
             schedule_missed_after: Duration::from_millis(sluice_core::schedule::MISSED_AFTER_MS as u64),
+            schedule_fire_ahead: Duration::from_millis(sluice_core::schedule::FIRE_AHEAD_MS as u64),
             trigger_brokers: None,
             async_enqueue_inflight_max: 256,
             deploy_inflight_max: 8,

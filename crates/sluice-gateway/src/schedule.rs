@@ -86,12 +86,14 @@ fn spread(node: &str) -> u32 {
 /// could, and advanced some: more may be due).
 async fn tick_once(node: &Node, spread: u32) -> Result<(Ticked, bool), SluiceError> {
     let now = SystemClock.now_ms();
-    let due = node.store.due_schedules(now, DUE_BATCH_MAX, spread).await.map_err(store_error)?;
+    let ahead_until = now.saturating_add(i64::try_from(node.config.schedule_fire_ahead.as_millis()).unwrap_or(0));
+    let due =
+        node.store.due_schedules(now, ahead_until, DUE_BATCH_MAX, spread).await.map_err(store_error)?;
     let full = due.len() >= DUE_BATCH_MAX as usize;
     let mut firings = Vec::with_capacity(due.len());
     let mut reservations = Vec::with_capacity(due.len());
     for schedule in &due {
-        match decide(node, schedule, now).await {
+        match decide(node, schedule, now, ahead_until).await {
             Ok(Some((firing, reserved))) => {
                 firings.push(firing);
                 reservations.push(reserved);
@@ -125,13 +127,20 @@ async fn tick_once(node: &Node, spread: u32) -> Result<(Ticked, bool), SluiceErr
 }
 
 /// Decides what a due schedule does now, with the quota places of its invocations; `None` if
-/// nothing changes (only a buffered occurrence, still waiting).
+/// nothing changes (only a buffered occurrence, still waiting; or one that may not fire ahead).
 async fn decide(
     node: &Node,
     s: &Schedule,
     now: UnixMs,
+    ahead_until: UnixMs,
 ) -> Result<Option<(Firing, Vec<Reservation>)>, SluiceError> {
     let table = s.when.timetable().map_err(SluiceError::internal)?;
+    if let Some(next) = s.next_fire_at
+        && next > now
+        && s.buffered_for.is_none()
+    {
+        return decide_ahead(node, s, &table, next, now, ahead_until).await;
+    }
     let (due, next_fire_at) = match s.next_fire_at {
         Some(first) if first <= now => {
             // Walking back from now: an outage of a year costs a bounded number of steps.
@@ -143,16 +152,7 @@ async fn decide(
     let missed_after = i64::try_from(node.config.schedule_missed_after.as_millis()).unwrap_or(i64::MAX);
     let (kept, dropped) = catch_up(s.catchup, &due, now, missed_after);
     let mut skipped = dropped + due_before(&table, s.next_fire_at, due.first().copied());
-    // The previous occurrence's invocation, for the overlap policies.
-    let mut busy = match (&s.overlap, &s.last_invocation) {
-        (Overlap::Allow, _) | (_, None) => false,
-        (_, Some(id)) => node
-            .store
-            .get_invocation(id)
-            .await
-            .map_err(store_error)?
-            .is_some_and(|inv| !inv.status.is_final()),
-    };
+    let mut busy = previous_unfinished(node, s).await?;
     let mut buffered = s.buffered_for;
     let mut fire_at = Vec::new();
     if let Some(b) = buffered
@@ -217,6 +217,56 @@ async fn decide(
     Ok(Some((firing, reservations)))
 }
 
+/// Whether the previous occurrence's invocation has not finished, for the overlap policies
+/// (`allow` never waits for it).
+async fn previous_unfinished(node: &Node, s: &Schedule) -> Result<bool, SluiceError> {
+    Ok(match (&s.overlap, &s.last_invocation) {
+        (Overlap::Allow, _) | (_, None) => false,
+        (_, Some(id)) => node
+            .store
+            .get_invocation(id)
+            .await
+            .map_err(store_error)?
+            .is_some_and(|inv| !inv.status.is_final()),
+    })
+}
+
+/// Fires the next occurrence ahead, runnable at its time, when nothing could decide otherwise
+/// by then: it is within `ahead_until`, none is fired ahead already, and the overlap policy lets
+/// it fire now. Anything that would skip it (an unfinished previous call, a missing alias, a
+/// full quota) leaves it to the tick at its time, which decides and reports as for any due
+/// occurrence.
+async fn decide_ahead(
+    node: &Node,
+    s: &Schedule,
+    table: &Timetable,
+    next: UnixMs,
+    now: UnixMs,
+    ahead_until: UnixMs,
+) -> Result<Option<(Firing, Vec<Reservation>)>, SluiceError> {
+    if next > ahead_until || s.last_fired_for.is_some_and(|t| t > now) || previous_unfinished(node, s).await? {
+        return Ok(None);
+    }
+    let Ok(built) = invocations(node, s, &[next], now).await else { return Ok(None) };
+    let mut reservations = Vec::with_capacity(built.len());
+    for (_, inv) in &built {
+        match node.quotas.reserve(&inv.tenant, inv.request.quota_bytes()) {
+            Ok(reserved) => reservations.push(reserved),
+            Err(_) => return Ok(None),
+        }
+    }
+    let firing = Firing {
+        id: s.id,
+        revision: s.revision,
+        next_fire_at: table.next_after(next),
+        buffered_for: None,
+        enqueue: built,
+        skipped: 0,
+        last_error: None,
+    };
+    Ok(Some((firing, reservations)))
+}
+
 /// Occurrences between the schedule's next fire time and the first one the tick looked at, which
 /// the walk back from now did not reach (only after a long outage): counted as skipped. At most
 /// a bounded count is walked; beyond it the count is a lower bound.
@@ -253,8 +303,8 @@ async fn invocations(
             let mut headers = s.headers.clone();
             headers.push((SCHEDULE_HEADER.into(), s.name.clone().into_bytes()));
             headers.push((SCHEDULED_FOR_HEADER.into(), sluice_core::rfc3339(t).into_bytes()));
-            // A flex window starts when the occurrence is enqueued (a missed one: now), so a
-            // catch-up does not expire at once.
+            // A start window opens at the occurrence (one fired ahead is not runnable before),
+            // or when a missed one is enqueued (now), so a catch-up does not expire at once.
             let deadline = if s.flex_ms > 0 {
                 Some(now.max(t).saturating_add(i64::try_from(s.flex_ms).unwrap_or(i64::MAX)))
             } else {
@@ -262,7 +312,7 @@ async fn invocations(
                     .config
                     .start_window_ms
                     .and_then(|w| i64::try_from(w).ok())
-                    .map(|w| now.saturating_add(w))
+                    .map(|w| now.max(t).saturating_add(w))
             };
             let inv = NewInvocation {
                 id: sluice_core::ids::invocation_id(),

@@ -116,11 +116,14 @@ store_trait! {
         /// A tenant's schedules by name.
         async fn list_schedules(&self, tenant: &str) -> StoreResult<Vec<Schedule>>;
         async fn count_schedules(&self, tenant: &str) -> StoreResult<u64>;
-        /// `false` if there was no such schedule.
+        /// `false` if there was no such schedule. An occurrence fired ahead (its invocation still
+        /// queued, not yet runnable) is taken back with it.
         async fn delete_schedule(&self, tenant: &str, name: &str) -> StoreResult<bool>;
         /// Pauses, or resumes from `next_fire_at` (a paused schedule misses nothing: the caller
-        /// passes the first occurrence after now). Drops a buffered occurrence. `None` if there
-        /// is no such schedule.
+        /// passes the first occurrence after now). Drops a buffered occurrence. Pausing takes
+        /// back an occurrence fired ahead whose invocation is still queued and not yet runnable
+        /// (its invocation and its idempotency key are deleted, and it becomes the next
+        /// occurrence again). `None` if there is no such schedule.
         async fn set_schedule_paused(
             &self,
             tenant: &str,
@@ -129,11 +132,21 @@ store_trait! {
             next_fire_at: Option<UnixMs>,
         ) -> StoreResult<Option<Schedule>>;
         /// Schedules not paused whose next occurrence is at or before `now`, or that hold a
-        /// buffered occurrence, at most `limit`: the oldest second first, and within a second in
-        /// the order `spread` gives (by `id * spread` modulo a prime; 1 is id order). Nodes that
-        /// tick together with different spreads start on different schedules, rather than all
-        /// on the same first `limit` (which only one of them could fire).
-        async fn due_schedules(&self, now: UnixMs, limit: u32, spread: u32) -> StoreResult<Vec<Schedule>>;
+        /// buffered occurrence, or that may fire their next occurrence ahead: it is at or before
+        /// `ahead_until`, none is fired ahead already (`last_fired_for` not after `now`), none is
+        /// buffered, and the overlap policy lets it fire now (`allow`, or the previous
+        /// occurrence's invocation finished or gone). At most `limit`: the oldest second first,
+        /// and within a second in the order `spread` gives (by `id * spread` modulo a prime; 1 is
+        /// id order). Nodes that tick together with different spreads start on different
+        /// schedules, rather than all on the same first `limit` (which only one of them could
+        /// fire).
+        async fn due_schedules(
+            &self,
+            now: UnixMs,
+            ahead_until: UnixMs,
+            limit: u32,
+            spread: u32,
+        ) -> StoreResult<Vec<Schedule>>;
         /// Commits [`Firing`]s: each schedule's new state and its invocations, all in one
         /// transaction. A firing changes nothing if another node fires (or has fired) its
         /// schedule, or it was paused, changed or deleted since it was read. Returns which
@@ -257,12 +270,16 @@ where
     }
 
     async fn delete_schedule(&self, tenant: &str, name: &str) -> StoreResult<bool> {
+        let now = self.clock.now_ms();
+        let mut tx = E::begin_write(&self.pool).await?;
+        take_back_ahead::<E>(&mut tx, tenant, name, now).await?;
         let done = sqlx::query("DELETE FROM schedules WHERE tenant = $1 AND name = $2")
             .bind(tenant)
             .bind(name)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(E::classify)?;
+        tx.commit().await.map_err(E::classify)?;
         Ok(E::rows_affected(&done) == 1)
     }
 
@@ -275,6 +292,20 @@ where
     ) -> StoreResult<Option<Schedule>> {
         let now = self.clock.now_ms();
         let mut tx = E::begin_write(&self.pool).await?;
+        if paused && let Some(taken) = take_back_ahead::<E>(&mut tx, tenant, name, now).await? {
+            // The occurrence taken back is the next one again (show says it; resume replaces it).
+            sqlx::query(
+                "UPDATE schedules SET next_fire_at = $3, fires = fires - 1, last_fired_for = NULL,
+                     last_invocation = NULL
+                 WHERE tenant = $1 AND name = $2",
+            )
+            .bind(tenant)
+            .bind(name)
+            .bind(taken)
+            .execute(&mut *tx)
+            .await
+            .map_err(E::classify)?;
+        }
         // Pausing keeps the next occurrence (show still says it); resuming replaces it.
         let done = sqlx::query(
             "UPDATE schedules SET paused = $3, buffered_for = NULL, revision = revision + 1, updated_at = $5,
@@ -302,17 +333,35 @@ where
         found.as_ref().map(schedule_from_row).transpose()
     }
 
-    async fn due_schedules(&self, now: UnixMs, limit: u32, spread: u32) -> StoreResult<Vec<Schedule>> {
-        // Two index scans: by next occurrence, and the few with a buffered one; then a sort of
-        // what is due (ids and the prime below stay far from overflowing 64 bits).
+    async fn due_schedules(
+        &self,
+        now: UnixMs,
+        ahead_until: UnixMs,
+        limit: u32,
+        spread: u32,
+    ) -> StoreResult<Vec<Schedule>> {
+        // Two index scans: by next occurrence (up to `ahead_until`), and the few with a buffered
+        // one; then a sort of what is due (ids and the prime below stay far from overflowing 64
+        // bits). Of those due only ahead, the ones fired ahead already or whose overlap policy
+        // holds them are left out here, one primary-key read each at most, rather than
+        // read again by every tick until they are due.
         let found = sqlx::query(select_schedules!(
-            "WHERE paused = 0 AND (next_fire_at <= $1 OR buffered_for IS NOT NULL)
+            "WHERE paused = 0 AND (
+                 next_fire_at <= $4 AND (
+                     next_fire_at <= $1
+                     OR (buffered_for IS NULL AND (last_fired_for IS NULL OR last_fired_for <= $1)
+                         AND (overlap = 'allow' OR last_invocation IS NULL OR NOT EXISTS (
+                             SELECT 1 FROM invocations i WHERE i.id = schedules.last_invocation
+                             AND i.status NOT IN ('succeeded', 'dead', 'expired'))))
+                 )
+                 OR buffered_for IS NOT NULL)
              ORDER BY COALESCE(buffered_for, next_fire_at) / 1000, (id % 1000003) * $3 % 1000003, id
              LIMIT $2"
         ))
         .bind(now)
         .bind(i64::from(limit))
         .bind(i64::from(spread))
+        .bind(ahead_until.max(now))
         .fetch_all(&self.pool)
         .await
         .map_err(E::classify)?;
@@ -425,6 +474,57 @@ where
         .await
         .map_err(E::classify)?;
     advanced.iter().map(|row| get::<i64, _>(row, "id")).collect()
+}
+
+/// Takes back the occurrence a schedule fired ahead, if its invocation is still queued and not
+/// yet runnable (`run_after` after `now`): deletes the invocation and its idempotency key (so
+/// that firing the occurrence again, after a resume, stores it). Returns the occurrence taken
+/// back. An invocation already runnable, running or finished has fired: it stays.
+async fn take_back_ahead<E: Engine>(
+    tx: &mut Conn<E>,
+    tenant: &str,
+    name: &str,
+    now: UnixMs,
+) -> StoreResult<Option<UnixMs>>
+where
+    for<'c> &'c mut Conn<E>: Executor<'c, Database = E::DB>,
+    for<'a> &'a str: Bind<E::DB>,
+    i64: Bind<E::DB>,
+{
+    let row = sqlx::query(
+        "SELECT id, function, last_fired_for, last_invocation FROM schedules
+         WHERE tenant = $1 AND name = $2 AND last_fired_for > $3 AND last_invocation IS NOT NULL",
+    )
+    .bind(tenant)
+    .bind(name)
+    .bind(now)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(E::classify)?;
+    let Some(row) = row else { return Ok(None) };
+    let (id, function, occurrence, invocation): (i64, String, i64, String) =
+        (get(&row, "id")?, get(&row, "function")?, get(&row, "last_fired_for")?, get(&row, "last_invocation")?);
+    let deleted = sqlx::query("DELETE FROM invocations WHERE id = $1 AND status = 'queued' AND run_after > $2")
+        .bind(invocation.as_str())
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(E::classify)?;
+    if E::rows_affected(&deleted) == 0 {
+        return Ok(None);
+    }
+    sqlx::query(
+        "DELETE FROM idempotency_keys
+         WHERE tenant = $1 AND function = $2 AND caller = $3 AND idempotency_key = $4",
+    )
+    .bind(tenant)
+    .bind(function.as_str())
+    .bind(SCHEDULE_CALLER)
+    .bind(schedule_key(id, occurrence).as_str())
+    .execute(&mut *tx)
+    .await
+    .map_err(E::classify)?;
+    Ok(Some(occurrence))
 }
 
 /// The enqueue rows (as the queue's writer encodes them) of a schedule's occurrences, after

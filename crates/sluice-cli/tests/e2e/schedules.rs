@@ -1,6 +1,7 @@
 //! Schedules through the real binary: an every-second schedule fires each occurrence once with
 //! the key `sched:{id}:{occurrence}` and its request, pauses and resumes; a one-time schedule
-//! fires once; the overlap policies keep a slow function's runs apart; after the node was
+//! fires once; an occurrence fired ahead starts on time and a pause takes it back; the overlap
+//! policies keep a slow function's runs apart; after the node was
 //! stopped, each catch-up policy enqueues what it promises; and two nodes on PostgreSQL fire 200
 //! schedules without a double fire. Time scales are shortened (1-3 s intervals,
 //! `--schedule-missed-after 1s`); every wait polls the invocations the store holds.
@@ -279,6 +280,42 @@ fn a_one_time_schedule_fires_once_and_bad_schedules_are_refused() {
     assert_eq!(list["schedules"], json!([]), "{list}");
 }
 
+/// `serve --schedule-fire-ahead`: an occurrence is stored before its time, runnable at it (it
+/// starts no earlier), listed as the next fire; pausing before its time takes it back, and a
+/// resume before its time fires it again, once.
+#[test]
+fn an_occurrence_fired_ahead_starts_on_time_and_a_pause_takes_it_back() {
+    let node = Node::start(&["--schedule-fire-ahead", "20s"]);
+    node.deploy("tg", &guests().testguest, &[]);
+    // Far enough ahead that the pause and the resume below come before it even on a loaded
+    // machine; within the window, so the first tick fires it.
+    let at_ms = (now_ms() + 12_000) / 1_000 * 1_000;
+    let at = sluice_core::rfc3339(at_ms);
+    cli_ok(&node, &["schedules", "create", "soon", "--function", "tg", "--at", &at, "--path", "/ok"]);
+    let fired = wait_fires(&node, "tg", |f| f.len() == 1);
+    assert!(now_ms() < at_ms, "the test is too slow to see the occurrence ahead");
+    assert_eq!((fired[0].scheduled_for, fired[0].status.as_str()), (at_ms, "queued"), "{fired:?}");
+    assert!(fired[0].created_at < at_ms, "stored ahead: {fired:?}");
+    let shown = show(&node, "soon");
+    assert_eq!(shown["next_fires"], json!([at]), "the occurrence fired ahead is still to come: {shown}");
+    assert_eq!((shown["fires"].as_u64(), shown["last_fired_for"].as_str()), (Some(1), Some(at.as_str())));
+
+    // Paused before its time: the invocation is taken back, nothing runs.
+    let paused = show_after(&node, &["schedules", "pause", "soon"]);
+    assert_eq!((paused["fires"].as_u64(), &paused["last_fired_for"]), (Some(0), &Value::Null), "{paused}");
+    assert!(fires(&node, "tg").is_empty(), "taken back");
+    // Resumed before its time: fired again (its key was freed with it), and run at its time.
+    cli_ok(&node, &["schedules", "resume", "soon"]);
+    let fired = wait_fires(&node, "tg", |f| f.len() == 1 && f[0].status == "succeeded");
+    assert!(fired[0].started_at.unwrap() >= at_ms, "started before its time: {fired:?}");
+    assert_eq!(show(&node, "soon")["fires"].as_u64(), Some(1));
+}
+
+fn show_after(node: &Node, args: &[&str]) -> Value {
+    cli_ok(node, args);
+    show(node, args[2])
+}
+
 #[test]
 fn overlapping_occurrences_are_skipped_or_buffered_never_run_together() {
     let node = Node::start(&[]);
@@ -375,10 +412,12 @@ fn after_an_outage_each_catch_up_policy_enqueues_what_it_promises() {
     wait_fires(&node, "tg", |f| ids.keys().all(|id| f.iter().any(|x| x.schedule == *id)));
     node.terminate();
     let stopped_at = now_ms();
-    // An outage of at least two occurrences, ending 1.5 s after one: the most recent occurrence
-    // due at restart is then more than `--schedule-missed-after` late.
+    // An outage of at least two occurrences after the one the node fired ahead before it
+    // stopped (`--schedule-fire-ahead`, runnable at its time: not missed), ending 1.5 s after
+    // one: the most recent occurrence due at restart is then more than
+    // `--schedule-missed-after` late.
     let restart_at = {
-        let mut t = stopped_at + 2 * EVERY + 500;
+        let mut t = stopped_at + sluice_core::schedule::FIRE_AHEAD_MS + 2 * EVERY + 500;
         t += (EVERY + 1_500 - t.rem_euclid(EVERY)).rem_euclid(EVERY);
         t
     };

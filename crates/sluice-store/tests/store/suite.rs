@@ -136,6 +136,7 @@ macro_rules! run_whole_suite {
     schedules_are_created_listed_paused_and_deleted_with_their_function,
     concurrent_firings_of_one_occurrence_enqueue_it_once,
     buffered_occurrences_are_due_until_fired,
+    occurrences_fired_ahead_are_read_once_and_taken_back_by_pause_and_delete,
     triggers_are_created_listed_paused_and_deleted_with_their_function,
     a_trigger_has_one_lease_holder_and_only_it_commits,
     concurrent_claims_give_each_trigger_one_holder,

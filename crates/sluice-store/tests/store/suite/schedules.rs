@@ -118,7 +118,7 @@ pub async fn schedules_are_created_listed_paused_and_deleted_with_their_function
     assert!(paused.paused && paused.revision > 0);
     assert_eq!(paused.next_fire_at, Some(2_000), "pausing keeps the next occurrence");
     let due: Vec<String> =
-        store.due_schedules(10_000, 100, 1).await.unwrap().into_iter().map(|s| s.name).collect();
+        store.due_schedules(10_000, 10_000, 100, 1).await.unwrap().into_iter().map(|s| s.name).collect();
     assert_eq!(due, ["c-once"]);
     let resumed = store.set_schedule_paused("acme", "a-every", false, Some(6_000)).await.unwrap().unwrap();
     assert_eq!((resumed.paused, resumed.next_fire_at), (false, Some(6_000)));
@@ -174,8 +174,8 @@ pub async fn concurrent_firings_of_one_occurrence_enqueue_it_once(store: &dyn St
     let after = store.get_schedule("acme", "s0").await.unwrap().unwrap();
     assert_eq!((after.next_fire_at, after.fires, after.last_fired_for), (Some(4_000), 2, Some(3_000)));
     assert!(after.last_invocation.as_deref().unwrap().ends_with("-s0-b"));
-    assert!(store.due_schedules(3_999, 100, 1).await.unwrap().is_empty(), "advanced past what fired");
-    assert_eq!(store.due_schedules(4_000, 100, 1).await.unwrap().len(), SCHEDULES);
+    assert!(store.due_schedules(3_999, 3_999, 100, 1).await.unwrap().is_empty(), "advanced past what fired");
+    assert_eq!(store.due_schedules(4_000, 4_000, 100, 1).await.unwrap().len(), SCHEDULES);
 
     // A stale firing (a node that read before the commit and comes late) changes nothing.
     let stale = firing(&schedules[0], vec![occurrence(&schedules[0], 4_000, "late")], 5_000);
@@ -204,7 +204,7 @@ pub async fn buffered_occurrences_are_due_until_fired(store: &dyn Store, clock: 
     assert_eq!(fire(store, &first).await, Some(1));
     let s = store.get_schedule("acme", "buffered").await.unwrap().unwrap();
     assert_eq!(s.buffered_for, Some(3_000));
-    assert_eq!(store.due_schedules(5_000, 10, 1).await.unwrap().len(), 1, "due while it holds one");
+    assert_eq!(store.due_schedules(5_000, 5_000, 10, 1).await.unwrap().len(), 1, "due while it holds one");
     let second = Firing {
         skipped: 2,
         last_error: Some("why".into()),
@@ -213,5 +213,60 @@ pub async fn buffered_occurrences_are_due_until_fired(store: &dyn Store, clock: 
     assert_eq!(fire(store, &second).await, Some(1));
     let s = store.get_schedule("acme", "buffered").await.unwrap().unwrap();
     assert_eq!((s.buffered_for, s.fires, s.skipped, s.last_error.as_deref()), (None, 2, 2, Some("why")));
-    assert!(store.due_schedules(5_000, 10, 1).await.unwrap().is_empty());
+    assert!(store.due_schedules(5_000, 5_000, 10, 1).await.unwrap().is_empty());
+}
+
+pub async fn occurrences_fired_ahead_are_read_once_and_taken_back_by_pause_and_delete(
+    store: &dyn Store,
+    clock: &ManualClock,
+) {
+    fixture(store).await;
+    clock.set(1_000);
+    let ahead = store.create_schedule(&every("ahead", "hello", 1_000, 10_000)).await.unwrap();
+    let skip = NewSchedule { overlap: Overlap::Skip, ..every("skip", "hello", 5_000, 5_000) };
+    let skip = store.create_schedule(&skip).await.unwrap();
+    let due_names = |now: UnixMs, until: UnixMs| async move {
+        let due = store.due_schedules(now, until, 100, 1).await.unwrap();
+        due.into_iter().map(|s| s.name).collect::<Vec<_>>()
+    };
+    assert!(due_names(4_000, 4_000).await.is_empty());
+    assert_eq!(due_names(6_000, 11_000).await, ["skip", "ahead"], "within the window, oldest first");
+
+    // `skip` fires its occurrence at 5000, which stays queued: its next one (10000) is held back
+    // from firing ahead until that call finishes, and read only when due.
+    clock.set(5_000);
+    assert_eq!(fire(store, &firing(&skip, vec![occurrence(&skip, 5_000, "skip-5")], 10_000)).await, Some(1));
+    // `ahead` fires 10000 ahead, at 6000; its next (11000) is within the window too, but one
+    // occurrence ahead is the most: it is not read again until 10000 is due.
+    clock.set(6_000);
+    assert_eq!(fire(store, &firing(&ahead, vec![occurrence(&ahead, 10_000, "a-1")], 11_000)).await, Some(1));
+    assert!(due_names(6_000, 11_000).await.is_empty(), "one ahead at most, skip's call unfinished");
+    assert_eq!(due_names(10_000, 11_000).await, ["skip", "ahead"]);
+
+    // Pausing before 10000 takes the occurrence back: its invocation and key are gone, and it is
+    // the next occurrence again.
+    clock.set(7_000);
+    let paused = store.set_schedule_paused("acme", "ahead", true, None).await.unwrap().unwrap();
+    assert_eq!(
+        (paused.next_fire_at, paused.fires, paused.last_fired_for, paused.last_invocation),
+        (Some(10_000), 0, None, None)
+    );
+    assert!(store.get_invocation("a-1").await.unwrap().is_none());
+    // Resumed before it, it fires again, and is stored: the key was freed with it.
+    let resumed = store.set_schedule_paused("acme", "ahead", false, Some(10_000)).await.unwrap().unwrap();
+    assert_eq!(fire(store, &firing(&resumed, vec![occurrence(&resumed, 10_000, "a-2")], 11_000)).await, Some(1));
+    // Once runnable, it has fired: a pause leaves it.
+    clock.set(10_000);
+    let paused = store.set_schedule_paused("acme", "ahead", true, None).await.unwrap().unwrap();
+    assert_eq!((paused.next_fire_at, paused.last_invocation.as_deref()), (Some(11_000), Some("a-2")));
+    assert!(store.get_invocation("a-2").await.unwrap().is_some());
+
+    // Deleting the schedule takes back what it fired ahead, and only that.
+    let resumed = store.set_schedule_paused("acme", "ahead", false, Some(20_000)).await.unwrap().unwrap();
+    clock.set(16_000);
+    assert_eq!(fire(store, &firing(&resumed, vec![occurrence(&resumed, 20_000, "a-3")], 21_000)).await, Some(1));
+    assert!(store.delete_schedule("acme", "ahead").await.unwrap());
+    assert!(store.get_invocation("a-3").await.unwrap().is_none());
+    assert!(store.get_invocation("a-2").await.unwrap().is_some());
+    assert!(store.get_invocation("skip-5").await.unwrap().is_some());
 }
