@@ -20,6 +20,10 @@ pub struct Target {
     /// Tenant the command acts on.
     #[arg(long, default_value = "default", global = true)]
     pub tenant: String,
+    /// For an `https://` URL: also trust the CA certificates in this PEM file (a node's
+    /// self-signed or private CA certificate), beside the system's.
+    #[arg(long, env = "SLUICE_CA_CERT", global = true)]
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 pub struct Client {
@@ -35,7 +39,14 @@ impl Client {
             Some(t) => Some(t.trim().to_string()),
             None => std::fs::read_to_string(DEFAULT_TOKEN_FILE).ok().map(|t| t.trim().to_string()),
         };
-        let http = reqwest::Client::builder().build()?;
+        let mut builder = reqwest::Client::builder();
+        if let Some(path) = &target.ca_cert {
+            let pem = std::fs::read(path).with_context(|| format!("reading --ca-cert {}", path.display()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .with_context(|| format!("--ca-cert {}: not PEM certificates", path.display()))?;
+            builder = builder.tls_certs_merge(certs);
+        }
+        let http = builder.build()?;
         Ok(Self {
             http,
             base: target.url.trim_end_matches('/').to_string(),

@@ -88,6 +88,9 @@ enum Command {
 }
 
 fn main() {
+    // The TLS of `https://` node URLs (and of the node's own clients) uses ring, as the rest of
+    // the tree; installed once, before any client is built.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve::run(*args),

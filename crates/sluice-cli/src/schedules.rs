@@ -330,7 +330,12 @@ fn show_text(v: &Value) -> String {
     } else {
         out += "next fires:\n";
         for t in next {
-            out += &format!("  {t}\n");
+            if Some(t) == v["last_fired_for"].as_str() {
+                // `serve --schedule-fire-ahead`: stored already, runnable at its time.
+                out += &format!("  {t}  (fired ahead: queued until then)\n");
+            } else {
+                out += &format!("  {t}\n");
+            }
         }
     }
     out

@@ -22,6 +22,14 @@ pub struct ServeArgs {
     /// Directory of the embedded store, the artifact cache and admin.token.
     #[arg(long, env = "SLUICE_DATA_DIR", default_value = "./.sluice")]
     pub data_dir: PathBuf,
+    /// Serve HTTPS (HTTP/2 and HTTP/1.1 by ALPN) with this certificate chain (PEM), with
+    /// --tls-key. Replacing the files (or SIGHUP) loads the new certificate for new connections
+    /// without dropping open ones.
+    #[arg(long, env = "SLUICE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM: PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+    #[arg(long, env = "SLUICE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Where the node keeps its state: `sqlite` (the embedded store in --data-dir) or a
     /// PostgreSQL URL, `postgres://user@host:5432/db`, shared by every node of a cluster (each
     /// node still keeps its compiled artifacts in its own --data-dir).
@@ -519,8 +527,15 @@ impl ServeArgs {
         node.test_api_stall = self.test_api_stall;
         let runtime = self.runtime(&limits)?;
         node.limits = limits;
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                Some(sluice_gateway::tls::TlsFiles { cert: cert.clone(), key: key.clone() })
+            }
+            _ => None,
+        };
         Ok(sluice_node::Config {
             listen: self.listen,
+            tls,
             workers,
             store: self.store.clone(),
             node,

@@ -33,6 +33,7 @@ pub mod rollout;
 pub mod schedule;
 pub mod server;
 pub mod sniff;
+pub mod tls;
 
 pub use node::{Node, NodeConfig};
 pub use server::Server;

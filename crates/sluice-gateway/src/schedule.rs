@@ -86,9 +86,9 @@ fn spread(node: &str) -> u32 {
 /// could, and advanced some: more may be due).
 async fn tick_once(node: &Node, spread: u32) -> Result<(Ticked, bool), SluiceError> {
     let now = SystemClock.now_ms();
-    let ahead_until = now.saturating_add(i64::try_from(node.config.schedule_fire_ahead.as_millis()).unwrap_or(0));
-    let due =
-        node.store.due_schedules(now, ahead_until, DUE_BATCH_MAX, spread).await.map_err(store_error)?;
+    let ahead_until =
+        now.saturating_add(i64::try_from(node.config.schedule_fire_ahead.as_millis()).unwrap_or(0));
+    let due = node.store.due_schedules(now, ahead_until, DUE_BATCH_MAX, spread).await.map_err(store_error)?;
     let full = due.len() >= DUE_BATCH_MAX as usize;
     let mut firings = Vec::with_capacity(due.len());
     let mut reservations = Vec::with_capacity(due.len());
@@ -244,7 +244,8 @@ async fn decide_ahead(
     now: UnixMs,
     ahead_until: UnixMs,
 ) -> Result<Option<(Firing, Vec<Reservation>)>, SluiceError> {
-    if next > ahead_until || s.last_fired_for.is_some_and(|t| t > now) || previous_unfinished(node, s).await? {
+    if next > ahead_until || s.last_fired_for.is_some_and(|t| t > now) || previous_unfinished(node, s).await?
+    {
         return Ok(None);
     }
     let Ok(built) = invocations(node, s, &[next], now).await else { return Ok(None) };

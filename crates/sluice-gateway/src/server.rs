@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use sluice_core::{ErrorKind, SluiceError};
 use tokio::sync::watch;
 
@@ -25,6 +25,7 @@ use crate::body::{Body, full};
 use crate::error::error_response;
 use crate::node::Node;
 use crate::sniff::SniffIo;
+use crate::tls::Tls;
 
 /// How long an accept loop pauses after an accept error (e.g. out of file descriptors).
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
@@ -37,8 +38,14 @@ pub struct Server {
 
 impl Server {
     /// Binds `listen` once per worker and starts the workers. Binding happens here, before
-    /// anything else, so a bad address fails the start instead of a worker.
-    pub fn start(node: Arc<Node>, listen: SocketAddr, workers: usize) -> std::io::Result<Self> {
+    /// anything else, so a bad address fails the start instead of a worker. With `tls`, every
+    /// connection is TLS (HTTP/2 or HTTP/1.1 by ALPN).
+    pub fn start(
+        node: Arc<Node>,
+        listen: SocketAddr,
+        workers: usize,
+        tls: Option<Arc<Tls>>,
+    ) -> std::io::Result<Self> {
         let workers = workers.max(1);
         let first = bind(listen)?;
         // With port 0 the kernel picks a port for the first socket; the others join it.
@@ -52,12 +59,13 @@ impl Server {
         for (i, listener) in listeners.into_iter().enumerate() {
             let node = node.clone();
             let shutdown_rx = shutdown_rx.clone();
+            let tls = tls.clone();
             let handle = std::thread::Builder::new().name(format!("sluice-http-{i}")).spawn(move || {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
                     .expect("building a worker runtime");
-                rt.block_on(accept_loop(node, listener, shutdown_rx));
+                rt.block_on(accept_loop(node, listener, tls, shutdown_rx));
             })?;
             handles.push(handle);
         }
@@ -92,7 +100,12 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-async fn accept_loop(node: Arc<Node>, listener: std::net::TcpListener, mut shutdown: watch::Receiver<bool>) {
+async fn accept_loop(
+    node: Arc<Node>,
+    listener: std::net::TcpListener,
+    tls: Option<Arc<Tls>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let listener = tokio::net::TcpListener::from_std(listener).expect("registering the listener");
     let limits = node.config.limits.clone();
     let mut builder = http1::Builder::new();
@@ -123,6 +136,11 @@ async fn accept_loop(node: Arc<Node>, listener: std::net::TcpListener, mut shutd
                 };
                 // Responses are written in one go; Nagle would only delay the last segment.
                 let _ = stream.set_nodelay(true);
+                if let Some(tls) = &tls {
+                    let secure = serve_tls(node.clone(), tls.clone(), stream, builder.clone(), graceful.watcher());
+                    tokio::spawn(secure);
+                    continue;
+                }
                 let (stream, framing_conflict) = SniffIo::new(stream);
                 let node = node.clone();
                 let service = hyper::service::service_fn(move |req| {
@@ -145,6 +163,50 @@ async fn accept_loop(node: Arc<Node>, listener: std::net::TcpListener, mut shutd
         tracing::warn!("shutdown grace period over; closing remaining connections");
     }
 }
+
+/// One TLS connection: the handshake (bounded by the header-read deadline, so a client that
+/// stalls in it holds nothing for long), then HTTP/2 if the client chose it by ALPN, else
+/// HTTP/1.1 with the same limits as plain connections. HTTP/2 has no conflicting framings to
+/// sniff; its header block is bounded by `--header-bytes-max`, its streams per connection by
+/// [`H2_STREAMS_MAX`].
+async fn serve_tls(
+    node: Arc<Node>,
+    tls: Arc<Tls>,
+    stream: tokio::net::TcpStream,
+    h1: http1::Builder,
+    watcher: Watcher,
+) {
+    let limits = &node.config.limits;
+    let stream = match tokio::time::timeout(limits.header_read_timeout, tls.acceptor().accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        // Scanners and clients that distrust the certificate end here: not worth a line each.
+        Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
+        Err(_) => return tracing::debug!("TLS handshake timed out"),
+    };
+    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(H2_STREAMS_MAX)
+            .max_header_list_size(u32::try_from(limits.header_bytes_max).unwrap_or(u32::MAX));
+        let service = hyper::service::service_fn(move |req| {
+            let node = node.clone();
+            async move { Ok::<_, Infallible>(route(&node, req, false).await) }
+        });
+        let _ = watcher.watch(h2.serve_connection(TokioIo::new(stream), service)).await;
+        return;
+    }
+    let (stream, framing_conflict) = SniffIo::new(stream);
+    let service = hyper::service::service_fn(move |req| {
+        let node = node.clone();
+        let conflict = framing_conflict.swap(false, Ordering::Relaxed);
+        async move { Ok::<_, Infallible>(route(&node, req, conflict).await) }
+    });
+    let _ = watcher.watch(h1.serve_connection(TokioIo::new(stream), service)).await;
+}
+
+/// Most HTTP/2 streams one connection has open at once (each a call in flight; the node's own
+/// bounds on calls apply as well).
+pub const H2_STREAMS_MAX: u32 = 100;
 
 /// The exact header limits, checked before anything else looks at the request. Size counts each
 /// field as it travels on the wire: `name: value\r\n`.

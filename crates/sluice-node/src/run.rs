@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use sluice_gateway::recorder::Recorder;
+use sluice_gateway::tls::{Tls, TlsFiles};
 use sluice_gateway::{Node, NodeConfig, Server};
 use sluice_runtime::{Runtime, RuntimeConfig};
 use sluice_store::{Engine, PostgresStore, STORE_CALL_TIMEOUT, SqlStore, SqliteStore, Store, Timed};
@@ -19,6 +20,8 @@ use crate::tasks::{Tasks, Upkeep};
 pub struct Config {
     /// Address of the HTTP front; port 0 picks a free port.
     pub listen: SocketAddr,
+    /// Serve HTTPS with this certificate and key (reloaded when the files change or on SIGHUP).
+    pub tls: Option<TlsFiles>,
     /// HTTP worker threads, each with its own runtime and socket.
     pub workers: usize,
     /// `sqlite` (the embedded store in the data directory) or a PostgreSQL URL.
@@ -72,6 +75,12 @@ const API_THREADS: usize = 1;
 
 async fn serve(config: Config, api: tokio::runtime::Handle) -> anyhow::Result<()> {
     let Config { listen, workers, mut node, runtime, upkeep, .. } = config;
+    // Read before anything starts: a certificate that cannot serve fails the start.
+    let tls = match &config.tls {
+        Some(files) => Some(Arc::new(Tls::load(files.clone()).map_err(anyhow::Error::msg)?)),
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let data_dir = node.data_dir.clone();
 
     // The store, and on first run the default tenant and an admin key.
@@ -103,10 +112,14 @@ async fn serve(config: Config, api: tokio::runtime::Handle) -> anyhow::Result<()
     };
 
     // The HTTP front, then the background tasks, under one supervisor.
-    let server =
-        Server::start(node.clone(), listen, workers).with_context(|| format!("listening on {listen}"))?;
+    let server = Server::start(node.clone(), listen, workers, tls.clone())
+        .with_context(|| format!("listening on {listen}"))?;
     let addr = server.local_addr();
-    *node.public_url.write().expect("public url lock") = format!("http://{addr}");
+    *node.public_url.write().expect("public url lock") = format!("{scheme}://{addr}");
+    if let Some(tls) = tls {
+        // Not supervised: a node whose certificate cannot be reloaded still serves the one it has.
+        tokio::spawn(tls.watch());
+    }
     let tasks = Tasks::start(&node, upkeep, queue_store);
     let supervisor = tasks.supervisor();
     supervisor.watch("recorder", recorder_task);
@@ -131,7 +144,7 @@ async fn serve(config: Config, api: tokio::runtime::Handle) -> anyhow::Result<()
         );
     }
     eprintln!(
-        "sluice {} listening on http://{addr}/ (data: {}, {workers} workers)",
+        "sluice {} listening on {scheme}://{addr}/ (data: {}, {workers} workers)",
         env!("CARGO_PKG_VERSION"),
         data_dir.display()
     );

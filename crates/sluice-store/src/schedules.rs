@@ -502,14 +502,19 @@ where
     .await
     .map_err(E::classify)?;
     let Some(row) = row else { return Ok(None) };
-    let (id, function, occurrence, invocation): (i64, String, i64, String) =
-        (get(&row, "id")?, get(&row, "function")?, get(&row, "last_fired_for")?, get(&row, "last_invocation")?);
-    let deleted = sqlx::query("DELETE FROM invocations WHERE id = $1 AND status = 'queued' AND run_after > $2")
-        .bind(invocation.as_str())
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(E::classify)?;
+    let (id, function, occurrence, invocation): (i64, String, i64, String) = (
+        get(&row, "id")?,
+        get(&row, "function")?,
+        get(&row, "last_fired_for")?,
+        get(&row, "last_invocation")?,
+    );
+    let deleted =
+        sqlx::query("DELETE FROM invocations WHERE id = $1 AND status = 'queued' AND run_after > $2")
+            .bind(invocation.as_str())
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(E::classify)?;
     if E::rows_affected(&deleted) == 0 {
         return Ok(None);
     }

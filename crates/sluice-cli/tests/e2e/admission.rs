@@ -75,7 +75,7 @@ fn flood_of_a_slow_function_is_shed_fast_and_admitted_calls_stay_bounded() {
             let (url, token) = (url.clone(), token.clone());
             std::thread::spawn(move || {
                 let started = Instant::now();
-                let res = reqwest::blocking::Client::new()
+                let res = crate::harness::http()
                     .get(format!("{url}/fn/default/tg/sleep?ms=1000"))
                     .bearer_auth(token)
                     .send()
@@ -163,7 +163,7 @@ fn redeploying_resets_neither_the_bucket_nor_the_calls_in_flight() {
 fn sleep_in_background(node: &Node, ms: u64) -> std::thread::JoinHandle<u16> {
     let (url, token) = (node.url.clone(), node.token.clone());
     std::thread::spawn(move || {
-        reqwest::blocking::Client::new()
+        crate::harness::http()
             .get(format!("{url}/fn/default/tg/sleep?ms={ms}"))
             .bearer_auth(token)
             .send()
@@ -187,10 +187,8 @@ fn a_tenants_flood_of_slow_calls_takes_its_share_of_the_node_and_others_are_serv
         .map(|_| {
             let url = url.clone();
             std::thread::spawn(move || {
-                let res = reqwest::blocking::Client::new()
-                    .get(format!("{url}/fn/mallory/tg/sleep?ms=2000"))
-                    .send()
-                    .unwrap();
+                let res =
+                    crate::harness::http().get(format!("{url}/fn/mallory/tg/sleep?ms=2000")).send().unwrap();
                 let code = res.headers().get("sluice-error").map(|v| v.to_str().unwrap().to_string());
                 (res.status().as_u16(), code, res.headers().contains_key("retry-after"))
             })

@@ -164,8 +164,7 @@ fn run(seconds: u64, clients: usize, setup: Setup<'_>) -> Report {
             let (urls, token, stop, acked, sent) =
                 (urls.clone(), token.clone(), stop.clone(), acked.clone(), sent.clone());
             std::thread::spawn(move || {
-                let client =
-                    reqwest::blocking::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+                let client = crate::harness::http_builder().timeout(Duration::from_secs(5)).build().unwrap();
                 let mut n = 0;
                 while !stop.load(Ordering::Relaxed) {
                     n += 1;

@@ -201,7 +201,7 @@ fn concurrent_deploys_and_first_calls_of_one_blob_compile_and_load_once() {
         .map(|i| {
             let (url, token, digest) = (node.url.clone(), node.token.clone(), digest.clone());
             std::thread::spawn(move || {
-                reqwest::blocking::Client::new()
+                crate::harness::http()
                     .post(format!("{url}/v1/tenants/default/functions/f{i}/versions"))
                     .bearer_auth(token)
                     .json(&json!({ "digest": digest }))
@@ -223,7 +223,7 @@ fn concurrent_deploys_and_first_calls_of_one_blob_compile_and_load_once() {
         .map(|i| {
             let (url, token) = (node.url.clone(), node.token.clone());
             std::thread::spawn(move || {
-                let c = reqwest::blocking::Client::new();
+                let c = crate::harness::http();
                 c.get(format!("{url}/fn/default/f{i}/")).bearer_auth(token).send().unwrap().status()
             })
         })
@@ -322,7 +322,7 @@ fn deploys_in_flight_are_bounded_and_the_rest_refused_at_once() {
         .map(|(i, digest)| {
             let (url, token) = (node.url.clone(), node.token.clone());
             std::thread::spawn(move || {
-                let res = reqwest::blocking::Client::new()
+                let res = crate::harness::http()
                     .post(format!("{url}/v1/tenants/default/functions/f{i}/versions"))
                     .bearer_auth(token)
                     .json(&json!({ "digest": digest }))

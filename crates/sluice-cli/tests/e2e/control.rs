@@ -49,7 +49,7 @@ fn a_read_key_flooding_the_control_api_is_refused_past_its_share_and_others_are_
             let (ok, limited, concurrency, other) =
                 (ok.clone(), limited.clone(), concurrency.clone(), other.clone());
             std::thread::spawn(move || {
-                let client = reqwest::blocking::Client::new();
+                let client = crate::harness::http();
                 while !stop.load(Ordering::Relaxed) {
                     let res = client
                         .get(format!("{url}/v1/invocations?tenant=mallory&limit=1000"))
@@ -163,7 +163,7 @@ fn slow_api_requests_do_not_delay_the_queue_writer_or_the_scheduler() {
             let (url, token, stop, served) =
                 (node.url.clone(), node.token.clone(), stop.clone(), served.clone());
             std::thread::spawn(move || {
-                let client = reqwest::blocking::Client::new();
+                let client = crate::harness::http();
                 while !stop.load(Ordering::Relaxed) {
                     let res = client
                         .get(format!("{url}/v1/tenants/default/functions"))

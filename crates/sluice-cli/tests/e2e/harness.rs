@@ -58,6 +58,22 @@ pub fn examples() -> &'static Examples {
     })
 }
 
+/// A client builder for the tests. reqwest's TLS (rustls, for the `https://` tests) has no
+/// crypto provider of its own here: the process's default (ring, as in the binary) is installed
+/// first.
+pub fn http_builder() -> reqwest::blocking::ClientBuilder {
+    static PROVIDER: std::sync::Once = std::sync::Once::new();
+    PROVIDER.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+    reqwest::blocking::Client::builder()
+}
+
+/// A client with reqwest's defaults (see [`http_builder`]).
+pub fn http() -> reqwest::blocking::Client {
+    http_builder().build().unwrap()
+}
+
 pub struct Node {
     pub child: Option<Child>,
     pub url: String,
@@ -189,7 +205,7 @@ impl Node {
     }
 
     pub fn client(&self) -> reqwest::blocking::Client {
-        reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
+        crate::harness::http_builder().timeout(Duration::from_secs(60)).build().unwrap()
     }
 
     /// Queues an async call of `path` (`Prefer: respond-async`, with `headers`) with the admin key;

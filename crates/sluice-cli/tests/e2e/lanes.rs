@@ -38,8 +38,7 @@ fn spinning_guests_move_to_the_slow_lane_and_wait_for_their_tenants_slots() {
         .map(|_| {
             let (url, token) = (url.clone(), token.clone());
             std::thread::spawn(move || {
-                let c =
-                    reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+                let c = crate::harness::http_builder().timeout(Duration::from_secs(30)).build().unwrap();
                 let res = c.get(format!("{url}/fn/mallory/tg/spin")).bearer_auth(token).send().unwrap();
                 let id = res.headers()["sluice-invocation-id"].to_str().unwrap().to_string();
                 let message = assert_error(res, 504, "timeout");
@@ -114,7 +113,7 @@ fn assert_cpu_between(inv: &Value, low_ms: f64, high_ms: f64) {
 #[test]
 fn a_client_that_goes_away_cancels_its_call_and_frees_its_slot() {
     let node = node_with_mallory(&[], &["--timeout", "20s", "--max-concurrency", "1", "--public"]);
-    let impatient = reqwest::blocking::Client::builder().timeout(Duration::from_millis(500)).build().unwrap();
+    let impatient = crate::harness::http_builder().timeout(Duration::from_millis(500)).build().unwrap();
     let started = Instant::now();
     let err = impatient.get(format!("{}/fn/mallory/tg/spin", node.url)).send().unwrap_err();
     assert!(err.is_timeout(), "{err}");
@@ -148,7 +147,7 @@ fn a_tenants_queue_of_slow_heavy_calls_does_not_hold_back_another_tenants_heavy_
         .map(|_| {
             let (url, token, done) = (node.url.clone(), node.token.clone(), done.clone());
             std::thread::spawn(move || {
-                let res = reqwest::blocking::Client::new()
+                let res = crate::harness::http()
                     .get(format!("{url}/fn/mallory/tg/sleep?ms=1500"))
                     .bearer_auth(token)
                     .timeout(Duration::from_secs(60))

@@ -212,7 +212,7 @@ fn heavy_components_share_the_nodes_heavy_slots_and_idle_ones_give_theirs_up() {
         .map(|_| {
             let (url, token) = (format!("{}/fn/default/fresh/", node.url), node.token.clone());
             std::thread::spawn(move || {
-                let res = reqwest::blocking::Client::new()
+                let res = crate::harness::http()
                     .post(url)
                     .bearer_auth(token)
                     .header("content-type", "application/json")

@@ -28,6 +28,7 @@ mod schedules;
 mod scheduling;
 mod serve;
 mod tenancy;
+mod tls;
 mod top;
 mod traces;
 mod triggers;

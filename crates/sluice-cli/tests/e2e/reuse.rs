@@ -129,7 +129,7 @@ fn an_idle_instance_is_dropped_after_its_idle_time_and_the_bounds_hold() {
             std::thread::spawn(move || {
                 // The body is read to its end: a caller that hangs up after the head cancels a
                 // guest still writing its body, and a cancelled instance is not kept.
-                let res = reqwest::blocking::Client::new().get(url).bearer_auth(token).send().unwrap();
+                let res = crate::harness::http().get(url).bearer_auth(token).send().unwrap();
                 (res.status(), res.text().unwrap())
             })
         })
@@ -155,13 +155,7 @@ fn a_bounded_version_runs_its_calls_one_instance_at_a_time() {
         .map(|_| {
             let (url, token) = (url.clone(), node.token.clone());
             std::thread::spawn(move || {
-                let body = reqwest::blocking::Client::new()
-                    .get(url)
-                    .bearer_auth(token)
-                    .send()
-                    .unwrap()
-                    .text()
-                    .unwrap();
+                let body = crate::harness::http().get(url).bearer_auth(token).send().unwrap().text().unwrap();
                 body.strip_prefix("count ").unwrap().parse::<u64>().unwrap()
             })
         })

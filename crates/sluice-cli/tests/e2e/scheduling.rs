@@ -89,7 +89,7 @@ fn a_wide_start_window_waits_for_a_trough_and_a_near_deadline_does_not() {
     let load = {
         let (url, token, stop) = (node.url.clone(), node.token.clone(), stop.clone());
         std::thread::spawn(move || {
-            let client = reqwest::blocking::Client::new();
+            let client = crate::harness::http();
             while !stop.load(Ordering::Relaxed) {
                 let res = client.get(format!("{url}/fn/default/tg/burn?ms=300")).bearer_auth(&token).send();
                 assert_eq!(res.unwrap().status(), 200);
@@ -232,7 +232,7 @@ fn a_saturated_downstream_refuses_sync_calls_and_async_ones_still_run() {
     let url = format!("{}{fetch}", node.url);
     let token = node.token.clone();
     let in_flight = std::thread::spawn(move || {
-        let res = reqwest::blocking::Client::new().get(url).bearer_auth(token).send().unwrap();
+        let res = crate::harness::http().get(url).bearer_auth(token).send().unwrap();
         (res.status(), res.text().unwrap())
     });
     node.wait_json("/v1/tenants/default/functions/tg/downstreams", |v| v["saturated"] == true);

@@ -36,7 +36,7 @@ fn sigterm_lets_in_flight_calls_finish() {
     let url = format!("{}/fn/default/tg/sleep?ms=1500", node.url);
     let token = node.token.clone();
     let call = std::thread::spawn(move || {
-        let c = reqwest::blocking::Client::new();
+        let c = crate::harness::http();
         let res = c.get(url).bearer_auth(token).send().unwrap();
         (res.status().as_u16(), res.text().unwrap())
     });

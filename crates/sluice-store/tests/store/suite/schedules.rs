@@ -254,7 +254,10 @@ pub async fn occurrences_fired_ahead_are_read_once_and_taken_back_by_pause_and_d
     assert!(store.get_invocation("a-1").await.unwrap().is_none());
     // Resumed before it, it fires again, and is stored: the key was freed with it.
     let resumed = store.set_schedule_paused("acme", "ahead", false, Some(10_000)).await.unwrap().unwrap();
-    assert_eq!(fire(store, &firing(&resumed, vec![occurrence(&resumed, 10_000, "a-2")], 11_000)).await, Some(1));
+    assert_eq!(
+        fire(store, &firing(&resumed, vec![occurrence(&resumed, 10_000, "a-2")], 11_000)).await,
+        Some(1)
+    );
     // Once runnable, it has fired: a pause leaves it.
     clock.set(10_000);
     let paused = store.set_schedule_paused("acme", "ahead", true, None).await.unwrap().unwrap();
@@ -264,7 +267,10 @@ pub async fn occurrences_fired_ahead_are_read_once_and_taken_back_by_pause_and_d
     // Deleting the schedule takes back what it fired ahead, and only that.
     let resumed = store.set_schedule_paused("acme", "ahead", false, Some(20_000)).await.unwrap().unwrap();
     clock.set(16_000);
-    assert_eq!(fire(store, &firing(&resumed, vec![occurrence(&resumed, 20_000, "a-3")], 21_000)).await, Some(1));
+    assert_eq!(
+        fire(store, &firing(&resumed, vec![occurrence(&resumed, 20_000, "a-3")], 21_000)).await,
+        Some(1)
+    );
     assert!(store.delete_schedule("acme", "ahead").await.unwrap());
     assert!(store.get_invocation("a-3").await.unwrap().is_none());
     assert!(store.get_invocation("a-2").await.unwrap().is_some());
