@@ -45,7 +45,7 @@ hello_wasm() { scripts/build-guests.sh | sed -n 1p; }
 wait_listening() {
   local log=$1 pid=$2 url
   for _ in $(seq 1 3000); do
-    url=$(grep -o 'listening on http://[0-9.:]*/' "$log" 2>/dev/null | head -1 | sed 's|listening on ||; s|/$||')
+    url=$(grep -o 'listening on https\?://[0-9.:]*/' "$log" 2>/dev/null | head -1 | sed 's|listening on ||; s|/$||')
     [ -n "$url" ] && { echo "$url"; return 0; }
     if ! kill -0 "$pid" 2>/dev/null; then
       echo "bench: process $pid exited before it listened; the end of $log:" >&2
