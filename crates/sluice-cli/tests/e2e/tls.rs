@@ -1,9 +1,10 @@
 //! TLS on the front door (`serve --tls-cert --tls-key`), through the real binary with
-//! certificates made by rcgen: the CLI deploys over `https://` trusting the node's certificate
-//! (`SLUICE_CA_CERT`); curl calls the function over HTTP/2 and HTTP/1.1 (ALPN); a new
+//! certificates signed by a test CA made by rcgen: the CLI deploys over `https://` trusting the
+//! CA (`SLUICE_CA_CERT`); curl calls the function over HTTP/2 and HTTP/1.1 (ALPN); a new
 //! certificate (SIGHUP, or the files changing) serves new connections while one opened before
-//! goes on with the old one; a broken replacement keeps the one in use; and a node whose
-//! certificate cannot serve does not start.
+//! goes on with the old one, and calls over new connections all succeed across the reloads; a
+//! broken replacement keeps the one in use; and a node whose certificate cannot serve does not
+//! start.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -16,11 +17,25 @@ use rustls::pki_types::{CertificateDer, ServerName};
 
 use crate::harness::{BIN, Node, guests};
 
-/// A self-signed certificate for the node's names (PEM certificate, PEM key).
-fn certificate() -> (String, String) {
-    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-        .expect("making a certificate");
-    (made.cert.pem(), made.signing_key.serialize_pem())
+/// A test CA: its certificate (PEM) and the issuer that signs the node's certificates.
+fn test_ca() -> (String, rcgen::Issuer<'static, rcgen::KeyPair>) {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.distinguished_name.push(rcgen::DnType::CommonName, "sluice test CA");
+    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    (cert.pem(), rcgen::Issuer::new(params, key))
+}
+
+/// A certificate for the node's names signed by the test CA (PEM certificate, PEM key).
+fn certificate(ca: &rcgen::Issuer<'static, rcgen::KeyPair>) -> (String, String) {
+    let mut params =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    params.use_authority_key_identifier_extension = true;
+    params.extended_key_usages.push(rcgen::ExtendedKeyUsagePurpose::ServerAuth);
+    let key = rcgen::KeyPair::generate().unwrap();
+    (params.signed_by(&key, ca).unwrap().pem(), key.serialize_pem())
 }
 
 /// A TLS connection to the node, trusting `trusted` (PEM certificates), offering HTTP/1.1.
@@ -30,6 +45,10 @@ struct Conn {
 
 impl Conn {
     fn open(node: &Node, trusted: &[&str]) -> Conn {
+        Self::open_at(&node.url, trusted)
+    }
+
+    fn open_at(url: &str, trusted: &[&str]) -> Conn {
         let mut roots = rustls::RootCertStore::empty();
         for pem in trusted {
             roots.add(CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()).unwrap();
@@ -41,7 +60,7 @@ impl Conn {
             .with_root_certificates(roots)
             .with_no_client_auth();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let addr = node.url.trim_start_matches("https://");
+        let addr = url.trim_start_matches("https://");
         let server = ServerName::try_from("localhost").unwrap();
         let conn = rustls::ClientConnection::new(Arc::new(config), server).unwrap();
         let tcp = TcpStream::connect(addr).unwrap();
@@ -133,24 +152,24 @@ fn curl(node: &Node, ca: &std::path::Path, extra: &[&str], path: &str) -> (Strin
 #[test]
 fn https_serves_http2_and_http1_and_reloads_its_certificate_without_dropping_connections() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert_a, key_a) = certificate();
-    let (cert_b, key_b) = certificate();
+    let (ca, issuer) = test_ca();
+    let (cert_a, key_a) = certificate(&issuer);
+    let (cert_b, key_b) = certificate(&issuer);
     let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     std::fs::write(&cert_path, &cert_a).unwrap();
     std::fs::write(&key_path, &key_a).unwrap();
-    let (ca_a, ca_b) = (dir.path().join("a.pem"), dir.path().join("b.pem"));
-    std::fs::write(&ca_a, &cert_a).unwrap();
-    std::fs::write(&ca_b, &cert_b).unwrap();
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, &ca).unwrap();
     let node =
         Node::start(&["--tls-cert", cert_path.to_str().unwrap(), "--tls-key", key_path.to_str().unwrap()]);
     assert!(node.url.starts_with("https://127.0.0.1:"), "{}", node.url);
 
-    // The CLI over https, trusting the node's certificate.
+    // The CLI over https, trusting the test CA.
     let out = Command::new(BIN)
         .args(["deploy", "tg", guests().testguest.to_str().unwrap()])
         .env("SLUICE_URL", &node.url)
         .env("SLUICE_TOKEN", &node.token)
-        .env("SLUICE_CA_CERT", &ca_a)
+        .env("SLUICE_CA_CERT", &ca_path)
         .env_remove("RUST_BACKTRACE")
         .output()
         .unwrap();
@@ -161,24 +180,44 @@ fn https_serves_http2_and_http1_and_reloads_its_certificate_without_dropping_con
 
     // curl: HTTP/2 by ALPN, with a request body; HTTP/1.1 when asked.
     let (version, status, body) =
-        curl(&node, &ca_a, &["--http2", "--data-binary", "over h2"], "/fn/default/tg/echo");
+        curl(&node, &ca_path, &["--http2", "--data-binary", "over h2"], "/fn/default/tg/echo");
     assert_eq!((version.as_str(), status.as_str(), body.as_str()), ("2", "200", "over h2"));
-    let (version, status, body) = curl(&node, &ca_a, &["--http1.1"], "/fn/default/tg/ok");
+    let (version, status, body) = curl(&node, &ca_path, &["--http1.1"], "/fn/default/tg/ok");
     assert_eq!((version.as_str(), status.as_str(), body.as_str()), ("1.1", "200", "ok"));
-    let (version, status, _) = curl(&node, &ca_a, &["--http2"], "/v1/node");
+    let (version, status, _) = curl(&node, &ca_path, &["--http2"], "/v1/node");
     assert_eq!((version.as_str(), status.as_str()), ("2", "200"), "the control API over HTTP/2");
 
     // A connection opened with certificate A.
-    let mut before = Conn::open(&node, &[&cert_a, &cert_b]);
+    let mut before = Conn::open(&node, &[&ca]);
     assert_eq!(before.served(), der(&cert_a));
     assert_eq!(before.get("/healthz", &node.token), ("HTTP/1.1 200 OK".to_string(), "ok\n".to_string()));
+
+    // Load through every reload below: a new connection and a call of the function each time,
+    // none of which may fail.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (stop, ca, node_url, token) = (stop.clone(), ca.clone(), node.url.clone(), node.token.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let called = std::panic::catch_unwind(|| {
+                    Conn::open_at(&node_url, &[&ca]).get("/fn/default/tg/ok", &token)
+                });
+                match called {
+                    Ok((status, body)) if status == "HTTP/1.1 200 OK" && body == "ok" => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+            }
+            (ok, failed)
+        })
+    };
 
     // Replaced, and SIGHUP: new connections get B; the one opened before goes on.
     std::fs::write(&cert_path, &cert_b).unwrap();
     std::fs::write(&key_path, &key_b).unwrap();
     let pid = node.child.as_ref().unwrap().id().to_string();
     assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
-    wait_served(&node, &[&cert_a, &cert_b], &der(&cert_b));
+    wait_served(&node, &[&ca], &der(&cert_b));
     assert_eq!(before.get("/healthz", &node.token).0, "HTTP/1.1 200 OK", "the open connection was dropped");
 
     // A broken replacement (a key that is not B's) keeps B, and says why.
@@ -189,22 +228,29 @@ fn https_serves_http2_and_http1_and_reloads_its_certificate_without_dropping_con
         assert!(Instant::now() < deadline, "no log line for the refused reload");
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(Conn::open(&node, &[&cert_a, &cert_b]).served(), der(&cert_b));
+    assert_eq!(Conn::open(&node, &[&ca]).served(), der(&cert_b));
 
     // Files changed, no signal: picked up by the node's watch of the files.
     std::fs::write(&cert_path, &cert_a).unwrap();
-    wait_served(&node, &[&cert_a, &cert_b], &der(&cert_a));
+    wait_served(&node, &[&ca], &der(&cert_a));
     assert_eq!(
         before.get("/fn/default/tg/ok", &node.token),
         ("HTTP/1.1 200 OK".to_string(), "ok".to_string())
     );
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.join().unwrap();
+    assert!(failed.is_empty(), "calls failed across the reloads ({ok} did not): {failed:?}");
+    assert!(ok >= 10, "too few calls to tell: {ok}");
+    eprintln!("{ok} calls over new TLS connections across three reloads, 0 failed");
 }
 
 #[test]
 fn a_node_whose_certificate_cannot_serve_does_not_start() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, _) = certificate();
-    let (_, other_key) = certificate();
+    let (_, issuer) = test_ca();
+    let (cert, _) = certificate(&issuer);
+    let (_, other_key) = certificate(&issuer);
     let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     std::fs::write(&cert_path, &cert).unwrap();
     std::fs::write(&key_path, &other_key).unwrap();
