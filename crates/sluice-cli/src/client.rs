@@ -80,9 +80,19 @@ impl Client {
     }
 
     pub async fn send(&self, req: RequestBuilder) -> anyhow::Result<Response> {
-        req.send()
-            .await
-            .with_context(|| format!("cannot reach the node at {} (is `sluice serve` running?)", self.base))
+        req.send().await.map_err(|e| {
+            // reqwest's message is the outermost layer only: look through the chain for the
+            // TLS verifier's reason, and say what to do about it.
+            let chain = format!("{:#}", anyhow::Error::new(e));
+            let hint = if chain.contains("certificate") {
+                "the node's TLS certificate is not trusted: pass --ca-cert FILE (or SLUICE_CA_CERT) \
+                 with its CA, or with the certificate itself if it is self-signed (not a CA: \
+                 basicConstraints CA:FALSE)"
+            } else {
+                "is `sluice serve` running?"
+            };
+            anyhow!("cannot reach the node at {} ({hint}): {chain}", self.base)
+        })
     }
 
     pub fn tenant_path(&self, rest: &str) -> String {

@@ -51,6 +51,11 @@ impl Tls {
             .with_no_client_auth()
             .with_cert_resolver(resolver.clone());
         config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+        // Stateless session tickets (ChaCha20-Poly1305, keys rotated every 6 h): a client that
+        // comes back resumes without a full handshake, however many clients there are (the
+        // default, a stateful cache, remembers 256).
+        config.ticketer =
+            rustls::crypto::ring::Ticketer::new().map_err(|e| format!("TLS session tickets: {e}"))?;
         Ok(Self { acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)), resolver })
     }
 

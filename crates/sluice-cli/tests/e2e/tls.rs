@@ -38,6 +38,22 @@ fn certificate(ca: &rcgen::Issuer<'static, rcgen::KeyPair>) -> (String, String) 
     (params.signed_by(&key, ca).unwrap().pem(), key.serialize_pem())
 }
 
+/// A client trusting `trusted` (PEM certificates), offering HTTP/1.1.
+fn client_config(trusted: &[&str]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for pem in trusted {
+        roots.add(CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
 /// A TLS connection to the node, trusting `trusted` (PEM certificates), offering HTTP/1.1.
 struct Conn {
     tls: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
@@ -49,20 +65,14 @@ impl Conn {
     }
 
     fn open_at(url: &str, trusted: &[&str]) -> Conn {
-        let mut roots = rustls::RootCertStore::empty();
-        for pem in trusted {
-            roots.add(CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()).unwrap();
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Self::open_with(url, client_config(trusted))
+    }
+
+    /// With `config`, whose session cache lets a second connection resume.
+    fn open_with(url: &str, config: Arc<rustls::ClientConfig>) -> Conn {
         let addr = url.trim_start_matches("https://");
         let server = ServerName::try_from("localhost").unwrap();
-        let conn = rustls::ClientConnection::new(Arc::new(config), server).unwrap();
+        let conn = rustls::ClientConnection::new(config, server).unwrap();
         let tcp = TcpStream::connect(addr).unwrap();
         tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let mut tls = rustls::StreamOwned::new(conn, tcp);
@@ -191,6 +201,15 @@ fn https_serves_http2_and_http1_and_reloads_its_certificate_without_dropping_con
     let mut before = Conn::open(&node, &[&ca]);
     assert_eq!(before.served(), der(&cert_a));
     assert_eq!(before.get("/healthz", &node.token), ("HTTP/1.1 200 OK".to_string(), "ok\n".to_string()));
+
+    // A client that comes back resumes its session (stateless tickets): no full handshake.
+    let config = client_config(&[&ca]);
+    let mut first = Conn::open_with(&node.url, config.clone());
+    // The reply carries the tickets the node sent after the handshake.
+    first.get("/healthz", &node.token);
+    assert_eq!(first.tls.conn.handshake_kind(), Some(rustls::HandshakeKind::Full));
+    let again = Conn::open_with(&node.url, config);
+    assert_eq!(again.tls.conn.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
 
     // Load through every reload below: a new connection and a call of the function each time,
     // none of which may fail.
