@@ -177,7 +177,10 @@ impl WasiHttpHooks for OutboundPolicy {
             }
             self.requests_made = self.requests_made.saturating_add(1);
             crate::metrics::outbound("denied");
-            return Box::new(async { Err(HttpError::HttpRequestDenied) });
+            return Box::new(async move {
+                drain(request.into_body());
+                Err(HttpError::HttpRequestDenied)
+            });
         }
         self.requests_made += 1;
         if !self.config.outbound_allowed(&host, Some(port)) {
@@ -185,7 +188,10 @@ impl WasiHttpHooks for OutboundPolicy {
                 "outbound request to {host}:{port} denied: host is not in this function's allow list"
             ));
             crate::metrics::outbound("denied");
-            return Box::new(async { Err(HttpError::HttpRequestDenied) });
+            return Box::new(async move {
+                drain(request.into_body());
+                Err(HttpError::HttpRequestDenied)
+            });
         }
         let (method, uri) = (request.method().clone(), request.uri().clone());
         let span = self.propagation.outbound(&method, &uri, request.headers_mut());
@@ -204,6 +210,7 @@ impl WasiHttpHooks for OutboundPolicy {
                     Ok(addrs) => addrs,
                     Err(err) => {
                         end_span(span, None, Some(&err));
+                        drain(request.into_body());
                         return Err(err);
                     }
                 };
@@ -215,11 +222,18 @@ impl WasiHttpHooks for OutboundPolicy {
                 ));
                 crate::metrics::outbound("error");
                 end_span(span, None, Some(&HttpError::ConnectionTimeout));
+                drain(request.into_body());
                 return Err(HttpError::ConnectionTimeout);
             };
             let sent_at = Instant::now();
             let exchange = async {
-                let stream = connect_first(&*egress.network, &addrs, deadline).await?;
+                let stream = match connect_first(&*egress.network, &addrs, deadline).await {
+                    Ok(stream) => stream,
+                    Err(err) => {
+                        drain(request.into_body());
+                        return Err(err);
+                    }
+                };
                 let stream: Box<dyn Connection> = if https {
                     let name = tls_server_name(&host)?;
                     let tls = timeout_at(deadline, tls_connector().connect(name, stream))
@@ -478,6 +492,17 @@ async fn send(
         };
         conn.await.map_err(|err| if err.is_timeout() { HttpError::HttpResponseTimeout } else { err.into() })
     }))
+}
+
+/// Reads (and discards) a request's body until the guest finishes or drops it, for a request
+/// that failed before it was sent. Dropping the body at once would close the stream the guest is
+/// finishing concurrently, and the guest could report that (`connection reset`) instead of the
+/// failure itself: a race it loses on a loaded node.
+fn drain(mut body: WasiBody) {
+    if http_body::Body::is_end_stream(&body) {
+        return;
+    }
+    tokio::spawn(async move { while let Some(Ok(_)) = body.frame().await {} });
 }
 
 /// hyper sends no body with a GET, HEAD or CONNECT request that names no length (it writes the
